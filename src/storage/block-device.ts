@@ -1,0 +1,71 @@
+/**
+ * The one block-device interface every disk back end implements (raw file,
+ * pass-through host block device, VHD, VHDX, and layered chains), and that
+ * device models (virtio-blk, IDE) and the disk tools consume.
+ *
+ * The interface is synchronous (pread/pwrite semantics): device back ends run
+ * on their own threads, and synchronous code keeps write ordering (and so
+ * crash safety) easy to reason about. Offsets and lengths are bytes, numbers
+ * (exact to 2^53 = 8 PiB, beyond the 64 TiB VHDX maximum).
+ */
+import { PartisError } from "../errors.js";
+
+/** A disk problem with the file and, where known, the offset involved. */
+export class DiskError extends PartisError {
+  constructor(code: string, message: string, readonly path: string, context: Record<string, string | number | bigint | boolean | undefined> = {}) {
+    super(code, `${path}: ${message}`, { path, ...context });
+  }
+}
+
+export type DiskFormat = "raw" | "vhd" | "vhdx";
+export type DiskType = "fixed" | "dynamic" | "differencing" | "raw" | "passthrough";
+
+/** How a range of the virtual disk is backed (for info, merge, compact, backup). */
+export type AllocationState =
+  /** Data lives in this layer. */
+  | "allocated"
+  /** Not present in this layer: reads fall through to the parent (differencing) or return zeros. */
+  | "unallocated"
+  /** Known to read as zeros without touching storage (VHDX PAYLOAD_BLOCK_ZERO, discarded). */
+  | "zero";
+
+export interface AllocationExtent {
+  readonly offset: number;
+  readonly length: number;
+  readonly state: AllocationState;
+}
+
+export interface BlockDevice {
+  /** Path of the file or device (for messages). */
+  readonly path: string;
+  readonly format: DiskFormat;
+  readonly type: DiskType;
+  /** Virtual size in bytes (a multiple of logicalSectorSize). */
+  readonly size: number;
+  readonly logicalSectorSize: number;
+  readonly physicalSectorSize: number;
+  readonly readOnly: boolean;
+  /** Parent in a differencing chain, if any (opened read-only). */
+  readonly parent: BlockDevice | undefined;
+
+  /** Read buf.length bytes at offset. Unallocated ranges read as parent data or zeros. */
+  read(offset: number, buf: Uint8Array): void;
+  /** Write buf at offset (allocating as needed). Offsets/lengths need not be sector-aligned. */
+  write(offset: number, buf: Uint8Array): void;
+  /** Make every completed write durable (metadata included), in the documented order. */
+  flush(): void;
+  /** Hint that a range is no longer needed; reads may then return zeros. */
+  discard(offset: number, length: number): void;
+  /** Allocation of [offset, offset+length) in this layer only, as ordered, merged extents. */
+  allocation(offset: number, length: number): AllocationExtent[];
+  /** Flush and close; closes the parent chain too. */
+  close(): void;
+}
+
+export interface OpenOptions {
+  readOnly?: boolean;
+  /** Use O_DIRECT where the host allows it (pass-through, raw). */
+  direct?: boolean;
+  /** Do not open parents (inspection tools). */
+  noParent?: boolean;
+}
