@@ -1,0 +1,272 @@
+/**
+ * Direct boot of a Linux bzImage through the 64-bit boot protocol
+ * (Documentation/arch/x86/boot.rst; struct setup_header and struct boot_params in
+ * arch/x86/include/uapi/asm/bootparam.h).
+ *
+ * The loader parses the real-mode setup header at file offset 0x1f1, copies the
+ * protected-mode kernel to 1 MiB, places the initrd as high as the kernel allows
+ * in low RAM, writes the command line and builds the zero page (setup header
+ * copy, loader type 0xff, e820 map, RSDP address). The caller then starts the BSP
+ * in long mode at `entry64` with RSI = `bootParams` (see boot-cpu.ts).
+ */
+import { PartisError } from "../errors.js";
+import type { GuestMemory } from "./guest-memory.js";
+import { E820_MAX_ENTRIES_ZEROPAGE, e820Table, encodeE820 } from "./e820.js";
+import { CMDLINE_MAX, initrdPlacement, type MemoryPlan } from "./memory-map.js";
+
+export class KernelImageError extends PartisError {}
+export class LinuxLoadError extends PartisError {}
+
+// Setup header offsets (in the bzImage file and in boot_params alike).
+const HDR_START = 0x1f1;
+const OFF_SETUP_SECTS = 0x1f1;
+const OFF_SYSSIZE = 0x1f4;
+const OFF_VID_MODE = 0x1fa;
+const OFF_BOOT_FLAG = 0x1fe;
+const OFF_JUMP = 0x200;
+const OFF_HEADER = 0x202;
+const OFF_VERSION = 0x206;
+const OFF_TYPE_OF_LOADER = 0x210;
+const OFF_LOADFLAGS = 0x211;
+const OFF_CODE32_START = 0x214;
+const OFF_RAMDISK_IMAGE = 0x218;
+const OFF_RAMDISK_SIZE = 0x21c;
+const OFF_HEAP_END_PTR = 0x224;
+const OFF_CMD_LINE_PTR = 0x228;
+const OFF_INITRD_ADDR_MAX = 0x22c;
+const OFF_KERNEL_ALIGNMENT = 0x230;
+const OFF_RELOCATABLE = 0x234;
+const OFF_XLOADFLAGS = 0x236;
+const OFF_CMDLINE_SIZE = 0x238;
+const OFF_PREF_ADDRESS = 0x258;
+const OFF_INIT_SIZE = 0x260;
+/** Last byte of the 2.15 header (kernel_info_offset ends at 0x26c). */
+const HDR_MAX_END = 0x26c;
+
+// boot_params offsets outside the setup header.
+const BP_ACPI_RSDP_ADDR = 0x070;
+const BP_EXT_RAMDISK_IMAGE = 0x0c0;
+const BP_EXT_RAMDISK_SIZE = 0x0c4;
+const BP_EXT_CMD_LINE_PTR = 0x0c8;
+const BP_E820_ENTRIES = 0x1e8;
+const BP_E820_TABLE = 0x2d0;
+const BOOT_PARAMS_SIZE = 0x1000;
+
+export const HDRS_MAGIC = 0x53726448; // "HdrS" little-endian
+export const MIN_BOOT_PROTOCOL = 0x0206;
+export const LOADED_HIGH = 0x01;
+export const CAN_USE_HEAP = 0x80;
+export const XLF_KERNEL_64 = 0x01;
+export const XLF_CAN_BE_LOADED_ABOVE_4G = 0x02;
+/** vid_mode 0xffff: "normal" (80x25 text), do not ask for a mode. */
+export const VID_MODE_NORMAL = 0xffff;
+
+export interface BzImageHeader {
+  /** Boot protocol version, e.g. 0x020f. */
+  readonly version: number;
+  readonly setupSects: number;
+  /** Protected-mode code size in 16-byte paragraphs. */
+  readonly syssize: number;
+  readonly loadflags: number;
+  readonly xloadflags: number;
+  readonly relocatable: boolean;
+  readonly kernelAlignment: number;
+  /** Bytes the kernel needs from its load address during decompression. */
+  readonly initSize: number;
+  /** Longest command line, excluding the terminating NUL. */
+  readonly cmdlineSize: number;
+  /** Highest address the initrd may occupy (inclusive). */
+  readonly initrdAddrMax: number;
+  readonly prefAddress: bigint;
+  /** File offset of the protected-mode kernel. */
+  readonly payloadOffset: number;
+  readonly payloadLength: number;
+  /** End (exclusive) of the setup header in the file, from the jump at 0x200. */
+  readonly headerEnd: number;
+}
+
+export function parseBzImage(kernel: Uint8Array): BzImageHeader {
+  if (kernel.length < HDR_MAX_END)
+    throw new KernelImageError("KERNEL_TOO_SHORT", `kernel image is ${kernel.length} bytes, too short for a setup header`, { size: kernel.length });
+  const dv = new DataView(kernel.buffer, kernel.byteOffset, kernel.byteLength);
+  const magic = dv.getUint32(OFF_HEADER, true);
+  if (magic !== HDRS_MAGIC)
+    throw new KernelImageError(
+      "KERNEL_NOT_BZIMAGE",
+      `not a Linux bzImage: no "HdrS" magic at offset 0x202 (found 0x${magic.toString(16)}); an ELF vmlinux or a compressed file is not a bzImage`,
+      { magic },
+    );
+  const bootFlag = dv.getUint16(OFF_BOOT_FLAG, true);
+  if (bootFlag !== 0xaa55)
+    throw new KernelImageError("KERNEL_NOT_BZIMAGE", `not a Linux bzImage: boot_flag is 0x${bootFlag.toString(16)}, expected 0xaa55`, { bootFlag });
+  const version = dv.getUint16(OFF_VERSION, true);
+  if (version < MIN_BOOT_PROTOCOL)
+    throw new KernelImageError(
+      "KERNEL_PROTOCOL_TOO_OLD",
+      `kernel boot protocol ${fmtVersion(version)} is older than ${fmtVersion(MIN_BOOT_PROTOCOL)}, the oldest this loader supports`,
+      { version },
+    );
+  const loadflags = dv.getUint8(OFF_LOADFLAGS);
+  if ((loadflags & LOADED_HIGH) === 0)
+    throw new KernelImageError("KERNEL_NOT_BZIMAGE", "kernel is a zImage (LOADED_HIGH clear); only bzImage kernels are supported", { loadflags });
+  const xloadflags = version >= 0x020c ? dv.getUint16(OFF_XLOADFLAGS, true) : 0;
+  if ((xloadflags & XLF_KERNEL_64) === 0)
+    throw new KernelImageError(
+      "KERNEL_NOT_64BIT",
+      `kernel has no 64-bit entry point (xloadflags 0x${xloadflags.toString(16)}, protocol ${fmtVersion(version)}): a 32-bit kernel or one older than protocol 2.12`,
+      { xloadflags, version },
+    );
+  let setupSects = dv.getUint8(OFF_SETUP_SECTS);
+  if (setupSects === 0) setupSects = 4;
+  const payloadOffset = (setupSects + 1) * 512;
+  const syssize = dv.getUint32(OFF_SYSSIZE, true);
+  if (payloadOffset >= kernel.length)
+    throw new KernelImageError("KERNEL_TRUNCATED", `kernel image is ${kernel.length} bytes but its setup code claims ${payloadOffset}`, {
+      size: kernel.length,
+      setupSects,
+    });
+  const payloadLength = kernel.length - payloadOffset;
+  if (syssize * 16 > payloadLength)
+    throw new KernelImageError(
+      "KERNEL_TRUNCATED",
+      `kernel image is truncated: syssize says ${syssize * 16} bytes of protected-mode code, the file has ${payloadLength}`,
+      { size: kernel.length, syssize },
+    );
+  const headerEnd = Math.min(OFF_JUMP + 2 + dv.getUint8(OFF_JUMP + 1), HDR_MAX_END);
+  const initSize = version >= 0x020a ? dv.getUint32(OFF_INIT_SIZE, true) : 0;
+  return {
+    version,
+    setupSects,
+    syssize,
+    loadflags,
+    xloadflags,
+    relocatable: dv.getUint8(OFF_RELOCATABLE) !== 0,
+    kernelAlignment: dv.getUint32(OFF_KERNEL_ALIGNMENT, true),
+    initSize: initSize === 0 ? payloadLength : initSize,
+    cmdlineSize: dv.getUint32(OFF_CMDLINE_SIZE, true),
+    initrdAddrMax: dv.getUint32(OFF_INITRD_ADDR_MAX, true),
+    prefAddress: version >= 0x020a ? dv.getBigUint64(OFF_PREF_ADDRESS, true) : 0n,
+    payloadOffset,
+    payloadLength,
+    headerEnd,
+  };
+}
+
+export interface LinuxBootInfo {
+  /** 64-bit entry point: load address + 0x200. */
+  readonly entry64: number;
+  /** Guest-physical address of boot_params (RSI at entry). */
+  readonly bootParams: number;
+  readonly kernelLoad: number;
+  readonly kernelEnd: number;
+  readonly initrd?: { readonly addr: number; readonly size: number };
+  readonly cmdlineAddr: number;
+  readonly header: BzImageHeader;
+}
+
+export interface LinuxLoadOptions {
+  /** RSDP address written to boot_params.acpi_rsdp_addr (the kernel also scans 0xE0000-0xFFFFF). */
+  readonly rsdpAddr?: number;
+}
+
+export function loadLinux(
+  memory: GuestMemory,
+  plan: MemoryPlan,
+  kernel: Uint8Array,
+  initrd: Uint8Array | undefined,
+  cmdline: string,
+  options: LinuxLoadOptions = {},
+): LinuxBootInfo {
+  const hdr = parseBzImage(kernel);
+  const load = plan.kernelLoad;
+  const kernelEnd = Math.max(load + hdr.payloadLength, decompressionBase(hdr, load) + hdr.initSize);
+  if (kernelEnd > plan.lowRamEnd)
+    throw new LinuxLoadError(
+      "KERNEL_DOES_NOT_FIT",
+      `kernel needs ${hdr.initSize} bytes from 0x${load.toString(16)} but low RAM ends at 0x${plan.lowRamEnd.toString(16)}`,
+      { initSize: hdr.initSize, lowRamEnd: plan.lowRamEnd },
+    );
+
+  // Command line (NUL-terminated, within the kernel's cmdline_size).
+  const cmdBytes = new TextEncoder().encode(cmdline);
+  const maxCmd = Math.min(hdr.version >= 0x0206 && hdr.cmdlineSize > 0 ? hdr.cmdlineSize : 255, CMDLINE_MAX - 1);
+  if (cmdBytes.includes(0)) throw new LinuxLoadError("CMDLINE_INVALID", "kernel command line contains a NUL byte");
+  if (cmdBytes.length > maxCmd)
+    throw new LinuxLoadError("CMDLINE_TOO_LONG", `kernel command line is ${cmdBytes.length} bytes; this kernel accepts at most ${maxCmd}`, {
+      length: cmdBytes.length,
+      max: maxCmd,
+    });
+
+  let initrdInfo: { addr: number; size: number } | undefined;
+  if (initrd !== undefined && initrd.length > 0) {
+    const addr = initrdPlacement(plan, initrd.length, hdr.initrdAddrMax, kernelEnd);
+    if (addr === undefined) {
+      const limit = Math.min(hdr.initrdAddrMax + 1, plan.lowRamEnd);
+      throw new LinuxLoadError(
+        "INITRD_DOES_NOT_FIT",
+        `initrd of ${initrd.length} bytes does not fit between the kernel end 0x${kernelEnd.toString(16)} and 0x${limit.toString(16)} (${Math.max(0, limit - kernelEnd)} bytes free); give the guest more memory`,
+        { initrdSize: initrd.length, kernelEnd, limit },
+      );
+    }
+    initrdInfo = { addr, size: initrd.length };
+  }
+
+  // Copy in: kernel, initrd, command line.
+  memory.write(load, kernel.subarray(hdr.payloadOffset));
+  if (initrdInfo !== undefined && initrd !== undefined) memory.write(initrdInfo.addr, initrd);
+  const cmdBuf = new Uint8Array(cmdBytes.length + 1);
+  cmdBuf.set(cmdBytes);
+  memory.write(plan.cmdline.start, cmdBuf);
+
+  // Zero page.
+  const bp = new Uint8Array(BOOT_PARAMS_SIZE);
+  const dv = new DataView(bp.buffer);
+  bp.set(kernel.subarray(HDR_START, hdr.headerEnd), HDR_START);
+  dv.setUint16(OFF_VID_MODE, VID_MODE_NORMAL, true);
+  dv.setUint8(OFF_TYPE_OF_LOADER, 0xff);
+  dv.setUint8(OFF_LOADFLAGS, (hdr.loadflags | CAN_USE_HEAP) & 0xff);
+  // heap_end_ptr: offset from the real-mode setup start; unused on the 64-bit path but sane.
+  dv.setUint16(OFF_HEAP_END_PTR, 0xfe00, true);
+  dv.setUint32(OFF_CODE32_START, load, true);
+  dv.setUint32(OFF_CMD_LINE_PTR, plan.cmdline.start >>> 0, true);
+  dv.setUint32(BP_EXT_CMD_LINE_PTR, Math.floor(plan.cmdline.start / 2 ** 32), true);
+  if (initrdInfo !== undefined) {
+    dv.setUint32(OFF_RAMDISK_IMAGE, initrdInfo.addr >>> 0, true);
+    dv.setUint32(OFF_RAMDISK_SIZE, initrdInfo.size >>> 0, true);
+    dv.setUint32(BP_EXT_RAMDISK_IMAGE, Math.floor(initrdInfo.addr / 2 ** 32), true);
+    dv.setUint32(BP_EXT_RAMDISK_SIZE, Math.floor(initrdInfo.size / 2 ** 32), true);
+  }
+  if (options.rsdpAddr !== undefined) dv.setBigUint64(BP_ACPI_RSDP_ADDR, BigInt(options.rsdpAddr), true);
+  const e820 = e820Table(plan);
+  if (e820.length > E820_MAX_ENTRIES_ZEROPAGE) throw new LinuxLoadError("E820_TOO_LARGE", `e820 map has ${e820.length} entries`);
+  dv.setUint8(BP_E820_ENTRIES, e820.length);
+  bp.set(encodeE820(e820), BP_E820_TABLE);
+  memory.write(plan.zeroPage, bp);
+
+  return {
+    entry64: load + 0x200,
+    bootParams: plan.zeroPage,
+    kernelLoad: load,
+    kernelEnd,
+    ...(initrdInfo !== undefined ? { initrd: initrdInfo } : {}),
+    cmdlineAddr: plan.cmdline.start,
+    header: hdr,
+  };
+}
+
+/**
+ * Where the kernel decompresses itself (arch/x86/boot/compressed/head_64.S): a
+ * relocatable kernel uses its load address rounded up to kernel_alignment, but never
+ * below pref_address (LOAD_PHYSICAL_ADDR); a fixed one uses pref_address. It needs
+ * init_size bytes from there, so nothing else may be placed in that span.
+ */
+export function decompressionBase(hdr: BzImageHeader, load: number): number {
+  const pref = Number(hdr.prefAddress);
+  if (!hdr.relocatable) return pref > 0 ? pref : load;
+  const align = hdr.kernelAlignment > 0 ? hdr.kernelAlignment : 1;
+  return Math.max(Math.ceil(load / align) * align, pref);
+}
+
+function fmtVersion(v: number): string {
+  return `${v >> 8}.${(v & 0xff).toString().padStart(2, "0")}`;
+}
