@@ -1,0 +1,85 @@
+/**
+ * Fakes for device tests: a recording IRQ line, a manual clock, a collecting
+ * byte sink, recorded power requests, a seeded PRNG, and a fresh shared state
+ * region for a layout.
+ */
+import type { ByteSink, Clock, IrqLine, PowerControl } from "../../src/devices/dependencies.js";
+import { SharedStateArena, type FieldType, type StructLayout, type Bound } from "../../src/machine/shared-state.js";
+
+export class RecordingIrqLine implements IrqLine {
+  level = false;
+  /** Every setLevel call, in order. */
+  readonly calls: boolean[] = [];
+  setLevel(level: boolean): void {
+    this.level = level;
+    this.calls.push(level);
+  }
+  /** Rising edges seen so far. */
+  rises(): number {
+    let n = 0;
+    let prev = false;
+    for (const l of this.calls) {
+      if (l && !prev) n++;
+      prev = l;
+    }
+    return n;
+  }
+}
+
+export class ManualClock implements Clock {
+  constructor(public ns = 0n, public wallMs = Date.UTC(2024, 0, 15, 12, 34, 56)) {}
+  monotonicNs(): bigint {
+    return this.ns;
+  }
+  wallClockMs(): number {
+    return this.wallMs;
+  }
+  /** Move both clocks forward. */
+  advanceNs(ns: bigint): void {
+    this.ns += ns;
+    this.wallMs += Number(ns) / 1e6;
+  }
+}
+
+export class CollectingSink implements ByteSink {
+  readonly bytes: number[] = [];
+  write(bytes: Uint8Array): void {
+    this.bytes.push(...bytes);
+  }
+  text(): string {
+    return String.fromCharCode(...this.bytes);
+  }
+}
+
+export class RecordingPower implements PowerControl {
+  readonly powerOffs: string[] = [];
+  readonly resets: string[] = [];
+  requestPowerOff(source: string): void {
+    this.powerOffs.push(source);
+  }
+  requestReset(source: string): void {
+    this.resets.push(source);
+  }
+}
+
+/** Small deterministic PRNG (mulberry32). */
+export class SeededRandom {
+  constructor(private seed: number) {}
+  next(): number {
+    let t = (this.seed = (this.seed + 0x6d2b79f5) | 0);
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  }
+  int(n: number): number {
+    return Math.floor(this.next() * n);
+  }
+  pick<T>(items: readonly T[]): T {
+    return items[this.int(items.length)]!;
+  }
+}
+
+/** Fresh state for one device, as the board allocates it. */
+export function freshState<F extends Record<string, FieldType>>(layout: StructLayout<F>): Bound<F> {
+  return SharedStateArena.create(layout.size + 64).allocate(layout);
+}
