@@ -92,6 +92,9 @@ export function hostBridgeFunction(bytes?: Uint8Array, initialise = true): PciCo
 
 export const PciHostBridgeLayout = structLayout({ configAddress: "u32", hostConfig: { bytes: 256 } });
 
+// Bound<> inherits `readonly` from the const-inferred field record; the fields are writable.
+type HostBridgeBound = Bound<typeof PciHostBridgeLayout.fields>;
+
 export interface PciHostBridgeState {
   readonly kind: "pci-host-bridge";
   readonly version: 1;
@@ -107,7 +110,7 @@ export class PciHostBridge implements BusDevice {
     { name: "config-data", space: "pio", start: 0xcfc, length: 4 },
   ];
   private readonly functions = new Map<Bdf, PciFunction>();
-  private readonly state: Bound<typeof PciHostBridgeLayout.fields>;
+  private readonly state: { -readonly [K in keyof HostBridgeBound]: HostBridgeBound[K] };
 
   /**
    * @param opts.arena where the state lives; the first thread to build the board passes
