@@ -18,7 +18,7 @@ export type ScalarType = "u8" | "u16" | "u32" | "i32" | "f64";
 export type FieldType = ScalarType | { readonly bytes: number };
 
 type FieldValue<T> = T extends ScalarType ? number : Uint8Array;
-export type Bound<F extends Record<string, FieldType>> = { [K in keyof F]: FieldValue<F[K]> };
+export type Bound<F extends Record<string, FieldType>> = { -readonly [K in keyof F]: FieldValue<F[K]> };
 export type Snapshot<F extends Record<string, FieldType>> = { [K in keyof F]: F[K] extends ScalarType ? number : number[] };
 
 const SCALAR_SIZE: Record<ScalarType, number> = { u8: 1, u16: 2, u32: 4, i32: 4, f64: 8 };
