@@ -1,0 +1,47 @@
+/**
+ * An eventfd(2): a 64-bit counter in the kernel that KVM signals (ioeventfd)
+ * or listens to (irqfd). `signal()` adds to it; `take()` reads and resets it.
+ */
+import * as libc from "./libc.js";
+
+export class EventFd {
+  private readonly buf = new BigUint64Array(1);
+  private closed = false;
+
+  private constructor(
+    readonly fd: number,
+    /** Created with EFD_NONBLOCK: take() returns 0n instead of waiting. */
+    readonly nonBlocking: boolean,
+  ) {}
+
+  static create(opts: { nonBlocking?: boolean; semaphore?: boolean; initial?: number } = {}): EventFd {
+    const nonBlocking = opts.nonBlocking ?? true;
+    let flags = libc.EFD_CLOEXEC;
+    if (nonBlocking) flags |= libc.EFD_NONBLOCK;
+    if (opts.semaphore === true) flags |= libc.EFD_SEMAPHORE;
+    return new EventFd(libc.eventfd(opts.initial ?? 0, flags), nonBlocking);
+  }
+
+  /** Add `n` (default 1) to the counter, waking whoever waits on it (KVM for an irqfd). */
+  signal(n: number | bigint = 1n): void {
+    this.buf[0] = BigInt(n);
+    libc.write(this.fd, this.buf, 8);
+  }
+
+  /** Read and reset the counter (0n when non-blocking and nothing was signalled). */
+  take(): bigint {
+    const r = libc.raw.read(this.fd, this.buf, 8);
+    if (r < 0) {
+      const e = libc.errno();
+      if (e === libc.Errno.EAGAIN) return 0n;
+      throw libc.lastError("read", { fd: this.fd, what: "eventfd" });
+    }
+    return this.buf[0]!;
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    libc.close(this.fd);
+  }
+}

@@ -1,0 +1,322 @@
+/**
+ * The one place where Partis calls the C library (through koffi). Everything
+ * above this file sees typed functions that either succeed or throw a
+ * `SystemCallError` carrying errno, its name, the call and the caller's
+ * context. Raw (unchecked) entry points are exported for the vCPU hot path,
+ * which checks the return value itself to avoid a closure per call.
+ *
+ * Memory that C owns (mmaps, aligned buffers) reaches JavaScript as
+ * Uint8Arrays over external ArrayBuffers (`koffi.view`): no copies. Such a
+ * view must not be used after its mapping is released.
+ *
+ * DEVNOTE: ioctl, open and fcntl are variadic in C. They are declared here
+ * with fixed prototypes (one per argument shape); on x86-64 System V an
+ * integer or pointer third argument travels in the same register either way,
+ * and the callee's %al (vector-register count) is only used to decide
+ * whether to spill XMM registers, which is harmless.
+ */
+import koffi from "koffi";
+import { SystemCallError } from "./errors.js";
+import type { ErrorContext } from "../errors.js";
+
+export { SystemCallError } from "./errors.js";
+
+const lib = koffi.load("libc.so.6");
+
+/** Opaque C pointer as koffi hands it out. */
+export type CPointer = unknown;
+
+// --- raw prototypes -------------------------------------------------------------------------
+
+type IntFn<A extends unknown[]> = (...args: A) => number;
+
+const c = {
+  open: lib.func("int open(const char *path, int flags, int mode)") as IntFn<[string, number, number]>,
+  close: lib.func("int close(int fd)") as IntFn<[number]>,
+  ioctlPtr: lib.func("ioctl", "int", ["int", "unsigned long", "void *"]) as IntFn<[number, number, ArrayBufferView | null]>,
+  ioctlInt: lib.func("ioctl", "int", ["int", "unsigned long", "unsigned long"]) as IntFn<[number, number, number | bigint]>,
+  mmap: lib.func("void *mmap(void *addr, size_t length, int prot, int flags, int fd, int64_t offset)") as (
+    addr: null,
+    length: number,
+    prot: number,
+    flags: number,
+    fd: number,
+    offset: number | bigint,
+  ) => CPointer,
+  munmap: lib.func("int munmap(void *addr, size_t length)") as IntFn<[CPointer, number]>,
+  memfdCreate: lib.func("int memfd_create(const char *name, unsigned int flags)") as IntFn<[string, number]>,
+  ftruncate: lib.func("int ftruncate(int fd, int64_t length)") as IntFn<[number, number | bigint]>,
+  eventfd: lib.func("int eventfd(unsigned int initval, int flags)") as IntFn<[number, number]>,
+  read: lib.func("int64_t read(int fd, void *buf, size_t count)") as IntFn<[number, ArrayBufferView, number]>,
+  write: lib.func("int64_t write(int fd, const void *buf, size_t count)") as IntFn<[number, ArrayBufferView, number]>,
+  pread: lib.func("int64_t pread(int fd, void *buf, size_t count, int64_t offset)") as IntFn<[number, ArrayBufferView, number, number | bigint]>,
+  pwrite: lib.func("int64_t pwrite(int fd, const void *buf, size_t count, int64_t offset)") as IntFn<
+    [number, ArrayBufferView, number, number | bigint]
+  >,
+  strerror: lib.func("const char *strerror(int errnum)") as (errnum: number) => string,
+  getpid: lib.func("int getpid()") as IntFn<[]>,
+  gettid: lib.func("int gettid()") as IntFn<[]>,
+};
+
+/**
+ * Unchecked libc entry points for hot paths (the vCPU run loop). They return
+ * the C result; on -1 read `errno()` immediately, before any other FFI call.
+ */
+export const raw = {
+  ioctlInt: c.ioctlInt,
+  ioctlPtr: c.ioctlPtr,
+  read: c.read,
+  write: c.write,
+} as const;
+
+// --- errno ----------------------------------------------------------------------------------
+
+const errnoNames = new Map<number, string>();
+for (const [name, value] of Object.entries(koffi.os.errno)) {
+  // Several names can share a number (EAGAIN/EWOULDBLOCK, EDEADLK/EDEADLOCK): keep the first.
+  if (!errnoNames.has(value)) errnoNames.set(value, name);
+}
+
+/** errno of the last FFI call made on this thread. */
+export function errno(): number {
+  return koffi.errno();
+}
+
+/** Symbolic name of an errno value ("EINVAL"), or "E?<n>". */
+export function errnoName(value: number): string {
+  return errnoNames.get(value) ?? `E?${value}`;
+}
+
+export function strerror(value: number): string {
+  return c.strerror(value);
+}
+
+/** errno numbers by name, for callers that test a specific failure (EINTR, EAGAIN...). */
+export const Errno = {
+  EPERM: koffi.os.errno.EPERM ?? 1,
+  ENOENT: koffi.os.errno.ENOENT ?? 2,
+  EINTR: koffi.os.errno.EINTR ?? 4,
+  EIO: koffi.os.errno.EIO ?? 5,
+  E2BIG: koffi.os.errno.E2BIG ?? 7,
+  EBADF: koffi.os.errno.EBADF ?? 9,
+  EAGAIN: koffi.os.errno.EAGAIN ?? 11,
+  ENOMEM: koffi.os.errno.ENOMEM ?? 12,
+  EACCES: koffi.os.errno.EACCES ?? 13,
+  EFAULT: koffi.os.errno.EFAULT ?? 14,
+  EEXIST: koffi.os.errno.EEXIST ?? 17,
+  ENXIO: koffi.os.errno.ENXIO ?? 6,
+  EINVAL: koffi.os.errno.EINVAL ?? 22,
+  ENOSPC: koffi.os.errno.ENOSPC ?? 28,
+  ENOTTY: koffi.os.errno.ENOTTY ?? 25,
+  ENOSYS: koffi.os.errno.ENOSYS ?? 38,
+} as const;
+
+/** Build the error for a failed call from the current errno. */
+export function lastError(call: string, context: ErrorContext = {}): SystemCallError {
+  const e = errno();
+  return new SystemCallError(call, e, errnoName(e), strerror(e), context);
+}
+
+function check(result: number, call: string, context?: ErrorContext): number {
+  if (result < 0) throw lastError(call, context);
+  return result;
+}
+
+// --- constants --------------------------------------------------------------------------------
+
+export const O_RDONLY = 0;
+export const O_WRONLY = 1;
+export const O_RDWR = 2;
+export const O_CREAT = 0o100;
+export const O_EXCL = 0o200;
+export const O_TRUNC = 0o1000;
+export const O_NONBLOCK = 0o4000;
+export const O_DIRECT = 0o40000;
+export const O_CLOEXEC = 0o2000000;
+
+export const PROT_NONE = 0;
+export const PROT_READ = 1;
+export const PROT_WRITE = 2;
+export const PROT_EXEC = 4;
+export const MAP_SHARED = 1;
+export const MAP_PRIVATE = 2;
+export const MAP_ANONYMOUS = 0x20;
+export const MAP_NORESERVE = 0x4000;
+
+export const MFD_CLOEXEC = 1;
+export const MFD_ALLOW_SEALING = 2;
+
+export const EFD_SEMAPHORE = 1;
+export const EFD_NONBLOCK = 0o4000;
+export const EFD_CLOEXEC = 0o2000000;
+
+const MAP_FAILED = 0xffffffffffffffffn;
+
+// --- file descriptors -------------------------------------------------------------------------
+
+export function open(path: string, flags: number, mode = 0o600): number {
+  return check(c.open(path, flags, mode), "open", { path, flags });
+}
+
+export function close(fd: number): void {
+  check(c.close(fd), "close", { fd });
+}
+
+/**
+ * ioctl with a pointer argument (a struct in `arg`, which the kernel may read
+ * and write) or an integer argument. Returns the (non-negative) result.
+ * `name` is used in the error.
+ */
+export function ioctl(fd: number, request: number, arg: ArrayBufferView | number | bigint | null, name: string, context?: ErrorContext): number {
+  const r = arg === null || ArrayBuffer.isView(arg) ? c.ioctlPtr(fd, request, arg) : c.ioctlInt(fd, request, arg);
+  return check(r, name, { fd, ...context });
+}
+
+export function memfdCreate(name: string, flags = MFD_CLOEXEC): number {
+  return check(c.memfdCreate(name, flags), "memfd_create", { name });
+}
+
+export function ftruncate(fd: number, length: number | bigint): void {
+  check(c.ftruncate(fd, length), "ftruncate", { fd, length });
+}
+
+export function eventfd(initval = 0, flags = EFD_CLOEXEC): number {
+  return check(c.eventfd(initval, flags), "eventfd", { initval, flags });
+}
+
+/** read(2) into `buf`; returns bytes read (0 at EOF). */
+export function read(fd: number, buf: ArrayBufferView, length = buf.byteLength): number {
+  if (length > buf.byteLength) throw new RangeError("read: length exceeds buffer");
+  return check(c.read(fd, buf, length), "read", { fd, length });
+}
+
+/** write(2) from `buf`; returns bytes written. */
+export function write(fd: number, buf: ArrayBufferView, length = buf.byteLength): number {
+  if (length > buf.byteLength) throw new RangeError("write: length exceeds buffer");
+  return check(c.write(fd, buf, length), "write", { fd, length });
+}
+
+export function pread(fd: number, buf: ArrayBufferView, offset: number | bigint, length = buf.byteLength): number {
+  if (length > buf.byteLength) throw new RangeError("pread: length exceeds buffer");
+  return check(c.pread(fd, buf, length, offset), "pread", { fd, length, offset: BigInt(offset) });
+}
+
+export function pwrite(fd: number, buf: ArrayBufferView, offset: number | bigint, length = buf.byteLength): number {
+  if (length > buf.byteLength) throw new RangeError("pwrite: length exceeds buffer");
+  return check(c.pwrite(fd, buf, length, offset), "pwrite", { fd, length, offset: BigInt(offset) });
+}
+
+export function getpid(): number {
+  return c.getpid();
+}
+
+/** Kernel thread id of the calling thread (differs per worker_thread). */
+export function gettid(): number {
+  return c.gettid();
+}
+
+// --- memory mappings --------------------------------------------------------------------------
+
+interface Mapping {
+  readonly pointer: CPointer;
+  readonly address: bigint;
+  readonly length: number;
+  released: boolean;
+}
+
+/** Mappings made here, by the ArrayBuffer that views them, so they can be released by view. */
+const mappings = new WeakMap<ArrayBufferLike, Mapping>();
+
+/**
+ * Unmaps a mapping when its view is garbage-collected without an explicit
+ * release (nothing can reach the memory any more at that point).
+ */
+const reclaimer = new FinalizationRegistry<Mapping>((m) => {
+  if (!m.released) {
+    m.released = true;
+    c.munmap(m.pointer, m.length);
+  }
+});
+
+/** mmap(2). Returns the pointer; throws on MAP_FAILED. */
+export function mmap(length: number, prot: number, flags: number, fd: number, offset: number | bigint, context?: ErrorContext): CPointer {
+  const p = c.mmap(null, length, prot, flags, fd, offset);
+  if (p === null || koffi.address(p) === MAP_FAILED) throw lastError("mmap", { fd, length, offset: BigInt(offset), ...context });
+  return p;
+}
+
+export function munmap(pointer: CPointer, length: number): void {
+  check(c.munmap(pointer, length), "munmap", { length });
+}
+
+/** Numeric address of a C pointer (for structs that carry addresses, e.g. userspace_addr). */
+export function addressOf(pointer: CPointer): bigint {
+  return koffi.address(pointer);
+}
+
+/** A Uint8Array over C memory, without copying. */
+export function viewOf(pointer: CPointer, length: number): Uint8Array {
+  return new Uint8Array(koffi.view(pointer, length));
+}
+
+function track(pointer: CPointer, length: number, autoRelease: boolean): Uint8Array {
+  const view = viewOf(pointer, length);
+  const m: Mapping = { pointer, address: koffi.address(pointer), length, released: false };
+  mappings.set(view.buffer, m);
+  if (autoRelease) reclaimer.register(view.buffer, m, m);
+  return view;
+}
+
+/**
+ * mmap(MAP_SHARED) of [offset, offset+length) of `fd`, readable and writable,
+ * as a live view. Every thread (or process) that maps the same file sees the
+ * same bytes. Release with `releaseMapping(view)`; an unreleased mapping is
+ * unmapped when its view is garbage-collected.
+ */
+export function mapSharedFile(fd: number, offset: number, length: number, prot = PROT_READ | PROT_WRITE): Uint8Array {
+  const p = mmap(length, prot, MAP_SHARED, fd, offset);
+  return track(p, length, true);
+}
+
+/**
+ * Host memory of at least `bytes` bytes whose start is aligned to `alignment`
+ * (a power of two; page alignment at least), zero-filled, usable as an
+ * O_DIRECT buffer with Node's fs.readSync/writeSync or `pread`/`pwrite` here.
+ * Released by `releaseMapping(view)` or when the view is garbage-collected.
+ */
+export function alignedBuffer(bytes: number, alignment = 4096): Uint8Array {
+  if (!Number.isSafeInteger(bytes) || bytes <= 0) throw new RangeError(`alignedBuffer: bad size ${bytes}`);
+  if (alignment <= 0 || (alignment & (alignment - 1)) !== 0) throw new RangeError(`alignedBuffer: alignment ${alignment} is not a power of two`);
+  const page = 4096;
+  const length = Math.ceil(bytes / page) * page;
+  if (alignment <= page) {
+    const p = mmap(length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return track(p, length, true).subarray(0, bytes);
+  }
+  // Over-allocate, then keep an aligned window. The unaligned head and tail stay
+  // mapped (and are released with the whole region): simpler than trimming
+  // through pointer arithmetic, which koffi does not offer on raw pointers.
+  const total = length + alignment;
+  const p = mmap(total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  const whole = track(p, total, true);
+  const base = koffi.address(p);
+  const skip = Number((BigInt(alignment) - (base % BigInt(alignment))) % BigInt(alignment));
+  return whole.subarray(skip, skip + bytes);
+}
+
+/** Host address of the first byte of a view made by this module (for O_DIRECT checks, kvm structs). */
+export function addressOfView(view: Uint8Array): bigint {
+  const m = mappings.get(view.buffer);
+  if (m === undefined) throw new RangeError("addressOfView: not a view made by src/hypervisor/libc");
+  return m.address + BigInt(view.byteOffset);
+}
+
+/** Unmap the mapping behind a view made by `mapSharedFile` / `alignedBuffer`. Idempotent. */
+export function releaseMapping(view: Uint8Array): void {
+  const m = mappings.get(view.buffer);
+  if (m === undefined) throw new RangeError("releaseMapping: not a view made by src/hypervisor/libc");
+  if (m.released) return;
+  m.released = true;
+  reclaimer.unregister(m);
+  munmap(m.pointer, m.length);
+}

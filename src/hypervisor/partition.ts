@@ -1,0 +1,365 @@
+/**
+ * A partition: one KVM VM, its guest RAM, and the VM-wide ioctls (memory
+ * slots, in-kernel irqchip and PIT, GSI routing, irqfd/ioeventfd, MSIs,
+ * dirty logging, kvmclock).
+ *
+ * Guest RAM is one memfd holding every RAM range back to back (each range
+ * at its `fileOffset`), mapped MAP_SHARED, so any thread or process that
+ * holds the fd can map the same pages for itself. Memory slot N is range N.
+ *
+ * Threads: the fds are process-wide. The thread that creates the partition
+ * owns it (destroy() closes the fds); another worker_thread gets its own
+ * Partition object over the same VM with `attach(handoff())`, which maps the
+ * memfd again for that thread's views and never creates the VM again.
+ */
+import * as libc from "./libc.js";
+import { KvmProtocolError } from "./errors.js";
+import { kvmIoctl, type KvmSystem } from "./system.js";
+import {
+  KVM_CAP,
+  KVM_IOEVENTFD_FLAG_DATAMATCH,
+  KVM_IOEVENTFD_FLAG_DEASSIGN,
+  KVM_IOEVENTFD_FLAG_PIO,
+  KVM_IRQFD_FLAG_DEASSIGN,
+  KVM_IRQFD_FLAG_RESAMPLE,
+  KVM_MEM_LOG_DIRTY_PAGES,
+  KVM_PIT_SPEAKER_DUMMY,
+  SIZEOF,
+  decodeClock,
+  encodeClock,
+  encodeDirtyLog,
+  encodeIoeventfd,
+  encodeIrqLevel,
+  encodeIrqRouting,
+  encodeIrqfd,
+  encodeMemoryRegion,
+  encodeMsi,
+  encodePitConfig,
+  type GsiRoute,
+} from "./kvm-abi.js";
+import { ChunkedGuestMemory, type GuestMemory, type RamRange } from "../machine/guest-memory.js";
+import { PartisError, type ErrorContext } from "../errors.js";
+
+export type { GsiRoute } from "./kvm-abi.js";
+
+const PAGE = 4096;
+
+export class PartitionConfigError extends PartisError {}
+
+/** Everything another thread of this process needs to attach to the partition: plain numbers. */
+export interface PartitionHandoff {
+  readonly vmFd: number;
+  readonly memfd: number;
+  readonly ranges: readonly RamRange[];
+  readonly vcpuMmapSize: number;
+  /** Host address of the owner's mapping of each slot (range), for re-registering slots. */
+  readonly slotAddresses: readonly number[];
+  /** Slots whose dirty logging is on, at the time of the handoff. */
+  readonly dirtyLogSlots: readonly number[];
+  /** KVM_CAP_XSAVE2 size on this VM (0 when absent). */
+  readonly xsaveSize: number;
+}
+
+/** An ioeventfd registration: KVM signals `eventfd` instead of exiting on a matching guest write. */
+export interface IoEventFdSpec {
+  readonly space: "pio" | "mmio";
+  readonly addr: number | bigint;
+  /** Access size that matches (1, 2, 4 or 8; 0 = any length, MMIO only, KVM_CAP_IOEVENTFD_ANY_LENGTH). */
+  readonly length: number;
+  /** Only writes of this value signal (when given). */
+  readonly datamatch?: number | bigint;
+  readonly eventfd: number;
+}
+
+export interface PartitionOptions {
+  readonly ranges: readonly RamRange[];
+}
+
+interface Slot {
+  readonly range: RamRange;
+  /** Host address of the mapping registered with KVM. */
+  readonly address: bigint;
+  /** The owner's mapping (undefined in an attached partition, which does not own it). */
+  readonly pointer: libc.CPointer | undefined;
+  flags: number;
+  bitmap: Uint8Array | undefined;
+}
+
+function validateRanges(ranges: readonly RamRange[]): number {
+  if (ranges.length === 0) throw new PartitionConfigError("PARTITION_NO_RAM", "a partition needs at least one RAM range");
+  let fileSize = 0;
+  const sorted = [...ranges].sort((a, b) => a.gpa - b.gpa);
+  for (let i = 0; i < sorted.length; i++) {
+    const r = sorted[i]!;
+    const ctx: ErrorContext = { gpa: BigInt(r.gpa), length: r.length, fileOffset: r.fileOffset };
+    for (const v of [r.gpa, r.length, r.fileOffset])
+      if (!Number.isSafeInteger(v) || v < 0 || v % PAGE !== 0)
+        throw new PartitionConfigError("PARTITION_RAM_ALIGNMENT", "RAM range fields must be page-aligned non-negative integers", ctx);
+    if (r.length === 0) throw new PartitionConfigError("PARTITION_RAM_EMPTY", "empty RAM range", ctx);
+    const prev = sorted[i - 1];
+    if (prev !== undefined && prev.gpa + prev.length > r.gpa)
+      throw new PartitionConfigError("PARTITION_RAM_OVERLAP", "RAM ranges overlap in guest-physical space", ctx);
+    fileSize = Math.max(fileSize, r.fileOffset + r.length);
+  }
+  const byFile = [...ranges].sort((a, b) => a.fileOffset - b.fileOffset);
+  for (let i = 1; i < byFile.length; i++)
+    if (byFile[i - 1]!.fileOffset + byFile[i - 1]!.length > byFile[i]!.fileOffset)
+      throw new PartitionConfigError("PARTITION_RAM_OVERLAP", "RAM ranges overlap in the backing memfd", {
+        fileOffset: byFile[i]!.fileOffset,
+      });
+  return fileSize;
+}
+
+export class Partition {
+  readonly guestMemory: GuestMemory;
+  private readonly slots: Slot[];
+  /** Mappings made for `guestMemory` by this thread, released by destroy(). */
+  private readonly views: Uint8Array[] = [];
+  private destroyed = false;
+
+  private constructor(
+    readonly vmFd: number,
+    readonly memfd: number,
+    readonly ranges: readonly RamRange[],
+    readonly vcpuMmapSize: number,
+    /** True for a Partition made by attach(): destroy() does not close the VM. */
+    readonly attached: boolean,
+    slots: Slot[],
+    readonly xsaveSize: number,
+  ) {
+    this.slots = slots;
+    this.guestMemory = new ChunkedGuestMemory(ranges, (fileOffset, length) => {
+      const v = libc.mapSharedFile(memfd, fileOffset, length);
+      this.views.push(v);
+      return v;
+    });
+  }
+
+  /**
+   * Create a VM with the given RAM ranges: a memfd sized for all of them, one
+   * MAP_SHARED mapping and one memory slot per range (slot i = ranges[i]).
+   */
+  static create(system: KvmSystem, opts: PartitionOptions): Partition {
+    const ranges = opts.ranges.map((r) => ({ gpa: r.gpa, length: r.length, fileOffset: r.fileOffset }));
+    const fileSize = validateRanges(ranges);
+    const vmFd = kvmIoctl(system.fd, "CREATE_VM", 0);
+    let memfd = -1;
+    const slots: Slot[] = [];
+    try {
+      memfd = libc.memfdCreate("partis-guest-ram");
+      libc.ftruncate(memfd, fileSize);
+      ranges.forEach((range, slot) => {
+        const pointer = libc.mmap(range.length, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_SHARED | libc.MAP_NORESERVE, memfd, range.fileOffset, {
+          slot,
+        });
+        const s: Slot = { range, address: libc.addressOf(pointer), pointer, flags: 0, bitmap: undefined };
+        slots.push(s);
+        kvmIoctl(vmFd, "SET_USER_MEMORY_REGION", Partition.regionBytes(slot, s), { vm: vmFd, slot, gpa: BigInt(range.gpa) });
+      });
+      let xsaveSize = 0;
+      try {
+        xsaveSize = kvmIoctl(vmFd, "CHECK_EXTENSION", KVM_CAP.XSAVE2);
+      } catch {
+        xsaveSize = 0;
+      }
+      return new Partition(vmFd, memfd, ranges, system.vcpuMmapSize, false, slots, xsaveSize);
+    } catch (e) {
+      for (const s of slots) if (s.pointer !== undefined) libc.munmap(s.pointer, s.range.length);
+      if (memfd >= 0) libc.close(memfd);
+      libc.close(vmFd);
+      throw e;
+    }
+  }
+
+  /** Attach to a partition created by another thread of this process. */
+  static attach(h: PartitionHandoff): Partition {
+    if (h.slotAddresses.length !== h.ranges.length) throw new KvmProtocolError("PARTITION_HANDOFF", "handoff: one slot address per range expected");
+    const slots: Slot[] = h.ranges.map((range, i) => ({
+      range,
+      address: BigInt(h.slotAddresses[i]!),
+      pointer: undefined,
+      flags: h.dirtyLogSlots.includes(i) ? KVM_MEM_LOG_DIRTY_PAGES : 0,
+      bitmap: undefined,
+    }));
+    return new Partition(h.vmFd, h.memfd, h.ranges, h.vcpuMmapSize, true, slots, h.xsaveSize);
+  }
+
+  /** Plain data for `Partition.attach` on another worker_thread (structured-clone safe). */
+  handoff(): PartitionHandoff {
+    this.assertLive();
+    return {
+      vmFd: this.vmFd,
+      memfd: this.memfd,
+      ranges: this.ranges.map((r) => ({ ...r })),
+      vcpuMmapSize: this.vcpuMmapSize,
+      slotAddresses: this.slots.map((s) => Number(s.address)),
+      dirtyLogSlots: this.slots.flatMap((s, i) => ((s.flags & KVM_MEM_LOG_DIRTY_PAGES) !== 0 ? [i] : [])),
+      xsaveSize: this.xsaveSize,
+    };
+  }
+
+  private static regionBytes(slot: number, s: Slot): Uint8Array {
+    return encodeMemoryRegion({
+      slot,
+      flags: s.flags,
+      guestPhysAddr: BigInt(s.range.gpa),
+      memorySize: BigInt(s.range.length),
+      userspaceAddr: s.address,
+    });
+  }
+
+  private ioctl(name: Parameters<typeof kvmIoctl>[1], arg: ArrayBufferView | number | bigint | null, context: ErrorContext = {}): number {
+    this.assertLive();
+    return kvmIoctl(this.vmFd, name, arg, { vm: this.vmFd, ...context });
+  }
+
+  private assertLive(): void {
+    if (this.destroyed) throw new KvmProtocolError("PARTITION_DESTROYED", "partition already destroyed", { vm: this.vmFd });
+  }
+
+  /** KVM_CHECK_EXTENSION on the VM fd (some capabilities answer per VM). */
+  checkExtension(cap: number): number {
+    return this.ioctl("CHECK_EXTENSION", cap, { cap });
+  }
+
+  /** In-kernel PIC ×2 + IOAPIC + per-vCPU local APICs. Call before creating vCPUs. */
+  createIrqchip(): void {
+    this.ioctl("CREATE_IRQCHIP", 0);
+  }
+
+  /** In-kernel i8254 PIT (needs the irqchip). The speaker port is left to user space. */
+  createPit2(flags = KVM_PIT_SPEAKER_DUMMY): void {
+    this.ioctl("CREATE_PIT2", encodePitConfig(flags));
+  }
+
+  /** Three pages of guest-physical space KVM may use for the real-mode TSS (Intel hosts). */
+  setTssAddr(gpa: number): void {
+    this.ioctl("SET_TSS_ADDR", gpa, { gpa: BigInt(gpa) });
+  }
+
+  /** One page for the identity-map page table KVM uses for unpaged guests (Intel hosts without unrestricted guest). */
+  setIdentityMapAddr(gpa: number | bigint): void {
+    const arg = new BigUint64Array([BigInt(gpa)]);
+    this.ioctl("SET_IDENTITY_MAP_ADDR", arg, { gpa: BigInt(gpa) });
+  }
+
+  /** Replace the whole GSI routing table. */
+  setGsiRouting(routes: readonly GsiRoute[]): void {
+    this.ioctl("SET_GSI_ROUTING", encodeIrqRouting(routes), { routes: routes.length });
+  }
+
+  /** KVM_IRQ_LINE: drive a GSI input of the in-kernel irqchip. */
+  setIrqLine(gsi: number, level: boolean): void {
+    this.ioctl("IRQ_LINE", encodeIrqLevel(gsi, level ? 1 : 0), { gsi });
+  }
+
+  /**
+   * KVM_SIGNAL_MSI. Returns > 0 when delivered, 0 when the guest blocked it.
+   */
+  signalMsi(address: number | bigint, data: number): number {
+    const a = BigInt(address);
+    return this.ioctl("SIGNAL_MSI", encodeMsi(Number(a & 0xffffffffn), Number(a >> 32n), data), { address: a, data });
+  }
+
+  /**
+   * Writing to `eventfd` raises `gsi`. With `resampleFd`, the GSI is level-
+   * triggered: KVM deasserts it at EOI and signals `resampleFd` so the device
+   * can re-assert if still pending.
+   */
+  irqfd(gsi: number, eventfd: number, resampleFd?: number): void {
+    const flags = resampleFd === undefined ? 0 : KVM_IRQFD_FLAG_RESAMPLE;
+    this.ioctl("IRQFD", encodeIrqfd(eventfd, gsi, flags, resampleFd ?? 0), { gsi, eventfd });
+  }
+
+  removeIrqfd(gsi: number, eventfd: number): void {
+    this.ioctl("IRQFD", encodeIrqfd(eventfd, gsi, KVM_IRQFD_FLAG_DEASSIGN), { gsi, eventfd });
+  }
+
+  private ioeventfdBytes(spec: IoEventFdSpec, deassign: boolean): Uint8Array {
+    let flags = spec.space === "pio" ? KVM_IOEVENTFD_FLAG_PIO : 0;
+    if (spec.datamatch !== undefined) flags |= KVM_IOEVENTFD_FLAG_DATAMATCH;
+    if (deassign) flags |= KVM_IOEVENTFD_FLAG_DEASSIGN;
+    return encodeIoeventfd(BigInt(spec.datamatch ?? 0), BigInt(spec.addr), spec.length, spec.eventfd, flags);
+  }
+
+  /** Register an ioeventfd: guest writes matching `spec` signal the eventfd in the kernel, without an exit. */
+  ioeventfd(spec: IoEventFdSpec): void {
+    this.ioctl("IOEVENTFD", this.ioeventfdBytes(spec, false), { space: spec.space, addr: BigInt(spec.addr), length: spec.length });
+  }
+
+  /** Remove a registration made by `ioeventfd` (same spec). */
+  removeIoeventfd(spec: IoEventFdSpec): void {
+    this.ioctl("IOEVENTFD", this.ioeventfdBytes(spec, true), { space: spec.space, addr: BigInt(spec.addr), length: spec.length });
+  }
+
+  private slot(slot: number): Slot {
+    const s = this.slots[slot];
+    if (s === undefined) throw new PartitionConfigError("PARTITION_NO_SLOT", `no memory slot ${slot}`, { vm: this.vmFd, slot });
+    return s;
+  }
+
+  /** Turn dirty-page logging of a slot on (or off). */
+  enableDirtyLog(slot: number, on = true): void {
+    const s = this.slot(slot);
+    const flags = on ? s.flags | KVM_MEM_LOG_DIRTY_PAGES : s.flags & ~KVM_MEM_LOG_DIRTY_PAGES;
+    const before = s.flags;
+    s.flags = flags;
+    try {
+      this.ioctl("SET_USER_MEMORY_REGION", Partition.regionBytes(slot, s), { slot });
+    } catch (e) {
+      s.flags = before;
+      throw e;
+    }
+  }
+
+  /**
+   * KVM_GET_DIRTY_LOG: bitmap of the slot's pages written by the guest since
+   * the last call (bit i of byte j = page j*8+i of the range), which KVM then
+   * clears. Returns a fresh copy. Writes by the host through guestMemory are
+   * not tracked.
+   */
+  dirtyLog(slot: number): Uint8Array {
+    const s = this.slot(slot);
+    const pages = s.range.length / PAGE;
+    const bytes = Math.ceil(pages / 64) * 8;
+    if (s.bitmap === undefined) s.bitmap = libc.alignedBuffer(bytes, 8);
+    s.bitmap.fill(0);
+    this.ioctl("GET_DIRTY_LOG", encodeDirtyLog(slot, libc.addressOfView(s.bitmap)), { slot });
+    return s.bitmap.slice(0, Math.ceil(pages / 8));
+  }
+
+  /** kvmclock in ns (KVM_GET_CLOCK), for saved state. */
+  getClock(): { clock: bigint; flags: number } {
+    const buf = new Uint8Array(SIZEOF.kvm_clock_data);
+    this.ioctl("GET_CLOCK", buf);
+    return decodeClock(buf);
+  }
+
+  setClock(clock: bigint): void {
+    this.ioctl("SET_CLOCK", encodeClock(clock));
+  }
+
+  /**
+   * Release this thread's mappings. The owner also closes the VM and the memfd
+   * (after every vCPU and attached partition is gone). Views from guestMemory
+   * must not be used afterwards.
+   */
+  destroy(): void {
+    if (this.destroyed) return;
+    this.destroyed = true;
+    for (const v of this.views) libc.releaseMapping(v);
+    this.views.length = 0;
+    for (const s of this.slots) {
+      if (s.bitmap !== undefined) libc.releaseMapping(s.bitmap);
+      s.bitmap = undefined;
+    }
+    if (this.attached) return;
+    libc.close(this.vmFd);
+    for (const s of this.slots) if (s.pointer !== undefined) libc.munmap(s.pointer, s.range.length);
+    libc.close(this.memfd);
+  }
+
+  get isDestroyed(): boolean {
+    return this.destroyed;
+  }
+}

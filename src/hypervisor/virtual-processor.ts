@@ -1,0 +1,390 @@
+/**
+ * A virtual processor: one KVM vCPU, its shared `struct kvm_run` page, the
+ * register ioctls and the run loop's single step, `run()`.
+ *
+ * Threads: KVM wants every vCPU ioctl from the thread that created the vCPU.
+ * A VirtualProcessor is a plain JS object (not transferable), so creating it
+ * on a worker_thread and using it there is the only way it can be used.
+ *
+ * Allocation: `run()` returns one of a few exit objects owned by this
+ * VirtualProcessor and rewritten by the next `run()`. I/O and MMIO exits carry
+ * `data`, a live view into kvm_run: for an IN or an MMIO read, write the
+ * result into `data` before the next `run()` and KVM completes the guest's
+ * instruction with it. Consume an exit before calling `run()` again.
+ *
+ * Registers: 64-bit registers are `bigint` everywhere (exact), narrower
+ * fields are `number` (see kvm-abi.ts).
+ */
+import * as libc from "./libc.js";
+import { KvmError, KvmProtocolError } from "./errors.js";
+import { kvmIoctl } from "./system.js";
+import {
+  KVM,
+  KVM_EXIT,
+  KVM_EXIT_IO_OUT,
+  KVM_RUN,
+  SIZEOF,
+  decodeCpuid2,
+  decodeFpu,
+  decodeMsrs,
+  decodeRegs,
+  decodeSregs,
+  decodeVcpuEvents,
+  encodeCpuid2,
+  encodeFpu,
+  encodeMsrs,
+  encodeRegs,
+  encodeSregs,
+  type CpuidEntry,
+  type Fpu,
+  type MsrEntry,
+  type Regs,
+  type Sregs,
+  type VcpuEvents,
+} from "./kvm-abi.js";
+import type { Partition } from "./partition.js";
+import type { ErrorContext } from "../errors.js";
+
+export type { Regs, Sregs, Segment, DescriptorTable, Fpu, MsrEntry, CpuidEntry, VcpuEvents } from "./kvm-abi.js";
+
+/** Port I/O. `data` holds size*count bytes: OUT data to read, or room for IN data to write. */
+export interface IoExit {
+  readonly reason: "io";
+  readonly direction: "in" | "out";
+  readonly port: number;
+  readonly size: 1 | 2 | 4;
+  /** >1 for string I/O (INS/OUTS with REP): `count` consecutive items of `size` bytes. */
+  readonly count: number;
+  readonly data: Uint8Array;
+}
+
+/** MMIO to guest-physical space that is not RAM. `data.length` is the access size (1..8). */
+export interface MmioExit {
+  readonly reason: "mmio";
+  readonly gpa: number;
+  readonly isWrite: boolean;
+  readonly data: Uint8Array;
+}
+
+export interface SystemEventExit {
+  readonly reason: "system_event";
+  /** KVM_SYSTEM_EVENT_*: 1 shutdown, 2 reset, 3 crash, ... */
+  readonly type: number;
+  readonly data: readonly bigint[];
+}
+
+export interface InternalErrorExit {
+  readonly reason: "internal_error";
+  /** KVM_INTERNAL_ERROR_*: 1 emulation failure, 2 exception during exception, 3 delivery failure, 4 unexpected exit. */
+  readonly suberror: number;
+  readonly data: readonly bigint[];
+}
+
+export interface FailEntryExit {
+  readonly reason: "fail_entry";
+  readonly hardwareReason: bigint;
+  readonly cpu: number;
+}
+
+export type VcpuExit =
+  | IoExit
+  | MmioExit
+  | { readonly reason: "hlt" }
+  /** Triple fault. */
+  | { readonly reason: "shutdown" }
+  | SystemEventExit
+  | InternalErrorExit
+  | FailEntryExit
+  /** KVM_RUN returned EINTR (a signal) or the run was cut short by `immediateExit`. */
+  | { readonly reason: "intr" }
+  /** The guest can take an interrupt now (only after `requestInterruptWindow`, without in-kernel irqchip). */
+  | { readonly reason: "irq_window_open" }
+  | { readonly reason: "unknown"; readonly code: number };
+
+export type VcpuExitReason = VcpuExit["reason"];
+
+type Mutable<T> = { -readonly [K in keyof T]: T[K] };
+
+const HLT: VcpuExit = Object.freeze({ reason: "hlt" });
+const SHUTDOWN: VcpuExit = Object.freeze({ reason: "shutdown" });
+const INTR: VcpuExit = Object.freeze({ reason: "intr" });
+const IRQ_WINDOW: VcpuExit = Object.freeze({ reason: "irq_window_open" });
+
+const KVM_RUN_REQUEST = KVM.RUN;
+const EINTR = libc.Errno.EINTR;
+const EAGAIN = libc.Errno.EAGAIN;
+
+export class VirtualProcessor {
+  /** struct kvm_run and the following PIO data page(s), shared with the kernel. */
+  private readonly run8: Uint8Array;
+  private readonly run16: Uint16Array;
+  private readonly run32: Uint32Array;
+  private readonly ioExit: Mutable<IoExit>;
+  private readonly mmioExit: Mutable<MmioExit>;
+  /** MMIO data views by length (1..8), made once. */
+  private readonly mmioData: Uint8Array[];
+  private ioDataOffset = -1;
+  private ioDataLength = -1;
+  private closed = false;
+
+  private constructor(
+    readonly partition: Partition,
+    readonly id: number,
+    /** The vCPU file descriptor. */
+    readonly fd: number,
+    run: Uint8Array,
+  ) {
+    this.run8 = run;
+    this.run16 = new Uint16Array(run.buffer, run.byteOffset, run.byteLength >>> 1);
+    this.run32 = new Uint32Array(run.buffer, run.byteOffset, run.byteLength >>> 2);
+    this.mmioData = Array.from({ length: 9 }, (_, n) => run.subarray(KVM_RUN.MMIO_DATA, KVM_RUN.MMIO_DATA + n));
+    this.ioExit = { reason: "io", direction: "out", port: 0, size: 1, count: 0, data: run.subarray(0, 0) };
+    this.mmioExit = { reason: "mmio", gpa: 0, isWrite: false, data: this.mmioData[0]! };
+  }
+
+  /** KVM_CREATE_VCPU `id` (the APIC id) and map its kvm_run. Call on the thread that will run it. */
+  static create(partition: Partition, id: number): VirtualProcessor {
+    const fd = kvmIoctl(partition.vmFd, "CREATE_VCPU", id, { vm: partition.vmFd, vcpu: id });
+    try {
+      const run = libc.mapSharedFile(fd, 0, partition.vcpuMmapSize);
+      return new VirtualProcessor(partition, id, fd, run);
+    } catch (e) {
+      libc.close(fd);
+      throw e;
+    }
+  }
+
+  private ioctl(name: keyof typeof KVM, arg: ArrayBufferView | number | bigint | null, context: ErrorContext = {}): number {
+    if (this.closed) throw new KvmProtocolError("VCPU_CLOSED", "virtual processor already closed", { vm: this.partition.vmFd, vcpu: this.id });
+    return kvmIoctl(this.fd, name, arg, { vm: this.partition.vmFd, vcpu: this.id, ...context });
+  }
+
+  /**
+   * Enter the guest until the next exit that needs user space. Returns an
+   * exit object owned by this VirtualProcessor (valid until the next run()).
+   */
+  run(): VcpuExit {
+    const r = libc.raw.ioctlInt(this.fd, KVM_RUN_REQUEST, 0);
+    if (r < 0) {
+      const e = libc.errno();
+      if (e === EINTR || e === EAGAIN) return INTR;
+      throw new KvmError("KVM_RUN", e, libc.errnoName(e), libc.strerror(e), { vm: this.partition.vmFd, vcpu: this.id });
+    }
+    const run8 = this.run8;
+    const reason = this.run32[KVM_RUN.EXIT_REASON >>> 2]!;
+    switch (reason) {
+      case KVM_EXIT.IO: {
+        const x = this.ioExit;
+        const size = run8[KVM_RUN.IO_SIZE]!;
+        const count = this.run32[KVM_RUN.IO_COUNT >>> 2]!;
+        // data_offset is a u64; its high half is always 0 (offset into this mapping).
+        const offset = this.run32[KVM_RUN.IO_DATA_OFFSET >>> 2]!;
+        const length = size * count;
+        if (offset !== this.ioDataOffset || length !== this.ioDataLength) {
+          if (offset + length > run8.byteLength)
+            throw new KvmProtocolError("KVM_RUN_IO_OFFSET", "KVM_EXIT_IO data lies outside kvm_run", { vcpu: this.id, offset, length });
+          this.ioDataOffset = offset;
+          this.ioDataLength = length;
+          x.data = run8.subarray(offset, offset + length);
+        }
+        x.direction = run8[KVM_RUN.IO_DIRECTION] === KVM_EXIT_IO_OUT ? "out" : "in";
+        x.port = this.run16[KVM_RUN.IO_PORT >>> 1]!;
+        x.size = size as 1 | 2 | 4;
+        x.count = count;
+        return x;
+      }
+      case KVM_EXIT.MMIO: {
+        const x = this.mmioExit;
+        const lo = this.run32[KVM_RUN.MMIO_PHYS_ADDR >>> 2]!;
+        const hi = this.run32[(KVM_RUN.MMIO_PHYS_ADDR >>> 2) + 1]!;
+        x.gpa = hi * 0x1_0000_0000 + lo;
+        const len = this.run32[KVM_RUN.MMIO_LEN >>> 2]!;
+        x.data = this.mmioData[len > 8 ? 8 : len]!;
+        x.isWrite = run8[KVM_RUN.MMIO_IS_WRITE] !== 0;
+        return x;
+      }
+      case KVM_EXIT.HLT:
+        return HLT;
+      case KVM_EXIT.SHUTDOWN:
+        return SHUTDOWN;
+      case KVM_EXIT.INTR:
+        return INTR;
+      case KVM_EXIT.IRQ_WINDOW_OPEN:
+        return IRQ_WINDOW;
+      case KVM_EXIT.SYSTEM_EVENT:
+        return { reason: "system_event", type: this.run32[KVM_RUN.SYSTEM_EVENT_TYPE >>> 2]!, data: this.u64s(KVM_RUN.SYSTEM_EVENT_NDATA, KVM_RUN.SYSTEM_EVENT_DATA) };
+      case KVM_EXIT.INTERNAL_ERROR:
+        return { reason: "internal_error", suberror: this.run32[KVM_RUN.INTERNAL_SUBERROR >>> 2]!, data: this.u64s(KVM_RUN.INTERNAL_NDATA, KVM_RUN.INTERNAL_DATA) };
+      case KVM_EXIT.FAIL_ENTRY:
+        return { reason: "fail_entry", hardwareReason: this.u64(KVM_RUN.FAIL_ENTRY_REASON), cpu: this.run32[KVM_RUN.FAIL_ENTRY_CPU >>> 2]! };
+      default:
+        return { reason: "unknown", code: reason };
+    }
+  }
+
+  private u64(offset: number): bigint {
+    return new DataView(this.run8.buffer, this.run8.byteOffset).getBigUint64(offset, true);
+  }
+
+  private u64s(ndataOffset: number, dataOffset: number): bigint[] {
+    const n = Math.min(16, this.run32[ndataOffset >>> 2]!);
+    return Array.from({ length: n }, (_, i) => this.u64(dataOffset + i * 8));
+  }
+
+  /** kvm_run.immediate_exit: when set, the next run() returns "intr" at once (KVM_CAP_IMMEDIATE_EXIT). */
+  set immediateExit(on: boolean) {
+    this.run8[KVM_RUN.IMMEDIATE_EXIT] = on ? 1 : 0;
+  }
+  get immediateExit(): boolean {
+    return this.run8[KVM_RUN.IMMEDIATE_EXIT] !== 0;
+  }
+
+  /** Ask for an "irq_window_open" exit when the guest can take an interrupt (user-space irqchip only). */
+  set requestInterruptWindow(on: boolean) {
+    this.run8[KVM_RUN.REQUEST_INTERRUPT_WINDOW] = on ? 1 : 0;
+  }
+
+  /** kvm_run.ready_for_interrupt_injection and if_flag after the last exit. */
+  get readyForInterruptInjection(): boolean {
+    return this.run8[KVM_RUN.READY_FOR_INTERRUPT_INJECTION] !== 0;
+  }
+  get interruptFlag(): boolean {
+    return this.run8[KVM_RUN.IF_FLAG] !== 0;
+  }
+
+  getRegs(): Regs {
+    const buf = new Uint8Array(SIZEOF.kvm_regs);
+    this.ioctl("GET_REGS", buf);
+    return decodeRegs(buf);
+  }
+
+  setRegs(regs: Regs): void {
+    this.ioctl("SET_REGS", encodeRegs(regs));
+  }
+
+  getSregs(): Sregs {
+    const buf = new Uint8Array(SIZEOF.kvm_sregs);
+    this.ioctl("GET_SREGS", buf);
+    return decodeSregs(buf);
+  }
+
+  setSregs(sregs: Sregs): void {
+    this.ioctl("SET_SREGS", encodeSregs(sregs));
+  }
+
+  getFpu(): Fpu {
+    const buf = new Uint8Array(SIZEOF.kvm_fpu);
+    this.ioctl("GET_FPU", buf);
+    return decodeFpu(buf);
+  }
+
+  setFpu(fpu: Fpu): void {
+    this.ioctl("SET_FPU", encodeFpu(fpu));
+  }
+
+  /**
+   * The XSAVE area as raw bytes (struct kvm_xsave; larger than 4 KiB when the
+   * VM reports KVM_CAP_XSAVE2, then read with KVM_GET_XSAVE2).
+   */
+  getXsave(): Uint8Array {
+    const size = Math.max(SIZEOF.kvm_xsave, this.partition.xsaveSize);
+    const buf = new Uint8Array(size);
+    this.ioctl(size > SIZEOF.kvm_xsave ? "GET_XSAVE2" : "GET_XSAVE", buf);
+    return buf;
+  }
+
+  /** KVM_SET_XSAVE from bytes returned by getXsave() (at least 4096 bytes). */
+  setXsave(area: Uint8Array): void {
+    if (area.byteLength < SIZEOF.kvm_xsave)
+      throw new KvmProtocolError("VCPU_XSAVE_SIZE", `xsave area of ${area.byteLength} bytes, at least 4096 expected`, { vcpu: this.id });
+    this.ioctl("SET_XSAVE", area);
+  }
+
+  /** Read MSRs. Throws naming the first index KVM refused. */
+  getMsrs(indices: readonly number[]): MsrEntry[] {
+    const buf = encodeMsrs(indices.map((index) => ({ index, data: 0n })));
+    const n = this.ioctl("GET_MSRS", buf, { count: indices.length });
+    if (n < indices.length) throw this.msrError("KVM_GET_MSRS", indices[n]!);
+    return decodeMsrs(buf, n);
+  }
+
+  /** Write MSRs. Throws naming the first entry KVM refused. */
+  setMsrs(entries: readonly MsrEntry[]): void {
+    const n = this.ioctl("SET_MSRS", encodeMsrs(entries), { count: entries.length });
+    if (n < entries.length) throw this.msrError("KVM_SET_MSRS", entries[n]!.index);
+  }
+
+  private msrError(call: string, index: number): KvmProtocolError {
+    return new KvmProtocolError("KVM_MSR_REFUSED", `${call}: KVM refused MSR 0x${index.toString(16)}`, {
+      vm: this.partition.vmFd,
+      vcpu: this.id,
+      msr: BigInt(index),
+    });
+  }
+
+  /** The local APIC's register page (struct kvm_lapic_state, 1024 bytes). Needs the in-kernel irqchip. */
+  getLapic(): Uint8Array {
+    const buf = new Uint8Array(SIZEOF.kvm_lapic_state);
+    this.ioctl("GET_LAPIC", buf);
+    return buf;
+  }
+
+  setLapic(state: Uint8Array): void {
+    if (state.byteLength !== SIZEOF.kvm_lapic_state)
+      throw new KvmProtocolError("VCPU_LAPIC_SIZE", `lapic state of ${state.byteLength} bytes, 1024 expected`, { vcpu: this.id });
+    this.ioctl("SET_LAPIC", state);
+  }
+
+  /** KVM_SET_CPUID2: the CPUID leaves the guest sees (usually derived from KvmSystem.supportedCpuid()). */
+  setCpuid(entries: readonly CpuidEntry[]): void {
+    this.ioctl("SET_CPUID2", encodeCpuid2(entries), { count: entries.length });
+  }
+
+  /** KVM_GET_CPUID2: the leaves set by setCpuid. */
+  getCpuid(capacity = 256): CpuidEntry[] {
+    const buf = encodeCpuid2([], capacity);
+    this.ioctl("GET_CPUID2", buf, { capacity });
+    return decodeCpuid2(buf);
+  }
+
+  /** KVM_MP_STATE_*: 0 runnable, 1 uninitialized (AP waiting for INIT/SIPI), 3 halted, ... */
+  getMpState(): number {
+    const buf = new Uint32Array(1);
+    this.ioctl("GET_MP_STATE", buf);
+    return buf[0]!;
+  }
+
+  setMpState(state: number): void {
+    this.ioctl("SET_MP_STATE", new Uint32Array([state]), { state });
+  }
+
+  /** Pending/injected exceptions, interrupts and NMIs (struct kvm_vcpu_events), for saved state. */
+  getVcpuEvents(): VcpuEvents {
+    const buf = new Uint8Array(SIZEOF.kvm_vcpu_events);
+    this.ioctl("GET_VCPU_EVENTS", buf);
+    return decodeVcpuEvents(buf);
+  }
+
+  setVcpuEvents(events: VcpuEvents): void {
+    this.ioctl("SET_VCPU_EVENTS", events.raw);
+  }
+
+  /** Extended control registers (struct kvm_xcrs) as raw bytes, for saved state. */
+  getXcrs(): Uint8Array {
+    const buf = new Uint8Array(SIZEOF.kvm_xcrs);
+    this.ioctl("GET_XCRS", buf);
+    return buf;
+  }
+
+  setXcrs(xcrs: Uint8Array): void {
+    this.ioctl("SET_XCRS", xcrs);
+  }
+
+  /** Unmap kvm_run and close the vCPU fd. Any exit object from run() is dead afterwards. */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    libc.releaseMapping(this.run8);
+    libc.close(this.fd);
+  }
+}
