@@ -1,0 +1,114 @@
+#!/usr/bin/env node
+// Runs Partis's test suites from the compiled tree (dist/).
+//   unit   every test that needs no real guest (runs on any host with /dev/kvm, PVM included)
+//   guest  real Linux guests: directly on a VT-x/AMD-V host, else inside the nested test host
+//   all    unit, then guest
+// Prints a closing line "N passed, N failed" over everything it ran.
+// PARTIS_LONG_TESTS=1 turns on the long crash/fuzz trials.
+import { spawn } from "node:child_process";
+import { readdirSync, statSync, existsSync, readFileSync } from "node:fs";
+import { join, relative } from "node:path";
+import { fileURLToPath } from "node:url";
+
+const root = join(fileURLToPath(import.meta.url), "..", "..");
+const dist = join(root, "dist", "test");
+const mode = process.argv[2] ?? "all";
+const inside = process.argv.includes("--inside-nested");
+
+function testFiles(dir) {
+  if (!existsSync(dir)) return [];
+  const out = [];
+  for (const name of readdirSync(dir).sort()) {
+    const p = join(dir, name);
+    if (statSync(p).isDirectory()) out.push(...testFiles(p));
+    else if (name.endsWith(".test.js")) out.push(p);
+  }
+  return out;
+}
+
+function runNodeTest(files, label) {
+  return new Promise((resolve) => {
+    if (files.length === 0) {
+      console.log(`[${label}] no test files found`);
+      resolve({ pass: 0, fail: 1, code: 1 });
+      return;
+    }
+    console.log(`[${label}] ${files.length} test files`);
+    const child = spawn(process.execPath, ["--test", "--test-reporter=spec", "--test-concurrency=1", ...files.map((f) => relative(root, f))], {
+      cwd: root,
+      stdio: ["ignore", "pipe", "inherit"],
+      env: process.env,
+    });
+    let tail = "";
+    child.stdout.on("data", (d) => {
+      process.stdout.write(d);
+      tail = (tail + d.toString()).slice(-4000);
+    });
+    child.on("close", (code) => {
+      const num = (key) => {
+        const m = tail.match(new RegExp(`^\\S*\\s*${key} (\\d+)\\s*$`, "m"));
+        return m ? Number(m[1]) : 0;
+      };
+      resolve({ pass: num("pass"), fail: num("fail") + (code !== 0 && num("fail") === 0 ? 1 : 0), code: code ?? 1 });
+    });
+  });
+}
+
+function hostKind() {
+  try {
+    const flags = readFileSync("/proc/cpuinfo", "utf8").match(/^flags\s*:(.*)$/m)?.[1] ?? "";
+    const words = new Set(flags.trim().split(/\s+/));
+    if (existsSync("/sys/module/kvm_pvm")) return "pvm";
+    if (words.has("vmx") && existsSync("/sys/module/kvm_intel")) return "vmx";
+    if (words.has("svm") && existsSync("/sys/module/kvm_amd")) return "svm";
+  } catch {}
+  return "unknown";
+}
+
+async function guestSuite() {
+  const files = testFiles(join(dist, "guest"));
+  const kind = hostKind();
+  if (inside || kind === "vmx" || kind === "svm") {
+    if (!existsSync("/dev/kvm")) {
+      console.log("[guest] FAIL: /dev/kvm is missing on a host that should run real guests");
+      return { pass: 0, fail: 1, code: 1 };
+    }
+    return runNodeTest(files, `guest on ${inside ? "nested svm" : kind} host`);
+  }
+  if (kind === "pvm" || kind === "unknown") {
+    if (!existsSync("/usr/bin/qemu-system-x86_64")) {
+      console.log("[guest] FAIL: this host cannot run stock guests (KVM kind: " + kind + ") and qemu-system-x86_64 for the nested test host is missing");
+      return { pass: 0, fail: 1, code: 1 };
+    }
+    console.log(`[guest] host KVM is ${kind}: running the real-guest suite inside the nested test host (QEMU TCG, AMD-V)`);
+    const status = await new Promise((resolve) => {
+      const child = spawn(process.execPath, [join(root, "dist/src/cli/main.js"), "host", "nested", "--", process.execPath, join(root, "scripts/run-tests.mjs"), "guest", "--inside-nested"], {
+        cwd: root,
+        stdio: ["ignore", "pipe", "inherit"],
+        env: process.env,
+      });
+      let tail = "";
+      child.stdout.on("data", (d) => {
+        process.stdout.write(d);
+        tail = (tail + d.toString()).slice(-4000);
+      });
+      child.on("close", (code) => resolve({ code: code ?? 1, tail }));
+    });
+    const m = status.tail.match(/^(\d+) passed, (\d+) failed/m);
+    if (m) return { pass: Number(m[1]), fail: Number(m[2]) + (status.code !== 0 && Number(m[2]) === 0 ? 1 : 0), code: status.code };
+    console.log(`[guest] FAIL: nested test host ended with status ${status.code} and no test summary`);
+    return { pass: 0, fail: 1, code: 1 };
+  }
+  return { pass: 0, fail: 1, code: 1 };
+}
+
+const results = [];
+if (mode === "unit" || mode === "all") {
+  const files = testFiles(dist).filter((f) => !f.startsWith(join(dist, "guest") + "/"));
+  results.push(await runNodeTest(files, "unit"));
+}
+if (mode === "guest" || mode === "all") results.push(await guestSuite());
+const pass = results.reduce((a, r) => a + r.pass, 0);
+const fail = results.reduce((a, r) => a + r.fail, 0);
+console.log(`${pass} passed, ${fail} failed`);
+process.exit(fail === 0 && results.every((r) => r.code === 0) ? 0 : 1);

@@ -1,0 +1,65 @@
+#!/usr/bin/env node
+/**
+ * partis-worker: one process per running VM. It receives its VmConfig over
+ * the Node IPC control channel, runs the VM with the console on its
+ * stdin/stdout, reports how the VM ended, and exits with a status the parent
+ * reads (WORKER_EXIT). A crash here ends one VM and nothing else.
+ */
+import { RunningVm } from "./running-vm.js";
+import { WORKER_EXIT, type ControlEvent, type ControlRequest, type VmOutcome } from "./vm-config.js";
+import { PartisError } from "../errors.js";
+
+function send(event: ControlEvent): void {
+  if (process.send !== undefined) process.send(event);
+}
+
+function exitFor(outcome: VmOutcome): number {
+  return outcome.kind === "poweroff" ? WORKER_EXIT.poweroff : outcome.kind === "reset" ? WORKER_EXIT.reset : WORKER_EXIT.crash;
+}
+
+let vm: RunningVm | undefined;
+let pendingShutdown = false;
+
+async function start(request: Extract<ControlRequest, { type: "start" }>): Promise<void> {
+  try {
+    vm = RunningVm.start(request.config, { consoleFd: 1 });
+  } catch (e) {
+    const code = e instanceof PartisError ? e.code : "WORKER_START_FAILED";
+    const message = e instanceof Error ? e.message : String(e);
+    send({ type: "error", code, message });
+    process.exitCode = e instanceof PartisError ? WORKER_EXIT.badConfig : WORKER_EXIT.failed;
+    setImmediate(() => process.exit());
+    return;
+  }
+  send({ type: "running", vcpus: request.config.cpus });
+  process.stdin.on("data", (d: Buffer) => vm?.consoleInput(d));
+  process.stdin.on("error", () => {});
+  if (pendingShutdown) vm.pressPowerButton();
+  const outcome = await vm.outcome;
+  send({ type: "exited", outcome });
+  // Threads blocked in KVM_RUN cannot be joined; the process exit ends them
+  // and the kernel releases the VM, vCPUs and guest memory with the fds.
+  setImmediate(() => process.exit(exitFor(outcome)));
+}
+
+process.on("message", (m: ControlRequest) => {
+  switch (m.type) {
+    case "start":
+      if (vm === undefined) void start(m);
+      break;
+    case "shutdown":
+      if (vm === undefined) pendingShutdown = true;
+      else vm.pressPowerButton();
+      break;
+    case "stop":
+      if (vm === undefined) process.exit(WORKER_EXIT.poweroff);
+      vm.stop("host-stop");
+      break;
+  }
+});
+process.on("disconnect", () => {
+  // The parent is gone: nobody can see this VM any more.
+  if (vm === undefined) process.exit(WORKER_EXIT.failed);
+  else vm.stop("parent-disconnected");
+});
+for (const sig of ["SIGTERM", "SIGINT", "SIGHUP"] as const) process.on(sig, () => (vm === undefined ? process.exit(WORKER_EXIT.failed) : vm.stop(`signal ${sig}`)));

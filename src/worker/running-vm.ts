@@ -1,0 +1,184 @@
+/**
+ * A VM running inside a worker process: the partition (KVM VM with in-kernel
+ * irqchip and PIT), guest RAM loaded with the kernel, initrd, boot tables and
+ * ACPI tables, the board, and one thread per virtual processor.
+ *
+ * The worker's main thread owns lifecycle: it feeds console input into COM1,
+ * presses the ACPI power button on a host shutdown request, and waits for the
+ * shared power state to record how the VM ended.
+ */
+import { readFileSync } from "node:fs";
+import { Worker } from "node:worker_threads";
+import { KvmSystem } from "../hypervisor/system.js";
+import { Partition } from "../hypervisor/partition.js";
+import { planMemory, type MemoryPlan } from "../machine/memory-map.js";
+import { loadLinux } from "../machine/linux-boot.js";
+import { longModeBootState, writeBootTables } from "../machine/boot-cpu.js";
+import { cpuidForVcpu } from "../machine/cpuid.js";
+import { buildAcpiTables } from "../machine/acpi/index.js";
+import { SharedStateArena } from "../machine/shared-state.js";
+import { systemClock } from "../devices/dependencies.js";
+import { Board } from "./board.js";
+import { PowerState } from "./power-state.js";
+import { FdConsoleSink } from "./console-sink.js";
+import type { VcpuThreadData, VcpuThreadMessage } from "./vcpu-thread.js";
+import type { VmConfig, VmOutcome } from "./vm-config.js";
+import { PartisError } from "../errors.js";
+
+/** Identity-map and TSS pages for Intel hosts: top of the 32-bit space, below the BIOS. */
+const IDENTITY_MAP_ADDR = 0xfffb_c000;
+const TSS_ADDR = 0xfffb_d000;
+
+export class VmStartError extends PartisError {}
+
+export interface RunningVmOptions {
+  /** Where console output goes (a file descriptor). */
+  readonly consoleFd: number;
+}
+
+export class RunningVm {
+  private readonly threads: Worker[] = [];
+  private readonly pendingInput: Uint8Array[] = [];
+  private inputTimer: NodeJS.Timeout | undefined;
+  readonly outcome: Promise<VmOutcome>;
+
+  private constructor(
+    readonly config: VmConfig,
+    readonly plan: MemoryPlan,
+    private readonly system: KvmSystem,
+    private readonly partition: Partition,
+    private readonly board: Board,
+    private readonly power: PowerState,
+  ) {
+    this.outcome = this.watchPower();
+  }
+
+  static start(config: VmConfig, options: RunningVmOptions): RunningVm {
+    const kernel = readFileSync(config.kernelPath);
+    const initrd = config.initrdPath === undefined ? undefined : readFileSync(config.initrdPath);
+    const system = KvmSystem.open();
+    if (config.cpus > system.maxVcpus)
+      throw new VmStartError("TOO_MANY_VCPUS", `${config.cpus} vCPUs requested; KVM allows at most ${system.maxVcpus}`, { vm: config.name });
+    const plan = planMemory(config.memoryBytes);
+    const partition = Partition.create(system, { ranges: plan.ram });
+    try {
+      partition.setTssAddr(TSS_ADDR);
+      partition.setIdentityMapAddr(IDENTITY_MAP_ADDR);
+      partition.createIrqchip();
+      partition.createPit2();
+
+      const memory = partition.guestMemory;
+      const acpi = buildAcpiTables({ vcpuCount: config.cpus, plan }, memory);
+      const info = loadLinux(memory, plan, kernel, initrd, config.cmdline, { rsdpAddr: acpi.rsdpAddress });
+      writeBootTables(memory, plan);
+      const boot = longModeBootState(plan, info);
+
+      const arena = SharedStateArena.create();
+      const power = PowerState.create();
+      const board = new Board(
+        arena,
+        {
+          irq: (gsi) => ({ setLevel: (level) => partition.setIrqLine(gsi, level) }),
+          console: new FdConsoleSink(options.consoleFd),
+          clock: systemClock,
+          power: power.control(() => {}),
+        },
+        { memoryBytes: config.memoryBytes },
+        true,
+      );
+      board.powerOn();
+
+      const vm = new RunningVm(config, plan, system, partition, board, power);
+      const supported = system.supportedCpuid();
+      const handoff = partition.handoff();
+      const commonMsrs = boot.msrs;
+      for (let id = 0; id < config.cpus; id++) {
+        const data: VcpuThreadData = {
+          handoff,
+          vcpuId: id,
+          cpuid: cpuidForVcpu(supported, { vcpuId: id, vcpuCount: config.cpus }),
+          boot: id === 0 ? boot : null,
+          msrs: commonMsrs,
+          deviceState: arena.buffer,
+          powerState: power.buffer,
+          board: { memoryBytes: config.memoryBytes },
+          consoleFd: options.consoleFd,
+        };
+        vm.spawnVcpu(data);
+      }
+      return vm;
+    } catch (e) {
+      partition.destroy();
+      system.close();
+      throw e;
+    }
+  }
+
+  private spawnVcpu(data: VcpuThreadData): void {
+    const t = new Worker(new URL("./vcpu-thread.js", import.meta.url), { workerData: data, stdout: false, stderr: false });
+    t.on("message", (m: VcpuThreadMessage) => {
+      if (m.type === "error") this.power.record({ kind: "crash", reason: `vCPU ${m.vcpuId}: ${m.message}` });
+    });
+    t.on("error", (e) => this.power.record({ kind: "crash", reason: `vCPU ${data.vcpuId} thread failed: ${e.message}` }));
+    t.on("exit", () => {});
+    this.threads.push(t);
+  }
+
+  private async watchPower(): Promise<VmOutcome> {
+    const word = new Int32Array(this.power.buffer, 0, 1);
+    for (;;) {
+      const o = this.power.outcome();
+      if (o !== undefined) return o;
+      const w = Atomics.waitAsync(word, 0, 0, 1000);
+      if (w.async) await w.value;
+    }
+  }
+
+  /** Console input from the user: queued, fed to COM1 as the guest drains it. */
+  consoleInput(bytes: Uint8Array): void {
+    this.pendingInput.push(Uint8Array.from(bytes));
+    this.feedConsole();
+  }
+
+  private feedConsole(): void {
+    const lock = this.board.arena.lock();
+    lock.acquire();
+    try {
+      // Hold input until the guest's driver has enabled receive interrupts:
+      // bytes sent before that would be flushed by the driver's FIFO reset.
+      while (this.pendingInput.length > 0 && this.board.com1.receiverReady()) {
+        const head = this.pendingInput[0]!;
+        const n = this.board.com1.receive(head);
+        if (n === 0) break;
+        if (n === head.length) this.pendingInput.shift();
+        else this.pendingInput[0] = head.subarray(n);
+      }
+    } finally {
+      lock.release();
+    }
+    if (this.pendingInput.length > 0 && this.inputTimer === undefined && this.power.running) {
+      this.inputTimer = setTimeout(() => {
+        this.inputTimer = undefined;
+        this.feedConsole();
+      }, 10);
+    }
+  }
+
+  /** Host shutdown request: press the ACPI power button; the guest powers itself off. */
+  pressPowerButton(): void {
+    this.board.arena.lock().with(() => this.board.pm.pressPowerButton());
+  }
+
+  /** Pull the plug. */
+  stop(reason: string): void {
+    this.power.record({ kind: "poweroff", source: reason });
+  }
+
+  /** Release everything. Threads blocked in KVM_RUN end with the process. */
+  async teardown(): Promise<void> {
+    if (this.inputTimer !== undefined) clearTimeout(this.inputTimer);
+    await Promise.all(this.threads.map((t) => t.terminate().catch(() => 0)));
+    this.partition.destroy();
+    this.system.close();
+  }
+}

@@ -1,0 +1,184 @@
+/**
+ * A virtual processor's thread (node:worker_threads): it attaches to the
+ * worker's partition (mapping guest RAM for itself), creates its vCPU (KVM
+ * requires vCPU ioctls from the creating thread), builds its own view of the
+ * board over the shared device state, and runs the KVM_RUN loop. Port I/O and
+ * MMIO go to the bus under the machine lock; power events and fatal exits
+ * are recorded in the shared power state, which stops every thread.
+ */
+import { parentPort, workerData } from "node:worker_threads";
+import { Partition, type PartitionHandoff } from "../hypervisor/partition.js";
+import { VirtualProcessor, type Sregs, type Segment, type VcpuExit } from "../hypervisor/virtual-processor.js";
+import { KVM_SYSTEM_EVENT, KVM_INTERNAL_ERROR } from "../hypervisor/kvm-abi.js";
+import type { CpuidEntry } from "../hypervisor/system.js";
+import type { BootCpuState, SegmentState } from "../machine/boot-cpu.js";
+import { SharedStateArena } from "../machine/shared-state.js";
+import type { IoBus } from "../machine/bus.js";
+import { Board, type BoardConfig } from "./board.js";
+import { PowerState } from "./power-state.js";
+import { FdConsoleSink } from "./console-sink.js";
+import { systemClock } from "../devices/dependencies.js";
+
+export interface VcpuThreadData {
+  readonly handoff: PartitionHandoff;
+  readonly vcpuId: number;
+  readonly cpuid: readonly CpuidEntry[];
+  /** Boot state for the BSP; APs wait for INIT/SIPI in the in-kernel LAPIC. */
+  readonly boot: BootCpuState | null;
+  /** MSRs every vCPU starts with (MTRR default type, misc enable...). */
+  readonly msrs: readonly { readonly index: number; readonly value: bigint }[];
+  readonly deviceState: SharedArrayBuffer;
+  readonly powerState: SharedArrayBuffer;
+  readonly board: BoardConfig;
+  readonly consoleFd: number;
+}
+
+/** Messages from a vCPU thread to the worker's main thread. */
+export type VcpuThreadMessage =
+  | { readonly type: "started"; readonly vcpuId: number }
+  | { readonly type: "stopped"; readonly vcpuId: number }
+  | { readonly type: "error"; readonly vcpuId: number; readonly message: string };
+
+function toSegment(s: SegmentState): Segment {
+  return { ...s };
+}
+
+function applyBootState(vp: VirtualProcessor, boot: BootCpuState): void {
+  const sregs: Sregs = vp.getSregs();
+  const seg = boot.segments;
+  sregs.cs = toSegment(seg.cs);
+  sregs.ds = toSegment(seg.ds);
+  sregs.es = toSegment(seg.es);
+  sregs.fs = toSegment(seg.fs);
+  sregs.gs = toSegment(seg.gs);
+  sregs.ss = toSegment(seg.ss);
+  sregs.tr = toSegment(seg.tr);
+  sregs.ldt = toSegment(seg.ldt);
+  sregs.gdt = { ...boot.gdt };
+  sregs.idt = { ...boot.idt };
+  sregs.cr0 = boot.cr0;
+  sregs.cr3 = boot.cr3;
+  sregs.cr4 = boot.cr4;
+  sregs.efer = boot.efer;
+  vp.setSregs(sregs);
+  const regs = vp.getRegs();
+  for (const k of Object.keys(regs) as (keyof typeof regs)[]) regs[k] = 0n;
+  regs.rip = boot.regs.rip;
+  regs.rsi = boot.regs.rsi;
+  regs.rsp = boot.regs.rsp;
+  regs.rflags = boot.regs.rflags;
+  vp.setRegs(regs);
+  const fpu = vp.getFpu();
+  fpu.fcw = 0x37f;
+  fpu.mxcsr = 0x1f80;
+  vp.setFpu(fpu);
+}
+
+/** Service one I/O exit on the bus. Returns nothing; devices act through the bus. */
+function serviceIo(bus: IoBus, exit: Extract<VcpuExit, { reason: "io" }>): void {
+  const { data, size, port, count } = exit;
+  const dv = new DataView(data.buffer, data.byteOffset, data.byteLength);
+  if (exit.direction === "out") {
+    for (let i = 0, off = 0; i < count; i++, off += size) {
+      const v = size === 1 ? dv.getUint8(off) : size === 2 ? dv.getUint16(off, true) : dv.getUint32(off, true);
+      bus.pioWrite(port, size, v);
+    }
+  } else {
+    for (let i = 0, off = 0; i < count; i++, off += size) {
+      const v = bus.pioRead(port, size);
+      if (size === 1) dv.setUint8(off, v);
+      else if (size === 2) dv.setUint16(off, v, true);
+      else dv.setUint32(off, v >>> 0, true);
+    }
+  }
+}
+
+function describeFatal(exit: VcpuExit, vcpuId: number): string | undefined {
+  switch (exit.reason) {
+    case "shutdown":
+      return `vCPU ${vcpuId}: triple fault (the guest reset itself through a fatal exception)`;
+    case "internal_error": {
+      const what = exit.suberror === KVM_INTERNAL_ERROR.EMULATION ? "instruction emulation failed" : `suberror ${exit.suberror}`;
+      return `vCPU ${vcpuId}: KVM internal error: ${what} [${exit.data.map((d) => "0x" + d.toString(16)).join(" ")}]`;
+    }
+    case "fail_entry":
+      return `vCPU ${vcpuId}: VM entry failed (hardware reason 0x${exit.hardwareReason.toString(16)})`;
+    case "unknown":
+      return `vCPU ${vcpuId}: unexpected KVM exit reason ${exit.code}`;
+    default:
+      return undefined;
+  }
+}
+
+function main(): void {
+  const data = workerData as VcpuThreadData;
+  const port = parentPort!;
+  const power = new PowerState(data.powerState);
+  const partition = Partition.attach(data.handoff);
+  const vp = VirtualProcessor.create(partition, data.vcpuId);
+  vp.setCpuid(data.cpuid);
+  vp.setMsrs(data.msrs.map((m) => ({ index: m.index, data: m.value })));
+  if (data.boot !== null) applyBootState(vp, data.boot);
+
+  const arena = new SharedStateArena(data.deviceState);
+  const lock = arena.lock();
+  const board = new Board(
+    arena,
+    {
+      irq: (gsi) => ({ setLevel: (level) => partition.setIrqLine(gsi, level) }),
+      console: new FdConsoleSink(data.consoleFd),
+      clock: systemClock,
+      power: power.control(() => {}),
+    },
+    data.board,
+    false,
+  );
+  const bus = board.bus;
+  port.postMessage({ type: "started", vcpuId: data.vcpuId } satisfies VcpuThreadMessage);
+
+  while (power.running) {
+    const exit = vp.run();
+    switch (exit.reason) {
+      case "io":
+        lock.acquire();
+        try {
+          serviceIo(bus, exit);
+        } finally {
+          lock.release();
+        }
+        break;
+      case "mmio":
+        lock.acquire();
+        try {
+          if (exit.isWrite) bus.mmioWrite(exit.gpa, exit.data);
+          else bus.mmioRead(exit.gpa, exit.data);
+        } finally {
+          lock.release();
+        }
+        break;
+      case "hlt":
+      case "intr":
+      case "irq_window_open":
+        break;
+      case "system_event":
+        if (exit.type === KVM_SYSTEM_EVENT.SHUTDOWN) power.record({ kind: "poweroff", source: "kvm-system-event" });
+        else if (exit.type === KVM_SYSTEM_EVENT.RESET) power.record({ kind: "reset", source: "kvm-system-event" });
+        else power.record({ kind: "crash", reason: `vCPU ${data.vcpuId}: guest crash event (KVM system event ${exit.type})` });
+        break;
+      default: {
+        const reason = describeFatal(exit, data.vcpuId);
+        power.record({ kind: "crash", reason: reason ?? `vCPU ${data.vcpuId}: fatal exit ${exit.reason}` });
+      }
+    }
+  }
+  port.postMessage({ type: "stopped", vcpuId: data.vcpuId } satisfies VcpuThreadMessage);
+}
+
+try {
+  main();
+} catch (e) {
+  const message = e instanceof Error ? e.message : String(e);
+  const data = workerData as VcpuThreadData;
+  new PowerState(data.powerState).record({ kind: "crash", reason: `vCPU ${data.vcpuId}: ${message}` });
+  parentPort?.postMessage({ type: "error", vcpuId: data.vcpuId, message } satisfies VcpuThreadMessage);
+}

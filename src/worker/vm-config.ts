@@ -1,0 +1,42 @@
+/**
+ * The configuration a worker boots a VM from. Plain data: the CLI (and later
+ * the service) builds and validates it, the worker receives it over its
+ * control channel.
+ */
+export interface VmConfig {
+  /** Display name (messages, logs). */
+  readonly name: string;
+  readonly memoryBytes: number;
+  readonly cpus: number;
+  readonly kernelPath: string;
+  readonly initrdPath?: string;
+  readonly cmdline: string;
+}
+
+/** How a worker's VM ended. */
+export type VmOutcome =
+  | { readonly kind: "poweroff"; readonly source: string }
+  | { readonly kind: "reset"; readonly source: string }
+  | { readonly kind: "crash"; readonly reason: string };
+
+/** Worker process exit statuses, read by the CLI (and the service). */
+export const WORKER_EXIT = {
+  poweroff: 0,
+  failed: 1,
+  badConfig: 2,
+  reset: 10,
+  crash: 11,
+} as const;
+
+/** Messages over the worker's control channel (Node IPC). */
+export type ControlRequest =
+  | { readonly type: "start"; readonly config: VmConfig }
+  /** Press the ACPI power button: the guest shuts itself down. */
+  | { readonly type: "shutdown" }
+  /** Stop at once (power pulled). */
+  | { readonly type: "stop" };
+
+export type ControlEvent =
+  | { readonly type: "running"; readonly vcpus: number }
+  | { readonly type: "exited"; readonly outcome: VmOutcome }
+  | { readonly type: "error"; readonly code: string; readonly message: string };
