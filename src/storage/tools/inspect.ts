@@ -48,14 +48,15 @@ export function checkDisk(path: string, options: { repair?: boolean } = {}): Che
         break;
       }
       seen.add(parentPath);
+      const layerPath = parentPath;
       try {
-        const pf = formatOf(parentPath);
-        const findings = driverFor(pf).check(parentPath, { repair: false });
-        layers.push({ path: parentPath, format: pf, findings });
+        const pf = formatOf(layerPath);
+        const findings = driverFor(pf).check(layerPath, { repair: false });
+        layers.push({ path: layerPath, format: pf, findings });
         if (findings.some((f) => f.severity === "error")) break;
-        parentPath = describeImage(parentPath).parentPath;
+        parentPath = describeImage(layerPath).parentPath;
       } catch (e) {
-        layers.push({ path: parentPath, format: undefined, findings: [findingFrom(e)] });
+        layers.push({ path: layerPath, format: undefined, findings: [findingFrom(e)] });
         break;
       }
     }
