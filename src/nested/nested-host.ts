@@ -1,0 +1,245 @@
+/**
+ * The nested test host: a Linux host with AMD-V, booted under QEMU's software
+ * emulator (TCG, `-cpu EPYC`), in which a command runs with a real /dev/kvm
+ * (kvm-amd). This is how stock guests run on machines whose own /dev/kvm is PVM
+ * (docs/guests.md, shared/design/GUESTS-HERE.md).
+ *
+ * Inside, the host's / is mounted read-only over virtfs (9p) and chrooted into,
+ * so absolute paths (node, dist/, node_modules/, ~/.cache/partis) are the same;
+ * the working directory and the image cache are writable shares; /tmp and /run
+ * are tmpfs. The command's stdin/stdout/stderr are virtio-serial ports wired to
+ * unix sockets here (clean streams, separate from the kernel console, which
+ * goes to a log file), or one virtio console (a terminal, /dev/hvc0) when the
+ * caller's stdin and stdout are terminals. The exit status comes back through
+ * the control share.
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { createServer, type Server, type Socket } from "node:net";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+import type { Readable, Writable } from "node:stream";
+import { HostCapabilityError, PartisError, UsageError, type ErrorContext } from "../errors.js";
+import { defaultCacheDir } from "../images/image-cache.js";
+import { prepareNestedHostImage } from "./nested-host-image.js";
+
+/** The nested host could not run the command (QEMU failed, the host did not come up, interrupted). */
+export class NestedHostError extends PartisError {
+  constructor(code: "NESTED_QEMU_FAILED" | "NESTED_NO_STATUS" | "NESTED_INTERRUPTED" | "NESTED_SETUP_FAILED", message: string, context: ErrorContext = {}) {
+    super(code, message, context);
+  }
+}
+
+export interface RunNestedOptions {
+  /** argv of the command to run inside (resolved with the inner PATH). */
+  command: string[];
+  /** QEMU -m syntax, default "6G". */
+  memory?: string;
+  /** vCPUs of the nested host, default 2. */
+  cpus?: number;
+  /** Working directory inside (same path as here); shared writable. Default process.cwd(). */
+  cwd?: string;
+  /** Environment of the command: process.env overlaid with these. */
+  env?: Record<string, string>;
+  /**
+   * "inherit" (default): the caller's stdin/stdout/stderr (a terminal inside
+   * when the caller's stdin and stdout are terminals). "pipe": `stdin`,
+   * `stdout`, `stderr` below (stdin empty and output discarded when absent).
+   */
+  stdio?: "inherit" | "pipe";
+  stdin?: Readable | string | Buffer;
+  stdout?: Writable;
+  stderr?: Writable;
+  /** Extra writable directories shared at the same path (the cwd and the image cache are always shared). */
+  shares?: string[];
+  log?: (l: string) => void;
+}
+
+const QEMU = "qemu-system-x86_64";
+
+function shellQuote(s: string): string {
+  return `'${s.replace(/'/g, `'\\''`)}'`;
+}
+
+function commandScript(command: string[], cwd: string, env: Record<string, string>): string {
+  const vars = Object.entries(env)
+    .filter(([k]) => /^[A-Za-z_][A-Za-z0-9_]*$/.test(k))
+    .map(([k, v]) => shellQuote(`${k}=${v}`));
+  return `cd ${shellQuote(cwd)} || exit 126\nexec env -i ${vars.join(" ")} ${command.map(shellQuote).join(" ")}\n`;
+}
+
+function listenOnce(path: string): { server: Server; connection: Promise<Socket> } {
+  const server = createServer();
+  const connection = new Promise<Socket>((res, rej) => {
+    server.once("connection", (s) => res(s));
+    server.once("error", rej);
+  });
+  server.maxConnections = 1;
+  server.listen(path);
+  return { server, connection };
+}
+
+function whichQemu(): string | undefined {
+  for (const dir of (process.env["PATH"] ?? "/usr/bin:/bin").split(":")) {
+    const p = join(dir || ".", QEMU);
+    if (existsSync(p)) return p;
+  }
+  return existsSync(`/usr/bin/${QEMU}`) ? `/usr/bin/${QEMU}` : undefined;
+}
+
+/**
+ * Boots the nested test host, runs `opts.command` inside and returns its exit
+ * status. QEMU is killed when this process exits or gets SIGINT/SIGTERM (and
+ * by the kernel, through PR_SET_PDEATHSIG, if it dies outright).
+ */
+export async function runNested(opts: RunNestedOptions): Promise<number> {
+  const log = opts.log ?? ((): void => {});
+  if (opts.command.length === 0) throw new UsageError("runNested: empty command");
+  const memory = opts.memory ?? "6G";
+  if (!/^\d+[MGmgKkTt]?$/.test(memory)) throw new UsageError(`bad memory size ${memory} (e.g. 6G, 4096M)`, { memory });
+  const cpus = opts.cpus ?? 2;
+  if (!Number.isInteger(cpus) || cpus < 1 || cpus > 64) throw new UsageError(`bad vCPU count ${cpus}`, { cpus });
+  const cwd = resolve(opts.cwd ?? process.cwd());
+  const qemu = whichQemu();
+  if (!qemu) throw new HostCapabilityError("HOST_NO_QEMU", `${QEMU} is not installed (run scripts/setup.sh)`);
+  const t0 = performance.now();
+  const image = await prepareNestedHostImage({ log });
+
+  const stdio = opts.stdio ?? "inherit";
+  const tty = stdio === "inherit" && process.stdin.isTTY === true && process.stdout.isTTY === true;
+  const ctl = mkdtempSync(join(tmpdir(), "partis-nested-"));
+  const env: Record<string, string> = {};
+  for (const [k, v] of Object.entries(process.env)) if (v !== undefined) env[k] = v;
+  Object.assign(env, opts.env ?? {});
+  writeFileSync(join(ctl, "command.sh"), commandScript(opts.command, cwd, env));
+  const shares = [...new Set([cwd, defaultCacheDir(), ...(opts.shares ?? [])].map((p) => resolve(p)))].filter((p) => p !== "/" && existsSync(p));
+  writeFileSync(join(ctl, "shares"), shares.map((p, i) => `share${i} ${p}\n`).join(""));
+  if (tty) writeFileSync(join(ctl, "tty"), `${process.stdout.rows ?? 24} ${process.stdout.columns ?? 80}\n`);
+
+  const ports = tty ? ["tty"] : ["stdin", "stdout", "stderr"];
+  const listeners = new Map(ports.map((p) => [p, listenOnce(join(ctl, `${p}.sock`))]));
+  await Promise.all([...listeners.values()].map((l) => new Promise<void>((r) => (l.server.listening ? r() : l.server.once("listening", () => r())))));
+
+  const args = [
+    "-accel", "tcg,thread=multi", "-cpu", "EPYC", "-smp", String(cpus), "-m", memory,
+    "-nodefaults", "-display", "none", "-no-reboot",
+    "-kernel", image.kernel, "-initrd", image.initrd,
+    "-append", "console=ttyS0 panic=-1 quiet loglevel=4",
+    "-serial", `file:${join(ctl, "console.log")}`,
+    "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+    "-virtfs", `local,path=${ctl},mount_tag=partisctl,security_model=none`,
+    ...shares.flatMap((p, i) => ["-virtfs", `local,path=${p},mount_tag=share${i},security_model=none,multidevs=remap`]),
+    "-device", "virtio-serial-pci,id=vser",
+  ];
+  for (const p of ports) {
+    args.push("-chardev", `socket,id=c${p},path=${join(ctl, `${p}.sock`)}`);
+    args.push("-device", p === "tty" ? `virtconsole,bus=vser.0,chardev=c${p},name=partis.tty` : `virtserialport,bus=vser.0,chardev=c${p},name=partis.${p}`);
+  }
+  // setpriv: QEMU dies with us even on SIGKILL (PR_SET_PDEATHSIG).
+  const useSetpriv = existsSync("/usr/bin/setpriv");
+  const file = useSetpriv ? "/usr/bin/setpriv" : qemu;
+  const argv = useSetpriv ? ["--pdeathsig", "KILL", "--", qemu, ...args] : args;
+  log(`nested host: ${qemu} ${args.join(" ")}`);
+
+  const child: ChildProcess = spawn(file, argv, { stdio: ["ignore", "ignore", "pipe"], detached: true });
+  let qemuStderr = "";
+  child.stderr!.on("data", (d: Buffer) => (qemuStderr = (qemuStderr + d.toString()).slice(-4000)));
+  const killQemu = (): void => {
+    if (child.exitCode === null && child.signalCode === null) child.kill("SIGKILL");
+  };
+  let interrupted: NodeJS.Signals | undefined;
+  const onSignal = (sig: NodeJS.Signals): void => {
+    interrupted = sig;
+    killQemu();
+  };
+  const onExit = (): void => killQemu();
+  process.on("SIGINT", onSignal);
+  process.on("SIGTERM", onSignal);
+  process.on("exit", onExit);
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((res) =>
+    child.on("close", (code, signal) => res({ code, signal })),
+  );
+  const spawnError = new Promise<Error>((res) => child.on("error", res));
+
+  // Wire the streams.
+  const drains: Promise<void>[] = [];
+  let restoreTty = (): void => {};
+  const connect = async (name: string): Promise<Socket | undefined> =>
+    Promise.race([listeners.get(name)!.connection, exited.then(() => undefined)]);
+  const firstOutput = (s: Socket): void => {
+    s.once("data", () => log(`nested host: first output after ${((performance.now() - t0) / 1000).toFixed(2)} s`));
+  };
+  if (tty) {
+    const sock = await connect("tty");
+    if (sock) {
+      firstOutput(sock);
+      process.stdin.setRawMode(true);
+      restoreTty = (): void => {
+        process.stdin.unpipe(sock);
+        process.stdin.setRawMode(false);
+        process.stdin.pause();
+      };
+      process.stdin.pipe(sock);
+      drains.push(new Promise((r) => sock.on("close", () => r())));
+      sock.pipe(process.stdout, { end: false });
+      sock.on("error", () => {});
+    }
+  } else {
+    const [sin, sout, serr] = await Promise.all([connect("stdin"), connect("stdout"), connect("stderr")]);
+    const outTarget = stdio === "inherit" ? process.stdout : opts.stdout;
+    const errTarget = stdio === "inherit" ? process.stderr : opts.stderr;
+    for (const [s, target] of [[sout, outTarget], [serr, errTarget]] as const) {
+      if (!s) continue;
+      s.on("error", () => {});
+      if (target) s.pipe(target, { end: false });
+      else s.resume();
+      drains.push(new Promise((r) => s.on("close", () => r())));
+    }
+    if (sout) firstOutput(sout);
+    if (sin) {
+      sin.on("error", () => {});
+      const source = stdio === "inherit" ? process.stdin : opts.stdin;
+      if (source === undefined) sin.end();
+      else if (typeof source === "string" || Buffer.isBuffer(source)) sin.end(source);
+      else {
+        source.pipe(sin);
+        restoreTty = (): void => {
+          source.unpipe(sin);
+          if (source === process.stdin) process.stdin.pause();
+        };
+      }
+    }
+  }
+
+  try {
+    const result = await Promise.race([exited, spawnError.then((e) => ({ error: e }))]);
+    if ("error" in result) throw new HostCapabilityError("HOST_NO_QEMU", `cannot start ${QEMU}: ${result.error.message}`);
+    await Promise.race([Promise.all(drains), new Promise((r) => setTimeout(r, 2000))]);
+    log(`nested host: exited after ${((performance.now() - t0) / 1000).toFixed(2)} s`);
+    if (interrupted) throw new NestedHostError("NESTED_INTERRUPTED", `nested host stopped by ${interrupted}`, { signal: interrupted });
+    const statusFile = join(ctl, "status");
+    if (existsSync(statusFile)) {
+      const status = Number.parseInt(readFileSync(statusFile, "utf8").trim(), 10);
+      if (Number.isInteger(status)) return status;
+    }
+    const consoleTail = existsSync(join(ctl, "console.log")) ? readFileSync(join(ctl, "console.log"), "utf8").split("\n").slice(-25).join("\n") : "";
+    const error = existsSync(join(ctl, "error")) ? readFileSync(join(ctl, "error"), "utf8").trim() : "";
+    if (result.code !== 0) {
+      throw new NestedHostError("NESTED_QEMU_FAILED", `${QEMU} exited with ${result.signal ?? result.code}: ${qemuStderr.trim()}\n${consoleTail}`, { status: result.code ?? -1 });
+    }
+    throw new NestedHostError(
+      error ? "NESTED_SETUP_FAILED" : "NESTED_NO_STATUS",
+      `nested host ended without the command's exit status${error ? `: ${error}` : ""}\n--- nested host console (last lines) ---\n${consoleTail}`,
+    );
+  } finally {
+    killQemu();
+    restoreTty();
+    process.off("SIGINT", onSignal);
+    process.off("SIGTERM", onSignal);
+    process.off("exit", onExit);
+    for (const l of listeners.values()) l.server.close();
+    if (!process.env["PARTIS_NESTED_KEEP"]) rmSync(ctl, { recursive: true, force: true });
+    else log(`nested host: control directory kept at ${ctl}`);
+    if (interrupted && process.listenerCount(interrupted) === 0) process.kill(process.pid, interrupted);
+  }
+}
