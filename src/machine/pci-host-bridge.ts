@@ -6,9 +6,10 @@
  * CONFIG_ADDRESS: bit 31 enable, 23:16 bus, 15:11 device, 10:8 function, 7:2 register.
  * A data access at 0xCFC+k reaches register (address & 0xFC) + k. Absent functions
  * (or a disabled address) read all-ones and ignore writes. Port 0xCF9 (reset control)
- * is not ours: the address register is claimed as exactly 4 ports, 0xCF8-0xCFB, and a
- * byte/word access there is forwarded nowhere (it reads all-ones, writes are ignored),
- * as the data ports are claimed separately.
+ * is not ours. The bus routes an access by its first port, so the address register
+ * claims the single port 0xCF8 and still receives the dword accesses made there;
+ * 0xCF9 (reset control) and 0xCFA-0xCFB stay free for other devices. Byte or word
+ * accesses to 0xCF8 read all-ones and are ignored on write.
  *
  * State (the address latch and the host bridge's own configuration bytes) is declared
  * with structLayout so every thread's PciHostBridge over the same arena sees one latch.
@@ -106,7 +107,7 @@ export interface PciHostBridgeState {
 export class PciHostBridge implements BusDevice {
   readonly name: string;
   readonly regions: readonly IoRegion[] = [
-    { name: "config-address", space: "pio", start: 0xcf8, length: 4 },
+    { name: "config-address", space: "pio", start: 0xcf8, length: 1 },
     { name: "config-data", space: "pio", start: 0xcfc, length: 4 },
   ];
   private readonly functions = new Map<Bdf, PciFunction>();
