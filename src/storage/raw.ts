@@ -1,0 +1,407 @@
+/**
+ * Raw disk images: the file is the disk, byte for byte. Also the I/O core of
+ * pass-through host block devices (src/storage/passthrough.ts), which differ
+ * only in how the size and sector sizes are learned.
+ *
+ * DEVNOTE (what Node's fs cannot do, and what we do instead):
+ * - Sparse create: ftruncate, so "fixed" and "dynamic" raw files are both
+ *   sparse; nothing is preallocated (no fallocate in Node).
+ * - discard: hole punching (fallocate PUNCH_HOLE) is not reachable from
+ *   Node, and writing zeros would allocate space rather than free it, so
+ *   discard is a documented no-op (it is only a hint in the contract).
+ * - allocation: SEEK_DATA/SEEK_HOLE are not reachable either, so every range
+ *   is reported "allocated". describe() still reports the space actually used
+ *   (st_blocks) as allocatedBytes.
+ * - O_DIRECT: requested with `direct`. Buffers must be aligned, which plain
+ *   JS buffers are not: I/O goes through an aligned bounce buffer, taken from
+ *   `alignedBuffer` (src/hypervisor/libc.ts) when that module loads, else
+ *   found by probing offsets of an over-allocated ArrayBuffer with a direct
+ *   read. When the file system refuses O_DIRECT (EINVAL on open or on I/O),
+ *   the disk falls back to buffered I/O and records why in `notes`.
+ * - A file whose length is not a multiple of 512 is seen rounded down.
+ */
+import * as fs from "node:fs";
+import { DiskError, type AllocationExtent, type BlockDevice, type DiskType, type OpenOptions } from "./block-device.js";
+import type { CheckFinding, CreateSpec, DiskDescription, DiskFormatDriver } from "./format-driver.js";
+
+const SECTOR = 512;
+/** Largest raw disk we create: 64 TiB (same as VHDX); the file system decides the real limit. */
+const MAX_RAW_SIZE = 64 * 1024 ** 4;
+const BOUNCE_BYTES = 1024 * 1024;
+
+type AlignedBufferFn = (bytes: number, alignment?: number) => Uint8Array;
+
+/** `alignedBuffer` from src/hypervisor/libc.ts, when it is present and koffi loads. */
+let libcAlignedBuffer: AlignedBufferFn | undefined;
+try {
+  const specifier = "../hypervisor/libc.js";
+  const mod = (await import(specifier)) as { alignedBuffer?: unknown };
+  if (typeof mod.alignedBuffer === "function") libcAlignedBuffer = mod.alignedBuffer as AlignedBufferFn;
+} catch {
+  libcAlignedBuffer = undefined;
+}
+
+function errnoOf(e: unknown): string | undefined {
+  return typeof e === "object" && e !== null && "code" in e ? String((e as { code: unknown }).code) : undefined;
+}
+
+/** pread that fills `buf` completely; bytes past end of file read as zeros. */
+export function preadFully(fd: number, buf: Uint8Array, position: number): void {
+  let done = 0;
+  while (done < buf.length) {
+    const n = fs.readSync(fd, buf, done, buf.length - done, position + done);
+    if (n === 0) {
+      buf.fill(0, done);
+      return;
+    }
+    done += n;
+  }
+}
+
+export function pwriteFully(fd: number, buf: Uint8Array, position: number): void {
+  let done = 0;
+  while (done < buf.length) {
+    done += fs.writeSync(fd, buf, done, buf.length - done, position + done);
+  }
+}
+
+/**
+ * Aligned bounce I/O for a file opened with O_DIRECT: every request is
+ * widened to `alignment`-aligned offsets and lengths (read-modify-write for
+ * unaligned writes).
+ */
+export class DirectIo {
+  private bounce: Uint8Array;
+  constructor(
+    private readonly fd: number,
+    readonly alignment: number,
+    bounce: Uint8Array,
+  ) {
+    this.bounce = bounce;
+  }
+
+  /** Aligned bounce memory, or undefined when none can be found (then use buffered I/O). */
+  static findBounce(fd: number, alignment: number): Uint8Array | undefined {
+    if (libcAlignedBuffer !== undefined) {
+      try {
+        return libcAlignedBuffer(BOUNCE_BYTES, Math.max(alignment, 4096));
+      } catch {
+        // fall through to probing
+      }
+    }
+    const raw = new Uint8Array(BOUNCE_BYTES + 4096);
+    for (let skip = 0; skip < 4096; skip += 16) {
+      try {
+        fs.readSync(fd, raw, skip, alignment, 0);
+        return raw.subarray(skip, skip + BOUNCE_BYTES);
+      } catch (e) {
+        if (errnoOf(e) !== "EINVAL") return undefined;
+      }
+    }
+    return undefined;
+  }
+
+  read(offset: number, buf: Uint8Array): void {
+    const a = this.alignment;
+    let pos = offset;
+    let out = 0;
+    while (out < buf.length) {
+      const start = Math.floor(pos / a) * a;
+      const skip = pos - start;
+      const span = Math.min(this.bounce.length, Math.ceil((skip + buf.length - out) / a) * a);
+      const chunk = this.bounce.subarray(0, span);
+      preadFully(this.fd, chunk, start);
+      const n = Math.min(span - skip, buf.length - out);
+      buf.set(chunk.subarray(skip, skip + n), out);
+      out += n;
+      pos += n;
+    }
+  }
+
+  write(offset: number, buf: Uint8Array): void {
+    const a = this.alignment;
+    let pos = offset;
+    let done = 0;
+    while (done < buf.length) {
+      const start = Math.floor(pos / a) * a;
+      const skip = pos - start;
+      const span = Math.min(this.bounce.length, Math.ceil((skip + buf.length - done) / a) * a);
+      const chunk = this.bounce.subarray(0, span);
+      const n = Math.min(span - skip, buf.length - done);
+      if (skip !== 0 || n !== span) {
+        // Partial head or tail sector: read what is there first.
+        preadFully(this.fd, chunk, start);
+      }
+      chunk.set(buf.subarray(done, done + n), skip);
+      pwriteFully(this.fd, chunk, start);
+      done += n;
+      pos += n;
+    }
+  }
+}
+
+export interface RawDiskConfig {
+  readonly path: string;
+  readonly fd: number;
+  readonly size: number;
+  readonly type: Extract<DiskType, "raw" | "passthrough">;
+  readonly readOnly: boolean;
+  readonly logicalSectorSize: number;
+  readonly physicalSectorSize: number;
+  readonly direct: DirectIo | undefined;
+  /** How to reopen without O_DIRECT if direct I/O fails at run time. */
+  readonly reopenBuffered: (() => number) | undefined;
+  readonly notes: string[];
+}
+
+export class RawDisk implements BlockDevice {
+  readonly path: string;
+  readonly format = "raw" as const;
+  readonly type: Extract<DiskType, "raw" | "passthrough">;
+  readonly size: number;
+  readonly logicalSectorSize: number;
+  readonly physicalSectorSize: number;
+  readonly readOnly: boolean;
+  readonly parent: BlockDevice | undefined = undefined;
+  /** Why direct I/O is not in use although asked for, and similar remarks. */
+  readonly notes: string[];
+  private fd: number;
+  private direct: DirectIo | undefined;
+  private readonly reopenBuffered: (() => number) | undefined;
+  private closed = false;
+
+  constructor(config: RawDiskConfig) {
+    this.path = config.path;
+    this.fd = config.fd;
+    this.size = config.size;
+    this.type = config.type;
+    this.readOnly = config.readOnly;
+    this.logicalSectorSize = config.logicalSectorSize;
+    this.physicalSectorSize = config.physicalSectorSize;
+    this.direct = config.direct;
+    this.reopenBuffered = config.reopenBuffered;
+    this.notes = config.notes;
+  }
+
+  /** Whether I/O currently bypasses the page cache. */
+  get directIo(): boolean {
+    return this.direct !== undefined;
+  }
+
+  private checkRange(offset: number, length: number, op: string): void {
+    if (this.closed) throw new DiskError("DISK_CLOSED", `${op} after close`, this.path);
+    if (!Number.isSafeInteger(offset) || offset < 0 || offset + length > this.size) {
+      throw new DiskError("OUT_OF_RANGE", `${op} of ${length} bytes at offset ${offset} is outside the disk (size ${this.size})`, this.path, { offset, length });
+    }
+  }
+
+  private withDirectFallback(op: () => void, buffered: () => void): void {
+    if (this.direct === undefined) return buffered();
+    try {
+      op();
+    } catch (e) {
+      if (errnoOf(e) !== "EINVAL" || this.reopenBuffered === undefined) throw e;
+      const old = this.fd;
+      this.fd = this.reopenBuffered();
+      fs.closeSync(old);
+      this.direct = undefined;
+      this.notes.push("O_DIRECT I/O failed with EINVAL; using buffered I/O");
+      buffered();
+    }
+  }
+
+  read(offset: number, buf: Uint8Array): void {
+    this.checkRange(offset, buf.length, "read");
+    if (buf.length === 0) return;
+    this.withDirectFallback(
+      () => this.direct!.read(offset, buf),
+      () => preadFully(this.fd, buf, offset),
+    );
+  }
+
+  write(offset: number, buf: Uint8Array): void {
+    this.checkRange(offset, buf.length, "write");
+    if (this.readOnly) throw new DiskError("DISK_READ_ONLY", "write to a read-only disk", this.path, { offset });
+    if (buf.length === 0) return;
+    this.withDirectFallback(
+      () => this.direct!.write(offset, buf),
+      () => pwriteFully(this.fd, buf, offset),
+    );
+  }
+
+  flush(): void {
+    if (this.closed || this.readOnly) return;
+    fs.fsyncSync(this.fd);
+  }
+
+  /** No-op: see the module comment (no hole punching from Node). */
+  discard(offset: number, length: number): void {
+    this.checkRange(offset, length, "discard");
+  }
+
+  /** Everything reads as "allocated" (no SEEK_DATA/SEEK_HOLE from Node). */
+  allocation(offset: number, length: number): AllocationExtent[] {
+    this.checkRange(offset, length, "allocation");
+    return length === 0 ? [] : [{ offset, length, state: "allocated" }];
+  }
+
+  close(): void {
+    if (this.closed) return;
+    try {
+      this.flush();
+    } finally {
+      this.closed = true;
+      fs.closeSync(this.fd);
+    }
+  }
+}
+
+/**
+ * Open `path` with O_DIRECT when asked and possible. Returns the descriptor,
+ * the direct I/O helper (undefined when buffered), and notes on any fallback.
+ */
+export function openFileForDisk(
+  path: string,
+  readOnly: boolean,
+  wantDirect: boolean,
+  alignment: number,
+): { fd: number; direct: DirectIo | undefined; reopenBuffered: () => number; notes: string[] } {
+  const base = readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR;
+  const reopenBuffered = (): number => fs.openSync(path, base);
+  const notes: string[] = [];
+  const openErr = (e: unknown): never => {
+    throw new DiskError("DISK_OPEN_FAILED", `cannot open: ${(e as Error).message}`, path, { errno: errnoOf(e) });
+  };
+  if (wantDirect) {
+    const O_DIRECT = fs.constants.O_DIRECT;
+    if (O_DIRECT === undefined) {
+      notes.push("O_DIRECT is not available on this platform; using buffered I/O");
+    } else {
+      let fd: number | undefined;
+      try {
+        fd = fs.openSync(path, base | O_DIRECT);
+      } catch (e) {
+        if (errnoOf(e) !== "EINVAL") openErr(e);
+        notes.push("the file system refused O_DIRECT; using buffered I/O");
+      }
+      if (fd !== undefined) {
+        const bounce = DirectIo.findBounce(fd, alignment);
+        if (bounce !== undefined) return { fd, direct: new DirectIo(fd, alignment, bounce), reopenBuffered, notes };
+        fs.closeSync(fd);
+        notes.push("no aligned buffer could be found for O_DIRECT; using buffered I/O");
+      }
+    }
+  }
+  try {
+    return { fd: reopenBuffered(), direct: undefined, reopenBuffered, notes };
+  } catch (e) {
+    return openErr(e);
+  }
+}
+
+function requireSize(path: string, size: number | undefined, max: number, format: string): number {
+  if (size === undefined || !Number.isSafeInteger(size) || size <= 0) {
+    throw new DiskError("BAD_SIZE", `a ${format} disk needs a positive size in bytes (got ${size})`, path);
+  }
+  if (size % SECTOR !== 0) throw new DiskError("BAD_SIZE", `size ${size} is not a multiple of ${SECTOR} bytes`, path, { size });
+  if (size > max) throw new DiskError("DISK_TOO_LARGE", `size ${size} exceeds the ${format} maximum of ${max} bytes`, path, { size, max });
+  return size;
+}
+
+function isZero(buf: Uint8Array): boolean {
+  for (let i = 0; i < buf.length; i++) if (buf[i] !== 0) return false;
+  return true;
+}
+
+export function openRaw(path: string, options: OpenOptions = {}): RawDisk {
+  const readOnly = options.readOnly === true;
+  const { fd, direct, reopenBuffered, notes } = openFileForDisk(path, readOnly, options.direct === true, SECTOR);
+  const st = fs.fstatSync(fd);
+  const size = Math.floor(st.size / SECTOR) * SECTOR;
+  if (size !== st.size) notes.push(`file length ${st.size} is not a multiple of ${SECTOR}; the last ${st.size - size} bytes are not part of the disk`);
+  return new RawDisk({ path, fd, size, type: "raw", readOnly, logicalSectorSize: SECTOR, physicalSectorSize: 4096, direct, reopenBuffered, notes });
+}
+
+export const rawDriver: DiskFormatDriver = {
+  format: "raw",
+  maxSize: MAX_RAW_SIZE,
+
+  /** Raw is the fallback: anything not claimed by another format is raw. */
+  probe(): boolean {
+    return true;
+  },
+
+  open(path: string, options?: OpenOptions): BlockDevice {
+    return openRaw(path, options);
+  },
+
+  create(path: string, spec: CreateSpec): void {
+    if (spec.type === "differencing") throw new DiskError("UNSUPPORTED", "raw disks cannot be differencing disks", path);
+    if (spec.logicalSectorSize !== undefined && spec.logicalSectorSize !== SECTOR) {
+      throw new DiskError("UNSUPPORTED", `raw disks here have ${SECTOR}-byte logical sectors`, path);
+    }
+    const size = requireSize(path, spec.size, MAX_RAW_SIZE, "raw");
+    let fd: number;
+    try {
+      fd = fs.openSync(path, "wx");
+    } catch (e) {
+      throw new DiskError("DISK_CREATE_FAILED", `cannot create: ${(e as Error).message}`, path, { errno: errnoOf(e) });
+    }
+    try {
+      fs.ftruncateSync(fd, size);
+      fs.fsyncSync(fd);
+    } finally {
+      fs.closeSync(fd);
+    }
+  },
+
+  describe(path: string): DiskDescription {
+    const st = fs.statSync(path);
+    return {
+      path,
+      format: "raw",
+      type: "raw",
+      virtualSize: Math.floor(st.size / SECTOR) * SECTOR,
+      fileSize: st.size,
+      logicalSectorSize: SECTOR,
+      physicalSectorSize: 4096,
+      allocatedBytes: Math.min(st.size, st.blocks * 512),
+    };
+  },
+
+  check(path: string): CheckFinding[] {
+    const st = fs.statSync(path);
+    const findings: CheckFinding[] = [];
+    if (st.size % SECTOR !== 0) {
+      findings.push({ severity: "warning", offset: st.size, message: `file length ${st.size} is not a multiple of ${SECTOR}; the tail is not part of the disk` });
+    }
+    return findings;
+  },
+
+  /** Grow: extend sparsely. Shrink: only when the cut tail reads as zeros. */
+  resize(path: string, newSize: number): void {
+    requireSize(path, newSize, MAX_RAW_SIZE, "raw");
+    const fd = fs.openSync(path, "r+");
+    try {
+      const size = fs.fstatSync(fd).size;
+      if (newSize < size) {
+        const buf = new Uint8Array(BOUNCE_BYTES);
+        for (let pos = newSize; pos < size; pos += buf.length) {
+          const n = Math.min(buf.length, size - pos);
+          preadFully(fd, buf.subarray(0, n), pos);
+          if (!isZero(buf.subarray(0, n))) {
+            throw new DiskError("SHRINK_WOULD_LOSE_DATA", `cannot shrink to ${newSize}: data at or after offset ${pos}`, path, { offset: pos });
+          }
+        }
+      }
+      fs.ftruncateSync(fd, newSize);
+      fs.fsyncSync(fd);
+    } finally {
+      fs.closeSync(fd);
+    }
+  },
+
+  setParent(path: string): void {
+    throw new DiskError("UNSUPPORTED", "raw disks have no parent", path);
+  },
+};
