@@ -103,3 +103,23 @@ export function imm64(v: bigint): number[] {
   for (let i = 0n; i < 8n; i++) out.push(Number((v >> (8n * i)) & 0xffn));
   return out;
 }
+
+/**
+ * Run `body` with a watchdog: if it has not returned after `seconds`, a child
+ * process sends SIGUSR2 to this process, which makes a KVM_RUN blocked in the
+ * kernel (a halted vCPU waiting for an interrupt that never comes) return
+ * EINTR, i.e. run() gives "intr" and the test fails instead of hanging.
+ * Only the main thread gets a process-directed signal here.
+ */
+export async function withWatchdog<T>(seconds: number, body: () => T): Promise<T> {
+  const { spawn } = await import("node:child_process");
+  const onSignal = (): void => {};
+  process.on("SIGUSR2", onSignal);
+  const child = spawn("sh", ["-c", `sleep ${seconds}; kill -USR2 ${process.pid}`], { stdio: "ignore" });
+  try {
+    return body();
+  } finally {
+    child.kill("SIGKILL");
+    process.off("SIGUSR2", onSignal);
+  }
+}

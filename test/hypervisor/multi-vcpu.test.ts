@@ -1,0 +1,62 @@
+/**
+ * Several vCPUs of one partition, each created and run on its own
+ * worker_thread (KVM wants vCPU ioctls from the creating thread), attached
+ * through Partition.handoff()/attach(); guest RAM is shared by all threads.
+ */
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import * as fs from "node:fs";
+import { Worker } from "node:worker_threads";
+import { KvmSystem } from "../../src/hypervisor/system.js";
+import { Partition } from "../../src/hypervisor/partition.js";
+import { gettid } from "../../src/hypervisor/libc.js";
+import { CODE_GPA, code } from "./guests.js";
+import type { VcpuWorkerInput, VcpuWorkerReport } from "./vcpu-worker.js";
+
+const noKvm = fs.existsSync("/dev/kvm") ? undefined : "no /dev/kvm on this host";
+
+const GUEST = code(
+  [0x88, 0x9f, 0x00, 0x70], // mov [bx+0x7000], bl     marker = vCPU id
+  [0x89, 0xd8], //             loop: mov ax, bx
+  [0xe6, 0x80], //             out 0x80, al
+  [0xfe, 0x87, 0x00, 0x71], // inc byte [bx+0x7100]    per-vCPU counter
+  [0xeb, 0xf6], //             jmp loop
+);
+
+function runWorker(input: VcpuWorkerInput): Promise<VcpuWorkerReport> {
+  return new Promise((resolve, reject) => {
+    const w = new Worker(new URL("./vcpu-worker.js", import.meta.url), { workerData: input });
+    w.once("message", (m: VcpuWorkerReport) => resolve(m));
+    w.once("error", reject);
+    w.once("exit", (code) => {
+      if (code !== 0) reject(new Error(`vCPU worker ${input.id} exited with ${code}`));
+    });
+  });
+}
+
+test("three vCPUs on three worker threads share one partition", { skip: noKvm }, async () => {
+  const sys = KvmSystem.open();
+  const p = Partition.create(sys, { ranges: [{ gpa: 0, length: 0x100000, fileOffset: 0 }] });
+  try {
+    p.guestMemory.write(CODE_GPA, GUEST);
+    const exits = 500;
+    const handoff = p.handoff();
+    const reports = await Promise.all([1, 2, 3].map((id) => runWorker({ handoff, id, exits })));
+    const tids = new Set([gettid()]);
+    for (const r of reports) {
+      assert.equal(r.error, undefined, r.error);
+      assert.equal(r.exits, exits);
+      assert.equal(r.wrong, 0, `vCPU ${r.id} saw unexpected exits`);
+      assert.equal(r.marker, r.id, "the worker's own mapping sees what its vCPU wrote");
+      assert.equal(r.counter, (exits - 1) & 0xff);
+      // The creating thread's mapping sees the same bytes.
+      assert.equal(p.guestMemory.bytes(0x7000 + r.id, 1)[0], r.id);
+      assert.equal(p.guestMemory.bytes(0x7100 + r.id, 1)[0], (exits - 1) & 0xff);
+      tids.add(r.tid);
+    }
+    assert.equal(tids.size, 4, "every vCPU ran on a thread of its own");
+  } finally {
+    p.destroy();
+    sys.close();
+  }
+});
