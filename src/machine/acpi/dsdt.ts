@@ -74,7 +74,6 @@ function pciRoot(plan: MemoryPlan): Uint8Array {
   return device(
     "PCI0",
     name("_HID", eisaId("PNP0A03")),
-    name("_ADR", integer(0)),
     name("_BBN", integer(0)),
     name("_UID", integer(0)),
     name("_CRS", crs),
