@@ -1,0 +1,158 @@
+/**
+ * The VHDX file on the host: positioned synchronous reads and writes through
+ * Node's fs, size changes and flushes, every failure turned into a DiskError
+ * naming the file. A read-only open of an image whose log needs replay gets
+ * a ReplayOverlay: the replayed sectors live in memory and reads see them,
+ * while the file itself is never written (see log.ts).
+ */
+import * as fs from "node:fs";
+import { DiskError } from "../block-device.js";
+
+export const KiB = 1024;
+export const MiB = 1024 * 1024;
+export const TiB = MiB * MiB;
+
+/** A write the log would replay: data (4 KiB multiples) or zeros. */
+export interface ReplayedWrite {
+  readonly offset: number;
+  readonly length: number;
+  /** undefined: zeros. */
+  readonly data: Buffer | undefined;
+}
+
+export class ReplayOverlay {
+  constructor(readonly writes: readonly ReplayedWrite[], readonly minFileSize: number) {}
+
+  /** Patch buf (file bytes at pos) with the replayed writes, in replay order. */
+  apply(pos: number, buf: Uint8Array): void {
+    const end = pos + buf.length;
+    for (const w of this.writes) {
+      const s = Math.max(pos, w.offset);
+      const e = Math.min(end, w.offset + w.length);
+      if (s >= e) continue;
+      if (w.data) buf.set(w.data.subarray(s - w.offset, e - w.offset), s - pos);
+      else buf.fill(0, s - pos, e - pos);
+    }
+  }
+}
+
+export class HostFile {
+  private fd: number;
+  overlay: ReplayOverlay | undefined;
+
+  private constructor(readonly path: string, fd: number, readonly readOnly: boolean) {
+    this.fd = fd;
+  }
+
+  static open(path: string, readOnly: boolean): HostFile {
+    try {
+      return new HostFile(path, fs.openSync(path, readOnly ? "r" : "r+"), readOnly);
+    } catch (e) {
+      throw ioError(path, "cannot open", e);
+    }
+  }
+
+  static create(path: string): HostFile {
+    try {
+      return new HostFile(path, fs.openSync(path, "wx+"), false);
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code === "EEXIST") throw new DiskError("DISK_EXISTS", "file already exists", path);
+      throw ioError(path, "cannot create", e);
+    }
+  }
+
+  /** Apparent size, including what an in-memory replay would extend it to. */
+  size(): number {
+    const s = this.statSize();
+    return this.overlay ? Math.max(s, this.overlay.minFileSize) : s;
+  }
+
+  statSize(): number {
+    try {
+      return fs.fstatSync(this.fd).size;
+    } catch (e) {
+      throw ioError(this.path, "fstat failed", e);
+    }
+  }
+
+  allocatedBytes(): number {
+    try {
+      return fs.fstatSync(this.fd).blocks * 512;
+    } catch (e) {
+      throw ioError(this.path, "fstat failed", e);
+    }
+  }
+
+  /** Fill buf from pos; bytes past end of file read as zeros. */
+  read(pos: number, buf: Uint8Array): void {
+    let done = 0;
+    try {
+      while (done < buf.length) {
+        const n = fs.readSync(this.fd, buf, done, buf.length - done, pos + done);
+        if (n === 0) break;
+        done += n;
+      }
+    } catch (e) {
+      throw ioError(this.path, "read failed", e, pos);
+    }
+    if (done < buf.length) buf.fill(0, done);
+    if (this.overlay) this.overlay.apply(pos, buf);
+  }
+
+  readBuffer(pos: number, length: number): Buffer {
+    const b = Buffer.alloc(length);
+    this.read(pos, b);
+    return b;
+  }
+
+  write(pos: number, buf: Uint8Array): void {
+    if (this.readOnly) throw new DiskError("DISK_READ_ONLY", "write to a read-only VHDX", this.path, { offset: pos });
+    let done = 0;
+    try {
+      while (done < buf.length) done += fs.writeSync(this.fd, buf, done, buf.length - done, pos + done);
+    } catch (e) {
+      throw ioError(this.path, "write failed", e, pos);
+    }
+  }
+
+  /** Write zeros over [pos, pos+length) in bounded chunks. */
+  writeZeros(pos: number, length: number): void {
+    const chunk = Buffer.alloc(Math.min(length, MiB));
+    for (let off = 0; off < length; off += chunk.length) {
+      this.write(pos + off, chunk.subarray(0, Math.min(chunk.length, length - off)));
+    }
+  }
+
+  truncate(size: number): void {
+    try {
+      fs.ftruncateSync(this.fd, size);
+    } catch (e) {
+      throw ioError(this.path, "resize of the file failed", e, size);
+    }
+  }
+
+  /** fdatasync: data and the metadata needed to read it back (file size). */
+  sync(): void {
+    if (this.readOnly) return;
+    try {
+      fs.fdatasyncSync(this.fd);
+    } catch (e) {
+      throw ioError(this.path, "flush failed", e);
+    }
+  }
+
+  close(): void {
+    if (this.fd < 0) return;
+    try {
+      fs.closeSync(this.fd);
+    } finally {
+      this.fd = -1;
+    }
+  }
+}
+
+function ioError(path: string, what: string, e: unknown, offset?: number): DiskError {
+  const err = e as NodeJS.ErrnoException;
+  return new DiskError("DISK_IO", `${what}: ${err.message ?? String(e)}`, path, { offset, errno: err.code });
+}
