@@ -11,7 +11,7 @@
  */
 import { DiskError } from "../block-device.js";
 import type { CheckFinding } from "../format-driver.js";
-import { guidEquals, guidIsZero, newGuid, ZERO_GUID } from "./guid.js";
+import { guidIsZero, newGuid, ZERO_GUID } from "./guid.js";
 import { decodeHeader, encodeHeader, HEADER_OFFSETS, HEADER_SIZE, isFileIdentifier, type VhdxHeader } from "./header.js";
 import { HostFile, MiB } from "./host-file.js";
 import { VhdxImage } from "./image.js";
@@ -19,9 +19,12 @@ import { LOG_SECTOR, readPendingLog } from "./log.js";
 import { decodeRegionTable, REGION_TABLE_OFFSETS, REGION_TABLE_SIZE } from "./region-table.js";
 import { VhdxDisk } from "./vhdx-disk.js";
 
-function sameHeader(a: VhdxHeader, b: VhdxHeader): boolean {
-  return guidEquals(a.fileWriteGuid, b.fileWriteGuid) && guidEquals(a.dataWriteGuid, b.dataWriteGuid) && guidEquals(a.logGuid, b.logGuid) &&
-    a.logOffset === b.logOffset && a.logLength === b.logLength && a.logVersion === b.logVersion;
+/**
+ * Stale: the non-current copy would locate a different log if it became
+ * current. (Differing GUIDs alone are normal after a single header update.)
+ */
+function sameLogPlacement(a: VhdxHeader, b: VhdxHeader): boolean {
+  return a.logOffset === b.logOffset && a.logLength === b.logLength && a.logVersion === b.logVersion;
 }
 
 export function checkVhdx(path: string, options: { repair?: boolean } = {}): CheckFinding[] {
@@ -44,8 +47,8 @@ export function checkVhdx(path: string, options: { repair?: boolean } = {}): Che
     const other = h[1 - cur]!;
     if (typeof other === "string") {
       fixable.push({ kind: "header", finding: { severity: "error", offset: HEADER_OFFSETS[1 - cur], message: `header ${2 - cur} (non-current) is invalid: ${other}` } });
-    } else if (!sameHeader(current, other)) {
-      fixable.push({ kind: "header", finding: { severity: "warning", offset: HEADER_OFFSETS[1 - cur], message: `header ${2 - cur} (non-current) is stale` } });
+    } else if (!sameLogPlacement(current, other)) {
+      fixable.push({ kind: "header", finding: { severity: "warning", offset: HEADER_OFFSETS[1 - cur], message: `header ${2 - cur} (non-current) is stale: it places the log differently` } });
     }
     if (!guidIsZero(current.logGuid)) {
       try {
