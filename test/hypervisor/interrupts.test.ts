@@ -11,7 +11,7 @@ import { KvmSystem } from "../../src/hypervisor/system.js";
 import { Partition } from "../../src/hypervisor/partition.js";
 import { VirtualProcessor, type VcpuExit } from "../../src/hypervisor/virtual-processor.js";
 import { EventFd } from "../../src/hypervisor/eventfd.js";
-import { CODE_GPA, code, enterRealMode, withWatchdog } from "./guests.js";
+import { CODE_GPA, code, enterLongMode, enterRealMode, withWatchdog, writeLongModeTables } from "./guests.js";
 
 const noKvm = fs.existsSync("/dev/kvm") ? undefined : "no /dev/kvm on this host";
 
@@ -115,4 +115,107 @@ test("a signal makes run() of a halted vCPU return intr", { skip: noKvm }, async
       assert.equal(vp.run().reason, "intr");
     }),
   );
+});
+
+test("MSIs reach the local APIC: KVM_SIGNAL_MSI, and irqfd on a GSI routed to an MSI", { skip: noKvm }, async () => {
+  const sys = KvmSystem.open();
+  const p = Partition.create(sys, { ranges: [{ gpa: 0, length: 0x100000, fileOffset: 0 }] });
+  try {
+    p.createIrqchip();
+    const vp = VirtualProcessor.create(p, 0);
+    const efd = EventFd.create();
+    try {
+      p.guestMemory.write(CODE_GPA, code([0xfb], [0xf4], [0xeb, 0xfd])); // sti; idle: hlt; jmp idle
+      const handlers: [number, number][] = [
+        [0x30, 0x1020],
+        [0x40, 0x1030],
+      ];
+      for (const [vector, at] of handlers) {
+        p.guestMemory.write(at, code([0xb0, vector, 0xe6, 0x81], [0xcf])); // out 0x81, vector; iret
+        const ivt = p.guestMemory.bytes(vector * 4, 4);
+        new DataView(ivt.buffer, ivt.byteOffset, 4).setUint32(0, at, true); // segment 0 : offset
+      }
+      // Software-enable the local APIC (SVR bit 8) from outside: a real-mode guest cannot reach 0xfee00000.
+      const lapic = vp.getLapic();
+      const lv = new DataView(lapic.buffer);
+      lv.setUint32(0xf0, lv.getUint32(0xf0, true) | 0x100, true);
+      vp.setLapic(lapic);
+      enterRealMode(vp);
+
+      await withWatchdog(10, () => {
+        // Fixed delivery, physical destination APIC 0, vector 0x30.
+        assert.ok(p.signalMsi(0xfee00000, 0x30) > 0, "MSI accepted");
+        let exit = vp.run();
+        assert.equal(exit.reason, "io", describe(exit));
+        if (exit.reason !== "io") return;
+        assert.deepEqual([exit.port, exit.data[0]], [0x81, 0x30]);
+
+        p.setGsiRouting([{ gsi: 24, kind: "msi", addressLo: 0xfee00000, addressHi: 0, data: 0x40 }]);
+        p.irqfd(24, efd.fd);
+        efd.signal();
+        exit = vp.run();
+        assert.equal(exit.reason, "io", describe(exit));
+        if (exit.reason !== "io") return;
+        assert.deepEqual([exit.port, exit.data[0]], [0x81, 0x40]);
+        p.removeIrqfd(24, efd.fd);
+      });
+    } finally {
+      efd.close();
+      vp.close();
+    }
+  } finally {
+    p.destroy();
+    sys.close();
+  }
+});
+
+test("long mode CPL0: an MSI is delivered through the IDT; iretq returns to the halted loop", { skip: noKvm }, async () => {
+  const sys = KvmSystem.open();
+  const p = Partition.create(sys, { ranges: [{ gpa: 0, length: 2 << 20, fileOffset: 0 }] });
+  try {
+    p.createIrqchip();
+    const vp = VirtualProcessor.create(p, 0);
+    try {
+      vp.setCpuid(sys.supportedCpuid());
+      writeLongModeTables(p);
+      p.guestMemory.write(CODE_GPA, code([0xfb], [0xf4], [0xeb, 0xfd])); // sti; idle: hlt; jmp idle
+      const IDT = 0x3000;
+      for (const [vector, at] of [
+        [0x30, 0x1020],
+        [0x40, 0x1030],
+      ] as const) {
+        p.guestMemory.write(at, code([0xb0, vector, 0xe6, 0x81], [0x48, 0xcf])); // out 0x81, vector; iretq
+        // 64-bit interrupt gate: offset 15..0, selector 0x08, IST 0, type 0x8E (present, DPL0, interrupt gate), offset 31..16, 63..32.
+        const gate = new DataView(new ArrayBuffer(16));
+        gate.setUint16(0, at & 0xffff, true);
+        gate.setUint16(2, 0x08, true);
+        gate.setUint8(5, 0x8e);
+        gate.setUint16(6, at >>> 16, true);
+        p.guestMemory.write(IDT + vector * 16, new Uint8Array(gate.buffer));
+      }
+      const s = enterLongMode(vp);
+      vp.setSregs({ ...s, idt: { base: BigInt(IDT), limit: 0xfff } });
+      const lapic = vp.getLapic();
+      const lv = new DataView(lapic.buffer);
+      lv.setUint32(0xf0, lv.getUint32(0xf0, true) | 0x100, true); // SVR: APIC software-enabled
+      vp.setLapic(lapic);
+
+      await withWatchdog(10, () => {
+        for (const vector of [0x30, 0x40]) {
+          assert.ok(p.signalMsi(0xfee00000, vector) > 0);
+          const exit = vp.run();
+          assert.equal(exit.reason, "io", describe(exit));
+          if (exit.reason !== "io") return;
+          assert.deepEqual([exit.port, exit.data[0]], [0x81, vector]);
+          // Interrupt frame: SS, RSP, RFLAGS, CS, RIP pushed on the 0x8000 stack.
+          assert.equal(vp.getRegs().rsp, 0x8000n - 40n);
+        }
+      });
+    } finally {
+      vp.close();
+    }
+  } finally {
+    p.destroy();
+    sys.close();
+  }
 });
