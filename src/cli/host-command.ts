@@ -7,6 +7,7 @@
 import type { Command } from "commander";
 import { probeHost, stockGuestVerdict, PVM_EXPLANATION, type HostReport } from "../hypervisor/host.js";
 import { formatByteSize } from "./byte-size.js";
+import { kvmDevicePath } from "../worker/vm-config.js";
 
 /** Below this a host cannot give even the smallest guest plus the worker. */
 const MIN_HOST_MEMORY = 256 * 2 ** 20;
@@ -20,7 +21,7 @@ export interface HostCheckResult {
   readonly report: HostReport;
 }
 
-export function checkHost(report: HostReport = probeHost()): HostCheckResult {
+export function checkHost(report: HostReport = probeHost(kvmDevicePath())): HostCheckResult {
   const lines: string[] = [];
   const problems: string[] = [];
   const mark = (ok: boolean) => (ok ? "ok  " : "FAIL");

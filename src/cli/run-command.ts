@@ -15,17 +15,17 @@
  * power button pressed; a second SIGTERM pulls the plug.
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { accessSync, constants, openSync, readSync, closeSync, statSync } from "node:fs";
+import { accessSync, constants, readFileSync, statSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import type { Command } from "commander";
 import { UsageError, HostCapabilityError } from "../errors.js";
 import { probeHost, stockGuestVerdict } from "../hypervisor/host.js";
 import { planMemory, MIN_RAM_BYTES, RAM_GRANULE } from "../machine/memory-map.js";
-import { checkLinuxLoad } from "../machine/linux-boot.js";
+import { planLinuxLoad, KernelImageError, LinuxLoadError } from "../machine/linux-boot.js";
 import { MAX_VCPUS } from "../machine/cpuid.js";
 import { prepareDefaultGuest } from "../images/default-guest.js";
 import { parseByteSize, formatByteSize } from "./byte-size.js";
-import { WORKER_EXIT, type ControlEvent, type ControlRequest, type VmConfig, type VmOutcome } from "../worker/vm-config.js";
+import { WORKER_EXIT, kvmDevicePath, type ControlEvent, type ControlRequest, type VmConfig, type VmOutcome } from "../worker/vm-config.js";
 
 export const RUN_EXIT = { poweroff: 0, failed: 1, usage: 2, reboot: 3, crash: 4, quit: 130 } as const;
 
@@ -43,17 +43,6 @@ export interface RunOptions {
 }
 
 const CTRL_RIGHT_BRACKET = 0x1d;
-
-function readHead(path: string, bytes: number): Uint8Array {
-  const fd = openSync(path, "r");
-  try {
-    const buf = new Uint8Array(bytes);
-    const n = readSync(fd, buf, 0, bytes, 0);
-    return buf.subarray(0, n);
-  } finally {
-    closeSync(fd);
-  }
-}
 
 function requireFile(path: string, what: string): number {
   let st;
@@ -73,7 +62,7 @@ function requireFile(path: string, what: string): number {
 
 /** Validate everything before anything starts: bad input exits 2 with nothing running. */
 export function resolveRunConfig(opts: RunOptions, guest: { kernel: string; initrd?: string } | undefined): VmConfig {
-  const host = probeHost();
+  const host = probeHost(kvmDevicePath());
   if (!host.kvm.present) throw new HostCapabilityError("NO_KVM", `/dev/kvm is missing: ${host.kvm.reason ?? "load kvm_intel or kvm_amd"}`);
   if (!host.kvm.accessible) throw new HostCapabilityError("KVM_DENIED", `/dev/kvm is not usable: ${host.kvm.reason ?? "permission denied"}`);
 
@@ -91,12 +80,17 @@ export function resolveRunConfig(opts: RunOptions, guest: { kernel: string; init
 
   const kernelPath = opts.kernel ?? guest?.kernel;
   if (kernelPath === undefined) throw new UsageError("no kernel: pass --kernel");
-  const kernelSize = requireFile(kernelPath, "--kernel");
+  requireFile(kernelPath, "--kernel");
   const initrdPath = opts.initrd ?? (opts.kernel === undefined ? guest?.initrd : undefined);
   const initrdSize = initrdPath === undefined ? 0 : requireFile(initrdPath, "--initrd");
   const cmdline = opts.append ?? DEFAULT_APPEND;
-  // The setup header lies in the first 32 KiB; checkLinuxLoad also places the initrd and command line.
-  checkLinuxLoad(plan, readHead(kernelPath, Math.min(kernelSize, 64 * 1024)), kernelSize, initrdSize, cmdline, { kernelPath, initrdPath });
+  try {
+    planLinuxLoad(plan, readFileSync(kernelPath), initrdSize, cmdline);
+  } catch (e) {
+    if (e instanceof KernelImageError) throw new UsageError(`--kernel ${kernelPath}: ${e.message}`);
+    if (e instanceof LinuxLoadError) throw new UsageError(`${e.code === "INITRD_DOES_NOT_FIT" ? `--initrd ${initrdPath}` : `--kernel ${kernelPath}`}: ${e.message}`);
+    throw e;
+  }
   return { name: opts.name, memoryBytes, cpus, kernelPath, ...(initrdPath !== undefined ? { initrdPath } : {}), cmdline };
 }
 
@@ -196,7 +190,7 @@ class ConsoleBridge {
 export async function runVm(opts: RunOptions): Promise<number> {
   let guest: { kernel: string; initrd?: string } | undefined;
   if (opts.kernel === undefined) {
-    const host = probeHost();
+    const host = probeHost(kvmDevicePath());
     const verdict = stockGuestVerdict(host);
     if (!verdict.ok && host.kvm.accessible)
       process.stderr.write(`partis run: warning: ${verdict.why}\npartis run: hint: \`partis host nested -- partis run\` runs it in the nested test host\n`);

@@ -169,14 +169,20 @@ export interface LinuxLoadOptions {
   readonly rsdpAddr?: number;
 }
 
-export function loadLinux(
-  memory: GuestMemory,
-  plan: MemoryPlan,
-  kernel: Uint8Array,
-  initrd: Uint8Array | undefined,
-  cmdline: string,
-  options: LinuxLoadOptions = {},
-): LinuxBootInfo {
+/** Where everything of a Linux boot goes, decided before anything is written. */
+export interface LinuxLoadPlan {
+  readonly header: BzImageHeader;
+  readonly kernelEnd: number;
+  readonly cmdline: Uint8Array;
+  readonly initrd?: { readonly addr: number; readonly size: number };
+}
+
+/**
+ * Check that a kernel, an initrd of `initrdSize` bytes and a command line fit
+ * the memory plan, and decide their placement. Throws KernelImageError or
+ * LinuxLoadError; writes nothing (the CLI validates with it before starting).
+ */
+export function planLinuxLoad(plan: MemoryPlan, kernel: Uint8Array, initrdSize: number, cmdline: string): LinuxLoadPlan {
   const hdr = parseBzImage(kernel);
   const load = plan.kernelLoad;
   const kernelEnd = Math.max(load + hdr.payloadLength, decompressionBase(hdr, load) + hdr.initSize);
@@ -198,18 +204,32 @@ export function loadLinux(
     });
 
   let initrdInfo: { addr: number; size: number } | undefined;
-  if (initrd !== undefined && initrd.length > 0) {
-    const addr = initrdPlacement(plan, initrd.length, hdr.initrdAddrMax, kernelEnd);
+  if (initrdSize > 0) {
+    const addr = initrdPlacement(plan, initrdSize, hdr.initrdAddrMax, kernelEnd);
     if (addr === undefined) {
       const limit = Math.min(hdr.initrdAddrMax + 1, plan.lowRamEnd);
       throw new LinuxLoadError(
         "INITRD_DOES_NOT_FIT",
-        `initrd of ${initrd.length} bytes does not fit between the kernel end 0x${kernelEnd.toString(16)} and 0x${limit.toString(16)} (${Math.max(0, limit - kernelEnd)} bytes free); give the guest more memory`,
-        { initrdSize: initrd.length, kernelEnd, limit },
+        `initrd of ${initrdSize} bytes does not fit between the kernel end 0x${kernelEnd.toString(16)} and 0x${limit.toString(16)} (${Math.max(0, limit - kernelEnd)} bytes free); give the guest more memory`,
+        { initrdSize, kernelEnd, limit },
       );
     }
-    initrdInfo = { addr, size: initrd.length };
+    initrdInfo = { addr, size: initrdSize };
   }
+
+  return { header: hdr, kernelEnd, cmdline: cmdBytes, ...(initrdInfo !== undefined ? { initrd: initrdInfo } : {}) };
+}
+
+export function loadLinux(
+  memory: GuestMemory,
+  plan: MemoryPlan,
+  kernel: Uint8Array,
+  initrd: Uint8Array | undefined,
+  cmdline: string,
+  options: LinuxLoadOptions = {},
+): LinuxBootInfo {
+  const { header: hdr, kernelEnd, cmdline: cmdBytes, initrd: initrdInfo } = planLinuxLoad(plan, kernel, initrd?.length ?? 0, cmdline);
+  const load = plan.kernelLoad;
 
   // Copy in: kernel, initrd, command line.
   memory.write(load, kernel.subarray(hdr.payloadOffset));

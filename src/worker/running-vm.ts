@@ -15,14 +15,14 @@ import { planMemory, type MemoryPlan } from "../machine/memory-map.js";
 import { loadLinux } from "../machine/linux-boot.js";
 import { longModeBootState, writeBootTables } from "../machine/boot-cpu.js";
 import { cpuidForVcpu } from "../machine/cpuid.js";
-import { buildAcpiTables } from "../machine/acpi/index.js";
+import { buildAcpiTables } from "../machine/acpi/build.js";
 import { SharedStateArena } from "../machine/shared-state.js";
 import { systemClock } from "../devices/dependencies.js";
 import { Board } from "./board.js";
 import { PowerState } from "./power-state.js";
 import { FdConsoleSink } from "./console-sink.js";
 import type { VcpuThreadData, VcpuThreadMessage } from "./vcpu-thread.js";
-import type { VmConfig, VmOutcome } from "./vm-config.js";
+import { kvmDevicePath, type VmConfig, type VmOutcome } from "./vm-config.js";
 import { PartisError } from "../errors.js";
 
 /** Identity-map and TSS pages for Intel hosts: top of the 32-bit space, below the BIOS. */
@@ -56,7 +56,7 @@ export class RunningVm {
   static start(config: VmConfig, options: RunningVmOptions): RunningVm {
     const kernel = readFileSync(config.kernelPath);
     const initrd = config.initrdPath === undefined ? undefined : readFileSync(config.initrdPath);
-    const system = KvmSystem.open();
+    const system = KvmSystem.open(kvmDevicePath());
     if (config.cpus > system.maxVcpus)
       throw new VmStartError("TOO_MANY_VCPUS", `${config.cpus} vCPUs requested; KVM allows at most ${system.maxVcpus}`, { vm: config.name });
     const plan = planMemory(config.memoryBytes);

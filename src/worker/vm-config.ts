@@ -40,3 +40,8 @@ export type ControlEvent =
   | { readonly type: "running"; readonly vcpus: number }
   | { readonly type: "exited"; readonly outcome: VmOutcome }
   | { readonly type: "error"; readonly code: string; readonly message: string };
+
+/** The KVM device: /dev/kvm unless PARTIS_KVM_DEVICE names another (tests, unusual hosts). */
+export function kvmDevicePath(): string {
+  return process.env.PARTIS_KVM_DEVICE ?? "/dev/kvm";
+}

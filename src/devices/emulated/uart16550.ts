@@ -154,6 +154,15 @@ export class Uart16550 implements BusDevice {
   // ---- console side (called by the worker with the machine lock held) ----
 
   /** Bytes the receive FIFO can take now (0 in loopback, where the serial input is disconnected). */
+  /**
+   * Whether the guest's driver is listening: receive-data interrupts enabled.
+   * Console input is held until then, because a driver resets the FIFOs when
+   * it opens the port and would drop bytes that arrived earlier.
+   */
+  receiverReady(): boolean {
+    return (this.state.ier & IER_ERBFI) !== 0;
+  }
+
   rxFree(): number {
     return this.state.mcr & MCR_LOOP ? 0 : RX_SIZE - this.state.rxCount;
   }

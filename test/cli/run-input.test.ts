@@ -1,0 +1,67 @@
+/**
+ * `partis run` with bad input: one clear line on stderr, exit status 2,
+ * nothing left running, no file changed. Runs on any host (nothing boots).
+ */
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { spawnSync, execFileSync } from "node:child_process";
+import { mkdtempSync, writeFileSync, readdirSync, statSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { makeBzImage, TRIPLE_FAULT_CODE } from "../fixtures/bzimage.js";
+
+const CLI = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
+const dir = mkdtempSync(join(tmpdir(), "partis-run-input-"));
+const kernel = join(dir, "bzImage");
+writeFileSync(kernel, makeBzImage(TRIPLE_FAULT_CODE));
+const notKernel = join(dir, "not-a-kernel");
+writeFileSync(notKernel, Buffer.alloc(64 * 1024, 0x41));
+const bigInitrd = join(dir, "big-initrd");
+// Sparse 200 MiB file: larger than a 64 MiB guest can hold.
+writeFileSync(bigInitrd, "");
+execFileSync("truncate", ["-s", "200M", bigInitrd]);
+
+function workerCount(): number {
+  try {
+    return execFileSync("pgrep", ["-f", "dist/src/worker/main.js"], { encoding: "utf8" }).trim().split("\n").filter(Boolean).length;
+  } catch {
+    return 0;
+  }
+}
+
+function snapshotDir(): string {
+  return readdirSync(dir)
+    .map((f) => `${f}:${statSync(join(dir, f)).size}:${statSync(join(dir, f)).mtimeMs}`)
+    .join("|");
+}
+
+function expectUsageError(args: string[], pattern: RegExp, env: NodeJS.ProcessEnv = {}): void {
+  const before = snapshotDir();
+  const workersBefore = workerCount();
+  const r = spawnSync(process.execPath, [CLI, "run", ...args], { encoding: "utf8", input: "", env: { ...process.env, ...env }, timeout: 60_000 });
+  assert.equal(r.status, 2, `expected status 2 for ${args.join(" ")}; got ${r.status}\nstderr: ${r.stderr}`);
+  const lines = r.stderr.trim().split("\n");
+  assert.equal(lines.length, 1, `expected one line, got:\n${r.stderr}`);
+  assert.match(lines[0]!, pattern);
+  assert.doesNotMatch(r.stderr, /\n\s+at /, "no stack trace");
+  assert.equal(r.stdout, "");
+  assert.equal(workerCount(), workersBefore, "no worker left running");
+  assert.equal(snapshotDir(), before, "no file changed");
+}
+
+test("missing --kernel file", () => expectUsageError(["--kernel", join(dir, "nope")], /--kernel .*nope: no such file/));
+test("--kernel that is not a kernel", () => expectUsageError(["--kernel", notKernel], /not a Linux bzImage/));
+test("--kernel that is a directory", () => expectUsageError(["--kernel", dir], /not a regular file/));
+test("initrd larger than guest RAM allows", () =>
+  expectUsageError(["--kernel", kernel, "--initrd", bigInitrd, "--memory", "64M"], /initrd .*does not fit/));
+test("missing --initrd file", () => expectUsageError(["--kernel", kernel, "--initrd", join(dir, "nope.img")], /--initrd .*no such file/));
+test("--memory beyond what the host has", () => expectUsageError(["--kernel", kernel, "--memory", "64T"], /--memory: .*more than this host has/));
+test("--memory below the minimum", () => expectUsageError(["--kernel", kernel, "--memory", "4M"], /--memory: .*below the minimum/));
+test("malformed --memory", () => expectUsageError(["--kernel", kernel, "--memory", "lots"], /--memory: "lots" is not a size/));
+test("malformed --memory with a bad unit", () => expectUsageError(["--kernel", kernel, "--memory", "12X"], /--memory: "12X" is not a size/));
+test("--cpus 0", () => expectUsageError(["--kernel", kernel, "--cpus", "0"], /--cpus: 0 is outside 1\.\.\d+/));
+test("--cpus above KVM's maximum", () => expectUsageError(["--kernel", kernel, "--cpus", "100000"], /--cpus: 100000 is outside/));
+test("--cpus not a number", () => expectUsageError(["--kernel", kernel, "--cpus", "two"], /--cpus: "two" is not a whole number/));
+test("no /dev/kvm", () => expectUsageError(["--kernel", kernel], /\/dev\/kvm is missing|kvm.*missing/i, { PARTIS_KVM_DEVICE: join(dir, "no-kvm") }));
+test("a /dev/kvm that is not KVM", () => expectUsageError(["--kernel", kernel], /not usable/, { PARTIS_KVM_DEVICE: notKernel }));

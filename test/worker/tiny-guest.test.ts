@@ -1,0 +1,81 @@
+/**
+ * The whole stack on this host — CLI, worker process, vCPU threads, board,
+ * console, power control — with tiny hand-written bzImage guests (they run
+ * on PVM too: a few CPL0 instructions through KVM's emulator).
+ */
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { spawn, spawnSync } from "node:child_process";
+import { mkdtempSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { makeBzImage, TRIPLE_FAULT_CODE } from "../fixtures/bzimage.js";
+
+const CLI = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
+const dir = mkdtempSync(join(tmpdir(), "partis-tiny-guest-"));
+
+/** mov dx, port; then for each byte: mov al, b; out dx, al. */
+function serialPrint(text: string): number[] {
+  const code = [0x66, 0xba, 0xf8, 0x03];
+  for (const c of Buffer.from(text, "latin1")) code.push(0xb0, c, 0xee);
+  return code;
+}
+/** mov dx, port; mov ax, value; out dx, ax. */
+const outw = (port: number, value: number) => [0x66, 0xba, port & 0xff, port >> 8, 0x66, 0xb8, value & 0xff, value >> 8, 0x66, 0xef];
+/** mov dx, port; mov al, value; out dx, al. */
+const outb = (port: number, value: number) => [0x66, 0xba, port & 0xff, port >> 8, 0xb0, value, 0xee];
+const HALT_LOOP = [0xf4, 0xeb, 0xfd];
+const ACPI_S5 = outw(0x604, (5 << 10) | (1 << 13));
+
+function kernelFile(name: string, code: number[]): string {
+  const path = join(dir, name);
+  writeFileSync(path, makeBzImage(Uint8Array.from(code)));
+  return path;
+}
+
+function run(kernel: string, extra: string[] = []) {
+  return spawnSync(process.execPath, [CLI, "run", "--kernel", kernel, "--memory", "64M", ...extra], { encoding: "latin1", input: "", timeout: 120_000 });
+}
+
+test("guest prints on COM1 and powers off through ACPI S5: status 0", () => {
+  const r = run(kernelFile("hello", [...serialPrint("HELLO-FROM-GUEST\n"), ...ACPI_S5, ...HALT_LOOP]));
+  assert.equal(r.stdout, "HELLO-FROM-GUEST\n");
+  assert.equal(r.status, 0, r.stderr);
+});
+
+test("guest resets through 0xCF9 with --no-reboot: status 3", () => {
+  const r = run(kernelFile("reset", [...serialPrint("R"), ...outb(0xcf9, 0x06), ...HALT_LOOP]), ["--no-reboot"]);
+  assert.equal(r.stdout, "R");
+  assert.equal(r.status, 3, r.stderr);
+  assert.match(r.stderr, /rebooted \(cf9\)/);
+});
+
+test("guest reset through the i8042 reset line with --no-reboot: status 3", () => {
+  const r = run(kernelFile("kbd-reset", [...outb(0x64, 0xfe), ...HALT_LOOP]), ["--no-reboot"]);
+  assert.equal(r.status, 3, r.stderr);
+  assert.match(r.stderr, /rebooted \(i8042\)/);
+});
+
+test("guest reboot without --no-reboot restarts the guest", async () => {
+  const kernel = kernelFile("reboot-loop", [...serialPrint("B"), ...outb(0xcf9, 0x06), ...HALT_LOOP]);
+  const child = spawn(process.execPath, [CLI, "run", "--kernel", kernel, "--memory", "64M"], { stdio: ["pipe", "pipe", "pipe"] });
+  let out = "";
+  let err = "";
+  child.stderr.on("data", (d: Buffer) => (err += d.toString()));
+  const status = await new Promise<number | null>((resolve) => {
+    child.stdout.on("data", (d: Buffer) => {
+      out += d.toString("latin1");
+      if ((out.match(/B/g) ?? []).length >= 3) child.kill("SIGINT");
+    });
+    child.on("exit", (code) => resolve(code));
+  });
+  assert.ok((out.match(/B/g) ?? []).length >= 3, `expected three boots, console: ${JSON.stringify(out)}, status ${status}, stderr: ${err}`);
+  assert.equal(status, 130, "quit by the user");
+});
+
+test("triple fault: non-zero status with the reason", () => {
+  const r = run(kernelFile("triple-fault", [...TRIPLE_FAULT_CODE]));
+  assert.equal(r.status, 4, r.stderr);
+  assert.match(r.stderr, /guest crashed: .*(triple fault|internal error)/);
+});
