@@ -16,6 +16,15 @@
  * parent on its own then holds a mix of old and merged data, as with any
  * merge: other children of that parent are invalidated once a merge starts.)
  *
+ * One identity wrinkle: the first data write of a session gives a VHDX
+ * parent a new DataWriteGuid, which the child records as its parent linkage.
+ * The merge therefore re-links the child (setParent, forced) once the parent
+ * is closed: after completion, cancel or failure. Against a kill, a sidecar
+ * marker `.<child>.partis-merge` naming the parent is written (and fsynced)
+ * before the first write and removed last; a rerun that finds it re-links
+ * the child to that parent and carries on. (VHD parents keep their unique
+ * id, so the re-link changes nothing there.)
+ *
  * DEVNOTE: the chain view is read through a second, read-only handle on the
  * parent whose cached metadata goes stale as the writable handle allocates.
  * That is harmless: blocks never move once allocated, and a range the stale
@@ -23,8 +32,8 @@
  * the writable handle left there, because it only wrote the ranges already
  * read.
  */
-import { rmSync, statSync } from "node:fs";
-import { dirname } from "node:path";
+import { existsSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { basename, dirname, join, resolve } from "node:path";
 import { DiskError, type BlockDevice, type DiskFormat } from "../block-device.js";
 import { copyIntoNewImage, type ConvertResult } from "./convert.js";
 import { describeImage, driverFor, openAs, openImage } from "./formats.js";
@@ -32,6 +41,7 @@ import {
   DEFAULT_CHUNK_SIZE,
   DiskOperationCancelled,
   fsyncDirectory,
+  fsyncFile,
   throwIfCancelled,
   yieldToEventLoop,
   type DiskOperationOptions,
@@ -66,85 +76,83 @@ export async function mergeDisk(childPath: string, target: MergeTarget, options:
   return mergeIntoParent(childPath, options);
 }
 
+/** Sidecar that marks a merge in progress (see the module comment). */
+function mergeMarker(childPath: string): string {
+  return join(dirname(childPath), `.${basename(childPath)}.partis-merge`);
+}
+
 async function mergeIntoParent(childPath: string, options: DiskOperationOptions): Promise<MergeResult> {
   throwIfCancelled(options, childPath, "merge");
+  const marker = mergeMarker(childPath);
   const desc = describeImage(childPath);
-  const parentPath = desc.parentPath;
-  if (parentPath === undefined) throw new DiskError("DISK_PARENT_MISSING", "differencing disk names no parent", childPath);
+  if (desc.parentPath === undefined) throw new DiskError("DISK_PARENT_MISSING", "differencing disk names no parent", childPath);
+  const parentPath = resolve(desc.parentPath);
+  const relink = (): void => driverFor(desc.format).setParent(childPath, parentPath, { force: true });
+  // Resuming an interrupted merge: the parent changed identity under the child (VHDX DataWriteGuid); re-link first.
+  if (existsSync(marker)) {
+    const recorded = readMarker(marker);
+    if (recorded !== parentPath) throw new DiskError("DISK_MERGE_MARKER", `an interrupted merge into ${recorded} is pending; finish it with that parent, or delete ${marker}`, childPath);
+    relink();
+  }
   const parentDesc = describeImage(parentPath);
+  writeMarker(marker, parentPath);
   if (parentDesc.virtualSize < desc.virtualSize) driverFor(parentDesc.format).resize(parentPath, desc.virtualSize);
 
   const chain = openImage(childPath, { readOnly: true });
   let parent: BlockDevice | undefined;
   let touched = false;
-  const relink = (): void => {
-    // Writing to a VHDX parent changes its DataWriteGuid; point the child at the parent as it is now.
-    if (touched) driverFor(desc.format).setParent(childPath, parentPath, { force: true });
-  };
+  let merged = 0;
   try {
     parent = openAs(parentPath, parentDesc.format);
     const chunk = options.chunkSize ?? DEFAULT_CHUNK_SIZE;
     const buf = new Uint8Array(chunk);
-    let merged = 0;
     const size = chain.size;
     for (let pos = 0; pos < size; pos += chunk) {
-      throwIfCancelled(options, childPath, "merge");
+      if (options.signal?.aborted) break;
       const n = Math.min(chunk, size - pos);
       for (const e of chain.allocation(pos, n)) {
         if (e.state === "unallocated") continue;
         const view = buf.subarray(0, e.length);
         chain.read(e.offset, view);
+        touched = true;
         parent.write(e.offset, view);
         merged += e.length;
-        if (!touched) {
-          touched = true;
-          parent.flush();
-          relink();
-        }
       }
       options.progress?.(pos + n, size);
       await yieldToEventLoop();
     }
     parent.flush();
-    parent.close();
-    parent = undefined;
-    chain.close();
-    if (options.signal?.aborted) {
-      relink();
-      throw new DiskOperationCancelled(childPath, "merge");
-    }
-    relink();
-    rmSync(childPath);
-    fsyncDirectory(dirname(childPath));
-    return { path: parentPath, mergedBytes: merged, childRemoved: true };
-  } catch (e) {
+  } finally {
+    // Close the writable parent before anything reads it again (a VHDX keeps its log live while open).
     try {
-      parent?.flush();
       parent?.close();
-    } catch {
-      // already failing
-    }
-    try {
+    } finally {
       chain.close();
-    } catch {
-      // closed already
     }
-    if (statExists(childPath)) {
-      try {
-        relink();
-      } catch {
-        // reported by the original error; `set-parent --force` repairs it
-      }
-    }
-    throw e;
+    if (touched) relink();
   }
+  if (options.signal?.aborted) {
+    rmSync(marker, { force: true });
+    throw new DiskOperationCancelled(childPath, "merge");
+  }
+  rmSync(childPath);
+  fsyncDirectory(dirname(childPath));
+  rmSync(marker, { force: true });
+  return { path: parentPath, mergedBytes: merged, childRemoved: true };
 }
 
-function statExists(path: string): boolean {
+function writeMarker(marker: string, parentPath: string): void {
+  writeFileSync(marker, JSON.stringify({ kind: "partis-merge", version: 1, parentPath }) + "\n");
+  fsyncFile(marker);
+  fsyncDirectory(dirname(marker));
+}
+
+function readMarker(marker: string): string {
   try {
-    statSync(path);
-    return true;
+    const m = JSON.parse(readFileSync(marker, "utf8")) as { kind?: unknown; parentPath?: unknown };
+    if (m.kind === "partis-merge" && typeof m.parentPath === "string") return m.parentPath;
   } catch {
-    return false;
+    // fall through
   }
+  throw new DiskError("DISK_MERGE_MARKER", "unreadable merge marker; delete it after checking the chain", marker);
 }
