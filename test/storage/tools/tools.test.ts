@@ -57,7 +57,7 @@ test("convert: every source format to every target, equal under qemu-img compare
     for (const s of sources) {
       const before = sha256File(s.path);
       for (const t of TARGETS) {
-        const dst = join(dir, `out-${s.format}-${t.format}-${t.type}.${t.format === "raw" ? "img" : t.format}`);
+        const dst = join(dir, `out-${s.label.replace(" ", "_")}-${t.format}-${t.type}.${t.format === "raw" ? "img" : t.format}`);
         let calls = 0;
         const r = await convertDisk(s.path, dst, { ...t, progress: () => calls++ });
         assert.ok(calls > 0, "progress reported");
