@@ -1,7 +1,9 @@
 /**
- * Creating VHDX files. Layout (the same as QEMU's, which keeps images
- * familiar to both tools): header section 0-1 MiB, log 1-2 MiB, metadata
- * region 2-3 MiB, BAT from 3 MiB (rounded up to 1 MiB), then payload. A
+ * Creating VHDX files. Layout: header section 0-1 MiB, log 1-2 MiB (1 MiB,
+ * as QEMU and Hyper-V use), metadata region 2-3 MiB, BAT from 3 MiB (rounded
+ * up to 1 MiB, so it can grow in place a little), then payload. (QEMU 7.2
+ * puts the BAT at 2 MiB and metadata at 3 MiB, and marks both regions
+ * not required; readers must not depend on either.) A
  * fixed disk gets every block FULLY_PRESENT at consecutive offsets after the
  * BAT, with the space reserved by extending the file (sparse on Linux).
  *

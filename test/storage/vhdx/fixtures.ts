@@ -3,11 +3,14 @@ import { execFileSync, spawnSync } from "node:child_process";
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as nodePath from "node:path";
+import { after } from "node:test";
 
 export const MiB = 1024 * 1024;
 
 export function tempDir(name: string): string {
-  return fs.mkdtempSync(nodePath.join(os.tmpdir(), `partis-vhdx-${name}-`));
+  const dir = fs.mkdtempSync(nodePath.join(os.tmpdir(), `partis-vhdx-${name}-`));
+  after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  return dir;
 }
 
 export function hasTool(tool: string): boolean {
