@@ -5,7 +5,13 @@
  * layers need (aligned buffers, shared mappings).
  */
 export { KvmSystem, kvmIoctl, type CpuidEntry } from "./system.js";
-export { Partition, PartitionConfigError, type PartitionHandoff, type PartitionOptions, type IoEventFdSpec, type GsiRoute } from "./partition.js";
+export {
+  Partition,
+  PartitionConfigError,
+  DEFAULT_TSS_GPA,
+  DEFAULT_IDENTITY_MAP_GPA,
+  type EventFdLike,
+  type PartitionHandoff, type PartitionOptions, type IoEventFdSpec, type GsiRoute } from "./partition.js";
 export {
   VirtualProcessor,
   type VcpuExit,
@@ -27,3 +33,4 @@ export { EventFd } from "./eventfd.js";
 export { probeHost, hostCanRunStockGuests, stockGuestVerdict, PVM_EXPLANATION, type HostReport, type VirtualizationKind } from "./host.js";
 export { KvmError, KvmProtocolError, SystemCallError } from "./errors.js";
 export { KVM_CAP, KVM_EXIT, KVM_SYSTEM_EVENT, KVM_INTERNAL_ERROR, KVM_MP_STATE } from "./kvm-abi.js";
+export * as libc from "./libc.js";

@@ -44,6 +44,17 @@ export type { GsiRoute } from "./kvm-abi.js";
 
 const PAGE = 4096;
 
+/** Conventional guest-physical spots for KVM's private pages on Intel hosts (as QEMU uses), below the BIOS. */
+export const DEFAULT_TSS_GPA = 0xfffbd000;
+export const DEFAULT_IDENTITY_MAP_GPA = 0xfffbc000;
+
+/** An eventfd: its number, or an object that has one (e.g. EventFd). */
+export type EventFdLike = number | { readonly fd: number };
+
+function fdOf(e: EventFdLike): number {
+  return typeof e === "number" ? e : e.fd;
+}
+
 export class PartitionConfigError extends PartisError {}
 
 /** Everything another thread of this process needs to attach to the partition: plain numbers. */
@@ -68,7 +79,7 @@ export interface IoEventFdSpec {
   readonly length: number;
   /** Only writes of this value signal (when given). */
   readonly datamatch?: number | bigint;
-  readonly eventfd: number;
+  readonly eventfd: EventFdLike;
 }
 
 export interface PartitionOptions {
@@ -232,7 +243,11 @@ export class Partition {
     this.ioctl("CREATE_PIT2", encodePitConfig(flags));
   }
 
-  /** Three pages of guest-physical space KVM may use for the real-mode TSS (Intel hosts). */
+  /**
+   * Three pages of guest-physical space KVM may use for the real-mode TSS.
+   * Needed on Intel (VT-x) hosts before the first run; harmless elsewhere
+   * (AMD and PVM accept it). Usually DEFAULT_TSS_GPA.
+   */
   setTssAddr(gpa: number): void {
     this.ioctl("SET_TSS_ADDR", gpa, { gpa: BigInt(gpa) });
   }
@@ -266,20 +281,22 @@ export class Partition {
    * triggered: KVM deasserts it at EOI and signals `resampleFd` so the device
    * can re-assert if still pending.
    */
-  irqfd(gsi: number, eventfd: number, resampleFd?: number): void {
+  irqfd(gsi: number, eventfd: EventFdLike, resampleFd?: EventFdLike): void {
+    const fd = fdOf(eventfd);
     const flags = resampleFd === undefined ? 0 : KVM_IRQFD_FLAG_RESAMPLE;
-    this.ioctl("IRQFD", encodeIrqfd(eventfd, gsi, flags, resampleFd ?? 0), { gsi, eventfd });
+    this.ioctl("IRQFD", encodeIrqfd(fd, gsi, flags, resampleFd === undefined ? 0 : fdOf(resampleFd)), { gsi, eventfd: fd });
   }
 
-  removeIrqfd(gsi: number, eventfd: number): void {
-    this.ioctl("IRQFD", encodeIrqfd(eventfd, gsi, KVM_IRQFD_FLAG_DEASSIGN), { gsi, eventfd });
+  removeIrqfd(gsi: number, eventfd: EventFdLike): void {
+    const fd = fdOf(eventfd);
+    this.ioctl("IRQFD", encodeIrqfd(fd, gsi, KVM_IRQFD_FLAG_DEASSIGN), { gsi, eventfd: fd });
   }
 
   private ioeventfdBytes(spec: IoEventFdSpec, deassign: boolean): Uint8Array {
     let flags = spec.space === "pio" ? KVM_IOEVENTFD_FLAG_PIO : 0;
     if (spec.datamatch !== undefined) flags |= KVM_IOEVENTFD_FLAG_DATAMATCH;
     if (deassign) flags |= KVM_IOEVENTFD_FLAG_DEASSIGN;
-    return encodeIoeventfd(BigInt(spec.datamatch ?? 0), BigInt(spec.addr), spec.length, spec.eventfd, flags);
+    return encodeIoeventfd(BigInt(spec.datamatch ?? 0), BigInt(spec.addr), spec.length, fdOf(spec.eventfd), flags);
   }
 
   /** Register an ioeventfd: guest writes matching `spec` signal the eventfd in the kernel, without an exit. */

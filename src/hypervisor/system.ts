@@ -31,6 +31,8 @@ export function kvmIoctl(
 
 export class KvmSystem {
   private closed = false;
+  /** Made by attach(): close() leaves the fd open. */
+  private borrowed = false;
 
   private constructor(
     /** The /dev/kvm file descriptor. */
@@ -68,7 +70,6 @@ export class KvmSystem {
     s.borrowed = true;
     return s;
   }
-  private borrowed = false;
 
   /** KVM_CHECK_EXTENSION on /dev/kvm: 0 when absent, otherwise a capability-specific value. */
   checkExtension(cap: number): number {

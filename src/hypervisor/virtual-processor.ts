@@ -22,6 +22,7 @@ import {
   KVM,
   KVM_EXIT,
   KVM_EXIT_IO_OUT,
+  KVM_INTERNAL_ERROR,
   KVM_RUN,
   SIZEOF,
   decodeCpuid2,
@@ -78,6 +79,12 @@ export interface InternalErrorExit {
   /** KVM_INTERNAL_ERROR_*: 1 emulation failure, 2 exception during exception, 3 delivery failure, 4 unexpected exit. */
   readonly suberror: number;
   readonly data: readonly bigint[];
+  /**
+   * For an emulation failure that reports them (flag bit 0 of data[0]): the
+   * bytes of the instruction KVM could not emulate, e.g. [0xf3, 0x48, 0x0f, 0xb8, 0xc1]
+   * for POPCNT on a PVM host.
+   */
+  readonly instructionBytes?: Uint8Array;
 }
 
 export interface FailEntryExit {
@@ -214,12 +221,24 @@ export class VirtualProcessor {
       case KVM_EXIT.SYSTEM_EVENT:
         return { reason: "system_event", type: this.run32[KVM_RUN.SYSTEM_EVENT_TYPE >>> 2]!, data: this.u64s(KVM_RUN.SYSTEM_EVENT_NDATA, KVM_RUN.SYSTEM_EVENT_DATA) };
       case KVM_EXIT.INTERNAL_ERROR:
-        return { reason: "internal_error", suberror: this.run32[KVM_RUN.INTERNAL_SUBERROR >>> 2]!, data: this.u64s(KVM_RUN.INTERNAL_NDATA, KVM_RUN.INTERNAL_DATA) };
+        return this.internalError();
       case KVM_EXIT.FAIL_ENTRY:
         return { reason: "fail_entry", hardwareReason: this.u64(KVM_RUN.FAIL_ENTRY_REASON), cpu: this.run32[KVM_RUN.FAIL_ENTRY_CPU >>> 2]! };
       default:
         return { reason: "unknown", code: reason };
     }
+  }
+
+  private internalError(): InternalErrorExit {
+    const suberror = this.run32[KVM_RUN.INTERNAL_SUBERROR >>> 2]!;
+    const data = this.u64s(KVM_RUN.INTERNAL_NDATA, KVM_RUN.INTERNAL_DATA);
+    // emulation_failure: data[0] = flags; then u8 insn_size and 15 instruction bytes.
+    if (suberror === KVM_INTERNAL_ERROR.EMULATION && data.length >= 3 && (data[0]! & 1n) !== 0n) {
+      const at = KVM_RUN.INTERNAL_DATA + 8;
+      const size = Math.min(15, this.run8[at]!);
+      return { reason: "internal_error", suberror, data, instructionBytes: this.run8.slice(at + 1, at + 1 + size) };
+    }
+    return { reason: "internal_error", suberror, data };
   }
 
   private u64(offset: number): bigint {
