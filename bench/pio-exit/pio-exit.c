@@ -31,6 +31,7 @@ int main(int argc, char **argv) {
   if (kvm < 0) die("open /dev/kvm");
   int vm = ioctl(kvm, KVM_CREATE_VM, 0);
   if (vm < 0) die("KVM_CREATE_VM");
+  if (ioctl(vm, KVM_SET_TSS_ADDR, 0xfffbd000UL) < 0) die("KVM_SET_TSS_ADDR"); /* VT-x hosts, real mode */
   size_t ram_size = 0x100000;
   uint8_t *ram = mmap(NULL, ram_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
   if (ram == MAP_FAILED) die("mmap ram");

@@ -15,7 +15,7 @@ import * as os from "node:os";
 import * as path from "node:path";
 import { fileURLToPath } from "node:url";
 import { KvmSystem } from "../../src/hypervisor/system.js";
-import { Partition } from "../../src/hypervisor/partition.js";
+import { DEFAULT_TSS_GPA, Partition } from "../../src/hypervisor/partition.js";
 import { VirtualProcessor } from "../../src/hypervisor/virtual-processor.js";
 import { threadCpuTimeNs } from "../../src/hypervisor/libc.js";
 
@@ -61,6 +61,7 @@ function runC(binary: string): Sample {
 function runTs(): Sample {
   const sys = KvmSystem.open();
   const p = Partition.create(sys, { ranges: [{ gpa: 0, length: 0x100000, fileOffset: 0 }] });
+  p.setTssAddr(DEFAULT_TSS_GPA); // needed by VT-x hosts for real mode; harmless elsewhere
   const vp = VirtualProcessor.create(p, 0);
   try {
     // mov al, 0 ; loop: out 0x10, al ; inc al ; jmp loop

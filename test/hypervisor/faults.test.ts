@@ -7,7 +7,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import * as fs from "node:fs";
 import { KvmSystem } from "../../src/hypervisor/system.js";
-import { Partition } from "../../src/hypervisor/partition.js";
+import { DEFAULT_TSS_GPA, Partition } from "../../src/hypervisor/partition.js";
 import { VirtualProcessor, type VcpuExit } from "../../src/hypervisor/virtual-processor.js";
 import { CODE_GPA, code, enterLongMode, writeLongModeTables } from "./guests.js";
 
@@ -21,6 +21,7 @@ function describe(exit: VcpuExit): string {
 function runLongMode(bytes: Uint8Array): VcpuExit {
   const sys = KvmSystem.open();
   const p = Partition.create(sys, { ranges: [{ gpa: 0, length: 2 << 20, fileOffset: 0 }] });
+  p.setTssAddr(DEFAULT_TSS_GPA); // needed by VT-x hosts for real mode; harmless elsewhere
   const vp = VirtualProcessor.create(p, 0);
   try {
     vp.setCpuid(sys.supportedCpuid());

@@ -8,7 +8,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import * as fs from "node:fs";
 import { KvmSystem } from "../../src/hypervisor/system.js";
-import { Partition } from "../../src/hypervisor/partition.js";
+import { DEFAULT_TSS_GPA, Partition } from "../../src/hypervisor/partition.js";
 import { VirtualProcessor, type VcpuExit } from "../../src/hypervisor/virtual-processor.js";
 import { EventFd } from "../../src/hypervisor/eventfd.js";
 import { CODE_GPA, code, enterLongMode, enterRealMode, withWatchdog, writeLongModeTables } from "./guests.js";
@@ -46,6 +46,7 @@ const PIC_HANDLER = code(
 function withPicGuest(body: (vp: VirtualProcessor, p: Partition) => void): void {
   const sys = KvmSystem.open();
   const p = Partition.create(sys, { ranges: [{ gpa: 0, length: 0x100000, fileOffset: 0 }] });
+  p.setTssAddr(DEFAULT_TSS_GPA); // needed by VT-x hosts for real mode; harmless elsewhere
   try {
     p.createIrqchip();
     const vp = VirtualProcessor.create(p, 0);
@@ -120,6 +121,7 @@ test("a signal makes run() of a halted vCPU return intr", { skip: noKvm }, async
 test("MSIs reach the local APIC: KVM_SIGNAL_MSI, and irqfd on a GSI routed to an MSI", { skip: noKvm }, async () => {
   const sys = KvmSystem.open();
   const p = Partition.create(sys, { ranges: [{ gpa: 0, length: 0x100000, fileOffset: 0 }] });
+  p.setTssAddr(DEFAULT_TSS_GPA); // needed by VT-x hosts for real mode; harmless elsewhere
   try {
     p.createIrqchip();
     const vp = VirtualProcessor.create(p, 0);
@@ -172,6 +174,7 @@ test("MSIs reach the local APIC: KVM_SIGNAL_MSI, and irqfd on a GSI routed to an
 test("long mode CPL0: an MSI is delivered through the IDT; iretq returns to the halted loop", { skip: noKvm }, async () => {
   const sys = KvmSystem.open();
   const p = Partition.create(sys, { ranges: [{ gpa: 0, length: 2 << 20, fileOffset: 0 }] });
+  p.setTssAddr(DEFAULT_TSS_GPA); // needed by VT-x hosts for real mode; harmless elsewhere
   try {
     p.createIrqchip();
     const vp = VirtualProcessor.create(p, 0);

@@ -7,7 +7,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import * as fs from "node:fs";
 import { KvmSystem } from "../../src/hypervisor/system.js";
-import { Partition } from "../../src/hypervisor/partition.js";
+import { DEFAULT_TSS_GPA, Partition } from "../../src/hypervisor/partition.js";
 import { VirtualProcessor, type VcpuExit } from "../../src/hypervisor/virtual-processor.js";
 import type { RamRange } from "../../src/machine/guest-memory.js";
 import { CODE_GPA, code, enterLongMode, imm32, imm64, writeLongModeTables } from "./guests.js";
@@ -23,6 +23,7 @@ function describe(exit: VcpuExit): string {
 function withLongModeGuest(ranges: RamRange[], gib: number, bytes: Uint8Array, body: (vp: VirtualProcessor, p: Partition) => void): void {
   const sys = KvmSystem.open();
   const p = Partition.create(sys, { ranges });
+  p.setTssAddr(DEFAULT_TSS_GPA); // needed by VT-x hosts for real mode; harmless elsewhere
   const vp = VirtualProcessor.create(p, 0);
   try {
     vp.setCpuid(sys.supportedCpuid());

@@ -8,7 +8,7 @@ import assert from "node:assert/strict";
 import * as fs from "node:fs";
 import { Worker } from "node:worker_threads";
 import { KvmSystem } from "../../src/hypervisor/system.js";
-import { Partition } from "../../src/hypervisor/partition.js";
+import { DEFAULT_TSS_GPA, Partition } from "../../src/hypervisor/partition.js";
 import { gettid } from "../../src/hypervisor/libc.js";
 import { CODE_GPA, code } from "./guests.js";
 import type { VcpuWorkerInput, VcpuWorkerReport } from "./vcpu-worker.js";
@@ -37,6 +37,7 @@ function runWorker(input: VcpuWorkerInput): Promise<VcpuWorkerReport> {
 test("three vCPUs on three worker threads share one partition", { skip: noKvm }, async () => {
   const sys = KvmSystem.open();
   const p = Partition.create(sys, { ranges: [{ gpa: 0, length: 0x100000, fileOffset: 0 }] });
+  p.setTssAddr(DEFAULT_TSS_GPA); // needed by VT-x hosts for real mode; harmless elsewhere
   try {
     p.guestMemory.write(CODE_GPA, GUEST);
     const exits = 500;

@@ -6,7 +6,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import * as fs from "node:fs";
 import { KvmSystem } from "../../src/hypervisor/system.js";
-import { Partition } from "../../src/hypervisor/partition.js";
+import { DEFAULT_TSS_GPA, Partition } from "../../src/hypervisor/partition.js";
 import { VirtualProcessor, type VcpuExit } from "../../src/hypervisor/virtual-processor.js";
 import { EventFd } from "../../src/hypervisor/eventfd.js";
 import { CODE_GPA, code, enterRealMode } from "./guests.js";
@@ -16,6 +16,7 @@ const noKvm = fs.existsSync("/dev/kvm") ? undefined : "no /dev/kvm on this host"
 function withGuest(bytes: Uint8Array, body: (vp: VirtualProcessor, p: Partition) => void): void {
   const sys = KvmSystem.open();
   const p = Partition.create(sys, { ranges: [{ gpa: 0, length: 0x100000, fileOffset: 0 }] });
+  p.setTssAddr(DEFAULT_TSS_GPA); // needed by VT-x hosts for real mode; harmless elsewhere
   const vp = VirtualProcessor.create(p, 0);
   try {
     p.guestMemory.write(CODE_GPA, bytes);

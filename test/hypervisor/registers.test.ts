@@ -7,7 +7,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import * as fs from "node:fs";
 import { KvmSystem } from "../../src/hypervisor/system.js";
-import { Partition } from "../../src/hypervisor/partition.js";
+import { DEFAULT_TSS_GPA, Partition } from "../../src/hypervisor/partition.js";
 import { VirtualProcessor } from "../../src/hypervisor/virtual-processor.js";
 import { KvmError } from "../../src/hypervisor/errors.js";
 import { KVM_CAP, KVM_MP_STATE, REGS_ORDER } from "../../src/hypervisor/kvm-abi.js";
@@ -18,6 +18,7 @@ const noKvm = fs.existsSync("/dev/kvm") ? undefined : "no /dev/kvm on this host"
 function withVcpu(opts: { irqchip: boolean }, body: (vp: VirtualProcessor, p: Partition, sys: KvmSystem) => void): void {
   const sys = KvmSystem.open();
   const p = Partition.create(sys, { ranges: [{ gpa: 0, length: 2 << 20, fileOffset: 0 }] });
+  p.setTssAddr(DEFAULT_TSS_GPA); // needed by VT-x hosts for real mode; harmless elsewhere
   if (opts.irqchip) p.createIrqchip();
   const vp = VirtualProcessor.create(p, 0);
   try {
