@@ -17,7 +17,7 @@ import { loadModuleIndex, planModuleLoad } from "../images/kernel-modules.js";
 /** Modules of the nested host (dependencies such as ccp, irqbypass, virtio_ring, netfs, fscache are added). */
 export const NESTED_HOST_MODULES: readonly string[] = ["kvm_amd", "virtio_pci", "virtio_console", "9pnet_virtio", "9p"];
 
-const LAYOUT_VERSION = 1;
+const LAYOUT_VERSION = 2;
 
 /** 9p mount options: 9P2000.L, the largest message size Linux's virtio transport takes (<512 KiB). */
 export const NINEP_OPTS = "trans=virtio,version=9p2000.L,msize=512000";
@@ -68,8 +68,8 @@ done
 cp /ctl/command.sh /host/run/partis-command.sh || fail "cannot copy the command"
 if [ -e /ctl/tty ]; then
   read -r rows cols < /ctl/tty
-  stty -F /dev/hvc0 rows "$rows" cols "$cols" 2>/dev/null
-  setsid -c chroot /host /bin/sh /run/partis-command.sh <>/dev/hvc0 >&0 2>&0
+  # The window size lives as long as the tty is open: set it on the command's own descriptor.
+  setsid -c /bin/sh -c "stty rows $rows cols $cols 2>/dev/null; exec chroot /host /bin/sh /run/partis-command.sh" <>/dev/hvc0 >&0 2>&0
   status=$?
 else
   [ -n "$IN" ] && [ -n "$OUT" ] && [ -n "$ERR" ] || fail "virtio-serial ports missing"
