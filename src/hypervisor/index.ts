@@ -14,6 +14,10 @@ export {
   type PartitionHandoff, type PartitionOptions, type IoEventFdSpec, type GsiRoute } from "./partition.js";
 export {
   VirtualProcessor,
+  VcpuKicker,
+  installKickHandler,
+  KICK_SIGNAL,
+  type VcpuKickHandle,
   type VcpuExit,
   type VcpuExitReason,
   type IoExit,

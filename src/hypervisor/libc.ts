@@ -57,6 +57,9 @@ const c = {
   getpid: lib.func("int getpid()") as IntFn<[]>,
   clockGettime: lib.func("int clock_gettime(int clockid, void *tp)") as IntFn<[number, ArrayBufferView]>,
   gettid: lib.func("int gettid()") as IntFn<[]>,
+  pthreadSelf: lib.func("uint64_t pthread_self()") as () => bigint | number,
+  pthreadKill: lib.func("int pthread_kill(uint64_t thread, int sig)") as IntFn<[bigint, number]>,
+  pthreadSigmask: lib.func("int pthread_sigmask(int how, const void *set, void *oldset)") as IntFn<[number, ArrayBufferView | null, ArrayBufferView | null]>,
 };
 
 /**
@@ -227,6 +230,28 @@ export function threadCpuTimeNs(): bigint {
 /** Kernel thread id of the calling thread (differs per worker_thread). */
 export function gettid(): number {
   return c.gettid();
+}
+
+/** pthread_t of the calling thread (opaque; only for pthreadKill from another thread of this process). */
+export function pthreadSelf(): bigint {
+  return BigInt(c.pthreadSelf());
+}
+
+/** pthread_kill(3): send `signal` to one thread of this process. Returns nothing; throws on failure. */
+export function pthreadKill(thread: bigint, signal: number): void {
+  const r = c.pthreadKill(thread, signal);
+  // pthread_* return the error number instead of setting errno.
+  if (r !== 0) throw new SystemCallError("pthread_kill", r, errnoName(r), strerror(r), { signal });
+}
+
+const SIG_UNBLOCK = 1;
+
+/** Unblock `signal` for the calling thread (worker threads may start with signals blocked). */
+export function unblockSignal(signal: number): void {
+  const set = new BigUint64Array(16); // sigset_t: 1024 bits
+  set[0] = 1n << BigInt(signal - 1);
+  const r = c.pthreadSigmask(SIG_UNBLOCK, set, null);
+  if (r !== 0) throw new SystemCallError("pthread_sigmask", r, errnoName(r), strerror(r), { signal });
 }
 
 // --- memory mappings --------------------------------------------------------------------------

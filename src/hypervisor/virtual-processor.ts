@@ -15,6 +15,8 @@
  * Registers: 64-bit registers are `bigint` everywhere (exact), narrower
  * fields are `number` (see kvm-abi.ts).
  */
+import * as os from "node:os";
+import { isMainThread } from "node:worker_threads";
 import * as libc from "./libc.js";
 import { KvmError, KvmProtocolError } from "./errors.js";
 import { kvmIoctl } from "./system.js";
@@ -121,7 +123,62 @@ const KVM_RUN_REQUEST = KVM.RUN;
 const EINTR = libc.Errno.EINTR;
 const EAGAIN = libc.Errno.EAGAIN;
 
+/**
+ * The signal that kicks a vCPU thread out of KVM_RUN. It needs a handler in
+ * the process (without one, SIGUSR2 would end the process): VcpuKicker
+ * installs a no-op one when used on the main thread; otherwise call
+ * `installKickHandler()` on the main thread first.
+ */
+export const KICK_SIGNAL = os.constants.signals.SIGUSR2;
+
+const ignoreKick = (): void => {};
+
+/** Install the process-wide no-op handler for KICK_SIGNAL. Main thread only (signals are not delivered to worker `process`). */
+export function installKickHandler(): void {
+  if (!isMainThread) throw new KvmProtocolError("VCPU_KICK_HANDLER", "installKickHandler must run on the main thread");
+  if (!process.listeners("SIGUSR2").includes(ignoreKick)) process.on("SIGUSR2", ignoreKick);
+}
+
+/** Plain data (structured-clone safe) another thread needs to kick a vCPU. */
+export interface VcpuKickHandle {
+  readonly vcpu: number;
+  readonly fd: number;
+  readonly mmapSize: number;
+  /** pthread_t of the vCPU's thread. */
+  readonly thread: bigint;
+}
+
+/**
+ * Makes a vCPU running on another thread leave KVM_RUN (its run() returns
+ * "intr"): sets kvm_run.immediate_exit through its own mapping of the vCPU's
+ * kvm_run (so a kick just before KVM_RUN is not lost) and signals the thread
+ * (so a vCPU blocked in the kernel, e.g. halted, wakes). Valid while the vCPU
+ * is open.
+ */
+export class VcpuKicker {
+  private constructor(
+    private readonly run: Uint8Array,
+    readonly handle: VcpuKickHandle,
+  ) {}
+
+  static attach(handle: VcpuKickHandle): VcpuKicker {
+    if (isMainThread) installKickHandler();
+    return new VcpuKicker(libc.mapSharedFile(handle.fd, 0, handle.mmapSize), handle);
+  }
+
+  kick(): void {
+    this.run[KVM_RUN.IMMEDIATE_EXIT] = 1;
+    libc.pthreadKill(this.handle.thread, KICK_SIGNAL);
+  }
+
+  close(): void {
+    libc.releaseMapping(this.run);
+  }
+}
+
 export class VirtualProcessor {
+  /** pthread_t of the creating thread (the only one that may run this vCPU). */
+  private readonly thread: bigint;
   /** struct kvm_run and the following PIO data page(s), shared with the kernel. */
   private readonly run8: Uint8Array;
   private readonly run16: Uint16Array;
@@ -147,6 +204,14 @@ export class VirtualProcessor {
     this.mmioData = Array.from({ length: 9 }, (_, n) => run.subarray(KVM_RUN.MMIO_DATA, KVM_RUN.MMIO_DATA + n));
     this.ioExit = { reason: "io", direction: "out", port: 0, size: 1, count: 0, data: run.subarray(0, 0) };
     this.mmioExit = { reason: "mmio", gpa: 0, isWrite: false, data: this.mmioData[0]! };
+    this.thread = libc.pthreadSelf();
+    // Node may start worker threads with signals blocked; a kick must reach this thread.
+    libc.unblockSignal(KICK_SIGNAL);
+  }
+
+  /** What another thread needs to build a VcpuKicker for this vCPU. */
+  kickHandle(): VcpuKickHandle {
+    return { vcpu: this.id, fd: this.fd, mmapSize: this.run8.byteLength, thread: this.thread };
   }
 
   /** KVM_CREATE_VCPU `id` (the APIC id) and map its kvm_run. Call on the thread that will run it. */
@@ -174,7 +239,11 @@ export class VirtualProcessor {
     const r = libc.raw.ioctlInt(this.fd, KVM_RUN_REQUEST, 0);
     if (r < 0) {
       const e = libc.errno();
-      if (e === EINTR || e === EAGAIN) return INTR;
+      if (e === EINTR || e === EAGAIN) {
+        // A kick (or the caller's own immediateExit) has been seen: re-arm for the next run().
+        this.run8[KVM_RUN.IMMEDIATE_EXIT] = 0;
+        return INTR;
+      }
       throw new KvmError("KVM_RUN", e, libc.errnoName(e), libc.strerror(e), { vm: this.partition.vmFd, vcpu: this.id });
     }
     const run8 = this.run8;
@@ -250,7 +319,10 @@ export class VirtualProcessor {
     return Array.from({ length: n }, (_, i) => this.u64(dataOffset + i * 8));
   }
 
-  /** kvm_run.immediate_exit: when set, the next run() returns "intr" at once (KVM_CAP_IMMEDIATE_EXIT). */
+  /**
+   * kvm_run.immediate_exit: when set, the next run() returns "intr" at once
+   * (KVM_CAP_IMMEDIATE_EXIT); run() clears it when it returns "intr".
+   */
   set immediateExit(on: boolean) {
     this.run8[KVM_RUN.IMMEDIATE_EXIT] = on ? 1 : 0;
   }

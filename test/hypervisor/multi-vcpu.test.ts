@@ -12,6 +12,8 @@ import { DEFAULT_TSS_GPA, Partition } from "../../src/hypervisor/partition.js";
 import { gettid } from "../../src/hypervisor/libc.js";
 import { CODE_GPA, code } from "./guests.js";
 import type { VcpuWorkerInput, VcpuWorkerReport } from "./vcpu-worker.js";
+import type { KickWorkerReport } from "./kick-worker.js";
+import { VcpuKicker, type VcpuKickHandle } from "../../src/hypervisor/virtual-processor.js";
 
 const noKvm = fs.existsSync("/dev/kvm") ? undefined : "no /dev/kvm on this host";
 
@@ -56,6 +58,63 @@ test("three vCPUs on three worker threads share one partition", { skip: noKvm },
       tids.add(r.tid);
     }
     assert.equal(tids.size, 4, "every vCPU ran on a thread of its own");
+  } finally {
+    p.destroy();
+    sys.close();
+  }
+});
+
+test("VcpuKicker: the main thread kicks a vCPU halted in the kernel on a worker thread; run() returns intr once", { skip: noKvm }, async () => {
+  const sys = KvmSystem.open();
+  const p = Partition.create(sys, { ranges: [{ gpa: 0, length: 0x100000, fileOffset: 0 }] });
+  p.setTssAddr(DEFAULT_TSS_GPA);
+  try {
+    p.createIrqchip();
+    p.guestMemory.write(CODE_GPA, code([0xfb], [0xf4], [0xeb, 0xfd])); // sti; idle: hlt; jmp idle
+    p.guestMemory.write(0x1020, code([0xe6, 0x82], [0xcf])); //          handler: out 0x82, al; iret
+    const ivt = p.guestMemory.bytes(0x30 * 4, 4);
+    new DataView(ivt.buffer, ivt.byteOffset, 4).setUint32(0, 0x1020, true);
+
+    const w = new Worker(new URL("./kick-worker.js", import.meta.url), { workerData: p.handoff() });
+    const messages: { kind: string; handle?: VcpuKickHandle; reason?: string; report?: KickWorkerReport }[] = [];
+    let wake: () => void = () => {};
+    w.on("message", (m: (typeof messages)[number]) => {
+      messages.push(m);
+      wake();
+    });
+    const next = async (kind: string, ms: number): Promise<(typeof messages)[number] | undefined> => {
+      const deadline = Date.now() + ms;
+      for (;;) {
+        const i = messages.findIndex((m) => m.kind === kind);
+        if (i >= 0) return messages.splice(i, 1)[0];
+        const left = deadline - Date.now();
+        if (left <= 0) return undefined;
+        await new Promise<void>((resolve) => {
+          wake = resolve;
+          setTimeout(resolve, left);
+        });
+      }
+    };
+
+    const ready = await next("ready", 10_000);
+    assert.ok(ready?.handle, "worker ready");
+    const kicker = VcpuKicker.attach(ready.handle);
+    try {
+      await new Promise((r) => setTimeout(r, 200)); // let the vCPU halt in the kernel
+      kicker.kick();
+      const first = await next("first", 5_000);
+      // Unblock the second run() (and, if the kick failed, the first) with an MSI to vector 0x30.
+      p.signalMsi(0xfee00000, 0x30);
+      if (first === undefined) p.signalMsi(0xfee00000, 0x30);
+      const done = await next("report", 10_000);
+      assert.ok(done?.report, "worker finished");
+      assert.equal(done.report.error, undefined, done.report.error);
+      assert.equal(done.report.first, "intr", "the kick made run() return intr");
+      assert.equal(done.report.second, "io", "the next run() entered the guest again (immediate_exit was re-armed)");
+    } finally {
+      kicker.close();
+      await w.terminate();
+    }
   } finally {
     p.destroy();
     sys.close();
