@@ -5,7 +5,7 @@
  * `depmod -b`. Nothing is installed on the host. Also busybox-static, the
  * same way.
  */
-import { existsSync } from "node:fs";
+import { existsSync, readdirSync } from "node:fs";
 import { chmod, copyFile, readdir, rm, stat } from "node:fs/promises";
 import { join } from "node:path";
 import { candidateVersion, downloadDeb, extractDeb, memoisedAptAnswer, resolveDependency, runTool, type ResolvedPackage } from "./debian-package.js";
@@ -69,7 +69,7 @@ export async function prepareDebianKernel(
         : await resolveDependency(metapackage, /^linux-image-\d[^ ]*$/),
     );
   } catch (e) {
-    const cached = await newestCached(kernelsDir, "linux-image-");
+    const cached = aptUnavailable(e) ? await newestCached(kernelsDir, "linux-image-") : undefined;
     if (cached) {
       log(`apt could not resolve ${metapackage} (${(e as Error).message}); using cached ${cached}`);
       return kernelFromEntry(cached);
@@ -93,6 +93,16 @@ export async function prepareDebianKernel(
   return kernelFromEntry(entry);
 }
 
+/** apt itself cannot answer (not installed, no package lists): a cached entry may stand in. */
+function aptUnavailable(e: unknown): boolean {
+  if (e instanceof PackageToolError && e.code === "TOOL_MISSING") return true;
+  try {
+    return !readdirSync("/var/lib/apt/lists").some((f) => f.endsWith("_Packages") || f.includes("_Packages."));
+  } catch {
+    return true;
+  }
+}
+
 function depmodPath(): string {
   for (const p of ["/usr/sbin/depmod", "/sbin/depmod"]) if (existsSync(p)) return p;
   return "depmod";
@@ -105,7 +115,7 @@ export async function prepareBusybox(cacheDir: string, log: (l: string) => void)
   try {
     version = await memoisedAptAnswer(cacheDir, "busybox-static", () => candidateVersion("busybox-static"));
   } catch (e) {
-    const cached = await newestCached(dir, "busybox-static_");
+    const cached = aptUnavailable(e) ? await newestCached(dir, "busybox-static_") : undefined;
     if (cached) return { path: join(cached, "busybox"), version: cached.slice(cached.lastIndexOf("_") + 1) };
     throw e;
   }

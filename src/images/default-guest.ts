@@ -103,6 +103,7 @@ exit 0
 
 const ACPI_POWER = `#!/bin/sh
 # busybox acpid: power button (EV_KEY KEY_POWER -> action PWRF/00000080)
+echo PARTIS-POWER-BUTTON > /dev/console
 sync
 poweroff -f
 `;

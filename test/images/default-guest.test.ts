@@ -12,7 +12,7 @@ import { after, describe, it } from "node:test";
 import { readNewcCpio, writeNewcCpio } from "../../src/images/cpio.js";
 import { prepareDefaultGuest } from "../../src/images/default-guest.js";
 import { ensureCacheEntry } from "../../src/images/image-cache.js";
-import { KernelModuleError } from "../../src/images/image-errors.js";
+import { KernelModuleError, PackageToolError } from "../../src/images/image-errors.js";
 import { loadModuleIndex, planModuleLoad } from "../../src/images/kernel-modules.js";
 
 const S_IFMT = 0o170000;
@@ -101,6 +101,14 @@ describe("default guest artifacts", () => {
     assert.notEqual(a.initrd, (await prepareDefaultGuest()).initrd);
     const order = archive(a.initrd).get("lib/modules/load-order")!.data.toString().trim().split("\n").map((l) => l.slice(l.lastIndexOf("/") + 1));
     assert.ok(order.indexOf("virtio_ring.ko") < order.indexOf("virtio.ko") && order.indexOf("virtio.ko") < order.indexOf("virtio_blk.ko"), order.join(" "));
+  });
+
+  it("an unknown kernel package is a typed apt error, not a silent fallback", async () => {
+    await assert.rejects(prepareDefaultGuest({ kernelPackage: "linux-image-9.9.9-does-not-exist-amd64" }), (e: unknown) => {
+      assert.ok(e instanceof PackageToolError);
+      assert.equal(e.code, "APT_RESOLVE_FAILED");
+      return true;
+    });
   });
 
   it("cache entries are built once under concurrent callers", async () => {
