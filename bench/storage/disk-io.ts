@@ -22,7 +22,7 @@
  * usage: node dist/bench/storage/disk-io.js [--dir D] [--size-mib 256] [--random-ops 32768] [--write-docs]
  */
 import { spawnSync } from "node:child_process";
-import { cpus, totalmem } from "node:os";
+import { cpus, loadavg, totalmem } from "node:os";
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { createDisk, openDisk } from "../../src/storage/open.js";
@@ -190,7 +190,7 @@ if (args.includes("--write-docs")) {
     "## Storage",
     "",
     `Command: \`npx tsc -p . && node dist/bench/storage/disk-io.js --dir ${baseDir} --write-docs\` (${new Date().toISOString().slice(0, 10)}, one run).`,
-    `Machine: ${machine}; images on ${baseDir}.`,
+    `Machine: ${machine}; images on ${baseDir}; load average at the end ${loadavg().map((l) => l.toFixed(1)).join(" / ")} (the machine is shared: other sessions' test runs and a TCG QEMU were active, so expect ±20 % noise between runs).`,
     "",
     `Image size ${SIZE / MiB} MiB. 4K tests: ${RANDOM_OPS} writes / ${RANDOM_OPS * READ_REPEAT} reads at offsets (i × ${STRIDE}) mod size (a wrapping stride: qemu-img bench has no random mode, both sides use the same offsets); 1M tests: one pass over the image for writes, ${READ_REPEAT} for reads.`,
     "Partis: BlockDevice through the page cache (buffered fds), one flush at the end of writes, timed. qemu: `qemu-img bench -t writeback -d 1 [-w --flush-interval=<count>] -s <bs> -S <step>` on an identical, separately created file. Write tests start from a fresh image (allocation included); read tests from a fully written one. qemu 7.2 cannot open differencing VHDs, so the chain has no qemu numbers.",
