@@ -38,6 +38,8 @@ export interface RunningVmOptions {
 
 export class RunningVm {
   private readonly threads: Worker[] = [];
+  private readonly startGate = new Int32Array(new SharedArrayBuffer(4));
+  private vcpusReady = 0;
   private readonly pendingInput: Uint8Array[] = [];
   private inputTimer: NodeJS.Timeout | undefined;
   readonly outcome: Promise<VmOutcome>;
@@ -101,6 +103,7 @@ export class RunningVm {
           msrs: commonMsrs,
           deviceState: arena.buffer,
           powerState: power.buffer,
+          startGate: vm.startGate.buffer as SharedArrayBuffer,
           board: { memoryBytes: config.memoryBytes },
           consoleFd: options.consoleFd,
         };
@@ -117,6 +120,11 @@ export class RunningVm {
   private spawnVcpu(data: VcpuThreadData): void {
     const t = new Worker(new URL("./vcpu-thread.js", import.meta.url), { workerData: data, stdout: false, stderr: false });
     t.on("message", (m: VcpuThreadMessage) => {
+      if (m.type === "ready" && ++this.vcpusReady === this.config.cpus) {
+        // Every vCPU exists and is set up: let them all run.
+        Atomics.store(this.startGate, 0, 1);
+        Atomics.notify(this.startGate, 0);
+      }
       if (m.type === "error") this.power.record({ kind: "crash", reason: `vCPU ${m.vcpuId}: ${m.message}` });
     });
     t.on("error", (e) => this.power.record({ kind: "crash", reason: `vCPU ${data.vcpuId} thread failed: ${e.message}` }));

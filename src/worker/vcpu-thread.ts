@@ -29,13 +29,19 @@ export interface VcpuThreadData {
   readonly msrs: readonly { readonly index: number; readonly value: bigint }[];
   readonly deviceState: SharedArrayBuffer;
   readonly powerState: SharedArrayBuffer;
+  /**
+   * The start gate: every vCPU is created and set up before any runs (the
+   * guest's BSP must find its APs present, and the TSCs are written together).
+   * Word 0 turns non-zero when the main thread opens the gate.
+   */
+  readonly startGate: SharedArrayBuffer;
   readonly board: BoardConfig;
   readonly consoleFd: number;
 }
 
 /** Messages from a vCPU thread to the worker's main thread. */
 export type VcpuThreadMessage =
-  | { readonly type: "started"; readonly vcpuId: number }
+  | { readonly type: "ready"; readonly vcpuId: number }
   | { readonly type: "stopped"; readonly vcpuId: number }
   | { readonly type: "error"; readonly vcpuId: number; readonly message: string };
 
@@ -134,7 +140,9 @@ function main(): void {
     false,
   );
   const bus = board.bus;
-  port.postMessage({ type: "started", vcpuId: data.vcpuId } satisfies VcpuThreadMessage);
+  port.postMessage({ type: "ready", vcpuId: data.vcpuId } satisfies VcpuThreadMessage);
+  const gate = new Int32Array(data.startGate, 0, 1);
+  while (Atomics.load(gate, 0) === 0) Atomics.wait(gate, 0, 0);
 
   while (power.running) {
     const exit = vp.run();

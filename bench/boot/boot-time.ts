@@ -1,0 +1,138 @@
+/**
+ * Boot benchmark: time from process start to the guest's init marker, and the
+ * VMM's memory overhead, Partis vs QEMU (-enable-kvm, -M microvm and -M q35),
+ * with the same kernel, initrd, command line, memory and vCPUs, median of N
+ * runs each, side by side on one host.
+ *
+ * On a PVM host run it inside the nested test host (timings there are
+ * TCG-scaled: compare only side by side):
+ *   node dist/src/cli/main.js host nested -- node dist/bench/boot/boot-time.js --runs 5
+ * On a VT-x/AMD-V host run it directly.
+ *
+ * Memory overhead = VmRSS − RssShmem of the VMM process once the guest is at
+ * its shell: guest RAM is a memfd in both (QEMU is given a memfd backend), so
+ * RssShmem is exactly the guest RAM touched and the rest is the VMM's own.
+ * For Partis the figure is the worker process (the CLI process is reported
+ * separately).
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { readFileSync, existsSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+import { prepareDefaultGuest, GUEST_READY_MARKER } from "../../src/images/default-guest.js";
+
+const CLI = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
+const args = process.argv.slice(2);
+const runs = Number(args[args.indexOf("--runs") + 1] ?? 5) || 5;
+const memory = "256M";
+const cpus = 1;
+const append = "console=ttyS0 panic=-1 quiet";
+
+interface Sample {
+  readonly ms: number;
+  readonly overheadKiB: number;
+  readonly extraKiB?: number;
+}
+
+function status(pid: number): Record<string, number> {
+  const out: Record<string, number> = {};
+  for (const line of readFileSync(`/proc/${pid}/status`, "utf8").split("\n")) {
+    const m = /^(\w+):\s+(\d+) kB/.exec(line);
+    if (m) out[m[1]!] = Number(m[2]);
+  }
+  return out;
+}
+
+function overheadKiB(pid: number): number {
+  const s = status(pid);
+  return (s.VmRSS ?? 0) - (s.RssShmem ?? 0);
+}
+
+function childPids(pid: number): number[] {
+  try {
+    return readFileSync(`/proc/${pid}/task/${pid}/children`, "utf8").trim().split(/\s+/).filter(Boolean).map(Number);
+  } catch {
+    return [];
+  }
+}
+
+function once(command: string, argv: string[], vmmPid: (c: ChildProcess) => number, cliPid?: (c: ChildProcess) => number): Promise<Sample> {
+  return new Promise((resolve, reject) => {
+    const t0 = process.hrtime.bigint();
+    const child = spawn(command, argv, { stdio: ["pipe", "pipe", "pipe"] });
+    let out = "";
+    let done = false;
+    const timer = setTimeout(() => {
+      child.kill("SIGKILL");
+      reject(new Error(`${command}: no marker after 300 s\n${out.slice(-2000)}`));
+    }, 300_000);
+    child.stdout!.on("data", (d: Buffer) => {
+      if (done) return;
+      out += d.toString("latin1");
+      if (out.includes(GUEST_READY_MARKER)) {
+        done = true;
+        const ms = Number(process.hrtime.bigint() - t0) / 1e6;
+        // Let the guest settle at its shell, then read memory.
+        setTimeout(() => {
+          const pid = vmmPid(child);
+          const sample: Sample = { ms, overheadKiB: overheadKiB(pid), ...(cliPid ? { extraKiB: overheadKiB(cliPid(child)) } : {}) };
+          clearTimeout(timer);
+          child.kill("SIGKILL");
+          for (const p of childPids(child.pid!)) {
+            try {
+              process.kill(p, "SIGKILL");
+            } catch {}
+          }
+          child.on("exit", () => resolve(sample));
+        }, 1500);
+      }
+    });
+    child.on("error", reject);
+  });
+}
+
+const median = (xs: number[]) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
+};
+
+async function main(): Promise<void> {
+  const guest = await prepareDefaultGuest();
+  const qemu = "/usr/bin/qemu-system-x86_64";
+  if (!existsSync(qemu)) throw new Error("qemu-system-x86_64 is missing (apt-get install qemu-system-x86)");
+  const memBackend = ["-object", `memory-backend-memfd,id=ram0,size=${memory}`];
+  const common = ["-enable-kvm", "-cpu", "host", "-m", memory, "-smp", String(cpus), "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
+    "-kernel", guest.kernel, "-initrd", guest.initrd, "-append", append];
+  const configs: { name: string; run: () => Promise<Sample> }[] = [
+    {
+      name: "partis",
+      run: () => once(process.execPath, [CLI, "run", "--memory", memory, "--cpus", String(cpus), "--append", append],
+        (c) => childPids(c.pid!)[0] ?? c.pid!, (c) => c.pid!),
+    },
+    { name: "qemu -M microvm", run: () => once(qemu, ["-M", "microvm,memory-backend=ram0", ...memBackend, ...common], (c) => c.pid!) },
+    { name: "qemu -M q35", run: () => once(qemu, ["-M", "q35,memory-backend=ram0", ...memBackend, ...common], (c) => c.pid!) },
+  ];
+  const results: Record<string, Sample[]> = {};
+  // Interleave the configurations so drift in the host affects all alike.
+  for (let i = 0; i < runs; i++) {
+    for (const c of configs) {
+      const s = await c.run();
+      (results[c.name] ??= []).push(s);
+      process.stderr.write(`${c.name} run ${i + 1}: ${s.ms.toFixed(0)} ms, overhead ${(s.overheadKiB / 1024).toFixed(1)} MiB\n`);
+    }
+  }
+  const partisMs = median(results.partis!.map((s) => s.ms));
+  console.log(`| VMM | median start→marker (ms) | runs (ms) | VMM overhead RSS (MiB, median) | Partis ÷ this |`);
+  console.log(`|---|---|---|---|---|`);
+  for (const c of configs) {
+    const xs = results[c.name]!;
+    const ms = median(xs.map((s) => s.ms));
+    const ov = median(xs.map((s) => s.overheadKiB)) / 1024;
+    const extra = xs[0]!.extraKiB !== undefined ? ` (+ CLI ${(median(xs.map((s) => s.extraKiB ?? 0)) / 1024).toFixed(1)})` : "";
+    console.log(`| ${c.name} | ${ms.toFixed(0)} | ${xs.map((s) => s.ms.toFixed(0)).join(", ")} | ${ov.toFixed(1)}${extra} | ${(partisMs / ms).toFixed(2)} |`);
+  }
+}
+
+main().catch((e: unknown) => {
+  console.error(e instanceof Error ? e.message : e);
+  process.exit(1);
+});
