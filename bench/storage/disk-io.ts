@@ -6,12 +6,16 @@
  *
  * Equal footing (DEVNOTE):
  *  - Both go through the host page cache: Partis opens files buffered,
- *    qemu-img bench runs with `-t writeback`. Writes end with one flush,
- *    timed (`--flush-interval=<count>` for qemu).
+ *    qemu-img bench runs with `-t writeback`. qemu's closing flush
+ *    (`--flush-interval=<count>`) does not land inside its timed run
+ *    (measured: the same time with and without it), so Partis's closing
+ *    flush() is timed apart and reported in its own column.
  *  - Queue depth 1 for qemu (`-d 1`): Partis's interface is synchronous.
  *  - qemu-img bench has no random mode, so the "random" pattern is a large
  *    stride that wraps around the image (`-S`): request i is at
  *    (i * STRIDE) mod size. Partis uses the same offsets.
+ *  - `sync` runs before every timed run, so none pays for the writeback
+ *    of the one before.
  *  - Write tests start from a freshly created image (allocation included);
  *    read tests run on an image filled by a sequential write first.
  *  - qemu 7.2 cannot open differencing VHDs: that row has no qemu numbers.
@@ -19,7 +23,7 @@
  *    and VHD drivers create them), so both pay the same file-system
  *    allocation on first write. One untimed warm-up pass runs first.
  *
- * usage: node dist/bench/storage/disk-io.js [--dir D] [--size-mib 256] [--random-ops 32768] [--write-docs]
+ * usage: node dist/bench/storage/disk-io.js [--dir D] [--size-mib 256] [--random-ops 32768] [--repeat 3] [--write-docs]
  */
 import { spawnSync } from "node:child_process";
 import { cpus, loadavg, totalmem } from "node:os";
@@ -104,24 +108,28 @@ function fill(path: string): void {
   d.close();
 }
 
-function partisRun(path: string, test: Test): number {
+/** Seconds for the requests; the closing flush (writes) is timed apart, as qemu-img bench's is not in its figure. */
+function partisRun(path: string, test: Test): { seconds: number; flushSeconds: number } {
   const p = plan(test);
+  settle();
   const dev: BlockDevice = openDisk(path);
   const buf = new Uint8Array(p.bs).fill(0x3c);
   const t0 = process.hrtime.bigint();
   if (p.write) {
     for (let i = 0; i < p.count; i++) dev.write(offsetOf(i, p.step, p.bs), buf);
-    dev.flush();
   } else {
     for (let i = 0; i < p.count; i++) dev.read(offsetOf(i, p.step, p.bs), buf);
   }
   const t1 = process.hrtime.bigint();
+  if (p.write) dev.flush();
+  const t2 = process.hrtime.bigint();
   dev.close();
-  return Number(t1 - t0) / 1e9;
+  return { seconds: Number(t1 - t0) / 1e9, flushSeconds: Number(t2 - t1) / 1e9 };
 }
 
 function qemuRun(path: string, fmt: string, test: Test): number {
   const p = plan(test);
+  settle();
   const a = ["bench", "-f", fmt, "-t", "writeback", "-d", "1", "-c", String(p.count), "-s", String(p.bs), "-S", String(p.step)];
   if (p.write) a.push("-w", `--flush-interval=${p.count}`);
   a.push(path);
@@ -131,47 +139,62 @@ function qemuRun(path: string, fmt: string, test: Test): number {
   return Number(m[1]);
 }
 
+/** Write back every dirty page first, so no run pays for the previous one's writeback. */
+function settle(): void {
+  spawnSync("sync");
+}
+
 /** Ops/s for 4K tests, MiB/s for 1M tests. */
 function rate(test: Test, seconds: number): number {
   const p = plan(test);
   return test.startsWith("4K") ? p.count / seconds : (p.count * p.bs) / MiB / seconds;
 }
 
-const results = new Map<string, { partis: number; qemu: number | undefined }>();
+const results = new Map<string, { partis: number; qemu: number | undefined; flushMs: number }>();
 let n = 0;
 // Warm-up (JIT, page cache, file system) so the first row is not penalised; not reported.
 {
   const warm = join(dir, "warm.img");
   KINDS[0]!.make(warm);
-  partisRun(warm, "4K random write");
+  void partisRun(warm, "4K random write");
   qemuRun(warm, "raw", "4K random write");
   rmSync(warm, { force: true });
 }
+const REPEAT = Number(argValue("--repeat") ?? 3);
+const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 for (const kind of KINDS) {
   for (const test of TESTS) {
-    const path = join(dir, `img${n++}.${kind.format === "raw" ? "img" : kind.format}`);
-    const open = kind.make(path);
-    if (!test.endsWith("write")) fill(open);
-    const partis = rate(test, partisRun(open, test));
-    let qemu: number | undefined;
-    if (kind.qemu !== undefined) {
-      const qpath = join(dir, `img${n++}.${kind.format === "raw" ? "img" : kind.format}`);
-      kind.make(qpath);
-      if (!test.endsWith("write")) fill(qpath);
-      qemu = rate(test, qemuRun(qpath, kind.qemu, test));
-      rmSync(qpath, { force: true });
+    const partisRates: number[] = [];
+    const flushes: number[] = [];
+    const qemuRates: number[] = [];
+    for (let r = 0; r < REPEAT; r++) {
+      const path = join(dir, `img${n++}.${kind.format === "raw" ? "img" : kind.format}`);
+      const open = kind.make(path);
+      if (!test.endsWith("write")) fill(open);
+      const measured = partisRun(open, test);
+      partisRates.push(rate(test, measured.seconds));
+      flushes.push(measured.flushSeconds * 1000);
+      for (const f of [path, path + ".base.vhd", path + ".mid.vhd"]) rmSync(f, { force: true });
+      if (kind.qemu !== undefined) {
+        const qpath = join(dir, `img${n++}.${kind.format === "raw" ? "img" : kind.format}`);
+        kind.make(qpath);
+        if (!test.endsWith("write")) fill(qpath);
+        qemuRates.push(rate(test, qemuRun(qpath, kind.qemu, test)));
+        rmSync(qpath, { force: true });
+      }
     }
-    results.set(`${kind.label}|${test}`, { partis, qemu });
-    for (const f of [path, path + ".base.vhd", path + ".mid.vhd"]) rmSync(f, { force: true });
-    process.stderr.write(`${kind.label.padEnd(18)} ${test.padEnd(20)} partis ${partis.toFixed(0)}  qemu ${qemu?.toFixed(0) ?? "n/a"}\n`);
+    const partis = median(partisRates);
+    const qemu = qemuRates.length > 0 ? median(qemuRates) : undefined;
+    results.set(`${kind.label}|${test}`, { partis, qemu, flushMs: median(flushes) });
+    process.stderr.write(`${kind.label.padEnd(18)} ${test.padEnd(20)} partis ${partisRates.map((x) => x.toFixed(0)).join("/")}  qemu ${qemuRates.map((x) => x.toFixed(0)).join("/") || "n/a"}\n`);
   }
 }
 rmSync(dir, { recursive: true, force: true });
 
 const fmt = (v: number | undefined): string => (v === undefined ? "n/a" : v >= 100 ? v.toFixed(0) : v.toFixed(1));
 const lines: string[] = [];
-lines.push("| image | 4K rand write IOPS (qemu) | ×raw | ×qemu | 4K rand read IOPS (qemu) | 1M seq write MiB/s (qemu) | 1M seq read MiB/s (qemu) |");
-lines.push("|---|---|---|---|---|---|---|");
+lines.push("| image | 4K rand write IOPS (qemu) | ×raw | ×qemu | then flush (ms) | 4K rand read IOPS (qemu) | 1M seq write MiB/s (qemu) | 1M seq read MiB/s (qemu) |");
+lines.push("|---|---|---|---|---|---|---|---|");
 const rawWrite = results.get("raw|4K random write")!.partis;
 for (const kind of KINDS) {
   const cell = (t: Test): string => {
@@ -179,7 +202,7 @@ for (const kind of KINDS) {
     return `${fmt(r.partis)} (${fmt(r.qemu)})`;
   };
   const w = results.get(`${kind.label}|4K random write`)!;
-  lines.push(`| ${kind.label} | ${cell("4K random write")} | ${(w.partis / rawWrite).toFixed(2)} | ${w.qemu === undefined ? "n/a" : (w.partis / w.qemu).toFixed(2)} | ${cell("4K random read")} | ${cell("1M sequential write")} | ${cell("1M sequential read")} |`);
+  lines.push(`| ${kind.label} | ${cell("4K random write")} | ${(w.partis / rawWrite).toFixed(2)} | ${w.qemu === undefined ? "n/a" : (w.partis / w.qemu).toFixed(2)} | ${w.flushMs.toFixed(0)} | ${cell("4K random read")} | ${cell("1M sequential write")} | ${cell("1M sequential read")} |`);
 }
 const table = lines.join("\n");
 process.stdout.write(table + "\n");
@@ -192,8 +215,8 @@ if (args.includes("--write-docs")) {
     `Command: \`npx tsc -p . && node dist/bench/storage/disk-io.js --dir ${baseDir} --write-docs\` (${new Date().toISOString().slice(0, 10)}, one run).`,
     `Machine: ${machine}; images on ${baseDir}; load average at the end ${loadavg().map((l) => l.toFixed(1)).join(" / ")} (the machine is shared: other sessions' test runs and a TCG QEMU were active, so expect ±20 % noise between runs).`,
     "",
-    `Image size ${SIZE / MiB} MiB. 4K tests: ${RANDOM_OPS} writes / ${RANDOM_OPS * READ_REPEAT} reads at offsets (i × ${STRIDE}) mod size (a wrapping stride: qemu-img bench has no random mode, both sides use the same offsets); 1M tests: one pass over the image for writes, ${READ_REPEAT} for reads.`,
-    "Partis: BlockDevice through the page cache (buffered fds), one flush at the end of writes, timed. qemu: `qemu-img bench -t writeback -d 1 [-w --flush-interval=<count>] -s <bs> -S <step>` on an identical, separately created file. Write tests start from a fresh image (allocation included); read tests from a fully written one. qemu 7.2 cannot open differencing VHDs, so the chain has no qemu numbers.",
+    `Image size ${SIZE / MiB} MiB. 4K tests: ${RANDOM_OPS} writes / ${RANDOM_OPS * READ_REPEAT} reads at offsets (i × ${STRIDE}) mod size (a wrapping stride: qemu-img bench has no random mode, both sides use the same offsets); 1M tests: one pass over the image for writes, ${READ_REPEAT} for reads. Each figure is the median of ${REPEAT} runs (fresh image each), Partis and qemu interleaved.`,
+    "Partis: BlockDevice through the page cache (buffered fds); the closing flush() of the write tests is timed apart (column \"then flush\"), because qemu-img bench's closing flush is not inside its figure (same time with and without `--flush-interval`). qemu: `qemu-img bench -t writeback -d 1 [-w --flush-interval=<count>] -s <bs> -S <step>` on an identical, separately created file. Write tests start from a fresh image (allocation included); read tests from a fully written one; \`sync\` before every timed run. qemu 7.2 cannot open differencing VHDs, so the chain has no qemu numbers.",
     "",
     table,
     "",
