@@ -160,33 +160,38 @@ let n = 0;
   qemuRun(warm, "raw", "4K random write");
   rmSync(warm, { force: true });
 }
-const REPEAT = Number(argValue("--repeat") ?? 3);
+const REPEAT = Number(argValue("--repeat") ?? 5);
 const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
-for (const kind of KINDS) {
-  for (const test of TESTS) {
-    const partisRates: number[] = [];
-    const flushes: number[] = [];
-    const qemuRates: number[] = [];
-    for (let r = 0; r < REPEAT; r++) {
+// Kinds run interleaved, in an order rotated each repetition, so no kind always
+// follows the same neighbour (page-cache and writeback state carry over).
+const samples = new Map<string, { partis: number[]; flush: number[]; qemu: number[] }>();
+for (const test of TESTS) {
+  for (let r = 0; r < REPEAT; r++) {
+    const order = KINDS.slice(r % KINDS.length).concat(KINDS.slice(0, r % KINDS.length));
+    for (const kind of order) {
+      const key = `${kind.label}|${test}`;
+      const sample = samples.get(key) ?? { partis: [], flush: [], qemu: [] };
+      samples.set(key, sample);
       const path = join(dir, `img${n++}.${kind.format === "raw" ? "img" : kind.format}`);
       const open = kind.make(path);
       if (!test.endsWith("write")) fill(open);
       const measured = partisRun(open, test);
-      partisRates.push(rate(test, measured.seconds));
-      flushes.push(measured.flushSeconds * 1000);
+      sample.partis.push(rate(test, measured.seconds));
+      sample.flush.push(measured.flushSeconds * 1000);
       for (const f of [path, path + ".base.vhd", path + ".mid.vhd"]) rmSync(f, { force: true });
       if (kind.qemu !== undefined) {
         const qpath = join(dir, `img${n++}.${kind.format === "raw" ? "img" : kind.format}`);
         kind.make(qpath);
         if (!test.endsWith("write")) fill(qpath);
-        qemuRates.push(rate(test, qemuRun(qpath, kind.qemu, test)));
+        sample.qemu.push(rate(test, qemuRun(qpath, kind.qemu, test)));
         rmSync(qpath, { force: true });
       }
     }
-    const partis = median(partisRates);
-    const qemu = qemuRates.length > 0 ? median(qemuRates) : undefined;
-    results.set(`${kind.label}|${test}`, { partis, qemu, flushMs: median(flushes) });
-    process.stderr.write(`${kind.label.padEnd(18)} ${test.padEnd(20)} partis ${partisRates.map((x) => x.toFixed(0)).join("/")}  qemu ${qemuRates.map((x) => x.toFixed(0)).join("/") || "n/a"}\n`);
+  }
+  for (const kind of KINDS) {
+    const s = samples.get(`${kind.label}|${test}`)!;
+    results.set(`${kind.label}|${test}`, { partis: median(s.partis), qemu: s.qemu.length > 0 ? median(s.qemu) : undefined, flushMs: median(s.flush) });
+    process.stderr.write(`${kind.label.padEnd(18)} ${test.padEnd(20)} partis ${s.partis.map((x) => x.toFixed(0)).join("/")}  qemu ${s.qemu.map((x) => x.toFixed(0)).join("/") || "n/a"}\n`);
   }
 }
 rmSync(dir, { recursive: true, force: true });
@@ -215,7 +220,7 @@ if (args.includes("--write-docs")) {
     `Command: \`npx tsc -p . && node dist/bench/storage/disk-io.js --dir ${baseDir} --write-docs\` (${new Date().toISOString().slice(0, 10)}, one run).`,
     `Machine: ${machine}; images on ${baseDir}; load average at the end ${loadavg().map((l) => l.toFixed(1)).join(" / ")} (the machine is shared: other sessions' test runs and a TCG QEMU were active, so expect ±20 % noise between runs).`,
     "",
-    `Image size ${SIZE / MiB} MiB. 4K tests: ${RANDOM_OPS} writes / ${RANDOM_OPS * READ_REPEAT} reads at offsets (i × ${STRIDE}) mod size (a wrapping stride: qemu-img bench has no random mode, both sides use the same offsets); 1M tests: one pass over the image for writes, ${READ_REPEAT} for reads. Each figure is the median of ${REPEAT} runs (fresh image each), Partis and qemu interleaved.`,
+    `Image size ${SIZE / MiB} MiB. 4K tests: ${RANDOM_OPS} writes / ${RANDOM_OPS * READ_REPEAT} reads at offsets (i × ${STRIDE}) mod size (a wrapping stride: qemu-img bench has no random mode, both sides use the same offsets); 1M tests: one pass over the image for writes, ${READ_REPEAT} for reads. Each figure is the median of ${REPEAT} runs (fresh image each); image kinds interleaved in an order rotated every repetition, each Partis run followed by its qemu run.`,
     "Partis: BlockDevice through the page cache (buffered fds); the closing flush() of the write tests is timed apart (column \"then flush\"), because qemu-img bench's closing flush is not inside its figure (same time with and without `--flush-interval`). qemu: `qemu-img bench -t writeback -d 1 [-w --flush-interval=<count>] -s <bs> -S <step>` on an identical, separately created file. Write tests start from a fresh image (allocation included); read tests from a fully written one; \`sync\` before every timed run. qemu 7.2 cannot open differencing VHDs, so the chain has no qemu numbers.",
     "",
     table,
