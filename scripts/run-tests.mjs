@@ -14,6 +14,7 @@ const root = join(fileURLToPath(import.meta.url), "..", "..");
 const dist = join(root, "dist", "test");
 const mode = process.argv[2] ?? "all";
 const inside = process.argv.includes("--inside-nested");
+if (inside) process.env.PARTIS_IN_NESTED_HOST = "1";
 
 function testFiles(dir) {
   if (!existsSync(dir)) return [];

@@ -16,6 +16,10 @@ export class GuestSession {
   readonly exited: Promise<number>;
   private waiters: { text: string; count: number; resolve: () => void }[] = [];
 
+  /** Longest a session may live: a hung guest fails its test instead of hanging the suite. */
+  static readonly TIMEOUT_MS = Number(process.env.PARTIS_GUEST_TIMEOUT_MS ?? 300_000);
+  private readonly deadline: NodeJS.Timeout;
+
   constructor(args: readonly string[], env: NodeJS.ProcessEnv = process.env) {
     this.child = spawn(process.execPath, [PARTIS_CLI, "run", ...args], { stdio: ["pipe", "pipe", "pipe"], env });
     this.child.stdout!.on("data", (d: Buffer) => {
@@ -27,6 +31,11 @@ export class GuestSession {
     });
     this.child.stdin!.on("error", () => {});
     this.exited = new Promise((resolve) => this.child.on("exit", (code, signal) => resolve(code ?? (signal ? 128 : -1))));
+    this.deadline = setTimeout(() => {
+      this.stderr += `\n[test] VM still running after ${GuestSession.TIMEOUT_MS} ms: killed\n`;
+      this.kill();
+    }, GuestSession.TIMEOUT_MS);
+    void this.exited.then(() => clearTimeout(this.deadline));
   }
 
   private occurrences(text: string): number {
