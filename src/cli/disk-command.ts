@@ -115,11 +115,15 @@ function progressReporter(): { progress?: (done: number, total: number) => void;
  * Ctrl-C turned into a clean cancel for long operations.
  */
 async function runVerb(verb: string, action: (op: DiskOperationOptions) => Promise<number | void> | number | void): Promise<void> {
+  // Only the long, chunked verbs can honour a cancel; the others keep the default Ctrl-C.
+  const cancellable = verb === "convert" || verb === "merge" || verb === "compact";
   const controller = new AbortController();
   const onInterrupt = (): void => controller.abort();
-  process.on("SIGINT", onInterrupt);
-  process.on("SIGTERM", onInterrupt);
-  const bar = progressReporter();
+  if (cancellable) {
+    process.on("SIGINT", onInterrupt);
+    process.on("SIGTERM", onInterrupt);
+  }
+  const bar = cancellable ? progressReporter() : { finish: () => {} };
   try {
     const status = await action({ signal: controller.signal, ...(bar.progress ? { progress: bar.progress } : {}) });
     bar.finish();
