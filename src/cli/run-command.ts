@@ -209,15 +209,17 @@ export async function runVm(opts: RunOptions): Promise<number> {
         process.stderr.write(`partis run: ${r.error.message}\n`);
         return r.status === WORKER_EXIT.badConfig ? RUN_EXIT.usage : RUN_EXIT.failed;
       }
-      if (r.status === WORKER_EXIT.poweroff) return RUN_EXIT.poweroff;
-      if (r.status === WORKER_EXIT.reset) {
+      // The reported outcome decides; the worker's exit status is the fallback.
+      const kind = r.outcome?.kind ?? (r.status === WORKER_EXIT.poweroff ? "poweroff" : r.status === WORKER_EXIT.reset ? "reset" : r.status === WORKER_EXIT.crash ? "crash" : undefined);
+      if (kind === "poweroff") return RUN_EXIT.poweroff;
+      if (kind === "reset") {
         if (!opts.reboot) {
           process.stderr.write(`\r\npartis run: guest rebooted (${r.outcome?.kind === "reset" ? r.outcome.source : "reset"}); --no-reboot given, stopping\r\n`);
           return RUN_EXIT.reboot;
         }
         continue;
       }
-      if (r.status === WORKER_EXIT.crash) {
+      if (kind === "crash") {
         const reason = r.outcome?.kind === "crash" ? r.outcome.reason : "unknown reason";
         process.stderr.write(`\r\npartis run: guest crashed: ${reason}\r\n`);
         return RUN_EXIT.crash;

@@ -37,6 +37,12 @@ export interface CpuidOptions {
   readonly vcpuCount: number;
   /** Set CPUID.1:ECX[31] (default true). */
   readonly hypervisorBit?: boolean;
+  /**
+   * Advertise the TSC-deadline LAPIC timer (CPUID.1:ECX[24]). KVM emulates it
+   * with the in-kernel LAPIC but leaves it out of KVM_GET_SUPPORTED_CPUID; the
+   * VMM sets it when KVM_CAP_TSC_DEADLINE_TIMER is present.
+   */
+  readonly tscDeadlineTimer?: boolean;
 }
 
 const LEVEL_SMT = 1;
@@ -69,6 +75,7 @@ export function cpuidForVcpu(supported: readonly CpuidEntry[], opts: CpuidOption
         e.ebx = ((e.ebx & 0x0000ffff) | (Math.min(vcpuCount, 255) << 16) | (apicId << 24)) >>> 0;
         e.edx = vcpuCount > 1 ? (e.edx | (1 << 28)) >>> 0 : (e.edx & ~(1 << 28)) >>> 0;
         if (opts.hypervisorBit !== false) e.ecx = (e.ecx | 0x8000_0000) >>> 0;
+        if (opts.tscDeadlineTimer === true) e.ecx = (e.ecx | (1 << 24)) >>> 0;
         break;
       case 0x4: {
         const type = e.eax & 0x1f;

@@ -36,10 +36,21 @@ async function start(request: Extract<ControlRequest, { type: "start" }>): Promi
   process.stdin.on("error", () => {});
   if (pendingShutdown) vm.pressPowerButton();
   const outcome = await vm.outcome;
+  let status: number = exitFor(outcome);
+  try {
+    await vm.teardown();
+  } catch (e) {
+    process.stderr.write(`partis-worker: ${e instanceof Error ? e.message : String(e)}\n`);
+    status = WORKER_EXIT.failed;
+  }
   send({ type: "exited", outcome });
-  // Threads blocked in KVM_RUN cannot be joined; the process exit ends them
-  // and the kernel releases the VM, vCPUs and guest memory with the fds.
-  setImmediate(() => process.exit(exitFor(outcome)));
+  if (status === WORKER_EXIT.failed) {
+    // A vCPU thread is stuck in the kernel: Node would wait for it forever at
+    // exit, so end the process the hard way (the parent has the outcome).
+    setTimeout(() => process.kill(process.pid, "SIGKILL"), 100);
+    return;
+  }
+  setImmediate(() => process.exit(status));
 }
 
 process.on("message", (m: ControlRequest) => {

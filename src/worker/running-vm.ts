@@ -10,7 +10,9 @@
 import { readFileSync } from "node:fs";
 import { Worker } from "node:worker_threads";
 import { KvmSystem } from "../hypervisor/system.js";
+import { KVM_CAP } from "../hypervisor/kvm-abi.js";
 import { Partition } from "../hypervisor/partition.js";
+import { VcpuKicker } from "../hypervisor/virtual-processor.js";
 import { planMemory, type MemoryPlan } from "../machine/memory-map.js";
 import { loadLinux } from "../machine/linux-boot.js";
 import { longModeBootState, writeBootTables } from "../machine/boot-cpu.js";
@@ -38,6 +40,7 @@ export interface RunningVmOptions {
 
 export class RunningVm {
   private readonly threads: Worker[] = [];
+  private readonly kickers: VcpuKicker[] = [];
   private readonly startGate = new Int32Array(new SharedArrayBuffer(4));
   private vcpusReady = 0;
   private readonly pendingInput: Uint8Array[] = [];
@@ -92,13 +95,14 @@ export class RunningVm {
 
       const vm = new RunningVm(config, plan, system, partition, board, power);
       const supported = system.supportedCpuid();
+      const tscDeadlineTimer = system.checkExtension(KVM_CAP.TSC_DEADLINE_TIMER) > 0;
       const handoff = partition.handoff();
       const commonMsrs = boot.msrs;
       for (let id = 0; id < config.cpus; id++) {
         const data: VcpuThreadData = {
           handoff,
           vcpuId: id,
-          cpuid: cpuidForVcpu(supported, { vcpuId: id, vcpuCount: config.cpus }),
+          cpuid: cpuidForVcpu(supported, { vcpuId: id, vcpuCount: config.cpus, tscDeadlineTimer }),
           boot: id === 0 ? boot : null,
           msrs: commonMsrs,
           deviceState: arena.buffer,
@@ -120,6 +124,7 @@ export class RunningVm {
   private spawnVcpu(data: VcpuThreadData): void {
     const t = new Worker(new URL("./vcpu-thread.js", import.meta.url), { workerData: data, stdout: false, stderr: false });
     t.on("message", (m: VcpuThreadMessage) => {
+      if (m.type === "ready") this.kickers.push(VcpuKicker.attach(m.kick));
       if (m.type === "ready" && ++this.vcpusReady === this.config.cpus) {
         // Every vCPU exists and is set up: let them all run.
         Atomics.store(this.startGate, 0, 1);
@@ -182,10 +187,25 @@ export class RunningVm {
     this.power.record({ kind: "poweroff", source: reason });
   }
 
-  /** Release everything. Threads blocked in KVM_RUN end with the process. */
-  async teardown(): Promise<void> {
+  /**
+   * Stop every vCPU thread and release the partition. vCPUs halted inside
+   * KVM_RUN (an AP parked by the guest's poweroff, say) are kicked out with
+   * immediate_exit + a signal; their loops see the recorded outcome and end.
+   * Node joins worker threads at exit, so this must happen before exiting.
+   */
+  async teardown(timeoutMs = 5000): Promise<void> {
     if (this.inputTimer !== undefined) clearTimeout(this.inputTimer);
-    await Promise.all(this.threads.map((t) => t.terminate().catch(() => 0)));
+    if (this.power.running) this.power.record({ kind: "poweroff", source: "teardown" });
+    const exited = Promise.all(this.threads.map((t) => new Promise<void>((resolve) => {
+      if (t.threadId < 0) resolve();
+      else t.once("exit", () => resolve());
+    })));
+    for (const k of this.kickers) k.kick();
+    let timer: NodeJS.Timeout | undefined;
+    const ok = await Promise.race([exited.then(() => true), new Promise<boolean>((r) => (timer = setTimeout(() => r(false), timeoutMs)))]);
+    clearTimeout(timer);
+    if (!ok) throw new VmStartError("VCPU_STUCK", `vCPU threads did not stop within ${timeoutMs} ms`, { vm: this.config.name });
+    for (const k of this.kickers) k.close();
     this.partition.destroy();
     this.system.close();
   }

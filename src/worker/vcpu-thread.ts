@@ -8,7 +8,7 @@
  */
 import { parentPort, workerData } from "node:worker_threads";
 import { Partition, type PartitionHandoff } from "../hypervisor/partition.js";
-import { VirtualProcessor, type Sregs, type Segment, type VcpuExit } from "../hypervisor/virtual-processor.js";
+import { VirtualProcessor, type Sregs, type Segment, type VcpuExit, type VcpuKickHandle } from "../hypervisor/virtual-processor.js";
 import { KVM_SYSTEM_EVENT, KVM_INTERNAL_ERROR } from "../hypervisor/kvm-abi.js";
 import type { CpuidEntry } from "../hypervisor/system.js";
 import type { BootCpuState, SegmentState } from "../machine/boot-cpu.js";
@@ -41,7 +41,7 @@ export interface VcpuThreadData {
 
 /** Messages from a vCPU thread to the worker's main thread. */
 export type VcpuThreadMessage =
-  | { readonly type: "ready"; readonly vcpuId: number }
+  | { readonly type: "ready"; readonly vcpuId: number; readonly kick: VcpuKickHandle }
   | { readonly type: "stopped"; readonly vcpuId: number }
   | { readonly type: "error"; readonly vcpuId: number; readonly message: string };
 
@@ -140,7 +140,7 @@ function main(): void {
     false,
   );
   const bus = board.bus;
-  port.postMessage({ type: "ready", vcpuId: data.vcpuId } satisfies VcpuThreadMessage);
+  port.postMessage({ type: "ready", vcpuId: data.vcpuId, kick: vp.kickHandle() } satisfies VcpuThreadMessage);
   const gate = new Int32Array(data.startGate, 0, 1);
   while (Atomics.load(gate, 0) === 0) Atomics.wait(gate, 0, 0);
 

@@ -44,6 +44,14 @@ test("guest prints on COM1 and powers off through ACPI S5: status 0", () => {
   assert.equal(r.status, 0, r.stderr);
 });
 
+test("SMP: powering off while an AP is still parked in KVM_RUN ends cleanly with status 0", () => {
+  // The APs never get INIT/SIPI, so their threads stay blocked in KVM_RUN; the
+  // worker must kick them out before it can exit.
+  const r = run(kernelFile("hello-smp", [...serialPrint("SMP\n"), ...ACPI_S5, ...HALT_LOOP]), ["--cpus", "3"]);
+  assert.equal(r.stdout, "SMP\n");
+  assert.equal(r.status, 0, r.stderr);
+});
+
 test("guest resets through 0xCF9 with --no-reboot: status 3", () => {
   const r = run(kernelFile("reset", [...serialPrint("R"), ...outb(0xcf9, 0x06), ...HALT_LOOP]), ["--no-reboot"]);
   assert.equal(r.stdout, "R");
