@@ -13,7 +13,7 @@ import type { CheckFinding, CreateSpec, DiskDescription, DiskFormatDriver } from
 import { describeDisk } from "../open.js";
 import { preadFully, pwriteFully } from "../raw.js";
 import { VhdDisk } from "./disk.js";
-import { loadLayout, locatorSpaceBytes, readAt, type VhdLayout } from "./layout.js";
+import { loadLayout, readAt, type VhdLayout } from "./layout.js";
 import {
   BAT_UNALLOCATED,
   CREATOR_APP,
@@ -277,11 +277,7 @@ function metadataRanges(layout: VhdLayout): { start: number; end: number; what: 
     { start: layout.footer.dataOffset, end: layout.footer.dataOffset + DYNAMIC_HEADER_SIZE, what: "dynamic header" },
     { start: h.tableOffset, end: h.tableOffset + h.maxTableEntries * 4, what: "BAT" },
   ];
-  h.parentLocators.forEach((e, i) => {
-    if (e.platformCode !== PLATFORM_NONE && e.platformDataLength > 0) {
-      ranges.push({ start: e.platformDataOffset, end: e.platformDataOffset + e.platformDataLength, what: `parent locator ${i} data` });
-    }
-  });
+  for (const l of layout.locatorEntries) ranges.push({ start: l.start, end: l.end, what: `parent locator ${l.index} data` });
   return ranges;
 }
 
@@ -393,13 +389,15 @@ function checkVhd(path: string, options: { repair?: boolean } = {}): CheckFindin
         findings.push({ severity: "warning", offset: lastEntry * SECTOR, message: `sector bitmap of block ${last} marks ${beyond} sectors past the virtual size` });
       }
     }
-    // Parent locators and the parent link.
-    h.parentLocators.forEach((e, i) => {
-      if (e.platformCode === PLATFORM_NONE) return;
-      if (e.platformDataOffset + e.platformDataLength > layout.fileSize || e.platformDataLength > locatorSpaceBytes(e)) {
-        findings.push({ severity: "error", offset: f.dataOffset + 576 + i * 24, message: `parent locator ${i}: data at ${e.platformDataOffset} (${e.platformDataLength} bytes) is outside the file or its space` });
-      }
-    });
+    // Parent locators (a differencing disk's are validated by loadLayout; a
+    // dynamic disk's are ignored) and the parent link.
+    if (f.diskType !== DISK_TYPE_DIFFERENCING) {
+      h.parentLocators.forEach((e, i) => {
+        if (e.platformCode !== PLATFORM_NONE) {
+          findings.push({ severity: "warning", offset: f.dataOffset + 576 + i * 24, message: `parent locator ${i} is set on a disk that has no parent; it is ignored` });
+        }
+      });
+    }
     if (f.diskType === DISK_TYPE_DIFFERENCING) {
       try {
         const parentPath = resolveParentPath(path, layout.locators);
@@ -513,9 +511,7 @@ function resizeVhd(path: string, newSize: number): void {
       // Room after the BAT: up to the first structure that follows it.
       let limit = endOffset;
       for (const e of layout.bat) if (e !== BAT_UNALLOCATED && e * SECTOR > h.tableOffset) limit = Math.min(limit, e * SECTOR);
-      for (const l of h.parentLocators) {
-        if (l.platformCode !== PLATFORM_NONE && l.platformDataOffset > h.tableOffset) limit = Math.min(limit, l.platformDataOffset);
-      }
+      for (const l of layout.locatorEntries) if (l.start > h.tableOffset) limit = Math.min(limit, l.start);
       if (f.dataOffset > h.tableOffset) limit = Math.min(limit, f.dataOffset);
       const newBatEnd = h.tableOffset + needed * 4;
       const batEnd = alignUp(newBatEnd, SECTOR);

@@ -13,10 +13,12 @@ import type { ParentLocator } from "../chain.js";
 import { preadFully } from "../raw.js";
 import {
   BAT_UNALLOCATED,
+  DISK_TYPE_DIFFERENCING,
   DISK_TYPE_FIXED,
   DYNAMIC_HEADER_SIZE,
   FOOTER_SIZE,
   MAX_VHD_SIZE,
+  PLATFORM_MAC,
   PLATFORM_MACX,
   PLATFORM_NONE,
   PLATFORM_W2KU,
@@ -46,14 +48,37 @@ export interface VhdLayout {
   readonly header: DynamicHeader | undefined;
   readonly bat: Uint32Array;
   readonly bitmapSize: number;
-  /** End of everything the metadata references (header, BAT, locators, blocks). */
+  /**
+   * End of everything the metadata references (header, BAT, validated
+   * locators, blocks). Derived only from validated structures: at most one
+   * block past the end of the file.
+   */
   readonly usedEnd: number;
   /** Where the end footer is (dynamic: where the next block goes). */
   readonly endOffset: number;
   readonly locators: readonly ParentLocator[];
+  /**
+   * The parent locator entries in use, validated (differencing disks only;
+   * a dynamic disk's locator entries are ignored): where their data space lies.
+   */
+  readonly locatorEntries: readonly ValidLocator[];
   /** Human-readable remarks (tolerated damage) for check and open. */
   readonly notes: readonly string[];
 }
+
+export interface ValidLocator {
+  /** Index of the entry in the dynamic header (0..7). */
+  readonly index: number;
+  readonly entry: ParentLocatorEntry;
+  /** Byte range of the entry's data space in the file. */
+  readonly start: number;
+  readonly end: number;
+}
+
+/** Platform codes the spec defines (besides None). */
+const KNOWN_PLATFORMS = new Set([PLATFORM_WI2R, PLATFORM_WI2K, PLATFORM_W2RU, PLATFORM_W2KU, PLATFORM_MAC, PLATFORM_MACX]);
+/** Longest locator data accepted (a path; Windows allows 32767 UTF-16 units). */
+const MAX_LOCATOR_DATA = 65536;
 
 export function fail(path: string, code: string, message: string, offset?: number): never {
   throw new DiskError(code, message, path, offset === undefined ? {} : { offset });
@@ -77,11 +102,10 @@ export function platformCodeName(code: number): string {
   return b.toString("latin1").replace(/\0/g, "");
 }
 
-export function decodeLocators(fd: number, header: DynamicHeader, fileSize: number): ParentLocator[] {
+export function decodeLocators(fd: number, valid: readonly ValidLocator[]): ParentLocator[] {
   const out: ParentLocator[] = [];
-  for (const e of header.parentLocators) {
-    if (e.platformCode === PLATFORM_NONE || e.platformDataLength === 0) continue;
-    if (e.platformDataOffset + e.platformDataLength > fileSize || e.platformDataLength > 65536) continue;
+  for (const { entry: e } of valid) {
+    if (e.platformDataLength === 0) continue;
     const data = readAt(fd, e.platformDataOffset, e.platformDataLength);
     let kind: string;
     let path: string;
@@ -112,6 +136,54 @@ export function decodeLocators(fd: number, header: DynamicHeader, fileSize: numb
     }
     out.push({ kind, path });
   }
+  return out;
+}
+
+/**
+ * The parent locator entries of a differencing disk, each validated: a
+ * platform code the spec defines, data length within the data space and at
+ * most MAX_LOCATOR_DATA, the data space inside the file and clear of the
+ * footer copy, the dynamic header, the BAT, the end footer and the other
+ * locators. An invalid entry is an error naming the file and the entry.
+ */
+function validateLocators(
+  path: string,
+  header: DynamicHeader,
+  hdrAt: number,
+  batBytes: number,
+  fileSize: number,
+  endFooterAt: number | undefined,
+): ValidLocator[] {
+  const limit = endFooterAt ?? fileSize;
+  const fixed = [
+    { start: 0, end: FOOTER_SIZE, what: "the footer copy at offset 0" },
+    { start: hdrAt, end: hdrAt + DYNAMIC_HEADER_SIZE, what: `the dynamic header at offset ${hdrAt}` },
+    { start: header.tableOffset, end: header.tableOffset + batBytes, what: `the BAT at offset ${header.tableOffset}` },
+  ];
+  const out: ValidLocator[] = [];
+  header.parentLocators.forEach((e, index) => {
+    if (e.platformCode === PLATFORM_NONE) return;
+    const entryAt = hdrAt + 576 + index * 24;
+    const bad = (why: string): never =>
+      fail(path, "VHD_BAD_LOCATOR", `dynamic header at offset ${hdrAt}: parent locator ${index} (platform "${platformCodeName(e.platformCode)}"): ${why}`, entryAt);
+    if (!KNOWN_PLATFORMS.has(e.platformCode)) bad(`unknown platform code 0x${(e.platformCode >>> 0).toString(16)}`);
+    const space = locatorSpaceBytes(e);
+    const start = e.platformDataOffset;
+    const end = start + space;
+    if (e.platformDataLength > space) bad(`data length ${e.platformDataLength} exceeds its data space of ${space} bytes`);
+    if (e.platformDataLength > MAX_LOCATOR_DATA) bad(`data length ${e.platformDataLength} exceeds ${MAX_LOCATOR_DATA} bytes`);
+    if (space === 0 && e.platformDataLength === 0) return; // an empty entry: nothing to read or keep clear
+    if (!Number.isSafeInteger(end) || start < 0 || end > limit) {
+      bad(`data space at offset ${start} (${space} bytes) is not inside the file (${endFooterAt === undefined ? `${fileSize} bytes` : `end footer at ${endFooterAt}`})`);
+    }
+    for (const m of fixed) {
+      if (start < m.end && m.start < end) bad(`data space at offset ${start} (${space} bytes) overlaps ${m.what}`);
+    }
+    for (const o of out) {
+      if (start < o.end && o.start < end) bad(`data space at offset ${start} (${space} bytes) overlaps that of parent locator ${o.index}`);
+    }
+    out.push({ index, entry: e, start, end });
+  });
   return out;
 }
 
@@ -163,6 +235,7 @@ export function loadLayout(path: string, fd: number): VhdLayout {
       usedEnd: footer.currentSize,
       endOffset: endAt,
       locators: [],
+      locatorEntries: [],
       notes,
     };
   }
@@ -206,14 +279,15 @@ export function loadLayout(path: string, fd: number): VhdLayout {
     }
     usedEnd = Math.max(usedEnd, at + bitmapSize + bs);
   }
-  for (const e of header.parentLocators) {
-    if (e.platformCode === PLATFORM_NONE) continue;
-    usedEnd = Math.max(usedEnd, e.platformDataOffset + Math.max(e.platformDataLength, locatorSpaceBytes(e)));
-  }
-  const locators = decodeLocators(fd, header, fileSize);
-  if (header.parentUnicodeName !== "") locators.push({ kind: "name", path: header.parentUnicodeName });
+  // Parent locators mean something only on a differencing disk; elsewhere
+  // they are ignored (never read, never counted in the used space).
+  const differencing = footer.diskType === DISK_TYPE_DIFFERENCING;
+  const locatorEntries = differencing ? validateLocators(path, header, hdrAt, batBytes, fileSize, endDecoded.ok ? endAt : undefined) : [];
+  for (const l of locatorEntries) usedEnd = Math.max(usedEnd, l.end);
+  const locators = decodeLocators(fd, locatorEntries);
+  if (differencing && header.parentUnicodeName !== "") locators.push({ kind: "name", path: header.parentUnicodeName });
   // Without a valid end footer, nothing referenced lies past usedEnd: the
   // footer belongs right there (what follows is unpublished or torn).
   const endOffset = alignUp(endDecoded.ok ? Math.max(endAt, usedEnd) : usedEnd, SECTOR);
-  return { fileSize, footer, endFooter, copyFooter, header, bat, bitmapSize, usedEnd, endOffset, locators, notes };
+  return { fileSize, footer, endFooter, copyFooter, header, bat, bitmapSize, usedEnd, endOffset, locators, locatorEntries, notes };
 }

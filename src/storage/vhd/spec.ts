@@ -49,6 +49,7 @@ export const PLATFORM_W2RU = 0x57327275; // "W2ru": relative path, UTF-16LE
 export const PLATFORM_W2KU = 0x57326b75; // "W2ku": absolute path, UTF-16LE
 export const PLATFORM_WI2R = 0x57693272; // "Wi2r": deprecated relative path (ANSI)
 export const PLATFORM_WI2K = 0x5769326b; // "Wi2k": deprecated absolute path (ANSI)
+export const PLATFORM_MAC = 0x4d616320; // "Mac ": Mac OS alias blob
 export const PLATFORM_MACX = 0x4d616358; // "MacX": file URL, UTF-8
 
 /** Seconds between the Unix epoch and 2000-01-01 00:00:00 UTC (the VHD epoch). */
