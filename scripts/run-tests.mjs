@@ -27,6 +27,19 @@ function testFiles(dir) {
   return out;
 }
 
+/** Runs a command with stdout echoed; resolves with its status and the last 4 KB of its output. */
+function runEchoed(args) {
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, args, { cwd: root, stdio: ["ignore", "pipe", "inherit"], env: process.env });
+    let tail = "";
+    child.stdout.on("data", (d) => {
+      process.stdout.write(d);
+      tail = (tail + d.toString()).slice(-4000);
+    });
+    child.on("close", (code) => resolve({ code: code ?? 1, tail }));
+  });
+}
+
 function runNodeTest(files, label) {
   return new Promise((resolve) => {
     if (files.length === 0) {
@@ -35,22 +48,12 @@ function runNodeTest(files, label) {
       return;
     }
     console.log(`[${label}] ${files.length} test files`);
-    const child = spawn(process.execPath, ["--test", "--test-reporter=spec", "--test-concurrency=1", ...files.map((f) => relative(root, f))], {
-      cwd: root,
-      stdio: ["ignore", "pipe", "inherit"],
-      env: process.env,
-    });
-    let tail = "";
-    child.stdout.on("data", (d) => {
-      process.stdout.write(d);
-      tail = (tail + d.toString()).slice(-4000);
-    });
-    child.on("close", (code) => {
+    runEchoed(["--test", "--test-reporter=spec", "--test-concurrency=1", ...files.map((f) => relative(root, f))]).then(({ code, tail }) => {
       const num = (key) => {
         const m = tail.match(new RegExp(`^\\S*\\s*${key} (\\d+)\\s*$`, "m"));
         return m ? Number(m[1]) : 0;
       };
-      resolve({ pass: num("pass"), fail: num("fail") + (code !== 0 && num("fail") === 0 ? 1 : 0), code: code ?? 1 });
+      resolve({ pass: num("pass"), fail: num("fail") + (code !== 0 && num("fail") === 0 ? 1 : 0), code });
     });
   });
 }
@@ -82,19 +85,7 @@ async function guestSuite() {
       return { pass: 0, fail: 1, code: 1 };
     }
     console.log(`[guest] host KVM is ${kind}: running the real-guest suite inside the nested test host (QEMU TCG, AMD-V)`);
-    const status = await new Promise((resolve) => {
-      const child = spawn(process.execPath, [join(root, "dist/src/cli/main.js"), "host", "nested", "--", process.execPath, join(root, "scripts/run-tests.mjs"), "guest", "--inside-nested"], {
-        cwd: root,
-        stdio: ["ignore", "pipe", "inherit"],
-        env: process.env,
-      });
-      let tail = "";
-      child.stdout.on("data", (d) => {
-        process.stdout.write(d);
-        tail = (tail + d.toString()).slice(-4000);
-      });
-      child.on("close", (code) => resolve({ code: code ?? 1, tail }));
-    });
+    const status = await runEchoed([join(root, "dist/src/cli/main.js"), "host", "nested", "--", process.execPath, join(root, "scripts/run-tests.mjs"), "guest", "--inside-nested"]);
     const m = status.tail.match(/^(\d+) passed, (\d+) failed/m);
     if (m) return { pass: Number(m[1]), fail: Number(m[2]) + (status.code !== 0 && Number(m[2]) === 0 ? 1 : 0), code: status.code };
     console.log(`[guest] FAIL: nested test host ended with status ${status.code} and no test summary`);

@@ -48,7 +48,8 @@ export function checkHost(report: HostReport = probeHost(kvmDevicePath())): Host
   lines.push(`     CPUs: ${report.logicalCpus} (${report.cpuModel})`);
   const verdict = stockGuestVerdict(report);
   if (report.kind === "pvm") lines.push(`note ${PVM_EXPLANATION}`);
-  lines.push(`${verdict.ok ? "ok  " : "note"} stock guests (unmodified Linux): ${verdict.ok ? "yes" : "not here: " + verdict.why}`);
+  const notHere = report.kind === "pvm" ? "not here (PVM, see above)" : "not here: " + verdict.why;
+  lines.push(`${verdict.ok ? "ok  " : "note"} stock guests (unmodified Linux): ${verdict.ok ? "yes" : notHere}`);
   const ok = problems.length === 0;
   const summary = ok
     ? verdict.ok
