@@ -16,6 +16,7 @@ declare -A need=(
   [zstd]=/usr/bin/zstd
   [util-linux]=/usr/bin/setpriv
   [dpkg]=/usr/bin/dpkg-deb
+  [acpica-tools]=/usr/bin/iasl
 )
 missing=()
 for pkg in "${!need[@]}"; do
@@ -44,5 +45,5 @@ if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.j
 fi
 
 echo "setup: npx tsc -p ."
-npx tsc -p . || echo "setup: tsc reported type errors (dist/ was still emitted)" >&2
+npx tsc -p .
 echo "setup: done"
