@@ -105,7 +105,7 @@ async function main(): Promise<void> {
   const configs: { name: string; run: () => Promise<Sample> }[] = [
     {
       name: "partis",
-      run: () => once(process.execPath, [CLI, "run", "--memory", memory, "--cpus", String(cpus), "--append", append],
+      run: () => once(process.execPath, [CLI, "run", "--kernel", guest.kernel, "--initrd", guest.initrd, "--memory", memory, "--cpus", String(cpus), "--append", append],
         (c) => childPids(c.pid!)[0] ?? c.pid!, (c) => c.pid!),
     },
     { name: "qemu -M microvm", run: () => once(qemu, ["-M", "microvm,memory-backend=ram0", ...memBackend, ...common], (c) => c.pid!) },
