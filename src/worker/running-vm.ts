@@ -122,7 +122,13 @@ export class RunningVm {
   }
 
   private spawnVcpu(data: VcpuThreadData): void {
-    const t = new Worker(new URL("./vcpu-thread.js", import.meta.url), { workerData: data, stdout: false, stderr: false });
+    const t = new Worker(new URL("./vcpu-thread.js", import.meta.url), {
+      workerData: data,
+      stdout: false,
+      stderr: false,
+      // A vCPU thread allocates next to nothing after start-up: a small heap keeps its isolate small.
+      resourceLimits: { maxYoungGenerationSizeMb: 1, maxOldGenerationSizeMb: 24 },
+    });
     t.on("message", (m: VcpuThreadMessage) => {
       if (m.type === "ready") this.kickers.push(VcpuKicker.attach(m.kick));
       if (m.type === "ready" && ++this.vcpusReady === this.config.cpus) {
