@@ -14,7 +14,7 @@ export class GuestSession {
   output = "";
   stderr = "";
   readonly exited: Promise<number>;
-  private waiters: { text: string; count: number; resolve: () => void }[] = [];
+  private waiters: { text: string | RegExp; count: number; resolve: () => void }[] = [];
 
   /** Longest a session may live: a hung guest fails its test instead of hanging the suite. */
   static readonly TIMEOUT_MS = Number(process.env.PARTIS_GUEST_TIMEOUT_MS ?? 300_000);
@@ -38,7 +38,8 @@ export class GuestSession {
     void this.exited.then(() => clearTimeout(this.deadline));
   }
 
-  private occurrences(text: string): number {
+  private occurrences(text: string | RegExp): number {
+    if (text instanceof RegExp) return (this.output.match(new RegExp(text.source, text.flags.includes("g") ? text.flags : text.flags + "g")) ?? []).length;
     let n = 0;
     for (let i = this.output.indexOf(text); i >= 0; i = this.output.indexOf(text, i + text.length)) n++;
     return n;
@@ -54,8 +55,12 @@ export class GuestSession {
     });
   }
 
-  /** Resolves once `text` has appeared `count` times on the console; rejects if the VM exits first. */
-  waitFor(text: string, count = 1): Promise<void> {
+  /**
+   * Resolves once `text` (a string, or a pattern: use one when the typed command
+   * itself contains the text, since the console echoes input) has appeared
+   * `count` times on the console; rejects if the VM exits first.
+   */
+  waitFor(text: string | RegExp, count = 1): Promise<void> {
     return new Promise((resolve, reject) => {
       if (this.occurrences(text) >= count) return resolve();
       this.waiters.push({ text, count, resolve });
