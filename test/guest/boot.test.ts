@@ -58,7 +58,7 @@ describe("an interactive 512 MiB guest on the console", () => {
   });
   test("--memory 512M: MemTotal matches within the kernel's reservations", async () => {
     s.type(`echo MEMTOTAL512=$(${MEMTOTAL})\n`);
-    await s.waitFor(/MEMTOTAL512=\d+/);
+    await s.waitFor(/MEMTOTAL512=\d+\r?\n/);
     const kib = memTotalKiB(s.output, "MEMTOTAL512");
     assert.ok(kib <= 512 * 1024, `MemTotal ${kib} kB exceeds 512 MiB`);
     assert.ok(kib >= 512 * 1024 * 0.8, `MemTotal ${kib} kB is far below 512 MiB`);
