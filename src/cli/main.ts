@@ -2,22 +2,30 @@
 /**
  * partis: the command line. Every error a user can cause ends as one line on
  * stderr and a non-zero status (2 for bad input), never a stack trace.
+ *
+ * Only the modules of the command family being run are loaded (start-up time
+ * matters: `partis run` is on the boot path); `partis --help` loads them all.
  */
 import { Command, CommanderError } from "commander";
 import { PartisError, UsageError, HostCapabilityError } from "../errors.js";
-import { registerRunCommand } from "./run-command.js";
-import { registerHostCommands } from "./host-command.js";
-import { registerNestedCommand } from "../nested/nested-command.js";
-import { registerDiskCommands } from "./disk-command.js";
 
 const program = new Command();
 program.name("partis").description("Partis: virtual machines on KVM").version("0.1.0");
 program.exitOverride();
 program.configureOutput({ writeErr: (s) => process.stderr.write(s) });
-registerRunCommand(program);
-const host = registerHostCommands(program);
-registerNestedCommand(host);
-registerDiskCommands(program);
+
+const families: Record<string, () => Promise<void>> = {
+  run: async () => {
+    (await import("./run-command.js")).registerRunCommand(program);
+  },
+  host: async () => {
+    const host = (await import("./host-command.js")).registerHostCommands(program);
+    (await import("../nested/nested-command.js")).registerNestedCommand(host);
+  },
+  disk: async () => {
+    (await import("./disk-command.js")).registerDiskCommands(program);
+  },
+};
 
 function fail(e: unknown): never {
   if (e instanceof CommanderError) process.exit(e.exitCode === 0 ? 0 : 2);
@@ -37,6 +45,10 @@ function fail(e: unknown): never {
 process.on("uncaughtException", fail);
 process.on("unhandledRejection", fail);
 try {
+  const first = process.argv[2];
+  const family = first !== undefined ? families[first] : undefined;
+  if (family !== undefined) await family();
+  else for (const load of Object.values(families)) await load();
   await program.parseAsync(process.argv);
 } catch (e) {
   fail(e);

@@ -104,24 +104,42 @@ function workerEntry(): string {
   return fileURLToPath(new URL("../worker/main.js", import.meta.url));
 }
 
-/** Runs one worker (one boot of the VM) and resolves when it exits. */
-function runWorker(config: VmConfig, console: ConsoleBridge): Promise<WorkerResult> {
-  return new Promise((resolve) => {
-    const child = spawn(process.execPath, [workerEntry()], { stdio: ["pipe", "inherit", "inherit", "ipc"] });
+/**
+ * A partis-worker process. It is started before the CLI has finished
+ * validating, so that loading the worker's modules overlaps the CLI's own
+ * work; it does nothing until it receives "start", and `discard()` ends it
+ * when validation fails (nothing is left running).
+ */
+class WorkerProcess {
+  readonly child: ChildProcess;
+  private readonly exit: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+
+  constructor() {
+    this.child = spawn(process.execPath, [workerEntry()], { stdio: ["pipe", "inherit", "inherit", "ipc"] });
+    this.child.stdin!.on("error", () => {});
+    this.exit = new Promise((resolve) => this.child.once("exit", (code, signal) => resolve({ code, signal })));
+  }
+
+  async discard(): Promise<void> {
+    this.child.kill("SIGKILL");
+    await this.exit;
+  }
+
+  /** Boot the VM in this worker; resolves when the worker exits. */
+  run(config: VmConfig, console: ConsoleBridge): Promise<WorkerResult> {
     let outcome: VmOutcome | undefined;
     let error: { code: string; message: string } | undefined;
-    child.on("message", (m: ControlEvent) => {
+    this.child.on("message", (m: ControlEvent) => {
       if (m.type === "exited") outcome = m.outcome;
       else if (m.type === "error") error = { code: m.code, message: m.message };
     });
-    child.stdin!.on("error", () => {});
-    console.attach(child);
-    child.send({ type: "start", config } satisfies ControlRequest);
-    child.on("exit", (code, signal) => {
+    console.attach(this.child);
+    if (this.child.connected) this.child.send({ type: "start", config } satisfies ControlRequest);
+    return this.exit.then(({ code, signal }) => {
       console.detach();
-      resolve({ status: code ?? (signal ? 128 : 1), outcome, error });
+      return { status: code ?? (signal ? 128 : 1), outcome, error };
     });
-  });
+  }
 }
 
 /**
@@ -188,19 +206,33 @@ class ConsoleBridge {
 }
 
 export async function runVm(opts: RunOptions): Promise<number> {
+  const firstWorker = new WorkerProcess();
   let guest: { kernel: string; initrd?: string } | undefined;
   if (opts.kernel === undefined) {
     const host = probeHost(kvmDevicePath());
     const verdict = stockGuestVerdict(host);
     if (!verdict.ok && host.kvm.accessible)
       process.stderr.write(`partis run: warning: ${verdict.why}\npartis run: hint: \`partis host nested -- partis run\` runs it in the nested test host\n`);
-    guest = await prepareDefaultGuest({ log: (l) => process.stderr.write(`partis run: ${l}\n`) });
+    try {
+      guest = await prepareDefaultGuest({ log: (l) => process.stderr.write(`partis run: ${l}\n`) });
+    } catch (e) {
+      await firstWorker.discard();
+      throw e;
+    }
   }
-  const config = resolveRunConfig(opts, guest);
+  let config: VmConfig;
+  try {
+    config = resolveRunConfig(opts, guest);
+  } catch (e) {
+    await firstWorker.discard();
+    throw e;
+  }
   const bridge = new ConsoleBridge();
+  let worker: WorkerProcess | undefined = firstWorker;
   try {
     for (;;) {
-      const r = await runWorker(config, bridge);
+      const r = await (worker ?? new WorkerProcess()).run(config, bridge);
+      worker = undefined;
       if (bridge.quitRequested) {
         process.stderr.write("\r\npartis run: console closed; VM stopped\r\n");
         return RUN_EXIT.quit;

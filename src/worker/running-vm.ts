@@ -23,7 +23,7 @@ import { systemClock } from "../devices/dependencies.js";
 import { Board } from "./board.js";
 import { PowerState } from "./power-state.js";
 import { FdConsoleSink } from "./console-sink.js";
-import type { VcpuThreadData, VcpuThreadMessage } from "./vcpu-thread.js";
+import type { VcpuStartMessage, VcpuThreadData, VcpuThreadMessage } from "./vcpu-thread.js";
 import { kvmDevicePath, type VmConfig, type VmOutcome } from "./vm-config.js";
 import { PartisError } from "../errors.js";
 
@@ -58,25 +58,24 @@ export class RunningVm {
     this.outcome = this.watchPower();
   }
 
+  /**
+   * Create the partition and start the vCPU threads first (a thread's start-up,
+   * a V8 isolate plus its modules, is the slow part), then load the guest while
+   * they come up; the start gate opens once every vCPU is ready and the boot
+   * state has been handed over.
+   */
   static start(config: VmConfig, options: RunningVmOptions): RunningVm {
-    const kernel = readFileSync(config.kernelPath);
-    const initrd = config.initrdPath === undefined ? undefined : readFileSync(config.initrdPath);
     const system = KvmSystem.open(kvmDevicePath());
     if (config.cpus > system.maxVcpus)
       throw new VmStartError("TOO_MANY_VCPUS", `${config.cpus} vCPUs requested; KVM allows at most ${system.maxVcpus}`, { vm: config.name });
     const plan = planMemory(config.memoryBytes);
     const partition = Partition.create(system, { ranges: plan.ram });
+    let vm: RunningVm | undefined;
     try {
       partition.setTssAddr(TSS_ADDR);
       partition.setIdentityMapAddr(IDENTITY_MAP_ADDR);
       partition.createIrqchip();
       partition.createPit2();
-
-      const memory = partition.guestMemory;
-      const acpi = buildAcpiTables({ vcpuCount: config.cpus, plan }, memory);
-      const info = loadLinux(memory, plan, kernel, initrd, config.cmdline, { rsdpAddr: acpi.rsdpAddress });
-      writeBootTables(memory, plan);
-      const boot = longModeBootState(plan, info);
 
       const arena = SharedStateArena.create();
       const power = PowerState.create();
@@ -93,31 +92,50 @@ export class RunningVm {
       );
       board.powerOn();
 
-      const vm = new RunningVm(config, plan, system, partition, board, power);
+      vm = new RunningVm(config, plan, system, partition, board, power);
       const supported = system.supportedCpuid();
       const tscDeadlineTimer = system.checkExtension(KVM_CAP.TSC_DEADLINE_TIMER) > 0;
       const handoff = partition.handoff();
-      const commonMsrs = boot.msrs;
       for (let id = 0; id < config.cpus; id++) {
-        const data: VcpuThreadData = {
+        vm.spawnVcpu({
           handoff,
           vcpuId: id,
           cpuid: cpuidForVcpu(supported, { vcpuId: id, vcpuCount: config.cpus, tscDeadlineTimer }),
-          boot: id === 0 ? boot : null,
-          msrs: commonMsrs,
           deviceState: arena.buffer,
           powerState: power.buffer,
           startGate: vm.startGate.buffer as SharedArrayBuffer,
           board: { memoryBytes: config.memoryBytes },
           consoleFd: options.consoleFd,
-        };
-        vm.spawnVcpu(data);
+        });
       }
+
+      // While the threads start: the guest.
+      const memory = partition.guestMemory;
+      const kernel = readFileSync(config.kernelPath);
+      const initrd = config.initrdPath === undefined ? undefined : readFileSync(config.initrdPath);
+      const acpi = buildAcpiTables({ vcpuCount: config.cpus, plan }, memory);
+      const info = loadLinux(memory, plan, kernel, initrd, config.cmdline, { rsdpAddr: acpi.rsdpAddress });
+      writeBootTables(memory, plan);
+      const boot = longModeBootState(plan, info);
+      vm.threads.forEach((t, id) => t.postMessage({ boot: id === 0 ? boot : null, msrs: boot.msrs } satisfies VcpuStartMessage));
+      vm.bootHandedOver = true;
+      vm.openGateWhenReady();
       return vm;
     } catch (e) {
+      if (vm !== undefined) for (const t of vm.threads) void t.terminate();
       partition.destroy();
       system.close();
       throw e;
+    }
+  }
+
+  private bootHandedOver = false;
+
+  private openGateWhenReady(): void {
+    if (this.bootHandedOver && this.vcpusReady === this.config.cpus && Atomics.load(this.startGate, 0) === 0) {
+      // Every vCPU exists and is set up, and the BSP has its boot state: let them all run.
+      Atomics.store(this.startGate, 0, 1);
+      Atomics.notify(this.startGate, 0);
     }
   }
 
@@ -130,11 +148,10 @@ export class RunningVm {
       resourceLimits: { maxYoungGenerationSizeMb: 1, maxOldGenerationSizeMb: 24 },
     });
     t.on("message", (m: VcpuThreadMessage) => {
-      if (m.type === "ready") this.kickers.push(VcpuKicker.attach(m.kick));
-      if (m.type === "ready" && ++this.vcpusReady === this.config.cpus) {
-        // Every vCPU exists and is set up: let them all run.
-        Atomics.store(this.startGate, 0, 1);
-        Atomics.notify(this.startGate, 0);
+      if (m.type === "ready") {
+        this.kickers.push(VcpuKicker.attach(m.kick));
+        this.vcpusReady++;
+        this.openGateWhenReady();
       }
       if (m.type === "error") this.power.record({ kind: "crash", reason: `vCPU ${m.vcpuId}: ${m.message}` });
     });

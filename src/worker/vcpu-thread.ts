@@ -6,7 +6,7 @@
  * MMIO go to the bus under the machine lock; power events and fatal exits
  * are recorded in the shared power state, which stops every thread.
  */
-import { parentPort, workerData } from "node:worker_threads";
+import { parentPort, receiveMessageOnPort, workerData } from "node:worker_threads";
 import { Partition, type PartitionHandoff } from "../hypervisor/partition.js";
 import { VirtualProcessor, type Sregs, type Segment, type VcpuExit, type VcpuKickHandle } from "../hypervisor/virtual-processor.js";
 import { KVM_SYSTEM_EVENT, KVM_INTERNAL_ERROR } from "../hypervisor/kvm-abi.js";
@@ -23,10 +23,6 @@ export interface VcpuThreadData {
   readonly handoff: PartitionHandoff;
   readonly vcpuId: number;
   readonly cpuid: readonly CpuidEntry[];
-  /** Boot state for the BSP; APs wait for INIT/SIPI in the in-kernel LAPIC. */
-  readonly boot: BootCpuState | null;
-  /** MSRs every vCPU starts with (MTRR default type, misc enable...). */
-  readonly msrs: readonly { readonly index: number; readonly value: bigint }[];
   readonly deviceState: SharedArrayBuffer;
   readonly powerState: SharedArrayBuffer;
   /**
@@ -37,6 +33,17 @@ export interface VcpuThreadData {
   readonly startGate: SharedArrayBuffer;
   readonly board: BoardConfig;
   readonly consoleFd: number;
+}
+
+/**
+ * The main thread's one message to a vCPU thread, posted before the start gate
+ * opens (so it is waiting in the port when the thread passes the gate).
+ */
+export interface VcpuStartMessage {
+  /** Boot state for the BSP; APs wait for INIT/SIPI in the in-kernel LAPIC. */
+  readonly boot: BootCpuState | null;
+  /** MSRs every vCPU starts with (MTRR default type, misc enable...). */
+  readonly msrs: readonly { readonly index: number; readonly value: bigint }[];
 }
 
 /** Messages from a vCPU thread to the worker's main thread. */
@@ -123,8 +130,6 @@ function main(): void {
   const partition = Partition.attach(data.handoff);
   const vp = VirtualProcessor.create(partition, data.vcpuId);
   vp.setCpuid(data.cpuid);
-  vp.setMsrs(data.msrs.map((m) => ({ index: m.index, data: m.value })));
-  if (data.boot !== null) applyBootState(vp, data.boot);
 
   const arena = new SharedStateArena(data.deviceState);
   const lock = arena.lock();
@@ -143,6 +148,10 @@ function main(): void {
   port.postMessage({ type: "ready", vcpuId: data.vcpuId, kick: vp.kickHandle() } satisfies VcpuThreadMessage);
   const gate = new Int32Array(data.startGate, 0, 1);
   while (Atomics.load(gate, 0) === 0) Atomics.wait(gate, 0, 0);
+  const start = receiveMessageOnPort(port)?.message as VcpuStartMessage | undefined;
+  if (start === undefined) throw new Error("start gate opened without a start message");
+  vp.setMsrs(start.msrs.map((m) => ({ index: m.index, data: m.value })));
+  if (start.boot !== null) applyBootState(vp, start.boot);
 
   while (power.running) {
     const exit = vp.run();
