@@ -25,6 +25,7 @@ import { planLinuxLoad, KernelImageError, LinuxLoadError } from "../machine/linu
 import { MAX_VCPUS } from "../machine/cpuid.js";
 import { prepareDefaultGuest } from "../images/default-guest.js";
 import { parseByteSize, formatByteSize } from "./byte-size.js";
+import { bootTrace } from "../worker/boot-trace.js";
 import { WORKER_EXIT, kvmDevicePath, type ControlEvent, type ControlRequest, type VmConfig, type VmOutcome } from "../worker/vm-config.js";
 
 export const RUN_EXIT = { poweroff: 0, failed: 1, usage: 2, reboot: 3, crash: 4, quit: 130 } as const;
@@ -134,6 +135,7 @@ class WorkerProcess {
       else if (m.type === "error") error = { code: m.code, message: m.message };
     });
     console.attach(this.child);
+    bootTrace("cli", "config validated, start sent");
     if (this.child.connected) this.child.send({ type: "start", config } satisfies ControlRequest);
     return this.exit.then(({ code, signal }) => {
       console.detach();
@@ -206,6 +208,7 @@ class ConsoleBridge {
 }
 
 export async function runVm(opts: RunOptions): Promise<number> {
+  bootTrace("cli", "run: modules loaded");
   const firstWorker = new WorkerProcess();
   let guest: { kernel: string; initrd?: string } | undefined;
   if (opts.kernel === undefined) {

@@ -8,6 +8,9 @@
 import { RunningVm } from "./running-vm.js";
 import { WORKER_EXIT, type ControlEvent, type ControlRequest, type VmOutcome } from "./vm-config.js";
 import { PartisError } from "../errors.js";
+import { bootTrace } from "./boot-trace.js";
+
+bootTrace("worker", "modules loaded");
 
 function send(event: ControlEvent): void {
   if (process.send !== undefined) process.send(event);
@@ -21,8 +24,10 @@ let vm: RunningVm | undefined;
 let pendingShutdown = false;
 
 async function start(request: Extract<ControlRequest, { type: "start" }>): Promise<void> {
+  bootTrace("worker", "start received");
   try {
     vm = RunningVm.start(request.config, { consoleFd: 1 });
+    bootTrace("worker", "partition built, guest loaded");
   } catch (e) {
     const code = e instanceof PartisError ? e.code : "WORKER_START_FAILED";
     const message = e instanceof Error ? e.message : String(e);

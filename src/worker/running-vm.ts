@@ -26,6 +26,7 @@ import { FdConsoleSink } from "./console-sink.js";
 import type { VcpuStartMessage, VcpuThreadData, VcpuThreadMessage } from "./vcpu-thread.js";
 import { kvmDevicePath, type VmConfig, type VmOutcome } from "./vm-config.js";
 import { PartisError } from "../errors.js";
+import { bootTrace } from "./boot-trace.js";
 
 /** Identity-map and TSS pages for Intel hosts: top of the 32-bit space, below the BIOS. */
 const IDENTITY_MAP_ADDR = 0xfffb_c000;
@@ -134,6 +135,7 @@ export class RunningVm {
   private openGateWhenReady(): void {
     if (this.bootHandedOver && this.vcpusReady === this.config.cpus && Atomics.load(this.startGate, 0) === 0) {
       // Every vCPU exists and is set up, and the BSP has its boot state: let them all run.
+      bootTrace("worker", "start gate open");
       Atomics.store(this.startGate, 0, 1);
       Atomics.notify(this.startGate, 0);
     }

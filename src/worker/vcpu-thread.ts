@@ -18,6 +18,7 @@ import { Board, type BoardConfig } from "./board.js";
 import { PowerState } from "./power-state.js";
 import { FdConsoleSink } from "./console-sink.js";
 import { systemClock } from "../devices/dependencies.js";
+import { bootTrace } from "./boot-trace.js";
 
 export interface VcpuThreadData {
   readonly handoff: PartitionHandoff;
@@ -125,6 +126,7 @@ function describeFatal(exit: VcpuExit, vcpuId: number): string | undefined {
 
 function main(): void {
   const data = workerData as VcpuThreadData;
+  bootTrace(`vcpu${data.vcpuId}`, "modules loaded");
   const port = parentPort!;
   const power = new PowerState(data.powerState);
   const partition = Partition.attach(data.handoff);
@@ -145,6 +147,7 @@ function main(): void {
     false,
   );
   const bus = board.bus;
+  bootTrace(`vcpu${data.vcpuId}`, "ready");
   port.postMessage({ type: "ready", vcpuId: data.vcpuId, kick: vp.kickHandle() } satisfies VcpuThreadMessage);
   const gate = new Int32Array(data.startGate, 0, 1);
   while (Atomics.load(gate, 0) === 0) Atomics.wait(gate, 0, 0);
