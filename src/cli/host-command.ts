@@ -4,10 +4,22 @@
  * (VT-x / AMD-V) or PVM (what that means for guests), NX/DEP, memory.
  * Exit 0 when a VM can run here, non-zero with a one-line reason otherwise.
  */
+import { readFileSync } from "node:fs";
 import type { Command } from "commander";
 import { probeHost, stockGuestVerdict, PVM_EXPLANATION, type HostReport } from "../hypervisor/host.js";
 import { formatByteSize } from "./byte-size.js";
 import { kvmDevicePath } from "../worker/vm-config.js";
+
+const SHMEM_THP = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
+
+/** The selected shmem THP mode ("never", "advise", ...), or undefined without THP. */
+function shmemHugePageMode(): string | undefined {
+  try {
+    return /\[(\w+)\]/.exec(readFileSync(SHMEM_THP, "utf8"))?.[1];
+  } catch {
+    return undefined;
+  }
+}
 
 /** Below this a host cannot give even the smallest guest plus the worker. */
 const MIN_HOST_MEMORY = 256 * 2 ** 20;
@@ -46,6 +58,13 @@ export function checkHost(report: HostReport = probeHost(kvmDevicePath())): Host
   lines.push(`${mark(memOk)} memory: ${formatByteSize(report.memTotalBytes)} total, ${formatByteSize(report.memAvailableBytes)} available`);
   if (!memOk) problems.push(`host memory ${formatByteSize(report.memTotalBytes)} is below ${formatByteSize(MIN_HOST_MEMORY)}`);
   lines.push(`     CPUs: ${report.logicalCpus} (${report.cpuModel})`);
+  const thp = shmemHugePageMode();
+  if (thp !== undefined)
+    lines.push(
+      thp === "never" || thp === "deny"
+        ? `note huge pages for guest RAM: off (shmem THP "${thp}"); \`echo advise > ${SHMEM_THP}\` lets guests use 2 MiB pages (faster boot and memory access)`
+        : `ok   huge pages for guest RAM: shmem THP "${thp}"`,
+    );
   const verdict = stockGuestVerdict(report);
   if (report.kind === "pvm") lines.push(`note ${PVM_EXPLANATION}`);
   const notHere = report.kind === "pvm" ? "not here (PVM, see above)" : "not here: " + verdict.why;

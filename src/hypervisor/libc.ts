@@ -44,6 +44,7 @@ const c = {
     offset: number | bigint,
   ) => CPointer,
   munmap: lib.func("int munmap(void *addr, size_t length)") as IntFn<[CPointer, number]>,
+  madvise: lib.func("int madvise(void *addr, size_t length, int advice)") as IntFn<[CPointer, number, number]>,
   memfdCreate: lib.func("int memfd_create(const char *name, unsigned int flags)") as IntFn<[string, number]>,
   ftruncate: lib.func("int ftruncate(int fd, int64_t length)") as IntFn<[number, number | bigint]>,
   eventfd: lib.func("int eventfd(unsigned int initval, int flags)") as IntFn<[number, number]>,
@@ -282,6 +283,18 @@ export function mmap(length: number, prot: number, flags: number, fd: number, of
   const p = c.mmap(null, length, prot, flags, fd, offset);
   if (p === null || koffi.address(p) === MAP_FAILED) throw lastError("mmap", { fd, length, offset: BigInt(offset), ...context });
   return p;
+}
+
+const MADV_HUGEPAGE = 14;
+
+/**
+ * Ask for transparent huge pages on a mapping (madvise MADV_HUGEPAGE). Returns
+ * false where the kernel refuses (no THP); a hint, never an error. For a memfd
+ * (shmem) mapping it takes effect when /sys/kernel/mm/transparent_hugepage/
+ * shmem_enabled is "advise" (or "within_size"/"always").
+ */
+export function adviseHugePages(pointer: CPointer, length: number): boolean {
+  return c.madvise(pointer, length, MADV_HUGEPAGE) === 0;
 }
 
 export function munmap(pointer: CPointer, length: number): void {

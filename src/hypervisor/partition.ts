@@ -163,6 +163,9 @@ export class Partition {
         const pointer = libc.mmap(range.length, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_SHARED | libc.MAP_NORESERVE, memfd, range.fileOffset, {
           slot,
         });
+        // Huge pages for guest RAM where the host allows them: KVM then maps the
+        // guest with 2 MiB pages, far fewer faults while the guest touches RAM.
+        libc.adviseHugePages(pointer, range.length);
         const s: Slot = { range, address: libc.addressOf(pointer), pointer, flags: 0, bitmap: undefined };
         slots.push(s);
         kvmIoctl(vmFd, "SET_USER_MEMORY_REGION", Partition.regionBytes(slot, s), { vm: vmFd, slot, gpa: BigInt(range.gpa) });

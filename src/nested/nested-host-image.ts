@@ -38,6 +38,9 @@ while read -r m; do
   [ -n "$m" ] || continue
   insmod "/lib/modules/$m" || echo "partis-nested: insmod $m failed" > /dev/console
 done < /lib/modules/load-order
+# Guest RAM of the VMMs inside is a memfd: let it use transparent huge pages
+# when they ask (madvise), as anonymous memory does.
+echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled 2>/dev/null
 mkdir -p /ctl /host
 mount -t 9p -o ${NINEP_OPTS} partisctl /ctl || fail "cannot mount the control share"
 mount -t 9p -o ${NINEP_OPTS},cache=loose,ro hostroot /host || fail "cannot mount the host root (virtfs hostroot)"
