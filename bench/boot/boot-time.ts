@@ -26,6 +26,7 @@ const runs = Number(args[args.indexOf("--runs") + 1] ?? 5) || 5;
 const memory = "256M";
 const cpus = 1;
 const append = "console=ttyS0 panic=-1 quiet";
+const TIMEOUT_MS = 180_000;
 
 interface Sample {
   readonly ms: number;
@@ -63,8 +64,13 @@ function once(command: string, argv: string[], vmmPid: (c: ChildProcess) => numb
     let done = false;
     const timer = setTimeout(() => {
       child.kill("SIGKILL");
-      reject(new Error(`${command}: no marker after 300 s\n${out.slice(-2000)}`));
-    }, 300_000);
+      for (const p of childPids(child.pid!)) {
+        try {
+          process.kill(p, "SIGKILL");
+        } catch {}
+      }
+      reject(new Error(`${command}: no marker after ${TIMEOUT_MS / 1000} s\n${out.slice(-2000)}`));
+    }, TIMEOUT_MS);
     child.stdout!.on("data", (d: Buffer) => {
       if (done) return;
       out += d.toString("latin1");
@@ -112,23 +118,36 @@ async function main(): Promise<void> {
     { name: "qemu -M q35", run: () => once(qemu, ["-M", "q35,memory-backend=ram0", ...memBackend, ...common], (c) => c.pid!) },
   ];
   const results: Record<string, Sample[]> = {};
+  const failures: Record<string, number[]> = {};
   // Interleave the configurations so drift in the host affects all alike.
   for (let i = 0; i < runs; i++) {
     for (const c of configs) {
-      const s = await c.run();
-      (results[c.name] ??= []).push(s);
-      process.stderr.write(`${c.name} run ${i + 1}: ${s.ms.toFixed(0)} ms, overhead ${(s.overheadKiB / 1024).toFixed(1)} MiB\n`);
+      try {
+        const s = await c.run();
+        (results[c.name] ??= []).push(s);
+        process.stderr.write(`${c.name} run ${i + 1}: ${s.ms.toFixed(0)} ms, overhead ${(s.overheadKiB / 1024).toFixed(1)} MiB\n`);
+      } catch (e) {
+        // A stalled boot is reported and left out of the median, not fatal to the whole run.
+        (failures[c.name] ??= []).push(i + 1);
+        process.stderr.write(`${c.name} run ${i + 1}: FAILED (${(e instanceof Error ? e.message : String(e)).split("\n")[0]})\n`);
+      }
     }
   }
-  const partisMs = median(results.partis!.map((s) => s.ms));
+  if (results.partis === undefined) throw new Error("no Partis run succeeded");
+  const partisMs = median(results.partis.map((s) => s.ms));
   console.log(`| VMM | median start→marker (ms) | runs (ms) | VMM overhead RSS (MiB, median) | Partis ÷ this |`);
   console.log(`|---|---|---|---|---|`);
   for (const c of configs) {
-    const xs = results[c.name]!;
+    const xs = results[c.name];
+    if (xs === undefined) {
+      console.log(`| ${c.name} | all runs failed | | | |`);
+      continue;
+    }
     const ms = median(xs.map((s) => s.ms));
     const ov = median(xs.map((s) => s.overheadKiB)) / 1024;
     const extra = xs[0]!.extraKiB !== undefined ? ` (+ CLI ${(median(xs.map((s) => s.extraKiB ?? 0)) / 1024).toFixed(1)})` : "";
-    console.log(`| ${c.name} | ${ms.toFixed(0)} | ${xs.map((s) => s.ms.toFixed(0)).join(", ")} | ${ov.toFixed(1)}${extra} | ${(partisMs / ms).toFixed(2)} |`);
+    const failed = failures[c.name] ? ` (failed: run ${failures[c.name]!.join(", ")})` : "";
+    console.log(`| ${c.name} | ${ms.toFixed(0)} | ${xs.map((s) => s.ms.toFixed(0)).join(", ")}${failed} | ${ov.toFixed(1)}${extra} | ${(partisMs / ms).toFixed(2)} |`);
   }
 }
 
