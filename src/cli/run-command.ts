@@ -15,18 +15,10 @@
  * power button pressed; a second SIGTERM pulls the plug.
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { accessSync, constants, readFileSync, statSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import type { Command } from "commander";
-import { UsageError, HostCapabilityError } from "../errors.js";
-import { probeHost, stockGuestVerdict } from "../hypervisor/host.js";
-import { planMemory, MIN_RAM_BYTES, RAM_GRANULE } from "../machine/memory-map.js";
-import { planLinuxLoad, KernelImageError, LinuxLoadError } from "../machine/linux-boot.js";
-import { MAX_VCPUS } from "../machine/cpuid.js";
-import { prepareDefaultGuest } from "../images/default-guest.js";
-import { parseByteSize, formatByteSize } from "./byte-size.js";
 import { bootTrace } from "../worker/boot-trace.js";
-import { WORKER_EXIT, kvmDevicePath, type ControlEvent, type ControlRequest, type VmConfig, type VmOutcome } from "../worker/vm-config.js";
+import { WORKER_EXIT, type ControlEvent, type ControlRequest, type VmConfig, type VmOutcome } from "../worker/vm-config.js";
 
 export const RUN_EXIT = { poweroff: 0, failed: 1, usage: 2, reboot: 3, crash: 4, quit: 130 } as const;
 
@@ -44,56 +36,6 @@ export interface RunOptions {
 }
 
 const CTRL_RIGHT_BRACKET = 0x1d;
-
-function requireFile(path: string, what: string): number {
-  let st;
-  try {
-    st = statSync(path);
-  } catch {
-    throw new UsageError(`${what} ${path}: no such file`);
-  }
-  if (!st.isFile()) throw new UsageError(`${what} ${path}: not a regular file`);
-  try {
-    accessSync(path, constants.R_OK);
-  } catch {
-    throw new UsageError(`${what} ${path}: not readable`);
-  }
-  return st.size;
-}
-
-/** Validate everything before anything starts: bad input exits 2 with nothing running. */
-export function resolveRunConfig(opts: RunOptions, guest: { kernel: string; initrd?: string } | undefined): VmConfig {
-  const host = probeHost(kvmDevicePath());
-  if (!host.kvm.present) throw new HostCapabilityError("NO_KVM", `/dev/kvm is missing: ${host.kvm.reason ?? "load kvm_intel or kvm_amd"}`);
-  if (!host.kvm.accessible) throw new HostCapabilityError("KVM_DENIED", `/dev/kvm is not usable: ${host.kvm.reason ?? "permission denied"}`);
-
-  if (!/^\d+$/.test(opts.cpus.trim())) throw new UsageError(`--cpus: "${opts.cpus}" is not a whole number`);
-  const cpus = Number(opts.cpus);
-  const maxCpus = Math.min(host.kvm.maxVcpus ?? MAX_VCPUS, MAX_VCPUS);
-  if (cpus < 1 || cpus > maxCpus) throw new UsageError(`--cpus: ${cpus} is outside 1..${maxCpus} (KVM's maximum here)`);
-
-  let memoryBytes = parseByteSize(opts.memory, "--memory", "M");
-  memoryBytes = Math.ceil(memoryBytes / RAM_GRANULE) * RAM_GRANULE;
-  if (memoryBytes < MIN_RAM_BYTES) throw new UsageError(`--memory: ${opts.memory} is below the minimum of ${formatByteSize(MIN_RAM_BYTES)}`);
-  if (memoryBytes > host.memTotalBytes)
-    throw new UsageError(`--memory: ${opts.memory} is more than this host has (${formatByteSize(host.memTotalBytes)} in all)`);
-  const plan = planMemory(memoryBytes);
-
-  const kernelPath = opts.kernel ?? guest?.kernel;
-  if (kernelPath === undefined) throw new UsageError("no kernel: pass --kernel");
-  requireFile(kernelPath, "--kernel");
-  const initrdPath = opts.initrd ?? (opts.kernel === undefined ? guest?.initrd : undefined);
-  const initrdSize = initrdPath === undefined ? 0 : requireFile(initrdPath, "--initrd");
-  const cmdline = opts.append ?? DEFAULT_APPEND;
-  try {
-    planLinuxLoad(plan, readFileSync(kernelPath), initrdSize, cmdline);
-  } catch (e) {
-    if (e instanceof KernelImageError) throw new UsageError(`--kernel ${kernelPath}: ${e.message}`);
-    if (e instanceof LinuxLoadError) throw new UsageError(`${e.code === "INITRD_DOES_NOT_FIT" ? `--initrd ${initrdPath}` : `--kernel ${kernelPath}`}: ${e.message}`);
-    throw e;
-  }
-  return { name: opts.name, memoryBytes, cpus, kernelPath, ...(initrdPath !== undefined ? { initrdPath } : {}), cmdline };
-}
 
 interface WorkerResult {
   readonly status: number;
@@ -210,22 +152,11 @@ class ConsoleBridge {
 export async function runVm(opts: RunOptions): Promise<number> {
   bootTrace("cli", "run: modules loaded");
   const firstWorker = new WorkerProcess();
-  let guest: { kernel: string; initrd?: string } | undefined;
-  if (opts.kernel === undefined) {
-    const host = probeHost(kvmDevicePath());
-    const verdict = stockGuestVerdict(host);
-    if (!verdict.ok && host.kvm.accessible)
-      process.stderr.write(`partis run: warning: ${verdict.why}\npartis run: hint: \`partis host nested -- partis run\` runs it in the nested test host\n`);
-    try {
-      guest = await prepareDefaultGuest({ log: (l) => process.stderr.write(`partis run: ${l}\n`) });
-    } catch (e) {
-      await firstWorker.discard();
-      throw e;
-    }
-  }
   let config: VmConfig;
   try {
-    config = resolveRunConfig(opts, guest);
+    const validation = await import("./run-validation.js");
+    const guest = opts.kernel === undefined ? await validation.defaultGuest() : undefined;
+    config = validation.resolveRunConfig(opts, guest);
   } catch (e) {
     await firstWorker.discard();
     throw e;

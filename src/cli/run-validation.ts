@@ -1,0 +1,76 @@
+/**
+ * What `partis run` checks before anything starts: the host's KVM, --cpus,
+ * --memory, the kernel and initrd files and whether they fit. Bad input is a
+ * UsageError (exit 2) with one line. Loaded by run-command after the worker
+ * process has been started, so these modules load while the worker does.
+ */
+import { accessSync, constants, readFileSync, statSync } from "node:fs";
+import { UsageError, HostCapabilityError } from "../errors.js";
+import { probeHost, stockGuestVerdict } from "../hypervisor/host.js";
+import { planMemory, MIN_RAM_BYTES, RAM_GRANULE } from "../machine/memory-map.js";
+import { planLinuxLoad, KernelImageError, LinuxLoadError } from "../machine/linux-boot.js";
+import { MAX_VCPUS } from "../machine/cpuid.js";
+import { prepareDefaultGuest } from "../images/default-guest.js";
+import { parseByteSize, formatByteSize } from "./byte-size.js";
+import { kvmDevicePath, type VmConfig } from "../worker/vm-config.js";
+import { DEFAULT_APPEND, type RunOptions } from "./run-command.js";
+
+/** The default guest's kernel and initrd, prepared on first use; warns when this host cannot run it directly. */
+export async function defaultGuest(): Promise<{ kernel: string; initrd?: string }> {
+  const host = probeHost(kvmDevicePath());
+  const verdict = stockGuestVerdict(host);
+  if (!verdict.ok && host.kvm.accessible)
+    process.stderr.write(`partis run: warning: ${verdict.why}\npartis run: hint: \`partis host nested -- partis run\` runs it in the nested test host\n`);
+  return prepareDefaultGuest({ log: (l) => process.stderr.write(`partis run: ${l}\n`) });
+}
+
+function requireFile(path: string, what: string): number {
+  let st;
+  try {
+    st = statSync(path);
+  } catch {
+    throw new UsageError(`${what} ${path}: no such file`);
+  }
+  if (!st.isFile()) throw new UsageError(`${what} ${path}: not a regular file`);
+  try {
+    accessSync(path, constants.R_OK);
+  } catch {
+    throw new UsageError(`${what} ${path}: not readable`);
+  }
+  return st.size;
+}
+
+/** Validate everything before anything starts: bad input exits 2 with nothing running. */
+export function resolveRunConfig(opts: RunOptions, guest: { kernel: string; initrd?: string } | undefined): VmConfig {
+  const host = probeHost(kvmDevicePath());
+  if (!host.kvm.present) throw new HostCapabilityError("NO_KVM", `/dev/kvm is missing: ${host.kvm.reason ?? "load kvm_intel or kvm_amd"}`);
+  if (!host.kvm.accessible) throw new HostCapabilityError("KVM_DENIED", `/dev/kvm is not usable: ${host.kvm.reason ?? "permission denied"}`);
+
+  if (!/^\d+$/.test(opts.cpus.trim())) throw new UsageError(`--cpus: "${opts.cpus}" is not a whole number`);
+  const cpus = Number(opts.cpus);
+  const maxCpus = Math.min(host.kvm.maxVcpus ?? MAX_VCPUS, MAX_VCPUS);
+  if (cpus < 1 || cpus > maxCpus) throw new UsageError(`--cpus: ${cpus} is outside 1..${maxCpus} (KVM's maximum here)`);
+
+  let memoryBytes = parseByteSize(opts.memory, "--memory", "M");
+  memoryBytes = Math.ceil(memoryBytes / RAM_GRANULE) * RAM_GRANULE;
+  if (memoryBytes < MIN_RAM_BYTES) throw new UsageError(`--memory: ${opts.memory} is below the minimum of ${formatByteSize(MIN_RAM_BYTES)}`);
+  if (memoryBytes > host.memTotalBytes)
+    throw new UsageError(`--memory: ${opts.memory} is more than this host has (${formatByteSize(host.memTotalBytes)} in all)`);
+  const plan = planMemory(memoryBytes);
+
+  const kernelPath = opts.kernel ?? guest?.kernel;
+  if (kernelPath === undefined) throw new UsageError("no kernel: pass --kernel");
+  requireFile(kernelPath, "--kernel");
+  const initrdPath = opts.initrd ?? (opts.kernel === undefined ? guest?.initrd : undefined);
+  const initrdSize = initrdPath === undefined ? 0 : requireFile(initrdPath, "--initrd");
+  const cmdline = opts.append ?? DEFAULT_APPEND;
+  try {
+    planLinuxLoad(plan, readFileSync(kernelPath), initrdSize, cmdline);
+  } catch (e) {
+    if (e instanceof KernelImageError) throw new UsageError(`--kernel ${kernelPath}: ${e.message}`);
+    if (e instanceof LinuxLoadError) throw new UsageError(`${e.code === "INITRD_DOES_NOT_FIT" ? `--initrd ${initrdPath}` : `--kernel ${kernelPath}`}: ${e.message}`);
+    throw e;
+  }
+  return { name: opts.name, memoryBytes, cpus, kernelPath, ...(initrdPath !== undefined ? { initrdPath } : {}), cmdline };
+}
+
