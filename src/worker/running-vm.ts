@@ -18,7 +18,7 @@ import { loadLinux } from "../machine/linux-boot.js";
 import { longModeBootState, writeBootTables } from "../machine/boot-cpu.js";
 import { cpuidForVcpu } from "../machine/cpuid.js";
 import { buildAcpiTables } from "../machine/acpi/build.js";
-import { SharedStateArena } from "../machine/shared-state.js";
+import { SharedStateArena, type MachineLock } from "../machine/shared-state.js";
 import { systemClock } from "../devices/dependencies.js";
 import { Board } from "./board.js";
 import { PowerState } from "./power-state.js";
@@ -42,6 +42,8 @@ export interface RunningVmOptions {
 export class RunningVm {
   private readonly threads: Worker[] = [];
   private readonly kickers: VcpuKicker[] = [];
+  /** The board lock, taken when this thread touches devices (console input, power button). */
+  private readonly lock: MachineLock;
   private readonly startGate = new Int32Array(new SharedArrayBuffer(4));
   private vcpusReady = 0;
   private readonly pendingInput: Uint8Array[] = [];
@@ -56,6 +58,7 @@ export class RunningVm {
     private readonly board: Board,
     private readonly power: PowerState,
   ) {
+    this.lock = board.arena.lock();
     this.outcome = this.watchPower();
   }
 
@@ -158,7 +161,6 @@ export class RunningVm {
       if (m.type === "error") this.power.record({ kind: "crash", reason: `vCPU ${m.vcpuId}: ${m.message}` });
     });
     t.on("error", (e) => this.power.record({ kind: "crash", reason: `vCPU ${data.vcpuId} thread failed: ${e.message}` }));
-    t.on("exit", () => {});
     this.threads.push(t);
   }
 
@@ -179,7 +181,7 @@ export class RunningVm {
   }
 
   private feedConsole(): void {
-    const lock = this.board.arena.lock();
+    const lock = this.lock;
     lock.acquire();
     try {
       // Hold input until the guest's driver has enabled receive interrupts:
@@ -204,7 +206,7 @@ export class RunningVm {
 
   /** Host shutdown request: press the ACPI power button; the guest powers itself off. */
   pressPowerButton(): void {
-    this.board.arena.lock().with(() => this.board.pm.pressPowerButton());
+    this.lock.with(() => this.board.pm.pressPowerButton());
   }
 
   /** Pull the plug. */
