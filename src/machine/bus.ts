@@ -119,45 +119,37 @@ export class IoBus {
     return undefined;
   }
 
-  /** MMIO read of 1, 2, 4 or 8 bytes into `data` (little-endian). */
+  /** MMIO read of 1, 2, 4 or 8 bytes into `data` (little-endian); 8-byte accesses are two 4-byte ones. */
   mmioRead(gpa: number, data: Uint8Array): void {
     const c = this.findMmio(gpa);
-    if (c === undefined) {
+    const len = data.length;
+    if (c === undefined || (len !== 1 && len !== 2 && len !== 4 && len !== 8)) {
       this.unclaimedAccesses++;
       data.fill(0xff);
       return;
     }
     const off = gpa - c.region.start;
-    const dv = new DataView(data.buffer, data.byteOffset, data.byteLength);
-    switch (data.length) {
-      case 1: dv.setUint8(0, c.device.read(c.region.name, off, 1)); break;
-      case 2: dv.setUint16(0, c.device.read(c.region.name, off, 2), true); break;
-      case 4: dv.setUint32(0, c.device.read(c.region.name, off, 4) >>> 0, true); break;
-      case 8:
-        dv.setUint32(0, c.device.read(c.region.name, off, 4) >>> 0, true);
-        dv.setUint32(4, c.device.read(c.region.name, off + 4, 4) >>> 0, true);
-        break;
-      default: data.fill(0xff);
+    const step = len === 8 ? 4 : len;
+    for (let at = 0; at < len; at += step) {
+      const v = c.device.read(c.region.name, off + at, step as AccessSize);
+      for (let b = 0; b < step; b++) data[at + b] = (v >>> (8 * b)) & 0xff;
     }
   }
 
+  /** MMIO write of 1, 2, 4 or 8 bytes from `data` (little-endian); 8-byte accesses are two 4-byte ones. */
   mmioWrite(gpa: number, data: Uint8Array): void {
     const c = this.findMmio(gpa);
-    if (c === undefined) {
+    const len = data.length;
+    if (c === undefined || (len !== 1 && len !== 2 && len !== 4 && len !== 8)) {
       this.unclaimedAccesses++;
       return;
     }
     const off = gpa - c.region.start;
-    const dv = new DataView(data.buffer, data.byteOffset, data.byteLength);
-    switch (data.length) {
-      case 1: c.device.write(c.region.name, off, 1, dv.getUint8(0)); break;
-      case 2: c.device.write(c.region.name, off, 2, dv.getUint16(0, true)); break;
-      case 4: c.device.write(c.region.name, off, 4, dv.getUint32(0, true)); break;
-      case 8:
-        c.device.write(c.region.name, off, 4, dv.getUint32(0, true));
-        c.device.write(c.region.name, off + 4, 4, dv.getUint32(4, true));
-        break;
-      default: this.unclaimedAccesses++;
+    const step = len === 8 ? 4 : len;
+    for (let at = 0; at < len; at += step) {
+      let v = 0;
+      for (let b = step - 1; b >= 0; b--) v = (v << 8) | data[at + b]!;
+      c.device.write(c.region.name, off + at, step as AccessSize, v >>> 0);
     }
   }
 }

@@ -88,21 +88,21 @@ function applyBootState(vp: VirtualProcessor, boot: BootCpuState): void {
   vp.setFpu(fpu);
 }
 
-/** Service one I/O exit on the bus. Returns nothing; devices act through the bus. */
+/**
+ * Service one I/O exit on the bus. `data` is the live kvm_run data area;
+ * values are assembled little-endian by hand so nothing is allocated per exit.
+ */
 function serviceIo(bus: IoBus, exit: Extract<VcpuExit, { reason: "io" }>): void {
   const { data, size, port, count } = exit;
-  const dv = new DataView(data.buffer, data.byteOffset, data.byteLength);
   if (exit.direction === "out") {
     for (let i = 0, off = 0; i < count; i++, off += size) {
-      const v = size === 1 ? dv.getUint8(off) : size === 2 ? dv.getUint16(off, true) : dv.getUint32(off, true);
+      const v = size === 1 ? data[off]! : size === 2 ? data[off]! | (data[off + 1]! << 8) : (data[off]! | (data[off + 1]! << 8) | (data[off + 2]! << 16) | (data[off + 3]! << 24)) >>> 0;
       bus.pioWrite(port, size, v);
     }
   } else {
     for (let i = 0, off = 0; i < count; i++, off += size) {
       const v = bus.pioRead(port, size);
-      if (size === 1) dv.setUint8(off, v);
-      else if (size === 2) dv.setUint16(off, v, true);
-      else dv.setUint32(off, v >>> 0, true);
+      for (let b = 0; b < size; b++) data[off + b] = (v >>> (8 * b)) & 0xff;
     }
   }
 }
