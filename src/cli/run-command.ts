@@ -155,8 +155,9 @@ export async function runVm(opts: RunOptions): Promise<number> {
   let config: VmConfig;
   try {
     const validation = await import("./run-validation.js");
-    const guest = opts.kernel === undefined ? await validation.defaultGuest() : undefined;
-    config = validation.resolveRunConfig(opts, guest);
+    const host = validation.probeRunHost();
+    const guest = opts.kernel === undefined ? await validation.defaultGuest(host) : undefined;
+    config = validation.resolveRunConfig(opts, guest, host);
   } catch (e) {
     await firstWorker.discard();
     throw e;

@@ -6,7 +6,7 @@
  */
 import { accessSync, constants, readFileSync, statSync } from "node:fs";
 import { UsageError, HostCapabilityError } from "../errors.js";
-import { probeHost, stockGuestVerdict } from "../hypervisor/host.js";
+import { probeHost, stockGuestVerdict, type HostReport } from "../hypervisor/host.js";
 import { planMemory, MIN_RAM_BYTES, RAM_GRANULE } from "../machine/memory-map.js";
 import { planLinuxLoad, KernelImageError, LinuxLoadError } from "../machine/linux-boot.js";
 import { MAX_VCPUS } from "../machine/cpuid.js";
@@ -15,9 +15,13 @@ import { parseByteSize, formatByteSize } from "./byte-size.js";
 import { kvmDevicePath, type VmConfig } from "../worker/vm-config.js";
 import { DEFAULT_APPEND, type RunOptions } from "./run-command.js";
 
+/** This host, probed once per `partis run`. */
+export function probeRunHost(): HostReport {
+  return probeHost(kvmDevicePath());
+}
+
 /** The default guest's kernel and initrd, prepared on first use; warns when this host cannot run it directly. */
-export async function defaultGuest(): Promise<{ kernel: string; initrd?: string }> {
-  const host = probeHost(kvmDevicePath());
+export async function defaultGuest(host: HostReport): Promise<{ kernel: string; initrd?: string }> {
   const verdict = stockGuestVerdict(host);
   if (!verdict.ok && host.kvm.accessible)
     process.stderr.write(`partis run: warning: ${verdict.why}\npartis run: hint: \`partis host nested -- partis run\` runs it in the nested test host\n`);
@@ -41,8 +45,7 @@ function requireFile(path: string, what: string): number {
 }
 
 /** Validate everything before anything starts: bad input exits 2 with nothing running. */
-export function resolveRunConfig(opts: RunOptions, guest: { kernel: string; initrd?: string } | undefined): VmConfig {
-  const host = probeHost(kvmDevicePath());
+export function resolveRunConfig(opts: RunOptions, guest: { kernel: string; initrd?: string } | undefined, host: HostReport): VmConfig {
   if (!host.kvm.present) throw new HostCapabilityError("NO_KVM", `/dev/kvm is missing: ${host.kvm.reason ?? "load kvm_intel or kvm_amd"}`);
   if (!host.kvm.accessible) throw new HostCapabilityError("KVM_DENIED", `/dev/kvm is not usable: ${host.kvm.reason ?? "permission denied"}`);
 
