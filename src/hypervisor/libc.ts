@@ -21,7 +21,8 @@ import type { ErrorContext } from "../errors.js";
 
 export { SystemCallError } from "./errors.js";
 
-const lib = koffi.load("libc.so.6");
+/** The C library, for sibling FFI modules of this layer (tap.ts, sockets.ts) that declare their own prototypes. */
+export const lib = koffi.load("libc.so.6");
 
 /** Opaque C pointer as koffi hands it out. */
 export type CPointer = unknown;
@@ -58,6 +59,7 @@ const c = {
   getpid: lib.func("int getpid()") as IntFn<[]>,
   clockGettime: lib.func("int clock_gettime(int clockid, void *tp)") as IntFn<[number, ArrayBufferView]>,
   gettid: lib.func("int gettid()") as IntFn<[]>,
+  poll: lib.func("int poll(void *fds, uint64_t nfds, int timeout)") as IntFn<[ArrayBufferView, number, number]>,
   pthreadSelf: lib.func("uint64_t pthread_self()") as () => bigint | number,
   pthreadKill: lib.func("int pthread_kill(uint64_t thread, int sig)") as IntFn<[bigint, number]>,
   pthreadSigmask: lib.func("int pthread_sigmask(int how, const void *set, void *oldset)") as IntFn<[number, ArrayBufferView | null, ArrayBufferView | null]>,
@@ -209,6 +211,26 @@ export function pread(fd: number, buf: ArrayBufferView, offset: number | bigint,
 export function pwrite(fd: number, buf: ArrayBufferView, offset: number | bigint, length = buf.byteLength): number {
   if (length > buf.byteLength) throw new RangeError("pwrite: length exceeds buffer");
   return check(c.pwrite(fd, buf, length, offset), "pwrite", { fd, length, offset: BigInt(offset) });
+}
+
+export const POLLIN = 0x001;
+export const POLLOUT = 0x004;
+export const POLLERR = 0x008;
+export const POLLHUP = 0x010;
+
+/**
+ * poll(2) over a caller-owned array of struct pollfd (8 bytes each: int fd,
+ * short events, short revents), so a loop polls without allocating. Returns
+ * the number of ready entries, 0 on timeout, -1 on EINTR (retry).
+ */
+export function poll(fds: Int32Array, count: number, timeoutMs: number): number {
+  if (count * 2 > fds.length) throw new RangeError("poll: count exceeds the pollfd array");
+  const r = c.poll(fds, count, timeoutMs);
+  if (r < 0) {
+    if (koffi.errno() === Errno.EINTR) return -1;
+    throw lastError("poll", { count });
+  }
+  return r;
 }
 
 export function getpid(): number {
