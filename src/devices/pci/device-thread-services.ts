@@ -1,0 +1,46 @@
+/**
+ * What the worker's device thread offers the PCI device models it owns.
+ *
+ * The device thread (src/worker/device-thread.ts) is one thread that owns every
+ * PCI device of a VM: it services their BAR and config accesses (forwarded from
+ * the vCPU threads), blocks in poll(2) on their file descriptors (ioeventfds for
+ * virtqueue notifications, TAP devices, sockets) and raises their interrupts.
+ * A device model is therefore a plain single-threaded object; these services
+ * are injected so tests can drive a device with fakes and no KVM.
+ */
+import type { GuestMemory } from "../../machine/guest-memory.js";
+import type { IrqLine } from "../dependencies.js";
+import type { MsiSink } from "./msix.js";
+
+/** A registered file-descriptor watch. */
+export interface FdWatch {
+  close(): void;
+}
+
+export interface IoEventLoop {
+  /** Call `onReadable` (on the device thread) whenever `fd` polls readable (POLLIN/POLLHUP/POLLERR). */
+  watch(fd: number, onReadable: () => void): FdWatch;
+}
+
+/**
+ * Doorbells written by the guest without a VM exit (KVM ioeventfd). A virtio
+ * transport maps each queue's notify address here; when the BAR moves or
+ * decoding is turned off it maps the new address or `undefined`.
+ */
+export interface DoorbellMap {
+  /**
+   * Deliver guest MMIO writes to [gpa, gpa+length) as `onRing()` calls instead of
+   * exits; `gpa` undefined removes the doorbell. `key` identifies it per device.
+   */
+  mapDoorbell(key: number, gpa: number | undefined, length: number, onRing: () => void): void;
+}
+
+/** Everything a PCI device model may be given. */
+export interface PciDeviceServices {
+  readonly memory: GuestMemory;
+  /** The function's INTx line (the thread ORs lines that share a GSI). */
+  readonly intx: IrqLine;
+  readonly msi: MsiSink;
+  readonly loop: IoEventLoop;
+  readonly doorbells: DoorbellMap;
+}
