@@ -18,6 +18,7 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import type { Command } from "commander";
 import { bootTrace } from "../worker/boot-trace.js";
+import { collect, type DeviceOptions } from "./device-options.js";
 import { WORKER_EXIT, type ControlEvent, type ControlRequest, type VmConfig, type VmOutcome } from "../worker/vm-config.js";
 
 export const RUN_EXIT = { poweroff: 0, failed: 1, usage: 2, reboot: 3, crash: 4, quit: 130 } as const;
@@ -25,7 +26,7 @@ export const RUN_EXIT = { poweroff: 0, failed: 1, usage: 2, reboot: 3, crash: 4,
 /** Default command line for the default guest and for --kernel without --append. */
 export const DEFAULT_APPEND = "console=ttyS0 panic=-1 quiet";
 
-export interface RunOptions {
+export interface RunOptions extends DeviceOptions {
   kernel?: string;
   initrd?: string;
   append?: string;
@@ -210,6 +211,11 @@ export function registerRunCommand(program: Command): void {
     .option("--cpus <n>", "virtual processors", "1")
     .option("--no-reboot", "exit (status 3) when the guest reboots instead of restarting it")
     .option("--name <name>", "VM name for messages", "partis-vm")
+    .option("--disk <path[,if=virtio|ide][,ro]>", "attach a disk image (raw, VHD, VHDX) or host block device; repeatable", collect)
+    .option("--cdrom <iso>", "attach an ISO image as an IDE/ATAPI CD-ROM; repeatable", collect)
+    .option("--nic <tap:IF|dgram:LOCAL:PEER|none[,model=virtio|ne2k][,mac=M]>", "attach a network adapter; repeatable", collect)
+    .option("--channel <socket>", "a host<->guest byte channel (virtio-console) on a UNIX socket; repeatable", collect)
+    .option("--rng", "attach a virtio entropy source")
     .action(async (opts: RunOptions) => {
       process.exitCode = await runVm(opts);
     });

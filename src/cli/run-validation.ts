@@ -7,6 +7,7 @@
 import { accessSync, constants, readFileSync, statSync } from "node:fs";
 import { UsageError, HostCapabilityError } from "../errors.js";
 import { probeHost, stockGuestVerdict, type HostReport } from "../hypervisor/host.js";
+import { resolveDevices } from "./device-options.js";
 import { planMemory, MIN_RAM_BYTES, RAM_GRANULE } from "../machine/memory-map.js";
 import { planLinuxLoad, KernelImageError, LinuxLoadError } from "../machine/linux-boot.js";
 import { MAX_VCPUS } from "../machine/cpuid.js";
@@ -74,6 +75,7 @@ export function resolveRunConfig(opts: RunOptions, guest: { kernel: string; init
     if (e instanceof LinuxLoadError) throw new UsageError(`${e.code === "INITRD_DOES_NOT_FIT" ? `--initrd ${initrdPath}` : `--kernel ${kernelPath}`}: ${e.message}`);
     throw e;
   }
-  return { name: opts.name, memoryBytes, cpus, kernelPath, ...(initrdPath !== undefined ? { initrdPath } : {}), cmdline };
+  const devices = resolveDevices(opts, opts.name, cpus);
+  return { name: opts.name, memoryBytes, cpus, kernelPath, ...(initrdPath !== undefined ? { initrdPath } : {}), cmdline, ...(devices.length > 0 ? { devices } : {}) };
 }
 

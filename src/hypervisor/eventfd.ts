@@ -22,6 +22,16 @@ export class EventFd {
     return new EventFd(libc.eventfd(opts.initial ?? 0, flags), nonBlocking);
   }
 
+  /**
+   * Use an eventfd created elsewhere in this process (another thread's, by fd
+   * number). The borrower never closes it.
+   */
+  static borrow(fd: number, nonBlocking = true): EventFd {
+    const e = new EventFd(fd, nonBlocking);
+    e.closed = true;
+    return e;
+  }
+
   /** Add `n` (default 1) to the counter, waking whoever waits on it (KVM for an irqfd). */
   signal(n: number | bigint = 1n): void {
     this.buf[0] = BigInt(n);

@@ -85,6 +85,16 @@ export class IoBus {
     }
   }
 
+  /** Whether a device on this bus decodes `port`. */
+  claimsPort(port: number): boolean {
+    return this.portMap[port] !== 0;
+  }
+
+  /** Whether a device on this bus decodes guest-physical `gpa`. */
+  claimsMmio(gpa: number): boolean {
+    return this.findMmio(gpa) !== undefined;
+  }
+
   pioRead(port: number, size: AccessSize): number {
     const index = this.portMap[port]!;
     if (index === 0) {

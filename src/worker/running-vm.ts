@@ -27,6 +27,10 @@ import type { VcpuStartMessage, VcpuThreadData, VcpuThreadMessage } from "./vcpu
 import { kvmDevicePath, type VmConfig, type VmOutcome } from "./vm-config.js";
 import { PartisError } from "../errors.js";
 import { bootTrace } from "./boot-trace.js";
+import { DeviceMailbox } from "./device-mailbox.js";
+import { planPci } from "./device-plan.js";
+import { IDE_COMPAT_PORTS, PCI_IO_WINDOW } from "./device-forwarding.js";
+import type { DeviceThreadData, DeviceThreadMessage } from "./device-thread.js";
 
 /** Identity-map and TSS pages for Intel hosts: top of the 32-bit space, below the BIOS. */
 const IDENTITY_MAP_ADDR = 0xfffb_c000;
@@ -46,6 +50,10 @@ export class RunningVm {
   private readonly lock: MachineLock;
   private readonly startGate = new Int32Array(new SharedArrayBuffer(4));
   private vcpusReady = 0;
+  private deviceThread: Worker | undefined;
+  private devicesReady = true;
+  private mailbox: DeviceMailbox | undefined;
+  private readonly deviceStop = new Int32Array(new SharedArrayBuffer(4));
   private readonly pendingInput: Uint8Array[] = [];
   private inputTimer: NodeJS.Timeout | undefined;
   readonly outcome: Promise<VmOutcome>;
@@ -100,6 +108,7 @@ export class RunningVm {
       const supported = system.supportedCpuid();
       const tscDeadlineTimer = system.checkExtension(KVM_CAP.TSC_DEADLINE_TIMER) > 0;
       const handoff = partition.handoff();
+      const devices = vm.startDeviceThread(handoff);
       for (let id = 0; id < config.cpus; id++) {
         vm.spawnVcpu({
           handoff,
@@ -110,6 +119,7 @@ export class RunningVm {
           startGate: vm.startGate.buffer as SharedArrayBuffer,
           board: { memoryBytes: config.memoryBytes },
           consoleFd: options.consoleFd,
+          ...(devices === undefined ? {} : { devices }),
         });
       }
 
@@ -127,6 +137,7 @@ export class RunningVm {
       return vm;
     } catch (e) {
       if (vm !== undefined) for (const t of vm.threads) void t.terminate();
+      if (vm?.deviceThread !== undefined) void vm.deviceThread.terminate();
       partition.destroy();
       system.close();
       throw e;
@@ -135,8 +146,47 @@ export class RunningVm {
 
   private bootHandedOver = false;
 
+  /**
+   * The device thread, when the VM has PCI devices: it builds them and gives
+   * their BARs addresses while the vCPU threads start. Returns what each vCPU
+   * thread needs to forward accesses to it.
+   */
+  private startDeviceThread(handoff: ReturnType<Partition["handoff"]>): VcpuThreadData["devices"] {
+    const specs = this.config.devices ?? [];
+    if (specs.length === 0) return undefined;
+    const functions = planPci(specs);
+    this.mailbox = DeviceMailbox.create(this.config.cpus);
+    this.devicesReady = false;
+    const data: DeviceThreadData = {
+      vmName: this.config.name,
+      handoff,
+      mailbox: this.mailbox.handoff(),
+      devices: specs,
+      windows: { mmioStart: this.plan.pciMmio32.start, mmioSize: this.plan.pciMmio32.size, ioStart: 0xc000, ioEnd: PCI_IO_WINDOW.end },
+      vcpus: this.config.cpus,
+      stop: this.deviceStop.buffer as SharedArrayBuffer,
+    };
+    const t = new Worker(new URL("./device-thread.js", import.meta.url), { workerData: data, stdout: false, stderr: false });
+    t.on("message", (m: DeviceThreadMessage) => {
+      if (m.type === "ready") {
+        bootTrace("worker", "devices ready");
+        this.devicesReady = true;
+        this.openGateWhenReady();
+      } else if (m.type === "error") this.power.record({ kind: "crash", reason: `devices: ${m.message}` });
+      else process.stderr.write(`partis-worker: ${this.config.name}: ${m.message}\n`);
+    });
+    t.on("error", (e) => this.power.record({ kind: "crash", reason: `device thread failed: ${e.message}` }));
+    this.deviceThread = t;
+    const ide = specs.some((d) => d.kind === "ide-disk" || d.kind === "ide-cdrom");
+    return {
+      mailbox: this.mailbox.handoff(),
+      functions: functions.map((f) => f.bdf),
+      ports: { ranges: [[PCI_IO_WINDOW.start, PCI_IO_WINDOW.end - PCI_IO_WINDOW.start], ...(ide ? IDE_COMPAT_PORTS : [])] },
+    };
+  }
+
   private openGateWhenReady(): void {
-    if (this.bootHandedOver && this.vcpusReady === this.config.cpus && Atomics.load(this.startGate, 0) === 0) {
+    if (this.bootHandedOver && this.devicesReady && this.vcpusReady === this.config.cpus && Atomics.load(this.startGate, 0) === 0) {
       // Every vCPU exists and is set up, and the BSP has its boot state: let them all run.
       bootTrace("worker", "start gate open");
       Atomics.store(this.startGate, 0, 1);
@@ -209,6 +259,15 @@ export class RunningVm {
     this.lock.with(() => this.board.pm.pressPowerButton());
   }
 
+  private stopDeviceThread(): Promise<void> {
+    const t = this.deviceThread;
+    if (t === undefined || t.threadId < 0) return Promise.resolve();
+    const exited = new Promise<void>((resolve) => t.once("exit", () => resolve()));
+    Atomics.store(this.deviceStop, 0, 1);
+    this.mailbox?.ring();
+    return Promise.race([exited, new Promise<void>((r) => setTimeout(() => void t.terminate().then(() => r()), 3000))]);
+  }
+
   /** Pull the plug. */
   stop(reason: string): void {
     this.power.record({ kind: "poweroff", source: reason });
@@ -228,11 +287,14 @@ export class RunningVm {
       else t.once("exit", () => resolve());
     })));
     for (const k of this.kickers) k.kick();
+    const devicesExited = this.stopDeviceThread();
     let timer: NodeJS.Timeout | undefined;
     const ok = await Promise.race([exited.then(() => true), new Promise<boolean>((r) => (timer = setTimeout(() => r(false), timeoutMs)))]);
     clearTimeout(timer);
     if (!ok) throw new VmStartError("VCPU_STUCK", `vCPU threads did not stop within ${timeoutMs} ms`, { vm: this.config.name });
     for (const k of this.kickers) k.close();
+    await devicesExited;
+    this.mailbox?.close();
     this.partition.destroy();
     this.system.close();
   }

@@ -19,6 +19,8 @@ import { PowerState } from "./power-state.js";
 import { FdConsoleSink } from "./console-sink.js";
 import { systemClock } from "../devices/dependencies.js";
 import { bootTrace } from "./boot-trace.js";
+import { DeviceMailbox, type MailboxHandoff } from "./device-mailbox.js";
+import { DeviceForwarder, type ForwardedPorts } from "./device-forwarding.js";
 
 export interface VcpuThreadData {
   readonly handoff: PartitionHandoff;
@@ -34,6 +36,12 @@ export interface VcpuThreadData {
   readonly startGate: SharedArrayBuffer;
   readonly board: BoardConfig;
   readonly consoleFd: number;
+  /** The device thread, when the VM has PCI devices: its mailbox, functions and ports. */
+  readonly devices?: {
+    readonly mailbox: MailboxHandoff;
+    readonly functions: readonly number[];
+    readonly ports: ForwardedPorts;
+  };
 }
 
 /**
@@ -147,6 +155,13 @@ function main(): void {
     false,
   );
   const bus = board.bus;
+  let forwarder: DeviceForwarder | undefined;
+  if (data.devices !== undefined) {
+    const requester = DeviceMailbox.attach(data.devices.mailbox).requester(data.vcpuId);
+    requester.abandoned = () => !power.running;
+    forwarder = new DeviceForwarder(requester, data.devices.ports);
+    for (const bdf of data.devices.functions) board.pciHost.attach(bdf, forwarder.configFunction(bdf));
+  }
   bootTrace(`vcpu${data.vcpuId}`, "ready");
   port.postMessage({ type: "ready", vcpuId: data.vcpuId, kick: vp.kickHandle() } satisfies VcpuThreadMessage);
   const gate = new Int32Array(data.startGate, 0, 1);
@@ -160,6 +175,10 @@ function main(): void {
     const exit = vp.run();
     switch (exit.reason) {
       case "io":
+        if (forwarder !== undefined && !bus.claimsPort(exit.port) && forwarder.forwardsPort(exit.port)) {
+          forwarder.portIo(exit.direction === "out", exit.port, exit.size, exit.count, exit.data);
+          break;
+        }
         lock.acquire();
         try {
           serviceIo(bus, exit);
@@ -168,6 +187,10 @@ function main(): void {
         }
         break;
       case "mmio":
+        if (forwarder !== undefined && !bus.claimsMmio(exit.gpa)) {
+          forwarder.mmio(exit.isWrite, exit.gpa, exit.data);
+          break;
+        }
         lock.acquire();
         try {
           if (exit.isWrite) bus.mmioWrite(exit.gpa, exit.data);

@@ -3,6 +3,8 @@
  * the service) builds and validates it, the worker receives it over its
  * control channel.
  */
+import type { DeviceSpec } from "./device-plan.js";
+
 export interface VmConfig {
   /** Display name (messages, logs). */
   readonly name: string;
@@ -11,6 +13,8 @@ export interface VmConfig {
   readonly kernelPath: string;
   readonly initrdPath?: string;
   readonly cmdline: string;
+  /** PCI devices (disks, NICs, channels), in the order they were given. */
+  readonly devices?: readonly DeviceSpec[];
 }
 
 /** How a worker's VM ended. */

@@ -1,0 +1,145 @@
+/**
+ * `partis run` device flags, parsed and checked before anything starts:
+ *
+ *   --disk PATH[,if=virtio|ide][,ro]   a disk image (raw, VHD, VHDX) or host block device
+ *   --cdrom ISO                        an ATAPI CD-ROM on the IDE controller
+ *   --nic BACKEND[,model=virtio|ne2k][,mac=52:54:00:..]
+ *        BACKEND: tap:IFNAME | dgram:LOCAL.sock:PEER.sock | none
+ *   --channel SOCKET                   a virtio-console byte channel on a UNIX socket the VM listens on
+ *   --rng                              a virtio entropy source
+ *
+ * Every problem is a UsageError naming the flag and the value.
+ */
+import { accessSync, constants, existsSync, statSync } from "node:fs";
+import { createHash } from "node:crypto";
+import { dirname } from "node:path";
+import { UsageError } from "../errors.js";
+import { openDisk } from "../storage/open.js";
+import { PartisError } from "../errors.js";
+import { DevicePlanError, MAX_IDE_DRIVES, parseMac, planPci, type DeviceSpec, type DiskSpec, type NicBackendSpec } from "../worker/device-plan.js";
+
+export interface DeviceOptions {
+  disk?: string[];
+  cdrom?: string[];
+  nic?: string[];
+  channel?: string[];
+  rng?: boolean;
+}
+
+/** commander collector for repeatable flags. */
+export function collect(value: string, previous: string[] | undefined): string[] {
+  return [...(previous ?? []), value];
+}
+
+function splitSpec(flag: string, value: string): { head: string; opts: Map<string, string | true> } {
+  const parts = value.split(",");
+  const head = parts.shift() ?? "";
+  if (head === "") throw new UsageError(`${flag}: "${value}" has no ${flag === "--nic" ? "backend" : "path"}`);
+  const opts = new Map<string, string | true>();
+  for (const p of parts) {
+    const eq = p.indexOf("=");
+    const k = eq < 0 ? p : p.slice(0, eq);
+    if (k === "" || opts.has(k)) throw new UsageError(`${flag}: "${value}": option "${p}" is empty or repeated`);
+    opts.set(k, eq < 0 ? true : p.slice(eq + 1));
+  }
+  return { head, opts };
+}
+
+function rejectUnknown(flag: string, value: string, opts: Map<string, string | true>, known: readonly string[]): void {
+  for (const k of opts.keys()) if (!known.includes(k)) throw new UsageError(`${flag}: "${value}": unknown option "${k}" (known: ${known.join(", ")})`);
+}
+
+/** Check the image opens (format, parents) without changing it. */
+function checkDisk(flag: string, path: string, readOnly: boolean): DiskSpec {
+  if (!existsSync(path)) throw new UsageError(`${flag} ${path}: no such file`);
+  const st = statSync(path);
+  if (st.isDirectory()) throw new UsageError(`${flag} ${path}: is a directory`);
+  try {
+    accessSync(path, readOnly ? constants.R_OK : constants.R_OK | constants.W_OK);
+  } catch {
+    throw new UsageError(`${flag} ${path}: not ${readOnly ? "readable" : "readable and writable (add ,ro for read-only)"}`);
+  }
+  try {
+    const d = openDisk(path, { readOnly: true });
+    d.close();
+  } catch (e) {
+    if (e instanceof PartisError) throw new UsageError(`${flag} ${path}: ${e.message.startsWith(path) ? e.message.slice(path.length).replace(/^:\s*/, "") : e.message}`);
+    throw e;
+  }
+  return { path, readOnly };
+}
+
+function defaultMac(vmName: string, index: number): string {
+  const h = createHash("sha256").update(`${vmName}/${index}`).digest();
+  return ["52", "54", "00", h[0]!, h[1]!, h[2]!].map((b) => (typeof b === "string" ? b : b.toString(16).padStart(2, "0"))).join(":");
+}
+
+function parseNicBackend(value: string, head: string): NicBackendSpec {
+  if (head === "none") return { kind: "none" };
+  if (head.startsWith("tap:")) {
+    const ifname = head.slice(4);
+    if (!/^[A-Za-z0-9_.-]{1,15}$/.test(ifname)) throw new UsageError(`--nic ${value}: "${ifname}" is not a valid interface name (1-15 letters, digits, _ . -)`);
+    if (!existsSync("/dev/net/tun")) throw new UsageError(`--nic ${value}: /dev/net/tun is missing (load the tun module)`);
+    return { kind: "tap", ifname };
+  }
+  if (head.startsWith("dgram:")) {
+    const rest = head.slice(6).split(":");
+    if (rest.length !== 2 || rest[0] === "" || rest[1] === "") throw new UsageError(`--nic ${value}: expected dgram:LOCAL.sock:PEER.sock`);
+    for (const p of rest) if (!existsSync(dirname(p!))) throw new UsageError(`--nic ${value}: directory of ${p} does not exist`);
+    if (Buffer.byteLength(rest[0]!) > 107 || Buffer.byteLength(rest[1]!) > 107) throw new UsageError(`--nic ${value}: socket paths are limited to 107 bytes`);
+    return { kind: "dgram", local: rest[0]!, peer: rest[1]! };
+  }
+  throw new UsageError(`--nic ${value}: unknown backend "${head}" (tap:IFNAME, dgram:LOCAL:PEER or none)`);
+}
+
+export function resolveDevices(opts: DeviceOptions, vmName: string, cpus: number): DeviceSpec[] {
+  const out: DeviceSpec[] = [];
+  let ide = 0;
+  (opts.disk ?? []).forEach((value, i) => {
+    const { head, opts: o } = splitSpec("--disk", value);
+    rejectUnknown("--disk", value, o, ["if", "ro"]);
+    const iface = o.get("if") ?? "virtio";
+    if (iface !== "virtio" && iface !== "ide") throw new UsageError(`--disk ${value}: if=${String(iface)} is not virtio or ide`);
+    if (o.get("ro") !== undefined && o.get("ro") !== true) throw new UsageError(`--disk ${value}: ro takes no value`);
+    const disk = checkDisk("--disk", head, o.get("ro") === true);
+    if (iface === "ide") {
+      ide++;
+      out.push({ kind: "ide-disk", id: `ide-disk${i}`, disk });
+    } else out.push({ kind: "virtio-blk", id: `virtio-blk${i}`, disk, queues: cpus });
+  });
+  (opts.cdrom ?? []).forEach((value, i) => {
+    ide++;
+    out.push({ kind: "ide-cdrom", id: `cdrom${i}`, disk: value === "" ? undefined : checkDisk("--cdrom", value, true) });
+  });
+  if (ide > MAX_IDE_DRIVES) throw new UsageError(`--disk/--cdrom: ${ide} IDE drives; the IDE controller takes at most ${MAX_IDE_DRIVES}`);
+  (opts.nic ?? []).forEach((value, i) => {
+    const { head, opts: o } = splitSpec("--nic", value);
+    rejectUnknown("--nic", value, o, ["model", "mac"]);
+    const model = o.get("model") ?? "virtio";
+    if (model !== "virtio" && model !== "ne2k") throw new UsageError(`--nic ${value}: model=${String(model)} is not virtio or ne2k`);
+    const macText = o.get("mac");
+    const mac = typeof macText === "string" ? macText : defaultMac(vmName, i);
+    try {
+      parseMac(mac);
+    } catch (e) {
+      if (e instanceof DevicePlanError) throw new UsageError(`--nic ${value}: ${e.message}`);
+      throw e;
+    }
+    out.push({ kind: model === "virtio" ? "virtio-net" : "ne2k", id: `nic${i}`, mac: mac.toLowerCase(), backend: parseNicBackend(value, head) });
+  });
+  (opts.channel ?? []).forEach((value, i) => {
+    if (value === "") throw new UsageError("--channel: empty socket path");
+    if (!existsSync(dirname(value))) throw new UsageError(`--channel ${value}: directory ${dirname(value)} does not exist`);
+    if (Buffer.byteLength(value) > 107) throw new UsageError(`--channel ${value}: socket paths are limited to 107 bytes`);
+    if (existsSync(value) && !statSync(value).isSocket()) throw new UsageError(`--channel ${value}: exists and is not a socket (refusing to replace it)`);
+    out.push({ kind: "virtio-console", id: `channel${i}`, socketPath: value });
+  });
+  if (opts.rng === true) out.push({ kind: "virtio-rng", id: "rng0" });
+  try {
+    planPci(out);
+  } catch (e) {
+    if (e instanceof DevicePlanError) throw new UsageError(e.message);
+    throw e;
+  }
+  return out;
+}

@@ -1,0 +1,172 @@
+/**
+ * The mailbox between the vCPU threads and the device thread.
+ *
+ * A vCPU thread whose exit belongs to a PCI device (a BAR access, a config
+ * access to a device function, a port the platform board does not claim)
+ * writes the request into its own slot of a SharedArrayBuffer, rings the
+ * device thread's doorbell (an eventfd the device thread polls) and waits on
+ * the slot's state word. The device thread services every posted slot in
+ * order and wakes the waiter. One slot per vCPU: no slot is ever contended.
+ *
+ * This is the emulated-device path the seed describes: a register access costs
+ * a round trip between threads. Synthetic devices avoid it: their queue
+ * notifications are ioeventfds and their completions irqfds.
+ *
+ * Slot layout (bytes): 0 state (i32: 0 idle, 1 posted, 2 done), 4 op, 8 size,
+ * 12 count, 16 address (f64), 24.. data (up to DATA_BYTES: the string I/O of one
+ * exit, or an MMIO value).
+ */
+import { EventFd } from "../hypervisor/eventfd.js";
+
+export const MAILBOX_OP = {
+  pioRead: 1,
+  pioWrite: 2,
+  mmioRead: 3,
+  mmioWrite: 4,
+  /** address = bdf << 8 | register offset */
+  configRead: 5,
+  configWrite: 6,
+} as const;
+export type MailboxOp = (typeof MAILBOX_OP)[keyof typeof MAILBOX_OP];
+
+const HEADER = 24;
+/** One page: KVM hands string port I/O over in at most one page per exit. */
+export const DATA_BYTES = 4096;
+export const SLOT_BYTES = HEADER + DATA_BYTES;
+
+const IDLE = 0;
+const POSTED = 1;
+const DONE = 2;
+
+export interface MailboxHandoff {
+  readonly buffer: SharedArrayBuffer;
+  readonly slots: number;
+  readonly doorbellFd: number;
+}
+
+export class DeviceMailbox {
+  private constructor(readonly buffer: SharedArrayBuffer, readonly slots: number, readonly doorbell: EventFd | number) {}
+
+  static create(slots: number): DeviceMailbox {
+    return new DeviceMailbox(new SharedArrayBuffer(slots * SLOT_BYTES), slots, EventFd.create({ nonBlocking: true }));
+  }
+
+  static attach(h: MailboxHandoff): DeviceMailbox {
+    return new DeviceMailbox(h.buffer, h.slots, h.doorbellFd);
+  }
+
+  get doorbellFd(): number {
+    return typeof this.doorbell === "number" ? this.doorbell : this.doorbell.fd;
+  }
+
+  handoff(): MailboxHandoff {
+    return { buffer: this.buffer, slots: this.slots, doorbellFd: this.doorbellFd };
+  }
+
+  /** The requesting side of slot `index` (one per vCPU thread). */
+  requester(index: number): MailboxRequester {
+    if (index < 0 || index >= this.slots) throw new RangeError(`mailbox slot ${index} out of range`);
+    return new MailboxRequester(this.buffer, index, this.doorbellFd);
+  }
+
+  /** The servicing side: every slot. */
+  server(): MailboxServer {
+    return new MailboxServer(this.buffer, this.slots);
+  }
+
+  /** Wake the device thread (it then checks its stop word). */
+  ring(): void {
+    (typeof this.doorbell === "number" ? EventFd.borrow(this.doorbell) : this.doorbell).signal();
+  }
+
+  close(): void {
+    if (typeof this.doorbell !== "number") this.doorbell.close();
+  }
+}
+
+/** A request as the device thread sees it; `data` is the live slot payload (read results go there). */
+export interface MailboxRequest {
+  op: MailboxOp;
+  size: number;
+  count: number;
+  address: number;
+  data: Uint8Array;
+}
+
+export class MailboxRequester {
+  private readonly state: Int32Array;
+  private readonly header: DataView;
+  /** The slot's payload: write data before `post`, read results after. */
+  readonly data: Uint8Array;
+  private readonly doorbell: EventFd;
+  /** Set by the owner when the VM is stopping: waits give up so the thread can exit. */
+  abandoned: () => boolean = () => false;
+
+  constructor(buffer: SharedArrayBuffer, index: number, doorbellFd: number) {
+    this.doorbell = EventFd.borrow(doorbellFd);
+    const base = index * SLOT_BYTES;
+    this.state = new Int32Array(buffer, base, 1);
+    this.header = new DataView(buffer, base, HEADER);
+    this.data = new Uint8Array(buffer, base + HEADER, DATA_BYTES);
+  }
+
+  /**
+   * Post a request and wait for the device thread. Returns false when the wait
+   * was abandoned (the VM is stopping); results are then undefined.
+   */
+  call(op: MailboxOp, address: number, size: number, count: number): boolean {
+    const h = this.header;
+    h.setInt32(4, op, true);
+    h.setInt32(8, size, true);
+    h.setInt32(12, count, true);
+    h.setFloat64(16, address, true);
+    Atomics.store(this.state, 0, POSTED);
+    this.doorbell.signal();
+    while (Atomics.load(this.state, 0) === POSTED) {
+      Atomics.wait(this.state, 0, POSTED, 200);
+      if (Atomics.load(this.state, 0) === POSTED && this.abandoned()) return false;
+    }
+    Atomics.store(this.state, 0, IDLE);
+    return true;
+  }
+}
+
+export class MailboxServer {
+  private readonly states: Int32Array;
+  private readonly headers: DataView[] = [];
+  private readonly payloads: Uint8Array[] = [];
+  private readonly request: MailboxRequest = { op: MAILBOX_OP.pioRead, size: 0, count: 0, address: 0, data: new Uint8Array(0) };
+
+  constructor(buffer: SharedArrayBuffer, readonly slots: number) {
+    this.states = new Int32Array(buffer);
+    for (let i = 0; i < slots; i++) {
+      this.headers.push(new DataView(buffer, i * SLOT_BYTES, HEADER));
+      this.payloads.push(new Uint8Array(buffer, i * SLOT_BYTES + HEADER, DATA_BYTES));
+    }
+  }
+
+  /** Service every posted slot with `handle`; returns how many were serviced. */
+  drain(handle: (r: MailboxRequest) => void): number {
+    let n = 0;
+    const words = SLOT_BYTES / 4;
+    for (let i = 0; i < this.slots; i++) {
+      const at = i * words;
+      if (Atomics.load(this.states, at) !== POSTED) continue;
+      const h = this.headers[i]!;
+      const r = this.request;
+      r.op = h.getInt32(4, true) as MailboxOp;
+      r.size = h.getInt32(8, true);
+      r.count = h.getInt32(12, true);
+      r.address = h.getFloat64(16, true);
+      r.data = this.payloads[i]!;
+      try {
+        handle(r);
+      } finally {
+        Atomics.store(this.states, at, DONE);
+        Atomics.notify(this.states, at);
+      }
+      n++;
+    }
+    return n;
+  }
+}

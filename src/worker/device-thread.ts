@@ -1,0 +1,229 @@
+/**
+ * The device thread of a worker (node:worker_threads): it owns every PCI device
+ * of the VM and their back ends (disk images, TAP devices, sockets).
+ *
+ * It blocks in poll(2) on: the mailbox doorbell (register and config accesses
+ * forwarded by vCPU threads), the ioeventfds of virtqueue doorbells (guest
+ * notifications that never leave the kernel as exits), and the back ends' fds
+ * (frames from a TAP, bytes from a console socket). Everything a device does
+ * happens here, one event at a time, so device models need no locks.
+ *
+ * Start-up: attach to the partition (its own mapping of guest RAM), build the
+ * devices from the VM's device list, give their BARs addresses (as firmware
+ * would), then post "ready". Stop: the stop word turns non-zero and the
+ * doorbell rings.
+ */
+import { parentPort, workerData } from "node:worker_threads";
+import { Partition, type PartitionHandoff } from "../hypervisor/partition.js";
+import { EventFd } from "../hypervisor/eventfd.js";
+import { poll, POLLIN } from "../hypervisor/libc.js";
+import type { PciDeviceServices, FdWatch, IoEventLoop, DoorbellMap } from "../devices/pci/device-thread-services.js";
+import { pciIntxGsi } from "../machine/acpi/dsdt.js";
+import { DeviceMailbox, type MailboxHandoff } from "./device-mailbox.js";
+import { DeviceBus, type BarWindows } from "./device-bus.js";
+import { IntxRouter, MsiRouter } from "./interrupt-routing.js";
+import { planPci, type DeviceSpec } from "./device-plan.js";
+import { assembleDevice, type AssembledDevice } from "./device-assembly.js";
+import { bootTrace } from "./boot-trace.js";
+
+export interface DeviceThreadData {
+  readonly vmName: string;
+  readonly handoff: PartitionHandoff;
+  readonly mailbox: MailboxHandoff;
+  readonly devices: readonly DeviceSpec[];
+  readonly windows: BarWindows;
+  readonly vcpus: number;
+  /** Word 0 non-zero: stop. */
+  readonly stop: SharedArrayBuffer;
+}
+
+export type DeviceThreadMessage =
+  | { readonly type: "ready"; readonly functions: readonly { bdf: number; name: string }[] }
+  | { readonly type: "error"; readonly message: string }
+  | { readonly type: "warning"; readonly message: string };
+
+interface Watch {
+  readonly fd: number;
+  readonly handler: () => void;
+  closed: boolean;
+}
+
+/** poll(2) loop over a changing set of fds, with no allocation per wake-up. */
+class PollLoop implements IoEventLoop {
+  private watches: Watch[] = [];
+  private fds = new Int32Array(16);
+  private dirty = true;
+
+  watch(fd: number, onReadable: () => void): FdWatch {
+    const w: Watch = { fd, handler: onReadable, closed: false };
+    this.watches.push(w);
+    this.dirty = true;
+    return {
+      close: () => {
+        w.closed = true;
+        this.dirty = true;
+      },
+    };
+  }
+
+  private rebuild(): void {
+    this.watches = this.watches.filter((w) => !w.closed);
+    if (this.fds.length < this.watches.length * 2) this.fds = new Int32Array(this.watches.length * 4);
+    this.watches.forEach((w, i) => {
+      this.fds[i * 2] = w.fd;
+      this.fds[i * 2 + 1] = POLLIN; // events (low 16 bits), revents cleared
+    });
+    this.dirty = false;
+  }
+
+  /** Wait up to `timeoutMs` and run the handlers of ready fds. */
+  runOnce(timeoutMs: number): void {
+    if (this.dirty) this.rebuild();
+    const n = this.watches.length;
+    for (let i = 0; i < n; i++) this.fds[i * 2 + 1] = POLLIN;
+    const ready = poll(this.fds, n, timeoutMs);
+    if (ready <= 0) return;
+    const watches = this.watches;
+    for (let i = 0; i < n; i++) {
+      const revents = this.fds[i * 2 + 1]! >>> 16;
+      if (revents === 0) continue;
+      const w = watches[i]!;
+      if (!w.closed) w.handler();
+    }
+  }
+}
+
+/** ioeventfd doorbells for one device. */
+class Doorbells implements DoorbellMap {
+  private readonly bells = new Map<number, { eventfd: EventFd; watch: FdWatch; gpa: number | undefined; length: number }>();
+  constructor(private readonly partition: Partition, private readonly loop: PollLoop, private readonly warn: (m: string) => void) {}
+
+  mapDoorbell(key: number, gpa: number | undefined, length: number, onRing: () => void): void {
+    let bell = this.bells.get(key);
+    if (bell === undefined) {
+      const eventfd = EventFd.create({ nonBlocking: true });
+      const watch = this.loop.watch(eventfd.fd, () => {
+        if (eventfd.take() !== 0n) onRing();
+      });
+      bell = { eventfd, watch, gpa: undefined, length };
+      this.bells.set(key, bell);
+    }
+    if (bell.gpa === gpa && bell.length === length) return;
+    if (bell.gpa !== undefined) this.partition.removeIoeventfd({ space: "mmio", addr: bell.gpa, length: bell.length, eventfd: bell.eventfd });
+    bell.gpa = undefined;
+    if (gpa === undefined) return;
+    try {
+      this.partition.ioeventfd({ space: "mmio", addr: gpa, length, eventfd: bell.eventfd });
+      bell.gpa = gpa;
+      bell.length = length;
+    } catch (e) {
+      // The write then arrives as an MMIO exit and reaches the device through its BAR.
+      this.warn(`ioeventfd at 0x${gpa.toString(16)} refused (${(e as Error).message}); notifications take the exit path`);
+    }
+  }
+
+  close(): void {
+    for (const b of this.bells.values()) {
+      b.watch.close();
+      if (b.gpa !== undefined) {
+        try {
+          this.partition.removeIoeventfd({ space: "mmio", addr: b.gpa, length: b.length, eventfd: b.eventfd });
+        } catch {
+          /* partition gone */
+        }
+      }
+      b.eventfd.close();
+    }
+  }
+}
+
+function main(): void {
+  const data = workerData as DeviceThreadData;
+  const port = parentPort!;
+  const stop = new Int32Array(data.stop, 0, 1);
+  const partition = Partition.attach(data.handoff);
+  const mailbox = DeviceMailbox.attach(data.mailbox);
+  const server = mailbox.server();
+  const loop = new PollLoop();
+  const bus = new DeviceBus();
+  const intx = new IntxRouter(partition);
+  const msi = new MsiRouter(partition);
+  const warned = new Set<string>();
+  const warn = (message: string): void => {
+    if (warned.has(message) || warned.size > 100) return;
+    warned.add(message);
+    port.postMessage({ type: "warning", message } satisfies DeviceThreadMessage);
+  };
+  const doorbellSets: Doorbells[] = [];
+  const assembled: AssembledDevice[] = [];
+
+  for (const f of planPci(data.devices)) {
+    const slot = (f.bdf >> 3) & 31;
+    const doorbells = new Doorbells(partition, loop, warn);
+    doorbellSets.push(doorbells);
+    let pciRef: { pci: import("../devices/pci/pci-config.js").PciConfig } | undefined;
+    const services: PciDeviceServices = {
+      memory: partition.guestMemory,
+      intx: {
+        setLevel: (level) => {
+          const pin = pciRef?.pci.identity.interruptPin ?? 0;
+          if (pin === 0) return;
+          intxLine ??= intx.line(`fn${f.bdf}`, pciIntxGsi(slot, pin - 1), pciRef?.pci);
+          intxLine.setLevel(level);
+        },
+      },
+      msi: msi.sink(`fn${f.bdf}`),
+      loop,
+      doorbells,
+    };
+    let intxLine: import("../devices/dependencies.js").IrqLine | undefined;
+    const a = assembleDevice(f, data.devices, services, {
+      vmName: data.vmName,
+      vcpus: data.vcpus,
+      isaIrq: (irq) => intx.line(`isa${irq}`, irq, undefined),
+    });
+    pciRef = a.device;
+    assembled.push(a);
+    bus.attach(f.bdf, a.device);
+  }
+  bus.assignBars(data.windows);
+  for (const a of assembled) a.device.pci.onMappingChanged?.();
+
+  const doorbell = EventFd.borrow(mailbox.doorbellFd);
+  let failures = 0;
+  const handle = (r: Parameters<DeviceBus["service"]>[0]): void => {
+    try {
+      bus.service(r);
+    } catch (e) {
+      // A device model bug must not take the VM down: the access reads all-ones.
+      r.data.fill(0xff, 0, Math.min(r.data.length, Math.max(r.size, 1) * Math.max(r.count, 1)));
+      if (failures++ < 20) warn(`device access failed: ${(e as Error).stack ?? String(e)}`);
+    }
+  };
+  loop.watch(doorbell.fd, () => {
+    doorbell.take();
+    server.drain(handle);
+  });
+
+  bootTrace("devices", "ready");
+  port.postMessage({
+    type: "ready",
+    functions: assembled.map((a, i) => ({ bdf: planPci(data.devices)[i]!.bdf, name: a.device.name })),
+  } satisfies DeviceThreadMessage);
+
+  while (Atomics.load(stop, 0) === 0) {
+    loop.runOnce(250);
+    // Requests posted between the doorbell read and the drain are caught here too.
+    server.drain(handle);
+  }
+
+  for (const a of assembled) a.close();
+  for (const d of doorbellSets) d.close();
+  msi.close();
+}
+
+try {
+  main();
+} catch (e) {
+  parentPort?.postMessage({ type: "error", message: e instanceof Error ? e.message : String(e) } satisfies DeviceThreadMessage);
+}
