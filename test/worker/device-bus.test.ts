@@ -1,0 +1,122 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { Worker } from "node:worker_threads";
+import { PciConfig, type PciDevice } from "../../src/devices/pci/pci-config.js";
+import { DeviceBus } from "../../src/worker/device-bus.js";
+import { DeviceMailbox, MAILBOX_OP } from "../../src/worker/device-mailbox.js";
+import { DeviceForwarder } from "../../src/worker/device-forwarding.js";
+import { planPci, parseMac } from "../../src/worker/device-plan.js";
+
+/** A device with an I/O BAR (16 bytes of scratch registers) and a 4 KiB MMIO BAR. */
+class ScratchDevice implements PciDevice {
+  readonly pci = new PciConfig({ vendorId: 0x1234, deviceId: 0x5678, classCode: 0xff0000, interruptPin: 1 }, [
+    { index: 0, kind: "io", size: 16 },
+    { index: 1, kind: "mmio32", size: 4096 },
+  ]);
+  readonly io = new Uint8Array(16);
+  readonly mem = new Uint8Array(4096);
+  readonly log: string[] = [];
+  constructor(readonly name: string) {}
+  barRead(bar: number, offset: number, size: 1 | 2 | 4): number {
+    const b = bar === 0 ? this.io : this.mem;
+    let v = 0;
+    for (let i = size - 1; i >= 0; i--) v = v * 256 + b[offset + i]!;
+    return v;
+  }
+  barWrite(bar: number, offset: number, size: 1 | 2 | 4, value: number): void {
+    this.log.push(`${bar}:${offset}:${size}:${value.toString(16)}`);
+    const b = bar === 0 ? this.io : this.mem;
+    for (let i = 0; i < size; i++) b[offset + i] = (value >>> (8 * i)) & 0xff;
+  }
+  reset(): void {}
+}
+
+const windows = { mmioStart: 0xc000_0000, mmioSize: 0x1000_0000, ioStart: 0xc000, ioEnd: 0x10000 };
+
+test("BARs get aligned addresses inside the windows and decode once enabled", () => {
+  const bus = new DeviceBus();
+  const a = new ScratchDevice("a");
+  const b = new ScratchDevice("b");
+  bus.attach(2 << 3, a);
+  bus.attach(3 << 3, b);
+  bus.assignBars(windows);
+  const ioA = a.pci.mappedAddress(0)!;
+  const ioB = b.pci.mappedAddress(0)!;
+  const memA = a.pci.mappedAddress(1)!;
+  const memB = b.pci.mappedAddress(1)!;
+  for (const io of [ioA, ioB]) assert.ok(io >= 0xc000 && io % 16 === 0);
+  for (const m of [memA, memB]) assert.ok(m >= 0xc000_0000 && m % 4096 === 0);
+  assert.notEqual(ioA, ioB);
+  assert.notEqual(memA, memB);
+  bus.pioWrite(ioB + 4, 2, 0xbeef);
+  assert.equal(b.io[4], 0xef);
+  assert.equal(a.io[4], 0);
+  bus.mmioWrite(memA + 0x10, 4, 0x11223344);
+  assert.equal(bus.mmioRead(memA + 0x10, 4), 0x11223344);
+  assert.equal(bus.mmioRead(memB + 0x10, 4), 0);
+});
+
+test("a guest that moves a BAR is followed; disabling decoding hides it; unclaimed reads are all-ones", () => {
+  const bus = new DeviceBus();
+  const d = new ScratchDevice("d");
+  bus.attach(2 << 3, d);
+  bus.assignBars(windows);
+  const bdf = 2 << 3;
+  bus.configWrite(bdf, 0x14, 4, 0xd000_0000);
+  assert.equal(bus.configRead(bdf, 0x14, 4), 0xd000_0000);
+  bus.mmioWrite(0xd000_0008, 1, 0x5a);
+  assert.equal(d.mem[8], 0x5a);
+  bus.configWrite(bdf, 0x04, 2, 0x0001); // I/O only
+  assert.equal(bus.mmioRead(0xd000_0008, 1), 0xff);
+  assert.ok(bus.unclaimedAccesses > 0);
+  assert.equal(bus.configRead(7 << 3, 0, 4), 0xffff_ffff, "absent function");
+});
+
+test("mailbox requests: string port I/O in one request, 8-byte MMIO as two halves, config space", () => {
+  const bus = new DeviceBus();
+  const d = new ScratchDevice("d");
+  bus.attach(2 << 3, d);
+  bus.assignBars(windows);
+  const io = d.pci.mappedAddress(0)!;
+  const mem = d.pci.mappedAddress(1)!;
+  const data = new Uint8Array(4096);
+  data.set([1, 2, 3, 4, 5, 6]);
+  bus.service({ op: MAILBOX_OP.pioWrite, size: 2, count: 3, address: io, data });
+  assert.deepEqual(d.log, ["0:0:2:201", "0:0:2:403", "0:0:2:605"]);
+  data.set([0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88]);
+  bus.service({ op: MAILBOX_OP.mmioWrite, size: 8, count: 1, address: mem + 0x20, data });
+  assert.deepEqual(Array.from(d.mem.subarray(0x20, 0x28)), [0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88]);
+  data.fill(0);
+  bus.service({ op: MAILBOX_OP.configRead, size: 4, count: 1, address: (2 << 3) * 256, data });
+  assert.deepEqual(Array.from(data.subarray(0, 4)), [0x34, 0x12, 0x78, 0x56]);
+});
+
+test("a vCPU-side forwarder reaches a device thread through the mailbox and its doorbell", async () => {
+  const box = DeviceMailbox.create(2);
+  const worker = new Worker(new URL("./mailbox-echo-thread.js", import.meta.url), { workerData: box.handoff() });
+  await new Promise((r) => worker.once("message", r));
+  const fwd = new DeviceForwarder(box.requester(1), { ranges: [[0x1000, 0x100]] });
+  assert.equal(fwd.forwardsPort(0x1010), true);
+  assert.equal(fwd.forwardsPort(0x80), false);
+  const data = new Uint8Array([0, 0, 0, 0]);
+  fwd.portIo(false, 0x1010, 2, 2, data);
+  assert.deepEqual(Array.from(data), [0x10, 0x10, 0x10, 0x10], "the echo thread answers reads with the port's low byte");
+  const fn = fwd.configFunction(0x10);
+  assert.equal(fn.configRead(0x04, 2), 0x1004 & 0xffff);
+  box.ring();
+  await worker.terminate();
+  box.close();
+});
+
+test("PCI plan: IDE at 00:01.0, others from slot 2 in order; MAC parsing", () => {
+  const disk = { path: "/x", readOnly: false };
+  const p = planPci([
+    { kind: "virtio-blk", id: "a", disk, queues: 1 },
+    { kind: "ide-cdrom", id: "c", disk: undefined },
+    { kind: "virtio-rng", id: "r" },
+  ]);
+  assert.deepEqual(p.map((f) => [f.bdf >> 3, f.kind]), [[1, "ide"], [2, "virtio-blk"], [3, "virtio-rng"]]);
+  assert.deepEqual(Array.from(parseMac("52:54:00:AB:cd:01")), [0x52, 0x54, 0, 0xab, 0xcd, 1]);
+  assert.throws(() => parseMac("01:00:5e:00:00:01"), /multicast/);
+  assert.throws(() => parseMac("52:54:00"), /not a MAC/);
+});

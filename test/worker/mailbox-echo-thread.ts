@@ -1,0 +1,24 @@
+/** Test fixture: a minimal device thread that answers every read with the address's low byte. */
+import { parentPort, workerData } from "node:worker_threads";
+import { DeviceMailbox, MAILBOX_OP, type MailboxHandoff } from "../../src/worker/device-mailbox.js";
+import { EventFd } from "../../src/hypervisor/eventfd.js";
+import { poll, POLLIN } from "../../src/hypervisor/libc.js";
+
+const box = DeviceMailbox.attach(workerData as MailboxHandoff);
+const server = box.server();
+const bell = EventFd.borrow(box.doorbellFd);
+const fds = new Int32Array([box.doorbellFd, POLLIN]);
+parentPort!.postMessage("ready");
+for (;;) {
+  fds[1] = POLLIN;
+  poll(fds, 1, 100);
+  bell.take();
+  server.drain((r) => {
+    if (r.op === MAILBOX_OP.pioRead || r.op === MAILBOX_OP.configRead) r.data.fill(r.address & 0xff, 0, Math.max(4, r.size * r.count));
+    if (r.op === MAILBOX_OP.configRead) {
+      const off = r.address & 0xff;
+      r.data[0] = off;
+      r.data[1] = 0x10;
+    }
+  });
+}
