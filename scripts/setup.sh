@@ -17,6 +17,10 @@ declare -A need=(
   [util-linux]=/usr/bin/setpriv
   [dpkg]=/usr/bin/dpkg-deb
   [acpica-tools]=/usr/bin/iasl
+  # device tests: ISO images for the CD-ROM, ext4 images, bridges/TAPs for NICs
+  [genisoimage]=/usr/bin/genisoimage
+  [e2fsprogs]=/usr/sbin/mkfs.ext4
+  [iproute2]=/usr/bin/ip
 )
 missing=()
 for pkg in "${!need[@]}"; do
