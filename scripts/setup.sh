@@ -19,8 +19,8 @@ declare -A need=(
   [acpica-tools]=/usr/bin/iasl
   # device tests: ISO images for the CD-ROM, ext4 images, bridges/TAPs for NICs
   [genisoimage]=/usr/bin/genisoimage
-  [e2fsprogs]=/usr/sbin/mkfs.ext4
-  [iproute2]=/usr/bin/ip
+  [e2fsprogs]=/sbin/mkfs.ext4
+  [iproute2]=/sbin/ip
 )
 missing=()
 for pkg in "${!need[@]}"; do
