@@ -1,0 +1,285 @@
+/**
+ * Network ports: where a NIC model's Ethernet frames go on the host, and where
+ * received ones come from. A NIC (ne2k-pci, virtio-net) owns one port; later
+ * the virtual switch owns them. Frames are whole Ethernet frames without the
+ * FCS, one per `send` / `receive`; a port never blocks: `send` returns false
+ * when the frame was dropped (queue full, peer missing) and `receive` returns
+ * 0 when nothing is pending. `fd` polls readable while frames are pending (the
+ * device thread's loop watches it).
+ *
+ * Implementations:
+ *  - `TapPort`: a host TAP interface (IFF_TAP|IFF_NO_PI, no vnet header).
+ *  - `DatagramPairPort`: two VMs wired back to back through AF_UNIX datagram
+ *    sockets: each binds its own path and sends to the peer's path. Frames to a
+ *    peer that is not there (not started yet, exited) are dropped and counted;
+ *    the peer may come and go.
+ *  - `MemoryPortPair`: two ports joined in memory (tests, benchmarks), with an
+ *    eventfd as the pollable descriptor.
+ *
+ * DEVNOTE: AF_UNIX datagram receivers queue at most net.unix.max_dgram_qlen
+ * datagrams (10 by default); beyond that the sender sees EAGAIN and the frame
+ * counts as dropped (`txDropped`), as a full switch port would drop it.
+ */
+import { PartisError } from "../../errors.js";
+import { EventFd } from "../../hypervisor/eventfd.js";
+import {
+  closeDescriptor,
+  openDatagramSocket,
+  openTap,
+  readFrame,
+  receiveDatagram,
+  removeSocketPath,
+  sendDatagramTo,
+  writeFrame,
+  type UnixSocketAddress,
+} from "../../hypervisor/host-network.js";
+
+export class NetworkPortError extends PartisError {}
+
+/** Largest frame a port carries (a 64 KiB jumbo frame with header room). */
+export const MAX_PORT_FRAME_BYTES = 65_550;
+
+export interface NetworkPort {
+  readonly name: string;
+  /** Polls readable while received frames are pending. */
+  readonly fd: number;
+  /** Queue one frame for the wire. False when it was dropped. */
+  send(frame: Uint8Array): boolean;
+  /**
+   * Copy the next received frame into `buf`; its length, 0 when none is pending.
+   * Frames that do not fit are dropped (for a TAP, one that fills `buf` exactly
+   * counts as not fitting: pass a buffer of MAX_PORT_FRAME_BYTES).
+   */
+  receive(buf: Uint8Array): number;
+  close(): void;
+}
+
+/** Frame and byte counters every port keeps (plain numbers, read by stats/monitoring). */
+export class PortCounters {
+  txFrames = 0;
+  txBytes = 0;
+  /** Frames `send` could not deliver (queue full, peer missing, interface down). */
+  txDropped = 0;
+  /** Of txDropped: no peer listening (DatagramPairPort). */
+  txNoPeer = 0;
+  rxFrames = 0;
+  rxBytes = 0;
+  /** Received frames dropped because they did not fit the caller's buffer. */
+  rxOversize = 0;
+}
+
+/** A host TAP interface (created, or attached to when it exists and is persistent). */
+export class TapPort implements NetworkPort {
+  readonly counters = new PortCounters();
+  private closed = false;
+
+  private constructor(readonly name: string, readonly fd: number, readonly interfaceName: string) {}
+
+  /** Open `/dev/net/tun` as interface `ifname` ("tap%d" or omitted: the kernel picks). */
+  static open(ifname?: string): TapPort {
+    const tap = openTap(ifname === undefined ? {} : { name: ifname });
+    return new TapPort(`tap:${tap.name}`, tap.fd, tap.name);
+  }
+
+  send(frame: Uint8Array): boolean {
+    if (this.closed || frame.length === 0) return false;
+    if (writeFrame(this.fd, frame, frame.length)) {
+      this.counters.txFrames++;
+      this.counters.txBytes += frame.length;
+      return true;
+    }
+    this.counters.txDropped++;
+    return false;
+  }
+
+  receive(buf: Uint8Array): number {
+    if (this.closed) return 0;
+    for (;;) {
+      const n = readFrame(this.fd, buf);
+      if (n <= 0) return 0;
+      if (n >= buf.length) {
+        // read(2) on a TAP truncates to the buffer: a frame that filled it may have been longer.
+        this.counters.rxOversize++;
+        continue;
+      }
+      this.counters.rxFrames++;
+      this.counters.rxBytes += n;
+      return n;
+    }
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    closeDescriptor(this.fd);
+  }
+}
+
+/**
+ * One end of a back-to-back link between two VMs: binds `localPath`, sends
+ * each frame as one datagram to `peerPath`. Either end may start first.
+ */
+export class DatagramPairPort implements NetworkPort {
+  readonly counters = new PortCounters();
+  private closed = false;
+
+  private constructor(
+    readonly name: string,
+    readonly fd: number,
+    private readonly local: UnixSocketAddress,
+    private readonly peer: UnixSocketAddress,
+  ) {}
+
+  static open(localPath: string, peerPath: string): DatagramPairPort {
+    if (localPath === peerPath) throw new NetworkPortError("NET_PORT_SAME_PATH", `datagram port: local and peer paths are both ${localPath}`, { path: localPath });
+    // 4 MiB of socket buffer: room for a burst of full-size frames (the queue length limit still applies).
+    const s = openDatagramSocket({ localPath, peerPath, bufferBytes: 4 << 20 });
+    return new DatagramPairPort(`dgram:${localPath}`, s.fd, s.local, s.peer!);
+  }
+
+  send(frame: Uint8Array): boolean {
+    if (this.closed || frame.length === 0) return false;
+    const r = sendDatagramTo(this.fd, this.peer, frame, frame.length);
+    if (r === true) {
+      this.counters.txFrames++;
+      this.counters.txBytes += frame.length;
+      return true;
+    }
+    this.counters.txDropped++;
+    if (r === "no-peer") this.counters.txNoPeer++;
+    return false;
+  }
+
+  receive(buf: Uint8Array): number {
+    if (this.closed) return 0;
+    for (;;) {
+      const n = receiveDatagram(this.fd, buf);
+      if (n < 0) return 0;
+      if (n === 0) continue; // an empty datagram is not a frame
+      if (n > buf.length) {
+        this.counters.rxOversize++;
+        continue;
+      }
+      this.counters.rxFrames++;
+      this.counters.rxBytes += n;
+      return n;
+    }
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    closeDescriptor(this.fd);
+    if (!this.local.abstract) removeSocketPath(this.local.path);
+  }
+}
+
+/** Capacity of each direction of a `MemoryPortPair` (frames). */
+const MEMORY_QUEUE_FRAMES = 256;
+
+/** One end of a `MemoryPortPair`. */
+export class MemoryPort implements NetworkPort {
+  readonly counters = new PortCounters();
+  /** Frames queued for this end to receive, in slots reused round-robin. */
+  private readonly slots: Uint8Array[] = [];
+  private readonly lengths: Int32Array;
+  private head = 0;
+  private count = 0;
+  private readonly event: EventFd;
+  private signalled = false;
+  /** Set by the pair. */
+  peer: MemoryPort | undefined;
+  private closed = false;
+
+  constructor(readonly name: string, readonly capacity = MEMORY_QUEUE_FRAMES) {
+    this.lengths = new Int32Array(capacity);
+    for (let i = 0; i < capacity; i++) this.slots.push(new Uint8Array(0));
+    this.event = EventFd.create({ nonBlocking: true });
+  }
+
+  get fd(): number {
+    return this.event.fd;
+  }
+
+  /** Frames waiting to be received at this end. */
+  get pending(): number {
+    return this.count;
+  }
+
+  /** Put a frame in this end's receive queue (as if it came from the wire). False when the queue is full. */
+  inject(frame: Uint8Array): boolean {
+    if (this.closed || this.count === this.capacity || frame.length === 0 || frame.length > MAX_PORT_FRAME_BYTES) return false;
+    const i = (this.head + this.count) % this.capacity;
+    let slot = this.slots[i]!;
+    if (slot.length < frame.length) {
+      // Grows once per slot to the largest frame seen (not per frame).
+      slot = new Uint8Array(Math.max(frame.length, 2048));
+      this.slots[i] = slot;
+    }
+    slot.set(frame);
+    this.lengths[i] = frame.length;
+    this.count++;
+    if (!this.signalled) {
+      this.signalled = true;
+      this.event.signal(1n);
+    }
+    return true;
+  }
+
+  send(frame: Uint8Array): boolean {
+    const p = this.peer;
+    if (this.closed || p === undefined || !p.inject(frame)) {
+      this.counters.txDropped++;
+      if (p === undefined || p.closed) this.counters.txNoPeer++;
+      return false;
+    }
+    this.counters.txFrames++;
+    this.counters.txBytes += frame.length;
+    return true;
+  }
+
+  receive(buf: Uint8Array): number {
+    while (this.count > 0) {
+      const i = this.head;
+      const n = this.lengths[i]!;
+      this.head = (this.head + 1) % this.capacity;
+      this.count--;
+      if (this.count === 0 && this.signalled) {
+        this.signalled = false;
+        this.event.take();
+      }
+      if (n > buf.length) {
+        this.counters.rxOversize++;
+        continue;
+      }
+      buf.set(this.slots[i]!.subarray(0, n));
+      this.counters.rxFrames++;
+      this.counters.rxBytes += n;
+      return n;
+    }
+    return 0;
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.count = 0;
+    this.event.close();
+  }
+}
+
+/** Two ports joined in memory: what one sends, the other receives. */
+export class MemoryPortPair {
+  readonly a: MemoryPort;
+  readonly b: MemoryPort;
+  constructor(name = "mem", capacity = MEMORY_QUEUE_FRAMES) {
+    this.a = new MemoryPort(`${name}:a`, capacity);
+    this.b = new MemoryPort(`${name}:b`, capacity);
+    this.a.peer = this.b;
+    this.b.peer = this.a;
+  }
+  close(): void {
+    this.a.close();
+    this.b.close();
+  }
+}

@@ -1,0 +1,96 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import * as fs from "node:fs";
+import * as os from "node:os";
+import * as path from "node:path";
+import { POLLIN, poll } from "../../../src/hypervisor/libc.js";
+import { DatagramPairPort, MAX_PORT_FRAME_BYTES, MemoryPortPair, NetworkPortError, TapPort } from "../../../src/devices/net/network-port.js";
+
+function readable(fd: number): boolean {
+  const fds = new Int32Array([fd, POLLIN]);
+  return poll(fds, 1, 0) === 1;
+}
+
+function frame(len: number, fill: number): Uint8Array {
+  return new Uint8Array(len).fill(fill);
+}
+
+test("MemoryPortPair: frames cross in order; fd readable exactly while frames are pending", () => {
+  const pair = new MemoryPortPair("t", 4);
+  try {
+    const buf = new Uint8Array(MAX_PORT_FRAME_BYTES);
+    assert.equal(pair.b.receive(buf), 0);
+    assert.equal(readable(pair.b.fd), false);
+    assert.equal(pair.a.send(frame(60, 1)), true);
+    assert.equal(pair.a.send(frame(1514, 2)), true);
+    assert.equal(readable(pair.b.fd), true);
+    assert.equal(readable(pair.a.fd), false);
+    assert.equal(pair.b.receive(buf), 60);
+    assert.equal(buf[0], 1);
+    assert.equal(readable(pair.b.fd), true);
+    assert.equal(pair.b.receive(buf), 1514);
+    assert.equal(buf[1513], 2);
+    assert.equal(readable(pair.b.fd), false);
+    assert.equal(pair.b.receive(buf), 0);
+    // Capacity 4: the fifth is dropped and counted.
+    for (let i = 0; i < 4; i++) assert.equal(pair.a.send(frame(64, i)), true);
+    assert.equal(pair.a.send(frame(64, 9)), false);
+    assert.equal(pair.a.counters.txDropped, 1);
+    assert.equal(pair.a.counters.txFrames, 6);
+    // A frame larger than the receiver's buffer is dropped, the next one delivered.
+    const small = new Uint8Array(32);
+    assert.equal(pair.b.receive(small), 0, "all four are 64 bytes: none fits");
+    assert.equal(pair.b.counters.rxOversize, 4);
+    assert.equal(pair.b.send(frame(10, 3)), true);
+    assert.equal(pair.a.receive(small), 10);
+  } finally {
+    pair.close();
+  }
+});
+
+test("DatagramPairPort: two ends wired back to back; missing peer counted; peer restarts", () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "partis-port-"));
+  const pa = path.join(dir, "vm-a.sock");
+  const pb = path.join(dir, "vm-b.sock");
+  try {
+    assert.throws(() => DatagramPairPort.open(pa, pa), (e: unknown) => e instanceof NetworkPortError);
+    const a = DatagramPairPort.open(pa, pb);
+    const buf = new Uint8Array(MAX_PORT_FRAME_BYTES);
+    assert.equal(a.send(frame(60, 1)), false, "b not there yet");
+    assert.equal(a.counters.txNoPeer, 1);
+    let b = DatagramPairPort.open(pb, pa);
+    assert.equal(a.send(frame(1514, 5)), true);
+    assert.equal(readable(b.fd), true);
+    assert.equal(b.receive(buf), 1514);
+    assert.equal(buf[100], 5);
+    assert.equal(b.receive(buf), 0);
+    assert.equal(b.send(frame(64, 6)), true);
+    assert.equal(a.receive(buf), 64);
+    b.close();
+    assert.ok(!fs.existsSync(pb), "the socket file goes with the port");
+    assert.equal(a.send(frame(60, 1)), false);
+    b = DatagramPairPort.open(pb, pa);
+    assert.equal(a.send(frame(60, 7)), true, "peer came back");
+    assert.equal(b.receive(buf), 60);
+    assert.equal(a.counters.txNoPeer, 2);
+    b.close();
+    a.close();
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("TapPort: opens a TAP; a frame to a down interface is dropped and counted", () => {
+  assert.ok(fs.existsSync("/dev/net/tun"), "/dev/net/tun does not exist on this host (modprobe tun)");
+  const port = TapPort.open("pport%d");
+  try {
+    assert.match(port.interfaceName, /^pport\d+$/);
+    assert.equal(port.name, `tap:${port.interfaceName}`);
+    const buf = new Uint8Array(MAX_PORT_FRAME_BYTES);
+    assert.equal(port.receive(buf), 0);
+    assert.equal(port.send(frame(60, 0xff)), false);
+    assert.equal(port.counters.txDropped, 1);
+  } finally {
+    port.close();
+  }
+});
