@@ -1,0 +1,231 @@
+/**
+ * Partis's devices seen from a real, stock Linux guest (Debian 6.1 kernel, its
+ * own virtio_pci/virtio_blk/virtio_net/virtio_console/virtio-rng, ata_piix,
+ * sr_mod and ne2k-pci drivers), in the nested test host on a PVM machine.
+ *
+ *  - storage: a raw disk and a VHDX disk on virtio-blk, a VHD disk on the IDE
+ *    controller and an ISO on the ATAPI CD-ROM; files written in one boot are
+ *    read back (contents and checksums) after a restart of the VM;
+ *  - the virtio-console byte channel carries bytes both ways over its socket;
+ *  - the entropy source feeds the guest's hwrng;
+ *  - two VMs wired back to back (AF_UNIX datagram pairs) ping each other over
+ *    virtio-net and over the NE2000, and a VM pings the host through a TAP.
+ */
+import { describe, test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import { mkdtempSync, mkdirSync, writeFileSync, existsSync, rmSync } from "node:fs";
+import { connect, type Socket } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { GuestSession, READY } from "./guest-session.js";
+
+const CLI = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
+const dir = mkdtempSync(join(tmpdir(), "partis-devices-"));
+
+function runArgs(script: string, extra: readonly string[]): string[] {
+  const b64 = Buffer.from(script, "utf8").toString("base64");
+  return ["--append", `console=ttyS0 quiet panic=-1 partis.run=b64:${b64}`, ...extra];
+}
+
+async function runToEnd(s: GuestSession): Promise<{ status: number; output: string; stderr: string }> {
+  s.child.stdin!.end();
+  const status = await s.exited;
+  return { status, output: s.output, stderr: s.stderr };
+}
+
+function value(output: string, key: string): string | undefined {
+  return new RegExp(`^${key}=(.*?)\\r?$`, "m").exec(output)?.[1];
+}
+
+describe("disks and a CD-ROM: virtio-blk (raw, VHDX), IDE (VHD), ATAPI (ISO); data survives a restart", () => {
+  const raw = join(dir, "virtio.raw");
+  const vhdx = join(dir, "virtio.vhdx");
+  const vhd = join(dir, "ide.vhd");
+  const iso = join(dir, "cd.iso");
+  const channel = join(dir, "channel.sock");
+  let first: { status: number; output: string; stderr: string };
+  let second: { status: number; output: string; stderr: string };
+  let channelReceived = "";
+
+  before(async () => {
+    writeFileSync(raw, Buffer.alloc(0));
+    execFileSync("truncate", ["-s", "64M", raw]);
+    execFileSync(process.execPath, [CLI, "disk", "new", "--type", "dynamic", "--size", "64M", vhdx]);
+    execFileSync(process.execPath, [CLI, "disk", "new", "--type", "dynamic", "--size", "64M", vhd]);
+    const isoDir = join(dir, "iso");
+    mkdirSync(isoDir);
+    writeFileSync(join(isoDir, "hello.txt"), "PARTIS-ISO-CONTENT\n");
+    execFileSync("genisoimage", ["-quiet", "-V", "PARTISCD", "-o", iso, isoDir]);
+    const disks = ["--disk", raw, "--disk", vhdx, "--disk", `${vhd},if=ide`, "--cdrom", iso];
+
+    const script1 = [
+      "for b in vda vdb sda sr0; do echo DRIVER-$b=$(basename $(readlink /sys/block/$b/device/driver) 2>/dev/null); done",
+      "echo PIIX=$(ls /sys/bus/pci/drivers/ata_piix | grep -c 0000:)",
+      "for d in vda vdb sda; do mkdir -p /mnt/$d; mke2fs -q /dev/$d && mount /dev/$d /mnt/$d && echo PARTIS-FILE-$d > /mnt/$d/file && dd if=/dev/urandom of=/mnt/$d/big bs=64k count=48 2>/dev/null && echo SUM1-$d=$(md5sum /mnt/$d/big | cut -d' ' -f1); umount /mnt/$d; done",
+      "mkdir -p /mnt/cd; mount -t iso9660 -o ro /dev/sr0 /mnt/cd && echo ISO=$(cat /mnt/cd/hello.txt); umount /mnt/cd",
+      "echo RNG=$(cat /sys/class/misc/hw_random/rng_current); echo RNGBYTES=$(head -c 64 /dev/hwrng | wc -c)",
+      "stty -F /dev/hvc0 raw -echo; echo GUEST-TO-HOST > /dev/hvc0; read -r line < /dev/hvc0; echo CHANNEL-GOT=$line",
+      "sync; poweroff -f",
+    ].join("\n");
+    const s1 = new GuestSession(runArgs(script1, [...disks, "--channel", channel, "--rng", "--cpus", "2"]));
+    // The host end of the channel: connect once the VM listens, answer the guest's line.
+    const deadline = Date.now() + GuestSession.TIMEOUT_MS;
+    let sock: Socket | undefined;
+    const tryConnect = (): void => {
+      if (Date.now() > deadline || s1.child.exitCode !== null) return;
+      if (!existsSync(channel)) {
+        setTimeout(tryConnect, 200);
+        return;
+      }
+      sock = connect(channel);
+      sock.on("error", () => setTimeout(tryConnect, 200));
+      sock.on("data", (d) => {
+        channelReceived += d.toString("latin1");
+        if (channelReceived.includes("GUEST-TO-HOST")) sock!.write("HOST-TO-GUEST\n");
+      });
+    };
+    tryConnect();
+    first = await runToEnd(s1);
+    sock?.destroy();
+
+    const script2 = [
+      "for d in vda vdb sda; do mkdir -p /mnt/$d; mount /dev/$d /mnt/$d && echo READ-$d=$(cat /mnt/$d/file) && echo SUM2-$d=$(md5sum /mnt/$d/big | cut -d' ' -f1); umount /mnt/$d; done",
+      "poweroff -f",
+    ].join("\n");
+    second = await runToEnd(new GuestSession(runArgs(script2, disks)));
+  });
+
+  test("the guest's own drivers bind: virtio_blk for both virtio disks, ata_piix + sd for IDE, sr for the CD-ROM", () => {
+    const o = first.output;
+    assert.equal(value(o, "DRIVER-vda"), "virtio_blk", `${o.slice(-3000)}\n${first.stderr}`);
+    assert.equal(value(o, "DRIVER-vdb"), "virtio_blk");
+    assert.equal(value(o, "DRIVER-sda"), "sd");
+    assert.equal(value(o, "DRIVER-sr0"), "sr");
+    assert.equal(value(o, "PIIX"), "1");
+  });
+
+  test("files written through virtio-blk (raw and VHDX) and IDE (VHD) are read back after a restart", () => {
+    for (const d of ["vda", "vdb", "sda"]) {
+      assert.equal(value(second.output, `READ-${d}`), `PARTIS-FILE-${d}`, `${d}\n${second.output.slice(-3000)}\n${second.stderr}`);
+      const sum1 = value(first.output, `SUM1-${d}`);
+      assert.match(sum1 ?? "", /^[0-9a-f]{32}$/, `${d}: no checksum in the first boot`);
+      assert.equal(value(second.output, `SUM2-${d}`), sum1, `${d}: 3 MiB of random data changed across the restart`);
+    }
+  });
+
+  test("the disk images stay valid for qemu-img (VHD, VHDX)", () => {
+    for (const p of [vhd, vhdx]) execFileSync("qemu-img", ["check", p]);
+  });
+
+  test("the CD-ROM reads the ISO's file", () => {
+    assert.equal(value(first.output, "ISO"), "PARTIS-ISO-CONTENT");
+  });
+
+  test("virtio-rng is the guest's hwrng and delivers bytes", () => {
+    assert.match(value(first.output, "RNG") ?? "", /^virtio_rng/);
+    assert.equal(value(first.output, "RNGBYTES"), "64");
+  });
+
+  test("the console channel carries bytes guest -> host and host -> guest", () => {
+    assert.match(channelReceived, /GUEST-TO-HOST/);
+    assert.equal(value(first.output, "CHANNEL-GOT"), "HOST-TO-GUEST");
+  });
+
+  test("both boots power off cleanly", () => {
+    assert.equal(first.status, 0, first.stderr);
+    assert.equal(second.status, 0, second.stderr);
+  });
+});
+
+describe("networks: two VMs back to back over virtio-net and NE2000, and a VM to the host over TAP", () => {
+  let a: { status: number; output: string; stderr: string };
+  let b: { status: number; output: string; stderr: string };
+  const tap = "ptap-test0";
+
+  before(async () => {
+    const sock = (n: string) => join(dir, n);
+    const pingLoop = (ip: string, key: string) =>
+      `ok=0; for i in $(seq 1 60); do if ping -c 1 -W 1 ${ip} >/dev/null 2>&1; then ok=1; break; fi; done; echo ${key}=$ok; ping -c 3 -W 2 ${ip} | grep -o '[0-9]* packets received' | sed 's/^/${key}-RECEIVED=/'`;
+    // Interfaces are found by MAC: the guest names them in driver load order, not slot order.
+    const ifmac = 'ifmac() { for i in /sys/class/net/*; do [ "$(cat $i/address)" = "$1" ] && basename $i; done; }';
+    const nic = (mac: string, ip: string, key: string) =>
+      `i=$(ifmac ${mac}); echo DRIVER-${key}=$(basename $(readlink /sys/class/net/$i/device/driver)); ip addr add ${ip}/24 dev $i; ip link set $i up`;
+    const scriptA = [
+      ifmac,
+      nic("52:54:00:00:00:a0", "10.0.0.1", "virtio"),
+      nic("52:54:00:00:00:a1", "10.0.1.1", "ne2k"),
+      nic("52:54:00:00:00:a2", "10.0.2.2", "tap"),
+      pingLoop("10.0.0.2", "VIRTIO-PING"),
+      pingLoop("10.0.1.2", "NE2K-PING"),
+      pingLoop("10.0.2.1", "TAP-PING"),
+      "sleep 5; poweroff -f",
+    ].join("\n");
+    const scriptB = [
+      ifmac,
+      nic("52:54:00:00:00:b0", "10.0.0.2", "virtio"),
+      nic("52:54:00:00:00:b1", "10.0.1.2", "ne2k"),
+      pingLoop("10.0.0.1", "VIRTIO-PING"),
+      pingLoop("10.0.1.1", "NE2K-PING"),
+      "sleep 5; poweroff -f",
+    ].join("\n");
+    const nicsA = [
+      "--nic", `dgram:${sock("a0")}:${sock("b0")},model=virtio,mac=52:54:00:00:00:a0`,
+      "--nic", `dgram:${sock("a1")}:${sock("b1")},model=ne2k,mac=52:54:00:00:00:a1`,
+      "--nic", `tap:${tap},model=virtio,mac=52:54:00:00:00:a2`,
+    ];
+    const nicsB = [
+      "--nic", `dgram:${sock("b0")}:${sock("a0")},model=virtio,mac=52:54:00:00:00:b0`,
+      "--nic", `dgram:${sock("b1")}:${sock("a1")},model=ne2k,mac=52:54:00:00:00:b1`,
+    ];
+    const sa = new GuestSession(runArgs(scriptA, [...nicsA, "--name", "vm-a"]));
+    const sb = new GuestSession(runArgs(scriptB, [...nicsB, "--name", "vm-b"]));
+    // The host side of the TAP: address it once the VM has created it.
+    const configureTap = (): void => {
+      if (sa.child.exitCode !== null) return;
+      if (!existsSync(`/sys/class/net/${tap}`)) {
+        setTimeout(configureTap, 200);
+        return;
+      }
+      execFileSync("ip", ["addr", "add", "10.0.2.1/24", "dev", tap]);
+      execFileSync("ip", ["link", "set", tap, "up"]);
+    };
+    configureTap();
+    [a, b] = await Promise.all([runToEnd(sa), runToEnd(sb)]);
+  });
+  after(() => rmSync(dir, { recursive: true, force: true }));
+
+  test("the guest's virtio_net and ne2k-pci drivers bind", () => {
+    for (const r of [a, b]) {
+      assert.equal(value(r.output, "DRIVER-virtio"), "virtio_net", `${r.output.slice(-3000)}\n${r.stderr}`);
+      assert.equal(value(r.output, "DRIVER-ne2k"), "ne2k-pci");
+    }
+    assert.equal(value(a.output, "DRIVER-tap"), "virtio_net");
+  });
+
+  test("ping between the two VMs over virtio-net", () => {
+    for (const r of [a, b]) {
+      assert.equal(value(r.output, "VIRTIO-PING"), "1", `${r.output.slice(-3000)}\n${r.stderr}`);
+      assert.equal(value(r.output, "VIRTIO-PING-RECEIVED"), "3 packets received");
+    }
+  });
+
+  test("ping between the two VMs over the emulated NE2000", () => {
+    for (const r of [a, b]) {
+      assert.equal(value(r.output, "NE2K-PING"), "1", `${r.output.slice(-3000)}\n${r.stderr}`);
+      assert.equal(value(r.output, "NE2K-PING-RECEIVED"), "3 packets received");
+    }
+  });
+
+  test("ping from a VM to the host through a TAP device", () => {
+    assert.equal(value(a.output, "TAP-PING"), "1", `${a.output.slice(-3000)}\n${a.stderr}`);
+  });
+
+  test("both VMs power off cleanly", () => {
+    assert.equal(a.status, 0, a.stderr);
+    assert.equal(b.status, 0, b.stderr);
+  });
+});
+
+void READY;
