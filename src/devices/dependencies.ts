@@ -35,6 +35,8 @@ export interface PowerControl {
   requestPowerOff(source: string): void;
   /** The guest asked to reset the machine (i8042 pulse, ACPI reset register, 0xCF9). */
   requestReset(source: string): void;
+  /** The guest reported a crash (a kernel panic through pvpanic): the VM is stopped with `reason`. */
+  reportPanic(reason: string): void;
 }
 
 /** Every device's saved state is its own plain-data type with a kind and a version. */

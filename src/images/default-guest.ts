@@ -19,7 +19,25 @@ import { buildInitramfs } from "./initramfs.js";
 import { loadModuleIndex, planModuleLoad } from "./kernel-modules.js";
 
 /** Modules loaded by default: ACPI power button and the input event layer acpid reads. */
-export const DEFAULT_GUEST_MODULES: readonly string[] = ["button", "evdev"];
+export const DEFAULT_GUEST_MODULES: readonly string[] = [
+  "button",
+  "evdev",
+  // A kernel panic is reported to the host (ACPI QEMU0001, port 0x505).
+  "pvpanic-mmio",
+  // Partis's synthetic devices (virtio over PCI) and emulated ones (PIIX IDE, NE2000 PCI).
+  "virtio_pci",
+  "virtio_blk",
+  "virtio_net",
+  "virtio_console",
+  "virtio-rng",
+  "ata_piix",
+  "sd_mod",
+  "sr_mod",
+  "ne2k-pci",
+  // File systems for disks and CDs.
+  "ext4",
+  "isofs",
+];
 
 /** The marker the guest prints on its console once user space is up. */
 export const GUEST_READY_MARKER = "PARTIS-GUEST-READY";

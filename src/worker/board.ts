@@ -19,6 +19,7 @@ import { CmosRtc } from "../devices/emulated/cmos-rtc.js";
 import { AcpiPm } from "../devices/emulated/acpi-pm.js";
 import { ResetControl } from "../devices/emulated/reset-control.js";
 import { SystemControlPortB } from "../devices/emulated/system-control-port-b.js";
+import { Pvpanic } from "../devices/emulated/pvpanic.js";
 import type { ByteSink, Clock, IrqLine, PowerControl } from "../devices/dependencies.js";
 
 export const ISA_IRQ = { keyboard: 1, com1: 4, rtc: 8, sci: 9, aux: 12 } as const;
@@ -44,6 +45,7 @@ export class Board {
   readonly resetControl: ResetControl;
   readonly portB: SystemControlPortB;
   readonly pciHost: PciHostBridge;
+  readonly pvpanic: Pvpanic;
 
   constructor(readonly arena: SharedStateArena, deps: BoardDependencies, config: BoardConfig, initialise: boolean) {
     this.com1 = new Uart16550("com1", arena.allocate(Uart16550.layout), { irq: deps.irq(ISA_IRQ.com1), output: deps.console }, { base: 0x3f8 });
@@ -57,7 +59,8 @@ export class Board {
     this.resetControl = new ResetControl("reset-control", arena.allocate(ResetControl.layout), { power: deps.power });
     this.portB = new SystemControlPortB("port-b", arena.allocate(SystemControlPortB.layout), { clock: deps.clock });
     this.pciHost = new PciHostBridge({ arena, initialise });
-    for (const d of [this.com1, this.i8042, this.rtc, this.pm, this.resetControl, this.portB, this.pciHost]) this.bus.attach(d);
+    this.pvpanic = new Pvpanic("pvpanic", arena.allocate(Pvpanic.layout), { power: deps.power });
+    for (const d of [this.com1, this.i8042, this.rtc, this.pm, this.resetControl, this.portB, this.pciHost, this.pvpanic]) this.bus.attach(d);
   }
 
   /** Power-on reset of every device's state (once, before the vCPUs start). */
@@ -68,5 +71,6 @@ export class Board {
     this.pm.reset();
     this.resetControl.reset();
     this.portB.reset();
+    this.pvpanic.reset();
   }
 }

@@ -64,6 +64,9 @@ export class PowerState {
       requestReset: (source) => {
         if (this.record({ kind: "reset", source })) onChange();
       },
+      reportPanic: (reason) => {
+        if (this.record({ kind: "crash", reason })) onChange();
+      },
     };
   }
 }

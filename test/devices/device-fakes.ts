@@ -60,6 +60,10 @@ export class RecordingPower implements PowerControl {
   requestReset(source: string): void {
     this.resets.push(source);
   }
+  readonly panics: string[] = [];
+  reportPanic(reason: string): void {
+    this.panics.push(reason);
+  }
 }
 
 /** Small deterministic PRNG (mulberry32). */

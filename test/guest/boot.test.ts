@@ -79,3 +79,10 @@ test("--no-reboot: guest reboot ends the run with status 3", async () => {
   assert.equal(r.status, 3, r.stderr);
   assert.match(r.stderr, /rebooted/);
 });
+
+test("guest kernel panic: reported through pvpanic, the run ends with status 4 and the reason", async () => {
+  const r = await runGuestCommand("echo PANIC-NOW; echo c > /proc/sysrq-trigger", ["--memory", "256M"]);
+  assert.match(r.output, /PANIC-NOW/, `${r.output.slice(-2000)}\n${r.stderr}`);
+  assert.equal(r.status, 4, r.stderr);
+  assert.match(r.stderr, /kernel panic/);
+});

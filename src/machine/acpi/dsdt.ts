@@ -6,6 +6,7 @@
  *   \_SB.COM1     16550 UART (PNP0501) 0x3F8-0x3FF, IRQ 4
  *   \_SB.KBD_     i8042 keyboard controller (PNP0303) 0x60, 0x64, IRQ 1
  *   \_SB.RTC_     CMOS RTC (PNP0B00) 0x70-0x71, IRQ 8
+ *   \_SB.PEVT     pvpanic (QEMU0001) port 0x505
  *   \_SB.Cxxx     one ACPI0007 processor device per vCPU (_UID = MADT processor UID)
  *
  * PCI INTx routing (_PRT, one entry per slot 0..31 and pin INTA..INTD), no link
@@ -103,6 +104,7 @@ export function dsdtAml(o: DsdtOptions): Uint8Array {
       legacy("COM1", "PNP0501", 1, resourceTemplate(io(0x3f8, 0x3f8, 1, 8), irqNoFlags(4))),
       legacy("KBD", "PNP0303", 0, resourceTemplate(io(0x60, 0x60, 1, 1), io(0x64, 0x64, 1, 1), irqNoFlags(1))),
       legacy("RTC", "PNP0B00", 0, resourceTemplate(io(0x70, 0x70, 1, 2), irqNoFlags(8))),
+      device("PEVT", name("_HID", string("QEMU0001")), name("_UID", integer(0)), name("_CRS", resourceTemplate(io(0x505, 0x505, 1, 1)))),
       ...processors(o.vcpuCount),
     ),
   );
