@@ -1,0 +1,512 @@
+/**
+ * The device side of a virtio 1.x split virtqueue (virtio 1.1 spec 2.6:
+ * descriptor table 2.6.5, indirect descriptors 2.6.5.3, available ring 2.6.6,
+ * used ring 2.6.8, notification suppression 2.6.7 / 2.6.10, event index
+ * VIRTIO_F_EVENT_IDX) over guest RAM.
+ *
+ * API (stable; virtio-net and the other virtio devices build on it):
+ *
+ *   const q = new VirtQueue(memory, index, maxSize, (q, code, message) => ...);
+ *   q.setFeatures({ eventIdx, indirect })     // negotiated ring features, before configure
+ *   q.configure(size, desc, driver, device)   // -> boolean; false = error reported
+ *   const chain = new DescriptorChain();      // once per device: REUSED for every request
+ *   // process a batch, with notifications suppressed while working:
+ *   do {
+ *     q.disableNotifications();
+ *     while (q.pop(chain)) {
+ *       ... chain.readable[0..readableCount), chain.writable[0..writableCount) are live views
+ *       q.pushUsed(chain.head, bytesWrittenToWritableSegments);
+ *     }
+ *   } while (!q.enableNotifications());      // false: buffers arrived meanwhile, go on
+ *   if (q.needsInterrupt()) raise the queue's interrupt   (the transport's signalUsed does this)
+ *   q.unpop()                                // give back the chain just popped (e.g. nothing to put in it)
+ *   q.reset(); q.save(); q.restore(saved)
+ *
+ * A malformed ring (bad head index, next index, a chain longer than the queue
+ * (cycle guard), nested or un-negotiated indirect descriptors, a readable
+ * descriptor after a writable one, a total length over `maxChainBytes`, a
+ * buffer outside RAM, avail.idx more than `size` ahead of the device) does not
+ * throw: the queue records `error`, stops (pop returns false, nothing more is
+ * written) and calls `onError` once; the transport then sets DEVICE_NEEDS_RESET
+ * (2.1.2) and raises a configuration-change interrupt.
+ *
+ * DEVNOTE: ring fields are read and written through typed arrays over guest
+ * RAM (little-endian host assumed: x86-64 / arm64). The used index and the
+ * avail_event field are stored with Atomics.store (a full fence on x86-64:
+ * V8 emits xchg for sequentially consistent stores), and the avail index and
+ * used_event are read with Atomics.load, so the store->load ordering that
+ * notification suppression needs (2.6.7.1, 2.6.10.1) holds while vCPUs run
+ * concurrently. Views are made once per configure(): the pop/push path
+ * allocates nothing except the per-segment subarray views it hands out.
+ */
+import type { GuestMemory } from "../../machine/guest-memory.js";
+import { PartisError } from "../../errors.js";
+
+export class VirtioError extends PartisError {}
+
+/** Descriptor flags (2.6.5). */
+export const VIRTQ_DESC_F = { next: 1, write: 2, indirect: 4 } as const;
+/** Available ring flag: the driver asks for no interrupts (2.6.7). */
+export const VIRTQ_AVAIL_F_NO_INTERRUPT = 1;
+/** Used ring flag: the device asks for no notifications (2.6.10). */
+export const VIRTQ_USED_F_NO_NOTIFY = 1;
+/** Largest indirect table accepted, in descriptors (same bound Linux and QEMU use for a chain). */
+export const MAX_INDIRECT_DESCRIPTORS = 1024;
+/** Largest split queue size (2.6: Queue Size is at most 32768). */
+export const MAX_QUEUE_SIZE = 32768;
+
+/** Negotiated ring features that change the queue's behaviour. */
+export interface RingFeatures {
+  /** VIRTIO_F_EVENT_IDX (bit 29): used_event / avail_event instead of the flags. */
+  readonly eventIdx: boolean;
+  /** VIRTIO_F_INDIRECT_DESC (bit 28). */
+  readonly indirect: boolean;
+}
+
+export type QueueErrorHandler = (queue: VirtQueue, code: string, message: string) => void;
+
+/** Saved state of one queue (plain data). */
+export interface VirtQueueState {
+  readonly size: number;
+  readonly desc: number;
+  readonly driver: number;
+  readonly device: number;
+  readonly ready: boolean;
+  readonly eventIdx: boolean;
+  readonly indirect: boolean;
+  readonly lastAvail: number;
+  readonly usedIdx: number;
+  readonly signalledUsed: number;
+  readonly signalledValid: boolean;
+  readonly notificationsEnabled: boolean;
+  readonly error: string | undefined;
+}
+
+/**
+ * One descriptor chain as popped: device-readable segments followed by
+ * device-writable ones, each a live view of guest RAM. Allocate once and pass
+ * to every pop(); the arrays are reused (only [0, count) entries are valid).
+ */
+export class DescriptorChain {
+  /** Head descriptor index (the id to hand back in pushUsed). */
+  head = 0;
+  readonly readable: Uint8Array[];
+  readableCount = 0;
+  /** Total bytes in the readable segments. */
+  readableBytes = 0;
+  readonly writable: Uint8Array[];
+  writableCount = 0;
+  /** Total bytes in the writable segments. */
+  writableBytes = 0;
+  /** Descriptors walked (direct + indirect). */
+  descriptors = 0;
+
+  /** @param capacity most segments per direction (a descriptor that spans host mapping chunks takes several). */
+  constructor(readonly capacity = MAX_INDIRECT_DESCRIPTORS + 64) {
+    const empty = new Uint8Array(0);
+    this.readable = new Array<Uint8Array>(capacity).fill(empty);
+    this.writable = new Array<Uint8Array>(capacity).fill(empty);
+  }
+
+  clear(): void {
+    this.head = 0;
+    this.readableCount = 0;
+    this.readableBytes = 0;
+    this.writableCount = 0;
+    this.writableBytes = 0;
+    this.descriptors = 0;
+  }
+
+  /** Copy readable bytes starting at byte `offset` into `dst`; returns bytes copied (short at the end). */
+  readFrom(offset: number, dst: Uint8Array, dstOffset = 0, length = dst.length - dstOffset): number {
+    return gather(this.readable, this.readableCount, offset, dst, dstOffset, length);
+  }
+
+  /** Copy `src` into the writable segments starting at byte `offset`; returns bytes copied. */
+  writeTo(offset: number, src: Uint8Array, srcOffset = 0, length = src.length - srcOffset): number {
+    return scatter(this.writable, this.writableCount, offset, src, srcOffset, length);
+  }
+}
+
+function gather(segs: readonly Uint8Array[], count: number, offset: number, dst: Uint8Array, dstOffset: number, length: number): number {
+  let done = 0;
+  for (let i = 0; i < count && done < length; i++) {
+    const s = segs[i]!;
+    if (offset >= s.length) {
+      offset -= s.length;
+      continue;
+    }
+    const n = Math.min(s.length - offset, length - done);
+    if (n <= 32) for (let k = 0; k < n; k++) dst[dstOffset + done + k] = s[offset + k]!;
+    else dst.set(offset === 0 && n === s.length ? s : s.subarray(offset, offset + n), dstOffset + done);
+    done += n;
+    offset = 0;
+  }
+  return done;
+}
+
+function scatter(segs: readonly Uint8Array[], count: number, offset: number, src: Uint8Array, srcOffset: number, length: number): number {
+  let done = 0;
+  for (let i = 0; i < count && done < length; i++) {
+    const s = segs[i]!;
+    if (offset >= s.length) {
+      offset -= s.length;
+      continue;
+    }
+    const n = Math.min(s.length - offset, length - done);
+    if (n <= 32) for (let k = 0; k < n; k++) s[offset + k] = src[srcOffset + done + k]!;
+    else s.set(src.subarray(srcOffset + done, srcOffset + done + n), offset);
+    done += n;
+    offset = 0;
+  }
+  return done;
+}
+
+const EMPTY16 = new Uint16Array(0);
+const EMPTY32 = new Uint32Array(0);
+
+/** A split virtqueue, device side. */
+export class VirtQueue {
+  /** Queue size as configured (0 = not configured). */
+  size = 0;
+  desc = 0;
+  driver = 0;
+  device = 0;
+  /** Configured and usable. */
+  ready = false;
+  /** The first error seen (a code), until reset. */
+  error: string | undefined;
+  /** Chains larger than this (sum of descriptor lengths) are malformed. */
+  maxChainBytes = 0xffff_ffff;
+
+  private eventIdx = false;
+  private indirect = false;
+  private lastAvail = 0;
+  private usedIdx = 0;
+  private signalledUsed = 0;
+  private signalledValid = false;
+  private pushedSinceSignal = false;
+  private notificationsEnabled = true;
+  private mask = 0;
+
+  // Views over the rings (made by configure()).
+  private descWords: Uint32Array = EMPTY32;
+  private descHalves: Uint16Array = EMPTY16;
+  private avail: Uint16Array = EMPTY16;
+  private usedWords: Uint32Array = EMPTY32;
+  private usedHalves: Uint16Array = EMPTY16;
+
+  // The descriptor being walked (no object per descriptor).
+  private dAddr = 0;
+  private dLen = 0;
+  private dFlags = 0;
+  private dNext = 0;
+
+  constructor(
+    private readonly memory: GuestMemory,
+    readonly index: number,
+    readonly maxSize: number,
+    private readonly onError: QueueErrorHandler = () => {},
+  ) {
+    if (!Number.isInteger(maxSize) || maxSize < 1 || maxSize > MAX_QUEUE_SIZE || (maxSize & (maxSize - 1)) !== 0)
+      throw new VirtioError("VIRTQ_BAD_MAX_SIZE", `queue ${index}: maximum size ${maxSize} is not a power of two in 1..32768`, { index, maxSize });
+  }
+
+  /** The negotiated ring features; call before configure(). */
+  setFeatures(f: RingFeatures): void {
+    this.eventIdx = f.eventIdx;
+    this.indirect = f.indirect;
+  }
+
+  get features(): RingFeatures {
+    return { eventIdx: this.eventIdx, indirect: this.indirect };
+  }
+
+  /**
+   * Validate and map the rings (2.6: size a power of two <= maxSize; desc
+   * 16-byte, driver 2-byte, device 4-byte aligned; every ring inside RAM).
+   * Returns false (after reporting the error) when something is wrong.
+   */
+  configure(size: number, desc: number, driver: number, device: number): boolean {
+    this.ready = false;
+    this.size = size;
+    this.desc = desc;
+    this.driver = driver;
+    this.device = device;
+    if (!Number.isInteger(size) || size < 1 || size > this.maxSize || (size & (size - 1)) !== 0)
+      return this.fail("VIRTQ_BAD_SIZE", `queue size ${size} is not a power of two in 1..${this.maxSize}`);
+    if (desc % 16 !== 0 || driver % 2 !== 0 || device % 4 !== 0)
+      return this.fail("VIRTQ_BAD_ALIGNMENT", `ring addresses desc 0x${desc.toString(16)} driver 0x${driver.toString(16)} device 0x${device.toString(16)} are misaligned`);
+    const ev = this.eventIdx ? 2 : 0;
+    const d = this.memory.tryBytes(desc, 16 * size);
+    const a = this.memory.tryBytes(driver, 4 + 2 * size + ev);
+    const u = this.memory.tryBytes(device, 4 + 8 * size + ev);
+    if (d === undefined || a === undefined || u === undefined)
+      return this.fail("VIRTQ_RING_NOT_RAM", "a ring of the queue is not inside guest RAM");
+    if (d.byteOffset % 4 !== 0 || a.byteOffset % 2 !== 0 || u.byteOffset % 4 !== 0)
+      return this.fail("VIRTQ_BAD_ALIGNMENT", "ring host mapping is misaligned");
+    this.descWords = new Uint32Array(d.buffer, d.byteOffset, 4 * size);
+    this.descHalves = new Uint16Array(d.buffer, d.byteOffset, 8 * size);
+    this.avail = new Uint16Array(a.buffer, a.byteOffset, a.length >> 1);
+    this.usedWords = new Uint32Array(u.buffer, u.byteOffset, u.length >> 2);
+    this.usedHalves = new Uint16Array(u.buffer, u.byteOffset, u.length >> 1);
+    this.mask = size - 1;
+    this.lastAvail = 0;
+    this.usedIdx = 0;
+    this.signalledUsed = 0;
+    this.signalledValid = false;
+    this.pushedSinceSignal = false;
+    this.notificationsEnabled = true;
+    this.ready = true;
+    return true;
+  }
+
+  /** Forget the rings (device reset); errors clear. */
+  reset(): void {
+    this.ready = false;
+    this.error = undefined;
+    this.size = 0;
+    this.desc = this.driver = this.device = 0;
+    this.eventIdx = this.indirect = false;
+    this.lastAvail = this.usedIdx = this.signalledUsed = 0;
+    this.signalledValid = false;
+    this.pushedSinceSignal = false;
+    this.notificationsEnabled = true;
+    this.descWords = EMPTY32;
+    this.descHalves = EMPTY16;
+    this.avail = this.usedHalves = EMPTY16;
+    this.usedWords = EMPTY32;
+  }
+
+  /** Mark the queue broken (also used by devices for protocol errors that warrant a reset). */
+  fail(code: string, message: string): false {
+    const first = this.error === undefined;
+    this.ready = false;
+    this.error = code;
+    if (first) this.onError(this, code, `queue ${this.index}: ${message}`);
+    return false;
+  }
+
+  /** The index the device will read next (its shadow of avail.idx). */
+  get nextAvail(): number {
+    return this.lastAvail;
+  }
+  get usedIndex(): number {
+    return this.usedIdx;
+  }
+
+  /** Chains the driver has made available and the device has not popped (0 when broken; a bad index breaks the queue). */
+  available(): number {
+    if (!this.ready) return 0;
+    const n = (Atomics.load(this.avail, 1) - this.lastAvail) & 0xffff;
+    if (n > this.size) {
+      this.fail("VIRTQ_BAD_AVAIL_IDX", `avail.idx is ${n} entries ahead of the device (queue size ${this.size})`);
+      return 0;
+    }
+    return n;
+  }
+
+  /**
+   * Pop the next available chain into `chain`. Returns false when nothing is
+   * available or the queue is (now) broken.
+   */
+  pop(chain: DescriptorChain): boolean {
+    chain.clear();
+    if (this.available() === 0) return false;
+    const head = this.avail[2 + (this.lastAvail & this.mask)]!;
+    this.lastAvail = (this.lastAvail + 1) & 0xffff;
+    if (this.eventIdx && this.notificationsEnabled) Atomics.store(this.usedHalves, 2 + 4 * this.size, this.lastAvail);
+    if (head >= this.size) return this.fail("VIRTQ_BAD_HEAD", `avail ring names descriptor ${head} (queue size ${this.size})`);
+    chain.head = head;
+    return this.walk(chain, head);
+  }
+
+  /** Give back the chain returned by the last pop() (it will be popped again). */
+  unpop(): void {
+    if (!this.ready) return;
+    this.lastAvail = (this.lastAvail - 1) & 0xffff;
+    if (this.eventIdx && this.notificationsEnabled) Atomics.store(this.usedHalves, 2 + 4 * this.size, this.lastAvail);
+  }
+
+  private readDirect(i: number): void {
+    const w = this.descWords;
+    const o = i * 4;
+    this.dAddr = w[o + 1]! * 4294967296 + w[o]!;
+    this.dLen = w[o + 2]!;
+    this.dFlags = this.descHalves[i * 8 + 6]!;
+    this.dNext = this.descHalves[i * 8 + 7]!;
+  }
+
+  private readIndirect(t: Uint8Array, i: number): void {
+    const o = i * 16;
+    const lo = (t[o]! | (t[o + 1]! << 8) | (t[o + 2]! << 16) | (t[o + 3]! << 24)) >>> 0;
+    const hi = (t[o + 4]! | (t[o + 5]! << 8) | (t[o + 6]! << 16) | (t[o + 7]! << 24)) >>> 0;
+    this.dAddr = hi * 4294967296 + lo;
+    this.dLen = (t[o + 8]! | (t[o + 9]! << 8) | (t[o + 10]! << 16) | (t[o + 11]! << 24)) >>> 0;
+    this.dFlags = t[o + 12]! | (t[o + 13]! << 8);
+    this.dNext = t[o + 14]! | (t[o + 15]! << 8);
+  }
+
+  private walk(chain: DescriptorChain, head: number): boolean {
+    let i = head;
+    let table: Uint8Array | undefined;
+    let limit = this.size; // cycle guard: a chain never has more descriptors than its table
+    let count = 0;
+    let total = 0;
+    for (;;) {
+      if (table === undefined) this.readDirect(i);
+      else this.readIndirect(table, i);
+      chain.descriptors++;
+      if (++count > limit) return this.fail("VIRTQ_CHAIN_LOOP", `descriptor chain at ${head} is longer than its table (${limit}): a loop`);
+      const flags = this.dFlags;
+      if ((flags & VIRTQ_DESC_F.indirect) !== 0) {
+        if (table !== undefined) return this.fail("VIRTQ_NESTED_INDIRECT", `chain at ${head}: indirect descriptor inside an indirect table`);
+        if (!this.indirect) return this.fail("VIRTQ_INDIRECT_NOT_NEGOTIATED", `chain at ${head}: indirect descriptor without VIRTIO_F_INDIRECT_DESC`);
+        if ((flags & VIRTQ_DESC_F.next) !== 0) return this.fail("VIRTQ_BAD_INDIRECT", `chain at ${head}: indirect descriptor with NEXT set`);
+        const len = this.dLen;
+        if (len === 0 || len % 16 !== 0 || len / 16 > MAX_INDIRECT_DESCRIPTORS)
+          return this.fail("VIRTQ_BAD_INDIRECT", `chain at ${head}: indirect table length ${len} is not 16..${16 * MAX_INDIRECT_DESCRIPTORS} in steps of 16`);
+        table = this.memory.tryBytes(this.dAddr, len);
+        if (table === undefined) return this.fail("VIRTQ_BAD_INDIRECT", `chain at ${head}: indirect table 0x${this.dAddr.toString(16)}+${len} is not in RAM`);
+        limit = len / 16;
+        count = 0;
+        i = 0;
+        continue;
+      }
+      const len = this.dLen;
+      if (len > 0) {
+        total += len;
+        if (total > this.maxChainBytes) return this.fail("VIRTQ_CHAIN_TOO_LONG", `chain at ${head} is over ${this.maxChainBytes} bytes`);
+        const write = (flags & VIRTQ_DESC_F.write) !== 0;
+        if (!write && chain.writableCount > 0) return this.fail("VIRTQ_BAD_ORDER", `chain at ${head}: readable descriptor after a writable one`);
+        if (!this.addSegment(chain, this.dAddr, len, write)) return false;
+      }
+      if ((flags & VIRTQ_DESC_F.next) === 0) return true;
+      i = this.dNext;
+      if (i >= limit) return this.fail("VIRTQ_BAD_NEXT", `chain at ${head}: next index ${i} is outside its table (${limit})`);
+    }
+  }
+
+  private addSegment(chain: DescriptorChain, addr: number, len: number, write: boolean): boolean {
+    const segs = write ? chain.writable : chain.readable;
+    let n = write ? chain.writableCount : chain.readableCount;
+    if (write) chain.writableBytes += len;
+    else chain.readableBytes += len;
+    let v = this.memory.tryBytes(addr, len);
+    if (v !== undefined) {
+      if (n >= chain.capacity) return this.fail("VIRTQ_TOO_MANY_SEGMENTS", `chain at ${chain.head} has more than ${chain.capacity} segments`);
+      segs[n++] = v;
+    } else {
+      // Not one host span: either it crosses a host mapping chunk (split it) or it leaves RAM (error).
+      while (len > 0) {
+        let lo = 0;
+        let hi = len;
+        while (lo < hi) {
+          const mid = lo + Math.ceil((hi - lo) / 2);
+          if (this.memory.tryBytes(addr, mid) !== undefined) lo = mid;
+          else hi = mid - 1;
+        }
+        if (lo === 0) return this.fail("VIRTQ_BUFFER_NOT_RAM", `chain at ${chain.head}: buffer 0x${addr.toString(16)}+${len} is not in RAM`);
+        v = this.memory.tryBytes(addr, lo)!;
+        if (n >= chain.capacity) return this.fail("VIRTQ_TOO_MANY_SEGMENTS", `chain at ${chain.head} has more than ${chain.capacity} segments`);
+        segs[n++] = v;
+        addr += lo;
+        len -= lo;
+      }
+    }
+    if (write) chain.writableCount = n;
+    else chain.readableCount = n;
+    return true;
+  }
+
+  /** Return a chain to the driver: `len` = bytes written into its writable segments. */
+  pushUsed(head: number, len: number): void {
+    if (!this.ready) return;
+    const i = this.usedIdx & this.mask;
+    this.usedWords[1 + 2 * i] = head;
+    this.usedWords[2 + 2 * i] = len >>> 0;
+    this.usedIdx = (this.usedIdx + 1) & 0xffff;
+    // Publish the entry (a full fence: the entry is visible before the index, and the index before later loads).
+    Atomics.store(this.usedHalves, 1, this.usedIdx);
+    this.pushedSinceSignal = true;
+  }
+
+  /**
+   * After a batch of pushUsed(): does the driver want an interrupt now?
+   * (2.6.7.2: VRING_AVAIL_F_NO_INTERRUPT, or with EVENT_IDX whether used.idx
+   * passed used_event since the last interrupt.) Resets the batch.
+   */
+  needsInterrupt(): boolean {
+    if (!this.ready || !this.pushedSinceSignal) return false;
+    this.pushedSinceSignal = false;
+    const now = this.usedIdx;
+    if (!this.eventIdx) return (Atomics.load(this.avail, 0) & VIRTQ_AVAIL_F_NO_INTERRUPT) === 0;
+    const old = this.signalledUsed;
+    const valid = this.signalledValid;
+    this.signalledUsed = now;
+    this.signalledValid = true;
+    if (!valid) return true;
+    const event = Atomics.load(this.avail, 2 + this.size);
+    // vring_need_event: the driver asked to hear about entry `event`; did [old, now) cross it?
+    return ((now - event - 1) & 0xffff) < ((now - old) & 0xffff);
+  }
+
+  /** Ask the driver not to notify (while the device is processing anyway). */
+  disableNotifications(): void {
+    this.notificationsEnabled = false;
+    if (!this.ready || this.eventIdx) return; // with EVENT_IDX a stale avail_event already suppresses
+    Atomics.store(this.usedHalves, 0, VIRTQ_USED_F_NO_NOTIFY);
+  }
+
+  /**
+   * Ask for notifications again. Returns true when nothing is pending after
+   * that (safe to stop), false when buffers arrived (pop again).
+   */
+  enableNotifications(): boolean {
+    this.notificationsEnabled = true;
+    if (!this.ready) return true;
+    if (this.eventIdx) Atomics.store(this.usedHalves, 2 + 4 * this.size, this.lastAvail);
+    else Atomics.store(this.usedHalves, 0, 0);
+    return this.available() === 0;
+  }
+
+  save(): VirtQueueState {
+    return {
+      size: this.size,
+      desc: this.desc,
+      driver: this.driver,
+      device: this.device,
+      ready: this.ready,
+      eventIdx: this.eventIdx,
+      indirect: this.indirect,
+      lastAvail: this.lastAvail,
+      usedIdx: this.usedIdx,
+      signalledUsed: this.signalledUsed,
+      signalledValid: this.signalledValid,
+      notificationsEnabled: this.notificationsEnabled,
+      error: this.error,
+    };
+  }
+
+  /** Re-establish a saved queue (rings re-validated against this memory). */
+  restore(s: VirtQueueState): boolean {
+    this.reset();
+    this.setFeatures({ eventIdx: s.eventIdx, indirect: s.indirect });
+    this.size = s.size;
+    this.desc = s.desc;
+    this.driver = s.driver;
+    this.device = s.device;
+    if (s.error !== undefined) {
+      this.error = s.error;
+      return true;
+    }
+    if (!s.ready) return true;
+    if (!this.configure(s.size, s.desc, s.driver, s.device)) return false;
+    this.lastAvail = s.lastAvail & 0xffff;
+    this.usedIdx = s.usedIdx & 0xffff;
+    this.signalledUsed = s.signalledUsed & 0xffff;
+    this.signalledValid = s.signalledValid;
+    this.notificationsEnabled = s.notificationsEnabled;
+    return true;
+  }
+}

@@ -1,0 +1,338 @@
+/**
+ * A test-side virtio-pci driver: lays out split rings in a small anonymous
+ * guest RAM and talks to a VirtioPciDevice only through its PCI config space
+ * and BARs, in the order Linux's virtio_pci_modern + virtio_ring do (reset,
+ * ACKNOWLEDGE, DRIVER, features, FEATURES_OK, queue setup, MSI-X vectors,
+ * queue_enable, DRIVER_OK). Plus fakes for the device-thread services.
+ */
+import { ChunkedGuestMemory } from "../../../src/machine/guest-memory.js";
+import type { DoorbellMap, FdWatch, IoEventLoop, PciDeviceServices } from "../../../src/devices/pci/device-thread-services.js";
+import type { MsiSink } from "../../../src/devices/pci/msix.js";
+import { PCI_CAP_ID } from "../../../src/devices/pci/pci-config.js";
+import {
+  VIRTIO_BAR0,
+  VIRTIO_COMMON as C,
+  VIRTIO_F,
+  VIRTIO_STATUS as S,
+  featureBit,
+  type VirtioPciDevice,
+} from "../../../src/devices/virtio/pci-transport.js";
+import { RecordingIrqLine } from "../device-fakes.js";
+
+export const BAR0 = 0xe000_0000;
+export const BAR1 = 0xe001_0000;
+
+export class RecordingMsiSink implements MsiSink {
+  readonly messages: { address: number; data: number; vector: number }[] = [];
+  signal(address: number, _addressHigh: number, data: number, vector: number): void {
+    this.messages.push({ address, data, vector });
+  }
+  count(vector: number): number {
+    return this.messages.filter((m) => m.vector === vector).length;
+  }
+}
+
+export class FakeDoorbells implements DoorbellMap {
+  readonly bells = new Map<number, { gpa: number | undefined; length: number; onRing: () => void }>();
+  mapDoorbell(key: number, gpa: number | undefined, length: number, onRing: () => void): void {
+    this.bells.set(key, { gpa, length, onRing });
+  }
+  /** Ring doorbell `key` the way KVM would after a guest write to its address. */
+  ring(key: number): boolean {
+    const b = this.bells.get(key);
+    if (b === undefined || b.gpa === undefined) return false;
+    b.onRing();
+    return true;
+  }
+}
+
+export class FakeLoop implements IoEventLoop {
+  readonly watches = new Map<number, { handler: () => void; closed: boolean }[]>();
+  watch(fd: number, onReadable: () => void): FdWatch {
+    const w = { handler: onReadable, closed: false };
+    const list = this.watches.get(fd) ?? [];
+    list.push(w);
+    this.watches.set(fd, list);
+    return { close: () => void (w.closed = true) };
+  }
+  /** Live watches on fd. */
+  active(fd: number): number {
+    return (this.watches.get(fd) ?? []).filter((w) => !w.closed).length;
+  }
+  /** Poll says fd is readable: run its handlers. */
+  fire(fd: number): void {
+    for (const w of [...(this.watches.get(fd) ?? [])]) if (!w.closed) w.handler();
+  }
+}
+
+export interface TestServices extends PciDeviceServices {
+  readonly memory: ChunkedGuestMemory;
+  readonly intx: RecordingIrqLine;
+  readonly msi: RecordingMsiSink;
+  readonly loop: FakeLoop;
+  readonly doorbells: FakeDoorbells;
+}
+
+/** RAM at [0, ramBytes) (one range, chunked so buffers can cross host chunks when chunkBytes is small). */
+export function makeServices(ramBytes = 1 << 20, chunkBytes = 1 << 30): TestServices {
+  const memory = new ChunkedGuestMemory([{ gpa: 0, length: ramBytes, fileOffset: 0 }], (_o, len) => new Uint8Array(len), chunkBytes);
+  return { memory, intx: new RecordingIrqLine(), msi: new RecordingMsiSink(), loop: new FakeLoop(), doorbells: new FakeDoorbells() };
+}
+
+/** Firmware-style BAR assignment + decoding, then the mapping hook (as the device thread does). */
+export function placeDevice(dev: VirtioPciDevice): void {
+  dev.pci.assignBar(0, BAR0);
+  dev.pci.assignBar(1, BAR1);
+  dev.pci.enableDecoding();
+  dev.pci.onMappingChanged?.();
+}
+
+export interface Buffer {
+  readonly addr: number;
+  readonly len: number;
+  readonly write: boolean;
+}
+
+/** Driver side of one split queue. */
+export class DriverQueue {
+  freeHead = 0;
+  numFree: number;
+  availIdx = 0;
+  lastUsed = 0;
+  constructor(
+    readonly memory: ChunkedGuestMemory,
+    readonly index: number,
+    readonly size: number,
+    readonly desc: number,
+    readonly avail: number,
+    readonly used: number,
+    private readonly notify: (viaBar: boolean) => void = () => {},
+  ) {
+    this.numFree = size;
+    const m = memory;
+    for (let i = 0; i < size; i++) m.bytes(desc + i * 16 + 14, 2).set([(i + 1) & 0xff, ((i + 1) >> 8) & 0xff]);
+  }
+
+  private dv(addr: number, len: number): DataView {
+    const b = this.memory.bytes(addr, len);
+    return new DataView(b.buffer, b.byteOffset, len);
+  }
+
+  writeDesc(table: number, i: number, addr: number, len: number, flags: number, next: number): void {
+    const d = this.dv(table + i * 16, 16);
+    d.setUint32(0, addr % 2 ** 32, true);
+    d.setUint32(4, Math.floor(addr / 2 ** 32), true);
+    d.setUint32(8, len, true);
+    d.setUint16(12, flags, true);
+    d.setUint16(14, next, true);
+  }
+
+  /** Place a chain (optionally as one indirect table at `indirectAt`) and publish it. Returns the head. */
+  add(bufs: readonly Buffer[], opts: { indirectAt?: number; publish?: boolean } = {}): number {
+    const head = this.freeHead;
+    if (opts.indirectAt !== undefined) {
+      bufs.forEach((b, i) => this.writeDesc(opts.indirectAt!, i, b.addr, b.len, (b.write ? 2 : 0) | (i + 1 < bufs.length ? 1 : 0), i + 1));
+      this.writeDesc(this.desc, head, opts.indirectAt, bufs.length * 16, 4, 0);
+      this.freeHead = (head + 1) % this.size;
+      this.numFree -= 1;
+    } else {
+      let i = head;
+      bufs.forEach((b, k) => {
+        const next = (i + 1) % this.size;
+        this.writeDesc(this.desc, i, b.addr, b.len, (b.write ? 2 : 0) | (k + 1 < bufs.length ? 1 : 0), next);
+        if (k + 1 < bufs.length) i = next;
+      });
+      this.freeHead = (i + 1) % this.size;
+      this.numFree -= bufs.length;
+    }
+    if (opts.publish !== false) this.publish(head);
+    return head;
+  }
+
+  /** Put `head` in the avail ring and bump avail.idx. */
+  publish(head: number): void {
+    const a = this.dv(this.avail, 4 + 2 * this.size + 2);
+    a.setUint16(4 + 2 * (this.availIdx % this.size), head, true);
+    this.availIdx = (this.availIdx + 1) & 0xffff;
+    a.setUint16(2, this.availIdx, true);
+  }
+
+  setAvailFlags(flags: number): void {
+    this.dv(this.avail, 2).setUint16(0, flags, true);
+  }
+  setUsedEvent(v: number): void {
+    this.dv(this.avail + 4 + 2 * this.size, 2).setUint16(0, v, true);
+  }
+  availEvent(): number {
+    return this.dv(this.used + 4 + 8 * this.size, 2).getUint16(0, true);
+  }
+  usedFlags(): number {
+    return this.dv(this.used, 2).getUint16(0, true);
+  }
+  usedIdx(): number {
+    return this.dv(this.used + 2, 2).getUint16(0, true);
+  }
+
+  /** Used entries since the last call. */
+  takeUsed(): { id: number; len: number }[] {
+    const out: { id: number; len: number }[] = [];
+    const idx = this.usedIdx();
+    while (this.lastUsed !== idx) {
+      const e = this.dv(this.used + 4 + 8 * (this.lastUsed % this.size), 8);
+      out.push({ id: e.getUint32(0, true), len: e.getUint32(4, true) });
+      this.lastUsed = (this.lastUsed + 1) & 0xffff;
+    }
+    return out;
+  }
+
+  /** Notify the device: through the doorbell when mapped, else a BAR write. */
+  kick(viaBar = false): void {
+    this.notify(viaBar);
+  }
+}
+
+export interface InitOptions {
+  /** Feature bits the driver wants (intersected with the offer). */
+  readonly want?: bigint;
+  readonly msix?: boolean;
+  /** Queue sizes to use (default: the device maximum). */
+  readonly queueSize?: number;
+  /** How many queues to set up (default: all). */
+  readonly queues?: number;
+}
+
+export class TestVirtioDriver {
+  readonly memory: ChunkedGuestMemory;
+  queues: DriverQueue[] = [];
+  features = 0n;
+  private next: number;
+  msixCap = 0;
+
+  constructor(readonly dev: VirtioPciDevice, readonly services: TestServices, heapStart = 0x1000) {
+    this.memory = services.memory;
+    this.next = heapStart;
+  }
+
+  alloc(bytes: number, align = 16): number {
+    const a = Math.ceil(this.next / align) * align;
+    this.next = a + bytes;
+    if (this.next > this.memory.size) throw new Error("test RAM exhausted");
+    return a;
+  }
+
+  r8(o: number): number {
+    return this.dev.barRead(0, o, 1);
+  }
+  r16(o: number): number {
+    return this.dev.barRead(0, o, 2);
+  }
+  r32(o: number): number {
+    return this.dev.barRead(0, o, 4);
+  }
+  w8(o: number, v: number): void {
+    this.dev.barWrite(0, o, 1, v);
+  }
+  w16(o: number, v: number): void {
+    this.dev.barWrite(0, o, 2, v);
+  }
+  w32(o: number, v: number): void {
+    this.dev.barWrite(0, o, 4, v);
+  }
+  w64(o: number, v: number): void {
+    this.w32(o, v % 2 ** 32);
+    this.w32(o + 4, Math.floor(v / 2 ** 32));
+  }
+  status(): number {
+    return this.r8(C.deviceStatus);
+  }
+  setStatus(bits: number): void {
+    this.w8(C.deviceStatus, this.status() | bits);
+  }
+  deviceConfig(offset: number, size: 1 | 2 | 4): number {
+    return this.dev.barRead(0, VIRTIO_BAR0.device + offset, size);
+  }
+
+  findMsixCap(): number {
+    let p = this.dev.pci.configRead(0x34, 1);
+    while (p !== 0) {
+      if (this.dev.pci.configRead(p, 1) === PCI_CAP_ID.msix) return p;
+      p = this.dev.pci.configRead(p + 1, 1);
+    }
+    throw new Error("no MSI-X capability");
+  }
+
+  enableMsix(): void {
+    this.msixCap = this.findMsixCap();
+    const n = (this.dev.pci.configRead(this.msixCap + 2, 2) & 0x7ff) + 1;
+    for (let v = 0; v < n; v++) {
+      this.dev.barWrite(1, v * 16, 4, 0xfee0_0000);
+      this.dev.barWrite(1, v * 16 + 4, 4, 0);
+      this.dev.barWrite(1, v * 16 + 8, 4, 0x40 + v);
+      this.dev.barWrite(1, v * 16 + 12, 4, 0);
+    }
+    this.dev.pci.configWrite(this.msixCap + 2, 2, 0x8000);
+  }
+
+  reset(): void {
+    this.w8(C.deviceStatus, 0);
+    let spins = 0;
+    while (this.status() !== 0) if (++spins > 1000) throw new Error("device never finished reset");
+  }
+
+  offeredFeatures(): bigint {
+    this.w32(C.deviceFeatureSelect, 0);
+    const lo = this.r32(C.deviceFeature);
+    this.w32(C.deviceFeatureSelect, 1);
+    const hi = this.r32(C.deviceFeature);
+    return (BigInt(hi) << 32n) | BigInt(lo);
+  }
+
+  /** The Linux probe sequence. Returns false when FEATURES_OK did not stick. */
+  init(opts: InitOptions = {}): boolean {
+    this.reset();
+    this.setStatus(S.acknowledge);
+    this.setStatus(S.driver);
+    const offered = this.offeredFeatures();
+    const want = opts.want ?? (featureBit(VIRTIO_F.version1) | featureBit(VIRTIO_F.indirectDesc) | featureBit(VIRTIO_F.eventIdx));
+    return this.finishInit(want & offered, opts);
+  }
+
+  /** From driver features on (tests that write unusual feature sets call this). */
+  finishInit(features: bigint, opts: InitOptions = {}): boolean {
+    this.features = features;
+    this.w32(C.driverFeatureSelect, 0);
+    this.w32(C.driverFeature, Number(features & 0xffff_ffffn));
+    this.w32(C.driverFeatureSelect, 1);
+    this.w32(C.driverFeature, Number((features >> 32n) & 0xffff_ffffn));
+    this.setStatus(S.featuresOk);
+    if ((this.status() & S.featuresOk) === 0) return false;
+    const msix = opts.msix ?? true;
+    if (msix) this.enableMsix();
+    if (msix) this.w16(C.msixConfig, 0);
+    const n = Math.min(opts.queues ?? this.r16(C.numQueues), this.r16(C.numQueues));
+    this.queues = [];
+    for (let i = 0; i < n; i++) {
+      this.w16(C.queueSelect, i);
+      const max = this.r16(C.queueSize);
+      const size = Math.min(opts.queueSize ?? max, max);
+      this.w16(C.queueSize, size);
+      const desc = this.alloc(16 * size, 16);
+      const avail = this.alloc(6 + 2 * size, 2);
+      const used = this.alloc(6 + 8 * size, 4);
+      this.w64(C.queueDesc, desc);
+      this.w64(C.queueDriver, avail);
+      this.w64(C.queueDevice, used);
+      if (msix) this.w16(C.queueMsixVector, i + 1);
+      const kick = (viaBar: boolean): void => {
+        if (viaBar || !this.services.doorbells.ring(i)) this.w16(VIRTIO_BAR0.notify + 4 * i, i);
+      };
+      this.queues.push(new DriverQueue(this.memory, i, size, desc, avail, used, kick));
+    }
+    for (let i = 0; i < n; i++) {
+      this.w16(C.queueSelect, i);
+      this.w16(C.queueEnable, 1);
+    }
+    this.setStatus(S.driverOk);
+    return true;
+  }
+}
