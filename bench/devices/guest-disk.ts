@@ -1,0 +1,506 @@
+/**
+ * In-guest disk benchmark: the same guest program, on the same kind of raw
+ * image, through Partis's virtio-blk, Partis's IDE with bus-master DMA,
+ * Partis's IDE in PIO mode, QEMU's virtio-blk and QEMU's IDE (DMA), side by
+ * side in one run, with the same kernel, initramfs and guest command.
+ *
+ * The guest program (bench/devices/guest-diskbench.c, built here with
+ * `gcc -static -O2` and appended to a copy of the default guest's initramfs
+ * as a second gzip'ed newc cpio member) opens the disk with O_DIRECT and runs,
+ * at queue depth 1: 1 MiB sequential writes, 1 MiB sequential reads of the
+ * same range, 4 KiB random reads inside it; reads are checked against the
+ * offsets stamped by the writes. Timing is the guest's CLOCK_MONOTONIC.
+ *
+ * Host CPU: utime+stime of the VMM process (Partis: the partis-worker
+ * process; QEMU: the qemu process), sampled from /proc/<pid>/stat when each
+ * pattern starts and ends (the guest prints a line on its serial console).
+ * That total includes the vCPU's time in the guest; "VMM" columns subtract
+ * guest_time (field 43), leaving the VMM's own user+kernel work.
+ *
+ * Equal footing: 1 vCPU, 512 MiB, the image is a fresh sparse raw file per
+ * run in --dir (default: os.tmpdir(), which is a private tmpfs inside the
+ * nested test host, so neither VMM goes through 9p), opened buffered by both
+ * (QEMU cache=writeback, its default; Partis opens raw files buffered).
+ * Configurations are interleaved per repetition; medians over --runs.
+ * PIO mode is `libata.force=pio4` on the kernel command line; the mode the
+ * guest's libata reports is checked (a PIO run that came up in a DMA mode is
+ * reported as such). The PIO run moves at most --pio-seq-mib MiB and
+ * --pio-random-ops reads (rates, not totals, are compared).
+ *
+ * On a PVM host run it inside the nested test host (the default guest and the
+ * guest program must be prepared outside first: the nested host has no
+ * network and builds under TCG are slow):
+ *   npx tsc -p . && node dist/bench/devices/guest-disk.js --prepare &&
+ *   node dist/src/cli/main.js host nested -- node dist/bench/devices/guest-disk.js [--quick] [--runs N]
+ *
+ * Options: --quick (16 MiB, 500 reads), --runs N (1), --seq-mib N (64),
+ * --random-ops N (2000), --pio-seq-mib N (16), --pio-random-ops N (500),
+ * --image-mib N (256), --only NAME[,NAME] (partis-virtio, partis-ide-dma,
+ * partis-ide-pio, qemu-virtio, qemu-ide-dma), --dir D, --timeout S (300),
+ * --prepare (build the guest program and initramfs, then exit).
+ */
+import { spawn, spawnSync, type ChildProcess } from "node:child_process";
+import { createHash } from "node:crypto";
+import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, readdirSync, rmSync, ftruncateSync, writeFileSync } from "node:fs";
+import { cpus as hostCpus, loadavg, tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { gzipSync } from "node:zlib";
+import { writeNewcCpio } from "../../src/images/cpio.js";
+import { guestRunOption, prepareDefaultGuest } from "../../src/images/default-guest.js";
+
+const CLI = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
+const REPO = fileURLToPath(new URL("../../../", import.meta.url));
+const SOURCE = join(REPO, "bench/devices/guest-diskbench.c");
+const WORK = join(REPO, ".cache/guest-disk");
+const QEMU = "/usr/bin/qemu-system-x86_64";
+const MEMORY = "512M";
+const BASE_APPEND = "console=ttyS0 panic=-1 quiet";
+const MiB = 1024 * 1024;
+const GiB = 1024 * MiB;
+const CLK_TCK = 100; // USER_HZ on Linux/x86-64
+
+const args = process.argv.slice(2);
+const flag = (name: string): boolean => args.includes(name);
+const value = (name: string): string | undefined => {
+  const i = args.indexOf(name);
+  return i >= 0 ? args[i + 1] : undefined;
+};
+const num = (name: string, dflt: number): number => {
+  const v = value(name);
+  if (v === undefined) return dflt;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n <= 0) throw new Error(`${name} wants a positive integer, got ${v}`);
+  return n;
+};
+const quick = flag("--quick");
+const runs = num("--runs", 1);
+const seqMiB = num("--seq-mib", quick ? 16 : 64);
+const randomOps = num("--random-ops", quick ? 500 : 2000);
+const pioSeqMiB = Math.min(seqMiB, num("--pio-seq-mib", quick ? 4 : 16));
+const pioRandomOps = Math.min(randomOps, num("--pio-random-ops", quick ? 200 : 500));
+const imageMiB = num("--image-mib", 256);
+const timeoutMs = num("--timeout", 300) * 1000;
+if (seqMiB > imageMiB) throw new Error(`--seq-mib ${seqMiB} is larger than --image-mib ${imageMiB}`);
+
+type Pattern = "seqwrite" | "seqread" | "randread";
+
+interface Config {
+  readonly name: string;
+  readonly label: string;
+  readonly vmm: "partis" | "qemu";
+  /** Guest block device the tool opens. */
+  readonly device: string;
+  readonly seqMiB: number;
+  readonly randomOps: number;
+  /** Expect libata to report a PIO mode. */
+  readonly pio?: boolean;
+  readonly extraAppend?: string;
+  readonly argv: (kernel: string, initrd: string, append: string, image: string) => { command: string; argv: string[] };
+}
+
+interface PatternResult {
+  mibPerS: number;
+  iops: number;
+  ms: number;
+  bytes: number;
+  ops: number;
+  errors: number;
+  /** VMM process CPU seconds (utime+stime) during the pattern; guest time included. */
+  cpuS: number;
+  /** The part of cpuS that was guest time. */
+  guestS: number;
+}
+
+interface RunResult {
+  readonly patterns: Partial<Record<Pattern, PatternResult>>;
+  readonly flushMs: number | undefined;
+  readonly mode: string;
+  readonly wallMs: number;
+}
+
+const partisArgv =
+  (iface: "virtio" | "ide") =>
+  (kernel: string, initrd: string, append: string, image: string): { command: string; argv: string[] } => ({
+    command: process.execPath,
+    argv: [CLI, "run", "--kernel", kernel, "--initrd", initrd, "--append", append, "--memory", MEMORY, "--cpus", "1", "--disk", `${image},if=${iface}`],
+  });
+
+const qemuCommon = (kernel: string, initrd: string, append: string): string[] => [
+  "-enable-kvm", "-cpu", "host", "-m", MEMORY, "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
+  "-kernel", kernel, "-initrd", initrd, "-append", append,
+];
+
+const CONFIGS: readonly Config[] = [
+  { name: "partis-virtio", label: "Partis virtio-blk", vmm: "partis", device: "/dev/vda", seqMiB, randomOps, argv: partisArgv("virtio") },
+  { name: "partis-ide-dma", label: "Partis IDE (BM-DMA)", vmm: "partis", device: "/dev/sda", seqMiB, randomOps, argv: partisArgv("ide") },
+  {
+    name: "partis-ide-pio", label: "Partis IDE (PIO)", vmm: "partis", device: "/dev/sda", seqMiB: pioSeqMiB, randomOps: pioRandomOps, pio: true,
+    extraAppend: "libata.force=pio4", argv: partisArgv("ide"),
+  },
+  {
+    name: "qemu-virtio", label: "QEMU virtio-blk (q35)", vmm: "qemu", device: "/dev/vda", seqMiB, randomOps,
+    argv: (k, i, a, img) => ({
+      command: QEMU,
+      argv: ["-M", "q35", ...qemuCommon(k, i, a), "-drive", `file=${img},if=none,format=raw,cache=writeback,id=d0`, "-device", "virtio-blk-pci,drive=d0"],
+    }),
+  },
+  {
+    name: "qemu-ide-dma", label: "QEMU IDE (pc, BM-DMA)", vmm: "qemu", device: "/dev/sda", seqMiB, randomOps,
+    argv: (k, i, a, img) => ({ command: QEMU, argv: ["-M", "pc", ...qemuCommon(k, i, a), "-drive", `file=${img},if=ide,format=raw,cache=writeback`] }),
+  },
+];
+
+// ---------------------------------------------------------------- preparation
+
+function sha(data: Buffer | string): string {
+  return createHash("sha256").update(data).digest("hex").slice(0, 16);
+}
+
+/** gcc -static -O2 the guest program into the cache (once per source). */
+function buildGuestTool(): string {
+  const source = readFileSync(SOURCE);
+  const out = join(WORK, `diskbench-${sha(source)}`);
+  if (existsSync(out)) return out;
+  mkdirSync(WORK, { recursive: true });
+  const tmp = `${out}.tmp${process.pid}`;
+  const r = spawnSync("gcc", ["-static", "-O2", "-Wall", "-o", tmp, SOURCE], { encoding: "utf8" });
+  if (r.error !== undefined) throw new Error(`gcc could not run (${r.error.message}): apt-get install gcc libc6-dev`);
+  if (r.status !== 0) throw new Error(`gcc -static failed (is libc6-dev installed? it has libc.a):\n${r.stderr}`);
+  spawnSync("mv", [tmp, out]);
+  return out;
+}
+
+/** A copy of the default initramfs with /bin/diskbench appended as a second gzip'ed cpio member. */
+function buildInitrd(baseInitrd: string, tool: string): string {
+  const base = readFileSync(baseInitrd);
+  const bin = readFileSync(tool);
+  const out = join(WORK, `initrd-${sha(Buffer.concat([Buffer.from(sha(base)), bin]))}.cpio.gz`);
+  if (existsSync(out)) return out;
+  const extra = gzipSync(writeNewcCpio([{ kind: "file", path: "bin/diskbench", data: bin, mode: 0o755 }]));
+  // Linux unpacks concatenated (compressed) cpio archives in order; the base ends with its own trailer.
+  writeFileSync(`${out}.tmp${process.pid}`, Buffer.concat([base, extra]));
+  spawnSync("mv", [`${out}.tmp${process.pid}`, out]);
+  return out;
+}
+
+/** The guest's command: wait for the disk, report the ATA transfer mode, run the tool, power off. */
+function guestCommand(c: Config): string {
+  return [
+    `d=${c.device}; i=0`,
+    `while [ ! -b $d ] && [ $i -lt 30 ]; do sleep 1; i=$((i+1)); done`,
+    `for f in /sys/class/ata_device/*/xfer_mode; do [ -e "$f" ] && echo "DISKBENCH-XFER $(basename $(dirname $f)) $(cat $f)"; done`,
+    `dmesg | grep -E 'ata[0-9.]+: configured for' | sed 's/^/DISKBENCH-DMESG /'`,
+    `grep -H . /sys/block/\${d#/dev/}/queue/max_sectors_kb 2>/dev/null | sed 's/^/DISKBENCH-QUEUE /'`,
+    `/bin/diskbench $d ${c.seqMiB} ${c.randomOps}`,
+    `echo DISKBENCH-EXIT $?`,
+    `poweroff -f`,
+  ].join("\n");
+}
+
+// ---------------------------------------------------------------- measurement
+
+function childPids(pid: number): number[] {
+  const out: number[] = [];
+  try {
+    for (const t of readdirSync(`/proc/${pid}/task`)) {
+      try {
+        out.push(...readFileSync(`/proc/${pid}/task/${t}/children`, "utf8").trim().split(/\s+/).filter(Boolean).map(Number));
+      } catch {}
+    }
+  } catch {}
+  return out;
+}
+
+function descendants(pid: number): number[] {
+  const out: number[] = [];
+  const stack = [pid];
+  while (stack.length > 0) {
+    for (const c of childPids(stack.pop()!)) {
+      out.push(c);
+      stack.push(c);
+    }
+  }
+  return out;
+}
+
+/** The partis-worker process under the CLI (its command line runs dist/src/worker/main.js). */
+function partisWorker(cliPid: number): number | undefined {
+  for (const p of descendants(cliPid)) {
+    try {
+      if (readFileSync(`/proc/${p}/cmdline`, "utf8").includes("worker/main.js")) return p;
+    } catch {}
+  }
+  return undefined;
+}
+
+/** utime+stime and guest_time of a process, in seconds. */
+function cpuOf(pid: number): { total: number; guest: number } {
+  const s = readFileSync(`/proc/${pid}/stat`, "utf8");
+  const f = s.slice(s.lastIndexOf(")") + 2).split(" "); // f[0] is field 3 (state)
+  const field = (n: number): number => Number(f[n - 3]);
+  return { total: (field(14) + field(15)) / CLK_TCK, guest: field(43) / CLK_TCK };
+}
+
+function killTree(child: ChildProcess): void {
+  const pids = [...descendants(child.pid!), child.pid!];
+  for (const p of pids) {
+    try {
+      process.kill(p, "SIGKILL");
+    } catch {}
+  }
+}
+
+class RunFailure extends Error {
+  constructor(message: string, readonly consoleTail: string) {
+    super(message);
+  }
+}
+
+function once(c: Config, kernel: string, initrd: string, dir: string): Promise<RunResult> {
+  const image = join(dir, `${c.name}.img`);
+  const fd = openSync(image, "w");
+  ftruncateSync(fd, imageMiB * MiB); // fresh, sparse
+  closeSync(fd);
+  const append = [BASE_APPEND, c.extraAppend, guestRunOption(guestCommand(c))].filter(Boolean).join(" ");
+  const { command, argv } = c.argv(kernel, initrd, append, image);
+  return new Promise<RunResult>((resolve, reject) => {
+    const t0 = process.hrtime.bigint();
+    const child = spawn(command, argv, { stdio: ["pipe", "pipe", "pipe"] });
+    let out = "";
+    let pending = "";
+    let vmmPid: number | undefined;
+    const patterns: Partial<Record<Pattern, PatternResult>> = {};
+    const starts: Partial<Record<Pattern, { total: number; guest: number }>> = {};
+    let flushMs: number | undefined;
+    const xfer: string[] = [];
+    let finished = false;
+    const finish = (err?: RunFailure): void => {
+      if (finished) return;
+      finished = true;
+      clearTimeout(timer);
+      const wallMs = Number(process.hrtime.bigint() - t0) / 1e6;
+      // The guest powers itself off; give it a moment, then make sure.
+      const grace = setTimeout(() => killTree(child), err ? 0 : 3000);
+      const settle = (): void => {
+        clearTimeout(grace);
+        rmSync(image, { force: true });
+        if (err) reject(err);
+        else resolve({ patterns, flushMs, mode: xfer.join("; "), wallMs });
+      };
+      if (child.exitCode !== null || child.signalCode !== null) settle();
+      else child.once("exit", settle);
+    };
+    const timer = setTimeout(() => finish(new RunFailure(`no result after ${timeoutMs / 1000} s`, out)), timeoutMs);
+    const vmm = (): number | undefined => {
+      if (vmmPid === undefined) vmmPid = c.vmm === "qemu" ? child.pid : partisWorker(child.pid!);
+      return vmmPid;
+    };
+    const sample = (): { total: number; guest: number } => {
+      const p = vmm();
+      if (p === undefined) throw new RunFailure("partis-worker process not found under the CLI", out);
+      return cpuOf(p);
+    };
+    const onLine = (line: string): void => {
+      let m: RegExpExecArray | null;
+      try {
+        if ((m = /^DISKBENCH-START (\w+)/.exec(line))) starts[m[1] as Pattern] = sample();
+        else if ((m = /^DISKBENCH (seqwrite|seqread|randread) MiB\/s=([\d.]+) IOPS=([\d.]+) ms=([\d.]+) bytes=(\d+) ops=(\d+) errors=(\d+)/.exec(line))) {
+          const p = m[1] as Pattern;
+          const end = sample();
+          const st = starts[p] ?? end;
+          patterns[p] = {
+            mibPerS: Number(m[2]), iops: Number(m[3]), ms: Number(m[4]), bytes: Number(m[5]), ops: Number(m[6]), errors: Number(m[7]),
+            cpuS: end.total - st.total, guestS: end.guest - st.guest,
+          };
+        } else if ((m = /^DISKBENCH flush ms=([\d.]+)/.exec(line))) flushMs = Number(m[1]);
+        else if ((m = /^DISKBENCH-XFER (\S+) (.*)$/.exec(line))) xfer.push(`${m[1]} ${m[2]}`);
+        else if ((m = /^DISKBENCH-DMESG .*?(ata[\d.]+: configured for .*)$/.exec(line))) xfer.push(m[1]!.trim());
+        else if (line.startsWith("DISKBENCH-FAIL")) finish(new RunFailure(line, out));
+        else if ((m = /^DISKBENCH-EXIT (\d+)/.exec(line))) {
+          if (m[1] !== "0") finish(new RunFailure(`guest tool exited with status ${m[1]}`, out));
+          else finish();
+        }
+      } catch (e) {
+        finish(e instanceof RunFailure ? e : new RunFailure(String(e), out));
+      }
+    };
+    const onData = (d: Buffer): void => {
+      const s = d.toString("latin1");
+      out += s;
+      if (out.length > 200_000) out = out.slice(-100_000);
+      pending += s;
+      let nl: number;
+      while ((nl = pending.indexOf("\n")) >= 0) {
+        const line = pending.slice(0, nl).replace(/\r/g, "");
+        pending = pending.slice(nl + 1);
+        const at = line.indexOf("DISKBENCH");
+        if (at >= 0) onLine(line.slice(at));
+      }
+    };
+    child.stdout!.on("data", onData);
+    child.stderr!.on("data", (d: Buffer) => {
+      out += d.toString("latin1");
+    });
+    child.on("exit", (code, signal) => {
+      if (!finished) finish(new RunFailure(`${c.vmm} exited (${signal ?? `status ${code}`}) before the benchmark finished`, out));
+    });
+    child.on("error", (e) => finish(new RunFailure(e.message, out)));
+  });
+}
+
+// ---------------------------------------------------------------- report
+
+const median = (xs: number[]): number => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
+};
+const fmt = (x: number | undefined, digits = 1): string => (x === undefined || !Number.isFinite(x) ? "n/a" : x.toFixed(digits));
+
+interface Summary {
+  seqwrite?: number;
+  seqread?: number;
+  randIops?: number;
+  randMiB?: number;
+  flushMs?: number;
+  /** CPU s per GiB over the two sequential patterns, total and VMM-only (guest time removed). */
+  seqCpuPerGiB?: number;
+  seqVmmCpuPerGiB?: number;
+  /** CPU µs per random read, total and VMM-only. */
+  randCpuUs?: number;
+  randVmmCpuUs?: number;
+  errors: number;
+  mode: string;
+}
+
+function summarize(rs: RunResult[]): Summary {
+  const pick = (p: Pattern, f: (x: PatternResult) => number): number | undefined => {
+    const xs = rs.map((r) => r.patterns[p]).filter((x): x is PatternResult => x !== undefined).map(f);
+    return xs.length ? median(xs) : undefined;
+  };
+  const seqPer = (f: (x: PatternResult) => number): number | undefined => {
+    const xs = rs.flatMap((r) => {
+      const w = r.patterns.seqwrite;
+      const rd = r.patterns.seqread;
+      return w && rd ? [(f(w) + f(rd)) / ((w.bytes + rd.bytes) / GiB)] : [];
+    });
+    return xs.length ? median(xs) : undefined;
+  };
+  const flush = rs.map((r) => r.flushMs).filter((x): x is number => x !== undefined);
+  return {
+    seqwrite: pick("seqwrite", (x) => x.mibPerS),
+    seqread: pick("seqread", (x) => x.mibPerS),
+    randIops: pick("randread", (x) => x.iops),
+    randMiB: pick("randread", (x) => x.mibPerS),
+    ...(flush.length ? { flushMs: median(flush) } : {}),
+    seqCpuPerGiB: seqPer((x) => x.cpuS),
+    seqVmmCpuPerGiB: seqPer((x) => x.cpuS - x.guestS),
+    randCpuUs: pick("randread", (x) => (x.cpuS / x.ops) * 1e6),
+    randVmmCpuUs: pick("randread", (x) => ((x.cpuS - x.guestS) / x.ops) * 1e6),
+    errors: rs.reduce((n, r) => n + Object.values(r.patterns).reduce((m, p) => m + (p?.errors ?? 0), 0), 0),
+    mode: [...new Set(rs.map((r) => r.mode))].join(" | "),
+  };
+}
+
+function qemuVersion(): string {
+  const r = spawnSync(QEMU, ["--version"], { encoding: "utf8" });
+  return r.status === 0 ? r.stdout.split("\n")[0]!.trim() : "qemu version unknown";
+}
+
+async function main(): Promise<void> {
+  const guest = await prepareDefaultGuest({ log: (l) => process.stderr.write(`guest-disk: ${l}\n`) });
+  const tool = buildGuestTool();
+  const initrd = buildInitrd(guest.initrd, tool);
+  if (flag("--prepare")) {
+    process.stderr.write(`guest-disk: prepared ${initrd}\n`);
+    return;
+  }
+  if (!existsSync(QEMU)) throw new Error("qemu-system-x86_64 is missing (apt-get install qemu-system-x86)");
+  const only = value("--only")?.split(",");
+  const configs = only ? CONFIGS.filter((c) => only.includes(c.name)) : CONFIGS;
+  if (configs.length === 0) throw new Error(`--only ${value("--only")}: none of ${CONFIGS.map((c) => c.name).join(", ")}`);
+  const baseDir = value("--dir") ?? tmpdir();
+  mkdirSync(baseDir, { recursive: true });
+  const dir = mkdtempSync(join(baseDir, "partis-guest-disk-"));
+  const results: Record<string, RunResult[]> = {};
+  const failures: Record<string, { run: number; message: string; tail: string }[]> = {};
+  try {
+    for (let i = 0; i < runs; i++) {
+      for (const c of configs) {
+        try {
+          const r = await once(c, guest.kernel, initrd, dir);
+          (results[c.name] ??= []).push(r);
+          const p = r.patterns;
+          process.stderr.write(
+            `${c.name} run ${i + 1}: seqwrite ${fmt(p.seqwrite?.mibPerS)} MiB/s, seqread ${fmt(p.seqread?.mibPerS)} MiB/s, randread ${fmt(p.randread?.iops, 0)} IOPS` +
+              ` (${(r.wallMs / 1000).toFixed(1)} s; ${r.mode || "no ATA device"})\n`,
+          );
+        } catch (e) {
+          const message = e instanceof Error ? e.message : String(e);
+          const tail = e instanceof RunFailure ? e.consoleTail.slice(-3000) : "";
+          (failures[c.name] ??= []).push({ run: i + 1, message, tail });
+          process.stderr.write(`${c.name} run ${i + 1}: FAILED (${message})\n`);
+        }
+      }
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+
+  const sums: Record<string, Summary> = {};
+  for (const c of configs) if (results[c.name]) sums[c.name] = summarize(results[c.name]!);
+  const qemuV = qemuVersion();
+  console.log(`In-guest disk benchmark (${runs} run${runs > 1 ? "s" : ""}, median): O_DIRECT, queue depth 1, 1 vCPU, ${MEMORY}; image ${imageMiB} MiB raw, sparse, fresh per run in ${baseDir}.`);
+  console.log(`Sequential: ${seqMiB} MiB each way in 1 MiB requests (PIO: ${pioSeqMiB} MiB); random: ${randomOps} 4 KiB reads (PIO: ${pioRandomOps}).`);
+  console.log(`Host: ${hostCpus().length} CPUs (${hostCpus()[0]?.model ?? "?"}), load ${loadavg().map((x) => x.toFixed(1)).join(" / ")}, Node ${process.version}, ${qemuV}.`);
+  console.log("");
+  console.log("| path | seq write MiB/s | seq read MiB/s | 4K rand read IOPS (MiB/s) | flush ms | CPU s/GiB seq (VMM only) | CPU µs/rand read (VMM only) | errors | ATA mode |");
+  console.log("|---|---|---|---|---|---|---|---|---|");
+  for (const c of configs) {
+    const s = sums[c.name];
+    const failed = failures[c.name] ? ` (failed: run ${failures[c.name]!.map((f) => f.run).join(", ")})` : "";
+    if (s === undefined) {
+      console.log(`| ${c.label} | all runs failed${failed} | | | | | | | |`);
+      continue;
+    }
+    let mode = s.mode === "" ? "—" : s.mode;
+    if (c.pio && !/PIO/.test(s.mode)) mode += " **(PIO NOT IN EFFECT)**";
+    console.log(
+      `| ${c.label}${failed} | ${fmt(s.seqwrite)} | ${fmt(s.seqread)} | ${fmt(s.randIops, 0)} (${fmt(s.randMiB, 2)}) | ${fmt(s.flushMs)} | ${fmt(s.seqCpuPerGiB, 2)} (${fmt(s.seqVmmCpuPerGiB, 2)}) | ${fmt(s.randCpuUs, 0)} (${fmt(s.randVmmCpuUs, 0)}) | ${s.errors} | ${mode} |`,
+    );
+  }
+  const ratio = (a: string, b: string, f: (s: Summary) => number | undefined): string => {
+    const x = sums[a] ? f(sums[a]!) : undefined;
+    const y = sums[b] ? f(sums[b]!) : undefined;
+    return x !== undefined && y !== undefined && y > 0 ? `${(x / y).toFixed(2)}×` : "n/a";
+  };
+  const pairs: [string, string, string, string][] = [
+    ["partis-virtio", "partis-ide-dma", "Partis virtio-blk ÷ Partis IDE DMA", "goal ≥ 20×"],
+    ["partis-virtio", "partis-ide-pio", "Partis virtio-blk ÷ Partis IDE PIO", ""],
+    ["partis-ide-dma", "partis-ide-pio", "Partis IDE DMA ÷ Partis IDE PIO", ""],
+    ["partis-virtio", "qemu-virtio", "Partis virtio-blk ÷ QEMU virtio-blk", "goal ≥ 1.0×"],
+    ["partis-ide-dma", "qemu-ide-dma", "Partis IDE DMA ÷ QEMU IDE DMA", ""],
+    ["qemu-virtio", "qemu-ide-dma", "QEMU virtio-blk ÷ QEMU IDE DMA", "for scale"],
+  ];
+  console.log("");
+  console.log("| ratio | seq write | seq read | 4K rand read | CPU s/GiB seq (lower is better) | note |");
+  console.log("|---|---|---|---|---|---|");
+  for (const [a, b, label, note] of pairs) {
+    if (!configs.some((c) => c.name === a) || !configs.some((c) => c.name === b)) continue;
+    console.log(`| ${label} | ${ratio(a, b, (s) => s.seqwrite)} | ${ratio(a, b, (s) => s.seqread)} | ${ratio(a, b, (s) => s.randIops)} | ${ratio(a, b, (s) => s.seqCpuPerGiB)} | ${note} |`);
+  }
+  console.log("");
+  console.log(`Command: node dist/src/cli/main.js host nested -- node dist/bench/devices/guest-disk.js ${args.filter((a) => a !== "--prepare").join(" ")}`.trimEnd());
+  for (const [name, fs] of Object.entries(failures)) {
+    for (const f of fs) {
+      console.log("");
+      console.log(`Failure: ${name} run ${f.run}: ${f.message}`);
+      if (f.tail) console.log("```\n" + f.tail.replace(/\r/g, "").split("\n").slice(-40).join("\n") + "\n```");
+    }
+  }
+}
+
+main().catch((e: unknown) => {
+  console.error(e instanceof Error ? e.message : e);
+  process.exit(1);
+});

@@ -1,0 +1,168 @@
+/*
+ * In-guest disk benchmark for bench/devices/guest-disk.ts (built there with
+ * `gcc -static -O2` and added to the guest initramfs as /bin/diskbench).
+ *
+ * usage: diskbench DEVICE SEQ_MIB RANDOM_OPS [SEED]
+ *
+ * On a block device opened with O_DIRECT (the guest page cache is out of the
+ * way), queue depth 1, one thread:
+ *   seqwrite  SEQ_MIB MiB in 1 MiB writes from offset 0, then fdatasync
+ *             (the flush is timed apart: "flush ms=")
+ *   seqread   the same range in 1 MiB reads
+ *   randread  RANDOM_OPS 4 KiB reads at pseudo-random 4 KiB-aligned offsets
+ *             inside the written range (xorshift64, SEED)
+ * Each 4 KiB block written carries its offset and a per-run nonce in its
+ * first 16 bytes; the reads check them, and "errors=" counts the blocks that
+ * came back wrong (0 unless the device path corrupts data).
+ *
+ * Prints one line per pattern:
+ *   DISKBENCH-START <pattern>
+ *   DISKBENCH <pattern> MiB/s=<x> IOPS=<x> ms=<x> bytes=<n> ops=<n> errors=<n>
+ * and DISKBENCH-FAIL <reason> on any error. Exit status 0 when all ran.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <linux/fs.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MIB (1024u * 1024u)
+#define BLOCK 4096u
+
+static double now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+static void fail(const char *what, const char *pattern) {
+  printf("DISKBENCH-FAIL %s %s: %s\n", pattern, what, strerror(errno));
+  fflush(stdout);
+  exit(1);
+}
+
+static void report(const char *pattern, double ms, uint64_t bytes, uint64_t ops, uint64_t errors) {
+  double secs = ms / 1e3;
+  printf("DISKBENCH %s MiB/s=%.2f IOPS=%.1f ms=%.1f bytes=%llu ops=%llu errors=%llu\n", pattern,
+         secs > 0 ? (double)bytes / MIB / secs : 0.0, secs > 0 ? (double)ops / secs : 0.0, ms,
+         (unsigned long long)bytes, (unsigned long long)ops, (unsigned long long)errors);
+  fflush(stdout);
+}
+
+static void start(const char *pattern) {
+  printf("DISKBENCH-START %s\n", pattern);
+  fflush(stdout);
+}
+
+static void stamp(unsigned char *block, uint64_t offset, uint64_t nonce) {
+  memcpy(block, &offset, 8);
+  memcpy(block + 8, &nonce, 8);
+}
+
+static int stamp_ok(const unsigned char *block, uint64_t offset, uint64_t nonce) {
+  uint64_t o, n;
+  memcpy(&o, block, 8);
+  memcpy(&n, block + 8, 8);
+  return o == offset && n == nonce;
+}
+
+static uint64_t xorshift64(uint64_t *s) {
+  uint64_t x = *s;
+  x ^= x << 13;
+  x ^= x >> 7;
+  x ^= x << 17;
+  return *s = x;
+}
+
+int main(int argc, char **argv) {
+  if (argc < 4) {
+    fprintf(stderr, "usage: %s DEVICE SEQ_MIB RANDOM_OPS [SEED]\n", argv[0]);
+    return 2;
+  }
+  const char *dev = argv[1];
+  uint64_t seq_mib = strtoull(argv[2], NULL, 10);
+  uint64_t random_ops = strtoull(argv[3], NULL, 10);
+  uint64_t seed = argc > 4 ? strtoull(argv[4], NULL, 10) : 0x9e3779b97f4a7c15ull;
+  if (seed == 0) seed = 1;
+
+  int fd = open(dev, O_RDWR | O_DIRECT);
+  if (fd < 0) fail("open", dev);
+  uint64_t dev_bytes = 0;
+  if (ioctl(fd, BLKGETSIZE64, &dev_bytes) != 0) {
+    /* A regular file (for trying the tool on a host). */
+    struct stat st;
+    if (fstat(fd, &st) != 0) fail("BLKGETSIZE64/fstat", dev);
+    dev_bytes = (uint64_t)st.st_size;
+  }
+  if (seq_mib == 0 || seq_mib * MIB > dev_bytes) {
+    errno = EINVAL;
+    fail("SEQ_MIB is 0 or larger than the device", dev);
+  }
+  printf("DISKBENCH-DEVICE %s bytes=%llu\n", dev, (unsigned long long)dev_bytes);
+
+  unsigned char *buf;
+  if (posix_memalign((void **)&buf, BLOCK, MIB) != 0) fail("posix_memalign", dev);
+  uint64_t nonce = ((uint64_t)getpid() << 32) ^ (uint64_t)(now_ms() * 1000.0);
+  uint64_t seq_bytes = seq_mib * MIB;
+
+  /* Sequential 1 MiB writes. */
+  start("seqwrite");
+  double t0 = now_ms();
+  for (uint64_t off = 0; off < seq_bytes; off += MIB) {
+    for (uint32_t b = 0; b < MIB; b += BLOCK) stamp(buf + b, off + b, nonce);
+    ssize_t n = pwrite(fd, buf, MIB, (off_t)off);
+    if (n != (ssize_t)MIB) {
+      if (n >= 0) errno = EIO;
+      fail("pwrite", "seqwrite");
+    }
+  }
+  double t1 = now_ms();
+  report("seqwrite", t1 - t0, seq_bytes, seq_mib, 0);
+  if (fdatasync(fd) != 0) fail("fdatasync", "seqwrite");
+  printf("DISKBENCH flush ms=%.1f\n", now_ms() - t1);
+  fflush(stdout);
+
+  /* Sequential 1 MiB reads, checked. */
+  start("seqread");
+  uint64_t errors = 0;
+  t0 = now_ms();
+  for (uint64_t off = 0; off < seq_bytes; off += MIB) {
+    ssize_t n = pread(fd, buf, MIB, (off_t)off);
+    if (n != (ssize_t)MIB) {
+      if (n >= 0) errno = EIO;
+      fail("pread", "seqread");
+    }
+    for (uint32_t b = 0; b < MIB; b += BLOCK) errors += !stamp_ok(buf + b, off + b, nonce);
+  }
+  report("seqread", now_ms() - t0, seq_bytes, seq_mib, errors);
+
+  /* Random 4 KiB reads inside the written range, checked. */
+  start("randread");
+  uint64_t blocks = seq_bytes / BLOCK;
+  uint64_t state = seed;
+  errors = 0;
+  t0 = now_ms();
+  for (uint64_t i = 0; i < random_ops; i++) {
+    uint64_t off = (xorshift64(&state) % blocks) * BLOCK;
+    ssize_t n = pread(fd, buf, BLOCK, (off_t)off);
+    if (n != (ssize_t)BLOCK) {
+      if (n >= 0) errno = EIO;
+      fail("pread", "randread");
+    }
+    errors += !stamp_ok(buf, off, nonce);
+  }
+  report("randread", now_ms() - t0, random_ops * BLOCK, random_ops, errors);
+
+  close(fd);
+  free(buf);
+  printf("DISKBENCH-DONE\n");
+  fflush(stdout);
+  return 0;
+}
