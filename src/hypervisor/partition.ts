@@ -38,6 +38,7 @@ import {
   type GsiRoute,
 } from "./kvm-abi.js";
 import { ChunkedGuestMemory, type GuestMemory, type RamRange } from "../machine/guest-memory.js";
+import type { DeviceMemoryRegion } from "./device-memory.js";
 import { PartisError, type ErrorContext } from "../errors.js";
 
 export type { GsiRoute } from "./kvm-abi.js";
@@ -96,6 +97,22 @@ interface Slot {
   bitmap: Uint8Array | undefined;
 }
 
+/** A device-memory slot (mapDeviceMemory): guest-physical span and the host mapping KVM uses. */
+interface DeviceSlot {
+  readonly gpa: number;
+  readonly size: number;
+  readonly address: bigint;
+  /** The partition's own mapping of a {fd, offset, size} region (undefined when the caller lent a view). */
+  readonly pointer: libc.CPointer | undefined;
+  readonly flags: number;
+  bitmap: Uint8Array | undefined;
+}
+
+export interface DeviceMemoryOptions {
+  /** Track guest writes (KVM_MEM_LOG_DIRTY_PAGES), read with `deviceMemoryDirtyLog`. */
+  readonly logDirty?: boolean;
+}
+
 function validateRanges(ranges: readonly RamRange[]): number {
   if (ranges.length === 0) throw new PartitionConfigError("PARTITION_NO_RAM", "a partition needs at least one RAM range");
   let fileSize = 0;
@@ -126,6 +143,8 @@ export class Partition {
   private readonly slots: Slot[];
   /** Mappings made for `guestMemory` by this thread, released by destroy(). */
   private readonly views: Uint8Array[] = [];
+  /** Extra slots mapped by mapDeviceMemory, by slot number (all above the RAM slots). */
+  private readonly deviceSlots = new Map<number, DeviceSlot>();
   private destroyed = false;
 
   private constructor(
@@ -375,11 +394,122 @@ export class Partition {
     }
     if (this.attached) return;
     libc.close(this.vmFd);
+    this.releaseDeviceSlots();
     for (const s of this.slots) if (s.pointer !== undefined) libc.munmap(s.pointer, s.range.length);
     libc.close(this.memfd);
   }
 
   get isDestroyed(): boolean {
     return this.destroyed;
+  }
+
+  // --- device memory ------------------------------------------------------------------------
+
+  /**
+   * Map host memory into the guest at `gpa` as an extra memory slot (numbered
+   * above the RAM slots): guest accesses go straight to the host pages, without
+   * exits. `memory` is either a region of a file (`DeviceMemory`, or any
+   * {fd, offset, size}; the partition maps it itself and unmaps it on
+   * unmapDeviceMemory/destroy) or a page-aligned view made by src/hypervisor/libc
+   * (`mapSharedFile`, `alignedBuffer`), which the caller keeps mapped until the
+   * slot is unmapped. Only the partition's creating thread may map device memory.
+   * Returns the slot number.
+   */
+  mapDeviceMemory(gpa: number, memory: Uint8Array | DeviceMemoryRegion, options: DeviceMemoryOptions = {}): number {
+    this.assertLive();
+    if (this.attached)
+      throw new PartitionConfigError("PARTITION_ATTACHED", "device memory is mapped by the thread that created the partition", { vm: this.vmFd });
+    const size = memory instanceof Uint8Array ? memory.byteLength : memory.size;
+    const ctx: ErrorContext = { vm: this.vmFd, gpa: Number.isSafeInteger(gpa) ? BigInt(gpa) : String(gpa), size };
+    if (!Number.isSafeInteger(gpa) || gpa < 0 || gpa % PAGE !== 0 || !Number.isSafeInteger(size) || size <= 0 || size % PAGE !== 0)
+      throw new PartitionConfigError("PARTITION_DEVICE_MEMORY_ALIGNMENT", "device memory needs a page-aligned guest address and a positive page-multiple size", ctx);
+    const overlaps = (start: number, length: number): boolean => gpa < start + length && start < gpa + size;
+    for (const r of this.ranges)
+      if (overlaps(r.gpa, r.length)) throw new PartitionConfigError("PARTITION_DEVICE_MEMORY_OVERLAP", "device memory overlaps guest RAM", ctx);
+    for (const d of this.deviceSlots.values())
+      if (overlaps(d.gpa, d.size)) throw new PartitionConfigError("PARTITION_DEVICE_MEMORY_OVERLAP", "device memory overlaps other device memory", ctx);
+
+    let address: bigint;
+    let pointer: libc.CPointer | undefined;
+    if (memory instanceof Uint8Array) {
+      try {
+        address = libc.addressOfView(memory);
+      } catch {
+        throw new PartitionConfigError("PARTITION_DEVICE_MEMORY_VIEW", "device memory view was not made by src/hypervisor/libc (no host address)", ctx);
+      }
+      if (address % BigInt(PAGE) !== 0n)
+        throw new PartitionConfigError("PARTITION_DEVICE_MEMORY_ALIGNMENT", "device memory view does not start on a page boundary", ctx);
+    } else {
+      if (!Number.isSafeInteger(memory.offset) || memory.offset < 0 || memory.offset % PAGE !== 0)
+        throw new PartitionConfigError("PARTITION_DEVICE_MEMORY_ALIGNMENT", "device memory file offset must be page-aligned", { ...ctx, fileOffset: memory.offset });
+      pointer = libc.mmap(size, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_SHARED, memory.fd, memory.offset, { gpa: BigInt(gpa) });
+      address = libc.addressOf(pointer);
+    }
+
+    let slot = this.slots.length;
+    while (this.deviceSlots.has(slot)) slot++;
+    const flags = options.logDirty === true ? KVM_MEM_LOG_DIRTY_PAGES : 0;
+    try {
+      this.ioctl(
+        "SET_USER_MEMORY_REGION",
+        encodeMemoryRegion({ slot, flags, guestPhysAddr: BigInt(gpa), memorySize: BigInt(size), userspaceAddr: address }),
+        { slot, gpa: BigInt(gpa) },
+      );
+    } catch (e) {
+      if (pointer !== undefined) libc.munmap(pointer, size);
+      throw e;
+    }
+    this.deviceSlots.set(slot, { gpa, size, address, pointer, flags, bitmap: undefined });
+    return slot;
+  }
+
+  /** Remove a slot made by mapDeviceMemory: the guest range becomes unbacked (MMIO exits) again. */
+  unmapDeviceMemory(slot: number): void {
+    const d = this.deviceSlot(slot);
+    this.ioctl(
+      "SET_USER_MEMORY_REGION",
+      encodeMemoryRegion({ slot, flags: 0, guestPhysAddr: BigInt(d.gpa), memorySize: 0n, userspaceAddr: d.address }),
+      { slot, gpa: BigInt(d.gpa) },
+    );
+    this.deviceSlots.delete(slot);
+    if (d.pointer !== undefined) libc.munmap(d.pointer, d.size);
+    if (d.bitmap !== undefined) libc.releaseMapping(d.bitmap);
+  }
+
+  /** The device-memory slots mapped now: slot number, guest-physical address and size. */
+  deviceMemorySlots(): { slot: number; gpa: number; size: number }[] {
+    return [...this.deviceSlots].map(([slot, d]) => ({ slot, gpa: d.gpa, size: d.size }));
+  }
+
+  /**
+   * KVM_GET_DIRTY_LOG of a device-memory slot mapped with `logDirty`: one bit
+   * per page the guest wrote since the last call (bit i of byte j = page j*8+i).
+   * Returns a fresh copy.
+   */
+  deviceMemoryDirtyLog(slot: number): Uint8Array {
+    const d = this.deviceSlot(slot);
+    if ((d.flags & KVM_MEM_LOG_DIRTY_PAGES) === 0)
+      throw new PartitionConfigError("PARTITION_NO_DIRTY_LOG", `device memory slot ${slot} was mapped without logDirty`, { vm: this.vmFd, slot });
+    const pages = d.size / PAGE;
+    if (d.bitmap === undefined) d.bitmap = libc.alignedBuffer(Math.ceil(pages / 64) * 8, 8);
+    d.bitmap.fill(0);
+    this.ioctl("GET_DIRTY_LOG", encodeDirtyLog(slot, libc.addressOfView(d.bitmap)), { slot });
+    return d.bitmap.slice(0, Math.ceil(pages / 8));
+  }
+
+  private deviceSlot(slot: number): DeviceSlot {
+    this.assertLive();
+    const d = this.deviceSlots.get(slot);
+    if (d === undefined) throw new PartitionConfigError("PARTITION_NO_SLOT", `no device memory slot ${slot}`, { vm: this.vmFd, slot });
+    return d;
+  }
+
+  /** After the VM is closed: drop the partition's own device-memory mappings. */
+  private releaseDeviceSlots(): void {
+    for (const d of this.deviceSlots.values()) {
+      if (d.pointer !== undefined) libc.munmap(d.pointer, d.size);
+      if (d.bitmap !== undefined) libc.releaseMapping(d.bitmap);
+    }
+    this.deviceSlots.clear();
   }
 }

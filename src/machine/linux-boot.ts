@@ -44,6 +44,8 @@ const OFF_INIT_SIZE = 0x260;
 const HDR_MAX_END = 0x26c;
 
 // boot_params offsets outside the setup header.
+const BP_SCREEN_INFO = 0x000;
+const BP_SCREEN_INFO_SIZE = 0x40;
 const BP_ACPI_RSDP_ADDR = 0x070;
 const BP_EXT_RAMDISK_IMAGE = 0x0c0;
 const BP_EXT_RAMDISK_SIZE = 0x0c4;
@@ -167,6 +169,12 @@ export interface LinuxBootInfo {
 export interface LinuxLoadOptions {
   /** RSDP address written to boot_params.acpi_rsdp_addr (the kernel also scans 0xE0000-0xFFFFF). */
   readonly rsdpAddr?: number;
+  /**
+   * struct screen_info (0x40 bytes, boot_params offset 0) describing a display the
+   * kernel should use, e.g. encodeScreenInfo(framebuffer.screenInfo()) from
+   * src/devices/display. Absent: all zero (no display; vgacon falls back to the dummy console).
+   */
+  readonly screenInfo?: Uint8Array;
 }
 
 /** Where everything of a Linux boot goes, decided before anything is written. */
@@ -228,6 +236,10 @@ export function loadLinux(
   cmdline: string,
   options: LinuxLoadOptions = {},
 ): LinuxBootInfo {
+  if (options.screenInfo !== undefined && options.screenInfo.length !== BP_SCREEN_INFO_SIZE)
+    throw new LinuxLoadError("SCREEN_INFO_SIZE", `screen_info is ${options.screenInfo.length} bytes, expected ${BP_SCREEN_INFO_SIZE}`, {
+      length: options.screenInfo.length,
+    });
   const { header: hdr, kernelEnd, cmdline: cmdBytes, initrd: initrdInfo } = planLinuxLoad(plan, kernel, initrd?.length ?? 0, cmdline);
   const load = plan.kernelLoad;
 
@@ -257,6 +269,7 @@ export function loadLinux(
     dv.setUint32(BP_EXT_RAMDISK_SIZE, Math.floor(initrdInfo.size / 2 ** 32), true);
   }
   if (options.rsdpAddr !== undefined) dv.setBigUint64(BP_ACPI_RSDP_ADDR, BigInt(options.rsdpAddr), true);
+  if (options.screenInfo !== undefined) bp.set(options.screenInfo, BP_SCREEN_INFO);
   const e820 = e820Table(plan);
   if (e820.length > E820_MAX_ENTRIES_ZEROPAGE) throw new LinuxLoadError("E820_TOO_LARGE", `e820 map has ${e820.length} entries`);
   dv.setUint8(BP_E820_ENTRIES, e820.length);
