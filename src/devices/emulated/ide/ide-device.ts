@@ -1,0 +1,282 @@
+/**
+ * One device position on an IDE channel (ATA-6 section 5.2, "device 0 / device
+ * 1"): its copy of the command block registers, the PIO data buffer with the
+ * current DRQ block, the interrupt-pending flag, and the hooks a command set
+ * (ATA disk, ATAPI CD-ROM) fills in. An empty position is an `AbsentDevice`:
+ * it keeps register writes (both devices latch every command block write) but
+ * ignores commands, and its Status reads as 00h (ATA-6 9.16.1: device 0
+ * answers for an absent device 1 with Status 00h).
+ *
+ * DEVNOTE: every command completes synchronously inside the register access
+ * that starts it (or, for DMA, inside the bus-master start write), so BSY is
+ * only ever seen while SRST is held.
+ */
+import { DEV, REG, ST } from "./spec.js";
+
+/** What a device may ask of its channel. */
+export interface DeviceHost {
+  /** This device asserts INTRQ (pending until Status is read or a command is written). */
+  raiseIrq(device: IdeDevice): void;
+  /** This device is ready to move data by bus-master DMA. */
+  dmaRequest(device: IdeDevice): void;
+}
+
+/** The outcome of a bus-master transfer, as the device sees it. */
+export type DmaOutcome = "done" | "host-error" | "device-error";
+
+/** Where the current PIO DRQ block goes when it is done. */
+export const Pio = {
+  none: 0,
+  /** Device to host (data-in). */
+  in: 1,
+  /** Host to device (data-out). */
+  out: 2,
+} as const;
+export type Pio = (typeof Pio)[keyof typeof Pio];
+
+/** Plain-data registers and transfer position of one device. */
+export interface SavedIdeDevice {
+  readonly kind: "disk" | "cdrom" | "absent";
+  readonly regs: readonly number[];
+  readonly irqPending: boolean;
+  readonly pio: number;
+  readonly pos: number;
+  readonly end: number;
+  /** Buffer bytes [0, end) while a PIO block is in flight, else empty. */
+  readonly buffer: readonly number[];
+  readonly dmaPending: boolean;
+}
+
+export abstract class IdeDevice {
+  // Command block registers ("hob" = the previous write, read with Device Control HOB set).
+  feature = 0;
+  hobFeature = 0;
+  nsect = 0;
+  hobNsect = 0;
+  lbal = 0;
+  hobLbal = 0;
+  lbam = 0;
+  hobLbam = 0;
+  lbah = 0;
+  hobLbah = 0;
+  device = 0;
+  status = 0;
+  error = 0;
+  /** The device's INTRQ request (the channel gates it with nIEN and device selection). */
+  irqPending = false;
+
+  /** PIO buffer; [pos, end) is the part of the current DRQ block not yet moved. */
+  readonly buffer: Uint8Array;
+  pos = 0;
+  end = 0;
+  pio: Pio = Pio.none;
+  /** A DMA command waits for the bus-master engine. */
+  dmaPending = false;
+
+  abstract readonly kind: "disk" | "cdrom" | "absent";
+
+  constructor(
+    readonly unit: 0 | 1,
+    protected readonly host: DeviceHost,
+    bufferBytes: number,
+  ) {
+    this.buffer = new Uint8Array(bufferBytes);
+  }
+
+  get present(): boolean {
+    return this.kind !== "absent";
+  }
+
+  /** A host write to command block register 1..6 (both devices latch it). */
+  writeRegister(reg: number, value: number): void {
+    const v = value & 0xff;
+    switch (reg) {
+      case REG.errorFeatures:
+        this.hobFeature = this.feature;
+        this.feature = v;
+        break;
+      case REG.sectorCount:
+        this.hobNsect = this.nsect;
+        this.nsect = v;
+        break;
+      case REG.lbaLow:
+        this.hobLbal = this.lbal;
+        this.lbal = v;
+        break;
+      case REG.lbaMid:
+        this.hobLbam = this.lbam;
+        this.lbam = v;
+        break;
+      case REG.lbaHigh:
+        this.hobLbah = this.lbah;
+        this.lbah = v;
+        break;
+      case REG.device:
+        this.device = v;
+        break;
+    }
+  }
+
+  /** A host read of command block register 1..6. */
+  readRegister(reg: number, hob: boolean): number {
+    switch (reg) {
+      case REG.errorFeatures:
+        return this.error;
+      case REG.sectorCount:
+        return hob ? this.hobNsect : this.nsect;
+      case REG.lbaLow:
+        return hob ? this.hobLbal : this.lbal;
+      case REG.lbaMid:
+        return hob ? this.hobLbam : this.lbam;
+      case REG.lbaHigh:
+        return hob ? this.hobLbah : this.lbah;
+      case REG.device:
+        return this.device;
+      default:
+        return 0xff;
+    }
+  }
+
+  /** Data port read of 1, 2 or 4 bytes (little-endian); past the DRQ block end reads zeros. */
+  dataRead(size: 1 | 2 | 4): number {
+    if (this.pio !== Pio.in) return 0;
+    const buf = this.buffer;
+    let pos = this.pos;
+    const end = this.end;
+    let v = 0;
+    if (pos < end) v = buf[pos++]!;
+    if (size > 1) {
+      if (pos < end) v |= buf[pos++]! << 8;
+      if (size === 4) {
+        if (pos < end) v |= buf[pos++]! << 16;
+        if (pos < end) v |= buf[pos++]! << 24;
+      }
+    }
+    this.pos = pos;
+    if (pos >= end) this.finishBlock();
+    return v >>> 0;
+  }
+
+  /** Data port write of 1, 2 or 4 bytes; bytes past the DRQ block end are dropped. */
+  dataWrite(size: 1 | 2 | 4, value: number): void {
+    if (this.pio !== Pio.out) return;
+    const buf = this.buffer;
+    let pos = this.pos;
+    const end = this.end;
+    for (let i = 0; i < size && pos < end; i++) buf[pos++] = (value >>> (8 * i)) & 0xff;
+    this.pos = pos;
+    if (pos >= end) this.finishBlock();
+  }
+
+  private finishBlock(): void {
+    this.pio = Pio.none;
+    this.status &= ~ST.drq;
+    this.blockDone();
+  }
+
+  /** Offer a DRQ block of `buffer[0, length)` to the host (data-in) or ask for one (data-out). */
+  protected startPio(direction: typeof Pio.in | typeof Pio.out, length: number): void {
+    this.startPioAt(direction, 0, length);
+  }
+
+  /** Offer (or ask for) the DRQ block `buffer[start, end)`. */
+  protected startPioAt(direction: typeof Pio.in | typeof Pio.out, start: number, end: number): void {
+    this.pos = start;
+    this.end = end;
+    this.pio = direction;
+    this.status = (this.status & ~(ST.bsy | ST.err)) | ST.drq;
+  }
+
+  /** Drop any transfer in progress (new command, reset). */
+  protected cancelTransfer(): void {
+    this.pio = Pio.none;
+    this.pos = 0;
+    this.end = 0;
+    this.dmaPending = false;
+  }
+
+  protected raise(): void {
+    this.host.raiseIrq(this);
+  }
+
+  /** SRST asserted: the device is busy until it is released. */
+  beginReset(): void {
+    this.cancelTransfer();
+    this.irqPending = false;
+    this.status = ST.bsy;
+  }
+
+  /** SRST released (or power-on, or EXECUTE DEVICE DIAGNOSTIC): signature, diagnostic code 01h, ready status. */
+  abstract completeReset(): void;
+  /** Power-on defaults for settings kept across SRST (multiple count, transfer mode, write cache). */
+  abstract powerOn(): void;
+  /** A command register write addressed to this device. */
+  abstract command(cmd: number): void;
+  /** The current DRQ block has been moved. */
+  protected abstract blockDone(): void;
+
+  // Bus-master DMA client (valid while dmaPending).
+  /** Bytes the pending DMA command moves. */
+  abstract dmaLength(): number;
+  /** Direction of the pending DMA command: true when data goes to guest memory. */
+  abstract dmaToMemory(): boolean;
+  /** Move `view.length` bytes at byte `offset` of the transfer between the device and `view`; false on a device error. */
+  abstract dmaChunk(view: Uint8Array, offset: number): boolean;
+  /** The bus-master engine ended the transfer. */
+  abstract dmaDone(outcome: DmaOutcome): void;
+
+  /** Write the completion registers of an ATA signature (ATA-6 9.12). */
+  protected setSignature(lbam: number, lbah: number): void {
+    this.nsect = this.hobNsect = 1;
+    this.lbal = this.hobLbal = 1;
+    this.lbam = this.hobLbam = lbam;
+    this.lbah = this.hobLbah = lbah;
+    this.device &= DEV.dev;
+    this.error = 0x01;
+  }
+
+  saveDevice(): SavedIdeDevice {
+    const inFlight = this.pio !== Pio.none;
+    return {
+      kind: this.kind,
+      regs: [
+        this.feature, this.hobFeature, this.nsect, this.hobNsect, this.lbal, this.hobLbal,
+        this.lbam, this.hobLbam, this.lbah, this.hobLbah, this.device, this.status, this.error,
+      ],
+      irqPending: this.irqPending,
+      pio: this.pio,
+      pos: this.pos,
+      end: this.end,
+      buffer: inFlight ? Array.from(this.buffer.subarray(0, this.end)) : [],
+      dmaPending: this.dmaPending,
+    };
+  }
+}
+
+/** An empty device position: latches register writes, ignores commands, signature FFh/FFh. */
+export class AbsentDevice extends IdeDevice {
+  readonly kind = "absent" as const;
+
+  constructor(unit: 0 | 1, host: DeviceHost) {
+    super(unit, host, 0);
+  }
+
+  completeReset(): void {
+    this.cancelTransfer();
+    this.setSignature(0xff, 0xff);
+    this.status = 0;
+  }
+  powerOn(): void {}
+  command(): void {}
+  protected blockDone(): void {}
+  dmaLength(): number {
+    return 0;
+  }
+  dmaToMemory(): boolean {
+    return false;
+  }
+  dmaChunk(): boolean {
+    return false;
+  }
+  dmaDone(): void {}
+}

@@ -1,0 +1,249 @@
+/**
+ * The Intel PIIX3 IDE function (82371SB, PCI 8086:7010; datasheet section 2.4
+ * and 2.7): two IDE channels in compatibility mode (class 01h/01h, prog-if
+ * 80h: legacy ports and ISA IRQ 14/15, bus-master capable, mode not
+ * switchable) and an SFF-8038i bus-master engine in BAR4 (16 I/O ports:
+ * command, status and descriptor table pointer of the primary channel at 0-7,
+ * of the secondary at 8-15).
+ *
+ * Config space beyond the header: IDETIM (40h primary, 42h secondary) with
+ * the IDE decode enable bit 15 set at reset (ata_piix checks 41h/43h bit 7
+ * before it uses a channel), and SIDETIM (44h); the timings themselves have
+ * no effect here. There is no INTx pin: compatibility mode interrupts are the
+ * ISA lines passed in as `primaryIrq` and `secondaryIrq`.
+ *
+ * The fixed ports are exposed as `isaRegions` for the integrator's port bus:
+ * "primary" 1F0h-1F7h, "primary-control" 3F6h, "secondary" 170h-177h,
+ * "secondary-control" 376h. A channel decodes them while PCI I/O space is
+ * enabled and its IDETIM decode bit is set (otherwise reads float to ones).
+ *
+ * Devices: an ATA disk (`ata-disk.ts`) or an ATAPI CD/DVD-ROM
+ * (`atapi-cdrom.ts`) at each of the four positions, or nothing.
+ */
+import { PartisError } from "../../../errors.js";
+import type { BlockDevice } from "../../../storage/block-device.js";
+import type { IrqLine, SavedDeviceState } from "../../dependencies.js";
+import type { PciDeviceServices } from "../../pci/device-thread-services.js";
+import { PciConfig, type PciDevice } from "../../pci/pci-config.js";
+import { AtaDisk, type SavedAtaDisk } from "./ata-disk.js";
+import { AtapiCdrom, type SavedAtapiCdrom } from "./atapi-cdrom.js";
+import { BusMasterChannel, type SavedBusMaster } from "./bus-master.js";
+import { IdeChannel, type SavedIdeChannel } from "./ide-channel.js";
+import { AbsentDevice, type DeviceHost, type IdeDevice } from "./ide-device.js";
+
+/** A bad drive list (construction time, not guest input). */
+export class IdeConfigError extends PartisError {}
+
+export interface IdeDriveConfig {
+  readonly channel: 0 | 1;
+  readonly unit: 0 | 1;
+  readonly kind: "disk" | "cdrom";
+  /** The disk image (required for a disk); a CD-ROM may be empty. */
+  readonly device: BlockDevice | undefined;
+  /** IDENTIFY model string (40 characters at most). */
+  readonly model?: string;
+  /** IDENTIFY serial number (20 characters at most). */
+  readonly serial?: string;
+}
+
+export interface PiixIdeOptions {
+  readonly primaryIrq: IrqLine;
+  readonly secondaryIrq: IrqLine;
+  readonly drives: readonly IdeDriveConfig[];
+}
+
+export interface IsaRegion {
+  readonly name: string;
+  readonly start: number;
+  readonly length: number;
+}
+
+export interface SavedPiixIdeChannel extends SavedIdeChannel {
+  readonly busMaster: SavedBusMaster;
+  readonly disks: readonly (SavedAtaDisk | null)[];
+  readonly cdroms: readonly (SavedAtapiCdrom | null)[];
+}
+
+export interface SavedPiixIde extends SavedDeviceState {
+  readonly kind: "piix-ide";
+  readonly version: 1;
+  readonly pci: { bytes: number[]; barAddress: number[] };
+  readonly channels: readonly SavedPiixIdeChannel[];
+}
+
+export const PIIX3_IDE_VENDOR = 0x8086;
+export const PIIX3_IDE_DEVICE = 0x7010;
+/** Mass storage / IDE / compatibility mode on both channels, bus master. */
+export const PIIX3_IDE_CLASS = 0x010180;
+export const BUS_MASTER_BAR = 4;
+
+const IDETIM = 0x40;
+const SIDETIM = 0x44;
+const IDETIM_DECODE = 0x8000;
+
+const REGIONS: readonly IsaRegion[] = [
+  { name: "primary", start: 0x1f0, length: 8 },
+  { name: "primary-control", start: 0x3f6, length: 1 },
+  { name: "secondary", start: 0x170, length: 8 },
+  { name: "secondary-control", start: 0x376, length: 1 },
+];
+
+function ones(size: 1 | 2 | 4): number {
+  return size === 4 ? 0xffff_ffff : size === 2 ? 0xffff : 0xff;
+}
+
+export class PiixIde implements PciDevice {
+  readonly pci: PciConfig;
+  readonly isaRegions: readonly IsaRegion[] = REGIONS;
+  readonly channels: readonly [IdeChannel, IdeChannel];
+
+  constructor(
+    readonly name: string,
+    services: PciDeviceServices,
+    opts: PiixIdeOptions,
+  ) {
+    const byPosition = new Map<number, IdeDriveConfig>();
+    for (const d of opts.drives) {
+      if ((d.channel !== 0 && d.channel !== 1) || (d.unit !== 0 && d.unit !== 1))
+        throw new IdeConfigError("IDE_BAD_DRIVE", `${name}: drive position ${d.channel}:${d.unit} does not exist`, { device: name });
+      if (d.kind !== "disk" && d.kind !== "cdrom")
+        throw new IdeConfigError("IDE_BAD_DRIVE", `${name}: drive kind ${String(d.kind)} is not disk or cdrom`, { device: name });
+      if (d.kind === "disk" && d.device === undefined)
+        throw new IdeConfigError("IDE_BAD_DRIVE", `${name}: the disk at ${d.channel}:${d.unit} has no image`, { device: name });
+      const key = d.channel * 2 + d.unit;
+      if (byPosition.has(key))
+        throw new IdeConfigError("IDE_BAD_DRIVE", `${name}: two drives at ${d.channel}:${d.unit}`, { device: name });
+      byPosition.set(key, d);
+    }
+
+    this.pci = new PciConfig(
+      { vendorId: PIIX3_IDE_VENDOR, deviceId: PIIX3_IDE_DEVICE, classCode: PIIX3_IDE_CLASS, interruptPin: 0 },
+      [{ index: BUS_MASTER_BAR, kind: "io", size: 16 }],
+    );
+    for (let i = IDETIM; i <= SIDETIM; i++) this.pci.writeMask[i] = 0xff;
+
+    const canMaster = (): boolean => this.pci.busMaster;
+    const make = (channel: 0 | 1) => (unit: 0 | 1, host: DeviceHost): IdeDevice => {
+      const cfg = byPosition.get(channel * 2 + unit);
+      if (cfg === undefined) return new AbsentDevice(unit, host);
+      const serial = cfg.serial ?? `PARTIS-IDE-${channel}${unit}`;
+      if (cfg.kind === "disk") {
+        const identity = { model: cfg.model ?? "PARTIS HARDDISK", serial, firmware: "1.0", unit };
+        return new AtaDisk(unit, host, cfg.device!, identity);
+      }
+      const identity = { model: cfg.model ?? "PARTIS DVD-ROM", serial, firmware: "1.0", unit };
+      return new AtapiCdrom(unit, host, cfg.device, identity);
+    };
+    this.channels = [
+      new IdeChannel(0, opts.primaryIrq, new BusMasterChannel(services.memory, canMaster), make(0)),
+      new IdeChannel(1, opts.secondaryIrq, new BusMasterChannel(services.memory, canMaster), make(1)),
+    ];
+    this.reset();
+  }
+
+  reset(): void {
+    this.pci.resetRegisters();
+    const b = this.pci.bytes;
+    b.fill(0, IDETIM, SIDETIM + 1);
+    for (const at of [IDETIM, IDETIM + 2]) {
+      b[at] = IDETIM_DECODE & 0xff;
+      b[at + 1] = IDETIM_DECODE >>> 8;
+    }
+    for (const c of this.channels) c.reset();
+  }
+
+  /** The drive at a position (for media changes and diagnostics). */
+  drive(channel: 0 | 1, unit: 0 | 1): AtaDisk | AtapiCdrom | undefined {
+    const d = this.channels[channel]?.devices[unit];
+    return d instanceof AtaDisk || d instanceof AtapiCdrom ? d : undefined;
+  }
+
+  /** Insert or remove the disc of the CD-ROM at a position. */
+  changeMedium(channel: 0 | 1, unit: 0 | 1, disc: BlockDevice | undefined): void {
+    const d = this.drive(channel, unit);
+    if (!(d instanceof AtapiCdrom))
+      throw new IdeConfigError("IDE_NOT_CDROM", `${this.name}: no CD-ROM at ${channel}:${unit}`, { device: this.name });
+    d.changeMedium(disc);
+  }
+
+  private decodes(channel: 0 | 1): boolean {
+    if (!this.pci.ioEnabled) return false;
+    const at = IDETIM + channel * 2;
+    return ((this.pci.bytes[at]! | (this.pci.bytes[at + 1]! << 8)) & IDETIM_DECODE) !== 0;
+  }
+
+  // Legacy ports -----------------------------------------------------------------
+
+  isaRead(region: string, offset: number, size: 1 | 2 | 4): number {
+    switch (region) {
+      case "primary":
+        return this.decodes(0) ? this.channels[0].readCommandBlock(offset, size) : ones(size);
+      case "secondary":
+        return this.decodes(1) ? this.channels[1].readCommandBlock(offset, size) : ones(size);
+      case "primary-control":
+        return this.decodes(0) && offset === 0 ? this.controlRead(0, size) : ones(size);
+      case "secondary-control":
+        return this.decodes(1) && offset === 0 ? this.controlRead(1, size) : ones(size);
+      default:
+        return ones(size);
+    }
+  }
+
+  isaWrite(region: string, offset: number, size: 1 | 2 | 4, value: number): void {
+    switch (region) {
+      case "primary":
+        if (this.decodes(0)) this.channels[0].writeCommandBlock(offset, size, value);
+        return;
+      case "secondary":
+        if (this.decodes(1)) this.channels[1].writeCommandBlock(offset, size, value);
+        return;
+      case "primary-control":
+        if (this.decodes(0) && offset === 0) this.channels[0].writeControl(value & 0xff);
+        return;
+      case "secondary-control":
+        if (this.decodes(1) && offset === 0) this.channels[1].writeControl(value & 0xff);
+        return;
+    }
+  }
+
+  /** A control block read: Alternate Status in the low byte; a wider access floats above it. */
+  private controlRead(channel: 0 | 1, size: 1 | 2 | 4): number {
+    const v = this.channels[channel].readControl();
+    return size === 1 ? v : ((ones(size) & ~0xff) | v) >>> 0;
+  }
+
+  // BAR4: bus master -------------------------------------------------------------
+
+  barRead(bar: number, offset: number, size: 1 | 2 | 4): number {
+    if (bar !== BUS_MASTER_BAR || offset < 0 || offset + size > 16) return ones(size);
+    let v = 0;
+    for (let i = 0; i < size; i++) {
+      const at = offset + i;
+      v |= this.channels[at >> 3]!.busMaster.readByte(at & 7) << (8 * i);
+    }
+    return v >>> 0;
+  }
+
+  barWrite(bar: number, offset: number, size: 1 | 2 | 4, value: number): void {
+    if (bar !== BUS_MASTER_BAR || offset < 0 || offset + size > 16) return;
+    for (let i = 0; i < size; i++) {
+      const at = offset + i;
+      const channel = this.channels[at >> 3]!;
+      if (channel.busMaster.writeByte(at & 7, (value >>> (8 * i)) & 0xff)) channel.busMasterStarted();
+    }
+  }
+
+  save(): SavedPiixIde {
+    return {
+      kind: "piix-ide",
+      version: 1,
+      pci: this.pci.saveRegisters(),
+      channels: this.channels.map((c) => ({
+        ...c.save(),
+        busMaster: c.busMaster.save(),
+        disks: c.devices.map((d) => (d instanceof AtaDisk ? d.saveDisk() : null)),
+        cdroms: c.devices.map((d) => (d instanceof AtapiCdrom ? d.saveCdrom() : null)),
+      })),
+    };
+  }
+}
