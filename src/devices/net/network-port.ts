@@ -283,3 +283,28 @@ export class MemoryPortPair {
     this.b.close();
   }
 }
+
+/**
+ * A reusable frame buffer that hands out `subarray` views by length, cached,
+ * so a NIC can pass `port.send(buffer.view(n))` without allocating a view per
+ * frame (each distinct length allocates its view once).
+ */
+export class FrameBuffer {
+  readonly bytes: Uint8Array;
+  private readonly views: (Uint8Array | undefined)[] = [];
+
+  constructor(readonly capacity: number) {
+    this.bytes = new Uint8Array(capacity);
+  }
+
+  /** The first `length` bytes (0 <= length <= capacity). */
+  view(length: number): Uint8Array {
+    let v = this.views[length];
+    if (v === undefined) {
+      if (!Number.isInteger(length) || length < 0 || length > this.capacity) throw new RangeError(`FrameBuffer.view: ${length} is outside 0..${this.capacity}`);
+      v = this.bytes.subarray(0, length);
+      this.views[length] = v;
+    }
+    return v;
+  }
+}
