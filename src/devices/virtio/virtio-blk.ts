@@ -1,0 +1,334 @@
+/**
+ * virtio-blk (virtio 1.1 spec 5.2): a block device over a synchronous
+ * `BlockDevice`, on the modern virtio-pci transport.
+ *
+ * Requests (5.2.6): IN, OUT, FLUSH, GET_ID (20-byte serial), DISCARD and
+ * WRITE_ZEROES (struct virtio_blk_discard_write_zeroes segments); anything
+ * else is VIRTIO_BLK_S_UNSUPP. Features offered: SEG_MAX, BLK_SIZE, TOPOLOGY,
+ * FLUSH, MQ (when more than one queue), RO (read-only disk; writes then get
+ * IOERR) or DISCARD + WRITE_ZEROES (writable disk). The configuration space
+ * (5.2.4) is 0x3c bytes: capacity in 512-byte sectors, seg_max, blk_size,
+ * topology, num_queues and the discard / write-zeroes limits.
+ *
+ * Framing is free (VIRTIO_F_VERSION_1 implies ANY_LAYOUT): the 16-byte header
+ * is the first 16 readable bytes, the status the last writable byte. Data
+ * moves straight between the BlockDevice and the guest's segment views, with
+ * no intermediate copy. A request past the capacity, a length that is not a
+ * multiple of the logical sector size or a short header gets IOERR; a
+ * BlockDevice error gets IOERR; a chain with no writable byte (nowhere to put
+ * the status) is a driver bug: the device then needs a reset.
+ *
+ * API:
+ *   createVirtioBlk(name, disk, services, { queues, serial?, queueSize? }): VirtioPciDevice
+ *   (the back end, a VirtioBlk, is `device.backend`; `stats` counts requests)
+ */
+import type { SavedDeviceState } from "../dependencies.js";
+import type { BlockDevice } from "../../storage/block-device.js";
+import type { PciDeviceServices } from "../pci/device-thread-services.js";
+import { DescriptorChain, VirtioError, type VirtQueue } from "./queue.js";
+import { VirtioPciDevice, featureBit, type VirtioBackend, type VirtioTransport } from "./pci-transport.js";
+
+export const VIRTIO_ID_BLOCK = 2;
+
+/** Feature bits (5.2.3). */
+export const VIRTIO_BLK_F = {
+  sizeMax: 1,
+  segMax: 2,
+  geometry: 4,
+  ro: 5,
+  blkSize: 6,
+  flush: 9,
+  topology: 10,
+  configWce: 11,
+  mq: 12,
+  discard: 13,
+  writeZeroes: 14,
+} as const;
+
+/** Request types (5.2.6). */
+export const VIRTIO_BLK_T = { in: 0, out: 1, flush: 4, getId: 8, getLifetime: 10, discard: 11, writeZeroes: 13, secureErase: 14 } as const;
+/** Status values (5.2.6). */
+export const VIRTIO_BLK_S = { ok: 0, ioerr: 1, unsupp: 2 } as const;
+
+/** Configuration layout (5.2.4). */
+export const VIRTIO_BLK_CONFIG = {
+  capacity: 0x00,
+  sizeMax: 0x08,
+  segMax: 0x0c,
+  geometry: 0x10,
+  blkSize: 0x14,
+  physicalBlockExp: 0x18,
+  alignmentOffset: 0x19,
+  minIoSize: 0x1a,
+  optIoSize: 0x1c,
+  writeback: 0x20,
+  numQueues: 0x22,
+  maxDiscardSectors: 0x24,
+  maxDiscardSeg: 0x28,
+  discardSectorAlignment: 0x2c,
+  maxWriteZeroesSectors: 0x30,
+  maxWriteZeroesSeg: 0x34,
+  writeZeroesMayUnmap: 0x38,
+  size: 0x3c,
+} as const;
+
+export const VIRTIO_BLK_ID_BYTES = 20;
+const SECTOR = 512;
+const MAX_DISCARD_SECTORS = 0x3f_ffff;
+const MAX_DISCARD_SEG = 16;
+const MAX_WRITE_ZEROES_SECTORS = 32768;
+const ZERO_CHUNK = 64 * 1024;
+
+export interface VirtioBlkOptions {
+  /** Request queues (VIRTIO_BLK_F_MQ when > 1): the integrator passes the vCPU count. */
+  readonly queues: number;
+  /** GET_ID answer (ASCII, at most 20 bytes used). */
+  readonly serial?: string;
+  /** Maximum queue size (power of two, default 256). */
+  readonly queueSize?: number;
+}
+
+export interface VirtioBlkStats {
+  requests: number;
+  readBytes: number;
+  writtenBytes: number;
+  flushes: number;
+  errors: number;
+  unsupported: number;
+}
+
+export interface VirtioBlkSavedState extends SavedDeviceState {
+  readonly kind: "virtio-blk";
+  readonly version: 1;
+  readonly capacitySectors: number;
+  readonly queues: number;
+}
+
+export class VirtioBlk implements VirtioBackend {
+  readonly deviceId = VIRTIO_ID_BLOCK;
+  readonly classCode = 0x010000; // mass storage, SCSI (as other hypervisors present virtio-blk)
+  readonly features: bigint;
+  readonly queueMaxSizes: readonly number[];
+  readonly configSize = VIRTIO_BLK_CONFIG.size;
+  readonly stats: VirtioBlkStats = { requests: 0, readBytes: 0, writtenBytes: 0, flushes: 0, errors: 0, unsupported: 0 };
+
+  private readonly config = new Uint8Array(VIRTIO_BLK_CONFIG.size);
+  private readonly serial = new Uint8Array(VIRTIO_BLK_ID_BYTES);
+  private transport: VirtioTransport | undefined;
+  private readonly chain = new DescriptorChain();
+  private readonly header = new Uint8Array(16);
+  private readonly headerView = new DataView(this.header.buffer);
+  private readonly zeros = new Uint8Array(ZERO_CHUNK);
+  private readonly sectorSize: number;
+
+  constructor(
+    readonly disk: BlockDevice,
+    opts: VirtioBlkOptions,
+  ) {
+    const n = opts.queues;
+    if (!Number.isInteger(n) || n < 1 || n > 256) throw new VirtioError("VIRTIO_BLK_BAD_QUEUES", `virtio-blk: ${n} queues (1..256)`, { path: disk.path });
+    const qs = opts.queueSize ?? 256;
+    this.queueMaxSizes = new Array<number>(n).fill(qs);
+    this.sectorSize = Math.max(SECTOR, disk.logicalSectorSize);
+    let f = featureBit(VIRTIO_BLK_F.segMax) | featureBit(VIRTIO_BLK_F.blkSize) | featureBit(VIRTIO_BLK_F.flush) | featureBit(VIRTIO_BLK_F.topology);
+    if (n > 1) f |= featureBit(VIRTIO_BLK_F.mq);
+    if (disk.readOnly) f |= featureBit(VIRTIO_BLK_F.ro);
+    else f |= featureBit(VIRTIO_BLK_F.discard) | featureBit(VIRTIO_BLK_F.writeZeroes);
+    this.features = f;
+
+    const c = new DataView(this.config.buffer);
+    const C = VIRTIO_BLK_CONFIG;
+    const sectors = Math.floor(disk.size / SECTOR);
+    c.setUint32(C.capacity, sectors % 2 ** 32, true);
+    c.setUint32(C.capacity + 4, Math.floor(sectors / 2 ** 32), true);
+    c.setUint32(C.segMax, Math.max(1, qs - 2), true);
+    c.setUint32(C.blkSize, this.sectorSize, true);
+    const ratio = Math.max(1, Math.floor(disk.physicalSectorSize / this.sectorSize));
+    c.setUint8(C.physicalBlockExp, Math.round(Math.log2(ratio)));
+    c.setUint16(C.minIoSize, 1, true);
+    c.setUint8(C.writeback, 1);
+    c.setUint16(C.numQueues, n, true);
+    c.setUint32(C.maxDiscardSectors, MAX_DISCARD_SECTORS, true);
+    c.setUint32(C.maxDiscardSeg, MAX_DISCARD_SEG, true);
+    c.setUint32(C.discardSectorAlignment, Math.max(1, disk.physicalSectorSize / SECTOR), true);
+    c.setUint32(C.maxWriteZeroesSectors, MAX_WRITE_ZEROES_SECTORS, true);
+    c.setUint32(C.maxWriteZeroesSeg, 1, true);
+    c.setUint8(C.writeZeroesMayUnmap, 0);
+    const s = opts.serial ?? "";
+    for (let i = 0; i < Math.min(s.length, VIRTIO_BLK_ID_BYTES); i++) this.serial[i] = s.charCodeAt(i) & 0x7f;
+  }
+
+  attach(transport: VirtioTransport): void {
+    this.transport = transport;
+  }
+
+  readConfig(offset: number, size: 1 | 2 | 4): number {
+    let v = 0;
+    for (let i = size - 1; i >= 0; i--) v = v * 256 + this.config[offset + i]!;
+    return v;
+  }
+
+  writeConfig(): void {
+    // writeback (CONFIG_WCE) is not offered: the configuration is read-only.
+  }
+
+  activate(): void {}
+  reset(): void {}
+
+  queueNotified(index: number): void {
+    const t = this.transport!;
+    const q = t.queues[index]!;
+    const chain = this.chain;
+    do {
+      q.disableNotifications();
+      while (q.pop(chain)) this.handle(q, chain);
+    } while (!q.enableNotifications());
+    t.signalUsed(index);
+  }
+
+  private handle(q: VirtQueue, chain: DescriptorChain): void {
+    if (chain.writableBytes < 1) {
+      q.fail("VIRTIO_BLK_NO_STATUS", `request ${chain.head} has no writable byte for its status`);
+      return;
+    }
+    this.stats.requests++;
+    const statusSeg = chain.writable[chain.writableCount - 1]!;
+    const dataIn = chain.writableBytes - 1;
+    let status: number = VIRTIO_BLK_S.ok;
+    let written = 0;
+    if (chain.readFrom(0, this.header) < 16) status = VIRTIO_BLK_S.ioerr;
+    else {
+      const h = this.headerView;
+      const type = h.getUint32(0, true);
+      const sectorLo = h.getUint32(8, true);
+      const sectorHi = h.getUint32(12, true);
+      // Sectors beyond 2^53 bytes cannot be in range: make them fail the range check.
+      const sector = sectorHi >= 2 ** 21 ? Number.MAX_SAFE_INTEGER : sectorHi * 2 ** 32 + sectorLo;
+      try {
+        switch (type) {
+          case VIRTIO_BLK_T.in:
+            status = this.read(chain, sector, dataIn);
+            if (status === VIRTIO_BLK_S.ok) written = dataIn;
+            break;
+          case VIRTIO_BLK_T.out:
+            status = this.write(chain, sector);
+            break;
+          case VIRTIO_BLK_T.flush:
+            this.disk.flush();
+            this.stats.flushes++;
+            break;
+          case VIRTIO_BLK_T.getId:
+            written = chain.writeTo(0, this.serial, 0, Math.min(VIRTIO_BLK_ID_BYTES, dataIn));
+            break;
+          case VIRTIO_BLK_T.discard:
+          case VIRTIO_BLK_T.writeZeroes:
+            status = this.discardOrZero(chain, type === VIRTIO_BLK_T.discard);
+            break;
+          default:
+            status = VIRTIO_BLK_S.unsupp;
+        }
+      } catch {
+        // DiskError (I/O failure) or anything the back end threw: the guest sees an I/O error.
+        status = VIRTIO_BLK_S.ioerr;
+        written = 0;
+      }
+    }
+    if (status === VIRTIO_BLK_S.ioerr) this.stats.errors++;
+    else if (status === VIRTIO_BLK_S.unsupp) this.stats.unsupported++;
+    statusSeg[statusSeg.length - 1] = status;
+    q.pushUsed(chain.head, written + 1);
+  }
+
+  private inRange(sector: number, bytes: number): boolean {
+    const offset = sector * SECTOR;
+    return offset + bytes <= this.disk.size && offset % this.sectorSize === 0 && bytes % this.sectorSize === 0;
+  }
+
+  private read(chain: DescriptorChain, sector: number, bytes: number): number {
+    if (!this.inRange(sector, bytes)) return VIRTIO_BLK_S.ioerr;
+    let pos = sector * SECTOR;
+    let left = bytes;
+    const segs = chain.writable;
+    for (let i = 0; i < chain.writableCount && left > 0; i++) {
+      const s = segs[i]!;
+      const n = Math.min(s.length, left);
+      this.disk.read(pos, n === s.length ? s : s.subarray(0, n));
+      pos += n;
+      left -= n;
+    }
+    this.stats.readBytes += bytes;
+    return VIRTIO_BLK_S.ok;
+  }
+
+  private write(chain: DescriptorChain, sector: number): number {
+    if (this.disk.readOnly) return VIRTIO_BLK_S.ioerr;
+    const bytes = chain.readableBytes - 16;
+    if (!this.inRange(sector, bytes)) return VIRTIO_BLK_S.ioerr;
+    let pos = sector * SECTOR;
+    let skip = 16;
+    const segs = chain.readable;
+    for (let i = 0; i < chain.readableCount; i++) {
+      const s = segs[i]!;
+      if (skip >= s.length) {
+        skip -= s.length;
+        continue;
+      }
+      const part = skip === 0 ? s : s.subarray(skip);
+      skip = 0;
+      this.disk.write(pos, part);
+      pos += part.length;
+    }
+    this.stats.writtenBytes += bytes;
+    return VIRTIO_BLK_S.ok;
+  }
+
+  private discardOrZero(chain: DescriptorChain, discard: boolean): number {
+    if (this.disk.readOnly) return VIRTIO_BLK_S.ioerr;
+    const f = this.transport!.negotiatedFeatures;
+    if ((f & featureBit(discard ? VIRTIO_BLK_F.discard : VIRTIO_BLK_F.writeZeroes)) === 0n) return VIRTIO_BLK_S.unsupp;
+    const bytes = chain.readableBytes - 16;
+    const segments = bytes / 16;
+    if (bytes === 0 || bytes % 16 !== 0) return VIRTIO_BLK_S.ioerr;
+    if (segments > (discard ? MAX_DISCARD_SEG : 1)) return VIRTIO_BLK_S.unsupp;
+    const h = this.headerView;
+    // Check every segment before acting on any.
+    for (let pass = 0; pass < 2; pass++) {
+      for (let k = 0; k < segments; k++) {
+        chain.readFrom(16 + 16 * k, this.header);
+        const lo = h.getUint32(0, true);
+        const hi = h.getUint32(4, true);
+        const count = h.getUint32(8, true);
+        const flags = h.getUint32(12, true);
+        const sector = hi >= 2 ** 21 ? Number.MAX_SAFE_INTEGER : hi * 2 ** 32 + lo;
+        if (pass === 0) {
+          if (discard ? flags !== 0 : (flags & ~1) !== 0) return VIRTIO_BLK_S.unsupp;
+          if (count > (discard ? MAX_DISCARD_SECTORS : MAX_WRITE_ZEROES_SECTORS)) return VIRTIO_BLK_S.ioerr;
+          if (!this.inRange(sector, count * SECTOR)) return VIRTIO_BLK_S.ioerr;
+          continue;
+        }
+        if (discard) this.disk.discard(sector * SECTOR, count * SECTOR);
+        else {
+          let pos = sector * SECTOR;
+          let left = count * SECTOR;
+          while (left > 0) {
+            const n = Math.min(left, ZERO_CHUNK);
+            this.disk.write(pos, n === ZERO_CHUNK ? this.zeros : this.zeros.subarray(0, n));
+            pos += n;
+            left -= n;
+          }
+          this.stats.writtenBytes += count * SECTOR;
+        }
+      }
+    }
+    return VIRTIO_BLK_S.ok;
+  }
+
+  save(): VirtioBlkSavedState {
+    return { kind: "virtio-blk", version: 1, capacitySectors: Math.floor(this.disk.size / SECTOR), queues: this.queueMaxSizes.length };
+  }
+}
+
+/** A virtio-blk PCI function over `disk`. */
+export function createVirtioBlk(name: string, disk: BlockDevice, services: PciDeviceServices, opts: VirtioBlkOptions): VirtioPciDevice {
+  return new VirtioPciDevice(name, new VirtioBlk(disk, opts), services);
+}

@@ -1,0 +1,303 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { createDisk, openDisk } from "../../../src/storage/open.js";
+import type { BlockDevice } from "../../../src/storage/block-device.js";
+import { VIRTIO_F, VIRTIO_STATUS as S, featureBit, type VirtioPciDevice } from "../../../src/devices/virtio/pci-transport.js";
+import { VIRTIO_BLK_CONFIG as K, VIRTIO_BLK_F, VIRTIO_BLK_S, VIRTIO_BLK_T, createVirtioBlk, type VirtioBlk } from "../../../src/devices/virtio/virtio-blk.js";
+import { TestVirtioDriver, makeServices, placeDevice, type Buffer, type DriverQueue, type TestServices } from "./virtio-driver.js";
+import { MemDisk } from "./mem-disk.js";
+
+const MiB = 1 << 20;
+const HDR = 0x200000;
+const DATA = 0x210000;
+const STATUS = 0x3f0000;
+const INDIRECT = 0x3f8000;
+
+const ALL = featureBit(VIRTIO_F.version1) | featureBit(VIRTIO_F.indirectDesc) | featureBit(VIRTIO_F.eventIdx) | 0xffff_ffffn;
+
+function make(disk: BlockDevice = new MemDisk(MiB), opts: { queues?: number; serial?: string; want?: bigint; msix?: boolean } = {}) {
+  const services = makeServices(4 * MiB);
+  const dev = createVirtioBlk("vblk0", disk, services, { queues: opts.queues ?? 1, ...(opts.serial !== undefined ? { serial: opts.serial } : {}) });
+  placeDevice(dev);
+  const drv = new TestVirtioDriver(dev, services);
+  assert.equal(drv.init({ want: opts.want ?? ALL, msix: opts.msix ?? true }), true);
+  return { services, dev, drv, disk, blk: dev.backend as VirtioBlk };
+}
+
+interface Req {
+  type: number;
+  sector?: number;
+  out?: Uint8Array;
+  inLen?: number;
+  /** Split layout: header + data share one readable descriptor; data + status one writable descriptor. */
+  merged?: boolean;
+  indirect?: boolean;
+}
+
+function header(type: number, sector: number): Uint8Array {
+  const h = new Uint8Array(16);
+  const dv = new DataView(h.buffer);
+  dv.setUint32(0, type, true);
+  dv.setUint32(8, sector % 2 ** 32, true);
+  dv.setUint32(12, Math.floor(sector / 2 ** 32), true);
+  return h;
+}
+
+/** Place a request without kicking; returns how to read its result. */
+function place(mem: TestServices["memory"], q: DriverQueue, r: Req, slot = 0): { head: number; statusAt: number; dataAt: number } {
+  const h = header(r.type, r.sector ?? 0);
+  const hdrAt = HDR + slot * 0x1000;
+  const dataAt = DATA + slot * 0x20000;
+  const statusAt = STATUS + slot * 16;
+  mem.bytes(statusAt, 1)[0] = 0xee;
+  const bufs: Buffer[] = [];
+  if (r.merged === true) {
+    const out = r.out ?? new Uint8Array(0);
+    mem.bytes(hdrAt, 16).set(h);
+    if (out.length > 0) mem.bytes(hdrAt + 16, out.length).set(out);
+    bufs.push({ addr: hdrAt, len: 16 + out.length, write: false });
+    // data-in and status in one writable descriptor
+    bufs.push({ addr: dataAt, len: (r.inLen ?? 0) + 1, write: true });
+    return { head: q.add(bufs, r.indirect === true ? { indirectAt: INDIRECT + slot * 0x100 } : {}), statusAt: dataAt + (r.inLen ?? 0), dataAt };
+  }
+  mem.bytes(hdrAt, 16).set(h);
+  bufs.push({ addr: hdrAt, len: 16, write: false });
+  if (r.out !== undefined) {
+    mem.bytes(dataAt, r.out.length).set(r.out);
+    bufs.push({ addr: dataAt, len: r.out.length, write: false });
+  }
+  if (r.inLen !== undefined && r.inLen > 0) bufs.push({ addr: dataAt, len: r.inLen, write: true });
+  bufs.push({ addr: statusAt, len: 1, write: true });
+  return { head: q.add(bufs, r.indirect === true ? { indirectAt: INDIRECT + slot * 0x100 } : {}), statusAt, dataAt };
+}
+
+function submit(t: ReturnType<typeof make>, r: Req, qi = 0): { status: number; len: number; data: Uint8Array } {
+  const q = t.drv.queues[qi]!;
+  const mem = t.services.memory;
+  const p = place(mem, q, r);
+  q.setUsedEvent(q.lastUsed); // callbacks enabled, as virtqueue_enable_cb leaves them
+  q.kick();
+  const used = q.takeUsed();
+  assert.equal(used.length, 1, "one used entry");
+  assert.equal(used[0]!.id, p.head);
+  q.numFree = q.size;
+  return { status: mem.bytes(p.statusAt, 1)[0]!, len: used[0]!.len, data: mem.read(p.dataAt, r.inLen ?? 0) };
+}
+
+function pattern(n: number, seed: number): Uint8Array {
+  const b = new Uint8Array(n);
+  for (let i = 0; i < n; i++) b[i] = (i * 31 + seed) & 0xff;
+  return b;
+}
+
+test("configuration space and features", () => {
+  const t = make(new MemDisk(8 * MiB, false, 512, 4096), { queues: 4 });
+  const offered = t.drv.offeredFeatures();
+  for (const f of [VIRTIO_BLK_F.segMax, VIRTIO_BLK_F.blkSize, VIRTIO_BLK_F.flush, VIRTIO_BLK_F.mq, VIRTIO_BLK_F.discard, VIRTIO_BLK_F.writeZeroes, VIRTIO_BLK_F.topology])
+    assert.ok((offered & featureBit(f)) !== 0n, `feature ${f}`);
+  assert.equal(offered & featureBit(VIRTIO_BLK_F.ro), 0n);
+  assert.equal(t.drv.deviceConfig(K.capacity, 4), 8 * MiB / 512);
+  assert.equal(t.drv.deviceConfig(K.capacity + 4, 4), 0);
+  assert.equal(t.drv.deviceConfig(K.segMax, 4), 254);
+  assert.equal(t.drv.deviceConfig(K.blkSize, 4), 512);
+  assert.equal(t.drv.deviceConfig(K.physicalBlockExp, 1), 3);
+  assert.equal(t.drv.deviceConfig(K.numQueues, 2), 4);
+  assert.equal(t.drv.deviceConfig(K.maxDiscardSeg, 4), 16);
+  assert.equal(t.drv.deviceConfig(K.maxWriteZeroesSeg, 4), 1);
+  assert.equal(t.drv.r16(0x12), 4, "num_queues in common config");
+  assert.equal(t.dev.pci.configRead(2, 2), 0x1042);
+  const ro = make(new MemDisk(MiB, true));
+  const f2 = ro.drv.offeredFeatures();
+  assert.ok((f2 & featureBit(VIRTIO_BLK_F.ro)) !== 0n);
+  assert.equal(f2 & featureBit(VIRTIO_BLK_F.discard), 0n);
+  assert.equal(f2 & featureBit(VIRTIO_BLK_F.mq), 0n);
+});
+
+test("write, read back, flush, get-id", () => {
+  const t = make(new MemDisk(MiB), { serial: "PARTIS-DISK-0123456789" });
+  const disk = t.disk as MemDisk;
+  const data = pattern(8192, 7);
+  assert.deepEqual(submit(t, { type: VIRTIO_BLK_T.out, sector: 10, out: data }), { status: 0, len: 1, data: new Uint8Array(0) });
+  assert.deepEqual(disk.data.subarray(5120, 5120 + 8192), data);
+  const r = submit(t, { type: VIRTIO_BLK_T.in, sector: 10, inLen: 8192 });
+  assert.equal(r.status, VIRTIO_BLK_S.ok);
+  assert.equal(r.len, 8193);
+  assert.deepEqual(r.data, data);
+  assert.equal(submit(t, { type: VIRTIO_BLK_T.flush }).status, 0);
+  assert.equal(disk.flushes, 1);
+  const id = submit(t, { type: VIRTIO_BLK_T.getId, inLen: 20 });
+  assert.equal(id.status, 0);
+  assert.equal(id.len, 21);
+  assert.equal(Buffer.from(id.data).toString("latin1"), "PARTIS-DISK-01234567");
+  assert.equal(t.blk.stats.requests, 4);
+  assert.ok(t.services.msi.count(1) >= 1, "queue 0 interrupt on vector 1");
+});
+
+test("free framing: header+data in one descriptor, data+status in one; indirect", () => {
+  const t = make();
+  const data = pattern(4096, 3);
+  assert.equal(submit(t, { type: VIRTIO_BLK_T.out, sector: 1, out: data, merged: true }).status, 0);
+  const r = submit(t, { type: VIRTIO_BLK_T.in, sector: 1, inLen: 4096, merged: true });
+  assert.equal(r.status, 0);
+  assert.deepEqual(r.data, data);
+  const r2 = submit(t, { type: VIRTIO_BLK_T.in, sector: 1, inLen: 4096, indirect: true });
+  assert.equal(r2.status, 0);
+  assert.deepEqual(r2.data, data);
+  assert.equal(submit(t, { type: VIRTIO_BLK_T.out, sector: 9, out: data, indirect: true, merged: true }).status, 0);
+  assert.deepEqual((t.disk as MemDisk).data.subarray(9 * 512, 9 * 512 + 4096), data);
+});
+
+test("out-of-range and misaligned requests get IOERR; unknown types UNSUPP; short header IOERR", () => {
+  const t = make(new MemDisk(MiB));
+  const last = MiB / 512;
+  assert.equal(submit(t, { type: VIRTIO_BLK_T.in, sector: last - 1, inLen: 512 }).status, 0);
+  assert.equal(submit(t, { type: VIRTIO_BLK_T.in, sector: last - 1, inLen: 1024 }).status, VIRTIO_BLK_S.ioerr);
+  assert.equal(submit(t, { type: VIRTIO_BLK_T.in, sector: last, inLen: 512 }).status, VIRTIO_BLK_S.ioerr);
+  assert.equal(submit(t, { type: VIRTIO_BLK_T.out, sector: 2 ** 60, out: new Uint8Array(512) }).status, VIRTIO_BLK_S.ioerr);
+  assert.equal(submit(t, { type: VIRTIO_BLK_T.out, sector: 0, out: new Uint8Array(100) }).status, VIRTIO_BLK_S.ioerr);
+  const bad = submit(t, { type: VIRTIO_BLK_T.in, sector: last + 5, inLen: 512 });
+  assert.equal(bad.len, 1, "only the status byte written");
+  assert.equal(submit(t, { type: 99 }).status, VIRTIO_BLK_S.unsupp);
+  assert.equal(submit(t, { type: VIRTIO_BLK_T.getLifetime, inLen: 16 }).status, VIRTIO_BLK_S.unsupp);
+  // A 10-byte header.
+  const q = t.drv.queues[0]!;
+  const mem = t.services.memory;
+  mem.bytes(STATUS, 1)[0] = 0xee;
+  q.add([{ addr: HDR, len: 10, write: false }, { addr: STATUS, len: 1, write: true }]);
+  q.kick();
+  assert.equal(q.takeUsed().length, 1);
+  assert.equal(mem.bytes(STATUS, 1)[0], VIRTIO_BLK_S.ioerr);
+  q.numFree = q.size;
+  assert.equal(t.drv.status() & S.needsReset, 0);
+  // Back end failure.
+  (t.disk as MemDisk).failNext = true;
+  assert.equal(submit(t, { type: VIRTIO_BLK_T.in, sector: 0, inLen: 512 }).status, VIRTIO_BLK_S.ioerr);
+  assert.equal(t.blk.stats.errors, 7);
+});
+
+test("a request with no writable byte makes the device need a reset", () => {
+  const t = make();
+  const q = t.drv.queues[0]!;
+  t.services.memory.bytes(HDR, 16).set(header(VIRTIO_BLK_T.flush, 0));
+  q.add([{ addr: HDR, len: 16, write: false }]);
+  q.kick();
+  assert.equal(t.drv.status() & S.needsReset, S.needsReset);
+  assert.equal(t.services.msi.count(0), 1, "config interrupt");
+  assert.match(t.dev.lastError ?? "", /VIRTIO_BLK_NO_STATUS/);
+});
+
+test("read-only disk: writes, discards and write-zeroes fail with IOERR; reads and flush work", () => {
+  const disk = new MemDisk(MiB, true);
+  disk.data.set(pattern(512, 1), 512);
+  const t = make(disk);
+  assert.equal(submit(t, { type: VIRTIO_BLK_T.out, sector: 1, out: new Uint8Array(512) }).status, VIRTIO_BLK_S.ioerr);
+  const seg = new Uint8Array(16);
+  new DataView(seg.buffer).setUint32(8, 1, true);
+  assert.equal(submit(t, { type: VIRTIO_BLK_T.discard, out: seg }).status, VIRTIO_BLK_S.ioerr);
+  assert.equal(submit(t, { type: VIRTIO_BLK_T.writeZeroes, out: seg }).status, VIRTIO_BLK_S.ioerr);
+  assert.equal(submit(t, { type: VIRTIO_BLK_T.flush }).status, 0);
+  const r = submit(t, { type: VIRTIO_BLK_T.in, sector: 1, inLen: 512 });
+  assert.equal(r.status, 0);
+  assert.deepEqual(r.data, pattern(512, 1));
+  assert.equal(disk.writes, 0);
+});
+
+function dwz(...segs: [number, number, number][]): Uint8Array {
+  const b = new Uint8Array(16 * segs.length);
+  const dv = new DataView(b.buffer);
+  segs.forEach(([sector, count, flags], i) => {
+    dv.setUint32(i * 16, sector, true);
+    dv.setUint32(i * 16 + 8, count, true);
+    dv.setUint32(i * 16 + 12, flags, true);
+  });
+  return b;
+}
+
+test("discard and write-zeroes", () => {
+  const t = make(new MemDisk(MiB));
+  const disk = t.disk as MemDisk;
+  disk.data.fill(0xab);
+  assert.equal(submit(t, { type: VIRTIO_BLK_T.discard, out: dwz([8, 8, 0], [100, 16, 0]) }).status, 0);
+  assert.deepEqual(disk.discards, [[4096, 4096], [51200, 8192]]);
+  assert.equal(submit(t, { type: VIRTIO_BLK_T.discard, out: dwz([8, 8, 1]) }).status, VIRTIO_BLK_S.unsupp, "unmap flag on discard");
+  assert.equal(submit(t, { type: VIRTIO_BLK_T.discard, out: dwz([2047, 2, 0]) }).status, VIRTIO_BLK_S.ioerr, "past the end");
+  assert.equal(submit(t, { type: VIRTIO_BLK_T.discard, out: new Uint8Array(20) }).status, VIRTIO_BLK_S.ioerr, "not whole segments");
+  const many = dwz(...Array.from({ length: 17 }, (_v, i): [number, number, number] => [i * 8, 8, 0]));
+  assert.equal(submit(t, { type: VIRTIO_BLK_T.discard, out: many }).status, VIRTIO_BLK_S.unsupp, "over max_discard_seg");
+  assert.equal(disk.discards.length, 2, "nothing discarded by rejected requests");
+  assert.equal(submit(t, { type: VIRTIO_BLK_T.writeZeroes, out: dwz([300, 200, 1]) }).status, 0);
+  assert.ok(disk.data.subarray(300 * 512, 500 * 512).every((b) => b === 0));
+  assert.equal(disk.data[300 * 512 - 1], 0xab);
+  assert.equal(disk.data[500 * 512], 0xab);
+  assert.equal(submit(t, { type: VIRTIO_BLK_T.writeZeroes, out: dwz([0, 8, 2]) }).status, VIRTIO_BLK_S.unsupp, "reserved flag");
+  assert.equal(submit(t, { type: VIRTIO_BLK_T.writeZeroes, out: dwz([0, 8, 0], [16, 8, 0]) }).status, VIRTIO_BLK_S.unsupp, "one segment only");
+  // Not negotiated -> UNSUPP.
+  const t2 = make(new MemDisk(MiB), { want: featureBit(VIRTIO_F.version1) });
+  assert.equal(submit(t2, { type: VIRTIO_BLK_T.discard, out: dwz([0, 8, 0]) }).status, VIRTIO_BLK_S.unsupp);
+});
+
+test("multi-queue: every queue serves requests on its own vector", () => {
+  const t = make(new MemDisk(MiB), { queues: 3 });
+  for (let qi = 0; qi < 3; qi++) {
+    assert.equal(submit(t, { type: VIRTIO_BLK_T.out, sector: qi * 8, out: pattern(4096, qi) }, qi).status, 0);
+    assert.deepEqual(submit(t, { type: VIRTIO_BLK_T.in, sector: qi * 8, inLen: 4096 }, qi).data, pattern(4096, qi));
+    assert.equal(t.services.msi.count(qi + 1), 2);
+  }
+});
+
+test("a batch of requests with EVENT_IDX: one kick, one interrupt", () => {
+  const t = make(new MemDisk(MiB));
+  const q = t.drv.queues[0]!;
+  q.setUsedEvent(0);
+  const heads: number[] = [];
+  for (let i = 0; i < 8; i++) heads.push(place(t.services.memory, q, { type: VIRTIO_BLK_T.out, sector: i * 8, out: pattern(4096, i) }, i).head);
+  q.kick();
+  assert.deepEqual(q.takeUsed().map((u) => u.id), heads);
+  assert.equal(t.services.msi.count(1), 1);
+  assert.equal(q.availEvent(), 8);
+  for (let i = 0; i < 8; i++) assert.deepEqual((t.disk as MemDisk).data.subarray(i * 4096, i * 4096 + 4096), pattern(4096, i));
+});
+
+test("INTx delivery when MSI-X is off", () => {
+  const t = make(new MemDisk(MiB), { msix: false });
+  assert.equal(submit(t, { type: VIRTIO_BLK_T.flush }).status, 0);
+  assert.equal(t.services.intx.level, true);
+  assert.equal(t.drv.r8(0x1000), 1);
+  assert.equal(t.services.intx.level, false);
+});
+
+test("a raw image file", () => {
+  const dir = mkdtempSync(join(tmpdir(), "partis-vblk-"));
+  try {
+    const path = join(dir, "disk.raw");
+    createDisk(path, "raw", { type: "fixed", size: 4 * MiB });
+    const disk = openDisk(path);
+    const t = make(disk);
+    const data = pattern(65536, 9);
+    assert.equal(submit(t, { type: VIRTIO_BLK_T.out, sector: 2048, out: data }).status, 0);
+    assert.equal(submit(t, { type: VIRTIO_BLK_T.flush }).status, 0);
+    assert.deepEqual(submit(t, { type: VIRTIO_BLK_T.in, sector: 2048, inLen: 65536 }).data, data);
+    assert.equal(submit(t, { type: VIRTIO_BLK_T.in, sector: 8192, inLen: 512 }).status, VIRTIO_BLK_S.ioerr);
+    disk.close();
+    const ro = openDisk(path, { readOnly: true });
+    const t2 = make(ro);
+    assert.deepEqual(submit(t2, { type: VIRTIO_BLK_T.in, sector: 2048, inLen: 65536 }).data, data);
+    assert.equal(submit(t2, { type: VIRTIO_BLK_T.out, sector: 0, out: data }).status, VIRTIO_BLK_S.ioerr);
+    ro.close();
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("device reset in the middle: queues are forgotten, a new probe works", () => {
+  const t = make(new MemDisk(MiB));
+  const dev: VirtioPciDevice = t.dev;
+  assert.equal(submit(t, { type: VIRTIO_BLK_T.flush }).status, 0);
+  t.drv.reset();
+  assert.equal(dev.queues[0]!.ready, false);
+  assert.equal(t.drv.init({ want: ALL }), true);
+  assert.equal(submit(t, { type: VIRTIO_BLK_T.flush }).status, 0);
+});
