@@ -37,7 +37,8 @@
  * --random-ops N (2000), --pio-seq-mib N (16), --pio-random-ops N (500),
  * --image-mib N (256), --only NAME[,NAME] (partis-virtio, partis-ide-dma,
  * partis-ide-pio, qemu-virtio, qemu-ide-dma), --dir D, --timeout S (300),
- * --prepare (build the guest program and initramfs, then exit).
+ * --prepare (build the guest program and initramfs, then exit),
+ * --guest-command NAME (print that configuration's guest shell command).
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { createHash } from "node:crypto";
@@ -184,14 +185,27 @@ function buildInitrd(baseInitrd: string, tool: string): string {
   return out;
 }
 
-/** The guest's command: wait for the disk, report the ATA transfer mode, run the tool, power off. */
+/**
+ * The guest's command: apply libata.* options, wait for the disk, report the
+ * ATA transfer mode, run the tool, power off.
+ *
+ * The default guest loads its modules with busybox insmod, which (unlike
+ * modprobe) does not pass `module.param=` options from the kernel command
+ * line, so `libata.force=` would be ignored: when present, libata and
+ * ata_piix are reloaded here with it before the disk is used.
+ */
 function guestCommand(c: Config): string {
   return [
+    `f=$(sed -n 's/.*libata[.]force=\\([^ ]*\\).*/\\1/p' /proc/cmdline)`,
+    `if [ -n "$f" ]; then`,
+    `  rmmod ata_piix libata`,
+    `  insmod /lib/modules/$(grep '/libata[.]ko' /lib/modules/load-order) force=$f && insmod /lib/modules/$(grep '/ata_piix[.]ko' /lib/modules/load-order) || echo "DISKBENCH-FAIL reloading libata with force=$f"`,
+    `  echo "DISKBENCH-NOTE libata reloaded with force=$f"`,
+    `fi`,
     `d=${c.device}; i=0`,
     `while [ ! -b $d ] && [ $i -lt 30 ]; do sleep 1; i=$((i+1)); done`,
-    `for f in /sys/class/ata_device/*/xfer_mode; do [ -e "$f" ] && echo "DISKBENCH-XFER $(basename $(dirname $f)) $(cat $f)"; done`,
-    `dmesg | grep -E 'ata[0-9.]+: configured for' | sed 's/^/DISKBENCH-DMESG /'`,
-    `grep -H . /sys/block/\${d#/dev/}/queue/max_sectors_kb 2>/dev/null | sed 's/^/DISKBENCH-QUEUE /'`,
+    `for a in /sys/class/ata_device/*; do [ "$(cat $a/class 2>/dev/null)" = ata ] && echo "DISKBENCH-XFER \${a##*/} $(cat $a/xfer_mode)"; done`,
+    `dmesg | grep -E 'ata[0-9.]+: FORCE' | sed 's/^/DISKBENCH-DMESG /'`,
     `/bin/diskbench $d ${c.seqMiB} ${c.randomOps}`,
     `echo DISKBENCH-EXIT $?`,
     `poweroff -f`,
@@ -315,7 +329,7 @@ function once(c: Config, kernel: string, initrd: string, dir: string): Promise<R
           };
         } else if ((m = /^DISKBENCH flush ms=([\d.]+)/.exec(line))) flushMs = Number(m[1]);
         else if ((m = /^DISKBENCH-XFER (\S+) (.*)$/.exec(line))) xfer.push(`${m[1]} ${m[2]}`);
-        else if ((m = /^DISKBENCH-DMESG .*?(ata[\d.]+: configured for .*)$/.exec(line))) xfer.push(m[1]!.trim());
+        else if ((m = /^DISKBENCH-DMESG .*?(ata[\d.]+: FORCE.*)$/.exec(line))) xfer.push(m[1]!.trim());
         else if (line.startsWith("DISKBENCH-FAIL")) finish(new RunFailure(line, out));
         else if ((m = /^DISKBENCH-EXIT (\d+)/.exec(line))) {
           if (m[1] !== "0") finish(new RunFailure(`guest tool exited with status ${m[1]}`, out));
@@ -408,6 +422,14 @@ function qemuVersion(): string {
 }
 
 async function main(): Promise<void> {
+  const show = value("--guest-command");
+  if (show !== undefined) {
+    // Debugging aid: the guest shell command of one configuration.
+    const c = CONFIGS.find((x) => x.name === show);
+    if (c === undefined) throw new Error(`--guest-command ${show}: none of ${CONFIGS.map((x) => x.name).join(", ")}`);
+    process.stdout.write(guestCommand(c) + "\n");
+    return;
+  }
   const guest = await prepareDefaultGuest({ log: (l) => process.stderr.write(`guest-disk: ${l}\n`) });
   const tool = buildGuestTool();
   const initrd = buildInitrd(guest.initrd, tool);
