@@ -36,7 +36,8 @@
  * Options: --quick (16 MiB, 500 reads), --runs N (1), --seq-mib N (64),
  * --random-ops N (2000), --pio-seq-mib N (16), --pio-random-ops N (500),
  * --image-mib N (256), --only NAME[,NAME] (partis-virtio, partis-ide-dma,
- * partis-ide-pio, qemu-virtio, qemu-ide-dma), --dir D, --timeout S (300),
+ * partis-ide-pio, qemu-virtio, qemu-ide-dma; qemu-ide-pio only when named or
+ * with --all), --all, --dir D, --timeout S (300),
  * --prepare (build the guest program and initramfs, then exit),
  * --guest-command NAME (print that configuration's guest shell command).
  */
@@ -97,6 +98,8 @@ interface Config {
   /** Expect libata to report a PIO mode. */
   readonly pio?: boolean;
   readonly extraAppend?: string;
+  /** Left out unless named by --only or --all. */
+  readonly optional?: boolean;
   readonly argv: (kernel: string, initrd: string, append: string, image: string) => { command: string; argv: string[] };
 }
 
@@ -148,6 +151,11 @@ const CONFIGS: readonly Config[] = [
   },
   {
     name: "qemu-ide-dma", label: "QEMU IDE (pc, BM-DMA)", vmm: "qemu", device: "/dev/sda", seqMiB, randomOps,
+    argv: (k, i, a, img) => ({ command: QEMU, argv: ["-M", "pc", ...qemuCommon(k, i, a), "-drive", `file=${img},if=ide,format=raw,cache=writeback`] }),
+  },
+  {
+    name: "qemu-ide-pio", label: "QEMU IDE (pc, PIO)", vmm: "qemu", device: "/dev/sda", seqMiB: pioSeqMiB, randomOps: pioRandomOps, pio: true,
+    extraAppend: "libata.force=pio4", optional: true,
     argv: (k, i, a, img) => ({ command: QEMU, argv: ["-M", "pc", ...qemuCommon(k, i, a), "-drive", `file=${img},if=ide,format=raw,cache=writeback`] }),
   },
 ];
@@ -439,7 +447,7 @@ async function main(): Promise<void> {
   }
   if (!existsSync(QEMU)) throw new Error("qemu-system-x86_64 is missing (apt-get install qemu-system-x86)");
   const only = value("--only")?.split(",");
-  const configs = only ? CONFIGS.filter((c) => only.includes(c.name)) : CONFIGS;
+  const configs = only ? CONFIGS.filter((c) => only.includes(c.name)) : CONFIGS.filter((c) => flag("--all") || c.optional !== true);
   if (configs.length === 0) throw new Error(`--only ${value("--only")}: none of ${CONFIGS.map((c) => c.name).join(", ")}`);
   const baseDir = value("--dir") ?? tmpdir();
   mkdirSync(baseDir, { recursive: true });
@@ -502,6 +510,7 @@ async function main(): Promise<void> {
     ["partis-ide-dma", "partis-ide-pio", "Partis IDE DMA ÷ Partis IDE PIO", ""],
     ["partis-virtio", "qemu-virtio", "Partis virtio-blk ÷ QEMU virtio-blk", "goal ≥ 1.0×"],
     ["partis-ide-dma", "qemu-ide-dma", "Partis IDE DMA ÷ QEMU IDE DMA", ""],
+    ["partis-ide-pio", "qemu-ide-pio", "Partis IDE PIO ÷ QEMU IDE PIO", ""],
     ["qemu-virtio", "qemu-ide-dma", "QEMU virtio-blk ÷ QEMU IDE DMA", "for scale"],
   ];
   console.log("");
