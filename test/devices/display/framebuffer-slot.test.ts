@@ -133,7 +133,8 @@ test("a libc view can back a slot too; slots are numbered apart; bad requests ar
       p.unmapDeviceMemory(a);
       const c = p.mapDeviceMemory(0xfd00_0000, mem.bytes); // the freed slot number and range are reusable
       assert.equal(c, a);
-      // b and c stay mapped: destroy() releases them.
+      p.unmapDeviceMemory(c); // before mem.close() unmaps the view KVM points at
+      // b stays mapped: destroy() releases the partition's own mapping.
     } finally {
       mem.close();
       libc.releaseMapping(view);
