@@ -1,0 +1,373 @@
+/**
+ * virtio-net (virtio 1.1 spec 5.1), device id 1, on the virtio-pci transport:
+ * one receive/transmit queue pair (receiveq1 = 0, transmitq1 = 1), no control
+ * queue, no offloads. Frames go to and come from a `NetworkPort`.
+ *
+ * Features offered: VIRTIO_NET_F_MAC (5.1.4: the MAC in the configuration),
+ * VIRTIO_NET_F_STATUS (link up while a port is attached; `setLinkUp` changes
+ * it with a configuration interrupt), VIRTIO_NET_F_MRG_RXBUF (5.1.6.3.1: a
+ * received frame may span several receive chains, counted in num_buffers).
+ * Every buffer starts with struct virtio_net_hdr_v1 (12 bytes, 5.1.6: the
+ * num_buffers field is always present with VIRTIO_F_VERSION_1); the device
+ * writes flags 0, gso_type NONE and num_buffers (1 without MRG_RXBUF), and
+ * ignores the driver's transmit header (no CSUM/GSO negotiated).
+ *
+ * Receive: the port's fd is watched; each frame is read into one reusable
+ * frame buffer and copied from there into the guest's receive chain(s) (one
+ * copy; the port API hands frames to a caller buffer). When the guest has no
+ * receive buffer the frame is held, the port is not read any more (the host
+ * queue buffers, then drops) and the device asks for a notification; new
+ * buffers resume it. A frame that does not fit one chain without MRG_RXBUF, or
+ * the available chains with it, waits for more buffers (or is dropped when it
+ * could never fit the whole queue).
+ *
+ * Transmit: each chain is gathered (after the 12-byte header) into one
+ * reusable buffer and handed to port.send; the chain completes at once (a
+ * frame the port refuses is dropped and counted, as on a congested link).
+ *
+ * Malformed requests (a receive chain with no room for the header, a transmit
+ * chain shorter than the header) are protocol errors: the queue fails and the
+ * transport sets DEVICE_NEEDS_RESET.
+ *
+ * API:
+ *   createVirtioNet(name, port | undefined, services, { mac, queueSize? }): VirtioNetDevice (a PciDevice)
+ *   device.net: VirtioNet (counters, setLinkUp(up), close())
+ */
+import type { SavedDeviceState } from "../dependencies.js";
+import type { FdWatch, PciDeviceServices } from "../pci/device-thread-services.js";
+import { PciDeviceError } from "../pci/pci-config.js";
+import { DescriptorChain, type VirtQueue } from "../virtio/queue.js";
+import { VirtioPciDevice, featureBit, type VirtioBackend, type VirtioTransport } from "../virtio/pci-transport.js";
+import { FrameBuffer, MAX_PORT_FRAME_BYTES, type NetworkPort } from "./network-port.js";
+
+export const VIRTIO_ID_NET = 1;
+
+/** Feature bit numbers (5.1.3). */
+export const VIRTIO_NET_F = {
+  csum: 0,
+  guestCsum: 1,
+  mtu: 3,
+  mac: 5,
+  guestTso4: 7,
+  hostTso4: 11,
+  mrgRxbuf: 15,
+  status: 16,
+  ctrlVq: 17,
+  ctrlRx: 18,
+  mq: 22,
+} as const;
+
+/** Configuration layout (5.1.4). */
+export const VIRTIO_NET_CONFIG = { mac: 0, status: 6, maxVirtqueuePairs: 8, size: 10 } as const;
+export const VIRTIO_NET_S_LINK_UP = 1;
+/** struct virtio_net_hdr_v1. */
+export const VIRTIO_NET_HDR_BYTES = 12;
+const NUM_BUFFERS_OFFSET = 10;
+
+const RX = 0;
+const TX = 1;
+/** Frames moved per readable event before yielding to the loop (the fd stays readable). */
+const RX_BATCH = 256;
+
+export interface VirtioNetOptions {
+  readonly mac: Uint8Array;
+  /** Size of each queue (default 256). */
+  readonly queueSize?: number;
+}
+
+export interface VirtioNetCounters {
+  rxFrames: number;
+  rxBytes: number;
+  /** Frames dropped on receive (larger than the whole receive queue can take, device not running). */
+  rxDropped: number;
+  /** Times the receive path paused for want of guest buffers. */
+  rxWaits: number;
+  txFrames: number;
+  txBytes: number;
+  /** Frames the port refused (peer missing, queue full) or that were too long, or sent with no port. */
+  txDropped: number;
+}
+
+export interface VirtioNetSaved extends SavedDeviceState {
+  readonly kind: "virtio-net";
+  readonly version: 1;
+  readonly mac: number[];
+  readonly linkUp: boolean;
+}
+
+export class VirtioNet implements VirtioBackend {
+  readonly deviceId = VIRTIO_ID_NET;
+  readonly classCode = 0x020000; // Ethernet controller
+  readonly features = featureBit(VIRTIO_NET_F.mac) | featureBit(VIRTIO_NET_F.status) | featureBit(VIRTIO_NET_F.mrgRxbuf);
+  readonly queueMaxSizes: readonly number[];
+  readonly configSize = VIRTIO_NET_CONFIG.size;
+  readonly counters: VirtioNetCounters = { rxFrames: 0, rxBytes: 0, rxDropped: 0, rxWaits: 0, txFrames: 0, txBytes: 0, txDropped: 0 };
+
+  private transport: VirtioTransport | undefined;
+  private readonly config = new Uint8Array(VIRTIO_NET_CONFIG.size);
+  private linkUp: boolean;
+  private mergeable = false;
+  private watch: FdWatch | undefined;
+  private readonly onReadable = (): void => this.receive();
+
+  // Receive: the frame being placed (held while the guest has no room for it).
+  private readonly rxFrame = new Uint8Array(MAX_PORT_FRAME_BYTES);
+  private heldLength = 0;
+  private readonly hdr = new Uint8Array(VIRTIO_NET_HDR_BYTES);
+  /** The first chain of a frame (kept while the following chains are popped into `rxChain`). */
+  private readonly firstChain = new DescriptorChain();
+  private readonly rxChain = new DescriptorChain();
+  /** Heads and lengths of the chains one frame is spread over (in order). */
+  private readonly spreadHeads: Uint32Array;
+  private readonly spreadLengths: Uint32Array;
+  /** Chains popped so far for the frame being placed (mergeable; 0 = none) and their writable bytes. */
+  private spreadChains = 0;
+  private spreadRoom = 0;
+
+  // Transmit.
+  private readonly txChain = new DescriptorChain();
+  private readonly txFrame = new FrameBuffer(MAX_PORT_FRAME_BYTES);
+
+  constructor(
+    private readonly port: NetworkPort | undefined,
+    opts: VirtioNetOptions,
+  ) {
+    if (opts.mac.length !== 6) throw new PciDeviceError("VIRTIO_NET_BAD_MAC", `a MAC address has 6 bytes, not ${opts.mac.length}`);
+    const qs = opts.queueSize ?? 256;
+    this.queueMaxSizes = [qs, qs];
+    this.spreadHeads = new Uint32Array(qs);
+    this.spreadLengths = new Uint32Array(qs);
+    this.config.set(opts.mac, VIRTIO_NET_CONFIG.mac);
+    this.config[VIRTIO_NET_CONFIG.maxVirtqueuePairs] = 1;
+    this.linkUp = port !== undefined;
+    this.writeStatus();
+  }
+
+  private writeStatus(): void {
+    this.config[VIRTIO_NET_CONFIG.status] = this.linkUp ? VIRTIO_NET_S_LINK_UP : 0;
+    this.config[VIRTIO_NET_CONFIG.status + 1] = 0;
+  }
+
+  /** Report the link up or down (a configuration change interrupt when the driver runs). */
+  setLinkUp(up: boolean): void {
+    if (up === this.linkUp) return;
+    this.linkUp = up;
+    this.writeStatus();
+    this.transport?.configChanged();
+  }
+
+  /** Stop watching the port (the owner closes the port itself). */
+  close(): void {
+    this.disarm();
+  }
+
+  attach(transport: VirtioTransport): void {
+    this.transport = transport;
+  }
+
+  readConfig(offset: number, size: 1 | 2 | 4): number {
+    let v = 0;
+    for (let i = size - 1; i >= 0; i--) v = v * 256 + (this.config[offset + i] ?? 0);
+    return v >>> 0;
+  }
+
+  writeConfig(): void {
+    // The MAC is read-only for a modern driver without VIRTIO_NET_F_CTRL_MAC_ADDR (5.1.4.2).
+  }
+
+  activate(_queues: readonly VirtQueue[], features: bigint): void {
+    this.mergeable = (features & featureBit(VIRTIO_NET_F.mrgRxbuf)) !== 0n;
+    this.receive();
+  }
+
+  reset(): void {
+    this.disarm();
+    if (this.heldLength > 0) this.counters.rxDropped++;
+    this.heldLength = 0;
+    this.spreadChains = 0;
+    this.mergeable = false;
+  }
+
+  queueNotified(index: number): void {
+    if (index === TX) this.transmit();
+    else if (index === RX) this.receive();
+  }
+
+  private arm(): void {
+    if (this.watch === undefined && this.port !== undefined) this.watch = this.transport!.loop.watch(this.port.fd, this.onReadable);
+  }
+
+  private disarm(): void {
+    this.watch?.close();
+    this.watch = undefined;
+  }
+
+  // --- receive ----------------------------------------------------------------------------------
+
+  /** The port is readable or the guest added receive buffers: move frames in. */
+  private receive(): void {
+    const t = this.transport!;
+    const port = this.port;
+    if (port === undefined) return;
+    const q = t.queues[RX]!;
+    if (!t.active || !q.ready) {
+      // Nothing can be received now; resumed by activate() / the next notification.
+      this.disarm();
+      return;
+    }
+    let pushed = false;
+    q.disableNotifications();
+    let received = 0;
+    for (;;) {
+      if (this.heldLength === 0) {
+        // The batch ends between frames, never with one held.
+        if (received === RX_BATCH) break;
+        const n = port.receive(this.rxFrame);
+        if (n === 0) break;
+        this.heldLength = n;
+        received++;
+      }
+      const r = this.place(q, this.heldLength);
+      if (r === "wait") {
+        // No room: ask for a notification; if buffers came meanwhile, go on.
+        if (!q.enableNotifications()) {
+          q.disableNotifications();
+          continue;
+        }
+        this.counters.rxWaits++;
+        this.disarm();
+        if (pushed) t.signalUsed(RX);
+        return;
+      }
+      if (r === "error") {
+        this.disarm();
+        return;
+      }
+      if (r === "ok") pushed = true;
+      this.heldLength = 0;
+    }
+    this.arm();
+    if (pushed) t.signalUsed(RX);
+  }
+
+  /**
+   * Put rxFrame[0..len) with its header into the guest's receive chains.
+   * "wait": not enough buffers now (chains popped so far are kept for the next
+   * try); "dropped": the frame can never fit; "error": the ring is broken.
+   */
+  private place(q: VirtQueue, len: number): "ok" | "wait" | "dropped" | "error" {
+    const first = this.firstChain;
+    const total = VIRTIO_NET_HDR_BYTES + len;
+    if (this.spreadChains === 0) {
+      if (!q.pop(first)) return q.error !== undefined ? "error" : "wait";
+      if (first.writableBytes < VIRTIO_NET_HDR_BYTES) {
+        q.fail("VIRTIO_NET_BAD_RX_BUFFER", `receive chain ${first.head} has ${first.writableBytes} writable bytes, less than the ${VIRTIO_NET_HDR_BYTES}-byte header`);
+        return "error";
+      }
+      if (!this.mergeable) {
+        if (first.writableBytes < total) {
+          // Without mergeable buffers the driver sizes its buffers for its MTU: a longer frame is dropped.
+          q.unpop();
+          this.counters.rxDropped++;
+          return "dropped";
+        }
+        this.hdr[NUM_BUFFERS_OFFSET] = 1;
+        this.hdr[NUM_BUFFERS_OFFSET + 1] = 0;
+        first.writeTo(0, this.hdr);
+        first.writeTo(VIRTIO_NET_HDR_BYTES, this.rxFrame, 0, len);
+        q.pushUsed(first.head, total);
+        this.counted(len);
+        return "ok";
+      }
+      this.spreadHeads[0] = first.head;
+      this.spreadLengths[0] = Math.min(first.writableBytes, total);
+      this.spreadRoom = first.writableBytes;
+      this.spreadChains = 1;
+    }
+    // Mergeable: spread over as many chains as needed (5.1.6.4.2).
+    const c = this.rxChain;
+    while (this.spreadRoom < total) {
+      if (this.spreadChains >= q.size) {
+        // Even the whole queue is too small: give the chains back, drop the frame.
+        for (let k = 0; k < this.spreadChains; k++) q.unpop();
+        this.spreadChains = 0;
+        this.counters.rxDropped++;
+        return "dropped";
+      }
+      if (!q.pop(c)) return q.error !== undefined ? "error" : "wait";
+      if (c.writableBytes === 0) {
+        q.fail("VIRTIO_NET_BAD_RX_BUFFER", `receive chain ${c.head} has no writable bytes`);
+        return "error";
+      }
+      const room = this.spreadRoom;
+      const take = Math.min(c.writableBytes, total - room);
+      c.writeTo(0, this.rxFrame, room - VIRTIO_NET_HDR_BYTES, take);
+      this.spreadHeads[this.spreadChains] = c.head;
+      this.spreadLengths[this.spreadChains] = take;
+      this.spreadChains++;
+      this.spreadRoom = room + c.writableBytes;
+    }
+    const chains = this.spreadChains;
+    this.spreadChains = 0;
+    this.hdr[NUM_BUFFERS_OFFSET] = chains & 0xff;
+    this.hdr[NUM_BUFFERS_OFFSET + 1] = chains >> 8;
+    first.writeTo(0, this.hdr);
+    first.writeTo(VIRTIO_NET_HDR_BYTES, this.rxFrame, 0, Math.min(len, first.writableBytes - VIRTIO_NET_HDR_BYTES));
+    for (let k = 0; k < chains; k++) q.pushUsed(this.spreadHeads[k]!, this.spreadLengths[k]!);
+    this.counted(len);
+    return "ok";
+  }
+
+  private counted(len: number): void {
+    this.counters.rxFrames++;
+    this.counters.rxBytes += len;
+  }
+
+  // --- transmit ---------------------------------------------------------------------------------
+
+  private transmit(): void {
+    const t = this.transport!;
+    const q = t.queues[TX]!;
+    const c = this.txChain;
+    const buf = this.txFrame;
+    do {
+      q.disableNotifications();
+      while (q.pop(c)) {
+        if (c.readableBytes < VIRTIO_NET_HDR_BYTES) {
+          q.fail("VIRTIO_NET_BAD_TX_BUFFER", `transmit chain ${c.head} has ${c.readableBytes} bytes, less than the ${VIRTIO_NET_HDR_BYTES}-byte header`);
+          t.signalUsed(TX);
+          return;
+        }
+        const len = c.readableBytes - VIRTIO_NET_HDR_BYTES;
+        if (len === 0 || len > buf.capacity || this.port === undefined) this.counters.txDropped++;
+        else {
+          c.readFrom(VIRTIO_NET_HDR_BYTES, buf.bytes, 0, len);
+          if (this.port.send(buf.view(len))) {
+            this.counters.txFrames++;
+            this.counters.txBytes += len;
+          } else this.counters.txDropped++;
+        }
+        q.pushUsed(c.head, 0);
+      }
+    } while (!q.enableNotifications());
+    t.signalUsed(TX);
+  }
+
+  save(): VirtioNetSaved {
+    return { kind: "virtio-net", version: 1, mac: Array.from(this.config.subarray(0, 6)), linkUp: this.linkUp };
+  }
+}
+
+/** The virtio-net PCI function. */
+export class VirtioNetDevice extends VirtioPciDevice {
+  readonly net: VirtioNet;
+  constructor(name: string, port: NetworkPort | undefined, services: PciDeviceServices, opts: VirtioNetOptions) {
+    const backend = new VirtioNet(port, opts);
+    super(name, backend, services);
+    this.net = backend;
+  }
+}
+
+export function createVirtioNet(name: string, port: NetworkPort | undefined, services: PciDeviceServices, opts: VirtioNetOptions): VirtioNetDevice {
+  return new VirtioNetDevice(name, port, services, opts);
+}

@@ -1,0 +1,379 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import * as fs from "node:fs";
+import * as os from "node:os";
+import * as path from "node:path";
+import { VIRTIO_F, VIRTIO_STATUS as S, featureBit } from "../../../src/devices/virtio/pci-transport.js";
+import { DatagramPairPort, MAX_PORT_FRAME_BYTES, MemoryPortPair, type NetworkPort } from "../../../src/devices/net/network-port.js";
+import { VIRTIO_NET_CONFIG as K, VIRTIO_NET_F, VIRTIO_NET_HDR_BYTES as HDR, createVirtioNet, type VirtioNetDevice } from "../../../src/devices/net/virtio-net.js";
+import { TestVirtioDriver, makeServices, placeDevice, type DriverQueue, type TestServices } from "../virtio/virtio-driver.js";
+
+const MAC = Uint8Array.from([0x52, 0x54, 0x00, 0x00, 0x00, 0xa0]);
+const PEER = Uint8Array.from([0x52, 0x54, 0x00, 0x00, 0x00, 0xb0]);
+const BASE = featureBit(VIRTIO_F.version1) | featureBit(VIRTIO_F.indirectDesc) | featureBit(VIRTIO_F.eventIdx);
+const MRG = featureBit(VIRTIO_NET_F.mrgRxbuf);
+const NET = featureBit(VIRTIO_NET_F.mac) | featureBit(VIRTIO_NET_F.status);
+const RXQ = 0;
+const TXQ = 1;
+/** Buffer area in test RAM (rings are allocated below it). */
+const BUF = 0x40000;
+
+function frame(len: number, seed: number, dst = PEER, src = MAC): Uint8Array {
+  const f = new Uint8Array(len);
+  f.set(dst, 0);
+  f.set(src, 6);
+  f[12] = 0x08;
+  f[13] = 0x00;
+  for (let i = 14; i < len; i++) f[i] = (i * 31 + seed * 7) & 0xff;
+  return f;
+}
+
+interface Rig {
+  services: TestServices;
+  dev: VirtioNetDevice;
+  drv: TestVirtioDriver;
+  /** The other end of the cable. */
+  wire: NetworkPort & { pending?: number };
+  port: NetworkPort & { pending?: number };
+  rx: DriverQueue;
+  tx: DriverQueue;
+  /** Poll reports the device's port readable. */
+  pump(): void;
+}
+
+function make(opts: { want?: bigint; queueSize?: number; port?: "memory" | "none" } = {}): Rig {
+  const services = makeServices(1 << 20);
+  const pair = new MemoryPortPair("vnet", 256);
+  const port = opts.port === "none" ? undefined : pair.a;
+  const dev = createVirtioNet("vnet0", port, services, { mac: MAC, ...(opts.queueSize !== undefined ? { queueSize: opts.queueSize } : {}) });
+  placeDevice(dev);
+  const drv = new TestVirtioDriver(dev, services);
+  assert.equal(drv.init({ want: opts.want ?? (BASE | NET | MRG) }), true);
+  return {
+    services,
+    dev,
+    drv,
+    wire: pair.b,
+    port: pair.a,
+    rx: drv.queues[RXQ]!,
+    tx: drv.queues[TXQ]!,
+    pump: () => {
+      for (let i = 0; i < 100 && pair.a.pending > 0 && services.loop.active(pair.a.fd) > 0; i++) services.loop.fire(pair.a.fd);
+    },
+  };
+}
+
+/** Post `count` receive buffers of `size` bytes each (one writable descriptor) at slots from `slot`. */
+function postRx(r: Rig, count: number, size: number, slot = 0): number[] {
+  const heads: number[] = [];
+  for (let i = 0; i < count; i++) heads.push(r.rx.add([{ addr: BUF + (slot + i) * 0x800 * Math.ceil(size / 0x800), len: size, write: true }]));
+  return heads;
+}
+
+function bufAddr(size: number, slot: number): number {
+  return BUF + slot * 0x800 * Math.ceil(size / 0x800);
+}
+
+/** Reassemble received frames from the used ring (mergeable-aware). */
+function takeFrames(r: Rig, size: number, slotOf: (head: number) => number): { header: Uint8Array; data: Uint8Array; buffers: number }[] {
+  const used = r.rx.takeUsed();
+  const out: { header: Uint8Array; data: Uint8Array; buffers: number }[] = [];
+  let i = 0;
+  while (i < used.length) {
+    const firstAt = bufAddr(size, slotOf(used[i]!.id));
+    const header = r.services.memory.read(firstAt, HDR);
+    const n = header[10]! | (header[11]! << 8);
+    const parts: Uint8Array[] = [r.services.memory.read(firstAt + HDR, used[i]!.len - HDR)];
+    for (let k = 1; k < n; k++) parts.push(r.services.memory.read(bufAddr(size, slotOf(used[i + k]!.id)), used[i + k]!.len));
+    const total = parts.reduce((a, p) => a + p.length, 0);
+    const data = new Uint8Array(total);
+    let o = 0;
+    for (const p of parts) {
+      data.set(p, o);
+      o += p.length;
+    }
+    out.push({ header, data, buffers: n });
+    i += Math.max(n, 1);
+  }
+  return out;
+}
+
+function wireFrames(port: NetworkPort): Uint8Array[] {
+  const out: Uint8Array[] = [];
+  const buf = new Uint8Array(MAX_PORT_FRAME_BYTES);
+  for (let n; (n = port.receive(buf)) > 0; ) out.push(buf.slice(0, n));
+  return out;
+}
+
+test("identity and configuration: 1af4:1041, Ethernet class, MAC and link status, offered features", () => {
+  const r = make();
+  assert.equal(r.dev.pci.configRead(2, 2), 0x1041);
+  assert.equal(r.dev.pci.configRead(0x08, 4) >>> 8, 0x020000);
+  const offered = r.drv.offeredFeatures();
+  for (const f of [VIRTIO_NET_F.mac, VIRTIO_NET_F.status, VIRTIO_NET_F.mrgRxbuf]) assert.ok((offered & featureBit(f)) !== 0n, `feature ${f}`);
+  for (const f of [VIRTIO_NET_F.csum, VIRTIO_NET_F.hostTso4, VIRTIO_NET_F.ctrlVq, VIRTIO_NET_F.mq]) assert.equal(offered & featureBit(f), 0n, `no feature ${f}`);
+  assert.deepEqual(Array.from({ length: 6 }, (_, i) => r.drv.deviceConfig(K.mac + i, 1)), [...MAC]);
+  assert.equal(r.drv.deviceConfig(K.status, 2), 1, "link up");
+  assert.equal(r.drv.deviceConfig(K.maxVirtqueuePairs, 2), 1);
+  r.dev.barWrite(0, 0x2000, 1, 0x99);
+  assert.equal(r.drv.deviceConfig(K.mac, 1), MAC[0], "MAC read-only");
+  const before = r.services.msi.count(0);
+  r.dev.net.setLinkUp(false);
+  assert.equal(r.drv.deviceConfig(K.status, 2), 0);
+  assert.equal(r.services.msi.count(0), before + 1, "configuration interrupt");
+  assert.equal(make({ port: "none" }).drv.deviceConfig(K.status, 2), 0, "no port: link down");
+});
+
+test("transmit: header skipped, frame gathered from any layout (one descriptor, split, indirect) to the port", () => {
+  const r = make();
+  const mem = r.services.memory;
+  const frames = [frame(60, 1), frame(1514, 2), frame(342, 3)];
+  // 1: header and frame in one descriptor.
+  mem.write(BUF, new Uint8Array(HDR));
+  mem.write(BUF + HDR, frames[0]!);
+  r.tx.add([{ addr: BUF, len: HDR + 60, write: false }]);
+  // 2: header alone, then the frame in three pieces.
+  mem.write(BUF + 0x1000, new Uint8Array(HDR));
+  const f1 = frames[1]!;
+  mem.write(BUF + 0x2000, f1.subarray(0, 100));
+  mem.write(BUF + 0x3000, f1.subarray(100, 1000));
+  mem.write(BUF + 0x4000, f1.subarray(1000));
+  r.tx.add([
+    { addr: BUF + 0x1000, len: HDR, write: false },
+    { addr: BUF + 0x2000, len: 100, write: false },
+    { addr: BUF + 0x3000, len: 900, write: false },
+    { addr: BUF + 0x4000, len: 514, write: false },
+  ]);
+  // 3: indirect, header split across descriptors.
+  mem.write(BUF + 0x5000, new Uint8Array(5));
+  mem.write(BUF + 0x5100, new Uint8Array(HDR - 5));
+  mem.write(BUF + 0x5200, frames[2]!);
+  r.tx.add(
+    [
+      { addr: BUF + 0x5000, len: 5, write: false },
+      { addr: BUF + 0x5100, len: HDR - 5, write: false },
+      { addr: BUF + 0x5200, len: 342, write: false },
+    ],
+    { indirectAt: BUF + 0x6000 },
+  );
+  r.tx.kick();
+  const sent = wireFrames(r.wire);
+  assert.equal(sent.length, 3);
+  for (let i = 0; i < 3; i++) assert.deepEqual([...sent[i]!], [...frames[i]!]);
+  const used = r.tx.takeUsed();
+  assert.equal(used.length, 3);
+  assert.ok(used.every((u) => u.len === 0));
+  assert.ok(r.services.msi.count(TXQ + 1) >= 1, "transmit interrupt");
+  assert.equal(r.dev.net.counters.txFrames, 3);
+  assert.equal(r.dev.net.counters.txBytes, 60 + 1514 + 342);
+});
+
+test("receive without MRG_RXBUF: one buffer per frame, num_buffers 1, frames in order", () => {
+  const r = make({ want: BASE | NET });
+  const size = 1526;
+  postRx(r, 8, size);
+  r.rx.kick();
+  const sent = [frame(60, 1, MAC, PEER), frame(1514, 2, MAC, PEER), frame(42, 3, MAC, PEER)];
+  for (const f of sent) r.wire.send(f);
+  r.pump();
+  const got = takeFrames(r, size, (h) => h);
+  assert.equal(got.length, 3);
+  for (let i = 0; i < 3; i++) {
+    assert.deepEqual([...got[i]!.data], [...sent[i]!]);
+    assert.equal(got[i]!.buffers, 1);
+    assert.deepEqual([...got[i]!.header.subarray(0, 10)], new Array(10).fill(0));
+  }
+  assert.ok(r.services.msi.count(RXQ + 1) >= 1, "receive interrupt");
+  // A frame longer than the buffer is dropped; the buffer serves the next one.
+  r.wire.send(frame(1600, 4, MAC, PEER));
+  r.wire.send(frame(100, 5, MAC, PEER));
+  r.pump();
+  const next = takeFrames(r, size, (h) => h);
+  assert.equal(next.length, 1);
+  assert.equal(next[0]!.data.length, 100);
+  assert.equal(r.dev.net.counters.rxDropped, 1);
+});
+
+test("receive with MRG_RXBUF: a frame spread over several small buffers, num_buffers counts them", () => {
+  const r = make();
+  const size = 256;
+  postRx(r, 32, size);
+  r.rx.kick();
+  const f = frame(1514, 9, MAC, PEER);
+  r.wire.send(f);
+  r.wire.send(frame(100, 10, MAC, PEER));
+  r.pump();
+  const got = takeFrames(r, size, (h) => h);
+  assert.equal(got.length, 2);
+  assert.equal(got[0]!.buffers, Math.ceil((1514 + HDR) / size));
+  assert.deepEqual([...got[0]!.data], [...f]);
+  assert.equal(got[1]!.buffers, 1);
+  assert.equal(got[1]!.data.length, 100);
+});
+
+test("no receive buffers: the frame is held, the port is not read, nothing is lost; buffers resume delivery", () => {
+  const r = make();
+  r.wire.send(frame(200, 1, MAC, PEER));
+  r.wire.send(frame(300, 2, MAC, PEER));
+  r.services.loop.fire(r.port.fd);
+  assert.equal(r.services.loop.active(r.port.fd), 0, "stopped polling the port");
+  assert.equal(r.port.pending, 1, "the second frame waits in the port");
+  assert.equal(r.dev.net.counters.rxWaits, 1);
+  // With EVENT_IDX the device asked to hear about the next buffer.
+  assert.equal(r.rx.availEvent(), r.rx.availIdx);
+  postRx(r, 4, 1526);
+  r.rx.kick();
+  const got = takeFrames(r, 1526, (h) => h);
+  assert.deepEqual(got.map((g) => g.data.length), [200, 300]);
+  assert.equal(r.services.loop.active(r.port.fd), 1, "polling again");
+});
+
+test("mergeable frame with too few buffers waits with the chains it has, completes when more arrive", () => {
+  const r = make();
+  const size = 256;
+  postRx(r, 2, size);
+  r.rx.kick();
+  const f = frame(1514, 5, MAC, PEER);
+  r.wire.send(f);
+  r.pump();
+  assert.equal(r.rx.usedIdx(), 0, "nothing used yet");
+  assert.equal(r.services.loop.active(r.port.fd), 0);
+  assert.equal(r.rx.availEvent(), r.rx.availIdx, "notification requested at the driver's current index");
+  postRx(r, 3, size, 2);
+  r.rx.kick();
+  assert.equal(r.rx.usedIdx(), 0, "still short");
+  postRx(r, 4, size, 5);
+  r.rx.kick();
+  const got = takeFrames(r, size, (h) => h);
+  assert.equal(got.length, 1);
+  assert.equal(got[0]!.buffers, Math.ceil((1514 + HDR) / size));
+  assert.deepEqual([...got[0]!.data], [...f]);
+});
+
+test("two devices back to back over an in-memory pair", () => {
+  const services = makeServices(1 << 20);
+  const pair = new MemoryPortPair("b2b");
+  const a = createVirtioNet("a", pair.a, services, { mac: MAC });
+  placeDevice(a);
+  const da = new TestVirtioDriver(a, services);
+  assert.equal(da.init({ want: BASE | NET | MRG }), true);
+  const servicesB = makeServices(1 << 20);
+  const b = createVirtioNet("b", pair.b, servicesB, { mac: PEER });
+  placeDevice(b);
+  const db = new TestVirtioDriver(b, servicesB);
+  assert.equal(db.init({ want: BASE | NET | MRG }), true);
+  const rxb = db.queues[RXQ]!;
+  for (let i = 0; i < 16; i++) rxb.add([{ addr: BUF + i * 0x800, len: 1526 + 10, write: true }]);
+  rxb.kick();
+  const f = frame(1000, 3, PEER, MAC);
+  services.memory.write(BUF, new Uint8Array(HDR));
+  services.memory.write(BUF + HDR, f);
+  da.queues[TXQ]!.add([{ addr: BUF, len: HDR + f.length, write: false }]);
+  da.queues[TXQ]!.kick();
+  servicesB.loop.fire(pair.b.fd);
+  const used = rxb.takeUsed();
+  assert.equal(used.length, 1);
+  assert.equal(used[0]!.len, HDR + 1000);
+  assert.deepEqual([...servicesB.memory.read(BUF + HDR, 1000)], [...f]);
+});
+
+test("back to back over an AF_UNIX datagram pair", () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "partis-vnet-"));
+  const pa = DatagramPairPort.open(path.join(dir, "a"), path.join(dir, "b"));
+  const pb = DatagramPairPort.open(path.join(dir, "b"), path.join(dir, "a"));
+  try {
+    const sa = makeServices(1 << 20);
+    const a = createVirtioNet("a", pa, sa, { mac: MAC });
+    placeDevice(a);
+    const da = new TestVirtioDriver(a, sa);
+    da.init({ want: BASE | NET | MRG });
+    const sb = makeServices(1 << 20);
+    const b = createVirtioNet("b", pb, sb, { mac: PEER });
+    placeDevice(b);
+    const db = new TestVirtioDriver(b, sb);
+    db.init({ want: BASE | NET | MRG });
+    for (let i = 0; i < 8; i++) db.queues[RXQ]!.add([{ addr: BUF + i * 0x800, len: 1536, write: true }]);
+    db.queues[RXQ]!.kick();
+    for (let i = 0; i < 5; i++) {
+      const f = frame(64 + i * 300, i, PEER, MAC);
+      sa.memory.write(BUF + i * 0x800, new Uint8Array(HDR));
+      sa.memory.write(BUF + i * 0x800 + HDR, f);
+      da.queues[TXQ]!.add([{ addr: BUF + i * 0x800, len: HDR + f.length, write: false }]);
+    }
+    da.queues[TXQ]!.kick();
+    sb.loop.fire(pb.fd);
+    const used = db.queues[RXQ]!.takeUsed();
+    assert.deepEqual(used.map((u) => u.len - HDR), [64, 364, 664, 964, 1264]);
+    assert.equal(a.net.counters.txFrames, 5);
+  } finally {
+    pa.close();
+    pb.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("no port: transmit completes and counts drops; link down", () => {
+  const r = make({ port: "none" });
+  r.services.memory.write(BUF, new Uint8Array(HDR + 60));
+  r.tx.add([{ addr: BUF, len: HDR + 60, write: false }]);
+  r.tx.kick();
+  assert.equal(r.tx.takeUsed().length, 1);
+  assert.equal(r.dev.net.counters.txDropped, 1);
+});
+
+test("protocol errors: a receive chain without room for the header, a transmit chain shorter than it -> DEVICE_NEEDS_RESET", () => {
+  const r = make();
+  r.rx.add([{ addr: BUF, len: 8, write: true }]);
+  r.rx.kick();
+  r.wire.send(frame(60, 1, MAC, PEER));
+  r.pump();
+  assert.ok((r.drv.status() & S.needsReset) !== 0);
+  assert.match(r.dev.lastError ?? "", /VIRTIO_NET_BAD_RX_BUFFER/);
+  const t = make();
+  t.tx.add([{ addr: BUF, len: 6, write: false }]);
+  t.tx.kick();
+  assert.ok((t.drv.status() & S.needsReset) !== 0);
+  assert.match(t.dev.lastError ?? "", /VIRTIO_NET_BAD_TX_BUFFER/);
+  // The driver resets and starts again: the device works.
+  t.drv.init({ want: BASE | NET | MRG });
+  t.services.memory.write(BUF, new Uint8Array(HDR + 60));
+  t.drv.queues[TXQ]!.add([{ addr: BUF, len: HDR + 60, write: false }]);
+  t.drv.queues[TXQ]!.kick();
+  assert.equal(wireFrames(t.wire).length, 1);
+});
+
+test("device reset while a frame is held: the watch goes, the next driver sees fresh frames", () => {
+  const r = make();
+  r.wire.send(frame(100, 1, MAC, PEER));
+  r.services.loop.fire(r.port.fd);
+  assert.equal(r.services.loop.active(r.port.fd), 0);
+  r.drv.reset();
+  assert.equal(r.dev.net.counters.rxDropped, 1, "the held frame is dropped at reset");
+  r.drv.init({ want: BASE | NET });
+  const rx = r.drv.queues[RXQ]!;
+  rx.add([{ addr: BUF, len: 1526, write: true }]);
+  rx.kick();
+  r.wire.send(frame(120, 2, MAC, PEER));
+  r.pump();
+  const used = rx.takeUsed();
+  assert.equal(used.length, 1);
+  assert.equal(used[0]!.len, HDR + 120);
+  const saved = r.dev.save();
+  assert.equal(saved.backend?.kind, "virtio-net");
+});
+
+test("interrupts through INTx when MSI-X is off", () => {
+  const services = makeServices(1 << 20);
+  const pair = new MemoryPortPair("intx");
+  const dev = createVirtioNet("vnet-intx", pair.a, services, { mac: MAC });
+  placeDevice(dev);
+  const drv = new TestVirtioDriver(dev, services);
+  assert.equal(drv.init({ want: BASE | NET | MRG, msix: false }), true);
+  drv.queues[RXQ]!.add([{ addr: BUF, len: 1526, write: true }]);
+  drv.queues[RXQ]!.kick();
+  pair.b.send(frame(80, 1, MAC, PEER));
+  services.loop.fire(pair.a.fd);
+  assert.equal(services.intx.level, true);
+  assert.equal(dev.barRead(0, 0x1000, 1), 1, "ISR: queue interrupt");
+  assert.equal(services.intx.level, false);
+});
