@@ -240,14 +240,15 @@ export class VirtioConsole implements VirtioBackend {
 
   /** Send guest bytes to the stream, keeping what it does not take now. */
   private output(bytes: Uint8Array): void {
-    if (this.stream === undefined) {
+    this.flushPending(); // may find the peer gone
+    const stream = this.stream;
+    if (stream === undefined) {
       this.counters.txDropped += bytes.length;
       return;
     }
-    this.flushPending();
     let done = 0;
     if (this.pendingStart === this.pendingEnd) {
-      const n = this.stream.write(bytes);
+      const n = stream.write(bytes);
       if (n < 0) {
         this.peerClosed();
         this.counters.txDropped += bytes.length;

@@ -199,6 +199,8 @@ export interface InitOptions {
   readonly queueSize?: number;
   /** How many queues to set up (default: all). */
   readonly queues?: number;
+  /** Where queue i's rings go (default: allocated from the driver's heap). */
+  readonly ringAt?: (index: number, size: number) => { desc: number; avail: number; used: number };
 }
 
 export class TestVirtioDriver {
@@ -316,9 +318,14 @@ export class TestVirtioDriver {
       const max = this.r16(C.queueSize);
       const size = Math.min(opts.queueSize ?? max, max);
       this.w16(C.queueSize, size);
-      const desc = this.alloc(16 * size, 16);
-      const avail = this.alloc(6 + 2 * size, 2);
-      const used = this.alloc(6 + 8 * size, 4);
+      const at = opts.ringAt?.(i, size);
+      const desc = at?.desc ?? this.alloc(16 * size, 16);
+      const avail = at?.avail ?? this.alloc(6 + 2 * size, 2);
+      const used = at?.used ?? this.alloc(6 + 8 * size, 4);
+      // Rings start zeroed (Linux allocates them with dma_alloc_coherent).
+      this.memory.bytes(desc, 16 * size).fill(0);
+      this.memory.bytes(avail, 6 + 2 * size).fill(0);
+      this.memory.bytes(used, 6 + 8 * size).fill(0);
       this.w64(C.queueDesc, desc);
       this.w64(C.queueDriver, avail);
       this.w64(C.queueDevice, used);

@@ -1,0 +1,94 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { createVirtioBlk, VIRTIO_BLK_S, VIRTIO_BLK_T } from "../../../src/devices/virtio/virtio-blk.js";
+import { SeededRandom } from "../device-fakes.js";
+import { MemDisk } from "./mem-disk.js";
+import { VirtioFuzzer, dataBuffer, fuzzServices, type ChainSpec, type FuzzTarget } from "./fuzz-harness.js";
+import type { Buffer as Buf } from "./virtio-driver.js";
+
+const DISK = 256 * 1024;
+const SECTORS = DISK / 512;
+
+function blkTarget(readOnly: boolean, fz: () => VirtioFuzzer): FuzzTarget {
+  const services = fuzzServices();
+  const disk = new MemDisk(DISK, readOnly);
+  const dev = createVirtioBlk("vblk-fuzz", disk, services, { queues: 2, queueSize: 64, serial: "FUZZ" });
+  const mem = services.memory;
+  return {
+    dev,
+    services,
+    consuming: [0, 1],
+    request(rng: SeededRandom): ChainSpec {
+      const f = fz();
+      const type = rng.pick([0, 0, 0, 1, 1, 1, 4, 8, 11, 13, 10, rng.int(2 ** 32)]);
+      const sector = rng.int(10) === 0 ? rng.pick([SECTORS, SECTORS - 1, 2 ** 40, 2 ** 53 / 512, rng.int(2 ** 32)]) : rng.int(SECTORS);
+      const len = rng.int(8) === 0 ? rng.int(5000) : 512 * rng.int(9);
+      const hdr = new Uint8Array(16);
+      const dv = new DataView(hdr.buffer);
+      dv.setUint32(0, type, true);
+      dv.setUint32(4, rng.int(2 ** 32), true);
+      dv.setUint32(8, sector % 2 ** 32, true);
+      dv.setUint32(12, Math.floor(sector / 2 ** 32), true);
+      const bufs: Buf[] = [];
+      const h = f.header(hdr);
+      if (rng.int(4) === 0) bufs.push({ addr: h, len: 8, write: false }, { addr: h + 8, len: 8, write: false });
+      else bufs.push({ addr: h, len: 16, write: false });
+      const split = (total: number, write: boolean): void => {
+        let left = total;
+        while (left > 0) {
+          const n = rng.int(3) === 0 ? Math.min(left, 1 + rng.int(left)) : left;
+          bufs.push({ addr: write ? dataBuffer(rng, n) : rng.int(2) === 0 ? dataBuffer(rng, n) : f.header(new Uint8Array(Math.min(n, 0x1000))) , len: write ? n : Math.min(n, 0x1000), write });
+          left -= write ? n : Math.min(n, 0x1000);
+        }
+      };
+      if (type === VIRTIO_BLK_T.out) split(len, false);
+      if (type === VIRTIO_BLK_T.discard || type === VIRTIO_BLK_T.writeZeroes) {
+        const segs = 1 + rng.int(3);
+        const b = new Uint8Array(16 * segs);
+        const sv = new DataView(b.buffer);
+        for (let i = 0; i < segs; i++) {
+          sv.setUint32(16 * i, rng.int(SECTORS + 8), true);
+          sv.setUint32(16 * i + 8, rng.int(64), true);
+          sv.setUint32(16 * i + 12, rng.int(6) === 0 ? rng.int(4) : 0, true);
+        }
+        bufs.push({ addr: f.header(b), len: b.length, write: false });
+      }
+      if (type === VIRTIO_BLK_T.in || type === VIRTIO_BLK_T.getId) split(type === VIRTIO_BLK_T.getId ? 20 : len, true);
+      const statusAt = dataBuffer(rng, 1);
+      bufs.push({ addr: statusAt, len: 1, write: true });
+      const dataLen = bufs.filter((b) => !b.write).reduce((n, b) => n + b.len, 0) - 16;
+      const inLen = bufs.filter((b) => b.write).reduce((n, b) => n + b.len, 0) - 1;
+      return {
+        bufs,
+        check: (used) => {
+          const st = mem.bytes(statusAt, 1)[0]!;
+          assert.ok(st === VIRTIO_BLK_S.ok || st === VIRTIO_BLK_S.ioerr || st === VIRTIO_BLK_S.unsupp, `status ${st}`);
+          const inRange = (n: number): boolean => sector * 512 + n <= DISK && n % 512 === 0;
+          if (type === VIRTIO_BLK_T.in) {
+            assert.equal(st, inRange(inLen) ? VIRTIO_BLK_S.ok : VIRTIO_BLK_S.ioerr, "IN status");
+            assert.equal(used.len, st === 0 ? inLen + 1 : 1);
+          } else if (type === VIRTIO_BLK_T.out) {
+            assert.equal(st, !readOnly && inRange(dataLen) ? VIRTIO_BLK_S.ok : VIRTIO_BLK_S.ioerr, "OUT status");
+            assert.equal(used.len, 1);
+          } else if (type === VIRTIO_BLK_T.flush) assert.equal(st, VIRTIO_BLK_S.ok);
+          else if (type === VIRTIO_BLK_T.getId) assert.equal(used.len, 21);
+          else if (type !== VIRTIO_BLK_T.discard && type !== VIRTIO_BLK_T.writeZeroes) assert.equal(st, VIRTIO_BLK_S.unsupp);
+        },
+      };
+    },
+  };
+}
+
+for (const [readOnly, steps, seed] of [[false, 100_000, 0xb10c], [true, 20_000, 0xb10d]] as const) {
+  test(`virtio-blk fuzz (${readOnly ? "read-only" : "writable"} disk, ${steps} steps, seed ${seed})`, { timeout: 60_000 }, () => {
+    const rng = new SeededRandom(seed);
+    let fuzzer: VirtioFuzzer | undefined;
+    const target = blkTarget(readOnly, () => fuzzer!);
+    fuzzer = new VirtioFuzzer(target, rng);
+    const stats = fuzzer.run(steps);
+    assert.equal(stats.steps, steps);
+    assert.ok(stats.requestsCompleted > steps / 20, `completed ${stats.requestsCompleted}`);
+    assert.ok(stats.malformedDetected > steps / 100, `malformed ${stats.malformedDetected}`);
+    console.log(`virtio-blk fuzz: ${JSON.stringify(stats)}`);
+  });
+}

@@ -1,0 +1,98 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { createVirtioRng } from "../../../src/devices/virtio/virtio-rng.js";
+import { createVirtioConsole, type HostByteStream } from "../../../src/devices/virtio/virtio-console.js";
+import { SeededRandom } from "../device-fakes.js";
+import { FUZZ_RAM, VirtioFuzzer, dataBuffer, fuzzServices, type FuzzTarget } from "./fuzz-harness.js";
+import type { Buffer as Buf } from "./virtio-driver.js";
+
+test("virtio-rng fuzz (100000 steps, seed 0x4e6)", { timeout: 60_000 }, () => {
+  const rng = new SeededRandom(0x4e6);
+  const services = fuzzServices();
+  const dev = createVirtioRng("rng-fuzz", services);
+  const target: FuzzTarget = {
+    dev,
+    services,
+    consuming: [0],
+    request(r: SeededRandom) {
+      const bufs: Buf[] = [];
+      if (r.int(5) === 0) bufs.push({ addr: r.int(FUZZ_RAM - 64), len: 1 + r.int(64), write: false });
+      const n = 1 + r.int(3);
+      for (let i = 0; i < n; i++) {
+        const len = 1 + r.int(2048);
+        bufs.push({ addr: dataBuffer(r, len), len, write: true });
+      }
+      const total = bufs.filter((b) => b.write).reduce((s, b) => s + b.len, 0);
+      return { bufs, check: (used) => assert.equal(used.len, total) };
+    },
+  };
+  const stats = new VirtioFuzzer(target, rng).run(100_000);
+  assert.ok(stats.requestsCompleted > 5000, `completed ${stats.requestsCompleted}`);
+  assert.ok(stats.malformedDetected > 1000, `malformed ${stats.malformedDetected}`);
+  console.log(`virtio-rng fuzz: ${JSON.stringify(stats)}`);
+});
+
+/** A host stream whose behaviour the fuzzer's PRNG decides (short reads, EAGAIN, hang-ups, short writes). */
+class ChaoticStream implements HostByteStream {
+  readonly fd = 77;
+  hungUp = false;
+  received = 0;
+  constructor(private readonly r: SeededRandom) {}
+  read(buf: Uint8Array): number {
+    if (this.hungUp) return -1;
+    const k = this.r.int(20);
+    if (k === 0) {
+      this.hungUp = true;
+      return -1;
+    }
+    if (k < 6) return 0;
+    const n = Math.min(buf.length, 1 + this.r.int(300));
+    for (let i = 0; i < n; i++) buf[i] = this.r.int(256);
+    return n;
+  }
+  write(bytes: Uint8Array): number {
+    if (this.hungUp || this.r.int(200) === 0) return -1;
+    const n = this.r.int(3) === 0 ? this.r.int(bytes.length + 1) : bytes.length;
+    this.received += n;
+    return n;
+  }
+}
+
+test("virtio-console fuzz (100000 steps, seed 0xc0de)", { timeout: 60_000 }, () => {
+  const rng = new SeededRandom(0xc0de);
+  const services = fuzzServices();
+  const dev = createVirtioConsole("con-fuzz", services, { queueSize: 64, pendingBytes: 4096, size: { cols: 80, rows: 25 } });
+  let stream = new ChaoticStream(rng);
+  dev.connect(stream);
+  const target: FuzzTarget = {
+    dev,
+    services,
+    consuming: [1],
+    request(r: SeededRandom, q: number) {
+      const bufs: Buf[] = [];
+      const n = 1 + r.int(3);
+      for (let i = 0; i < n; i++) {
+        const len = 1 + r.int(1024);
+        // transmitq: readable from anywhere in RAM; receiveq: writable in the data zone
+        bufs.push(q === 1 ? { addr: r.int(FUZZ_RAM - len), len, write: false } : { addr: dataBuffer(r, len), len, write: true });
+      }
+      return { bufs };
+    },
+    extra(r: SeededRandom) {
+      const k = r.int(6);
+      if (k < 3) services.loop.fire(77);
+      else if (k === 3) {
+        stream = new ChaoticStream(r);
+        dev.connect(stream);
+      } else if (k === 4) dev.connect(undefined);
+      else dev.console.resize(r.int(300), r.int(100));
+    },
+  };
+  const stats = new VirtioFuzzer(target, rng).run(100_000);
+  const c = dev.console.counters;
+  assert.ok(stats.requestsCompleted > 2000, `completed ${stats.requestsCompleted}`);
+  assert.ok(stats.malformedDetected > 500, `malformed ${stats.malformedDetected}`);
+  assert.ok(c.rxBytes > 0 && c.txBytes > 0 && c.peerClosed > 0 && c.txDropped > 0, JSON.stringify(c));
+  assert.ok(services.loop.active(77) <= 1, "never more than one watch on the stream");
+  console.log(`virtio-console fuzz: ${JSON.stringify(stats)} ${JSON.stringify(c)}`);
+});

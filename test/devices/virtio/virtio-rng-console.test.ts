@@ -1,0 +1,194 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { VIRTIO_STATUS as S, featureBit } from "../../../src/devices/virtio/pci-transport.js";
+import { createVirtioRng, type VirtioRng } from "../../../src/devices/virtio/virtio-rng.js";
+import { VIRTIO_CONSOLE_CONFIG as K, VIRTIO_CONSOLE_F, createVirtioConsole, type HostByteStream } from "../../../src/devices/virtio/virtio-console.js";
+import { TestVirtioDriver, makeServices, placeDevice } from "./virtio-driver.js";
+
+const MiB = 1 << 20;
+
+test("virtio-rng: identity, buffers filled with random bytes, used length", () => {
+  const services = makeServices(MiB);
+  const dev = createVirtioRng("rng0", services);
+  placeDevice(dev);
+  assert.equal(dev.pci.configRead(2, 2), 0x1044);
+  const drv = new TestVirtioDriver(dev, services);
+  assert.equal(drv.init(), true);
+  assert.equal(drv.r16(0x12), 1);
+  const q = drv.queues[0]!;
+  q.setUsedEvent(0);
+  const h = q.add([{ addr: 0x80000, len: 64, write: true }, { addr: 0x90000, len: 32, write: true }]);
+  q.kick();
+  assert.deepEqual(q.takeUsed(), [{ id: h, len: 96 }]);
+  const a = services.memory.read(0x80000, 64);
+  assert.ok(a.some((b) => b !== 0));
+  assert.ok(services.memory.read(0x90000, 32).some((b) => b !== 0));
+  assert.equal(services.msi.count(1), 1);
+  // Readable-only chain: nothing to fill, used length 0.
+  q.add([{ addr: 0x80000, len: 8, write: false }]);
+  q.kick();
+  assert.equal(q.takeUsed()[0]!.len, 0);
+  // A huge buffer is filled only up to the cap.
+  q.add([{ addr: 0x20000, len: 0x60000, write: true }]);
+  q.kick();
+  assert.equal(q.takeUsed()[0]!.len, 65536);
+  assert.equal((dev.backend as VirtioRng).bytesServed, 96 + 65536);
+});
+
+class FakeStream implements HostByteStream {
+  readonly fd = 42;
+  input: number[] = [];
+  output: number[] = [];
+  closed = false;
+  writeLimit = Infinity;
+  reads = 0;
+  read(buf: Uint8Array): number {
+    this.reads++;
+    if (this.input.length === 0) return this.closed ? -1 : 0;
+    const n = Math.min(buf.length, this.input.length);
+    buf.set(this.input.splice(0, n));
+    return n;
+  }
+  write(bytes: Uint8Array): number {
+    if (this.closed) return -1;
+    const n = Math.min(bytes.length, this.writeLimit);
+    for (let i = 0; i < n; i++) this.output.push(bytes[i]!);
+    return n;
+  }
+  text(): string {
+    return String.fromCharCode(...this.output);
+  }
+}
+
+function makeConsole(opts: { size?: { cols: number; rows: number }; pendingBytes?: number } = {}) {
+  const services = makeServices(MiB);
+  const dev = createVirtioConsole("con0", services, opts);
+  placeDevice(dev);
+  const drv = new TestVirtioDriver(dev, services);
+  assert.equal(drv.init({ want: (1n << 64n) - 1n }), true);
+  return { services, dev, drv, rx: drv.queues[0]!, tx: drv.queues[1]! };
+}
+
+function send(t: ReturnType<typeof makeConsole>, text: string, at = 0x80000): void {
+  const b = Uint8Array.from(text, (c) => c.charCodeAt(0));
+  t.services.memory.bytes(at, b.length).set(b);
+  t.tx.add([{ addr: at, len: b.length, write: false }]);
+  t.tx.setUsedEvent(t.tx.lastUsed);
+  t.tx.kick();
+}
+
+test("virtio-console: identity and guest -> host output", () => {
+  const t = makeConsole();
+  assert.equal(t.dev.pci.configRead(2, 2), 0x1043);
+  assert.equal(t.drv.r16(0x12), 2);
+  const s = new FakeStream();
+  t.dev.connect(s);
+  send(t, "hello, host\n");
+  assert.equal(s.text(), "hello, host\n");
+  assert.deepEqual(t.tx.takeUsed().map((u) => u.len), [0]);
+  assert.equal(t.services.msi.count(2), 1, "transmitq vector");
+  assert.equal(t.dev.console.counters.txBytes, 12);
+});
+
+test("virtio-console: output without a stream is dropped and counted", () => {
+  const t = makeConsole();
+  send(t, "lost");
+  assert.equal(t.tx.takeUsed().length, 1, "the chain still completes");
+  assert.equal(t.dev.console.counters.txDropped, 4);
+});
+
+test("virtio-console: short writes keep the rest; the pending buffer is bounded", () => {
+  const t = makeConsole({ pendingBytes: 8 });
+  const s = new FakeStream();
+  s.writeLimit = 3;
+  t.dev.connect(s);
+  send(t, "abcdefgh");
+  assert.equal(s.text(), "abc");
+  assert.equal(t.dev.console.pendingOutput, 5);
+  send(t, "ijklmnop", 0x81000); // flush 3 more, then keep 3 of the new 8 (room 8 - 2 pending... bounded)
+  assert.equal(s.text(), "abcdef");
+  assert.ok(t.dev.console.pendingOutput <= 8);
+  assert.ok(t.dev.console.counters.txDropped > 0);
+  s.writeLimit = Infinity;
+  t.rx.kick(); // any device event flushes (here: a receiveq notification)
+  assert.equal(t.dev.console.pendingOutput, 0);
+  assert.equal(s.text().length + t.dev.console.counters.txDropped, 16);
+});
+
+test("virtio-console: host -> guest into receive buffers; stalls without buffers and resumes", () => {
+  const t = makeConsole();
+  const s = new FakeStream();
+  const mem = t.services.memory;
+  // No receive buffers yet: connecting polls the fd; a readable fd with no buffers stops polling.
+  t.dev.connect(s);
+  s.input.push(...Buffer.from("typed before buffers"));
+  t.services.loop.fire(42);
+  assert.equal(t.dev.console.polling, false, "no busy polling while the guest has no buffer");
+  assert.equal(s.input.length, 20, "bytes stay in the stream");
+  assert.equal(t.rx.availEvent(), 0, "asks to be notified about the next buffer");
+  // The guest posts two 8-byte buffers: the device reads on.
+  t.rx.setUsedEvent(0);
+  const h1 = t.rx.add([{ addr: 0x90000, len: 8, write: true }]);
+  const h2 = t.rx.add([{ addr: 0x91000, len: 8, write: true }]);
+  t.rx.kick();
+  assert.deepEqual(t.rx.takeUsed(), [{ id: h1, len: 8 }, { id: h2, len: 8 }]);
+  assert.equal(Buffer.from(mem.read(0x90000, 8)).toString(), "typed be");
+  assert.equal(Buffer.from(mem.read(0x91000, 8)).toString(), "fore buf");
+  assert.equal(s.input.length, 4);
+  assert.equal(t.dev.console.polling, false);
+  assert.equal(t.services.msi.count(1), 1, "receiveq vector");
+  // One big buffer takes the rest; then the stream is empty and the fd is polled again.
+  t.rx.setUsedEvent(t.rx.lastUsed);
+  const h3 = t.rx.add([{ addr: 0x92000, len: 64, write: true }]);
+  t.rx.kick();
+  assert.deepEqual(t.rx.takeUsed(), [{ id: h3, len: 4 }]);
+  assert.equal(Buffer.from(mem.read(0x92000, 4)).toString(), "fers");
+  t.rx.add([{ addr: 0x93000, len: 64, write: true }]);
+  t.rx.kick();
+  assert.equal(t.dev.console.polling, true);
+  assert.equal(t.services.loop.active(42), 1);
+  s.input.push(...Buffer.from("ls\n"));
+  t.services.loop.fire(42);
+  assert.equal(t.rx.takeUsed()[0]!.len, 3);
+  assert.equal(t.dev.console.counters.rxBytes, 23);
+});
+
+test("virtio-console: peer close disconnects; reconnect works; reset stops polling", () => {
+  const t = makeConsole();
+  const s = new FakeStream();
+  t.dev.connect(s);
+  t.rx.add([{ addr: 0x90000, len: 8, write: true }]);
+  t.rx.kick();
+  assert.equal(t.dev.console.polling, true);
+  s.closed = true;
+  t.services.loop.fire(42);
+  assert.equal(t.dev.console.connected, false);
+  assert.equal(t.dev.console.counters.peerClosed, 1);
+  assert.equal(t.services.loop.active(42), 0);
+  assert.equal(t.rx.takeUsed().length, 0, "the buffer stays with the device");
+  const s2 = new FakeStream();
+  s2.input.push(65, 66);
+  t.dev.connect(s2);
+  assert.deepEqual(t.rx.takeUsed(), [{ id: 0, len: 2 }]);
+  t.drv.reset();
+  assert.equal(t.services.loop.active(42), 0);
+  t.dev.connect(undefined);
+  assert.equal(t.dev.console.connected, false);
+});
+
+test("virtio-console: size feature and emergency write", () => {
+  const t = makeConsole({ size: { cols: 132, rows: 43 } });
+  assert.ok((t.drv.offeredFeatures() & featureBit(VIRTIO_CONSOLE_F.size)) !== 0n);
+  assert.equal(t.drv.deviceConfig(K.cols, 2), 132);
+  assert.equal(t.drv.deviceConfig(K.rows, 2), 43);
+  const gen = t.drv.r8(0x15);
+  t.dev.console.resize(100, 30);
+  assert.equal(t.drv.deviceConfig(K.cols, 2), 100);
+  assert.equal(t.drv.r8(0x15), (gen + 1) & 0xff);
+  assert.equal(t.services.msi.count(0), 1);
+  const s = new FakeStream();
+  t.dev.connect(s);
+  t.dev.barWrite(0, 0x2000 + K.emergWr, 4, 0x21);
+  assert.equal(s.text(), "!");
+  assert.equal(t.drv.status() & S.needsReset, 0);
+});
