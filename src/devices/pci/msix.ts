@@ -145,6 +145,7 @@ export class MsixTable {
 
   /** The programmed message of `vector` (for irqfd routes). */
   message(vector: number): { address: number; addressHigh: number; data: number } {
+    if (!Number.isInteger(vector) || vector < 0 || vector >= this.layout.vectors) return { address: 0, addressHigh: 0, data: 0 };
     const o = vector * 16;
     return { address: this.tableView.getUint32(o, true), addressHigh: this.tableView.getUint32(o + 4, true), data: this.tableView.getUint32(o + 8, true) };
   }

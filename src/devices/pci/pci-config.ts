@@ -93,11 +93,11 @@ export class PciConfig {
       if (b.size < min || (b.size & (b.size - 1)) !== 0 || (b.kind === "io" && b.size > 256) || b.size > 2 ** 31)
         throw new PciDeviceError("PCI_BAD_BAR", `BAR ${b.index}: size ${b.size} is not a valid power of two`);
       if (this.bars[b.index] !== undefined || (b.kind === "mmio64" && this.bars[b.index + 1] !== undefined))
-        throw new PciDeviceError("PCI_BAD_BAR", `BAR ${b.index} is declared twice`);
+        throw new PciDeviceError("PCI_BAD_BAR", `BAR ${b.index} is declared twice or overlaps a 64-bit BAR`);
       this.bars[b.index] = b;
+      // A 64-bit BAR's upper dword is the next register.
+      if (b.kind === "mmio64") this.bars[b.index + 1] = b;
     }
-    for (const b of bars) if (b.kind === "mmio64" && this.bars[b.index + 1] !== undefined && this.bars[b.index + 1] !== b)
-      throw new PciDeviceError("PCI_BAD_BAR", `BAR ${b.index + 1} overlaps 64-bit BAR ${b.index}`);
     this.resetRegisters();
   }
 
@@ -194,6 +194,8 @@ export class PciConfig {
     const b = this.bars[index];
     if (b === undefined || b.index !== index) throw new PciDeviceError("PCI_BAD_BAR", `BAR ${index} is not declared`);
     if (address % b.size !== 0) throw new PciDeviceError("PCI_BAD_BAR", `BAR ${index}: 0x${address.toString(16)} is not aligned to its size`);
+    const limit = b.kind === "io" ? 0x1_0000 : b.kind === "mmio32" ? 2 ** 32 : 2 ** 52;
+    if (address < 0 || address + b.size > limit) throw new PciDeviceError("PCI_BAD_BAR", `BAR ${index}: 0x${address.toString(16)} is outside the ${b.kind} address space`);
     this.barAddress[index] = address;
     this.refreshBars();
   }
@@ -264,10 +266,10 @@ export class PciConfig {
     const before = this.barAddress[b.index]!;
     if (b.index !== reg) {
       // Upper dword of a 64-bit BAR: sizing reads back all-ones (sizes < 4 GiB).
+      // Only this register changes: a size read-back pending in the lower one stays (PCI 3.0 6.2.5.1).
       const low = this.barAddress[b.index]! % 2 ** 32;
       this.barAddress[b.index] = (v === 0xffff_ffff ? 0 : v) * 2 ** 32 + low;
-      this.refreshBars();
-      if (v === 0xffff_ffff) this.dv.setUint32(0x10 + reg * 4, 0xffff_ffff, true);
+      this.dv.setUint32(0x10 + reg * 4, v, true);
     } else {
       const flagsMask = b.kind === "io" ? 0x3 : 0xf;
       const high = b.kind === "mmio64" ? Math.floor(this.barAddress[reg]! / 2 ** 32) * 2 ** 32 : 0;
