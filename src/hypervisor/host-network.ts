@@ -308,6 +308,17 @@ function setBufferBytes(fd: number, bytes: number, path: string): void {
     throw wrap("UNIX_SOCKOPT_FAILED", `cannot set socket buffer size on ${path}`, "setsockopt", { path, bytes });
 }
 
+/**
+ * connect(2) a datagram socket to `peer` (later sends need no address lookup).
+ * False when nobody is bound there (ENOENT/ECONNREFUSED); throws otherwise.
+ */
+export function connectDatagram(fd: number, peer: UnixSocketAddress): boolean {
+  if (c.connect(fd, peer.bytes, peer.length) === 0) return true;
+  const e = errno();
+  if (e === Errno.ENOENT || e === ECONNREFUSED || e === Errno.EAGAIN) return false;
+  throw new SystemCallError("connect", e, errnoName(e), strerror(e), { fd, peer: peer.path });
+}
+
 /** SO_SNDBUF and SO_RCVBUF of a socket, as the kernel reports them. */
 export function socketBufferBytes(fd: number): { send: number; receive: number } {
   const v = new Int32Array(1);
@@ -321,7 +332,8 @@ export function socketBufferBytes(fd: number): { send: number; receive: number }
 /**
  * Why a datagram was not sent: "again" = the peer's queue is full (EAGAIN; with
  * AF_UNIX datagrams the receiver queues at most net.unix.max_dgram_qlen),
- * "no-peer" = nobody listens at the peer address (ENOENT/ECONNREFUSED/ENOTCONN),
+ * "no-peer" = nobody listens at the peer address (ENOENT/ECONNREFUSED/ENOTCONN), or
+ * the peer's socket is connected to someone else (EPERM),
  * "too-big" = larger than the socket buffer allows (EMSGSIZE), "no-buffers" = ENOBUFS.
  */
 export type SendRefusal = "again" | "no-peer" | "too-big" | "no-buffers";
@@ -330,7 +342,8 @@ export type SendRefusal = "again" | "no-peer" | "too-big" | "no-buffers";
 function refusal(call: string, fd: number): SendRefusal {
   const e = errno();
   if (e === Errno.EAGAIN || e === Errno.EINTR) return "again";
-  if (e === Errno.ENOENT || e === ECONNREFUSED || e === ENOTCONN || e === EPIPE || e === ECONNRESET) return "no-peer";
+  // EPERM: the receiving datagram socket is connected to another peer (unix_may_send).
+  if (e === Errno.ENOENT || e === ECONNREFUSED || e === ENOTCONN || e === EPIPE || e === ECONNRESET || e === Errno.EPERM) return "no-peer";
   if (e === EMSGSIZE) return "too-big";
   if (e === ENOBUFS || e === Errno.ENOMEM) return "no-buffers";
   throw new SystemCallError(call, e, errnoName(e), strerror(e), { fd });

@@ -16,6 +16,13 @@
  *  - `MemoryPortPair`: two ports joined in memory (tests, benchmarks), with an
  *    eventfd as the pollable descriptor.
  *
+ * DEVNOTE: a DatagramPairPort connects its socket to the peer once a frame
+ * got through (sends then skip the path lookup, ~25% cheaper) and goes back
+ * to addressing by path when the peer's socket disappears (ECONNREFUSED), so
+ * either end may restart. A restarted end's frames are refused (EPERM, counted
+ * as no-peer) until the other end has sent once and dropped its stale
+ * association.
+ *
  * DEVNOTE: AF_UNIX datagram receivers queue at most net.unix.max_dgram_qlen
  * datagrams (10 by default); beyond that the sender sees EAGAIN and the frame
  * counts as dropped (`txDropped`), as a full switch port would drop it.
@@ -24,13 +31,16 @@ import { PartisError } from "../../errors.js";
 import { EventFd } from "../../hypervisor/eventfd.js";
 import {
   closeDescriptor,
+  connectDatagram,
   openDatagramSocket,
   openTap,
   readFrame,
   receiveDatagram,
   removeSocketPath,
+  sendDatagram,
   sendDatagramTo,
   writeFrame,
+  type SendRefusal,
   type UnixSocketAddress,
 } from "../../hypervisor/host-network.js";
 
@@ -122,6 +132,8 @@ export class TapPort implements NetworkPort {
 export class DatagramPairPort implements NetworkPort {
   readonly counters = new PortCounters();
   private closed = false;
+  /** Connected to the peer's socket (fast path); dropped when that socket goes away. */
+  private connected = false;
 
   private constructor(
     readonly name: string,
@@ -139,7 +151,17 @@ export class DatagramPairPort implements NetworkPort {
 
   send(frame: Uint8Array): boolean {
     if (this.closed || frame.length === 0) return false;
-    const r = sendDatagramTo(this.fd, this.peer, frame, frame.length);
+    let r: true | SendRefusal = "no-peer";
+    if (this.connected) {
+      r = sendDatagram(this.fd, frame, frame.length);
+      // The peer socket went away (the kernel dropped the association): address it by path again.
+      if (r === "no-peer") this.connected = false;
+    }
+    if (!this.connected) {
+      r = sendDatagramTo(this.fd, this.peer, frame, frame.length);
+      // Someone is there: connect, so the next sends skip the path lookup.
+      if (r === true) this.connected = connectDatagram(this.fd, this.peer);
+    }
     if (r === true) {
       this.counters.txFrames++;
       this.counters.txBytes += frame.length;

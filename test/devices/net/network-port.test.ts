@@ -73,6 +73,27 @@ test("DatagramPairPort: two ends wired back to back; missing peer counted; peer 
     assert.equal(a.send(frame(60, 7)), true, "peer came back");
     assert.equal(b.receive(buf), 60);
     assert.equal(a.counters.txNoPeer, 2);
+    assert.equal(b.send(frame(70, 8)), true);
+    assert.equal(a.receive(buf), 70);
+    // b restarts again and speaks first: a still holds its association with the old b.
+    b.close();
+    b = DatagramPairPort.open(pb, pa);
+    const refusedBefore = b.counters.txNoPeer;
+    const first = b.send(frame(80, 9));
+    if (!first) assert.equal(b.counters.txNoPeer, refusedBefore + 1, "refused while a is associated with the old socket");
+    // Once a has sent, both directions work again.
+    assert.equal(a.send(frame(90, 10)), true);
+    assert.equal(b.receive(buf), 90);
+    assert.equal(b.send(frame(100, 11)), true);
+    let n = a.receive(buf);
+    if (first && n === 80) n = a.receive(buf);
+    assert.equal(n, 100);
+    for (let i = 0; i < 50; i++) {
+      assert.equal(a.send(frame(60, i)), true);
+      assert.equal(b.receive(buf), 60);
+      assert.equal(b.send(frame(61, i)), true);
+      assert.equal(a.receive(buf), 61);
+    }
     b.close();
     a.close();
   } finally {
