@@ -27,6 +27,8 @@ export const RUN_EXIT = { poweroff: 0, failed: 1, usage: 2, reboot: 3, crash: 4,
 export const DEFAULT_APPEND = "console=ttyS0 panic=-1 quiet";
 
 export interface RunOptions extends DeviceOptions {
+  framebuffer?: string | boolean;
+  screenshot?: string;
   kernel?: string;
   initrd?: string;
   append?: string;
@@ -216,6 +218,8 @@ export function registerRunCommand(program: Command): void {
     .option("--nic <tap:IF|dgram:LOCAL:PEER|none[,model=virtio|ne2k][,mac=M]>", "attach a network adapter; repeatable", collect)
     .option("--channel <socket>", "a host<->guest byte channel (virtio-console) on a UNIX socket; repeatable", collect)
     .option("--rng", "attach a virtio entropy source")
+    .option("--framebuffer [WxH]", "a linear framebuffer the guest console can draw on (default 1024x768)")
+    .option("--screenshot <file.ppm>", "write the framebuffer as a PPM image when the VM stops (implies --framebuffer)")
     .action(async (opts: RunOptions) => {
       process.exitCode = await runVm(opts);
     });

@@ -4,10 +4,12 @@
  * UsageError (exit 2) with one line. Loaded by run-command after the worker
  * process has been started, so these modules load while the worker does.
  */
-import { accessSync, constants, readFileSync, statSync } from "node:fs";
+import { accessSync, constants, existsSync, readFileSync, statSync } from "node:fs";
+import { dirname } from "node:path";
 import { UsageError, HostCapabilityError } from "../errors.js";
 import { probeHost, stockGuestVerdict, type HostReport } from "../hypervisor/host.js";
 import { resolveDevices } from "./device-options.js";
+import { DEFAULT_FRAMEBUFFER_HEIGHT, DEFAULT_FRAMEBUFFER_WIDTH, FRAMEBUFFER_MAX_BYTES } from "../devices/display/linear-framebuffer.js";
 import { planMemory, MIN_RAM_BYTES, RAM_GRANULE } from "../machine/memory-map.js";
 import { planLinuxLoad, KernelImageError, LinuxLoadError } from "../machine/linux-boot.js";
 import { MAX_VCPUS } from "../machine/cpuid.js";
@@ -76,6 +78,33 @@ export function resolveRunConfig(opts: RunOptions, guest: { kernel: string; init
     throw e;
   }
   const devices = resolveDevices(opts, opts.name, cpus);
-  return { name: opts.name, memoryBytes, cpus, kernelPath, ...(initrdPath !== undefined ? { initrdPath } : {}), cmdline, ...(devices.length > 0 ? { devices } : {}) };
+  const framebuffer = resolveFramebuffer(opts);
+  return {
+    name: opts.name,
+    memoryBytes,
+    cpus,
+    kernelPath,
+    ...(initrdPath !== undefined ? { initrdPath } : {}),
+    cmdline,
+    ...(devices.length > 0 ? { devices } : {}),
+    ...(framebuffer !== undefined ? { framebuffer } : {}),
+    ...(opts.screenshot !== undefined ? { screenshotPath: opts.screenshot } : {}),
+  };
+}
+
+function resolveFramebuffer(opts: RunOptions): { width: number; height: number } | undefined {
+  if (opts.screenshot !== undefined) {
+    const dir = dirname(opts.screenshot);
+    if (!existsSync(dir)) throw new UsageError(`--screenshot ${opts.screenshot}: directory ${dir} does not exist`);
+  }
+  if (opts.framebuffer === undefined && opts.screenshot === undefined) return undefined;
+  if (opts.framebuffer === undefined || opts.framebuffer === true) return { width: DEFAULT_FRAMEBUFFER_WIDTH, height: DEFAULT_FRAMEBUFFER_HEIGHT };
+  const m = /^(\d+)x(\d+)$/.exec(String(opts.framebuffer));
+  if (m === null) throw new UsageError(`--framebuffer: "${String(opts.framebuffer)}" is not WIDTHxHEIGHT (e.g. 1024x768)`);
+  const width = Number(m[1]);
+  const height = Number(m[2]);
+  if (width < 320 || height < 200 || width > 4096 || height > 2160 || width * height * 4 > FRAMEBUFFER_MAX_BYTES)
+    throw new UsageError(`--framebuffer: ${width}x${height} is outside 320x200..4096x2160 (at most ${FRAMEBUFFER_MAX_BYTES >> 20} MiB of pixels)`);
+  return { width, height };
 }
 

@@ -28,6 +28,9 @@ import { kvmDevicePath, type VmConfig, type VmOutcome } from "./vm-config.js";
 import { PartisError } from "../errors.js";
 import { bootTrace } from "./boot-trace.js";
 import { DeviceMailbox } from "./device-mailbox.js";
+import { LinearFramebuffer } from "../devices/display/linear-framebuffer.js";
+import { encodeScreenInfo } from "../devices/display/screen-info.js";
+import { writeFileSync } from "node:fs";
 import { planPci } from "./device-plan.js";
 import { IDE_COMPAT_PORTS, PCI_IO_WINDOW } from "./device-forwarding.js";
 import type { DeviceThreadData, DeviceThreadMessage } from "./device-thread.js";
@@ -54,6 +57,7 @@ export class RunningVm {
   private devicesReady = true;
   private mailbox: DeviceMailbox | undefined;
   private readonly deviceStop = new Int32Array(new SharedArrayBuffer(4));
+  private framebuffer: LinearFramebuffer | undefined;
   private readonly pendingInput: Uint8Array[] = [];
   private inputTimer: NodeJS.Timeout | undefined;
   readonly outcome: Promise<VmOutcome>;
@@ -128,7 +132,14 @@ export class RunningVm {
       const kernel = readFileSync(config.kernelPath);
       const initrd = config.initrdPath === undefined ? undefined : readFileSync(config.initrdPath);
       const acpi = buildAcpiTables({ vcpuCount: config.cpus, plan }, memory);
-      const info = loadLinux(memory, plan, kernel, initrd, config.cmdline, { rsdpAddr: acpi.rsdpAddress });
+      let screenInfo: Uint8Array | undefined;
+      if (config.framebuffer !== undefined) {
+        const fb = LinearFramebuffer.create({ width: config.framebuffer.width, height: config.framebuffer.height });
+        vm.framebuffer = fb;
+        partition.mapDeviceMemory(fb.gpa, fb.memory);
+        screenInfo = encodeScreenInfo(fb.screenInfo());
+      }
+      const info = loadLinux(memory, plan, kernel, initrd, config.cmdline, { rsdpAddr: acpi.rsdpAddress, ...(screenInfo !== undefined ? { screenInfo } : {}) });
       writeBootTables(memory, plan);
       const boot = longModeBootState(plan, info);
       vm.threads.forEach((t, id) => t.postMessage({ boot: id === 0 ? boot : null, msrs: boot.msrs } satisfies VcpuStartMessage));
@@ -139,6 +150,7 @@ export class RunningVm {
       if (vm !== undefined) for (const t of vm.threads) void t.terminate();
       if (vm?.deviceThread !== undefined) void vm.deviceThread.terminate();
       partition.destroy();
+      vm?.framebuffer?.close();
       system.close();
       throw e;
     }
@@ -295,7 +307,15 @@ export class RunningVm {
     for (const k of this.kickers) k.close();
     await devicesExited;
     this.mailbox?.close();
+    if (this.framebuffer !== undefined && this.config.screenshotPath !== undefined) {
+      try {
+        writeFileSync(this.config.screenshotPath, this.framebuffer.snapshotPpm());
+      } catch (e) {
+        process.stderr.write(`partis-worker: ${this.config.name}: cannot write the screenshot ${this.config.screenshotPath}: ${(e as Error).message}\n`);
+      }
+    }
     this.partition.destroy();
+    this.framebuffer?.close();
     this.system.close();
   }
 }

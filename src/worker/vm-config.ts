@@ -15,6 +15,10 @@ export interface VmConfig {
   readonly cmdline: string;
   /** PCI devices (disks, NICs, channels), in the order they were given. */
   readonly devices?: readonly DeviceSpec[];
+  /** A linear framebuffer (VESA-style, announced in boot_params) of this size. */
+  readonly framebuffer?: { readonly width: number; readonly height: number };
+  /** Write the framebuffer as a PPM image here when the VM stops. */
+  readonly screenshotPath?: string;
 }
 
 /** How a worker's VM ended. */

@@ -14,7 +14,7 @@
 import { describe, test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
-import { mkdtempSync, mkdirSync, writeFileSync, existsSync, rmSync } from "node:fs";
+import { mkdtempSync, mkdirSync, readFileSync, writeFileSync, existsSync, rmSync } from "node:fs";
 import { connect, type Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -45,6 +45,7 @@ describe("disks and a CD-ROM: virtio-blk (raw, VHDX), IDE (VHD), ATAPI (ISO); da
   const vhd = join(dir, "ide.vhd");
   const iso = join(dir, "cd.iso");
   const channel = join(dir, "channel.sock");
+  const screenshot = join(dir, "screen.ppm");
   let first: { status: number; output: string; stderr: string };
   let second: { status: number; output: string; stderr: string };
   let channelReceived = "";
@@ -66,10 +67,11 @@ describe("disks and a CD-ROM: virtio-blk (raw, VHDX), IDE (VHD), ATAPI (ISO); da
       "for d in vda vdb sda; do mkdir -p /mnt/$d; mke2fs -q /dev/$d && mount /dev/$d /mnt/$d && echo PARTIS-FILE-$d > /mnt/$d/file && dd if=/dev/urandom of=/mnt/$d/big bs=64k count=48 2>/dev/null && echo SUM1-$d=$(md5sum /mnt/$d/big | cut -d' ' -f1); umount /mnt/$d; done",
       "mkdir -p /mnt/cd; mount -t iso9660 -o ro /dev/sr0 /mnt/cd && echo ISO=$(cat /mnt/cd/hello.txt); umount /mnt/cd",
       "echo RNG=$(cat /sys/class/misc/hw_random/rng_current); echo RNGBYTES=$(head -c 64 /dev/hwrng | wc -c)",
+      "echo FB=$(cat /proc/fb); echo PARTIS-ON-SCREEN > /dev/tty1",
       "stty -F /dev/hvc0 raw -echo; echo GUEST-TO-HOST > /dev/hvc0; read -r line < /dev/hvc0; echo CHANNEL-GOT=$line",
       "sync; poweroff -f",
     ].join("\n");
-    const s1 = new GuestSession(runArgs(script1, [...disks, "--channel", channel, "--rng", "--cpus", "2"]));
+    const s1 = new GuestSession(runArgs(script1, [...disks, "--channel", channel, "--rng", "--cpus", "2", "--screenshot", screenshot]));
     // The host end of the channel: connect once the VM listens, answer the guest's line.
     const deadline = Date.now() + GuestSession.TIMEOUT_MS;
     let sock: Socket | undefined;
@@ -131,6 +133,16 @@ describe("disks and a CD-ROM: virtio-blk (raw, VHDX), IDE (VHD), ATAPI (ISO); da
   test("the console channel carries bytes guest -> host and host -> guest", () => {
     assert.match(channelReceived, /GUEST-TO-HOST/);
     assert.equal(value(first.output, "CHANNEL-GOT"), "HOST-TO-GUEST");
+  });
+
+  test("the framebuffer: the guest's vesafb binds and its console draws text the host sees", () => {
+    assert.equal(value(first.output, "FB"), "0 VESA VGA");
+    const ppm = readFileSync(screenshot);
+    const header = "P6\n1024 768\n255\n";
+    assert.equal(ppm.subarray(0, header.length).toString("latin1"), header);
+    let lit = 0;
+    for (let i = header.length; i < ppm.length; i++) if (ppm[i] !== 0) lit++;
+    assert.ok(lit > 200, `only ${lit} non-black bytes on the screen`);
   });
 
   test("both boots power off cleanly", () => {

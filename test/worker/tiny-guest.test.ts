@@ -6,7 +6,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, spawnSync } from "node:child_process";
-import { mkdtempSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -86,4 +86,40 @@ test("triple fault: non-zero status with the reason", () => {
   const r = run(kernelFile("triple-fault", [...TRIPLE_FAULT_CODE]));
   assert.equal(r.status, 4, r.stderr);
   assert.match(r.stderr, /guest crashed: .*(triple fault|internal error)/);
+});
+
+/** mov rdi, imm64; mov dword [rdi], imm32 */
+const store32 = (gpa: number, value: number) => {
+  const a = Buffer.alloc(8);
+  a.writeBigUInt64LE(BigInt(gpa));
+  const v = Buffer.alloc(4);
+  v.writeUInt32LE(value >>> 0);
+  return [0x48, 0xbf, ...a, 0xc7, 0x07, ...v];
+};
+
+test("--screenshot: pixels the guest stores into the framebuffer come back as a PPM", () => {
+  const FB = 0xfc00_0000;
+  const shot = join(dir, "screen.ppm");
+  const code = [...store32(FB, 0x00ff0000), ...store32(FB + 4, 0x0000ff00), ...store32(FB + 640 * 4, 0x000000ff), ...serialPrint("FB\n"), ...ACPI_S5, ...HALT_LOOP];
+  const r = run(kernelFile("framebuffer", code), ["--framebuffer", "640x480", "--screenshot", shot]);
+  assert.equal(r.stdout, "FB\n");
+  assert.equal(r.status, 0, r.stderr);
+  const ppm = readFileSync(shot);
+  const header = "P6\n640 480\n255\n";
+  assert.equal(ppm.subarray(0, header.length).toString("latin1"), header);
+  const px = (x: number, y: number) => Array.from(ppm.subarray(header.length + (y * 640 + x) * 3, header.length + (y * 640 + x) * 3 + 3));
+  assert.deepEqual(px(0, 0), [0xff, 0, 0]);
+  assert.deepEqual(px(1, 0), [0, 0xff, 0]);
+  assert.deepEqual(px(0, 1), [0, 0, 0xff]);
+  assert.deepEqual(px(5, 5), [0, 0, 0]);
+});
+
+test("--framebuffer with a malformed or too large size: one line, status 2", () => {
+  const k = kernelFile("fb-bad", [...ACPI_S5, ...HALT_LOOP]);
+  for (const [arg, re] of [["big", /not WIDTHxHEIGHT/], ["8000x8000", /outside/]] as const) {
+    const r = run(k, ["--framebuffer", arg]);
+    assert.equal(r.status, 2, r.stderr);
+    assert.match(r.stderr, re);
+    assert.equal(r.stderr.trim().split("\n").length, 1);
+  }
 });
