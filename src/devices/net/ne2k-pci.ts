@@ -139,6 +139,8 @@ export interface Ne2kPciSaved extends SavedDeviceState {
   readonly counters: number[];
   readonly page3: number[];
   readonly ram: number[];
+  /** Configuration space as saved by PciConfig (restored by its owner, not by restore()). */
+  readonly pci: { bytes: number[]; barAddress: number[] };
 }
 
 export class Ne2kPci implements PciDevice {
@@ -697,6 +699,7 @@ export class Ne2kPci implements PciDevice {
       counters: Array.from(this.counters),
       page3: Array.from(this.page3),
       ram: Array.from(this.ram),
+      pci: this.pci.saveRegisters(),
     };
   }
 
