@@ -342,3 +342,37 @@ test("save(): CD-ROM state is plain data", () => {
   assert.equal(s.channels[1]!.cdroms[0]!.locked, true);
   assert.deepEqual(JSON.parse(JSON.stringify(s)), s);
 });
+
+test("sr probe and mount sequence: IDENTIFY PACKET, TUR, INQUIRY, READ CAPACITY, MODE SENSE 2Ah, GESN, READ TOC, READ(10) by DMA with 32-bit CDB writes", () => {
+  const { drv } = cdRig();
+  drv.softreset();
+  assert.equal(drv.classify(0), "atapi");
+  drv.identify(0, 0xa1);
+  drv.issue(0xef, { feature: 0x03, nsect: 0x22, device: 0xa0 });
+  drv.status();
+  ok(packet(drv, [0x00, 0, 0, 0, 0, 0]));
+  ok(packet(drv, [0x12, 0, 0, 0, 36, 0]));
+  ok(packet(drv, [0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0]));
+  ok(packet(drv, [0x5a, 0, 0x2a, 0, 0, 0, 0, 0, 128, 0]));
+  ok(packet(drv, [0x4a, 1, 0, 0, 0x10, 0, 0, 0, 8, 0]));
+  ok(packet(drv, [0x43, 0, 0, 0, 0, 0, 0, 0, 12, 0]));
+  ok(packet(drv, [0x43, 0, 0, 0, 0, 0, 0, 0, 12, 0x40]));
+  // libata sends the CDB with ata_sff_data_xfer32 (three 32-bit writes).
+  drv.writePrd(0x1000, [[0x20000, 2 * BLOCK]]);
+  drv.bmSetup(0x1000, true);
+  drv.outb(ATA.FEAT, 1);
+  drv.outb(ATA.LBAM, 0);
+  drv.outb(ATA.LBAH, 0x10);
+  drv.select(0);
+  drv.outb(ATA.CMD, 0xa0);
+  assert.equal(drv.altStatus() & ATA.DRQ, ATA.DRQ);
+  drv.writeData(new Uint8Array([0x28, 0, 0, 0, 0, 16, 0, 0, 2, 0, 0, 0]), 4);
+  assert.equal(drv.irq.level, false, "waiting for the bus master");
+  drv.bmStart();
+  assert.equal(drv.irq.level, true);
+  assert.equal(drv.bmRead(2) & 0x07, 0x04);
+  drv.bmStop();
+  assert.equal(drv.status(), 0x40);
+  assert.equal(drv.inb(ATA.NSECT) & 3, 3);
+  assert.equal(Buffer.from(drv.rig.memory.bytes(0x20001, 5)).toString(), "CD001");
+});

@@ -154,7 +154,7 @@ export class AtaDriver {
   readonly ctl: string;
   readonly bmBase: number;
   /** Device Control as the driver keeps it (ap->ctl). */
-  ctlValue = ATA.OBS;
+  ctlValue: number = ATA.OBS;
 
   constructor(readonly rig: Rig, readonly channel: 0 | 1) {
     this.cmd = channel === 0 ? "primary" : "secondary";

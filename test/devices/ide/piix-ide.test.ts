@@ -500,3 +500,54 @@ test("save(): plain data with kind and version; transfer position included", () 
   assert.deepEqual(JSON.parse(JSON.stringify(s)), s, "JSON round trip");
   assert.equal(s.channels[0]!.disks[0]!.left, 2);
 });
+
+test("libata probe and first I/O, end to end: prereset, devchk, SRST, classify, IDENTIFY (polled), SET FEATURES XFER, revalidate, DMA and PIO32 reads", () => {
+  const { drv, ide, rig, disk } = diskRig({ slave: true });
+  // piix_pata_prereset: both channels enabled in IDETIM.
+  assert.equal(ide.pci.configRead(0x41, 1) & 0x80, 0x80);
+  assert.equal(ide.pci.configRead(0x43, 1) & 0x80, 0x80);
+  // ata_pci_bmdma_init: BAR4 assigned, simplex clear.
+  assert.equal(ide.pci.configRead(0x20, 4) & ~3, 0xc000);
+  assert.equal(drv.bmRead(2) & 0x80, 0);
+  drv.ctlValue = ATA.OBS | ATA.NIEN; // probing runs polled
+  const devmask = [drv.devchk(0), drv.devchk(1)];
+  assert.deepEqual(devmask, [true, true]);
+  drv.softreset();
+  assert.deepEqual([drv.classify(0), drv.classify(1)], ["ata", "ata"]);
+  for (const unit of [0, 1] as const) {
+    const id = drv.identify(unit);
+    assert.equal(idString(id, 10, 10), unit === 0 ? "SN-0001" : "SN-0002");
+    // piix_set_piomode / set_dmamode write the timing registers.
+    ide.pci.configWrite(0x40, 2, 0xe3f7);
+    ide.pci.configWrite(0x44, 1, 0x0b);
+    drv.issue(0xef, { feature: 0x03, nsect: 0x0c, device: 0xa0, unit });
+    assert.equal(drv.status() & ATA.ERR_BIT, 0);
+    drv.issue(0xef, { feature: 0x03, nsect: 0x22, device: 0xa0, unit });
+    assert.equal(drv.status() & ATA.ERR_BIT, 0);
+    const again = drv.identify(unit);
+    assert.equal(again[63], 0x0407, "MWDMA2 selected");
+    assert.deepEqual(again.subarray(10, 47), id.subarray(10, 47), "revalidate: same identity");
+  }
+  assert.equal(drv.irq.calls.filter((l) => l).length, 0, "nothing interrupted while nIEN was set");
+  // Interrupt-driven DMA of the partition table sector, as the block layer does next.
+  drv.ctlValue = ATA.OBS;
+  drv.writeCtl(drv.ctlValue);
+  drv.writePrd(TABLE, [[0x50000, 512]]);
+  drv.select(0);
+  drv.bmSetup(TABLE, true);
+  drv.issue(0xc8, { nsect: 1, lba: 0 });
+  drv.bmStart();
+  assert.equal(drv.irq.level, true);
+  const bmst = drv.bmRead(2);
+  assert.equal(bmst & 0x04, 0x04);
+  drv.bmStop();
+  drv.altStatus();
+  assert.equal(drv.status(), 0x50);
+  drv.bmWrite(2, 1, bmst);
+  assert.equal(drv.irq.level, false);
+  assert.deepEqual(rig.memory.bytes(0x50000, 512), disk.bytes(0, 512));
+  // ata_sff_data_xfer32: 32-bit PIO data reads.
+  drv.issue(0x20, { nsect: 1, lba: 1 });
+  assert.equal(drv.status() & ATA.DRQ, ATA.DRQ);
+  assert.deepEqual(drv.readData(512, 4), disk.bytes(512, 512));
+});
