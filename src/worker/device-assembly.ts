@@ -3,11 +3,24 @@
  * opens the back ends (disk images, network ports, console sockets) and hands
  * each model its services. The resolver from configuration to a live device,
  * in one place.
+ *
+ * IDE positions: disks take primary master, primary slave, then the secondary
+ * channel; CD-ROMs prefer the secondary master (where installers look first).
  */
 import type { IrqLine } from "../devices/dependencies.js";
 import type { PciDevice } from "../devices/pci/pci-config.js";
 import type { PciDeviceServices } from "../devices/pci/device-thread-services.js";
-import { DevicePlanError, type DeviceSpec, type PlannedFunction } from "./device-plan.js";
+import { openDisk } from "../storage/open.js";
+import type { BlockDevice } from "../storage/block-device.js";
+import { createVirtioBlk } from "../devices/virtio/virtio-blk.js";
+import { createVirtioRng } from "../devices/virtio/virtio-rng.js";
+import { createVirtioConsole, type HostByteStream } from "../devices/virtio/virtio-console.js";
+import { createVirtioNet } from "../devices/net/virtio-net.js";
+import { Ne2kPci } from "../devices/net/ne2k-pci.js";
+import { DatagramPairPort, TapPort, type NetworkPort } from "../devices/net/network-port.js";
+import { PiixIde, type IdeDriveConfig } from "../devices/emulated/ide/piix-ide.js";
+import { acceptStream, closeDescriptor, listenStream, readFrame, removeSocketPath, sendStream } from "../hypervisor/host-network.js";
+import { DevicePlanError, parseMac, type DeviceSpec, type DiskSpec, type NicBackendSpec, type PlannedFunction } from "./device-plan.js";
 
 export interface AssembledDevice {
   readonly device: PciDevice;
@@ -22,9 +35,162 @@ export interface AssemblyContext {
   isaIrq(irq: number): IrqLine;
 }
 
+function open(spec: DiskSpec, id: string): BlockDevice {
+  try {
+    return openDisk(spec.path, { readOnly: spec.readOnly });
+  } catch (e) {
+    throw new DevicePlanError("DISK_OPEN_FAILED", `${id}: ${(e as Error).message}`, { device: id, path: spec.path });
+  }
+}
+
+function openPort(backend: NicBackendSpec, id: string): NetworkPort | undefined {
+  try {
+    if (backend.kind === "tap") return TapPort.open(backend.ifname);
+    if (backend.kind === "dgram") return DatagramPairPort.open(backend.local, backend.peer);
+    return undefined;
+  } catch (e) {
+    throw new DevicePlanError("NIC_OPEN_FAILED", `${id}: ${(e as Error).message}`, { device: id });
+  }
+}
+
+/** The host end of a console channel: a UNIX stream socket; the newest client wins. */
+class ChannelSocket {
+  private readonly listenFd: number;
+  private client: number | undefined;
+  private readonly listenWatch: { close(): void };
+
+  constructor(private readonly path: string, private readonly device: { connect(s: HostByteStream | undefined): void }, services: PciDeviceServices) {
+    this.listenFd = listenStream(path);
+    this.listenWatch = services.loop.watch(this.listenFd, () => this.accept());
+  }
+
+  private accept(): void {
+    for (;;) {
+      const fd = acceptStream(this.listenFd);
+      if (fd === undefined) return;
+      this.dropClient();
+      this.client = fd;
+      const stream: HostByteStream = {
+        fd,
+        read: (buf) => {
+          let n: number;
+          try {
+            n = readFrame(fd, buf);
+          } catch {
+            n = 0; // ECONNRESET and the like: treat as closed
+          }
+          if (n > 0) return n;
+          if (n < 0) return 0;
+          // Peer closed: forget it once the device has seen the -1.
+          queueMicrotask(() => {
+            if (this.client === fd) this.dropClient();
+          });
+          return -1;
+        },
+        write: (bytes) => {
+          try {
+            const n = sendStream(fd, bytes, bytes.length);
+            return n < 0 ? 0 : n;
+          } catch {
+            return 0;
+          }
+        },
+      };
+      this.device.connect(stream);
+    }
+  }
+
+  private dropClient(): void {
+    if (this.client === undefined) return;
+    this.device.connect(undefined);
+    closeDescriptor(this.client);
+    this.client = undefined;
+  }
+
+  close(): void {
+    this.dropClient();
+    this.listenWatch.close();
+    closeDescriptor(this.listenFd);
+    try {
+      removeSocketPath(this.path);
+    } catch {
+      /* already gone */
+    }
+  }
+}
+
 export function assembleDevice(f: PlannedFunction, devices: readonly DeviceSpec[], services: PciDeviceServices, ctx: AssemblyContext): AssembledDevice {
-  void services;
-  void ctx;
   const spec = devices[f.specIndex]!;
-  throw new DevicePlanError("DEVICE_UNAVAILABLE", `${spec.kind} devices are not available in this build`, { device: spec.id });
+  switch (spec.kind) {
+    case "ide-disk":
+    case "ide-cdrom": {
+      const ide = devices.filter((d): d is Extract<DeviceSpec, { kind: "ide-disk" | "ide-cdrom" }> => d.kind === "ide-disk" || d.kind === "ide-cdrom");
+      const free: [0 | 1, 0 | 1][] = [[0, 0], [0, 1], [1, 0], [1, 1]];
+      const take = (prefer: [0 | 1, 0 | 1]): [0 | 1, 0 | 1] => {
+        const i = free.findIndex((p) => p[0] === prefer[0] && p[1] === prefer[1]);
+        return free.splice(i >= 0 ? i : 0, 1)[0]!;
+      };
+      const opened: BlockDevice[] = [];
+      const drives: IdeDriveConfig[] = [];
+      try {
+        // CD-ROMs first claim the secondary master; disks then fill from the primary master.
+        for (const d of ide.filter((x) => x.kind === "ide-cdrom")) {
+          const [channel, unit] = take([1, 0]);
+          const dev = d.disk === undefined ? undefined : open(d.disk, d.id);
+          if (dev !== undefined) opened.push(dev);
+          drives.push({ channel, unit, kind: "cdrom", device: dev });
+        }
+        for (const d of ide.filter((x) => x.kind === "ide-disk")) {
+          const [channel, unit] = take(free[0]!);
+          const dev = open(d.disk, d.id);
+          opened.push(dev);
+          drives.push({ channel, unit, kind: "disk", device: dev });
+        }
+        const device = new PiixIde("ide0", services, { primaryIrq: ctx.isaIrq(14), secondaryIrq: ctx.isaIrq(15), drives });
+        return { device, close: () => opened.forEach((d) => d.close()) };
+      } catch (e) {
+        opened.forEach((d) => d.close());
+        throw e;
+      }
+    }
+    case "virtio-blk": {
+      const disk = open(spec.disk, spec.id);
+      try {
+        const device = createVirtioBlk(spec.id, disk, services, { queues: Math.max(1, Math.min(spec.queues, 16)), serial: spec.id });
+        return { device, close: () => disk.close() };
+      } catch (e) {
+        disk.close();
+        throw e;
+      }
+    }
+    case "virtio-rng":
+      return { device: createVirtioRng(spec.id, services), close: () => {} };
+    case "virtio-console": {
+      const device = createVirtioConsole(spec.id, services);
+      const channel = new ChannelSocket(spec.socketPath, device, services);
+      return { device, close: () => channel.close() };
+    }
+    case "virtio-net":
+    case "ne2k": {
+      const port = openPort(spec.backend, spec.id);
+      const mac = parseMac(spec.mac);
+      try {
+        if (spec.kind === "virtio-net") {
+          const device = createVirtioNet(spec.id, port, services, { mac });
+          return { device, close: () => port?.close() };
+        }
+        const device = new Ne2kPci(spec.id, services, port, { mac });
+        return {
+          device,
+          close: () => {
+            device.close();
+            port?.close();
+          },
+        };
+      } catch (e) {
+        port?.close();
+        throw e;
+      }
+    }
+  }
 }

@@ -123,3 +123,30 @@ test("--framebuffer with a malformed or too large size: one line, status 2", () 
     assert.equal(r.stderr.trim().split("\n").length, 1);
   }
 });
+
+/** mov dx, port; mov eax, imm32; out dx, eax */
+const outl = (port: number, value: number) => {
+  const v = Buffer.alloc(4);
+  v.writeUInt32LE(value >>> 0);
+  return [0x66, 0xba, port & 0xff, port >> 8, 0xb8, ...v, 0xef];
+};
+/** mov dx, port; in eax, dx; cmp eax, imm32; jne +N (over `then`); then... */
+const ifInlEquals = (port: number, value: number, then: number[]) => {
+  const v = Buffer.alloc(4);
+  v.writeUInt32LE(value >>> 0);
+  return [0x66, 0xba, port & 0xff, port >> 8, 0xed, 0x3d, ...v, 0x75, then.length, ...then];
+};
+
+test("a PCI device on the device thread answers config reads through 0xCF8/0xCFC (virtio-rng at 00:02.0)", () => {
+  const code = [
+    ...outl(0xcf8, 0x8000_1000), // bus 0, device 2, function 0, register 0
+    ...ifInlEquals(0xcfc, 0x1044_1af4, serialPrint("ID-OK\n")),
+    ...outl(0xcf8, 0x8000_1800), // device 3: absent
+    ...ifInlEquals(0xcfc, 0xffff_ffff, serialPrint("ABSENT-OK\n")),
+    ...ACPI_S5,
+    ...HALT_LOOP,
+  ];
+  const r = run(kernelFile("pci-probe", code), ["--rng"]);
+  assert.equal(r.stdout, "ID-OK\nABSENT-OK\n", r.stderr);
+  assert.equal(r.status, 0, r.stderr);
+});
