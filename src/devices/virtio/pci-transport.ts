@@ -410,9 +410,9 @@ export class VirtioPciDevice implements PciDevice, VirtioTransport {
   }
 
   /** Map the notify addresses where BAR0 decodes now (called on mapping changes; idempotent). */
-  syncDoorbells(): void {
+  syncDoorbells(force = false): void {
     const base = this.pci.mappedAddress(0);
-    if (base === this.doorbellBase) return;
+    if (base === this.doorbellBase && !force) return;
     this.doorbellBase = base;
     for (let i = 0; i < this.numQueues; i++) {
       const gpa = base === undefined ? undefined : base + VIRTIO_BAR0.notify + i * VIRTIO_BAR0.notifyMultiplier;
@@ -718,6 +718,53 @@ export class VirtioPciDevice implements PciDevice, VirtioTransport {
       })),
       backend: this.backend.save?.(),
     };
+  }
+
+  /**
+   * Re-establish a saved state taken from a device of the same shape (same
+   * device id and queue count). Throws VirtioError when it does not fit;
+   * rings are re-validated against guest RAM (a ring that no longer fits puts
+   * the device in DEVICE_NEEDS_RESET, as at run time).
+   */
+  restore(s: VirtioPciSavedState): void {
+    if (s.kind !== "virtio-pci" || s.version !== 1)
+      throw new VirtioError("VIRTIO_RESTORE_VERSION", `${this.name}: saved state ${s.kind} v${s.version} is not virtio-pci v1`, { name: this.name });
+    if (s.deviceId !== this.backend.deviceId || s.queues.length !== this.numQueues)
+      throw new VirtioError("VIRTIO_RESTORE_SHAPE", `${this.name}: saved state is for device ${s.deviceId} with ${s.queues.length} queues`, { name: this.name });
+    if (s.pci.bytes.length !== 256 || s.msixTable.length !== this.msix.table.length || s.msixPending.length !== this.msix.pending.length)
+      throw new VirtioError("VIRTIO_RESTORE_SHAPE", `${this.name}: saved PCI / MSI-X state has the wrong size`, { name: this.name });
+    this.pci.bytes.set(s.pci.bytes.map((b) => b & 0xff));
+    for (const b of this.pci.barSpecs()) {
+      const a = s.pci.barAddress[b.index] ?? 0;
+      this.pci.assignBar(b.index, a - (a % b.size));
+    }
+    this.msix.table.set(s.msixTable.map((b) => b & 0xff));
+    this.msix.pending.set(s.msixPending.map((b) => b & 0xff));
+    this.status = s.status & 0xff;
+    this.deviceFeatureSelect = s.deviceFeatureSelect >>> 0;
+    this.driverFeatureSelect = s.driverFeatureSelect >>> 0;
+    this.driverFeatureLo = s.driverFeatures[0] >>> 0;
+    this.driverFeatureHi = s.driverFeatures[1] >>> 0;
+    this.features = (this.status & VIRTIO_STATUS.featuresOk) !== 0 ? (BigInt(this.driverFeatureHi) << 32n) | BigInt(this.driverFeatureLo) : 0n;
+    this.msixConfig = s.msixConfig & 0xffff;
+    this.queueSelect = s.queueSelect & 0xffff;
+    this.configGeneration = s.configGeneration & 0xff;
+    this.isr = s.isr & 3;
+    this.lastError = undefined;
+    s.queues.forEach((q, i) => {
+      this.qSize[i] = q.sizeRegister & 0xffff;
+      this.qVector[i] = q.msixVector & 0xffff;
+      this.qEnabled[i] = q.enabled;
+      this.qDesc[i] = q.desc;
+      this.qDriver[i] = q.driver;
+      this.qDevice[i] = q.device;
+      this.queues[i]!.restore(q.queue);
+    });
+    this.pci.setInterruptStatus(this.isr !== 0);
+    this.intxLevel = this.isr !== 0 && !this.pci.intxDisabled;
+    this.services.intx.setLevel(this.intxLevel);
+    this.syncDoorbells(true);
+    if (this.active) this.backend.activate(this.queues, this.features);
   }
 }
 

@@ -343,3 +343,34 @@ test("board reset: registers, MSI-X and queues back to power-on", () => {
   assert.equal(saved.kind, "virtio-pci");
   assert.equal(saved.queues.length, 2);
 });
+
+test("save / restore: a restored device continues on the same rings", () => {
+  const { drv, dev, services } = make();
+  drv.init();
+  const q = drv.queues[1]!;
+  q.setUsedEvent(0);
+  q.add([{ addr: 0x40000, len: 1, write: false }, { addr: 0x50000, len: 1, write: true }]);
+  q.kick();
+  assert.equal(q.takeUsed().length, 1);
+  const saved = structuredClone(dev.save());
+  // A second device over the same RAM, as after a snapshot restore.
+  const backend2 = new EchoBackend();
+  const services2 = { ...makeServices(), memory: services.memory };
+  const dev2 = new VirtioPciDevice("echo0", backend2, services2);
+  dev2.restore(saved);
+  assert.equal(dev2.deviceStatus, S.acknowledge | S.driver | S.featuresOk | S.driverOk);
+  assert.equal(backend2.activations, 1);
+  assert.equal(dev2.msix.enabled, true);
+  assert.equal(services2.doorbells.bells.get(1)!.gpa, BAR0 + 0x3000 + 4);
+  const drv2 = new TestVirtioDriver(dev2, services2);
+  q.setUsedEvent(q.lastUsed);
+  services.memory.bytes(0x40000, 1)[0] = 0x77;
+  q.add([{ addr: 0x40000, len: 1, write: false }, { addr: 0x50000, len: 1, write: true }]);
+  services2.doorbells.ring(1);
+  assert.deepEqual(q.takeUsed().map((u) => u.len), [1]);
+  assert.equal(services.memory.bytes(0x50000, 1)[0], 0x77);
+  assert.equal(services2.msi.count(2), 1);
+  assert.equal(drv2.r16(C.numQueues), 2);
+  const other = new VirtioPciDevice("x", { ...new EchoBackend(), queueMaxSizes: [16], attach() {}, activate() {}, reset() {}, queueNotified() {}, readConfig: () => 0, writeConfig() {} }, makeServices());
+  assert.throws(() => other.restore(saved), /VIRTIO_RESTORE|queues/);
+});
