@@ -195,6 +195,13 @@ for (const seed of [0x1de_5eed, 0x0c0ffee]) test(`fuzz (seed ${seed.toString(16)
       ide.isaRead(cmdRegion(ch), 7, 1);
     }
 
+    // Every reachable state saves as plain data and restores to itself.
+    if (step % 997 === 0) {
+      const before = JSON.stringify(ide.save());
+      ide.restore(JSON.parse(before));
+      assert.equal(JSON.stringify(ide.save()), before, `save/restore round trip at step ${step}`);
+    }
+
     // Invariants.
     for (const c of ide.channels) {
       const bm = c.busMaster;

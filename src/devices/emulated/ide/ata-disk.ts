@@ -21,6 +21,7 @@
 import type { BlockDevice } from "../../../storage/block-device.js";
 import { buildIdentifyDevice, DEFAULT_HEADS, DEFAULT_SPT, MAX_MULTIPLE, type AtaIdentity } from "./identify.js";
 import { IdeDevice, Pio, type DeviceHost, type DmaOutcome } from "./ide-device.js";
+import type { FieldReader } from "./saved-fields.js";
 import { ATA_SECTOR, CMD, DEV, ER, SETF, ST } from "./spec.js";
 
 /** What the current PIO DRQ blocks are for. */
@@ -45,6 +46,7 @@ export interface SavedAtaDisk {
   readonly dmaLba: number;
   readonly dmaSectors: number;
   readonly dmaWrite: boolean;
+  readonly lba48: boolean;
 }
 
 export class AtaDisk extends IdeDevice {
@@ -441,6 +443,56 @@ export class AtaDisk extends IdeDevice {
       dmaLba: this.dmaLba,
       dmaSectors: this.dmaSectors,
       dmaWrite: this.dmaWrite,
+      lba48: this.lba48,
+    };
+  }
+
+  checkSaved(r: FieldReader, d: FieldReader | null): () => void {
+    if (d === null) r.fail("no disk state for a disk");
+    const base = this.checkDevice(r);
+    const multiCount = d.int("multiCount", 0, MAX_MULTIPLE);
+    if ((multiCount & (multiCount - 1)) !== 0) d.fail("multiple count is not a power of two");
+    const writeCache = d.bool("writeCache");
+    const lookAhead = d.bool("lookAhead");
+    const heads = d.int("heads", 1, 16);
+    const sectorsPerTrack = d.int("sectorsPerTrack", 1, 255);
+    const mwdma = d.int("mwdma", -1, 2);
+    const udma = d.int("udma", -1, 5);
+    const standby = d.bool("standby");
+    const job = d.int("job", 0, 3) as Job;
+    const lba = d.int("lba", 0, this.sectors);
+    const left = d.int("left", 0, 0x1_0000);
+    const blockSectors = d.int("blockSectors", 0, MAX_MULTIPLE);
+    const dmaLba = d.int("dmaLba", 0, this.sectors);
+    const dmaSectors = d.int("dmaSectors", 0, 0x1_0000);
+    const dmaWrite = d.bool("dmaWrite");
+    const lba48 = d.bool("lba48");
+    const expectPio = job === Job.none ? Pio.none : job === Job.write ? Pio.out : Pio.in;
+    if (base.pio !== expectPio) d.fail("the PIO direction does not match the command");
+    if (job === Job.identify && base.end !== ATA_SECTOR) d.fail("an IDENTIFY block that is not one sector");
+    if (job === Job.read || job === Job.write) {
+      if (blockSectors === 0 || left === 0 || lba + left > this.sectors) d.fail("a PIO transfer outside the disk");
+      if (base.end !== Math.min(blockSectors, left) * ATA_SECTOR) d.fail("a PIO block of the wrong size");
+    }
+    if (base.dmaPending && (dmaSectors === 0 || dmaLba + dmaSectors > this.sectors)) d.fail("a DMA transfer outside the disk");
+    return () => {
+      base.apply();
+      this.multiCount = multiCount;
+      this.writeCache = writeCache;
+      this.lookAhead = lookAhead;
+      this.heads = heads;
+      this.sectorsPerTrack = sectorsPerTrack;
+      this.mwdma = mwdma;
+      this.udma = udma;
+      this.standby = standby;
+      this.job = job;
+      this.lba = lba;
+      this.left = left;
+      this.blockSectors = blockSectors;
+      this.dmaLba = dmaLba;
+      this.dmaSectors = dmaSectors;
+      this.dmaWrite = dmaWrite;
+      this.lba48 = lba48;
     };
   }
 }

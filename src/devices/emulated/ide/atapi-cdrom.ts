@@ -30,6 +30,7 @@ import type { BlockDevice } from "../../../storage/block-device.js";
 import { buildIdentifyPacket, type AtaIdentity } from "./identify.js";
 import { IdeDevice, Pio, type DeviceHost, type DmaOutcome } from "./ide-device.js";
 import * as mmc from "./mmc-responses.js";
+import type { FieldReader } from "./saved-fields.js";
 import { ASC, CD_SECTOR, CMD, ER, IREASON, SCSI, SENSE, SETF, ST } from "./spec.js";
 
 /** Blocks the PIO buffer holds (64 KiB). */
@@ -525,6 +526,64 @@ export class AtapiCdrom extends IdeDevice implements mmc.DiscState {
       dmaFromDisk: this.dmaFromDisk,
       dmaBytes: this.dmaBytes,
       dmaLba: this.dmaLba,
+    };
+  }
+
+  protected override stagedBytes(): number {
+    let n = super.stagedBytes();
+    if (this.job === Job.data) n = Math.max(n, this.fill);
+    if (this.dmaPending && !this.dmaFromDisk) n = Math.max(n, this.dmaBytes);
+    return n;
+  }
+
+  checkSaved(r: FieldReader, c: FieldReader | null): () => void {
+    if (c === null) r.fail("no CD-ROM state for a CD-ROM");
+    const base = this.checkDevice(r);
+    const trayOpen = c.bool("trayOpen");
+    const locked = c.bool("locked");
+    const senseKey = c.int("senseKey", 0, 0x0f);
+    const senseAsc = c.int("senseAsc", 0, 0xffff);
+    const unitAttention = c.bool("unitAttention");
+    const mediaEvent = c.int("mediaEvent", 0, 3);
+    const mwdma = c.int("mwdma", -1, 2);
+    const udma = c.int("udma", -1, 5);
+    const job = c.int("job", 0, 3) as Job;
+    const limit = c.int("limit", 0, 0xffff);
+    const dmaMode = c.bool("dmaMode");
+    const fill = c.int("fill", 0, this.buffer.length);
+    const cursor = c.int("cursor", 0, fill);
+    const diskLba = c.int("diskLba", 0, 2 ** 33);
+    const diskBlocksLeft = c.int("diskBlocksLeft", 0, 2 ** 32);
+    const dmaFromDisk = c.bool("dmaFromDisk");
+    const dmaBytes = c.int("dmaBytes", 0, 2 ** 44);
+    const dmaLba = c.int("dmaLba", 0, 2 ** 32);
+    const expectPio = job === Job.none ? Pio.none : job === Job.packet ? Pio.out : Pio.in;
+    if (base.pio !== expectPio) c.fail("the PIO direction does not match the phase");
+    if (job === Job.identify && base.end !== 512) c.fail("an IDENTIFY block that is not 512 bytes");
+    if (job === Job.packet && base.end !== 12) c.fail("a packet that is not 12 bytes");
+    if (job === Job.data && (base.end !== cursor || base.end === 0)) c.fail("a data block that does not end at the cursor");
+    if (job === Job.data && base.buffered < fill) c.fail("staged data missing from the buffer");
+    if (base.dmaPending && (dmaBytes === 0 || (!dmaFromDisk && dmaBytes > base.buffered))) c.fail("an impossible DMA transfer");
+    return () => {
+      base.apply();
+      this.trayOpen = trayOpen;
+      this.locked = locked;
+      this.senseKey = senseKey;
+      this.senseAsc = senseAsc;
+      this.unitAttention = unitAttention;
+      this.mediaEvent = mediaEvent;
+      this.mwdma = mwdma;
+      this.udma = udma;
+      this.job = job;
+      this.limit = limit;
+      this.dmaMode = dmaMode;
+      this.cursor = cursor;
+      this.fill = fill;
+      this.diskLba = diskLba;
+      this.diskBlocksLeft = diskBlocksLeft;
+      this.dmaFromDisk = dmaFromDisk;
+      this.dmaBytes = dmaBytes;
+      this.dmaLba = dmaLba;
     };
   }
 }

@@ -20,6 +20,7 @@
  */
 import type { GuestMemory } from "../../../machine/guest-memory.js";
 import type { DmaOutcome, IdeDevice } from "./ide-device.js";
+import type { FieldReader } from "./saved-fields.js";
 import { BM, BMCMD, BMST } from "./spec.js";
 
 /** The most PRD entries one transfer may walk (a 64 KiB table). */
@@ -179,6 +180,21 @@ export class BusMasterChannel {
       left -= lo;
     }
     return "done";
+  }
+
+  /** Check saved registers; returns the function that loads them. */
+  checkSaved(r: FieldReader): () => void {
+    const command = r.int("command", 0, 0xff);
+    const status = r.int("status", 0, 0xff);
+    const prd = r.int("prd", 0, 0xffff_ffff);
+    if ((command & ~(BMCMD.start | BMCMD.toMemory)) !== 0) r.fail("reserved command bits set");
+    if ((status & BMST.simplex) !== 0 || (status & 0x18) !== 0) r.fail("reserved status bits set");
+    if ((prd & 3) !== 0) r.fail("descriptor table pointer not dword aligned");
+    return () => {
+      this.command = command;
+      this.status = status;
+      this.prd = prd;
+    };
   }
 
   save(): SavedBusMaster {

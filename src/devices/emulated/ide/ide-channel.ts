@@ -20,6 +20,7 @@
 import type { IrqLine } from "../../dependencies.js";
 import type { BusMasterChannel } from "./bus-master.js";
 import type { DeviceHost, IdeDevice, SavedIdeDevice } from "./ide-device.js";
+import type { FieldReader } from "./saved-fields.js";
 import { CMD, DC, DEV, REG, ST, BMST } from "./spec.js";
 
 export interface SavedIdeChannel {
@@ -189,6 +190,37 @@ export class IdeChannel implements DeviceHost {
   busMasterStarted(): void {
     const d = this.selected;
     if (d.dmaPending && this.busMaster.ready) this.busMaster.run(d);
+  }
+
+  /**
+   * Check a saved channel (its registers, bus-master engine and both devices
+   * with their command-set parts); returns the function that loads it and
+   * re-drives the INTRQ line to match.
+   */
+  checkSaved(r: FieldReader): () => void {
+    const control = r.int("control", 0, 0xff);
+    if ((control & ~(DC.hob | DC.srst | DC.nien)) !== 0) r.fail("reserved Device Control bits set");
+    const select = r.int("select", 0, 1) as 0 | 1;
+    r.bool("line");
+    const bm = this.busMaster.checkSaved(r.child("busMaster"));
+    const devices = r.children("devices", 2);
+    const disks = r.children("disks", 2);
+    const cdroms = r.children("cdroms", 2);
+    const applies = this.devices.map((d, u) => {
+      const dr = devices[u];
+      if (dr === null || dr === undefined) return r.fail(`device ${u} is missing`);
+      const specific = d.kind === "disk" ? disks[u]! : d.kind === "cdrom" ? cdroms[u]! : (disks[u] ?? cdroms[u] ?? null);
+      return d.checkSaved(dr, specific);
+    });
+    return () => {
+      this.control = control;
+      this.select = select;
+      bm();
+      for (const a of applies) a();
+      const level = (this.control & DC.nien) === 0 && this.selected.irqPending;
+      this.line = !level;
+      this.updateIrq();
+    };
   }
 
   save(): SavedIdeChannel {

@@ -11,6 +11,7 @@
  * that starts it (or, for DMA, inside the bus-master start write), so BSY is
  * only ever seen while SRST is held.
  */
+import type { FieldReader } from "./saved-fields.js";
 import { DEV, REG, ST } from "./spec.js";
 
 /** What a device may ask of its channel. */
@@ -42,7 +43,7 @@ export interface SavedIdeDevice {
   readonly pio: number;
   readonly pos: number;
   readonly end: number;
-  /** Buffer bytes [0, end) while a PIO block is in flight, else empty. */
+  /** The buffer bytes that are state (the PIO block in flight and any data staged behind it). */
   readonly buffer: readonly number[];
   readonly dmaPending: boolean;
 }
@@ -235,6 +236,43 @@ export abstract class IdeDevice {
     this.error = 0x01;
   }
 
+  /**
+   * Check a saved device (as `saveDevice` wrote it) against this position;
+   * returns the transfer shape for the subclass's checks and a function that
+   * applies it. Nothing changes until the function is called.
+   */
+  protected checkDevice(r: FieldReader): { pio: Pio; end: number; dmaPending: boolean; buffered: number; apply: () => void } {
+    r.oneOf("kind", [this.kind]);
+    const regs = r.ints("regs", 13, 13, 0, 0xff);
+    const irqPending = r.bool("irqPending");
+    const pio = r.int("pio", 0, 2) as Pio;
+    const end = r.int("end", 0, this.buffer.length);
+    const pos = r.int("pos", 0, end);
+    const bytes = r.ints("buffer", pio === Pio.none ? 0 : end, this.buffer.length, 0, 0xff);
+    const dmaPending = r.bool("dmaPending");
+    if (pio !== Pio.none && dmaPending) r.fail("a PIO block and a DMA transfer at once");
+    if (pio !== Pio.none && (regs[11]! & ST.drq) === 0) r.fail("a PIO block without DRQ");
+    const apply = (): void => {
+      [this.feature, this.hobFeature, this.nsect, this.hobNsect, this.lbal, this.hobLbal] = regs as [number, number, number, number, number, number];
+      [this.lbam, this.hobLbam, this.lbah, this.hobLbah, this.device, this.status, this.error] = regs.slice(6) as [number, number, number, number, number, number, number];
+      this.irqPending = irqPending;
+      this.pio = pio;
+      this.pos = pio === Pio.none ? 0 : pos;
+      this.end = pio === Pio.none ? 0 : end;
+      this.buffer.set(bytes);
+      this.dmaPending = dmaPending;
+    };
+    return { pio, end, dmaPending, buffered: bytes.length, apply };
+  }
+
+  /** Check a saved device and its command-set state (`specific`: the disk or CD-ROM part, null for none). */
+  abstract checkSaved(r: FieldReader, specific: FieldReader | null): () => void;
+
+  /** Buffer bytes that are state: the current PIO block (subclasses add data staged beyond it). */
+  protected stagedBytes(): number {
+    return this.pio !== Pio.none ? this.end : 0;
+  }
+
   saveDevice(): SavedIdeDevice {
     const inFlight = this.pio !== Pio.none;
     return {
@@ -245,9 +283,9 @@ export abstract class IdeDevice {
       ],
       irqPending: this.irqPending,
       pio: this.pio,
-      pos: this.pos,
-      end: this.end,
-      buffer: inFlight ? Array.from(this.buffer.subarray(0, this.end)) : [],
+      pos: inFlight ? this.pos : 0,
+      end: inFlight ? this.end : 0,
+      buffer: Array.from(this.buffer.subarray(0, this.stagedBytes())),
       dmaPending: this.dmaPending,
     };
   }
@@ -279,4 +317,10 @@ export class AbsentDevice extends IdeDevice {
     return false;
   }
   dmaDone(): void {}
+  checkSaved(r: FieldReader, specific: FieldReader | null): () => void {
+    if (specific !== null) r.fail("command-set state for an empty position");
+    const base = this.checkDevice(r);
+    if (base.pio !== Pio.none || base.dmaPending) r.fail("a transfer on an empty position");
+    return base.apply;
+  }
 }

@@ -30,6 +30,7 @@ import { AtapiCdrom, type SavedAtapiCdrom } from "./atapi-cdrom.js";
 import { BusMasterChannel, type SavedBusMaster } from "./bus-master.js";
 import { IdeChannel, type SavedIdeChannel } from "./ide-channel.js";
 import { AbsentDevice, type DeviceHost, type IdeDevice } from "./ide-device.js";
+import { FieldReader } from "./saved-fields.js";
 
 /** A bad drive list (construction time, not guest input). */
 export class IdeConfigError extends PartisError {}
@@ -231,6 +232,25 @@ export class PiixIde implements PciDevice {
       const channel = this.channels[at >> 3]!;
       if (channel.busMaster.writeByte(at & 7, (value >>> (8 * i)) & 0xff)) channel.busMasterStarted();
     }
+  }
+
+  /**
+   * Load a saved state (untrusted: every field is checked, and nothing changes
+   * unless all of it is valid). Config space is restored by its owner, as for
+   * the other PCI models; the drives' images are the ones given at construction.
+   * INTRQ lines are re-driven to the restored levels.
+   */
+  restore(saved: unknown): void {
+    const r = new FieldReader(this.name, "", saved);
+    r.oneOf("kind", ["piix-ide"]);
+    r.int("version", 1, 1);
+    const channels = r.children("channels", 2);
+    const applies = this.channels.map((c, i) => {
+      const cr = channels[i];
+      if (cr === null || cr === undefined) return r.fail(`channel ${i} is missing`);
+      return c.checkSaved(cr);
+    });
+    for (const a of applies) a();
   }
 
   save(): SavedPiixIde {
