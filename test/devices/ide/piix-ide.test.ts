@@ -551,3 +551,38 @@ test("libata probe and first I/O, end to end: prereset, devchk, SRST, classify, 
   assert.equal(drv.status() & ATA.DRQ, ATA.DRQ);
   assert.deepEqual(drv.readData(512, 4), disk.bytes(512, 512));
 });
+
+test("SET FEATURES look-ahead and revert-to-defaults; 4 KiB physical sectors in word 106", () => {
+  const { drv } = diskRig();
+  for (const f of [0x55, 0xaa, 0x66, 0xcc, 0x02]) {
+    drv.issue(0xef, { feature: f, device: 0xa0 });
+    assert.equal(drv.status() & ATA.ERR_BIT, 0, `feature 0x${f.toString(16)}`);
+  }
+  drv.issue(0xef, { feature: 0x55, device: 0xa0 });
+  assert.equal(drv.identify(0)[85]! & 0x40, 0, "look-ahead disabled");
+  const rig = makeRig([{ channel: 0, unit: 0, kind: "disk", device: new MemoryDisk(MiB, false, 4096) }]);
+  assert.equal(new AtaDriver(rig, 0).identify(0)[106], 0x6003);
+});
+
+test("back-end write and flush failures abort the command (PIO and DMA)", () => {
+  const { drv, disk, ide } = diskRig();
+  disk.failWrites = true;
+  drv.issue(0x30, { nsect: 2, lba: 4 });
+  drv.writeData(new Uint8Array(512));
+  assert.equal(drv.status() & (ATA.ERR_BIT | ATA.DRQ), ATA.ERR_BIT);
+  assert.equal(drv.inb(ATA.ERR), ATA.ABRT);
+  drv.writePrd(TABLE, [[0x10000, 0x200]]);
+  drv.bmSetup(TABLE, false);
+  drv.issue(0xca, { nsect: 1, lba: 0 });
+  drv.bmStart();
+  assert.equal(drv.status(), 0x51);
+  drv.bmStop();
+  disk.failWrites = false;
+  disk.flush = () => {
+    throw new Error("flush failed");
+  };
+  drv.issue(0xe7, { device: 0xa0 });
+  assert.equal(drv.inb(ATA.ERR), ATA.ABRT);
+  assert.ok(ide.drive(0, 0)?.lastBackendError instanceof Error);
+  assert.throws(() => ide.changeMedium(0, 0, undefined), IdeConfigError);
+});
