@@ -17,15 +17,24 @@
  * That total includes the vCPU's time in the guest; "VMM" columns subtract
  * guest_time (field 43), leaving the VMM's own user+kernel work.
  *
- * Equal footing: 1 vCPU, 512 MiB, the image is a fresh sparse raw file per
+ * Equal footing: 1 vCPU, 512 MiB, the image is a fresh raw file per
  * run in --dir (default: os.tmpdir(), which is a private tmpfs inside the
  * nested test host, so neither VMM goes through 9p), opened buffered by both
  * (QEMU cache=writeback, its default; Partis opens raw files buffered).
  * Configurations are interleaved per repetition; medians over --runs.
  * PIO mode is `libata.force=pio4` on the kernel command line; the mode the
  * guest's libata reports is checked (a PIO run that came up in a DMA mode is
- * reported as such). The PIO run moves at most --pio-seq-mib MiB and
- * --pio-random-ops reads (rates, not totals, are compared).
+ * reported as such). The PIO run reads at most --pio-seq-mib MiB and
+ * --pio-random-ops blocks, and writes only --pio-write-kib KiB in 64 KiB
+ * requests (rates, not totals, are compared): KVM's instruction emulator
+ * batches `rep insw` (reads) but hands `rep outsw` to user space one word
+ * per exit, so a 1 MiB PIO write is 512 Ki exits; in the nested host that
+ * is tens of seconds, past libata's 30 s command timeout.
+ *
+ * The image's first SEQ MiB are stamped by this script before each run
+ * (offset + a per-run nonce at the head of every 4 KiB block, the layout the
+ * guest program writes), so every read is checked against known data and
+ * reads never hit a sparse hole.
  *
  * On a PVM host run it inside the nested test host (the default guest and the
  * guest program must be prepared outside first: the nested host has no
@@ -35,6 +44,7 @@
  *
  * Options: --quick (16 MiB, 500 reads), --runs N (1), --seq-mib N (64),
  * --random-ops N (2000), --pio-seq-mib N (16), --pio-random-ops N (500),
+ * --pio-write-kib N (1024; quick 256),
  * --image-mib N (256), --only NAME[,NAME] (partis-virtio, partis-ide-dma,
  * partis-ide-pio, qemu-virtio, qemu-ide-dma; qemu-ide-pio only when named or
  * with --all), --all, --dir D, --timeout S (300),
@@ -42,8 +52,8 @@
  * --guest-command NAME (print that configuration's guest shell command).
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { createHash } from "node:crypto";
-import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, readdirSync, rmSync, ftruncateSync, writeFileSync } from "node:fs";
+import { createHash, randomInt } from "node:crypto";
+import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, readdirSync, rmSync, ftruncateSync, writeFileSync, writeSync } from "node:fs";
 import { cpus as hostCpus, loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -81,6 +91,10 @@ const seqMiB = num("--seq-mib", quick ? 16 : 64);
 const randomOps = num("--random-ops", quick ? 500 : 2000);
 const pioSeqMiB = Math.min(seqMiB, num("--pio-seq-mib", quick ? 4 : 16));
 const pioRandomOps = Math.min(randomOps, num("--pio-random-ops", quick ? 200 : 500));
+/** PIO writes: total KiB, in 64 KiB requests (see the module comment). */
+const pioWriteKiB = Math.min(pioSeqMiB * 1024, num("--pio-write-kib", quick ? 256 : 1024));
+const PIO_WRITE_REQUEST_KIB = 64;
+if (pioWriteKiB % PIO_WRITE_REQUEST_KIB !== 0) throw new Error(`--pio-write-kib must be a multiple of ${PIO_WRITE_REQUEST_KIB}`);
 const imageMiB = num("--image-mib", 256);
 const timeoutMs = num("--timeout", 300) * 1000;
 if (seqMiB > imageMiB) throw new Error(`--seq-mib ${seqMiB} is larger than --image-mib ${imageMiB}`);
@@ -95,6 +109,8 @@ interface Config {
   readonly device: string;
   readonly seqMiB: number;
   readonly randomOps: number;
+  /** Sequential writes: total KiB and KiB per request (default seqMiB MiB in 1 MiB requests). */
+  readonly write?: { readonly totalKiB: number; readonly requestKiB: number };
   /** Expect libata to report a PIO mode. */
   readonly pio?: boolean;
   readonly extraAppend?: string;
@@ -140,6 +156,7 @@ const CONFIGS: readonly Config[] = [
   { name: "partis-ide-dma", label: "Partis IDE (BM-DMA)", vmm: "partis", device: "/dev/sda", seqMiB, randomOps, argv: partisArgv("ide") },
   {
     name: "partis-ide-pio", label: "Partis IDE (PIO)", vmm: "partis", device: "/dev/sda", seqMiB: pioSeqMiB, randomOps: pioRandomOps, pio: true,
+    write: { totalKiB: pioWriteKiB, requestKiB: PIO_WRITE_REQUEST_KIB },
     extraAppend: "libata.force=pio4", argv: partisArgv("ide"),
   },
   {
@@ -155,6 +172,7 @@ const CONFIGS: readonly Config[] = [
   },
   {
     name: "qemu-ide-pio", label: "QEMU IDE (pc, PIO)", vmm: "qemu", device: "/dev/sda", seqMiB: pioSeqMiB, randomOps: pioRandomOps, pio: true,
+    write: { totalKiB: pioWriteKiB, requestKiB: PIO_WRITE_REQUEST_KIB },
     extraAppend: "libata.force=pio4", optional: true,
     argv: (k, i, a, img) => ({ command: QEMU, argv: ["-M", "pc", ...qemuCommon(k, i, a), "-drive", `file=${img},if=ide,format=raw,cache=writeback`] }),
   },
@@ -202,7 +220,7 @@ function buildInitrd(baseInitrd: string, tool: string): string {
  * line, so `libata.force=` would be ignored: when present, libata and
  * ata_piix are reloaded here with it before the disk is used.
  */
-function guestCommand(c: Config): string {
+function guestCommand(c: Config, nonce: number): string {
   return [
     `f=$(sed -n 's/.*libata[.]force=\\([^ ]*\\).*/\\1/p' /proc/cmdline)`,
     `if [ -n "$f" ]; then`,
@@ -214,7 +232,7 @@ function guestCommand(c: Config): string {
     `while [ ! -b $d ] && [ $i -lt 30 ]; do sleep 1; i=$((i+1)); done`,
     `for a in /sys/class/ata_device/*; do [ "$(cat $a/class 2>/dev/null)" = ata ] && echo "DISKBENCH-XFER \${a##*/} $(cat $a/xfer_mode)"; done`,
     `dmesg | grep -E 'ata[0-9.]+: FORCE' | sed 's/^/DISKBENCH-DMESG /'`,
-    `/bin/diskbench $d ${c.seqMiB} ${c.randomOps}`,
+    `/bin/diskbench $d ${c.seqMiB} ${c.randomOps} ${nonce}${c.write ? ` ${c.write.totalKiB} ${c.write.requestKiB}` : ""}`,
     `echo DISKBENCH-EXIT $?`,
     `poweroff -f`,
   ].join("\n");
@@ -273,6 +291,28 @@ function killTree(child: ChildProcess): void {
   }
 }
 
+/**
+ * A fresh raw image of --image-mib MiB: the first `stampMiB` MiB written,
+ * each 4 KiB block starting with its offset and `nonce` (the layout the guest
+ * program writes and checks), the rest sparse.
+ */
+function createImage(path: string, stampMiB: number, nonce: number): void {
+  const chunk = Buffer.alloc(MiB);
+  const fd = openSync(path, "w");
+  try {
+    for (let off = 0; off < stampMiB * MiB; off += MiB) {
+      for (let b = 0; b < MiB; b += 4096) {
+        chunk.writeBigUInt64LE(BigInt(off + b), b);
+        chunk.writeBigUInt64LE(BigInt(nonce), b + 8);
+      }
+      writeSync(fd, chunk, 0, MiB, off);
+    }
+    ftruncateSync(fd, imageMiB * MiB);
+  } finally {
+    closeSync(fd);
+  }
+}
+
 class RunFailure extends Error {
   constructor(message: string, readonly consoleTail: string) {
     super(message);
@@ -281,10 +321,9 @@ class RunFailure extends Error {
 
 function once(c: Config, kernel: string, initrd: string, dir: string): Promise<RunResult> {
   const image = join(dir, `${c.name}.img`);
-  const fd = openSync(image, "w");
-  ftruncateSync(fd, imageMiB * MiB); // fresh, sparse
-  closeSync(fd);
-  const append = [BASE_APPEND, c.extraAppend, guestRunOption(guestCommand(c))].filter(Boolean).join(" ");
+  const nonce = randomInt(1, 2 ** 47);
+  createImage(image, c.seqMiB, nonce);
+  const append = [BASE_APPEND, c.extraAppend, guestRunOption(guestCommand(c, nonce))].filter(Boolean).join(" ");
   const { command, argv } = c.argv(kernel, initrd, append, image);
   return new Promise<RunResult>((resolve, reject) => {
     const t0 = process.hrtime.bigint();
@@ -385,10 +424,12 @@ interface Summary {
   randIops?: number;
   randMiB?: number;
   flushMs?: number;
-  /** CPU s per GiB over the two sequential patterns, total and VMM-only (guest time removed). */
-  seqCpuPerGiB?: number;
-  seqVmmCpuPerGiB?: number;
-  /** CPU µs per random read, total and VMM-only. */
+  /** VMM CPU s per GiB moved (total, and without guest time), per sequential pattern. */
+  writeCpu?: number;
+  writeVmmCpu?: number;
+  readCpu?: number;
+  readVmmCpu?: number;
+  /** VMM CPU µs per random read (total, and without guest time). */
   randCpuUs?: number;
   randVmmCpuUs?: number;
   errors: number;
@@ -400,14 +441,7 @@ function summarize(rs: RunResult[]): Summary {
     const xs = rs.map((r) => r.patterns[p]).filter((x): x is PatternResult => x !== undefined).map(f);
     return xs.length ? median(xs) : undefined;
   };
-  const seqPer = (f: (x: PatternResult) => number): number | undefined => {
-    const xs = rs.flatMap((r) => {
-      const w = r.patterns.seqwrite;
-      const rd = r.patterns.seqread;
-      return w && rd ? [(f(w) + f(rd)) / ((w.bytes + rd.bytes) / GiB)] : [];
-    });
-    return xs.length ? median(xs) : undefined;
-  };
+  const perGiB = (cpu: number, x: PatternResult): number => cpu / (x.bytes / GiB);
   const flush = rs.map((r) => r.flushMs).filter((x): x is number => x !== undefined);
   return {
     seqwrite: pick("seqwrite", (x) => x.mibPerS),
@@ -415,8 +449,10 @@ function summarize(rs: RunResult[]): Summary {
     randIops: pick("randread", (x) => x.iops),
     randMiB: pick("randread", (x) => x.mibPerS),
     ...(flush.length ? { flushMs: median(flush) } : {}),
-    seqCpuPerGiB: seqPer((x) => x.cpuS),
-    seqVmmCpuPerGiB: seqPer((x) => x.cpuS - x.guestS),
+    writeCpu: pick("seqwrite", (x) => perGiB(x.cpuS, x)),
+    writeVmmCpu: pick("seqwrite", (x) => perGiB(x.cpuS - x.guestS, x)),
+    readCpu: pick("seqread", (x) => perGiB(x.cpuS, x)),
+    readVmmCpu: pick("seqread", (x) => perGiB(x.cpuS - x.guestS, x)),
     randCpuUs: pick("randread", (x) => (x.cpuS / x.ops) * 1e6),
     randVmmCpuUs: pick("randread", (x) => ((x.cpuS - x.guestS) / x.ops) * 1e6),
     errors: rs.reduce((n, r) => n + Object.values(r.patterns).reduce((m, p) => m + (p?.errors ?? 0), 0), 0),
@@ -435,7 +471,7 @@ async function main(): Promise<void> {
     // Debugging aid: the guest shell command of one configuration.
     const c = CONFIGS.find((x) => x.name === show);
     if (c === undefined) throw new Error(`--guest-command ${show}: none of ${CONFIGS.map((x) => x.name).join(", ")}`);
-    process.stdout.write(guestCommand(c) + "\n");
+    process.stdout.write(guestCommand(c, 1) + "\n");
     return;
   }
   const guest = await prepareDefaultGuest({ log: (l) => process.stderr.write(`guest-disk: ${l}\n`) });
@@ -481,22 +517,25 @@ async function main(): Promise<void> {
   for (const c of configs) if (results[c.name]) sums[c.name] = summarize(results[c.name]!);
   const qemuV = qemuVersion();
   console.log(`In-guest disk benchmark (${runs} run${runs > 1 ? "s" : ""}, median): O_DIRECT, queue depth 1, 1 vCPU, ${MEMORY}; image ${imageMiB} MiB raw, sparse, fresh per run in ${baseDir}.`);
-  console.log(`Sequential: ${seqMiB} MiB each way in 1 MiB requests (PIO: ${pioSeqMiB} MiB); random: ${randomOps} 4 KiB reads (PIO: ${pioRandomOps}).`);
+  console.log(
+    `Sequential: ${seqMiB} MiB each way in 1 MiB requests (PIO: ${pioSeqMiB} MiB read, ${pioWriteKiB} KiB written in ${PIO_WRITE_REQUEST_KIB} KiB requests); random: ${randomOps} 4 KiB reads (PIO: ${pioRandomOps}) in the first ${seqMiB} MiB (PIO: ${pioSeqMiB} MiB).`,
+  );
+  console.log("CPU = utime+stime of the VMM process (Partis: partis-worker; QEMU: qemu) while the pattern ran, guest time included; in parentheses without guest time.");
   console.log(`Host: ${hostCpus().length} CPUs (${hostCpus()[0]?.model ?? "?"}), load ${loadavg().map((x) => x.toFixed(1)).join(" / ")}, Node ${process.version}, ${qemuV}.`);
   console.log("");
-  console.log("| path | seq write MiB/s | seq read MiB/s | 4K rand read IOPS (MiB/s) | flush ms | CPU s/GiB seq (VMM only) | CPU µs/rand read (VMM only) | errors | ATA mode |");
-  console.log("|---|---|---|---|---|---|---|---|---|");
+  console.log("| path | seq write MiB/s | seq read MiB/s | 4K rand read IOPS (MiB/s) | flush ms | CPU s/GiB write | CPU s/GiB read | CPU µs/rand read | errors | ATA mode |");
+  console.log("|---|---|---|---|---|---|---|---|---|---|");
   for (const c of configs) {
     const s = sums[c.name];
     const failed = failures[c.name] ? ` (failed: run ${failures[c.name]!.map((f) => f.run).join(", ")})` : "";
     if (s === undefined) {
-      console.log(`| ${c.label} | all runs failed${failed} | | | | | | | |`);
+      console.log(`| ${c.label} | all runs failed${failed} | | | | | | | | |`);
       continue;
     }
     let mode = s.mode === "" ? "—" : s.mode;
     if (c.pio && !/PIO/.test(s.mode)) mode += " **(PIO NOT IN EFFECT)**";
     console.log(
-      `| ${c.label}${failed} | ${fmt(s.seqwrite)} | ${fmt(s.seqread)} | ${fmt(s.randIops, 0)} (${fmt(s.randMiB, 2)}) | ${fmt(s.flushMs)} | ${fmt(s.seqCpuPerGiB, 2)} (${fmt(s.seqVmmCpuPerGiB, 2)}) | ${fmt(s.randCpuUs, 0)} (${fmt(s.randVmmCpuUs, 0)}) | ${s.errors} | ${mode} |`,
+      `| ${c.label}${failed} | ${fmt(s.seqwrite)} | ${fmt(s.seqread)} | ${fmt(s.randIops, 0)} (${fmt(s.randMiB, 2)}) | ${fmt(s.flushMs)} | ${fmt(s.writeCpu, 1)} (${fmt(s.writeVmmCpu, 1)}) | ${fmt(s.readCpu, 1)} (${fmt(s.readVmmCpu, 1)}) | ${fmt(s.randCpuUs, 0)} (${fmt(s.randVmmCpuUs, 0)}) | ${s.errors} | ${mode} |`,
     );
   }
   const ratio = (a: string, b: string, f: (s: Summary) => number | undefined): string => {
@@ -514,11 +553,11 @@ async function main(): Promise<void> {
     ["qemu-virtio", "qemu-ide-dma", "QEMU virtio-blk ÷ QEMU IDE DMA", "for scale"],
   ];
   console.log("");
-  console.log("| ratio | seq write | seq read | 4K rand read | CPU s/GiB seq (lower is better) | note |");
+  console.log("| ratio | seq write | seq read | 4K rand read | CPU s/GiB read (lower is better) | note |");
   console.log("|---|---|---|---|---|---|");
   for (const [a, b, label, note] of pairs) {
     if (!configs.some((c) => c.name === a) || !configs.some((c) => c.name === b)) continue;
-    console.log(`| ${label} | ${ratio(a, b, (s) => s.seqwrite)} | ${ratio(a, b, (s) => s.seqread)} | ${ratio(a, b, (s) => s.randIops)} | ${ratio(a, b, (s) => s.seqCpuPerGiB)} | ${note} |`);
+    console.log(`| ${label} | ${ratio(a, b, (s) => s.seqwrite)} | ${ratio(a, b, (s) => s.seqread)} | ${ratio(a, b, (s) => s.randIops)} | ${ratio(a, b, (s) => s.readCpu)} | ${note} |`);
   }
   console.log("");
   console.log(`Command: node dist/src/cli/main.js host nested -- node dist/bench/devices/guest-disk.js ${args.filter((a) => a !== "--prepare").join(" ")}`.trimEnd());

@@ -2,18 +2,23 @@
  * In-guest disk benchmark for bench/devices/guest-disk.ts (built there with
  * `gcc -static -O2` and added to the guest initramfs as /bin/diskbench).
  *
- * usage: diskbench DEVICE SEQ_MIB RANDOM_OPS [SEED]
+ * usage: diskbench DEVICE SEQ_MIB RANDOM_OPS NONCE [WRITE_KIB [REQUEST_KIB]]
  *
  * On a block device opened with O_DIRECT (the guest page cache is out of the
  * way), queue depth 1, one thread:
- *   seqwrite  SEQ_MIB MiB in 1 MiB writes from offset 0, then fdatasync
- *             (the flush is timed apart: "flush ms=")
- *   seqread   the same range in 1 MiB reads
+ *   seqwrite  WRITE_KIB KiB (default SEQ_MIB MiB) in REQUEST_KIB (default
+ *             1024) KiB writes from offset 0, then fdatasync (the flush is
+ *             timed apart: "flush ms=")
+ *   seqread   SEQ_MIB MiB from offset 0 in 1 MiB reads
  *   randread  RANDOM_OPS 4 KiB reads at pseudo-random 4 KiB-aligned offsets
- *             inside the written range (xorshift64, SEED)
- * Each 4 KiB block written carries its offset and a per-run nonce in its
- * first 16 bytes; the reads check them, and "errors=" counts the blocks that
- * came back wrong (0 unless the device path corrupts data).
+ *             inside the first SEQ_MIB MiB (xorshift64, fixed seed: every
+ *             run reads the same offsets)
+ * Every 4 KiB block carries its byte offset and NONCE (two little-endian
+ * 64-bit words) in its first 16 bytes: the host stamps the first SEQ_MIB MiB
+ * of the image that way before the run and the writes rewrite the same
+ * stamps, so the reads can check every block whatever was written. "errors="
+ * counts the blocks that came back wrong (0 unless the device path corrupts
+ * data).
  *
  * Prints one line per pattern:
  *   DISKBENCH-START <pattern>
@@ -82,15 +87,20 @@ static uint64_t xorshift64(uint64_t *s) {
 }
 
 int main(int argc, char **argv) {
-  if (argc < 4) {
-    fprintf(stderr, "usage: %s DEVICE SEQ_MIB RANDOM_OPS [SEED]\n", argv[0]);
+  if (argc < 5) {
+    fprintf(stderr, "usage: %s DEVICE SEQ_MIB RANDOM_OPS NONCE [WRITE_KIB [REQUEST_KIB]]\n", argv[0]);
     return 2;
   }
   const char *dev = argv[1];
   uint64_t seq_mib = strtoull(argv[2], NULL, 10);
   uint64_t random_ops = strtoull(argv[3], NULL, 10);
-  uint64_t seed = argc > 4 ? strtoull(argv[4], NULL, 10) : 0x9e3779b97f4a7c15ull;
-  if (seed == 0) seed = 1;
+  uint64_t nonce = strtoull(argv[4], NULL, 10);
+  uint64_t write_kib = argc > 5 ? strtoull(argv[5], NULL, 10) : seq_mib * 1024;
+  uint64_t request_kib = argc > 6 ? strtoull(argv[6], NULL, 10) : 1024;
+  if (write_kib > seq_mib * 1024 || request_kib == 0 || request_kib > 1024 || (request_kib & 3) != 0 || write_kib % request_kib != 0) {
+    errno = EINVAL;
+    fail("WRITE_KIB must be <= SEQ_MIB MiB and REQUEST_KIB a multiple of 4 up to 1024 dividing it", dev);
+  }
 
   int fd = open(dev, O_RDWR | O_DIRECT);
   if (fd < 0) fail("open", dev);
@@ -109,22 +119,24 @@ int main(int argc, char **argv) {
 
   unsigned char *buf;
   if (posix_memalign((void **)&buf, BLOCK, MIB) != 0) fail("posix_memalign", dev);
-  uint64_t nonce = ((uint64_t)getpid() << 32) ^ (uint64_t)(now_ms() * 1000.0);
   uint64_t seq_bytes = seq_mib * MIB;
+  uint64_t write_bytes = write_kib * 1024u;
+  uint32_t wsize = (uint32_t)request_kib * 1024u;
+  memset(buf, 0, MIB);
 
-  /* Sequential 1 MiB writes. */
+  /* Sequential writes (1 MiB unless REQUEST_KIB says otherwise). */
   start("seqwrite");
   double t0 = now_ms();
-  for (uint64_t off = 0; off < seq_bytes; off += MIB) {
-    for (uint32_t b = 0; b < MIB; b += BLOCK) stamp(buf + b, off + b, nonce);
-    ssize_t n = pwrite(fd, buf, MIB, (off_t)off);
-    if (n != (ssize_t)MIB) {
+  for (uint64_t off = 0; off < write_bytes; off += wsize) {
+    for (uint32_t b = 0; b < wsize; b += BLOCK) stamp(buf + b, off + b, nonce);
+    ssize_t n = pwrite(fd, buf, wsize, (off_t)off);
+    if (n != (ssize_t)wsize) {
       if (n >= 0) errno = EIO;
       fail("pwrite", "seqwrite");
     }
   }
   double t1 = now_ms();
-  report("seqwrite", t1 - t0, seq_bytes, seq_mib, 0);
+  report("seqwrite", t1 - t0, write_bytes, write_bytes / wsize, 0);
   if (fdatasync(fd) != 0) fail("fdatasync", "seqwrite");
   printf("DISKBENCH flush ms=%.1f\n", now_ms() - t1);
   fflush(stdout);
@@ -146,7 +158,7 @@ int main(int argc, char **argv) {
   /* Random 4 KiB reads inside the written range, checked. */
   start("randread");
   uint64_t blocks = seq_bytes / BLOCK;
-  uint64_t state = seed;
+  uint64_t state = 0x9e3779b97f4a7c15ull;
   errors = 0;
   t0 = now_ms();
   for (uint64_t i = 0; i < random_ops; i++) {
