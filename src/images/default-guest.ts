@@ -34,7 +34,8 @@ export const DEFAULT_GUEST_MODULES: readonly string[] = [
   "sd_mod",
   "sr_mod",
   "ne2k-pci",
-  // File systems for disks and CDs.
+  // File systems for disks and CDs (ext4 needs a crc32c implementation at mount).
+  "crc32c_generic",
   "ext4",
   "isofs",
 ];

@@ -15,7 +15,7 @@ import { buildInitramfs } from "../images/initramfs.js";
 import { loadModuleIndex, planModuleLoad } from "../images/kernel-modules.js";
 
 /** Modules of the nested host (dependencies such as ccp, irqbypass, virtio_ring, netfs, fscache are added). */
-export const NESTED_HOST_MODULES: readonly string[] = ["kvm_amd", "virtio_pci", "virtio_console", "9pnet_virtio", "9p"];
+export const NESTED_HOST_MODULES: readonly string[] = ["kvm_amd", "virtio_pci", "virtio_console", "9pnet_virtio", "9p", "tun"];
 
 const LAYOUT_VERSION = 2;
 
