@@ -65,3 +65,25 @@ test("--cpus above KVM's maximum", () => expectUsageError(["--kernel", kernel, "
 test("--cpus not a number", () => expectUsageError(["--kernel", kernel, "--cpus", "two"], /--cpus: "two" is not a whole number/));
 test("no /dev/kvm", () => expectUsageError(["--kernel", kernel], /\/dev\/kvm is missing|kvm.*missing/i, { PARTIS_KVM_DEVICE: join(dir, "no-kvm") }));
 test("a /dev/kvm that is not KVM", () => expectUsageError(["--kernel", kernel], /not usable/, { PARTIS_KVM_DEVICE: notKernel }));
+
+// Devices: every problem is caught before anything starts.
+const disk = join(dir, "disk.raw");
+writeFileSync(disk, Buffer.alloc(1024 * 1024));
+const badVhdx = join(dir, "broken.vhdx");
+writeFileSync(badVhdx, Buffer.concat([Buffer.from("vhdxfile"), Buffer.alloc(1024 * 1024)]));
+test("--disk that does not exist", () => expectUsageError(["--kernel", kernel, "--disk", join(dir, "nope.raw")], /--disk .*nope\.raw: no such file/));
+test("--disk that is a directory", () => expectUsageError(["--kernel", kernel, "--disk", dir], /--disk .*: is a directory/));
+test("--disk with an unknown interface", () => expectUsageError(["--kernel", kernel, "--disk", `${disk},if=scsi`], /--disk .*if=scsi is not virtio or ide/));
+test("--disk with an unknown option", () => expectUsageError(["--kernel", kernel, "--disk", `${disk},cache=none`], /unknown option "cache"/));
+test("--disk with a corrupt VHDX", () => expectUsageError(["--kernel", kernel, "--disk", badVhdx], /--disk .*broken\.vhdx: /));
+test("five IDE drives", () =>
+  expectUsageError(["--kernel", kernel, ...[1, 2, 3, 4].flatMap(() => ["--disk", `${disk},if=ide`]), "--cdrom", disk], /IDE drives; the IDE controller takes at most 4/));
+test("--cdrom that does not exist", () => expectUsageError(["--kernel", kernel, "--cdrom", join(dir, "nope.iso")], /--cdrom .*nope\.iso: no such file/));
+test("--nic with an unknown backend", () => expectUsageError(["--kernel", kernel, "--nic", "bridge:br0"], /--nic bridge:br0: unknown backend/));
+test("--nic with a bad MAC", () => expectUsageError(["--kernel", kernel, "--nic", "none,mac=52:54:00:zz:00:01"], /not a MAC address/));
+test("--nic with a multicast MAC", () => expectUsageError(["--kernel", kernel, "--nic", "none,mac=01:00:5e:00:00:01"], /multicast/));
+test("--nic with an unknown model", () => expectUsageError(["--kernel", kernel, "--nic", "none,model=e1000"], /model=e1000 is not virtio or ne2k/));
+test("--nic tap with an invalid interface name", () => expectUsageError(["--kernel", kernel, "--nic", "tap:this-name-is-far-too-long"], /not a valid interface name/));
+test("--nic dgram without a peer", () => expectUsageError(["--kernel", kernel, "--nic", `dgram:${join(dir, "a.sock")}`], /expected dgram:LOCAL\.sock:PEER\.sock/));
+test("--channel in a missing directory", () => expectUsageError(["--kernel", kernel, "--channel", join(dir, "no-dir", "c.sock")], /--channel .*does not exist/));
+test("--channel on an existing regular file", () => expectUsageError(["--kernel", kernel, "--channel", disk], /exists and is not a socket/));
