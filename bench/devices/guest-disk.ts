@@ -45,7 +45,8 @@
  *
  * Options: --quick (smaller sizes), --runs N (1), --seq-mib N (64),
  * --random-ops N (2000), --pio-seq-mib N (8), --pio-random-ops N (300),
- * --pio-write-kib N (128) (--quick: 16, 500, 2, 100, 32),
+ * --pio-write-kib N (128), --random-seconds N (15: the random reads stop
+ * there; slow paths do fewer) (--quick: 16, 500, 2, 100, 32, 6),
  * --image-mib N (256), --only NAME[,NAME] (partis-virtio, partis-ide-dma,
  * partis-ide-pio, qemu-virtio, qemu-ide-dma; qemu-ide-pio only when named or
  * with --all), --all, --dir D, --timeout S (300),
@@ -96,6 +97,7 @@ const pioRandomOps = Math.min(randomOps, num("--pio-random-ops", quick ? 100 : 3
 const pioWriteKiB = Math.min(pioSeqMiB * 1024, num("--pio-write-kib", quick ? 32 : 128));
 const PIO_WRITE_REQUEST_KIB = 16;
 if (pioWriteKiB % PIO_WRITE_REQUEST_KIB !== 0) throw new Error(`--pio-write-kib must be a multiple of ${PIO_WRITE_REQUEST_KIB}`);
+const randomSeconds = num("--random-seconds", quick ? 6 : 15);
 const imageMiB = num("--image-mib", 256);
 const timeoutMs = num("--timeout", 300) * 1000;
 if (seqMiB > imageMiB) throw new Error(`--seq-mib ${seqMiB} is larger than --image-mib ${imageMiB}`);
@@ -137,6 +139,8 @@ interface RunResult {
   readonly patterns: Partial<Record<Pattern, PatternResult>>;
   readonly flushMs: number | undefined;
   readonly mode: string;
+  /** The guest block queue's limits (max_sectors_kb, max_segments, max_segment_size). */
+  readonly queue: string;
   readonly wallMs: number;
 }
 
@@ -233,7 +237,8 @@ function guestCommand(c: Config, nonce: number): string {
     `while [ ! -b $d ] && [ $i -lt 30 ]; do sleep 1; i=$((i+1)); done`,
     `for a in /sys/class/ata_device/*; do [ "$(cat $a/class 2>/dev/null)" = ata ] && echo "DISKBENCH-XFER \${a##*/} $(cat $a/xfer_mode)"; done`,
     `dmesg | grep -E 'ata[0-9.]+: FORCE' | sed 's/^/DISKBENCH-DMESG /'`,
-    `/bin/diskbench $d ${c.seqMiB} ${c.randomOps} ${nonce}${c.write ? ` ${c.write.totalKiB} ${c.write.requestKiB}` : ""}`,
+    `q=/sys/block/\${d#/dev/}/queue; echo "DISKBENCH-QUEUE max_sectors_kb=$(cat $q/max_sectors_kb) max_segments=$(cat $q/max_segments) max_segment_size=$(cat $q/max_segment_size)"`,
+    `/bin/diskbench $d ${c.seqMiB} ${c.randomOps} ${nonce} ${c.write?.totalKiB ?? c.seqMiB * 1024} ${c.write?.requestKiB ?? 1024} ${randomSeconds * 1000}`,
     `echo DISKBENCH-EXIT $?`,
     `poweroff -f`,
   ].join("\n");
@@ -336,6 +341,7 @@ function once(c: Config, kernel: string, initrd: string, dir: string): Promise<R
     const starts: Partial<Record<Pattern, { total: number; guest: number }>> = {};
     let flushMs: number | undefined;
     const xfer: string[] = [];
+    let queue = "";
     let finished = false;
     const finish = (err?: RunFailure): void => {
       if (finished) return;
@@ -348,7 +354,7 @@ function once(c: Config, kernel: string, initrd: string, dir: string): Promise<R
         clearTimeout(grace);
         rmSync(image, { force: true });
         if (err) reject(err);
-        else resolve({ patterns, flushMs, mode: xfer.join("; "), wallMs });
+        else resolve({ patterns, flushMs, mode: xfer.join("; "), queue, wallMs });
       };
       if (child.exitCode !== null || child.signalCode !== null) settle();
       else child.once("exit", settle);
@@ -367,16 +373,20 @@ function once(c: Config, kernel: string, initrd: string, dir: string): Promise<R
       let m: RegExpExecArray | null;
       try {
         if ((m = /^DISKBENCH-START (\w+)/.exec(line))) starts[m[1] as Pattern] = sample();
-        else if ((m = /^DISKBENCH (seqwrite|seqread|randread) MiB\/s=([\d.]+) IOPS=([\d.]+) ms=([\d.]+) bytes=(\d+) ops=(\d+) errors=(\d+)/.exec(line))) {
+        else if ((m = /^DISKBENCH (seqwrite|seqread|randread) MiB\/s=\S+ IOPS=\S+ ms=([\d.]+) bytes=(\d+) ops=(\d+) errors=(\d+)/.exec(line))) {
           const p = m[1] as Pattern;
           const end = sample();
           const st = starts[p] ?? end;
+          const ms = Number(m[2]);
+          const bytes = Number(m[3]);
+          const ops = Number(m[4]);
           patterns[p] = {
-            mibPerS: Number(m[2]), iops: Number(m[3]), ms: Number(m[4]), bytes: Number(m[5]), ops: Number(m[6]), errors: Number(m[7]),
+            mibPerS: bytes / MiB / (ms / 1000), iops: ops / (ms / 1000), ms, bytes, ops, errors: Number(m[5]),
             cpuS: end.total - st.total, guestS: end.guest - st.guest,
           };
         } else if ((m = /^DISKBENCH flush ms=([\d.]+)/.exec(line))) flushMs = Number(m[1]);
         else if ((m = /^DISKBENCH-XFER (\S+) (.*)$/.exec(line))) xfer.push(`${m[1]} ${m[2]}`);
+        else if ((m = /^DISKBENCH-QUEUE (.*)$/.exec(line))) queue = m[1]!.trim();
         else if ((m = /^DISKBENCH-DMESG .*?(ata[\d.]+: FORCE.*)$/.exec(line))) xfer.push(m[1]!.trim());
         else if (line.startsWith("DISKBENCH-FAIL")) finish(new RunFailure(line, out));
         else if ((m = /^DISKBENCH-EXIT (\d+)/.exec(line))) {
@@ -436,6 +446,7 @@ interface Summary {
   randVmmCpuUs?: number;
   errors: number;
   mode: string;
+  queue: string;
 }
 
 function summarize(rs: RunResult[]): Summary {
@@ -459,6 +470,7 @@ function summarize(rs: RunResult[]): Summary {
     randVmmCpuUs: pick("randread", (x) => ((x.cpuS - x.guestS) / x.ops) * 1e6),
     errors: rs.reduce((n, r) => n + Object.values(r.patterns).reduce((m, p) => m + (p?.errors ?? 0), 0), 0),
     mode: [...new Set(rs.map((r) => r.mode))].join(" | "),
+    queue: [...new Set(rs.map((r) => r.queue))].join(" | "),
   };
 }
 
@@ -501,7 +513,7 @@ async function main(): Promise<void> {
           const p = r.patterns;
           process.stderr.write(
             `${c.name} run ${i + 1}: seqwrite ${fmt(p.seqwrite?.mibPerS)} MiB/s, seqread ${fmt(p.seqread?.mibPerS)} MiB/s, randread ${fmt(p.randread?.iops, 0)} IOPS` +
-              ` (${(r.wallMs / 1000).toFixed(1)} s; ${r.mode || "no ATA device"})\n`,
+              ` (${(r.wallMs / 1000).toFixed(1)} s; ${r.mode || "no ATA device"}; ${r.queue})\n`,
           );
         } catch (e) {
           const message = e instanceof Error ? e.message : String(e);
@@ -520,7 +532,7 @@ async function main(): Promise<void> {
   const qemuV = qemuVersion();
   console.log(`In-guest disk benchmark (${runs} run${runs > 1 ? "s" : ""}, median): O_DIRECT, queue depth 1, 1 vCPU, ${MEMORY}; image ${imageMiB} MiB raw, fresh per run in ${baseDir} (the range read stamped by the host, the rest sparse).`);
   console.log(
-    `Sequential: ${seqMiB} MiB each way in 1 MiB requests (PIO: ${pioSeqMiB} MiB read, ${pioWriteKiB} KiB written in ${PIO_WRITE_REQUEST_KIB} KiB requests); random: ${randomOps} 4 KiB reads (PIO: ${pioRandomOps}) in the first ${seqMiB} MiB (PIO: ${pioSeqMiB} MiB).`,
+    `Sequential: ${seqMiB} MiB each way in 1 MiB requests (PIO: ${pioSeqMiB} MiB read, ${pioWriteKiB} KiB written in ${PIO_WRITE_REQUEST_KIB} KiB requests); random: up to ${randomOps} 4 KiB reads (PIO: ${pioRandomOps}) or ${randomSeconds} s, in the first ${seqMiB} MiB (PIO: ${pioSeqMiB} MiB).`,
   );
   console.log("CPU = utime+stime of the VMM process (Partis: partis-worker; QEMU: qemu) while the pattern ran, guest time included; in parentheses without guest time.");
   console.log(`Host: ${hostCpus().length} CPUs (${hostCpus()[0]?.model ?? "?"}), load ${loadavg().map((x) => x.toFixed(1)).join(" / ")}, Node ${process.version}, ${qemuV}.`);
@@ -543,7 +555,9 @@ async function main(): Promise<void> {
   const ratio = (a: string, b: string, f: (s: Summary) => number | undefined): string => {
     const x = sums[a] ? f(sums[a]!) : undefined;
     const y = sums[b] ? f(sums[b]!) : undefined;
-    return x !== undefined && y !== undefined && y > 0 ? `${(x / y).toFixed(2)}×` : "n/a";
+    if (x === undefined || y === undefined || !(y > 0)) return "n/a";
+    const r = x / y;
+    return `${r !== 0 && r < 0.1 ? r.toPrecision(2) : r >= 100 ? r.toFixed(0) : r.toFixed(2)}×`;
   };
   const pairs: [string, string, string, string][] = [
     ["partis-virtio", "partis-ide-dma", "Partis virtio-blk ÷ Partis IDE DMA", "goal ≥ 20×"],
@@ -555,12 +569,15 @@ async function main(): Promise<void> {
     ["qemu-virtio", "qemu-ide-dma", "QEMU virtio-blk ÷ QEMU IDE DMA", "for scale"],
   ];
   console.log("");
-  console.log("| ratio | seq write | seq read | 4K rand read | CPU s/GiB read (lower is better) | note |");
-  console.log("|---|---|---|---|---|---|");
+  console.log("| ratio | seq write | seq read | 4K rand read | CPU per GiB read (lower is better) | CPU per rand read | note |");
+  console.log("|---|---|---|---|---|---|---|");
   for (const [a, b, label, note] of pairs) {
     if (!configs.some((c) => c.name === a) || !configs.some((c) => c.name === b)) continue;
-    console.log(`| ${label} | ${ratio(a, b, (s) => s.seqwrite)} | ${ratio(a, b, (s) => s.seqread)} | ${ratio(a, b, (s) => s.randIops)} | ${ratio(a, b, (s) => s.readCpu)} | ${note} |`);
+    console.log(`| ${label} | ${ratio(a, b, (s) => s.seqwrite)} | ${ratio(a, b, (s) => s.seqread)} | ${ratio(a, b, (s) => s.randIops)} | ${ratio(a, b, (s) => s.readCpu)} | ${ratio(a, b, (s) => s.randCpuUs)} | ${note} |`);
   }
+  console.log("");
+  console.log("Guest block queue limits (/sys/block/DEV/queue):");
+  for (const c of configs) if (sums[c.name]) console.log(`- ${c.label}: ${sums[c.name]!.queue || "n/a"}`);
   console.log("");
   console.log(`Command: node dist/src/cli/main.js host nested -- node dist/bench/devices/guest-disk.js ${args.filter((a) => a !== "--prepare").join(" ")}`.trimEnd());
   for (const [name, fs] of Object.entries(failures)) {

@@ -2,7 +2,7 @@
  * In-guest disk benchmark for bench/devices/guest-disk.ts (built there with
  * `gcc -static -O2` and added to the guest initramfs as /bin/diskbench).
  *
- * usage: diskbench DEVICE SEQ_MIB RANDOM_OPS NONCE [WRITE_KIB [REQUEST_KIB]]
+ * usage: diskbench DEVICE SEQ_MIB RANDOM_OPS NONCE [WRITE_KIB [REQUEST_KIB [RANDOM_MS]]]
  *
  * On a block device opened with O_DIRECT (the guest page cache is out of the
  * way), queue depth 1, one thread:
@@ -12,7 +12,8 @@
  *   seqread   SEQ_MIB MiB from offset 0 in 1 MiB reads
  *   randread  RANDOM_OPS 4 KiB reads at pseudo-random 4 KiB-aligned offsets
  *             inside the first SEQ_MIB MiB (xorshift64, fixed seed: every
- *             run reads the same offsets)
+ *             run reads the same offsets), stopping early once RANDOM_MS
+ *             milliseconds have passed (0: no limit; ops= says how many ran)
  * Every 4 KiB block carries its byte offset and NONCE (two little-endian
  * 64-bit words) in its first 16 bytes: the host stamps the first SEQ_MIB MiB
  * of the image that way before the run and the writes rewrite the same
@@ -55,7 +56,7 @@ static void fail(const char *what, const char *pattern) {
 
 static void report(const char *pattern, double ms, uint64_t bytes, uint64_t ops, uint64_t errors) {
   double secs = ms / 1e3;
-  printf("DISKBENCH %s MiB/s=%.2f IOPS=%.1f ms=%.1f bytes=%llu ops=%llu errors=%llu\n", pattern,
+  printf("DISKBENCH %s MiB/s=%.4g IOPS=%.4g ms=%.3f bytes=%llu ops=%llu errors=%llu\n", pattern,
          secs > 0 ? (double)bytes / MIB / secs : 0.0, secs > 0 ? (double)ops / secs : 0.0, ms,
          (unsigned long long)bytes, (unsigned long long)ops, (unsigned long long)errors);
   fflush(stdout);
@@ -88,7 +89,7 @@ static uint64_t xorshift64(uint64_t *s) {
 
 int main(int argc, char **argv) {
   if (argc < 5) {
-    fprintf(stderr, "usage: %s DEVICE SEQ_MIB RANDOM_OPS NONCE [WRITE_KIB [REQUEST_KIB]]\n", argv[0]);
+    fprintf(stderr, "usage: %s DEVICE SEQ_MIB RANDOM_OPS NONCE [WRITE_KIB [REQUEST_KIB [RANDOM_MS]]]\n", argv[0]);
     return 2;
   }
   const char *dev = argv[1];
@@ -97,6 +98,7 @@ int main(int argc, char **argv) {
   uint64_t nonce = strtoull(argv[4], NULL, 10);
   uint64_t write_kib = argc > 5 ? strtoull(argv[5], NULL, 10) : seq_mib * 1024;
   uint64_t request_kib = argc > 6 ? strtoull(argv[6], NULL, 10) : 1024;
+  double random_ms = argc > 7 ? strtod(argv[7], NULL) : 0;
   if (write_kib > seq_mib * 1024 || request_kib == 0 || request_kib > 1024 || (request_kib & 3) != 0 || write_kib % request_kib != 0) {
     errno = EINVAL;
     fail("WRITE_KIB must be <= SEQ_MIB MiB and REQUEST_KIB a multiple of 4 up to 1024 dividing it", dev);
@@ -161,7 +163,9 @@ int main(int argc, char **argv) {
   uint64_t state = 0x9e3779b97f4a7c15ull;
   errors = 0;
   t0 = now_ms();
+  uint64_t done = 0;
   for (uint64_t i = 0; i < random_ops; i++) {
+    if (random_ms > 0 && (i & 15) == 0 && now_ms() - t0 >= random_ms) break;
     uint64_t off = (xorshift64(&state) % blocks) * BLOCK;
     ssize_t n = pread(fd, buf, BLOCK, (off_t)off);
     if (n != (ssize_t)BLOCK) {
@@ -169,8 +173,9 @@ int main(int argc, char **argv) {
       fail("pread", "randread");
     }
     errors += !stamp_ok(buf, off, nonce);
+    done++;
   }
-  report("randread", now_ms() - t0, random_ops * BLOCK, random_ops, errors);
+  report("randread", now_ms() - t0, done * BLOCK, done, errors);
 
   close(fd);
   free(buf);
