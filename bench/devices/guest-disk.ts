@@ -44,9 +44,9 @@
  *   node dist/src/cli/main.js host nested -- node dist/bench/devices/guest-disk.js [--quick] [--runs N]
  *
  * Options: --quick (smaller sizes), --runs N (1), --seq-mib N (64),
- * --random-ops N (2000), --pio-seq-mib N (8), --pio-random-ops N (300),
- * --pio-write-kib N (128), --random-seconds N (15: the random reads stop
- * there; slow paths do fewer) (--quick: 16, 500, 2, 100, 32, 6),
+ * --random-ops N (2000), --pio-seq-mib N (4), --pio-random-ops N (300),
+ * --pio-write-kib N (64), --random-seconds N (15: the random reads stop
+ * there; slow paths do fewer) (--quick: 16, 500, 1, 100, 16, 6),
  * --image-mib N (256), --only NAME[,NAME] (partis-virtio, partis-ide-dma,
  * partis-ide-pio, qemu-virtio, qemu-ide-dma; qemu-ide-pio only when named or
  * with --all), --all, --dir D, --timeout S (300),
@@ -91,10 +91,10 @@ const quick = flag("--quick");
 const runs = num("--runs", 1);
 const seqMiB = num("--seq-mib", quick ? 16 : 64);
 const randomOps = num("--random-ops", quick ? 500 : 2000);
-const pioSeqMiB = Math.min(seqMiB, num("--pio-seq-mib", quick ? 2 : 8));
+const pioSeqMiB = Math.min(seqMiB, num("--pio-seq-mib", quick ? 1 : 4));
 const pioRandomOps = Math.min(randomOps, num("--pio-random-ops", quick ? 100 : 300));
 /** PIO writes: total KiB, in 16 KiB requests (see the module comment). */
-const pioWriteKiB = Math.min(pioSeqMiB * 1024, num("--pio-write-kib", quick ? 32 : 128));
+const pioWriteKiB = Math.min(pioSeqMiB * 1024, num("--pio-write-kib", quick ? 16 : 64));
 const PIO_WRITE_REQUEST_KIB = 16;
 if (pioWriteKiB % PIO_WRITE_REQUEST_KIB !== 0) throw new Error(`--pio-write-kib must be a multiple of ${PIO_WRITE_REQUEST_KIB}`);
 const randomSeconds = num("--random-seconds", quick ? 6 : 15);
