@@ -52,6 +52,8 @@ const c = {
   read: lib.func("int64_t read(int fd, void *buf, size_t count)") as IntFn<[number, ArrayBufferView, number]>,
   write: lib.func("int64_t write(int fd, const void *buf, size_t count)") as IntFn<[number, ArrayBufferView, number]>,
   pread: lib.func("int64_t pread(int fd, void *buf, size_t count, int64_t offset)") as IntFn<[number, ArrayBufferView, number, number | bigint]>,
+  preadv: lib.func("int64_t preadv(int fd, void *iov, int iovcnt, int64_t offset)") as IntFn<[number, ArrayBufferView, number, number]>,
+  pwritev: lib.func("int64_t pwritev(int fd, void *iov, int iovcnt, int64_t offset)") as IntFn<[number, ArrayBufferView, number, number]>,
   pwrite: lib.func("int64_t pwrite(int fd, const void *buf, size_t count, int64_t offset)") as IntFn<
     [number, ArrayBufferView, number, number | bigint]
   >,
@@ -282,6 +284,8 @@ export function unblockSignal(signal: number): void {
 interface Mapping {
   readonly pointer: CPointer;
   readonly address: bigint;
+  /** The same address as a Number (user-space addresses are below 2^47). */
+  readonly addressNumber: number;
   readonly length: number;
   released: boolean;
 }
@@ -335,7 +339,8 @@ export function viewOf(pointer: CPointer, length: number): Uint8Array {
 
 function track(pointer: CPointer, length: number, autoRelease: boolean): Uint8Array {
   const view = viewOf(pointer, length);
-  const m: Mapping = { pointer, address: koffi.address(pointer), length, released: false };
+  const address = koffi.address(pointer);
+  const m: Mapping = { pointer, address, addressNumber: Number(address), length, released: false };
   mappings.set(view.buffer, m);
   if (autoRelease) reclaimer.register(view.buffer, m, m);
   return view;
@@ -383,6 +388,49 @@ export function addressOfView(view: Uint8Array): bigint {
   const m = mappings.get(view.buffer);
   if (m === undefined) throw new RangeError("addressOfView: not a view made by src/hypervisor/libc");
   return m.address + BigInt(view.byteOffset);
+}
+
+/** Largest iovec count one preadv/pwritev takes (IOV_MAX). */
+export const IOV_MAX = 1024;
+/** struct iovec[IOV_MAX] as 32-bit halves: addresses and lengths stay Numbers (no BigInt per segment). */
+const iovecWords = new Uint32Array(IOV_MAX * 4);
+
+/** Whether `view` lies in memory this module mapped (so it can be handed to the kernel by address). */
+export function isMappedView(view: Uint8Array): boolean {
+  return mappings.has(view.buffer);
+}
+
+function fillIovec(views: readonly Uint8Array[], count: number): number {
+  if (count > IOV_MAX) throw new RangeError(`vectored I/O: ${count} segments exceed IOV_MAX`);
+  let total = 0;
+  for (let i = 0; i < count; i++) {
+    const v = views[i]!;
+    const m = mappings.get(v.buffer);
+    if (m === undefined) throw new RangeError("vectored I/O: a segment is not a view made by src/hypervisor/libc");
+    const address = m.addressNumber + v.byteOffset;
+    const w = i * 4;
+    iovecWords[w] = address >>> 0;
+    iovecWords[w + 1] = Math.floor(address / 4294967296);
+    iovecWords[w + 2] = v.length;
+    iovecWords[w + 3] = 0;
+    total += v.length;
+  }
+  return total;
+}
+
+/**
+ * preadv(2) into views of memory this module mapped (guest RAM): one system
+ * call for a whole scatter list. Returns the bytes read (short at end of file).
+ */
+export function preadv(fd: number, views: readonly Uint8Array[], count: number, offset: number): number {
+  fillIovec(views, count);
+  return check(c.preadv(fd, iovecWords, count, offset), "preadv", { fd, count, offset: BigInt(offset) });
+}
+
+/** pwritev(2) from views of memory this module mapped. Returns the bytes written (may be short). */
+export function pwritev(fd: number, views: readonly Uint8Array[], count: number, offset: number): number {
+  fillIovec(views, count);
+  return check(c.pwritev(fd, iovecWords, count, offset), "pwritev", { fd, count, offset: BigInt(offset) });
 }
 
 /** Unmap the mapping behind a view made by `mapSharedFile` / `alignedBuffer`. Idempotent. */

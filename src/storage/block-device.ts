@@ -60,6 +60,15 @@ export interface BlockDevice {
   allocation(offset: number, length: number): AllocationExtent[];
   /** Flush and close; closes the parent chain too. */
   close(): void;
+  /**
+   * Optional scatter/gather forms of read and write: the `count` first
+   * segments, back to back from `offset`, in one system call where the back end
+   * can (raw files: preadv/pwritev). Returns false, having done nothing, when
+   * it cannot take these segments (they are not host-mapped memory, or the
+   * file is open with O_DIRECT); the caller then uses read/write per segment.
+   */
+  readVectored?(offset: number, segments: readonly Uint8Array[], count: number): boolean;
+  writeVectored?(offset: number, segments: readonly Uint8Array[], count: number): boolean;
 }
 
 export interface OpenOptions {

@@ -30,15 +30,21 @@ const MAX_RAW_SIZE = 64 * 1024 ** 4;
 const BOUNCE_BYTES = 1024 * 1024;
 
 type AlignedBufferFn = (bytes: number, alignment?: number) => Uint8Array;
+type VectoredFn = (fd: number, views: readonly Uint8Array[], count: number, offset: number) => number;
 
 /** `alignedBuffer` from src/hypervisor/libc.ts, when it is present and koffi loads. */
 let libcAlignedBuffer: AlignedBufferFn | undefined;
+/** preadv/pwritev over host-mapped views (guest RAM), from the same module. */
+let libcVectored: { preadv: VectoredFn; pwritev: VectoredFn; isMappedView: (v: Uint8Array) => boolean; iovMax: number } | undefined;
 try {
   const specifier = "../hypervisor/libc.js";
-  const mod = (await import(specifier)) as { alignedBuffer?: unknown };
+  const mod = (await import(specifier)) as { alignedBuffer?: unknown; preadv?: unknown; pwritev?: unknown; isMappedView?: unknown; IOV_MAX?: unknown };
   if (typeof mod.alignedBuffer === "function") libcAlignedBuffer = mod.alignedBuffer as AlignedBufferFn;
+  if (typeof mod.preadv === "function" && typeof mod.pwritev === "function" && typeof mod.isMappedView === "function")
+    libcVectored = { preadv: mod.preadv as VectoredFn, pwritev: mod.pwritev as VectoredFn, isMappedView: mod.isMappedView as (v: Uint8Array) => boolean, iovMax: Number(mod.IOV_MAX) || 1024 };
 } catch {
   libcAlignedBuffer = undefined;
+  libcVectored = undefined;
 }
 
 function errnoOf(e: unknown): string | undefined {
@@ -227,6 +233,52 @@ export class RawDisk implements BlockDevice {
       () => this.direct!.write(offset, buf),
       () => pwriteFully(this.fd, buf, offset),
     );
+  }
+
+  private vectorable(segments: readonly Uint8Array[], count: number): number | undefined {
+    if (libcVectored === undefined || this.direct !== undefined || count > libcVectored.iovMax) return undefined;
+    let total = 0;
+    for (let i = 0; i < count; i++) {
+      const v = segments[i]!;
+      if (!libcVectored.isMappedView(v)) return undefined;
+      total += v.length;
+    }
+    return total;
+  }
+
+  readVectored(offset: number, segments: readonly Uint8Array[], count: number): boolean {
+    const total = this.vectorable(segments, count);
+    if (total === undefined) return false;
+    this.checkRange(offset, total, "read");
+    const n = total === 0 ? 0 : libcVectored!.preadv(this.fd, segments, count, offset);
+    if (n < total) this.finishShort(offset, segments, count, n, false);
+    return true;
+  }
+
+  writeVectored(offset: number, segments: readonly Uint8Array[], count: number): boolean {
+    const total = this.vectorable(segments, count);
+    if (total === undefined) return false;
+    this.checkRange(offset, total, "write");
+    if (this.readOnly) throw new DiskError("DISK_READ_ONLY", "write to a read-only disk", this.path, { offset });
+    const n = total === 0 ? 0 : libcVectored!.pwritev(this.fd, segments, count, offset);
+    if (n < total) this.finishShort(offset, segments, count, n, true);
+    return true;
+  }
+
+  /** Complete a short vectored transfer segment by segment (end of file reads as zeros). */
+  private finishShort(offset: number, segments: readonly Uint8Array[], count: number, done: number, write: boolean): void {
+    let pos = 0;
+    for (let i = 0; i < count; i++) {
+      const v = segments[i]!;
+      const end = pos + v.length;
+      if (end > done) {
+        const from = Math.max(0, done - pos);
+        const part = from === 0 ? v : v.subarray(from);
+        if (write) pwriteFully(this.fd, part, offset + pos + from);
+        else preadFully(this.fd, part, offset + pos + from);
+      }
+      pos = end;
+    }
   }
 
   flush(): void {

@@ -14,7 +14,17 @@
  *
  * Slot layout (bytes): 0 state (i32: 0 idle, 1 posted, 2 done), 4 op, 8 size,
  * 12 count, 16 address (f64), 24.. data (up to DATA_BYTES: the string I/O of one
- * exit, or an MMIO value).
+ * exit, or an MMIO value). After the slots: the server's "awake" word.
+ *
+ * DEVNOTE: register accesses come in bursts (an IDE command is a dozen of
+ * them), and a wake-up through eventfd + poll + futex costs ~100 µs on a PVM
+ * host (measured; see docs/benchmarks.md, "device mailbox"). So both sides
+ * spin briefly before sleeping: the server keeps polling the slots for a short
+ * while after its last request (and says so in the awake word, so requesters
+ * skip the doorbell), and a requester polls its state word before it waits on
+ * it. The awake word and the slot states are both sequentially consistent
+ * (Atomics), so a request posted just as the server goes to sleep is either
+ * seen by the server's last look or rings the doorbell (Dekker).
  */
 import { EventFd } from "../hypervisor/eventfd.js";
 
@@ -33,6 +43,10 @@ const HEADER = 24;
 /** One page: KVM hands string port I/O over in at most one page per exit. */
 export const DATA_BYTES = 4096;
 export const SLOT_BYTES = HEADER + DATA_BYTES;
+const CONTROL_BYTES = 64;
+/** How long a requester polls its slot before sleeping on it, and the server the slots after a request (iterations). */
+export const REQUESTER_SPIN = 20_000;
+export const SERVER_SPIN = 50_000;
 
 const IDLE = 0;
 const POSTED = 1;
@@ -48,7 +62,7 @@ export class DeviceMailbox {
   private constructor(readonly buffer: SharedArrayBuffer, readonly slots: number, readonly doorbell: EventFd | number) {}
 
   static create(slots: number): DeviceMailbox {
-    return new DeviceMailbox(new SharedArrayBuffer(slots * SLOT_BYTES), slots, EventFd.create({ nonBlocking: true }));
+    return new DeviceMailbox(new SharedArrayBuffer(slots * SLOT_BYTES + CONTROL_BYTES), slots, EventFd.create({ nonBlocking: true }));
   }
 
   static attach(h: MailboxHandoff): DeviceMailbox {
@@ -66,7 +80,7 @@ export class DeviceMailbox {
   /** The requesting side of slot `index` (one per vCPU thread). */
   requester(index: number): MailboxRequester {
     if (index < 0 || index >= this.slots) throw new RangeError(`mailbox slot ${index} out of range`);
-    return new MailboxRequester(this.buffer, index, this.doorbellFd);
+    return new MailboxRequester(this.buffer, index, this.doorbellFd, this.slots);
   }
 
   /** The servicing side: every slot. */
@@ -99,11 +113,13 @@ export class MailboxRequester {
   /** The slot's payload: write data before `post`, read results after. */
   readonly data: Uint8Array;
   private readonly doorbell: EventFd;
+  private readonly awake: Int32Array;
   /** Set by the owner when the VM is stopping: waits give up so the thread can exit. */
   abandoned: () => boolean = () => false;
 
-  constructor(buffer: SharedArrayBuffer, index: number, doorbellFd: number) {
+  constructor(buffer: SharedArrayBuffer, index: number, doorbellFd: number, slots: number) {
     this.doorbell = EventFd.borrow(doorbellFd);
+    this.awake = new Int32Array(buffer, slots * SLOT_BYTES, 1);
     const base = index * SLOT_BYTES;
     this.state = new Int32Array(buffer, base, 1);
     this.header = new DataView(buffer, base, HEADER);
@@ -121,7 +137,8 @@ export class MailboxRequester {
     h.setInt32(12, count, true);
     h.setFloat64(16, address, true);
     Atomics.store(this.state, 0, POSTED);
-    this.doorbell.signal();
+    if (Atomics.load(this.awake, 0) === 0) this.doorbell.signal();
+    for (let i = 0; i < REQUESTER_SPIN && Atomics.load(this.state, 0) === POSTED; i++);
     while (Atomics.load(this.state, 0) === POSTED) {
       Atomics.wait(this.state, 0, POSTED, 200);
       if (Atomics.load(this.state, 0) === POSTED && this.abandoned()) return false;
@@ -133,16 +150,37 @@ export class MailboxRequester {
 
 export class MailboxServer {
   private readonly states: Int32Array;
+  private readonly awake: Int32Array;
   private readonly headers: DataView[] = [];
   private readonly payloads: Uint8Array[] = [];
   private readonly request: MailboxRequest = { op: MAILBOX_OP.pioRead, size: 0, count: 0, address: 0, data: new Uint8Array(0) };
 
   constructor(buffer: SharedArrayBuffer, readonly slots: number) {
-    this.states = new Int32Array(buffer);
+    this.states = new Int32Array(buffer, 0, (slots * SLOT_BYTES) / 4);
+    this.awake = new Int32Array(buffer, slots * SLOT_BYTES, 1);
     for (let i = 0; i < slots; i++) {
       this.headers.push(new DataView(buffer, i * SLOT_BYTES, HEADER));
       this.payloads.push(new Uint8Array(buffer, i * SLOT_BYTES + HEADER, DATA_BYTES));
     }
+  }
+
+  /**
+   * Service requests until none has come for a while (SERVER_SPIN polls), with
+   * the awake word set so requesters need not ring; then clear it and take one
+   * last look. Returns how many requests were serviced.
+   */
+  serve(handle: (r: MailboxRequest) => void): number {
+    let total = 0;
+    Atomics.store(this.awake, 0, 1);
+    for (let idle = 0; idle < SERVER_SPIN; idle++) {
+      const n = this.drain(handle);
+      if (n > 0) {
+        total += n;
+        idle = 0;
+      }
+    }
+    Atomics.store(this.awake, 0, 0);
+    return total + this.drain(handle);
   }
 
   /** Service every posted slot with `handle`; returns how many were serviced. */

@@ -7,7 +7,7 @@
  * presses the ACPI power button on a host shutdown request, and waits for the
  * shared power state to record how the VM ended.
  */
-import { readFileSync } from "node:fs";
+import { readdirSync, readFileSync } from "node:fs";
 import { Worker } from "node:worker_threads";
 import { KvmSystem } from "../hypervisor/system.js";
 import { KVM_CAP } from "../hypervisor/kvm-abi.js";
@@ -185,7 +185,9 @@ export class RunningVm {
         this.devicesReady = true;
         this.openGateWhenReady();
       } else if (m.type === "error") this.power.record({ kind: "crash", reason: `devices: ${m.message}` });
-      else process.stderr.write(`partis-worker: ${this.config.name}: ${m.message}\n`);
+      else if (m.type === "stats") {
+        if (process.env.PARTIS_STATS === "1") process.stderr.write(`partis-worker: device thread ${JSON.stringify(m.stats)}\n`);
+      } else process.stderr.write(`partis-worker: ${this.config.name}: ${m.message}\n`);
     });
     t.on("error", (e) => this.power.record({ kind: "crash", reason: `device thread failed: ${e.message}` }));
     this.deviceThread = t;
@@ -221,6 +223,7 @@ export class RunningVm {
         this.openGateWhenReady();
       }
       if (m.type === "error") this.power.record({ kind: "crash", reason: `vCPU ${m.vcpuId}: ${m.message}` });
+      if (m.type === "stopped" && process.env.PARTIS_STATS === "1") process.stderr.write(`partis-worker: vCPU ${m.vcpuId} exits ${JSON.stringify(m.exits)}\n`);
     });
     t.on("error", (e) => this.power.record({ kind: "crash", reason: `vCPU ${data.vcpuId} thread failed: ${e.message}` }));
     this.threads.push(t);
@@ -291,7 +294,24 @@ export class RunningVm {
    * immediate_exit + a signal; their loops see the recorded outcome and end.
    * Node joins worker threads at exit, so this must happen before exiting.
    */
+  /** PARTIS_STATS=1: CPU time of every thread of this process (utime/stime in clock ticks). */
+  private static threadCpu(): string {
+    try {
+      return readdirSync("/proc/self/task")
+        .map((tid) => {
+          const stat = readFileSync(`/proc/self/task/${tid}/stat`, "utf8");
+          const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+          const comm = stat.slice(stat.indexOf("(") + 1, stat.lastIndexOf(")"));
+          return `${tid}:${comm}:${f[11]}u/${f[12]}s/${f[40] ?? "?"}g`;
+        })
+        .join(" ");
+    } catch {
+      return "unavailable";
+    }
+  }
+
   async teardown(timeoutMs = 5000): Promise<void> {
+    if (process.env.PARTIS_STATS === "1") process.stderr.write(`partis-worker: thread CPU ${RunningVm.threadCpu()}\n`);
     if (this.inputTimer !== undefined) clearTimeout(this.inputTimer);
     if (this.power.running) this.power.record({ kind: "poweroff", source: "teardown" });
     const exited = Promise.all(this.threads.map((t) => new Promise<void>((resolve) => {

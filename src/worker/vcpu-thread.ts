@@ -58,7 +58,7 @@ export interface VcpuStartMessage {
 /** Messages from a vCPU thread to the worker's main thread. */
 export type VcpuThreadMessage =
   | { readonly type: "ready"; readonly vcpuId: number; readonly kick: VcpuKickHandle }
-  | { readonly type: "stopped"; readonly vcpuId: number }
+  | { readonly type: "stopped"; readonly vcpuId: number; readonly exits: Readonly<Record<string, number>> }
   | { readonly type: "error"; readonly vcpuId: number; readonly message: string };
 
 function toSegment(s: SegmentState): Segment {
@@ -171,14 +171,18 @@ function main(): void {
   vp.setMsrs(start.msrs.map((m) => ({ index: m.index, data: m.value })));
   if (start.boot !== null) applyBootState(vp, start.boot);
 
+  // Exit counts by kind (PARTIS_STATS=1 prints them when the VM stops).
+  const exits = { io: 0, ioForwarded: 0, mmio: 0, mmioForwarded: 0, hlt: 0, intr: 0, other: 0 };
   while (power.running) {
     const exit = vp.run();
     switch (exit.reason) {
       case "io":
         if (forwarder !== undefined && !bus.claimsPort(exit.port) && forwarder.forwardsPort(exit.port)) {
+          exits.ioForwarded++;
           forwarder.portIo(exit.direction === "out", exit.port, exit.size, exit.count, exit.data);
           break;
         }
+        exits.io++;
         lock.acquire();
         try {
           serviceIo(bus, exit);
@@ -188,9 +192,11 @@ function main(): void {
         break;
       case "mmio":
         if (forwarder !== undefined && !bus.claimsMmio(exit.gpa)) {
+          exits.mmioForwarded++;
           forwarder.mmio(exit.isWrite, exit.gpa, exit.data);
           break;
         }
+        exits.mmio++;
         lock.acquire();
         try {
           if (exit.isWrite) bus.mmioWrite(exit.gpa, exit.data);
@@ -200,8 +206,13 @@ function main(): void {
         }
         break;
       case "hlt":
+        exits.hlt++;
+        break;
       case "intr":
+        exits.intr++;
+        break;
       case "irq_window_open":
+        exits.other++;
         break;
       case "system_event":
         if (exit.type === KVM_SYSTEM_EVENT.SHUTDOWN) power.record({ kind: "poweroff", source: "kvm-system-event" });
@@ -214,7 +225,7 @@ function main(): void {
       }
     }
   }
-  port.postMessage({ type: "stopped", vcpuId: data.vcpuId } satisfies VcpuThreadMessage);
+  port.postMessage({ type: "stopped", vcpuId: data.vcpuId, exits } satisfies VcpuThreadMessage);
 }
 
 try {

@@ -13,7 +13,7 @@ for (;;) {
   fds[1] = POLLIN;
   poll(fds, 1, 100);
   bell.take();
-  server.drain((r) => {
+  server.serve((r) => {
     if (r.op === MAILBOX_OP.pioRead || r.op === MAILBOX_OP.configRead) r.data.fill(r.address & 0xff, 0, Math.max(4, r.size * r.count));
     if (r.op === MAILBOX_OP.configRead) {
       const off = r.address & 0xff;

@@ -116,6 +116,8 @@ export class VirtioBlk implements VirtioBackend {
   private readonly serial = new Uint8Array(VIRTIO_BLK_ID_BYTES);
   private transport: VirtioTransport | undefined;
   private readonly chain = new DescriptorChain();
+  /** Scratch scatter list for vectored disk I/O (reused per request). */
+  private readonly vector: Uint8Array[] = [];
   private readonly header = new Uint8Array(16);
   private readonly headerView = new DataView(this.header.buffer);
   private readonly zeros = new Uint8Array(ZERO_CHUNK);
@@ -249,6 +251,21 @@ export class VirtioBlk implements VirtioBackend {
     let pos = sector * SECTOR;
     let left = bytes;
     const segs = chain.writable;
+    // One system call for the whole scatter list where the disk can (raw: preadv).
+    if (this.disk.readVectored !== undefined) {
+      let count = 0;
+      for (let i = 0; i < chain.writableCount && left > 0; i++) {
+        const s = segs[i]!;
+        const n = Math.min(s.length, left);
+        this.vector[count++] = n === s.length ? s : s.subarray(0, n);
+        left -= n;
+      }
+      if (this.disk.readVectored(pos, this.vector, count)) {
+        this.stats.readBytes += bytes;
+        return VIRTIO_BLK_S.ok;
+      }
+      left = bytes;
+    }
     for (let i = 0; i < chain.writableCount && left > 0; i++) {
       const s = segs[i]!;
       const n = Math.min(s.length, left);
@@ -267,6 +284,23 @@ export class VirtioBlk implements VirtioBackend {
     let pos = sector * SECTOR;
     let skip = 16;
     const segs = chain.readable;
+    if (this.disk.writeVectored !== undefined) {
+      let count = 0;
+      let k = 16;
+      for (let i = 0; i < chain.readableCount; i++) {
+        const s = segs[i]!;
+        if (k >= s.length) {
+          k -= s.length;
+          continue;
+        }
+        this.vector[count++] = k === 0 ? s : s.subarray(k);
+        k = 0;
+      }
+      if (this.disk.writeVectored(pos, this.vector, count)) {
+        this.stats.writtenBytes += bytes;
+        return VIRTIO_BLK_S.ok;
+      }
+    }
     for (let i = 0; i < chain.readableCount; i++) {
       const s = segs[i]!;
       if (skip >= s.length) {
