@@ -22,9 +22,10 @@
  * spin briefly before sleeping: the server keeps polling the slots for a short
  * while after its last request (and says so in the awake word, so requesters
  * skip the doorbell), and a requester polls its state word before it waits on
- * it. The awake word and the slot states are both sequentially consistent
- * (Atomics), so a request posted just as the server goes to sleep is either
- * seen by the server's last look or rings the doorbell (Dekker).
+ * it (for 0.1-0.2 ms at most: REQUESTER_SPIN_MS, SERVER_SPIN_MS). The awake
+ * word and the slot states are both sequentially consistent (Atomics), so a
+ * request posted just as the server goes to sleep is either seen by the
+ * server's last look or rings the doorbell (Dekker).
  */
 import { EventFd } from "../hypervisor/eventfd.js";
 
@@ -44,9 +45,14 @@ const HEADER = 24;
 export const DATA_BYTES = 4096;
 export const SLOT_BYTES = HEADER + DATA_BYTES;
 const CONTROL_BYTES = 64;
-/** How long a requester polls its slot before sleeping on it, and the server the slots after a request (iterations). */
-export const REQUESTER_SPIN = 20_000;
-export const SERVER_SPIN = 50_000;
+/**
+ * How long a requester polls its slot before sleeping on it, and the server the
+ * slots after its last request. Bounded by time, not iterations: a loop that is
+ * cheap natively is ten times slower under emulation, and on an oversubscribed
+ * host a spinning thread takes the CPU the other side needs.
+ */
+export const REQUESTER_SPIN_MS = 0.1;
+export const SERVER_SPIN_MS = 0.2;
 
 const IDLE = 0;
 const POSTED = 1;
@@ -138,7 +144,8 @@ export class MailboxRequester {
     h.setFloat64(16, address, true);
     Atomics.store(this.state, 0, POSTED);
     if (Atomics.load(this.awake, 0) === 0) this.doorbell.signal();
-    for (let i = 0; i < REQUESTER_SPIN && Atomics.load(this.state, 0) === POSTED; i++);
+    const until = performance.now() + REQUESTER_SPIN_MS;
+    for (let i = 1; Atomics.load(this.state, 0) === POSTED; i++) if ((i & 63) === 0 && performance.now() > until) break;
     while (Atomics.load(this.state, 0) === POSTED) {
       Atomics.wait(this.state, 0, POSTED, 200);
       if (Atomics.load(this.state, 0) === POSTED && this.abandoned()) return false;
@@ -165,19 +172,20 @@ export class MailboxServer {
   }
 
   /**
-   * Service requests until none has come for a while (SERVER_SPIN polls), with
+   * Service requests until none has come for SERVER_SPIN_MS, with
    * the awake word set so requesters need not ring; then clear it and take one
    * last look. Returns how many requests were serviced.
    */
   serve(handle: (r: MailboxRequest) => void): number {
     let total = 0;
     Atomics.store(this.awake, 0, 1);
-    for (let idle = 0; idle < SERVER_SPIN; idle++) {
+    let until = performance.now() + SERVER_SPIN_MS;
+    for (let i = 1; ; i++) {
       const n = this.drain(handle);
       if (n > 0) {
         total += n;
-        idle = 0;
-      }
+        until = performance.now() + SERVER_SPIN_MS;
+      } else if ((i & 15) === 0 && performance.now() > until) break;
     }
     Atomics.store(this.awake, 0, 0);
     return total + this.drain(handle);
