@@ -30,10 +30,14 @@ function testFiles(dir) {
 /** Runs a command with stdout echoed; resolves with its status and the last 4 KB of its output. */
 function runEchoed(args) {
   return new Promise((resolve) => {
-    const child = spawn(process.execPath, args, { cwd: root, stdio: ["ignore", "pipe", "inherit"], env: process.env });
+    const child = spawn(process.execPath, args, { cwd: root, stdio: ["ignore", "pipe", "pipe"], env: process.env });
     let tail = "";
     child.stdout.on("data", (d) => {
       process.stdout.write(d);
+      tail = (tail + d.toString()).slice(-4000);
+    });
+    child.stderr.on("data", (d) => {
+      process.stderr.write(d);
       tail = (tail + d.toString()).slice(-4000);
     });
     child.on("close", (code) => resolve({ code: code ?? 1, tail }));
@@ -85,7 +89,15 @@ async function guestSuite() {
       return { pass: 0, fail: 1, code: 1 };
     }
     console.log(`[guest] host KVM is ${kind}: running the real-guest suite inside the nested test host (QEMU TCG, AMD-V)`);
-    const status = await runEchoed([join(root, "dist/src/cli/main.js"), "host", "nested", "--", process.execPath, join(root, "scripts/run-tests.mjs"), "guest", "--inside-nested"]);
+    const nested = () => runEchoed([join(root, "dist/src/cli/main.js"), "host", "nested", "--", process.execPath, join(root, "scripts/run-tests.mjs"), "guest", "--inside-nested"]);
+    let status = await nested();
+    // The nested host's own kernel (nested SVM emulated by TCG) has been seen to
+    // die under load (docs/guests.md). That is the test bed failing, not a test:
+    // say so loudly and run the suite once more; a second death fails the run.
+    if (!/^\d+ passed, \d+ failed/m.test(status.tail) && /nested host ended without the command's exit status[\s\S]*Kernel panic/.test(status.tail)) {
+      console.log("[guest] WARNING: the nested test host's kernel died (see the console above); running the real-guest suite once more");
+      status = await nested();
+    }
     const m = status.tail.match(/^(\d+) passed, (\d+) failed/m);
     if (m) return { pass: Number(m[1]), fail: Number(m[2]) + (status.code !== 0 && Number(m[2]) === 0 ? 1 : 0), code: status.code };
     console.log(`[guest] FAIL: nested test host ended with status ${status.code} and no test summary`);
