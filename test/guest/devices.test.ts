@@ -68,7 +68,8 @@ describe("disks and a CD-ROM: virtio-blk (raw, VHDX), IDE (VHD), ATAPI (ISO); da
       "mkdir -p /mnt/cd; mount -t iso9660 -o ro /dev/sr0 /mnt/cd && echo ISO=$(cat /mnt/cd/hello.txt); umount /mnt/cd",
       "echo RNG=$(cat /sys/class/misc/hw_random/rng_current); echo RNGBYTES=$(head -c 64 /dev/hwrng | wc -c)",
       "echo FB=$(cat /proc/fb); echo PARTIS-ON-SCREEN > /dev/tty1",
-      "stty -F /dev/hvc0 raw -echo; echo GUEST-TO-HOST > /dev/hvc0; read -r line < /dev/hvc0; echo CHANNEL-GOT=$line",
+      // One open file for both directions: bytes that arrive while no one has the tty open are lost in the guest.
+      "exec 3<>/dev/hvc0; stty -F /dev/hvc0 raw -echo; echo GUEST-TO-HOST >&3; read -r line <&3; echo CHANNEL-GOT=$line; exec 3>&-",
       "sync; poweroff -f",
     ].join("\n");
     const s1 = new GuestSession(runArgs(script1, [...disks, "--channel", channel, "--rng", "--cpus", "2", "--screenshot", screenshot]));
