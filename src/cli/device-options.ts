@@ -86,6 +86,7 @@ function parseNicBackend(value: string, head: string): NicBackendSpec {
     const rest = head.slice(6).split(":");
     if (rest.length !== 2 || rest[0] === "" || rest[1] === "") throw new UsageError(`--nic ${value}: expected dgram:LOCAL.sock:PEER.sock`);
     for (const p of rest) if (!existsSync(dirname(p!))) throw new UsageError(`--nic ${value}: directory of ${p} does not exist`);
+    if (existsSync(rest[0]!) && !statSync(rest[0]!).isSocket()) throw new UsageError(`--nic ${value}: ${rest[0]} exists and is not a socket (refusing to replace it)`);
     if (Buffer.byteLength(rest[0]!) > 107 || Buffer.byteLength(rest[1]!) > 107) throw new UsageError(`--nic ${value}: socket paths are limited to 107 bytes`);
     return { kind: "dgram", local: rest[0]!, peer: rest[1]! };
   }

@@ -189,6 +189,10 @@ export async function runVm(opts: RunOptions): Promise<number> {
         }
         continue;
       }
+      if (r.outcome?.kind === "failed") {
+        process.stderr.write(`\r\npartis run: ${r.outcome.reason}\r\n`);
+        return RUN_EXIT.failed;
+      }
       if (kind === "crash") {
         const reason = r.outcome?.kind === "crash" ? r.outcome.reason : "unknown reason";
         process.stderr.write(`\r\npartis run: guest crashed: ${reason}\r\n`);

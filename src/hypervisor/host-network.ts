@@ -16,6 +16,7 @@
  * Socket addresses (`UnixSocketAddress`) are built once and reused. A path
  * starting with "@" names the Linux abstract namespace (no file is created).
  */
+import { lstatSync, type Stats } from "node:fs";
 import { PartisError, type ErrorContext } from "../errors.js";
 import { Errno, errno, errnoName, ioctl, lastError, lib, O_CLOEXEC, O_NONBLOCK, O_RDWR, open, close, strerror } from "./libc.js";
 import { SystemCallError } from "./errors.js";
@@ -245,14 +246,41 @@ function unixSocket(type: number, context: ErrorContext): number {
   return fd;
 }
 
-/** Remove a stale socket file at `path` (not for abstract names). Missing is fine. */
+/**
+ * Remove a socket file at `path` (not for abstract names). Missing is fine;
+ * anything that is not a socket is refused, never deleted.
+ */
 export function removeSocketPath(path: string): void {
   if (path.startsWith("@")) return;
+  let st: Stats;
+  try {
+    st = lstatSync(path);
+  } catch {
+    return;
+  }
+  if (!st.isSocket()) throw new HostNetworkError("UNIX_PATH_NOT_SOCKET", `${path} exists and is not a socket; refusing to replace it`, { path });
   if (c.unlink(path) < 0 && errno() !== Errno.ENOENT) throw wrap("UNIX_UNLINK_FAILED", `cannot remove stale socket ${path}`, "unlink", { path });
 }
 
-function bindTo(fd: number, addr: UnixSocketAddress, replace: boolean): void {
-  if (replace) removeSocketPath(addr.path);
+/** Replace a stale socket at `path` before binding: refused when something still answers there. */
+function replaceStaleSocket(path: string, type: number): void {
+  if (path.startsWith("@")) return;
+  try {
+    if (!lstatSync(path).isSocket()) throw new HostNetworkError("UNIX_PATH_NOT_SOCKET", `${path} exists and is not a socket; refusing to replace it`, { path });
+  } catch (e) {
+    if (e instanceof HostNetworkError) throw e;
+    return; // missing
+  }
+  const probe = unixSocket(type, { path });
+  const addr = unixAddress(path);
+  const live = c.connect(probe, addr.bytes, addr.length) === 0 || errno() === Errno.EAGAIN;
+  c.close(probe);
+  if (live) throw new HostNetworkError("UNIX_PATH_IN_USE", `${path} is in use by another process`, { path });
+  removeSocketPath(path);
+}
+
+function bindTo(fd: number, addr: UnixSocketAddress, replace: boolean, type: number): void {
+  if (replace) replaceStaleSocket(addr.path, type);
   if (c.bind(fd, addr.bytes, addr.length) < 0) {
     const err = wrap("UNIX_BIND_FAILED", `cannot bind socket to ${addr.path}`, "bind", { path: addr.path });
     c.close(fd);
@@ -286,7 +314,7 @@ export function openDatagramSocket(opts: DatagramSocketOptions): DatagramSocket 
   const local = unixAddress(opts.localPath);
   const peer = opts.peerPath === undefined ? undefined : unixAddress(opts.peerPath);
   const fd = unixSocket(SOCK_DGRAM, { path: opts.localPath });
-  bindTo(fd, local, opts.replaceStale ?? true);
+  bindTo(fd, local, opts.replaceStale ?? true, SOCK_DGRAM);
   try {
     if (opts.bufferBytes !== undefined) setBufferBytes(fd, opts.bufferBytes, opts.localPath);
     if (opts.connect === true) {
@@ -380,7 +408,7 @@ export function receiveDatagram(fd: number, buf: ArrayBufferView): number {
 export function listenStream(path: string, backlog = 16): number {
   const addr = unixAddress(path);
   const fd = unixSocket(SOCK_STREAM, { path });
-  bindTo(fd, addr, true);
+  bindTo(fd, addr, true, SOCK_STREAM);
   if (c.listen(fd, backlog) < 0) {
     const err = wrap("UNIX_LISTEN_FAILED", `cannot listen on ${path}`, "listen", { path });
     c.close(fd);

@@ -21,6 +21,8 @@ import { EventFd } from "../hypervisor/eventfd.js";
 import { poll, POLLIN } from "../hypervisor/libc.js";
 import type { PciDeviceServices, FdWatch, IoEventLoop, DoorbellMap } from "../devices/pci/device-thread-services.js";
 import { pciIntxGsi } from "../machine/acpi/dsdt.js";
+import type { PciConfig } from "../devices/pci/pci-config.js";
+import type { IrqLine } from "../devices/dependencies.js";
 import { DeviceMailbox, type MailboxHandoff } from "./device-mailbox.js";
 import { DeviceBus, type BarWindows } from "./device-bus.js";
 import { IntxRouter, MsiRouter } from "./interrupt-routing.js";
@@ -180,11 +182,14 @@ function main(): void {
   const doorbellSets: Doorbells[] = [];
   const assembled: AssembledDevice[] = [];
 
-  for (const f of planPci(data.devices)) {
+  const plan = planPci(data.devices);
+  for (const f of plan) {
     const slot = (f.bdf >> 3) & 31;
     const doorbells = new Doorbells(partition, loop, warn);
     doorbellSets.push(doorbells);
-    let pciRef: { pci: import("../devices/pci/pci-config.js").PciConfig } | undefined;
+    // The function's INTx line is made on first use: its pin is known once the model exists.
+    let pciRef: { pci: PciConfig } | undefined;
+    let intxLine: IrqLine | undefined;
     const services: PciDeviceServices = {
       memory: partition.guestMemory,
       intx: {
@@ -199,7 +204,6 @@ function main(): void {
       loop,
       doorbells,
     };
-    let intxLine: import("../devices/dependencies.js").IrqLine | undefined;
     const a = assembleDevice(f, data.devices, services, {
       vmName: data.vmName,
       vcpus: data.vcpus,
@@ -233,7 +237,7 @@ function main(): void {
   bootTrace("devices", "ready");
   port.postMessage({
     type: "ready",
-    functions: assembled.map((a, i) => ({ bdf: planPci(data.devices)[i]!.bdf, name: a.device.name })),
+    functions: assembled.map((a, i) => ({ bdf: plan[i]!.bdf, name: a.device.name })),
   } satisfies DeviceThreadMessage);
 
   while (Atomics.load(stop, 0) === 0) {

@@ -17,6 +17,7 @@ function send(event: ControlEvent): void {
 }
 
 function exitFor(outcome: VmOutcome): number {
+  if (outcome.kind === "failed") return WORKER_EXIT.failed;
   return outcome.kind === "poweroff" ? WORKER_EXIT.poweroff : outcome.kind === "reset" ? WORKER_EXIT.reset : WORKER_EXIT.crash;
 }
 

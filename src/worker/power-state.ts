@@ -7,7 +7,7 @@ import type { PowerControl } from "../devices/dependencies.js";
 import type { VmOutcome } from "./vm-config.js";
 
 const RUNNING = 0;
-const CODES = { poweroff: 1, reset: 2, crash: 3 } as const;
+const CODES = { poweroff: 1, reset: 2, crash: 3, failed: 4 } as const;
 const REASON_BYTES = 248;
 
 export class PowerState {
@@ -30,7 +30,7 @@ export class PowerState {
   /** Record an outcome; returns false when another one was recorded first. */
   record(outcome: VmOutcome): boolean {
     if (Atomics.compareExchange(this.word, 0, RUNNING, -1) !== RUNNING) return false;
-    const text = outcome.kind === "crash" ? outcome.reason : outcome.source;
+    const text = outcome.kind === "crash" || outcome.kind === "failed" ? outcome.reason : outcome.source;
     const bytes = new TextEncoder().encode(text).subarray(0, REASON_BYTES);
     this.reason.fill(0);
     this.reason.set(bytes);
@@ -46,6 +46,7 @@ export class PowerState {
     const text = new TextDecoder().decode(this.reason.slice(0, end < 0 ? REASON_BYTES : end));
     if (code === CODES.poweroff) return { kind: "poweroff", source: text };
     if (code === CODES.reset) return { kind: "reset", source: text };
+    if (code === CODES.failed) return { kind: "failed", reason: text };
     return { kind: "crash", reason: text };
   }
 

@@ -184,7 +184,8 @@ export class RunningVm {
         bootTrace("worker", "devices ready");
         this.devicesReady = true;
         this.openGateWhenReady();
-      } else if (m.type === "error") this.power.record({ kind: "crash", reason: `devices: ${m.message}` });
+      } else if (m.type === "error")
+        this.power.record(this.devicesReady ? { kind: "crash", reason: `devices: ${m.message}` } : { kind: "failed", reason: `cannot start the devices: ${m.message}` });
       else if (m.type === "stats") {
         if (process.env.PARTIS_STATS === "1") process.stderr.write(`partis-worker: device thread ${JSON.stringify(m.stats)}\n`);
       } else process.stderr.write(`partis-worker: ${this.config.name}: ${m.message}\n`);
@@ -319,6 +320,9 @@ export class RunningVm {
       else t.once("exit", () => resolve());
     })));
     for (const k of this.kickers) k.kick();
+    // vCPUs still waiting at the start gate (the devices never came up) pass it, see the outcome and end.
+    Atomics.store(this.startGate, 0, 1);
+    Atomics.notify(this.startGate, 0);
     const devicesExited = this.stopDeviceThread();
     let timer: NodeJS.Timeout | undefined;
     const ok = await Promise.race([exited.then(() => true), new Promise<boolean>((r) => (timer = setTimeout(() => r(false), timeoutMs)))]);

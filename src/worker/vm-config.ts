@@ -25,7 +25,9 @@ export interface VmConfig {
 export type VmOutcome =
   | { readonly kind: "poweroff"; readonly source: string }
   | { readonly kind: "reset"; readonly source: string }
-  | { readonly kind: "crash"; readonly reason: string };
+  | { readonly kind: "crash"; readonly reason: string }
+  /** The VM could not run: a back end failed to start (a TAP refused, a disk vanished). */
+  | { readonly kind: "failed"; readonly reason: string };
 
 /** Worker process exit statuses, read by the CLI (and the service). */
 export const WORKER_EXIT = {

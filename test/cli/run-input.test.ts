@@ -87,3 +87,4 @@ test("--nic tap with an invalid interface name", () => expectUsageError(["--kern
 test("--nic dgram without a peer", () => expectUsageError(["--kernel", kernel, "--nic", `dgram:${join(dir, "a.sock")}`], /expected dgram:LOCAL\.sock:PEER\.sock/));
 test("--channel in a missing directory", () => expectUsageError(["--kernel", kernel, "--channel", join(dir, "no-dir", "c.sock")], /--channel .*does not exist/));
 test("--channel on an existing regular file", () => expectUsageError(["--kernel", kernel, "--channel", disk], /exists and is not a socket/));
+test("--nic dgram whose local path is a regular file", () => expectUsageError(["--kernel", kernel, "--nic", `dgram:${disk}:${join(dir, "peer.sock")}`], /exists and is not a socket/));

@@ -150,3 +150,30 @@ test("a PCI device on the device thread answers config reads through 0xCF8/0xCFC
   assert.equal(r.stdout, "ID-OK\nABSENT-OK\n", r.stderr);
   assert.equal(r.status, 0, r.stderr);
 });
+
+test("a device back end that cannot start (channel socket in use by another process): status 1, the reason, the other socket untouched", async () => {
+  const { createServer, connect } = await import("node:net");
+  const sock = join(dir, "busy.sock");
+  const server = createServer(() => {});
+  await new Promise<void>((r) => server.listen(sock, r));
+  try {
+    const k = kernelFile("devices-fail", [...serialPrint("SHOULD-NOT-RUN\n"), ...ACPI_S5, ...HALT_LOOP]);
+    const r = await new Promise<{ status: number | null; stdout: string; stderr: string }>((resolve) => {
+      const child = spawn(process.execPath, [CLI, "run", "--kernel", k, "--memory", "64M", "--channel", sock], { stdio: ["ignore", "pipe", "pipe"] });
+      let stdout = "";
+      let stderr = "";
+      child.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
+      child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
+      child.on("exit", (status) => resolve({ status, stdout, stderr }));
+    });
+    assert.equal(r.status, 1, r.stderr);
+    assert.match(r.stderr, /cannot start the devices: .*busy\.sock is in use/);
+    assert.doesNotMatch(r.stdout, /SHOULD-NOT-RUN/);
+    await new Promise<void>((resolve, reject) => connect(sock).once("connect", function (this: import("node:net").Socket) {
+      this.destroy();
+      resolve();
+    }).once("error", reject));
+  } finally {
+    server.close();
+  }
+});
