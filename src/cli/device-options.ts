@@ -13,9 +13,8 @@
 import { accessSync, constants, existsSync, statSync } from "node:fs";
 import { createHash } from "node:crypto";
 import { dirname } from "node:path";
-import { UsageError } from "../errors.js";
+import { PartisError, UsageError } from "../errors.js";
 import { openDisk } from "../storage/open.js";
-import { PartisError } from "../errors.js";
 import { DevicePlanError, MAX_IDE_DRIVES, parseMac, planPci, type DeviceSpec, type DiskSpec, type NicBackendSpec } from "../worker/device-plan.js";
 
 export interface DeviceOptions {
@@ -70,8 +69,9 @@ function checkDisk(flag: string, path: string, readOnly: boolean): DiskSpec {
 }
 
 function defaultMac(vmName: string, index: number): string {
+  // 52:54:00 (locally administered, the prefix KVM tools use) + 3 bytes of a hash of the VM name and NIC index.
   const h = createHash("sha256").update(`${vmName}/${index}`).digest();
-  return ["52", "54", "00", h[0]!, h[1]!, h[2]!].map((b) => (typeof b === "string" ? b : b.toString(16).padStart(2, "0"))).join(":");
+  return ["52:54:00", ...[h[0]!, h[1]!, h[2]!].map((b) => b.toString(16).padStart(2, "0"))].join(":");
 }
 
 function parseNicBackend(value: string, head: string): NicBackendSpec {

@@ -395,11 +395,6 @@ export const IOV_MAX = 1024;
 /** struct iovec[IOV_MAX] as 32-bit halves: addresses and lengths stay Numbers (no BigInt per segment). */
 const iovecWords = new Uint32Array(IOV_MAX * 4);
 
-/** Whether `view` lies in memory this module mapped (so it can be handed to the kernel by address). */
-export function isMappedView(view: Uint8Array): boolean {
-  return mappings.has(view.buffer);
-}
-
 function fillIovec(views: readonly Uint8Array[], count: number): number {
   if (count > IOV_MAX) throw new RangeError(`vectored I/O: ${count} segments exceed IOV_MAX`);
   let total = 0;

@@ -35,13 +35,13 @@ type VectoredFn = (fd: number, views: readonly Uint8Array[], count: number, offs
 /** `alignedBuffer` from src/hypervisor/libc.ts, when it is present and koffi loads. */
 let libcAlignedBuffer: AlignedBufferFn | undefined;
 /** preadv/pwritev over host-mapped views (guest RAM), from the same module. */
-let libcVectored: { preadv: VectoredFn; pwritev: VectoredFn; isMappedView: (v: Uint8Array) => boolean; iovMax: number } | undefined;
+let libcVectored: { preadv: VectoredFn; pwritev: VectoredFn; iovMax: number } | undefined;
 try {
   const specifier = "../hypervisor/libc.js";
-  const mod = (await import(specifier)) as { alignedBuffer?: unknown; preadv?: unknown; pwritev?: unknown; isMappedView?: unknown; IOV_MAX?: unknown };
+  const mod = (await import(specifier)) as { alignedBuffer?: unknown; preadv?: unknown; pwritev?: unknown; IOV_MAX?: unknown };
   if (typeof mod.alignedBuffer === "function") libcAlignedBuffer = mod.alignedBuffer as AlignedBufferFn;
-  if (typeof mod.preadv === "function" && typeof mod.pwritev === "function" && typeof mod.isMappedView === "function")
-    libcVectored = { preadv: mod.preadv as VectoredFn, pwritev: mod.pwritev as VectoredFn, isMappedView: mod.isMappedView as (v: Uint8Array) => boolean, iovMax: Number(mod.IOV_MAX) || 1024 };
+  if (typeof mod.preadv === "function" && typeof mod.pwritev === "function")
+    libcVectored = { preadv: mod.preadv as VectoredFn, pwritev: mod.pwritev as VectoredFn, iovMax: Number(mod.IOV_MAX) || 1024 };
 } catch {
   libcAlignedBuffer = undefined;
   libcVectored = undefined;
@@ -235,34 +235,35 @@ export class RawDisk implements BlockDevice {
     );
   }
 
-  private vectorable(segments: readonly Uint8Array[], count: number): number | undefined {
+  /**
+   * One preadv/pwritev over the segments, or undefined (nothing done) when this
+   * disk uses O_DIRECT bounce buffers or a segment is not host-mapped memory
+   * (libc refuses those before any system call, with a RangeError).
+   */
+  private vectored(offset: number, segments: readonly Uint8Array[], count: number, write: boolean): number | undefined {
     if (libcVectored === undefined || this.direct !== undefined || count > libcVectored.iovMax) return undefined;
     let total = 0;
-    for (let i = 0; i < count; i++) {
-      const v = segments[i]!;
-      if (!libcVectored.isMappedView(v)) return undefined;
-      total += v.length;
+    for (let i = 0; i < count; i++) total += segments[i]!.length;
+    this.checkRange(offset, total, write ? "write" : "read");
+    if (write && this.readOnly) throw new DiskError("DISK_READ_ONLY", "write to a read-only disk", this.path, { offset });
+    if (total === 0) return 0;
+    let n: number;
+    try {
+      n = (write ? libcVectored.pwritev : libcVectored.preadv)(this.fd, segments, count, offset);
+    } catch (e) {
+      if (e instanceof RangeError) return undefined;
+      throw e;
     }
+    if (n < total) this.finishShort(offset, segments, count, n, write);
     return total;
   }
 
   readVectored(offset: number, segments: readonly Uint8Array[], count: number): boolean {
-    const total = this.vectorable(segments, count);
-    if (total === undefined) return false;
-    this.checkRange(offset, total, "read");
-    const n = total === 0 ? 0 : libcVectored!.preadv(this.fd, segments, count, offset);
-    if (n < total) this.finishShort(offset, segments, count, n, false);
-    return true;
+    return this.vectored(offset, segments, count, false) !== undefined;
   }
 
   writeVectored(offset: number, segments: readonly Uint8Array[], count: number): boolean {
-    const total = this.vectorable(segments, count);
-    if (total === undefined) return false;
-    this.checkRange(offset, total, "write");
-    if (this.readOnly) throw new DiskError("DISK_READ_ONLY", "write to a read-only disk", this.path, { offset });
-    const n = total === 0 ? 0 : libcVectored!.pwritev(this.fd, segments, count, offset);
-    if (n < total) this.finishShort(offset, segments, count, n, true);
-    return true;
+    return this.vectored(offset, segments, count, true) !== undefined;
   }
 
   /** Complete a short vectored transfer segment by segment (end of file reads as zeros). */

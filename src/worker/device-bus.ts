@@ -8,7 +8,7 @@
  * as on a real bus (master abort).
  */
 import type { PciDevice } from "../devices/pci/pci-config.js";
-import { MAILBOX_OP, type MailboxRequest } from "./device-mailbox.js";
+import { MAILBOX_OP, getLe, putLe, type MailboxRequest } from "./device-mailbox.js";
 
 /** A device that also decodes fixed ISA ports. */
 export interface IsaPortDecoder {
@@ -180,14 +180,4 @@ export class DeviceBus {
         return;
     }
   }
-}
-
-function putLe(data: Uint8Array, off: number, size: number, v: number): void {
-  for (let b = 0; b < size; b++) data[off + b] = (v >>> (8 * b)) & 0xff;
-}
-
-function getLe(data: Uint8Array, off: number, size: number): number {
-  let v = 0;
-  for (let b = size - 1; b >= 0; b--) v = (v * 256) + data[off + b]!;
-  return v >>> 0;
 }

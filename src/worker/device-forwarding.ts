@@ -5,7 +5,7 @@
  * the answer (see device-mailbox.ts).
  */
 import type { PciFunction } from "../machine/pci-host-bridge.js";
-import { MAILBOX_OP, type MailboxRequester } from "./device-mailbox.js";
+import { MAILBOX_OP, getLe, putLe, type MailboxRequester } from "./device-mailbox.js";
 
 /** Port ranges the device thread may decode: PCI I/O BARs and IDE compatibility ports. */
 export interface ForwardedPorts {
@@ -64,12 +64,10 @@ export class DeviceForwarder {
     return {
       configRead(offset, size) {
         if (!r.call(MAILBOX_OP.configRead, bdf * 256 + offset, size, 1)) return size === 4 ? 0xffff_ffff : size === 2 ? 0xffff : 0xff;
-        const d = r.data;
-        return (size === 1 ? d[0]! : size === 2 ? d[0]! | (d[1]! << 8) : d[0]! | (d[1]! << 8) | (d[2]! << 16) | (d[3]! << 24)) >>> 0;
+        return getLe(r.data, 0, size);
       },
       configWrite(offset, size, value) {
-        const d = r.data;
-        for (let b = 0; b < size; b++) d[b] = (value >>> (8 * b)) & 0xff;
+        putLe(r.data, 0, size, value);
         r.call(MAILBOX_OP.configWrite, bdf * 256 + offset, size, 1);
       },
     };

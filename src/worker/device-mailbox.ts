@@ -216,3 +216,15 @@ export class MailboxServer {
     return n;
   }
 }
+
+/** Store the low `size` bytes of `v` little-endian at `data[off]` (payload values). */
+export function putLe(data: Uint8Array, off: number, size: number, v: number): void {
+  for (let b = 0; b < size; b++) data[off + b] = (v >>> (8 * b)) & 0xff;
+}
+
+/** Read `size` (1, 2 or 4) bytes little-endian at `data[off]`. */
+export function getLe(data: Uint8Array, off: number, size: number): number {
+  let v = 0;
+  for (let b = size - 1; b >= 0; b--) v = v * 256 + data[off + b]!;
+  return v >>> 0;
+}

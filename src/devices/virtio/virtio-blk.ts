@@ -248,30 +248,23 @@ export class VirtioBlk implements VirtioBackend {
 
   private read(chain: DescriptorChain, sector: number, bytes: number): number {
     if (!this.inRange(sector, bytes)) return VIRTIO_BLK_S.ioerr;
-    let pos = sector * SECTOR;
+    // The data segments: the writable ones, cut to the request's length (the status byte follows).
+    let count = 0;
     let left = bytes;
     const segs = chain.writable;
-    // One system call for the whole scatter list where the disk can (raw: preadv).
-    if (this.disk.readVectored !== undefined) {
-      let count = 0;
-      for (let i = 0; i < chain.writableCount && left > 0; i++) {
-        const s = segs[i]!;
-        const n = Math.min(s.length, left);
-        this.vector[count++] = n === s.length ? s : s.subarray(0, n);
-        left -= n;
-      }
-      if (this.disk.readVectored(pos, this.vector, count)) {
-        this.stats.readBytes += bytes;
-        return VIRTIO_BLK_S.ok;
-      }
-      left = bytes;
-    }
     for (let i = 0; i < chain.writableCount && left > 0; i++) {
       const s = segs[i]!;
       const n = Math.min(s.length, left);
-      this.disk.read(pos, n === s.length ? s : s.subarray(0, n));
-      pos += n;
+      this.vector[count++] = n === s.length ? s : s.subarray(0, n);
       left -= n;
+    }
+    const pos = sector * SECTOR;
+    // One system call for the whole scatter list where the disk can (raw: preadv); else segment by segment.
+    if (this.disk.readVectored === undefined || !this.disk.readVectored(pos, this.vector, count)) {
+      for (let i = 0, at = pos; i < count; i++) {
+        this.disk.read(at, this.vector[i]!);
+        at += this.vector[i]!.length;
+      }
     }
     this.stats.readBytes += bytes;
     return VIRTIO_BLK_S.ok;
@@ -281,36 +274,25 @@ export class VirtioBlk implements VirtioBackend {
     if (this.disk.readOnly) return VIRTIO_BLK_S.ioerr;
     const bytes = chain.readableBytes - 16;
     if (!this.inRange(sector, bytes)) return VIRTIO_BLK_S.ioerr;
-    let pos = sector * SECTOR;
+    // The data segments: the readable ones after the 16-byte request header.
+    let count = 0;
     let skip = 16;
     const segs = chain.readable;
-    if (this.disk.writeVectored !== undefined) {
-      let count = 0;
-      let k = 16;
-      for (let i = 0; i < chain.readableCount; i++) {
-        const s = segs[i]!;
-        if (k >= s.length) {
-          k -= s.length;
-          continue;
-        }
-        this.vector[count++] = k === 0 ? s : s.subarray(k);
-        k = 0;
-      }
-      if (this.disk.writeVectored(pos, this.vector, count)) {
-        this.stats.writtenBytes += bytes;
-        return VIRTIO_BLK_S.ok;
-      }
-    }
     for (let i = 0; i < chain.readableCount; i++) {
       const s = segs[i]!;
       if (skip >= s.length) {
         skip -= s.length;
         continue;
       }
-      const part = skip === 0 ? s : s.subarray(skip);
+      this.vector[count++] = skip === 0 ? s : s.subarray(skip);
       skip = 0;
-      this.disk.write(pos, part);
-      pos += part.length;
+    }
+    const pos = sector * SECTOR;
+    if (this.disk.writeVectored === undefined || !this.disk.writeVectored(pos, this.vector, count)) {
+      for (let i = 0, at = pos; i < count; i++) {
+        this.disk.write(at, this.vector[i]!);
+        at += this.vector[i]!.length;
+      }
     }
     this.stats.writtenBytes += bytes;
     return VIRTIO_BLK_S.ok;
