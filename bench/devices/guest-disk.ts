@@ -289,6 +289,45 @@ function cpuOf(pid: number): { total: number; guest: number } {
   return { total: (field(14) + field(15)) / CLK_TCK, guest: field(43) / CLK_TCK };
 }
 
+/**
+ * Per-thread CPU of the VMM (PARTIS_BENCH_THREADS=1): tid -> {comm, user+system s, guest s}.
+ * Says which thread (vCPU: the one with guest time; device thread; main) a
+ * pattern's CPU went to.
+ */
+function threadCpuOf(pid: number): Map<number, { comm: string; total: number; guest: number }> {
+  const out = new Map<number, { comm: string; total: number; guest: number }>();
+  let tids: string[] = [];
+  try {
+    tids = readdirSync(`/proc/${pid}/task`);
+  } catch {
+    return out;
+  }
+  for (const t of tids) {
+    try {
+      const s = readFileSync(`/proc/${pid}/task/${t}/stat`, "utf8");
+      const comm = s.slice(s.indexOf("(") + 1, s.lastIndexOf(")"));
+      const f = s.slice(s.lastIndexOf(")") + 2).split(" ");
+      const field = (n: number): number => Number(f[n - 3]);
+      out.set(Number(t), { comm, total: (field(14) + field(15)) / CLK_TCK, guest: field(43) / CLK_TCK });
+    } catch {}
+  }
+  return out;
+}
+
+function threadCpuDelta(
+  a: Map<number, { comm: string; total: number; guest: number }>,
+  b: Map<number, { comm: string; total: number; guest: number }>,
+): string {
+  const rows: string[] = [];
+  for (const [tid, e] of b) {
+    const s = a.get(tid);
+    const total = e.total - (s?.total ?? 0);
+    const guest = e.guest - (s?.guest ?? 0);
+    if (total >= 0.05) rows.push(`${tid}(${e.comm})=${total.toFixed(2)}s${guest > 0 ? ` guest ${guest.toFixed(2)}s` : ""}`);
+  }
+  return rows.join(" ");
+}
+
 function killTree(child: ChildProcess): void {
   const pids = [...descendants(child.pid!), child.pid!];
   for (const p of pids) {
@@ -340,6 +379,8 @@ function once(c: Config, kernel: string, initrd: string, dir: string): Promise<R
     let vmmPid: number | undefined;
     const patterns: Partial<Record<Pattern, PatternResult>> = {};
     const starts: Partial<Record<Pattern, { total: number; guest: number }>> = {};
+    const threadStarts: Partial<Record<Pattern, Map<number, { comm: string; total: number; guest: number }>>> = {};
+    const perThread = process.env.PARTIS_BENCH_THREADS === "1";
     let flushMs: number | undefined;
     const xfer: string[] = [];
     let queue = "";
@@ -353,6 +394,7 @@ function once(c: Config, kernel: string, initrd: string, dir: string): Promise<R
       const grace = setTimeout(() => killTree(child), err ? 0 : 3000);
       const settle = (): void => {
         clearTimeout(grace);
+        if (process.env.PARTIS_STATS === "1") for (const l of out.split("\n")) if (l.startsWith("partis-worker:")) console.log(`[stats] ${c.name} ${l}`);
         rmSync(image, { force: true });
         if (err) reject(err);
         else resolve({ patterns, flushMs, mode: xfer.join("; "), queue, wallMs });
@@ -373,11 +415,16 @@ function once(c: Config, kernel: string, initrd: string, dir: string): Promise<R
     const onLine = (line: string): void => {
       let m: RegExpExecArray | null;
       try {
-        if ((m = /^DISKBENCH-START (\w+)/.exec(line))) starts[m[1] as Pattern] = sample();
+        if ((m = /^DISKBENCH-START (\w+)/.exec(line))) {
+          starts[m[1] as Pattern] = sample();
+          if (perThread) threadStarts[m[1] as Pattern] = threadCpuOf(vmm()!);
+        }
         else if ((m = /^DISKBENCH (seqwrite|seqread|randread) MiB\/s=\S+ IOPS=\S+ ms=([\d.]+) bytes=(\d+) ops=(\d+) errors=(\d+)/.exec(line))) {
           const p = m[1] as Pattern;
           const end = sample();
           const st = starts[p] ?? end;
+          const ts = threadStarts[p];
+          if (ts !== undefined) console.log(`[threads] ${c.name} ${p}: ${threadCpuDelta(ts, threadCpuOf(vmm()!))}`);
           const ms = Number(m[2]);
           const bytes = Number(m[3]);
           const ops = Number(m[4]);

@@ -61,6 +61,7 @@ const c = {
   getpid: lib.func("int getpid()") as IntFn<[]>,
   clockGettime: lib.func("int clock_gettime(int clockid, void *tp)") as IntFn<[number, ArrayBufferView]>,
   gettid: lib.func("int gettid()") as IntFn<[]>,
+  prctlName: lib.func("int prctl(int option, const char *name, unsigned long a3, unsigned long a4, unsigned long a5)") as IntFn<[number, string, number, number, number]>,
   poll: lib.func("int poll(void *fds, uint64_t nfds, int timeout)") as IntFn<[ArrayBufferView, number, number]>,
   pthreadSelf: lib.func("uint64_t pthread_self()") as () => bigint | number,
   pthreadKill: lib.func("int pthread_kill(uint64_t thread, int sig)") as IntFn<[bigint, number]>,
@@ -258,6 +259,17 @@ export function gettid(): number {
 }
 
 /** pthread_t of the calling thread (opaque; only for pthreadKill from another thread of this process). */
+const PR_SET_NAME = 15;
+
+/**
+ * Name the calling thread (prctl PR_SET_NAME; at most 15 bytes are kept), so
+ * `top -H`, `ps -T` and /proc/<pid>/task/<tid>/comm say which thread is a vCPU
+ * and which the device thread. Best effort: returns false when refused.
+ */
+export function setThreadName(name: string): boolean {
+  return c.prctlName(PR_SET_NAME, name.slice(0, 15), 0, 0, 0) === 0;
+}
+
 export function pthreadSelf(): bigint {
   return BigInt(c.pthreadSelf());
 }

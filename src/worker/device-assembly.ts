@@ -12,7 +12,7 @@ import type { PciDevice } from "../devices/pci/pci-config.js";
 import type { PciDeviceServices } from "../devices/pci/device-thread-services.js";
 import { openDisk } from "../storage/open.js";
 import type { BlockDevice } from "../storage/block-device.js";
-import { createVirtioBlk } from "../devices/virtio/virtio-blk.js";
+import { createVirtioBlk, type VirtioBlk } from "../devices/virtio/virtio-blk.js";
 import { createVirtioRng } from "../devices/virtio/virtio-rng.js";
 import { createVirtioConsole, type HostByteStream } from "../devices/virtio/virtio-console.js";
 import { createVirtioNet } from "../devices/net/virtio-net.js";
@@ -26,6 +26,8 @@ export interface AssembledDevice {
   readonly device: PciDevice;
   /** Release back ends (close files, sockets). */
   close(): void;
+  /** Counters for PARTIS_STATS (requests, bytes, time in the back end). */
+  stats?(): Readonly<Record<string, number>>;
 }
 
 export interface AssemblyContext {
@@ -157,7 +159,8 @@ export function assembleDevice(f: PlannedFunction, devices: readonly DeviceSpec[
       const disk = open(spec.disk, spec.id);
       try {
         const device = createVirtioBlk(spec.id, disk, services, { queues: Math.max(1, Math.min(spec.queues, 16)), serial: spec.id });
-        return { device, close: () => disk.close() };
+        const blk = device.backend as VirtioBlk;
+        return { device, close: () => disk.close(), stats: () => ({ ...blk.stats }) };
       } catch (e) {
         disk.close();
         throw e;

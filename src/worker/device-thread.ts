@@ -18,7 +18,7 @@ import { Session } from "node:inspector";
 import { writeFileSync } from "node:fs";
 import { Partition, type PartitionHandoff } from "../hypervisor/partition.js";
 import { EventFd } from "../hypervisor/eventfd.js";
-import { poll, POLLIN } from "../hypervisor/libc.js";
+import { poll, POLLIN, setThreadName, threadCpuTimeNs } from "../hypervisor/libc.js";
 import type { PciDeviceServices, FdWatch, IoEventLoop, DoorbellMap } from "../devices/pci/device-thread-services.js";
 import { pciIntxGsi } from "../machine/acpi/dsdt.js";
 import type { PciConfig } from "../devices/pci/pci-config.js";
@@ -163,6 +163,7 @@ function startProfiler(): (() => void) | undefined {
 
 function main(): void {
   const data = workerData as DeviceThreadData;
+  setThreadName("partis-devices");
   const stopProfiler = startProfiler();
   const port = parentPort!;
   const stop = new Int32Array(data.stop, 0, 1);
@@ -246,7 +247,13 @@ function main(): void {
     // Requests posted between the doorbell read and the drain are caught here too.
     stats.requests += server.drain(handle);
   }
-  port.postMessage({ type: "stats", stats: { ...stats, unclaimedAccesses: bus.unclaimedAccesses } } satisfies DeviceThreadMessage);
+  const deviceStats: Record<string, number> = {};
+  assembled.forEach((a) => {
+    for (const [k, v] of Object.entries(a.stats?.() ?? {})) deviceStats[`${a.device.name}.${k}`] = Math.round(v * 10) / 10;
+  });
+  port.postMessage(
+    { type: "stats", stats: { ...stats, unclaimedAccesses: bus.unclaimedAccesses, cpuMs: Math.round(Number(threadCpuTimeNs()) / 1e5) / 10, ...deviceStats } } satisfies DeviceThreadMessage,
+  );
   stopProfiler?.();
 
   for (const a of assembled) a.close();

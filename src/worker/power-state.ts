@@ -8,7 +8,7 @@ import type { VmOutcome } from "./vm-config.js";
 
 const RUNNING = 0;
 const CODES = { poweroff: 1, reset: 2, crash: 3, failed: 4 } as const;
-const REASON_BYTES = 248;
+const REASON_BYTES = 1016;
 
 export class PowerState {
   private readonly word: Int32Array;

@@ -9,6 +9,7 @@
 import { parentPort, receiveMessageOnPort, workerData } from "node:worker_threads";
 import { Partition, type PartitionHandoff } from "../hypervisor/partition.js";
 import { VirtualProcessor, type Sregs, type Segment, type VcpuExit, type VcpuKickHandle } from "../hypervisor/virtual-processor.js";
+import { setThreadName } from "../hypervisor/libc.js";
 import { KVM_SYSTEM_EVENT, KVM_INTERNAL_ERROR } from "../hypervisor/kvm-abi.js";
 import type { CpuidEntry } from "../hypervisor/system.js";
 import type { BootCpuState, SegmentState } from "../machine/boot-cpu.js";
@@ -132,9 +133,26 @@ function describeFatal(exit: VcpuExit, vcpuId: number): string | undefined {
   }
 }
 
+/**
+ * The vCPU's architectural state in one line, for fatal exits: where the guest
+ * was (CS:RIP, mode bits, page table root), so a crash report says whether it
+ * died in real-mode start-up code, the kernel or user space.
+ */
+function describeState(vp: VirtualProcessor): string {
+  try {
+    const r = vp.getRegs();
+    const s = vp.getSregs();
+    const h = (v: bigint | number): string => "0x" + v.toString(16);
+    return `cs=${h(s.cs.selector)} rip=${h(r.rip)} rsp=${h(r.rsp)} rflags=${h(r.rflags)} cr0=${h(s.cr0)} cr2=${h(s.cr2)} cr3=${h(s.cr3)} cr4=${h(s.cr4)} efer=${h(s.efer)} idt=${h(s.idt.base)}/${h(s.idt.limit)}`;
+  } catch (e) {
+    return `state unavailable (${e instanceof Error ? e.message : String(e)})`;
+  }
+}
+
 function main(): void {
   const data = workerData as VcpuThreadData;
   bootTrace(`vcpu${data.vcpuId}`, "modules loaded");
+  setThreadName(`partis-vcpu${data.vcpuId}`);
   const port = parentPort!;
   const power = new PowerState(data.powerState);
   const partition = Partition.attach(data.handoff);
@@ -221,7 +239,7 @@ function main(): void {
         break;
       default: {
         const reason = describeFatal(exit, data.vcpuId);
-        power.record({ kind: "crash", reason: reason ?? `vCPU ${data.vcpuId}: fatal exit ${exit.reason}` });
+        power.record({ kind: "crash", reason: `${reason ?? `vCPU ${data.vcpuId}: fatal exit ${exit.reason}`}; ${describeState(vp)}` });
       }
     }
   }

@@ -30,7 +30,7 @@ function runArgs(script: string, extra: readonly string[]): string[] {
 }
 
 async function runToEnd(s: GuestSession): Promise<{ status: number; output: string; stderr: string }> {
-  s.child.stdin!.end();
+  s.endInput();
   const status = await s.exited;
   return { status, output: s.output, stderr: s.stderr };
 }

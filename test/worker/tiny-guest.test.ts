@@ -86,6 +86,12 @@ test("triple fault: non-zero status with the reason", () => {
   const r = run(kernelFile("triple-fault", [...TRIPLE_FAULT_CODE]));
   assert.equal(r.status, 4, r.stderr);
   assert.match(r.stderr, /guest crashed: .*(triple fault|internal error)/);
+  // Where the guest died: long mode (EFER.LMA), paging on, at the ud2 (64-bit entry = load address 1 MiB + 0x200).
+  const state = /cs=0x[0-9a-f]+ rip=0x([0-9a-f]+) .*cr0=0x([0-9a-f]+) .*efer=0x([0-9a-f]+)/.exec(r.stderr);
+  assert.ok(state, r.stderr);
+  assert.equal(Number.parseInt(state[1]!, 16), 0x100200, state[0]);
+  assert.ok(((Number.parseInt(state[2]!, 16) & 0x8000_0001) >>> 0) === 0x8000_0001, `CR0.PG|PE in ${state[0]}`);
+  assert.ok((Number.parseInt(state[3]!, 16) & 0x400) !== 0, `EFER.LMA in ${state[0]}`);
 });
 
 /** mov rdi, imm64; mov dword [rdi], imm32 */

@@ -95,6 +95,8 @@ export interface VirtioBlkStats {
   flushes: number;
   errors: number;
   unsupported: number;
+  /** Wall milliseconds spent in the back end's read/write/flush calls. */
+  backendMs: number;
 }
 
 export interface VirtioBlkSavedState extends SavedDeviceState {
@@ -110,7 +112,7 @@ export class VirtioBlk implements VirtioBackend {
   readonly features: bigint;
   readonly queueMaxSizes: readonly number[];
   readonly configSize = VIRTIO_BLK_CONFIG.size;
-  readonly stats: VirtioBlkStats = { requests: 0, readBytes: 0, writtenBytes: 0, flushes: 0, errors: 0, unsupported: 0 };
+  readonly stats: VirtioBlkStats = { requests: 0, readBytes: 0, writtenBytes: 0, flushes: 0, errors: 0, unsupported: 0, backendMs: 0 };
 
   private readonly config = new Uint8Array(VIRTIO_BLK_CONFIG.size);
   private readonly serial = new Uint8Array(VIRTIO_BLK_ID_BYTES);
@@ -215,10 +217,13 @@ export class VirtioBlk implements VirtioBackend {
           case VIRTIO_BLK_T.out:
             status = this.write(chain, sector);
             break;
-          case VIRTIO_BLK_T.flush:
+          case VIRTIO_BLK_T.flush: {
+            const t0 = performance.now();
             this.disk.flush();
+            this.stats.backendMs += performance.now() - t0;
             this.stats.flushes++;
             break;
+          }
           case VIRTIO_BLK_T.getId:
             written = chain.writeTo(0, this.serial, 0, Math.min(VIRTIO_BLK_ID_BYTES, dataIn));
             break;
@@ -259,6 +264,7 @@ export class VirtioBlk implements VirtioBackend {
       left -= n;
     }
     const pos = sector * SECTOR;
+    const t0 = performance.now();
     // One system call for the whole scatter list where the disk can (raw: preadv); else segment by segment.
     if (this.disk.readVectored === undefined || !this.disk.readVectored(pos, this.vector, count)) {
       for (let i = 0, at = pos; i < count; i++) {
@@ -266,6 +272,7 @@ export class VirtioBlk implements VirtioBackend {
         at += this.vector[i]!.length;
       }
     }
+    this.stats.backendMs += performance.now() - t0;
     this.stats.readBytes += bytes;
     return VIRTIO_BLK_S.ok;
   }
@@ -288,12 +295,14 @@ export class VirtioBlk implements VirtioBackend {
       skip = 0;
     }
     const pos = sector * SECTOR;
+    const t0 = performance.now();
     if (this.disk.writeVectored === undefined || !this.disk.writeVectored(pos, this.vector, count)) {
       for (let i = 0, at = pos; i < count; i++) {
         this.disk.write(at, this.vector[i]!);
         at += this.vector[i]!.length;
       }
     }
+    this.stats.backendMs += performance.now() - t0;
     this.stats.writtenBytes += bytes;
     return VIRTIO_BLK_S.ok;
   }
