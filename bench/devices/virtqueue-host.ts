@@ -6,8 +6,10 @@
  * the device model's CPU cost, not the disk's).
  *
  * Workloads: 4 KiB random reads; 1 MiB sequential reads and writes (each
- * request an indirect table of 8 x 128 KiB segments, as a guest's scattered
- * pages would be). Batch size 1 (one kick and one interrupt per request) and
+ * request an indirect table of 256 x 4 KiB segments, every other page, as a
+ * guest's scattered user pages are; --segment-kib changes the size).
+ * Guest RAM is a memfd mapping, as in the worker (so raw disks take the
+ * one-preadv/pwritev path); --anonymous uses a plain ArrayBuffer instead. Batch size 1 (one kick and one interrupt per request) and
  * 32 (32 requests per kick; EVENT_IDX makes it one interrupt per batch).
  * Reported: requests/s, MiB/s, host CPU seconds per GiB moved
  * (process.cpuUsage, user + system), interrupts per request. A "direct
@@ -15,7 +17,7 @@
  * buffers, without virtio) shows the floor. The host is shared: expect
  * +-30% run to run; compare rows of one run.
  *
- * usage: node dist/bench/devices/virtqueue-host.js [--dir /dev/shm] [--size-mib 256] [--seconds 3]
+ * usage: node dist/bench/devices/virtqueue-host.js [--dir /dev/shm] [--size-mib 256] [--seconds 3] [--segment-kib 4] [--anonymous]
  */
 import { mkdtempSync, rmSync } from "node:fs";
 import { join } from "node:path";
@@ -26,6 +28,7 @@ import type { BlockDevice } from "../../src/storage/block-device.js";
 import { createVirtioBlk } from "../../src/devices/virtio/virtio-blk.js";
 import { VIRTIO_COMMON as C, VIRTIO_STATUS as S, type VirtioPciDevice } from "../../src/devices/virtio/pci-transport.js";
 import type { PciDeviceServices } from "../../src/devices/pci/device-thread-services.js";
+import { libc } from "../../src/hypervisor/index.js";
 
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
@@ -37,21 +40,32 @@ const arg = (name: string, dflt: string): string => {
 const DIR = arg("--dir", "/dev/shm");
 const SIZE = Number(arg("--size-mib", "256")) * MiB;
 const SECONDS = Number(arg("--seconds", "2.5"));
+const SEGMENT = Number(arg("--segment-kib", "4")) * 1024;
+const ANONYMOUS = args.includes("--anonymous");
+if (!(SEGMENT >= 512 && MiB % SEGMENT === 0 && MiB / SEGMENT <= 1024)) throw new Error("--segment-kib must divide 1024 into at most 1024 segments");
+const SEGMENTS = MiB / SEGMENT;
 
 const QSIZE = 256;
 const BATCH_MAX = 32;
-const RAM = 48 * MiB;
+const RAM = 80 * MiB;
 // Guest RAM layout.
 const DESC = 0x1000;
 const AVAIL = DESC + 16 * QSIZE;
 const USED = 0x4000;
 const HEADERS = 0x10000; // 16 bytes per request slot
 const STATUS = 0x20000; // 1 byte per slot
-const INDIRECT = 0x30000; // 256 bytes per slot
-const DATA = 1 * MiB; // 1 MiB per slot
+const INDIRECT = 0x40000; // 16 KiB per slot (up to 1024 + 2 descriptors)
+const INDIRECT_SLOT = 16 * 1024 + 64;
+const DATA = 16 * MiB; // 2 MiB per slot (segments on every other page)
 
 class Bench {
-  readonly memory = ChunkedGuestMemory.anonymous([{ gpa: 0, length: RAM, fileOffset: 0 }]);
+  readonly memory = ANONYMOUS
+    ? ChunkedGuestMemory.anonymous([{ gpa: 0, length: RAM, fileOffset: 0 }])
+    : new ChunkedGuestMemory([{ gpa: 0, length: RAM, fileOffset: 0 }], (off, len) => {
+        const fd = libc.memfdCreate("bench-guest-ram");
+        libc.ftruncate(fd, RAM);
+        return libc.mapSharedFile(fd, off, len);
+      }, undefined, (v) => Number(libc.addressOfView(v)));
   readonly dev: VirtioPciDevice;
   interrupts = 0;
   private ring: (() => void) | undefined;
@@ -133,17 +147,17 @@ class Bench {
     const b = this.memory.bytes(0, RAM);
     for (let s = 0; s < batch; s++) {
       const head = s * 3;
-      const data = DATA + s * MiB;
+      const data = DATA + s * 2 * MiB;
       if (!big) {
         this.setDesc(this.desc, head, HEADERS + 16 * s, 16, 1, head + 1);
         this.setDesc(this.desc, head + 1, data, 4096, (write ? 0 : 2) | 1, head + 2);
         this.setDesc(this.desc, head + 2, STATUS + s, 1, 2, 0);
       } else {
-        const t = new DataView(b.buffer, INDIRECT + 256 * s, 256);
+        const t = new DataView(b.buffer, b.byteOffset + INDIRECT + INDIRECT_SLOT * s, 16 * (SEGMENTS + 2));
         this.setDesc(t, 0, HEADERS + 16 * s, 16, 1, 1);
-        for (let k = 0; k < 8; k++) this.setDesc(t, 1 + k, data + k * 128 * 1024, 128 * 1024, (write ? 0 : 2) | 1, 2 + k);
-        this.setDesc(t, 9, STATUS + s, 1, 2, 0);
-        this.setDesc(this.desc, head, INDIRECT + 256 * s, 160, 4, 0);
+        for (let k = 0; k < SEGMENTS; k++) this.setDesc(t, 1 + k, data + k * 2 * SEGMENT, SEGMENT, (write ? 0 : 2) | 1, 2 + k);
+        this.setDesc(t, SEGMENTS + 1, STATUS + s, 1, 2, 0);
+        this.setDesc(this.desc, head, INDIRECT + INDIRECT_SLOT * s, 16 * (SEGMENTS + 2), 4, 0);
       }
       this.headers.setUint32(16 * s, write ? 1 : 0, true);
     }

@@ -312,9 +312,26 @@ const mappings = new WeakMap<ArrayBufferLike, Mapping>();
 const reclaimer = new FinalizationRegistry<Mapping>((m) => {
   if (!m.released) {
     m.released = true;
+    live.delete(m);
     c.munmap(m.pointer, m.length);
   }
 });
+
+/** Mappings made here and not yet released: raw host spans must lie inside one of them. */
+const live = new Set<Mapping>();
+let lastHit: Mapping | undefined;
+
+function insideLiveMapping(address: number, length: number): boolean {
+  const h = lastHit;
+  if (h !== undefined && !h.released && address >= h.addressNumber && address + length <= h.addressNumber + h.length) return true;
+  for (const m of live) {
+    if (address >= m.addressNumber && address + length <= m.addressNumber + m.length) {
+      lastHit = m;
+      return true;
+    }
+  }
+  return false;
+}
 
 /** mmap(2). Returns the pointer; throws on MAP_FAILED. */
 export function mmap(length: number, prot: number, flags: number, fd: number, offset: number | bigint, context?: ErrorContext): CPointer {
@@ -355,6 +372,7 @@ function track(pointer: CPointer, length: number, autoRelease: boolean): Uint8Ar
   const m: Mapping = { pointer, address, addressNumber: Number(address), length, released: false };
   mappings.set(view.buffer, m);
   if (autoRelease) reclaimer.register(view.buffer, m, m);
+  live.add(m);
   return view;
 }
 
@@ -440,12 +458,47 @@ export function pwritev(fd: number, views: readonly Uint8Array[], count: number,
   return check(c.pwritev(fd, iovecWords, count, offset), "pwritev", { fd, count, offset: BigInt(offset) });
 }
 
+function fillHostIovec(addresses: Float64Array, lengths: Uint32Array, count: number): number {
+  if (count > IOV_MAX) throw new RangeError(`vectored I/O: ${count} segments exceed IOV_MAX`);
+  let total = 0;
+  for (let i = 0; i < count; i++) {
+    const address = addresses[i]!;
+    const length = lengths[i]!;
+    if (!insideLiveMapping(address, length)) throw new RangeError(`vectored I/O: host span 0x${address.toString(16)}+${length} is not memory mapped here`);
+    const w = i * 4;
+    iovecWords[w] = address >>> 0;
+    iovecWords[w + 1] = Math.floor(address / 4294967296);
+    iovecWords[w + 2] = length;
+    iovecWords[w + 3] = 0;
+    total += length;
+  }
+  return total;
+}
+
+/**
+ * preadv(2) into host spans given as numbers (address, length), e.g. guest RAM
+ * addresses from GuestMemory.hostAddress: no view per segment. Every span must
+ * lie inside memory this module mapped and has not released (RangeError,
+ * before any system call, otherwise). Returns the bytes read (may be short).
+ */
+export function preadvHost(fd: number, addresses: Float64Array, lengths: Uint32Array, count: number, offset: number): number {
+  fillHostIovec(addresses, lengths, count);
+  return check(c.preadv(fd, iovecWords, count, offset), "preadv", { fd, count, offset: BigInt(offset) });
+}
+
+/** pwritev(2) from host spans (see preadvHost). Returns the bytes written (may be short). */
+export function pwritevHost(fd: number, addresses: Float64Array, lengths: Uint32Array, count: number, offset: number): number {
+  fillHostIovec(addresses, lengths, count);
+  return check(c.pwritev(fd, iovecWords, count, offset), "pwritev", { fd, count, offset: BigInt(offset) });
+}
+
 /** Unmap the mapping behind a view made by `mapSharedFile` / `alignedBuffer`. Idempotent. */
 export function releaseMapping(view: Uint8Array): void {
   const m = mappings.get(view.buffer);
   if (m === undefined) throw new RangeError("releaseMapping: not a view made by src/hypervisor/libc");
   if (m.released) return;
   m.released = true;
+  live.delete(m);
   reclaimer.unregister(m);
   munmap(m.pointer, m.length);
 }

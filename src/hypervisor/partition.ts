@@ -158,11 +158,16 @@ export class Partition {
     readonly xsaveSize: number,
   ) {
     this.slots = slots;
-    this.guestMemory = new ChunkedGuestMemory(ranges, (fileOffset, length) => {
-      const v = libc.mapSharedFile(memfd, fileOffset, length);
-      this.views.push(v);
-      return v;
-    });
+    this.guestMemory = new ChunkedGuestMemory(
+      ranges,
+      (fileOffset, length) => {
+        const v = libc.mapSharedFile(memfd, fileOffset, length);
+        this.views.push(v);
+        return v;
+      },
+      undefined,
+      (v) => Number(libc.addressOfView(v)),
+    );
   }
 
   /**

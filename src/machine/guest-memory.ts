@@ -28,6 +28,19 @@ export interface GuestMemory {
   bytes(gpa: number, length: number): Uint8Array;
   /** Like bytes() but returns undefined instead of throwing (hot paths, guest-controlled addresses). */
   tryBytes(gpa: number, length: number): Uint8Array | undefined;
+  /**
+   * How many of the `length` bytes at `gpa` lie in RAM inside the one host
+   * mapping chunk that holds `gpa` (0 when `gpa` is not RAM). Allocates nothing:
+   * the check hot paths make before they touch a guest-given span.
+   */
+  contiguousLength(gpa: number, length: number): number;
+  /**
+   * Host virtual address of guest byte `gpa`, when guest RAM is host-mapped
+   * memory that system calls may read and write directly (the worker's memfd
+   * mappings), for a span already checked with contiguousLength(). Absent, or
+   * -1, when the memory is a plain JS buffer (tests, tools).
+   */
+  hostAddress?(gpa: number): number;
   /** Copy host bytes into guest RAM; may span chunks but not holes. */
   write(gpa: number, data: Uint8Array): void;
   /** Copy guest RAM out; may span chunks but not holes. */
@@ -41,15 +54,18 @@ export interface GuestMemory {
  */
 export class ChunkedGuestMemory implements GuestMemory {
   readonly size: number;
-  private readonly chunks: { gpa: number; length: number; view: Uint8Array }[] = [];
+  private readonly chunks: { gpa: number; length: number; view: Uint8Array; host: number }[] = [];
 
   /**
    * @param chunkFor returns host memory for [fileOffset, fileOffset+length) of the backing store.
+   * @param hostAddressOf the host virtual address of a view chunkFor returned, when that
+   *   memory is host-mapped (enables hostAddress()); omitted for plain buffers.
    */
   constructor(
     readonly ranges: readonly RamRange[],
     chunkFor: (fileOffset: number, length: number) => Uint8Array,
     readonly chunkBytes = 1 << 30,
+    hostAddressOf?: (view: Uint8Array) => number,
   ) {
     let size = 0;
     for (const r of ranges) {
@@ -58,7 +74,7 @@ export class ChunkedGuestMemory implements GuestMemory {
         const length = Math.min(chunkBytes, r.length - off);
         const view = chunkFor(r.fileOffset + off, length);
         if (view.byteLength !== length) throw new GuestMemoryError("GUEST_MEMORY_MAP", "host mapping has the wrong size");
-        this.chunks.push({ gpa: r.gpa + off, length, view });
+        this.chunks.push({ gpa: r.gpa + off, length, view, host: hostAddressOf === undefined ? -1 : hostAddressOf(view) });
       }
     }
     this.chunks.sort((a, b) => a.gpa - b.gpa);
@@ -70,7 +86,12 @@ export class ChunkedGuestMemory implements GuestMemory {
     return new ChunkedGuestMemory(ranges, (_off, len) => new Uint8Array(len));
   }
 
-  private chunkAt(gpa: number): { gpa: number; length: number; view: Uint8Array } | undefined {
+  /** The chunk the last lookup found: most accesses in a row hit the same one. */
+  private last: { gpa: number; length: number; view: Uint8Array; host: number } | undefined;
+
+  private chunkAt(gpa: number): { gpa: number; length: number; view: Uint8Array; host: number } | undefined {
+    const l = this.last;
+    if (l !== undefined && gpa >= l.gpa && gpa < l.gpa + l.length) return l;
     const cs = this.chunks;
     let lo = 0;
     let hi = cs.length - 1;
@@ -79,7 +100,10 @@ export class ChunkedGuestMemory implements GuestMemory {
       const c = cs[mid]!;
       if (gpa < c.gpa) hi = mid - 1;
       else if (gpa >= c.gpa + c.length) lo = mid + 1;
-      else return c;
+      else {
+        this.last = c;
+        return c;
+      }
     }
     return undefined;
   }
@@ -91,6 +115,18 @@ export class ChunkedGuestMemory implements GuestMemory {
     const off = gpa - c.gpa;
     if (off + length > c.length) return undefined;
     return c.view.subarray(off, off + length);
+  }
+
+  contiguousLength(gpa: number, length: number): number {
+    if (!Number.isSafeInteger(gpa) || !Number.isSafeInteger(length) || gpa < 0 || length <= 0) return 0;
+    const c = this.chunkAt(gpa);
+    if (c === undefined) return 0;
+    return Math.min(length, c.gpa + c.length - gpa);
+  }
+
+  hostAddress(gpa: number): number {
+    const c = this.chunkAt(gpa);
+    return c === undefined || c.host < 0 ? -1 : c.host + (gpa - c.gpa);
   }
 
   bytes(gpa: number, length: number): Uint8Array {

@@ -69,6 +69,14 @@ export interface BlockDevice {
    */
   readVectored?(offset: number, segments: readonly Uint8Array[], count: number): boolean;
   writeVectored?(offset: number, segments: readonly Uint8Array[], count: number): boolean;
+  /**
+   * The same over host spans given as numbers (guest RAM from
+   * GuestMemory.hostAddress: no view per segment). Returns false when the back
+   * end cannot take them, or the transfer came out short; the caller then
+   * redoes the whole request another way (reads and writes are idempotent).
+   */
+  readHost?(offset: number, addresses: Float64Array, lengths: Uint32Array, count: number): boolean;
+  writeHost?(offset: number, addresses: Float64Array, lengths: Uint32Array, count: number): boolean;
 }
 
 export interface OpenOptions {

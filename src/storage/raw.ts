@@ -31,17 +31,31 @@ const BOUNCE_BYTES = 1024 * 1024;
 
 type AlignedBufferFn = (bytes: number, alignment?: number) => Uint8Array;
 type VectoredFn = (fd: number, views: readonly Uint8Array[], count: number, offset: number) => number;
+type HostVectoredFn = (fd: number, addresses: Float64Array, lengths: Uint32Array, count: number, offset: number) => number;
 
 /** `alignedBuffer` from src/hypervisor/libc.ts, when it is present and koffi loads. */
 let libcAlignedBuffer: AlignedBufferFn | undefined;
 /** preadv/pwritev over host-mapped views (guest RAM), from the same module. */
-let libcVectored: { preadv: VectoredFn; pwritev: VectoredFn; iovMax: number } | undefined;
+let libcVectored: { preadv: VectoredFn; pwritev: VectoredFn; preadvHost: HostVectoredFn; pwritevHost: HostVectoredFn; iovMax: number } | undefined;
 try {
   const specifier = "../hypervisor/libc.js";
-  const mod = (await import(specifier)) as { alignedBuffer?: unknown; preadv?: unknown; pwritev?: unknown; IOV_MAX?: unknown };
+  const mod = (await import(specifier)) as {
+    alignedBuffer?: unknown;
+    preadv?: unknown;
+    pwritev?: unknown;
+    preadvHost?: unknown;
+    pwritevHost?: unknown;
+    IOV_MAX?: unknown;
+  };
   if (typeof mod.alignedBuffer === "function") libcAlignedBuffer = mod.alignedBuffer as AlignedBufferFn;
-  if (typeof mod.preadv === "function" && typeof mod.pwritev === "function")
-    libcVectored = { preadv: mod.preadv as VectoredFn, pwritev: mod.pwritev as VectoredFn, iovMax: Number(mod.IOV_MAX) || 1024 };
+  if (typeof mod.preadv === "function" && typeof mod.pwritev === "function" && typeof mod.preadvHost === "function" && typeof mod.pwritevHost === "function")
+    libcVectored = {
+      preadv: mod.preadv as VectoredFn,
+      pwritev: mod.pwritev as VectoredFn,
+      preadvHost: mod.preadvHost as HostVectoredFn,
+      pwritevHost: mod.pwritevHost as HostVectoredFn,
+      iovMax: Number(mod.IOV_MAX) || 1024,
+    };
 } catch {
   libcAlignedBuffer = undefined;
   libcVectored = undefined;
@@ -256,6 +270,32 @@ export class RawDisk implements BlockDevice {
     }
     if (n < total) this.finishShort(offset, segments, count, n, write);
     return total;
+  }
+
+  /** One preadv/pwritev over host spans; false (the caller redoes it another way) when not possible or short. */
+  private host(offset: number, addresses: Float64Array, lengths: Uint32Array, count: number, write: boolean): boolean {
+    if (libcVectored === undefined || this.direct !== undefined || count > libcVectored.iovMax) return false;
+    let total = 0;
+    for (let i = 0; i < count; i++) total += lengths[i]!;
+    this.checkRange(offset, total, write ? "write" : "read");
+    if (write && this.readOnly) throw new DiskError("DISK_READ_ONLY", "write to a read-only disk", this.path, { offset });
+    if (total === 0) return true;
+    let n: number;
+    try {
+      n = (write ? libcVectored.pwritevHost : libcVectored.preadvHost)(this.fd, addresses, lengths, count, offset);
+    } catch (e) {
+      if (e instanceof RangeError) return false;
+      throw e;
+    }
+    return n === total;
+  }
+
+  readHost(offset: number, addresses: Float64Array, lengths: Uint32Array, count: number): boolean {
+    return this.host(offset, addresses, lengths, count, false);
+  }
+
+  writeHost(offset: number, addresses: Float64Array, lengths: Uint32Array, count: number): boolean {
+    return this.host(offset, addresses, lengths, count, true);
   }
 
   readVectored(offset: number, segments: readonly Uint8Array[], count: number): boolean {

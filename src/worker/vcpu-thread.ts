@@ -143,7 +143,11 @@ function describeState(vp: VirtualProcessor): string {
     const r = vp.getRegs();
     const s = vp.getSregs();
     const h = (v: bigint | number): string => "0x" + v.toString(16);
-    return `cs=${h(s.cs.selector)} rip=${h(r.rip)} rsp=${h(r.rsp)} rflags=${h(r.rflags)} cr0=${h(s.cr0)} cr2=${h(s.cr2)} cr3=${h(s.cr3)} cr4=${h(s.cr4)} efer=${h(s.efer)} idt=${h(s.idt.base)}/${h(s.idt.limit)}`;
+    const state = `cs=${h(s.cs.selector)} rip=${h(r.rip)} rsp=${h(r.rsp)} rflags=${h(r.rflags)} cr0=${h(s.cr0)} cr2=${h(s.cr2)} cr3=${h(s.cr3)} cr4=${h(s.cr4)} efer=${h(s.efer)} idt=${h(s.idt.base)}/${h(s.idt.limit)}`;
+    // KVM on AMD-V re-initialises a vCPU whose guest shut down (the VMCB is undefined after a
+    // SHUTDOWN intercept), so what it reports then is the reset state, not where the guest died.
+    if (s.cs.selector === 0xf000 && r.rip === 0xfff0n) return `${state} (the reset state: this host's KVM re-initialised the vCPU, so where it faulted is lost)`;
+    return state;
   } catch (e) {
     return `state unavailable (${e instanceof Error ? e.message : String(e)})`;
   }

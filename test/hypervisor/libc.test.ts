@@ -100,3 +100,39 @@ test("EventFd: signal adds, take reads and resets, non-blocking take gives 0", (
     e.close();
   }
 });
+
+test("preadvHost/pwritevHost: scatter/gather on host spans of mapped memory; spans outside live mappings are refused before any I/O", () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "partis-iov-"));
+  const memfd = libc.memfdCreate("iov-test");
+  try {
+    libc.ftruncate(memfd, 1 << 20);
+    const ram = libc.mapSharedFile(memfd, 0, 1 << 20);
+    const base = Number(libc.addressOfView(ram));
+    for (let i = 0; i < 8192; i++) ram[0x1000 + i] = (i * 7) & 0xff;
+    const fd = libc.open(path.join(dir, "f"), libc.O_RDWR | libc.O_CREAT);
+    // Two spans written back to back: [0x1000, +100) then [0x3000-50, +50) gives 150 bytes.
+    ram.fill(0xab, 0x3000 - 50, 0x3000);
+    const addrs = Float64Array.of(base + 0x1000, base + 0x3000 - 50);
+    const lens = Uint32Array.of(100, 50);
+    assert.equal(libc.pwritevHost(fd, addrs, lens, 2, 4096), 150);
+    const back = new Uint8Array(150);
+    assert.equal(libc.pread(fd, back, 4096), 150);
+    assert.deepEqual(back.subarray(0, 100), ram.subarray(0x1000, 0x1000 + 100));
+    assert.ok(back.subarray(100).every((b) => b === 0xab));
+    // Read them into two other places.
+    const into = Float64Array.of(base + 0x8000, base + 0x9000);
+    assert.equal(libc.preadvHost(fd, into, Uint32Array.of(120, 30), 2, 4096), 150);
+    assert.deepEqual(ram.subarray(0x8000, 0x8000 + 120), back.subarray(0, 120));
+    assert.deepEqual(ram.subarray(0x9000, 0x9000 + 30), back.subarray(120));
+    // A span running past the mapping, an address nothing here mapped, and a released mapping: RangeError, file untouched.
+    assert.throws(() => libc.pwritevHost(fd, Float64Array.of(base + (1 << 20) - 10), Uint32Array.of(20), 1, 0), RangeError);
+    assert.throws(() => libc.preadvHost(fd, Float64Array.of(4096), Uint32Array.of(16), 1, 0), RangeError);
+    libc.releaseMapping(ram);
+    assert.throws(() => libc.preadvHost(fd, Float64Array.of(base + 0x1000), Uint32Array.of(16), 1, 4096), RangeError);
+    assert.equal(fs.statSync(path.join(dir, "f")).size, 4096 + 150);
+    libc.close(fd);
+  } finally {
+    libc.close(memfd);
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -14,7 +14,9 @@
  *   do {
  *     q.disableNotifications();
  *     while (q.pop(chain)) {
- *       ... chain.readable[0..readableCount), chain.writable[0..writableCount) are live views
+ *       ... chain.readableGpa/Len[0..readableCount), chain.writableGpa/Len[0..writableCount)
+ *       are checked guest spans; chain.readableSegment(i) / writableSegment(i) make live views,
+ *       chain.readFrom / writeTo copy
  *       q.pushUsed(chain.head, bytesWrittenToWritableSegments);
  *     }
  *   } while (!q.enableNotifications());      // false: buffers arrived meanwhile, go on
@@ -37,7 +39,7 @@
  * used_event are read with Atomics.load, so the store->load ordering that
  * notification suppression needs (2.6.7.1, 2.6.10.1) holds while vCPUs run
  * concurrently. Views are made once per configure(): the pop/push path
- * allocates nothing except the per-segment subarray views it hands out.
+ * allocates nothing per segment (one view per indirect table).
  */
 import type { GuestMemory } from "../../machine/guest-memory.js";
 import { PartisError } from "../../errors.js";
@@ -84,28 +86,39 @@ export interface VirtQueueState {
 
 /**
  * One descriptor chain as popped: device-readable segments followed by
- * device-writable ones, each a live view of guest RAM. Allocate once and pass
- * to every pop(); the arrays are reused (only [0, count) entries are valid).
+ * device-writable ones, each a guest-physical span already checked to lie in
+ * RAM (and inside one host mapping chunk). Allocate once and pass to every
+ * pop(); the arrays are reused (only [0, count) entries are valid). Nothing is
+ * allocated per segment: a live view of a segment is made only when a device
+ * asks for one (readableSegment/writableSegment), and bulk I/O goes straight
+ * from the spans to the host (GuestMemory.hostAddress).
  */
 export class DescriptorChain {
   /** Head descriptor index (the id to hand back in pushUsed). */
   head = 0;
-  readonly readable: Uint8Array[];
+  /** Guest-physical address and length of each readable segment. */
+  readonly readableGpa: Float64Array;
+  readonly readableLen: Uint32Array;
   readableCount = 0;
   /** Total bytes in the readable segments. */
   readableBytes = 0;
-  readonly writable: Uint8Array[];
+  /** Guest-physical address and length of each writable segment. */
+  readonly writableGpa: Float64Array;
+  readonly writableLen: Uint32Array;
   writableCount = 0;
   /** Total bytes in the writable segments. */
   writableBytes = 0;
   /** Descriptors walked (direct + indirect). */
   descriptors = 0;
+  /** The guest memory the spans are in (set by the queue that fills the chain). */
+  memory: GuestMemory | undefined;
 
   /** @param capacity most segments per direction (a descriptor that spans host mapping chunks takes several). */
   constructor(readonly capacity = MAX_INDIRECT_DESCRIPTORS + 64) {
-    const empty = new Uint8Array(0);
-    this.readable = new Array<Uint8Array>(capacity).fill(empty);
-    this.writable = new Array<Uint8Array>(capacity).fill(empty);
+    this.readableGpa = new Float64Array(capacity);
+    this.readableLen = new Uint32Array(capacity);
+    this.writableGpa = new Float64Array(capacity);
+    this.writableLen = new Uint32Array(capacity);
   }
 
   clear(): void {
@@ -117,49 +130,60 @@ export class DescriptorChain {
     this.descriptors = 0;
   }
 
+  /** A live view of readable segment `i` (0 <= i < readableCount). */
+  readableSegment(i: number): Uint8Array {
+    return this.view(this.readableGpa[i]!, this.readableLen[i]!);
+  }
+
+  /** A live view of writable segment `i` (0 <= i < writableCount). */
+  writableSegment(i: number): Uint8Array {
+    return this.view(this.writableGpa[i]!, this.writableLen[i]!);
+  }
+
+  private view(gpa: number, len: number): Uint8Array {
+    const v = this.memory?.tryBytes(gpa, len);
+    // The walk checked every span; a miss means the chain is stale (used after clear or another pop).
+    if (v === undefined) throw new VirtioError("VIRTQ_STALE_CHAIN", `segment 0x${gpa.toString(16)}+${len} is not RAM`, { gpa, len });
+    return v;
+  }
+
   /** Copy readable bytes starting at byte `offset` into `dst`; returns bytes copied (short at the end). */
   readFrom(offset: number, dst: Uint8Array, dstOffset = 0, length = dst.length - dstOffset): number {
-    return gather(this.readable, this.readableCount, offset, dst, dstOffset, length);
+    let done = 0;
+    for (let i = 0; i < this.readableCount && done < length; i++) {
+      const segLen = this.readableLen[i]!;
+      if (offset >= segLen) {
+        offset -= segLen;
+        continue;
+      }
+      const n = Math.min(segLen - offset, length - done);
+      const s = this.view(this.readableGpa[i]! + offset, n);
+      if (n <= 32) for (let k = 0; k < n; k++) dst[dstOffset + done + k] = s[k]!;
+      else dst.set(s, dstOffset + done);
+      done += n;
+      offset = 0;
+    }
+    return done;
   }
 
   /** Copy `src` into the writable segments starting at byte `offset`; returns bytes copied. */
   writeTo(offset: number, src: Uint8Array, srcOffset = 0, length = src.length - srcOffset): number {
-    return scatter(this.writable, this.writableCount, offset, src, srcOffset, length);
-  }
-}
-
-function gather(segs: readonly Uint8Array[], count: number, offset: number, dst: Uint8Array, dstOffset: number, length: number): number {
-  let done = 0;
-  for (let i = 0; i < count && done < length; i++) {
-    const s = segs[i]!;
-    if (offset >= s.length) {
-      offset -= s.length;
-      continue;
+    let done = 0;
+    for (let i = 0; i < this.writableCount && done < length; i++) {
+      const segLen = this.writableLen[i]!;
+      if (offset >= segLen) {
+        offset -= segLen;
+        continue;
+      }
+      const n = Math.min(segLen - offset, length - done);
+      const s = this.view(this.writableGpa[i]! + offset, n);
+      if (n <= 32) for (let k = 0; k < n; k++) s[k] = src[srcOffset + done + k]!;
+      else s.set(src.subarray(srcOffset + done, srcOffset + done + n));
+      done += n;
+      offset = 0;
     }
-    const n = Math.min(s.length - offset, length - done);
-    if (n <= 32) for (let k = 0; k < n; k++) dst[dstOffset + done + k] = s[offset + k]!;
-    else dst.set(offset === 0 && n === s.length ? s : s.subarray(offset, offset + n), dstOffset + done);
-    done += n;
-    offset = 0;
+    return done;
   }
-  return done;
-}
-
-function scatter(segs: readonly Uint8Array[], count: number, offset: number, src: Uint8Array, srcOffset: number, length: number): number {
-  let done = 0;
-  for (let i = 0; i < count && done < length; i++) {
-    const s = segs[i]!;
-    if (offset >= s.length) {
-      offset -= s.length;
-      continue;
-    }
-    const n = Math.min(s.length - offset, length - done);
-    if (n <= 32) for (let k = 0; k < n; k++) s[offset + k] = src[srcOffset + done + k]!;
-    else s.set(src.subarray(srcOffset + done, srcOffset + done + n), offset);
-    done += n;
-    offset = 0;
-  }
-  return done;
 }
 
 const EMPTY16 = new Uint16Array(0);
@@ -312,6 +336,7 @@ export class VirtQueue {
    */
   pop(chain: DescriptorChain): boolean {
     chain.clear();
+    chain.memory = this.memory;
     if (this.available() === 0) return false;
     const head = this.avail[2 + (this.lastAvail & this.mask)]!;
     this.lastAvail = (this.lastAvail + 1) & 0xffff;
@@ -337,7 +362,20 @@ export class VirtQueue {
     this.dNext = this.descHalves[i * 8 + 7]!;
   }
 
+  /** The indirect table as 32-bit words when it is 4-byte aligned in host memory (the usual case), else undefined. */
+  private tableWords: Uint32Array | undefined;
+
   private readIndirect(t: Uint8Array, i: number): void {
+    const w = this.tableWords;
+    if (w !== undefined) {
+      const o = i * 4;
+      this.dAddr = w[o + 1]! * 4294967296 + w[o]!;
+      this.dLen = w[o + 2]!;
+      const fn = w[o + 3]!;
+      this.dFlags = fn & 0xffff;
+      this.dNext = fn >>> 16;
+      return;
+    }
     const o = i * 16;
     const lo = (t[o]! | (t[o + 1]! << 8) | (t[o + 2]! << 16) | (t[o + 3]! << 24)) >>> 0;
     const hi = (t[o + 4]! | (t[o + 5]! << 8) | (t[o + 6]! << 16) | (t[o + 7]! << 24)) >>> 0;
@@ -368,6 +406,7 @@ export class VirtQueue {
           return this.fail("VIRTQ_BAD_INDIRECT", `chain at ${head}: indirect table length ${len} is not 16..${16 * MAX_INDIRECT_DESCRIPTORS} in steps of 16`);
         table = this.memory.tryBytes(this.dAddr, len);
         if (table === undefined) return this.fail("VIRTQ_BAD_INDIRECT", `chain at ${head}: indirect table 0x${this.dAddr.toString(16)}+${len} is not in RAM`);
+        this.tableWords = table.byteOffset % 4 === 0 ? new Uint32Array(table.buffer, table.byteOffset, len / 4) : undefined;
         limit = len / 16;
         count = 0;
         i = 0;
@@ -388,31 +427,21 @@ export class VirtQueue {
   }
 
   private addSegment(chain: DescriptorChain, addr: number, len: number, write: boolean): boolean {
-    const segs = write ? chain.writable : chain.readable;
+    const gpas = write ? chain.writableGpa : chain.readableGpa;
+    const lens = write ? chain.writableLen : chain.readableLen;
     let n = write ? chain.writableCount : chain.readableCount;
     if (write) chain.writableBytes += len;
     else chain.readableBytes += len;
-    let v = this.memory.tryBytes(addr, len);
-    if (v !== undefined) {
+    // One span per host mapping chunk the buffer covers (usually one); a gap means it leaves RAM.
+    while (len > 0) {
+      const run = this.memory.contiguousLength(addr, len);
+      if (run === 0) return this.fail("VIRTQ_BUFFER_NOT_RAM", `chain at ${chain.head}: buffer 0x${addr.toString(16)}+${len} is not in RAM`);
       if (n >= chain.capacity) return this.fail("VIRTQ_TOO_MANY_SEGMENTS", `chain at ${chain.head} has more than ${chain.capacity} segments`);
-      segs[n++] = v;
-    } else {
-      // Not one host span: either it crosses a host mapping chunk (split it) or it leaves RAM (error).
-      while (len > 0) {
-        let lo = 0;
-        let hi = len;
-        while (lo < hi) {
-          const mid = lo + Math.ceil((hi - lo) / 2);
-          if (this.memory.tryBytes(addr, mid) !== undefined) lo = mid;
-          else hi = mid - 1;
-        }
-        if (lo === 0) return this.fail("VIRTQ_BUFFER_NOT_RAM", `chain at ${chain.head}: buffer 0x${addr.toString(16)}+${len} is not in RAM`);
-        v = this.memory.tryBytes(addr, lo)!;
-        if (n >= chain.capacity) return this.fail("VIRTQ_TOO_MANY_SEGMENTS", `chain at ${chain.head} has more than ${chain.capacity} segments`);
-        segs[n++] = v;
-        addr += lo;
-        len -= lo;
-      }
+      gpas[n] = addr;
+      lens[n] = run;
+      n++;
+      addr += run;
+      len -= run;
     }
     if (write) chain.writableCount = n;
     else chain.readableCount = n;

@@ -78,6 +78,7 @@ const MAX_DISCARD_SECTORS = 0x3f_ffff;
 const MAX_DISCARD_SEG = 16;
 const MAX_WRITE_ZEROES_SECTORS = 32768;
 const ZERO_CHUNK = 64 * 1024;
+const EMPTY = new Uint8Array(0);
 
 export interface VirtioBlkOptions {
   /** Request queues (VIRTIO_BLK_F_MQ when > 1): the integrator passes the vCPU count. */
@@ -120,6 +121,11 @@ export class VirtioBlk implements VirtioBackend {
   private readonly chain = new DescriptorChain();
   /** Scratch scatter list for vectored disk I/O (reused per request). */
   private readonly vector: Uint8Array[] = [];
+  /** The request's data segments as guest spans, then as host addresses (no object per segment). */
+  private readonly spanGpa = new Float64Array(this.chain.capacity);
+  private readonly spanLen = new Uint32Array(this.chain.capacity);
+  private readonly spanHost = new Float64Array(this.chain.capacity);
+  private readonly statusByte = new Uint8Array(1);
   private readonly header = new Uint8Array(16);
   private readonly headerView = new DataView(this.header.buffer);
   private readonly zeros = new Uint8Array(ZERO_CHUNK);
@@ -196,7 +202,6 @@ export class VirtioBlk implements VirtioBackend {
       return;
     }
     this.stats.requests++;
-    const statusSeg = chain.writable[chain.writableCount - 1]!;
     const dataIn = chain.writableBytes - 1;
     let status: number = VIRTIO_BLK_S.ok;
     let written = 0;
@@ -242,7 +247,8 @@ export class VirtioBlk implements VirtioBackend {
     }
     if (status === VIRTIO_BLK_S.ioerr) this.stats.errors++;
     else if (status === VIRTIO_BLK_S.unsupp) this.stats.unsupported++;
-    statusSeg[statusSeg.length - 1] = status;
+    this.statusByte[0] = status;
+    chain.writeTo(chain.writableBytes - 1, this.statusByte);
     q.pushUsed(chain.head, written + 1);
   }
 
@@ -256,22 +262,14 @@ export class VirtioBlk implements VirtioBackend {
     // The data segments: the writable ones, cut to the request's length (the status byte follows).
     let count = 0;
     let left = bytes;
-    const segs = chain.writable;
     for (let i = 0; i < chain.writableCount && left > 0; i++) {
-      const s = segs[i]!;
-      const n = Math.min(s.length, left);
-      this.vector[count++] = n === s.length ? s : s.subarray(0, n);
+      const n = Math.min(chain.writableLen[i]!, left);
+      this.spanGpa[count] = chain.writableGpa[i]!;
+      this.spanLen[count++] = n;
       left -= n;
     }
-    const pos = sector * SECTOR;
     const t0 = performance.now();
-    // One system call for the whole scatter list where the disk can (raw: preadv); else segment by segment.
-    if (this.disk.readVectored === undefined || !this.disk.readVectored(pos, this.vector, count)) {
-      for (let i = 0, at = pos; i < count; i++) {
-        this.disk.read(at, this.vector[i]!);
-        at += this.vector[i]!.length;
-      }
-    }
+    this.transfer(chain, sector * SECTOR, count, false);
     this.stats.backendMs += performance.now() - t0;
     this.stats.readBytes += bytes;
     return VIRTIO_BLK_S.ok;
@@ -284,27 +282,51 @@ export class VirtioBlk implements VirtioBackend {
     // The data segments: the readable ones after the 16-byte request header.
     let count = 0;
     let skip = 16;
-    const segs = chain.readable;
     for (let i = 0; i < chain.readableCount; i++) {
-      const s = segs[i]!;
-      if (skip >= s.length) {
-        skip -= s.length;
+      const len = chain.readableLen[i]!;
+      if (skip >= len) {
+        skip -= len;
         continue;
       }
-      this.vector[count++] = skip === 0 ? s : s.subarray(skip);
+      this.spanGpa[count] = chain.readableGpa[i]! + skip;
+      this.spanLen[count++] = len - skip;
       skip = 0;
     }
-    const pos = sector * SECTOR;
     const t0 = performance.now();
-    if (this.disk.writeVectored === undefined || !this.disk.writeVectored(pos, this.vector, count)) {
-      for (let i = 0, at = pos; i < count; i++) {
-        this.disk.write(at, this.vector[i]!);
-        at += this.vector[i]!.length;
-      }
-    }
+    this.transfer(chain, sector * SECTOR, count, true);
     this.stats.backendMs += performance.now() - t0;
     this.stats.writtenBytes += bytes;
     return VIRTIO_BLK_S.ok;
+  }
+
+  /**
+   * Move the `count` spans at spanGpa/spanLen to or from the disk at `pos`:
+   * one system call straight between guest RAM and the file where both allow
+   * it (host-mapped RAM, raw file: preadv/pwritev on host addresses); else one
+   * vectored call over views; else segment by segment.
+   */
+  private transfer(chain: DescriptorChain, pos: number, count: number, write: boolean): void {
+    const memory = chain.memory!;
+    const disk = this.disk;
+    if (memory.hostAddress !== undefined && (write ? disk.writeHost : disk.readHost) !== undefined) {
+      let mapped = true;
+      for (let i = 0; i < count && mapped; i++) {
+        const h = memory.hostAddress(this.spanGpa[i]!);
+        this.spanHost[i] = h;
+        mapped = h >= 0;
+      }
+      if (mapped && (write ? disk.writeHost!(pos, this.spanHost, this.spanLen, count) : disk.readHost!(pos, this.spanHost, this.spanLen, count))) return;
+    }
+    for (let i = 0; i < count; i++) this.vector[i] = memory.tryBytes(this.spanGpa[i]!, this.spanLen[i]!)!;
+    const vectored = write ? disk.writeVectored?.(pos, this.vector, count) : disk.readVectored?.(pos, this.vector, count);
+    if (vectored !== true) {
+      for (let i = 0, at = pos; i < count; i++) {
+        if (write) disk.write(at, this.vector[i]!);
+        else disk.read(at, this.vector[i]!);
+        at += this.vector[i]!.length;
+      }
+    }
+    this.vector.fill(EMPTY, 0, count); // drop the views (they pin guest RAM views for the GC otherwise)
   }
 
   private discardOrZero(chain: DescriptorChain, discard: boolean): number {

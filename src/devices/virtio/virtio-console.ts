@@ -197,7 +197,7 @@ export class VirtioConsole implements VirtioBackend {
       let got = 0;
       let closed = false;
       for (let i = 0; i < c.writableCount; i++) {
-        const s = c.writable[i]!;
+        const s = c.writableSegment(i);
         const n = stream.read(s);
         if (n < 0) {
           closed = true;
@@ -230,7 +230,7 @@ export class VirtioConsole implements VirtioBackend {
     do {
       q.disableNotifications();
       while (q.pop(c)) {
-        for (let i = 0; i < c.readableCount; i++) this.output(c.readable[i]!);
+        for (let i = 0; i < c.readableCount; i++) this.output(c.readableSegment(i));
         this.counters.txBytes += c.readableBytes;
         q.pushUsed(c.head, 0);
       }

@@ -49,7 +49,7 @@ export class VirtioRng implements VirtioBackend {
       while (q.pop(c)) {
         let filled = 0;
         for (let i = 0; i < c.writableCount && filled < MAX_FILL; i++) {
-          const s = c.writable[i]!;
+          const s = c.writableSegment(i);
           const n = Math.min(s.length, MAX_FILL - filled);
           randomFillSync(s, 0, n);
           filled += n;

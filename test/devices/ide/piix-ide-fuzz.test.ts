@@ -41,6 +41,9 @@ class GuardedMemory implements GuestMemory {
     if (!inside || v.length !== length) this.forbidden++;
     return v;
   }
+  contiguousLength(gpa: number, length: number): number {
+    return this.inner.contiguousLength(gpa, length);
+  }
   bytes(gpa: number, length: number): Uint8Array {
     this.forbidden++;
     return this.inner.bytes(gpa, length);

@@ -62,11 +62,11 @@ test("pop: readable then writable segments as live views; pushUsed", () => {
   assert.equal(chain.readableBytes, 7);
   assert.equal(chain.writableCount, 2);
   assert.equal(chain.writableBytes, 101);
-  assert.deepEqual([...chain.readable[0]!], [1, 2, 3, 4]);
+  assert.deepEqual([...chain.readableSegment(0)], [1, 2, 3, 4]);
   const hdr = new Uint8Array(6);
   assert.equal(chain.readFrom(1, hdr), 6);
   assert.deepEqual([...hdr], [2, 3, 4, 0, 0, 0]);
-  chain.writable[0]![0] = 0xaa; // a live view
+  chain.writableSegment(0)[0] = 0xaa; // a live view
   assert.equal(memory.bytes(0x20000, 1)[0], 0xaa);
   assert.equal(chain.writeTo(99, new Uint8Array([7, 8])), 2);
   assert.equal(memory.bytes(0x20063, 1)[0], 7);
@@ -135,8 +135,8 @@ test("a buffer spanning host mapping chunks becomes several views", () => {
   s.dq.add([{ addr: 0xff00, len: 0x200, write: true }]);
   assert.equal(s.q.pop(s.chain), true);
   assert.equal(s.chain.writableCount, 2);
-  assert.equal(s.chain.writable[0]!.length, 0x100);
-  assert.equal(s.chain.writable[1]!.length, 0x100);
+  assert.equal(s.chain.writableSegment(0).length, 0x100);
+  assert.equal(s.chain.writableSegment(1).length, 0x100);
   assert.equal(s.chain.writableBytes, 0x200);
 });
 

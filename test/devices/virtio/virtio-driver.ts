@@ -5,6 +5,7 @@
  * ACKNOWLEDGE, DRIVER, features, FEATURES_OK, queue setup, MSI-X vectors,
  * queue_enable, DRIVER_OK). Plus fakes for the device-thread services.
  */
+import * as libc from "../../../src/hypervisor/libc.js";
 import { ChunkedGuestMemory } from "../../../src/machine/guest-memory.js";
 import type { DoorbellMap, FdWatch, IoEventLoop, PciDeviceServices } from "../../../src/devices/pci/device-thread-services.js";
 import type { MsiSink } from "../../../src/devices/pci/msix.js";
@@ -74,8 +75,27 @@ export interface TestServices extends PciDeviceServices {
 }
 
 /** RAM at [0, ramBytes) (one range, chunked so buffers can cross host chunks when chunkBytes is small). */
-export function makeServices(ramBytes = 1 << 20, chunkBytes = 1 << 30): TestServices {
-  const memory = new ChunkedGuestMemory([{ gpa: 0, length: ramBytes, fileOffset: 0 }], (_o, len) => new Uint8Array(len), chunkBytes);
+/**
+ * Services over `ramBytes` of guest RAM: plain buffers, or (hostMapped) a memfd
+ * mapped as the worker maps it, so back ends can take the host-address path.
+ */
+export function makeServices(ramBytes = 1 << 20, chunkBytes = 1 << 30, hostMapped = false): TestServices {
+  const memory = hostMapped
+    ? new ChunkedGuestMemory(
+        [{ gpa: 0, length: ramBytes, fileOffset: 0 }],
+        (off, len) => {
+          const fd = libc.memfdCreate("test-guest-ram");
+          try {
+            libc.ftruncate(fd, ramBytes);
+            return libc.mapSharedFile(fd, off, len);
+          } finally {
+            libc.close(fd);
+          }
+        },
+        chunkBytes,
+        (v) => Number(libc.addressOfView(v)),
+      )
+    : new ChunkedGuestMemory([{ gpa: 0, length: ramBytes, fileOffset: 0 }], (_o, len) => new Uint8Array(len), chunkBytes);
   return { memory, intx: new RecordingIrqLine(), msi: new RecordingMsiSink(), loop: new FakeLoop(), doorbells: new FakeDoorbells() };
 }
 
