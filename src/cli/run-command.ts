@@ -14,8 +14,8 @@
  * interrupted. SIGTERM is a host shutdown request: the guest sees its ACPI
  * power button pressed; a second SIGTERM pulls the plug.
  */
-import { spawn, type ChildProcess } from "node:child_process";
-import { fileURLToPath } from "node:url";
+import type { ChildProcess } from "node:child_process";
+import { spawnWorker, takeEarlyWorker } from "./worker-spawn.js";
 import type { Command } from "commander";
 import { bootTrace } from "../worker/boot-trace.js";
 import { collect, type DeviceOptions } from "./device-options.js";
@@ -46,23 +46,16 @@ interface WorkerResult {
   readonly error: { code: string; message: string } | undefined;
 }
 
-function workerEntry(): string {
-  return fileURLToPath(new URL("../worker/main.js", import.meta.url));
-}
-
 /**
- * A partis-worker process. It is started before the CLI has finished
- * validating, so that loading the worker's modules overlaps the CLI's own
- * work; it does nothing until it receives "start", and `discard()` ends it
- * when validation fails (nothing is left running).
+ * A partis-worker process. The first one is started before the CLI has even
+ * parsed its options (worker-spawn.ts), so that its start-up overlaps the
+ * CLI's own work; it does nothing until it receives "start", and `discard()`
+ * ends it when validation fails (nothing is left running).
  */
 class WorkerProcess {
-  readonly child: ChildProcess;
   private readonly exit: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
 
-  constructor() {
-    this.child = spawn(process.execPath, [workerEntry()], { stdio: ["pipe", "inherit", "inherit", "ipc"] });
-    this.child.stdin!.on("error", () => {});
+  constructor(readonly child: ChildProcess) {
     this.exit = new Promise((resolve) => this.child.once("exit", (code, signal) => resolve({ code, signal })));
   }
 
@@ -154,7 +147,8 @@ class ConsoleBridge {
 
 export async function runVm(opts: RunOptions): Promise<number> {
   bootTrace("cli", "run: modules loaded");
-  const firstWorker = new WorkerProcess();
+  const hints = { vcpus: Number(opts.cpus) || 1, devices: [opts.disk, opts.cdrom, opts.nic, opts.channel].some((l) => (l?.length ?? 0) > 0) || opts.rng === true };
+  const firstWorker = new WorkerProcess(takeEarlyWorker() ?? spawnWorker(hints));
   let config: VmConfig;
   try {
     const validation = await import("./run-validation.js");
@@ -169,7 +163,7 @@ export async function runVm(opts: RunOptions): Promise<number> {
   let worker: WorkerProcess | undefined = firstWorker;
   try {
     for (;;) {
-      const r = await (worker ?? new WorkerProcess()).run(config, bridge);
+      const r = await (worker ?? new WorkerProcess(spawnWorker({ vcpus: config.cpus, devices: (config.devices?.length ?? 0) > 0 }))).run(config, bridge);
       worker = undefined;
       if (bridge.quitRequested) {
         process.stderr.write("\r\npartis run: console closed; VM stopped\r\n");

@@ -161,8 +161,7 @@ function startProfiler(): (() => void) | undefined {
     });
 }
 
-function main(): void {
-  const data = workerData as DeviceThreadData;
+function main(data: DeviceThreadData): void {
   setThreadName("partis-devices");
   const stopProfiler = startProfiler();
   const port = parentPort!;
@@ -261,8 +260,11 @@ function main(): void {
   msi.close();
 }
 
+/** Started with its data, or prestarted (thread-prestart.ts): then the data is the first message. */
+const threadData = ((workerData as DeviceThreadData | null) ??
+  (await new Promise((resolve) => parentPort!.once("message", resolve)))) as DeviceThreadData;
 try {
-  main();
+  main(threadData);
 } catch (e) {
   parentPort?.postMessage({ type: "error", message: e instanceof Error ? e.message : String(e) } satisfies DeviceThreadMessage);
 }

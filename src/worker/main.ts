@@ -5,12 +5,20 @@
  * stdin/stdout, reports how the VM ended, and exits with a status the parent
  * reads (WORKER_EXIT). A crash here ends one VM and nothing else.
  */
-import { RunningVm } from "./running-vm.js";
+import { PrestartedThreads } from "./thread-prestart.js";
+// Before anything else is loaded: the threads the CLI's hints ask for start loading their modules now.
+const prestarted = PrestartedThreads.fromArgv(process.argv);
+
+import type { RunningVm } from "./running-vm.js";
 import { WORKER_EXIT, type ControlEvent, type ControlRequest, type VmOutcome } from "./vm-config.js";
 import { PartisError } from "../errors.js";
 import { bootTrace } from "./boot-trace.js";
 
-bootTrace("worker", "modules loaded");
+// The VM's modules load while the control channel is already listening (a "start" never waits unheard).
+const vmModule = import("./running-vm.js").then((m) => {
+  bootTrace("worker", "modules loaded");
+  return m;
+});
 
 function send(event: ControlEvent): void {
   if (process.send !== undefined) process.send(event);
@@ -22,12 +30,14 @@ function exitFor(outcome: VmOutcome): number {
 }
 
 let vm: RunningVm | undefined;
+let starting = false;
 let pendingShutdown = false;
 
 async function start(request: Extract<ControlRequest, { type: "start" }>): Promise<void> {
   bootTrace("worker", "start received");
   try {
-    vm = RunningVm.start(request.config, { consoleFd: 1 });
+    const { RunningVm: Vm } = await vmModule;
+    vm = Vm.start(request.config, { consoleFd: 1, prestarted });
     bootTrace("worker", "partition built, guest loaded");
   } catch (e) {
     const code = e instanceof PartisError ? e.code : "WORKER_START_FAILED";
@@ -62,7 +72,10 @@ async function start(request: Extract<ControlRequest, { type: "start" }>): Promi
 process.on("message", (m: ControlRequest) => {
   switch (m.type) {
     case "start":
-      if (vm === undefined) void start(m);
+      if (!starting) {
+        starting = true;
+        void start(m);
+      }
       break;
     case "shutdown":
       if (vm === undefined) pendingShutdown = true;

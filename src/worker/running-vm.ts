@@ -8,7 +8,7 @@
  * shared power state to record how the VM ended.
  */
 import { readdirSync, readFileSync } from "node:fs";
-import { Worker } from "node:worker_threads";
+import type { Worker } from "node:worker_threads";
 import { KvmSystem } from "../hypervisor/system.js";
 import { KVM_CAP } from "../hypervisor/kvm-abi.js";
 import { Partition } from "../hypervisor/partition.js";
@@ -34,6 +34,7 @@ import { writeFileSync } from "node:fs";
 import { planPci } from "./device-plan.js";
 import { IDE_COMPAT_PORTS, PCI_IO_WINDOW } from "./device-forwarding.js";
 import type { DeviceThreadData, DeviceThreadMessage } from "./device-thread.js";
+import { deviceThread, vcpuThread, type PrestartedThreads } from "./thread-prestart.js";
 
 /** Identity-map and TSS pages for Intel hosts: top of the 32-bit space, below the BIOS. */
 const IDENTITY_MAP_ADDR = 0xfffb_c000;
@@ -44,6 +45,8 @@ export class VmStartError extends PartisError {}
 export interface RunningVmOptions {
   /** Where console output goes (a file descriptor). */
   readonly consoleFd: number;
+  /** Threads the worker started before the configuration came (thread-prestart.ts); what is not used is ended. */
+  readonly prestarted?: PrestartedThreads;
 }
 
 export class RunningVm {
@@ -109,6 +112,7 @@ export class RunningVm {
       board.powerOn();
 
       vm = new RunningVm(config, plan, system, partition, board, power);
+      vm.prestarted = options.prestarted;
       const supported = system.supportedCpuid();
       const tscDeadlineTimer = system.checkExtension(KVM_CAP.TSC_DEADLINE_TIMER) > 0;
       const handoff = partition.handoff();
@@ -126,6 +130,7 @@ export class RunningVm {
           ...(devices === undefined ? {} : { devices }),
         });
       }
+      options.prestarted?.dispose(); // prestarted threads this VM does not need
 
       // While the threads start: the guest.
       const memory = partition.guestMemory;
@@ -147,6 +152,7 @@ export class RunningVm {
       vm.openGateWhenReady();
       return vm;
     } catch (e) {
+      options.prestarted?.dispose();
       if (vm !== undefined) for (const t of vm.threads) void t.terminate();
       if (vm?.deviceThread !== undefined) void vm.deviceThread.terminate();
       partition.destroy();
@@ -178,7 +184,9 @@ export class RunningVm {
       vcpus: this.config.cpus,
       stop: this.deviceStop.buffer as SharedArrayBuffer,
     };
-    const t = new Worker(new URL("./device-thread.js", import.meta.url), { workerData: data, stdout: false, stderr: false });
+    const prestarted = this.prestarted?.takeDevices();
+    const t = prestarted ?? deviceThread(data);
+    if (prestarted !== undefined) prestarted.postMessage(data);
     t.on("message", (m: DeviceThreadMessage) => {
       if (m.type === "ready") {
         bootTrace("worker", "devices ready");
@@ -209,14 +217,12 @@ export class RunningVm {
     }
   }
 
+  private prestarted: PrestartedThreads | undefined;
+
   private spawnVcpu(data: VcpuThreadData): void {
-    const t = new Worker(new URL("./vcpu-thread.js", import.meta.url), {
-      workerData: data,
-      stdout: false,
-      stderr: false,
-      // A vCPU thread allocates next to nothing after start-up: a small heap keeps its isolate small.
-      resourceLimits: { maxYoungGenerationSizeMb: 1, maxOldGenerationSizeMb: 24 },
-    });
+    const prestarted = this.prestarted?.takeVcpu();
+    const t = prestarted ?? vcpuThread(data);
+    if (prestarted !== undefined) prestarted.postMessage(data);
     t.on("message", (m: VcpuThreadMessage) => {
       if (m.type === "ready") {
         this.kickers.push(VcpuKicker.attach(m.kick));

@@ -153,8 +153,7 @@ function describeState(vp: VirtualProcessor): string {
   }
 }
 
-function main(): void {
-  const data = workerData as VcpuThreadData;
+function main(data: VcpuThreadData): void {
   bootTrace(`vcpu${data.vcpuId}`, "modules loaded");
   setThreadName(`partis-vcpu${data.vcpuId}`);
   const port = parentPort!;
@@ -250,11 +249,14 @@ function main(): void {
   port.postMessage({ type: "stopped", vcpuId: data.vcpuId, exits } satisfies VcpuThreadMessage);
 }
 
+/** Started with its data, or prestarted (thread-prestart.ts): then the data is the first message. */
+const threadData = ((workerData as VcpuThreadData | null) ??
+  (await new Promise((resolve) => parentPort!.once("message", resolve)))) as VcpuThreadData;
 try {
-  main();
+  main(threadData);
 } catch (e) {
   const message = e instanceof Error ? e.message : String(e);
-  const data = workerData as VcpuThreadData;
+  const data = threadData;
   new PowerState(data.powerState).record({ kind: "crash", reason: `vCPU ${data.vcpuId}: ${message}` });
   parentPort?.postMessage({ type: "error", vcpuId: data.vcpuId, message } satisfies VcpuThreadMessage);
 }

@@ -44,6 +44,40 @@ test("guest prints on COM1 and powers off through ACPI S5: status 0", () => {
   assert.equal(r.status, 0, r.stderr);
 });
 
+/** A worker started directly with start-up hints, given `cpus` in its configuration; resolves with its exit status and console. */
+function workerWithHints(hints: string[], kernel: string, cpus: number): Promise<{ status: number | null; stdout: string; events: string[] }> {
+  const WORKER = fileURLToPath(new URL("../../src/worker/main.js", import.meta.url));
+  const child = spawn(process.execPath, [WORKER, ...hints], { stdio: ["pipe", "pipe", "pipe", "ipc"] });
+  let stdout = "";
+  const events: string[] = [];
+  child.stdout!.on("data", (d: Buffer) => (stdout += d.toString("latin1")));
+  child.on("message", (m: { type: string }) => events.push(m.type));
+  child.send({ type: "start", config: { name: "hints", memoryBytes: 64 << 20, cpus, kernelPath: kernel, cmdline: "" } });
+  const timer = setTimeout(() => child.kill("SIGKILL"), 60_000);
+  return new Promise((resolve) =>
+    child.on("exit", (status) => {
+      clearTimeout(timer);
+      resolve({ status, stdout, events });
+    }),
+  );
+}
+
+test("prestarted threads: more or fewer than the VM needs, or a device thread it does not need, still boot and exit cleanly", async () => {
+  const kernel = kernelFile("hello-hints", [...serialPrint("HINTS\n"), ...ACPI_S5, ...HALT_LOOP]);
+  // Three vCPU threads and a device thread prestarted for a 1-vCPU VM without devices: the spares are ended (else the worker never exits).
+  const extra = await workerWithHints(["--prestart-vcpus", "3", "--prestart-devices"], kernel, 1);
+  assert.equal(extra.stdout, "HINTS\n");
+  assert.equal(extra.status, 0);
+  assert.deepEqual(extra.events, ["running", "exited"]);
+  // One prestarted for a 2-vCPU VM: the second is started when the configuration says so.
+  const fewer = await workerWithHints(["--prestart-vcpus", "1"], kernel, 2);
+  assert.equal(fewer.stdout, "HINTS\n");
+  assert.equal(fewer.status, 0);
+  // Nonsense hints are ignored.
+  const bad = await workerWithHints(["--prestart-vcpus", "-5"], kernel, 1);
+  assert.equal(bad.status, 0);
+});
+
 test("SMP: powering off while an AP is still parked in KVM_RUN ends cleanly with status 0", () => {
   // The APs never get INIT/SIPI, so their threads stay blocked in KVM_RUN; the
   // worker must kick them out before it can exit.

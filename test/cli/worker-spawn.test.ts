@@ -1,0 +1,24 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { hintsFromArgs } from "../../src/cli/worker-spawn.js";
+import { prestartArgs, MAX_PRESTART_VCPUS } from "../../src/worker/thread-prestart.js";
+
+test("worker hints from `partis run` arguments: --cpus N / --cpus=N, device options, junk ignored", () => {
+  assert.deepEqual(hintsFromArgs([]), { vcpus: 1, devices: false });
+  assert.deepEqual(hintsFromArgs(["--cpus", "4", "--memory", "1G"]), { vcpus: 4, devices: false });
+  assert.deepEqual(hintsFromArgs(["--cpus=8"]), { vcpus: 8, devices: false });
+  assert.deepEqual(hintsFromArgs(["--cpus", "zero"]), { vcpus: 1, devices: false });
+  assert.deepEqual(hintsFromArgs(["--cpus", "0"]), { vcpus: 1, devices: false });
+  assert.deepEqual(hintsFromArgs(["--disk", "a.raw"]), { vcpus: 1, devices: true });
+  assert.deepEqual(hintsFromArgs(["--nic=tap:t0"]), { vcpus: 1, devices: true });
+  assert.deepEqual(hintsFromArgs(["--rng", "--cpus", "2"]), { vcpus: 2, devices: true });
+  // --append's value is not an option, even when it looks like one.
+  assert.deepEqual(hintsFromArgs(["--append", "console=ttyS0", "--framebuffer"]), { vcpus: 1, devices: false });
+  assert.deepEqual(hintsFromArgs(["--", "--disk"]), { vcpus: 1, devices: false });
+});
+
+test("prestart arguments are bounded", () => {
+  assert.deepEqual(prestartArgs(2, false), ["--prestart-vcpus", "2"]);
+  assert.deepEqual(prestartArgs(1000, true), ["--prestart-vcpus", String(MAX_PRESTART_VCPUS), "--prestart-devices"]);
+  assert.deepEqual(prestartArgs(Number.NaN, false), ["--prestart-vcpus", "1"]);
+});
