@@ -36,9 +36,23 @@ export function deviceThread(workerData: unknown): Worker {
   return new Worker(DEVICE_THREAD_URL, { workerData, stdout: false, stderr: false });
 }
 
+/** A prestarted thread; `failed` once it reported an error (it is then never handed out). */
+interface Prestarted {
+  readonly worker: Worker;
+  failed: boolean;
+}
+
+function prestart(worker: Worker): Prestarted {
+  const p: Prestarted = { worker, failed: false };
+  // Until it is handed out, nobody else listens: an error here must not take the process down.
+  worker.once("error", () => (p.failed = true));
+  worker.once("exit", () => (p.failed = true));
+  return p;
+}
+
 export class PrestartedThreads {
-  private readonly vcpus: Worker[] = [];
-  private devices: Worker | undefined;
+  private readonly vcpus: Prestarted[] = [];
+  private devices: Prestarted | undefined;
 
   /** Start what the hints in `argv` ask for (nothing without hints). */
   static fromArgv(argv: readonly string[]): PrestartedThreads {
@@ -46,27 +60,34 @@ export class PrestartedThreads {
     const i = argv.indexOf("--prestart-vcpus");
     const n = i >= 0 ? Number(argv[i + 1]) : 0;
     const count = Number.isSafeInteger(n) && n > 0 ? Math.min(n, MAX_PRESTART_VCPUS) : 0;
-    for (let k = 0; k < count; k++) p.vcpus.push(vcpuThread(null));
-    if (argv.includes("--prestart-devices")) p.devices = deviceThread(null);
+    for (let k = 0; k < count; k++) p.vcpus.push(prestart(vcpuThread(null)));
+    if (argv.includes("--prestart-devices")) p.devices = prestart(deviceThread(null));
     return p;
   }
 
-  /** A prestarted vCPU thread, waiting for its VcpuThreadData message; undefined when none is left. */
+  /** A prestarted vCPU thread, waiting for its VcpuThreadData message; undefined when none (healthy) is left. */
   takeVcpu(): Worker | undefined {
-    return this.vcpus.shift();
+    for (let p = this.vcpus.shift(); p !== undefined; p = this.vcpus.shift()) {
+      if (!p.failed) return p.worker;
+      void p.worker.terminate();
+    }
+    return undefined;
   }
 
-  /** The prestarted device thread, waiting for its DeviceThreadData message. */
+  /** The prestarted device thread, waiting for its DeviceThreadData message (undefined if none, or it failed). */
   takeDevices(): Worker | undefined {
     const d = this.devices;
     this.devices = undefined;
-    return d;
+    if (d === undefined) return undefined;
+    if (!d.failed) return d.worker;
+    void d.worker.terminate();
+    return undefined;
   }
 
   /** End the threads nobody took. */
   dispose(): void {
-    for (const t of this.vcpus.splice(0)) void t.terminate();
-    void this.devices?.terminate();
+    for (const p of this.vcpus.splice(0)) void p.worker.terminate();
+    void this.devices?.worker.terminate();
     this.devices = undefined;
   }
 }

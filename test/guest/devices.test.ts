@@ -73,23 +73,31 @@ describe("disks and a CD-ROM: virtio-blk (raw, VHDX), IDE (VHD), ATAPI (ISO); da
       "sync; poweroff -f",
     ].join("\n");
     const s1 = new GuestSession(runArgs(script1, [...disks, "--channel", channel, "--rng", "--cpus", "2", "--screenshot", screenshot]));
-    // The host end of the channel: connect once the VM listens, answer the guest's line.
+    // The host end of the channel: connect once the VM listens, answer the guest's line (again for a rebooted VM).
     const deadline = Date.now() + GuestSession.TIMEOUT_MS;
     let sock: Socket | undefined;
-    const tryConnect = (): void => {
-      if (Date.now() > deadline || s1.child.exitCode !== null) return;
+    const tryConnect = (generation: number): void => {
+      if (Date.now() > deadline || s1.child.exitCode !== null || generation !== s1.generation) return;
       if (!existsSync(channel)) {
-        setTimeout(tryConnect, 200);
+        setTimeout(() => tryConnect(generation), 200);
         return;
       }
-      sock = connect(channel);
-      sock.on("error", () => setTimeout(tryConnect, 200));
-      sock.on("data", (d) => {
-        channelReceived += d.toString("latin1");
-        if (channelReceived.includes("GUEST-TO-HOST")) sock!.write("HOST-TO-GUEST\n");
+      const c = connect(channel);
+      sock = c;
+      let got = "";
+      let replied = false;
+      c.on("error", () => setTimeout(() => tryConnect(generation), 200));
+      c.on("data", (d) => {
+        const text = d.toString("latin1");
+        channelReceived += text;
+        got += text;
+        if (!replied && got.includes("GUEST-TO-HOST")) {
+          replied = true;
+          c.write("HOST-TO-GUEST\n");
+        }
       });
     };
-    tryConnect();
+    s1.onEachLaunch(tryConnect);
     first = await runToEnd(s1);
     sock?.destroy();
 
@@ -199,17 +207,21 @@ describe("networks: two VMs back to back over virtio-net and NE2000, and a VM to
     ];
     const sa = new GuestSession(runArgs(scriptA, [...nicsA, "--name", "vm-a"]));
     const sb = new GuestSession(runArgs(scriptB, [...nicsB, "--name", "vm-b"]));
-    // The host side of the TAP: address it once the VM has created it.
-    const configureTap = (): void => {
-      if (sa.child.exitCode !== null) return;
+    // The host side of the TAP: address it once the VM has created it (again for a rebooted VM: a new TAP).
+    const configureTap = (generation: number): void => {
+      if (sa.child.exitCode !== null || generation !== sa.generation) return;
       if (!existsSync(`/sys/class/net/${tap}`)) {
-        setTimeout(configureTap, 200);
+        setTimeout(() => configureTap(generation), 200);
         return;
       }
-      execFileSync("ip", ["addr", "add", "10.0.2.1/24", "dev", tap]);
-      execFileSync("ip", ["link", "set", tap, "up"]);
+      try {
+        execFileSync("ip", ["addr", "add", "10.0.2.1/24", "dev", tap]);
+        execFileSync("ip", ["link", "set", tap, "up"]);
+      } catch {
+        setTimeout(() => configureTap(generation), 200); // the TAP went away under us (its VM is being replaced)
+      }
     };
-    configureTap();
+    sa.onEachLaunch(configureTap);
     [a, b] = await Promise.all([runToEnd(sa), runToEnd(sb)]);
   });
   after(() => rmSync(dir, { recursive: true, force: true }));

@@ -17,8 +17,13 @@ export class GuestSession {
   readonly exited: Promise<number>;
   private waiters: { text: string | RegExp; count: number; resolve: () => void }[] = [];
   private inputEnded = false;
+  private readonly launchHooks: ((generation: number) => void)[] = [];
+  /** Which boot this is: 0, then 1, 2 after retries. */
+  generation = 0;
   private typed = false;
-  private relaunched = false;
+  private relaunches = 0;
+  /** Boots a session may retry after test-bed crashes (see shouldRelaunch). */
+  static readonly MAX_RELAUNCHES = 2;
 
   /** Longest a session may live: a hung guest fails its test instead of hanging the suite. */
   static readonly TIMEOUT_MS = Number(process.env.PARTIS_GUEST_TIMEOUT_MS ?? 300_000);
@@ -52,13 +57,15 @@ export class GuestSession {
     child.on("exit", (code, signal) => {
       const status = code ?? (signal ? 128 : -1);
       if (this.shouldRelaunch(status)) {
-        this.relaunched = true;
+        this.relaunches++;
         process.stderr.write(
           `[test] WARNING: the guest triple-faulted inside the nested test host (nested SVM emulated by TCG; docs/guests.md); booting it once more. The crash:\n${this.stderr.trim()}\n`,
         );
         this.output = "";
         this.stderr = "";
+        this.generation++;
         this.child = this.launch(resolveExit);
+        for (const hook of this.launchHooks) hook(this.generation);
         return;
       }
       resolveExit(status);
@@ -73,17 +80,29 @@ export class GuestSession {
    * marker (no guest command ran, no disk was touched), or nothing was typed
    * into it (its whole job is the command line's script, and the suites'
    * scripts start from scratch: mke2fs before writing, and so on). Such
-   * crashes hit a random vCPU at a random point of boot or run there
-   * (docs/guests.md); a second one in the same session fails the test.
+   * crashes hit a random vCPU of a multi-vCPU guest at a random point of boot
+   * or run there (docs/guests.md); a third one in the same session fails the
+   * test.
    */
   private shouldRelaunch(status: number): boolean {
     return (
-      !this.relaunched &&
+      this.relaunches < GuestSession.MAX_RELAUNCHES &&
       process.env.PARTIS_IN_NESTED_HOST === "1" &&
       status === 4 &&
       /guest crashed: vCPU \d+: triple fault/.test(this.stderr) &&
       (!this.output.includes(READY) || !this.typed)
     );
+  }
+
+  /**
+   * Run `hook` now and again whenever the VM is booted once more: the
+   * host-side set-up a new VM process needs (connecting to its channel
+   * socket, addressing its TAP). A hook's pending work should stop when
+   * `generation` is no longer current.
+   */
+  onEachLaunch(hook: (generation: number) => void): void {
+    this.launchHooks.push(hook);
+    hook(this.generation);
   }
 
   /** Close the console input (the guest sees end of file when it reads it). */
