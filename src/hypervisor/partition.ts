@@ -139,7 +139,7 @@ function validateRanges(ranges: readonly RamRange[]): number {
 }
 
 export class Partition {
-  readonly guestMemory: GuestMemory;
+  private memory: GuestMemory | undefined;
   private readonly slots: Slot[];
   /** Mappings made for `guestMemory` by this thread, released by destroy(). */
   private readonly views: Uint8Array[] = [];
@@ -158,16 +158,27 @@ export class Partition {
     readonly xsaveSize: number,
   ) {
     this.slots = slots;
-    this.guestMemory = new ChunkedGuestMemory(
-      ranges,
+  }
+
+  /**
+   * Guest RAM as this thread sees it: the memfd mapped again, for this
+   * thread's own use (loading the guest, device DMA). Mapped on first use, so
+   * threads that never touch guest RAM themselves (vCPU threads: their exits
+   * carry the data) add no mapping of it.
+   */
+  get guestMemory(): GuestMemory {
+    this.assertLive();
+    this.memory ??= new ChunkedGuestMemory(
+      this.ranges,
       (fileOffset, length) => {
-        const v = libc.mapSharedFile(memfd, fileOffset, length);
+        const v = libc.mapSharedFile(this.memfd, fileOffset, length);
         this.views.push(v);
         return v;
       },
       undefined,
       (v) => Number(libc.addressOfView(v)),
     );
+    return this.memory;
   }
 
   /**
