@@ -7,6 +7,7 @@
  */
 import { Command, CommanderError } from "commander";
 import { PartisError, UsageError, HostCapabilityError } from "../errors.js";
+import { discardEarlyWorker } from "./worker-spawn.js";
 
 const program = new Command();
 program.name("partis").description("Partis: virtual machines on KVM").version("0.1.0");
@@ -49,6 +50,8 @@ try {
   if (family !== undefined) await family();
   else for (const load of Object.values(families)) await load();
   await program.parseAsync(process.argv);
+  await discardEarlyWorker(); // a `partis run` that ended without using it (e.g. --version)
 } catch (e) {
+  await discardEarlyWorker();
   fail(e);
 }

@@ -62,3 +62,15 @@ export function takeEarlyWorker(): ChildProcess | undefined {
   early = undefined;
   return w;
 }
+
+/**
+ * End the early worker if nobody took it, and wait until it is gone, so that
+ * "nothing is left running" already holds when the CLI's exit status is seen.
+ */
+export async function discardEarlyWorker(): Promise<void> {
+  const w = takeEarlyWorker();
+  if (w === undefined || w.exitCode !== null || w.signalCode !== null) return;
+  const gone = new Promise<void>((resolve) => w.once("exit", () => resolve()));
+  w.kill("SIGKILL");
+  await Promise.race([gone, new Promise<void>((resolve) => setTimeout(resolve, 2000).unref())]);
+}

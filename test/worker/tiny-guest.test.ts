@@ -6,7 +6,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, spawnSync } from "node:child_process";
-import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -76,6 +76,26 @@ test("prestarted threads: more or fewer than the VM needs, or a device thread it
   // Nonsense hints are ignored.
   const bad = await workerWithHints(["--prestart-vcpus", "-5"], kernel, 1);
   assert.equal(bad.status, 0);
+});
+
+test("the worker's threads are named: partis-vcpu0, partis-vcpu1 (ps -T, top -H)", async () => {
+  const kernel = kernelFile("named-threads", [...serialPrint("UP\n"), ...HALT_LOOP]);
+  const child = spawn(process.execPath, [CLI, "run", "--kernel", kernel, "--memory", "64M", "--cpus", "2"], { stdio: ["pipe", "pipe", "pipe"] });
+  try {
+    await new Promise<void>((resolve, reject) => {
+      child.stdout!.once("data", () => resolve());
+      child.once("exit", (code) => reject(new Error(`partis run exited (${code}) before the guest printed`)));
+    });
+    // The worker is the CLI's child; its threads' names are in /proc/<pid>/task/<tid>/comm.
+    const worker = readFileSync(`/proc/${child.pid}/task/${child.pid}/children`, "utf8").trim().split(/\s+/)[0]!;
+    const names = readdirSync(`/proc/${worker}/task`).map((t) => readFileSync(`/proc/${worker}/task/${t}/comm`, "utf8").trim());
+    assert.ok(names.includes("partis-vcpu0") && names.includes("partis-vcpu1"), names.join(", "));
+  } finally {
+    // This guest ignores the power button: pull the plug (the worker stops when its CLI is gone).
+    const exited = new Promise((r) => child.once("exit", r));
+    child.kill("SIGKILL");
+    await exited;
+  }
 });
 
 test("SMP: powering off while an AP is still parked in KVM_RUN ends cleanly with status 0", () => {
