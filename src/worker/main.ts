@@ -19,6 +19,7 @@ const vmModule = import("./running-vm.js").then((m) => {
   bootTrace("worker", "modules loaded");
   return m;
 });
+vmModule.catch(() => {}); // a load failure is reported when "start" comes (start() awaits it)
 
 function send(event: ControlEvent): void {
   if (process.send !== undefined) process.send(event);

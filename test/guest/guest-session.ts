@@ -10,7 +10,7 @@ export const PARTIS_CLI = fileURLToPath(new URL("../../src/cli/main.js", import.
 export const READY = "PARTIS-GUEST-READY";
 
 export class GuestSession {
-  /** The current `partis run` process (replaced once if the test bed's boot crash is retried). */
+  /** The current `partis run` process (replaced when a test-bed crash is retried: see shouldRelaunch). */
   child: ChildProcess;
   output = "";
   stderr = "";
@@ -74,12 +74,13 @@ export class GuestSession {
   }
 
   /**
-   * The one retry this harness allows, inside the nested test host only: a VM
-   * that died of a triple fault is booted once more when that cannot hide a
-   * test's own effect: either it died before the guest's init printed its
-   * marker (no guest command ran, no disk was touched), or nothing was typed
-   * into it (its whole job is the command line's script, and the suites'
-   * scripts start from scratch: mke2fs before writing, and so on). Such
+   * The retries this harness allows (at most MAX_RELAUNCHES per session), inside
+   * the nested test host only: a VM that died of a triple fault is booted once
+   * more when that cannot hide a test's own effect: either it died before the
+   * guest's init printed its marker (no guest command ran, no disk was
+   * touched), or nothing was typed into it (its whole job is the command
+   * line's script, and the suites' scripts start from scratch: mke2fs before
+   * writing, and so on). Such
    * crashes hit a random vCPU of a multi-vCPU guest at a random point of boot
    * or run there (docs/guests.md); a third one in the same session fails the
    * test.
