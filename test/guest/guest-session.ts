@@ -18,12 +18,12 @@ export class GuestSession {
   private waiters: { text: string | RegExp; count: number; resolve: () => void }[] = [];
   private inputEnded = false;
   private readonly launchHooks: ((generation: number) => void)[] = [];
-  /** Which boot this is: 0, then 1, 2 after retries. */
+  /** Which boot this is: 0, then 1, 2... after retries. */
   generation = 0;
   private typed = false;
   private relaunches = 0;
   /** Boots a session may retry after test-bed crashes (see shouldRelaunch). */
-  static readonly MAX_RELAUNCHES = 2;
+  static readonly MAX_RELAUNCHES = 4;
 
   /** Longest a session may live: a hung guest fails its test instead of hanging the suite. */
   static readonly TIMEOUT_MS = Number(process.env.PARTIS_GUEST_TIMEOUT_MS ?? 300_000);
@@ -82,7 +82,7 @@ export class GuestSession {
    * line's script, and the suites' scripts start from scratch: mke2fs before
    * writing, and so on). Such
    * crashes hit a random vCPU of a multi-vCPU guest at a random point of boot
-   * or run there (docs/guests.md); a third one in the same session fails the
+   * or run there (docs/guests.md); one more than MAX_RELAUNCHES in a session fails the
    * test.
    */
   private shouldRelaunch(status: number): boolean {
