@@ -21,6 +21,8 @@ export class GuestSession {
   /** Which boot this is: 0, then 1, 2... after retries. */
   generation = 0;
   private typed = false;
+  /** The current VM showed the test bed's SMP hang (a soft lockup) and was killed to be booted again. */
+  private lockedUp = false;
   private relaunches = 0;
   /** Boots a session may retry after test-bed crashes (see shouldRelaunch). */
   static readonly MAX_RELAUNCHES = 4;
@@ -48,6 +50,12 @@ export class GuestSession {
     child.stdout!.on("data", (d: Buffer) => {
       this.output += d.toString("latin1");
       this.check();
+      // The same SMP failure in its other form: a vCPU stops answering IPIs and another soft-locks
+      // waiting for it. The guest never recovers; retry now instead of at the session's deadline.
+      if (!this.lockedUp && /watchdog: BUG: soft lockup/.test(this.output) && this.mayRelaunch()) {
+        this.lockedUp = true;
+        child.kill("SIGKILL");
+      }
     });
     child.stderr!.on("data", (d: Buffer) => {
       this.stderr += d.toString("latin1");
@@ -59,8 +67,11 @@ export class GuestSession {
       if (this.shouldRelaunch(status)) {
         this.relaunches++;
         process.stderr.write(
-          `[test] WARNING: the guest triple-faulted inside the nested test host (nested SVM emulated by TCG; docs/guests.md); booting it once more. The crash:\n${this.stderr.trim()}\n`,
+          this.lockedUp
+            ? `[test] WARNING: the guest soft-locked inside the nested test host (docs/guests.md); killed, booting it once more. Its console:\n${this.output.slice(-600).trim()}\n`
+            : `[test] WARNING: the guest triple-faulted inside the nested test host (nested SVM emulated by TCG; docs/guests.md); booting it once more. The crash:\n${this.stderr.trim()}\n`,
         );
+        this.lockedUp = false;
         this.output = "";
         this.stderr = "";
         this.generation++;
@@ -75,7 +86,8 @@ export class GuestSession {
 
   /**
    * The retries this harness allows (at most MAX_RELAUNCHES per session), inside
-   * the nested test host only: a VM that died of a triple fault is booted once
+   * the nested test host only: a VM that died of a triple fault, or that
+   * soft-locked (killed on its console's "soft lockup" line), is booted once
    * more when that cannot hide a test's own effect: either it died before the
    * guest's init printed its marker (no guest command ran, no disk was
    * touched), or nothing was typed into it (its whole job is the command
@@ -86,11 +98,14 @@ export class GuestSession {
    * test.
    */
   private shouldRelaunch(status: number): boolean {
+    const crashed = status === 4 && /guest crashed: vCPU \d+: triple fault/.test(this.stderr);
+    return (crashed || this.lockedUp) && this.mayRelaunch();
+  }
+
+  private mayRelaunch(): boolean {
     return (
       this.relaunches < GuestSession.MAX_RELAUNCHES &&
       process.env.PARTIS_IN_NESTED_HOST === "1" &&
-      status === 4 &&
-      /guest crashed: vCPU \d+: triple fault/.test(this.stderr) &&
       (!this.output.includes(READY) || !this.typed)
     );
   }
