@@ -173,7 +173,7 @@ describe("networks: two VMs back to back over virtio-net and NE2000, and a VM to
   before(async () => {
     const sock = (n: string) => join(dir, n);
     const pingLoop = (ip: string, key: string) =>
-      `ok=0; for i in $(seq 1 60); do if ping -c 1 -W 1 ${ip} >/dev/null 2>&1; then ok=1; break; fi; done; echo ${key}=$ok; ping -c 3 -W 2 ${ip} | grep -o '[0-9]* packets received' | sed 's/^/${key}-RECEIVED=/'`;
+      `ok=0; for i in $(seq 1 60); do if ping -c 1 -W 1 ${ip} >/dev/null 2>&1; then ok=1; break; fi; done; echo ${key}=$ok; ping -c 3 -W 10 ${ip} | grep -o '[0-9]* packets received' | sed 's/^/${key}-RECEIVED=/'`;
     // Interfaces are found by MAC: the guest names them in driver load order, not slot order.
     const ifmac = 'ifmac() { for i in /sys/class/net/*; do [ "$(cat $i/address)" = "$1" ] && basename $i; done; }';
     const nic = (mac: string, ip: string, key: string) =>
