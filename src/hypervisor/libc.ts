@@ -425,6 +425,15 @@ export const IOV_MAX = 1024;
 /** struct iovec[IOV_MAX] as 32-bit halves: addresses and lengths stay Numbers (no BigInt per segment). */
 const iovecWords = new Uint32Array(IOV_MAX * 4);
 
+/** struct iovec i = { address, length } (addresses below 2^53, lengths below 2^32). */
+function putIovec(i: number, address: number, length: number): void {
+  const w = i * 4;
+  iovecWords[w] = address >>> 0;
+  iovecWords[w + 1] = Math.floor(address / 4294967296);
+  iovecWords[w + 2] = length;
+  iovecWords[w + 3] = 0;
+}
+
 function fillIovec(views: readonly Uint8Array[], count: number): number {
   if (count > IOV_MAX) throw new RangeError(`vectored I/O: ${count} segments exceed IOV_MAX`);
   let total = 0;
@@ -432,12 +441,7 @@ function fillIovec(views: readonly Uint8Array[], count: number): number {
     const v = views[i]!;
     const m = mappings.get(v.buffer);
     if (m === undefined) throw new RangeError("vectored I/O: a segment is not a view made by src/hypervisor/libc");
-    const address = m.addressNumber + v.byteOffset;
-    const w = i * 4;
-    iovecWords[w] = address >>> 0;
-    iovecWords[w + 1] = Math.floor(address / 4294967296);
-    iovecWords[w + 2] = v.length;
-    iovecWords[w + 3] = 0;
+    putIovec(i, m.addressNumber + v.byteOffset, v.length);
     total += v.length;
   }
   return total;
@@ -465,11 +469,7 @@ function fillHostIovec(addresses: Float64Array, lengths: Uint32Array, count: num
     const address = addresses[i]!;
     const length = lengths[i]!;
     if (!insideLiveMapping(address, length)) throw new RangeError(`vectored I/O: host span 0x${address.toString(16)}+${length} is not memory mapped here`);
-    const w = i * 4;
-    iovecWords[w] = address >>> 0;
-    iovecWords[w + 1] = Math.floor(address / 4294967296);
-    iovecWords[w + 2] = length;
-    iovecWords[w + 3] = 0;
+    putIovec(i, address, length);
     total += length;
   }
   return total;

@@ -149,36 +149,34 @@ export class DescriptorChain {
 
   /** Copy readable bytes starting at byte `offset` into `dst`; returns bytes copied (short at the end). */
   readFrom(offset: number, dst: Uint8Array, dstOffset = 0, length = dst.length - dstOffset): number {
-    let done = 0;
-    for (let i = 0; i < this.readableCount && done < length; i++) {
-      const segLen = this.readableLen[i]!;
-      if (offset >= segLen) {
-        offset -= segLen;
-        continue;
-      }
-      const n = Math.min(segLen - offset, length - done);
-      const s = this.view(this.readableGpa[i]! + offset, n);
-      if (n <= 32) for (let k = 0; k < n; k++) dst[dstOffset + done + k] = s[k]!;
-      else dst.set(s, dstOffset + done);
-      done += n;
-      offset = 0;
-    }
-    return done;
+    return this.copy(false, offset, dst, dstOffset, length);
   }
 
   /** Copy `src` into the writable segments starting at byte `offset`; returns bytes copied. */
   writeTo(offset: number, src: Uint8Array, srcOffset = 0, length = src.length - srcOffset): number {
+    return this.copy(true, offset, src, srcOffset, length);
+  }
+
+  /** Copy between `buf` and the readable (toGuest false) or writable (true) segments, from byte `offset` of them. */
+  private copy(toGuest: boolean, offset: number, buf: Uint8Array, bufOffset: number, length: number): number {
+    const gpas = toGuest ? this.writableGpa : this.readableGpa;
+    const lens = toGuest ? this.writableLen : this.readableLen;
+    const count = toGuest ? this.writableCount : this.readableCount;
     let done = 0;
-    for (let i = 0; i < this.writableCount && done < length; i++) {
-      const segLen = this.writableLen[i]!;
+    for (let i = 0; i < count && done < length; i++) {
+      const segLen = lens[i]!;
       if (offset >= segLen) {
         offset -= segLen;
         continue;
       }
       const n = Math.min(segLen - offset, length - done);
-      const s = this.view(this.writableGpa[i]! + offset, n);
-      if (n <= 32) for (let k = 0; k < n; k++) s[k] = src[srcOffset + done + k]!;
-      else s.set(src.subarray(srcOffset + done, srcOffset + done + n));
+      const s = this.view(gpas[i]! + offset, n);
+      const at = bufOffset + done;
+      if (n <= 32) {
+        if (toGuest) for (let k = 0; k < n; k++) s[k] = buf[at + k]!;
+        else for (let k = 0; k < n; k++) buf[at + k] = s[k]!;
+      } else if (toGuest) s.set(buf.subarray(at, at + n));
+      else buf.set(s, at);
       done += n;
       offset = 0;
     }
