@@ -14,6 +14,8 @@ declare -A need=(
   [cpio]=/usr/bin/cpio
   [kmod]=/usr/sbin/depmod
   [zstd]=/usr/bin/zstd
+  # unpacking bzImage kernels on the host (Debian's kernels are xz-compressed)
+  [xz-utils]=/usr/bin/xz
   [util-linux]=/usr/bin/setpriv
   [dpkg]=/usr/bin/dpkg-deb
   [acpica-tools]=/usr/bin/iasl

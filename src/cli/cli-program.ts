@@ -7,7 +7,7 @@
  */
 import { Command, CommanderError } from "commander";
 import { PartisError, UsageError, HostCapabilityError } from "../errors.js";
-import { discardEarlyWorker } from "./worker-spawn.js";
+import { discardEarlyThreads } from "./early-threads.js";
 
 const program = new Command();
 program.name("partis").description("Partis: virtual machines on KVM").version("0.1.0");
@@ -27,31 +27,38 @@ const families: Record<string, () => Promise<void>> = {
   },
 };
 
-function fail(e: unknown): never {
-  if (e instanceof CommanderError) process.exit(e.exitCode === 0 ? 0 : 2);
+/** The one line a user sees for an error, and the exit status (2 for bad input). */
+function report(e: unknown): number {
+  if (e instanceof CommanderError) return e.exitCode === 0 ? 0 : 2;
   const command = process.argv.slice(2).filter((a) => !a.startsWith("-")).slice(0, 2).join(" ");
   const prefix = `partis${command ? " " + command.split(" ")[0] : ""}`;
   if (e instanceof PartisError) {
     process.stderr.write(`${prefix}: ${e.message}\n`);
     const usage = e instanceof UsageError || e instanceof HostCapabilityError || !(e.code.startsWith("KVM_") || e.code === "WORKER_START_FAILED");
-    process.exit(usage ? 2 : 1);
+    return usage ? 2 : 1;
   }
   const message = e instanceof Error ? e.message : String(e);
   process.stderr.write(`${prefix}: internal error: ${message}\n`);
   if (process.env.PARTIS_DEBUG) console.error(e);
-  process.exit(1);
+  return 1;
 }
 
-process.on("uncaughtException", fail);
-process.on("unhandledRejection", fail);
+/** Report and exit, once `partis run`'s early threads are gone (exiting under a thread still loading koffi aborts the process). */
+async function fail(e: unknown): Promise<never> {
+  const status = report(e);
+  await discardEarlyThreads();
+  process.exit(status);
+}
+
+process.on("uncaughtException", (e) => void fail(e));
+process.on("unhandledRejection", (e) => void fail(e));
 try {
   const first = process.argv[2];
   const family = first !== undefined ? families[first] : undefined;
   if (family !== undefined) await family();
   else for (const load of Object.values(families)) await load();
   await program.parseAsync(process.argv);
-  await discardEarlyWorker(); // a `partis run` that ended without using it (e.g. --version)
+  await discardEarlyThreads(); // a `partis run` that ended without using them (e.g. --version)
 } catch (e) {
-  await discardEarlyWorker();
-  fail(e);
+  await fail(e);
 }

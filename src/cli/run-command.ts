@@ -13,13 +13,20 @@
  * 2 bad input (nothing started, nothing changed); 130 quit with Ctrl-] or
  * interrupted. SIGTERM is a host shutdown request: the guest sees its ACPI
  * power button pressed; a second SIGTERM pulls the plug.
+ *
+ * The VM runs in this process (its vCPU and device threads are this process's
+ * threads, started before the CLI loads its modules: early-threads.ts), as a
+ * worker process runs one for the service: one process per VM either way,
+ * without a second Node start-up on the boot path.
  */
-import type { ChildProcess } from "node:child_process";
-import { spawnWorker, takeEarlyWorker } from "./worker-spawn.js";
 import type { Command } from "commander";
+import { PartisError } from "../errors.js";
 import { bootTrace } from "../worker/boot-trace.js";
+import type { RunningVm } from "../worker/running-vm.js";
+import type { PrestartedThreads } from "../worker/thread-prestart.js";
 import { collect, type DeviceOptions } from "./device-options.js";
-import { WORKER_EXIT, type ControlEvent, type ControlRequest, type VmConfig, type VmOutcome } from "../worker/vm-config.js";
+import { takeEarlyThreads } from "./early-threads.js";
+import type { VmConfig, VmOutcome } from "../worker/vm-config.js";
 
 export const RUN_EXIT = { poweroff: 0, failed: 1, usage: 2, reboot: 3, crash: 4, quit: 130 } as const;
 
@@ -36,58 +43,20 @@ export interface RunOptions extends DeviceOptions {
   cpus: string;
   reboot: boolean;
   name: string;
+  kernelUnpack: string;
 }
 
 const CTRL_RIGHT_BRACKET = 0x1d;
 
-interface WorkerResult {
-  readonly status: number;
-  readonly outcome: VmOutcome | undefined;
-  readonly error: { code: string; message: string } | undefined;
-}
+/** What the console and host requests act on: the running VM. */
+type VmControl = Pick<RunningVm, "consoleInput" | "pressPowerButton" | "stop">;
 
 /**
- * A partis-worker process. The first one is started before the CLI has even
- * parsed its options (worker-spawn.ts), so that its start-up overlaps the
- * CLI's own work; it does nothing until it receives "start", and `discard()`
- * ends it when validation fails (nothing is left running).
- */
-class WorkerProcess {
-  private readonly exit: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
-
-  constructor(readonly child: ChildProcess) {
-    this.exit = new Promise((resolve) => this.child.once("exit", (code, signal) => resolve({ code, signal })));
-  }
-
-  async discard(): Promise<void> {
-    this.child.kill("SIGKILL");
-    await this.exit;
-  }
-
-  /** Boot the VM in this worker; resolves when the worker exits. */
-  run(config: VmConfig, console: ConsoleBridge): Promise<WorkerResult> {
-    let outcome: VmOutcome | undefined;
-    let error: { code: string; message: string } | undefined;
-    this.child.on("message", (m: ControlEvent) => {
-      if (m.type === "exited") outcome = m.outcome;
-      else if (m.type === "error") error = { code: m.code, message: m.message };
-    });
-    console.attach(this.child);
-    bootTrace("cli", "config validated, start sent");
-    if (this.child.connected) this.child.send({ type: "start", config } satisfies ControlRequest);
-    return this.exit.then(({ code, signal }) => {
-      console.detach();
-      return { status: code ?? (signal ? 128 : 1), outcome, error };
-    });
-  }
-}
-
-/**
- * Connects the user's terminal (or standard input) to the current worker's
+ * Connects the user's terminal (or standard input) to the running VM's
  * console, across reboots; handles Ctrl-] and host shutdown requests.
  */
 class ConsoleBridge {
-  private child: ChildProcess | undefined;
+  private vm: VmControl | undefined;
   private readonly raw: boolean;
   quitRequested = false;
   private shutdownRequests = 0;
@@ -97,45 +66,44 @@ class ConsoleBridge {
     if (this.raw) process.stdin.setRawMode(true);
     process.stdin.on("data", (d: Buffer) => this.input(d));
     process.stdin.on("end", () => {});
+    process.stdin.on("error", () => {});
     process.on("SIGTERM", () => this.requestShutdown());
     process.on("SIGINT", () => this.quit());
     process.on("SIGHUP", () => this.quit());
   }
 
-  attach(child: ChildProcess): void {
-    this.child = child;
-    if (this.shutdownRequests > 0) this.send({ type: "shutdown" });
+  attach(vm: VmControl): void {
+    this.vm = vm;
+    if (this.quitRequested) vm.stop("console closed");
+    else if (this.shutdownRequests > 0) vm.pressPowerButton();
   }
 
   detach(): void {
-    this.child = undefined;
-  }
-
-  private send(m: ControlRequest): void {
-    if (this.child?.connected) this.child.send(m);
+    this.vm = undefined;
   }
 
   private input(d: Buffer): void {
     if (this.raw) {
       const i = d.indexOf(CTRL_RIGHT_BRACKET);
       if (i >= 0) {
-        if (i > 0) this.child?.stdin?.write(d.subarray(0, i));
+        if (i > 0) this.vm?.consoleInput(d.subarray(0, i));
         this.quit();
         return;
       }
     }
-    this.child?.stdin?.write(d);
+    this.vm?.consoleInput(d);
   }
 
   /** Host shutdown request: the ACPI power button; a second request pulls the plug. */
   requestShutdown(): void {
     this.shutdownRequests++;
-    this.send(this.shutdownRequests === 1 ? { type: "shutdown" } : { type: "stop" });
+    if (this.shutdownRequests === 1) this.vm?.pressPowerButton();
+    else this.vm?.stop("host-stop");
   }
 
   quit(): void {
     this.quitRequested = true;
-    this.send({ type: "stop" });
+    this.vm?.stop("console closed");
   }
 
   close(): void {
@@ -145,58 +113,88 @@ class ConsoleBridge {
   }
 }
 
+/** One boot: the VM's outcome, or why it could not start (`usage`: its configuration was refused). */
+type BootResult = { readonly outcome: VmOutcome } | { readonly error: string; readonly usage: boolean };
+
+/**
+ * Boot the VM in this process (`partis run` is its VM's process, as a worker
+ * is for the service) and wait until it ends. A vCPU thread that cannot be
+ * stopped leaves no clean way out: the process then ends at once (libc
+ * _exit), since Node would wait for that thread forever.
+ */
+async function bootOnce(config: VmConfig, bridge: ConsoleBridge, prestarted: PrestartedThreads | undefined): Promise<BootResult> {
+  const { RunningVm: Vm } = await import("../worker/running-vm.js");
+  let vm: RunningVm;
+  try {
+    bootTrace("cli", "config validated, VM starting");
+    vm = Vm.start(config, { consoleFd: 1, ...(prestarted !== undefined ? { prestarted } : {}) });
+    bootTrace("cli", "partition built, guest loaded");
+  } catch (e) {
+    return { error: e instanceof Error ? e.message : String(e), usage: e instanceof PartisError };
+  }
+  bridge.attach(vm);
+  const outcome = await vm.outcome;
+  bridge.detach();
+  try {
+    await vm.teardown();
+  } catch (e) {
+    process.stderr.write(`\r\npartis run: ${e instanceof Error ? e.message : String(e)}\r\n`);
+    (await import("../hypervisor/libc.js")).exitNow(RUN_EXIT.failed);
+  }
+  return { outcome };
+}
+
 export async function runVm(opts: RunOptions): Promise<number> {
   bootTrace("cli", "run: modules loaded");
-  const hints = { vcpus: Number(opts.cpus) || 1, devices: [opts.disk, opts.cdrom, opts.nic, opts.channel].some((l) => (l?.length ?? 0) > 0) || opts.rng === true };
-  const firstWorker = new WorkerProcess(takeEarlyWorker() ?? spawnWorker(hints));
+  const early = takeEarlyThreads();
+  let prestarted = early;
   let config: VmConfig;
   try {
     const validation = await import("./run-validation.js");
+    bootTrace("cli", "validation modules loaded");
     const host = validation.probeRunHost();
     const guest = opts.kernel === undefined ? await validation.defaultGuest(host) : undefined;
-    config = validation.resolveRunConfig(opts, guest, host);
+    const resolved = validation.resolveRunConfig(opts, guest, host);
+    bootTrace("cli", "input checked");
+    config = await validation.withUnpackedKernel(resolved, opts);
   } catch (e) {
-    await firstWorker.discard();
+    await early?.dispose();
     throw e;
   }
   const bridge = new ConsoleBridge();
-  let worker: WorkerProcess | undefined = firstWorker;
   try {
     for (;;) {
-      const r = await (worker ?? new WorkerProcess(spawnWorker({ vcpus: config.cpus, devices: (config.devices?.length ?? 0) > 0 }))).run(config, bridge);
-      worker = undefined;
+      const r = await bootOnce(config, bridge, prestarted);
+      prestarted = undefined; // a reboot starts its threads afresh
       if (bridge.quitRequested) {
         process.stderr.write("\r\npartis run: console closed; VM stopped\r\n");
         return RUN_EXIT.quit;
       }
-      if (r.error !== undefined) {
-        process.stderr.write(`partis run: ${r.error.message}\n`);
-        return r.status === WORKER_EXIT.badConfig ? RUN_EXIT.usage : RUN_EXIT.failed;
+      if ("error" in r) {
+        process.stderr.write(`partis run: ${r.error}\n`);
+        return r.usage ? RUN_EXIT.usage : RUN_EXIT.failed;
       }
-      // The reported outcome decides; the worker's exit status is the fallback.
-      const kind = r.outcome?.kind ?? (r.status === WORKER_EXIT.poweroff ? "poweroff" : r.status === WORKER_EXIT.reset ? "reset" : r.status === WORKER_EXIT.crash ? "crash" : undefined);
-      if (kind === "poweroff") return RUN_EXIT.poweroff;
-      if (kind === "reset") {
-        if (!opts.reboot) {
-          process.stderr.write(`\r\npartis run: guest rebooted (${r.outcome?.kind === "reset" ? r.outcome.source : "reset"}); --no-reboot given, stopping\r\n`);
-          return RUN_EXIT.reboot;
-        }
-        continue;
+      const outcome = r.outcome;
+      switch (outcome.kind) {
+        case "poweroff":
+          return RUN_EXIT.poweroff;
+        case "reset":
+          if (!opts.reboot) {
+            process.stderr.write(`\r\npartis run: guest rebooted (${outcome.source}); --no-reboot given, stopping\r\n`);
+            return RUN_EXIT.reboot;
+          }
+          continue;
+        case "failed":
+          process.stderr.write(`\r\npartis run: ${outcome.reason}\r\n`);
+          return RUN_EXIT.failed;
+        case "crash":
+          process.stderr.write(`\r\npartis run: guest crashed: ${outcome.reason}\r\n`);
+          return RUN_EXIT.crash;
       }
-      if (r.outcome?.kind === "failed") {
-        process.stderr.write(`\r\npartis run: ${r.outcome.reason}\r\n`);
-        return RUN_EXIT.failed;
-      }
-      if (kind === "crash") {
-        const reason = r.outcome?.kind === "crash" ? r.outcome.reason : "unknown reason";
-        process.stderr.write(`\r\npartis run: guest crashed: ${reason}\r\n`);
-        return RUN_EXIT.crash;
-      }
-      process.stderr.write(`\r\npartis run: worker ended unexpectedly (status ${r.status})\r\n`);
-      return RUN_EXIT.failed;
     }
   } finally {
     bridge.close();
+    await early?.dispose(); // spares still starting up end first (see thread-prestart.ts)
   }
 }
 
@@ -209,6 +207,11 @@ export function registerRunCommand(program: Command): void {
     .option("--append <cmdline>", `kernel command line (default: "${DEFAULT_APPEND}")`)
     .option("--memory <size>", "guest memory, e.g. 512M, 4G (a bare number is MiB)", "512M")
     .option("--cpus <n>", "virtual processors", "1")
+    .option(
+      "--kernel-unpack <auto|host|guest>",
+      "host: decompress the bzImage once on the host (cached) and start the kernel proper: a faster boot, without kernel-image KASLR; guest: the kernel decompresses itself (KASLR); auto: host when this kernel can be unpacked",
+      "auto",
+    )
     .option("--no-reboot", "exit (status 3) when the guest reboots instead of restarting it")
     .option("--name <name>", "VM name for messages", "partis-vm")
     .option("--disk <path[,if=virtio|ide][,ro]>", "attach a disk image (raw, VHD, VHDX) or host block device; repeatable", collect)

@@ -4,7 +4,7 @@
  * UsageError (exit 2) with one line. Loaded by run-command after the worker
  * process has been started, so these modules load while the worker does.
  */
-import { accessSync, constants, existsSync, readFileSync, statSync } from "node:fs";
+import { accessSync, constants, existsSync, statSync } from "node:fs";
 import { dirname } from "node:path";
 import { UsageError, HostCapabilityError } from "../errors.js";
 import { probeHost, stockGuestVerdict, type HostReport } from "../hypervisor/host.js";
@@ -12,6 +12,8 @@ import { resolveDevices } from "./device-options.js";
 import { DEFAULT_FRAMEBUFFER_HEIGHT, DEFAULT_FRAMEBUFFER_WIDTH, FRAMEBUFFER_MAX_BYTES } from "../devices/display/linear-framebuffer.js";
 import { planMemory, MIN_RAM_BYTES, RAM_GRANULE } from "../machine/memory-map.js";
 import { planLinuxLoad, KernelImageError, LinuxLoadError } from "../machine/linux-boot.js";
+import { unpackKernel } from "../images/kernel-unpack.js";
+import { readKernelHead } from "../images/kernel-file.js";
 import { MAX_VCPUS } from "../machine/cpuid.js";
 import { prepareDefaultGuest } from "../images/default-guest.js";
 import { parseByteSize, formatByteSize } from "./byte-size.js";
@@ -71,7 +73,7 @@ export function resolveRunConfig(opts: RunOptions, guest: { kernel: string; init
   const initrdSize = initrdPath === undefined ? 0 : requireFile(initrdPath, "--initrd");
   const cmdline = opts.append ?? DEFAULT_APPEND;
   try {
-    planLinuxLoad(plan, readFileSync(kernelPath), initrdSize, cmdline);
+    planLinuxLoad(plan, readKernelHead(kernelPath), initrdSize, cmdline);
   } catch (e) {
     if (e instanceof KernelImageError) throw new UsageError(`--kernel ${kernelPath}: ${e.message}`);
     if (e instanceof LinuxLoadError) throw new UsageError(`${e.code === "INITRD_DOES_NOT_FIT" ? `--initrd ${initrdPath}` : `--kernel ${kernelPath}`}: ${e.message}`);
@@ -108,3 +110,28 @@ function resolveFramebuffer(opts: RunOptions): { width: number; height: number }
   return { width, height };
 }
 
+
+/**
+ * `--kernel-unpack auto` (the default) or `host`: the kernel decompressed on
+ * the host, from the cache or unpacked now (once). Under `auto` a kernel that
+ * cannot be unpacked here (no payload description, a format without a tool)
+ * boots compressed as before; `host` makes that bad input (exit 2).
+ */
+export async function withUnpackedKernel(config: VmConfig, opts: Pick<RunOptions, "kernelUnpack">): Promise<VmConfig> {
+  const mode = opts.kernelUnpack;
+  if (mode !== "auto" && mode !== "host" && mode !== "guest") throw new UsageError(`--kernel-unpack: "${mode}" is not auto, host or guest`);
+  if (mode === "guest") return config;
+  const cannot = (why: string): VmConfig => {
+    if (mode === "host") throw new UsageError(`--kernel-unpack host: ${config.kernelPath} cannot be unpacked on the host: ${why}`);
+    return config;
+  };
+  const r = await unpackKernel(config.kernelPath, { log: (l) => process.stderr.write(`partis run: ${l}\n`) });
+  if (!r.ok) return cannot(r.why);
+  try {
+    planLinuxLoad(planMemory(config.memoryBytes), readKernelHead(config.kernelPath), 0, config.cmdline, r.kernel);
+  } catch (e) {
+    if (e instanceof LinuxLoadError) return cannot(e.message);
+    throw e;
+  }
+  return { ...config, unpackedKernel: r.kernel };
+}

@@ -34,6 +34,7 @@ type IntFn<A extends unknown[]> = (...args: A) => number;
 const c = {
   open: lib.func("int open(const char *path, int flags, int mode)") as IntFn<[string, number, number]>,
   close: lib.func("int close(int fd)") as IntFn<[number]>,
+  exit: lib.func("void _exit(int status)") as (status: number) => void,
   ioctlPtr: lib.func("ioctl", "int", ["int", "unsigned long", "void *"]) as IntFn<[number, number, ArrayBufferView | null]>,
   ioctlInt: lib.func("ioctl", "int", ["int", "unsigned long", "unsigned long"]) as IntFn<[number, number, number | bigint]>,
   mmap: lib.func("void *mmap(void *addr, size_t length, int prot, int flags, int fd, int64_t offset)") as (
@@ -268,6 +269,16 @@ const PR_SET_NAME = 15;
  */
 export function setThreadName(name: string): boolean {
   return c.prctlName(PR_SET_NAME, name.slice(0, 15), 0, 0, 0) === 0;
+}
+
+/**
+ * _exit(2): end the process now with `status`, every thread included, without
+ * Node's shutdown (which joins worker threads and so never returns while one
+ * is stuck in a system call, a vCPU in KVM_RUN say). Flush what must be seen first.
+ */
+export function exitNow(status: number): never {
+  c.exit(status);
+  throw new Error("_exit returned");
 }
 
 export function pthreadSelf(): bigint {

@@ -17,6 +17,7 @@ import { prepareBusybox, prepareDebianKernel } from "./debian-kernel.js";
 import { defaultCacheDir, ensureCacheEntry } from "./image-cache.js";
 import { buildInitramfs } from "./initramfs.js";
 import { loadModuleIndex, planModuleLoad } from "./kernel-modules.js";
+import { unpackKernel } from "./kernel-unpack.js";
 
 /** Modules loaded by default: ACPI power button and the input event layer acpid reads. */
 export const DEFAULT_GUEST_MODULES: readonly string[] = [
@@ -169,5 +170,7 @@ export async function prepareDefaultGuest(opts: PrepareDefaultGuestOptions = {})
     await writeFile(join(tmp, "initrd.cpio.gz"), await buildInitramfs({ busybox: busybox.path, modules: { index, plan }, files }));
     await writeFile(join(tmp, "modules.txt"), [...plan.load.map((m) => m.path), ...plan.builtin.map((b) => `builtin: ${b}`)].join("\n") + "\n");
   });
+  // The kernel unpacked on the host as well (partis run's default, --kernel-unpack auto), so no boot pays for it.
+  await unpackKernel(kernel.kernel, { cacheDir, log });
   return { kernel: kernel.kernel, initrd: join(entry, "initrd.cpio.gz"), modulesDir: kernel.modulesDir, kernelVersion: kernel.kernelVersion };
 }

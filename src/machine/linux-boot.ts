@@ -13,6 +13,7 @@ import { PartisError } from "../errors.js";
 import type { GuestMemory } from "./guest-memory.js";
 import { E820_MAX_ENTRIES_ZEROPAGE, e820Table, encodeE820 } from "./e820.js";
 import { CMDLINE_MAX, initrdPlacement, type MemoryPlan } from "./memory-map.js";
+import type { KernelExtent } from "./kernel-elf.js";
 
 export class KernelImageError extends PartisError {}
 export class LinuxLoadError extends PartisError {}
@@ -87,9 +88,25 @@ export interface BzImageHeader {
   readonly headerEnd: number;
 }
 
-export function parseBzImage(kernel: Uint8Array): BzImageHeader {
+/**
+ * The start of a kernel file and the file's size: enough to check and plan a
+ * boot without reading megabytes (the setup code and header lie within the
+ * first KERNEL_HEAD_BYTES, as setup_sects is at most 255).
+ */
+export interface KernelFileHead {
+  readonly head: Uint8Array;
+  readonly size: number;
+}
+export const KERNEL_HEAD_BYTES = 256 * 512;
+
+function headOf(kernel: Uint8Array | KernelFileHead): KernelFileHead {
+  return kernel instanceof Uint8Array ? { head: kernel, size: kernel.length } : kernel;
+}
+
+export function parseBzImage(file: Uint8Array | KernelFileHead): BzImageHeader {
+  const { head: kernel, size } = headOf(file);
   if (kernel.length < HDR_MAX_END)
-    throw new KernelImageError("KERNEL_TOO_SHORT", `kernel image is ${kernel.length} bytes, too short for a setup header`, { size: kernel.length });
+    throw new KernelImageError("KERNEL_TOO_SHORT", `kernel image is ${size} bytes, too short for a setup header`, { size });
   const dv = new DataView(kernel.buffer, kernel.byteOffset, kernel.byteLength);
   const magic = dv.getUint32(OFF_HEADER, true);
   if (magic !== HDRS_MAGIC)
@@ -122,12 +139,12 @@ export function parseBzImage(kernel: Uint8Array): BzImageHeader {
   if (setupSects === 0) setupSects = 4;
   const payloadOffset = (setupSects + 1) * 512;
   const syssize = dv.getUint32(OFF_SYSSIZE, true);
-  if (payloadOffset >= kernel.length)
-    throw new KernelImageError("KERNEL_TRUNCATED", `kernel image is ${kernel.length} bytes but its setup code claims ${payloadOffset}`, {
-      size: kernel.length,
+  if (payloadOffset >= size)
+    throw new KernelImageError("KERNEL_TRUNCATED", `kernel image is ${size} bytes but its setup code claims ${payloadOffset}`, {
+      size,
       setupSects,
     });
-  const payloadLength = kernel.length - payloadOffset;
+  const payloadLength = size - payloadOffset;
   if (syssize * 16 > payloadLength)
     throw new KernelImageError(
       "KERNEL_TRUNCATED",
@@ -155,7 +172,7 @@ export function parseBzImage(kernel: Uint8Array): BzImageHeader {
 }
 
 export interface LinuxBootInfo {
-  /** 64-bit entry point: load address + 0x200. */
+  /** 64-bit entry point: load address + 0x200 (the decompressor), or the unpacked kernel's startup_64. */
   readonly entry64: number;
   /** Guest-physical address of boot_params (RSI at entry). */
   readonly bootParams: number;
@@ -175,6 +192,23 @@ export interface LinuxLoadOptions {
    * src/devices/display. Absent: all zero (no display; vgacon falls back to the dummy console).
    */
   readonly screenInfo?: Uint8Array;
+  /**
+   * The kernel already decompressed on the host (src/images/kernel-unpack.ts):
+   * its non-zero runs are copied to their physical addresses and the BSP starts
+   * at the kernel proper's startup_64, skipping the decompressor. The bzImage is
+   * still given for its setup header.
+   */
+  readonly unpacked?: UnpackedKernelImage;
+}
+
+/** A decompressed kernel ready to copy: see src/machine/kernel-elf.ts. */
+export interface UnpackedKernelImage {
+  readonly entry: number;
+  readonly loadStart: number;
+  readonly loadEnd: number;
+  readonly extents: readonly KernelExtent[];
+  /** The extents' bytes back to back (extent.offset indexes into it). */
+  readonly flat: Uint8Array;
 }
 
 /** Where everything of a Linux boot goes, decided before anything is written. */
@@ -190,15 +224,29 @@ export interface LinuxLoadPlan {
  * the memory plan, and decide their placement. Throws KernelImageError or
  * LinuxLoadError; writes nothing (the CLI validates with it before starting).
  */
-export function planLinuxLoad(plan: MemoryPlan, kernel: Uint8Array, initrdSize: number, cmdline: string): LinuxLoadPlan {
+export function planLinuxLoad(
+  plan: MemoryPlan,
+  kernel: Uint8Array | KernelFileHead,
+  initrdSize: number,
+  cmdline: string,
+  unpacked?: Pick<UnpackedKernelImage, "entry" | "loadStart" | "loadEnd">,
+): LinuxLoadPlan {
   const hdr = parseBzImage(kernel);
   const load = plan.kernelLoad;
-  const kernelEnd = Math.max(load + hdr.payloadLength, decompressionBase(hdr, load) + hdr.initSize);
+  const base = decompressionBase(hdr, load);
+  const kernelEnd = Math.max(load + hdr.payloadLength, base + hdr.initSize);
   if (kernelEnd > plan.lowRamEnd)
     throw new LinuxLoadError(
       "KERNEL_DOES_NOT_FIT",
       `kernel needs ${hdr.initSize} bytes from 0x${load.toString(16)} but low RAM ends at 0x${plan.lowRamEnd.toString(16)}`,
       { initSize: hdr.initSize, lowRamEnd: plan.lowRamEnd },
+    );
+  // The unpacked kernel must sit where its decompressor would have put it: inside [base, base + init_size).
+  if (unpacked !== undefined && (unpacked.loadStart < base || unpacked.loadEnd > base + hdr.initSize || unpacked.entry < unpacked.loadStart || unpacked.entry >= unpacked.loadEnd))
+    throw new LinuxLoadError(
+      "UNPACKED_KERNEL_MISPLACED",
+      `decompressed kernel spans 0x${unpacked.loadStart.toString(16)}-0x${unpacked.loadEnd.toString(16)} (entry 0x${unpacked.entry.toString(16)}), outside the bzImage's 0x${base.toString(16)}-0x${(base + hdr.initSize).toString(16)}`,
+      { loadStart: unpacked.loadStart, loadEnd: unpacked.loadEnd, base, initSize: hdr.initSize },
     );
 
   // Command line (NUL-terminated, within the kernel's cmdline_size).
@@ -228,10 +276,11 @@ export function planLinuxLoad(plan: MemoryPlan, kernel: Uint8Array, initrdSize: 
   return { header: hdr, kernelEnd, cmdline: cmdBytes, ...(initrdInfo !== undefined ? { initrd: initrdInfo } : {}) };
 }
 
+/** `kernel` is the whole bzImage, or only its head when the kernel comes unpacked (options.unpacked). */
 export function loadLinux(
   memory: GuestMemory,
   plan: MemoryPlan,
-  kernel: Uint8Array,
+  kernel: Uint8Array | KernelFileHead,
   initrd: Uint8Array | undefined,
   cmdline: string,
   options: LinuxLoadOptions = {},
@@ -240,11 +289,23 @@ export function loadLinux(
     throw new LinuxLoadError("SCREEN_INFO_SIZE", `screen_info is ${options.screenInfo.length} bytes, expected ${BP_SCREEN_INFO_SIZE}`, {
       length: options.screenInfo.length,
     });
-  const { header: hdr, kernelEnd, cmdline: cmdBytes, initrd: initrdInfo } = planLinuxLoad(plan, kernel, initrd?.length ?? 0, cmdline);
+  const unpacked = options.unpacked;
+  const { header: hdr, kernelEnd, cmdline: cmdBytes, initrd: initrdInfo } = planLinuxLoad(plan, kernel, initrd?.length ?? 0, cmdline, unpacked);
   const load = plan.kernelLoad;
 
   // Copy in: kernel, initrd, command line.
-  memory.write(load, kernel.subarray(hdr.payloadOffset));
+  const { head, size } = headOf(kernel);
+  if (unpacked === undefined) {
+    if (head.length !== size) throw new LinuxLoadError("KERNEL_INCOMPLETE", `only ${head.length} of the kernel's ${size} bytes were given`, { given: head.length, size });
+    memory.write(load, head.subarray(hdr.payloadOffset));
+  } else
+    for (const x of unpacked.extents) {
+      if (x.offset + x.length > unpacked.flat.length)
+        throw new LinuxLoadError("UNPACKED_KERNEL_TRUNCATED", `decompressed kernel image is ${unpacked.flat.length} bytes; an extent needs ${x.offset + x.length}`, { offset: x.offset, length: x.length });
+      if (x.gpa < unpacked.loadStart || x.gpa + x.length > unpacked.loadEnd)
+        throw new LinuxLoadError("UNPACKED_KERNEL_MISPLACED", `decompressed kernel extent at 0x${x.gpa.toString(16)} is outside its load span`, { gpa: x.gpa, length: x.length });
+      memory.write(x.gpa, unpacked.flat.subarray(x.offset, x.offset + x.length));
+    }
   if (initrdInfo !== undefined && initrd !== undefined) memory.write(initrdInfo.addr, initrd);
   const cmdBuf = new Uint8Array(cmdBytes.length + 1);
   cmdBuf.set(cmdBytes);
@@ -253,7 +314,7 @@ export function loadLinux(
   // Zero page.
   const bp = new Uint8Array(BOOT_PARAMS_SIZE);
   const dv = new DataView(bp.buffer);
-  bp.set(kernel.subarray(HDR_START, hdr.headerEnd), HDR_START);
+  bp.set(head.subarray(HDR_START, hdr.headerEnd), HDR_START);
   dv.setUint16(OFF_VID_MODE, VID_MODE_NORMAL, true);
   dv.setUint8(OFF_TYPE_OF_LOADER, 0xff);
   dv.setUint8(OFF_LOADFLAGS, (hdr.loadflags | CAN_USE_HEAP) & 0xff);
@@ -277,7 +338,7 @@ export function loadLinux(
   memory.write(plan.zeroPage, bp);
 
   return {
-    entry64: load + 0x200,
+    entry64: unpacked?.entry ?? load + 0x200,
     bootParams: plan.zeroPage,
     kernelLoad: load,
     kernelEnd,
@@ -285,6 +346,46 @@ export function loadLinux(
     cmdlineAddr: plan.cmdline.start,
     header: hdr,
   };
+}
+
+const OFF_PAYLOAD_OFFSET = 0x248;
+const OFF_PAYLOAD_LENGTH = 0x24c;
+
+/** Compression formats of a bzImage payload, by magic (arch/x86/boot/compressed/Makefile). */
+export type KernelCompression = "gzip" | "xz" | "zstd" | "lzma" | "bzip2" | "lz4" | "lzo" | "unknown";
+
+/**
+ * The bzImage's compressed kernel (protocol 2.08+: payload_offset/payload_length,
+ * relative to the protected-mode code) and its format. Every format but gzip
+ * carries the decompressed size as 4 trailing little-endian bytes (the build's
+ * size_append); `data` excludes them and `decompressedSize` reports them.
+ */
+export function compressedPayload(kernel: Uint8Array, hdr: BzImageHeader = parseBzImage(kernel)): { compression: KernelCompression; data: Uint8Array; decompressedSize?: number } {
+  if (hdr.version < 0x0208) throw new KernelImageError("KERNEL_PROTOCOL_TOO_OLD", `kernel boot protocol ${fmtVersion(hdr.version)} does not describe its payload (2.08+)`, { version: hdr.version });
+  const dv = new DataView(kernel.buffer, kernel.byteOffset, kernel.byteLength);
+  const offset = hdr.payloadOffset + dv.getUint32(OFF_PAYLOAD_OFFSET, true);
+  const length = dv.getUint32(OFF_PAYLOAD_LENGTH, true);
+  if (length < 8 || offset + length > kernel.length)
+    throw new KernelImageError("KERNEL_TRUNCATED", `kernel payload (0x${offset.toString(16)}, ${length} bytes) runs past the end of the ${kernel.length}-byte file`, { offset, length });
+  const p = kernel.subarray(offset, offset + length);
+  const m = (...bytes: number[]): boolean => bytes.every((b, i) => p[i] === b);
+  const compression: KernelCompression = m(0x1f, 0x8b)
+    ? "gzip"
+    : m(0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00)
+      ? "xz"
+      : m(0x28, 0xb5, 0x2f, 0xfd)
+        ? "zstd"
+        : m(0x5d, 0x00, 0x00)
+          ? "lzma"
+          : m(0x42, 0x5a, 0x68)
+            ? "bzip2"
+            : m(0x02, 0x21, 0x4c, 0x18)
+              ? "lz4"
+              : m(0x89, 0x4c, 0x5a, 0x4f)
+                ? "lzo"
+                : "unknown";
+  if (compression === "gzip" || compression === "unknown") return { compression, data: p };
+  return { compression, data: p.subarray(0, length - 4), decompressedSize: new DataView(p.buffer, p.byteOffset + length - 4, 4).getUint32(0, true) };
 }
 
 /**

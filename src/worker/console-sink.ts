@@ -7,13 +7,20 @@
  */
 import { writeSync } from "node:fs";
 import type { ByteSink } from "../devices/dependencies.js";
+import { bootTrace } from "./boot-trace.js";
 
 const pause = new Int32Array(new SharedArrayBuffer(4));
 
 export class FdConsoleSink implements ByteSink {
+  private first = true;
+
   constructor(private readonly fd: number) {}
 
   write(bytes: Uint8Array): void {
+    if (this.first) {
+      this.first = false;
+      bootTrace("console", "first byte from the guest");
+    }
     let done = 0;
     while (done < bytes.length) {
       try {

@@ -13,6 +13,7 @@
  * would), then post "ready". Stop: the stop word turns non-zero and the
  * doorbell rings.
  */
+import { awaitThreadData } from "./thread-prestart.js";
 import { parentPort, workerData } from "node:worker_threads";
 import { Session } from "node:inspector";
 import { writeFileSync } from "node:fs";
@@ -261,8 +262,9 @@ function main(data: DeviceThreadData): void {
 }
 
 /** Started with its data, or prestarted (thread-prestart.ts): then the data is the first message. */
-const threadData = ((workerData as DeviceThreadData | null) ??
-  (await new Promise((resolve) => parentPort!.once("message", resolve)))) as DeviceThreadData;
+const threadData = (workerData as DeviceThreadData | null) ?? (await awaitThreadData<DeviceThreadData>(parentPort));
+// A prestarted thread the VM did not need: end quietly.
+if (threadData === null) process.exit(0);
 try {
   main(threadData);
 } catch (e) {

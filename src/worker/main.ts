@@ -44,8 +44,7 @@ async function start(request: Extract<ControlRequest, { type: "start" }>): Promi
     const code = e instanceof PartisError ? e.code : "WORKER_START_FAILED";
     const message = e instanceof Error ? e.message : String(e);
     send({ type: "error", code, message });
-    process.exitCode = e instanceof PartisError ? WORKER_EXIT.badConfig : WORKER_EXIT.failed;
-    setImmediate(() => process.exit());
+    exitAfterThreads(e instanceof PartisError ? WORKER_EXIT.badConfig : WORKER_EXIT.failed);
     return;
   }
   send({ type: "running", vcpus: request.config.cpus });
@@ -67,7 +66,12 @@ async function start(request: Extract<ControlRequest, { type: "start" }>): Promi
     setTimeout(() => process.kill(process.pid, "SIGKILL"), 100);
     return;
   }
-  setImmediate(() => process.exit(status));
+  exitAfterThreads(status);
+}
+
+/** process.exit once the prestarted threads nobody took are gone (thread-prestart.ts: exiting under one still loading aborts). */
+function exitAfterThreads(status: number): void {
+  void prestarted.dispose().then(() => process.exit(status));
 }
 
 process.on("message", (m: ControlRequest) => {
@@ -83,14 +87,14 @@ process.on("message", (m: ControlRequest) => {
       else vm.pressPowerButton();
       break;
     case "stop":
-      if (vm === undefined) process.exit(WORKER_EXIT.poweroff);
-      vm.stop("host-stop");
+      if (vm === undefined) exitAfterThreads(WORKER_EXIT.poweroff);
+      else vm.stop("host-stop");
       break;
   }
 });
 process.on("disconnect", () => {
   // The parent is gone: nobody can see this VM any more.
-  if (vm === undefined) process.exit(WORKER_EXIT.failed);
+  if (vm === undefined) exitAfterThreads(WORKER_EXIT.failed);
   else vm.stop("parent-disconnected");
 });
-for (const sig of ["SIGTERM", "SIGINT", "SIGHUP"] as const) process.on(sig, () => (vm === undefined ? process.exit(WORKER_EXIT.failed) : vm.stop(`signal ${sig}`)));
+for (const sig of ["SIGTERM", "SIGINT", "SIGHUP"] as const) process.on(sig, () => (vm === undefined ? exitAfterThreads(WORKER_EXIT.failed) : vm.stop(`signal ${sig}`)));

@@ -15,6 +15,7 @@ import { Partition } from "../hypervisor/partition.js";
 import { VcpuKicker } from "../hypervisor/virtual-processor.js";
 import { planMemory, type MemoryPlan } from "../machine/memory-map.js";
 import { loadLinux } from "../machine/linux-boot.js";
+import { readKernelHead } from "../images/kernel-file.js";
 import { longModeBootState, writeBootTables } from "../machine/boot-cpu.js";
 import { cpuidForVcpu } from "../machine/cpuid.js";
 import { buildAcpiTables } from "../machine/acpi/build.js";
@@ -130,11 +131,12 @@ export class RunningVm {
           ...(devices === undefined ? {} : { devices }),
         });
       }
-      options.prestarted?.dispose(); // prestarted threads this VM does not need
+      void options.prestarted?.dispose(); // prestarted threads this VM does not need (they end in the background)
 
       // While the threads start: the guest.
       const memory = partition.guestMemory;
-      const kernel = readFileSync(config.kernelPath);
+      // Unpacked on the host: only the bzImage's setup header is needed from it.
+      const kernel = config.unpackedKernel === undefined ? readFileSync(config.kernelPath) : readKernelHead(config.kernelPath);
       const initrd = config.initrdPath === undefined ? undefined : readFileSync(config.initrdPath);
       const acpi = buildAcpiTables({ vcpuCount: config.cpus, plan }, memory);
       let screenInfo: Uint8Array | undefined;
@@ -144,7 +146,12 @@ export class RunningVm {
         partition.mapDeviceMemory(fb.gpa, fb.memory);
         screenInfo = encodeScreenInfo(fb.screenInfo());
       }
-      const info = loadLinux(memory, plan, kernel, initrd, config.cmdline, { rsdpAddr: acpi.rsdpAddress, ...(screenInfo !== undefined ? { screenInfo } : {}) });
+      const unpacked = config.unpackedKernel === undefined ? undefined : { ...config.unpackedKernel, flat: readFileSync(config.unpackedKernel.imagePath) };
+      const info = loadLinux(memory, plan, kernel, initrd, config.cmdline, {
+        rsdpAddr: acpi.rsdpAddress,
+        ...(screenInfo !== undefined ? { screenInfo } : {}),
+        ...(unpacked !== undefined ? { unpacked } : {}),
+      });
       writeBootTables(memory, plan);
       const boot = longModeBootState(plan, info);
       vm.threads.forEach((t, id) => t.postMessage({ boot: id === 0 ? boot : null, msrs: boot.msrs } satisfies VcpuStartMessage));
@@ -152,7 +159,7 @@ export class RunningVm {
       vm.openGateWhenReady();
       return vm;
     } catch (e) {
-      options.prestarted?.dispose();
+      void options.prestarted?.dispose();
       if (vm !== undefined) for (const t of vm.threads) void t.terminate();
       if (vm?.deviceThread !== undefined) void vm.deviceThread.terminate();
       partition.destroy();

@@ -8,12 +8,22 @@
  * A prestarted thread loads its modules and then waits for its data as the
  * first message on its port; RunningVm hands it over instead of constructing
  * a thread. Hints only ever save time: a thread the VM does not need is
- * terminated, a missing one is started then.
+ * ended, a missing one is started then.
+ *
+ * Ending a thread that is still loading its modules must wait: terminating it
+ * while koffi's native module initialises aborts the whole process (a fatal
+ * N-API error). So a thread says when its modules are loaded; until then it is
+ * asked to end itself (a `null` first message) rather than terminated, and
+ * `dispose()` resolves once every such thread is gone: a process awaits it
+ * before `process.exit`.
+ *
+ * `partis run`, which runs its VM in its own process, starts them the same
+ * way from its raw command line (src/cli/early-threads.ts).
  *
  * This module imports only Node built-ins, so it runs before the worker loads
  * anything else.
  */
-import { Worker, type ResourceLimits } from "node:worker_threads";
+import { Worker, type MessagePort, type ResourceLimits } from "node:worker_threads";
 
 export const VCPU_THREAD_URL = new URL("./vcpu-thread.js", import.meta.url);
 export const DEVICE_THREAD_URL = new URL("./device-thread.js", import.meta.url);
@@ -36,32 +46,72 @@ export function deviceThread(workerData: unknown): Worker {
   return new Worker(DEVICE_THREAD_URL, { workerData, stdout: false, stderr: false });
 }
 
-/** A prestarted thread; `failed` once it reported an error (it is then never handed out). */
+/** What a prestarted thread posts once its modules are loaded (it then waits for its data). */
+export const THREAD_LOADED = "partis-thread-loaded";
+
+/**
+ * In a prestarted thread: say the modules are loaded and wait for the data.
+ * `null` means the thread is not needed (the caller ends itself).
+ */
+export async function awaitThreadData<T>(port: MessagePort | null): Promise<T | null> {
+  if (port === null) return null;
+  port.postMessage(THREAD_LOADED);
+  return (await new Promise((resolve) => port.once("message", resolve))) as T | null;
+}
+
+/** A prestarted thread; `failed` once it reported an error or ended (it is then never handed out). */
 interface Prestarted {
   readonly worker: Worker;
   failed: boolean;
+  loaded: boolean;
+  readonly gone: Promise<void>;
 }
 
 function prestart(worker: Worker): Prestarted {
-  const p: Prestarted = { worker, failed: false };
+  let p!: Prestarted;
+  const gone = new Promise<void>((resolve) =>
+    worker.once("exit", () => {
+      p.failed = true;
+      resolve();
+    }),
+  );
+  p = { worker, failed: false, loaded: false, gone };
   // Until it is handed out, nobody else listens: an error here must not take the process down.
   worker.once("error", () => (p.failed = true));
-  worker.once("exit", () => (p.failed = true));
+  const onLoaded = (m: unknown): void => {
+    if (m !== THREAD_LOADED) return;
+    p.loaded = true;
+    worker.off("message", onLoaded);
+  };
+  worker.on("message", onLoaded);
   return p;
+}
+
+/** End a thread nobody took: at once when it is idle (or dead), else by asking it to end after its start-up. */
+function end(p: Prestarted): Promise<void> {
+  if (p.loaded || p.failed) void p.worker.terminate();
+  else p.worker.postMessage(null);
+  return p.gone;
 }
 
 export class PrestartedThreads {
   private readonly vcpus: Prestarted[] = [];
   private devices: Prestarted | undefined;
+  /** Threads being ended (dispose, failed ones skipped by take*). */
+  private readonly ending: Promise<void>[] = [];
 
   /** Start what the hints in `argv` ask for (nothing without hints). */
   static fromArgv(argv: readonly string[]): PrestartedThreads {
-    const p = new PrestartedThreads();
     const i = argv.indexOf("--prestart-vcpus");
-    const n = i >= 0 ? Number(argv[i + 1]) : 0;
-    const count = Number.isSafeInteger(n) && n > 0 ? Math.min(n, MAX_PRESTART_VCPUS) : 0;
+    return PrestartedThreads.fromHints(i >= 0 ? Number(argv[i + 1]) : 0, argv.includes("--prestart-devices"));
+  }
+
+  /** Start `vcpus` vCPU threads (bounded; nonsense counts start none) and, if asked, the device thread. */
+  static fromHints(vcpus: number, devices: boolean): PrestartedThreads {
+    const p = new PrestartedThreads();
+    const count = Number.isSafeInteger(vcpus) && vcpus > 0 ? Math.min(vcpus, MAX_PRESTART_VCPUS) : 0;
     for (let k = 0; k < count; k++) p.vcpus.push(prestart(vcpuThread(null)));
-    if (argv.includes("--prestart-devices")) p.devices = prestart(deviceThread(null));
+    if (devices) p.devices = prestart(deviceThread(null));
     return p;
   }
 
@@ -69,7 +119,7 @@ export class PrestartedThreads {
   takeVcpu(): Worker | undefined {
     for (let p = this.vcpus.shift(); p !== undefined; p = this.vcpus.shift()) {
       if (!p.failed) return p.worker;
-      void p.worker.terminate();
+      this.ending.push(end(p));
     }
     return undefined;
   }
@@ -80,14 +130,18 @@ export class PrestartedThreads {
     this.devices = undefined;
     if (d === undefined) return undefined;
     if (!d.failed) return d.worker;
-    void d.worker.terminate();
+    this.ending.push(end(d));
     return undefined;
   }
 
-  /** End the threads nobody took. */
-  dispose(): void {
-    for (const p of this.vcpus.splice(0)) void p.worker.terminate();
-    void this.devices?.worker.terminate();
+  /**
+   * End the threads nobody took. Resolves when every thread this object ever
+   * ended is gone: await it before `process.exit` (see the module comment).
+   */
+  dispose(): Promise<void> {
+    for (const p of this.vcpus.splice(0)) this.ending.push(end(p));
+    if (this.devices !== undefined) this.ending.push(end(this.devices));
     this.devices = undefined;
+    return Promise.all(this.ending).then(() => {});
   }
 }

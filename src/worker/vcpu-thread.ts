@@ -6,6 +6,7 @@
  * MMIO go to the bus under the machine lock; power events and fatal exits
  * are recorded in the shared power state, which stops every thread.
  */
+import { awaitThreadData } from "./thread-prestart.js";
 import { parentPort, receiveMessageOnPort, workerData } from "node:worker_threads";
 import { Partition, type PartitionHandoff } from "../hypervisor/partition.js";
 import { VirtualProcessor, type Sregs, type Segment, type VcpuExit, type VcpuKickHandle } from "../hypervisor/virtual-processor.js";
@@ -250,8 +251,9 @@ function main(data: VcpuThreadData): void {
 }
 
 /** Started with its data, or prestarted (thread-prestart.ts): then the data is the first message. */
-const threadData = ((workerData as VcpuThreadData | null) ??
-  (await new Promise((resolve) => parentPort!.once("message", resolve)))) as VcpuThreadData;
+const threadData = (workerData as VcpuThreadData | null) ?? (await awaitThreadData<VcpuThreadData>(parentPort));
+// A prestarted thread the VM did not need: end quietly.
+if (threadData === null) process.exit(0);
 try {
   main(threadData);
 } catch (e) {

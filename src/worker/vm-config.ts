@@ -4,6 +4,7 @@
  * control channel.
  */
 import type { DeviceSpec } from "./device-plan.js";
+import type { UnpackedKernel } from "../images/kernel-unpack.js";
 
 export interface VmConfig {
   /** Display name (messages, logs). */
@@ -11,6 +12,11 @@ export interface VmConfig {
   readonly memoryBytes: number;
   readonly cpus: number;
   readonly kernelPath: string;
+  /**
+   * The kernel decompressed on the host (src/images/kernel-unpack.ts): loaded
+   * as is and entered at startup_64. Absent: the bzImage decompresses itself.
+   */
+  readonly unpackedKernel?: UnpackedKernel;
   readonly initrdPath?: string;
   readonly cmdline: string;
   /** PCI devices (disks, NICs, channels), in the order they were given. */

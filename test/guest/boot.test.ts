@@ -17,11 +17,13 @@ function memTotalKiB(output: string, tag: string): number {
 }
 
 const MEMTOTAL = "sed -n 's/^MemTotal: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo";
+/** Where the kernel's text sits in guest-physical memory (/proc/iomem "Kernel code"). */
+const KERNEL_CODE = "sed -n 's/^ *\\([0-9a-f]*\\)-[0-9a-f]* : Kernel code$/\\1/p' /proc/iomem";
 
 describe("a 5 GiB guest running a command at boot", () => {
   let r: { status: number; output: string; stderr: string };
   before(async () => {
-    r = await runGuestCommand(`echo CPUS=$(nproc); echo MEMTOTAL=$(${MEMTOTAL}); poweroff -f`, ["--memory", "5G"]);
+    r = await runGuestCommand(`echo CPUS=$(nproc); echo MEMTOTAL=$(${MEMTOTAL}); echo KCODE=$(${KERNEL_CODE}); poweroff -f`, ["--memory", "5G"]);
   });
 
   test("boots to the init marker", () => {
@@ -35,6 +37,16 @@ describe("a 5 GiB guest running a command at boot", () => {
   test("guest poweroff: partis run exits 0", () => {
     assert.equal(r.status, 0, r.stderr);
   });
+  test("the kernel was unpacked on the host: it runs at its link address, 16 MiB", () => {
+    assert.match(r.output, /KCODE=0*1000000\b/, r.output.slice(-2000));
+  });
+});
+
+test("--kernel-unpack guest: the bzImage's own decompressor boots the same kernel", async () => {
+  const r = await runGuestCommand(`echo KCODE=$(${KERNEL_CODE}); poweroff -f`, ["--kernel-unpack", "guest", "--memory", "512M"]);
+  assert.match(r.output, new RegExp(READY), `${r.output.slice(-2000)}\n${r.stderr}`);
+  assert.match(r.output, /KCODE=[0-9a-f]+\b/);
+  assert.equal(r.status, 0, r.stderr);
 });
 
 test("--cpus 4: the guest sees 4 online CPUs, and SMP poweroff ends the run with status 0", async () => {

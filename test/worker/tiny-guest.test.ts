@@ -10,7 +10,8 @@ import { mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { makeBzImage, TRIPLE_FAULT_CODE } from "../fixtures/bzimage.js";
+import { gzipSync } from "node:zlib";
+import { makeBzImage, makeKernelElf, TRIPLE_FAULT_CODE } from "../fixtures/bzimage.js";
 
 const CLI = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
 const dir = mkdtempSync(join(tmpdir(), "partis-tiny-guest-"));
@@ -42,6 +43,36 @@ test("guest prints on COM1 and powers off through ACPI S5: status 0", () => {
   const r = run(kernelFile("hello", [...serialPrint("HELLO-FROM-GUEST\n"), ...ACPI_S5, ...HALT_LOOP]));
   assert.equal(r.stdout, "HELLO-FROM-GUEST\n");
   assert.equal(r.status, 0, r.stderr);
+});
+
+test("--kernel-unpack: by default the kernel is unpacked on the host and entered at startup_64; guest keeps the decompressor path", () => {
+  // The bzImage's own 64-bit entry (the decompressor's) and the unpacked kernel print different words.
+  const unpackedCode = Uint8Array.from([...serialPrint("UNPACKED\n"), ...ACPI_S5, ...HALT_LOOP]);
+  const path = join(dir, "two-entries");
+  writeFileSync(path, makeBzImage(Uint8Array.from([...serialPrint("COMPRESSED\n"), ...ACPI_S5, ...HALT_LOOP]), { initSize: 1 << 20, compressedKernel: gzipSync(makeKernelElf(unpackedCode)) }));
+  const env = { ...process.env, PARTIS_CACHE: join(dir, "cache") };
+  const runWith = (extra: string[]) =>
+    spawnSync(process.execPath, [CLI, "run", "--kernel", path, "--memory", "64M", ...extra], { encoding: "latin1", input: "", timeout: 120_000, env });
+  const auto = runWith([]);
+  assert.equal(auto.stdout, "UNPACKED\n", auto.stderr);
+  assert.equal(auto.status, 0);
+  assert.match(auto.stderr, /unpacking the gzip kernel/, "the first use says it unpacks");
+  const again = runWith(["--kernel-unpack", "host"]);
+  assert.equal(again.stdout, "UNPACKED\n");
+  assert.equal(again.stderr, "", "the second use comes from the cache, silently");
+  const guest = runWith(["--kernel-unpack", "guest"]);
+  assert.equal(guest.stdout, "COMPRESSED\n");
+  assert.equal(guest.status, 0);
+  // A kernel with no payload to unpack: auto boots it compressed; host is bad input.
+  const plain = kernelFile("plain-for-unpack", [...serialPrint("PLAIN\n"), ...ACPI_S5, ...HALT_LOOP]);
+  assert.equal(run(plain).stdout, "PLAIN\n");
+  const refused = run(plain, ["--kernel-unpack", "host"]);
+  assert.equal(refused.status, 2);
+  assert.match(refused.stderr, /--kernel-unpack host: .* cannot be unpacked on the host/);
+  assert.equal(refused.stdout, "");
+  const bogus = run(plain, ["--kernel-unpack", "sideways"]);
+  assert.equal(bogus.status, 2);
+  assert.match(bogus.stderr, /--kernel-unpack: "sideways" is not auto, host or guest/);
 });
 
 /** A worker started directly with start-up hints, given `cpus` in its configuration; resolves with its exit status and console. */
@@ -78,7 +109,7 @@ test("prestarted threads: more or fewer than the VM needs, or a device thread it
   assert.equal(bad.status, 0);
 });
 
-test("the worker's threads are named: partis-vcpu0, partis-vcpu1 (ps -T, top -H)", async () => {
+test("the VM's threads are named: partis-vcpu0, partis-vcpu1 (ps -T, top -H)", async () => {
   const kernel = kernelFile("named-threads", [...serialPrint("UP\n"), ...HALT_LOOP]);
   const child = spawn(process.execPath, [CLI, "run", "--kernel", kernel, "--memory", "64M", "--cpus", "2"], { stdio: ["pipe", "pipe", "pipe"] });
   try {
@@ -86,12 +117,11 @@ test("the worker's threads are named: partis-vcpu0, partis-vcpu1 (ps -T, top -H)
       child.stdout!.once("data", () => resolve());
       child.once("exit", (code) => reject(new Error(`partis run exited (${code}) before the guest printed`)));
     });
-    // The worker is the CLI's child; its threads' names are in /proc/<pid>/task/<tid>/comm.
-    const worker = readFileSync(`/proc/${child.pid}/task/${child.pid}/children`, "utf8").trim().split(/\s+/)[0]!;
-    const names = readdirSync(`/proc/${worker}/task`).map((t) => readFileSync(`/proc/${worker}/task/${t}/comm`, "utf8").trim());
+    // `partis run` is its VM's process; its threads' names are in /proc/<pid>/task/<tid>/comm.
+    const names = readdirSync(`/proc/${child.pid}/task`).map((t) => readFileSync(`/proc/${child.pid}/task/${t}/comm`, "utf8").trim());
     assert.ok(names.includes("partis-vcpu0") && names.includes("partis-vcpu1"), names.join(", "));
   } finally {
-    // This guest ignores the power button: pull the plug (the worker stops when its CLI is gone).
+    // This guest ignores the power button: pull the plug.
     const exited = new Promise((r) => child.once("exit", r));
     child.kill("SIGKILL");
     await exited;

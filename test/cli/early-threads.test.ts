@@ -1,14 +1,15 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { hintsFromArgs } from "../../src/cli/worker-spawn.js";
+import { hintsFromArgs } from "../../src/cli/early-threads.js";
 import { prestartArgs, MAX_PRESTART_VCPUS } from "../../src/worker/thread-prestart.js";
 
-test("worker hints from `partis run` arguments: --cpus N / --cpus=N, device options, junk ignored", () => {
+test("thread hints from `partis run` arguments: --cpus N / --cpus=N, device options, junk ignored", () => {
   assert.deepEqual(hintsFromArgs([]), { vcpus: 1, devices: false });
   assert.deepEqual(hintsFromArgs(["--cpus", "4", "--memory", "1G"]), { vcpus: 4, devices: false });
   assert.deepEqual(hintsFromArgs(["--cpus=8"]), { vcpus: 8, devices: false });
   assert.deepEqual(hintsFromArgs(["--cpus", "zero"]), { vcpus: 1, devices: false });
   assert.deepEqual(hintsFromArgs(["--cpus", "0"]), { vcpus: 1, devices: false });
+  assert.deepEqual(hintsFromArgs(["--cpus", "5000"]), { vcpus: 1, devices: false }, "a count no VM can have starts no crowd of threads");
   assert.deepEqual(hintsFromArgs(["--disk", "a.raw"]), { vcpus: 1, devices: true });
   assert.deepEqual(hintsFromArgs(["--nic=tap:t0"]), { vcpus: 1, devices: true });
   assert.deepEqual(hintsFromArgs(["--rng", "--cpus", "2"]), { vcpus: 2, devices: true });

@@ -1,0 +1,59 @@
+/**
+ * `partis run` runs its VM in its own process (like a worker the service
+ * would start; see src/worker/running-vm.ts), and the slowest part of a VM's
+ * start-up is its threads' (a V8 isolate plus modules, koffi included, per
+ * vCPU thread: seconds in the nested test host). So the CLI starts them as
+ * the very first thing it does, before it loads its own modules or parses its
+ * options, from hints read off the raw command line (how many vCPUs, whether
+ * devices are coming); the configuration the VM later gets is what counts
+ * (thread-prestart.ts hands out what matches and ends the rest). A `partis
+ * run` that ends without a VM (bad input, --help) ends them.
+ *
+ * Imports only Node built-ins and thread-prestart.ts (itself built-ins only).
+ */
+import { PrestartedThreads } from "../worker/thread-prestart.js";
+
+/** Options of `partis run` that give the VM a PCI device (the device thread is worth starting early). */
+const DEVICE_OPTIONS = ["--disk", "--cdrom", "--nic", "--channel", "--rng"];
+
+/** Above this no VM can have that many vCPUs (the xAPIC ID is 8 bits: machine/cpuid.ts MAX_VCPUS): such a --cpus is bad input, not a hint. */
+const MAX_HINTED_VCPUS = 255;
+
+/** Thread hints from `partis run`'s raw arguments: `--cpus N` (else 1) and any device option. */
+export function hintsFromArgs(args: readonly string[]): { vcpus: number; devices: boolean } {
+  let vcpus = 1;
+  let devices = false;
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i]!;
+    if (a === "--") break;
+    const eq = a.indexOf("=");
+    const name = eq > 0 ? a.slice(0, eq) : a;
+    if (name === "--cpus") {
+      const n = Number(eq > 0 ? a.slice(eq + 1) : args[i + 1]);
+      if (Number.isSafeInteger(n) && n >= 1 && n <= MAX_HINTED_VCPUS) vcpus = n;
+    } else if (DEVICE_OPTIONS.includes(name)) devices = true;
+  }
+  return { vcpus, devices };
+}
+
+let early: PrestartedThreads | undefined;
+
+/** For `partis run` (not its --help): start the VM's threads now. */
+export function startEarlyThreads(argv: readonly string[]): void {
+  const args = argv.slice(2);
+  if (args[0] !== "run" || args.includes("--help") || args.includes("-h")) return;
+  const hints = hintsFromArgs(args.slice(1));
+  early = PrestartedThreads.fromHints(hints.vcpus, hints.devices);
+}
+
+/** The threads started by startEarlyThreads, once; undefined after that or when none were started. */
+export function takeEarlyThreads(): PrestartedThreads | undefined {
+  const t = early;
+  early = undefined;
+  return t;
+}
+
+/** End the early threads if nobody took them (a `partis run` that ended without booting); resolves when they are gone. */
+export function discardEarlyThreads(): Promise<void> {
+  return takeEarlyThreads()?.dispose() ?? Promise.resolve();
+}
