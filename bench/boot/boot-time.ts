@@ -35,6 +35,8 @@ const TIMEOUT_MS = 180_000;
 interface Sample {
   readonly ms: number;
   readonly overheadKiB: number;
+  /** The private part of it (RssAnon): what each further VM costs; the rest is program text shared by every process of the VMM. */
+  readonly privateKiB: number;
 }
 
 function status(pid: number): Record<string, number> {
@@ -83,7 +85,7 @@ function once(command: string, argv: string[], vmmPid: (c: ChildProcess) => numb
         // Let the guest settle at its shell, then read memory.
         setTimeout(() => {
           const pid = vmmPid(child);
-          const sample: Sample = { ms, overheadKiB: overheadKiB(pid) };
+          const sample: Sample = { ms, overheadKiB: overheadKiB(pid), privateKiB: status(pid).RssAnon ?? 0 };
           clearTimeout(timer);
           child.kill("SIGKILL");
           for (const p of childPids(child.pid!)) {
@@ -127,7 +129,7 @@ async function main(): Promise<void> {
       try {
         const s = await c.run();
         (results[c.name] ??= []).push(s);
-        process.stderr.write(`${c.name} run ${i + 1}: ${s.ms.toFixed(0)} ms, overhead ${(s.overheadKiB / 1024).toFixed(1)} MiB\n`);
+        process.stderr.write(`${c.name} run ${i + 1}: ${s.ms.toFixed(0)} ms, overhead ${(s.overheadKiB / 1024).toFixed(1)} MiB (private ${(s.privateKiB / 1024).toFixed(1)})\n`);
       } catch (e) {
         // A stalled boot is reported and left out of the median, not fatal to the whole run.
         (failures[c.name] ??= []).push(i + 1);
@@ -137,18 +139,19 @@ async function main(): Promise<void> {
   }
   if (results.partis === undefined) throw new Error("no Partis run succeeded");
   const partisMs = median(results.partis.map((s) => s.ms));
-  console.log(`| VMM | median start→marker (ms) | runs (ms) | VMM overhead RSS (MiB, median) | Partis ÷ this |`);
-  console.log(`|---|---|---|---|---|`);
+  console.log(`| VMM | median start→marker (ms) | runs (ms) | VMM overhead RSS (MiB, median) | of which private (RssAnon) | Partis ÷ this |`);
+  console.log(`|---|---|---|---|---|---|`);
   for (const c of configs) {
     const xs = results[c.name];
     if (xs === undefined) {
-      console.log(`| ${c.name} | all runs failed | | | |`);
+      console.log(`| ${c.name} | all runs failed | | | | |`);
       continue;
     }
     const ms = median(xs.map((s) => s.ms));
     const ov = median(xs.map((s) => s.overheadKiB)) / 1024;
+    const priv = median(xs.map((s) => s.privateKiB)) / 1024;
     const failed = failures[c.name] ? ` (failed: run ${failures[c.name]!.join(", ")})` : "";
-    console.log(`| ${c.name} | ${ms.toFixed(0)} | ${xs.map((s) => s.ms.toFixed(0)).join(", ")}${failed} | ${ov.toFixed(1)} | ${(partisMs / ms).toFixed(2)} |`);
+    console.log(`| ${c.name} | ${ms.toFixed(0)} | ${xs.map((s) => s.ms.toFixed(0)).join(", ")}${failed} | ${ov.toFixed(1)} | ${priv.toFixed(1)} | ${(partisMs / ms).toFixed(2)} |`);
   }
 }
 

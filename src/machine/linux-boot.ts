@@ -207,8 +207,13 @@ export interface UnpackedKernelImage {
   readonly loadStart: number;
   readonly loadEnd: number;
   readonly extents: readonly KernelExtent[];
-  /** The extents' bytes back to back (extent.offset indexes into it). */
-  readonly flat: Uint8Array;
+  /** Size of the flat image the extents index into (extent.offset). */
+  readonly imageBytes: number;
+  /**
+   * Fill `into` (a live view of guest RAM where it can be, so nothing is
+   * copied twice) with extent `x`'s bytes from the flat image.
+   */
+  readonly read: (x: KernelExtent, into: Uint8Array) => void;
 }
 
 /** Where everything of a Linux boot goes, decided before anything is written. */
@@ -300,11 +305,17 @@ export function loadLinux(
     memory.write(load, head.subarray(hdr.payloadOffset));
   } else
     for (const x of unpacked.extents) {
-      if (x.offset + x.length > unpacked.flat.length)
-        throw new LinuxLoadError("UNPACKED_KERNEL_TRUNCATED", `decompressed kernel image is ${unpacked.flat.length} bytes; an extent needs ${x.offset + x.length}`, { offset: x.offset, length: x.length });
+      if (x.offset + x.length > unpacked.imageBytes)
+        throw new LinuxLoadError("UNPACKED_KERNEL_TRUNCATED", `decompressed kernel image is ${unpacked.imageBytes} bytes; an extent needs ${x.offset + x.length}`, { offset: x.offset, length: x.length });
       if (x.gpa < unpacked.loadStart || x.gpa + x.length > unpacked.loadEnd)
         throw new LinuxLoadError("UNPACKED_KERNEL_MISPLACED", `decompressed kernel extent at 0x${x.gpa.toString(16)} is outside its load span`, { gpa: x.gpa, length: x.length });
-      memory.write(x.gpa, unpacked.flat.subarray(x.offset, x.offset + x.length));
+      const view = memory.tryBytes(x.gpa, x.length);
+      if (view !== undefined) unpacked.read(x, view);
+      else {
+        const bytes = new Uint8Array(x.length);
+        unpacked.read(x, bytes);
+        memory.write(x.gpa, bytes);
+      }
     }
   if (initrdInfo !== undefined && initrd !== undefined) memory.write(initrdInfo.addr, initrd);
   const cmdBuf = new Uint8Array(cmdBytes.length + 1);

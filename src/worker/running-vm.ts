@@ -15,7 +15,7 @@ import { Partition } from "../hypervisor/partition.js";
 import { VcpuKicker } from "../hypervisor/virtual-processor.js";
 import { planMemory, type MemoryPlan } from "../machine/memory-map.js";
 import { loadLinux } from "../machine/linux-boot.js";
-import { readKernelHead } from "../images/kernel-file.js";
+import { openUnpackedKernel, readKernelHead } from "../images/kernel-file.js";
 import { longModeBootState, writeBootTables } from "../machine/boot-cpu.js";
 import { cpuidForVcpu } from "../machine/cpuid.js";
 import { buildAcpiTables } from "../machine/acpi/build.js";
@@ -146,12 +146,17 @@ export class RunningVm {
         partition.mapDeviceMemory(fb.gpa, fb.memory);
         screenInfo = encodeScreenInfo(fb.screenInfo());
       }
-      const unpacked = config.unpackedKernel === undefined ? undefined : { ...config.unpackedKernel, flat: readFileSync(config.unpackedKernel.imagePath) };
-      const info = loadLinux(memory, plan, kernel, initrd, config.cmdline, {
-        rsdpAddr: acpi.rsdpAddress,
-        ...(screenInfo !== undefined ? { screenInfo } : {}),
-        ...(unpacked !== undefined ? { unpacked } : {}),
-      });
+      const unpacked = config.unpackedKernel === undefined ? undefined : openUnpackedKernel(config.unpackedKernel);
+      let info: ReturnType<typeof loadLinux>;
+      try {
+        info = loadLinux(memory, plan, kernel, initrd, config.cmdline, {
+          rsdpAddr: acpi.rsdpAddress,
+          ...(screenInfo !== undefined ? { screenInfo } : {}),
+          ...(unpacked !== undefined ? { unpacked } : {}),
+        });
+      } finally {
+        unpacked?.close();
+      }
       writeBootTables(memory, plan);
       const boot = longModeBootState(plan, info);
       vm.threads.forEach((t, id) => t.postMessage({ boot: id === 0 ? boot : null, msrs: boot.msrs } satisfies VcpuStartMessage));

@@ -10,6 +10,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { gzipSync } from "node:zlib";
 import { findUnpackedKernel, unpackKernel } from "../../src/images/kernel-unpack.js";
+import { openUnpackedKernel, readKernelHead } from "../../src/images/kernel-file.js";
 import { ChunkedGuestMemory } from "../../src/machine/guest-memory.js";
 import { LinuxLoadError, compressedPayload, loadLinux, planLinuxLoad } from "../../src/machine/linux-boot.js";
 import { MiB, planMemory } from "../../src/machine/memory-map.js";
@@ -92,7 +93,9 @@ test("loading an unpacked kernel: its pages at their addresses, entry at startup
   assert.ok(r.ok);
   const plan = planMemory(64 * MiB);
   const memory = ChunkedGuestMemory.anonymous(plan.ram);
-  const info = loadLinux(memory, plan, readFileSync(path), undefined, "console=ttyS0", { unpacked: { ...r.kernel, flat: readFileSync(r.kernel.imagePath) } });
+  const image = openUnpackedKernel(r.kernel);
+  const info = loadLinux(memory, plan, readKernelHead(path), undefined, "console=ttyS0", { unpacked: image });
+  image.close();
   assert.equal(info.entry64, KERNEL_ELF_PADDR);
   assert.deepEqual([...memory.read(KERNEL_ELF_PADDR, 2)], [0x90, 0xf4]);
   assert.ok(memory.read(KERNEL_ELF_PADDR + 4096, 4096).every((b) => b === 0), "the skipped zero page stays zero");
@@ -103,9 +106,24 @@ test("loading an unpacked kernel: its pages at their addresses, entry at startup
   const rs = await unpackKernel(small, { cacheDir });
   assert.ok(rs.ok);
   assert.throws(() => planLinuxLoad(plan, readFileSync(small), 0, "", rs.kernel), (e: unknown) => e instanceof LinuxLoadError && e.code === "UNPACKED_KERNEL_MISPLACED");
-  // A flat image shorter than its extents.
+  // A layout whose extents run past its image, and an image file cut short.
+  const never = (): void => assert.fail("nothing is read for a refused extent");
   assert.throws(
-    () => loadLinux(memory, plan, readFileSync(path), undefined, "", { unpacked: { ...r.kernel, flat: new Uint8Array(100) } }),
+    () => loadLinux(memory, plan, readFileSync(path), undefined, "", { unpacked: { ...r.kernel, imageBytes: 100, read: never } }),
     (e: unknown) => e instanceof LinuxLoadError && e.code === "UNPACKED_KERNEL_TRUNCATED",
   );
+  const cut = join(dir, "cut.bin");
+  writeFileSync(cut, readFileSync(r.kernel.imagePath).subarray(0, 5000));
+  const short = openUnpackedKernel({ ...r.kernel, imagePath: cut });
+  assert.throws(
+    () => loadLinux(memory, plan, readFileSync(path), undefined, "", { unpacked: short }),
+    (e: unknown) => e instanceof LinuxLoadError && e.code === "UNPACKED_KERNEL_TRUNCATED" && /ends at 5000/.test(e.message),
+  );
+  short.close();
+  // A kernel given only by its head cannot be loaded compressed.
+  const big = join(dir, "bz-big");
+  writeFileSync(big, makeBzImage(HLT, { payloadBytes: 300 * 1024 }));
+  const head = readKernelHead(big);
+  assert.ok(head.head.length < head.size);
+  assert.throws(() => loadLinux(memory, plan, head, undefined, ""), (e: unknown) => e instanceof LinuxLoadError && e.code === "KERNEL_INCOMPLETE");
 });
