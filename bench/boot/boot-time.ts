@@ -6,7 +6,7 @@
  *
  * On a PVM host run it inside the nested test host (timings there are
  * TCG-scaled: compare only side by side):
- *   node dist/src/cli/main.js host nested -- node dist/bench/boot/boot-time.js --runs 5
+ *   node dist/src/cli/main.js host nested -- node dist/bench/boot/boot-time.js --runs 5 [--warmup 1]
  * On a VT-x/AMD-V host run it directly.
  *
  * Memory overhead = VmRSS − RssShmem of the VMM process once the guest is at
@@ -27,6 +27,8 @@ import { prepareDefaultGuest, GUEST_READY_MARKER } from "../../src/images/defaul
 const CLI = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
 const args = process.argv.slice(2);
 const runs = Number(args[args.indexOf("--runs") + 1] ?? 5) || 5;
+/** Untimed rounds first (page cache, the nested host's first process starts), for every VMM alike. */
+const warmup = args.includes("--warmup") ? Number(args[args.indexOf("--warmup") + 1]) : 1;
 const memory = "256M";
 const cpus = 1;
 const append = "console=ttyS0 panic=-1 quiet";
@@ -123,6 +125,11 @@ async function main(): Promise<void> {
   ];
   const results: Record<string, Sample[]> = {};
   const failures: Record<string, number[]> = {};
+  for (let i = 0; i < warmup; i++)
+    for (const c of configs) {
+      const s = await c.run().catch((e: unknown) => e);
+      process.stderr.write(`${c.name} warm-up ${i + 1}: ${s instanceof Error ? "FAILED" : `${(s as Sample).ms.toFixed(0)} ms (not counted)`}\n`);
+    }
   // Interleave the configurations so drift in the host affects all alike.
   for (let i = 0; i < runs; i++) {
     for (const c of configs) {

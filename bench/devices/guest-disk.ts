@@ -11,8 +11,8 @@
  * same range, 4 KiB random reads inside it; reads are checked against the
  * offsets stamped by the writes. Timing is the guest's CLOCK_MONOTONIC.
  *
- * Host CPU: utime+stime of the VMM process (Partis: the partis-worker
- * process; QEMU: the qemu process), sampled from /proc/<pid>/stat when each
+ * Host CPU: utime+stime of the VMM process (Partis: the `partis run`
+ * process, which hosts the VM; QEMU: the qemu process), sampled from /proc/<pid>/stat when each
  * pattern starts and ends (the guest prints a line on its serial console).
  * That total includes the vCPU's time in the guest; "VMM" columns subtract
  * guest_time (field 43), leaving the VMM's own user+kernel work.
@@ -271,16 +271,6 @@ function descendants(pid: number): number[] {
   return out;
 }
 
-/** The partis-worker process under the CLI (its command line runs dist/src/worker/main.js). */
-function partisWorker(cliPid: number): number | undefined {
-  for (const p of descendants(cliPid)) {
-    try {
-      if (readFileSync(`/proc/${p}/cmdline`, "utf8").includes("worker/main.js")) return p;
-    } catch {}
-  }
-  return undefined;
-}
-
 /** utime+stime and guest_time of a process, in seconds. */
 function cpuOf(pid: number): { total: number; guest: number } {
   const s = readFileSync(`/proc/${pid}/stat`, "utf8");
@@ -394,7 +384,7 @@ function once(c: Config, kernel: string, initrd: string, dir: string): Promise<R
       const grace = setTimeout(() => killTree(child), err ? 0 : 3000);
       const settle = (): void => {
         clearTimeout(grace);
-        if (process.env.PARTIS_STATS === "1") for (const l of out.split("\n")) if (l.startsWith("partis-worker:")) console.log(`[stats] ${c.name} ${l}`);
+        if (process.env.PARTIS_STATS === "1") for (const l of out.split("\n")) if (l.startsWith("partis-vm:")) console.log(`[stats] ${c.name} ${l}`);
         rmSync(image, { force: true });
         if (err) reject(err);
         else resolve({ patterns, flushMs, mode: xfer.join("; "), queue, wallMs });
@@ -404,12 +394,13 @@ function once(c: Config, kernel: string, initrd: string, dir: string): Promise<R
     };
     const timer = setTimeout(() => finish(new RunFailure(`no result after ${timeoutMs / 1000} s`, out)), timeoutMs);
     const vmm = (): number | undefined => {
-      if (vmmPid === undefined) vmmPid = c.vmm === "qemu" ? child.pid : partisWorker(child.pid!);
+      // Both VMMs run the VM in the process started here (`partis run` hosts its VM itself).
+      if (vmmPid === undefined) vmmPid = child.pid;
       return vmmPid;
     };
     const sample = (): { total: number; guest: number } => {
       const p = vmm();
-      if (p === undefined) throw new RunFailure("partis-worker process not found under the CLI", out);
+      if (p === undefined) throw new RunFailure("the VMM process is gone", out);
       return cpuOf(p);
     };
     const onLine = (line: string): void => {
@@ -582,7 +573,7 @@ async function main(): Promise<void> {
   console.log(
     `Sequential: ${seqMiB} MiB each way in 1 MiB requests (PIO: ${pioSeqMiB} MiB read, ${pioWriteKiB} KiB written in ${PIO_WRITE_REQUEST_KIB} KiB requests); random: up to ${randomOps} 4 KiB reads (PIO: ${pioRandomOps}) or ${randomSeconds} s, in the first ${seqMiB} MiB (PIO: ${pioSeqMiB} MiB).`,
   );
-  console.log("CPU = utime+stime of the VMM process (Partis: partis-worker; QEMU: qemu) while the pattern ran, guest time included; in parentheses without guest time.");
+  console.log("CPU = utime+stime of the VMM process (Partis: partis run; QEMU: qemu) while the pattern ran, guest time included; in parentheses without guest time.");
   console.log(`Host: ${hostCpus().length} CPUs (${hostCpus()[0]?.model ?? "?"}), load ${loadavg().map((x) => x.toFixed(1)).join(" / ")}, Node ${process.version}, ${qemuV}.`);
   console.log("");
   console.log("| path | seq write MiB/s | seq read MiB/s | 4K rand read IOPS (MiB/s) | flush ms | CPU s/GiB write | CPU s/GiB read | CPU µs/rand read | errors | ATA mode |");

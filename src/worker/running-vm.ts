@@ -207,8 +207,8 @@ export class RunningVm {
       } else if (m.type === "error")
         this.power.record(this.devicesReady ? { kind: "crash", reason: `devices: ${m.message}` } : { kind: "failed", reason: `cannot start the devices: ${m.message}` });
       else if (m.type === "stats") {
-        if (process.env.PARTIS_STATS === "1") process.stderr.write(`partis-worker: device thread ${JSON.stringify(m.stats)}\n`);
-      } else process.stderr.write(`partis-worker: ${this.config.name}: ${m.message}\n`);
+        if (process.env.PARTIS_STATS === "1") process.stderr.write(`partis-vm: device thread ${JSON.stringify(m.stats)}\n`);
+      } else process.stderr.write(`partis-vm: ${this.config.name}: ${m.message}\n`);
     });
     t.on("error", (e) => this.power.record({ kind: "crash", reason: `device thread failed: ${e.message}` }));
     this.deviceThread = t;
@@ -242,7 +242,7 @@ export class RunningVm {
         this.openGateWhenReady();
       }
       if (m.type === "error") this.power.record({ kind: "crash", reason: `vCPU ${m.vcpuId}: ${m.message}` });
-      if (m.type === "stopped" && process.env.PARTIS_STATS === "1") process.stderr.write(`partis-worker: vCPU ${m.vcpuId} exits ${JSON.stringify(m.exits)}\n`);
+      if (m.type === "stopped" && process.env.PARTIS_STATS === "1") process.stderr.write(`partis-vm: vCPU ${m.vcpuId} exits ${JSON.stringify(m.exits)}\n`);
     });
     t.on("error", (e) => this.power.record({ kind: "crash", reason: `vCPU ${data.vcpuId} thread failed: ${e.message}` }));
     this.threads.push(t);
@@ -330,7 +330,7 @@ export class RunningVm {
   }
 
   async teardown(timeoutMs = 5000): Promise<void> {
-    if (process.env.PARTIS_STATS === "1") process.stderr.write(`partis-worker: thread CPU ${RunningVm.threadCpu()}\n`);
+    if (process.env.PARTIS_STATS === "1") process.stderr.write(`partis-vm: thread CPU ${RunningVm.threadCpu()}\n`);
     if (this.inputTimer !== undefined) clearTimeout(this.inputTimer);
     if (this.power.running) this.power.record({ kind: "poweroff", source: "teardown" });
     const exited = Promise.all(this.threads.map((t) => new Promise<void>((resolve) => {
@@ -353,7 +353,7 @@ export class RunningVm {
       try {
         writeFileSync(this.config.screenshotPath, this.framebuffer.snapshotPpm());
       } catch (e) {
-        process.stderr.write(`partis-worker: ${this.config.name}: cannot write the screenshot ${this.config.screenshotPath}: ${(e as Error).message}\n`);
+        process.stderr.write(`partis-vm: ${this.config.name}: cannot write the screenshot ${this.config.screenshotPath}: ${(e as Error).message}\n`);
       }
     }
     this.partition.destroy();
