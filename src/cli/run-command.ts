@@ -47,6 +47,8 @@ export interface RunOptions extends DeviceOptions {
 }
 
 const CTRL_RIGHT_BRACKET = 0x1d;
+/** Console input kept while no VM is attached (a pasted script is far below this). */
+const MAX_HELD_INPUT = 1 << 20;
 
 /** What the console and host requests act on: the running VM. */
 type VmControl = Pick<RunningVm, "consoleInput" | "pressPowerButton" | "stop">;
@@ -57,6 +59,9 @@ type VmControl = Pick<RunningVm, "consoleInput" | "pressPowerButton" | "stop">;
  */
 class ConsoleBridge {
   private vm: VmControl | undefined;
+  /** Input that came while no VM was attached (before the first boot, during a reboot): given to the next one. */
+  private held: Buffer[] = [];
+  private heldBytes = 0;
   private readonly raw: boolean;
   quitRequested = false;
   private shutdownRequests = 0;
@@ -76,6 +81,8 @@ class ConsoleBridge {
     this.vm = vm;
     if (this.quitRequested) vm.stop("console closed");
     else if (this.shutdownRequests > 0) vm.pressPowerButton();
+    for (const d of this.held.splice(0)) vm.consoleInput(d);
+    this.heldBytes = 0;
   }
 
   detach(): void {
@@ -86,12 +93,21 @@ class ConsoleBridge {
     if (this.raw) {
       const i = d.indexOf(CTRL_RIGHT_BRACKET);
       if (i >= 0) {
-        if (i > 0) this.vm?.consoleInput(d.subarray(0, i));
+        if (i > 0) this.deliver(d.subarray(0, i));
         this.quit();
         return;
       }
     }
-    this.vm?.consoleInput(d);
+    this.deliver(d);
+  }
+
+  /** To the VM, or held for the next one (`printf 'cmd\n' | partis run` types before the VM exists); at most MAX_HELD_INPUT bytes are held. */
+  private deliver(d: Buffer): void {
+    if (this.vm !== undefined) this.vm.consoleInput(d);
+    else if (this.heldBytes + d.length <= MAX_HELD_INPUT) {
+      this.held.push(Buffer.from(d));
+      this.heldBytes += d.length;
+    }
   }
 
   /** Host shutdown request: the ACPI power button; a second request pulls the plug. */

@@ -75,6 +75,25 @@ test("--kernel-unpack: by default the kernel is unpacked on the host and entered
   assert.match(bogus.stderr, /--kernel-unpack: "sideways" is not auto, host or guest/);
 });
 
+test("console input sent before the VM exists (a script piped into partis run) reaches the guest", () => {
+  // IER = receive interrupts (Partis feeds COM1 once the guest asks for them), then echo
+  // every received byte until '!', then power off.
+  const code = [
+    ...outb(0x3f9, 1),
+    0x66, 0xba, 0xfd, 0x03, 0xec, 0xa8, 0x01, 0x74, 0xf7, // poll: mov dx,LSR; in al,dx; test al,1; jz poll
+    0x66, 0xba, 0xf8, 0x03, 0xec, 0xee, 0x3c, 0x21, 0x75, 0xed, // mov dx,RBR; in al,dx; out dx,al; cmp al,'!'; jne poll
+    ...ACPI_S5, ...HALT_LOOP,
+  ];
+  const r = spawnSync(process.execPath, [CLI, "run", "--kernel", kernelFile("echo", code), "--memory", "64M"], {
+    encoding: "latin1",
+    input: "typed early!",
+    timeout: 60_000,
+    killSignal: "SIGKILL", // SIGTERM would only press the power button, which this guest ignores
+  });
+  assert.equal(r.stdout, "typed early!", r.stderr);
+  assert.equal(r.status, 0);
+});
+
 /** A worker started directly with start-up hints, given `cpus` in its configuration; resolves with its exit status and console. */
 function workerWithHints(hints: string[], kernel: string, cpus: number): Promise<{ status: number | null; stdout: string; events: string[] }> {
   const WORKER = fileURLToPath(new URL("../../src/worker/main.js", import.meta.url));
