@@ -2,9 +2,10 @@
  * Reading kernel files for a boot: only what is needed. Checking and planning a
  * bzImage boot needs its setup code and header (the first KERNEL_HEAD_BYTES)
  * and its size, not the megabytes of compressed kernel behind them.
- * Built-ins only: the worker loads it on its start-up path.
+ * Light imports only: the worker loads it on its start-up path.
  */
-import { closeSync, fstatSync, openSync, readSync } from "node:fs";
+import { closeSync, fstatSync, openSync } from "node:fs";
+import { preadFully } from "../storage/raw.js";
 import { KERNEL_HEAD_BYTES, LinuxLoadError, type KernelFileHead, type UnpackedKernelImage } from "../machine/linux-boot.js";
 import type { KernelExtent } from "../machine/kernel-elf.js";
 
@@ -14,13 +15,8 @@ export function readKernelHead(path: string): KernelFileHead {
   try {
     const size = fstatSync(fd).size;
     const head = new Uint8Array(Math.min(size, KERNEL_HEAD_BYTES));
-    let got = 0;
-    while (got < head.length) {
-      const n = readSync(fd, head, got, head.length - got, got);
-      if (n === 0) break;
-      got += n;
-    }
-    return { head: head.subarray(0, got), size };
+    preadFully(fd, head, 0);
+    return { head, size };
   } finally {
     closeSync(fd);
   }
@@ -34,6 +30,7 @@ export function readKernelHead(path: string): KernelFileHead {
  */
 export function openUnpackedKernel(layout: Omit<UnpackedKernelImage, "read"> & { readonly imagePath: string }): UnpackedKernelImage & { close(): void } {
   const fd = openSync(layout.imagePath, "r");
+  const size = fstatSync(fd).size;
   return {
     entry: layout.entry,
     loadStart: layout.loadStart,
@@ -41,13 +38,9 @@ export function openUnpackedKernel(layout: Omit<UnpackedKernelImage, "read"> & {
     extents: layout.extents,
     imageBytes: layout.imageBytes,
     read: (x: KernelExtent, into: Uint8Array): void => {
-      let got = 0;
-      while (got < x.length) {
-        const n = readSync(fd, into, got, x.length - got, x.offset + got);
-        if (n === 0)
-          throw new LinuxLoadError("UNPACKED_KERNEL_TRUNCATED", `${layout.imagePath} ends at ${x.offset + got}; an extent needs ${x.offset + x.length}`, { offset: x.offset, length: x.length });
-        got += n;
-      }
+      if (x.offset + x.length > size)
+        throw new LinuxLoadError("UNPACKED_KERNEL_TRUNCATED", `${layout.imagePath} ends at ${size}; an extent needs ${x.offset + x.length}`, { offset: x.offset, length: x.length });
+      preadFully(fd, into.subarray(0, x.length), x.offset);
     },
     close: () => closeSync(fd),
   };

@@ -364,6 +364,15 @@ const OFF_PAYLOAD_LENGTH = 0x24c;
 
 /** Compression formats of a bzImage payload, by magic (arch/x86/boot/compressed/Makefile). */
 export type KernelCompression = "gzip" | "xz" | "zstd" | "lzma" | "bzip2" | "lz4" | "lzo" | "unknown";
+const PAYLOAD_MAGIC: readonly (readonly [KernelCompression, readonly number[]])[] = [
+  ["gzip", [0x1f, 0x8b]],
+  ["xz", [0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00]],
+  ["zstd", [0x28, 0xb5, 0x2f, 0xfd]],
+  ["lzma", [0x5d, 0x00, 0x00]],
+  ["bzip2", [0x42, 0x5a, 0x68]],
+  ["lz4", [0x02, 0x21, 0x4c, 0x18]],
+  ["lzo", [0x89, 0x4c, 0x5a, 0x4f]],
+];
 
 /**
  * The bzImage's compressed kernel (protocol 2.08+: payload_offset/payload_length,
@@ -379,22 +388,7 @@ export function compressedPayload(kernel: Uint8Array, hdr: BzImageHeader = parse
   if (length < 8 || offset + length > kernel.length)
     throw new KernelImageError("KERNEL_TRUNCATED", `kernel payload (0x${offset.toString(16)}, ${length} bytes) runs past the end of the ${kernel.length}-byte file`, { offset, length });
   const p = kernel.subarray(offset, offset + length);
-  const m = (...bytes: number[]): boolean => bytes.every((b, i) => p[i] === b);
-  const compression: KernelCompression = m(0x1f, 0x8b)
-    ? "gzip"
-    : m(0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00)
-      ? "xz"
-      : m(0x28, 0xb5, 0x2f, 0xfd)
-        ? "zstd"
-        : m(0x5d, 0x00, 0x00)
-          ? "lzma"
-          : m(0x42, 0x5a, 0x68)
-            ? "bzip2"
-            : m(0x02, 0x21, 0x4c, 0x18)
-              ? "lz4"
-              : m(0x89, 0x4c, 0x5a, 0x4f)
-                ? "lzo"
-                : "unknown";
+  const compression = PAYLOAD_MAGIC.find(([, magic]) => magic.every((b, i) => p[i] === b))?.[0] ?? "unknown";
   if (compression === "gzip" || compression === "unknown") return { compression, data: p };
   return { compression, data: p.subarray(0, length - 4), decompressedSize: new DataView(p.buffer, p.byteOffset + length - 4, 4).getUint32(0, true) };
 }
