@@ -12,7 +12,9 @@
  * --no-reboot; 4 the guest crashed (triple fault, emulation failure...);
  * 2 bad input (nothing started, nothing changed); 130 quit with Ctrl-] or
  * interrupted. SIGTERM is a host shutdown request: the guest sees its ACPI
- * power button pressed; a second SIGTERM pulls the plug.
+ * power button pressed; a second SIGTERM pulls the plug. SIGQUIT writes a
+ * state report (every vCPU's registers and LAPIC, every device's queues) to
+ * standard error and leaves the VM running.
  *
  * The VM runs in this process (its vCPU and device threads are this process's
  * threads, started before the CLI loads its modules: early-threads.ts), as a
@@ -51,7 +53,7 @@ const CTRL_RIGHT_BRACKET = 0x1d;
 const MAX_HELD_INPUT = 1 << 20;
 
 /** What the console and host requests act on: the running VM. */
-type VmControl = Pick<RunningVm, "consoleInput" | "pressPowerButton" | "stop">;
+type VmControl = Pick<RunningVm, "consoleInput" | "pressPowerButton" | "stop" | "reportState">;
 
 /**
  * Connects the user's terminal (or standard input) to the running VM's
@@ -75,6 +77,11 @@ class ConsoleBridge {
     process.on("SIGTERM", () => this.requestShutdown());
     process.on("SIGINT", () => this.quit());
     process.on("SIGHUP", () => this.quit());
+    // `kill -QUIT <pid>`: what every vCPU and device is doing, on standard error (state-report.ts); the VM runs on.
+    process.on("SIGQUIT", () => {
+      if (this.vm !== undefined) this.vm.reportState();
+      else process.stderr.write("partis-vm: report: no VM running (starting or rebooting)\n");
+    });
   }
 
   attach(vm: VmControl): void {

@@ -30,6 +30,7 @@ import { IntxRouter, MsiRouter } from "./interrupt-routing.js";
 import { planPci, type DeviceSpec } from "./device-plan.js";
 import { assembleDevice, type AssembledDevice } from "./device-assembly.js";
 import { bootTrace } from "./boot-trace.js";
+import { StateReportRequest, writeReport } from "./state-report.js";
 
 export interface DeviceThreadData {
   readonly vmName: string;
@@ -40,6 +41,8 @@ export interface DeviceThreadData {
   readonly vcpus: number;
   /** Word 0 non-zero: stop. */
   readonly stop: SharedArrayBuffer;
+  /** State report requests (state-report.ts): answered on the next wake-up (the doorbell rings with each). */
+  readonly report: SharedArrayBuffer;
 }
 
 export type DeviceThreadMessage =
@@ -241,11 +244,17 @@ function main(data: DeviceThreadData): void {
     functions: assembled.map((a, i) => ({ bdf: plan[i]!.bdf, name: a.device.name })),
   } satisfies DeviceThreadMessage);
 
+  const report = StateReportRequest.attach(data.report);
   while (Atomics.load(stop, 0) === 0) {
     loop.runOnce(250);
     stats.pollWakeups++;
     // Requests posted between the doorbell read and the drain are caught here too.
     stats.requests += server.drain(handle);
+    if (report.take()) {
+      const lines = [`devices: ${stats.requests} register requests served, ${stats.doorbellWakeups} doorbell wake-ups`];
+      for (const a of assembled) lines.push(...(a.device.describeState?.() ?? [`${a.device.name}: (no state report)`]));
+      writeReport(lines);
+    }
   }
   const deviceStats: Record<string, number> = {};
   assembled.forEach((a) => {

@@ -97,4 +97,6 @@ process.on("disconnect", () => {
   if (vm === undefined) exitAfterThreads(WORKER_EXIT.failed);
   else vm.stop("parent-disconnected");
 });
+// A state report on standard error (state-report.ts); the VM runs on.
+process.on("SIGQUIT", () => vm?.reportState());
 for (const sig of ["SIGTERM", "SIGINT", "SIGHUP"] as const) process.on(sig, () => (vm === undefined ? exitAfterThreads(WORKER_EXIT.failed) : vm.stop(`signal ${sig}`)));

@@ -35,7 +35,8 @@ import { writeFileSync } from "node:fs";
 import { planPci } from "./device-plan.js";
 import { IDE_COMPAT_PORTS, PCI_IO_WINDOW } from "./device-forwarding.js";
 import type { DeviceThreadData, DeviceThreadMessage } from "./device-thread.js";
-import { deviceThread, vcpuThread, type PrestartedThreads } from "./thread-prestart.js";
+import { deviceThread, vcpuThread, THREAD_LOADED, type PrestartedThreads } from "./thread-prestart.js";
+import { StateReportRequest, writeReport } from "./state-report.js";
 
 /** Identity-map and TSS pages for Intel hosts: top of the 32-bit space, below the BIOS. */
 const IDENTITY_MAP_ADDR = 0xfffb_c000;
@@ -61,6 +62,7 @@ export class RunningVm {
   private devicesReady = true;
   private mailbox: DeviceMailbox | undefined;
   private readonly deviceStop = new Int32Array(new SharedArrayBuffer(4));
+  private readonly report = StateReportRequest.create();
   private framebuffer: LinearFramebuffer | undefined;
   private readonly pendingInput: Uint8Array[] = [];
   private inputTimer: NodeJS.Timeout | undefined;
@@ -126,6 +128,7 @@ export class RunningVm {
           deviceState: arena.buffer,
           powerState: power.buffer,
           startGate: vm.startGate.buffer as SharedArrayBuffer,
+          report: vm.report.buffer,
           board: { memoryBytes: config.memoryBytes },
           consoleFd: options.consoleFd,
           ...(devices === undefined ? {} : { devices }),
@@ -195,11 +198,14 @@ export class RunningVm {
       windows: { mmioStart: this.plan.pciMmio32.start, mmioSize: this.plan.pciMmio32.size, ioStart: 0xc000, ioEnd: PCI_IO_WINDOW.end },
       vcpus: this.config.cpus,
       stop: this.deviceStop.buffer as SharedArrayBuffer,
+      report: this.report.buffer,
     };
     const prestarted = this.prestarted?.takeDevices();
     const t = prestarted ?? deviceThread(data);
     if (prestarted !== undefined) prestarted.postMessage(data);
-    t.on("message", (m: DeviceThreadMessage) => {
+    t.on("message", (m: DeviceThreadMessage | typeof THREAD_LOADED) => {
+      // A prestarted thread says when its modules are loaded, possibly after it was handed over.
+      if (m === THREAD_LOADED) return;
       if (m.type === "ready") {
         bootTrace("worker", "devices ready");
         this.devicesReady = true;
@@ -235,7 +241,8 @@ export class RunningVm {
     const prestarted = this.prestarted?.takeVcpu();
     const t = prestarted ?? vcpuThread(data);
     if (prestarted !== undefined) prestarted.postMessage(data);
-    t.on("message", (m: VcpuThreadMessage) => {
+    t.on("message", (m: VcpuThreadMessage | typeof THREAD_LOADED) => {
+      if (m === THREAD_LOADED) return;
       if (m.type === "ready") {
         this.kickers.push(VcpuKicker.attach(m.kick));
         this.vcpusReady++;
@@ -300,6 +307,19 @@ export class RunningVm {
     Atomics.store(this.deviceStop, 0, 1);
     this.mailbox?.ring();
     return Promise.race([exited, new Promise<void>((r) => setTimeout(() => void t.terminate().then(() => r()), 3000))]);
+  }
+
+  /**
+   * Ask every thread for its state report (state-report.ts): vCPUs are kicked
+   * out of KVM_RUN to answer and go back in; the device thread answers on its
+   * doorbell. The VM is not stopped.
+   */
+  reportState(): void {
+    const gate = Atomics.load(this.startGate, 0) === 0 ? "; the start gate is still closed (vCPUs not running yet)" : "";
+    writeReport([`VM ${this.config.name}: ${this.config.cpus} vCPU(s), ${this.kickers.length} started, power ${this.power.running ? "on" : "off"}, ${this.pendingInput.length} console input chunk(s) waiting for the guest${gate}`]);
+    this.report.request();
+    for (const k of this.kickers) k.kick();
+    this.mailbox?.ring();
   }
 
   /** Pull the plug. */

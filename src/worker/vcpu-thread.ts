@@ -23,6 +23,7 @@ import { systemClock } from "../devices/dependencies.js";
 import { bootTrace } from "./boot-trace.js";
 import { DeviceMailbox, type MailboxHandoff } from "./device-mailbox.js";
 import { DeviceForwarder, type ForwardedPorts } from "./device-forwarding.js";
+import { StateReportRequest, describeVcpu, writeReport } from "./state-report.js";
 
 export interface VcpuThreadData {
   readonly handoff: PartitionHandoff;
@@ -36,6 +37,8 @@ export interface VcpuThreadData {
    * Word 0 turns non-zero when the main thread opens the gate.
    */
   readonly startGate: SharedArrayBuffer;
+  /** State report requests (state-report.ts): answered after the kick that comes with each. */
+  readonly report: SharedArrayBuffer;
   readonly board: BoardConfig;
   readonly consoleFd: number;
   /** The device thread, when the VM has PCI devices: its mailbox, functions and ports. */
@@ -139,7 +142,7 @@ function describeFatal(exit: VcpuExit, vcpuId: number): string | undefined {
  * was (CS:RIP, mode bits, page table root), so a crash report says whether it
  * died in real-mode start-up code, the kernel or user space.
  */
-function describeState(vp: VirtualProcessor): string {
+function describeState(vp: VirtualProcessor, afterShutdown = true): string {
   try {
     const r = vp.getRegs();
     const s = vp.getSregs();
@@ -147,7 +150,7 @@ function describeState(vp: VirtualProcessor): string {
     const state = `cs=${h(s.cs.selector)} rip=${h(r.rip)} rsp=${h(r.rsp)} rflags=${h(r.rflags)} cr0=${h(s.cr0)} cr2=${h(s.cr2)} cr3=${h(s.cr3)} cr4=${h(s.cr4)} efer=${h(s.efer)} idt=${h(s.idt.base)}/${h(s.idt.limit)}`;
     // KVM on AMD-V re-initialises a vCPU whose guest shut down (the VMCB is undefined after a
     // SHUTDOWN intercept), so what it reports then is the reset state, not where the guest died.
-    if (s.cs.selector === 0xf000 && r.rip === 0xfff0n) return `${state} (the reset state: this host's KVM re-initialised the vCPU, so where it faulted is lost)`;
+    if (afterShutdown && s.cs.selector === 0xf000 && r.rip === 0xfff0n) return `${state} (the reset state: this host's KVM re-initialised the vCPU, so where it faulted is lost)`;
     return state;
   } catch (e) {
     return `state unavailable (${e instanceof Error ? e.message : String(e)})`;
@@ -195,6 +198,7 @@ function main(data: VcpuThreadData): void {
 
   // Exit counts by kind (PARTIS_STATS=1 prints them when the VM stops).
   const exits = { io: 0, ioForwarded: 0, mmio: 0, mmioForwarded: 0, hlt: 0, intr: 0, other: 0 };
+  const report = StateReportRequest.attach(data.report);
   while (power.running) {
     const exit = vp.run();
     switch (exit.reason) {
@@ -232,6 +236,8 @@ function main(data: VcpuThreadData): void {
         break;
       case "intr":
         exits.intr++;
+        // A state report's kick: this vCPU's line, then back into the guest.
+        if (report.take()) writeReport([describeVcpu(data.vcpuId, vp, describeState(vp, false), exits)]);
         break;
       case "irq_window_open":
         exits.other++;

@@ -27,9 +27,12 @@ export class GuestSession {
   /** Boots a session may retry after test-bed crashes (see shouldRelaunch). */
   static readonly MAX_RELAUNCHES = 4;
 
-  /** Longest a session may live: a hung guest fails its test instead of hanging the suite. */
+  /** The current VM made no progress until its deadline and was killed to be booted again (see shouldRelaunch). */
+  private hung = false;
+
+  /** Longest one boot may live: a hung guest fails its test (or is retried) instead of hanging the suite. */
   static readonly TIMEOUT_MS = Number(process.env.PARTIS_GUEST_TIMEOUT_MS ?? 300_000);
-  private readonly deadline: NodeJS.Timeout;
+  private deadline: NodeJS.Timeout | undefined;
 
   constructor(
     private readonly args: readonly string[],
@@ -38,15 +41,27 @@ export class GuestSession {
     let resolveExit!: (status: number) => void;
     this.exited = new Promise((resolve) => (resolveExit = resolve));
     this.child = this.launch(resolveExit);
-    this.deadline = setTimeout(() => {
-      this.stderr += `\n[test] VM still running after ${GuestSession.TIMEOUT_MS} ms: killed\n`;
-      this.kill();
-    }, GuestSession.TIMEOUT_MS);
     void this.exited.then(() => clearTimeout(this.deadline));
+  }
+
+  /**
+   * Each boot's deadline. Where the guest stopped is the first thing whoever
+   * reads the failure needs: its console's tail, and Partis's state report
+   * (SIGQUIT: every vCPU's registers and LAPIC, every virtqueue) before the kill.
+   */
+  private armDeadline(child: ChildProcess): void {
+    clearTimeout(this.deadline);
+    this.deadline = setTimeout(() => {
+      this.hung = this.mayRelaunch();
+      this.stderr += `\n[test] VM still running after ${GuestSession.TIMEOUT_MS} ms: asking for its state report, then killing it. Its console's last lines:\n${this.output.slice(-2500)}\n`;
+      child.kill("SIGQUIT");
+      setTimeout(() => child.kill("SIGKILL"), 3000).unref();
+    }, GuestSession.TIMEOUT_MS);
   }
 
   private launch(resolveExit: (status: number) => void): ChildProcess {
     const child = spawn(process.execPath, [PARTIS_CLI, "run", ...this.args], { stdio: ["pipe", "pipe", "pipe"], env: this.env });
+    this.armDeadline(child);
     child.stdout!.on("data", (d: Buffer) => {
       this.output += d.toString("latin1");
       this.check();
@@ -67,11 +82,14 @@ export class GuestSession {
       if (this.shouldRelaunch(status)) {
         this.relaunches++;
         process.stderr.write(
-          this.lockedUp
-            ? `[test] WARNING: the guest soft-locked inside the nested test host (docs/guests.md); killed, booting it once more. Its console:\n${this.output.slice(-600).trim()}\n`
-            : `[test] WARNING: the guest triple-faulted inside the nested test host (nested SVM emulated by TCG; docs/guests.md); booting it once more. The crash:\n${this.stderr.trim()}\n`,
+          this.hung
+            ? `[test] WARNING: the guest made no progress for ${GuestSession.TIMEOUT_MS} ms inside the nested test host (docs/guests.md); killed, booting it once more. Its console and Partis's state report:\n${this.stderr.trim()}\n`
+            : this.lockedUp
+              ? `[test] WARNING: the guest soft-locked inside the nested test host (docs/guests.md); killed, booting it once more. Its console:\n${this.output.slice(-600).trim()}\n`
+              : `[test] WARNING: the guest triple-faulted inside the nested test host (nested SVM emulated by TCG; docs/guests.md); booting it once more. The crash:\n${this.stderr.trim()}\n`,
         );
         this.lockedUp = false;
+        this.hung = false;
         this.output = "";
         this.stderr = "";
         this.generation++;
@@ -86,8 +104,9 @@ export class GuestSession {
 
   /**
    * The retries this harness allows (at most MAX_RELAUNCHES per session), inside
-   * the nested test host only: a VM that died of a triple fault, or that
-   * soft-locked (killed on its console's "soft lockup" line), is booted once
+   * the nested test host only: a VM that died of a triple fault, that
+   * soft-locked (killed on its console's "soft lockup" line), or that made no
+   * progress until its deadline (killed after its state report), is booted once
    * more when that cannot hide a test's own effect: either it died before the
    * guest's init printed its marker (no guest command ran, no disk was
    * touched), or nothing was typed into it (its whole job is the command
@@ -99,7 +118,7 @@ export class GuestSession {
    */
   private shouldRelaunch(status: number): boolean {
     const crashed = status === 4 && /guest crashed: vCPU \d+: triple fault/.test(this.stderr);
-    return (crashed || this.lockedUp) && this.mayRelaunch();
+    return (crashed || this.lockedUp || this.hung) && this.mayRelaunch();
   }
 
   private mayRelaunch(): boolean {

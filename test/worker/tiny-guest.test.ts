@@ -258,6 +258,8 @@ test("a PCI device on the device thread answers config reads through 0xCF8/0xCFC
   const r = run(kernelFile("pci-probe", code), ["--rng"]);
   assert.equal(r.stdout, "ID-OK\nABSENT-OK\n", r.stderr);
   assert.equal(r.status, 0, r.stderr);
+  // Nothing else to say (a prestarted device thread's "loaded" message once came out as "partis-vm: undefined").
+  assert.equal(r.stderr, "");
 });
 
 test("a device back end that cannot start (channel socket in use by another process): status 1, the reason, the other socket untouched", async () => {
@@ -285,4 +287,44 @@ test("a device back end that cannot start (channel socket in use by another proc
   } finally {
     server.close();
   }
+});
+
+test("SIGQUIT: a state report of every vCPU (registers, run state, LAPIC) and device (virtqueues), and the VM runs on", async () => {
+  // vCPU 0 prints, then halts with interrupts off; vCPU 1 is never started by this guest; virtio-rng has no driver.
+  const kernel = kernelFile("report", [...serialPrint("UP\n"), ...HALT_LOOP]);
+  const child = spawn(process.execPath, [CLI, "run", "--kernel", kernel, "--memory", "64M", "--cpus", "2", "--rng"], { stdio: ["pipe", "pipe", "pipe"] });
+  let out = "";
+  let err = "";
+  const reportDone = () => /report: vCPU 0:/.test(err) && /report: vCPU 1:/.test(err) && /report: {3}queue 0:/.test(err);
+  const exited = new Promise<number | null>((resolve) => child.on("exit", (code) => resolve(code)));
+  let exitedEarly = false;
+  void exited.then(() => (exitedEarly = true));
+  await new Promise<void>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`no report; console ${JSON.stringify(out)}; stderr ${err}`)), 60_000);
+    child.stdout.on("data", (d: Buffer) => {
+      out += d.toString("latin1");
+      if (out.includes("UP\n")) child.kill("SIGQUIT");
+    });
+    child.stderr.on("data", (d: Buffer) => {
+      err += d.toString();
+      if (reportDone()) {
+        clearTimeout(timer);
+        resolve();
+      }
+    });
+  });
+  // The report is a look, not a stop: the VM is still running afterwards.
+  await new Promise((r) => setTimeout(r, 500));
+  assert.equal(exitedEarly, false, `the VM ended after its report: ${err}`);
+  child.kill("SIGINT");
+  assert.equal(await exited, 130);
+  const line = (re: RegExp) => err.split("\n").find((l) => re.test(l)) ?? "";
+  const vcpu0 = line(/report: vCPU 0:/);
+  // Halted with interrupts off, in the guest's HLT loop (KVM on PVM emulates HLT and may report it runnable).
+  assert.match(vcpu0, /rip=0x[0-9a-f]+ .*rflags=0x2 .*mp_state (halted|runnable); lapic tpr 0x0 isr - irr -/, err);
+  // The AP waits for its INIT/SIPI: KVM's "uninitialized" state.
+  assert.match(line(/report: vCPU 1:/), /mp_state uninitialized/, err);
+  assert.match(line(/report: VM /), /^partis-vm: report: VM \S+: 2 vCPU\(s\), 2 started, power on/, err);
+  assert.match(line(/report: rng0/), /^partis-vm: report: rng0: status 0x0, features 0x0, INTx, isr 0$/, err);
+  assert.match(line(/report: {3}queue 0:/), /queue 0: not ready; vector none/, err);
 });

@@ -107,6 +107,16 @@ export class MsixTable {
     return v >>> 0;
   }
 
+  /** A vector's state for a report: "masked", "pending" (masked with a message waiting), "unmasked", "unprogrammed". */
+  vectorState(vector: number): string {
+    if (!Number.isInteger(vector) || vector < 0 || vector >= this.layout.vectors) return "none";
+    const pending = (this.pending[vector >> 3]! & (1 << (vector & 7))) !== 0;
+    const masked = this.functionMasked || this.entryMasked(vector);
+    if (pending) return masked ? "masked+pending" : "pending";
+    if (masked) return "masked";
+    return this.tableView.getUint32(vector * 16, true) === 0 ? "unprogrammed" : "unmasked";
+  }
+
   private entryMasked(vector: number): boolean {
     return (this.tableView.getUint32(vector * 16 + 12, true) & ENTRY_MASKED) !== 0;
   }

@@ -59,6 +59,8 @@ export interface PciDevice {
   /** Power-on / board reset. */
   reset(): void;
   save?(): SavedDeviceState;
+  /** Lines for a state report of a running VM (`kill -QUIT` on `partis run`): what a stuck guest waits for. */
+  describeState?(): string[];
 }
 
 interface Capability {

@@ -349,6 +349,16 @@ export class VirtioPciDevice implements PciDevice, VirtioTransport {
     return this.status;
   }
 
+  describeState(): string[] {
+    const msix = this.msix.enabled ? `MSI-X on${this.msix.functionMasked ? " (function masked)" : ""}, config vector ${this.msixConfig} ${this.msix.vectorState(this.msixConfig)}` : `INTx, isr ${this.isr}`;
+    const lines = [`${this.name}: status 0x${this.status.toString(16)}${this.active ? " active" : ""}, features 0x${this.features.toString(16)}, ${msix}${this.lastError !== undefined ? `, error ${this.lastError}` : ""}`];
+    this.queues.forEach((q, i) => {
+      const v = this.qVector[i]!;
+      lines.push(`  ${q.describe()}; vector ${v === VIRTIO_MSI_NO_VECTOR ? "none" : `${v} ${this.msix.vectorState(v)}`}`);
+    });
+    return lines;
+  }
+
   signalUsed(index: number): void {
     const q = this.queues[index];
     if (q === undefined || !q.needsInterrupt()) return;

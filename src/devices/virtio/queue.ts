@@ -497,6 +497,26 @@ export class VirtQueue {
     return this.available() === 0;
   }
 
+  /**
+   * One line for a state report: where the driver (avail.idx, used_event) and
+   * the device (next avail, used.idx, avail_event) are in the rings. Reads
+   * only; a queue that looks stuck says why here.
+   */
+  describe(): string {
+    if (!this.ready) return `queue ${this.index}: ${this.error !== undefined ? `broken (${this.error})` : "not ready"}`;
+    const availIdx = Atomics.load(this.avail, 1);
+    const parts = [
+      `queue ${this.index}: size ${this.size}`,
+      `avail.idx ${availIdx} flags ${Atomics.load(this.avail, 0)}`,
+      `device at ${this.lastAvail} (${(availIdx - this.lastAvail) & 0xffff} unpopped)`,
+      `used.idx ${this.usedIdx} flags ${Atomics.load(this.usedHalves, 0)}`,
+    ];
+    if (this.eventIdx)
+      parts.push(`used_event ${Atomics.load(this.avail, 2 + this.size)}`, `avail_event ${Atomics.load(this.usedHalves, 2 + 4 * this.size)}`, `last signalled ${this.signalledValid ? this.signalledUsed : "never"}`);
+    parts.push(`notifications ${this.notificationsEnabled ? "on" : "off"}`);
+    return parts.join(", ");
+  }
+
   save(): VirtQueueState {
     return {
       size: this.size,

@@ -85,3 +85,18 @@ test("reset: entries masked again, pending cleared, MSI-X off", () => {
   assert.equal(msix.tableRead(16 + 12, 4), 1);
   assert.equal(msix.tableRead(16, 4), 0);
 });
+
+test("vectorState (state reports): unprogrammed, masked, masked+pending, unmasked, none", () => {
+  const { msix, program, pci, ctl } = make();
+  pci.configWrite(ctl, 2, 0x8000);
+  assert.equal(msix.vectorState(0), "masked", "entries start masked");
+  msix.tableWrite(16 + 12, 4, 0);
+  assert.equal(msix.vectorState(1), "unprogrammed");
+  program(0);
+  msix.notify(0);
+  assert.equal(msix.vectorState(0), "masked+pending");
+  msix.tableWrite(12, 4, 0);
+  assert.equal(msix.vectorState(0), "unmasked", "unmasking delivered the pending message");
+  assert.equal(msix.vectorState(3), "none");
+  assert.equal(msix.vectorState(0xffff), "none");
+});

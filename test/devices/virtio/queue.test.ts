@@ -239,3 +239,24 @@ test("save / restore", () => {
   assert.equal(q2.pop(s.chain), true);
   assert.deepEqual(q2.features, { eventIdx: true, indirect: true });
 });
+
+test("describe: the state report's line says where driver and device are, without changing the queue", () => {
+  const s = setup({ eventIdx: true, size: 16 });
+  s.dq.setUsedEvent(1);
+  for (let i = 0; i < 3; i++) s.dq.add([{ addr: 0x10000, len: 4, write: true }]);
+  assert.equal(s.q.pop(s.chain), true);
+  s.q.pushUsed(s.chain.head, 1);
+  assert.equal(s.q.needsInterrupt(), true);
+  const line = s.q.describe();
+  assert.equal(
+    line,
+    "queue 0: size 16, avail.idx 3 flags 0, device at 1 (2 unpopped), used.idx 1 flags 0, used_event 1, avail_event 1, last signalled 1, notifications on",
+  );
+  // A look only: the two unpopped chains are still there.
+  assert.equal(s.q.available(), 2);
+  s.q.fail("VIRTQ_TEST", "broken on purpose");
+  assert.equal(s.q.describe(), "queue 0: broken (VIRTQ_TEST)");
+  const fresh = setup();
+  fresh.q.reset();
+  assert.equal(fresh.q.describe(), "queue 0: not ready");
+});
