@@ -146,10 +146,10 @@ interface RunResult {
 }
 
 const partisArgv =
-  (iface: "virtio" | "ide") =>
+  (iface: "virtio" | "ide", nodeFlags: readonly string[] = []) =>
   (kernel: string, initrd: string, append: string, image: string): { command: string; argv: string[] } => ({
     command: process.execPath,
-    argv: [CLI, "run", "--kernel", kernel, "--initrd", initrd, "--append", append, "--memory", MEMORY, "--cpus", "1", "--disk", `${image},if=${iface}`],
+    argv: [...nodeFlags, CLI, "run", "--kernel", kernel, "--initrd", initrd, "--append", append, "--memory", MEMORY, "--cpus", "1", "--disk", `${image},if=${iface}`],
   });
 
 const qemuCommon = (kernel: string, initrd: string, append: string): string[] => [
@@ -170,6 +170,19 @@ const CONFIGS: readonly Config[] = [
     argv: (k, i, a, img) => ({
       command: QEMU,
       argv: ["-M", "q35", ...qemuCommon(k, i, a), "-drive", `file=${img},if=none,format=raw,cache=writeback,id=d0`, "-device", "virtio-blk-pci,drive=d0"],
+    }),
+  },
+  {
+    // Partis's threads without V8's parallel GC helpers (experiment: does waking them cost more than they save?).
+    name: "partis-virtio-stgc", label: "Partis virtio-blk, --single-threaded-gc", vmm: "partis", device: "/dev/vda", seqMiB, randomOps, optional: true,
+    argv: partisArgv("virtio", ["--single-threaded-gc"]),
+  },
+  {
+    // QEMU with its guest RAM in a memfd, as Partis's is (experiment: how much of the gap is the RAM's backing?).
+    name: "qemu-virtio-memfd", label: "QEMU virtio-blk (q35, memfd RAM)", vmm: "qemu", device: "/dev/vda", seqMiB, randomOps, optional: true,
+    argv: (k, i, a, img) => ({
+      command: QEMU,
+      argv: ["-M", "q35,memory-backend=ram0", "-object", `memory-backend-memfd,id=ram0,size=${MEMORY}`, ...qemuCommon(k, i, a), "-drive", `file=${img},if=none,format=raw,cache=writeback,id=d0`, "-device", "virtio-blk-pci,drive=d0"],
     }),
   },
   {

@@ -38,6 +38,9 @@ import type { DeviceThreadData, DeviceThreadMessage } from "./device-thread.js";
 import { deviceThread, vcpuThread, THREAD_LOADED, type PrestartedThreads } from "./thread-prestart.js";
 import { StateReportRequest, writeReport } from "./state-report.js";
 
+/** Console input queued for the guest beyond which the source should pause (RunningVm.consoleInput). */
+export const MAX_PENDING_INPUT = 64 * 1024;
+
 /** Identity-map and TSS pages for Intel hosts: top of the 32-bit space, below the BIOS. */
 const IDENTITY_MAP_ADDR = 0xfffb_c000;
 const TSS_ADDR = 0xfffb_d000;
@@ -65,7 +68,10 @@ export class RunningVm {
   private readonly report = StateReportRequest.create();
   private framebuffer: LinearFramebuffer | undefined;
   private readonly pendingInput: Uint8Array[] = [];
+  private pendingInputBytes = 0;
   private inputTimer: NodeJS.Timeout | undefined;
+  /** Callers waiting for the console input queue to empty (inputDrained). */
+  private drainWaiters: (() => void)[] = [];
   readonly outcome: Promise<VmOutcome>;
 
   private constructor(
@@ -265,10 +271,27 @@ export class RunningVm {
     }
   }
 
-  /** Console input from the user: queued, fed to COM1 as the guest drains it. */
-  consoleInput(bytes: Uint8Array): void {
+  /**
+   * Console input from the user: queued, fed to COM1 as the guest drains it.
+   * Returns false once MAX_PENDING_INPUT bytes wait for the guest: the caller
+   * should stop reading its source until inputDrained() resolves (a guest that
+   * never reads its console must not make the host buffer `cat /dev/zero`).
+   */
+  consoleInput(bytes: Uint8Array): boolean {
     this.pendingInput.push(Uint8Array.from(bytes));
+    this.pendingInputBytes += bytes.length;
     this.feedConsole();
+    return this.pendingInputBytes < MAX_PENDING_INPUT;
+  }
+
+  /** Resolves when no console input waits for the guest any more (or the VM has stopped). */
+  inputDrained(): Promise<void> {
+    if (this.pendingInputBytes === 0 || !this.power.running) return Promise.resolve();
+    return new Promise((resolve) => this.drainWaiters.push(resolve));
+  }
+
+  private wakeDrainWaiters(): void {
+    for (const w of this.drainWaiters.splice(0)) w();
   }
 
   private feedConsole(): void {
@@ -281,12 +304,14 @@ export class RunningVm {
         const head = this.pendingInput[0]!;
         const n = this.board.com1.receive(head);
         if (n === 0) break;
+        this.pendingInputBytes -= n;
         if (n === head.length) this.pendingInput.shift();
         else this.pendingInput[0] = head.subarray(n);
       }
     } finally {
       lock.release();
     }
+    if (this.pendingInput.length === 0) this.wakeDrainWaiters();
     if (this.pendingInput.length > 0 && this.inputTimer === undefined && this.power.running) {
       this.inputTimer = setTimeout(() => {
         this.inputTimer = undefined;
@@ -316,7 +341,7 @@ export class RunningVm {
    */
   reportState(): void {
     const gate = Atomics.load(this.startGate, 0) === 0 ? "; the start gate is still closed (vCPUs not running yet)" : "";
-    writeReport([`VM ${this.config.name}: ${this.config.cpus} vCPU(s), ${this.kickers.length} started, power ${this.power.running ? "on" : "off"}, ${this.pendingInput.length} console input chunk(s) waiting for the guest${gate}`]);
+    writeReport([`VM ${this.config.name}: ${this.config.cpus} vCPU(s), ${this.kickers.length} started, power ${this.power.running ? "on" : "off"}, ${this.pendingInputBytes} console input byte(s) waiting for the guest${gate}`]);
     this.report.request();
     for (const k of this.kickers) k.kick();
     this.mailbox?.ring();
@@ -352,6 +377,7 @@ export class RunningVm {
   async teardown(timeoutMs = 5000): Promise<void> {
     if (process.env.PARTIS_STATS === "1") process.stderr.write(`partis-vm: thread CPU ${RunningVm.threadCpu()}\n`);
     if (this.inputTimer !== undefined) clearTimeout(this.inputTimer);
+    this.wakeDrainWaiters();
     if (this.power.running) this.power.record({ kind: "poweroff", source: "teardown" });
     const exited = Promise.all(this.threads.map((t) => new Promise<void>((resolve) => {
       if (t.threadId < 0) resolve();

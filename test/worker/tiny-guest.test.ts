@@ -289,7 +289,7 @@ test("a device back end that cannot start (channel socket in use by another proc
   }
 });
 
-test("SIGQUIT: a state report of every vCPU (registers, run state, LAPIC) and device (virtqueues), and the VM runs on", async () => {
+test("SIGQUIT: a state report of every vCPU (registers, run state, LAPIC) and device (virtqueues), and the VM runs on", { timeout: 120_000 }, async () => {
   // vCPU 0 prints, then halts with interrupts off; vCPU 1 is never started by this guest; virtio-rng has no driver.
   const kernel = kernelFile("report", [...serialPrint("UP\n"), ...HALT_LOOP]);
   const child = spawn(process.execPath, [CLI, "run", "--kernel", kernel, "--memory", "64M", "--cpus", "2", "--rng"], { stdio: ["pipe", "pipe", "pipe"] });
@@ -327,4 +327,59 @@ test("SIGQUIT: a state report of every vCPU (registers, run state, LAPIC) and de
   assert.match(line(/report: VM /), /^partis-vm: report: VM \S+: 2 vCPU\(s\), 2 started, power on/, err);
   assert.match(line(/report: rng0/), /^partis-vm: report: rng0: status 0x0, features 0x0, INTx, isr 0$/, err);
   assert.match(line(/report: {3}queue 0:/), /queue 0: not ready; vector none/, err);
+});
+
+test("console input the guest never reads is not buffered without bound: partis run stops reading its input", { timeout: 120_000 }, async () => {
+  // This guest never enables COM1's receiver; 32 MiB are offered on standard input.
+  const kernel = kernelFile("deaf", [...serialPrint("UP\n"), ...HALT_LOOP]);
+  const child = spawn(process.execPath, [CLI, "run", "--kernel", kernel, "--memory", "64M"], { stdio: ["pipe", "pipe", "pipe"] });
+  let err = "";
+  child.stderr.on("data", (d: Buffer) => (err += d.toString()));
+  const exited = new Promise<number | null>((resolve) => child.on("exit", (code) => resolve(code)));
+  child.stdin.on("error", () => {});
+  // The guest's bytes come one write at a time: look at everything received so far.
+  let out = "";
+  await new Promise<void>((resolve) =>
+    child.stdout.on("data", (d: Buffer) => {
+      out += d.toString("latin1");
+      if (out.includes("UP\n")) resolve();
+    }),
+  );
+  const chunk = Buffer.alloc(64 * 1024, 0x61);
+  let accepted = 0;
+  // Write until the pipe stays full for 2 s (or everything went in, which is the bug).
+  await new Promise<void>((resolve) => {
+    let stall: NodeJS.Timeout | undefined;
+    const pump = (): void => {
+      clearTimeout(stall);
+      while (accepted < 32 * 1024 * 1024) {
+        accepted += chunk.length;
+        if (!child.stdin.write(chunk)) {
+          stall = setTimeout(resolve, 2000);
+          child.stdin.once("drain", pump);
+          return;
+        }
+      }
+      resolve();
+    };
+    pump();
+  });
+  child.kill("SIGQUIT");
+  await new Promise<void>((resolve, reject) => {
+    const started = Date.now();
+    const check = setInterval(() => {
+      if (/console input byte/.test(err) || Date.now() - started > 30_000) {
+        clearInterval(check);
+        if (/console input byte/.test(err)) resolve();
+        else reject(new Error(`no state report after SIGQUIT: ${err}`));
+      }
+    }, 50);
+  });
+  const waiting = Number(/(\d+) console input byte\(s\) waiting/.exec(err)?.[1]);
+  const rssAnonKb = Number(/RssAnon:\s+(\d+)/.exec(readFileSync(`/proc/${child.pid}/status`, "utf8"))?.[1]);
+  child.kill("SIGINT");
+  assert.equal(await exited, 130);
+  assert.ok(accepted < 32 * 1024 * 1024, "every byte was taken in");
+  assert.ok(waiting > 0 && waiting <= 256 * 1024, `${waiting} bytes queued for a guest that does not read`);
+  assert.ok(rssAnonKb < 200 * 1024, `partis run grew to ${rssAnonKb} KiB of private memory`);
 });
