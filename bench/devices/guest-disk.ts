@@ -48,6 +48,8 @@
  * --random-ops N (2000), --pio-seq-mib N (4), --pio-random-ops N (300),
  * --pio-write-kib N (64), --random-seconds N (15: the random reads stop
  * there; slow paths do fewer) (--quick: 16, 500, 1, 100, 16, 6),
+ * --baseline-cli PATH (also run Partis virtio-blk from another build's
+ * dist/src/cli/main.js, interleaved: an A/B of two commits),
  * --image-mib N (256), --only NAME[,NAME] (partis-virtio, partis-ide-dma,
  * partis-ide-pio, qemu-virtio, qemu-ide-dma; qemu-ide-pio only when named or
  * with --all), --all, --dir D, --timeout S (300),
@@ -146,10 +148,10 @@ interface RunResult {
 }
 
 const partisArgv =
-  (iface: "virtio" | "ide", nodeFlags: readonly string[] = []) =>
+  (iface: "virtio" | "ide", nodeFlags: readonly string[] = [], cli = CLI) =>
   (kernel: string, initrd: string, append: string, image: string): { command: string; argv: string[] } => ({
     command: process.execPath,
-    argv: [...nodeFlags, CLI, "run", "--kernel", kernel, "--initrd", initrd, "--append", append, "--memory", MEMORY, "--cpus", "1", "--disk", `${image},if=${iface}`],
+    argv: [...nodeFlags, cli, "run", "--kernel", kernel, "--initrd", initrd, "--append", append, "--memory", MEMORY, "--cpus", "1", "--disk", `${image},if=${iface}`],
   });
 
 const qemuCommon = (kernel: string, initrd: string, append: string): string[] => [
@@ -173,9 +175,9 @@ const CONFIGS: readonly Config[] = [
     }),
   },
   {
-    // Partis's threads without V8's parallel GC helpers (experiment: does waking them cost more than they save?).
-    name: "partis-virtio-stgc", label: "Partis virtio-blk, --single-threaded-gc", vmm: "partis", device: "/dev/vda", seqMiB, randomOps, optional: true,
-    argv: partisArgv("virtio", ["--single-threaded-gc"]),
+    // Partis with V8's background threads idle (experiment: what does their CPU buy?).
+    name: "partis-virtio-v8st", label: "Partis virtio-blk, node --single-threaded", vmm: "partis", device: "/dev/vda", seqMiB, randomOps, optional: true,
+    argv: partisArgv("virtio", ["--single-threaded"]),
   },
   {
     // QEMU with its guest RAM in a memfd, as Partis's is (experiment: how much of the gap is the RAM's backing?).
@@ -549,7 +551,13 @@ async function main(): Promise<void> {
   }
   if (!existsSync(QEMU)) throw new Error("qemu-system-x86_64 is missing (apt-get install qemu-system-x86)");
   const only = value("--only")?.split(",");
-  const configs = only ? CONFIGS.filter((c) => only.includes(c.name)) : CONFIGS.filter((c) => flag("--all") || c.optional !== true);
+  const selected = only ? CONFIGS.filter((c) => only.includes(c.name)) : CONFIGS.filter((c) => flag("--all") || c.optional !== true);
+  // --baseline-cli: another build's CLI (e.g. a copy of the previous commit's dist/) on the virtio path, interleaved with this one.
+  const baseline = value("--baseline-cli");
+  const configs: Config[] =
+    baseline === undefined
+      ? selected
+      : [...selected, { name: "partis-virtio-baseline", label: `Partis virtio-blk, baseline build (${baseline})`, vmm: "partis", device: "/dev/vda", seqMiB, randomOps, argv: partisArgv("virtio", [], baseline) }];
   if (configs.length === 0) throw new Error(`--only ${value("--only")}: none of ${CONFIGS.map((c) => c.name).join(", ")}`);
   const baseDir = value("--dir") ?? tmpdir();
   mkdirSync(baseDir, { recursive: true });

@@ -26,6 +26,7 @@ export const systemClock: Clock = {
 
 /** Where a device's output bytes go (the console, a log file, a socket). */
 export interface ByteSink {
+  /** `bytes` is valid only during the call (callers reuse the buffer): copy what must be kept. */
   write(bytes: Uint8Array): void;
 }
 

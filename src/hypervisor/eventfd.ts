@@ -4,8 +4,13 @@
  */
 import * as libc from "./libc.js";
 
+/**
+ * Counts are plain numbers (exact up to 2^53): signalling and taking are on
+ * the device thread's per-request path, where a BigInt per call was garbage.
+ */
 export class EventFd {
-  private readonly buf = new BigUint64Array(1);
+  /** The 8-byte counter as two 32-bit halves (little-endian). */
+  private readonly buf = new Uint32Array(2);
   private closed = false;
 
   private constructor(
@@ -33,20 +38,21 @@ export class EventFd {
   }
 
   /** Add `n` (default 1) to the counter, waking whoever waits on it (KVM for an irqfd). */
-  signal(n: number | bigint = 1n): void {
-    this.buf[0] = BigInt(n);
+  signal(n = 1): void {
+    this.buf[0] = n % 4294967296;
+    this.buf[1] = Math.floor(n / 4294967296);
     libc.write(this.fd, this.buf, 8);
   }
 
-  /** Read and reset the counter (0n when non-blocking and nothing was signalled). */
-  take(): bigint {
+  /** Read and reset the counter (0 when non-blocking and nothing was signalled). */
+  take(): number {
     const r = libc.raw.read(this.fd, this.buf, 8);
     if (r < 0) {
       const e = libc.errno();
-      if (e === libc.Errno.EAGAIN) return 0n;
+      if (e === libc.Errno.EAGAIN) return 0;
       throw libc.lastError("read", { fd: this.fd, what: "eventfd" });
     }
-    return this.buf[0]!;
+    return this.buf[1]! * 4294967296 + this.buf[0]!;
   }
 
   close(): void {

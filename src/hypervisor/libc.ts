@@ -118,6 +118,7 @@ export const Errno = {
   ENXIO: koffi.os.errno.ENXIO ?? 6,
   EINVAL: koffi.os.errno.EINVAL ?? 22,
   ENOSPC: koffi.os.errno.ENOSPC ?? 28,
+  EPIPE: koffi.os.errno.EPIPE ?? 32,
   ENOTTY: koffi.os.errno.ENOTTY ?? 25,
   ENOSYS: koffi.os.errno.ENOSYS ?? 38,
 } as const;
@@ -198,23 +199,32 @@ export function eventfd(initval = 0, flags = EFD_CLOEXEC): number {
 /** read(2) into `buf`; returns bytes read (0 at EOF). */
 export function read(fd: number, buf: ArrayBufferView, length = buf.byteLength): number {
   if (length > buf.byteLength) throw new RangeError("read: length exceeds buffer");
-  return check(c.read(fd, buf, length), "read", { fd, length });
+  const r = c.read(fd, buf, length);
+  // The error context is built only on failure: these calls are on per-request paths.
+  if (r < 0) throw lastError("read", { fd, length });
+  return r;
 }
 
 /** write(2) from `buf`; returns bytes written. */
 export function write(fd: number, buf: ArrayBufferView, length = buf.byteLength): number {
   if (length > buf.byteLength) throw new RangeError("write: length exceeds buffer");
-  return check(c.write(fd, buf, length), "write", { fd, length });
+  const r = c.write(fd, buf, length);
+  if (r < 0) throw lastError("write", { fd, length });
+  return r;
 }
 
 export function pread(fd: number, buf: ArrayBufferView, offset: number | bigint, length = buf.byteLength): number {
   if (length > buf.byteLength) throw new RangeError("pread: length exceeds buffer");
-  return check(c.pread(fd, buf, length, offset), "pread", { fd, length, offset: BigInt(offset) });
+  const r = c.pread(fd, buf, length, offset);
+  if (r < 0) throw lastError("pread", { fd, length, offset: BigInt(offset) });
+  return r;
 }
 
 export function pwrite(fd: number, buf: ArrayBufferView, offset: number | bigint, length = buf.byteLength): number {
   if (length > buf.byteLength) throw new RangeError("pwrite: length exceeds buffer");
-  return check(c.pwrite(fd, buf, length, offset), "pwrite", { fd, length, offset: BigInt(offset) });
+  const r = c.pwrite(fd, buf, length, offset);
+  if (r < 0) throw lastError("pwrite", { fd, length, offset: BigInt(offset) });
+  return r;
 }
 
 export const POLLIN = 0x001;
@@ -464,13 +474,17 @@ function fillIovec(views: readonly Uint8Array[], count: number): number {
  */
 export function preadv(fd: number, views: readonly Uint8Array[], count: number, offset: number): number {
   fillIovec(views, count);
-  return check(c.preadv(fd, iovecWords, count, offset), "preadv", { fd, count, offset: BigInt(offset) });
+  const r = c.preadv(fd, iovecWords, count, offset);
+  if (r < 0) throw lastError("preadv", { fd, count, offset: BigInt(offset) });
+  return r;
 }
 
 /** pwritev(2) from views of memory this module mapped. Returns the bytes written (may be short). */
 export function pwritev(fd: number, views: readonly Uint8Array[], count: number, offset: number): number {
   fillIovec(views, count);
-  return check(c.pwritev(fd, iovecWords, count, offset), "pwritev", { fd, count, offset: BigInt(offset) });
+  const r = c.pwritev(fd, iovecWords, count, offset);
+  if (r < 0) throw lastError("pwritev", { fd, count, offset: BigInt(offset) });
+  return r;
 }
 
 function fillHostIovec(addresses: Float64Array, lengths: Uint32Array, count: number): number {
@@ -494,13 +508,17 @@ function fillHostIovec(addresses: Float64Array, lengths: Uint32Array, count: num
  */
 export function preadvHost(fd: number, addresses: Float64Array, lengths: Uint32Array, count: number, offset: number): number {
   fillHostIovec(addresses, lengths, count);
-  return check(c.preadv(fd, iovecWords, count, offset), "preadv", { fd, count, offset: BigInt(offset) });
+  const r = c.preadv(fd, iovecWords, count, offset);
+  if (r < 0) throw lastError("preadv", { fd, count, offset: BigInt(offset) });
+  return r;
 }
 
 /** pwritev(2) from host spans (see preadvHost). Returns the bytes written (may be short). */
 export function pwritevHost(fd: number, addresses: Float64Array, lengths: Uint32Array, count: number, offset: number): number {
   fillHostIovec(addresses, lengths, count);
-  return check(c.pwritev(fd, iovecWords, count, offset), "pwritev", { fd, count, offset: BigInt(offset) });
+  const r = c.pwritev(fd, iovecWords, count, offset);
+  if (r < 0) throw lastError("pwritev", { fd, count, offset: BigInt(offset) });
+  return r;
 }
 
 /** Unmap the mapping behind a view made by `mapSharedFile` / `alignedBuffer`. Idempotent. */

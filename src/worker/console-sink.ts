@@ -5,8 +5,8 @@
  * pipe (EAGAIN on a non-blocking descriptor) is retried after a short wait so
  * no byte is lost and the guest is slowed rather than the output dropped.
  */
-import { writeSync } from "node:fs";
 import type { ByteSink } from "../devices/dependencies.js";
+import * as libc from "../hypervisor/libc.js";
 import { bootTrace } from "./boot-trace.js";
 
 const pause = new Int32Array(new SharedArrayBuffer(4));
@@ -16,24 +16,24 @@ export class FdConsoleSink implements ByteSink {
 
   constructor(private readonly fd: number) {}
 
+  /** write(2) straight from the caller's buffer: the guest's every console byte passes here, and fs.writeSync allocated per call. */
   write(bytes: Uint8Array): void {
     if (this.first) {
       this.first = false;
       bootTrace("console", "first byte from the guest");
     }
-    let done = 0;
-    while (done < bytes.length) {
-      try {
-        done += writeSync(this.fd, bytes, done, bytes.length - done);
-      } catch (e) {
-        const code = (e as NodeJS.ErrnoException).code;
-        if (code === "EAGAIN") {
-          Atomics.wait(pause, 0, 0, 1);
-          continue;
-        }
-        if (code === "EPIPE") return; // the reader went away: drop console output
-        throw e;
+    let view = bytes;
+    while (view.length > 0) {
+      const n = libc.raw.write(this.fd, view, view.length);
+      if (n >= 0) {
+        if (n === view.length) return;
+        view = view.subarray(n);
+        continue;
       }
+      const e = libc.errno();
+      if (e === libc.Errno.EAGAIN) Atomics.wait(pause, 0, 0, 1);
+      else if (e === libc.Errno.EPIPE) return; // the reader went away: drop console output
+      else if (e !== libc.Errno.EINTR) throw libc.lastError("write", { fd: this.fd, what: "console" });
     }
   }
 }

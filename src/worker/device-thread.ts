@@ -112,7 +112,7 @@ class Doorbells implements DoorbellMap {
     if (bell === undefined) {
       const eventfd = EventFd.create({ nonBlocking: true });
       const watch = this.loop.watch(eventfd.fd, () => {
-        if (eventfd.take() !== 0n) onRing();
+        if (eventfd.take() !== 0) onRing();
       });
       bell = { eventfd, watch, gpa: undefined, length };
       this.bells.set(key, bell);
@@ -204,7 +204,7 @@ function main(data: DeviceThreadData): void {
           intxLine.setLevel(level);
         },
       },
-      msi: msi.sink(`fn${f.bdf}`),
+      msi: msi.sink(),
       loop,
       doorbells,
     };

@@ -64,7 +64,8 @@ interface MsiRoute {
 const FIRST_MSI_GSI = 24;
 
 export class MsiRouter {
-  private readonly routes = new Map<string, MsiRoute>();
+  /** Every route, in GSI order (the routing table is rebuilt from it). */
+  private readonly routes: MsiRoute[] = [];
   private nextGsi = FIRST_MSI_GSI;
   /** Set when KVM refused routing or irqfds: fall back to KVM_SIGNAL_MSI. */
   private direct = false;
@@ -72,21 +73,23 @@ export class MsiRouter {
 
   constructor(private readonly partition: Partition) {}
 
-  sink(owner: string): MsiSink {
-    return { signal: (address, addressHigh, data, vector) => this.signal(owner, vector, address, addressHigh, data) };
+  /** One function's vectors: a raise finds its route by vector index, allocating nothing. */
+  sink(): MsiSink {
+    const byVector: (MsiRoute | undefined)[] = [];
+    return { signal: (address, addressHigh, data, vector) => this.signal(byVector, vector, address, addressHigh, data) };
   }
 
-  private signal(owner: string, vector: number, address: number, addressHigh: number, data: number): void {
+  private signal(byVector: (MsiRoute | undefined)[], vector: number, address: number, addressHigh: number, data: number): void {
     if (this.direct) {
       this.partition.signalMsi(addressHigh * 2 ** 32 + address, data);
       return;
     }
-    const key = `${owner}/${vector}`;
-    let r = this.routes.get(key);
+    let r = byVector[vector];
     try {
       if (r === undefined) {
         r = { gsi: this.nextGsi++, eventfd: EventFd.create({ nonBlocking: true }), addressLo: address, addressHi: addressHigh, data };
-        this.routes.set(key, r);
+        byVector[vector] = r;
+        this.routes.push(r);
         this.commit();
         this.partition.irqfd(r.gsi, r.eventfd);
       } else if (r.addressLo !== address || r.addressHi !== addressHigh || r.data !== data) {
@@ -106,12 +109,12 @@ export class MsiRouter {
 
   private commit(): void {
     const table: GsiRoute[] = [...this.base];
-    for (const r of this.routes.values()) table.push({ gsi: r.gsi, kind: "msi", addressLo: r.addressLo, addressHi: r.addressHi, data: r.data });
+    for (const r of this.routes) table.push({ gsi: r.gsi, kind: "msi", addressLo: r.addressLo, addressHi: r.addressHi, data: r.data });
     this.partition.setGsiRouting(table);
   }
 
   close(): void {
-    for (const r of this.routes.values()) {
+    for (const r of this.routes) {
       try {
         this.partition.removeIrqfd(r.gsi, r.eventfd);
       } catch {
@@ -119,6 +122,6 @@ export class MsiRouter {
       }
       r.eventfd.close();
     }
-    this.routes.clear();
+    this.routes.length = 0;
   }
 }

@@ -121,6 +121,7 @@ export class Uart16550 implements BusDevice {
   readonly regions: readonly IoRegion[];
   private readonly irq: IrqLine;
   private readonly output: ByteSink;
+  private readonly txByte = new Uint8Array(1);
 
   constructor(
     readonly name: string,
@@ -309,7 +310,9 @@ export class Uart16550 implements BusDevice {
       if (s.rxCount >= RX_SIZE) s.lsrErrors |= LSR_OE;
       else this.pushRx(byte);
     } else {
-      this.output.write(Uint8Array.of(byte));
+      this.txByte[0] = byte;
+      this.output.write(this.txByte); // one buffer for every byte: nothing allocated per OUT
+
     }
     s.thrPending = 1;
     this.updateIrq();

@@ -243,7 +243,7 @@ export class MemoryPort implements NetworkPort {
     this.count++;
     if (!this.signalled) {
       this.signalled = true;
-      this.event.signal(1n);
+      this.event.signal(1);
     }
     return true;
   }
