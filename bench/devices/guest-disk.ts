@@ -51,8 +51,9 @@
  * --baseline-cli PATH (also run Partis virtio-blk from another build's
  * dist/src/cli/main.js, interleaved: an A/B of two commits),
  * --image-mib N (256), --only NAME[,NAME] (partis-virtio, partis-ide-dma,
- * partis-ide-pio, qemu-virtio, qemu-ide-dma; qemu-ide-pio only when named or
- * with --all), --all, --dir D, --timeout S (300),
+ * partis-ide-pio, qemu-virtio, qemu-ide-dma; only when named or with --all:
+ * qemu-ide-pio, qemu-virtio-memfd (QEMU's RAM in a memfd, as Partis's is) and
+ * partis-virtio-v8st (`node --single-threaded`)), --all, --dir D, --timeout S (300),
  * --prepare (build the guest program and initramfs, then exit),
  * --guest-command NAME (print that configuration's guest shell command).
  */
