@@ -53,7 +53,7 @@ const CTRL_RIGHT_BRACKET = 0x1d;
 const MAX_HELD_INPUT = 1 << 20;
 
 /** What the console and host requests act on: the running VM. */
-type VmControl = Pick<RunningVm, "consoleInput" | "inputDrained" | "pressPowerButton" | "stop" | "reportState">;
+type VmControl = Pick<RunningVm, "consoleInput" | "pressPowerButton" | "stop" | "reportState">;
 
 /**
  * Connects the user's terminal (or standard input) to the running VM's
@@ -110,16 +110,9 @@ class ConsoleBridge {
 
   /** To the VM, or held for the next one (`printf 'cmd\n' | partis run` types before the VM exists); at most MAX_HELD_INPUT bytes are held. */
   private deliver(d: Buffer): void {
-    const vm = this.vm;
-    if (vm !== undefined) {
-      // The guest reads slower than the input comes (or not at all): stop reading until it catches up.
-      if (!vm.consoleInput(d)) {
-        process.stdin.pause();
-        void vm.inputDrained().then(() => {
-          if (!process.stdin.destroyed) process.stdin.resume();
-        });
-      }
-    } else if (this.heldBytes + d.length <= MAX_HELD_INPUT) {
+    // stdin is paused while the guest is behind (it reads slower than input comes, or not at all).
+    if (this.vm !== undefined) this.vm.consoleInput(d, process.stdin);
+    else if (this.heldBytes + d.length <= MAX_HELD_INPUT) {
       this.held.push(Buffer.from(d));
       this.heldBytes += d.length;
     }

@@ -110,7 +110,6 @@ function resolveFramebuffer(opts: RunOptions): { width: number; height: number }
   return { width, height };
 }
 
-
 /**
  * `--kernel-unpack auto` (the default) or `host`: the kernel decompressed on
  * the host, from the cache or unpacked now (once). Under `auto` a kernel that

@@ -22,7 +22,6 @@ export function readKernelHead(path: string): KernelFileHead {
   }
 }
 
-
 /**
  * An unpacked kernel's flat image opened for loading: `read` fills each
  * extent straight into the view it is given (guest RAM), so the tens of

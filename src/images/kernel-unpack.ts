@@ -126,41 +126,33 @@ export async function unpackKernel(bzImagePath: string, opts: { cacheDir?: strin
   if (cached !== undefined) return { ok: true, kernel: cached };
 
   const bz = readFileSync(source.path);
-  let payload: ReturnType<typeof compressedPayload>;
+  // Anything the kernel itself gets wrong (no payload description, a format without a tool, a bad ELF) means "boot it compressed".
+  let layout: Layout;
+  let flat: Uint8Array;
   try {
-    payload = compressedPayload(bz, parseBzImage(bz));
-  } catch (e) {
-    return { ok: false, why: (e as Error).message };
-  }
-  let elfBytes: Uint8Array;
-  try {
+    const payload = compressedPayload(bz, parseBzImage(bz));
     opts.log?.(`unpacking the ${payload.compression} kernel ${source.path} (once; cached in ${cacheDir})`);
-    elfBytes = await decompress(payload.compression, payload.data);
+    const elfBytes = await decompress(payload.compression, payload.data);
+    if (payload.decompressedSize !== undefined && payload.decompressedSize !== elfBytes.length)
+      return { ok: false, why: `decompressed ${elfBytes.length} bytes where the bzImage says ${payload.decompressedSize}` };
+    const elf = parseKernelElf(elfBytes);
+    const packed = packKernelSegments(elfBytes, elf);
+    flat = packed.flat;
+    layout = {
+      version: LAYOUT_VERSION,
+      source,
+      imageBytes: flat.length,
+      entry: elf.entry,
+      loadStart: elf.loadStart,
+      loadEnd: elf.loadEnd,
+      extents: packed.extents,
+      compression: payload.compression,
+    };
   } catch (e) {
     return { ok: false, why: (e as Error).message };
   }
-  if (payload.decompressedSize !== undefined && payload.decompressedSize !== elfBytes.length)
-    return { ok: false, why: `decompressed ${elfBytes.length} bytes where the bzImage says ${payload.decompressedSize}` };
-  let packed: ReturnType<typeof packKernelSegments>;
-  let elf: ReturnType<typeof parseKernelElf>;
-  try {
-    elf = parseKernelElf(elfBytes);
-    packed = packKernelSegments(elfBytes, elf);
-  } catch (e) {
-    return { ok: false, why: (e as Error).message };
-  }
-  const layout: Layout = {
-    version: LAYOUT_VERSION,
-    source,
-    imageBytes: packed.flat.length,
-    entry: elf.entry,
-    loadStart: elf.loadStart,
-    loadEnd: elf.loadEnd,
-    extents: packed.extents,
-    compression: payload.compression,
-  };
   await ensureCacheEntry(dir, async (tmp) => {
-    await writeFile(join(tmp, IMAGE_FILE), packed.flat);
+    await writeFile(join(tmp, IMAGE_FILE), flat);
     await writeFile(join(tmp, LAYOUT_FILE), JSON.stringify(layout));
   });
   const kernel = readLayout(dir, source);

@@ -271,7 +271,7 @@ function main(data: DeviceThreadData): void {
 }
 
 /** Started with its data, or prestarted (thread-prestart.ts): then the data is the first message. */
-const threadData = (workerData as DeviceThreadData | null) ?? (await awaitThreadData<DeviceThreadData>(parentPort));
+const threadData = await awaitThreadData<DeviceThreadData>(workerData, parentPort);
 // A prestarted thread the VM did not need: end quietly.
 if (threadData === null) process.exit(0);
 try {

@@ -48,13 +48,8 @@ async function start(request: Extract<ControlRequest, { type: "start" }>): Promi
     return;
   }
   send({ type: "running", vcpus: request.config.cpus });
-  process.stdin.on("data", (d: Buffer) => {
-    // Read no faster than the guest takes its console input.
-    if (vm !== undefined && !vm.consoleInput(d)) {
-      process.stdin.pause();
-      void vm.inputDrained().then(() => process.stdin.resume());
-    }
-  });
+  // Read no faster than the guest takes its console input (stdin is paused while it is behind).
+  process.stdin.on("data", (d: Buffer) => vm?.consoleInput(d, process.stdin));
   process.stdin.on("error", () => {});
   if (pendingShutdown) vm.pressPowerButton();
   const outcome = await vm.outcome;

@@ -35,11 +35,18 @@ import { writeFileSync } from "node:fs";
 import { planPci } from "./device-plan.js";
 import { IDE_COMPAT_PORTS, PCI_IO_WINDOW } from "./device-forwarding.js";
 import type { DeviceThreadData, DeviceThreadMessage } from "./device-thread.js";
-import { deviceThread, vcpuThread, THREAD_LOADED, type PrestartedThreads } from "./thread-prestart.js";
+import { deviceThread, vcpuThread, type PrestartedThreads } from "./thread-prestart.js";
 import { StateReportRequest, writeReport } from "./state-report.js";
 
-/** Console input queued for the guest beyond which the source should pause (RunningVm.consoleInput). */
+/** Console input queued for the guest beyond which its source is paused (RunningVm.consoleInput). */
 export const MAX_PENDING_INPUT = 64 * 1024;
+
+/** Where console input comes from (process.stdin): paused while the guest is behind. */
+export interface ConsoleInputSource {
+  pause(): unknown;
+  resume(): unknown;
+  readonly destroyed?: boolean;
+}
 
 /** Identity-map and TSS pages for Intel hosts: top of the 32-bit space, below the BIOS. */
 const IDENTITY_MAP_ADDR = 0xfffb_c000;
@@ -70,8 +77,8 @@ export class RunningVm {
   private readonly pendingInput: Uint8Array[] = [];
   private pendingInputBytes = 0;
   private inputTimer: NodeJS.Timeout | undefined;
-  /** Callers waiting for the console input queue to empty (inputDrained). */
-  private drainWaiters: (() => void)[] = [];
+  /** Sources paused until the console input queue empties (or the VM stops). */
+  private pausedSources: ConsoleInputSource[] = [];
   readonly outcome: Promise<VmOutcome>;
 
   private constructor(
@@ -209,9 +216,7 @@ export class RunningVm {
     const prestarted = this.prestarted?.takeDevices();
     const t = prestarted ?? deviceThread(data);
     if (prestarted !== undefined) prestarted.postMessage(data);
-    t.on("message", (m: DeviceThreadMessage | typeof THREAD_LOADED) => {
-      // A prestarted thread says when its modules are loaded, possibly after it was handed over.
-      if (m === THREAD_LOADED) return;
+    t.on("message", (m: DeviceThreadMessage) => {
       if (m.type === "ready") {
         bootTrace("worker", "devices ready");
         this.devicesReady = true;
@@ -247,8 +252,7 @@ export class RunningVm {
     const prestarted = this.prestarted?.takeVcpu();
     const t = prestarted ?? vcpuThread(data);
     if (prestarted !== undefined) prestarted.postMessage(data);
-    t.on("message", (m: VcpuThreadMessage | typeof THREAD_LOADED) => {
-      if (m === THREAD_LOADED) return;
+    t.on("message", (m: VcpuThreadMessage) => {
       if (m.type === "ready") {
         this.kickers.push(VcpuKicker.attach(m.kick));
         this.vcpusReady++;
@@ -273,25 +277,22 @@ export class RunningVm {
 
   /**
    * Console input from the user: queued, fed to COM1 as the guest drains it.
-   * Returns false once MAX_PENDING_INPUT bytes wait for the guest: the caller
-   * should stop reading its source until inputDrained() resolves (a guest that
-   * never reads its console must not make the host buffer `cat /dev/zero`).
+   * Once MAX_PENDING_INPUT bytes wait for the guest, `source` is paused until
+   * the queue empties (a guest that never reads its console must not make the
+   * host buffer `cat /dev/zero`).
    */
-  consoleInput(bytes: Uint8Array): boolean {
+  consoleInput(bytes: Uint8Array, source?: ConsoleInputSource): void {
     this.pendingInput.push(Uint8Array.from(bytes));
     this.pendingInputBytes += bytes.length;
     this.feedConsole();
-    return this.pendingInputBytes < MAX_PENDING_INPUT;
+    if (source !== undefined && this.pendingInputBytes >= MAX_PENDING_INPUT && this.power.running) {
+      source.pause();
+      this.pausedSources.push(source);
+    }
   }
 
-  /** Resolves when no console input waits for the guest any more (or the VM has stopped). */
-  inputDrained(): Promise<void> {
-    if (this.pendingInputBytes === 0 || !this.power.running) return Promise.resolve();
-    return new Promise((resolve) => this.drainWaiters.push(resolve));
-  }
-
-  private wakeDrainWaiters(): void {
-    for (const w of this.drainWaiters.splice(0)) w();
+  private resumeSources(): void {
+    for (const s of this.pausedSources.splice(0)) if (s.destroyed !== true) s.resume();
   }
 
   private feedConsole(): void {
@@ -311,7 +312,7 @@ export class RunningVm {
     } finally {
       lock.release();
     }
-    if (this.pendingInput.length === 0) this.wakeDrainWaiters();
+    if (this.pendingInput.length === 0) this.resumeSources();
     if (this.pendingInput.length > 0 && this.inputTimer === undefined && this.power.running) {
       this.inputTimer = setTimeout(() => {
         this.inputTimer = undefined;
@@ -377,7 +378,7 @@ export class RunningVm {
   async teardown(timeoutMs = 5000): Promise<void> {
     if (process.env.PARTIS_STATS === "1") process.stderr.write(`partis-vm: thread CPU ${RunningVm.threadCpu()}\n`);
     if (this.inputTimer !== undefined) clearTimeout(this.inputTimer);
-    this.wakeDrainWaiters();
+    this.resumeSources();
     if (this.power.running) this.power.record({ kind: "poweroff", source: "teardown" });
     const exited = Promise.all(this.threads.map((t) => new Promise<void>((resolve) => {
       if (t.threadId < 0) resolve();

@@ -12,8 +12,10 @@
  *
  * Ending a thread that is still loading its modules must wait: terminating it
  * while koffi's native module initialises aborts the whole process (a fatal
- * N-API error). So a thread says when its modules are loaded; until then it is
- * asked to end itself (a `null` first message) rather than terminated, and
+ * N-API error). So a thread says when its modules are loaded (a shared word
+ * its prestart marker carries, not a message: whoever listens to the thread
+ * once it is handed out never sees it); until then it is asked to end itself
+ * (a `null` first message) rather than terminated, and
  * `dispose()` resolves once every such thread is gone: a process awaits it
  * before `process.exit`.
  *
@@ -46,16 +48,24 @@ export function deviceThread(workerData: unknown): Worker {
   return new Worker(DEVICE_THREAD_URL, { workerData, stdout: false, stderr: false });
 }
 
-/** What a prestarted thread posts once its modules are loaded (it then waits for its data). */
-export const THREAD_LOADED = "partis-thread-loaded";
+/** The workerData of a prestarted thread: word 0 of `loaded` turns 1 once its modules are loaded. */
+interface PrestartMarker {
+  readonly prestartLoaded: SharedArrayBuffer;
+}
+
+function isPrestartMarker(data: unknown): data is PrestartMarker {
+  return typeof data === "object" && data !== null && (data as Partial<PrestartMarker>).prestartLoaded instanceof SharedArrayBuffer;
+}
 
 /**
- * In a prestarted thread: say the modules are loaded and wait for the data.
- * `null` means the thread is not needed (the caller ends itself).
+ * A thread's data: its workerData when it was started with it; in a
+ * prestarted thread, say the modules are loaded and wait for the data as the
+ * first message. `null` means the thread is not needed (the caller ends itself).
  */
-export async function awaitThreadData<T>(port: MessagePort | null): Promise<T | null> {
+export async function awaitThreadData<T>(workerData: unknown, port: MessagePort | null): Promise<T | null> {
+  if (!isPrestartMarker(workerData)) return workerData as T;
+  Atomics.store(new Int32Array(workerData.prestartLoaded), 0, 1);
   if (port === null) return null;
-  port.postMessage(THREAD_LOADED);
   return (await new Promise((resolve) => port.once("message", resolve))) as T | null;
 }
 
@@ -63,11 +73,14 @@ export async function awaitThreadData<T>(port: MessagePort | null): Promise<T | 
 interface Prestarted {
   readonly worker: Worker;
   failed: boolean;
-  loaded: boolean;
+  /** Word 0: 1 once the thread's modules are loaded. */
+  readonly loaded: Int32Array;
   readonly gone: Promise<void>;
 }
 
-function prestart(worker: Worker): Prestarted {
+function prestart(start: (marker: PrestartMarker) => Worker): Prestarted {
+  const loaded = new Int32Array(new SharedArrayBuffer(4));
+  const worker = start({ prestartLoaded: loaded.buffer as SharedArrayBuffer });
   let p!: Prestarted;
   const gone = new Promise<void>((resolve) =>
     worker.once("exit", () => {
@@ -75,21 +88,15 @@ function prestart(worker: Worker): Prestarted {
       resolve();
     }),
   );
-  p = { worker, failed: false, loaded: false, gone };
+  p = { worker, failed: false, loaded, gone };
   // Until it is handed out, nobody else listens: an error here must not take the process down.
   worker.once("error", () => (p.failed = true));
-  const onLoaded = (m: unknown): void => {
-    if (m !== THREAD_LOADED) return;
-    p.loaded = true;
-    worker.off("message", onLoaded);
-  };
-  worker.on("message", onLoaded);
   return p;
 }
 
 /** End a thread nobody took: at once when it is idle (or dead), else by asking it to end after its start-up. */
 function end(p: Prestarted): Promise<void> {
-  if (p.loaded || p.failed) void p.worker.terminate();
+  if (Atomics.load(p.loaded, 0) === 1 || p.failed) void p.worker.terminate();
   else p.worker.postMessage(null);
   return p.gone;
 }
@@ -110,8 +117,8 @@ export class PrestartedThreads {
   static fromHints(vcpus: number, devices: boolean): PrestartedThreads {
     const p = new PrestartedThreads();
     const count = Number.isSafeInteger(vcpus) && vcpus > 0 ? Math.min(vcpus, MAX_PRESTART_VCPUS) : 0;
-    for (let k = 0; k < count; k++) p.vcpus.push(prestart(vcpuThread(null)));
-    if (devices) p.devices = prestart(deviceThread(null));
+    for (let k = 0; k < count; k++) p.vcpus.push(prestart(vcpuThread));
+    if (devices) p.devices = prestart(deviceThread);
     return p;
   }
 

@@ -257,7 +257,7 @@ function main(data: VcpuThreadData): void {
 }
 
 /** Started with its data, or prestarted (thread-prestart.ts): then the data is the first message. */
-const threadData = (workerData as VcpuThreadData | null) ?? (await awaitThreadData<VcpuThreadData>(parentPort));
+const threadData = await awaitThreadData<VcpuThreadData>(workerData, parentPort);
 // A prestarted thread the VM did not need: end quietly.
 if (threadData === null) process.exit(0);
 try {

@@ -312,7 +312,6 @@ export class Uart16550 implements BusDevice {
     } else {
       this.txByte[0] = byte;
       this.output.write(this.txByte); // one buffer for every byte: nothing allocated per OUT
-
     }
     s.thrPending = 1;
     this.updateIrq();
