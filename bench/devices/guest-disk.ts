@@ -42,12 +42,16 @@
  * network and builds under TCG are slow):
  *   npx tsc -p . && node dist/bench/devices/guest-disk.js --prepare &&
  *   node dist/src/cli/main.js host nested -- node dist/bench/devices/guest-disk.js [--quick] [--runs N]
- * A full run (2 runs of 5 paths) takes about 7 minutes there, --quick about 3.
+ * A full run (2 runs of 5 paths, each with its warm-up pass) takes about 11
+ * minutes there, --quick about 3.
  *
  * Options: --quick (smaller sizes, one run), --runs N (2), --seq-mib N (64),
  * --random-ops N (2000), --pio-seq-mib N (4), --pio-random-ops N (300),
  * --pio-write-kib N (64), --random-seconds N (15: the random reads stop
  * there; slow paths do fewer) (--quick: 16, 500, 1, 100, 16, 6),
+ * --warmup-mib N (16; --quick: 4; 0: none) and --warmup-random-ops N (2000;
+ * --quick: 500): the unmeasured warm-up pass each run makes first (see
+ * warmupMiB below; its figures go to stderr),
  * --baseline-cli PATH (also run Partis virtio-blk from another build's
  * dist/src/cli/main.js, interleaved: an A/B of two commits),
  * --image-mib N (256), --only NAME[,NAME] (partis-virtio, partis-ide-dma,
@@ -55,6 +59,10 @@
  * qemu-ide-pio, qemu-virtio-memfd (QEMU's RAM in a memfd, as Partis's is) and
  * partis-virtio-v8st (`node --single-threaded`)), --all, --dir D, --timeout S (300),
  * --prepare (build the guest program and initramfs, then exit),
+ * Environment: PARTIS_BENCH_THREADS=1 (per-thread CPU per pattern),
+ * PARTIS_STATS=1 (the VMM's own counters), PARTIS_BENCH_LOG=DIR (each run's
+ * whole VMM output), PARTIS_BENCH_NODE_FLAGS="..." (node/V8 flags for the
+ * Partis paths, e.g. --trace-opt to see what the JIT compiles when).
  * --guest-command NAME (print that configuration's guest shell command).
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
@@ -103,6 +111,19 @@ const PIO_WRITE_REQUEST_KIB = 16;
 if (pioWriteKiB % PIO_WRITE_REQUEST_KIB !== 0) throw new Error(`--pio-write-kib must be a multiple of ${PIO_WRITE_REQUEST_KIB}`);
 const randomSeconds = num("--random-seconds", quick ? 6 : 15);
 const imageMiB = num("--image-mib", 256);
+/**
+ * A warm-up pass in the guest before the measured one (the same program, its
+ * lines relabelled WARMUP): a VMM with a JIT (Partis) compiles its hot paths
+ * during the first thousand requests, a cost a long-running VM pays once.
+ * Both VMMs get it; --warmup-mib 0 measures cold.
+ */
+const warmupMiB = (() => {
+  const v = value("--warmup-mib");
+  const n = v === undefined ? (quick ? 4 : 16) : Number(v);
+  if (!Number.isInteger(n) || n < 0) throw new Error(`--warmup-mib wants a non-negative integer, got ${v}`);
+  return Math.min(n, seqMiB);
+})();
+const WARMUP_RANDOM_OPS = num("--warmup-random-ops", quick ? 500 : 2000);
 const timeoutMs = num("--timeout", 300) * 1000;
 if (seqMiB > imageMiB) throw new Error(`--seq-mib ${seqMiB} is larger than --image-mib ${imageMiB}`);
 
@@ -146,13 +167,18 @@ interface RunResult {
   /** The guest block queue's limits (max_sectors_kb, max_segments, max_segment_size). */
   readonly queue: string;
   readonly wallMs: number;
+  /** The warm-up pass's figures, for the record (cold JIT on Partis). */
+  readonly warmup: readonly string[];
 }
+
+/** PARTIS_BENCH_NODE_FLAGS="--flag ...": node/V8 flags for every Partis path (experiments: --trace-opt, --no-opt, ...). */
+const EXTRA_NODE_FLAGS = (process.env.PARTIS_BENCH_NODE_FLAGS ?? "").split(" ").filter((f) => f !== "");
 
 const partisArgv =
   (iface: "virtio" | "ide", nodeFlags: readonly string[] = [], cli = CLI) =>
   (kernel: string, initrd: string, append: string, image: string): { command: string; argv: string[] } => ({
     command: process.execPath,
-    argv: [...nodeFlags, cli, "run", "--kernel", kernel, "--initrd", initrd, "--append", append, "--memory", MEMORY, "--cpus", "1", "--disk", `${image},if=${iface}`],
+    argv: [...nodeFlags, ...EXTRA_NODE_FLAGS, cli, "run", "--kernel", kernel, "--initrd", initrd, "--append", append, "--memory", MEMORY, "--cpus", "1", "--disk", `${image},if=${iface}`],
   });
 
 const qemuCommon = (kernel: string, initrd: string, append: string): string[] => [
@@ -242,6 +268,14 @@ function buildInitrd(baseInitrd: string, tool: string): string {
  * line, so `libata.force=` would be ignored: when present, libata and
  * ata_piix are reloaded here with it before the disk is used.
  */
+/** The warm-up pass: the same patterns, smaller (PIO: 1 MiB read, 16 KiB written), reported as WARMUP lines. */
+function warmupCommand(c: Config, nonce: number): string {
+  const mib = c.pio === true ? 1 : warmupMiB;
+  const writeKiB = Math.min(c.write?.totalKiB ?? mib * 1024, c.pio === true ? 16 : mib * 1024);
+  const ops = Math.min(c.randomOps, c.pio === true ? 50 : WARMUP_RANDOM_OPS);
+  return `/bin/diskbench $d ${mib} ${ops} ${nonce} ${writeKiB} ${c.write?.requestKiB ?? 1024} ${randomSeconds * 1000} | sed 's/^DISKBENCH/WARMUP/'`;
+}
+
 function guestCommand(c: Config, nonce: number): string {
   return [
     `f=$(sed -n 's/.*libata[.]force=\\([^ ]*\\).*/\\1/p' /proc/cmdline)`,
@@ -255,6 +289,7 @@ function guestCommand(c: Config, nonce: number): string {
     `for a in /sys/class/ata_device/*; do [ "$(cat $a/class 2>/dev/null)" = ata ] && echo "DISKBENCH-XFER \${a##*/} $(cat $a/xfer_mode)"; done`,
     `dmesg | grep -E 'ata[0-9.]+: FORCE' | sed 's/^/DISKBENCH-DMESG /'`,
     `q=/sys/block/\${d#/dev/}/queue; echo "DISKBENCH-QUEUE max_sectors_kb=$(cat $q/max_sectors_kb) max_segments=$(cat $q/max_segments) max_segment_size=$(cat $q/max_segment_size)"`,
+    ...(warmupMiB > 0 ? [warmupCommand(c, nonce)] : []),
     `/bin/diskbench $d ${c.seqMiB} ${c.randomOps} ${nonce} ${c.write?.totalKiB ?? c.seqMiB * 1024} ${c.write?.requestKiB ?? 1024} ${randomSeconds * 1000}`,
     `echo DISKBENCH-EXIT $?`,
     `poweroff -f`,
@@ -334,6 +369,39 @@ function threadCpuDelta(
   return rows.join(" ");
 }
 
+/**
+ * KVM's own per-vCPU counters of the VMM's VM (PARTIS_BENCH_THREADS=1, when
+ * debugfs is mounted: /sys/kernel/debug/kvm/<pid>-<fd>/<counter>, summed
+ * over the VM's vCPUs by KVM): where a vCPU thread's non-guest time goes (exits to
+ * user space, halt polling), the same for both VMMs.
+ */
+const KVM_COUNTERS = ["exits", "io_exits", "mmio_exits", "halt_exits", "irq_exits", "halt_successful_poll", "halt_attempted_poll", "halt_poll_success_ns", "halt_poll_fail_ns", "halt_wait_ns", "irq_injections", "nmi_window_exits", "signal_exits"] as const;
+function kvmCountersOf(pid: number): Map<string, number> {
+  const out = new Map<string, number>();
+  let vms: string[] = [];
+  try {
+    vms = readdirSync("/sys/kernel/debug/kvm").filter((d) => d.startsWith(`${pid}-`));
+  } catch {
+    return out;
+  }
+  for (const vm of vms)
+    for (const k of KVM_COUNTERS) {
+      try {
+        out.set(k, (out.get(k) ?? 0) + Number(readFileSync(`/sys/kernel/debug/kvm/${vm}/${k}`, "utf8").trim()));
+      } catch {}
+    }
+  return out;
+}
+
+function kvmCounterDelta(a: Map<string, number>, b: Map<string, number>): string {
+  const rows: string[] = [];
+  for (const [k, v] of b) {
+    const d = v - (a.get(k) ?? 0);
+    if (d !== 0) rows.push(k.endsWith("_ns") ? `${k.slice(0, -3)}=${(d / 1e6).toFixed(1)}ms` : `${k}=${d}`);
+  }
+  return rows.join(" ");
+}
+
 function killTree(child: ChildProcess): void {
   const pids = [...descendants(child.pid!), child.pid!];
   for (const p of pids) {
@@ -386,10 +454,12 @@ function once(c: Config, kernel: string, initrd: string, dir: string): Promise<R
     const patterns: Partial<Record<Pattern, PatternResult>> = {};
     const starts: Partial<Record<Pattern, { total: number; guest: number }>> = {};
     const threadStarts: Partial<Record<Pattern, Map<number, { comm: string; total: number; guest: number }>>> = {};
+    const kvmStarts: Partial<Record<Pattern, Map<string, number>>> = {};
     const perThread = process.env.PARTIS_BENCH_THREADS === "1";
     let flushMs: number | undefined;
     const xfer: string[] = [];
     let queue = "";
+    const warmup: string[] = [];
     let finished = false;
     const finish = (err?: RunFailure): void => {
       if (finished) return;
@@ -401,9 +471,12 @@ function once(c: Config, kernel: string, initrd: string, dir: string): Promise<R
       const settle = (): void => {
         clearTimeout(grace);
         if (process.env.PARTIS_STATS === "1") for (const l of out.split("\n")) if (l.startsWith("partis-vm:")) console.log(`[stats] ${c.name} ${l}`);
+        // PARTIS_BENCH_LOG=<dir>: the VMM's whole output (console, stats, V8 traces) per run.
+        const logDir = process.env.PARTIS_BENCH_LOG;
+        if (logDir !== undefined && logDir !== "") writeFileSync(`${logDir}/${c.name}-${Date.now()}.log`, out);
         rmSync(image, { force: true });
         if (err) reject(err);
-        else resolve({ patterns, flushMs, mode: xfer.join("; "), queue, wallMs });
+        else resolve({ patterns, flushMs, mode: xfer.join("; "), queue, wallMs, warmup });
       };
       if (child.exitCode !== null || child.signalCode !== null) settle();
       else child.once("exit", settle);
@@ -425,6 +498,7 @@ function once(c: Config, kernel: string, initrd: string, dir: string): Promise<R
         if ((m = /^DISKBENCH-START (\w+)/.exec(line))) {
           starts[m[1] as Pattern] = sample();
           if (perThread) threadStarts[m[1] as Pattern] = threadCpuOf(vmm()!);
+          if (perThread) kvmStarts[m[1] as Pattern] = kvmCountersOf(vmm()!);
         }
         else if ((m = /^DISKBENCH (seqwrite|seqread|randread) MiB\/s=\S+ IOPS=\S+ ms=([\d.]+) bytes=(\d+) ops=(\d+) errors=(\d+)/.exec(line))) {
           const p = m[1] as Pattern;
@@ -432,6 +506,8 @@ function once(c: Config, kernel: string, initrd: string, dir: string): Promise<R
           const st = starts[p] ?? end;
           const ts = threadStarts[p];
           if (ts !== undefined) console.log(`[threads] ${c.name} ${p}: ${threadCpuDelta(ts, threadCpuOf(vmm()!))}`);
+          const ks = kvmStarts[p];
+          if (ks !== undefined && ks.size > 0) console.log(`[kvm] ${c.name} ${p}: ${kvmCounterDelta(ks, kvmCountersOf(vmm()!))}`);
           const ms = Number(m[2]);
           const bytes = Number(m[3]);
           const ops = Number(m[4]);
@@ -463,6 +539,9 @@ function once(c: Config, kernel: string, initrd: string, dir: string): Promise<R
         pending = pending.slice(nl + 1);
         const at = line.indexOf("DISKBENCH");
         if (at >= 0) onLine(line.slice(at));
+        const w = /WARMUP (seqwrite|seqread|randread) MiB\/s=(\S+) IOPS=(\S+)/.exec(line);
+        if (w !== null) warmup.push(w[1] === "randread" ? `${w[1]} ${Number(w[3]).toFixed(0)} IOPS` : `${w[1]} ${Number(w[2]).toFixed(1)} MiB/s`);
+        if (line.includes("WARMUP-FAIL")) finish(new RunFailure(line, out));
       }
     };
     child.stdout!.on("data", onData);
@@ -574,7 +653,8 @@ async function main(): Promise<void> {
           const p = r.patterns;
           process.stderr.write(
             `${c.name} run ${i + 1}: seqwrite ${fmt(p.seqwrite?.mibPerS)} MiB/s, seqread ${fmt(p.seqread?.mibPerS)} MiB/s, randread ${fmt(p.randread?.iops, 0)} IOPS` +
-              ` (${(r.wallMs / 1000).toFixed(1)} s; ${r.mode || "no ATA device"}; ${r.queue})\n`,
+              ` (${(r.wallMs / 1000).toFixed(1)} s; ${r.mode || "no ATA device"}; ${r.queue})` +
+              (r.warmup.length > 0 ? `; warm-up pass: ${r.warmup.join(", ")}` : "") + "\n",
           );
         } catch (e) {
           const message = e instanceof Error ? e.message : String(e);
@@ -593,6 +673,9 @@ async function main(): Promise<void> {
   const qemuV = qemuVersion();
   console.log(`In-guest disk benchmark (${runs} run${runs > 1 ? "s" : ""}, median): O_DIRECT, queue depth 1, 1 vCPU, ${MEMORY}; image ${imageMiB} MiB raw, fresh per run in ${baseDir} (the range read stamped by the host, the rest sparse).`);
   console.log(
+    (warmupMiB > 0
+      ? `Each run first makes a warm-up pass in the same guest (${warmupMiB} MiB each way, ${WARMUP_RANDOM_OPS} random reads; PIO: 1 MiB read, 16 KiB written, 50 random reads), not measured; its figures are on stderr. `
+      : "No warm-up pass (--warmup-mib 0): Partis's JIT compiles its hot paths inside the measured patterns. ") +
     `Sequential: ${seqMiB} MiB each way in 1 MiB requests (PIO: ${pioSeqMiB} MiB read, ${pioWriteKiB} KiB written in ${PIO_WRITE_REQUEST_KIB} KiB requests); random: up to ${randomOps} 4 KiB reads (PIO: ${pioRandomOps}) or ${randomSeconds} s, in the first ${seqMiB} MiB (PIO: ${pioSeqMiB} MiB).`,
   );
   console.log("CPU = utime+stime of the VMM process (Partis: partis run; QEMU: qemu) while the pattern ran, guest time included; in parentheses without guest time.");
