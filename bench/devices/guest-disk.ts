@@ -114,7 +114,7 @@ const imageMiB = num("--image-mib", 256);
 /**
  * A warm-up pass in the guest before the measured one (the same program, its
  * lines relabelled WARMUP): a VMM with a JIT (Partis) compiles its hot paths
- * during the first thousand requests, a cost a long-running VM pays once.
+ * during its first few thousand requests, a cost a long-running VM pays once.
  * Both VMMs get it; --warmup-mib 0 measures cold.
  */
 const warmupMiB = (() => {
@@ -370,7 +370,7 @@ function threadCpuDelta(
 }
 
 /**
- * KVM's own per-vCPU counters of the VMM's VM (PARTIS_BENCH_THREADS=1, when
+ * KVM's own counters of the VMM's VM (PARTIS_BENCH_THREADS=1, when
  * debugfs is mounted: /sys/kernel/debug/kvm/<pid>-<fd>/<counter>, summed
  * over the VM's vCPUs by KVM): where a vCPU thread's non-guest time goes (exits to
  * user space, halt polling), the same for both VMMs.

@@ -25,7 +25,7 @@ import { prepareNestedHostImage } from "./nested-host-image.js";
 
 /** The nested host could not run the command (QEMU failed, the host did not come up, interrupted). */
 export class NestedHostError extends PartisError {
-  constructor(code: "NESTED_QEMU_FAILED" | "NESTED_NO_STATUS" | "NESTED_INTERRUPTED" | "NESTED_SETUP_FAILED", message: string, context: ErrorContext = {}) {
+  constructor(code: "NESTED_QEMU_FAILED" | "NESTED_NO_STATUS" | "NESTED_INTERRUPTED" | "NESTED_SETUP_FAILED" | "NESTED_KERNEL_LOCKUP", message: string, context: ErrorContext = {}) {
     super(code, message, context);
   }
 }
@@ -85,6 +85,26 @@ function whichQemu(): string | undefined {
     if (existsSync(p)) return p;
   }
   return existsSync(`/usr/bin/${QEMU}`) ? `/usr/bin/${QEMU}` : undefined;
+}
+
+/**
+ * How long one CPU of the nested host's own kernel may be reported stuck
+ * ("watchdog: BUG: soft lockup - CPU#1 stuck for 26s! [partis-vcpu3:197]")
+ * before the nested host is given up. Seen in CI: a CPU stuck inside KVM for
+ * a vCPU thread of a 4-vCPU guest for 25 minutes and counting; the thread
+ * never left the kernel, so no signal reached it and the suite hung until the
+ * CI limit. A stall that long is the test bed (nested SVM under TCG), not a test.
+ */
+export const NESTED_LOCKUP_LIMIT_S = 180;
+
+/** The longest soft lockup the nested host's console reports, and its line (undefined: none). */
+export function longestSoftLockup(console: string): { seconds: number; line: string } | undefined {
+  let worst: { seconds: number; line: string } | undefined;
+  for (const m of console.matchAll(/^.*soft lockup - CPU#\d+ stuck for (\d+)s!.*$/gm)) {
+    const seconds = Number(m[1]);
+    if (worst === undefined || seconds > worst.seconds) worst = { seconds, line: m[0].trim() };
+  }
+  return worst;
 }
 
 /**
@@ -161,6 +181,24 @@ export async function runNested(opts: RunNestedOptions): Promise<number> {
   );
   const spawnError = new Promise<Error>((res) => child.on("error", res));
 
+  // Watchdog over the nested host's own kernel (see NESTED_LOCKUP_LIMIT_S).
+  let lockup: string | undefined;
+  const consolePath = join(ctl, "console.log");
+  const watchdog = setInterval(() => {
+    let text = "";
+    try {
+      text = readFileSync(consolePath, "utf8");
+    } catch {
+      return;
+    }
+    const worst = longestSoftLockup(text);
+    if (worst !== undefined && worst.seconds >= NESTED_LOCKUP_LIMIT_S) {
+      lockup = worst.line;
+      killQemu();
+    }
+  }, 10_000);
+  watchdog.unref();
+
   // Wire the streams.
   const drains: Promise<void>[] = [];
   let restoreTty = (): void => {};
@@ -216,6 +254,9 @@ export async function runNested(opts: RunNestedOptions): Promise<number> {
     if ("error" in result) throw new HostCapabilityError("HOST_NO_QEMU", `cannot start ${QEMU}: ${result.error.message}`);
     await Promise.race([Promise.all(drains), new Promise((r) => setTimeout(r, 2000))]);
     log(`nested host: exited after ${((performance.now() - t0) / 1000).toFixed(2)} s`);
+    if (lockup !== undefined) {
+      throw new NestedHostError("NESTED_KERNEL_LOCKUP", `the nested test host's kernel locked up (${lockup}); the nested host was stopped`, { limitSeconds: NESTED_LOCKUP_LIMIT_S });
+    }
     if (interrupted) throw new NestedHostError("NESTED_INTERRUPTED", `nested host stopped by ${interrupted}`, { signal: interrupted });
     const statusFile = join(ctl, "status");
     if (existsSync(statusFile)) {
@@ -232,6 +273,7 @@ export async function runNested(opts: RunNestedOptions): Promise<number> {
       `nested host ended without the command's exit status${error ? `: ${error}` : ""}\n--- nested host console (last lines) ---\n${consoleTail}`,
     );
   } finally {
+    clearInterval(watchdog);
     killQemu();
     restoreTty();
     process.off("SIGINT", onSignal);

@@ -13,7 +13,7 @@ import { PassThrough } from "node:stream";
 import { after, describe, it } from "node:test";
 import { fileURLToPath } from "node:url";
 import { UsageError } from "../../src/errors.js";
-import { runNested } from "../../src/nested/nested-host.js";
+import { longestSoftLockup, NESTED_LOCKUP_LIMIT_S, runNested } from "../../src/nested/nested-host.js";
 
 const QEMU = "/usr/bin/qemu-system-x86_64";
 
@@ -23,6 +23,22 @@ function collect(): { stream: PassThrough; text: () => string } {
   stream.on("data", (d: Buffer) => chunks.push(d));
   return { stream, text: () => Buffer.concat(chunks).toString("utf8") };
 }
+
+it("the nested host's watchdog finds the longest soft lockup its kernel reports, and nothing in a clean console", () => {
+  const console = [
+    "[   23.594840] kvm [155]: vcpu0, guest rIP: 0xffffffff8107e744 Unhandled WRMSR(0xc0010007) = 0xffff",
+    "[   81.585574] watchdog: BUG: soft lockup - CPU#1 stuck for 26s! [partis-vcpu3:197]",
+    "[  333.585224] watchdog: BUG: soft lockup - CPU#1 stuck for 261s! [partis-vcpu3:197]",
+    "[  109.585369] watchdog: BUG: soft lockup - CPU#0 stuck for 53s! [node:120]",
+    "",
+  ].join("\n");
+  const worst = longestSoftLockup(console);
+  assert.equal(worst?.seconds, 261);
+  assert.match(worst!.line, /CPU#1 stuck for 261s! \[partis-vcpu3:197\]$/);
+  assert.ok(worst!.seconds >= NESTED_LOCKUP_LIMIT_S);
+  assert.equal(longestSoftLockup(console.split("\n").slice(0, 2).join("\n"))?.seconds, 26);
+  assert.equal(longestSoftLockup("[    1.0] Linux version 6.1\n[    2.0] kvm_amd: Nested Virtualization enabled\n"), undefined);
+});
 
 describe("nested test host", { skip: !existsSync(QEMU) && "qemu-system-x86_64 not installed" }, () => {
   const dirs: string[] = [];
