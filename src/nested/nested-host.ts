@@ -128,6 +128,7 @@ export async function runNested(opts: RunNestedOptions): Promise<number> {
   const stdio = opts.stdio ?? "inherit";
   const tty = stdio === "inherit" && process.stdin.isTTY === true && process.stdout.isTTY === true;
   const ctl = mkdtempSync(join(tmpdir(), "partis-nested-"));
+  const consolePath = join(ctl, "console.log");
   const env: Record<string, string> = {};
   for (const [k, v] of Object.entries(process.env)) if (v !== undefined) env[k] = v;
   Object.assign(env, opts.env ?? {});
@@ -145,7 +146,7 @@ export async function runNested(opts: RunNestedOptions): Promise<number> {
     "-nodefaults", "-display", "none", "-no-reboot",
     "-kernel", image.kernel, "-initrd", image.initrd,
     "-append", "console=ttyS0 panic=-1 quiet loglevel=4",
-    "-serial", `file:${join(ctl, "console.log")}`,
+    "-serial", `file:${consolePath}`,
     "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
     "-virtfs", `local,path=${ctl},mount_tag=partisctl,security_model=none`,
     ...shares.flatMap((p, i) => ["-virtfs", `local,path=${p},mount_tag=share${i},security_model=none,multidevs=remap`]),
@@ -183,7 +184,6 @@ export async function runNested(opts: RunNestedOptions): Promise<number> {
 
   // Watchdog over the nested host's own kernel (see NESTED_LOCKUP_LIMIT_S).
   let lockup: string | undefined;
-  const consolePath = join(ctl, "console.log");
   const watchdog = setInterval(() => {
     let text = "";
     try {
@@ -263,7 +263,7 @@ export async function runNested(opts: RunNestedOptions): Promise<number> {
       const status = Number.parseInt(readFileSync(statusFile, "utf8").trim(), 10);
       if (Number.isInteger(status)) return status;
     }
-    const consoleTail = existsSync(join(ctl, "console.log")) ? readFileSync(join(ctl, "console.log"), "utf8").split("\n").slice(-25).join("\n") : "";
+    const consoleTail = existsSync(consolePath) ? readFileSync(consolePath, "utf8").split("\n").slice(-25).join("\n") : "";
     const error = existsSync(join(ctl, "error")) ? readFileSync(join(ctl, "error"), "utf8").trim() : "";
     if (result.code !== 0) {
       throw new NestedHostError("NESTED_QEMU_FAILED", `${QEMU} exited with ${result.signal ?? result.code}: ${qemuStderr.trim()}\n${consoleTail}`, { status: result.code ?? -1 });

@@ -127,6 +127,30 @@ test("receive: 256-byte buffer, backpressure, FCR clear", () => {
   assert.equal(uart.read(R, LSR, 1) & 0x01, 0);
 });
 
+test("receiverReady: only once the driver's open is complete (IER receive interrupts, then RTS); not in loopback", () => {
+  const { uart } = make();
+  assert.equal(uart.receiverReady(), false, "reset state");
+  // serial8250_do_startup: FIFOs cleared, MCR OUT2|DTR, then receive interrupts on ...
+  uart.write(R, FCR, 1, 0x07);
+  uart.write(R, FCR, 1, 0x00);
+  uart.write(R, MCR, 1, 0x09);
+  uart.write(R, IER, 1, 0x05);
+  assert.equal(uart.receiverReady(), false, "interrupts on, but the line is not set yet");
+  // ... set_termios enables the FIFO, which clears it: bytes fed before this were lost ...
+  uart.write(R, LCR, 1, 0x03);
+  uart.write(R, FCR, 1, 0x01);
+  uart.write(R, FCR, 1, 0x81);
+  assert.equal(uart.receiverReady(), false);
+  // ... and tty_port_block_til_ready raises DTR and RTS.
+  uart.write(R, MCR, 1, 0x0b);
+  assert.equal(uart.receiverReady(), true);
+  uart.write(R, MCR, 1, 0x1b);
+  assert.equal(uart.receiverReady(), false, "loopback disconnects the serial input");
+  uart.write(R, MCR, 1, 0x0b);
+  uart.write(R, IER, 1, 0x00);
+  assert.equal(uart.receiverReady(), false, "receive interrupts off");
+});
+
 test("non-FIFO mode: RDA with one byte", () => {
   const { uart, irq } = make();
   uart.write(R, MCR, 1, 0x08);

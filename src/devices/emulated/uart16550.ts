@@ -154,16 +154,21 @@ export class Uart16550 implements BusDevice {
 
   // ---- console side (called by the worker with the machine lock held) ----
 
-  /** Bytes the receive FIFO can take now (0 in loopback, where the serial input is disconnected). */
   /**
-   * Whether the guest's driver is listening: receive-data interrupts enabled.
-   * Console input is held until then, because a driver resets the FIFOs when
-   * it opens the port and would drop bytes that arrived earlier.
+   * Whether the guest's driver is listening: receive-data interrupts enabled
+   * and Request To Send asserted, as a terminal honouring RTS/CTS flow control
+   * would wait for. Console input is held until then, because a driver resets
+   * the FIFOs while it opens the port and drops bytes that arrived earlier.
+   * Interrupts alone are not enough: Linux's 8250 enables them in startup and
+   * only then sets the line (its FCR write enables the FIFO, which clears it);
+   * RTS comes last, once the open is complete (tty_port_block_til_ready).
    */
   receiverReady(): boolean {
-    return (this.state.ier & IER_ERBFI) !== 0;
+    const s = this.state;
+    return (s.ier & IER_ERBFI) !== 0 && (s.mcr & (MCR_RTS | MCR_LOOP)) === MCR_RTS;
   }
 
+  /** Bytes the receive FIFO can take now (0 in loopback, where the serial input is disconnected). */
   rxFree(): number {
     return this.state.mcr & MCR_LOOP ? 0 : RX_SIZE - this.state.rxCount;
   }
