@@ -76,10 +76,12 @@ test("--kernel-unpack: by default the kernel is unpacked on the host and entered
 });
 
 test("console input sent before the VM exists (a script piped into partis run) reaches the guest", () => {
-  // IER = receive interrupts (Partis feeds COM1 once the guest asks for them), then echo
-  // every received byte until '!', then power off.
+  // IER = receive interrupts and MCR = DTR|RTS|OUT2 (Partis feeds COM1 once the guest's driver asks for
+  // data both ways, as Linux's 8250 does when its open is complete), then echo every received byte
+  // until '!', then power off.
   const code = [
     ...outb(0x3f9, 1),
+    ...outb(0x3fc, 0x0b),
     0x66, 0xba, 0xfd, 0x03, 0xec, 0xa8, 0x01, 0x74, 0xf7, // poll: mov dx,LSR; in al,dx; test al,1; jz poll
     0x66, 0xba, 0xf8, 0x03, 0xec, 0xee, 0x3c, 0x21, 0x75, 0xed, // mov dx,RBR; in al,dx; out dx,al; cmp al,'!'; jne poll
     ...ACPI_S5, ...HALT_LOOP,
