@@ -17,11 +17,12 @@
  * buffers, without virtio) shows the floor. The host is shared: expect
  * +-30% run to run; compare rows of one run.
  *
- * usage: node dist/bench/devices/virtqueue-host.js [--dir /dev/shm] [--size-mib 256] [--seconds 3] [--segment-kib 4] [--anonymous]
+ * usage: node dist/bench/devices/virtqueue-host.js [--dir /dev/shm] [--size-mib 256] [--seconds 3] [--segment-kib 4] [--anonymous] [--only <workload name part>]
  */
 import { mkdtempSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { cpus } from "node:os";
+import { GCProfiler, getHeapStatistics } from "node:v8";
 import { ChunkedGuestMemory } from "../../src/machine/guest-memory.js";
 import { createDisk, openDisk } from "../../src/storage/open.js";
 import type { BlockDevice } from "../../src/storage/block-device.js";
@@ -42,6 +43,8 @@ const SIZE = Number(arg("--size-mib", "256")) * MiB;
 const SECONDS = Number(arg("--seconds", "2.5"));
 const SEGMENT = Number(arg("--segment-kib", "4")) * 1024;
 const ANONYMOUS = args.includes("--anonymous");
+/** Only the workloads whose name contains this text (e.g. "1 MiB sequential read"). */
+const ONLY = arg("--only", "");
 if (!(SEGMENT >= 512 && MiB % SEGMENT === 0 && MiB / SEGMENT <= 1024)) throw new Error("--segment-kib must divide 1024 into at most 1024 segments");
 const SEGMENTS = MiB / SEGMENT;
 
@@ -74,6 +77,8 @@ class Bench {
   private readonly used: Uint16Array;
   private readonly usedWords: Uint32Array;
   private readonly headers: DataView;
+  /** All of guest RAM (one chunk), for reading status bytes without a view per request. */
+  private readonly ram: Uint8Array;
   private availIdx = 0;
   private lastUsed = 0;
 
@@ -91,6 +96,7 @@ class Bench {
     this.dev.pci.enableDecoding();
     this.dev.pci.onMappingChanged?.();
     const b = this.memory.bytes(0, RAM);
+    this.ram = b;
     this.desc = new DataView(b.buffer, DESC, 16 * QSIZE);
     this.avail = new Uint16Array(b.buffer, AVAIL, 3 + QSIZE);
     this.used = new Uint16Array(b.buffer, USED, 3 + 4 * QSIZE);
@@ -177,7 +183,7 @@ class Bench {
     let n = 0;
     const idx = Atomics.load(this.used, 1);
     while (this.lastUsed !== idx) {
-      const status = this.memory.bytes(STATUS + (this.usedWords[1 + 2 * (this.lastUsed & (QSIZE - 1))]! / 3), 1)[0];
+      const status = this.ram[STATUS + this.usedWords[1 + 2 * (this.lastUsed & (QSIZE - 1))]! / 3];
       if (status !== 0) throw new Error(`request failed with status ${status}`);
       this.lastUsed = (this.lastUsed + 1) & 0xffff;
       n++;
@@ -196,6 +202,40 @@ interface Row {
   bytes: number;
   cpu: number;
   interrupts: number;
+  /** JS heap bytes allocated in the measured loop (harness included) and the collections they caused. */
+  heap: HeapUse;
+}
+
+interface HeapUse {
+  allocated: number;
+  gcs: number;
+}
+
+/**
+ * Heap allocation over a measured loop: used-heap growth between collections
+ * (V8's GC profiler records the used size before and after each), plus the
+ * growth since the last one. What the request path allocates shows up here
+ * long before it shows up as time.
+ */
+class HeapMeter {
+  private readonly profiler = new GCProfiler();
+  private readonly startUsed: number;
+  constructor() {
+    this.startUsed = getHeapStatistics().used_heap_size;
+    this.profiler.start();
+  }
+  stop(): HeapUse {
+    const endUsed = getHeapStatistics().used_heap_size;
+    const { statistics } = this.profiler.stop();
+    let allocated = 0;
+    let after = this.startUsed;
+    for (const gc of statistics) {
+      allocated += Math.max(0, gc.beforeGC.heapStatistics.usedHeapSize - after);
+      after = gc.afterGC.heapStatistics.usedHeapSize;
+    }
+    allocated += Math.max(0, endUsed - after);
+    return { allocated, gcs: statistics.length };
+  }
 }
 
 function run(bench: Bench, workload: string, batch: number, reqBytes: number, write: boolean, random: boolean): Row {
@@ -219,6 +259,7 @@ function run(bench: Bench, workload: string, batch: number, reqBytes: number, wr
     bench.submit(batch, sectors);
   }
   const irq0 = bench.interrupts;
+  const meter = new HeapMeter();
   const cpu0 = process.cpuUsage();
   const t0 = process.hrtime.bigint();
   const deadline = t0 + BigInt(Math.round(SECONDS * 1e9));
@@ -230,7 +271,8 @@ function run(bench: Bench, workload: string, batch: number, reqBytes: number, wr
   }
   const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
   const cpu = process.cpuUsage(cpu0);
-  return { workload, batch, requests, seconds, bytes: requests * reqBytes, cpu: (cpu.user + cpu.system) / 1e6, interrupts: bench.interrupts - irq0 };
+  const heap = meter.stop();
+  return { workload, batch, requests, seconds, bytes: requests * reqBytes, cpu: (cpu.user + cpu.system) / 1e6, interrupts: bench.interrupts - irq0, heap };
 }
 
 /** The same I/O straight on the BlockDevice, into the same guest-RAM buffers: the floor under the virtio rows. */
@@ -239,6 +281,7 @@ function direct(disk: BlockDevice, memory: ChunkedGuestMemory, workload: string,
   const slots = SIZE / reqBytes;
   let lcg = 12345;
   let seq = 0;
+  const meter = new HeapMeter();
   const cpu0 = process.cpuUsage();
   const t0 = process.hrtime.bigint();
   const deadline = t0 + BigInt(Math.round(SECONDS * 1e9));
@@ -255,7 +298,8 @@ function direct(disk: BlockDevice, memory: ChunkedGuestMemory, workload: string,
   }
   const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
   const cpu = process.cpuUsage(cpu0);
-  return { workload: `${workload}, direct BlockDevice (no virtio)`, batch: 1, requests, seconds, bytes: requests * reqBytes, cpu: (cpu.user + cpu.system) / 1e6, interrupts: 0 };
+  const heap = meter.stop();
+  return { workload: `${workload}, direct BlockDevice (no virtio)`, batch: 1, requests, seconds, bytes: requests * reqBytes, cpu: (cpu.user + cpu.system) / 1e6, interrupts: 0, heap };
 }
 
 function main(): void {
@@ -274,16 +318,17 @@ function main(): void {
       ["1 MiB sequential write", MiB, true, false],
     ] as const;
     for (const [name, bytes, write, random] of workloads) {
+      if (!name.includes(ONLY)) continue;
       rows.push(direct(disk, bench.memory, name, bytes, write, random));
       for (const batch of [1, 32]) rows.push(run(bench, name, batch, bytes, write, random));
     }
     disk.close();
     console.log(`virtio-blk through VirtioPciDevice + VirtQueue, raw image in ${DIR} (${SIZE / MiB} MiB), node ${process.version}, ${cpus()[0]?.model ?? "cpu"}\n`);
-    console.log("| workload | batch | requests/s | MiB/s | host CPU s/GiB | interrupts/request |");
-    console.log("|---|---:|---:|---:|---:|---:|");
+    console.log("| workload | batch | requests/s | MiB/s | host CPU s/GiB | interrupts/request | heap bytes/request | GCs |");
+    console.log("|---|---:|---:|---:|---:|---:|---:|---:|");
     for (const r of rows)
       console.log(
-        `| ${r.workload} | ${r.batch} | ${Math.round(r.requests / r.seconds).toLocaleString("en-US")} | ${(r.bytes / MiB / r.seconds).toFixed(0)} | ${(r.cpu / (r.bytes / GiB)).toFixed(3)} | ${(r.interrupts / Math.max(1, r.requests)).toFixed(3)} |`,
+        `| ${r.workload} | ${r.batch} | ${Math.round(r.requests / r.seconds).toLocaleString("en-US")} | ${(r.bytes / MiB / r.seconds).toFixed(0)} | ${(r.cpu / (r.bytes / GiB)).toFixed(3)} | ${(r.interrupts / Math.max(1, r.requests)).toFixed(3)} | ${(r.heap.allocated / Math.max(1, r.requests)).toFixed(1)} | ${r.heap.gcs} |`,
       );
     console.log(`\nvirtio-blk stats: ${JSON.stringify((bench.dev.backend as { stats?: unknown }).stats)}`);
   } finally {

@@ -490,11 +490,24 @@ export function pwritev(fd: number, views: readonly Uint8Array[], count: number,
 function fillHostIovec(addresses: Float64Array, lengths: Uint32Array, count: number): number {
   if (count > IOV_MAX) throw new RangeError(`vectored I/O: ${count} segments exceed IOV_MAX`);
   let total = 0;
+  // The mapping the last span was in, as plain numbers: spans in a row are almost always in one mapping,
+  // and nothing here passes an address (never a small integer) to a call, so nothing is boxed.
+  let start = 0;
+  let end = -1;
+  const w = iovecWords;
   for (let i = 0; i < count; i++) {
     const address = addresses[i]!;
     const length = lengths[i]!;
-    if (!insideLiveMapping(address, length)) throw new RangeError(`vectored I/O: host span 0x${address.toString(16)}+${length} is not memory mapped here`);
-    putIovec(i, address, length);
+    if (address < start || address + length > end) {
+      if (!insideLiveMapping(address, length)) throw new RangeError(`vectored I/O: host span 0x${address.toString(16)}+${length} is not memory mapped here`);
+      start = lastHit!.addressNumber;
+      end = start + lastHit!.length;
+    }
+    const o = i * 4;
+    w[o] = address >>> 0;
+    w[o + 1] = Math.floor(address / 4294967296);
+    w[o + 2] = length;
+    w[o + 3] = 0;
     total += length;
   }
   return total;
@@ -502,7 +515,7 @@ function fillHostIovec(addresses: Float64Array, lengths: Uint32Array, count: num
 
 /**
  * preadv(2) into host spans given as numbers (address, length), e.g. guest RAM
- * addresses from GuestMemory.hostAddress: no view per segment. Every span must
+ * addresses from GuestMemory.hostAddresses: no view per segment. Every span must
  * lie inside memory this module mapped and has not released (RangeError,
  * before any system call, otherwise). Returns the bytes read (may be short).
  */

@@ -17,6 +17,23 @@ export interface RamRange {
   readonly fileOffset: number;
 }
 
+/**
+ * Where a span of guest RAM lives in host memory, filled in place by
+ * GuestMemory.locate(): the whole host chunk that holds it and the span's
+ * offset there. Hot paths keep one and reuse it, so finding a descriptor
+ * table or a request header allocates nothing (a view per lookup would).
+ */
+export class GuestSpan {
+  /** The host chunk holding the span (index it from `offset`). */
+  view: Uint8Array = NO_BYTES;
+  /** The same chunk as 32-bit words when it starts 4-byte aligned, else undefined. */
+  words: Uint32Array | undefined = undefined;
+  /** Byte offset of the span in `view`. */
+  offset = 0;
+}
+
+const NO_BYTES = new Uint8Array(0);
+
 export interface GuestMemory {
   readonly ranges: readonly RamRange[];
   /** Total RAM bytes. */
@@ -29,22 +46,41 @@ export interface GuestMemory {
   /** Like bytes() but returns undefined instead of throwing (hot paths, guest-controlled addresses). */
   tryBytes(gpa: number, length: number): Uint8Array | undefined;
   /**
+   * Fill `out` with where [gpa, gpa+length) lives (one RAM range and host
+   * mapping chunk, as tryBytes requires) and return true; false, `out`
+   * untouched, otherwise. Allocates nothing.
+   */
+  locate(gpa: number, length: number, out: GuestSpan): boolean;
+  /**
    * How many of the `length` bytes at `gpa` lie in RAM inside the one host
    * mapping chunk that holds `gpa` (0 when `gpa` is not RAM). Allocates nothing:
    * the check hot paths make before they touch a guest-given span.
    */
   contiguousLength(gpa: number, length: number): number;
   /**
-   * Host virtual address of guest byte `gpa`, when guest RAM is host-mapped
+   * Host virtual addresses of guest bytes `gpas[0..count)` (spans already
+   * checked with contiguousLength()), into `out`, when guest RAM is host-mapped
    * memory that system calls may read and write directly (the worker's memfd
-   * mappings), for a span already checked with contiguousLength(). Absent, or
-   * -1, when the memory is a plain JS buffer (tests, tools).
+   * mappings). All at once: no address crosses a call per span, so nothing is
+   * boxed even where the JIT does not inline. Absent, or false (`out` partly
+   * written), when the memory is a plain JS buffer (tests, tools).
    */
-  hostAddress?(gpa: number): number;
+  hostAddresses?(gpas: Float64Array, count: number, out: Float64Array): boolean;
   /** Copy host bytes into guest RAM; may span chunks but not holes. */
   write(gpa: number, data: Uint8Array): void;
   /** Copy guest RAM out; may span chunks but not holes. */
   read(gpa: number, length: number): Uint8Array;
+}
+
+/** One host buffer behind a piece of guest RAM. */
+interface MemoryChunk {
+  readonly gpa: number;
+  readonly length: number;
+  readonly view: Uint8Array;
+  /** `view` as 32-bit words when it starts 4-byte aligned. */
+  readonly words: Uint32Array | undefined;
+  /** Host virtual address of view[0], or -1 for a plain JS buffer. */
+  readonly host: number;
 }
 
 /**
@@ -54,12 +90,12 @@ export interface GuestMemory {
  */
 export class ChunkedGuestMemory implements GuestMemory {
   readonly size: number;
-  private readonly chunks: { gpa: number; length: number; view: Uint8Array; host: number }[] = [];
+  private readonly chunks: MemoryChunk[] = [];
 
   /**
    * @param chunkFor returns host memory for [fileOffset, fileOffset+length) of the backing store.
    * @param hostAddressOf the host virtual address of a view chunkFor returned, when that
-   *   memory is host-mapped (enables hostAddress()); omitted for plain buffers.
+   *   memory is host-mapped (enables hostAddresses()); omitted for plain buffers.
    */
   constructor(
     readonly ranges: readonly RamRange[],
@@ -74,7 +110,8 @@ export class ChunkedGuestMemory implements GuestMemory {
         const length = Math.min(chunkBytes, r.length - off);
         const view = chunkFor(r.fileOffset + off, length);
         if (view.byteLength !== length) throw new GuestMemoryError("GUEST_MEMORY_MAP", "host mapping has the wrong size");
-        this.chunks.push({ gpa: r.gpa + off, length, view, host: hostAddressOf === undefined ? -1 : hostAddressOf(view) });
+        const words = view.byteOffset % 4 === 0 ? new Uint32Array(view.buffer, view.byteOffset, length >>> 2) : undefined;
+        this.chunks.push({ gpa: r.gpa + off, length, view, words, host: hostAddressOf === undefined ? -1 : hostAddressOf(view) });
       }
     }
     this.chunks.sort((a, b) => a.gpa - b.gpa);
@@ -87,9 +124,9 @@ export class ChunkedGuestMemory implements GuestMemory {
   }
 
   /** The chunk the last lookup found: most accesses in a row hit the same one. */
-  private last: { gpa: number; length: number; view: Uint8Array; host: number } | undefined;
+  private last: MemoryChunk | undefined;
 
-  private chunkAt(gpa: number): { gpa: number; length: number; view: Uint8Array; host: number } | undefined {
+  private chunkAt(gpa: number): MemoryChunk | undefined {
     const l = this.last;
     if (l !== undefined && gpa >= l.gpa && gpa < l.gpa + l.length) return l;
     const cs = this.chunks;
@@ -117,6 +154,18 @@ export class ChunkedGuestMemory implements GuestMemory {
     return c.view.subarray(off, off + length);
   }
 
+  locate(gpa: number, length: number, out: GuestSpan): boolean {
+    if (!Number.isSafeInteger(gpa) || !Number.isSafeInteger(length) || gpa < 0 || length < 0) return false;
+    const c = this.chunkAt(gpa);
+    if (c === undefined) return false;
+    const off = gpa - c.gpa;
+    if (off + length > c.length) return false;
+    out.view = c.view;
+    out.words = c.words;
+    out.offset = off;
+    return true;
+  }
+
   contiguousLength(gpa: number, length: number): number {
     if (!Number.isSafeInteger(gpa) || !Number.isSafeInteger(length) || gpa < 0 || length <= 0) return 0;
     const c = this.chunkAt(gpa);
@@ -124,9 +173,14 @@ export class ChunkedGuestMemory implements GuestMemory {
     return Math.min(length, c.gpa + c.length - gpa);
   }
 
-  hostAddress(gpa: number): number {
-    const c = this.chunkAt(gpa);
-    return c === undefined || c.host < 0 ? -1 : c.host + (gpa - c.gpa);
+  hostAddresses(gpas: Float64Array, count: number, out: Float64Array): boolean {
+    for (let i = 0; i < count; i++) {
+      const gpa = gpas[i]!;
+      const c = this.chunkAt(gpa);
+      if (c === undefined || c.host < 0) return false;
+      out[i] = c.host + (gpa - c.gpa);
+    }
+    return true;
   }
 
   bytes(gpa: number, length: number): Uint8Array {

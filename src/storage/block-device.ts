@@ -71,7 +71,7 @@ export interface BlockDevice {
   writeVectored?(offset: number, segments: readonly Uint8Array[], count: number): boolean;
   /**
    * The same over host spans given as numbers (guest RAM from
-   * GuestMemory.hostAddress: no view per segment). Returns false when the back
+   * GuestMemory.hostAddresses: no view per segment). Returns false when the back
    * end cannot take them, or the transfer came out short; the caller then
    * redoes the whole request another way (reads and writes are idempotent).
    */

@@ -39,9 +39,10 @@
  * used_event are read with Atomics.load, so the store->load ordering that
  * notification suppression needs (2.6.7.1, 2.6.10.1) holds while vCPUs run
  * concurrently. Views are made once per configure(): the pop/push path
- * allocates nothing per segment (one view per indirect table).
+ * allocates nothing (indirect tables and small copies are found with
+ * GuestMemory.locate, not through a view).
  */
-import type { GuestMemory } from "../../machine/guest-memory.js";
+import { GuestSpan, type GuestMemory } from "../../machine/guest-memory.js";
 import { PartisError } from "../../errors.js";
 
 export class VirtioError extends PartisError {}
@@ -91,7 +92,7 @@ export interface VirtQueueState {
  * pop(); the arrays are reused (only [0, count) entries are valid). Nothing is
  * allocated per segment: a live view of a segment is made only when a device
  * asks for one (readableSegment/writableSegment), and bulk I/O goes straight
- * from the spans to the host (GuestMemory.hostAddress).
+ * from the spans to the host (GuestMemory.hostAddresses).
  */
 export class DescriptorChain {
   /** Head descriptor index (the id to hand back in pushUsed). */
@@ -142,10 +143,17 @@ export class DescriptorChain {
 
   private view(gpa: number, len: number): Uint8Array {
     const v = this.memory?.tryBytes(gpa, len);
-    // The walk checked every span; a miss means the chain is stale (used after clear or another pop).
-    if (v === undefined) throw new VirtioError("VIRTQ_STALE_CHAIN", `segment 0x${gpa.toString(16)}+${len} is not RAM`, { gpa, len });
+    if (v === undefined) this.stale(gpa, len);
     return v;
   }
+
+  /** The walk checked every span; a miss means the chain is stale (used after clear or another pop). */
+  private stale(gpa: number, len: number): never {
+    throw new VirtioError("VIRTQ_STALE_CHAIN", `segment 0x${gpa.toString(16)}+${len} is not RAM`, { gpa, len });
+  }
+
+  /** Where a small copy's span is (reused: copies allocate nothing). */
+  private readonly span = new GuestSpan();
 
   /** Copy readable bytes starting at byte `offset` into `dst`; returns bytes copied (short at the end). */
   readFrom(offset: number, dst: Uint8Array, dstOffset = 0, length = dst.length - dstOffset): number {
@@ -170,13 +178,20 @@ export class DescriptorChain {
         continue;
       }
       const n = Math.min(segLen - offset, length - done);
-      const s = this.view(gpas[i]! + offset, n);
       const at = bufOffset + done;
       if (n <= 32) {
-        if (toGuest) for (let k = 0; k < n; k++) s[k] = buf[at + k]!;
-        else for (let k = 0; k < n; k++) buf[at + k] = s[k]!;
-      } else if (toGuest) s.set(buf.subarray(at, at + n));
-      else buf.set(s, at);
+        // Headers, status bytes: byte by byte in the chunk, no view made.
+        const span = this.span;
+        if (this.memory === undefined || !this.memory.locate(gpas[i]! + offset, n, span)) this.stale(gpas[i]! + offset, n);
+        const v = span.view;
+        const o = span.offset;
+        if (toGuest) for (let k = 0; k < n; k++) v[o + k] = buf[at + k]!;
+        else for (let k = 0; k < n; k++) buf[at + k] = v[o + k]!;
+      } else {
+        const s = this.view(gpas[i]! + offset, n);
+        if (toGuest) s.set(buf.subarray(at, at + n));
+        else buf.set(s, at);
+      }
       done += n;
       offset = 0;
     }
@@ -360,13 +375,16 @@ export class VirtQueue {
     this.dNext = this.descHalves[i * 8 + 7]!;
   }
 
-  /** The indirect table as 32-bit words when it is 4-byte aligned in host memory (the usual case), else undefined. */
+  /** Where the chain's indirect table is (filled by locate: no view per request). */
+  private readonly table = new GuestSpan();
+  /** The table as 32-bit words of its host chunk, from word tableWord, when it is 4-byte aligned there (the usual case). */
   private tableWords: Uint32Array | undefined;
+  private tableWord = 0;
 
-  private readIndirect(t: Uint8Array, i: number): void {
+  private readIndirect(i: number): void {
     const w = this.tableWords;
     if (w !== undefined) {
-      const o = i * 4;
+      const o = this.tableWord + i * 4;
       this.dAddr = w[o + 1]! * 4294967296 + w[o]!;
       this.dLen = w[o + 2]!;
       const fn = w[o + 3]!;
@@ -374,7 +392,8 @@ export class VirtQueue {
       this.dNext = fn >>> 16;
       return;
     }
-    const o = i * 16;
+    const t = this.table.view;
+    const o = this.table.offset + i * 16;
     const lo = (t[o]! | (t[o + 1]! << 8) | (t[o + 2]! << 16) | (t[o + 3]! << 24)) >>> 0;
     const hi = (t[o + 4]! | (t[o + 5]! << 8) | (t[o + 6]! << 16) | (t[o + 7]! << 24)) >>> 0;
     this.dAddr = hi * 4294967296 + lo;
@@ -385,26 +404,28 @@ export class VirtQueue {
 
   private walk(chain: DescriptorChain, head: number): boolean {
     let i = head;
-    let table: Uint8Array | undefined;
+    let indirect = false;
     let limit = this.size; // cycle guard: a chain never has more descriptors than its table
     let count = 0;
     let total = 0;
     for (;;) {
-      if (table === undefined) this.readDirect(i);
-      else this.readIndirect(table, i);
+      if (!indirect) this.readDirect(i);
+      else this.readIndirect(i);
       chain.descriptors++;
       if (++count > limit) return this.fail("VIRTQ_CHAIN_LOOP", `descriptor chain at ${head} is longer than its table (${limit}): a loop`);
       const flags = this.dFlags;
       if ((flags & VIRTQ_DESC_F.indirect) !== 0) {
-        if (table !== undefined) return this.fail("VIRTQ_NESTED_INDIRECT", `chain at ${head}: indirect descriptor inside an indirect table`);
+        if (indirect) return this.fail("VIRTQ_NESTED_INDIRECT", `chain at ${head}: indirect descriptor inside an indirect table`);
         if (!this.indirect) return this.fail("VIRTQ_INDIRECT_NOT_NEGOTIATED", `chain at ${head}: indirect descriptor without VIRTIO_F_INDIRECT_DESC`);
         if ((flags & VIRTQ_DESC_F.next) !== 0) return this.fail("VIRTQ_BAD_INDIRECT", `chain at ${head}: indirect descriptor with NEXT set`);
         const len = this.dLen;
         if (len === 0 || len % 16 !== 0 || len / 16 > MAX_INDIRECT_DESCRIPTORS)
           return this.fail("VIRTQ_BAD_INDIRECT", `chain at ${head}: indirect table length ${len} is not 16..${16 * MAX_INDIRECT_DESCRIPTORS} in steps of 16`);
-        table = this.memory.tryBytes(this.dAddr, len);
-        if (table === undefined) return this.fail("VIRTQ_BAD_INDIRECT", `chain at ${head}: indirect table 0x${this.dAddr.toString(16)}+${len} is not in RAM`);
-        this.tableWords = table.byteOffset % 4 === 0 ? new Uint32Array(table.buffer, table.byteOffset, len / 4) : undefined;
+        const table = this.table;
+        if (!this.memory.locate(this.dAddr, len, table)) return this.fail("VIRTQ_BAD_INDIRECT", `chain at ${head}: indirect table 0x${this.dAddr.toString(16)}+${len} is not in RAM`);
+        this.tableWords = table.words !== undefined && table.offset % 4 === 0 ? table.words : undefined;
+        this.tableWord = table.offset >>> 2;
+        indirect = true;
         limit = len / 16;
         count = 0;
         i = 0;

@@ -96,8 +96,6 @@ export interface VirtioBlkStats {
   flushes: number;
   errors: number;
   unsupported: number;
-  /** Wall milliseconds spent in the back end's read/write/flush calls. */
-  backendMs: number;
 }
 
 export interface VirtioBlkSavedState extends SavedDeviceState {
@@ -113,7 +111,7 @@ export class VirtioBlk implements VirtioBackend {
   readonly features: bigint;
   readonly queueMaxSizes: readonly number[];
   readonly configSize = VIRTIO_BLK_CONFIG.size;
-  readonly stats: VirtioBlkStats = { requests: 0, readBytes: 0, writtenBytes: 0, flushes: 0, errors: 0, unsupported: 0, backendMs: 0 };
+  readonly stats: VirtioBlkStats = { requests: 0, readBytes: 0, writtenBytes: 0, flushes: 0, errors: 0, unsupported: 0 };
 
   private readonly config = new Uint8Array(VIRTIO_BLK_CONFIG.size);
   private readonly serial = new Uint8Array(VIRTIO_BLK_ID_BYTES);
@@ -222,13 +220,10 @@ export class VirtioBlk implements VirtioBackend {
           case VIRTIO_BLK_T.out:
             status = this.write(chain, sector);
             break;
-          case VIRTIO_BLK_T.flush: {
-            const t0 = performance.now();
+          case VIRTIO_BLK_T.flush:
             this.disk.flush();
-            this.stats.backendMs += performance.now() - t0;
             this.stats.flushes++;
             break;
-          }
           case VIRTIO_BLK_T.getId:
             written = chain.writeTo(0, this.serial, 0, Math.min(VIRTIO_BLK_ID_BYTES, dataIn));
             break;
@@ -268,9 +263,7 @@ export class VirtioBlk implements VirtioBackend {
       this.spanLen[count++] = n;
       left -= n;
     }
-    const t0 = performance.now();
     this.transfer(chain, sector * SECTOR, count, false);
-    this.stats.backendMs += performance.now() - t0;
     this.stats.readBytes += bytes;
     return VIRTIO_BLK_S.ok;
   }
@@ -292,9 +285,7 @@ export class VirtioBlk implements VirtioBackend {
       this.spanLen[count++] = len - skip;
       skip = 0;
     }
-    const t0 = performance.now();
     this.transfer(chain, sector * SECTOR, count, true);
-    this.stats.backendMs += performance.now() - t0;
     this.stats.writtenBytes += bytes;
     return VIRTIO_BLK_S.ok;
   }
@@ -308,13 +299,8 @@ export class VirtioBlk implements VirtioBackend {
   private transfer(chain: DescriptorChain, pos: number, count: number, write: boolean): void {
     const memory = chain.memory!;
     const disk = this.disk;
-    if (memory.hostAddress !== undefined && (write ? disk.writeHost : disk.readHost) !== undefined) {
-      let mapped = true;
-      for (let i = 0; i < count && mapped; i++) {
-        const h = memory.hostAddress(this.spanGpa[i]!);
-        this.spanHost[i] = h;
-        mapped = h >= 0;
-      }
+    if (memory.hostAddresses !== undefined && (write ? disk.writeHost : disk.readHost) !== undefined) {
+      const mapped = memory.hostAddresses(this.spanGpa, count, this.spanHost);
       if (mapped && (write ? disk.writeHost!(pos, this.spanHost, this.spanLen, count) : disk.readHost!(pos, this.spanHost, this.spanLen, count))) return;
     }
     for (let i = 0; i < count; i++) this.vector[i] = memory.tryBytes(this.spanGpa[i]!, this.spanLen[i]!)!;

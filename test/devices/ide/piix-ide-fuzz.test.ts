@@ -8,7 +8,7 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { ChunkedGuestMemory, type GuestMemory, type RamRange } from "../../../src/machine/guest-memory.js";
+import { ChunkedGuestMemory, type GuestMemory, type GuestSpan, type RamRange } from "../../../src/machine/guest-memory.js";
 import { PiixIde } from "../../../src/devices/emulated/ide/piix-ide.js";
 import { RecordingIrqLine, SeededRandom } from "../device-fakes.js";
 import { MemoryDisk, fakeServices, pattern } from "./ide-test-driver.js";
@@ -40,6 +40,16 @@ class GuardedMemory implements GuestMemory {
     const inside = RANGES.some((r) => gpa >= r.gpa && gpa + length <= r.gpa + r.length);
     if (!inside || v.length !== length) this.forbidden++;
     return v;
+  }
+  locate(gpa: number, length: number, out: GuestSpan): boolean {
+    if (!this.inner.locate(gpa, length, out)) {
+      this.refused++;
+      return false;
+    }
+    this.views++;
+    const inside = RANGES.some((r) => gpa >= r.gpa && gpa + length <= r.gpa + r.length);
+    if (!inside || out.offset + length > out.view.length) this.forbidden++;
+    return true;
   }
   contiguousLength(gpa: number, length: number): number {
     return this.inner.contiguousLength(gpa, length);
