@@ -43,6 +43,9 @@ done < /lib/modules/load-order
 echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled 2>/dev/null
 mkdir -p /ctl /host
 mount -t 9p -o ${NINEP_OPTS} partisctl /ctl || fail "cannot mount the control share"
+# Heartbeat for the outer watchdog (nested-host.ts): a nested host whose
+# user space stops altogether is stopped, not waited for.
+( while :; do : > /ctl/heartbeat; sleep 10; done ) &
 mount -t 9p -o ${NINEP_OPTS},cache=loose,ro hostroot /host || fail "cannot mount the host root (virtfs hostroot)"
 mount -t tmpfs -o mode=1777 tmpfs /host/tmp || fail "tmpfs /tmp"
 mount -t tmpfs -o mode=755 tmpfs /host/run || fail "tmpfs /run"

@@ -14,7 +14,7 @@
  * the control share.
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { createServer, type Server, type Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
@@ -25,7 +25,7 @@ import { prepareNestedHostImage } from "./nested-host-image.js";
 
 /** The nested host could not run the command (QEMU failed, the host did not come up, interrupted). */
 export class NestedHostError extends PartisError {
-  constructor(code: "NESTED_QEMU_FAILED" | "NESTED_NO_STATUS" | "NESTED_INTERRUPTED" | "NESTED_SETUP_FAILED" | "NESTED_KERNEL_LOCKUP", message: string, context: ErrorContext = {}) {
+  constructor(code: "NESTED_QEMU_FAILED" | "NESTED_NO_STATUS" | "NESTED_INTERRUPTED" | "NESTED_SETUP_FAILED" | "NESTED_KERNEL_LOCKUP" | "NESTED_HOST_STALLED", message: string, context: ErrorContext = {}) {
     super(code, message, context);
   }
 }
@@ -52,6 +52,8 @@ export interface RunNestedOptions {
   stderr?: Writable;
   /** Extra writable directories shared at the same path (the cwd and the image cache are always shared). */
   shares?: string[];
+  /** Seconds without the nested host's heartbeat before it is stopped as stalled; default NESTED_STALL_LIMIT_S. */
+  stallLimitSeconds?: number;
   log?: (l: string) => void;
 }
 
@@ -97,6 +99,25 @@ function whichQemu(): string | undefined {
  */
 export const NESTED_LOCKUP_LIMIT_S = 180;
 
+/**
+ * How long the nested host's heartbeat (its init touches ctl/heartbeat every
+ * 10 s) may stop before the nested host is given up as stalled. Seen in a
+ * benchmark: the whole nested host went quiet (no console output, a 300 s
+ * timer in a process inside never fired) and no soft lockup was reported, so
+ * the lockup watchdog could not see it. Busy is not stalled: the loop is one
+ * shell process, and a loaded host still runs it every few seconds.
+ */
+export const NESTED_STALL_LIMIT_S = 300;
+
+/** Seconds since the nested host's last heartbeat (undefined before the first). */
+export function heartbeatAge(heartbeatFile: string, nowMs = Date.now()): number | undefined {
+  try {
+    return (nowMs - statSync(heartbeatFile).mtimeMs) / 1000;
+  } catch {
+    return undefined;
+  }
+}
+
 /** The longest soft lockup the nested host's console reports, and its line (undefined: none). */
 export function longestSoftLockup(console: string): { seconds: number; line: string } | undefined {
   let worst: { seconds: number; line: string } | undefined;
@@ -129,6 +150,7 @@ export async function runNested(opts: RunNestedOptions): Promise<number> {
   const tty = stdio === "inherit" && process.stdin.isTTY === true && process.stdout.isTTY === true;
   const ctl = mkdtempSync(join(tmpdir(), "partis-nested-"));
   const consolePath = join(ctl, "console.log");
+  const consoleTail = (): string => (existsSync(consolePath) ? readFileSync(consolePath, "utf8").split("\n").slice(-25).join("\n") : "");
   const env: Record<string, string> = {};
   for (const [k, v] of Object.entries(process.env)) if (v !== undefined) env[k] = v;
   Object.assign(env, opts.env ?? {});
@@ -182,9 +204,18 @@ export async function runNested(opts: RunNestedOptions): Promise<number> {
   );
   const spawnError = new Promise<Error>((res) => child.on("error", res));
 
-  // Watchdog over the nested host's own kernel (see NESTED_LOCKUP_LIMIT_S).
+  // Watchdogs over the nested host itself (see NESTED_LOCKUP_LIMIT_S and NESTED_STALL_LIMIT_S).
   let lockup: string | undefined;
+  let stalled: number | undefined;
+  const stallLimit = opts.stallLimitSeconds ?? NESTED_STALL_LIMIT_S;
+  const heartbeat = join(ctl, "heartbeat");
   const watchdog = setInterval(() => {
+    const age = heartbeatAge(heartbeat);
+    if (age !== undefined && age >= stallLimit && stalled === undefined) {
+      stalled = Math.round(age);
+      killQemu();
+      return;
+    }
     let text = "";
     try {
       text = readFileSync(consolePath, "utf8");
@@ -196,7 +227,7 @@ export async function runNested(opts: RunNestedOptions): Promise<number> {
       lockup = worst.line;
       killQemu();
     }
-  }, 10_000);
+  }, Math.min(10_000, stallLimit * 500));
   watchdog.unref();
 
   // Wire the streams.
@@ -257,20 +288,25 @@ export async function runNested(opts: RunNestedOptions): Promise<number> {
     if (lockup !== undefined) {
       throw new NestedHostError("NESTED_KERNEL_LOCKUP", `the nested test host's kernel locked up (${lockup}); the nested host was stopped`, { limitSeconds: NESTED_LOCKUP_LIMIT_S });
     }
+    if (stalled !== undefined) {
+      throw new NestedHostError("NESTED_HOST_STALLED", `the nested test host stalled (no heartbeat for ${stalled} s; its console's last lines below); the nested host was stopped\n${consoleTail()}`, {
+        limitSeconds: stallLimit,
+      });
+    }
     if (interrupted) throw new NestedHostError("NESTED_INTERRUPTED", `nested host stopped by ${interrupted}`, { signal: interrupted });
     const statusFile = join(ctl, "status");
     if (existsSync(statusFile)) {
       const status = Number.parseInt(readFileSync(statusFile, "utf8").trim(), 10);
       if (Number.isInteger(status)) return status;
     }
-    const consoleTail = existsSync(consolePath) ? readFileSync(consolePath, "utf8").split("\n").slice(-25).join("\n") : "";
+
     const error = existsSync(join(ctl, "error")) ? readFileSync(join(ctl, "error"), "utf8").trim() : "";
     if (result.code !== 0) {
-      throw new NestedHostError("NESTED_QEMU_FAILED", `${QEMU} exited with ${result.signal ?? result.code}: ${qemuStderr.trim()}\n${consoleTail}`, { status: result.code ?? -1 });
+      throw new NestedHostError("NESTED_QEMU_FAILED", `${QEMU} exited with ${result.signal ?? result.code}: ${qemuStderr.trim()}\n${consoleTail()}`, { status: result.code ?? -1 });
     }
     throw new NestedHostError(
       error ? "NESTED_SETUP_FAILED" : "NESTED_NO_STATUS",
-      `nested host ended without the command's exit status${error ? `: ${error}` : ""}\n--- nested host console (last lines) ---\n${consoleTail}`,
+      `nested host ended without the command's exit status${error ? `: ${error}` : ""}\n--- nested host console (last lines) ---\n${consoleTail()}`,
     );
   } finally {
     clearInterval(watchdog);

@@ -6,14 +6,14 @@
  */
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { PassThrough } from "node:stream";
 import { after, describe, it } from "node:test";
 import { fileURLToPath } from "node:url";
 import { UsageError } from "../../src/errors.js";
-import { longestSoftLockup, NESTED_LOCKUP_LIMIT_S, runNested } from "../../src/nested/nested-host.js";
+import { heartbeatAge, longestSoftLockup, NESTED_LOCKUP_LIMIT_S, NestedHostError, runNested } from "../../src/nested/nested-host.js";
 
 const QEMU = "/usr/bin/qemu-system-x86_64";
 
@@ -38,6 +38,19 @@ it("the nested host's watchdog finds the longest soft lockup its kernel reports,
   assert.ok(worst!.seconds >= NESTED_LOCKUP_LIMIT_S);
   assert.equal(longestSoftLockup(console.split("\n").slice(0, 2).join("\n"))?.seconds, 26);
   assert.equal(longestSoftLockup("[    1.0] Linux version 6.1\n[    2.0] kvm_amd: Nested Virtualization enabled\n"), undefined);
+});
+
+it("the stall watchdog reads the heartbeat's age from its file, and nothing before the first beat", () => {
+  const dir = mkdtempSync(join(tmpdir(), "partis-heartbeat-"));
+  try {
+    const file = join(dir, "heartbeat");
+    assert.equal(heartbeatAge(file), undefined);
+    writeFileSync(file, "");
+    const written = statSync(file).mtimeMs;
+    assert.equal(heartbeatAge(file, written + 42_000), 42);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });
 
 describe("nested test host", { skip: !existsSync(QEMU) && "qemu-system-x86_64 not installed" }, () => {
@@ -85,6 +98,19 @@ describe("nested test host", { skip: !existsSync(QEMU) && "qemu-system-x86_64 no
     assert.match(o, /^node=42$/m);
     assert.doesNotMatch(o, /\r/, "clean stream, no tty line discipline");
     assert.equal(readFileSync(join(work, "result.txt"), "utf8"), "written\n");
+  });
+
+  it("a nested host whose user space stops (no heartbeat) is stopped as stalled", async () => {
+    const out = collect();
+    // SIGSTOP to every process but init and this shell: the heartbeat loop stops, the command sleeps on.
+    const run = runNested({ command: ["/bin/sh", "-c", "echo stopping; kill -STOP -1; sleep 600"], stdio: "pipe", stdout: out.stream, stallLimitSeconds: 20 });
+    await assert.rejects(run, (e: unknown) => {
+      assert.ok(e instanceof NestedHostError, String(e));
+      assert.equal(e.code, "NESTED_HOST_STALLED");
+      assert.match(e.message, /the nested test host stalled \(no heartbeat for \d+ s/);
+      return true;
+    });
+    assert.match(out.text(), /^stopping$/m, "the command ran before the stall");
   });
 
   it("rejects bad options before booting", async () => {
