@@ -13,7 +13,8 @@
  *
  * Reports frames/s (wall clock), frames per CPU-second (process.cpuUsage,
  * user+system: steadier on a shared machine), Gbit/s of frame bytes, and host
- * CPU per GiB of frames, as a markdown table. Everything runs on one
+ * CPU per GiB of frames, and JS heap bytes allocated per frame with the
+ * collections they caused (bench/heap-meter.ts), as a markdown table. Everything runs on one
  * thread: the numbers are the device model's cost (plus the lean driver's and
  * the port's), not a guest's.
  *
@@ -31,6 +32,7 @@ import { VIRTIO_F, featureBit } from "../../src/devices/virtio/pci-transport.js"
 import { DatagramPairPort, MemoryPortPair, type NetworkPort } from "../../src/devices/net/network-port.js";
 import { VIRTIO_NET_F, VIRTIO_NET_HDR_BYTES, createVirtioNet, type VirtioNetDevice } from "../../src/devices/net/virtio-net.js";
 import { FakeDoorbells, FakeLoop, TestVirtioDriver, placeDevice, type DriverQueue, type TestServices } from "../../test/devices/virtio/virtio-driver.js";
+import { HeapMeter, type HeapUse } from "../heap-meter.js";
 
 const QUEUE = 256;
 const SLOT = 2048;
@@ -100,6 +102,8 @@ interface Result extends Case {
   seconds: number;
   cpuSeconds: number;
   dropped: number;
+  /** JS heap allocated in the measured loop (both VMs' devices and drivers, and the harness). */
+  heap: HeapUse;
 }
 
 function setUp(name: string, port: NetworkPort, mac: Uint8Array): { s: TestServices; dev: VirtioNetDevice; drv: TestVirtioDriver } {
@@ -166,6 +170,7 @@ function runCase(c: Case, seconds: number): Result {
   const batch = c.port === "memory" ? 128 : 8;
 
   let frames = 0;
+  const meter = new HeapMeter();
   const cpu0 = process.cpuUsage();
   const t0 = process.hrtime.bigint();
   const deadline = t0 + BigInt(Math.round(seconds * 1e9));
@@ -190,6 +195,7 @@ function runCase(c: Case, seconds: number): Result {
   }
   const t1 = process.hrtime.bigint();
   const cpu = process.cpuUsage(cpu0);
+  const heap = meter.stop();
   // Check one received frame.
   const sample = B.s.memory.read(BUFFERS + VIRTIO_NET_HDR_BYTES, c.frameBytes);
   for (let i = 0; i < c.frameBytes; i++) if (sample[i] !== frame[VIRTIO_NET_HDR_BYTES + i]) throw new Error(`received frame differs at byte ${i}`);
@@ -198,7 +204,7 @@ function runCase(c: Case, seconds: number): Result {
   B.dev.net.close();
   closePorts();
   rmSync(dir, { recursive: true, force: true });
-  return { ...c, frames, seconds: Number(t1 - t0) / 1e9, cpuSeconds: (cpu.user + cpu.system) / 1e6, dropped };
+  return { ...c, frames, seconds: Number(t1 - t0) / 1e9, cpuSeconds: (cpu.user + cpu.system) / 1e6, dropped, heap };
 }
 
 function main(): void {
@@ -213,13 +219,13 @@ function main(): void {
   for (const c of cases) runCase(c, 0.3);
   const results = cases.map((c) => runCase(c, seconds));
   console.log(`virtio-net host path, ${cpus()[0]?.model ?? "?"} x${cpus().length}, load ${loadavg()[0]!.toFixed(2)}, node ${process.version}, ${seconds} s per case\n`);
-  console.log("| port | frame bytes | frames/s (wall) | frames per CPU-second | Gbit/s (wall) | host CPU s per GiB | dropped |");
-  console.log("|---|---:|---:|---:|---:|---:|---:|");
+  console.log("| port | frame bytes | frames/s (wall) | frames per CPU-second | Gbit/s (wall) | host CPU s per GiB | dropped | heap bytes/frame | GCs |");
+  console.log("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
   for (const r of results) {
     const fps = r.frames / r.seconds;
     const gib = (r.frames * r.frameBytes) / 2 ** 30;
     console.log(
-      `| ${r.port === "memory" ? "in-memory pair" : "AF_UNIX datagram pair"} | ${r.frameBytes} | ${Math.round(fps).toLocaleString("en-US")} | ${Math.round(r.frames / r.cpuSeconds).toLocaleString("en-US")} | ${((fps * r.frameBytes * 8) / 1e9).toFixed(2)} | ${(r.cpuSeconds / gib).toFixed(2)} | ${r.dropped} |`,
+      `| ${r.port === "memory" ? "in-memory pair" : "AF_UNIX datagram pair"} | ${r.frameBytes} | ${Math.round(fps).toLocaleString("en-US")} | ${Math.round(r.frames / r.cpuSeconds).toLocaleString("en-US")} | ${((fps * r.frameBytes * 8) / 1e9).toFixed(2)} | ${(r.cpuSeconds / gib).toFixed(2)} | ${r.dropped} | ${(r.heap.allocated / Math.max(1, r.frames)).toFixed(1)} | ${r.heap.gcs} |`,
     );
   }
 }

@@ -22,7 +22,7 @@
 import { mkdtempSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { cpus } from "node:os";
-import { GCProfiler, getHeapStatistics } from "node:v8";
+import { HeapMeter, type HeapUse } from "../heap-meter.js";
 import { ChunkedGuestMemory } from "../../src/machine/guest-memory.js";
 import { createDisk, openDisk } from "../../src/storage/open.js";
 import type { BlockDevice } from "../../src/storage/block-device.js";
@@ -204,38 +204,6 @@ interface Row {
   interrupts: number;
   /** JS heap bytes allocated in the measured loop (harness included) and the collections they caused. */
   heap: HeapUse;
-}
-
-interface HeapUse {
-  allocated: number;
-  gcs: number;
-}
-
-/**
- * Heap allocation over a measured loop: used-heap growth between collections
- * (V8's GC profiler records the used size before and after each), plus the
- * growth since the last one. What the request path allocates shows up here
- * long before it shows up as time.
- */
-class HeapMeter {
-  private readonly profiler = new GCProfiler();
-  private readonly startUsed: number;
-  constructor() {
-    this.startUsed = getHeapStatistics().used_heap_size;
-    this.profiler.start();
-  }
-  stop(): HeapUse {
-    const endUsed = getHeapStatistics().used_heap_size;
-    const { statistics } = this.profiler.stop();
-    let allocated = 0;
-    let after = this.startUsed;
-    for (const gc of statistics) {
-      allocated += Math.max(0, gc.beforeGC.heapStatistics.usedHeapSize - after);
-      after = gc.afterGC.heapStatistics.usedHeapSize;
-    }
-    allocated += Math.max(0, endUsed - after);
-    return { allocated, gcs: statistics.length };
-  }
 }
 
 function run(bench: Bench, workload: string, batch: number, reqBytes: number, write: boolean, random: boolean): Row {

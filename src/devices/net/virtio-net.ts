@@ -111,7 +111,7 @@ export class VirtioNet implements VirtioBackend {
   private readonly onReadable = (): void => this.receive();
 
   // Receive: the frame being placed (held while the guest has no room for it).
-  private readonly rxFrame = new Uint8Array(MAX_PORT_FRAME_BYTES);
+  private readonly rxFrame = new FrameBuffer(MAX_PORT_FRAME_BYTES);
   private heldLength = 0;
   private readonly hdr = new Uint8Array(VIRTIO_NET_HDR_BYTES);
   /** The first chain of a frame (kept while the following chains are popped into `rxChain`). */
@@ -222,7 +222,7 @@ export class VirtioNet implements VirtioBackend {
       if (this.heldLength === 0) {
         // The batch ends between frames, never with one held.
         if (received === RX_BATCH) break;
-        const n = port.receive(this.rxFrame);
+        const n = port.receive(this.rxFrame.bytes);
         if (n === 0) break;
         this.heldLength = n;
         received++;
@@ -274,7 +274,8 @@ export class VirtioNet implements VirtioBackend {
         this.hdr[NUM_BUFFERS_OFFSET] = 1;
         this.hdr[NUM_BUFFERS_OFFSET + 1] = 0;
         first.writeTo(0, this.hdr);
-        first.writeTo(VIRTIO_NET_HDR_BYTES, this.rxFrame, 0, len);
+        // The frame's own length view (cached): a whole-buffer copy into guest RAM makes no view.
+        first.writeTo(VIRTIO_NET_HDR_BYTES, this.rxFrame.view(len));
         q.pushUsed(first.head, total);
         this.counted(len);
         return "ok";
@@ -301,7 +302,7 @@ export class VirtioNet implements VirtioBackend {
       }
       const room = this.spreadRoom;
       const take = Math.min(c.writableBytes, total - room);
-      c.writeTo(0, this.rxFrame, room - VIRTIO_NET_HDR_BYTES, take);
+      c.writeTo(0, this.rxFrame.bytes, room - VIRTIO_NET_HDR_BYTES, take);
       this.spreadHeads[this.spreadChains] = c.head;
       this.spreadLengths[this.spreadChains] = take;
       this.spreadChains++;
@@ -312,7 +313,7 @@ export class VirtioNet implements VirtioBackend {
     this.hdr[NUM_BUFFERS_OFFSET] = chains & 0xff;
     this.hdr[NUM_BUFFERS_OFFSET + 1] = chains >> 8;
     first.writeTo(0, this.hdr);
-    first.writeTo(VIRTIO_NET_HDR_BYTES, this.rxFrame, 0, Math.min(len, first.writableBytes - VIRTIO_NET_HDR_BYTES));
+    first.writeTo(VIRTIO_NET_HDR_BYTES, this.rxFrame.view(Math.min(len, first.writableBytes - VIRTIO_NET_HDR_BYTES)));
     for (let k = 0; k < chains; k++) q.pushUsed(this.spreadHeads[k]!, this.spreadLengths[k]!);
     this.counted(len);
     return "ok";

@@ -179,19 +179,18 @@ export class DescriptorChain {
       }
       const n = Math.min(segLen - offset, length - done);
       const at = bufOffset + done;
+      const span = this.span;
+      if (this.memory === undefined || !this.memory.locate(gpas[i]! + offset, n, span)) this.stale(gpas[i]! + offset, n);
+      const v = span.view;
+      const o = span.offset;
       if (n <= 32) {
-        // Headers, status bytes: byte by byte in the chunk, no view made.
-        const span = this.span;
-        if (this.memory === undefined || !this.memory.locate(gpas[i]! + offset, n, span)) this.stale(gpas[i]! + offset, n);
-        const v = span.view;
-        const o = span.offset;
+        // Headers, status bytes: byte by byte.
         if (toGuest) for (let k = 0; k < n; k++) v[o + k] = buf[at + k]!;
         else for (let k = 0; k < n; k++) buf[at + k] = v[o + k]!;
-      } else {
-        const s = this.view(gpas[i]! + offset, n);
-        if (toGuest) s.set(buf.subarray(at, at + n));
-        else buf.set(s, at);
-      }
+      } else if (toGuest) {
+        // A whole buffer (a frame into one guest buffer) needs no view; a part needs one (set() copies a whole source).
+        v.set(at === 0 && n === buf.length ? buf : buf.subarray(at, at + n), o);
+      } else buf.set(v.subarray(o, o + n), at);
       done += n;
       offset = 0;
     }
