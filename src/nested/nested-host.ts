@@ -140,6 +140,8 @@ export async function runNested(opts: RunNestedOptions): Promise<number> {
   if (!/^\d+[MGmgKkTt]?$/.test(memory)) throw new UsageError(`bad memory size ${memory} (e.g. 6G, 4096M)`, { memory });
   const cpus = opts.cpus ?? 2;
   if (!Number.isInteger(cpus) || cpus < 1 || cpus > 64) throw new UsageError(`bad vCPU count ${cpus}`, { cpus });
+  const stallLimit = opts.stallLimitSeconds ?? NESTED_STALL_LIMIT_S;
+  if (!(stallLimit >= 1)) throw new UsageError(`bad stall limit ${stallLimit} s (at least 1)`, { stallLimitSeconds: stallLimit });
   const cwd = resolve(opts.cwd ?? process.cwd());
   const qemu = whichQemu();
   if (!qemu) throw new HostCapabilityError("HOST_NO_QEMU", `${QEMU} is not installed (run scripts/setup.sh)`);
@@ -207,7 +209,6 @@ export async function runNested(opts: RunNestedOptions): Promise<number> {
   // Watchdogs over the nested host itself (see NESTED_LOCKUP_LIMIT_S and NESTED_STALL_LIMIT_S).
   let lockup: string | undefined;
   let stalled: number | undefined;
-  const stallLimit = opts.stallLimitSeconds ?? NESTED_STALL_LIMIT_S;
   const heartbeat = join(ctl, "heartbeat");
   const watchdog = setInterval(() => {
     const age = heartbeatAge(heartbeat);

@@ -117,6 +117,7 @@ describe("nested test host", { skip: !existsSync(QEMU) && "qemu-system-x86_64 no
     await assert.rejects(runNested({ command: [] }), UsageError);
     await assert.rejects(runNested({ command: ["true"], memory: "lots" }), UsageError);
     await assert.rejects(runNested({ command: ["true"], cpus: 0 }), UsageError);
+    await assert.rejects(runNested({ command: ["true"], stallLimitSeconds: 0 }), UsageError);
   });
 
   it("kills QEMU when the caller gets SIGTERM", async () => {
