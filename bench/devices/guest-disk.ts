@@ -259,6 +259,14 @@ function buildInitrd(baseInitrd: string, tool: string): string {
   return out;
 }
 
+/** The warm-up pass: the same patterns, smaller (PIO: 1 MiB read, 16 KiB written), reported as WARMUP lines. */
+function warmupCommand(c: Config, nonce: number): string {
+  const mib = c.pio === true ? 1 : warmupMiB;
+  const writeKiB = Math.min(c.write?.totalKiB ?? mib * 1024, c.pio === true ? 16 : mib * 1024);
+  const ops = Math.min(c.randomOps, c.pio === true ? 50 : WARMUP_RANDOM_OPS);
+  return `/bin/diskbench $d ${mib} ${ops} ${nonce} ${writeKiB} ${c.write?.requestKiB ?? 1024} ${randomSeconds * 1000} | sed 's/^DISKBENCH/WARMUP/'`;
+}
+
 /**
  * The guest's command: apply libata.* options, wait for the disk, report the
  * ATA transfer mode, run the tool, power off.
@@ -268,14 +276,6 @@ function buildInitrd(baseInitrd: string, tool: string): string {
  * line, so `libata.force=` would be ignored: when present, libata and
  * ata_piix are reloaded here with it before the disk is used.
  */
-/** The warm-up pass: the same patterns, smaller (PIO: 1 MiB read, 16 KiB written), reported as WARMUP lines. */
-function warmupCommand(c: Config, nonce: number): string {
-  const mib = c.pio === true ? 1 : warmupMiB;
-  const writeKiB = Math.min(c.write?.totalKiB ?? mib * 1024, c.pio === true ? 16 : mib * 1024);
-  const ops = Math.min(c.randomOps, c.pio === true ? 50 : WARMUP_RANDOM_OPS);
-  return `/bin/diskbench $d ${mib} ${ops} ${nonce} ${writeKiB} ${c.write?.requestKiB ?? 1024} ${randomSeconds * 1000} | sed 's/^DISKBENCH/WARMUP/'`;
-}
-
 function guestCommand(c: Config, nonce: number): string {
   return [
     `f=$(sed -n 's/.*libata[.]force=\\([^ ]*\\).*/\\1/p' /proc/cmdline)`,
@@ -497,8 +497,10 @@ function once(c: Config, kernel: string, initrd: string, dir: string): Promise<R
       try {
         if ((m = /^DISKBENCH-START (\w+)/.exec(line))) {
           starts[m[1] as Pattern] = sample();
-          if (perThread) threadStarts[m[1] as Pattern] = threadCpuOf(vmm()!);
-          if (perThread) kvmStarts[m[1] as Pattern] = kvmCountersOf(vmm()!);
+          if (perThread) {
+            threadStarts[m[1] as Pattern] = threadCpuOf(vmm()!);
+            kvmStarts[m[1] as Pattern] = kvmCountersOf(vmm()!);
+          }
         }
         else if ((m = /^DISKBENCH (seqwrite|seqread|randread) MiB\/s=\S+ IOPS=\S+ ms=([\d.]+) bytes=(\d+) ops=(\d+) errors=(\d+)/.exec(line))) {
           const p = m[1] as Pattern;

@@ -300,7 +300,6 @@ export async function runNested(opts: RunNestedOptions): Promise<number> {
       const status = Number.parseInt(readFileSync(statusFile, "utf8").trim(), 10);
       if (Number.isInteger(status)) return status;
     }
-
     const error = existsSync(join(ctl, "error")) ? readFileSync(join(ctl, "error"), "utf8").trim() : "";
     if (result.code !== 0) {
       throw new NestedHostError("NESTED_QEMU_FAILED", `${QEMU} exited with ${result.signal ?? result.code}: ${qemuStderr.trim()}\n${consoleTail()}`, { status: result.code ?? -1 });
