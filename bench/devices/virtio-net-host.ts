@@ -2,7 +2,7 @@
  * Host-side virtio-net micro-benchmark, no guest: frames go from one
  * virtio-net device's transmit queue through a network port to a second
  * device's receive queue, both driven by a lean in-process driver over
- * anonymous "guest RAM" (rings set up the way Linux does, through the BARs,
+ * "guest RAM" that is a memfd mapping, as in the worker (rings set up the way Linux does, through the BARs,
  * by the test driver; the hot loop then writes the avail rings directly and
  * kicks through the doorbell callbacks, as KVM's ioeventfd would).
  *
@@ -11,6 +11,11 @@
  * so nothing is dropped). Frames: 64 and 1500 bytes. Features as Linux
  * negotiates them here: VERSION_1, EVENT_IDX, MAC, STATUS, MRG_RXBUF.
  *
+ * Transmit: ports that can send from host memory (the datagram pair, once
+ * connected) get each frame straight from guest RAM (writev); the in-memory
+ * pair gets a copy. `--anonymous` puts guest RAM in plain JS buffers instead
+ * (no host addresses, so every frame is copied, as before the zero-copy path).
+ *
  * Reports frames/s (wall clock), frames per CPU-second (process.cpuUsage,
  * user+system: steadier on a shared machine), Gbit/s of frame bytes, and host
  * CPU per GiB of frames, and JS heap bytes allocated per frame with the
@@ -18,20 +23,19 @@
  * thread: the numbers are the device model's cost (plus the lean driver's and
  * the port's), not a guest's.
  *
- *   npx tsc -p . && node dist/bench/devices/virtio-net-host.js [--seconds S] [--only memory|dgram]
+ *   npx tsc -p . && node dist/bench/devices/virtio-net-host.js [--seconds S] [--only memory|dgram] [--anonymous]
  * Default: 5 s per case, 4 cases (< 60 s with set-up).
  */
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir, cpus, loadavg } from "node:os";
 import { join } from "node:path";
-import { ChunkedGuestMemory } from "../../src/machine/guest-memory.js";
 import type { PciDeviceServices } from "../../src/devices/pci/device-thread-services.js";
 import type { MsiSink } from "../../src/devices/pci/msix.js";
 import type { IrqLine } from "../../src/devices/dependencies.js";
 import { VIRTIO_F, featureBit } from "../../src/devices/virtio/pci-transport.js";
 import { DatagramPairPort, MemoryPortPair, type NetworkPort } from "../../src/devices/net/network-port.js";
 import { VIRTIO_NET_F, VIRTIO_NET_HDR_BYTES, createVirtioNet, type VirtioNetDevice } from "../../src/devices/net/virtio-net.js";
-import { FakeDoorbells, FakeLoop, TestVirtioDriver, placeDevice, type DriverQueue, type TestServices } from "../../test/devices/virtio/virtio-driver.js";
+import { TestVirtioDriver, makeServices, placeDevice, type DriverQueue, type TestServices } from "../../test/devices/virtio/virtio-driver.js";
 import { HeapMeter, type HeapUse } from "../heap-meter.js";
 
 const QUEUE = 256;
@@ -44,9 +48,12 @@ class CountingIrq implements IrqLine {
   setLevel(): void {}
 }
 
+const ANONYMOUS = process.argv.includes("--anonymous");
+
 function services(): TestServices {
-  const memory = ChunkedGuestMemory.anonymous([{ gpa: 0, length: RAM, fileOffset: 0 }]);
-  return { memory, intx: new CountingIrq(), msi: nullMsi, loop: new FakeLoop(), doorbells: new FakeDoorbells() } as unknown as TestServices;
+  const s = makeServices(RAM, 1 << 30, !ANONYMOUS);
+  // Interrupts go nowhere (the lean driver reaps the used rings itself).
+  return { ...s, intx: new CountingIrq(), msi: nullMsi } as unknown as TestServices;
 }
 
 /** The driver side of one queue in the hot loop: typed-array views of the rings. */
@@ -102,6 +109,8 @@ interface Result extends Case {
   seconds: number;
   cpuSeconds: number;
   dropped: number;
+  /** Frames the sending device handed to its port straight from guest RAM. */
+  zeroCopy: number;
   /** JS heap allocated in the measured loop (both VMs' devices and drivers, and the harness). */
   heap: HeapUse;
 }
@@ -200,11 +209,13 @@ function runCase(c: Case, seconds: number): Result {
   const sample = B.s.memory.read(BUFFERS + VIRTIO_NET_HDR_BYTES, c.frameBytes);
   for (let i = 0; i < c.frameBytes; i++) if (sample[i] !== frame[VIRTIO_NET_HDR_BYTES + i]) throw new Error(`received frame differs at byte ${i}`);
   const dropped = A.dev.net.counters.txDropped + B.dev.net.counters.rxDropped;
+  const sentFrames = A.dev.net.counters.txFrames;
+  const zeroCopy = sentFrames === 0 ? 0 : A.dev.net.counters.txZeroCopy / sentFrames;
   A.dev.net.close();
   B.dev.net.close();
   closePorts();
   rmSync(dir, { recursive: true, force: true });
-  return { ...c, frames, seconds: Number(t1 - t0) / 1e9, cpuSeconds: (cpu.user + cpu.system) / 1e6, dropped, heap };
+  return { ...c, frames, seconds: Number(t1 - t0) / 1e9, cpuSeconds: (cpu.user + cpu.system) / 1e6, dropped, zeroCopy, heap };
 }
 
 function main(): void {
@@ -218,14 +229,16 @@ function main(): void {
   // Warm up the JIT on a short run of each path.
   for (const c of cases) runCase(c, 0.3);
   const results = cases.map((c) => runCase(c, seconds));
-  console.log(`virtio-net host path, ${cpus()[0]?.model ?? "?"} x${cpus().length}, load ${loadavg()[0]!.toFixed(2)}, node ${process.version}, ${seconds} s per case\n`);
-  console.log("| port | frame bytes | frames/s (wall) | frames per CPU-second | Gbit/s (wall) | host CPU s per GiB | dropped | heap bytes/frame | GCs |");
-  console.log("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+  console.log(
+    `virtio-net host path, ${cpus()[0]?.model ?? "?"} x${cpus().length}, load ${loadavg()[0]!.toFixed(2)}, node ${process.version}, ${seconds} s per case, guest RAM ${ANONYMOUS ? "in JS buffers" : "a memfd mapping"}\n`,
+  );
+  console.log("| port | frame bytes | frames/s (wall) | frames per CPU-second | Gbit/s (wall) | host CPU s per GiB | dropped | sent from guest RAM | heap bytes/frame | GCs |");
+  console.log("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
   for (const r of results) {
     const fps = r.frames / r.seconds;
     const gib = (r.frames * r.frameBytes) / 2 ** 30;
     console.log(
-      `| ${r.port === "memory" ? "in-memory pair" : "AF_UNIX datagram pair"} | ${r.frameBytes} | ${Math.round(fps).toLocaleString("en-US")} | ${Math.round(r.frames / r.cpuSeconds).toLocaleString("en-US")} | ${((fps * r.frameBytes * 8) / 1e9).toFixed(2)} | ${(r.cpuSeconds / gib).toFixed(2)} | ${r.dropped} | ${(r.heap.allocated / Math.max(1, r.frames)).toFixed(1)} | ${r.heap.gcs} |`,
+      `| ${r.port === "memory" ? "in-memory pair" : "AF_UNIX datagram pair"} | ${r.frameBytes} | ${Math.round(fps).toLocaleString("en-US")} | ${Math.round(r.frames / r.cpuSeconds).toLocaleString("en-US")} | ${((fps * r.frameBytes * 8) / 1e9).toFixed(2)} | ${(r.cpuSeconds / gib).toFixed(2)} | ${r.dropped} | ${Math.round(r.zeroCopy * 100)} % | ${(r.heap.allocated / Math.max(1, r.frames)).toFixed(1)} | ${r.heap.gcs} |`,
     );
   }
 }

@@ -9,7 +9,9 @@
  * Set-up calls throw `HostNetworkError` (a `PartisError` naming the interface
  * or the socket path, with the failed call's `SystemCallError` as its cause).
  * The per-frame calls (`sendDatagram`, `sendDatagramTo`, `receiveDatagram`,
- * `readFrame`, `writeFrame`) allocate nothing and report the conditions a
+ * `readFrame`, `writeFrame`, and the gathering `writeFrameHost` and
+ * `sendDatagramHost`, which take a frame's spans in host memory, e.g. guest
+ * RAM, as numbers: no copy into a buffer) allocate nothing and report the conditions a
  * network back end handles as results: nothing pending, a full queue, a
  * missing peer.
  *
@@ -18,7 +20,7 @@
  */
 import { lstatSync, type Stats } from "node:fs";
 import { PartisError, type ErrorContext } from "../errors.js";
-import { Errno, errno, errnoName, ioctl, lastError, lib, O_CLOEXEC, O_NONBLOCK, O_RDWR, open, close, strerror } from "./libc.js";
+import { Errno, errno, errnoName, ioctl, lastError, lib, O_CLOEXEC, O_NONBLOCK, O_RDWR, open, close, strerror, writevHost } from "./libc.js";
 import { SystemCallError } from "./errors.js";
 
 /** A host networking set-up step failed (TAP creation, socket bind/connect). */
@@ -208,6 +210,18 @@ export function writeFrame(fd: number, buf: Uint8Array, length: number): boolean
   throw new SystemCallError("write", e, errnoName(e), strerror(e), { fd, what: "frame", length });
 }
 
+/**
+ * Write one frame gathered from host spans (GuestMemory.hostAddresses) to a TAP
+ * descriptor with writev(2): the frame goes from guest RAM to the kernel with
+ * no copy in between. Results as writeFrame.
+ */
+export function writeFrameHost(fd: number, addresses: Float64Array, lengths: Uint32Array, count: number): boolean {
+  if (writevHost(fd, addresses, lengths, count) >= 0) return true;
+  const e = errno();
+  if (e === Errno.EAGAIN || e === Errno.EINTR || e === ENOBUFS || e === Errno.EIO || e === Errno.EINVAL || e === EMSGSIZE) return false;
+  throw new SystemCallError("writev", e, errnoName(e), strerror(e), { fd, what: "frame", count });
+}
+
 // --- AF_UNIX addresses --------------------------------------------------------------------------
 
 /** A prebuilt `struct sockaddr_un` (reused for every send). */
@@ -381,6 +395,15 @@ function refusal(call: string, fd: number): SendRefusal {
 export function sendDatagram(fd: number, buf: ArrayBufferView, length: number): true | SendRefusal {
   const n = c.send(fd, buf, length, MSG_DONTWAIT | MSG_NOSIGNAL);
   return n >= 0 ? true : refusal("send", fd);
+}
+
+/**
+ * One datagram gathered from host spans (see writeFrameHost) on a connected,
+ * non-blocking socket (writev(2) on a connected datagram socket sends one
+ * datagram): `true` when sent, else why not, as sendDatagram.
+ */
+export function sendDatagramHost(fd: number, addresses: Float64Array, lengths: Uint32Array, count: number): true | SendRefusal {
+  return writevHost(fd, addresses, lengths, count) >= 0 ? true : refusal("writev", fd);
 }
 
 /** sendto(2) one datagram to `to`: `true` when sent, else why not. */

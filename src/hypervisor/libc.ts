@@ -55,6 +55,7 @@ const c = {
   pread: lib.func("int64_t pread(int fd, void *buf, size_t count, int64_t offset)") as IntFn<[number, ArrayBufferView, number, number | bigint]>,
   preadv: lib.func("int64_t preadv(int fd, void *iov, int iovcnt, int64_t offset)") as IntFn<[number, ArrayBufferView, number, number]>,
   pwritev: lib.func("int64_t pwritev(int fd, void *iov, int iovcnt, int64_t offset)") as IntFn<[number, ArrayBufferView, number, number]>,
+  writev: lib.func("int64_t writev(int fd, void *iov, int iovcnt)") as IntFn<[number, ArrayBufferView, number]>,
   pwrite: lib.func("int64_t pwrite(int fd, const void *buf, size_t count, int64_t offset)") as IntFn<
     [number, ArrayBufferView, number, number | bigint]
   >,
@@ -532,6 +533,19 @@ export function pwritevHost(fd: number, addresses: Float64Array, lengths: Uint32
   const r = c.pwritev(fd, iovecWords, count, offset);
   if (r < 0) throw lastError("pwritev", { fd, count, offset: BigInt(offset) });
   return r;
+}
+
+/**
+ * writev(2) from host spans (see preadvHost): one packet or frame gathered
+ * straight from guest RAM, e.g. to a TAP or a connected datagram socket.
+ * Returns the bytes written, or -1 with errno() telling why: the caller
+ * decides what a failure means (a dropped frame, a missing peer), so this
+ * does not throw for it. Spans outside live mappings throw RangeError before
+ * the system call, as for preadvHost.
+ */
+export function writevHost(fd: number, addresses: Float64Array, lengths: Uint32Array, count: number): number {
+  fillHostIovec(addresses, lengths, count);
+  return c.writev(fd, iovecWords, count);
 }
 
 /** Unmap the mapping behind a view made by `mapSharedFile` / `alignedBuffer`. Idempotent. */

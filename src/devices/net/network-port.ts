@@ -7,12 +7,16 @@
  * 0 when nothing is pending. `fd` polls readable while frames are pending (the
  * device thread's loop watches it).
  *
+ * A port may also offer `sendHost`: the frame given as spans of host memory
+ * (guest RAM), sent with one writev(2), so a NIC need not copy it first.
+ *
  * Implementations:
- *  - `TapPort`: a host TAP interface (IFF_TAP|IFF_NO_PI, no vnet header).
+ *  - `TapPort`: a host TAP interface (IFF_TAP|IFF_NO_PI, no vnet header);
+ *    sendHost always.
  *  - `DatagramPairPort`: two VMs wired back to back through AF_UNIX datagram
  *    sockets: each binds its own path and sends to the peer's path. Frames to a
  *    peer that is not there (not started yet, exited) are dropped and counted;
- *    the peer may come and go.
+ *    the peer may come and go. sendHost while connected to the peer.
  *  - `MemoryPortPair`: two ports joined in memory (tests, benchmarks), with an
  *    eventfd as the pollable descriptor.
  *
@@ -38,8 +42,10 @@ import {
   receiveDatagram,
   removeSocketPath,
   sendDatagram,
+  sendDatagramHost,
   sendDatagramTo,
   writeFrame,
+  writeFrameHost,
   type SendRefusal,
   type UnixSocketAddress,
 } from "../../hypervisor/host-network.js";
@@ -55,6 +61,14 @@ export interface NetworkPort {
   readonly fd: number;
   /** Queue one frame for the wire. False when it was dropped. */
   send(frame: Uint8Array): boolean;
+  /**
+   * Optional zero-copy send: queue one frame of `length` bytes gathered from
+   * `count` host-memory spans (guest RAM, from GuestMemory.hostAddresses),
+   * without copying it into a buffer first. True when sent, false when
+   * dropped (counted as for `send`), undefined when this port cannot send
+   * that way now: the caller copies the frame and calls `send`.
+   */
+  sendHost?(addresses: Float64Array, lengths: Uint32Array, count: number, length: number): boolean | undefined;
   /**
    * Copy the next received frame into `buf`; its length, 0 when none is pending.
    * Frames that do not fit are dropped (for a TAP, one that fills `buf` exactly
@@ -96,6 +110,17 @@ export class TapPort implements NetworkPort {
     if (writeFrame(this.fd, frame, frame.length)) {
       this.counters.txFrames++;
       this.counters.txBytes += frame.length;
+      return true;
+    }
+    this.counters.txDropped++;
+    return false;
+  }
+
+  sendHost(addresses: Float64Array, lengths: Uint32Array, count: number, length: number): boolean {
+    if (this.closed || length === 0) return false;
+    if (writeFrameHost(this.fd, addresses, lengths, count)) {
+      this.counters.txFrames++;
+      this.counters.txBytes += length;
       return true;
     }
     this.counters.txDropped++;
@@ -167,6 +192,28 @@ export class DatagramPairPort implements NetworkPort {
       this.counters.txBytes += frame.length;
       return true;
     }
+    return this.refused(r);
+  }
+
+  /** Zero-copy while connected to the peer; undefined (copy and `send`) while addressing it by path. */
+  sendHost(addresses: Float64Array, lengths: Uint32Array, count: number, length: number): boolean | undefined {
+    if (this.closed || length === 0) return false;
+    if (!this.connected) return undefined;
+    const r = sendDatagramHost(this.fd, addresses, lengths, count);
+    if (r === true) {
+      this.counters.txFrames++;
+      this.counters.txBytes += length;
+      return true;
+    }
+    if (r === "no-peer") {
+      // The peer's socket went away: `send` looks it up by path again.
+      this.connected = false;
+      return undefined;
+    }
+    return this.refused(r);
+  }
+
+  private refused(r: SendRefusal): false {
     this.counters.txDropped++;
     if (r === "no-peer") this.counters.txNoPeer++;
     return false;

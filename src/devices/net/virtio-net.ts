@@ -21,9 +21,14 @@
  * the available chains with it, waits for more buffers (or is dropped when it
  * could never fit the whole queue).
  *
- * Transmit: each chain is gathered (after the 12-byte header) into one
- * reusable buffer and handed to port.send; the chain completes at once (a
- * frame the port refuses is dropped and counted, as on a congested link).
+ * Transmit: a port that can send from host memory (`sendHost`: TAP, a
+ * connected datagram pair) gets the frame's spans in guest RAM (after the
+ * 12-byte header) and the kernel gathers them (writev): no copy in the VMM, no
+ * allocation. Otherwise (in-memory ports, a datagram port still looking for
+ * its peer, RAM that is not host-mapped, more than TX_GATHER_SPANS spans) the
+ * chain is copied into one reusable buffer and handed to port.send. Either
+ * way the chain completes at once (a frame the port refuses is dropped and
+ * counted, as on a congested link).
  *
  * Malformed requests (a receive chain with no room for the header, a transmit
  * chain shorter than the header) are protocol errors: the queue fails and the
@@ -68,6 +73,8 @@ const RX = 0;
 const TX = 1;
 /** Frames moved per readable event before yielding to the loop (the fd stays readable). */
 const RX_BATCH = 256;
+/** Most guest-RAM spans a transmitted frame is sent from directly (Linux uses up to MAX_SKB_FRAGS + 2 = 19); more: copied. */
+const TX_GATHER_SPANS = 64;
 
 export interface VirtioNetOptions {
   readonly mac: Uint8Array;
@@ -86,6 +93,8 @@ export interface VirtioNetCounters {
   txBytes: number;
   /** Frames the port refused (peer missing, queue full) or that were too long, or sent with no port. */
   txDropped: number;
+  /** Of txFrames: sent straight from guest RAM (port.sendHost), not copied first. */
+  txZeroCopy: number;
 }
 
 export interface VirtioNetSaved extends SavedDeviceState {
@@ -101,7 +110,7 @@ export class VirtioNet implements VirtioBackend {
   readonly features = featureBit(VIRTIO_NET_F.mac) | featureBit(VIRTIO_NET_F.status) | featureBit(VIRTIO_NET_F.mrgRxbuf);
   readonly queueMaxSizes: readonly number[];
   readonly configSize = VIRTIO_NET_CONFIG.size;
-  readonly counters: VirtioNetCounters = { rxFrames: 0, rxBytes: 0, rxDropped: 0, rxWaits: 0, txFrames: 0, txBytes: 0, txDropped: 0 };
+  readonly counters: VirtioNetCounters = { rxFrames: 0, rxBytes: 0, rxDropped: 0, rxWaits: 0, txFrames: 0, txBytes: 0, txDropped: 0, txZeroCopy: 0 };
 
   private transport: VirtioTransport | undefined;
   private readonly config = new Uint8Array(VIRTIO_NET_CONFIG.size);
@@ -127,6 +136,10 @@ export class VirtioNet implements VirtioBackend {
   // Transmit.
   private readonly txChain = new DescriptorChain();
   private readonly txFrame = new FrameBuffer(MAX_PORT_FRAME_BYTES);
+  /** A frame's spans in guest RAM (after the header) and their host addresses, for ports that gather (sendHost). */
+  private readonly txGpa = new Float64Array(TX_GATHER_SPANS);
+  private readonly txLen = new Uint32Array(TX_GATHER_SPANS);
+  private readonly txHost = new Float64Array(TX_GATHER_SPANS);
 
   constructor(
     private readonly port: NetworkPort | undefined,
@@ -341,7 +354,7 @@ export class VirtioNet implements VirtioBackend {
         }
         const len = c.readableBytes - VIRTIO_NET_HDR_BYTES;
         if (len === 0 || len > buf.capacity || this.port === undefined) this.counters.txDropped++;
-        else {
+        else if (!this.sendGathered(c, len)) {
           c.readFrom(VIRTIO_NET_HDR_BYTES, buf.bytes, 0, len);
           if (this.port.send(buf.view(len))) {
             this.counters.txFrames++;
@@ -352,6 +365,40 @@ export class VirtioNet implements VirtioBackend {
       }
     } while (!q.enableNotifications());
     t.signalUsed(TX);
+  }
+
+  /**
+   * Hand the frame (the chain's readable bytes after the header) to a port that
+   * sends straight from host memory: no copy, no view. False when that is not
+   * possible (the port or memory cannot, too many spans, the port says not now):
+   * the caller copies the frame instead. True once the frame was sent or dropped.
+   */
+  private sendGathered(c: DescriptorChain, len: number): boolean {
+    const port = this.port!;
+    const memory = c.memory;
+    if (port.sendHost === undefined || memory === undefined || memory.hostAddresses === undefined) return false;
+    let skip = VIRTIO_NET_HDR_BYTES;
+    let count = 0;
+    for (let i = 0; i < c.readableCount; i++) {
+      const segLen = c.readableLen[i]!;
+      if (skip >= segLen) {
+        skip -= segLen;
+        continue;
+      }
+      if (count === TX_GATHER_SPANS) return false;
+      this.txGpa[count] = c.readableGpa[i]! + skip;
+      this.txLen[count++] = segLen - skip;
+      skip = 0;
+    }
+    if (!memory.hostAddresses(this.txGpa, count, this.txHost)) return false;
+    const sent = port.sendHost(this.txHost, this.txLen, count, len);
+    if (sent === undefined) return false;
+    if (sent) {
+      this.counters.txFrames++;
+      this.counters.txBytes += len;
+      this.counters.txZeroCopy++;
+    } else this.counters.txDropped++;
+    return true;
   }
 
   save(): VirtioNetSaved {

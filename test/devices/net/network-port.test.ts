@@ -3,7 +3,8 @@ import assert from "node:assert/strict";
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
-import { POLLIN, poll } from "../../../src/hypervisor/libc.js";
+import { POLLIN, addressOfView, alignedBuffer, poll, releaseMapping } from "../../../src/hypervisor/libc.js";
+import { setInterfaceUp } from "../../../src/hypervisor/host-network.js";
 import { DatagramPairPort, MAX_PORT_FRAME_BYTES, MemoryPortPair, NetworkPortError, TapPort } from "../../../src/devices/net/network-port.js";
 
 function readable(fd: number): boolean {
@@ -113,5 +114,42 @@ test("TapPort: opens a TAP; a frame to a down interface is dropped and counted",
     assert.equal(port.counters.txDropped, 1);
   } finally {
     port.close();
+  }
+});
+
+test("TapPort.sendHost: a frame gathered from host spans reaches the interface whole; down or unmapped: dropped or refused", () => {
+  const port = TapPort.open("pport%d");
+  const ram = alignedBuffer(3 * 4096);
+  try {
+    const stat = (name: string) => Number(fs.readFileSync(`/sys/class/net/${port.interfaceName}/statistics/${name}`, "utf8"));
+    // A 300-byte broadcast frame (local experimental EtherType 0x88b5) in three pieces of `ram`.
+    const f = frame(300, 0x5a);
+    f.fill(0xff, 0, 6);
+    f.set([0x52, 0x54, 0, 0, 0, 1], 6);
+    f.set([0x88, 0xb5], 12);
+    const at = [100, 5000, 9000];
+    const lengths = Uint32Array.from([14, 186, 100]);
+    ram.set(f.subarray(0, 14), at[0]);
+    ram.set(f.subarray(14, 200), at[1]);
+    ram.set(f.subarray(200), at[2]);
+    const base = Number(addressOfView(ram));
+    const addresses = Float64Array.from(at, (o) => base + o);
+
+    assert.equal(port.sendHost(addresses, lengths, 3, 300), false, "interface down: dropped");
+    assert.equal(port.counters.txDropped, 1);
+    setInterfaceUp(port.interfaceName, true);
+    const packets = stat("rx_packets");
+    const bytes = stat("rx_bytes");
+    assert.equal(port.sendHost(addresses, lengths, 3, 300), true);
+    assert.equal(stat("rx_packets"), packets + 1, "one frame");
+    assert.equal(stat("rx_bytes"), bytes + 300, "all three spans, as one frame");
+    assert.equal(port.counters.txFrames, 1);
+    assert.equal(port.counters.txBytes, 300);
+    // A span outside memory Partis mapped is refused before any system call.
+    assert.throws(() => port.sendHost(Float64Array.from([4096]), Uint32Array.from([64]), 1, 64), RangeError);
+    assert.equal(stat("rx_packets"), packets + 1);
+  } finally {
+    port.close();
+    releaseMapping(ram);
   }
 });

@@ -277,34 +277,85 @@ test("two devices back to back over an in-memory pair", () => {
   assert.deepEqual([...servicesB.memory.read(BUF + HDR, 1000)], [...f]);
 });
 
-test("back to back over an AF_UNIX datagram pair", () => {
+test("back to back over an AF_UNIX datagram pair: frames sent straight from guest RAM once connected; the peer may restart", () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "partis-vnet-"));
   const pa = DatagramPairPort.open(path.join(dir, "a"), path.join(dir, "b"));
-  const pb = DatagramPairPort.open(path.join(dir, "b"), path.join(dir, "a"));
+  let pb = DatagramPairPort.open(path.join(dir, "b"), path.join(dir, "a"));
   try {
-    const sa = makeServices(1 << 20);
+    // A's RAM is host-mapped in 64 KiB chunks, so a descriptor across a chunk boundary is two spans.
+    const sa = makeServices(1 << 20, 1 << 16, true);
     const a = createVirtioNet("a", pa, sa, { mac: MAC });
     placeDevice(a);
     const da = new TestVirtioDriver(a, sa);
     da.init({ want: BASE | NET | MRG });
-    const sb = makeServices(1 << 20);
-    const b = createVirtioNet("b", pb, sb, { mac: PEER });
-    placeDevice(b);
-    const db = new TestVirtioDriver(b, sb);
-    db.init({ want: BASE | NET | MRG });
-    for (let i = 0; i < 8; i++) db.queues[RXQ]!.add([{ addr: BUF + i * 0x800, len: 1536, write: true }]);
-    db.queues[RXQ]!.kick();
-    for (let i = 0; i < 5; i++) {
-      const f = frame(64 + i * 300, i, PEER, MAC);
-      sa.memory.write(BUF + i * 0x800, new Uint8Array(HDR));
-      sa.memory.write(BUF + i * 0x800 + HDR, f);
-      da.queues[TXQ]!.add([{ addr: BUF + i * 0x800, len: HDR + f.length, write: false }]);
-    }
-    da.queues[TXQ]!.kick();
-    sb.loop.fire(pb.fd);
-    const used = db.queues[RXQ]!.takeUsed();
-    assert.deepEqual(used.map((u) => u.len - HDR), [64, 364, 664, 964, 1264]);
+    const attachB = (port: DatagramPairPort) => {
+      const sb = makeServices(1 << 20);
+      const b = createVirtioNet("b", port, sb, { mac: PEER });
+      placeDevice(b);
+      const db = new TestVirtioDriver(b, sb);
+      db.init({ want: BASE | NET | MRG });
+      for (let i = 0; i < 8; i++) db.queues[RXQ]!.add([{ addr: BUF + i * 0x800, len: 1536, write: true }]);
+      db.queues[RXQ]!.kick();
+      /** Frames B's guest received, in order. */
+      return (): Uint8Array[] => {
+        sb.loop.fire(port.fd);
+        return db.queues[RXQ]!.takeUsed().map((u) => sb.memory.read(BUF + u.id * 0x800 + HDR, u.len - HDR));
+      };
+    };
+    let receivedByB = attachB(pb);
+    const txq = da.queues[TXQ]!;
+    const sent: Uint8Array[] = [];
+    /** Frame i, in one of three layouts: whole, header apart and the frame in pieces, or across A's chunk boundary. */
+    const transmit = (i: number) => {
+      const f = frame(64 + ((i * 300) % 1400), i, PEER, MAC);
+      sent.push(f);
+      const at = BUF + (i % 8) * 0x2000;
+      if (i % 3 === 0) {
+        sa.memory.write(at, new Uint8Array(HDR));
+        sa.memory.write(at + HDR, f);
+        txq.add([{ addr: at, len: HDR + f.length, write: false }]);
+      } else if (i % 3 === 1) {
+        sa.memory.write(at, new Uint8Array(HDR));
+        sa.memory.write(at + 0x100, f.subarray(0, 20));
+        sa.memory.write(at + 0x800, f.subarray(20));
+        txq.add([
+          { addr: at, len: HDR, write: false },
+          { addr: at + 0x100, len: 20, write: false },
+          { addr: at + 0x800, len: f.length - 20, write: false },
+        ]);
+      } else {
+        const start = (1 << 16) - HDR - 30; // the frame's 31st byte is the first of the next chunk
+        sa.memory.write(start, new Uint8Array(HDR));
+        sa.memory.write(start + HDR, f);
+        txq.add([{ addr: start, len: HDR + f.length, write: false }]);
+      }
+    };
+    for (let i = 0; i < 5; i++) transmit(i);
+    txq.kick();
+    const got = receivedByB();
+    assert.equal(got.length, 5);
+    for (let i = 0; i < 5; i++) assert.deepEqual([...got[i]!], [...sent[i]!], `frame ${i}`);
     assert.equal(a.net.counters.txFrames, 5);
+    // The first frame finds the peer by path (copied); once connected, frames go from guest RAM.
+    assert.equal(a.net.counters.txZeroCopy, 4);
+
+    // B goes away: frames are dropped and counted, A stays usable.
+    pb.close();
+    transmit(5);
+    txq.kick();
+    assert.equal(a.net.counters.txDropped, 1);
+    assert.equal(pa.counters.txNoPeer, 1);
+    // B comes back: A finds it by path again, then sends from guest RAM again.
+    pb = DatagramPairPort.open(path.join(dir, "b"), path.join(dir, "a"));
+    receivedByB = attachB(pb);
+    sent.length = 0;
+    for (let i = 6; i < 9; i++) transmit(i);
+    txq.kick();
+    const again = receivedByB();
+    assert.equal(again.length, 3);
+    for (let i = 0; i < 3; i++) assert.deepEqual([...again[i]!], [...sent[i]!], `frame ${i + 6}`);
+    assert.equal(a.net.counters.txZeroCopy, 6);
+    assert.equal(txq.takeUsed().length, 9, "every chain completes, sent or dropped");
   } finally {
     pa.close();
     pb.close();
