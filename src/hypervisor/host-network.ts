@@ -9,9 +9,10 @@
  * Set-up calls throw `HostNetworkError` (a `PartisError` naming the interface
  * or the socket path, with the failed call's `SystemCallError` as its cause).
  * The per-frame calls (`sendDatagram`, `sendDatagramTo`, `receiveDatagram`,
- * `readFrame`, `writeFrame`, and the gathering `writeFrameHost` and
- * `sendDatagramHost`, which take a frame's spans in host memory, e.g. guest
- * RAM, as numbers: no copy into a buffer) allocate nothing and report the conditions a
+ * `readFrame`, `writeFrame`, `sendStream`, and the vectored `writeFrameHost`,
+ * `sendDatagramHost`, `sendStreamHost` and `receiveStreamHost`, which take
+ * spans of host memory, e.g. guest RAM, as numbers: no copy into a buffer)
+ * allocate nothing and report the conditions a
  * network back end handles as results: nothing pending, a full queue, a
  * missing peer.
  *
@@ -20,7 +21,7 @@
  */
 import { lstatSync, type Stats } from "node:fs";
 import { PartisError, type ErrorContext } from "../errors.js";
-import { Errno, errno, errnoName, ioctl, lastError, lib, O_CLOEXEC, O_NONBLOCK, O_RDWR, open, close, strerror, writevHost } from "./libc.js";
+import { Errno, errno, errnoName, ioctl, lastError, lib, O_CLOEXEC, O_NONBLOCK, O_RDWR, open, close, strerror, readvHost, writevHost } from "./libc.js";
 import { SystemCallError } from "./errors.js";
 
 /** A host networking set-up step failed (TAP creation, socket bind/connect). */
@@ -468,6 +469,27 @@ export function sendStream(fd: number, buf: ArrayBufferView, length: number): nu
   const e = errno();
   if (e === Errno.EAGAIN || e === Errno.EINTR) return -1;
   throw new SystemCallError("send", e, errnoName(e), strerror(e), { fd });
+}
+
+/** As sendStream, from host spans (see writeFrameHost) with one writev(2). */
+export function sendStreamHost(fd: number, addresses: Float64Array, lengths: Uint32Array, count: number): number {
+  const n = writevHost(fd, addresses, lengths, count);
+  if (n >= 0) return n;
+  const e = errno();
+  if (e === Errno.EAGAIN || e === Errno.EINTR) return -1;
+  throw new SystemCallError("writev", e, errnoName(e), strerror(e), { fd, count });
+}
+
+/**
+ * Read from a stream socket into host spans with one readv(2): the bytes read,
+ * 0 at the end of the stream, -1 when nothing is pending. Throws on other failures.
+ */
+export function receiveStreamHost(fd: number, addresses: Float64Array, lengths: Uint32Array, count: number): number {
+  const n = readvHost(fd, addresses, lengths, count);
+  if (n >= 0) return n;
+  const e = errno();
+  if (e === Errno.EAGAIN || e === Errno.EINTR) return -1;
+  throw new SystemCallError("readv", e, errnoName(e), strerror(e), { fd, count });
 }
 
 /** A connected pair of non-blocking AF_UNIX sockets (tests, in-process plumbing). */

@@ -49,6 +49,8 @@ const c = {
   madvise: lib.func("int madvise(void *addr, size_t length, int advice)") as IntFn<[CPointer, number, number]>,
   memfdCreate: lib.func("int memfd_create(const char *name, unsigned int flags)") as IntFn<[string, number]>,
   ftruncate: lib.func("int ftruncate(int fd, int64_t length)") as IntFn<[number, number | bigint]>,
+  fallocate: lib.func("int fallocate(int fd, int mode, int64_t offset, int64_t len)") as IntFn<[number, number, number, number]>,
+  lseek: lib.func("int64_t lseek(int fd, int64_t offset, int whence)") as IntFn<[number, number, number]>,
   eventfd: lib.func("int eventfd(unsigned int initval, int flags)") as IntFn<[number, number]>,
   read: lib.func("int64_t read(int fd, void *buf, size_t count)") as IntFn<[number, ArrayBufferView, number]>,
   write: lib.func("int64_t write(int fd, const void *buf, size_t count)") as IntFn<[number, ArrayBufferView, number]>,
@@ -56,6 +58,7 @@ const c = {
   preadv: lib.func("int64_t preadv(int fd, void *iov, int iovcnt, int64_t offset)") as IntFn<[number, ArrayBufferView, number, number]>,
   pwritev: lib.func("int64_t pwritev(int fd, void *iov, int iovcnt, int64_t offset)") as IntFn<[number, ArrayBufferView, number, number]>,
   writev: lib.func("int64_t writev(int fd, void *iov, int iovcnt)") as IntFn<[number, ArrayBufferView, number]>,
+  readv: lib.func("int64_t readv(int fd, void *iov, int iovcnt)") as IntFn<[number, ArrayBufferView, number]>,
   pwrite: lib.func("int64_t pwrite(int fd, const void *buf, size_t count, int64_t offset)") as IntFn<
     [number, ArrayBufferView, number, number | bigint]
   >,
@@ -191,6 +194,34 @@ export function memfdCreate(name: string, flags = MFD_CLOEXEC): number {
 
 export function ftruncate(fd: number, length: number | bigint): void {
   check(c.ftruncate(fd, length), "ftruncate", { fd, length });
+}
+
+/** fallocate(2) modes (linux/falloc.h). */
+export const FALLOC_FL = { keepSize: 0x01, punchHole: 0x02, zeroRange: 0x10 } as const;
+
+/**
+ * fallocate(2) on a file or block device: `mode` 0 allocates, PUNCH_HOLE|KEEP_SIZE
+ * frees (reads then return zeros), ZERO_RANGE zeroes without writing. Throws
+ * SystemCallError (EOPNOTSUPP where the file system cannot: callers fall back).
+ */
+export function fallocate(fd: number, mode: number, offset: number, length: number): void {
+  check(c.fallocate(fd, mode, offset, length), "fallocate", { fd, mode, offset: BigInt(offset), length: BigInt(length) });
+}
+
+const SEEK_DATA = 3;
+const SEEK_HOLE = 4;
+
+/**
+ * lseek(2) SEEK_DATA / SEEK_HOLE: the offset of the next data (or hole) at or
+ * after `offset`; -1 when there is none (ENXIO: no data up to the end of the
+ * file). Throws SystemCallError otherwise (EINVAL where the file system or
+ * device does not support it).
+ */
+export function seekDataOrHole(fd: number, offset: number, what: "data" | "hole"): number {
+  const r = c.lseek(fd, offset, what === "data" ? SEEK_DATA : SEEK_HOLE);
+  if (r >= 0) return r;
+  if (errno() === Errno.ENXIO) return -1;
+  throw lastError("lseek", { fd, offset: BigInt(offset), whence: what === "data" ? "SEEK_DATA" : "SEEK_HOLE" });
 }
 
 export function eventfd(initval = 0, flags = EFD_CLOEXEC): number {
@@ -546,6 +577,12 @@ export function pwritevHost(fd: number, addresses: Float64Array, lengths: Uint32
 export function writevHost(fd: number, addresses: Float64Array, lengths: Uint32Array, count: number): number {
   fillHostIovec(addresses, lengths, count);
   return c.writev(fd, iovecWords, count);
+}
+
+/** readv(2) into host spans (see writevHost): the bytes read, or -1 with errno() telling why. */
+export function readvHost(fd: number, addresses: Float64Array, lengths: Uint32Array, count: number): number {
+  fillHostIovec(addresses, lengths, count);
+  return c.readv(fd, iovecWords, count);
 }
 
 /** Unmap the mapping behind a view made by `mapSharedFile` / `alignedBuffer`. Idempotent. */

@@ -56,6 +56,13 @@ export interface BlockDevice {
   flush(): void;
   /** Hint that a range is no longer needed; reads may then return zeros. */
   discard(offset: number, length: number): void;
+  /**
+   * Optional: make [offset, offset+length) read as zeros without writing
+   * zeros (raw files: a punched hole when `deallocate` is allowed, else
+   * fallocate ZERO_RANGE). False, having done nothing, when the back end
+   * cannot; the caller then writes zeros.
+   */
+  writeZeroes?(offset: number, length: number, deallocate: boolean): boolean;
   /** Allocation of [offset, offset+length) in this layer only, as ordered, merged extents. */
   allocation(offset: number, length: number): AllocationExtent[];
   /** Flush and close; closes the parent chain too. */

@@ -5,13 +5,20 @@
  *
  * DEVNOTE (what Node's fs cannot do, and what we do instead):
  * - Sparse create: ftruncate, so "fixed" and "dynamic" raw files are both
- *   sparse; nothing is preallocated (no fallocate in Node).
- * - discard: hole punching (fallocate PUNCH_HOLE) is not reachable from
- *   Node, and writing zeros would allocate space rather than free it, so
- *   discard is a documented no-op (it is only a hint in the contract).
- * - allocation: SEEK_DATA/SEEK_HOLE are not reachable either, so every range
- *   is reported "allocated". describe() still reports the space actually used
- *   (st_blocks) as allocatedBytes.
+ *   sparse; nothing is preallocated.
+ * - discard: punches a hole (fallocate PUNCH_HOLE|KEEP_SIZE, through
+ *   src/hypervisor/libc.ts): the host file system frees the space and the
+ *   range reads as zeros, so a guest's fstrim shrinks the image. Where the
+ *   file system or device cannot (EOPNOTSUPP), discard is a no-op (it is only
+ *   a hint in the contract) and `notes` says so once.
+ * - writeZeroes: punches a hole when the caller allows deallocation, else
+ *   fallocate ZERO_RANGE; false (the caller writes zeros) where neither works.
+ * - allocation: SEEK_DATA/SEEK_HOLE map the file's holes, reported
+ *   "unallocated" (a raw disk has no parent: they read as zeros); where they
+ *   are not supported (block devices), everything is "allocated".
+ *   describe() reports the space actually used (st_blocks) as allocatedBytes.
+ * Without libc (koffi missing), discard is a no-op and everything is
+ * "allocated", as before these existed.
  * - O_DIRECT: requested with `direct`. Buffers must be aligned, which plain
  *   JS buffers are not: I/O goes through an aligned bounce buffer, taken from
  *   `alignedBuffer` (src/hypervisor/libc.ts) when that module loads, else
@@ -35,6 +42,10 @@ type HostVectoredFn = (fd: number, addresses: Float64Array, lengths: Uint32Array
 
 /** `alignedBuffer` from src/hypervisor/libc.ts, when it is present and koffi loads. */
 let libcAlignedBuffer: AlignedBufferFn | undefined;
+type FallocateFn = (fd: number, mode: number, offset: number, length: number) => void;
+type SeekFn = (fd: number, offset: number, what: "data" | "hole") => number;
+/** fallocate and SEEK_DATA/SEEK_HOLE from the same module (hole punching, zeroing, the allocation map). */
+let libcSpace: { fallocate: FallocateFn; seek: SeekFn; punchHole: number; zeroRange: number } | undefined;
 /** preadv/pwritev over host-mapped views (guest RAM), from the same module. */
 let libcVectored: { preadv: VectoredFn; pwritev: VectoredFn; preadvHost: HostVectoredFn; pwritevHost: HostVectoredFn; iovMax: number } | undefined;
 try {
@@ -46,7 +57,17 @@ try {
     preadvHost?: unknown;
     pwritevHost?: unknown;
     IOV_MAX?: unknown;
+    fallocate?: unknown;
+    seekDataOrHole?: unknown;
+    FALLOC_FL?: { keepSize: number; punchHole: number; zeroRange: number };
   };
+  if (typeof mod.fallocate === "function" && typeof mod.seekDataOrHole === "function" && mod.FALLOC_FL !== undefined)
+    libcSpace = {
+      fallocate: mod.fallocate as FallocateFn,
+      seek: mod.seekDataOrHole as SeekFn,
+      punchHole: mod.FALLOC_FL.punchHole | mod.FALLOC_FL.keepSize,
+      zeroRange: mod.FALLOC_FL.zeroRange | mod.FALLOC_FL.keepSize,
+    };
   if (typeof mod.alignedBuffer === "function") libcAlignedBuffer = mod.alignedBuffer as AlignedBufferFn;
   if (typeof mod.preadv === "function" && typeof mod.pwritev === "function" && typeof mod.preadvHost === "function" && typeof mod.pwritevHost === "function")
     libcVectored = {
@@ -59,6 +80,7 @@ try {
 } catch {
   libcAlignedBuffer = undefined;
   libcVectored = undefined;
+  libcSpace = undefined;
 }
 
 function errnoOf(e: unknown): string | undefined {
@@ -327,15 +349,74 @@ export class RawDisk implements BlockDevice {
     fs.fsyncSync(this.fd);
   }
 
-  /** No-op: see the module comment (no hole punching from Node). */
+  /** Punch a hole: the host frees the space, the range reads as zeros (a no-op where that is not supported). */
   discard(offset: number, length: number): void {
     this.checkRange(offset, length, "discard");
+    if (this.readOnly || length === 0) return;
+    this.fallocate(libcSpace?.punchHole, offset, length, "discard");
   }
 
-  /** Everything reads as "allocated" (no SEEK_DATA/SEEK_HOLE from Node). */
+  /**
+   * Make [offset, offset+length) read as zeros without writing them: a hole
+   * when `deallocate` is allowed, else zeroed extents (ZERO_RANGE). False,
+   * having done nothing, where the host cannot: the caller writes zeros.
+   */
+  writeZeroes(offset: number, length: number, deallocate: boolean): boolean {
+    this.checkRange(offset, length, "write zeroes");
+    if (this.readOnly) throw new DiskError("DISK_READ_ONLY", "write to a read-only disk", this.path, { offset });
+    if (length === 0) return true;
+    return this.fallocate(deallocate ? libcSpace?.punchHole : libcSpace?.zeroRange, offset, length, deallocate ? "discard" : "zero range");
+  }
+
+  /** Kinds of fallocate this file refused (EOPNOTSUPP...): not tried again. */
+  private readonly refused = new Set<number>();
+
+  private fallocate(mode: number | undefined, offset: number, length: number, what: string): boolean {
+    if (libcSpace === undefined || mode === undefined || this.refused.has(mode)) return false;
+    try {
+      libcSpace.fallocate(this.fd, mode, offset, length);
+      return true;
+    } catch (e) {
+      const code = (e as { errnoName?: unknown }).errnoName;
+      if (code !== "EOPNOTSUPP" && code !== "ENOTSUP" && code !== "EINVAL" && code !== "ENODEV") throw new DiskError("DISK_IO", `${what} of ${length} bytes at offset ${offset} failed: ${(e as Error).message}`, this.path, { offset, length });
+      this.refused.add(mode);
+      this.notes.push(`the host refuses ${what} on this file (${String(code)}): ${what === "discard" ? "discard is a no-op" : "zeros are written instead"}`);
+      return false;
+    }
+  }
+
+  /** Data as "allocated", holes as "unallocated" (SEEK_DATA/SEEK_HOLE); all "allocated" where the host cannot tell. */
   allocation(offset: number, length: number): AllocationExtent[] {
     this.checkRange(offset, length, "allocation");
-    return length === 0 ? [] : [{ offset, length, state: "allocated" }];
+    if (length === 0) return [];
+    const whole: AllocationExtent[] = [{ offset, length, state: "allocated" }];
+    if (libcSpace === undefined) return whole;
+    const end = offset + length;
+    const out: AllocationExtent[] = [];
+    const push = (from: number, to: number, state: AllocationExtent["state"]) => {
+      if (to <= from) return;
+      const last = out[out.length - 1];
+      if (last !== undefined && last.state === state && last.offset + last.length === from) out[out.length - 1] = { offset: last.offset, length: to - last.offset, state };
+      else out.push({ offset: from, length: to - from, state });
+    };
+    try {
+      let pos = offset;
+      while (pos < end) {
+        const data = libcSpace.seek(this.fd, pos, "data");
+        if (data < 0 || data >= end) {
+          push(pos, end, "unallocated");
+          break;
+        }
+        push(pos, data, "unallocated");
+        const hole = libcSpace.seek(this.fd, data, "hole");
+        const stop = hole < 0 ? end : Math.min(hole, end);
+        push(data, stop, "allocated");
+        pos = stop;
+      }
+    } catch {
+      return whole; // EINVAL: SEEK_DATA/SEEK_HOLE not supported here
+    }
+    return out;
   }
 
   close(): void {

@@ -19,7 +19,7 @@ import { createVirtioNet } from "../devices/net/virtio-net.js";
 import { Ne2kPci } from "../devices/net/ne2k-pci.js";
 import { DatagramPairPort, TapPort, type NetworkPort } from "../devices/net/network-port.js";
 import { PiixIde, type IdeDriveConfig } from "../devices/emulated/ide/piix-ide.js";
-import { acceptStream, closeDescriptor, listenStream, readFrame, removeSocketPath, sendStream } from "../hypervisor/host-network.js";
+import { acceptStream, closeDescriptor, listenStream, readFrame, receiveStreamHost, removeSocketPath, sendStream, sendStreamHost } from "../hypervisor/host-network.js";
 import { DevicePlanError, parseMac, type DeviceSpec, type DiskSpec, type NicBackendSpec, type PlannedFunction } from "./device-plan.js";
 
 export interface AssembledDevice {
@@ -72,26 +72,43 @@ class ChannelSocket {
       if (fd === undefined) return;
       this.dropClient();
       this.client = fd;
+      // read() results: > 0 bytes, -1 nothing pending (0 for the device), 0 the peer closed (-1 for the device).
+      const received = (n: number): number => {
+        if (n > 0) return n;
+        if (n < 0) return 0;
+        // Peer closed: forget it once the device has seen the -1.
+        queueMicrotask(() => {
+          if (this.client === fd) this.dropClient();
+        });
+        return -1;
+      };
       const stream: HostByteStream = {
         fd,
         read: (buf) => {
-          let n: number;
           try {
-            n = readFrame(fd, buf);
+            return received(readFrame(fd, buf));
           } catch {
-            n = 0; // ECONNRESET and the like: treat as closed
+            return received(0); // ECONNRESET and the like: treat as closed
           }
-          if (n > 0) return n;
-          if (n < 0) return 0;
-          // Peer closed: forget it once the device has seen the -1.
-          queueMicrotask(() => {
-            if (this.client === fd) this.dropClient();
-          });
-          return -1;
+        },
+        readHost: (addresses, lengths, count) => {
+          try {
+            return received(receiveStreamHost(fd, addresses, lengths, count));
+          } catch {
+            return received(0);
+          }
         },
         write: (bytes) => {
           try {
             const n = sendStream(fd, bytes, bytes.length);
+            return n < 0 ? 0 : n;
+          } catch {
+            return 0;
+          }
+        },
+        writeHost: (addresses, lengths, count) => {
+          try {
+            const n = sendStreamHost(fd, addresses, lengths, count);
             return n < 0 ? 0 : n;
           } catch {
             return 0;

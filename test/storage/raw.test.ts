@@ -38,7 +38,7 @@ function roundTrip(d: { write(o: number, b: Uint8Array): void; read(o: number, b
   assert.ok(Buffer.from(back).equals(Buffer.from(model)));
 }
 
-test("raw: sparse create, unaligned round trip, bounds, allocation reports all allocated", () => {
+test("raw: sparse create, unaligned round trip, bounds, read-only", () => {
   const dir = tmpDir();
   const p = path.join(dir, "d.img");
   rawDriver.create(p, { type: "dynamic", size: 4 * MiB });
@@ -50,13 +50,87 @@ test("raw: sparse create, unaligned round trip, bounds, allocation reports all a
   assert.equal(d.size, 4 * MiB);
   roundTrip(d, 1);
   assert.throws(() => d.read(4 * MiB - 1, new Uint8Array(2)), (e: unknown) => e instanceof DiskError && e.code === "OUT_OF_RANGE");
-  assert.deepEqual(d.allocation(0, 4096), [{ offset: 0, length: 4096, state: "allocated" }]);
-  d.discard(0, 4096); // documented no-op
   d.close();
   assert.throws(() => rawDriver.create(p, { type: "fixed", size: MiB }), (e: unknown) => e instanceof DiskError && e.code === "DISK_CREATE_FAILED");
   assert.throws(() => rawDriver.create(path.join(dir, "x"), { type: "differencing", parentPath: p }), /differencing/);
   const ro = openDisk(p, { readOnly: true });
   assert.throws(() => ro.write(0, new Uint8Array(1)), (e: unknown) => e instanceof DiskError && e.code === "DISK_READ_ONLY");
+  ro.close();
+  fs.rmSync(dir, { recursive: true });
+});
+
+/** qemu-img's map of a raw file: [start, end, data?] runs (the independent oracle for holes). */
+function qemuMap(file: string): [number, number, boolean][] {
+  const out = execFileSync("qemu-img", ["map", "--output=json", "-f", "raw", file], { encoding: "utf8" });
+  const runs: [number, number, boolean][] = [];
+  for (const e of JSON.parse(out) as { start: number; length: number; data: boolean }[]) {
+    const last = runs[runs.length - 1];
+    if (last !== undefined && last[2] === e.data && last[1] === e.start) last[1] += e.length;
+    else runs.push([e.start, e.start + e.length, e.data]);
+  }
+  return runs;
+}
+
+test("raw: discard punches a hole (space freed, zeros read), write-zeroes, and the allocation map agrees with qemu-img map", () => {
+  const dir = tmpDir();
+  const p = path.join(dir, "d.img");
+  rawDriver.create(p, { type: "dynamic", size: 8 * MiB });
+  const d = openDisk(p) as RawDisk;
+  try {
+    assert.deepEqual(d.allocation(0, 8 * MiB), [{ offset: 0, length: 8 * MiB, state: "unallocated" }], "a new image is all hole");
+    const ones = new Uint8Array(4 * MiB).fill(0x11);
+    d.write(MiB, ones);
+    d.flush();
+    const used = fs.statSync(p).blocks * 512;
+    assert.ok(used >= 4 * MiB, `4 MiB written: ${used} bytes used`);
+    assert.deepEqual(d.allocation(0, 8 * MiB), [
+      { offset: 0, length: MiB, state: "unallocated" },
+      { offset: MiB, length: 4 * MiB, state: "allocated" },
+      { offset: 5 * MiB, length: 3 * MiB, state: "unallocated" },
+    ]);
+
+    // Discard the middle 2 MiB: the host frees it and it reads as zeros; the rest is untouched.
+    d.discard(2 * MiB, 2 * MiB);
+    d.flush();
+    assert.deepEqual(d.notes.filter((n) => n.includes("refuses")), [], "this file system punches holes");
+    assert.ok(fs.statSync(p).blocks * 512 <= used - 2 * MiB, "2 MiB given back to the host");
+    const back = new Uint8Array(4 * MiB);
+    d.read(MiB, back);
+    assert.ok(back.subarray(0, MiB).every((b) => b === 0x11));
+    assert.ok(back.subarray(MiB, 3 * MiB).every((b) => b === 0));
+    assert.ok(back.subarray(3 * MiB).every((b) => b === 0x11));
+    const map = d.allocation(0, 8 * MiB);
+    assert.deepEqual(map, [
+      { offset: 0, length: MiB, state: "unallocated" },
+      { offset: MiB, length: MiB, state: "allocated" },
+      { offset: 2 * MiB, length: 2 * MiB, state: "unallocated" },
+      { offset: 4 * MiB, length: MiB, state: "allocated" },
+      { offset: 5 * MiB, length: 3 * MiB, state: "unallocated" },
+    ]);
+    assert.deepEqual(qemuMap(p), map.map((e) => [e.offset, e.offset + e.length, e.state === "allocated"]), "qemu-img map sees the same holes");
+    // A window of the map starts and ends where asked.
+    assert.deepEqual(d.allocation(MiB + 512, MiB), [
+      { offset: MiB + 512, length: MiB - 512, state: "allocated" },
+      { offset: 2 * MiB, length: 512, state: "unallocated" },
+    ]);
+
+    // write-zeroes with deallocation allowed: a hole; without: zeros, the range stays allocated.
+    assert.equal(d.writeZeroes(4 * MiB, 512 * 1024, true), true);
+    d.read(4 * MiB, back.subarray(0, MiB));
+    assert.ok(back.subarray(0, 512 * 1024).every((b) => b === 0) && back.subarray(512 * 1024, MiB).every((b) => b === 0x11));
+    assert.equal(d.allocation(4 * MiB, 512 * 1024)[0]!.state, "unallocated");
+    const zeroRange = d.writeZeroes(MiB, 4096, false);
+    if (zeroRange) {
+      d.read(MiB, back.subarray(0, 8192));
+      assert.ok(back.subarray(0, 4096).every((b) => b === 0) && back.subarray(4096, 8192).every((b) => b === 0x11));
+    } else assert.ok(d.notes.some((n) => n.includes("zero range")), "a refused ZERO_RANGE is noted");
+    assert.throws(() => d.writeZeroes(8 * MiB - 512, 1024, true), (e: unknown) => e instanceof DiskError && e.code === "OUT_OF_RANGE");
+  } finally {
+    d.close();
+  }
+  const ro = openDisk(p, { readOnly: true }) as RawDisk;
+  ro.discard(0, MiB); // a hint: ignored on a read-only disk
+  assert.throws(() => ro.writeZeroes(0, MiB, true), (e: unknown) => e instanceof DiskError && e.code === "DISK_READ_ONLY");
   ro.close();
   fs.rmSync(dir, { recursive: true });
 });

@@ -79,6 +79,8 @@ const MAX_DISCARD_SEG = 16;
 const MAX_WRITE_ZEROES_SECTORS = 32768;
 const ZERO_CHUNK = 64 * 1024;
 const EMPTY = new Uint8Array(0);
+/** write-zeroes segment flag: the device may deallocate the range (5.2.6). */
+const VIRTIO_BLK_WRITE_ZEROES_UNMAP = 1;
 
 export interface VirtioBlkOptions {
   /** Request queues (VIRTIO_BLK_F_MQ when > 1): the integrator passes the vCPU count. */
@@ -340,6 +342,7 @@ export class VirtioBlk implements VirtioBackend {
           continue;
         }
         if (discard) this.disk.discard(sector * SECTOR, count * SECTOR);
+        else if (this.disk.writeZeroes?.(sector * SECTOR, count * SECTOR, (flags & VIRTIO_BLK_WRITE_ZEROES_UNMAP) !== 0) === true) this.stats.writtenBytes += count * SECTOR;
         else {
           let pos = sector * SECTOR;
           let left = count * SECTOR;

@@ -9,6 +9,10 @@
  * lost) and asks for a notification; when the guest adds buffers it reads on.
  * A read of -1 (peer closed) disconnects the stream.
  *
+ * Streams that offer readHost/writeHost (the worker's channel socket) move
+ * bytes between the socket and guest RAM with one readv/writev per chain: no
+ * view and no copy in Partis. Others get a view per segment.
+ *
  * Guest -> host: transmit buffers go to stream.write(); a short write keeps
  * the rest in a bounded pending buffer (retried at the next device event)
  * so the guest's chain completes at once (Linux's hvc path spins until its
@@ -20,7 +24,7 @@
  * VIRTIO_CONSOLE_F_EMERG_WRITE (a byte written to emerg_wr goes to the stream).
  *
  * API:
- *   export interface HostByteStream { fd; read(buf): number; write(bytes): number }
+ *   export interface HostByteStream { fd; read(buf): number; write(bytes): number; readHost?; writeHost? }
  *   createVirtioConsole(name, services, opts?): VirtioConsoleDevice
  *   device.connect(stream | undefined); device.console (the back end: counters, resize())
  */
@@ -42,7 +46,17 @@ export interface HostByteStream {
   read(buf: Uint8Array): number;
   /** Bytes accepted (may be short, 0 when full). Never blocks. */
   write(bytes: Uint8Array): number;
+  /**
+   * Optional: as `read`, into `count` spans of host memory (guest RAM, from
+   * GuestMemory.hostAddresses) with one readv: no view, no copy in Partis.
+   */
+  readHost?(addresses: Float64Array, lengths: Uint32Array, count: number): number;
+  /** Optional: as `write`, from `count` spans of host memory with one writev. */
+  writeHost?(addresses: Float64Array, lengths: Uint32Array, count: number): number;
 }
+
+/** Most guest-RAM spans one readv/writev takes (Linux's hvc buffers are one page each); more: the rest waits for the next call. */
+const HOST_SPANS = 64;
 
 export interface VirtioConsoleOptions {
   /** Offer VIRTIO_CONSOLE_F_SIZE with this size. */
@@ -76,6 +90,10 @@ export class VirtioConsole implements VirtioBackend {
   private readonly rxChain = new DescriptorChain();
   private readonly txChain = new DescriptorChain();
   private readonly pending: Uint8Array;
+  /** A chain's spans in guest RAM and their host addresses, for streams with readHost/writeHost. */
+  private readonly spanGpa = new Float64Array(HOST_SPANS);
+  private readonly spanLen = new Uint32Array(HOST_SPANS);
+  private readonly spanHost = new Float64Array(HOST_SPANS);
   private pendingStart = 0;
   private pendingEnd = 0;
   private readonly config = new Uint8Array(VIRTIO_CONSOLE_CONFIG.size);
@@ -196,7 +214,12 @@ export class VirtioConsole implements VirtioBackend {
       }
       let got = 0;
       let closed = false;
-      for (let i = 0; i < c.writableCount; i++) {
+      const spans = stream.readHost === undefined ? 0 : this.hostSpans(c, true);
+      if (spans > 0) {
+        const n = stream.readHost!(this.spanHost, this.spanLen, spans);
+        if (n < 0) closed = true;
+        else got = n;
+      } else for (let i = 0; i < c.writableCount; i++) {
         const s = c.writableSegment(i);
         const n = stream.read(s);
         if (n < 0) {
@@ -230,12 +253,78 @@ export class VirtioConsole implements VirtioBackend {
     do {
       q.disableNotifications();
       while (q.pop(c)) {
-        for (let i = 0; i < c.readableCount; i++) this.output(c.readableSegment(i));
+        if (!this.outputFromGuest(c)) for (let i = 0; i < c.readableCount; i++) this.output(c.readableSegment(i));
         this.counters.txBytes += c.readableBytes;
         q.pushUsed(c.head, 0);
       }
     } while (!q.enableNotifications());
     t.signalUsed(1);
+  }
+
+  /**
+   * The chain's writable (toGuest) or readable spans, as host addresses in
+   * spanHost/spanLen: their count, or 0 when guest RAM is not host-mapped or
+   * the chain is empty. At most HOST_SPANS: a longer chain is taken in part
+   * (receive) or refused (transmit: the caller then copies).
+   */
+  private hostSpans(c: DescriptorChain, toGuest: boolean): number {
+    const memory = c.memory;
+    if (memory === undefined || memory.hostAddresses === undefined) return 0;
+    const total = toGuest ? c.writableCount : c.readableCount;
+    if (!toGuest && total > HOST_SPANS) return 0;
+    const count = Math.min(total, HOST_SPANS);
+    const gpas = toGuest ? c.writableGpa : c.readableGpa;
+    const lens = toGuest ? c.writableLen : c.readableLen;
+    for (let i = 0; i < count; i++) {
+      this.spanGpa[i] = gpas[i]!;
+      this.spanLen[i] = lens[i]!;
+    }
+    return count > 0 && memory.hostAddresses(this.spanGpa, count, this.spanHost) ? count : 0;
+  }
+
+  /**
+   * Send a transmit chain to the stream straight from guest RAM (writeHost):
+   * false when that is not possible (no writeHost, RAM not host-mapped), and
+   * the caller goes segment by segment. Output already waiting goes first;
+   * what the stream does not take now is kept in the pending buffer, as
+   * output() does.
+   */
+  private outputFromGuest(c: DescriptorChain): boolean {
+    const total = c.readableBytes;
+    if (this.stream?.writeHost === undefined || total === 0) return false;
+    const spans = this.hostSpans(c, false);
+    if (spans === 0) return false;
+    this.flushPending(); // may find the peer gone
+    const stream = this.stream;
+    if (stream === undefined) {
+      this.counters.txDropped += total;
+      return true;
+    }
+    let done = 0;
+    if (this.pendingStart === this.pendingEnd) {
+      const n = stream.writeHost!(this.spanHost, this.spanLen, spans);
+      if (n < 0) {
+        this.peerClosed();
+        this.counters.txDropped += total;
+        return true;
+      }
+      done = Math.min(n, total);
+    }
+    if (done < total) this.keepFromGuest(c, done, total - done);
+    return true;
+  }
+
+  /** Append `length` bytes of the chain's readable data from `offset` to the pending buffer (compacted first); drop what does not fit. */
+  private keepFromGuest(c: DescriptorChain, offset: number, length: number): void {
+    if (this.pendingStart > 0) {
+      this.pending.copyWithin(0, this.pendingStart, this.pendingEnd);
+      this.pendingEnd -= this.pendingStart;
+      this.pendingStart = 0;
+    }
+    const keep = Math.min(this.pending.length - this.pendingEnd, length);
+    c.readFrom(offset, this.pending, this.pendingEnd, keep);
+    this.pendingEnd += keep;
+    this.counters.txDropped += length - keep;
   }
 
   /** Send guest bytes to the stream, keeping what it does not take now. */

@@ -79,8 +79,9 @@ export interface FuzzStats {
   garbage: number;
 }
 
-export function fuzzServices(): TestServices {
-  return makeServices(FUZZ_RAM);
+/** Fuzzing services over FUZZ_RAM of plain buffers, or (hostMapped) of a memfd mapped as the worker maps guest RAM. */
+export function fuzzServices(hostMapped = false): TestServices {
+  return makeServices(FUZZ_RAM, 1 << 30, hostMapped);
 }
 
 const pick = <T,>(rng: SeededRandom, xs: readonly T[]): T => xs[rng.int(xs.length)]!;

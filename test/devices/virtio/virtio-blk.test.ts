@@ -1,6 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createDisk, openDisk } from "../../../src/storage/open.js";
@@ -285,6 +285,25 @@ test("a raw image file", () => {
     assert.deepEqual(submit(t, { type: VIRTIO_BLK_T.in, sector: 2048, inLen: 65536 }).data, data);
     assert.equal(submit(t, { type: VIRTIO_BLK_T.in, sector: 8192, inLen: 512 }).status, VIRTIO_BLK_S.ioerr);
     disk.close();
+    // The guest's fstrim: a discard gives the space back to the host; write-zeroes with unmap too.
+    const disk2 = openDisk(path);
+    const t3 = make(disk2);
+    assert.equal(submit(t3, { type: VIRTIO_BLK_T.out, sector: 4096, out: pattern(MiB, 3) }).status, 0);
+    assert.equal(submit(t3, { type: VIRTIO_BLK_T.flush }).status, 0);
+    const used = statSync(path).blocks * 512;
+    assert.equal(submit(t3, { type: VIRTIO_BLK_T.discard, out: dwz([4096, 2048, 0]) }).status, 0);
+    assert.equal(submit(t3, { type: VIRTIO_BLK_T.writeZeroes, out: dwz([2048, 128, 1]) }).status, 0);
+    assert.equal(submit(t3, { type: VIRTIO_BLK_T.flush }).status, 0);
+    assert.ok(statSync(path).blocks * 512 <= used - MiB - 65536, `space freed: ${used} -> ${statSync(path).blocks * 512} bytes`);
+    assert.ok(submit(t3, { type: VIRTIO_BLK_T.in, sector: 4096, inLen: MiB }).data!.every((b) => b === 0));
+    assert.ok(submit(t3, { type: VIRTIO_BLK_T.in, sector: 2048, inLen: 65536 }).data!.every((b) => b === 0));
+    assert.deepEqual(
+      disk2.allocation(2048 * 512, 3 * MiB).map((e) => e.state),
+      ["unallocated"],
+      "the written ranges are holes again",
+    );
+    assert.equal(submit(t3, { type: VIRTIO_BLK_T.out, sector: 2048, out: data }).status, 0);
+    disk2.close();
     const ro = openDisk(path, { readOnly: true });
     const t2 = make(ro);
     assert.deepEqual(submit(t2, { type: VIRTIO_BLK_T.in, sector: 2048, inLen: 65536 }).data, data);

@@ -6,31 +6,34 @@ import { SeededRandom } from "../device-fakes.js";
 import { FUZZ_RAM, VirtioFuzzer, dataBuffer, fuzzServices, type FuzzTarget } from "./fuzz-harness.js";
 import type { Buffer as Buf } from "./virtio-driver.js";
 
-test("virtio-rng fuzz (100000 steps, seed 0x4e6)", { timeout: 60_000 }, () => {
-  const rng = new SeededRandom(0x4e6);
-  const services = fuzzServices();
-  const dev = createVirtioRng("rng-fuzz", services);
-  const target: FuzzTarget = {
-    dev,
-    services,
-    consuming: [0],
-    request(r: SeededRandom) {
-      const bufs: Buf[] = [];
-      if (r.int(5) === 0) bufs.push({ addr: r.int(FUZZ_RAM - 64), len: 1 + r.int(64), write: false });
-      const n = 1 + r.int(3);
-      for (let i = 0; i < n; i++) {
-        const len = 1 + r.int(2048);
-        bufs.push({ addr: dataBuffer(r, len), len, write: true });
-      }
-      const total = bufs.filter((b) => b.write).reduce((s, b) => s + b.len, 0);
-      return { bufs, check: (used) => assert.equal(used.len, total) };
-    },
-  };
-  const stats = new VirtioFuzzer(target, rng).run(100_000);
-  assert.ok(stats.requestsCompleted > 5000, `completed ${stats.requestsCompleted}`);
-  assert.ok(stats.malformedDetected > 1000, `malformed ${stats.malformedDetected}`);
-  console.log(`virtio-rng fuzz: ${JSON.stringify(stats)}`);
-});
+for (const hostMapped of [false, true]) {
+  // Host-mapped RAM (as in the worker) takes the in-place path: one readv of /dev/urandom per request.
+  test(`virtio-rng fuzz (100000 steps, seed 0x4e6, ${hostMapped ? "host-mapped RAM" : "plain buffers"})`, { timeout: 60_000 }, () => {
+    const rng = new SeededRandom(0x4e6);
+    const services = fuzzServices(hostMapped);
+    const dev = createVirtioRng("rng-fuzz", services);
+    const target: FuzzTarget = {
+      dev,
+      services,
+      consuming: [0],
+      request(r: SeededRandom) {
+        const bufs: Buf[] = [];
+        if (r.int(5) === 0) bufs.push({ addr: r.int(FUZZ_RAM - 64), len: 1 + r.int(64), write: false });
+        const n = 1 + r.int(3);
+        for (let i = 0; i < n; i++) {
+          const len = 1 + r.int(2048);
+          bufs.push({ addr: dataBuffer(r, len), len, write: true });
+        }
+        const total = bufs.filter((b) => b.write).reduce((s, b) => s + b.len, 0);
+        return { bufs, check: (used) => assert.equal(used.len, total) };
+      },
+    };
+    const stats = new VirtioFuzzer(target, rng).run(100_000);
+    assert.ok(stats.requestsCompleted > 5000, `completed ${stats.requestsCompleted}`);
+    assert.ok(stats.malformedDetected > 1000, `malformed ${stats.malformedDetected}`);
+    console.log(`virtio-rng fuzz (${hostMapped ? "host-mapped" : "plain"}): ${JSON.stringify(stats)}`);
+  });
+}
 
 /** A host stream whose behaviour the fuzzer's PRNG decides (short reads, EAGAIN, hang-ups, short writes). */
 class ChaoticStream implements HostByteStream {

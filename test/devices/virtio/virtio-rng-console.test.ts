@@ -4,6 +4,7 @@ import { VIRTIO_STATUS as S, featureBit } from "../../../src/devices/virtio/pci-
 import { createVirtioRng, type VirtioRng } from "../../../src/devices/virtio/virtio-rng.js";
 import { VIRTIO_CONSOLE_CONFIG as K, VIRTIO_CONSOLE_F, createVirtioConsole, type HostByteStream } from "../../../src/devices/virtio/virtio-console.js";
 import { TestVirtioDriver, makeServices, placeDevice } from "./virtio-driver.js";
+import { closeDescriptor, readFrame, receiveStreamHost, sendStream, sendStreamHost, socketPair } from "../../../src/hypervisor/host-network.js";
 
 const MiB = 1 << 20;
 
@@ -33,6 +34,37 @@ test("virtio-rng: identity, buffers filled with random bytes, used length", () =
   q.kick();
   assert.equal(q.takeUsed()[0]!.len, 65536);
   assert.equal((dev.backend as VirtioRng).bytesServed, 96 + 65536);
+  assert.equal((dev.backend as VirtioRng).bytesInPlace, 0, "plain buffers: filled through views");
+});
+
+test("virtio-rng on host-mapped RAM: buffers filled in place from /dev/urandom, across a chunk boundary, up to the cap", () => {
+  const services = makeServices(MiB, 1 << 16, true);
+  const dev = createVirtioRng("rng0", services);
+  placeDevice(dev);
+  const drv = new TestVirtioDriver(dev, services);
+  assert.equal(drv.init(), true);
+  const q = drv.queues[0]!;
+  // 64 bytes that straddle the 64 KiB chunk boundary, then 32 more elsewhere.
+  const h = q.add([{ addr: 0x10000 - 20, len: 64, write: true }, { addr: 0x90000, len: 32, write: true }]);
+  q.kick();
+  assert.deepEqual(q.takeUsed(), [{ id: h, len: 96 }]);
+  const a = services.memory.read(0x10000 - 20, 64);
+  assert.ok(a.subarray(0, 20).some((b) => b !== 0) && a.subarray(20).some((b) => b !== 0), "both sides of the boundary");
+  assert.ok(services.memory.read(0x90000, 32).some((b) => b !== 0));
+  // Two requests never get the same bytes.
+  const h2 = q.add([{ addr: 0x90000, len: 32, write: true }]);
+  const before = services.memory.read(0x90000, 32);
+  q.kick();
+  assert.deepEqual(q.takeUsed(), [{ id: h2, len: 32 }]);
+  assert.notDeepEqual(services.memory.read(0x90000, 32), before);
+  // A huge buffer is filled only up to the cap: the bytes after it stay zero.
+  q.add([{ addr: 0x20000, len: 0x60000, write: true }]);
+  q.kick();
+  assert.equal(q.takeUsed()[0]!.len, 65536);
+  assert.ok(services.memory.read(0x20000 + 65536 - 64, 64).some((b) => b !== 0));
+  assert.ok(services.memory.read(0x20000 + 65536, 4096).every((b) => b === 0), "nothing written past the cap");
+  assert.equal((dev.backend as VirtioRng).bytesServed, 96 + 32 + 65536);
+  assert.equal((dev.backend as VirtioRng).bytesInPlace, 96 + 32 + 65536, "every byte read by the kernel into guest RAM");
 });
 
 class FakeStream implements HostByteStream {
@@ -191,4 +223,105 @@ test("virtio-console: size feature and emergency write", () => {
   t.dev.barWrite(0, 0x2000 + K.emergWr, 4, 0x21);
   assert.equal(s.text(), "!");
   assert.equal(t.drv.status() & S.needsReset, 0);
+});
+
+/** A console stream over one end of a real socket pair, with the vectored calls the worker's channel socket has. */
+function socketStream(fd: number): HostByteStream & { readHostCalls: number; writeHostCalls: number } {
+  const closedAsDevice = (n: number) => (n > 0 ? n : n < 0 ? 0 : -1);
+  const stream = {
+    fd,
+    readHostCalls: 0,
+    writeHostCalls: 0,
+    read: (buf: Uint8Array) => closedAsDevice(readFrame(fd, buf)),
+    write: (bytes: Uint8Array) => Math.max(0, sendStream(fd, bytes, bytes.length)),
+    readHost: (addresses: Float64Array, lengths: Uint32Array, count: number) => {
+      stream.readHostCalls++;
+      return closedAsDevice(receiveStreamHost(fd, addresses, lengths, count));
+    },
+    writeHost: (addresses: Float64Array, lengths: Uint32Array, count: number) => {
+      stream.writeHostCalls++;
+      return Math.max(0, sendStreamHost(fd, addresses, lengths, count));
+    },
+  };
+  return stream;
+}
+
+function drain(fd: number): string {
+  const buf = new Uint8Array(1 << 16);
+  let out = "";
+  for (let n; (n = readFrame(fd, buf)) > 0; ) out += Buffer.from(buf.subarray(0, n)).toString("latin1");
+  return out;
+}
+
+test("virtio-console on host-mapped RAM: one readv/writev per chain between the socket and guest RAM; a full socket keeps the rest", () => {
+  const services = makeServices(MiB, 1 << 16, true);
+  const dev = createVirtioConsole("con0", services, { pendingBytes: 1 << 20 });
+  placeDevice(dev);
+  const drv = new TestVirtioDriver(dev, services);
+  assert.equal(drv.init({ want: (1n << 64n) - 1n }), true);
+  const [mine, host] = socketPair("stream");
+  try {
+    const s = socketStream(mine);
+    dev.connect(s);
+    const mem = services.memory;
+    const tx = drv.queues[1]!;
+    const rx = drv.queues[0]!;
+    // Guest -> host: a chain of three pieces, one across the chunk boundary.
+    const put = (at: number, text: string) => mem.write(at, Buffer.from(text, "latin1"));
+    put(0x80000, "hello, ");
+    put(0x10000 - 3, "host ");
+    put(0x81000, "world\n");
+    tx.add([
+      { addr: 0x80000, len: 7, write: false },
+      { addr: 0x10000 - 3, len: 5, write: false },
+      { addr: 0x81000, len: 6, write: false },
+    ]);
+    tx.kick();
+    assert.equal(drain(host), "hello, host world\n");
+    assert.equal(s.writeHostCalls, 1);
+    assert.equal(dev.console.counters.txBytes, 18);
+
+    // Host -> guest: two receive buffers, one across the chunk boundary, filled by one readv.
+    const typed = Buffer.from("uname -a\n", "latin1");
+    assert.equal(sendStream(host, typed, typed.length), typed.length);
+    const h = rx.add([
+      { addr: 0x10000 - 4, len: 6, write: true },
+      { addr: 0x90000, len: 64, write: true },
+    ]);
+    rx.kick();
+    assert.deepEqual(rx.takeUsed(), [{ id: h, len: 9 }]);
+    assert.equal(Buffer.from(mem.read(0x10000 - 4, 6)).toString("latin1") + Buffer.from(mem.read(0x90000, 3)).toString("latin1"), "uname -a\n");
+    assert.equal(s.readHostCalls >= 1, true);
+    assert.equal(dev.console.counters.rxBytes, 9);
+
+    // A full socket: the chain completes, its bytes wait in the pending buffer and follow in order.
+    const filler = new Uint8Array(1 << 16).fill(0x2e);
+    let queued = 0;
+    for (let n; (n = sendStream(mine, filler, filler.length)) > 0; ) queued += n;
+    put(0x82000, "after the flood");
+    tx.add([{ addr: 0x82000, len: 15, write: false }]);
+    tx.kick();
+    assert.equal(tx.takeUsed().length, 2, "both transmit chains completed");
+    assert.equal(dev.console.pendingOutput, 15);
+    let got = "";
+    for (let i = 0; i < 100 && !got.endsWith("after the flood"); i++) {
+      got += drain(host);
+      rx.kick(); // any device event flushes pending output
+    }
+    assert.equal(got.length, queued + 15);
+    assert.ok(got.endsWith("." + "after the flood"));
+    assert.equal(dev.console.pendingOutput, 0);
+    assert.equal(dev.console.counters.txDropped, 0);
+
+    // The peer closes: the device, polling with a buffer posted, reads the end of the stream and disconnects.
+    rx.add([{ addr: 0x91000, len: 16, write: true }]);
+    rx.kick();
+    assert.equal(dev.console.polling, true);
+    closeDescriptor(host);
+    services.loop.fire(mine);
+    assert.equal(dev.console.connected, false);
+    assert.equal(dev.console.counters.peerClosed, 1);
+  } finally {
+    closeDescriptor(mine);
+  }
 });
