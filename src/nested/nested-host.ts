@@ -118,6 +118,27 @@ export function heartbeatAge(heartbeatFile: string, nowMs = Date.now()): number 
   }
 }
 
+/** First line of a kernel crash report on a console (oops, BUG, panic, fatal exception). */
+const KERNEL_CRASH_LINE = /BUG: |Oops: |Kernel panic|general protection fault|kernel BUG at|Fatal exception|stack guard page|double fault/;
+
+/**
+ * The part of the nested host's console worth showing when it died: from just
+ * before the first kernel crash report (where it says what went wrong, which
+ * a plain tail of a long oops misses) for up to 40 lines, then the last 10;
+ * with no crash report, the last 25 lines.
+ */
+export function consoleExcerpt(console: string): string {
+  const lines = console.split("\n");
+  const at = lines.findIndex((l) => KERNEL_CRASH_LINE.test(l));
+  if (at < 0) return lines.slice(-25).join("\n");
+  const from = Math.max(0, at - 3);
+  const head = lines.slice(from, from + 40);
+  const tailFrom = Math.max(from + 40, lines.length - 10);
+  if (tailFrom >= lines.length) return head.join("\n");
+  const skipped = tailFrom - (from + 40);
+  return [...head, ...(skipped > 0 ? [`[... ${skipped} lines ...]`] : []), ...lines.slice(tailFrom)].join("\n");
+}
+
 /** The longest soft lockup the nested host's console reports, and its line (undefined: none). */
 export function longestSoftLockup(console: string): { seconds: number; line: string } | undefined {
   let worst: { seconds: number; line: string } | undefined;
@@ -152,7 +173,7 @@ export async function runNested(opts: RunNestedOptions): Promise<number> {
   const tty = stdio === "inherit" && process.stdin.isTTY === true && process.stdout.isTTY === true;
   const ctl = mkdtempSync(join(tmpdir(), "partis-nested-"));
   const consolePath = join(ctl, "console.log");
-  const consoleTail = (): string => (existsSync(consolePath) ? readFileSync(consolePath, "utf8").split("\n").slice(-25).join("\n") : "");
+  const consoleTail = (): string => (existsSync(consolePath) ? consoleExcerpt(readFileSync(consolePath, "utf8")) : "");
   const env: Record<string, string> = {};
   for (const [k, v] of Object.entries(process.env)) if (v !== undefined) env[k] = v;
   Object.assign(env, opts.env ?? {});

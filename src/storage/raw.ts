@@ -9,13 +9,16 @@
  * - discard: punches a hole (fallocate PUNCH_HOLE|KEEP_SIZE, through
  *   src/hypervisor/libc.ts): the host file system frees the space and the
  *   range reads as zeros, so a guest's fstrim shrinks the image. Where the
- *   file system or device cannot (EOPNOTSUPP), discard is a no-op (it is only
- *   a hint in the contract) and `notes` says so once.
+ *   file system or device cannot (EOPNOTSUPP) or the punch fails (ENOSPC,
+ *   EPERM, EIO), discard does nothing (it is only a hint in the contract)
+ *   and `notes` says so once per cause.
  * - writeZeroes: punches a hole when the caller allows deallocation, else
- *   fallocate ZERO_RANGE; false (the caller writes zeros) where neither works.
+ *   (or when holes are refused) fallocate ZERO_RANGE; false (the caller
+ *   writes zeros) where neither works; an I/O error is a DiskError.
  * - allocation: SEEK_DATA/SEEK_HOLE map the file's holes, reported
- *   "unallocated" (a raw disk has no parent: they read as zeros); where they
- *   are not supported (block devices), everything is "allocated".
+ *   "unallocated" (a raw disk has no parent: they read as zeros). Block
+ *   devices answer that they are all data, so everything is "allocated"
+ *   there, as where SEEK_DATA is not supported at all.
  *   describe() reports the space actually used (st_blocks) as allocatedBytes.
  * Without libc (koffi missing), discard is a no-op and everything is
  * "allocated", as before these existed.
@@ -349,38 +352,57 @@ export class RawDisk implements BlockDevice {
     fs.fsyncSync(this.fd);
   }
 
-  /** Punch a hole: the host frees the space, the range reads as zeros (a no-op where that is not supported). */
+  /**
+   * Punch a hole: the host frees the space and the range reads as zeros. A
+   * hint: where the host refuses or fails (unsupported, ENOSPC, EPERM, EIO),
+   * nothing happens but a note (once per cause).
+   */
   discard(offset: number, length: number): void {
     this.checkRange(offset, length, "discard");
     if (this.readOnly || length === 0) return;
-    this.fallocate(libcSpace?.punchHole, offset, length, "discard");
+    this.fallocate(libcSpace?.punchHole, "punch hole", offset, length, false);
   }
 
   /**
    * Make [offset, offset+length) read as zeros without writing them: a hole
-   * when `deallocate` is allowed, else zeroed extents (ZERO_RANGE). False,
-   * having done nothing, where the host cannot: the caller writes zeros.
+   * when `deallocate` is allowed (ZERO_RANGE if holes are refused), else
+   * zeroed extents (ZERO_RANGE). False, having done nothing, where the host
+   * cannot: the caller writes zeros. Throws DiskError on an I/O error.
    */
   writeZeroes(offset: number, length: number, deallocate: boolean): boolean {
     this.checkRange(offset, length, "write zeroes");
     if (this.readOnly) throw new DiskError("DISK_READ_ONLY", "write to a read-only disk", this.path, { offset });
     if (length === 0) return true;
-    return this.fallocate(deallocate ? libcSpace?.punchHole : libcSpace?.zeroRange, offset, length, deallocate ? "discard" : "zero range");
+    if (deallocate && this.fallocate(libcSpace?.punchHole, "punch hole", offset, length, true)) return true;
+    return this.fallocate(libcSpace?.zeroRange, "zero range", offset, length, true);
   }
 
-  /** Kinds of fallocate this file refused (EOPNOTSUPP...): not tried again. */
+  /** fallocate modes this file refused as unsupported: not tried again. */
   private readonly refused = new Set<number>();
+  /** Failures already noted (kind:errno). */
+  private readonly noted = new Set<string>();
 
-  private fallocate(mode: number | undefined, offset: number, length: number, what: string): boolean {
+  /**
+   * fallocate(mode) over the range: true when done. False where the host does
+   * not support the mode (remembered) or, for ENOSPC/EPERM and for callers
+   * that only hint (`strict` false), any failure; each cause is noted once.
+   * Other failures of a strict caller throw DiskError.
+   */
+  private fallocate(mode: number | undefined, kind: "punch hole" | "zero range", offset: number, length: number, strict: boolean): boolean {
     if (libcSpace === undefined || mode === undefined || this.refused.has(mode)) return false;
     try {
       libcSpace.fallocate(this.fd, mode, offset, length);
       return true;
     } catch (e) {
-      const code = (e as { errnoName?: unknown }).errnoName;
-      if (code !== "EOPNOTSUPP" && code !== "ENOTSUP" && code !== "EINVAL" && code !== "ENODEV") throw new DiskError("DISK_IO", `${what} of ${length} bytes at offset ${offset} failed: ${(e as Error).message}`, this.path, { offset, length });
-      this.refused.add(mode);
-      this.notes.push(`the host refuses ${what} on this file (${String(code)}): ${what === "discard" ? "discard is a no-op" : "zeros are written instead"}`);
+      const code = String((e as { errnoName?: unknown }).errnoName ?? "?");
+      const unsupported = ["EOPNOTSUPP", "ENOTSUP", "EINVAL", "ENODEV", "ENOSYS"].includes(code);
+      if (!unsupported && strict && code !== "ENOSPC" && code !== "EPERM")
+        throw new DiskError("DISK_IO", `${kind} of ${length} bytes at offset ${offset} failed: ${(e as Error).message}`, this.path, { offset, length });
+      if (unsupported) this.refused.add(mode);
+      if (!this.noted.has(`${kind}:${code}`)) {
+        this.noted.add(`${kind}:${code}`);
+        this.notes.push(`${kind} ${unsupported ? "is not supported here" : "failed"} (${code}): ${kind === "punch hole" ? "discards do nothing, zeroing falls back" : "zeros are written instead"}`);
+      }
       return false;
     }
   }
@@ -410,6 +432,7 @@ export class RawDisk implements BlockDevice {
         push(pos, data, "unallocated");
         const hole = libcSpace.seek(this.fd, data, "hole");
         const stop = hole < 0 ? end : Math.min(hole, end);
+        if (stop <= data) return whole; // a file system whose answers do not advance: trust none of them
         push(data, stop, "allocated");
         pos = stop;
       }

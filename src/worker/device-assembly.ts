@@ -14,6 +14,7 @@ import { openDisk } from "../storage/open.js";
 import type { BlockDevice } from "../storage/block-device.js";
 import { createVirtioBlk, type VirtioBlk } from "../devices/virtio/virtio-blk.js";
 import { createVirtioRng } from "../devices/virtio/virtio-rng.js";
+import { HostEntropy } from "../hypervisor/host-entropy.js";
 import { createVirtioConsole, type HostByteStream } from "../devices/virtio/virtio-console.js";
 import { createVirtioNet } from "../devices/net/virtio-net.js";
 import { Ne2kPci } from "../devices/net/ne2k-pci.js";
@@ -94,7 +95,8 @@ class ChannelSocket {
         readHost: (addresses, lengths, count) => {
           try {
             return received(receiveStreamHost(fd, addresses, lengths, count));
-          } catch {
+          } catch (e) {
+            if (e instanceof RangeError) throw e; // not the peer's doing: the device falls back to views
             return received(0);
           }
         },
@@ -110,7 +112,8 @@ class ChannelSocket {
           try {
             const n = sendStreamHost(fd, addresses, lengths, count);
             return n < 0 ? 0 : n;
-          } catch {
+          } catch (e) {
+            if (e instanceof RangeError) throw e;
             return 0;
           }
         },
@@ -184,7 +187,8 @@ export function assembleDevice(f: PlannedFunction, devices: readonly DeviceSpec[
       }
     }
     case "virtio-rng":
-      return { device: createVirtioRng(spec.id, services), close: () => {} };
+      const entropy = HostEntropy.open();
+      return { device: createVirtioRng(spec.id, services, { entropy }), close: () => entropy.close() };
     case "virtio-console": {
       const device = createVirtioConsole(spec.id, services);
       const channel = new ChannelSocket(spec.socketPath, device, services);

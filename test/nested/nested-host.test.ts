@@ -13,7 +13,7 @@ import { PassThrough } from "node:stream";
 import { after, describe, it } from "node:test";
 import { fileURLToPath } from "node:url";
 import { UsageError } from "../../src/errors.js";
-import { heartbeatAge, longestSoftLockup, NESTED_LOCKUP_LIMIT_S, NestedHostError, runNested } from "../../src/nested/nested-host.js";
+import { consoleExcerpt, heartbeatAge, longestSoftLockup, NESTED_LOCKUP_LIMIT_S, NestedHostError, runNested } from "../../src/nested/nested-host.js";
 
 const QEMU = "/usr/bin/qemu-system-x86_64";
 
@@ -51,6 +51,28 @@ it("the stall watchdog reads the heartbeat's age from its file, and nothing befo
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
+});
+
+it("consoleExcerpt: a kernel crash report is shown from its first line, not just the tail of its stack dump", () => {
+  const boot = Array.from({ length: 100 }, (_, i) => `[ ${i}.000] boot line ${i}`);
+  assert.deepEqual(consoleExcerpt(boot.join("\n")).split("\n"), boot.slice(-25), "no crash: the last 25 lines");
+  const oops = [
+    "[ 35.1] BUG: TASK stack guard page was hit at 00000000deadbeef",
+    "[ 35.1] kernel stack overflow (page fault): 0000 [#1] PREEMPT SMP NOPTI",
+    ...Array.from({ length: 80 }, (_, i) => `[ 35.1]  ? frame_${i}+0x5/0x10`),
+    "[ 35.1] Kernel Offset: 0x1e600000 from 0xffffffff81000000",
+  ];
+  const shown = consoleExcerpt([...boot, ...oops].join("\n")).split("\n");
+  assert.deepEqual(shown.slice(0, 3), boot.slice(-3), "three lines of context");
+  assert.equal(shown[3], oops[0], "then the crash report's first line");
+  assert.ok(shown.includes(oops[1]!));
+  assert.match(shown[40]!, /^\[\.\.\. \d+ lines \.\.\.\]$/, "the middle of a long stack dump is elided");
+  assert.equal(shown[shown.length - 1], oops[oops.length - 1], "and the tail is kept");
+  assert.ok(shown.length <= 51);
+  // A short report: shown whole, nothing elided.
+  const short = consoleExcerpt([...boot, "[ 9.9] Kernel panic - not syncing: Fatal exception", "[ 9.9] end"].join("\n")).split("\n");
+  assert.deepEqual(short.slice(-2), ["[ 9.9] Kernel panic - not syncing: Fatal exception", "[ 9.9] end"]);
+  assert.ok(!short.some((l) => l.startsWith("[...")));
 });
 
 describe("nested test host", { skip: !existsSync(QEMU) && "qemu-system-x86_64 not installed" }, () => {

@@ -136,6 +136,9 @@ export class VirtioNet implements VirtioBackend {
   // Transmit.
   private readonly txChain = new DescriptorChain();
   private readonly txFrame = new FrameBuffer(MAX_PORT_FRAME_BYTES);
+  /** Why zero-copy transmit was given up, if it was. */
+  readonly notes: string[] = [];
+  private gather = true;
   /** A frame's spans in guest RAM (after the header) and their host addresses, for ports that gather (sendHost). */
   private readonly txGpa = new Float64Array(TX_GATHER_SPANS);
   private readonly txLen = new Uint32Array(TX_GATHER_SPANS);
@@ -376,7 +379,7 @@ export class VirtioNet implements VirtioBackend {
   private sendGathered(c: DescriptorChain, len: number): boolean {
     const port = this.port!;
     const memory = c.memory;
-    if (port.sendHost === undefined || memory === undefined || memory.hostAddresses === undefined) return false;
+    if (!this.gather || port.sendHost === undefined || memory === undefined || memory.hostAddresses === undefined) return false;
     let skip = VIRTIO_NET_HDR_BYTES;
     let count = 0;
     for (let i = 0; i < c.readableCount; i++) {
@@ -391,7 +394,16 @@ export class VirtioNet implements VirtioBackend {
       skip = 0;
     }
     if (!memory.hostAddresses(this.txGpa, count, this.txHost)) return false;
-    const sent = port.sendHost(this.txHost, this.txLen, count, len);
+    let sent: boolean | undefined;
+    try {
+      sent = port.sendHost(this.txHost, this.txLen, count, len);
+    } catch (e) {
+      // The hypervisor layer refused the spans (not memory it mapped): nothing was sent; copy from now on.
+      if (!(e instanceof RangeError)) throw e;
+      this.gather = false;
+      this.notes.push(`guest RAM spans refused for zero-copy transmit (${e.message}); copying frames`);
+      return false;
+    }
     if (sent === undefined) return false;
     if (sent) {
       this.counters.txFrames++;

@@ -163,7 +163,8 @@ export class VirtioBlk implements VirtioBackend {
     c.setUint32(C.discardSectorAlignment, Math.max(1, disk.physicalSectorSize / SECTOR), true);
     c.setUint32(C.maxWriteZeroesSectors, MAX_WRITE_ZEROES_SECTORS, true);
     c.setUint32(C.maxWriteZeroesSeg, 1, true);
-    c.setUint8(C.writeZeroesMayUnmap, 0);
+    // A back end that zeroes without writing (raw: punched holes) may deallocate when the driver allows it.
+    c.setUint8(C.writeZeroesMayUnmap, disk.writeZeroes !== undefined ? 1 : 0);
     const s = opts.serial ?? "";
     for (let i = 0; i < Math.min(s.length, VIRTIO_BLK_ID_BYTES); i++) this.serial[i] = s.charCodeAt(i) & 0x7f;
   }

@@ -55,7 +55,11 @@ export interface HostByteStream {
   writeHost?(addresses: Float64Array, lengths: Uint32Array, count: number): number;
 }
 
-/** Most guest-RAM spans one readv/writev takes (Linux's hvc buffers are one page each); more: the rest waits for the next call. */
+/**
+ * Most guest-RAM spans one readv/writev takes (Linux's hvc buffers are one
+ * page each). A longer receive chain is filled in its first HOST_SPANS spans;
+ * a longer transmit chain goes segment by segment.
+ */
 const HOST_SPANS = 64;
 
 export interface VirtioConsoleOptions {
@@ -90,6 +94,9 @@ export class VirtioConsole implements VirtioBackend {
   private readonly rxChain = new DescriptorChain();
   private readonly txChain = new DescriptorChain();
   private readonly pending: Uint8Array;
+  /** Why the readv/writev path was given up, if it was. */
+  readonly notes: string[] = [];
+  private hostPath = true;
   /** A chain's spans in guest RAM and their host addresses, for streams with readHost/writeHost. */
   private readonly spanGpa = new Float64Array(HOST_SPANS);
   private readonly spanLen = new Uint32Array(HOST_SPANS);
@@ -215,10 +222,10 @@ export class VirtioConsole implements VirtioBackend {
       let got = 0;
       let closed = false;
       const spans = stream.readHost === undefined ? 0 : this.hostSpans(c, true);
-      if (spans > 0) {
-        const n = stream.readHost!(this.spanHost, this.spanLen, spans);
-        if (n < 0) closed = true;
-        else got = n;
+      const hostRead = spans > 0 ? this.readHost(stream, spans) : undefined;
+      if (hostRead !== undefined) {
+        if (hostRead < 0) closed = true;
+        else got = hostRead;
       } else for (let i = 0; i < c.writableCount; i++) {
         const s = c.writableSegment(i);
         const n = stream.read(s);
@@ -269,7 +276,7 @@ export class VirtioConsole implements VirtioBackend {
    */
   private hostSpans(c: DescriptorChain, toGuest: boolean): number {
     const memory = c.memory;
-    if (memory === undefined || memory.hostAddresses === undefined) return 0;
+    if (!this.hostPath || memory === undefined || memory.hostAddresses === undefined) return 0;
     const total = toGuest ? c.writableCount : c.readableCount;
     if (!toGuest && total > HOST_SPANS) return 0;
     const count = Math.min(total, HOST_SPANS);
@@ -302,7 +309,14 @@ export class VirtioConsole implements VirtioBackend {
     }
     let done = 0;
     if (this.pendingStart === this.pendingEnd) {
-      const n = stream.writeHost!(this.spanHost, this.spanLen, spans);
+      let n: number;
+      try {
+        n = stream.writeHost!(this.spanHost, this.spanLen, spans);
+      } catch (e) {
+        if (!(e instanceof RangeError)) throw e;
+        this.hostUnusable(e);
+        return false; // nothing was written: the caller goes segment by segment
+      }
       if (n < 0) {
         this.peerClosed();
         this.counters.txDropped += total;
@@ -312,6 +326,23 @@ export class VirtioConsole implements VirtioBackend {
     }
     if (done < total) this.keepFromGuest(c, done, total - done);
     return true;
+  }
+
+  /** stream.readHost, or undefined (nothing read; use views) when the spans were refused as not host memory. */
+  private readHost(stream: HostByteStream, spans: number): number | undefined {
+    try {
+      return stream.readHost!(this.spanHost, this.spanLen, spans);
+    } catch (e) {
+      if (!(e instanceof RangeError)) throw e;
+      this.hostUnusable(e);
+      return undefined;
+    }
+  }
+
+  /** The hypervisor layer refused guest RAM's host addresses (a mapping it does not know): use views from now on. */
+  private hostUnusable(e: RangeError): void {
+    this.hostPath = false;
+    this.notes.push(`guest RAM spans refused for vectored I/O (${e.message}); using views`);
   }
 
   /** Append `length` bytes of the chain's readable data from `offset` to the pending buffer (compacted first); drop what does not fit. */

@@ -1,20 +1,21 @@
 /**
  * virtio-rng, the entropy device (virtio 1.1 spec 5.4): one request queue;
  * the driver posts device-writable buffers and the device fills them with
- * random bytes. Where guest RAM is host-mapped (the worker), one readv(2) of
- * /dev/urandom fills a request's buffers in place (HostEntropy: no view, no
- * copy, nothing allocated); otherwise node:crypto randomFillSync fills views.
+ * random bytes. Given an entropy source that fills host memory (the worker
+ * passes a HostEntropy: one readv(2) of /dev/urandom) and host-mapped guest
+ * RAM, a request's buffers are filled in place (no view, no copy, nothing
+ * allocated); otherwise, or if that read fails (noted once in `notes`),
+ * node:crypto randomFillSync fills views. Either way every request completes.
  * No features, no configuration space.
  *
  * DEVNOTE: at most MAX_FILL bytes of one request are filled (the used length
  * says how many, 5.4.6): a guest cannot make the device thread spend long on
  * one huge buffer. Linux asks for at most 64 bytes at a time.
  *
- * API: createVirtioRng(name, services): VirtioPciDevice (back end: VirtioRng)
+ * API: createVirtioRng(name, services, { entropy? }): VirtioPciDevice (back end: VirtioRng)
  */
 import { randomFillSync } from "node:crypto";
 import type { SavedDeviceState } from "../dependencies.js";
-import { HostEntropy } from "../../hypervisor/host-entropy.js";
 import type { PciDeviceServices } from "../pci/device-thread-services.js";
 import { DescriptorChain } from "./queue.js";
 import { VirtioPciDevice, type VirtioBackend, type VirtioTransport } from "./pci-transport.js";
@@ -23,6 +24,15 @@ export const VIRTIO_ID_ENTROPY = 4;
 const MAX_FILL = 64 * 1024;
 /** Most buffers of one request filled in place in one read; the rest of a longer chain stays unfilled. */
 const HOST_SPANS = 64;
+
+/** Fills spans of host memory with random bytes (HostEntropy in the worker). */
+export interface EntropySource {
+  fillHost(addresses: Float64Array, lengths: Uint32Array, count: number): number;
+}
+
+export interface VirtioRngOptions {
+  readonly entropy?: EntropySource;
+}
 
 export class VirtioRng implements VirtioBackend {
   readonly deviceId = VIRTIO_ID_ENTROPY;
@@ -34,6 +44,13 @@ export class VirtioRng implements VirtioBackend {
   bytesServed = 0;
   /** Of bytesServed: read by the host kernel straight into guest RAM (HostEntropy). */
   bytesInPlace = 0;
+  /** Why the in-place path was given up, if it was. */
+  readonly notes: string[] = [];
+  private entropy: EntropySource | undefined;
+
+  constructor(opts: VirtioRngOptions = {}) {
+    this.entropy = opts.entropy;
+  }
   private transport: VirtioTransport | undefined;
   private readonly chain = new DescriptorChain();
   private readonly spanGpa = new Float64Array(HOST_SPANS);
@@ -81,7 +98,8 @@ export class VirtioRng implements VirtioBackend {
    */
   private fillInPlace(c: DescriptorChain): number {
     const memory = c.memory;
-    if (memory === undefined || memory.hostAddresses === undefined) return -1;
+    const entropy = this.entropy;
+    if (entropy === undefined || memory === undefined || memory.hostAddresses === undefined) return -1;
     let count = 0;
     let room = MAX_FILL;
     for (let i = 0; i < c.writableCount && count < HOST_SPANS && room > 0; i++) {
@@ -92,7 +110,15 @@ export class VirtioRng implements VirtioBackend {
     }
     if (count === 0) return 0;
     if (!memory.hostAddresses(this.spanGpa, count, this.spanHost)) return -1;
-    const n = HostEntropy.shared().fillHost(this.spanHost, this.spanLen, count);
+    let n: number;
+    try {
+      n = entropy.fillHost(this.spanHost, this.spanLen, count);
+    } catch (e) {
+      // A failed read must not leave the guest's request pending: fill views from now on.
+      this.entropy = undefined;
+      this.notes.push(`reading host entropy into guest RAM failed (${(e as Error).message}); filling through views`);
+      return -1;
+    }
     this.bytesInPlace += n;
     return n;
   }
@@ -103,6 +129,6 @@ export class VirtioRng implements VirtioBackend {
 }
 
 /** A virtio-rng PCI function. */
-export function createVirtioRng(name: string, services: PciDeviceServices): VirtioPciDevice {
-  return new VirtioPciDevice(name, new VirtioRng(), services);
+export function createVirtioRng(name: string, services: PciDeviceServices, opts: VirtioRngOptions = {}): VirtioPciDevice {
+  return new VirtioPciDevice(name, new VirtioRng(opts), services);
 }

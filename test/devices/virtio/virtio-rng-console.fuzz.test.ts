@@ -1,6 +1,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { createVirtioRng } from "../../../src/devices/virtio/virtio-rng.js";
+import { createVirtioRng, type VirtioRng } from "../../../src/devices/virtio/virtio-rng.js";
+import { HostEntropy } from "../../../src/hypervisor/host-entropy.js";
 import { createVirtioConsole, type HostByteStream } from "../../../src/devices/virtio/virtio-console.js";
 import { SeededRandom } from "../device-fakes.js";
 import { FUZZ_RAM, VirtioFuzzer, dataBuffer, fuzzServices, type FuzzTarget } from "./fuzz-harness.js";
@@ -8,10 +9,12 @@ import type { Buffer as Buf } from "./virtio-driver.js";
 
 for (const hostMapped of [false, true]) {
   // Host-mapped RAM (as in the worker) takes the in-place path: one readv of /dev/urandom per request.
-  test(`virtio-rng fuzz (100000 steps, seed 0x4e6, ${hostMapped ? "host-mapped RAM" : "plain buffers"})`, { timeout: 60_000 }, () => {
+  test(`virtio-rng fuzz (100000 steps, seed 0x4e6, ${hostMapped ? "host-mapped RAM" : "plain buffers"})`, { timeout: 60_000 }, (t) => {
     const rng = new SeededRandom(0x4e6);
     const services = fuzzServices(hostMapped);
-    const dev = createVirtioRng("rng-fuzz", services);
+    const entropy = hostMapped ? HostEntropy.open() : undefined;
+    t.after(() => entropy?.close());
+    const dev = createVirtioRng("rng-fuzz", services, entropy === undefined ? {} : { entropy });
     const target: FuzzTarget = {
       dev,
       services,
@@ -31,6 +34,8 @@ for (const hostMapped of [false, true]) {
     const stats = new VirtioFuzzer(target, rng).run(100_000);
     assert.ok(stats.requestsCompleted > 5000, `completed ${stats.requestsCompleted}`);
     assert.ok(stats.malformedDetected > 1000, `malformed ${stats.malformedDetected}`);
+    const backend = dev.backend as VirtioRng;
+    if (hostMapped) assert.ok(backend.bytesInPlace > 0 && backend.notes.length === 0, `in place: ${backend.bytesInPlace} bytes, notes ${JSON.stringify(backend.notes)}`);
     console.log(`virtio-rng fuzz (${hostMapped ? "host-mapped" : "plain"}): ${JSON.stringify(stats)}`);
   });
 }

@@ -5,6 +5,7 @@ import { createVirtioRng, type VirtioRng } from "../../../src/devices/virtio/vir
 import { VIRTIO_CONSOLE_CONFIG as K, VIRTIO_CONSOLE_F, createVirtioConsole, type HostByteStream } from "../../../src/devices/virtio/virtio-console.js";
 import { TestVirtioDriver, makeServices, placeDevice } from "./virtio-driver.js";
 import { closeDescriptor, readFrame, receiveStreamHost, sendStream, sendStreamHost, socketPair } from "../../../src/hypervisor/host-network.js";
+import { HostEntropy } from "../../../src/hypervisor/host-entropy.js";
 
 const MiB = 1 << 20;
 
@@ -37,9 +38,11 @@ test("virtio-rng: identity, buffers filled with random bytes, used length", () =
   assert.equal((dev.backend as VirtioRng).bytesInPlace, 0, "plain buffers: filled through views");
 });
 
-test("virtio-rng on host-mapped RAM: buffers filled in place from /dev/urandom, across a chunk boundary, up to the cap", () => {
+test("virtio-rng on host-mapped RAM: buffers filled in place from /dev/urandom, across a chunk boundary, up to the cap", (t) => {
   const services = makeServices(MiB, 1 << 16, true);
-  const dev = createVirtioRng("rng0", services);
+  const entropy = HostEntropy.open();
+  t.after(() => entropy.close());
+  const dev = createVirtioRng("rng0", services, { entropy });
   placeDevice(dev);
   const drv = new TestVirtioDriver(dev, services);
   assert.equal(drv.init(), true);
@@ -65,6 +68,33 @@ test("virtio-rng on host-mapped RAM: buffers filled in place from /dev/urandom, 
   assert.ok(services.memory.read(0x20000 + 65536, 4096).every((b) => b === 0), "nothing written past the cap");
   assert.equal((dev.backend as VirtioRng).bytesServed, 96 + 32 + 65536);
   assert.equal((dev.backend as VirtioRng).bytesInPlace, 96 + 32 + 65536, "every byte read by the kernel into guest RAM");
+});
+
+test("virtio-rng: an entropy source that fails does not leave the request pending; views take over, noted once", () => {
+  const services = makeServices(MiB, 1 << 30, true);
+  let calls = 0;
+  const broken = {
+    fillHost(): number {
+      calls++;
+      throw new Error("readv(/dev/urandom): EIO");
+    },
+  };
+  const dev = createVirtioRng("rng0", services, { entropy: broken });
+  placeDevice(dev);
+  const drv = new TestVirtioDriver(dev, services);
+  assert.equal(drv.init(), true);
+  const q = drv.queues[0]!;
+  for (let i = 0; i < 2; i++) {
+    const h = q.add([{ addr: 0x80000 + i * 0x1000, len: 64, write: true }]);
+    q.kick();
+    assert.deepEqual(q.takeUsed(), [{ id: h, len: 64 }]);
+    assert.ok(services.memory.read(0x80000 + i * 0x1000, 64).some((b) => b !== 0));
+  }
+  const rng = dev.backend as VirtioRng;
+  assert.equal(calls, 1, "not tried again");
+  assert.equal(rng.bytesInPlace, 0);
+  assert.equal(rng.notes.length, 1);
+  assert.match(rng.notes[0]!, /EIO/);
 });
 
 class FakeStream implements HostByteStream {
