@@ -10,7 +10,8 @@
  * or the socket path, with the failed call's `SystemCallError` as its cause).
  * The per-frame calls (`sendDatagram`, `sendDatagramTo`, `receiveDatagram`,
  * `readFrame`, `writeFrame`, `sendStream`, and the vectored `writeFrameHost`,
- * `sendDatagramHost`, `sendStreamHost` and `receiveStreamHost`, which take
+ * `sendDatagramHost`, `sendDatagramHostTo`, `sendStreamHost` and
+ * `receiveStreamHost`, which take
  * spans of host memory, e.g. guest RAM, as numbers: no copy into a buffer)
  * allocate nothing and report the conditions a
  * network back end handles as results: nothing pending, a full queue, a
@@ -21,7 +22,7 @@
  */
 import { lstatSync, type Stats } from "node:fs";
 import { PartisError, type ErrorContext } from "../errors.js";
-import { Errno, errno, errnoName, ioctl, lastError, lib, O_CLOEXEC, O_NONBLOCK, O_RDWR, open, close, strerror, readvHost, writevHost } from "./libc.js";
+import { Errno, errno, errnoName, ioctl, lastError, lib, O_CLOEXEC, O_NONBLOCK, O_RDWR, open, close, strerror, readvHost, sendmsgHost, writevHost } from "./libc.js";
 import { SystemCallError } from "./errors.js";
 
 /** A host networking set-up step failed (TAP creation, socket bind/connect). */
@@ -345,6 +346,23 @@ export function openDatagramSocket(opts: DatagramSocketOptions): DatagramSocket 
   return { fd, local, peer };
 }
 
+/**
+ * An unbound AF_UNIX SOCK_DGRAM socket (non-blocking) that only sends: connect
+ * it to a peer with connectDatagram for the fast path. Receiving stays with a
+ * separate bound, unconnected socket, which then accepts datagrams from any
+ * sender (a connected socket refuses all but its peer).
+ */
+export function openDatagramSender(opts: { readonly bufferBytes?: number; readonly peerPath: string }): number {
+  const fd = unixSocket(SOCK_DGRAM, { path: opts.peerPath });
+  try {
+    if (opts.bufferBytes !== undefined) setBufferBytes(fd, opts.bufferBytes, opts.peerPath);
+  } catch (e) {
+    c.close(fd);
+    throw e;
+  }
+  return fd;
+}
+
 function setBufferBytes(fd: number, bytes: number, path: string): void {
   const v = new Int32Array([bytes]);
   if (c.setsockopt(fd, SOL_SOCKET, SO_SNDBUF, v, 4) < 0 || c.setsockopt(fd, SOL_SOCKET, SO_RCVBUF, v, 4) < 0)
@@ -405,6 +423,14 @@ export function sendDatagram(fd: number, buf: ArrayBufferView, length: number): 
  */
 export function sendDatagramHost(fd: number, addresses: Float64Array, lengths: Uint32Array, count: number): true | SendRefusal {
   return writevHost(fd, addresses, lengths, count) >= 0 ? true : refusal("writev", fd);
+}
+
+/**
+ * sendmsg(2) one datagram to `to`, gathered from host spans (see
+ * writeFrameHost): `true` when sent, else why not, as sendDatagramTo.
+ */
+export function sendDatagramHostTo(fd: number, to: UnixSocketAddress, addresses: Float64Array, lengths: Uint32Array, count: number): true | SendRefusal {
+  return sendmsgHost(fd, to.bytes, to.length, addresses, lengths, count, MSG_DONTWAIT | MSG_NOSIGNAL) >= 0 ? true : refusal("sendmsg", fd);
 }
 
 /** sendto(2) one datagram to `to`: `true` when sent, else why not. */

@@ -59,6 +59,7 @@ const c = {
   pwritev: lib.func("int64_t pwritev(int fd, void *iov, int iovcnt, int64_t offset)") as IntFn<[number, ArrayBufferView, number, number]>,
   writev: lib.func("int64_t writev(int fd, void *iov, int iovcnt)") as IntFn<[number, ArrayBufferView, number]>,
   readv: lib.func("int64_t readv(int fd, void *iov, int iovcnt)") as IntFn<[number, ArrayBufferView, number]>,
+  sendmsg: lib.func("int64_t sendmsg(int fd, const void *msg, int flags)") as IntFn<[number, ArrayBufferView, number]>,
   pwrite: lib.func("int64_t pwrite(int fd, const void *buf, size_t count, int64_t offset)") as IntFn<
     [number, ArrayBufferView, number, number | bigint]
   >,
@@ -519,14 +520,13 @@ export function pwritev(fd: number, views: readonly Uint8Array[], count: number,
   return r;
 }
 
-function fillHostIovec(addresses: Float64Array, lengths: Uint32Array, count: number): number {
-  if (count > IOV_MAX) throw new RangeError(`vectored I/O: ${count} segments exceed IOV_MAX`);
+function fillHostIovec(addresses: Float64Array, lengths: Uint32Array, count: number, w: Uint32Array = iovecWords): number {
+  if (count > w.length / 4) throw new RangeError(`vectored I/O: ${count} segments exceed the ${w.length / 4} this call takes`);
   let total = 0;
   // The mapping the last span was in, as plain numbers: spans in a row are almost always in one mapping,
   // and nothing here passes an address (never a small integer) to a call, so nothing is boxed.
   let start = 0;
   let end = -1;
-  const w = iovecWords;
   for (let i = 0; i < count; i++) {
     const address = addresses[i]!;
     const length = lengths[i]!;
@@ -577,6 +577,56 @@ export function pwritevHost(fd: number, addresses: Float64Array, lengths: Uint32
 export function writevHost(fd: number, addresses: Float64Array, lengths: Uint32Array, count: number): number {
   fillHostIovec(addresses, lengths, count);
   return c.writev(fd, iovecWords, count);
+}
+
+/**
+ * sendmsg(2)'s struct msghdr, the destination address and the iovecs, in one
+ * page this module mapped (so msghdr can hold their addresses), made on first
+ * use. Layout: msghdr at 0 (56 bytes), the address at 64 (up to 128 bytes),
+ * the iovecs from 192.
+ */
+let messagePage: { bytes: Uint8Array; words: Uint32Array; iov: Uint32Array; name: Uint8Array | undefined } | undefined;
+const MESSAGE_NAME = 64;
+const MESSAGE_IOV = 192;
+/** Most spans one sendmsgHost takes. */
+export const SENDMSG_MAX_SPANS = (4096 - MESSAGE_IOV) / 16;
+
+function message(): NonNullable<typeof messagePage> {
+  if (messagePage !== undefined) return messagePage;
+  const bytes = alignedBuffer(4096);
+  const base = Number(addressOfView(bytes));
+  const words = new Uint32Array(bytes.buffer, bytes.byteOffset, 1024);
+  const put64 = (wordIndex: number, value: number) => {
+    words[wordIndex] = value >>> 0;
+    words[wordIndex + 1] = Math.floor(value / 4294967296);
+  };
+  put64(0, base + MESSAGE_NAME); // msg_name
+  put64(4, base + MESSAGE_IOV); // msg_iov
+  // msg_control, msg_controllen, msg_flags: zero (the page is).
+  messagePage = { bytes, words, iov: new Uint32Array(bytes.buffer, bytes.byteOffset + MESSAGE_IOV, SENDMSG_MAX_SPANS * 4), name: undefined };
+  return messagePage;
+}
+
+/**
+ * sendmsg(2) of one datagram to the socket address `name` (its first
+ * `nameLength` bytes: a struct sockaddr), gathered from host spans (see
+ * writevHost): no copy, and no connect(2) needed. Returns the bytes sent, or
+ * -1 with errno() telling why. Spans outside live mappings, or more than
+ * SENDMSG_MAX_SPANS, throw RangeError before the call.
+ */
+export function sendmsgHost(fd: number, name: Uint8Array, nameLength: number, addresses: Float64Array, lengths: Uint32Array, count: number, flags: number): number {
+  const m = message();
+  if (nameLength > 128 || nameLength > name.length) throw new RangeError(`sendmsg: a ${nameLength}-byte address`);
+  if (m.name !== name) {
+    // Copied once per address object (a port keeps its own): the next sends to it copy nothing.
+    for (let i = 0; i < nameLength; i++) m.bytes[MESSAGE_NAME + i] = name[i]!;
+    m.name = name;
+  }
+  m.words[2] = nameLength; // msg_namelen
+  fillHostIovec(addresses, lengths, count, m.iov);
+  m.words[6] = count; // msg_iovlen
+  m.words[7] = 0;
+  return c.sendmsg(fd, m.bytes, flags);
 }
 
 /** readv(2) into host spans (see writevHost): the bytes read, or -1 with errno() telling why. */

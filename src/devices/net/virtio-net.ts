@@ -21,11 +21,11 @@
  * the available chains with it, waits for more buffers (or is dropped when it
  * could never fit the whole queue).
  *
- * Transmit: a port that can send from host memory (`sendHost`: TAP, a
- * connected datagram pair) gets the frame's spans in guest RAM (after the
+ * Transmit: a port that can send from host memory (`sendHost`: TAP, the
+ * datagram pair) gets the frame's spans in guest RAM (after the
  * 12-byte header) and the kernel gathers them (writev): no copy in the VMM, no
- * allocation. Otherwise (in-memory ports, a datagram port still looking for
- * its peer, RAM that is not host-mapped, more than TX_GATHER_SPANS spans) the
+ * allocation. Otherwise (in-memory ports, RAM that is not host-mapped, more
+ * than TX_GATHER_SPANS spans) the
  * chain is copied into one reusable buffer and handed to port.send. Either
  * way the chain completes at once (a frame the port refuses is dropped and
  * counted, as on a congested link).
