@@ -432,7 +432,7 @@ export class RawDisk implements BlockDevice {
         push(pos, data, "unallocated");
         const hole = libcSpace.seek(this.fd, data, "hole");
         const stop = hole < 0 ? end : Math.min(hole, end);
-        if (stop <= data) return whole; // a file system whose answers do not advance: trust none of them
+        if (data < pos || stop <= data) return whole; // a file system whose answers do not advance: trust none of them
         push(data, stop, "allocated");
         pos = stop;
       }
