@@ -149,6 +149,23 @@ test("the VM's threads are named: partis-vcpu0, partis-vcpu1 (ps -T, top -H)", a
   }
 });
 
+test("PARTIS_STATS=1: each vCPU's exits by kind and its CPU time split between KVM_RUN and handling them", () => {
+  const kernel = kernelFile("stats", [...serialPrint("STATS\n"), ...ACPI_S5, ...HALT_LOOP]);
+  const r = spawnSync(process.execPath, [CLI, "run", "--kernel", kernel, "--memory", "64M"], {
+    encoding: "latin1",
+    input: "",
+    timeout: 120_000,
+    env: { ...process.env, PARTIS_STATS: "1" },
+  });
+  assert.equal(r.status, 0, r.stderr);
+  const m = /partis-vm: vCPU 0 exits (\{.*\})/.exec(r.stderr);
+  assert.ok(m, r.stderr);
+  const stats = JSON.parse(m[1]!) as Record<string, number>;
+  assert.equal(stats["io"], 7, "six COM1 bytes and the PM1a_CNT write");
+  assert.ok(stats["inKvmRun"]! > 0 && stats["ioUs"]! > 0, JSON.stringify(stats));
+  assert.equal(stats["mmioUs"], undefined, "no MMIO exit, no MMIO time");
+});
+
 test("SMP: powering off while an AP is still parked in KVM_RUN ends cleanly with status 0", () => {
   // The APs never get INIT/SIPI, so their threads stay blocked in KVM_RUN; the
   // worker must kick them out before it can exit.
