@@ -192,11 +192,30 @@ export function setInterfaceUp(name: string, up: boolean): void {
  * -1 when nothing is pending (EAGAIN). Throws `SystemCallError` on other failures.
  */
 export function readFrame(fd: number, buf: Uint8Array): number {
-  const n = c.read(fd, buf, buf.byteLength);
+  return transferred(c.read(fd, buf, buf.byteLength), "read", fd, "frame");
+}
+
+/**
+ * A non-blocking transfer's result: `n` bytes, or -1 when it would block or
+ * was interrupted (EAGAIN/EINTR). Any other failure throws `SystemCallError`.
+ */
+function transferred(n: number, call: string, fd: number, what?: string): number {
   if (n >= 0) return n;
   const e = errno();
   if (e === Errno.EAGAIN || e === Errno.EINTR) return -1;
-  throw new SystemCallError("read", e, errnoName(e), strerror(e), { fd, what: "frame" });
+  throw new SystemCallError(call, e, errnoName(e), strerror(e), what === undefined ? { fd } : { fd, what });
+}
+
+/**
+ * Whether a frame write got through: false for the refusals a NIC treats as a
+ * dropped frame (queue full, interface down: EAGAIN/ENOBUFS/EIO, an invalid
+ * frame: EINVAL/EMSGSIZE). Any other failure throws `SystemCallError`.
+ */
+function frameWritten(n: number, call: string, fd: number): boolean {
+  if (n >= 0) return true;
+  const e = errno();
+  if (e === Errno.EAGAIN || e === Errno.EINTR || e === ENOBUFS || e === Errno.EIO || e === Errno.EINVAL || e === EMSGSIZE) return false;
+  throw new SystemCallError(call, e, errnoName(e), strerror(e), { fd, what: "frame" });
 }
 
 /**
@@ -205,11 +224,7 @@ export function readFrame(fd: number, buf: Uint8Array): number {
  * (queue full, interface down: EAGAIN/ENOBUFS/EIO, or an invalid frame: EINVAL/EMSGSIZE).
  */
 export function writeFrame(fd: number, buf: Uint8Array, length: number): boolean {
-  const n = c.write(fd, buf, length);
-  if (n >= 0) return true;
-  const e = errno();
-  if (e === Errno.EAGAIN || e === Errno.EINTR || e === ENOBUFS || e === Errno.EIO || e === Errno.EINVAL || e === EMSGSIZE) return false;
-  throw new SystemCallError("write", e, errnoName(e), strerror(e), { fd, what: "frame", length });
+  return frameWritten(c.write(fd, buf, length), "write", fd);
 }
 
 /**
@@ -218,10 +233,7 @@ export function writeFrame(fd: number, buf: Uint8Array, length: number): boolean
  * no copy in between. Results as writeFrame.
  */
 export function writeFrameHost(fd: number, addresses: Float64Array, lengths: Uint32Array, count: number): boolean {
-  if (writevHost(fd, addresses, lengths, count) >= 0) return true;
-  const e = errno();
-  if (e === Errno.EAGAIN || e === Errno.EINTR || e === ENOBUFS || e === Errno.EIO || e === Errno.EINVAL || e === EMSGSIZE) return false;
-  throw new SystemCallError("writev", e, errnoName(e), strerror(e), { fd, what: "frame", count });
+  return frameWritten(writevHost(fd, addresses, lengths, count), "writev", fd);
 }
 
 // --- AF_UNIX addresses --------------------------------------------------------------------------
@@ -445,11 +457,7 @@ export function sendDatagramTo(fd: number, to: UnixSocketAddress, buf: ArrayBuff
  * pending. A closed stream peer reads as 0.
  */
 export function receiveDatagram(fd: number, buf: ArrayBufferView): number {
-  const n = c.recv(fd, buf, buf.byteLength, MSG_DONTWAIT | MSG_TRUNC);
-  if (n >= 0) return n;
-  const e = errno();
-  if (e === Errno.EAGAIN || e === Errno.EINTR) return -1;
-  throw new SystemCallError("recv", e, errnoName(e), strerror(e), { fd });
+  return transferred(c.recv(fd, buf, buf.byteLength, MSG_DONTWAIT | MSG_TRUNC), "recv", fd);
 }
 
 // --- stream sockets -----------------------------------------------------------------------------
@@ -490,20 +498,12 @@ export function connectStream(path: string): number {
 
 /** Bytes written by a stream `send` (possibly short), or -1 when the socket is full. Throws on a broken connection. */
 export function sendStream(fd: number, buf: ArrayBufferView, length: number): number {
-  const n = c.send(fd, buf, length, MSG_DONTWAIT | MSG_NOSIGNAL);
-  if (n >= 0) return n;
-  const e = errno();
-  if (e === Errno.EAGAIN || e === Errno.EINTR) return -1;
-  throw new SystemCallError("send", e, errnoName(e), strerror(e), { fd });
+  return transferred(c.send(fd, buf, length, MSG_DONTWAIT | MSG_NOSIGNAL), "send", fd);
 }
 
 /** As sendStream, from host spans (see writeFrameHost) with one writev(2). */
 export function sendStreamHost(fd: number, addresses: Float64Array, lengths: Uint32Array, count: number): number {
-  const n = writevHost(fd, addresses, lengths, count);
-  if (n >= 0) return n;
-  const e = errno();
-  if (e === Errno.EAGAIN || e === Errno.EINTR) return -1;
-  throw new SystemCallError("writev", e, errnoName(e), strerror(e), { fd, count });
+  return transferred(writevHost(fd, addresses, lengths, count), "writev", fd);
 }
 
 /**
@@ -511,11 +511,7 @@ export function sendStreamHost(fd: number, addresses: Float64Array, lengths: Uin
  * 0 at the end of the stream, -1 when nothing is pending. Throws on other failures.
  */
 export function receiveStreamHost(fd: number, addresses: Float64Array, lengths: Uint32Array, count: number): number {
-  const n = readvHost(fd, addresses, lengths, count);
-  if (n >= 0) return n;
-  const e = errno();
-  if (e === Errno.EAGAIN || e === Errno.EINTR) return -1;
-  throw new SystemCallError("readv", e, errnoName(e), strerror(e), { fd, count });
+  return transferred(readvHost(fd, addresses, lengths, count), "readv", fd);
 }
 
 /** A connected pair of non-blocking AF_UNIX sockets (tests, in-process plumbing). */

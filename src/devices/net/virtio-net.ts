@@ -41,7 +41,7 @@
 import type { SavedDeviceState } from "../dependencies.js";
 import type { FdWatch, PciDeviceServices } from "../pci/device-thread-services.js";
 import { PciDeviceError } from "../pci/pci-config.js";
-import { DescriptorChain, type VirtQueue } from "../virtio/queue.js";
+import { ChainSpans, DescriptorChain, type VirtQueue } from "../virtio/queue.js";
 import { VirtioPciDevice, featureBit, type VirtioBackend, type VirtioTransport } from "../virtio/pci-transport.js";
 import { FrameBuffer, MAX_PORT_FRAME_BYTES, type NetworkPort } from "./network-port.js";
 
@@ -140,9 +140,7 @@ export class VirtioNet implements VirtioBackend {
   readonly notes: string[] = [];
   private gather = true;
   /** A frame's spans in guest RAM (after the header) and their host addresses, for ports that gather (sendHost). */
-  private readonly txGpa = new Float64Array(TX_GATHER_SPANS);
-  private readonly txLen = new Uint32Array(TX_GATHER_SPANS);
-  private readonly txHost = new Float64Array(TX_GATHER_SPANS);
+  private readonly txSpans = new ChainSpans(TX_GATHER_SPANS);
 
   constructor(
     private readonly port: NetworkPort | undefined,
@@ -378,25 +376,12 @@ export class VirtioNet implements VirtioBackend {
    */
   private sendGathered(c: DescriptorChain, len: number): boolean {
     const port = this.port!;
-    const memory = c.memory;
-    if (!this.gather || port.sendHost === undefined || memory === undefined || memory.hostAddresses === undefined) return false;
-    let skip = VIRTIO_NET_HDR_BYTES;
-    let count = 0;
-    for (let i = 0; i < c.readableCount; i++) {
-      const segLen = c.readableLen[i]!;
-      if (skip >= segLen) {
-        skip -= segLen;
-        continue;
-      }
-      if (count === TX_GATHER_SPANS) return false;
-      this.txGpa[count] = c.readableGpa[i]! + skip;
-      this.txLen[count++] = segLen - skip;
-      skip = 0;
-    }
-    if (!memory.hostAddresses(this.txGpa, count, this.txHost)) return false;
+    const spans = this.txSpans;
+    if (!this.gather || port.sendHost === undefined) return false;
+    if (!spans.select(c, false, VIRTIO_NET_HDR_BYTES, len) || !spans.toHost(c.memory)) return false;
     let sent: boolean | undefined;
     try {
-      sent = port.sendHost(this.txHost, this.txLen, count, len);
+      sent = port.sendHost(spans.host, spans.len, spans.count, len);
     } catch (e) {
       // The hypervisor layer refused the spans (not memory it mapped): nothing was sent; copy from now on.
       if (!(e instanceof RangeError)) throw e;

@@ -198,6 +198,64 @@ export class DescriptorChain {
   }
 }
 
+/**
+ * A part of a chain's readable or writable bytes as guest spans, and on
+ * request their host addresses: the scatter list a device hands to one
+ * vectored system call (preadv/pwritev, writev, readv, sendmsg). Reused for
+ * every request: nothing is allocated.
+ */
+export class ChainSpans {
+  readonly gpa: Float64Array;
+  readonly len: Uint32Array;
+  /** Host addresses of the spans, after toHost(). */
+  readonly host: Float64Array;
+  /** Spans selected by the last select(). */
+  count = 0;
+
+  constructor(readonly capacity: number) {
+    this.gpa = new Float64Array(capacity);
+    this.len = new Uint32Array(capacity);
+    this.host = new Float64Array(capacity);
+  }
+
+  /**
+   * Select at most `maxBytes` of the chain's writable (or readable) bytes,
+   * from byte `skip` of them (a request header, say). True when that took at
+   * most `capacity` spans; false when it needed more: the first `capacity`
+   * spans are selected.
+   */
+  select(chain: DescriptorChain, writable: boolean, skip: number, maxBytes: number): boolean {
+    const gpas = writable ? chain.writableGpa : chain.readableGpa;
+    const lens = writable ? chain.writableLen : chain.readableLen;
+    const n = writable ? chain.writableCount : chain.readableCount;
+    let count = 0;
+    let left = maxBytes;
+    for (let i = 0; i < n && left > 0; i++) {
+      const segLen = lens[i]!;
+      if (skip >= segLen) {
+        skip -= segLen;
+        continue;
+      }
+      if (count === this.capacity) {
+        this.count = count;
+        return false;
+      }
+      const take = Math.min(segLen - skip, left);
+      this.gpa[count] = gpas[i]! + skip;
+      this.len[count++] = take;
+      left -= take;
+      skip = 0;
+    }
+    this.count = count;
+    return true;
+  }
+
+  /** Translate the selected spans into `host`: false when guest RAM is not host-mapped memory. */
+  toHost(memory: GuestMemory | undefined): boolean {
+    return memory !== undefined && memory.hostAddresses !== undefined && memory.hostAddresses(this.gpa, this.count, this.host);
+  }
+}
+
 const EMPTY16 = new Uint16Array(0);
 const EMPTY32 = new Uint32Array(0);
 

@@ -25,7 +25,7 @@
 import type { SavedDeviceState } from "../dependencies.js";
 import type { BlockDevice } from "../../storage/block-device.js";
 import type { PciDeviceServices } from "../pci/device-thread-services.js";
-import { DescriptorChain, VirtioError, type VirtQueue } from "./queue.js";
+import { ChainSpans, DescriptorChain, VirtioError, type VirtQueue } from "./queue.js";
 import { VirtioPciDevice, featureBit, type VirtioBackend, type VirtioTransport } from "./pci-transport.js";
 
 export const VIRTIO_ID_BLOCK = 2;
@@ -122,9 +122,7 @@ export class VirtioBlk implements VirtioBackend {
   /** Scratch scatter list for vectored disk I/O (reused per request). */
   private readonly vector: Uint8Array[] = [];
   /** The request's data segments as guest spans, then as host addresses (no object per segment). */
-  private readonly spanGpa = new Float64Array(this.chain.capacity);
-  private readonly spanLen = new Uint32Array(this.chain.capacity);
-  private readonly spanHost = new Float64Array(this.chain.capacity);
+  private readonly spans = new ChainSpans(this.chain.capacity);
   private readonly statusByte = new Uint8Array(1);
   private readonly header = new Uint8Array(16);
   private readonly headerView = new DataView(this.header.buffer);
@@ -258,15 +256,8 @@ export class VirtioBlk implements VirtioBackend {
   private read(chain: DescriptorChain, sector: number, bytes: number): number {
     if (!this.inRange(sector, bytes)) return VIRTIO_BLK_S.ioerr;
     // The data segments: the writable ones, cut to the request's length (the status byte follows).
-    let count = 0;
-    let left = bytes;
-    for (let i = 0; i < chain.writableCount && left > 0; i++) {
-      const n = Math.min(chain.writableLen[i]!, left);
-      this.spanGpa[count] = chain.writableGpa[i]!;
-      this.spanLen[count++] = n;
-      left -= n;
-    }
-    this.transfer(chain, sector * SECTOR, count, false);
+    this.spans.select(chain, true, 0, bytes);
+    this.transfer(chain, sector * SECTOR, false);
     this.stats.readBytes += bytes;
     return VIRTIO_BLK_S.ok;
   }
@@ -276,37 +267,27 @@ export class VirtioBlk implements VirtioBackend {
     const bytes = chain.readableBytes - 16;
     if (!this.inRange(sector, bytes)) return VIRTIO_BLK_S.ioerr;
     // The data segments: the readable ones after the 16-byte request header.
-    let count = 0;
-    let skip = 16;
-    for (let i = 0; i < chain.readableCount; i++) {
-      const len = chain.readableLen[i]!;
-      if (skip >= len) {
-        skip -= len;
-        continue;
-      }
-      this.spanGpa[count] = chain.readableGpa[i]! + skip;
-      this.spanLen[count++] = len - skip;
-      skip = 0;
-    }
-    this.transfer(chain, sector * SECTOR, count, true);
+    this.spans.select(chain, false, 16, bytes);
+    this.transfer(chain, sector * SECTOR, true);
     this.stats.writtenBytes += bytes;
     return VIRTIO_BLK_S.ok;
   }
 
   /**
-   * Move the `count` spans at spanGpa/spanLen to or from the disk at `pos`:
-   * one system call straight between guest RAM and the file where both allow
-   * it (host-mapped RAM, raw file: preadv/pwritev on host addresses); else one
-   * vectored call over views; else segment by segment.
+   * Move the selected spans to or from the disk at `pos`: one system call
+   * straight between guest RAM and the file where both allow it (host-mapped
+   * RAM, raw file: preadv/pwritev on host addresses); else one vectored call
+   * over views; else segment by segment.
    */
-  private transfer(chain: DescriptorChain, pos: number, count: number, write: boolean): void {
+  private transfer(chain: DescriptorChain, pos: number, write: boolean): void {
     const memory = chain.memory!;
     const disk = this.disk;
-    if (memory.hostAddresses !== undefined && (write ? disk.writeHost : disk.readHost) !== undefined) {
-      const mapped = memory.hostAddresses(this.spanGpa, count, this.spanHost);
-      if (mapped && (write ? disk.writeHost!(pos, this.spanHost, this.spanLen, count) : disk.readHost!(pos, this.spanHost, this.spanLen, count))) return;
+    const spans = this.spans;
+    const count = spans.count;
+    if ((write ? disk.writeHost : disk.readHost) !== undefined && spans.toHost(memory)) {
+      if (write ? disk.writeHost!(pos, spans.host, spans.len, count) : disk.readHost!(pos, spans.host, spans.len, count)) return;
     }
-    for (let i = 0; i < count; i++) this.vector[i] = memory.tryBytes(this.spanGpa[i]!, this.spanLen[i]!)!;
+    for (let i = 0; i < count; i++) this.vector[i] = memory.tryBytes(spans.gpa[i]!, spans.len[i]!)!;
     const vectored = write ? disk.writeVectored?.(pos, this.vector, count) : disk.readVectored?.(pos, this.vector, count);
     if (vectored !== true) {
       for (let i = 0, at = pos; i < count; i++) {

@@ -30,7 +30,7 @@
  */
 import type { SavedDeviceState } from "../dependencies.js";
 import type { FdWatch, PciDeviceServices } from "../pci/device-thread-services.js";
-import { DescriptorChain } from "./queue.js";
+import { ChainSpans, DescriptorChain } from "./queue.js";
 import { VirtioPciDevice, featureBit, type VirtioBackend, type VirtioTransport } from "./pci-transport.js";
 
 export const VIRTIO_ID_CONSOLE = 3;
@@ -98,9 +98,7 @@ export class VirtioConsole implements VirtioBackend {
   readonly notes: string[] = [];
   private hostPath = true;
   /** A chain's spans in guest RAM and their host addresses, for streams with readHost/writeHost. */
-  private readonly spanGpa = new Float64Array(HOST_SPANS);
-  private readonly spanLen = new Uint32Array(HOST_SPANS);
-  private readonly spanHost = new Float64Array(HOST_SPANS);
+  private readonly spans = new ChainSpans(HOST_SPANS);
   private pendingStart = 0;
   private pendingEnd = 0;
   private readonly config = new Uint8Array(VIRTIO_CONSOLE_CONFIG.size);
@@ -269,24 +267,15 @@ export class VirtioConsole implements VirtioBackend {
   }
 
   /**
-   * The chain's writable (toGuest) or readable spans, as host addresses in
-   * spanHost/spanLen: their count, or 0 when guest RAM is not host-mapped or
-   * the chain is empty. At most HOST_SPANS: a longer chain is taken in part
-   * (receive) or refused (transmit: the caller then copies).
+   * Select the chain's writable (toGuest) or readable spans and their host
+   * addresses into `spans`: their count, or 0 when guest RAM is not
+   * host-mapped or the chain is empty. At most HOST_SPANS: a longer chain is
+   * taken in part (receive) or refused (transmit: the caller then copies).
    */
   private hostSpans(c: DescriptorChain, toGuest: boolean): number {
-    const memory = c.memory;
-    if (!this.hostPath || memory === undefined || memory.hostAddresses === undefined) return 0;
-    const total = toGuest ? c.writableCount : c.readableCount;
-    if (!toGuest && total > HOST_SPANS) return 0;
-    const count = Math.min(total, HOST_SPANS);
-    const gpas = toGuest ? c.writableGpa : c.readableGpa;
-    const lens = toGuest ? c.writableLen : c.readableLen;
-    for (let i = 0; i < count; i++) {
-      this.spanGpa[i] = gpas[i]!;
-      this.spanLen[i] = lens[i]!;
-    }
-    return count > 0 && memory.hostAddresses(this.spanGpa, count, this.spanHost) ? count : 0;
+    const spans = this.spans;
+    if (!this.hostPath || (!spans.select(c, toGuest, 0, Infinity) && !toGuest)) return 0;
+    return spans.count > 0 && spans.toHost(c.memory) ? spans.count : 0;
   }
 
   /**
@@ -311,7 +300,7 @@ export class VirtioConsole implements VirtioBackend {
     if (this.pendingStart === this.pendingEnd) {
       let n: number;
       try {
-        n = stream.writeHost!(this.spanHost, this.spanLen, spans);
+        n = stream.writeHost!(this.spans.host, this.spans.len, spans);
       } catch (e) {
         if (!(e instanceof RangeError)) throw e;
         this.hostUnusable(e);
@@ -331,7 +320,7 @@ export class VirtioConsole implements VirtioBackend {
   /** stream.readHost, or undefined (nothing read; use views) when the spans were refused as not host memory. */
   private readHost(stream: HostByteStream, spans: number): number | undefined {
     try {
-      return stream.readHost!(this.spanHost, this.spanLen, spans);
+      return stream.readHost!(this.spans.host, this.spans.len, spans);
     } catch (e) {
       if (!(e instanceof RangeError)) throw e;
       this.hostUnusable(e);

@@ -17,7 +17,7 @@
 import { randomFillSync } from "node:crypto";
 import type { SavedDeviceState } from "../dependencies.js";
 import type { PciDeviceServices } from "../pci/device-thread-services.js";
-import { DescriptorChain } from "./queue.js";
+import { ChainSpans, DescriptorChain } from "./queue.js";
 import { VirtioPciDevice, type VirtioBackend, type VirtioTransport } from "./pci-transport.js";
 
 export const VIRTIO_ID_ENTROPY = 4;
@@ -53,9 +53,7 @@ export class VirtioRng implements VirtioBackend {
   }
   private transport: VirtioTransport | undefined;
   private readonly chain = new DescriptorChain();
-  private readonly spanGpa = new Float64Array(HOST_SPANS);
-  private readonly spanLen = new Uint32Array(HOST_SPANS);
-  private readonly spanHost = new Float64Array(HOST_SPANS);
+  private readonly spans = new ChainSpans(HOST_SPANS);
 
   attach(transport: VirtioTransport): void {
     this.transport = transport;
@@ -97,22 +95,15 @@ export class VirtioRng implements VirtioBackend {
    * -1 when guest RAM is not host-mapped (the caller fills views instead).
    */
   private fillInPlace(c: DescriptorChain): number {
-    const memory = c.memory;
     const entropy = this.entropy;
-    if (entropy === undefined || memory === undefined || memory.hostAddresses === undefined) return -1;
-    let count = 0;
-    let room = MAX_FILL;
-    for (let i = 0; i < c.writableCount && count < HOST_SPANS && room > 0; i++) {
-      const n = Math.min(c.writableLen[i]!, room);
-      this.spanGpa[count] = c.writableGpa[i]!;
-      this.spanLen[count++] = n;
-      room -= n;
-    }
-    if (count === 0) return 0;
-    if (!memory.hostAddresses(this.spanGpa, count, this.spanHost)) return -1;
+    const spans = this.spans;
+    if (entropy === undefined || c.memory?.hostAddresses === undefined) return -1;
+    spans.select(c, true, 0, MAX_FILL); // a chain of more than HOST_SPANS buffers: the first ones
+    if (spans.count === 0) return 0;
+    if (!spans.toHost(c.memory)) return -1;
     let n: number;
     try {
-      n = entropy.fillHost(this.spanHost, this.spanLen, count);
+      n = entropy.fillHost(spans.host, spans.len, spans.count);
     } catch (e) {
       // A failed read must not leave the guest's request pending: fill views from now on.
       this.entropy = undefined;
