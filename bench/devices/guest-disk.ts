@@ -45,7 +45,10 @@
  * A full run (2 runs of 5 paths, each with its warm-up pass) takes about 11
  * minutes there, --quick about 3.
  *
- * Options: --quick (smaller sizes, one run), --runs N (2), --seq-mib N (64),
+ * Options: --quick (smaller sizes, one run), --runs N (2), --passes N (1:
+ * measured passes per boot; figures are medians over all passes, and with
+ * --runs > 1 each run's two VMMs are also compared run by run),
+ * --seq-mib N (64),
  * --random-ops N (2000), --pio-seq-mib N (4), --pio-random-ops N (300),
  * --pio-write-kib N (64), --random-seconds N (15: the random reads stop
  * there; slow paths do fewer) (--quick: 16, 500, 1, 100, 16, 6),
@@ -110,6 +113,13 @@ const pioWriteKiB = Math.min(pioSeqMiB * 1024, num("--pio-write-kib", quick ? 16
 const PIO_WRITE_REQUEST_KIB = 16;
 if (pioWriteKiB % PIO_WRITE_REQUEST_KIB !== 0) throw new Error(`--pio-write-kib must be a multiple of ${PIO_WRITE_REQUEST_KIB}`);
 const randomSeconds = num("--random-seconds", quick ? 6 : 15);
+/**
+ * Measured passes per boot: the guest runs the measured patterns this many
+ * times in a row (after the one warm-up pass). A boot costs far more than a
+ * pass in the nested host, so more passes per boot give more samples per
+ * minute; the figures are medians over every pass of every run.
+ */
+const passes = num("--passes", 1);
 const imageMiB = num("--image-mib", 256);
 /**
  * A warm-up pass in the guest before the measured one (the same program, its
@@ -160,9 +170,17 @@ interface PatternResult {
   guestS: number;
 }
 
-interface RunResult {
+/** One measured pass of the guest tool: its patterns and the flush after its writes. */
+interface PassResult {
   readonly patterns: Partial<Record<Pattern, PatternResult>>;
-  readonly flushMs: number | undefined;
+  flushMs: number | undefined;
+}
+
+/** One boot of a configuration: its measured passes (--passes), in order. */
+interface RunResult {
+  /** Which repetition (1-based): pairs configurations run back to back. */
+  readonly run: number;
+  readonly passes: readonly PassResult[];
   readonly mode: string;
   /** The guest block queue's limits (max_sectors_kb, max_segments, max_segment_size). */
   readonly queue: string;
@@ -290,8 +308,9 @@ function guestCommand(c: Config, nonce: number): string {
     `dmesg | grep -E 'ata[0-9.]+: FORCE' | sed 's/^/DISKBENCH-DMESG /'`,
     `q=/sys/block/\${d#/dev/}/queue; echo "DISKBENCH-QUEUE max_sectors_kb=$(cat $q/max_sectors_kb) max_segments=$(cat $q/max_segments) max_segment_size=$(cat $q/max_segment_size)"`,
     ...(warmupMiB > 0 ? [warmupCommand(c, nonce)] : []),
-    `/bin/diskbench $d ${c.seqMiB} ${c.randomOps} ${nonce} ${c.write?.totalKiB ?? c.seqMiB * 1024} ${c.write?.requestKiB ?? 1024} ${randomSeconds * 1000}`,
-    `echo DISKBENCH-EXIT $?`,
+    `k=0; r=0`,
+    `while [ $k -lt ${passes} ] && [ $r = 0 ]; do /bin/diskbench $d ${c.seqMiB} ${c.randomOps} ${nonce} ${c.write?.totalKiB ?? c.seqMiB * 1024} ${c.write?.requestKiB ?? 1024} ${randomSeconds * 1000}; r=$?; k=$((k+1)); done`,
+    `echo DISKBENCH-EXIT $r`,
     `poweroff -f`,
   ].join("\n");
 }
@@ -439,7 +458,7 @@ class RunFailure extends Error {
   }
 }
 
-function once(c: Config, kernel: string, initrd: string, dir: string): Promise<RunResult> {
+function once(c: Config, run: number, kernel: string, initrd: string, dir: string): Promise<RunResult> {
   const image = join(dir, `${c.name}.img`);
   const nonce = randomInt(1, 2 ** 47);
   createImage(image, c.seqMiB, nonce);
@@ -451,12 +470,19 @@ function once(c: Config, kernel: string, initrd: string, dir: string): Promise<R
     let out = "";
     let pending = "";
     let vmmPid: number | undefined;
-    const patterns: Partial<Record<Pattern, PatternResult>> = {};
+    const passResults: PassResult[] = [];
+    // The pass a pattern line belongs to: a pattern seen twice starts the next pass.
+    const passFor = (p: Pattern): PassResult => {
+      const last = passResults[passResults.length - 1];
+      if (last !== undefined && last.patterns[p] === undefined) return last;
+      const next: PassResult = { patterns: {}, flushMs: undefined };
+      passResults.push(next);
+      return next;
+    };
     const starts: Partial<Record<Pattern, { total: number; guest: number }>> = {};
     const threadStarts: Partial<Record<Pattern, Map<number, { comm: string; total: number; guest: number }>>> = {};
     const kvmStarts: Partial<Record<Pattern, Map<string, number>>> = {};
     const perThread = process.env.PARTIS_BENCH_THREADS === "1";
-    let flushMs: number | undefined;
     const xfer: string[] = [];
     let queue = "";
     const warmup: string[] = [];
@@ -476,7 +502,7 @@ function once(c: Config, kernel: string, initrd: string, dir: string): Promise<R
         if (logDir !== undefined && logDir !== "") writeFileSync(`${logDir}/${c.name}-${Date.now()}.log`, out);
         rmSync(image, { force: true });
         if (err) reject(err);
-        else resolve({ patterns, flushMs, mode: xfer.join("; "), queue, wallMs, warmup });
+        else resolve({ run, passes: passResults, mode: xfer.join("; "), queue, wallMs, warmup });
       };
       if (child.exitCode !== null || child.signalCode !== null) settle();
       else child.once("exit", settle);
@@ -513,11 +539,15 @@ function once(c: Config, kernel: string, initrd: string, dir: string): Promise<R
           const ms = Number(m[2]);
           const bytes = Number(m[3]);
           const ops = Number(m[4]);
-          patterns[p] = {
+          passFor(p).patterns[p] = {
             mibPerS: bytes / MiB / (ms / 1000), iops: ops / (ms / 1000), ms, bytes, ops, errors: Number(m[5]),
             cpuS: end.total - st.total, guestS: end.guest - st.guest,
           };
-        } else if ((m = /^DISKBENCH flush ms=([\d.]+)/.exec(line))) flushMs = Number(m[1]);
+        } else if ((m = /^DISKBENCH flush ms=([\d.]+)/.exec(line))) {
+          // Printed after its pass's seqwrite line.
+          const last = passResults[passResults.length - 1];
+          if (last !== undefined) last.flushMs = Number(m[1]);
+        }
         else if ((m = /^DISKBENCH-XFER (\S+) (.*)$/.exec(line))) xfer.push(`${m[1]} ${m[2]}`);
         else if ((m = /^DISKBENCH-QUEUE (.*)$/.exec(line))) queue = m[1]!.trim();
         else if ((m = /^DISKBENCH-DMESG .*?(ata[\d.]+: FORCE.*)$/.exec(line))) xfer.push(m[1]!.trim());
@@ -585,7 +615,8 @@ interface Summary {
   queue: string;
 }
 
-function summarize(rs: RunResult[]): Summary {
+function summarize(runs: RunResult[]): Summary {
+  const rs = runs.flatMap((r) => r.passes);
   const pick = (p: Pattern, f: (x: PatternResult) => number): number | undefined => {
     const xs = rs.map((r) => r.patterns[p]).filter((x): x is PatternResult => x !== undefined).map(f);
     return xs.length ? median(xs) : undefined;
@@ -605,8 +636,8 @@ function summarize(rs: RunResult[]): Summary {
     randCpuUs: pick("randread", (x) => (x.cpuS / x.ops) * 1e6),
     randVmmCpuUs: pick("randread", (x) => ((x.cpuS - x.guestS) / x.ops) * 1e6),
     errors: rs.reduce((n, r) => n + Object.values(r.patterns).reduce((m, p) => m + (p?.errors ?? 0), 0), 0),
-    mode: [...new Set(rs.map((r) => r.mode))].join(" | "),
-    queue: [...new Set(rs.map((r) => r.queue))].join(" | "),
+    mode: [...new Set(runs.map((r) => r.mode))].join(" | "),
+    queue: [...new Set(runs.map((r) => r.queue))].join(" | "),
   };
 }
 
@@ -650,11 +681,13 @@ async function main(): Promise<void> {
     for (let i = 0; i < runs; i++) {
       for (const c of configs) {
         try {
-          const r = await once(c, guest.kernel, initrd, dir);
+          const r = await once(c, i + 1, guest.kernel, initrd, dir);
           (results[c.name] ??= []).push(r);
-          const p = r.patterns;
+          const perPass = r.passes
+            .map((x) => `${fmt(x.patterns.seqwrite?.mibPerS)}/${fmt(x.patterns.seqread?.mibPerS)}/${fmt(x.patterns.randread?.iops, 0)}`)
+            .join(", ");
           process.stderr.write(
-            `${c.name} run ${i + 1}: seqwrite ${fmt(p.seqwrite?.mibPerS)} MiB/s, seqread ${fmt(p.seqread?.mibPerS)} MiB/s, randread ${fmt(p.randread?.iops, 0)} IOPS` +
+            `${c.name} run ${i + 1}: seqwrite/seqread MiB/s, randread IOPS: ${perPass}` +
               ` (${(r.wallMs / 1000).toFixed(1)} s; ${r.mode || "no ATA device"}; ${r.queue})` +
               (r.warmup.length > 0 ? `; warm-up pass: ${r.warmup.join(", ")}` : "") + "\n",
           );
@@ -673,7 +706,7 @@ async function main(): Promise<void> {
   const sums: Record<string, Summary> = {};
   for (const c of configs) if (results[c.name]) sums[c.name] = summarize(results[c.name]!);
   const qemuV = qemuVersion();
-  console.log(`In-guest disk benchmark (${runs} run${runs > 1 ? "s" : ""}, median): O_DIRECT, queue depth 1, 1 vCPU, ${MEMORY}; image ${imageMiB} MiB raw, fresh per run in ${baseDir} (the range read stamped by the host, the rest sparse).`);
+  console.log(`In-guest disk benchmark (${runs} run${runs > 1 ? "s" : ""} of ${passes} measured pass${passes > 1 ? "es" : ""} each; medians over all passes): O_DIRECT, queue depth 1, 1 vCPU, ${MEMORY}; image ${imageMiB} MiB raw, fresh per run in ${baseDir} (the range read stamped by the host, the rest sparse).`);
   console.log(
     (warmupMiB > 0
       ? `Each run first makes a warm-up pass in the same guest (${warmupMiB} MiB each way, ${WARMUP_RANDOM_OPS} random reads; PIO: 1 MiB read, 16 KiB written, 50 random reads), not measured; its figures are on stderr. `
@@ -720,6 +753,43 @@ async function main(): Promise<void> {
   for (const [a, b, label, note] of pairs) {
     if (!configs.some((c) => c.name === a) || !configs.some((c) => c.name === b)) continue;
     console.log(`| ${label} | ${ratio(a, b, (s) => s.seqwrite)} | ${ratio(a, b, (s) => s.seqread)} | ${ratio(a, b, (s) => s.randIops)} | ${ratio(a, b, (s) => s.readCpu)} | ${ratio(a, b, (s) => s.randCpuUs)} | ${note} |`);
+  }
+  // Run by run: configurations run back to back within a run, so pairing them by run cancels drift in the
+  // machine's speed; the spread of the per-run ratios says how far to trust the ratio of medians above.
+  const runMedian = (r: RunResult, f: (x: PassResult) => number | undefined): number | undefined => {
+    const xs = r.passes.map(f).filter((x): x is number => x !== undefined);
+    return xs.length ? median(xs) : undefined;
+  };
+  const pairedRows: string[] = [];
+  for (const [a, b, label] of pairs) {
+    const ra = results[a];
+    const rb = results[b];
+    if (ra === undefined || rb === undefined) continue;
+    const cell = (f: (x: PassResult) => number | undefined): string => {
+      const ratios: number[] = [];
+      for (const x of ra) {
+        // The same run index: `once` records runs in order, and a failed run leaves no entry, so match by run number.
+        const y = rb.find((o) => o.run === x.run);
+        if (y === undefined) continue;
+        const u = runMedian(x, f);
+        const v = runMedian(y, f);
+        if (u !== undefined && v !== undefined && v > 0) ratios.push(u / v);
+      }
+      if (ratios.length === 0) return "n/a";
+      const sorted = [...ratios].sort((p, q) => p - q);
+      return `${median(ratios).toFixed(2)}× (${sorted[0]!.toFixed(2)}–${sorted[sorted.length - 1]!.toFixed(2)}, ${ratios.length} runs)`;
+    };
+    pairedRows.push(
+      `| ${label} | ${cell((x) => x.patterns.seqwrite?.mibPerS)} | ${cell((x) => x.patterns.seqread?.mibPerS)} | ${cell((x) => x.patterns.randread?.iops)} |`,
+    );
+  }
+  if (pairedRows.length > 0 && runs > 1) {
+    console.log("");
+    console.log("Run by run (each run's median over its passes, the two configurations of one run paired): median ratio (lowest–highest)");
+    console.log("");
+    console.log("| ratio | seq write | seq read | 4K rand read |");
+    console.log("|---|---|---|---|");
+    for (const row of pairedRows) console.log(row);
   }
   console.log("");
   console.log("Guest block queue limits (/sys/block/DEV/queue):");
