@@ -23,7 +23,7 @@ import { SharedStateArena, type MachineLock } from "../machine/shared-state.js";
 import { systemClock } from "../devices/dependencies.js";
 import { Board } from "./board.js";
 import { PowerState } from "./power-state.js";
-import { FdConsoleSink } from "./console-sink.js";
+import { ConsoleOutputFlusher, ConsoleOutputRing, FINAL_FLUSH_MS } from "./console-output.js";
 import type { VcpuStartMessage, VcpuThreadData, VcpuThreadMessage } from "./vcpu-thread.js";
 import { kvmDevicePath, type VmConfig, type VmOutcome } from "./vm-config.js";
 import { PartisError } from "../errors.js";
@@ -80,6 +80,8 @@ export class RunningVm {
   /** Sources paused until the console input queue empties (or the VM stops). */
   private pausedSources: ConsoleInputSource[] = [];
   readonly outcome: Promise<VmOutcome>;
+  /** COM1's output: vCPU threads append, this thread writes it to the console fd. */
+  private readonly consoleOutput: ConsoleOutputFlusher;
 
   private constructor(
     readonly config: VmConfig,
@@ -88,8 +90,12 @@ export class RunningVm {
     private readonly partition: Partition,
     private readonly board: Board,
     private readonly power: PowerState,
+    consoleRing: ConsoleOutputRing,
+    consoleFd: number,
   ) {
     this.lock = board.arena.lock();
+    this.consoleOutput = new ConsoleOutputFlusher(consoleRing, consoleFd);
+    this.consoleOutput.start();
     this.outcome = this.watchPower();
   }
 
@@ -114,11 +120,12 @@ export class RunningVm {
 
       const arena = SharedStateArena.create();
       const power = PowerState.create();
+      const consoleRing = ConsoleOutputRing.create();
       const board = new Board(
         arena,
         {
           irq: (gsi) => ({ setLevel: (level) => partition.setIrqLine(gsi, level) }),
-          console: new FdConsoleSink(options.consoleFd),
+          console: consoleRing.writer(),
           clock: systemClock,
           power: power.control(() => {}),
         },
@@ -127,7 +134,7 @@ export class RunningVm {
       );
       board.powerOn();
 
-      vm = new RunningVm(config, plan, system, partition, board, power);
+      vm = new RunningVm(config, plan, system, partition, board, power, consoleRing, options.consoleFd);
       vm.prestarted = options.prestarted;
       const supported = system.supportedCpuid();
       const tscDeadlineTimer = system.checkExtension(KVM_CAP.TSC_DEADLINE_TIMER) > 0;
@@ -143,7 +150,7 @@ export class RunningVm {
           startGate: vm.startGate.buffer as SharedArrayBuffer,
           report: vm.report.buffer,
           board: { memoryBytes: config.memoryBytes },
-          consoleFd: options.consoleFd,
+          consoleRing: consoleRing.buffer,
           ...(devices === undefined ? {} : { devices }),
         });
       }
@@ -183,6 +190,7 @@ export class RunningVm {
       void options.prestarted?.dispose();
       if (vm !== undefined) for (const t of vm.threads) void t.terminate();
       if (vm?.deviceThread !== undefined) void vm.deviceThread.terminate();
+      vm?.consoleOutput.finish();
       partition.destroy();
       vm?.framebuffer?.close();
       system.close();
@@ -389,9 +397,15 @@ export class RunningVm {
     Atomics.store(this.startGate, 0, 1);
     Atomics.notify(this.startGate, 0);
     const devicesExited = this.stopDeviceThread();
+    // The console keeps flowing while the vCPUs stop (their last lines); a reader that takes
+    // nothing more must not hold a vCPU waiting for room in the ring: then output is dropped.
+    const closeConsole = setTimeout(() => this.consoleOutput.ring.close(), Math.min(FINAL_FLUSH_MS, timeoutMs / 2));
     let timer: NodeJS.Timeout | undefined;
     const ok = await Promise.race([exited.then(() => true), new Promise<boolean>((r) => (timer = setTimeout(() => r(false), timeoutMs)))]);
     clearTimeout(timer);
+    clearTimeout(closeConsole);
+    this.consoleOutput.finish();
+    if (this.consoleOutput.failure !== undefined) process.stderr.write(`partis-vm: ${this.config.name}: ${this.consoleOutput.failure}\n`);
     if (!ok) throw new VmStartError("VCPU_STUCK", `vCPU threads did not stop within ${timeoutMs} ms`, { vm: this.config.name });
     for (const k of this.kickers) k.close();
     await devicesExited;

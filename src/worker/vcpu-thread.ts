@@ -18,7 +18,7 @@ import { SharedStateArena } from "../machine/shared-state.js";
 import type { IoBus } from "../machine/bus.js";
 import { Board, type BoardConfig } from "./board.js";
 import { PowerState } from "./power-state.js";
-import { FdConsoleSink } from "./console-sink.js";
+import { ConsoleOutputRing } from "./console-output.js";
 import { systemClock } from "../devices/dependencies.js";
 import { bootTrace } from "./boot-trace.js";
 import { DeviceMailbox, type MailboxHandoff } from "./device-mailbox.js";
@@ -40,7 +40,8 @@ export interface VcpuThreadData {
   /** State report requests (state-report.ts): answered after the kick that comes with each. */
   readonly report: SharedArrayBuffer;
   readonly board: BoardConfig;
-  readonly consoleFd: number;
+  /** COM1's output ring (console-output.ts): the main thread writes it out. */
+  readonly consoleRing: SharedArrayBuffer;
   /** The device thread, when the VM has PCI devices: its mailbox, functions and ports. */
   readonly devices?: {
     readonly mailbox: MailboxHandoff;
@@ -172,7 +173,7 @@ function main(data: VcpuThreadData): void {
     arena,
     {
       irq: (gsi) => ({ setLevel: (level) => partition.setIrqLine(gsi, level) }),
-      console: new FdConsoleSink(data.consoleFd),
+      console: ConsoleOutputRing.attach(data.consoleRing).writer(),
       clock: systemClock,
       power: power.control(() => {}),
     },
