@@ -198,15 +198,23 @@ export class ConsoleOutputFlusher {
   /** Set when writing failed for good: what happened, once (the caller reports it). */
   failure: string | undefined;
 
+  private readonly idleCheckMs: number;
+  private readonly afterLook: (() => void) | undefined;
+
   /**
-   * @param idleCheckMs how long an idle flusher sleeps without a wake-up before it looks anyway
-   *   (so a lost wake-up could only delay output; tests make it long to prove the wake-up works)
+   * @param options.idleCheckMs how long an idle flusher sleeps without a wake-up before it looks
+   *   anyway (so a lost wake-up could only delay output; tests make it long to prove the wake-up works)
+   * @param options.afterLook called each time the flusher has looked at the ring (at most
+   *   FLUSH_INTERVAL_MS apart while output flows): the UART's owed THRE interrupt is settled there
    */
   constructor(
     readonly ring: ConsoleOutputRing,
     private readonly fd: number,
-    private readonly idleCheckMs = 1000,
-  ) {}
+    options: { readonly idleCheckMs?: number; readonly afterLook?: () => void } = {},
+  ) {
+    this.idleCheckMs = options.idleCheckMs ?? 1000;
+    this.afterLook = options.afterLook;
+  }
 
   start(): void {
     if (this.running) return;
@@ -218,6 +226,7 @@ export class ConsoleOutputFlusher {
     while (this.running) {
       const progress = this.writeSome();
       if (!this.running) return;
+      this.afterLook?.();
       if (progress === "blocked" || this.ring.pending > 0 || progress === "wrote") {
         // Output is flowing (or the reader is behind): look again shortly, writers need not wake us.
         await new Promise<void>((resolve) => (this.timer = setTimeout(resolve, progress === "blocked" ? 5 : FLUSH_INTERVAL_MS)));

@@ -94,7 +94,13 @@ export class RunningVm {
     consoleFd: number,
   ) {
     this.lock = board.arena.lock();
-    this.consoleOutput = new ConsoleOutputFlusher(consoleRing, consoleFd);
+    this.consoleOutput = new ConsoleOutputFlusher(consoleRing, consoleFd, {
+      // A THRE interrupt still owed for bytes COM1 sent (uart16550.ts): raise it, for a driver
+      // that waits for it without looking at the UART again. Linux's never needs this.
+      afterLook: () => {
+        if (board.com1.transmitUnsettled) this.lock.with(() => board.com1.settleTransmit());
+      },
+    });
     this.consoleOutput.start();
     this.outcome = this.watchPower();
   }

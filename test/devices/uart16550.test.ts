@@ -71,8 +71,8 @@ test("FIFO mode shows in IIR bits 6-7", () => {
   assert.equal(uart.read(R, IIR, 1), 0x01);
 });
 
-test("THRE interrupt: raised on ETBEI enable, cleared by IIR read, re-raised by THR write, gated by OUT2", () => {
-  const { uart, irq } = make();
+test("THRE interrupt: raised on ETBEI enable, cleared by IIR read, owed after THR writes until the UART is looked at, gated by OUT2", () => {
+  const { uart, irq, sink } = make();
   linuxInit(uart);
   assert.equal(irq.level, false);
   uart.write(R, IER, 1, 0x07);
@@ -80,12 +80,36 @@ test("THRE interrupt: raised on ETBEI enable, cleared by IIR read, re-raised by 
   assert.equal(uart.read(R, IIR, 1) & 0x0f, 0x02);
   assert.equal(irq.level, false, "IIR read that reports THRE clears it");
   assert.equal(uart.read(R, IIR, 1) & 0x0f, 0x01);
-  const rises = irq.rises();
+  // A burst of THR writes (Linux writes up to 16 per interrupt): the bytes leave at once, the line does not move.
+  const calls = irq.calls.length;
+  for (const c of "0123456789abcdef") uart.write(R, DATA, 1, c.charCodeAt(0));
+  assert.equal(sink.text(), "0123456789abcdef");
+  assert.equal(irq.calls.length, calls, "no line change per byte");
+  assert.equal(uart.transmitUnsettled, true);
+  // The driver's next look (its handler re-reads IIR) finds THRE pending and clears it: still no line change.
+  assert.equal(uart.read(R, IIR, 1) & 0x0f, 0x02, "THRE owed for the burst");
+  assert.equal(irq.calls.length, calls);
+  assert.equal(uart.transmitUnsettled, false);
+  assert.equal(uart.read(R, IIR, 1) & 0x0f, 0x01);
+  // LSR always shows the transmitter empty, before and after settling.
   uart.write(R, DATA, 1, 0x41);
-  assert.equal(irq.level, true, "THR empty again after the byte leaves");
-  assert.equal(irq.rises(), rises + 1);
-  // A THR write while THRE is already pending still gives a fresh edge.
+  assert.equal(uart.read(R, LSR, 1) & 0x60, 0x60);
+  assert.equal(irq.level, true, "looking at LSR settled the byte: THRE raised (ETBEI on)");
+  assert.equal(uart.read(R, IIR, 1) & 0x0f, 0x02);
+  assert.equal(irq.level, false);
+  // A driver that waits for the interrupt without another access: the host settles it.
+  const rises = irq.rises();
   uart.write(R, DATA, 1, 0x42);
+  assert.equal(irq.level, false);
+  uart.settleTransmit();
+  assert.equal(irq.level, true);
+  assert.equal(irq.rises(), rises + 1);
+  uart.settleTransmit();
+  assert.equal(irq.rises(), rises + 1, "settling twice raises once");
+  // A THR write while THRE is pending drops it (the next look gives a fresh edge).
+  uart.write(R, DATA, 1, 0x43);
+  assert.equal(irq.level, false);
+  uart.settleTransmit();
   assert.equal(irq.rises(), rises + 2);
   // Disabling ETBEI drops the line; re-enabling raises it (Linux's UART_BUG_THRE probe).
   uart.write(R, IER, 1, 0x05);
@@ -98,6 +122,38 @@ test("THRE interrupt: raised on ETBEI enable, cleared by IIR read, re-raised by 
   assert.equal(uart.read(R, IIR, 1) & 0x0f, 0x02, "condition still reported in IIR");
   uart.write(R, MCR, 1, 0x0b);
   assert.equal(irq.level, false, "the IIR read cleared it");
+});
+
+test("polled output with interrupts off (the kernel's console): no line change, LSR always ready", () => {
+  const { uart, irq, sink } = make();
+  linuxInit(uart);
+  uart.write(R, IER, 1, 0x00);
+  const calls = irq.calls.length;
+  for (const c of "printk line\n") {
+    assert.equal(uart.read(R, LSR, 1) & 0x20, 0x20);
+    uart.write(R, DATA, 1, c.charCodeAt(0));
+  }
+  assert.equal(sink.text(), "printk line\n");
+  assert.equal(irq.calls.length, calls);
+  // Enabling ETBEI afterwards raises THRE at once, as before.
+  uart.write(R, IER, 1, 0x02);
+  assert.equal(irq.level, true);
+});
+
+test("a transmission not yet settled is saved as a pending THRE interrupt", () => {
+  const { uart, irq } = make();
+  linuxInit(uart);
+  uart.write(R, IER, 1, 0x07);
+  uart.read(R, IIR, 1);
+  uart.write(R, DATA, 1, 0x41);
+  const saved = uart.save();
+  assert.equal(saved.thrInterruptPending, true);
+  assert.equal(uart.transmitUnsettled, true, "save() changes nothing");
+  const other = make();
+  other.uart.restore(saved);
+  assert.equal(other.irq.level, true, "restored with THRE pending: the line is up");
+  assert.equal(other.uart.transmitUnsettled, false);
+  assert.equal(irq.level, false);
 });
 
 test("receive: RDA at trigger level, timeout below, cleared when drained", () => {

@@ -51,7 +51,7 @@ test("a flusher that went idle is woken by the next byte, without a final flush"
   const fd = openSync(path, "w");
   const ring = ConsoleOutputRing.create(1024);
   // No periodic look while idle: only the writer's wake-up can get the bytes out.
-  const flusher = new ConsoleOutputFlusher(ring, fd, 3_600_000);
+  const flusher = new ConsoleOutputFlusher(ring, fd, { idleCheckMs: 3_600_000 });
   try {
     flusher.start();
     const sink = ring.writer();

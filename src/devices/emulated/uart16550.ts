@@ -10,6 +10,17 @@
  * (or, in loopback, into the receive FIFO), so LSR.THRE and LSR.TEMT always
  * read 1.
  *
+ * DEVNOTE: the THRE interrupt that follows a transmitted byte is raised when
+ * the transmitter is next looked at, not at once: at the guest's next UART
+ * access other than another THR write, or when the host calls
+ * `settleTransmit()` (the worker's console flusher does within
+ * FLUSH_INTERVAL_MS of the byte). Raising it per byte cost two interrupt-line
+ * changes (a fresh edge) per byte, each a system call, for an interrupt the
+ * driver did not need: Linux's handler writes up to 16 bytes, then reads IIR
+ * again, which finds THRE pending and goes on, so a whole burst now moves
+ * without any line change. A real UART's THRE also comes a byte time after
+ * the write, so no driver can count on it being immediate.
+ *
  * DEVNOTE: the receive FIFO holds 256 bytes instead of 16 (FIFO and non-FIFO
  * mode alike). A driver drains while LSR.DR is set, so it cannot tell; the
  * larger buffer means fewer console-input round trips. The RX trigger level
@@ -115,6 +126,8 @@ export class Uart16550 implements BusDevice {
     thrPending: "u8",
     /** The level last driven on the IRQ line (0/1). */
     irqLevel: "u8",
+    /** Bytes were transmitted and THR has not been looked at since: THRE is still to be raised. */
+    txUnsettled: "u8",
     rx: { bytes: RX_SIZE },
   });
 
@@ -138,7 +151,7 @@ export class Uart16550 implements BusDevice {
   reset(): void {
     const s = this.state;
     s.rxCount = 0; s.rxHead = 0; s.ier = 0; s.lcr = 0; s.mcr = 0; s.lsrErrors = 0; s.msrDeltas = 0;
-    s.scr = 0; s.fcr = 0; s.dll = 0; s.dlm = 0; s.thrPending = 0;
+    s.scr = 0; s.fcr = 0; s.dll = 0; s.dlm = 0; s.thrPending = 0; s.txUnsettled = 0;
     s.rx.fill(0);
     s.irqLevel = 0;
     this.irq.setLevel(false);
@@ -150,6 +163,29 @@ export class Uart16550 implements BusDevice {
 
   write(_region: string, offset: number, size: AccessSize, value: number): void {
     writeBytewise(offset, size, 8, value, (o, v) => this.writeRegister(o, v));
+  }
+
+  /**
+   * Raise the THRE interrupt owed for bytes already transmitted (see the
+   * DEVNOTE above). The host calls it after a short while, so that a driver
+   * that waits for the interrupt without touching the UART again is served.
+   */
+  settleTransmit(): void {
+    if (this.settleQuietly()) this.updateIrq();
+  }
+
+  /** Whether a THRE interrupt is still owed (the host then calls settleTransmit soon). */
+  get transmitUnsettled(): boolean {
+    return this.state.txUnsettled !== 0;
+  }
+
+  /** THR is empty again: THRE pending, the line not yet updated (the caller does, once). */
+  private settleQuietly(): boolean {
+    const s = this.state;
+    if (s.txUnsettled === 0) return false;
+    s.txUnsettled = 0;
+    s.thrPending = 1;
+    return true;
   }
 
   // ---- console side (called by the worker with the machine lock held) ----
@@ -203,6 +239,17 @@ export class Uart16550 implements BusDevice {
   // ---- registers ----
 
   private readRegister(offset: number): number {
+    // Looking at the UART settles a transmission: what is read below sees THRE pending, and the
+    // line is updated once, after the read (an IIR read that reports THRE clears it again).
+    if (this.settleQuietly()) {
+      const v = this.readSettled(offset);
+      this.updateIrq();
+      return v;
+    }
+    return this.readSettled(offset);
+  }
+
+  private readSettled(offset: number): number {
     const s = this.state;
     switch (offset) {
       case REG_DATA: {
@@ -251,6 +298,17 @@ export class Uart16550 implements BusDevice {
   }
 
   private writeRegister(offset: number, value: number): void {
+    const s = this.state;
+    // Another THR byte joins the transmission in progress; any other write settles it first.
+    if (!(offset === REG_DATA && !(s.lcr & LCR_DLAB)) && this.settleQuietly()) {
+      this.writeSettled(offset, value);
+      this.updateIrq();
+      return;
+    }
+    this.writeSettled(offset, value);
+  }
+
+  private writeSettled(offset: number, value: number): void {
     const s = this.state;
     switch (offset) {
       case REG_DATA:
@@ -306,20 +364,21 @@ export class Uart16550 implements BusDevice {
 
   private transmit(byte: number): void {
     const s = this.state;
-    // The write clears a pending THRE interrupt; the byte leaves at once and
-    // THR is empty again, which raises it anew (the line drops, then rises,
-    // giving an edge-triggered controller a fresh edge).
+    // The write clears a pending THRE interrupt (the line drops if it was up).
     s.thrPending = 0;
     this.updateIrq();
     if (s.mcr & MCR_LOOP) {
       if (s.rxCount >= RX_SIZE) s.lsrErrors |= LSR_OE;
       else this.pushRx(byte);
-    } else {
-      this.txByte[0] = byte;
-      this.output.write(this.txByte); // one buffer for every byte: nothing allocated per OUT
+      // Loopback: THR empty again at once (a fresh edge), as the receive side is looked at anyway.
+      s.thrPending = 1;
+      this.updateIrq();
+      return;
     }
-    s.thrPending = 1;
-    this.updateIrq();
+    this.txByte[0] = byte;
+    this.output.write(this.txByte); // one buffer for every byte: nothing allocated per OUT
+    // THR is empty again; its interrupt is raised when the UART is next looked at (settleTransmit).
+    s.txUnsettled = 1;
   }
 
   /** MSR bits 4-7: from MCR in loopback, else CTS, DSR and DCD asserted (a connected null modem). */
@@ -384,7 +443,8 @@ export class Uart16550 implements BusDevice {
       scr: s.scr,
       fcr: s.fcr,
       divisor: s.dll | (s.dlm << 8),
-      thrInterruptPending: s.thrPending !== 0,
+      // An unsettled transmission is saved settled: THR is empty, its interrupt pending.
+      thrInterruptPending: s.thrPending !== 0 || s.txUnsettled !== 0,
       rx,
     };
   }
@@ -408,6 +468,7 @@ export class Uart16550 implements BusDevice {
     s.ier = ier; s.lcr = lcr; s.mcr = mcr; s.lsrErrors = lsrErrors; s.msrDeltas = msrDeltas; s.scr = scr; s.fcr = fcr;
     s.dll = divisor & 0xff; s.dlm = divisor >> 8;
     s.thrPending = thrPending ? 1 : 0;
+    s.txUnsettled = 0;
     s.rx.fill(0);
     s.rx.set(rx);
     s.rxHead = 0;
