@@ -17,16 +17,27 @@
  * buffers, without virtio) shows the floor. The host is shared: expect
  * +-30% run to run; compare rows of one run.
  *
- * usage: node dist/bench/devices/virtqueue-host.js [--dir /dev/shm] [--size-mib 256] [--seconds 3] [--segment-kib 4] [--anonymous] [--only <workload name part>]
+ * --ring: virtio-blk queues its reads and writes on an io_uring (as the
+ * worker does where the host allows one) and the driver waits for each
+ * batch's completions; without it every request is a synchronous
+ * preadv/pwritev on the device thread.
+ *
+ * --cold drops the host's page cache before each timed loop (root), so that
+ * reads wait for the disk: with --ring they are then queued, up to a batch
+ * in flight at once; without, one at a time.
+ *
+ * usage: node dist/bench/devices/virtqueue-host.js [--dir /dev/shm] [--size-mib 256] [--seconds 3] [--segment-kib 4] [--anonymous] [--ring] [--cold] [--only <workload name part>]
  */
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { spawnSync } from "node:child_process";
 import { join } from "node:path";
 import { cpus } from "node:os";
 import { HeapMeter, type HeapUse } from "../heap-meter.js";
 import { ChunkedGuestMemory } from "../../src/machine/guest-memory.js";
 import { createDisk, openDisk } from "../../src/storage/open.js";
 import type { BlockDevice } from "../../src/storage/block-device.js";
-import { createVirtioBlk } from "../../src/devices/virtio/virtio-blk.js";
+import { createVirtioBlk, type VirtioBlk } from "../../src/devices/virtio/virtio-blk.js";
+import { IoUring } from "../../src/hypervisor/io-uring.js";
 import { VIRTIO_COMMON as C, VIRTIO_STATUS as S, type VirtioPciDevice } from "../../src/devices/virtio/pci-transport.js";
 import type { PciDeviceServices } from "../../src/devices/pci/device-thread-services.js";
 import { libc } from "../../src/hypervisor/index.js";
@@ -43,6 +54,9 @@ const SIZE = Number(arg("--size-mib", "256")) * MiB;
 const SECONDS = Number(arg("--seconds", "2.5"));
 const SEGMENT = Number(arg("--segment-kib", "4")) * 1024;
 const ANONYMOUS = args.includes("--anonymous");
+const RING = args.includes("--ring");
+/** --cold: drop the host's page cache before each timed loop (root; the image on a real disk, e.g. --dir /var/tmp): reads then wait for the disk. */
+const COLD = args.includes("--cold");
 /** Only the workloads whose name contains this text (e.g. "1 MiB sequential read"). */
 const ONLY = arg("--only", "");
 if (!(SEGMENT >= 512 && MiB % SEGMENT === 0 && MiB / SEGMENT <= 1024)) throw new Error("--segment-kib must divide 1024 into at most 1024 segments");
@@ -70,6 +84,7 @@ class Bench {
         return libc.mapSharedFile(fd, off, len);
       }, undefined, (v) => Number(libc.addressOfView(v)));
   readonly dev: VirtioPciDevice;
+  private readonly blk: VirtioBlk;
   interrupts = 0;
   private ring: (() => void) | undefined;
   private readonly desc: DataView;
@@ -90,7 +105,8 @@ class Bench {
       loop: { watch: () => ({ close: () => {} }) },
       doorbells: { mapDoorbell: (key, gpa, _len, onRing) => void (key === 0 && gpa !== undefined ? (this.ring = onRing) : undefined) },
     };
-    this.dev = createVirtioBlk("bench", disk, services, { queues: 1, queueSize: QSIZE });
+    this.dev = createVirtioBlk("bench", disk, services, { queues: 1, queueSize: QSIZE, ...(RING ? { ring: IoUring.open(64) } : {}) });
+    this.blk = this.dev.backend as VirtioBlk;
     this.dev.pci.assignBar(0, 0xe000_0000);
     this.dev.pci.assignBar(1, 0xe001_0000);
     this.dev.pci.enableDecoding();
@@ -180,6 +196,8 @@ class Bench {
     }
     Atomics.store(this.avail, 1, this.availIdx);
     this.ring!();
+    // On a ring: wait for the batch (the device thread's poll loop would hear of it through the ring's eventfd).
+    if (this.blk.queued > 0) this.blk.quiesce();
     let n = 0;
     const idx = Atomics.load(this.used, 1);
     while (this.lastUsed !== idx) {
@@ -225,6 +243,10 @@ function run(bench: Bench, workload: string, batch: number, reqBytes: number, wr
   for (let i = 0; i < 50; i++) {
     for (let s = 0; s < batch; s++) sectors[s] = nextSector();
     bench.submit(batch, sectors);
+  }
+  if (COLD) {
+    spawnSync("sync");
+    writeFileSync("/proc/sys/vm/drop_caches", "1");
   }
   const irq0 = bench.interrupts;
   const meter = new HeapMeter();

@@ -57,6 +57,8 @@ const c = {
   pread: lib.func("int64_t pread(int fd, void *buf, size_t count, int64_t offset)") as IntFn<[number, ArrayBufferView, number, number | bigint]>,
   preadv: lib.func("int64_t preadv(int fd, void *iov, int iovcnt, int64_t offset)") as IntFn<[number, ArrayBufferView, number, number]>,
   pwritev: lib.func("int64_t pwritev(int fd, void *iov, int iovcnt, int64_t offset)") as IntFn<[number, ArrayBufferView, number, number]>,
+  preadv2: lib.func("int64_t preadv2(int fd, void *iov, int iovcnt, int64_t offset, int flags)") as IntFn<[number, ArrayBufferView, number, number, number]>,
+  pwritev2: lib.func("int64_t pwritev2(int fd, void *iov, int iovcnt, int64_t offset, int flags)") as IntFn<[number, ArrayBufferView, number, number, number]>,
   writev: lib.func("int64_t writev(int fd, void *iov, int iovcnt)") as IntFn<[number, ArrayBufferView, number]>,
   readv: lib.func("int64_t readv(int fd, void *iov, int iovcnt)") as IntFn<[number, ArrayBufferView, number]>,
   sendmsg: lib.func("int64_t sendmsg(int fd, const void *msg, int flags)") as IntFn<[number, ArrayBufferView, number]>,
@@ -126,6 +128,7 @@ export const Errno = {
   EPIPE: koffi.os.errno.EPIPE ?? 32,
   ENOTTY: koffi.os.errno.ENOTTY ?? 25,
   ENOSYS: koffi.os.errno.ENOSYS ?? 38,
+  EOPNOTSUPP: koffi.os.errno.EOPNOTSUPP ?? 95,
 } as const;
 
 /** Build the error for a failed call from the current errno. */
@@ -520,8 +523,8 @@ export function pwritev(fd: number, views: readonly Uint8Array[], count: number,
   return r;
 }
 
-function fillHostIovec(addresses: Float64Array, lengths: Uint32Array, count: number, w: Uint32Array = iovecWords): number {
-  if (count > w.length / 4) throw new RangeError(`vectored I/O: ${count} segments exceed the ${w.length / 4} this call takes`);
+function fillHostIovec(addresses: Float64Array, lengths: Uint32Array, count: number, w: Uint32Array = iovecWords, firstWord = 0): number {
+  if (firstWord + count * 4 > w.length) throw new RangeError(`vectored I/O: ${count} segments exceed the ${(w.length - firstWord) / 4} this call takes`);
   let total = 0;
   // The mapping the last span was in, as plain numbers: spans in a row are almost always in one mapping,
   // and nothing here passes an address (never a small integer) to a call, so nothing is boxed.
@@ -535,7 +538,7 @@ function fillHostIovec(addresses: Float64Array, lengths: Uint32Array, count: num
       start = lastHit!.addressNumber;
       end = start + lastHit!.length;
     }
-    const o = i * 4;
+    const o = firstWord + i * 4;
     w[o] = address >>> 0;
     w[o + 1] = Math.floor(address / 4294967296);
     w[o + 2] = length;
@@ -543,6 +546,17 @@ function fillHostIovec(addresses: Float64Array, lengths: Uint32Array, count: num
     total += length;
   }
   return total;
+}
+
+/**
+ * Write host spans as struct iovec entries into `target` (32-bit words of
+ * memory this module mapped, e.g. an io_uring request's iovec area), from
+ * iovec `first` on; returns the bytes they cover. Same checks as preadvHost:
+ * every span inside a live mapping (RangeError before anything is written
+ * otherwise, for the span that is not).
+ */
+export function putHostIovecs(target: Uint32Array, first: number, addresses: Float64Array, lengths: Uint32Array, count: number): number {
+  return fillHostIovec(addresses, lengths, count, target, first * 4);
 }
 
 /**
@@ -556,6 +570,20 @@ export function preadvHost(fd: number, addresses: Float64Array, lengths: Uint32A
   const r = c.preadv(fd, iovecWords, count, offset);
   if (r < 0) throw lastError("preadv", { fd, count, offset: BigInt(offset) });
   return r;
+}
+
+/** preadv2/pwritev2 flag: fail with EAGAIN instead of waiting for the disk (data not in the page cache). */
+export const RWF_NOWAIT = 0x8;
+
+/**
+ * preadv2(2) or pwritev2(2) over host spans (see preadvHost) with `flags`
+ * (RWF_NOWAIT): the bytes moved, or -1 with errno() telling why (EAGAIN:
+ * it would have waited; EOPNOTSUPP: the file system cannot say). Does not
+ * throw for a failed call: the caller decides (queue it, or do it blocking).
+ */
+export function transferHostWithFlags(write: boolean, fd: number, addresses: Float64Array, lengths: Uint32Array, count: number, offset: number, flags: number): number {
+  fillHostIovec(addresses, lengths, count);
+  return write ? c.pwritev2(fd, iovecWords, count, offset, flags) : c.preadv2(fd, iovecWords, count, offset, flags);
 }
 
 /** pwritev(2) from host spans (see preadvHost). Returns the bytes written (may be short). */

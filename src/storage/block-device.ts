@@ -35,6 +35,17 @@ export interface AllocationExtent {
   readonly state: AllocationState;
 }
 
+/**
+ * A queue of asynchronous file requests, as the storage layer uses one (an
+ * io_uring: src/hypervisor/io-uring.ts). Each call prepares one request and
+ * returns false, having prepared nothing, when the queue is full; the owner
+ * submits the batch and later hands back each completion by its token.
+ */
+export interface HostIoQueue {
+  prepareVectored(write: boolean, fd: number, offset: number, addresses: Float64Array, lengths: Uint32Array, count: number, token: number): boolean;
+  prepareFsync(fd: number, dataOnly: boolean, token: number): boolean;
+}
+
 export interface BlockDevice {
   /** Path of the file or device (for messages). */
   readonly path: string;
@@ -84,6 +95,19 @@ export interface BlockDevice {
    */
   readHost?(offset: number, addresses: Float64Array, lengths: Uint32Array, count: number): boolean;
   writeHost?(offset: number, addresses: Float64Array, lengths: Uint32Array, count: number): boolean;
+  /**
+   * Optional: what readHost/writeHost would do, without ever waiting for the
+   * disk: "done" when it could be done at once (the page cache took it),
+   * "queued" when it went on `queue` instead (the completion, bytes moved or
+   * -errno, comes back to the queue's owner with `token`). The range and
+   * read-only checks happen here (DiskError, nothing done). False, having
+   * done nothing, when this disk cannot (O_DIRECT bounce buffers, spans not
+   * host-mapped, a file system that cannot try without waiting) or the queue
+   * is full: the caller then does it synchronously.
+   */
+  queueHost?(queue: HostIoQueue, write: boolean, offset: number, addresses: Float64Array, lengths: Uint32Array, count: number, token: number): "done" | "queued" | false;
+  /** Optional: queue what flush() would do (false: do it synchronously). */
+  queueFlush?(queue: HostIoQueue, token: number): boolean;
 }
 
 export interface OpenOptions {

@@ -31,7 +31,7 @@
  * - A file whose length is not a multiple of 512 is seen rounded down.
  */
 import * as fs from "node:fs";
-import { DiskError, type AllocationExtent, type BlockDevice, type DiskType, type OpenOptions } from "./block-device.js";
+import { DiskError, type AllocationExtent, type BlockDevice, type DiskType, type HostIoQueue, type OpenOptions } from "./block-device.js";
 import type { CheckFinding, CreateSpec, DiskDescription, DiskFormatDriver } from "./format-driver.js";
 
 const SECTOR = 512;
@@ -51,6 +51,9 @@ type SeekFn = (fd: number, offset: number, what: "data" | "hole") => number;
 let libcSpace: { fallocate: FallocateFn; seek: SeekFn; punchHole: number; zeroRange: number } | undefined;
 /** preadv/pwritev over host-mapped views (guest RAM), from the same module. */
 let libcVectored: { preadv: VectoredFn; pwritev: VectoredFn; preadvHost: HostVectoredFn; pwritevHost: HostVectoredFn; iovMax: number } | undefined;
+type FlaggedHostFn = (write: boolean, fd: number, addresses: Float64Array, lengths: Uint32Array, count: number, offset: number, flags: number) => number;
+/** preadv2/pwritev2 with RWF_NOWAIT, and errno (queueHost: try at once, queue what would wait). */
+let libcNowait: { transfer: FlaggedHostFn; flag: number; errno: () => number; EAGAIN: number } | undefined;
 try {
   const specifier = "../hypervisor/libc.js";
   const mod = (await import(specifier)) as {
@@ -58,6 +61,10 @@ try {
     preadv?: unknown;
     pwritev?: unknown;
     preadvHost?: unknown;
+    transferHostWithFlags?: unknown;
+    RWF_NOWAIT?: unknown;
+    errno?: unknown;
+    Errno?: { EAGAIN: number };
     pwritevHost?: unknown;
     IOV_MAX?: unknown;
     fallocate?: unknown;
@@ -72,6 +79,8 @@ try {
       zeroRange: mod.FALLOC_FL.zeroRange | mod.FALLOC_FL.keepSize,
     };
   if (typeof mod.alignedBuffer === "function") libcAlignedBuffer = mod.alignedBuffer as AlignedBufferFn;
+  if (typeof mod.transferHostWithFlags === "function" && typeof mod.errno === "function" && typeof mod.RWF_NOWAIT === "number" && mod.Errno !== undefined)
+    libcNowait = { transfer: mod.transferHostWithFlags as FlaggedHostFn, flag: mod.RWF_NOWAIT, errno: mod.errno as () => number, EAGAIN: mod.Errno.EAGAIN };
   if (typeof mod.preadv === "function" && typeof mod.pwritev === "function" && typeof mod.preadvHost === "function" && typeof mod.pwritevHost === "function")
     libcVectored = {
       preadv: mod.preadv as VectoredFn,
@@ -297,13 +306,19 @@ export class RawDisk implements BlockDevice {
     return total;
   }
 
-  /** One preadv/pwritev over host spans; false (the caller redoes it another way) when not possible or short. */
-  private host(offset: number, addresses: Float64Array, lengths: Uint32Array, count: number, write: boolean): boolean {
-    if (libcVectored === undefined || this.direct !== undefined || count > libcVectored.iovMax) return false;
+  /** The bytes host spans cover, after the range and read-only checks a transfer of them needs (DiskError). */
+  private checkedSpans(offset: number, lengths: Uint32Array, count: number, write: boolean): number {
     let total = 0;
     for (let i = 0; i < count; i++) total += lengths[i]!;
     this.checkRange(offset, total, write ? "write" : "read");
     if (write && this.readOnly) throw new DiskError("DISK_READ_ONLY", "write to a read-only disk", this.path, { offset });
+    return total;
+  }
+
+  /** One preadv/pwritev over host spans; false (the caller redoes it another way) when not possible or short. */
+  private host(offset: number, addresses: Float64Array, lengths: Uint32Array, count: number, write: boolean): boolean {
+    if (libcVectored === undefined || this.direct !== undefined || count > libcVectored.iovMax) return false;
+    const total = this.checkedSpans(offset, lengths, count, write);
     if (total === 0) return true;
     let n: number;
     try {
@@ -321,6 +336,54 @@ export class RawDisk implements BlockDevice {
 
   writeHost(offset: number, addresses: Float64Array, lengths: Uint32Array, count: number): boolean {
     return this.host(offset, addresses, lengths, count, true);
+  }
+
+  /**
+   * Whether this file's reads (index 0) and writes (1) can be tried without
+   * waiting (RWF_NOWAIT): undefined until tried, false where the file system
+   * cannot say (tmpfs on older kernels, some writes): those stay synchronous.
+   */
+  private readonly nowait: [boolean | undefined, boolean | undefined] = [undefined, undefined];
+
+  /**
+   * The transfer at once if the page cache can take it without waiting (one
+   * preadv2/pwritev2 with RWF_NOWAIT: as cheap as the synchronous path), else
+   * queued on `queue` (the disk would have made the device thread wait).
+   * Files whose file system cannot try without waiting are not queued at all:
+   * false, and the caller does it synchronously, as before.
+   */
+  queueHost(queue: HostIoQueue, write: boolean, offset: number, addresses: Float64Array, lengths: Uint32Array, count: number, token: number): "done" | "queued" | false {
+    const nw = libcNowait;
+    const which = write ? 1 : 0;
+    if (nw === undefined || this.direct !== undefined || this.closed || this.nowait[which] === false || count > (libcVectored?.iovMax ?? 1024)) return false;
+    const total = this.checkedSpans(offset, lengths, count, write);
+    if (total === 0) return false;
+    let n: number;
+    try {
+      n = nw.transfer(write, this.fd, addresses, lengths, count, offset, nw.flag);
+    } catch (e) {
+      if (e instanceof RangeError) return false; // a span not mapped by the FFI layer: the views path takes it
+      throw e;
+    }
+    if (n === total) {
+      this.nowait[which] = true;
+      return "done";
+    }
+    if (n >= 0) return false; // partly done: the caller redoes the whole request synchronously
+    const e = nw.errno();
+    if (e !== nw.EAGAIN) {
+      // EOPNOTSUPP (the file system cannot try without waiting) or a real error the synchronous path will report.
+      if (this.nowait[which] === undefined) this.nowait[which] = false;
+      return false;
+    }
+    this.nowait[which] = true;
+    return queue.prepareVectored(write, this.fd, offset, addresses, lengths, count, token) ? "queued" : false;
+  }
+
+  /** fsync on the ring, for files whose reads or writes can wait for a disk (not for tmpfs, whose fsync does nothing). */
+  queueFlush(queue: HostIoQueue, token: number): boolean {
+    if (this.closed || this.readOnly || (this.nowait[0] !== true && this.nowait[1] !== true)) return false;
+    return queue.prepareFsync(this.fd, false, token);
   }
 
   readVectored(offset: number, segments: readonly Uint8Array[], count: number): boolean {

@@ -15,6 +15,7 @@ import type { BlockDevice } from "../storage/block-device.js";
 import { createVirtioBlk, type VirtioBlk } from "../devices/virtio/virtio-blk.js";
 import { createVirtioRng } from "../devices/virtio/virtio-rng.js";
 import { HostEntropy } from "../hypervisor/host-entropy.js";
+import { IoUring } from "../hypervisor/io-uring.js";
 import { createVirtioConsole, type HostByteStream } from "../devices/virtio/virtio-console.js";
 import { createVirtioNet } from "../devices/net/virtio-net.js";
 import { Ne2kPci } from "../devices/net/ne2k-pci.js";
@@ -36,6 +37,26 @@ export interface AssemblyContext {
   readonly vcpus: number;
   /** An ISA interrupt line (IDE compatibility mode: 14 and 15). */
   isaIrq(irq: number): IrqLine;
+  /** Tell the user something once (a back end runs degraded). */
+  warn?(message: string): void;
+}
+
+/** Requests a virtio-blk disk may have in flight on its io_uring (more wait in the virtqueue or run synchronously). */
+const DISK_RING_ENTRIES = 128;
+
+/**
+ * A disk's io_uring, or undefined (requests then run synchronously on the
+ * device thread) where the host refuses one (no io_uring, a seccomp policy,
+ * kernel.io_uring_disabled) or PARTIS_BLOCK_IO=sync asks for that.
+ */
+function openRing(id: string, warn: ((message: string) => void) | undefined): IoUring | undefined {
+  if (process.env["PARTIS_BLOCK_IO"] === "sync") return undefined;
+  try {
+    return IoUring.open(DISK_RING_ENTRIES);
+  } catch (e) {
+    warn?.(`${id}: no io_uring here (${(e as Error).message}); disk requests run synchronously on the device thread`);
+    return undefined;
+  }
 }
 
 function open(spec: DiskSpec, id: string): BlockDevice {
@@ -177,11 +198,24 @@ export function assembleDevice(f: PlannedFunction, devices: readonly DeviceSpec[
     }
     case "virtio-blk": {
       const disk = open(spec.disk, spec.id);
+      let ring: IoUring | undefined;
       try {
-        const device = createVirtioBlk(spec.id, disk, services, { queues: Math.max(1, Math.min(spec.queues, 16)), serial: spec.id });
+        ring = disk.queueHost !== undefined ? openRing(spec.id, ctx.warn) : undefined;
+        const device = createVirtioBlk(spec.id, disk, services, { queues: Math.max(1, Math.min(spec.queues, 16)), serial: spec.id, ...(ring !== undefined ? { ring } : {}) });
         const blk = device.backend as VirtioBlk;
-        return { device, close: () => disk.close(), stats: () => ({ ...blk.stats }) };
+        const watch = ring === undefined ? undefined : services.loop.watch(ring.eventFd, () => blk.completeQueued());
+        return {
+          device,
+          close: () => {
+            blk.closeQueue();
+            watch?.close();
+            ring?.close();
+            disk.close();
+          },
+          stats: () => ({ ...blk.stats, queuedNow: blk.queued }),
+        };
       } catch (e) {
+        ring?.close();
         disk.close();
         throw e;
       }

@@ -212,6 +212,7 @@ function main(data: DeviceThreadData): void {
       vmName: data.vmName,
       vcpus: data.vcpus,
       isaIrq: (irq) => intx.line(`isa${irq}`, irq, undefined),
+      warn,
     });
     pciRef = a.device;
     assembled.push(a);

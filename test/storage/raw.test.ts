@@ -271,3 +271,59 @@ test("vectored I/O: a scatter list of host-mapped views in one preadv/pwritev; p
     d.close();
   }
 });
+
+test("raw: queueHost never waits for the disk: done at once, or queued and completed by the ring, or refused untouched; checks first", async () => {
+  const { IoUring } = await import("../../src/hypervisor/io-uring.js");
+  const { addressOfView, alignedBuffer } = await import("../../src/hypervisor/libc.js");
+  // /var/tmp: a disk-backed file system where there is one (the case that matters), else the temp dir.
+  const base = fs.existsSync("/var/tmp") ? "/var/tmp" : os.tmpdir();
+  const dir = fs.mkdtempSync(path.join(base, "partis-raw-queue-"));
+  const ring = IoUring.open(8);
+  try {
+    const file = path.join(dir, "d.raw");
+    rawDriver.create(file, { type: "fixed", size: 8 * MiB });
+    const disk = openDisk(file);
+    const content = new Uint8Array(8 * MiB);
+    for (let i = 0; i < content.length; i += 4096) content.fill((i >> 12) & 0xff, i, i + 4096);
+    disk.write(0, content);
+    disk.flush();
+    // Drop the file's pages from the page cache where dd can (GNU dd: iflag=nocache), so some reads would wait.
+    try {
+      execFileSync("dd", [`if=${file}`, "iflag=nocache", "count=0"], { stdio: "ignore" });
+    } catch {
+      /* the reads then come from the cache: still a valid run of the contract below */
+    }
+    const mem = alignedBuffer(64 * 4096);
+    const outcomes = new Map<string, number>();
+    const completions = new Map<number, number>();
+    for (let k = 0; k < 64; k++) {
+      const at = (k * 37 % 2048) * 4096;
+      const span = mem.subarray(k * 4096, (k + 1) * 4096);
+      span.fill(0xee);
+      const r = disk.queueHost!(ring, false, at, Float64Array.of(Number(addressOfView(span))), Uint32Array.of(4096), 1, k);
+      outcomes.set(String(r), (outcomes.get(String(r)) ?? 0) + 1);
+      if (r === "queued") ring.submit();
+      if (r === false) disk.read(at, span); // refused untouched: the caller does it synchronously
+      if (ring.room === 0) ring.drain((t, res) => completions.set(t, res));
+    }
+    ring.drain((t, res) => completions.set(t, res));
+    for (const [, res] of completions) assert.equal(res, 4096);
+    assert.equal(completions.size, outcomes.get("queued") ?? 0, "every queued read completed once");
+    for (let k = 0; k < 64; k++) {
+      const at = (k * 37 % 2048) * 4096;
+      assert.deepEqual(mem.subarray(k * 4096, (k + 1) * 4096), content.subarray(at, at + 4096), `block ${k}`);
+    }
+    console.log(`raw queueHost outcomes on ${base}: ${JSON.stringify(Object.fromEntries(outcomes))}`);
+    // Checks come first: past the end, and writes to a read-only disk, throw and queue nothing.
+    assert.throws(() => disk.queueHost!(ring, false, 8 * MiB, Float64Array.of(Number(addressOfView(mem))), Uint32Array.of(4096), 1, 99), DiskError);
+    disk.close();
+    const ro = openDisk(file, { readOnly: true });
+    assert.throws(() => ro.queueHost!(ring, true, 0, Float64Array.of(Number(addressOfView(mem))), Uint32Array.of(4096), 1, 98), DiskError);
+    assert.equal(ring.inFlight, 0);
+    assert.equal(ring.room, 8);
+    ro.close();
+  } finally {
+    ring.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -131,6 +131,8 @@ export interface VirtioBackend {
   /** The driver notified queue `index` (only while active). */
   queueNotified(index: number): void;
   save?(): SavedDeviceState;
+  /** Before the transport saves the queues: finish requests still in flight (they complete into the used rings). */
+  quiesce?(): void;
 }
 
 /** What the transport offers its back end. */
@@ -702,6 +704,7 @@ export class VirtioPciDevice implements PciDevice, VirtioTransport {
   // ---- saved state ----
 
   save(): VirtioPciSavedState {
+    this.backend.quiesce?.();
     return {
       kind: "virtio-pci",
       version: 1,

@@ -416,6 +416,20 @@ export class VirtQueue {
     return this.walk(chain, head);
   }
 
+  /**
+   * Walk the chain at `head` again (popped earlier and not yet returned: a
+   * device redoing a request). False when the queue is broken or the chain
+   * no longer checks out (the queue then reports the error as pop would).
+   */
+  redo(chain: DescriptorChain, head: number): boolean {
+    chain.clear();
+    chain.memory = this.memory;
+    if (!this.ready) return false;
+    if (head >= this.size) return this.fail("VIRTQ_BAD_HEAD", `descriptor ${head} to redo is outside the queue (size ${this.size})`);
+    chain.head = head;
+    return this.walk(chain, head);
+  }
+
   /** Give back the chain returned by the last pop() (it will be popped again). */
   unpop(): void {
     if (!this.ready) return;

@@ -23,7 +23,8 @@
  *   (the back end, a VirtioBlk, is `device.backend`; `stats` counts requests)
  */
 import type { SavedDeviceState } from "../dependencies.js";
-import type { BlockDevice } from "../../storage/block-device.js";
+import type { BlockDevice, HostIoQueue } from "../../storage/block-device.js";
+import { GuestSpan } from "../../machine/guest-memory.js";
 import type { PciDeviceServices } from "../pci/device-thread-services.js";
 import { ChainSpans, DescriptorChain, VirtioError, type VirtQueue } from "./queue.js";
 import { VirtioPciDevice, featureBit, type VirtioBackend, type VirtioTransport } from "./pci-transport.js";
@@ -89,7 +90,35 @@ export interface VirtioBlkOptions {
   readonly serial?: string;
   /** Maximum queue size (power of two, default 256). */
   readonly queueSize?: number;
+  /**
+   * Where reads, writes and flushes go asynchronously (an io_uring), when the
+   * disk can queue them: the device thread then never waits for the disk, and
+   * up to `ring.entries` requests are in flight. The integrator watches the
+   * ring's completions and calls `completeQueued()`.
+   */
+  readonly ring?: BlockRequestRing;
 }
+
+/** The asynchronous request queue virtio-blk uses (src/hypervisor/io-uring.ts's IoUring). */
+export interface BlockRequestRing extends HostIoQueue {
+  readonly entries: number;
+  /** Hand the prepared requests to the kernel. */
+  submit(): void;
+  /** Completions that have arrived, each as (token, bytes or -errno). */
+  reap(handler: (token: number, result: number) => void): number;
+  /** Clear the completion event the integrator watches (before reap). */
+  takeEvent(): void;
+  /** Submit, then wait for every request in flight, handing each completion over. */
+  drain(handler: (token: number, result: number) => void): void;
+}
+
+/** read()/write() result: the request went to the ring and completes later. */
+const QUEUED = -1;
+
+/** Queued request kinds (slotKind). */
+const QUEUED_READ = 0;
+const QUEUED_WRITE = 1;
+const QUEUED_FLUSH = 2;
 
 export interface VirtioBlkStats {
   requests: number;
@@ -98,6 +127,8 @@ export interface VirtioBlkStats {
   flushes: number;
   errors: number;
   unsupported: number;
+  /** Requests that went through the ring (asynchronous) rather than synchronously. */
+  queued: number;
 }
 
 export interface VirtioBlkSavedState extends SavedDeviceState {
@@ -113,7 +144,7 @@ export class VirtioBlk implements VirtioBackend {
   readonly features: bigint;
   readonly queueMaxSizes: readonly number[];
   readonly configSize = VIRTIO_BLK_CONFIG.size;
-  readonly stats: VirtioBlkStats = { requests: 0, readBytes: 0, writtenBytes: 0, flushes: 0, errors: 0, unsupported: 0 };
+  readonly stats: VirtioBlkStats = { requests: 0, readBytes: 0, writtenBytes: 0, flushes: 0, errors: 0, unsupported: 0, queued: 0 };
 
   private readonly config = new Uint8Array(VIRTIO_BLK_CONFIG.size);
   private readonly serial = new Uint8Array(VIRTIO_BLK_ID_BYTES);
@@ -129,6 +160,24 @@ export class VirtioBlk implements VirtioBackend {
   private readonly zeros = new Uint8Array(ZERO_CHUNK);
   private readonly sectorSize: number;
 
+  // Requests in flight on the ring, by slot (the token): no object per request.
+  private readonly ring: BlockRequestRing | undefined;
+  private readonly freeSlots: Int32Array;
+  private freeCount: number;
+  private readonly slotQueue: Int32Array;
+  private readonly slotHead: Int32Array;
+  private readonly slotKind: Uint8Array;
+  /** Bytes the request moves (a completion with fewer is redone synchronously). */
+  private readonly slotBytes: Float64Array;
+  /** Guest address of the request's status byte. */
+  private readonly slotStatus: Float64Array;
+  private queuedSinceSubmit = false;
+  /** Completions are being dropped (device reset). */
+  private dropping = false;
+  private readonly signalQueue: Uint8Array;
+  private readonly statusSpan = new GuestSpan();
+  private readonly onCompletion = (slot: number, result: number): void => this.completed(slot, result);
+
   constructor(
     readonly disk: BlockDevice,
     opts: VirtioBlkOptions,
@@ -137,6 +186,18 @@ export class VirtioBlk implements VirtioBackend {
     if (!Number.isInteger(n) || n < 1 || n > 256) throw new VirtioError("VIRTIO_BLK_BAD_QUEUES", `virtio-blk: ${n} queues (1..256)`, { path: disk.path });
     const qs = opts.queueSize ?? 256;
     this.queueMaxSizes = new Array<number>(n).fill(qs);
+    this.signalQueue = new Uint8Array(n);
+    const ring = opts.ring !== undefined && disk.queueHost !== undefined ? opts.ring : undefined;
+    this.ring = ring;
+    const slots = ring?.entries ?? 0;
+    this.freeSlots = new Int32Array(slots);
+    for (let i = 0; i < slots; i++) this.freeSlots[i] = slots - 1 - i;
+    this.freeCount = slots;
+    this.slotQueue = new Int32Array(slots);
+    this.slotHead = new Int32Array(slots);
+    this.slotKind = new Uint8Array(slots);
+    this.slotBytes = new Float64Array(slots);
+    this.slotStatus = new Float64Array(slots);
     this.sectorSize = Math.max(SECTOR, disk.logicalSectorSize);
     let f = featureBit(VIRTIO_BLK_F.segMax) | featureBit(VIRTIO_BLK_F.blkSize) | featureBit(VIRTIO_BLK_F.flush) | featureBit(VIRTIO_BLK_F.topology);
     if (n > 1) f |= featureBit(VIRTIO_BLK_F.mq);
@@ -182,7 +243,30 @@ export class VirtioBlk implements VirtioBackend {
   }
 
   activate(): void {}
-  reset(): void {}
+
+  /** Device reset: requests still in flight finish on the host, but the guest hears of none of them. */
+  reset(): void {
+    if (this.ring === undefined || this.freeCount === this.freeSlots.length) return;
+    this.dropping = true;
+    try {
+      this.ring.drain(this.onCompletion);
+    } finally {
+      this.dropping = false;
+      this.signalQueue.fill(0);
+    }
+  }
+
+  /** Before the device's state is saved: every request in flight completes into its used ring. */
+  quiesce(): void {
+    if (this.ring === undefined || this.freeCount === this.freeSlots.length) return;
+    this.ring.drain(this.onCompletion);
+    this.signalCompleted();
+  }
+
+  /** Requests in flight on the ring (0 without one). */
+  get queued(): number {
+    return this.freeSlots.length - this.freeCount;
+  }
 
   queueNotified(index: number): void {
     const t = this.transport!;
@@ -190,12 +274,113 @@ export class VirtioBlk implements VirtioBackend {
     const chain = this.chain;
     do {
       q.disableNotifications();
-      while (q.pop(chain)) this.handle(q, chain);
+      while (q.pop(chain)) this.handle(q, chain, true);
     } while (!q.enableNotifications());
+    if (this.queuedSinceSubmit) {
+      this.queuedSinceSubmit = false;
+      this.ring!.submit();
+      // What the kernel did while submitting (page-cache hits) is answered now, in this batch's interrupt.
+      this.ring!.reap(this.onCompletion);
+      this.signalQueue[index] = 0;
+    }
     t.signalUsed(index);
+    this.signalCompleted();
   }
 
-  private handle(q: VirtQueue, chain: DescriptorChain): void {
+  /** The ring's completions have arrived (its eventfd is readable): finish those requests. */
+  completeQueued(): void {
+    if (this.ring === undefined) return;
+    this.ring.takeEvent();
+    this.ring.reap(this.onCompletion);
+    this.signalCompleted();
+  }
+
+  private signalCompleted(): void {
+    const t = this.transport!;
+    for (let i = 0; i < this.signalQueue.length; i++) {
+      if (this.signalQueue[i] === 0) continue;
+      this.signalQueue[i] = 0;
+      t.signalUsed(i);
+    }
+  }
+
+  private completed(slot: number, result: number): void {
+    this.freeSlots[this.freeCount++] = slot;
+    if (this.dropping) return;
+    const qi = this.slotQueue[slot]!;
+    const q = this.transport!.queues[qi];
+    if (q === undefined) return;
+    const head = this.slotHead[slot]!;
+    const kind = this.slotKind[slot]!;
+    const bytes = this.slotBytes[slot]!;
+    this.signalQueue[qi] = 1;
+    if (result >= 0 && kind !== QUEUED_FLUSH && result !== bytes) {
+      // Short (the file shrank under us, say): do the whole request again, synchronously, from its
+      // descriptors (still the guest's to keep: it has not had the request back).
+      if (q.redo(this.chain, head)) this.handle(q, this.chain, false);
+      return;
+    }
+    let status: number = VIRTIO_BLK_S.ok;
+    if (result < 0) {
+      status = VIRTIO_BLK_S.ioerr;
+      this.stats.errors++;
+    } else if (kind === QUEUED_READ) this.stats.readBytes += bytes;
+    else if (kind === QUEUED_WRITE) this.stats.writtenBytes += bytes;
+    else this.stats.flushes++;
+    const span = this.statusSpan;
+    if (this.transport!.memory.locate(this.slotStatus[slot]!, 1, span)) span.view[span.offset] = status;
+    q.pushUsed(head, (status === VIRTIO_BLK_S.ok && kind === QUEUED_READ ? bytes : 0) + 1);
+  }
+
+  /**
+   * The selected spans (or a flush) without waiting for the disk: "done" at
+   * once (the page cache took it), "queued" on the ring, or false: do it
+   * synchronously.
+   */
+  private enqueue(q: VirtQueue, chain: DescriptorChain, kind: number, pos: number, bytes: number): "done" | "queued" | false {
+    const ring = this.ring;
+    if (ring === undefined || this.freeCount === 0) return false;
+    const slot = this.freeSlots[this.freeCount - 1]!;
+    const disk = this.disk;
+    if (kind === QUEUED_FLUSH) {
+      if (disk.queueFlush?.(ring, slot) !== true) return false;
+    } else {
+      const spans = this.spans;
+      if (!spans.toHost(chain.memory)) return false;
+      const write = kind === QUEUED_WRITE;
+      let r = disk.queueHost!(ring, write, pos, spans.host, spans.len, spans.count, slot);
+      if (r === false && this.queuedSinceSubmit) {
+        // The batch's scatter lists may have filled the ring's iovec area: hand the batch to the kernel, then try once more.
+        this.queuedSinceSubmit = false;
+        ring.submit();
+        r = disk.queueHost!(ring, write, pos, spans.host, spans.len, spans.count, slot);
+      }
+      if (r !== "queued") return r;
+    }
+    this.freeCount--;
+    this.stats.queued++;
+    this.slotQueue[slot] = q.index;
+    this.slotHead[slot] = chain.head;
+    this.slotKind[slot] = kind;
+    this.slotBytes[slot] = bytes;
+    const last = chain.writableCount - 1;
+    this.slotStatus[slot] = chain.writableGpa[last]! + chain.writableLen[last]! - 1;
+    this.queuedSinceSubmit = true;
+    return "queued";
+  }
+
+  /** Release the ring's requests (device teardown): waits for what is in flight. */
+  closeQueue(): void {
+    if (this.ring === undefined) return;
+    this.dropping = true;
+    try {
+      this.ring.drain(this.onCompletion);
+    } finally {
+      this.dropping = false;
+    }
+  }
+
+  private handle(q: VirtQueue, chain: DescriptorChain, mayQueue: boolean): void {
     if (chain.writableBytes < 1) {
       q.fail("VIRTIO_BLK_NO_STATUS", `request ${chain.head} has no writable byte for its status`);
       return;
@@ -215,13 +400,16 @@ export class VirtioBlk implements VirtioBackend {
       try {
         switch (type) {
           case VIRTIO_BLK_T.in:
-            status = this.read(chain, sector, dataIn);
+            status = this.read(q, chain, sector, dataIn, mayQueue);
+            if (status === QUEUED) return;
             if (status === VIRTIO_BLK_S.ok) written = dataIn;
             break;
           case VIRTIO_BLK_T.out:
-            status = this.write(chain, sector);
+            status = this.write(q, chain, sector, mayQueue);
+            if (status === QUEUED) return;
             break;
           case VIRTIO_BLK_T.flush:
+            if (mayQueue && this.enqueue(q, chain, QUEUED_FLUSH, 0, 0) === "queued") return;
             this.disk.flush();
             this.stats.flushes++;
             break;
@@ -253,22 +441,26 @@ export class VirtioBlk implements VirtioBackend {
     return offset + bytes <= this.disk.size && offset % this.sectorSize === 0 && bytes % this.sectorSize === 0;
   }
 
-  private read(chain: DescriptorChain, sector: number, bytes: number): number {
+  private read(q: VirtQueue, chain: DescriptorChain, sector: number, bytes: number, mayQueue: boolean): number {
     if (!this.inRange(sector, bytes)) return VIRTIO_BLK_S.ioerr;
     // The data segments: the writable ones, cut to the request's length (the status byte follows).
     this.spans.select(chain, true, 0, bytes);
-    this.transfer(chain, sector * SECTOR, false);
+    const r = mayQueue && bytes > 0 ? this.enqueue(q, chain, QUEUED_READ, sector * SECTOR, bytes) : false;
+    if (r === "queued") return QUEUED;
+    if (r === false) this.transfer(chain, sector * SECTOR, false);
     this.stats.readBytes += bytes;
     return VIRTIO_BLK_S.ok;
   }
 
-  private write(chain: DescriptorChain, sector: number): number {
+  private write(q: VirtQueue, chain: DescriptorChain, sector: number, mayQueue: boolean): number {
     if (this.disk.readOnly) return VIRTIO_BLK_S.ioerr;
     const bytes = chain.readableBytes - 16;
     if (!this.inRange(sector, bytes)) return VIRTIO_BLK_S.ioerr;
     // The data segments: the readable ones after the 16-byte request header.
     this.spans.select(chain, false, 16, bytes);
-    this.transfer(chain, sector * SECTOR, true);
+    const r = mayQueue && bytes > 0 ? this.enqueue(q, chain, QUEUED_WRITE, sector * SECTOR, bytes) : false;
+    if (r === "queued") return QUEUED;
+    if (r === false) this.transfer(chain, sector * SECTOR, true);
     this.stats.writtenBytes += bytes;
     return VIRTIO_BLK_S.ok;
   }

@@ -67,6 +67,8 @@ export interface FuzzTarget {
   readonly consuming: readonly number[];
   /** An extra device-specific action (host side events); optional. */
   extra?(rng: SeededRandom): void;
+  /** After each notification, inside the same checks: finish what the device left in flight (an io_uring's requests). */
+  afterKick?(): void;
 }
 
 export interface FuzzStats {
@@ -184,7 +186,10 @@ export class VirtioFuzzer {
   }
 
   private kick(dq: DriverQueue): void {
-    this.device("kick", () => dq.kick(this.rng.int(3) === 0));
+    this.device("kick", () => {
+      dq.kick(this.rng.int(3) === 0);
+      this.t.afterKick?.();
+    });
   }
 
   private wellFormed(q: number): void {

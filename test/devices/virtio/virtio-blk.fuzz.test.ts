@@ -1,6 +1,12 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { createVirtioBlk, VIRTIO_BLK_S, VIRTIO_BLK_T } from "../../../src/devices/virtio/virtio-blk.js";
+import { closeSync, mkdtempSync, openSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { createVirtioBlk, VIRTIO_BLK_S, VIRTIO_BLK_T, type VirtioBlk } from "../../../src/devices/virtio/virtio-blk.js";
+import type { BlockDevice } from "../../../src/storage/block-device.js";
+import { createDisk, openDisk } from "../../../src/storage/open.js";
+import { IoUring } from "../../../src/hypervisor/io-uring.js";
 import { SeededRandom } from "../device-fakes.js";
 import { MemDisk } from "./mem-disk.js";
 import { VirtioFuzzer, dataBuffer, fuzzServices, type ChainSpec, type FuzzTarget } from "./fuzz-harness.js";
@@ -9,15 +15,18 @@ import type { Buffer as Buf } from "./virtio-driver.js";
 const DISK = 256 * 1024;
 const SECTORS = DISK / 512;
 
-function blkTarget(readOnly: boolean, fz: () => VirtioFuzzer): FuzzTarget {
-  const services = fuzzServices();
-  const disk = new MemDisk(DISK, readOnly);
-  const dev = createVirtioBlk("vblk-fuzz", disk, services, { queues: 2, queueSize: 64, serial: "FUZZ" });
+/** `onRing`: a raw file on an io_uring over host-mapped RAM, every request drained after its notification. */
+function blkTarget(readOnly: boolean, fz: () => VirtioFuzzer, onRing?: { disk: BlockDevice; ring: IoUring }): FuzzTarget {
+  const services = fuzzServices(onRing !== undefined);
+  const disk = onRing?.disk ?? new MemDisk(DISK, readOnly);
+  const dev = createVirtioBlk("vblk-fuzz", disk, services, { queues: 2, queueSize: 64, serial: "FUZZ", ...(onRing !== undefined ? { ring: onRing.ring } : {}) });
+  const blk = dev.backend as VirtioBlk;
   const mem = services.memory;
   return {
     dev,
     services,
     consuming: [0, 1],
+    ...(onRing !== undefined ? { afterKick: () => blk.quiesce() } : {}),
     request(rng: SeededRandom): ChainSpec {
       const f = fz();
       const type = rng.pick([0, 0, 0, 1, 1, 1, 4, 8, 11, 13, 10, rng.int(2 ** 32)]);
@@ -92,3 +101,36 @@ for (const [readOnly, steps, seed] of [[false, 100_000, 0xb10c], [true, 20_000, 
     console.log(`virtio-blk fuzz: ${JSON.stringify(stats)}`);
   });
 }
+
+test("virtio-blk fuzz on an io_uring (raw file, host-mapped RAM, 30000 steps, seed 0xb10e)", { timeout: 120_000 }, () => {
+  const dir = mkdtempSync(join(tmpdir(), "partis-vblk-fuzz-"));
+  const path = join(dir, "disk.raw");
+  createDisk(path, "raw", { type: "fixed", size: DISK });
+  const raw = openDisk(path);
+  // Every transfer and flush goes to the ring (as on a disk whose page cache never has the data), on an fd of the same file.
+  const fd = openSync(path, "r+");
+  const disk: BlockDevice = Object.assign(Object.create(raw) as BlockDevice, {
+    queueHost: (queue: IoUring, write: boolean, offset: number, a: Float64Array, l: Uint32Array, n: number, token: number) =>
+      queue.prepareVectored(write, fd, offset, a, l, n, token) ? ("queued" as const) : false,
+    queueFlush: (queue: IoUring, token: number) => queue.prepareFsync(fd, false, token),
+  });
+  const ring = IoUring.open(16);
+  try {
+    const rng = new SeededRandom(0xb10e);
+    let fuzzer: VirtioFuzzer | undefined;
+    const target = blkTarget(false, () => fuzzer!, { disk, ring });
+    fuzzer = new VirtioFuzzer(target, rng);
+    const stats = fuzzer.run(30_000);
+    assert.ok(stats.requestsCompleted > 30_000 / 20, `completed ${stats.requestsCompleted}`);
+    assert.ok(stats.malformedDetected > 30_000 / 100, `malformed ${stats.malformedDetected}`);
+    assert.equal(ring.inFlight, 0);
+    const queued = (target.dev.backend as VirtioBlk).stats.queued;
+    assert.ok(queued > 30_000 / 50, `requests through the ring: ${queued}`);
+    console.log(`virtio-blk fuzz on io_uring: ${JSON.stringify(stats)}`);
+  } finally {
+    ring.close();
+    closeSync(fd);
+    raw.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -6,7 +6,8 @@ import { join } from "node:path";
 import { createDisk, openDisk } from "../../../src/storage/open.js";
 import type { BlockDevice } from "../../../src/storage/block-device.js";
 import { VIRTIO_F, VIRTIO_STATUS as S, featureBit, type VirtioPciDevice } from "../../../src/devices/virtio/pci-transport.js";
-import { VIRTIO_BLK_CONFIG as K, VIRTIO_BLK_F, VIRTIO_BLK_S, VIRTIO_BLK_T, createVirtioBlk, type VirtioBlk } from "../../../src/devices/virtio/virtio-blk.js";
+import { VIRTIO_BLK_CONFIG as K, VIRTIO_BLK_F, VIRTIO_BLK_S, VIRTIO_BLK_T, createVirtioBlk, type BlockRequestRing, type VirtioBlk } from "../../../src/devices/virtio/virtio-blk.js";
+import { IoUring } from "../../../src/hypervisor/io-uring.js";
 import { TestVirtioDriver, makeServices, placeDevice, type Buffer, type DriverQueue, type TestServices } from "./virtio-driver.js";
 import { MemDisk } from "./mem-disk.js";
 
@@ -20,10 +21,14 @@ const ALL = featureBit(VIRTIO_F.version1) | featureBit(VIRTIO_F.indirectDesc) | 
 
 function make(
   disk: BlockDevice = new MemDisk(MiB),
-  opts: { queues?: number; serial?: string; want?: bigint; msix?: boolean; hostMapped?: boolean; chunkBytes?: number } = {},
+  opts: { queues?: number; serial?: string; want?: bigint; msix?: boolean; hostMapped?: boolean; chunkBytes?: number; ring?: BlockRequestRing } = {},
 ) {
   const services = makeServices(4 * MiB, opts.chunkBytes ?? 1 << 30, opts.hostMapped ?? false);
-  const dev = createVirtioBlk("vblk0", disk, services, { queues: opts.queues ?? 1, ...(opts.serial !== undefined ? { serial: opts.serial } : {}) });
+  const dev = createVirtioBlk("vblk0", disk, services, {
+    queues: opts.queues ?? 1,
+    ...(opts.serial !== undefined ? { serial: opts.serial } : {}),
+    ...(opts.ring !== undefined ? { ring: opts.ring } : {}),
+  });
   placeDevice(dev);
   const drv = new TestVirtioDriver(dev, services);
   assert.equal(drv.init({ want: opts.want ?? ALL, msix: opts.msix ?? true }), true);
@@ -359,4 +364,197 @@ test("device reset in the middle: queues are forgotten, a new probe works", () =
   assert.equal(dev.queues[0]!.ready, false);
   assert.equal(t.drv.init({ want: ALL }), true);
   assert.equal(submit(t, { type: VIRTIO_BLK_T.flush }).status, 0);
+});
+
+/** Hand over the ring's completions until none is in flight (a kernel worker may still be on one). */
+function completeAll(t: ReturnType<typeof make>): void {
+  const pause = new Int32Array(new SharedArrayBuffer(4));
+  for (let i = 0; t.blk.queued > 0; i++) {
+    if (i > 5000) throw new Error("requests still in flight after 5 s");
+    t.blk.completeQueued();
+    if (t.blk.queued > 0) Atomics.wait(pause, 0, 0, 1);
+  }
+}
+
+/** submit(), for a device on a ring: the answer may come only with the ring's completion. */
+function submitQueued(t: ReturnType<typeof make>, r: Req): { status: number; len: number; data: Uint8Array } {
+  const q = t.drv.queues[0]!;
+  const mem = t.services.memory;
+  const p = place(mem, q, r);
+  q.setUsedEvent(q.lastUsed);
+  q.kick();
+  completeAll(t);
+  const used = q.takeUsed();
+  assert.equal(used.length, 1, "one used entry");
+  assert.equal(used[0]!.id, p.head);
+  q.numFree = q.size;
+  return { status: mem.bytes(p.statusAt, 1)[0]!, len: used[0]!.len, data: mem.read(p.dataAt, r.inLen ?? 0) };
+}
+
+function withRawDisk(fn: (disk: BlockDevice, path: string) => void): void {
+  const dir = mkdtempSync(join(tmpdir(), "partis-vblk-"));
+  try {
+    const path = join(dir, "disk.raw");
+    createDisk(path, "raw", { type: "fixed", size: 4 * MiB });
+    const disk = openDisk(path);
+    try {
+      fn(disk, path);
+    } finally {
+      disk.close();
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+test("with a real io_uring: a batch larger than the ring, data written and read back, a flush; every request answered", () => {
+  withRawDisk((disk) => {
+    const ring = IoUring.open(8);
+    try {
+      const t = make(disk, { hostMapped: true, ring });
+      const q = t.drv.queues[0]!;
+      const mem = t.services.memory;
+      q.setUsedEvent(q.lastUsed);
+      // 12 writes in one kick: at most 8 fit the ring, the rest are done synchronously.
+      const placed = Array.from({ length: 12 }, (_, i) => place(mem, q, { type: VIRTIO_BLK_T.out, sector: 64 * i, out: pattern(16384, i) }, i));
+      q.kick();
+      completeAll(t); // done at once where the page cache took them, else queued and completed later
+      assert.equal(q.takeUsed().length, 12);
+      for (const p of placed) assert.equal(mem.bytes(p.statusAt, 1)[0], VIRTIO_BLK_S.ok);
+      q.numFree = q.size;
+      q.setUsedEvent(q.lastUsed);
+      const reads = Array.from({ length: 12 }, (_, i) => place(mem, q, { type: VIRTIO_BLK_T.in, sector: 64 * i, inLen: 16384 }, i));
+      q.kick();
+      completeAll(t);
+      const back = q.takeUsed();
+      assert.equal(back.length, 12);
+      for (const u of back) assert.equal(u.len, 16384 + 1);
+      reads.forEach((p, i) => assert.deepEqual(mem.read(p.dataAt, 16384), pattern(16384, i)));
+      q.numFree = q.size;
+      assert.equal(submitQueued(t, { type: VIRTIO_BLK_T.flush }).status, VIRTIO_BLK_S.ok);
+      assert.equal(t.blk.stats.flushes, 1);
+      assert.equal(t.blk.stats.errors, 0);
+      // What the file holds is what the guest wrote.
+      const check = new Uint8Array(16384);
+      disk.read(64 * 11 * 512, check);
+      assert.deepEqual(check, pattern(16384, 11));
+    } finally {
+      ring.close();
+    }
+  });
+});
+
+/** The disk, but every transfer and flush goes to the ring (as when the page cache cannot take it at once). */
+function alwaysQueued(disk: BlockDevice): BlockDevice {
+  return Object.assign(Object.create(disk) as BlockDevice, {
+    queueHost: (queue: BlockRequestRing, write: boolean, offset: number, a: Float64Array, l: Uint32Array, n: number, token: number) =>
+      queue.prepareVectored(write, -1, offset, a, l, n, token) ? ("queued" as const) : false,
+    queueFlush: (queue: BlockRequestRing, token: number) => queue.prepareFsync(-1, false, token),
+  });
+}
+
+/**
+ * A ring that takes requests and does nothing with them; they complete, with
+ * the results a test sets, only once it says so (or when drained).
+ */
+class ScriptedRing implements BlockRequestRing {
+  readonly entries = 4;
+  readonly prepared: number[] = [];
+  results: number[] = [];
+  ready = false;
+  prepareVectored(_write: boolean, _fd: number, _offset: number, _a: Float64Array, _l: Uint32Array, _n: number, token: number): boolean {
+    if (this.prepared.length >= this.entries) return false;
+    this.prepared.push(token);
+    return true;
+  }
+  prepareFsync(_fd: number, _dataOnly: boolean, token: number): boolean {
+    return this.prepareVectored(false, 0, 0, new Float64Array(0), new Uint32Array(0), 0, token);
+  }
+  submit(): void {}
+  takeEvent(): void {}
+  reap(handler: (token: number, result: number) => void): number {
+    if (!this.ready) return 0;
+    const all = this.prepared.splice(0);
+    all.forEach((token, i) => handler(token, this.results[i] ?? 0));
+    return all.length;
+  }
+  drain(handler: (token: number, result: number) => void): void {
+    this.ready = true;
+    this.reap(handler);
+  }
+}
+
+test("requests in flight: answered when they complete; a device reset drops them unanswered; saving state first completes them", () => {
+  withRawDisk((disk) => {
+    const ring = new ScriptedRing();
+    const t = make(alwaysQueued(disk), { hostMapped: true, ring });
+    const q = t.drv.queues[0]!;
+    const mem = t.services.memory;
+    q.setUsedEvent(q.lastUsed);
+    // 6 reads in one kick: 4 fit the ring and wait there, 2 are done at once.
+    const placed = Array.from({ length: 6 }, (_, i) => place(mem, q, { type: VIRTIO_BLK_T.in, sector: 8 * i, inLen: 4096 }, i));
+    q.kick();
+    assert.equal(t.blk.queued, 4);
+    assert.equal(q.takeUsed().length, 2);
+    q.setUsedEvent(q.lastUsed);
+    const before = t.services.msi.messages.length;
+    t.blk.completeQueued();
+    assert.equal(q.takeUsed().length, 0, "nothing is answered before it completes");
+    ring.results = [4096, 4096, 4096, 4096];
+    ring.ready = true;
+    t.blk.completeQueued();
+    const used = q.takeUsed();
+    assert.equal(used.length, 4);
+    for (const u of used) assert.equal(u.len, 4097);
+    assert.ok(t.services.msi.messages.length > before, "completions raise the queue's interrupt");
+    for (const p of placed) assert.equal(mem.bytes(p.statusAt, 1)[0], VIRTIO_BLK_S.ok);
+    assert.equal(t.blk.queued, 0);
+    q.numFree = q.size;
+    // Saving the device's state completes what is in flight first.
+    ring.ready = false;
+    ring.results = [512];
+    const w = place(mem, q, { type: VIRTIO_BLK_T.out, sector: 0, out: new Uint8Array(512) }, 0);
+    q.kick();
+    assert.equal(t.blk.queued, 1);
+    t.dev.save();
+    assert.equal(t.blk.queued, 0);
+    assert.equal(q.takeUsed().length, 1);
+    assert.equal(mem.bytes(w.statusAt, 1)[0], VIRTIO_BLK_S.ok);
+    q.numFree = q.size;
+    // A reset drops what is in flight: no status, no used entry.
+    ring.ready = false;
+    const r = place(mem, q, { type: VIRTIO_BLK_T.in, sector: 0, inLen: 4096 }, 1);
+    q.kick();
+    assert.equal(t.blk.queued, 1);
+    t.drv.reset();
+    assert.equal(t.blk.queued, 0);
+    assert.equal(mem.bytes(r.statusAt, 1)[0], 0xee, "no status written after the reset");
+    assert.equal(t.drv.init({ want: ALL }), true);
+  });
+});
+
+test("a short completion is redone synchronously from the request's descriptors; a failed one is IOERR", () => {
+  withRawDisk((disk) => {
+    const data = pattern(8192, 4);
+    disk.write(512 * 40, data);
+    const ring = new ScriptedRing();
+    const t = make(alwaysQueued(disk), { hostMapped: true, ring });
+    const q = t.drv.queues[0]!;
+    const mem = t.services.memory;
+    const a = place(mem, q, { type: VIRTIO_BLK_T.in, sector: 40, inLen: 8192 }, 0);
+    const b = place(mem, q, { type: VIRTIO_BLK_T.in, sector: 40, inLen: 8192, merged: true }, 1);
+    q.kick();
+    assert.equal(t.blk.queued, 2);
+    ring.results = [4096, -5]; // the first came back short, the second failed (EIO)
+    ring.ready = true;
+    t.blk.completeQueued();
+    const used = q.takeUsed();
+    assert.equal(used.length, 2);
+    assert.equal(mem.bytes(a.statusAt, 1)[0], VIRTIO_BLK_S.ok);
+    assert.deepEqual(mem.read(a.dataAt, 8192), data, "the redo read the whole request");
+    assert.equal(used.find((u) => u.id === a.head)!.len, 8193);
+    assert.equal(mem.bytes(b.statusAt, 1)[0], VIRTIO_BLK_S.ioerr);
+    assert.equal(used.find((u) => u.id === b.head)!.len, 1);
+    assert.equal(t.blk.stats.errors, 1);
+  });
 });
