@@ -172,6 +172,8 @@ export class VirtioBlk implements VirtioBackend {
   /** Guest address of the request's status byte. */
   private readonly slotStatus: Float64Array;
   private queuedSinceSubmit = false;
+  /** The selected spans' host addresses are already in `spans.host` (enqueue translated them). */
+  private spansOnHost = false;
   /** Completions are being dropped (device reset). */
   private dropping = false;
   private readonly signalQueue: Uint8Array;
@@ -347,6 +349,7 @@ export class VirtioBlk implements VirtioBackend {
     } else {
       const spans = this.spans;
       if (!spans.toHost(chain.memory)) return false;
+      this.spansOnHost = true;
       const write = kind === QUEUED_WRITE;
       let r = disk.queueHost!(ring, write, pos, spans.host, spans.len, spans.count, slot);
       if (r === false && this.queuedSinceSubmit) {
@@ -445,6 +448,7 @@ export class VirtioBlk implements VirtioBackend {
     if (!this.inRange(sector, bytes)) return VIRTIO_BLK_S.ioerr;
     // The data segments: the writable ones, cut to the request's length (the status byte follows).
     this.spans.select(chain, true, 0, bytes);
+    this.spansOnHost = false;
     const r = mayQueue && bytes > 0 ? this.enqueue(q, chain, QUEUED_READ, sector * SECTOR, bytes) : false;
     if (r === "queued") return QUEUED;
     if (r === false) this.transfer(chain, sector * SECTOR, false);
@@ -458,6 +462,7 @@ export class VirtioBlk implements VirtioBackend {
     if (!this.inRange(sector, bytes)) return VIRTIO_BLK_S.ioerr;
     // The data segments: the readable ones after the 16-byte request header.
     this.spans.select(chain, false, 16, bytes);
+    this.spansOnHost = false;
     const r = mayQueue && bytes > 0 ? this.enqueue(q, chain, QUEUED_WRITE, sector * SECTOR, bytes) : false;
     if (r === "queued") return QUEUED;
     if (r === false) this.transfer(chain, sector * SECTOR, true);
@@ -476,7 +481,7 @@ export class VirtioBlk implements VirtioBackend {
     const disk = this.disk;
     const spans = this.spans;
     const count = spans.count;
-    if ((write ? disk.writeHost : disk.readHost) !== undefined && spans.toHost(memory)) {
+    if ((write ? disk.writeHost : disk.readHost) !== undefined && (this.spansOnHost || spans.toHost(memory))) {
       if (write ? disk.writeHost!(pos, spans.host, spans.len, count) : disk.readHost!(pos, spans.host, spans.len, count)) return;
     }
     for (let i = 0; i < count; i++) this.vector[i] = memory.tryBytes(spans.gpa[i]!, spans.len[i]!)!;
