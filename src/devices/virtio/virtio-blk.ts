@@ -278,11 +278,15 @@ export class VirtioBlk implements VirtioBackend {
       q.disableNotifications();
       while (q.pop(chain)) this.handle(q, chain, true);
     } while (!q.enableNotifications());
-    if (this.queuedSinceSubmit) {
-      this.queuedSinceSubmit = false;
-      this.ring!.submit();
-      // What the kernel did while submitting (page-cache hits) is answered now, in this batch's interrupt.
-      this.ring!.reap(this.onCompletion);
+    const ring = this.ring;
+    if (ring !== undefined) {
+      if (this.queuedSinceSubmit) {
+        this.queuedSinceSubmit = false;
+        ring.submit();
+      }
+      // What the kernel did while submitting (here, or earlier in this batch when its iovec area
+      // filled) raises no event: answer it now, in this batch's interrupt. Reaping is memory reads.
+      if (this.freeCount < this.freeSlots.length) ring.reap(this.onCompletion);
       this.signalQueue[index] = 0;
     }
     t.signalUsed(index);

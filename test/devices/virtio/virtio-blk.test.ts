@@ -558,3 +558,37 @@ test("a short completion is redone synchronously from the request's descriptors;
     assert.equal(t.blk.stats.errors, 1);
   });
 });
+
+test("a batch larger than the ring: the batch so far is submitted, the rest done synchronously, and what the kernel did while submitting is answered too", () => {
+  withRawDisk((disk) => {
+    const ring = IoUring.open(4);
+    try {
+      // fd -1 on the ring: each request fails at once (EBADF) inside io_uring_enter, which signals no event:
+      // only reaping after the submit answers them.
+      const t = make(alwaysQueued(disk), { hostMapped: true, ring });
+      const q = t.drv.queues[0]!;
+      const mem = t.services.memory;
+      q.setUsedEvent(q.lastUsed);
+      const heads: number[] = [];
+      for (let slot = 0; slot < 6; slot++) {
+        mem.write(HDR + slot * 0x1000, header(VIRTIO_BLK_T.in, 0));
+        mem.bytes(STATUS + slot * 16, 1)[0] = 0xee;
+        // 1000 segments of 512 bytes each (all over one buffer): 4 fill the ring; the 5th finds no room even after
+        // the 4 are submitted (they completed inline but are not reaped yet) and is done synchronously, as is the 6th.
+        const bufs: Buffer[] = [{ addr: HDR + slot * 0x1000, len: 16, write: false }];
+        for (let k = 0; k < 1000; k++) bufs.push({ addr: DATA, len: 512, write: true });
+        bufs.push({ addr: STATUS + slot * 16, len: 1, write: true });
+        heads.push(q.add(bufs, { indirectAt: 0x300000 + slot * 0x4000 }));
+      }
+      q.kick();
+      const used = q.takeUsed();
+      assert.equal(used.length, 6, "every request answered in the notification's batch");
+      for (let slot = 0; slot < 4; slot++) assert.equal(mem.bytes(STATUS + slot * 16, 1)[0], VIRTIO_BLK_S.ioerr, `queued ${slot}`);
+      for (let slot = 4; slot < 6; slot++) assert.equal(mem.bytes(STATUS + slot * 16, 1)[0], VIRTIO_BLK_S.ok, `synchronous ${slot}`);
+      assert.equal(t.blk.queued, 0);
+      assert.equal(t.blk.stats.queued, 4);
+    } finally {
+      ring.close();
+    }
+  });
+});
