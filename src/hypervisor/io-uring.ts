@@ -287,7 +287,7 @@ export class IoUring {
       }
       const e = libc.errno();
       if (e === libc.Errno.EINTR) continue;
-      if (e === libc.Errno.EAGAIN || e === EBUSY) {
+      if (e === libc.Errno.EAGAIN || e === libc.Errno.EBUSY) {
         // Completions must be reaped first (the CQ is full): the caller's next reap makes room.
         if (minComplete === 0) return;
       }
@@ -295,5 +295,3 @@ export class IoUring {
     }
   }
 }
-
-const EBUSY = 16;

@@ -126,6 +126,7 @@ export const Errno = {
   EINVAL: koffi.os.errno.EINVAL ?? 22,
   ENOSPC: koffi.os.errno.ENOSPC ?? 28,
   EPIPE: koffi.os.errno.EPIPE ?? 32,
+  EBUSY: koffi.os.errno.EBUSY ?? 16,
   ENOTTY: koffi.os.errno.ENOTTY ?? 25,
   ENOSYS: koffi.os.errno.ENOSYS ?? 38,
   EOPNOTSUPP: koffi.os.errno.EOPNOTSUPP ?? 95,

@@ -138,15 +138,13 @@ export class ConsoleOutputRing {
     if (Atomics.load(h, STATE) === IDLE && Atomics.compareExchange(h, STATE, IDLE, AWAKE) === IDLE) Atomics.notify(h, STATE);
   }
 
-  /** The pending bytes as at most two views (the second when they wrap), for the flusher. */
-  pendingViews(): [Uint8Array] | [Uint8Array, Uint8Array] | [] {
+  /** The oldest pending bytes up to the end of the ring (the rest, after a wrap, once these are consumed), for the flusher. */
+  pendingView(): Uint8Array | undefined {
     const r = Atomics.load(this.header, READ);
     const n = (Atomics.load(this.header, WRITE) - r) >>> 0;
-    if (n === 0) return [];
+    if (n === 0) return undefined;
     const at = r & (this.capacity - 1);
-    const first = Math.min(n, this.capacity - at);
-    const a = this.data.subarray(at, at + first);
-    return first < n ? [a, this.data.subarray(0, n - first)] : [a];
+    return this.data.subarray(at, at + Math.min(n, this.capacity - at));
   }
 
   /** Mark `n` pending bytes as taken and let a writer waiting for room go on. */
@@ -242,9 +240,8 @@ export class ConsoleOutputFlusher {
   private writeSome(): "wrote" | "empty" | "blocked" {
     let wrote = false;
     for (;;) {
-      const views = this.ring.pendingViews();
-      if (views.length === 0) return wrote ? "wrote" : "empty";
-      const v = views[0];
+      const v = this.ring.pendingView();
+      if (v === undefined) return wrote ? "wrote" : "empty";
       if (this.discarding) {
         this.ring.consume(v.length);
         continue;

@@ -241,12 +241,10 @@ export class Uart16550 implements BusDevice {
   private readRegister(offset: number): number {
     // Looking at the UART settles a transmission: what is read below sees THRE pending, and the
     // line is updated once, after the read (an IIR read that reports THRE clears it again).
-    if (this.settleQuietly()) {
-      const v = this.readSettled(offset);
-      this.updateIrq();
-      return v;
-    }
-    return this.readSettled(offset);
+    const settled = this.settleQuietly();
+    const v = this.readSettled(offset);
+    if (settled) this.updateIrq();
+    return v;
   }
 
   private readSettled(offset: number): number {
@@ -300,12 +298,9 @@ export class Uart16550 implements BusDevice {
   private writeRegister(offset: number, value: number): void {
     const s = this.state;
     // Another THR byte joins the transmission in progress; any other write settles it first.
-    if (!(offset === REG_DATA && !(s.lcr & LCR_DLAB)) && this.settleQuietly()) {
-      this.writeSettled(offset, value);
-      this.updateIrq();
-      return;
-    }
+    const settled = !(offset === REG_DATA && !(s.lcr & LCR_DLAB)) && this.settleQuietly();
     this.writeSettled(offset, value);
+    if (settled) this.updateIrq();
   }
 
   private writeSettled(offset: number, value: number): void {

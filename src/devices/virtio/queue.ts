@@ -211,6 +211,8 @@ export class ChainSpans {
   readonly host: Float64Array;
   /** Spans selected by the last select(). */
   count = 0;
+  /** `host` holds the addresses of the spans selected last (toHost() already ran for them). */
+  private translated = false;
 
   constructor(readonly capacity: number) {
     this.gpa = new Float64Array(capacity);
@@ -230,6 +232,7 @@ export class ChainSpans {
     const n = writable ? chain.writableCount : chain.readableCount;
     let count = 0;
     let left = maxBytes;
+    this.translated = false;
     for (let i = 0; i < n && left > 0; i++) {
       const segLen = lens[i]!;
       if (skip >= segLen) {
@@ -250,9 +253,11 @@ export class ChainSpans {
     return true;
   }
 
-  /** Translate the selected spans into `host`: false when guest RAM is not host-mapped memory. */
+  /** Translate the selected spans into `host` (once per select()): false when guest RAM is not host-mapped memory. */
   toHost(memory: GuestMemory | undefined): boolean {
-    return memory !== undefined && memory.hostAddresses !== undefined && memory.hostAddresses(this.gpa, this.count, this.host);
+    if (this.translated) return true;
+    this.translated = memory !== undefined && memory.hostAddresses !== undefined && memory.hostAddresses(this.gpa, this.count, this.host);
+    return this.translated;
   }
 }
 

@@ -172,8 +172,6 @@ export class VirtioBlk implements VirtioBackend {
   /** Guest address of the request's status byte. */
   private readonly slotStatus: Float64Array;
   private queuedSinceSubmit = false;
-  /** The selected spans' host addresses are already in `spans.host` (enqueue translated them). */
-  private spansOnHost = false;
   /** Completions are being dropped (device reset). */
   private dropping = false;
   private readonly signalQueue: Uint8Array;
@@ -248,6 +246,11 @@ export class VirtioBlk implements VirtioBackend {
 
   /** Device reset: requests still in flight finish on the host, but the guest hears of none of them. */
   reset(): void {
+    this.dropInFlight();
+  }
+
+  /** Wait for the requests in flight and drop their answers (reset, teardown). */
+  private dropInFlight(): void {
     if (this.ring === undefined || this.freeCount === this.freeSlots.length) return;
     this.dropping = true;
     try {
@@ -314,8 +317,7 @@ export class VirtioBlk implements VirtioBackend {
     this.freeSlots[this.freeCount++] = slot;
     if (this.dropping) return;
     const qi = this.slotQueue[slot]!;
-    const q = this.transport!.queues[qi];
-    if (q === undefined) return;
+    const q = this.transport!.queues[qi]!;
     const head = this.slotHead[slot]!;
     const kind = this.slotKind[slot]!;
     const bytes = this.slotBytes[slot]!;
@@ -353,7 +355,6 @@ export class VirtioBlk implements VirtioBackend {
     } else {
       const spans = this.spans;
       if (!spans.toHost(chain.memory)) return false;
-      this.spansOnHost = true;
       const write = kind === QUEUED_WRITE;
       let r = disk.queueHost!(ring, write, pos, spans.host, spans.len, spans.count, slot);
       if (r === false && this.queuedSinceSubmit) {
@@ -378,13 +379,7 @@ export class VirtioBlk implements VirtioBackend {
 
   /** Release the ring's requests (device teardown): waits for what is in flight. */
   closeQueue(): void {
-    if (this.ring === undefined) return;
-    this.dropping = true;
-    try {
-      this.ring.drain(this.onCompletion);
-    } finally {
-      this.dropping = false;
-    }
+    this.dropInFlight();
   }
 
   private handle(q: VirtQueue, chain: DescriptorChain, mayQueue: boolean): void {
@@ -452,7 +447,6 @@ export class VirtioBlk implements VirtioBackend {
     if (!this.inRange(sector, bytes)) return VIRTIO_BLK_S.ioerr;
     // The data segments: the writable ones, cut to the request's length (the status byte follows).
     this.spans.select(chain, true, 0, bytes);
-    this.spansOnHost = false;
     const r = mayQueue && bytes > 0 ? this.enqueue(q, chain, QUEUED_READ, sector * SECTOR, bytes) : false;
     if (r === "queued") return QUEUED;
     if (r === false) this.transfer(chain, sector * SECTOR, false);
@@ -466,7 +460,6 @@ export class VirtioBlk implements VirtioBackend {
     if (!this.inRange(sector, bytes)) return VIRTIO_BLK_S.ioerr;
     // The data segments: the readable ones after the 16-byte request header.
     this.spans.select(chain, false, 16, bytes);
-    this.spansOnHost = false;
     const r = mayQueue && bytes > 0 ? this.enqueue(q, chain, QUEUED_WRITE, sector * SECTOR, bytes) : false;
     if (r === "queued") return QUEUED;
     if (r === false) this.transfer(chain, sector * SECTOR, true);
@@ -485,7 +478,7 @@ export class VirtioBlk implements VirtioBackend {
     const disk = this.disk;
     const spans = this.spans;
     const count = spans.count;
-    if ((write ? disk.writeHost : disk.readHost) !== undefined && (this.spansOnHost || spans.toHost(memory))) {
+    if ((write ? disk.writeHost : disk.readHost) !== undefined && spans.toHost(memory)) {
       if (write ? disk.writeHost!(pos, spans.host, spans.len, count) : disk.readHost!(pos, spans.host, spans.len, count)) return;
     }
     for (let i = 0; i < count; i++) this.vector[i] = memory.tryBytes(spans.gpa[i]!, spans.len[i]!)!;
