@@ -62,6 +62,27 @@ class PollLoop implements IoEventLoop {
   private watches: Watch[] = [];
   private fds = new Int32Array(16);
   private dirty = true;
+  /** Deferred tasks, run in order by runDeferred(); a task may defer more (run in the same pass). */
+  private deferred: (() => void)[] = [];
+
+  constructor(private readonly onTaskError: (e: unknown) => void) {}
+
+  defer(task: () => void): void {
+    this.deferred.push(task);
+  }
+
+  /** Run every deferred task, those they defer included (each fails alone). */
+  runDeferred(): void {
+    const tasks = this.deferred;
+    for (let i = 0; i < tasks.length; i++) {
+      try {
+        tasks[i]!();
+      } catch (e) {
+        this.onTaskError(e);
+      }
+    }
+    tasks.length = 0;
+  }
 
   watch(fd: number, onReadable: () => void): FdWatch {
     const w: Watch = { fd, handler: onReadable, closed: false };
@@ -85,12 +106,12 @@ class PollLoop implements IoEventLoop {
     this.dirty = false;
   }
 
-  /** Wait up to `timeoutMs` and run the handlers of ready fds. */
+  /** Wait up to `timeoutMs` (not at all while tasks are deferred) and run the handlers of ready fds. */
   runOnce(timeoutMs: number): void {
     if (this.dirty) this.rebuild();
     const n = this.watches.length;
     for (let i = 0; i < n; i++) this.fds[i * 2 + 1] = POLLIN;
-    const ready = poll(this.fds, n, timeoutMs);
+    const ready = poll(this.fds, n, this.deferred.length > 0 ? 0 : timeoutMs);
     if (ready <= 0) return;
     const watches = this.watches;
     for (let i = 0; i < n; i++) {
@@ -173,7 +194,7 @@ function main(data: DeviceThreadData): void {
   const partition = Partition.attach(data.handoff);
   const mailbox = DeviceMailbox.attach(data.mailbox);
   const server = mailbox.server();
-  const loop = new PollLoop();
+  const loop = new PollLoop((e) => warn(`deferred device work failed: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`));
   const bus = new DeviceBus();
   const intx = new IntxRouter(partition);
   const msi = new MsiRouter(partition);
@@ -251,6 +272,8 @@ function main(data: DeviceThreadData): void {
     stats.pollWakeups++;
     // Requests posted between the doorbell read and the drain are caught here too.
     stats.requests += server.drain(handle);
+    // Work the answered accesses started (an IDE DMA transfer): the vCPUs are already going on.
+    loop.runDeferred();
     if (report.take()) {
       const lines = [`devices: ${stats.requests} register requests served, ${stats.doorbellWakeups} doorbell wake-ups`];
       for (const a of assembled) lines.push(...(a.device.describeState?.() ?? [`${a.device.name}: (no state report)`]));

@@ -20,6 +20,13 @@ export interface FdWatch {
 export interface IoEventLoop {
   /** Call `onReadable` (on the device thread) whenever `fd` polls readable (POLLIN/POLLHUP/POLLERR). */
   watch(fd: number, onReadable: () => void): FdWatch;
+  /**
+   * Run `task` once on the device thread after the access being handled has
+   * been answered (the vCPU that made it goes on), before the thread next
+   * waits: how an emulated device starts work that must not hold up the vCPU
+   * (an IDE DMA transfer). A task deferred twice runs twice.
+   */
+  defer(task: () => void): void;
 }
 
 /**

@@ -114,12 +114,36 @@ export function pattern(seed: number, offset: number, length: number): Uint8Arra
   return out;
 }
 
-export function fakeServices(memory: GuestMemory): PciDeviceServices {
+/**
+ * The device thread's deferred work (IoEventLoop.defer): held until `run()`,
+ * or, when `immediate`, run inside the access that deferred it (a device
+ * thread that answers and runs its deferred work before the next access is
+ * indistinguishable to a driver that waits for the interrupt or polls status).
+ */
+export class DeferredWork {
+  readonly tasks: (() => void)[] = [];
+  constructor(public immediate = true) {}
+  defer(task: () => void): void {
+    if (this.immediate) task();
+    else this.tasks.push(task);
+  }
+  /** Run what is held (and what that defers); returns how many tasks ran. */
+  run(): number {
+    let n = 0;
+    while (this.tasks.length > 0) {
+      this.tasks.shift()!();
+      n++;
+    }
+    return n;
+  }
+}
+
+export function fakeServices(memory: GuestMemory, work = new DeferredWork()): PciDeviceServices {
   return {
     memory,
     intx: new RecordingIrqLine(),
     msi: { signal() {} },
-    loop: { watch: () => ({ close() {} }) },
+    loop: { watch: () => ({ close() {} }), defer: (task) => work.defer(task) },
     doorbells: { mapDoorbell() {} },
   };
 }
@@ -128,16 +152,19 @@ export interface Rig {
   ide: PiixIde;
   memory: ChunkedGuestMemory;
   irq: [RecordingIrqLine, RecordingIrqLine];
+  /** The device thread's deferred work (DMA transfers); run at once unless `work.immediate` is turned off. */
+  work: DeferredWork;
 }
 
 /** RAM: [0, 1 MiB) by default. */
 export function makeRig(drives: IdeDriveConfig[], memory?: ChunkedGuestMemory): Rig {
   const mem = memory ?? ChunkedGuestMemory.anonymous([{ gpa: 0, length: 1 << 20, fileOffset: 0 }]);
   const irq: [RecordingIrqLine, RecordingIrqLine] = [new RecordingIrqLine(), new RecordingIrqLine()];
-  const ide = new PiixIde("ide0", fakeServices(mem), { primaryIrq: irq[0], secondaryIrq: irq[1], drives });
+  const work = new DeferredWork();
+  const ide = new PiixIde("ide0", fakeServices(mem, work), { primaryIrq: irq[0], secondaryIrq: irq[1], drives });
   ide.pci.assignBar(4, 0xc000);
   ide.pci.enableDecoding();
-  return { ide, memory: mem, irq };
+  return { ide, memory: mem, irq, work };
 }
 
 // Register offsets / bits used by the driver.

@@ -11,7 +11,7 @@ import assert from "node:assert/strict";
 import { ChunkedGuestMemory, type GuestMemory, type GuestSpan, type RamRange } from "../../../src/machine/guest-memory.js";
 import { PiixIde } from "../../../src/devices/emulated/ide/piix-ide.js";
 import { RecordingIrqLine, SeededRandom } from "../device-fakes.js";
-import { MemoryDisk, fakeServices, pattern } from "./ide-test-driver.js";
+import { DeferredWork, MemoryDisk, fakeServices, pattern } from "./ide-test-driver.js";
 
 const RANGES: RamRange[] = [
   { gpa: 0, length: 256 * 1024, fileOffset: 0 },
@@ -86,7 +86,10 @@ for (const seed of [0x1de_5eed, 0x0c0ffee]) test(`fuzz (seed ${seed.toString(16)
   const iso = new MemoryDisk(40 * 2048, true);
   iso.fill(0, pattern(6, 0, 40 * 2048));
   const irq = [new RecordingIrqLine(), new RecordingIrqLine()] as const;
-  const ide = new PiixIde("ide-fuzz", fakeServices(memory), {
+  // DMA transfers run as deferred work, which this fuzz runs at random points: right after the access
+  // that started it (as the device thread does), or only after more accesses, a reset, a save.
+  const work = new DeferredWork(false);
+  const ide = new PiixIde("ide-fuzz", fakeServices(memory, work), {
     primaryIrq: irq[0],
     secondaryIrq: irq[1],
     drives: [
@@ -98,7 +101,7 @@ for (const seed of [0x1de_5eed, 0x0c0ffee]) test(`fuzz (seed ${seed.toString(16)
   ide.pci.assignBar(4, 0xc000);
   ide.pci.enableDecoding();
 
-  const seen = { ataErrors: 0, bmErrors: 0, bmInterrupts: 0, dataWords: 0, checkConditions: 0 };
+  const seen = { ataErrors: 0, bmErrors: 0, bmInterrupts: 0, dataWords: 0, checkConditions: 0, deferredRuns: 0 };
   const small = (): number => (rnd.next() < 0.8 ? rnd.int(8) : rnd.int(256));
   const size = (): 1 | 2 | 4 => rnd.pick([1, 2, 4] as const);
   const cmdRegion = (ch: number): string => (ch === 0 ? "primary" : "secondary");
@@ -208,6 +211,8 @@ for (const seed of [0x1de_5eed, 0x0c0ffee]) test(`fuzz (seed ${seed.toString(16)
       ide.isaRead(cmdRegion(ch), 7, 1);
     }
 
+    if (rnd.next() < 0.6) seen.deferredRuns += work.run();
+
     // Every reachable state saves as plain data and restores to itself.
     if (step % 997 === 0) {
       const before = JSON.stringify(ide.save());
@@ -238,6 +243,7 @@ for (const seed of [0x1de_5eed, 0x0c0ffee]) test(`fuzz (seed ${seed.toString(16)
   assert.ok(memory.refused > 10, "bad PRDs were refused");
   assert.ok(seen.ataErrors > 1000 && seen.bmErrors > 100 && seen.checkConditions > 100, JSON.stringify(seen));
   assert.ok(seen.bmInterrupts > 100);
+  assert.ok(seen.deferredRuns > 1000, `deferred transfers ran (${seen.deferredRuns})`);
   const saved = ide.save();
   assert.deepEqual(JSON.parse(JSON.stringify(saved)), saved);
 });

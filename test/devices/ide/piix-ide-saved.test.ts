@@ -32,6 +32,24 @@ test("restore: a PIO read in the middle of a block continues on the restored con
   assert.equal(db.status(), 0x50);
 });
 
+test("SRST asserted in the middle of a PIO read (disk) or a packet command (CD-ROM): the state saves and restores", () => {
+  // SRST drops the transfer and the command it belonged to; before the fix the command stayed behind
+  // with no transfer, a state restore() rightly refused (found by the fuzz).
+  const { a, b, da, db } = twoRigs();
+  da.issue(0x20, { nsect: 2, lba: 10 });
+  da.readData(100);
+  da.writeCtl(ATA.OBS | ATA.SRST);
+  const cd = new AtaDriver(a, 1);
+  cd.issue(0xa0, { unit: 0, device: 0xa0 });
+  cd.writeCtl(ATA.OBS | ATA.SRST);
+  b.ide.restore(clone(a.ide.save()));
+  assert.ok((db.altStatus() & ATA.BSY) !== 0, "still in reset");
+  db.writeCtl(ATA.OBS);
+  assert.equal(db.status() & (ATA.BSY | ATA.DRQ), 0, "released: ready, nothing to transfer");
+  db.issue(0x20, { nsect: 1, lba: 3 });
+  assert.deepEqual(db.readData(512), pattern(2, 3 * 512, 512));
+});
+
 test("restore: a DMA command waiting for Start runs on the restored controller", () => {
   const { a, b, da, db } = twoRigs();
   da.writePrd(0x1000, [[0x20000, 1024]]);

@@ -4,6 +4,11 @@ import { ChunkedGuestMemory } from "../../../src/machine/guest-memory.js";
 import { PiixIde, IdeConfigError, type IdeDriveConfig } from "../../../src/devices/emulated/ide/piix-ide.js";
 import { ATA, AtaDriver, MemoryDisk, fakeServices, idString, makeRig, pattern } from "./ide-test-driver.js";
 import { RecordingIrqLine } from "../device-fakes.js";
+import { makeServices } from "../virtio/virtio-driver.js";
+import { openRaw } from "../../../src/storage/raw.js";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 
 const MiB = 1 << 20;
 
@@ -468,6 +473,127 @@ test("DMA back-end read failure: UNC, Interrupt without bus-master Error (the de
   assert.equal(drv.bmRead(2) & 0x06, 0x04);
   assert.equal(drv.status(), 0x51);
   assert.equal(drv.inb(ATA.ERR), ATA.UNC);
+});
+
+// DMA runs after the access that starts it (the device thread's deferred work) -------------
+
+test("DMA is deferred: Start returns with the transfer owed (Active, DRQ, no data, no interrupt); the device thread's next turn moves it", () => {
+  const { drv, rig } = diskRig();
+  rig.work.immediate = false;
+  drv.writePrd(TABLE, [[0x10000, 0x400]]);
+  drv.bmSetup(TABLE, true);
+  drv.issue(0xc8, { nsect: 2, lba: 7 });
+  drv.bmStart();
+  assert.equal(rig.work.tasks.length, 1, "one transfer owed");
+  assert.equal(drv.bmRead(2) & 0x07, 0x01, "Active, no Interrupt yet");
+  assert.equal(drv.altStatus(), 0x58, "DRDY DSC DRQ: mid-transfer");
+  assert.equal(drv.irq.level, false);
+  assert.deepEqual(rig.memory.bytes(0x10000, 0x400), new Uint8Array(0x400), "no data before the transfer runs");
+  assert.equal(rig.work.run(), 1);
+  assert.equal(drv.irq.level, true);
+  assert.equal(drv.bmRead(2) & 0x07, 0x04, "Interrupt, not Active");
+  assert.deepEqual(rig.memory.bytes(0x10000, 0x400), pattern(1, 7 * 512, 0x400));
+  drv.bmStop();
+  assert.equal(drv.status(), 0x50);
+  assert.equal(rig.work.run(), 0, "nothing else owed");
+});
+
+test("deferred DMA: Stop before it runs leaves the command waiting for the engine; Start again moves it once", () => {
+  const { drv, rig } = diskRig();
+  rig.work.immediate = false;
+  drv.writePrd(TABLE, [[0x10000, 0x200]]);
+  drv.bmSetup(TABLE, true);
+  drv.issue(0xc8, { nsect: 1, lba: 3 });
+  drv.bmStart();
+  drv.bmStop();
+  rig.work.run();
+  assert.deepEqual(rig.memory.bytes(0x10000, 0x200), new Uint8Array(0x200), "a stopped engine moves nothing");
+  assert.equal(drv.irq.level, false);
+  assert.equal(drv.altStatus() & ATA.DRQ, ATA.DRQ, "the command still waits");
+  drv.bmStart();
+  drv.bmStop();
+  drv.bmStart(); // two Starts before the device thread runs: still one transfer
+  assert.equal(rig.work.run(), 1);
+  assert.deepEqual(rig.memory.bytes(0x10000, 0x200), pattern(1, 3 * 512, 0x200));
+  assert.equal(drv.irq.level, true);
+  assert.equal(drv.status(), 0x50);
+});
+
+test("deferred DMA: a reset (SRST) or a new command before it runs drops it; nothing moves", () => {
+  for (const how of ["srst", "command"] as const) {
+    const { drv, rig, disk } = diskRig();
+    rig.work.immediate = false;
+    rig.memory.write(0x10000, pattern(5, 0, 0x200));
+    drv.writePrd(TABLE, [[0x10000, 0x200]]);
+    drv.bmSetup(TABLE, false);
+    drv.issue(0xca, { nsect: 1, lba: 9 });
+    drv.bmStart();
+    const before = disk.writes;
+    if (how === "srst") drv.softreset();
+    else drv.issue(0xe7); // FLUSH CACHE: a new command while DRQ is set
+    rig.work.run();
+    assert.equal(disk.writes, before, `${how}: the owed write never reached the disk`);
+    assert.deepEqual(disk.bytes(9 * 512, 0x200), pattern(1, 9 * 512, 0x200), `${how}: disk unchanged`);
+  }
+});
+
+test("deferred DMA: save() runs an owed transfer first, so the saved state holds its completion", () => {
+  const { drv, rig, ide } = diskRig();
+  rig.work.immediate = false;
+  drv.writePrd(TABLE, [[0x10000, 0x200]]);
+  drv.bmSetup(TABLE, true);
+  drv.issue(0xc8, { nsect: 1, lba: 1 });
+  drv.bmStart();
+  const saved = ide.save();
+  assert.equal(saved.channels[0]!.busMaster.status & 0x07, 0x04, "saved after completion: Interrupt, not Active");
+  assert.equal(saved.channels[0]!.devices[0]!.dmaPending, false);
+  assert.deepEqual(rig.memory.bytes(0x10000, 0x200), pattern(1, 512, 0x200));
+  assert.equal(drv.irq.level, true);
+  assert.equal(rig.work.run(), 1, "the scheduled turn still comes");
+  assert.equal(drv.bmRead(2) & 0x07, 0x04, "and finds nothing left to do");
+});
+
+test("DMA into host-mapped guest RAM from a raw image: one scatter/gather call for the whole PRD table, reads and writes", () => {
+  const dir = mkdtempSync(join(tmpdir(), "partis-ide-host-"));
+  const path = join(dir, "disk.raw");
+  writeFileSync(path, pattern(3, 0, 2 * MiB));
+  const disk = openRaw(path);
+  try {
+    const memory = makeServices(MiB, 1 << 30, true).memory;
+    const rig = makeRig([{ channel: 0, unit: 0, kind: "disk", device: disk }], memory);
+    const drv = new AtaDriver(rig, 0);
+    const bm = rig.ide.channels[0].busMaster;
+    // Read 8 sectors into four regions, one of them an odd split of a sector.
+    drv.writePrd(TABLE, [[0x20000, 0x300], [0x30000, 0x500], [0x40000, 0x200], [0x50000, 0x600]]);
+    drv.bmSetup(TABLE, true);
+    drv.issue(0xc8, { nsect: 6, lba: 100 });
+    drv.bmStart();
+    assert.equal(drv.bmRead(2) & 0x07, 0x05, "Interrupt; Active: the table is longer than the transfer");
+    drv.bmStop();
+    assert.equal(drv.status(), 0x50);
+    const expect = pattern(3, 100 * 512, 0xc00);
+    assert.deepEqual(memory.read(0x20000, 0x300), expect.subarray(0, 0x300));
+    assert.deepEqual(memory.read(0x30000, 0x500), expect.subarray(0x300, 0x800));
+    assert.deepEqual(memory.read(0x40000, 0x200), expect.subarray(0x800, 0xa00));
+    assert.deepEqual(memory.read(0x50000, 0x200), expect.subarray(0xa00, 0xc00), "the last region is cut to the transfer");
+    assert.equal(bm.hostTransfers, 1);
+    assert.equal(bm.viewTransfers, 0);
+    // Write them back elsewhere, gathered from the same regions.
+    drv.bmSetup(TABLE, false);
+    drv.issue(0xca, { nsect: 6, lba: 2000 });
+    drv.bmStart();
+    drv.bmStop();
+    assert.equal(drv.status(), 0x50);
+    assert.equal(bm.hostTransfers, 2);
+    disk.flush();
+    assert.deepEqual(new Uint8Array(readFileSync(path).subarray(2000 * 512, 2000 * 512 + 0xc00)), expect);
+    // A transfer past the end of the disk: IDNF before any data moves (the range check comes first).
+    drv.issue(0xc8, { nsect: 1, lba: 4096 });
+    assert.equal(drv.status() & ATA.ERR_BIT, 1);
+  } finally {
+    disk.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
 });
 
 test("bus-master registers: PRD pointer dword aligned, status bits write-one-to-clear, drive DMA bits stored", () => {

@@ -16,6 +16,14 @@ interface Watch {
 
 export class ManualLoop implements IoEventLoop {
   readonly watches: Watch[] = [];
+  /** Deferred tasks (no NIC defers work today): run by runDeferred(). */
+  readonly deferred: (() => void)[] = [];
+  defer(task: () => void): void {
+    this.deferred.push(task);
+  }
+  runDeferred(): void {
+    while (this.deferred.length > 0) this.deferred.shift()!();
+  }
   watch(fd: number, onReadable: () => void): FdWatch {
     const w: Watch = { fd, onReadable, open: true };
     this.watches.push(w);

@@ -49,6 +49,14 @@ export class FakeDoorbells implements DoorbellMap {
 
 export class FakeLoop implements IoEventLoop {
   readonly watches = new Map<number, { handler: () => void; closed: boolean }[]>();
+  /** Deferred tasks (no virtio device defers work today): run by runDeferred(). */
+  readonly deferred: (() => void)[] = [];
+  defer(task: () => void): void {
+    this.deferred.push(task);
+  }
+  runDeferred(): void {
+    while (this.deferred.length > 0) this.deferred.shift()!();
+  }
   watch(fd: number, onReadable: () => void): FdWatch {
     const w = { handler: onReadable, closed: false };
     const list = this.watches.get(fd) ?? [];

@@ -107,18 +107,19 @@ export class AtaDisk extends IdeDevice {
   }
 
   completeReset(): void {
-    this.cancel();
+    this.cancelTransfer();
     this.setSignature(0x00, 0x00);
     this.status = READY;
   }
 
-  private cancel(): void {
-    this.cancelTransfer();
+  /** Also forgets the command the transfer belonged to (a reset, SRST included, or a new command). */
+  protected override cancelTransfer(): void {
+    super.cancelTransfer();
     this.job = Job.none;
   }
 
   command(cmd: number): void {
-    this.cancel();
+    this.cancelTransfer();
     this.error = 0;
     switch (cmd) {
       case CMD.identify:
@@ -374,6 +375,22 @@ export class AtaDisk extends IdeDevice {
     }
   }
 
+  override dmaHost(addresses: Float64Array, lengths: Uint32Array, count: number): DmaOutcome | undefined {
+    const disk = this.disk;
+    const at = this.dmaLba * ATA_SECTOR;
+    try {
+      if (this.dmaWrite) {
+        if (disk.writeHost === undefined) return undefined;
+        return disk.writeHost(at, addresses, lengths, count) ? "done" : undefined;
+      }
+      if (disk.readHost === undefined) return undefined;
+      return disk.readHost(at, addresses, lengths, count) ? "done" : undefined;
+    } catch (e) {
+      this.lastBackendError = e;
+      return "device-error";
+    }
+  }
+
   dmaDone(outcome: DmaOutcome): void {
     if (outcome === "done") {
       if (this.dmaWrite && !this.writeCache && !this.flush()) return this.abort(ER.abrt);
@@ -413,14 +430,14 @@ export class AtaDisk extends IdeDevice {
   }
 
   private complete(): void {
-    this.cancel();
+    this.cancelTransfer();
     this.error = 0;
     this.status = READY;
     this.raise();
   }
 
   private abort(error: number): void {
-    this.cancel();
+    this.cancelTransfer();
     this.error = error;
     this.status = READY | ST.err;
     this.raise();

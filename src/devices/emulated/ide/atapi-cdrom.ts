@@ -140,18 +140,19 @@ export class AtapiCdrom extends IdeDevice implements mmc.DiscState {
   }
 
   completeReset(): void {
-    this.cancel();
+    this.cancelTransfer();
     this.setSignature(0x14, 0xeb);
     this.status = 0; // DRDY stays clear after reset for packet devices
   }
 
-  private cancel(): void {
-    this.cancelTransfer();
+  /** Also forgets the command the transfer belonged to (a reset, SRST included, or a new command). */
+  protected override cancelTransfer(): void {
+    super.cancelTransfer();
     this.job = Job.none;
   }
 
   command(cmd: number): void {
-    this.cancel();
+    this.cancelTransfer();
     switch (cmd) {
       case CMD.packet:
         if ((this.feature & 0x02) !== 0) return this.ataAbort(); // overlapped commands are not supported
@@ -211,14 +212,14 @@ export class AtapiCdrom extends IdeDevice implements mmc.DiscState {
   }
 
   private ataComplete(): void {
-    this.cancel();
+    this.cancelTransfer();
     this.error = 0;
     this.status = ST.drdy;
     this.raise();
   }
 
   private ataAbort(): void {
-    this.cancel();
+    this.cancelTransfer();
     this.error = ER.abrt;
     this.status = ST.drdy | ST.err;
     this.raise();
@@ -246,7 +247,7 @@ export class AtapiCdrom extends IdeDevice implements mmc.DiscState {
   // Packet completion ----------------------------------------------------------
 
   private good(): void {
-    this.cancel();
+    this.cancelTransfer();
     this.senseKey = SENSE.none;
     this.senseAsc = ASC.none;
     this.error = 0;
@@ -256,7 +257,7 @@ export class AtapiCdrom extends IdeDevice implements mmc.DiscState {
   }
 
   private check(key: number, asc: number): void {
-    this.cancel();
+    this.cancelTransfer();
     this.senseKey = key;
     this.senseAsc = asc;
     this.error = (key << 4) | (key === SENSE.illegalRequest || key === SENSE_ABORTED_COMMAND ? ER.abrt : 0);

@@ -7,16 +7,27 @@
  * Descriptor table in guest memory (section 2: 8-byte entries of a word-aligned
  * address, a byte count whose 0 means 64 KiB, and End Of Table in bit 31).
  *
- * Data moves straight between the device and `GuestMemory.tryBytes` views of
- * each region, so guest RAM is the only buffer. A region that does not lie in
- * guest RAM, a table that runs past 8192 entries (a 64 KiB table) or that ends
- * before the device's transfer does, stops the transfer with the Error bit and
- * an aborted command; the engine never touches anything but RAM views.
+ * A transfer first walks the whole table into a list of guest spans (each
+ * inside one host mapping chunk), then moves the data in one go: one
+ * scatter/gather system call straight between the disk and guest RAM where
+ * the device and its back end can (`IdeDevice.dmaHost`: a raw image), else
+ * through `GuestMemory.tryBytes` views of each span. A region that does not
+ * lie in guest RAM, a table that runs past 8192 entries (a 64 KiB table) or
+ * that ends before the device's transfer does, stops the transfer with the
+ * Error bit and an aborted command before any data moves; the engine never
+ * touches anything but guest RAM.
  *
- * DEVNOTE: the transfer runs to completion inside the register write that makes
- * it possible (Start set, or the command issued after Start), so the Active bit
- * is only seen set afterwards when the table was longer than the transfer (the
- * SFF-8038i "device ended early" case, which drivers accept).
+ * When the transfer runs: as on hardware, not inside the register write that
+ * makes it possible (Start set, or the command issued after Start). With a
+ * scheduler (the device thread's loop), that write only records the transfer
+ * as owed and returns, so the vCPU that wrote it goes on at once; the transfer
+ * runs on the device thread right after the access is answered, and ends with
+ * the device's interrupt. Until then the guest sees what a drive in the middle
+ * of a DMA shows: Active set, DRQ. Clearing Start before it runs leaves the
+ * command waiting for the engine, as a drive whose DMA request is not served
+ * waits; a device reset or a new command drops it. `settle()` runs an owed
+ * transfer at once (before a save). Without a scheduler (tools, some tests)
+ * the transfer runs inside the write.
  */
 import type { GuestMemory } from "../../../machine/guest-memory.js";
 import type { DmaOutcome, IdeDevice } from "./ide-device.js";
@@ -25,6 +36,14 @@ import { BM, BMCMD, BMST } from "./spec.js";
 
 /** The most PRD entries one transfer may walk (a 64 KiB table). */
 export const MAX_PRD_ENTRIES = 8192;
+/** Span lists start this long and grow (once) to what a guest's tables need. */
+const INITIAL_SPANS = 256;
+
+/** Where deferred work runs: the device thread's loop (IoEventLoop.defer). */
+export interface DmaScheduler {
+  /** Run `task` once, after the access being handled has been answered. */
+  defer(task: () => void): void;
+}
 
 export interface SavedBusMaster {
   readonly command: number;
@@ -39,17 +58,30 @@ export class BusMasterChannel {
   prd = 0;
   /** Transfers ended by a bad table or unreachable memory (diagnostics). */
   hostErrors = 0;
+  /** Transfers moved with one scatter/gather call, and through views (diagnostics). */
+  hostTransfers = 0;
+  viewTransfers = 0;
+  /** The device whose transfer is owed (scheduled, not yet run). */
+  private owed: IdeDevice | undefined;
+  private readonly settleTask = (): void => this.settle();
+  // The current transfer's guest spans (each inside one host mapping chunk) and their host addresses.
+  private gpas = new Float64Array(INITIAL_SPANS);
+  private lengths = new Uint32Array(INITIAL_SPANS);
+  private host = new Float64Array(INITIAL_SPANS);
+  private spans = 0;
 
   constructor(
     private readonly memory: GuestMemory,
     /** Whether the function may master the bus now (PCI command register bit 2). */
     private readonly canMaster: () => boolean,
+    private readonly scheduler?: DmaScheduler,
   ) {}
 
   reset(): void {
     this.command = 0;
     this.status = 0;
     this.prd = 0;
+    this.owed = undefined;
   }
 
   get started(): boolean {
@@ -59,6 +91,11 @@ export class BusMasterChannel {
   /** Whether a device's DMA request can run now. */
   get ready(): boolean {
     return (this.command & BMCMD.start) !== 0 && (this.status & BMST.active) !== 0;
+  }
+
+  /** Whether a transfer is owed (scheduled and not yet run). */
+  get transferOwed(): boolean {
+    return this.owed !== undefined;
   }
 
   readByte(offset: number): number {
@@ -114,13 +151,36 @@ export class BusMasterChannel {
   }
 
   /**
+   * `device`'s DMA request meets a running engine: run the transfer, at once
+   * without a scheduler, else once the current access has been answered.
+   */
+  run(device: IdeDevice): void {
+    if (this.scheduler === undefined) return this.transfer(device);
+    const scheduled = this.owed !== undefined;
+    this.owed = device; // the latest request: settle() takes it as it then stands
+    if (!scheduled) this.scheduler.defer(this.settleTask);
+  }
+
+  /**
+   * Run the owed transfer now, if its device still asks for it and the engine
+   * still runs (a Stop, a reset or a new command in between drop it).
+   */
+  settle(): void {
+    const device = this.owed;
+    if (device === undefined) return;
+    this.owed = undefined;
+    if (device.dmaPending && this.ready) this.transfer(device);
+  }
+
+  /**
    * Run `device`'s pending transfer through the PRD table and tell the device
    * how it ended. Sets Error on a host-side failure and clears Active unless
    * the table was longer than the transfer.
    */
-  run(device: IdeDevice): void {
+  private transfer(device: IdeDevice): void {
     device.dmaPending = false;
-    const outcome = this.walk(device);
+    let outcome = this.walk(device);
+    if (outcome === "done") outcome = this.move(device);
     if (outcome === "host-error") {
       this.hostErrors++;
       this.status = (this.status & ~BMST.active) | BMST.error;
@@ -128,7 +188,9 @@ export class BusMasterChannel {
     device.dmaDone(outcome);
   }
 
+  /** Walk the PRD table into the span list; "done" when it covers the device's transfer. */
   private walk(device: IdeDevice): DmaOutcome {
+    this.spans = 0;
     if (!this.canMaster()) return "host-error";
     const toMemory = device.dmaToMemory();
     if (((this.command & BMCMD.toMemory) !== 0) !== toMemory) return "host-error";
@@ -140,12 +202,11 @@ export class BusMasterChannel {
       const e = this.memory.tryBytes(this.prd + entry * 8, 8);
       if (e === undefined) return "host-error";
       entry++;
-      const address = (e[0]! | (e[1]! << 8) | (e[2]! << 16) | (e[3]! << 24)) & 0xffff_fffe;
+      const address = ((e[0]! | (e[1]! << 8) | (e[2]! << 16) | (e[3]! << 24)) & 0xffff_fffe) >>> 0;
       const count = (e[4]! | (e[5]! << 8)) & 0xfffe || 0x1_0000;
       const eot = (e[7]! & 0x80) !== 0;
       const n = Math.min(count, total - done);
-      const moved = this.move(device, address >>> 0, n, done);
-      if (moved !== "done") return moved;
+      if (!this.addRegion(address, n)) return "host-error";
       done += n;
       if (done >= total) {
         if (n === count && eot) this.status &= ~BMST.active;
@@ -157,27 +218,52 @@ export class BusMasterChannel {
     return "done";
   }
 
-  /** Move n bytes at guest address `address` (which may cross host mapping chunks). */
-  private move(device: IdeDevice, address: number, n: number, offset: number): DmaOutcome {
-    const whole = this.memory.tryBytes(address, n);
-    if (whole !== undefined) return device.dmaChunk(whole, offset) ? "done" : "device-error";
+  /** Append guest region [address, address+n) as spans that each lie in one host mapping chunk; false if not all RAM. */
+  private addRegion(address: number, n: number): boolean {
     let a = address;
-    let off = offset;
     let left = n;
     while (left > 0) {
-      // Largest prefix that one view covers (binary search; only on this rare path).
-      let lo = 0;
-      let hi = left;
-      while (lo < hi) {
-        const mid = (lo + hi + 1) >>> 1;
-        if (this.memory.tryBytes(a, mid) !== undefined) lo = mid;
-        else hi = mid - 1;
+      const c = this.memory.contiguousLength(a, left);
+      if (c === 0) return false;
+      if (this.spans === this.gpas.length) this.growSpans();
+      this.gpas[this.spans] = a;
+      this.lengths[this.spans] = c;
+      this.spans++;
+      a += c;
+      left -= c;
+    }
+    return true;
+  }
+
+  private growSpans(): void {
+    const size = this.gpas.length * 2;
+    const gpas = new Float64Array(size);
+    const lengths = new Uint32Array(size);
+    gpas.set(this.gpas);
+    lengths.set(this.lengths);
+    this.gpas = gpas;
+    this.lengths = lengths;
+    this.host = new Float64Array(size);
+  }
+
+  /** Move the walked spans: one scatter/gather call where possible, else a view per span. */
+  private move(device: IdeDevice): DmaOutcome {
+    const n = this.spans;
+    if (n === 0) return "done";
+    if (device.dmaHost !== undefined && this.memory.hostAddresses?.(this.gpas, n, this.host) === true) {
+      const r = device.dmaHost(this.host, this.lengths, n);
+      if (r !== undefined) {
+        this.hostTransfers++;
+        return r;
       }
-      if (lo === 0) return "host-error";
-      if (!device.dmaChunk(this.memory.tryBytes(a, lo)!, off)) return "device-error";
-      a += lo;
-      off += lo;
-      left -= lo;
+    }
+    this.viewTransfers++;
+    let offset = 0;
+    for (let i = 0; i < n; i++) {
+      const view = this.memory.tryBytes(this.gpas[i]!, this.lengths[i]!);
+      if (view === undefined) return "host-error";
+      if (!device.dmaChunk(view, offset)) return "device-error";
+      offset += this.lengths[i]!;
     }
     return "done";
   }
@@ -194,9 +280,11 @@ export class BusMasterChannel {
       this.command = command;
       this.status = status;
       this.prd = prd;
+      this.owed = undefined;
     };
   }
 
+  /** The registers; an owed transfer must have been settled first (PiixIde.save does). */
   save(): SavedBusMaster {
     return { command: this.command, status: this.status, prd: this.prd };
   }

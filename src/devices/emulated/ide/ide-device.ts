@@ -223,6 +223,13 @@ export abstract class IdeDevice {
   abstract dmaToMemory(): boolean;
   /** Move `view.length` bytes at byte `offset` of the transfer between the device and `view`; false on a device error. */
   abstract dmaChunk(view: Uint8Array, offset: number): boolean;
+  /**
+   * Optional: move the whole transfer in one scatter/gather call between the
+   * back end and host memory (`addresses`/`lengths`: guest RAM spans, back to
+   * back). "done" or "device-error"; undefined when it cannot (the engine then
+   * moves the spans with dmaChunk, which redoes the whole transfer).
+   */
+  dmaHost?(addresses: Float64Array, lengths: Uint32Array, count: number): DmaOutcome | undefined;
   /** The bus-master engine ended the transfer. */
   abstract dmaDone(outcome: DmaOutcome): void;
 

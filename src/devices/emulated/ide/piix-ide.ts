@@ -136,8 +136,8 @@ export class PiixIde implements PciDevice {
       return new AtapiCdrom(unit, host, cfg.device, identity);
     };
     this.channels = [
-      new IdeChannel(0, opts.primaryIrq, new BusMasterChannel(services.memory, canMaster), make(0)),
-      new IdeChannel(1, opts.secondaryIrq, new BusMasterChannel(services.memory, canMaster), make(1)),
+      new IdeChannel(0, opts.primaryIrq, new BusMasterChannel(services.memory, canMaster, services.loop), make(0)),
+      new IdeChannel(1, opts.secondaryIrq, new BusMasterChannel(services.memory, canMaster, services.loop), make(1)),
     ];
     this.reset();
   }
@@ -253,7 +253,9 @@ export class PiixIde implements PciDevice {
     for (const a of applies) a();
   }
 
+  /** Runs any owed DMA transfer first (its data and completion belong in the state). */
   save(): SavedPiixIde {
+    for (const c of this.channels) c.busMaster.settle();
     return {
       kind: "piix-ide",
       version: 1,
