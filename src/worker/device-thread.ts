@@ -63,7 +63,7 @@ class PollLoop implements IoEventLoop {
   private fds = new Int32Array(16);
   private dirty = true;
   /** Deferred tasks, run in order by runDeferred(); a task may defer more (run in the same pass). */
-  private deferred: (() => void)[] = [];
+  private readonly deferred: (() => void)[] = [];
 
   constructor(private readonly onTaskError: (e: unknown) => void) {}
 

@@ -1,7 +1,7 @@
 /**
  * Fakes for device tests: a recording IRQ line, a manual clock, a collecting
- * byte sink, recorded power requests, a seeded PRNG, and a fresh shared state
- * region for a layout.
+ * byte sink, recorded power requests, a seeded PRNG, a fresh shared state
+ * region for a layout, and the device thread's deferred work.
  */
 import type { ByteSink, Clock, IrqLine, PowerControl } from "../../src/devices/dependencies.js";
 import { SharedStateArena, type FieldType, type StructLayout, type Bound } from "../../src/machine/shared-state.js";
@@ -86,4 +86,28 @@ export class SeededRandom {
 /** Fresh state for one device, as the board allocates it. */
 export function freshState<F extends Record<string, FieldType>>(layout: StructLayout<F>): Bound<F> {
   return SharedStateArena.create(layout.size + 64).allocate(layout);
+}
+
+/**
+ * The device thread's deferred work (IoEventLoop.defer): held until `run()`,
+ * or, when `immediate`, run inside the access that deferred it (a device
+ * thread that answers and runs its deferred work before the next access is
+ * indistinguishable to a driver that waits for the interrupt or polls status).
+ */
+export class DeferredWork {
+  readonly tasks: (() => void)[] = [];
+  constructor(public immediate = true) {}
+  defer(task: () => void): void {
+    if (this.immediate) task();
+    else this.tasks.push(task);
+  }
+  /** Run what is held (and what that defers); returns how many tasks ran. */
+  run(): number {
+    let n = 0;
+    while (this.tasks.length > 0) {
+      this.tasks.shift()!();
+      n++;
+    }
+    return n;
+  }
 }

@@ -10,7 +10,7 @@ import { DiskError } from "../../../src/storage/block-device.js";
 import { ChunkedGuestMemory, type GuestMemory } from "../../../src/machine/guest-memory.js";
 import type { PciDeviceServices } from "../../../src/devices/pci/device-thread-services.js";
 import { PiixIde, type IdeDriveConfig } from "../../../src/devices/emulated/ide/piix-ide.js";
-import { RecordingIrqLine } from "../device-fakes.js";
+import { DeferredWork, RecordingIrqLine } from "../device-fakes.js";
 
 const PAGE = 4096;
 
@@ -112,30 +112,6 @@ export function pattern(seed: number, offset: number, length: number): Uint8Arra
     out[i] = (Math.imul(x >>> 1, 2654435761) >>> 24) ^ (x & 0xff) ^ seed;
   }
   return out;
-}
-
-/**
- * The device thread's deferred work (IoEventLoop.defer): held until `run()`,
- * or, when `immediate`, run inside the access that deferred it (a device
- * thread that answers and runs its deferred work before the next access is
- * indistinguishable to a driver that waits for the interrupt or polls status).
- */
-export class DeferredWork {
-  readonly tasks: (() => void)[] = [];
-  constructor(public immediate = true) {}
-  defer(task: () => void): void {
-    if (this.immediate) task();
-    else this.tasks.push(task);
-  }
-  /** Run what is held (and what that defers); returns how many tasks ran. */
-  run(): number {
-    let n = 0;
-    while (this.tasks.length > 0) {
-      this.tasks.shift()!();
-      n++;
-    }
-    return n;
-  }
 }
 
 export function fakeServices(memory: GuestMemory, work = new DeferredWork()): PciDeviceServices {

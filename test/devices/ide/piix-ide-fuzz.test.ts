@@ -10,8 +10,8 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { ChunkedGuestMemory, type GuestMemory, type GuestSpan, type RamRange } from "../../../src/machine/guest-memory.js";
 import { PiixIde } from "../../../src/devices/emulated/ide/piix-ide.js";
-import { RecordingIrqLine, SeededRandom } from "../device-fakes.js";
-import { DeferredWork, MemoryDisk, fakeServices, pattern } from "./ide-test-driver.js";
+import { DeferredWork, RecordingIrqLine, SeededRandom } from "../device-fakes.js";
+import { MemoryDisk, fakeServices, pattern } from "./ide-test-driver.js";
 
 const RANGES: RamRange[] = [
   { gpa: 0, length: 256 * 1024, fileOffset: 0 },

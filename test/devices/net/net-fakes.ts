@@ -6,7 +6,7 @@
 import { ChunkedGuestMemory } from "../../../src/machine/guest-memory.js";
 import type { DoorbellMap, FdWatch, IoEventLoop, PciDeviceServices } from "../../../src/devices/pci/device-thread-services.js";
 import type { MsiSink } from "../../../src/devices/pci/msix.js";
-import { RecordingIrqLine } from "../device-fakes.js";
+import { DeferredWork, RecordingIrqLine } from "../device-fakes.js";
 
 interface Watch {
   fd: number;
@@ -16,13 +16,10 @@ interface Watch {
 
 export class ManualLoop implements IoEventLoop {
   readonly watches: Watch[] = [];
-  /** Deferred tasks (no NIC defers work today): run by runDeferred(). */
-  readonly deferred: (() => void)[] = [];
+  /** Deferred work (no such device defers any today): run inside the access that defers it. */
+  readonly work = new DeferredWork();
   defer(task: () => void): void {
-    this.deferred.push(task);
-  }
-  runDeferred(): void {
-    while (this.deferred.length > 0) this.deferred.shift()!();
+    this.work.defer(task);
   }
   watch(fd: number, onReadable: () => void): FdWatch {
     const w: Watch = { fd, onReadable, open: true };

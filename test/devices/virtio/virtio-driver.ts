@@ -18,7 +18,7 @@ import {
   featureBit,
   type VirtioPciDevice,
 } from "../../../src/devices/virtio/pci-transport.js";
-import { RecordingIrqLine } from "../device-fakes.js";
+import { DeferredWork, RecordingIrqLine } from "../device-fakes.js";
 
 export const BAR0 = 0xe000_0000;
 export const BAR1 = 0xe001_0000;
@@ -49,13 +49,10 @@ export class FakeDoorbells implements DoorbellMap {
 
 export class FakeLoop implements IoEventLoop {
   readonly watches = new Map<number, { handler: () => void; closed: boolean }[]>();
-  /** Deferred tasks (no virtio device defers work today): run by runDeferred(). */
-  readonly deferred: (() => void)[] = [];
+  /** Deferred work (no such device defers any today): run inside the access that defers it. */
+  readonly work = new DeferredWork();
   defer(task: () => void): void {
-    this.deferred.push(task);
-  }
-  runDeferred(): void {
-    while (this.deferred.length > 0) this.deferred.shift()!();
+    this.work.defer(task);
   }
   watch(fd: number, onReadable: () => void): FdWatch {
     const w = { handler: onReadable, closed: false };

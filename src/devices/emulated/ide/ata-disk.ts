@@ -377,14 +377,10 @@ export class AtaDisk extends IdeDevice {
 
   override dmaHost(addresses: Float64Array, lengths: Uint32Array, count: number): DmaOutcome | undefined {
     const disk = this.disk;
-    const at = this.dmaLba * ATA_SECTOR;
+    const move = this.dmaWrite ? disk.writeHost : disk.readHost;
+    if (move === undefined) return undefined;
     try {
-      if (this.dmaWrite) {
-        if (disk.writeHost === undefined) return undefined;
-        return disk.writeHost(at, addresses, lengths, count) ? "done" : undefined;
-      }
-      if (disk.readHost === undefined) return undefined;
-      return disk.readHost(at, addresses, lengths, count) ? "done" : undefined;
+      return move.call(disk, this.dmaLba * ATA_SECTOR, addresses, lengths, count) ? "done" : undefined;
     } catch (e) {
       this.lastBackendError = e;
       return "device-error";

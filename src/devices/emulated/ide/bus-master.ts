@@ -93,11 +93,6 @@ export class BusMasterChannel {
     return (this.command & BMCMD.start) !== 0 && (this.status & BMST.active) !== 0;
   }
 
-  /** Whether a transfer is owed (scheduled and not yet run). */
-  get transferOwed(): boolean {
-    return this.owed !== undefined;
-  }
-
   readByte(offset: number): number {
     switch (offset) {
       case BM.command:
