@@ -8,8 +8,12 @@
  * `gcc -static -O2` and appended to a copy of the default guest's initramfs
  * as a second gzip'ed newc cpio member) opens the disk with O_DIRECT and runs,
  * at queue depth 1: 1 MiB sequential writes, 1 MiB sequential reads of the
- * same range, 4 KiB random reads inside it; reads are checked against the
- * offsets stamped by the writes. Timing is the guest's CLOCK_MONOTONIC.
+ * same range, 4 KiB random reads inside it; then 4 KiB random reads with
+ * --queue-depth (32) in flight through Linux AIO, fio's usual random-read
+ * set-up: the case where a device with a request queue (virtio) and one with
+ * a single command slot (PIIX IDE, no NCQ) differ by design. Reads are
+ * checked against the offsets stamped by the writes. Timing is the guest's
+ * CLOCK_MONOTONIC.
  *
  * Host CPU: utime+stime of the VMM process (Partis: the `partis run`
  * process, which hosts the VM; QEMU: the qemu process), sampled from /proc/<pid>/stat when each
@@ -50,8 +54,10 @@
  * --runs > 1 each run's two VMMs are also compared run by run),
  * --seq-mib N (64),
  * --random-ops N (2000), --pio-seq-mib N (4), --pio-random-ops N (300),
- * --pio-write-kib N (64), --random-seconds N (15: the random reads stop
+ * --pio-write-kib N (64), --random-seconds N (15: each random pattern stops
  * there; slow paths do fewer) (--quick: 16, 500, 1, 100, 16, 6),
+ * --queue-depth N (32) and --queued-ops N (8000; --quick: 2000; PIO: as
+ * many as its queue-depth-1 random reads) for the queued random reads,
  * --warmup-mib N (16; --quick: 4; 0: none) and --warmup-random-ops N (2000;
  * --quick: 500): the unmeasured warm-up pass each run makes first (see
  * warmupMiB below; its figures go to stderr),
@@ -113,6 +119,8 @@ const pioWriteKiB = Math.min(pioSeqMiB * 1024, num("--pio-write-kib", quick ? 16
 const PIO_WRITE_REQUEST_KIB = 16;
 if (pioWriteKiB % PIO_WRITE_REQUEST_KIB !== 0) throw new Error(`--pio-write-kib must be a multiple of ${PIO_WRITE_REQUEST_KIB}`);
 const randomSeconds = num("--random-seconds", quick ? 6 : 15);
+const queueDepth = num("--queue-depth", 32);
+const queuedOps = num("--queued-ops", quick ? 2000 : 8000);
 /**
  * Measured passes per boot: the guest runs the measured patterns this many
  * times in a row (after the one warm-up pass). A boot costs far more than a
@@ -137,7 +145,7 @@ const WARMUP_RANDOM_OPS = num("--warmup-random-ops", quick ? 500 : 2000);
 const timeoutMs = num("--timeout", 300) * 1000;
 if (seqMiB > imageMiB) throw new Error(`--seq-mib ${seqMiB} is larger than --image-mib ${imageMiB}`);
 
-type Pattern = "seqwrite" | "seqread" | "randread";
+type Pattern = "seqwrite" | "seqread" | "randread" | "randreadq";
 
 interface Config {
   readonly name: string;
@@ -147,6 +155,8 @@ interface Config {
   readonly device: string;
   readonly seqMiB: number;
   readonly randomOps: number;
+  /** Queued random reads (randreadq) at --queue-depth. */
+  readonly queuedOps: number;
   /** Sequential writes: total KiB and KiB per request (default seqMiB MiB in 1 MiB requests). */
   readonly write?: { readonly totalKiB: number; readonly requestKiB: number };
   /** Expect libata to report a PIO mode. */
@@ -205,15 +215,15 @@ const qemuCommon = (kernel: string, initrd: string, append: string): string[] =>
 ];
 
 const CONFIGS: readonly Config[] = [
-  { name: "partis-virtio", label: "Partis virtio-blk", vmm: "partis", device: "/dev/vda", seqMiB, randomOps, argv: partisArgv("virtio") },
-  { name: "partis-ide-dma", label: "Partis IDE (BM-DMA)", vmm: "partis", device: "/dev/sda", seqMiB, randomOps, argv: partisArgv("ide") },
+  { name: "partis-virtio", label: "Partis virtio-blk", vmm: "partis", device: "/dev/vda", seqMiB, randomOps, queuedOps, argv: partisArgv("virtio") },
+  { name: "partis-ide-dma", label: "Partis IDE (BM-DMA)", vmm: "partis", device: "/dev/sda", seqMiB, randomOps, queuedOps, argv: partisArgv("ide") },
   {
-    name: "partis-ide-pio", label: "Partis IDE (PIO)", vmm: "partis", device: "/dev/sda", seqMiB: pioSeqMiB, randomOps: pioRandomOps, pio: true,
+    name: "partis-ide-pio", label: "Partis IDE (PIO)", vmm: "partis", device: "/dev/sda", seqMiB: pioSeqMiB, randomOps: pioRandomOps, queuedOps: pioRandomOps, pio: true,
     write: { totalKiB: pioWriteKiB, requestKiB: PIO_WRITE_REQUEST_KIB },
     extraAppend: "libata.force=pio4", argv: partisArgv("ide"),
   },
   {
-    name: "qemu-virtio", label: "QEMU virtio-blk (q35)", vmm: "qemu", device: "/dev/vda", seqMiB, randomOps,
+    name: "qemu-virtio", label: "QEMU virtio-blk (q35)", vmm: "qemu", device: "/dev/vda", seqMiB, randomOps, queuedOps,
     argv: (k, i, a, img) => ({
       command: QEMU,
       argv: ["-M", "q35", ...qemuCommon(k, i, a), "-drive", `file=${img},if=none,format=raw,cache=writeback,id=d0`, "-device", "virtio-blk-pci,drive=d0"],
@@ -221,23 +231,23 @@ const CONFIGS: readonly Config[] = [
   },
   {
     // Partis with V8's background threads idle (experiment: what does their CPU buy?).
-    name: "partis-virtio-v8st", label: "Partis virtio-blk, node --single-threaded", vmm: "partis", device: "/dev/vda", seqMiB, randomOps, optional: true,
+    name: "partis-virtio-v8st", label: "Partis virtio-blk, node --single-threaded", vmm: "partis", device: "/dev/vda", seqMiB, randomOps, queuedOps, optional: true,
     argv: partisArgv("virtio", ["--single-threaded"]),
   },
   {
     // QEMU with its guest RAM in a memfd, as Partis's is (experiment: how much of the gap is the RAM's backing?).
-    name: "qemu-virtio-memfd", label: "QEMU virtio-blk (q35, memfd RAM)", vmm: "qemu", device: "/dev/vda", seqMiB, randomOps, optional: true,
+    name: "qemu-virtio-memfd", label: "QEMU virtio-blk (q35, memfd RAM)", vmm: "qemu", device: "/dev/vda", seqMiB, randomOps, queuedOps, optional: true,
     argv: (k, i, a, img) => ({
       command: QEMU,
       argv: ["-M", "q35,memory-backend=ram0", "-object", `memory-backend-memfd,id=ram0,size=${MEMORY}`, ...qemuCommon(k, i, a), "-drive", `file=${img},if=none,format=raw,cache=writeback,id=d0`, "-device", "virtio-blk-pci,drive=d0"],
     }),
   },
   {
-    name: "qemu-ide-dma", label: "QEMU IDE (pc, BM-DMA)", vmm: "qemu", device: "/dev/sda", seqMiB, randomOps,
+    name: "qemu-ide-dma", label: "QEMU IDE (pc, BM-DMA)", vmm: "qemu", device: "/dev/sda", seqMiB, randomOps, queuedOps,
     argv: (k, i, a, img) => ({ command: QEMU, argv: ["-M", "pc", ...qemuCommon(k, i, a), "-drive", `file=${img},if=ide,format=raw,cache=writeback`] }),
   },
   {
-    name: "qemu-ide-pio", label: "QEMU IDE (pc, PIO)", vmm: "qemu", device: "/dev/sda", seqMiB: pioSeqMiB, randomOps: pioRandomOps, pio: true,
+    name: "qemu-ide-pio", label: "QEMU IDE (pc, PIO)", vmm: "qemu", device: "/dev/sda", seqMiB: pioSeqMiB, randomOps: pioRandomOps, queuedOps: pioRandomOps, pio: true,
     write: { totalKiB: pioWriteKiB, requestKiB: PIO_WRITE_REQUEST_KIB },
     extraAppend: "libata.force=pio4", optional: true,
     argv: (k, i, a, img) => ({ command: QEMU, argv: ["-M", "pc", ...qemuCommon(k, i, a), "-drive", `file=${img},if=ide,format=raw,cache=writeback`] }),
@@ -282,7 +292,8 @@ function warmupCommand(c: Config, nonce: number): string {
   const mib = c.pio === true ? 1 : warmupMiB;
   const writeKiB = Math.min(c.write?.totalKiB ?? mib * 1024, c.pio === true ? 16 : mib * 1024);
   const ops = Math.min(c.randomOps, c.pio === true ? 50 : WARMUP_RANDOM_OPS);
-  return `/bin/diskbench $d ${mib} ${ops} ${nonce} ${writeKiB} ${c.write?.requestKiB ?? 1024} ${randomSeconds * 1000} | sed 's/^DISKBENCH/WARMUP/'`;
+  const queued = Math.min(c.queuedOps, c.pio === true ? 50 : WARMUP_RANDOM_OPS);
+  return `/bin/diskbench $d ${mib} ${ops} ${nonce} ${writeKiB} ${c.write?.requestKiB ?? 1024} ${randomSeconds * 1000} ${queueDepth} ${queued} | sed 's/^DISKBENCH/WARMUP/'`;
 }
 
 /**
@@ -309,7 +320,7 @@ function guestCommand(c: Config, nonce: number): string {
     `q=/sys/block/\${d#/dev/}/queue; echo "DISKBENCH-QUEUE max_sectors_kb=$(cat $q/max_sectors_kb) max_segments=$(cat $q/max_segments) max_segment_size=$(cat $q/max_segment_size)"`,
     ...(warmupMiB > 0 ? [warmupCommand(c, nonce)] : []),
     `k=0; r=0`,
-    `while [ $k -lt ${passes} ] && [ $r = 0 ]; do /bin/diskbench $d ${c.seqMiB} ${c.randomOps} ${nonce} ${c.write?.totalKiB ?? c.seqMiB * 1024} ${c.write?.requestKiB ?? 1024} ${randomSeconds * 1000}; r=$?; k=$((k+1)); done`,
+    `while [ $k -lt ${passes} ] && [ $r = 0 ]; do /bin/diskbench $d ${c.seqMiB} ${c.randomOps} ${nonce} ${c.write?.totalKiB ?? c.seqMiB * 1024} ${c.write?.requestKiB ?? 1024} ${randomSeconds * 1000} ${queueDepth} ${c.queuedOps}; r=$?; k=$((k+1)); done`,
     `echo DISKBENCH-EXIT $r`,
     `poweroff -f`,
   ].join("\n");
@@ -528,7 +539,7 @@ function once(c: Config, run: number, kernel: string, initrd: string, dir: strin
             kvmStarts[m[1] as Pattern] = kvmCountersOf(vmm()!);
           }
         }
-        else if ((m = /^DISKBENCH (seqwrite|seqread|randread) MiB\/s=\S+ IOPS=\S+ ms=([\d.]+) bytes=(\d+) ops=(\d+) errors=(\d+)/.exec(line))) {
+        else if ((m = /^DISKBENCH (seqwrite|seqread|randreadq|randread) MiB\/s=\S+ IOPS=\S+ ms=([\d.]+) bytes=(\d+) ops=(\d+) errors=(\d+)/.exec(line))) {
           const p = m[1] as Pattern;
           const end = sample();
           const st = starts[p] ?? end;
@@ -571,8 +582,8 @@ function once(c: Config, run: number, kernel: string, initrd: string, dir: strin
         pending = pending.slice(nl + 1);
         const at = line.indexOf("DISKBENCH");
         if (at >= 0) onLine(line.slice(at));
-        const w = /WARMUP (seqwrite|seqread|randread) MiB\/s=(\S+) IOPS=(\S+)/.exec(line);
-        if (w !== null) warmup.push(w[1] === "randread" ? `${w[1]} ${Number(w[3]).toFixed(0)} IOPS` : `${w[1]} ${Number(w[2]).toFixed(1)} MiB/s`);
+        const w = /WARMUP (seqwrite|seqread|randreadq|randread) MiB\/s=(\S+) IOPS=(\S+)/.exec(line);
+        if (w !== null) warmup.push(w[1]!.startsWith("randread") ? `${w[1]} ${Number(w[3]).toFixed(0)} IOPS` : `${w[1]} ${Number(w[2]).toFixed(1)} MiB/s`);
         if (line.includes("WARMUP-FAIL")) finish(new RunFailure(line, out));
       }
     };
@@ -601,6 +612,9 @@ interface Summary {
   seqread?: number;
   randIops?: number;
   randMiB?: number;
+  /** Queued random reads (--queue-depth in flight): IOPS and VMM CPU µs per read. */
+  queuedIops?: number;
+  queuedCpuUs?: number;
   flushMs?: number;
   /** VMM CPU s per GiB moved (total, and without guest time), per sequential pattern. */
   writeCpu?: number;
@@ -628,6 +642,8 @@ function summarize(runs: RunResult[]): Summary {
     seqread: pick("seqread", (x) => x.mibPerS),
     randIops: pick("randread", (x) => x.iops),
     randMiB: pick("randread", (x) => x.mibPerS),
+    queuedIops: pick("randreadq", (x) => x.iops),
+    queuedCpuUs: pick("randreadq", (x) => (x.cpuS / x.ops) * 1e6),
     ...(flush.length ? { flushMs: median(flush) } : {}),
     writeCpu: pick("seqwrite", (x) => perGiB(x.cpuS, x)),
     writeVmmCpu: pick("seqwrite", (x) => perGiB(x.cpuS - x.guestS, x)),
@@ -670,7 +686,7 @@ async function main(): Promise<void> {
   const configs: Config[] =
     baseline === undefined
       ? selected
-      : [...selected, { name: "partis-virtio-baseline", label: `Partis virtio-blk, baseline build (${baseline})`, vmm: "partis", device: "/dev/vda", seqMiB, randomOps, argv: partisArgv("virtio", [], baseline) }];
+      : [...selected, { name: "partis-virtio-baseline", label: `Partis virtio-blk, baseline build (${baseline})`, vmm: "partis", device: "/dev/vda", seqMiB, randomOps, queuedOps, argv: partisArgv("virtio", [], baseline) }];
   if (configs.length === 0) throw new Error(`--only ${value("--only")}: none of ${CONFIGS.map((c) => c.name).join(", ")}`);
   const baseDir = value("--dir") ?? tmpdir();
   mkdirSync(baseDir, { recursive: true });
@@ -684,10 +700,10 @@ async function main(): Promise<void> {
           const r = await once(c, i + 1, guest.kernel, initrd, dir);
           (results[c.name] ??= []).push(r);
           const perPass = r.passes
-            .map((x) => `${fmt(x.patterns.seqwrite?.mibPerS)}/${fmt(x.patterns.seqread?.mibPerS)}/${fmt(x.patterns.randread?.iops, 0)}`)
+            .map((x) => `${fmt(x.patterns.seqwrite?.mibPerS)}/${fmt(x.patterns.seqread?.mibPerS)}/${fmt(x.patterns.randread?.iops, 0)}/${fmt(x.patterns.randreadq?.iops, 0)}`)
             .join(", ");
           process.stderr.write(
-            `${c.name} run ${i + 1}: seqwrite/seqread MiB/s, randread IOPS: ${perPass}` +
+            `${c.name} run ${i + 1}: seqwrite/seqread MiB/s, randread/randreadq IOPS: ${perPass}` +
               ` (${(r.wallMs / 1000).toFixed(1)} s; ${r.mode || "no ATA device"}; ${r.queue})` +
               (r.warmup.length > 0 ? `; warm-up pass: ${r.warmup.join(", ")}` : "") + "\n",
           );
@@ -706,29 +722,29 @@ async function main(): Promise<void> {
   const sums: Record<string, Summary> = {};
   for (const c of configs) if (results[c.name]) sums[c.name] = summarize(results[c.name]!);
   const qemuV = qemuVersion();
-  console.log(`In-guest disk benchmark (${runs} run${runs > 1 ? "s" : ""} of ${passes} measured pass${passes > 1 ? "es" : ""} each; medians over all passes): O_DIRECT, queue depth 1, 1 vCPU, ${MEMORY}; image ${imageMiB} MiB raw, fresh per run in ${baseDir} (the range read stamped by the host, the rest sparse).`);
+  console.log(`In-guest disk benchmark (${runs} run${runs > 1 ? "s" : ""} of ${passes} measured pass${passes > 1 ? "es" : ""} each; medians over all passes): O_DIRECT, queue depth 1 except the queued random reads (depth ${queueDepth}, Linux AIO), 1 vCPU, ${MEMORY}; image ${imageMiB} MiB raw, fresh per run in ${baseDir} (the range read stamped by the host, the rest sparse).`);
   console.log(
     (warmupMiB > 0
       ? `Each run first makes a warm-up pass in the same guest (${warmupMiB} MiB each way, ${WARMUP_RANDOM_OPS} random reads; PIO: 1 MiB read, 16 KiB written, 50 random reads), not measured; its figures are on stderr. `
       : "No warm-up pass (--warmup-mib 0): Partis's JIT compiles its hot paths inside the measured patterns. ") +
-    `Sequential: ${seqMiB} MiB each way in 1 MiB requests (PIO: ${pioSeqMiB} MiB read, ${pioWriteKiB} KiB written in ${PIO_WRITE_REQUEST_KIB} KiB requests); random: up to ${randomOps} 4 KiB reads (PIO: ${pioRandomOps}) or ${randomSeconds} s, in the first ${seqMiB} MiB (PIO: ${pioSeqMiB} MiB).`,
+    `Sequential: ${seqMiB} MiB each way in 1 MiB requests (PIO: ${pioSeqMiB} MiB read, ${pioWriteKiB} KiB written in ${PIO_WRITE_REQUEST_KIB} KiB requests); random: up to ${randomOps} 4 KiB reads (PIO: ${pioRandomOps}) or ${randomSeconds} s, in the first ${seqMiB} MiB (PIO: ${pioSeqMiB} MiB); queued: up to ${queuedOps} reads (PIO: ${pioRandomOps}) or ${randomSeconds} s.`,
   );
   console.log("CPU = utime+stime of the VMM process (Partis: partis run; QEMU: qemu) while the pattern ran, guest time included; in parentheses without guest time.");
   console.log(`Host: ${hostCpus().length} CPUs (${hostCpus()[0]?.model ?? "?"}), load ${loadavg().map((x) => x.toFixed(1)).join(" / ")}, Node ${process.version}, ${qemuV}.`);
   console.log("");
-  console.log("| path | seq write MiB/s | seq read MiB/s | 4K rand read IOPS (MiB/s) | flush ms | CPU s/GiB write | CPU s/GiB read | CPU µs/rand read | errors | ATA mode |");
-  console.log("|---|---|---|---|---|---|---|---|---|---|");
+  console.log(`| path | seq write MiB/s | seq read MiB/s | 4K rand read IOPS (MiB/s) | 4K rand read QD${queueDepth} IOPS | flush ms | CPU s/GiB write | CPU s/GiB read | CPU µs/rand read | CPU µs/rand read QD${queueDepth} | errors | ATA mode |`);
+  console.log("|---|---|---|---|---|---|---|---|---|---|---|---|");
   for (const c of configs) {
     const s = sums[c.name];
     const failed = failures[c.name] ? ` (failed: run ${failures[c.name]!.map((f) => f.run).join(", ")})` : "";
     if (s === undefined) {
-      console.log(`| ${c.label} | all runs failed${failed} | | | | | | | | |`);
+      console.log(`| ${c.label} | all runs failed${failed} | | | | | | | | | | |`);
       continue;
     }
     let mode = s.mode === "" ? "—" : s.mode;
     if (c.pio && !/PIO/.test(s.mode)) mode += " **(PIO NOT IN EFFECT)**";
     console.log(
-      `| ${c.label}${failed} | ${fmt(s.seqwrite)} | ${fmt(s.seqread)} | ${fmt(s.randIops, 0)} (${fmt(s.randMiB, 2)}) | ${fmt(s.flushMs)} | ${fmt(s.writeCpu, 1)} (${fmt(s.writeVmmCpu, 1)}) | ${fmt(s.readCpu, 1)} (${fmt(s.readVmmCpu, 1)}) | ${fmt(s.randCpuUs, 0)} (${fmt(s.randVmmCpuUs, 0)}) | ${s.errors} | ${mode} |`,
+      `| ${c.label}${failed} | ${fmt(s.seqwrite)} | ${fmt(s.seqread)} | ${fmt(s.randIops, 0)} (${fmt(s.randMiB, 2)}) | ${fmt(s.queuedIops, 0)} | ${fmt(s.flushMs)} | ${fmt(s.writeCpu, 1)} (${fmt(s.writeVmmCpu, 1)}) | ${fmt(s.readCpu, 1)} (${fmt(s.readVmmCpu, 1)}) | ${fmt(s.randCpuUs, 0)} (${fmt(s.randVmmCpuUs, 0)}) | ${fmt(s.queuedCpuUs, 0)} | ${s.errors} | ${mode} |`,
     );
   }
   const ratio = (a: string, b: string, f: (s: Summary) => number | undefined): string => {
@@ -748,11 +764,11 @@ async function main(): Promise<void> {
     ["qemu-virtio", "qemu-ide-dma", "QEMU virtio-blk ÷ QEMU IDE DMA", "for scale"],
   ];
   console.log("");
-  console.log("| ratio | seq write | seq read | 4K rand read | CPU per GiB read (lower is better) | CPU per rand read | note |");
-  console.log("|---|---|---|---|---|---|---|");
+  console.log(`| ratio | seq write | seq read | 4K rand read | 4K rand read QD${queueDepth} | CPU per GiB read (lower is better) | CPU per rand read | note |`);
+  console.log("|---|---|---|---|---|---|---|---|");
   for (const [a, b, label, note] of pairs) {
     if (!configs.some((c) => c.name === a) || !configs.some((c) => c.name === b)) continue;
-    console.log(`| ${label} | ${ratio(a, b, (s) => s.seqwrite)} | ${ratio(a, b, (s) => s.seqread)} | ${ratio(a, b, (s) => s.randIops)} | ${ratio(a, b, (s) => s.readCpu)} | ${ratio(a, b, (s) => s.randCpuUs)} | ${note} |`);
+    console.log(`| ${label} | ${ratio(a, b, (s) => s.seqwrite)} | ${ratio(a, b, (s) => s.seqread)} | ${ratio(a, b, (s) => s.randIops)} | ${ratio(a, b, (s) => s.queuedIops)} | ${ratio(a, b, (s) => s.readCpu)} | ${ratio(a, b, (s) => s.randCpuUs)} | ${note} |`);
   }
   // Run by run: configurations run back to back within a run, so pairing them by run cancels drift in the
   // machine's speed; the spread of the per-run ratios says how far to trust the ratio of medians above.
@@ -780,15 +796,15 @@ async function main(): Promise<void> {
       return `${median(ratios).toFixed(2)}× (${sorted[0]!.toFixed(2)}–${sorted[sorted.length - 1]!.toFixed(2)}, ${ratios.length} runs)`;
     };
     pairedRows.push(
-      `| ${label} | ${cell((x) => x.patterns.seqwrite?.mibPerS)} | ${cell((x) => x.patterns.seqread?.mibPerS)} | ${cell((x) => x.patterns.randread?.iops)} |`,
+      `| ${label} | ${cell((x) => x.patterns.seqwrite?.mibPerS)} | ${cell((x) => x.patterns.seqread?.mibPerS)} | ${cell((x) => x.patterns.randread?.iops)} | ${cell((x) => x.patterns.randreadq?.iops)} |`,
     );
   }
   if (pairedRows.length > 0 && runs > 1) {
     console.log("");
     console.log("Run by run (each run's median over its passes, the two configurations of one run paired): median ratio (lowest–highest)");
     console.log("");
-    console.log("| ratio | seq write | seq read | 4K rand read |");
-    console.log("|---|---|---|---|");
+    console.log(`| ratio | seq write | seq read | 4K rand read | 4K rand read QD${queueDepth} |`);
+    console.log("|---|---|---|---|---|");
     for (const row of pairedRows) console.log(row);
   }
   console.log("");

@@ -2,10 +2,10 @@
  * In-guest disk benchmark for bench/devices/guest-disk.ts (built there with
  * `gcc -static -O2` and added to the guest initramfs as /bin/diskbench).
  *
- * usage: diskbench DEVICE SEQ_MIB RANDOM_OPS NONCE [WRITE_KIB [REQUEST_KIB [RANDOM_MS]]]
+ * usage: diskbench DEVICE SEQ_MIB RANDOM_OPS NONCE [WRITE_KIB [REQUEST_KIB [RANDOM_MS [QUEUE_DEPTH [QUEUED_OPS]]]]]
  *
  * On a block device opened with O_DIRECT (the guest page cache is out of the
- * way), queue depth 1, one thread:
+ * way), one thread, queue depth 1 except for randreadq:
  *   seqwrite  WRITE_KIB KiB (default SEQ_MIB MiB) in REQUEST_KIB (default
  *             1024) KiB writes from offset 0, then fdatasync (the flush is
  *             timed apart: "flush ms=")
@@ -14,6 +14,13 @@
  *             inside the first SEQ_MIB MiB (xorshift64, fixed seed: every
  *             run reads the same offsets), stopping early once RANDOM_MS
  *             milliseconds have passed (0: no limit; ops= says how many ran)
+ *   randreadq QUEUED_OPS (default 4 x RANDOM_OPS) 4 KiB reads as randread,
+ *             but QUEUE_DEPTH (default 32; 0 skips the pattern) of them in
+ *             flight at once through Linux native AIO (io_submit: what fio's
+ *             libaio engine does; no library needed), the same time limit;
+ *             "depth=" says the depth. A device with one command slot (IDE)
+ *             serves them one by one; a device with a queue (virtio) gets
+ *             them in batches.
  * Every 4 KiB block carries its byte offset and NONCE (two little-endian
  * 64-bit words) in its first 16 bytes: the host stamps the first SEQ_MIB MiB
  * of the image that way before the run and the writes rewrite the same
@@ -23,7 +30,7 @@
  *
  * Prints one line per pattern:
  *   DISKBENCH-START <pattern>
- *   DISKBENCH <pattern> MiB/s=<x> IOPS=<x> ms=<x> bytes=<n> ops=<n> errors=<n>
+ *   DISKBENCH <pattern> MiB/s=<x> IOPS=<x> ms=<x> bytes=<n> ops=<n> errors=<n> [depth=<n>]
  * and DISKBENCH-FAIL <reason> on any error. Exit status 0 when all ran.
  */
 #define _GNU_SOURCE
@@ -35,7 +42,9 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <linux/aio_abi.h>
 #include <linux/fs.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -54,12 +63,16 @@ static void fail(const char *what, const char *pattern) {
   exit(1);
 }
 
-static void report(const char *pattern, double ms, uint64_t bytes, uint64_t ops, uint64_t errors) {
+static void report_line(const char *pattern, double ms, uint64_t bytes, uint64_t ops, uint64_t errors, const char *extra) {
   double secs = ms / 1e3;
-  printf("DISKBENCH %s MiB/s=%.4g IOPS=%.4g ms=%.3f bytes=%llu ops=%llu errors=%llu\n", pattern,
+  printf("DISKBENCH %s MiB/s=%.4g IOPS=%.4g ms=%.3f bytes=%llu ops=%llu errors=%llu%s\n", pattern,
          secs > 0 ? (double)bytes / MIB / secs : 0.0, secs > 0 ? (double)ops / secs : 0.0, ms,
-         (unsigned long long)bytes, (unsigned long long)ops, (unsigned long long)errors);
+         (unsigned long long)bytes, (unsigned long long)ops, (unsigned long long)errors, extra);
   fflush(stdout);
+}
+
+static void report(const char *pattern, double ms, uint64_t bytes, uint64_t ops, uint64_t errors) {
+  report_line(pattern, ms, bytes, ops, errors, "");
 }
 
 static void start(const char *pattern) {
@@ -87,9 +100,84 @@ static uint64_t xorshift64(uint64_t *s) {
   return *s = x;
 }
 
+/*
+ * randreadq: QUEUED_OPS random 4 KiB reads with DEPTH in flight (Linux AIO).
+ * Each slot has its own buffer; a completion is checked, then its slot is
+ * refilled with the next offset, every refill of one io_getevents batch in
+ * one io_submit.
+ */
+static void queued_random_reads(int fd, uint64_t blocks, uint64_t ops, unsigned depth, double limit_ms, uint64_t nonce) {
+  aio_context_t ctx = 0;
+  if (syscall(SYS_io_setup, depth, &ctx) != 0) fail("io_setup", "randreadq");
+  unsigned char *bufs;
+  if (posix_memalign((void **)&bufs, BLOCK, (size_t)depth * BLOCK) != 0) fail("posix_memalign", "randreadq");
+  struct iocb *cbs = calloc(depth, sizeof *cbs);
+  struct iocb **batch = calloc(depth, sizeof *batch);
+  struct io_event *events = calloc(depth, sizeof *events);
+  if (cbs == NULL || batch == NULL || events == NULL) fail("calloc", "randreadq");
+  uint64_t state = 0x2545f4914f6cdd1dull;
+  uint64_t issued = 0, done = 0, errors = 0;
+  unsigned inflight = 0, n = 0;
+  start("randreadq");
+  double t0 = now_ms();
+  int stop = 0;
+  for (unsigned s = 0; s < depth && issued < ops; s++, issued++) {
+    struct iocb *cb = &cbs[s];
+    memset(cb, 0, sizeof *cb);
+    cb->aio_data = s;
+    cb->aio_lio_opcode = IOCB_CMD_PREAD;
+    cb->aio_fildes = (uint32_t)fd;
+    cb->aio_buf = (uint64_t)(uintptr_t)(bufs + (size_t)s * BLOCK);
+    cb->aio_nbytes = BLOCK;
+    cb->aio_offset = (int64_t)((xorshift64(&state) % blocks) * BLOCK);
+    batch[n++] = cb;
+  }
+  while (n > 0 || inflight > 0) {
+    if (n > 0) {
+      long r = syscall(SYS_io_submit, ctx, (long)n, batch);
+      if (r != (long)n) {
+        if (r >= 0) errno = EAGAIN;
+        fail("io_submit", "randreadq");
+      }
+      inflight += n;
+      n = 0;
+    }
+    long got = syscall(SYS_io_getevents, ctx, 1L, (long)depth, events, NULL);
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      fail("io_getevents", "randreadq");
+    }
+    if (!stop && limit_ms > 0 && now_ms() - t0 >= limit_ms) stop = 1;
+    for (long i = 0; i < got; i++) {
+      struct iocb *cb = &cbs[events[i].data];
+      inflight--;
+      if (events[i].res != (int64_t)BLOCK) {
+        errno = events[i].res < 0 ? (int)-events[i].res : EIO;
+        fail("read", "randreadq");
+      }
+      errors += !stamp_ok((const unsigned char *)(uintptr_t)cb->aio_buf, (uint64_t)cb->aio_offset, nonce);
+      done++;
+      if (!stop && issued < ops) {
+        cb->aio_offset = (int64_t)((xorshift64(&state) % blocks) * BLOCK);
+        batch[n++] = cb;
+        issued++;
+      }
+    }
+  }
+  double ms = now_ms() - t0;
+  char extra[32];
+  snprintf(extra, sizeof extra, " depth=%u", depth);
+  report_line("randreadq", ms, done * BLOCK, done, errors, extra);
+  syscall(SYS_io_destroy, ctx);
+  free(events);
+  free(batch);
+  free(cbs);
+  free(bufs);
+}
+
 int main(int argc, char **argv) {
   if (argc < 5) {
-    fprintf(stderr, "usage: %s DEVICE SEQ_MIB RANDOM_OPS NONCE [WRITE_KIB [REQUEST_KIB [RANDOM_MS]]]\n", argv[0]);
+    fprintf(stderr, "usage: %s DEVICE SEQ_MIB RANDOM_OPS NONCE [WRITE_KIB [REQUEST_KIB [RANDOM_MS [QUEUE_DEPTH [QUEUED_OPS]]]]]\n", argv[0]);
     return 2;
   }
   const char *dev = argv[1];
@@ -99,6 +187,12 @@ int main(int argc, char **argv) {
   uint64_t write_kib = argc > 5 ? strtoull(argv[5], NULL, 10) : seq_mib * 1024;
   uint64_t request_kib = argc > 6 ? strtoull(argv[6], NULL, 10) : 1024;
   double random_ms = argc > 7 ? strtod(argv[7], NULL) : 0;
+  uint64_t queue_depth = argc > 8 ? strtoull(argv[8], NULL, 10) : 32;
+  uint64_t queued_ops = argc > 9 ? strtoull(argv[9], NULL, 10) : random_ops * 4;
+  if (queue_depth > 1024) {
+    errno = EINVAL;
+    fail("QUEUE_DEPTH must be at most 1024", dev);
+  }
   if (write_kib > seq_mib * 1024 || request_kib == 0 || request_kib > 1024 || (request_kib & 3) != 0 || write_kib % request_kib != 0) {
     errno = EINVAL;
     fail("WRITE_KIB must be <= SEQ_MIB MiB and REQUEST_KIB a multiple of 4 up to 1024 dividing it", dev);
@@ -178,6 +272,8 @@ int main(int argc, char **argv) {
     done++;
   }
   report("randread", now_ms() - t0, done * BLOCK, done, errors);
+
+  if (queue_depth > 0 && queued_ops > 0) queued_random_reads(fd, blocks, queued_ops, (unsigned)queue_depth, random_ms, nonce);
 
   close(fd);
   free(buf);
