@@ -88,7 +88,10 @@ export class DeviceBus {
   }
 
   configWrite(bdf: number, offset: number, size: 1 | 2 | 4, value: number): void {
-    this.functions.get(bdf)?.pci.configWrite(offset, size, value);
+    const d = this.functions.get(bdf);
+    if (d === undefined) return;
+    d.pci.configWrite(offset, size, value);
+    d.afterConfigWrite?.();
   }
 
   private findBar(address: number, size: number, io: boolean): { device: PciDevice; bar: number; offset: number } | undefined {

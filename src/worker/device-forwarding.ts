@@ -2,7 +2,8 @@
  * The vCPU-thread side of the device thread: config accesses to device
  * functions, accesses to ports the device thread decodes, and MMIO exits that
  * no platform device claims are posted to the mailbox, and the vCPU waits for
- * the answer (see device-mailbox.ts).
+ * the answer (see device-mailbox.ts); a 1-byte port read whose value the
+ * owning device has published (the port read shadow) is answered here.
  */
 import type { PciFunction } from "../machine/pci-host-bridge.js";
 import { MAILBOX_OP, getLe, putLe, type MailboxRequester } from "./device-mailbox.js";
@@ -23,6 +24,8 @@ export const IDE_COMPAT_PORTS: readonly (readonly [number, number])[] = [
 
 export class DeviceForwarder {
   private readonly portMap = new Uint8Array(0x10000);
+  /** Port reads answered from the shadow the devices publish, with no round trip. */
+  shadowedReads = 0;
 
   constructor(private readonly requester: MailboxRequester, ports: ForwardedPorts) {
     for (const [start, length] of ports.ranges) this.portMap.fill(1, start, Math.min(0x10000, start + length));
@@ -37,6 +40,14 @@ export class DeviceForwarder {
    * data area (count * size bytes); reads land there.
    */
   portIo(write: boolean, port: number, size: number, count: number, data: Uint8Array): void {
+    if (!write && size === 1 && count === 1) {
+      const v = this.requester.shadowRead(port);
+      if (v >= 0) {
+        data[0] = v;
+        this.shadowedReads++;
+        return;
+      }
+    }
     const box = this.requester.data;
     const bytes = size * count;
     if (write) box.set(data.subarray(0, bytes));

@@ -14,7 +14,11 @@
  *
  * Slot layout (bytes): 0 state (i32: 0 idle, 1 posted, 2 done), 4 op, 8 size,
  * 12 count, 16 address (f64), 24.. data (up to DATA_BYTES: the string I/O of one
- * exit, or an MMIO value). After the slots: the server's "awake" word.
+ * exit, or an MMIO value). After the slots: the server's "awake" word; then the
+ * port read shadow, one i32 per I/O port: SHADOW_VALID | the byte a 1-byte read
+ * of the port returns, published by the device that owns the port (see
+ * PortReadShadow), or 0 (forward the read). A vCPU answers a shadowed read
+ * without a round trip.
  *
  * DEVNOTE: register accesses come in bursts (an IDE command is a dozen of
  * them), and a wake-up through eventfd + poll + futex costs ~100 µs on a PVM
@@ -27,6 +31,7 @@
  * request posted just as the server goes to sleep is either seen by the
  * server's last look or rings the doorbell (Dekker).
  */
+import type { PortReadShadow } from "../devices/pci/device-thread-services.js";
 import { EventFd } from "../hypervisor/eventfd.js";
 
 export const MAILBOX_OP = {
@@ -45,6 +50,8 @@ const HEADER = 24;
 export const DATA_BYTES = 4096;
 export const SLOT_BYTES = HEADER + DATA_BYTES;
 const CONTROL_BYTES = 64;
+const SHADOW_PORTS = 0x1_0000;
+const SHADOW_VALID = 0x100;
 /**
  * How long a requester polls its slot before sleeping on it, and the server the
  * slots after its last request. Bounded by time, not iterations: a loop that is
@@ -68,7 +75,7 @@ export class DeviceMailbox {
   private constructor(readonly buffer: SharedArrayBuffer, readonly slots: number, readonly doorbell: EventFd | number) {}
 
   static create(slots: number): DeviceMailbox {
-    return new DeviceMailbox(new SharedArrayBuffer(slots * SLOT_BYTES + CONTROL_BYTES), slots, EventFd.create({ nonBlocking: true }));
+    return new DeviceMailbox(new SharedArrayBuffer(slots * SLOT_BYTES + CONTROL_BYTES + SHADOW_PORTS * 4), slots, EventFd.create({ nonBlocking: true }));
   }
 
   static attach(h: MailboxHandoff): DeviceMailbox {
@@ -94,6 +101,19 @@ export class DeviceMailbox {
     return new MailboxServer(this.buffer, this.slots);
   }
 
+  /** The device thread's side of the port read shadow. */
+  portShadow(): PortReadShadow {
+    const words = shadowWords(this.buffer, this.slots);
+    return {
+      publish(port, value) {
+        Atomics.store(words, port & 0xffff, SHADOW_VALID | (value & 0xff));
+      },
+      withdraw(port) {
+        Atomics.store(words, port & 0xffff, 0);
+      },
+    };
+  }
+
   /** Wake the device thread (it then checks its stop word). */
   ring(): void {
     (typeof this.doorbell === "number" ? EventFd.borrow(this.doorbell) : this.doorbell).signal();
@@ -102,6 +122,10 @@ export class DeviceMailbox {
   close(): void {
     if (typeof this.doorbell !== "number") this.doorbell.close();
   }
+}
+
+function shadowWords(buffer: SharedArrayBuffer, slots: number): Int32Array {
+  return new Int32Array(buffer, slots * SLOT_BYTES + CONTROL_BYTES, SHADOW_PORTS);
 }
 
 /** A request as the device thread sees it; `data` is the live slot payload (read results go there). */
@@ -120,16 +144,24 @@ export class MailboxRequester {
   readonly data: Uint8Array;
   private readonly doorbell: EventFd;
   private readonly awake: Int32Array;
+  private readonly shadow: Int32Array;
   /** Set by the owner when the VM is stopping: waits give up so the thread can exit. */
   abandoned: () => boolean = () => false;
 
   constructor(buffer: SharedArrayBuffer, index: number, doorbellFd: number, slots: number) {
     this.doorbell = EventFd.borrow(doorbellFd);
     this.awake = new Int32Array(buffer, slots * SLOT_BYTES, 1);
+    this.shadow = shadowWords(buffer, slots);
     const base = index * SLOT_BYTES;
     this.state = new Int32Array(buffer, base, 1);
     this.header = new DataView(buffer, base, HEADER);
     this.data = new Uint8Array(buffer, base + HEADER, DATA_BYTES);
+  }
+
+  /** The published value of a 1-byte read of `port`, or -1 when the read must be forwarded. */
+  shadowRead(port: number): number {
+    const v = Atomics.load(this.shadow, port & 0xffff);
+    return (v & SHADOW_VALID) !== 0 ? v & 0xff : -1;
   }
 
   /**

@@ -194,6 +194,7 @@ function main(data: DeviceThreadData): void {
   const partition = Partition.attach(data.handoff);
   const mailbox = DeviceMailbox.attach(data.mailbox);
   const server = mailbox.server();
+  const portShadow = mailbox.portShadow();
   const loop = new PollLoop((e) => warn(`deferred device work failed: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`));
   const bus = new DeviceBus();
   const intx = new IntxRouter(partition);
@@ -228,6 +229,7 @@ function main(data: DeviceThreadData): void {
       msi: msi.sink(),
       loop,
       doorbells,
+      portShadow,
     };
     const a = assembleDevice(f, data.devices, services, {
       vmName: data.vmName,

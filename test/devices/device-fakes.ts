@@ -1,9 +1,11 @@
 /**
  * Fakes for device tests: a recording IRQ line, a manual clock, a collecting
  * byte sink, recorded power requests, a seeded PRNG, a fresh shared state
- * region for a layout, and the device thread's deferred work.
+ * region for a layout, the device thread's deferred work, and a port read
+ * shadow that keeps what a device published.
  */
 import type { ByteSink, Clock, IrqLine, PowerControl } from "../../src/devices/dependencies.js";
+import type { PortReadShadow } from "../../src/devices/pci/device-thread-services.js";
 import { SharedStateArena, type FieldType, type StructLayout, type Bound } from "../../src/machine/shared-state.js";
 
 export class RecordingIrqLine implements IrqLine {
@@ -109,5 +111,16 @@ export class DeferredWork {
       n++;
     }
     return n;
+  }
+}
+
+/** The port read shadow as a map: port -> the byte a vCPU would answer with (absent: forwarded). */
+export class RecordingPortShadow implements PortReadShadow {
+  readonly values = new Map<number, number>();
+  publish(port: number, value: number): void {
+    this.values.set(port, value & 0xff);
+  }
+  withdraw(port: number): void {
+    this.values.delete(port);
   }
 }

@@ -108,6 +108,45 @@ test("a vCPU-side forwarder reaches a device thread through the mailbox and its 
   box.close();
 });
 
+test("port read shadow: a published 1-byte read is answered on the vCPU side; wider, string and withdrawn reads go to the device thread", async () => {
+  const box = DeviceMailbox.create(2);
+  const worker = new Worker(new URL("./mailbox-echo-thread.js", import.meta.url), { workerData: box.handoff() });
+  await new Promise((r) => worker.once("message", r));
+  const shadow = box.portShadow();
+  const fwd = new DeviceForwarder(box.requester(1), { ranges: [[0x1000, 0x100]] });
+  const byte = new Uint8Array(4);
+  shadow.publish(0x1017, 0x5a);
+  assert.equal(box.requester(0).shadowRead(0x1017), 0x5a, "every vCPU's requester sees it");
+  fwd.portIo(false, 0x1017, 1, 1, byte);
+  assert.equal(byte[0], 0x5a, "answered from the shadow, not by the echo thread (which answers 0x17)");
+  assert.equal(fwd.shadowedReads, 1);
+  fwd.portIo(false, 0x1017, 2, 1, byte);
+  assert.deepEqual(Array.from(byte.subarray(0, 2)), [0x17, 0x17], "a 2-byte read is forwarded");
+  fwd.portIo(false, 0x1017, 1, 2, byte);
+  assert.deepEqual(Array.from(byte.subarray(0, 2)), [0x17, 0x17], "string I/O is forwarded");
+  shadow.withdraw(0x1017);
+  assert.equal(box.requester(1).shadowRead(0x1017), -1);
+  fwd.portIo(false, 0x1017, 1, 1, byte);
+  assert.equal(byte[0], 0x17, "withdrawn: forwarded again");
+  shadow.publish(0x1018, 0);
+  assert.equal(box.requester(1).shadowRead(0x1018), 0, "a published zero is a value, not 'forward'");
+  assert.equal(fwd.shadowedReads, 1);
+  box.ring();
+  await worker.terminate();
+  box.close();
+});
+
+test("the bus tells a function after each config write it routes (a shadowing device republishes)", () => {
+  const bus = new DeviceBus();
+  let after = 0;
+  const d = Object.assign(new ScratchDevice("s"), { afterConfigWrite: () => void after++ });
+  bus.attach(2 << 3, d);
+  bus.configWrite(2 << 3, 0x04, 2, 0x07);
+  bus.configWrite(3 << 3, 0x04, 2, 0x07);
+  assert.equal(after, 1, "once, for the function written");
+  assert.equal(d.pci.configRead(0x04, 2) & 0x07, 0x07, "the write itself happened first");
+});
+
 test("PCI plan: IDE at 00:01.0, others from slot 2 in order; MAC parsing", () => {
   const disk = { path: "/x", readOnly: false };
   const p = planPci([

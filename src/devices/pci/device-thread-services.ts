@@ -43,6 +43,22 @@ export interface DoorbellMap {
 }
 
 /** Everything a PCI device model may be given. */
+/**
+ * Register values the vCPU threads may answer themselves. An emulated
+ * device's register access is a round trip to the device thread (the costly
+ * part of the emulated path); a 1-byte port read that has no side effect
+ * (IDE Alternate Status, bus-master status) can instead be answered from a
+ * value the device thread published, as long as that value is kept current:
+ * the device republishes after every change a read could see, and before it
+ * raises an interrupt (the guest's handler reads the new values).
+ */
+export interface PortReadShadow {
+  /** A 1-byte read of `port` now returns `value` and has no side effect. */
+  publish(port: number, value: number): void;
+  /** Reads of `port` go to the device thread again. */
+  withdraw(port: number): void;
+}
+
 export interface PciDeviceServices {
   readonly memory: GuestMemory;
   /** The function's INTx line (the thread ORs lines that share a GSI). */
@@ -50,4 +66,6 @@ export interface PciDeviceServices {
   readonly msi: MsiSink;
   readonly loop: IoEventLoop;
   readonly doorbells: DoorbellMap;
+  /** Where the device may publish side-effect-free port reads (none: every read is forwarded). */
+  readonly portShadow?: PortReadShadow;
 }

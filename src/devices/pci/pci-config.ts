@@ -58,6 +58,8 @@ export interface PciDevice {
   barWrite(bar: number, offset: number, size: 1 | 2 | 4, value: number): void;
   /** Power-on / board reset. */
   reset(): void;
+  /** After each config-space write the bus routed here (a device whose reads depend on its config registers follows them). */
+  afterConfigWrite?(): void;
   save?(): SavedDeviceState;
   /** Lines for a state report of a running VM (`kill -QUIT` on `partis run`): what a stuck guest waits for. */
   describeState?(): string[];

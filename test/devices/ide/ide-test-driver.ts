@@ -8,9 +8,9 @@ import assert from "node:assert/strict";
 import type { BlockDevice, AllocationExtent } from "../../../src/storage/block-device.js";
 import { DiskError } from "../../../src/storage/block-device.js";
 import { ChunkedGuestMemory, type GuestMemory } from "../../../src/machine/guest-memory.js";
-import type { PciDeviceServices } from "../../../src/devices/pci/device-thread-services.js";
+import type { PciDeviceServices, PortReadShadow } from "../../../src/devices/pci/device-thread-services.js";
 import { PiixIde, type IdeDriveConfig } from "../../../src/devices/emulated/ide/piix-ide.js";
-import { DeferredWork, RecordingIrqLine } from "../device-fakes.js";
+import { DeferredWork, RecordingIrqLine, RecordingPortShadow } from "../device-fakes.js";
 
 const PAGE = 4096;
 
@@ -114,13 +114,14 @@ export function pattern(seed: number, offset: number, length: number): Uint8Arra
   return out;
 }
 
-export function fakeServices(memory: GuestMemory, work = new DeferredWork()): PciDeviceServices {
+export function fakeServices(memory: GuestMemory, work = new DeferredWork(), portShadow?: PortReadShadow): PciDeviceServices {
   return {
     memory,
     intx: new RecordingIrqLine(),
     msi: { signal() {} },
     loop: { watch: () => ({ close() {} }), defer: (task) => work.defer(task) },
     doorbells: { mapDoorbell() {} },
+    ...(portShadow !== undefined ? { portShadow } : {}),
   };
 }
 
@@ -130,6 +131,8 @@ export interface Rig {
   irq: [RecordingIrqLine, RecordingIrqLine];
   /** The device thread's deferred work (DMA transfers); run at once unless `work.immediate` is turned off. */
   work: DeferredWork;
+  /** What the controller published for the vCPUs to answer themselves (port read shadow). */
+  shadow: RecordingPortShadow;
 }
 
 /** RAM: [0, 1 MiB) by default. */
@@ -137,10 +140,40 @@ export function makeRig(drives: IdeDriveConfig[], memory?: ChunkedGuestMemory): 
   const mem = memory ?? ChunkedGuestMemory.anonymous([{ gpa: 0, length: 1 << 20, fileOffset: 0 }]);
   const irq: [RecordingIrqLine, RecordingIrqLine] = [new RecordingIrqLine(), new RecordingIrqLine()];
   const work = new DeferredWork();
-  const ide = new PiixIde("ide0", fakeServices(mem, work), { primaryIrq: irq[0], secondaryIrq: irq[1], drives });
+  const shadow = new RecordingPortShadow();
+  const ide = new PiixIde("ide0", fakeServices(mem, work, shadow), { primaryIrq: irq[0], secondaryIrq: irq[1], drives });
   ide.pci.assignBar(4, 0xc000);
   ide.pci.enableDecoding();
-  return { ide, memory: mem, irq, work };
+  ide.afterConfigWrite(); // as the device thread's bus does after firmware set-up
+  return { ide, memory: mem, irq, work, shadow };
+}
+
+/**
+ * Every port the controller published in the read shadow reads back, for
+ * real, as published, and that read changes nothing (no interrupt line
+ * moves): a vCPU answering it itself is indistinguishable from forwarding it.
+ * Published ports must be the channels' Status / Alternate Status or the
+ * bus-master registers at BAR4's current address. Returns how many were checked.
+ */
+export function checkPortShadow(ide: PiixIde, shadow: RecordingPortShadow, irq: readonly RecordingIrqLine[], where: string): number {
+  const base = ide.pci.mappedAddress(4);
+  let checked = 0;
+  for (const [port, value] of [...shadow.values]) {
+    const calls = irq.map((l) => l.calls.length);
+    let actual: number;
+    if (port === 0x1f7) actual = ide.isaRead("primary", 7, 1);
+    else if (port === 0x177) actual = ide.isaRead("secondary", 7, 1);
+    else if (port === 0x3f6) actual = ide.isaRead("primary-control", 0, 1);
+    else if (port === 0x376) actual = ide.isaRead("secondary-control", 0, 1);
+    else {
+      assert.ok(base !== undefined && [0, 2, 8, 10].includes(port - base), `${where}: port 0x${port.toString(16)} is published but is not the controller's now`);
+      actual = ide.barRead(4, port - base, 1);
+    }
+    assert.equal(actual, value, `${where}: port 0x${port.toString(16)} published as 0x${value.toString(16)} reads 0x${actual.toString(16)}`);
+    assert.deepEqual(irq.map((l) => l.calls.length), calls, `${where}: reading published port 0x${port.toString(16)} moved an interrupt line`);
+    checked++;
+  }
+  return checked;
 }
 
 // Register offsets / bits used by the driver.

@@ -4,14 +4,17 @@
  * space, PRD tables of every shape in a small RAM, and well-formed command
  * sequences mixed in so that the deep paths (PIO blocks, DMA, packets) run.
  * Checks: no exception, guest memory only through bounds-checked views, data
- * pointers inside their buffers, errors reported through status bits.
+ * pointers inside their buffers, errors reported through status bits, and
+ * the port read shadow (what vCPUs answer without asking the device thread)
+ * equal to real reads after every step, with Status never published while
+ * the interrupt it would acknowledge is raised.
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { ChunkedGuestMemory, type GuestMemory, type GuestSpan, type RamRange } from "../../../src/machine/guest-memory.js";
 import { PiixIde } from "../../../src/devices/emulated/ide/piix-ide.js";
-import { DeferredWork, RecordingIrqLine, SeededRandom } from "../device-fakes.js";
-import { MemoryDisk, fakeServices, pattern } from "./ide-test-driver.js";
+import { DeferredWork, RecordingIrqLine, RecordingPortShadow, SeededRandom } from "../device-fakes.js";
+import { MemoryDisk, checkPortShadow, fakeServices, pattern } from "./ide-test-driver.js";
 
 const RANGES: RamRange[] = [
   { gpa: 0, length: 256 * 1024, fileOffset: 0 },
@@ -85,11 +88,29 @@ for (const seed of [0x1de_5eed, 0x0c0ffee]) test(`fuzz (seed ${seed.toString(16)
   const roDisk = new MemoryDisk(32 * 1024, true);
   const iso = new MemoryDisk(40 * 2048, true);
   iso.fill(0, pattern(6, 0, 40 * 2048));
-  const irq = [new RecordingIrqLine(), new RecordingIrqLine()] as const;
+  const shadow = new RecordingPortShadow();
+  const STATUS_PORT = [0x1f7, 0x177] as const;
+  const risesWithStatusPublished = [0, 0];
+  let rises = 0;
+  /** At each rising edge: the raising channel's Status (which would acknowledge it) is not answered from the shadow. */
+  class CheckedIrq extends RecordingIrqLine {
+    constructor(private readonly channel: 0 | 1) {
+      super();
+    }
+    override setLevel(level: boolean): void {
+      if (level && !this.level) {
+        rises++;
+        const v = shadow.values.get(STATUS_PORT[this.channel]);
+        if (v !== undefined && v !== 0xff) risesWithStatusPublished[this.channel]!++;
+      }
+      super.setLevel(level);
+    }
+  }
+  const irq = [new CheckedIrq(0), new CheckedIrq(1)] as const;
   // DMA transfers run as deferred work, which this fuzz runs at random points: right after the access
   // that started it (as the device thread does), or only after more accesses, a reset, a save.
   const work = new DeferredWork(false);
-  const ide = new PiixIde("ide-fuzz", fakeServices(memory, work), {
+  const ide = new PiixIde("ide-fuzz", fakeServices(memory, work, shadow), {
     primaryIrq: irq[0],
     secondaryIrq: irq[1],
     drives: [
@@ -100,8 +121,9 @@ for (const seed of [0x1de_5eed, 0x0c0ffee]) test(`fuzz (seed ${seed.toString(16)
   });
   ide.pci.assignBar(4, 0xc000);
   ide.pci.enableDecoding();
+  ide.afterConfigWrite();
 
-  const seen = { ataErrors: 0, bmErrors: 0, bmInterrupts: 0, dataWords: 0, checkConditions: 0, deferredRuns: 0 };
+  const seen = { ataErrors: 0, bmErrors: 0, bmInterrupts: 0, dataWords: 0, checkConditions: 0, deferredRuns: 0, shadowChecks: 0 };
   const small = (): number => (rnd.next() < 0.8 ? rnd.int(8) : rnd.int(256));
   const size = (): 1 | 2 | 4 => rnd.pick([1, 2, 4] as const);
   const cmdRegion = (ch: number): string => (ch === 0 ? "primary" : "secondary");
@@ -196,11 +218,16 @@ for (const seed of [0x1de_5eed, 0x0c0ffee]) test(`fuzz (seed ${seed.toString(16)
       const off = rnd.pick([0x04, 0x04, 0x40, 0x42, 0x44, rnd.int(256)]);
       const v = off === 0x04 ? rnd.pick([0x05, 0x05, 0x01, 0x04, 0x07, 0x00]) : off === 0x40 || off === 0x42 ? rnd.pick([0x8000, 0x0000, rnd.int(0x10000)]) : rnd.int(0x1_0000_0000);
       ide.pci.configWrite(off, off === 0x04 || off === 0x40 || off === 0x42 ? 2 : size(), v);
-      if (rnd.next() < 0.3) ide.pci.configWrite(0x04, 2, 0x05);
+      ide.afterConfigWrite(); // what the device bus does after each config write
+      if (rnd.next() < 0.3) {
+        ide.pci.configWrite(0x04, 2, 0x05);
+        ide.afterConfigWrite();
+      }
     } else if (op < 96) {
       ide.reset();
       ide.pci.assignBar(4, 0xc000);
       ide.pci.enableDecoding();
+      ide.afterConfigWrite();
     } else if (op < 97) {
       ide.changeMedium(1, 0, rnd.next() < 0.3 ? undefined : iso);
     } else if (op < 98) {
@@ -211,7 +238,10 @@ for (const seed of [0x1de_5eed, 0x0c0ffee]) test(`fuzz (seed ${seed.toString(16)
       ide.isaRead(cmdRegion(ch), 7, 1);
     }
 
+    // What a vCPU would answer from the shadow now, between the access and the device thread's next turn.
+    if (rnd.next() < 0.3) seen.shadowChecks += checkPortShadow(ide, shadow, irq, `seed ${seed.toString(16)} step ${step}`);
     if (rnd.next() < 0.6) seen.deferredRuns += work.run();
+    seen.shadowChecks += checkPortShadow(ide, shadow, irq, `seed ${seed.toString(16)} step ${step}, after deferred work`);
 
     // Every reachable state saves as plain data and restores to itself.
     if (step % 997 === 0) {
@@ -244,6 +274,9 @@ for (const seed of [0x1de_5eed, 0x0c0ffee]) test(`fuzz (seed ${seed.toString(16)
   assert.ok(seen.ataErrors > 1000 && seen.bmErrors > 100 && seen.checkConditions > 100, JSON.stringify(seen));
   assert.ok(seen.bmInterrupts > 100);
   assert.ok(seen.deferredRuns > 1000, `deferred transfers ran (${seen.deferredRuns})`);
+  assert.ok(seen.shadowChecks > 100_000, `shadowed reads checked (${seen.shadowChecks})`);
+  assert.ok(rises > 1000, `interrupts rose (${rises})`);
+  assert.deepEqual(risesWithStatusPublished, [0, 0], "an interrupt rose while its channel's Status was still answered from the shadow");
   const saved = ide.save();
   assert.deepEqual(JSON.parse(JSON.stringify(saved)), saved);
 });

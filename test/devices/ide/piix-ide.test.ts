@@ -2,7 +2,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { ChunkedGuestMemory } from "../../../src/machine/guest-memory.js";
 import { PiixIde, IdeConfigError, type IdeDriveConfig } from "../../../src/devices/emulated/ide/piix-ide.js";
-import { ATA, AtaDriver, MemoryDisk, fakeServices, idString, makeRig, pattern } from "./ide-test-driver.js";
+import { ATA, AtaDriver, MemoryDisk, checkPortShadow, fakeServices, idString, makeRig, pattern } from "./ide-test-driver.js";
 import { RecordingIrqLine } from "../device-fakes.js";
 import { makeServices } from "../virtio/virtio-driver.js";
 import { openRaw } from "../../../src/storage/raw.js";
@@ -496,6 +496,54 @@ test("DMA is deferred: Start returns with the transfer owed (Active, DRQ, no dat
   drv.bmStop();
   assert.equal(drv.status(), 0x50);
   assert.equal(rig.work.run(), 0, "nothing else owed");
+});
+
+test("port read shadow through a DMA read: Status withdrawn while an interrupt is pending, Alternate Status and bus-master status current before the interrupt rises", () => {
+  const { drv, rig } = diskRig({ slave: true });
+  const { shadow } = rig;
+  const at = (port: number): number | undefined => shadow.values.get(port);
+  const BM = 0xc000;
+  // After set-up: both channels' Status / Alternate Status and both channels' bus-master command and status.
+  assert.deepEqual([...shadow.values.keys()].sort((a, b) => a - b), [0x177, 0x1f7, 0x376, 0x3f6, BM, BM + 2, BM + 8, BM + 10]);
+  assert.equal(at(0x3f6), 0x50, "DRDY DSC");
+  assert.equal(at(0x376), 0xff, "empty secondary channel floats");
+  rig.work.immediate = false;
+  drv.writePrd(TABLE, [[0x10000, 0x400]]);
+  drv.bmSetup(TABLE, true);
+  assert.equal(at(BM), 0x08, "direction written, published at once");
+  drv.issue(0xc8, { nsect: 2, lba: 7 });
+  drv.bmStart();
+  assert.equal(at(BM), 0x09);
+  assert.equal(at(BM + 2)! & 0x07, 0x01, "Active");
+  assert.equal(at(0x3f6), 0x58, "mid-transfer: DRQ");
+  assert.equal(at(0x1f7), 0x58, "no interrupt pending: Status reads without side effect");
+  // The interrupt rises inside the deferred transfer: what its handler reads must be published by then.
+  const seenAtRise: (number | undefined)[][] = [];
+  const irq = rig.irq[0];
+  const setLevel = irq.setLevel.bind(irq);
+  irq.setLevel = (level) => {
+    if (level) seenAtRise.push([at(0x1f7), at(0x3f6), at(BM + 2)]);
+    setLevel(level);
+  };
+  assert.equal(rig.work.run(), 1);
+  assert.deepEqual(seenAtRise, [[undefined, 0x50, 0x04]], "at the rising edge: Status forwarded (it acknowledges), Alternate Status done, Interrupt set and not Active");
+  assert.equal(checkPortShadow(rig.ide, shadow, rig.irq, "after the transfer"), 7);
+  drv.bmStop();
+  assert.equal(drv.status(), 0x50, "the forwarded Status read acknowledges");
+  assert.equal(irq.level, false);
+  assert.equal(at(0x1f7), 0x50, "published again once nothing is pending");
+  // Selecting device 1 publishes its status; moving BAR4 moves the bus-master entries.
+  drv.select(1);
+  assert.equal(at(0x1f7), 0x50);
+  rig.ide.pci.configWrite(0x20, 4, 0xd001);
+  rig.ide.afterConfigWrite();
+  assert.deepEqual([BM, BM + 2, BM + 8, BM + 10].map((p) => shadow.values.has(p)), [false, false, false, false], "the old address is withdrawn");
+  assert.equal(at(0xd000 + 2)! & 0x04, 0x04, "Interrupt still set (write one to clear) at the new address");
+  // PCI I/O decoding off: every compatibility port floats.
+  rig.ide.pci.configWrite(0x04, 2, 0x04);
+  rig.ide.afterConfigWrite();
+  assert.deepEqual([at(0x1f7), at(0x3f6), shadow.values.has(0xd000)], [0xff, 0xff, false]);
+  assert.ok(checkPortShadow(rig.ide, shadow, rig.irq, "decoding off") >= 4);
 });
 
 test("deferred DMA: Stop before it runs leaves the command waiting for the engine; Start again moves it once", () => {

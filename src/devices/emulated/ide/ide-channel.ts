@@ -167,6 +167,17 @@ export class IdeChannel implements DeviceHost {
     this.select = 0;
   }
 
+  /**
+   * Status as a read of the Status register would return it now, or -1 when
+   * that read has a side effect (it acknowledges a pending interrupt).
+   */
+  peekStatus(): number {
+    if (this.empty) return 0xff;
+    const d = this.selected;
+    if (!d.present) return 0;
+    return d.irqPending ? -1 : d.status;
+  }
+
   /** Alternate Status: Status without side effects. */
   readControl(): number {
     if (this.empty) return 0xff;

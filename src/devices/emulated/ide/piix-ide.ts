@@ -19,15 +19,24 @@
  *
  * Devices: an ATA disk (`ata-disk.ts`) or an ATAPI CD/DVD-ROM
  * (`atapi-cdrom.ts`) at each of the four positions, or nothing.
+ *
+ * Port read shadow (`services.portShadow`): the registers a driver polls
+ * between the accesses that do something, which read without side effects
+ * (Alternate Status, Status while no interrupt is pending, bus-master command
+ * and status of both channels: 45% of the register accesses of Linux's
+ * ata_piix doing DMA, measured), are published after every access and every
+ * deferred transfer, and before an interrupt is raised, so the vCPU answers
+ * them without a round trip to the device thread. Status with an interrupt
+ * pending is withdrawn: that read acknowledges it, so it must come here.
  */
 import { PartisError } from "../../../errors.js";
 import type { BlockDevice } from "../../../storage/block-device.js";
 import type { IrqLine, SavedDeviceState } from "../../dependencies.js";
-import type { PciDeviceServices } from "../../pci/device-thread-services.js";
+import type { PciDeviceServices, PortReadShadow } from "../../pci/device-thread-services.js";
 import { PciConfig, type PciDevice } from "../../pci/pci-config.js";
 import { AtaDisk, type SavedAtaDisk } from "./ata-disk.js";
 import { AtapiCdrom, type SavedAtapiCdrom } from "./atapi-cdrom.js";
-import { BusMasterChannel, type SavedBusMaster } from "./bus-master.js";
+import { BusMasterChannel, type DmaScheduler, type SavedBusMaster } from "./bus-master.js";
 import { IdeChannel, type SavedIdeChannel } from "./ide-channel.js";
 import { AbsentDevice, type DeviceHost, type IdeDevice } from "./ide-device.js";
 import { FieldReader } from "./saved-fields.js";
@@ -82,6 +91,11 @@ const IDETIM = 0x40;
 const SIDETIM = 0x44;
 const IDETIM_DECODE = 0x8000;
 
+/** Per channel: Status (command block offset 7) and Alternate Status ports; bus-master registers at BAR4 + 8 * channel + 0 / 2. */
+const STATUS_PORT = [0x1f7, 0x177] as const;
+const ALT_STATUS_PORT = [0x3f6, 0x376] as const;
+const BM_SHADOWED = [0, 2, 8, 10] as const;
+
 const REGIONS: readonly IsaRegion[] = [
   { name: "primary", start: 0x1f0, length: 8 },
   { name: "primary-control", start: 0x3f6, length: 1 },
@@ -97,6 +111,9 @@ export class PiixIde implements PciDevice {
   readonly pci: PciConfig;
   readonly isaRegions: readonly IsaRegion[] = REGIONS;
   readonly channels: readonly [IdeChannel, IdeChannel];
+  private readonly shadow: PortReadShadow | undefined;
+  /** Where the bus-master registers were last published (withdrawn when BAR4 moves or stops decoding). */
+  private shadowedBarBase: number | undefined;
 
   constructor(
     readonly name: string,
@@ -135,10 +152,36 @@ export class PiixIde implements PciDevice {
       const identity = { model: cfg.model ?? "PARTIS DVD-ROM", serial, firmware: "1.0", unit };
       return new AtapiCdrom(unit, host, cfg.device, identity);
     };
+    this.shadow = services.portShadow;
+    // With a shadow, what a read sees must be published before the guest can look: after a deferred
+    // transfer, and before an interrupt (its handler reads the registers at once).
+    const loop: DmaScheduler =
+      this.shadow === undefined
+        ? services.loop
+        : {
+            defer: (task) =>
+              services.loop.defer(() => {
+                try {
+                  task();
+                } finally {
+                  this.publishShadow();
+                }
+              }),
+          };
+    const line = (irq: IrqLine): IrqLine =>
+      this.shadow === undefined
+        ? irq
+        : {
+            setLevel: (level) => {
+              if (level) this.publishShadow();
+              irq.setLevel(level);
+            },
+          };
     this.channels = [
-      new IdeChannel(0, opts.primaryIrq, new BusMasterChannel(services.memory, canMaster, services.loop), make(0)),
-      new IdeChannel(1, opts.secondaryIrq, new BusMasterChannel(services.memory, canMaster, services.loop), make(1)),
+      new IdeChannel(0, line(opts.primaryIrq), new BusMasterChannel(services.memory, canMaster, loop), make(0)),
+      new IdeChannel(1, line(opts.secondaryIrq), new BusMasterChannel(services.memory, canMaster, loop), make(1)),
     ];
+    this.pci.onMappingChanged = () => this.publishShadow();
     this.reset();
   }
 
@@ -151,6 +194,37 @@ export class PiixIde implements PciDevice {
       b[at + 1] = IDETIM_DECODE >>> 8;
     }
     for (const c of this.channels) c.reset();
+    this.publishShadow();
+  }
+
+  afterConfigWrite(): void {
+    this.publishShadow();
+  }
+
+  /**
+   * Publish the side-effect-free reads as they stand (see the module comment).
+   * Cheap: a few stores; called after every access.
+   */
+  private publishShadow(): void {
+    const s = this.shadow;
+    if (s === undefined) return;
+    for (let i = 0; i < 2; i++) {
+      const ch = i as 0 | 1;
+      const c = this.channels[ch];
+      if (!this.decodes(ch)) {
+        s.publish(STATUS_PORT[ch], 0xff);
+        s.publish(ALT_STATUS_PORT[ch], 0xff);
+        continue;
+      }
+      const status = c.peekStatus();
+      if (status < 0) s.withdraw(STATUS_PORT[ch]);
+      else s.publish(STATUS_PORT[ch], status);
+      s.publish(ALT_STATUS_PORT[ch], c.readControl());
+    }
+    const base = this.pci.mappedAddress(BUS_MASTER_BAR);
+    if (base !== this.shadowedBarBase && this.shadowedBarBase !== undefined) for (const off of BM_SHADOWED) s.withdraw(this.shadowedBarBase + off);
+    this.shadowedBarBase = base;
+    if (base !== undefined) for (const off of BM_SHADOWED) s.publish(base + off, this.channels[off >> 3]!.busMaster.readByte(off & 7));
   }
 
   /** The drive at a position (for media changes and diagnostics). */
@@ -165,6 +239,7 @@ export class PiixIde implements PciDevice {
     if (!(d instanceof AtapiCdrom))
       throw new IdeConfigError("IDE_NOT_CDROM", `${this.name}: no CD-ROM at ${channel}:${unit}`, { device: this.name });
     d.changeMedium(disc);
+    this.publishShadow();
   }
 
   private decodes(channel: 0 | 1): boolean {
@@ -176,6 +251,12 @@ export class PiixIde implements PciDevice {
   // Legacy ports -----------------------------------------------------------------
 
   isaRead(region: string, offset: number, size: 1 | 2 | 4): number {
+    const v = this.isaReadNow(region, offset, size);
+    this.publishShadow();
+    return v;
+  }
+
+  private isaReadNow(region: string, offset: number, size: 1 | 2 | 4): number {
     switch (region) {
       case "primary":
         return this.decodes(0) ? this.channels[0].readCommandBlock(offset, size) : ones(size);
@@ -191,6 +272,11 @@ export class PiixIde implements PciDevice {
   }
 
   isaWrite(region: string, offset: number, size: 1 | 2 | 4, value: number): void {
+    this.isaWriteNow(region, offset, size, value);
+    this.publishShadow();
+  }
+
+  private isaWriteNow(region: string, offset: number, size: 1 | 2 | 4, value: number): void {
     switch (region) {
       case "primary":
         if (this.decodes(0)) this.channels[0].writeCommandBlock(offset, size, value);
@@ -222,7 +308,7 @@ export class PiixIde implements PciDevice {
       const at = offset + i;
       v |= this.channels[at >> 3]!.busMaster.readByte(at & 7) << (8 * i);
     }
-    return v >>> 0;
+    return v >>> 0; // bus-master reads change nothing: nothing to republish
   }
 
   barWrite(bar: number, offset: number, size: 1 | 2 | 4, value: number): void {
@@ -232,6 +318,7 @@ export class PiixIde implements PciDevice {
       const channel = this.channels[at >> 3]!;
       if (channel.busMaster.writeByte(at & 7, (value >>> (8 * i)) & 0xff)) channel.busMasterStarted();
     }
+    this.publishShadow();
   }
 
   /**
@@ -251,11 +338,13 @@ export class PiixIde implements PciDevice {
       return c.checkSaved(cr);
     });
     for (const a of applies) a();
+    this.publishShadow();
   }
 
   /** Runs any owed DMA transfer first (its data and completion belong in the state). */
   save(): SavedPiixIde {
     for (const c of this.channels) c.busMaster.settle();
+    this.publishShadow();
     return {
       kind: "piix-ide",
       version: 1,
