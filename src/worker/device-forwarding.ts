@@ -3,7 +3,9 @@
  * functions, accesses to ports the device thread decodes, and MMIO exits that
  * no platform device claims are posted to the mailbox, and the vCPU waits for
  * the answer (see device-mailbox.ts); a 1-byte port read whose value the
- * owning device has published (the port read shadow) is answered here.
+ * owning device has published (the port read shadow) is answered here, and a
+ * single port write to a device that takes posted writes is queued without
+ * waiting.
  */
 import type { PciFunction } from "../machine/pci-host-bridge.js";
 import { MAILBOX_OP, getLe, putLe, type MailboxRequester } from "./device-mailbox.js";
@@ -26,6 +28,8 @@ export class DeviceForwarder {
   private readonly portMap = new Uint8Array(0x10000);
   /** Port reads answered from the shadow the devices publish, with no round trip. */
   shadowedReads = 0;
+  /** Port writes queued for the device thread without waiting (posted writes). */
+  postedWrites = 0;
 
   constructor(private readonly requester: MailboxRequester, ports: ForwardedPorts) {
     for (const [start, length] of ports.ranges) this.portMap.fill(1, start, Math.min(0x10000, start + length));
@@ -47,6 +51,10 @@ export class DeviceForwarder {
         this.shadowedReads++;
         return;
       }
+    }
+    if (write && count === 1 && this.requester.postsWrites(port) && this.requester.postWrite(port, size, getLe(data, 0, size))) {
+      this.postedWrites++;
+      return;
     }
     const box = this.requester.data;
     const bytes = size * count;

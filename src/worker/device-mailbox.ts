@@ -18,7 +18,15 @@
  * port read shadow, one i32 per I/O port: SHADOW_VALID | the byte a 1-byte read
  * of the port returns, published by the device that owns the port (see
  * PortReadShadow), or 0 (forward the read). A vCPU answers a shadowed read
- * without a round trip.
+ * without a round trip. Then one byte per port: 1 where the owning device
+ * takes posted writes (PostedWritePorts). Then the posted-write ring: a
+ * 1-byte, 2-byte or 4-byte OUT to such a port is queued there and the vCPU
+ * goes on at once, as a CPU goes on after a posted write on a real bus. The
+ * ring is one for all vCPUs, in the order the writes were made (a write one
+ * vCPU makes under a lock is queued before another vCPU, which takes the lock
+ * next, makes any access), and the device thread drains it before any request
+ * it answers; while it holds writes, no read is answered from the shadow, so
+ * every read still sees every earlier write.
  *
  * DEVNOTE: register accesses come in bursts (an IDE command is a dozen of
  * them), and a wake-up through eventfd + poll + futex costs ~100 µs on a PVM
@@ -31,7 +39,7 @@
  * request posted just as the server goes to sleep is either seen by the
  * server's last look or rings the doorbell (Dekker).
  */
-import type { PortReadShadow } from "../devices/pci/device-thread-services.js";
+import type { PortReadShadow, PostedWritePorts } from "../devices/pci/device-thread-services.js";
 import { EventFd } from "../hypervisor/eventfd.js";
 
 export const MAILBOX_OP = {
@@ -50,8 +58,24 @@ const HEADER = 24;
 export const DATA_BYTES = 4096;
 export const SLOT_BYTES = HEADER + DATA_BYTES;
 const CONTROL_BYTES = 64;
+/** Control words (i32 index): the server's awake word, then the posted-write ring's head and tail. */
+const AWAKE = 0;
+const RING_HEAD = 1;
+const RING_TAIL = 2;
 const SHADOW_PORTS = 0x1_0000;
 const SHADOW_VALID = 0x100;
+/** Posted writes queued at most (a power of two); a vCPU that finds the ring full asks synchronously. */
+export const POSTED_WRITES = 256;
+/** A ring entry (i32 words): round (tail + 1 once written), op, size, port, value. */
+const ENTRY_WORDS = 5;
+const POSTABLE_BYTES = 0x1_0000;
+const LAYOUT = (slots: number) => {
+  const control = slots * SLOT_BYTES;
+  const shadow = control + CONTROL_BYTES;
+  const postable = shadow + SHADOW_PORTS * 4;
+  const ring = postable + POSTABLE_BYTES;
+  return { control, shadow, postable, ring, total: ring + POSTED_WRITES * ENTRY_WORDS * 4 };
+};
 /**
  * How long a requester polls its slot before sleeping on it, and the server the
  * slots after its last request. Bounded by time, not iterations: a loop that is
@@ -75,7 +99,7 @@ export class DeviceMailbox {
   private constructor(readonly buffer: SharedArrayBuffer, readonly slots: number, readonly doorbell: EventFd | number) {}
 
   static create(slots: number): DeviceMailbox {
-    return new DeviceMailbox(new SharedArrayBuffer(slots * SLOT_BYTES + CONTROL_BYTES + SHADOW_PORTS * 4), slots, EventFd.create({ nonBlocking: true }));
+    return new DeviceMailbox(new SharedArrayBuffer(LAYOUT(slots).total), slots, EventFd.create({ nonBlocking: true }));
   }
 
   static attach(h: MailboxHandoff): DeviceMailbox {
@@ -114,6 +138,19 @@ export class DeviceMailbox {
     };
   }
 
+  /** The device thread's side of the posted-write port table. */
+  postedWritePorts(): PostedWritePorts {
+    const flags = new Uint8Array(this.buffer, LAYOUT(this.slots).postable, POSTABLE_BYTES);
+    return {
+      accept(port) {
+        Atomics.store(flags, port & 0xffff, 1);
+      },
+      refuse(port) {
+        Atomics.store(flags, port & 0xffff, 0);
+      },
+    };
+  }
+
   /** Wake the device thread (it then checks its stop word). */
   ring(): void {
     (typeof this.doorbell === "number" ? EventFd.borrow(this.doorbell) : this.doorbell).signal();
@@ -125,7 +162,15 @@ export class DeviceMailbox {
 }
 
 function shadowWords(buffer: SharedArrayBuffer, slots: number): Int32Array {
-  return new Int32Array(buffer, slots * SLOT_BYTES + CONTROL_BYTES, SHADOW_PORTS);
+  return new Int32Array(buffer, LAYOUT(slots).shadow, SHADOW_PORTS);
+}
+
+function controlWords(buffer: SharedArrayBuffer, slots: number): Int32Array {
+  return new Int32Array(buffer, LAYOUT(slots).control, CONTROL_BYTES / 4);
+}
+
+function ringWords(buffer: SharedArrayBuffer, slots: number): Int32Array {
+  return new Int32Array(buffer, LAYOUT(slots).ring, POSTED_WRITES * ENTRY_WORDS);
 }
 
 /** A request as the device thread sees it; `data` is the live slot payload (read results go there). */
@@ -143,25 +188,61 @@ export class MailboxRequester {
   /** The slot's payload: write data before `post`, read results after. */
   readonly data: Uint8Array;
   private readonly doorbell: EventFd;
-  private readonly awake: Int32Array;
+  private readonly control: Int32Array;
   private readonly shadow: Int32Array;
+  private readonly postable: Uint8Array;
+  private readonly ring: Int32Array;
   /** Set by the owner when the VM is stopping: waits give up so the thread can exit. */
   abandoned: () => boolean = () => false;
 
   constructor(buffer: SharedArrayBuffer, index: number, doorbellFd: number, slots: number) {
     this.doorbell = EventFd.borrow(doorbellFd);
-    this.awake = new Int32Array(buffer, slots * SLOT_BYTES, 1);
+    this.control = controlWords(buffer, slots);
     this.shadow = shadowWords(buffer, slots);
+    this.postable = new Uint8Array(buffer, LAYOUT(slots).postable, POSTABLE_BYTES);
+    this.ring = ringWords(buffer, slots);
     const base = index * SLOT_BYTES;
     this.state = new Int32Array(buffer, base, 1);
     this.header = new DataView(buffer, base, HEADER);
     this.data = new Uint8Array(buffer, base + HEADER, DATA_BYTES);
   }
 
-  /** The published value of a 1-byte read of `port`, or -1 when the read must be forwarded. */
+  /**
+   * The published value of a 1-byte read of `port`, or -1 when the read must
+   * be forwarded (nothing published, or posted writes not yet applied).
+   */
   shadowRead(port: number): number {
+    if (Atomics.load(this.control, RING_TAIL) !== Atomics.load(this.control, RING_HEAD)) return -1;
     const v = Atomics.load(this.shadow, port & 0xffff);
     return (v & SHADOW_VALID) !== 0 ? v & 0xff : -1;
+  }
+
+  /** Whether the device that owns `port` takes posted writes. */
+  postsWrites(port: number): boolean {
+    return this.postable[port & 0xffff] === 1;
+  }
+
+  /**
+   * Queue a port write (1, 2 or 4 bytes) for the device thread and return at
+   * once; false when the ring is full (then make the write with call()).
+   */
+  postWrite(port: number, size: number, value: number): boolean {
+    const c = this.control;
+    let tail: number;
+    for (;;) {
+      tail = Atomics.load(c, RING_TAIL);
+      if (((tail - Atomics.load(c, RING_HEAD)) | 0) >= POSTED_WRITES) return false;
+      if (Atomics.compareExchange(c, RING_TAIL, tail, (tail + 1) | 0) === tail) break;
+    }
+    const at = (tail & (POSTED_WRITES - 1)) * ENTRY_WORDS;
+    const r = this.ring;
+    r[at + 1] = MAILBOX_OP.pioWrite;
+    r[at + 2] = size;
+    r[at + 3] = port;
+    r[at + 4] = value | 0;
+    Atomics.store(r, at, (tail + 1) | 0); // written: the device thread may take it
+    if (Atomics.load(c, AWAKE) === 0) this.doorbell.signal();
+    return true;
   }
 
   /**
@@ -175,7 +256,7 @@ export class MailboxRequester {
     h.setInt32(12, count, true);
     h.setFloat64(16, address, true);
     Atomics.store(this.state, 0, POSTED);
-    if (Atomics.load(this.awake, 0) === 0) this.doorbell.signal();
+    if (Atomics.load(this.control, AWAKE) === 0) this.doorbell.signal();
     const until = performance.now() + REQUESTER_SPIN_MS;
     for (let i = 1; Atomics.load(this.state, 0) === POSTED; i++) if ((i & 63) === 0 && performance.now() > until) break;
     while (Atomics.load(this.state, 0) === POSTED) {
@@ -189,14 +270,19 @@ export class MailboxRequester {
 
 export class MailboxServer {
   private readonly states: Int32Array;
-  private readonly awake: Int32Array;
+  private readonly control: Int32Array;
+  private readonly ring: Int32Array;
+  private readonly postedData = new Uint8Array(8);
+  /** Posted writes applied so far. */
+  postedWrites = 0;
   private readonly headers: DataView[] = [];
   private readonly payloads: Uint8Array[] = [];
   private readonly request: MailboxRequest = { op: MAILBOX_OP.pioRead, size: 0, count: 0, address: 0, data: new Uint8Array(0) };
 
   constructor(buffer: SharedArrayBuffer, readonly slots: number) {
     this.states = new Int32Array(buffer, 0, (slots * SLOT_BYTES) / 4);
-    this.awake = new Int32Array(buffer, slots * SLOT_BYTES, 1);
+    this.control = controlWords(buffer, slots);
+    this.ring = ringWords(buffer, slots);
     for (let i = 0; i < slots; i++) {
       this.headers.push(new DataView(buffer, i * SLOT_BYTES, HEADER));
       this.payloads.push(new Uint8Array(buffer, i * SLOT_BYTES + HEADER, DATA_BYTES));
@@ -206,30 +292,81 @@ export class MailboxServer {
   /**
    * Service requests until none has come for SERVER_SPIN_MS, with
    * the awake word set so requesters need not ring; then clear it and take one
-   * last look. Returns how many requests were serviced.
+   * last look. `afterBatch` runs after each batch that serviced something.
+   * Returns how many requests were serviced.
    */
-  serve(handle: (r: MailboxRequest) => void): number {
+  serve(handle: (r: MailboxRequest) => void, afterBatch?: () => void): number {
     let total = 0;
-    Atomics.store(this.awake, 0, 1);
+    Atomics.store(this.control, AWAKE, 1);
     let until = performance.now() + SERVER_SPIN_MS;
     for (let i = 1; ; i++) {
       const n = this.drain(handle);
       if (n > 0) {
         total += n;
+        // Work the batch started (an IDE transfer) runs now, not once the requests stop coming.
+        afterBatch?.();
         until = performance.now() + SERVER_SPIN_MS;
       } else if ((i & 15) === 0 && performance.now() > until) break;
     }
-    Atomics.store(this.awake, 0, 0);
+    Atomics.store(this.control, AWAKE, 0);
     return total + this.drain(handle);
   }
 
-  /** Service every posted slot with `handle`; returns how many were serviced. */
-  drain(handle: (r: MailboxRequest) => void): number {
+  /**
+   * Apply the queued posted writes in order; returns how many. A write still
+   * being queued (its place taken, its words not yet stored: its vCPU is
+   * between two statements) ends the pass, unless `complete`: before a
+   * request is answered every write queued ahead of it must apply, even one
+   * behind such a write (another vCPU may have queued it and then let the
+   * requester in), so the pass waits for it.
+   */
+  drainPosted(handle: (r: MailboxRequest) => void, complete = false): number {
+    const c = this.control;
+    const ring = this.ring;
+    let head = Atomics.load(c, RING_HEAD);
+    const tail = Atomics.load(c, RING_TAIL);
     let n = 0;
+    while (head !== tail) {
+      const at = (head & (POSTED_WRITES - 1)) * ENTRY_WORDS;
+      if (Atomics.load(ring, at) !== ((head + 1) | 0) && !(complete && this.awaitQueued(at, (head + 1) | 0))) break;
+      const r = this.request;
+      r.op = ring[at + 1] as MailboxOp;
+      r.size = ring[at + 2]!;
+      r.count = 1;
+      r.address = ring[at + 3]!;
+      r.data = this.postedData;
+      putLe(this.postedData, 0, Math.min(4, Math.max(1, r.size)), ring[at + 4]! >>> 0);
+      try {
+        handle(r);
+      } finally {
+        head = (head + 1) | 0;
+        Atomics.store(c, RING_HEAD, head); // after the device published what the write changed
+      }
+      n++;
+    }
+    this.postedWrites += n;
+    return n;
+  }
+
+  /** Wait (1 ms sleeps, 1 s at most: a vCPU thread that never finishes is a stopping VM) for a queued write to be stored. */
+  private awaitQueued(at: number, round: number): boolean {
+    for (let i = 0; i < 1000; i++) {
+      const v = Atomics.load(this.ring, at);
+      if (v === round) return true;
+      Atomics.wait(this.ring, at, v, 1);
+    }
+    return false;
+  }
+
+  /** Apply posted writes, then service every posted slot with `handle`; returns how many were serviced. */
+  drain(handle: (r: MailboxRequest) => void): number {
+    let n = this.drainPosted(handle);
     const words = SLOT_BYTES / 4;
     for (let i = 0; i < this.slots; i++) {
       const at = i * words;
       if (Atomics.load(this.states, at) !== POSTED) continue;
+      // Every write queued before this request (by its vCPU, or by another before it) applies first.
+      n += this.drainPosted(handle, true);
       const h = this.headers[i]!;
       const r = this.request;
       r.op = h.getInt32(4, true) as MailboxOp;

@@ -195,6 +195,7 @@ function main(data: DeviceThreadData): void {
   const mailbox = DeviceMailbox.attach(data.mailbox);
   const server = mailbox.server();
   const portShadow = mailbox.portShadow();
+  const postedWrites = mailbox.postedWritePorts();
   const loop = new PollLoop((e) => warn(`deferred device work failed: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`));
   const bus = new DeviceBus();
   const intx = new IntxRouter(partition);
@@ -230,6 +231,7 @@ function main(data: DeviceThreadData): void {
       loop,
       doorbells,
       portShadow,
+      postedWrites,
     };
     const a = assembleDevice(f, data.devices, services, {
       vmName: data.vmName,
@@ -256,10 +258,11 @@ function main(data: DeviceThreadData): void {
     }
   };
   const stats = { doorbellWakeups: 0, requests: 0, pollWakeups: 0 };
+  const runDeferred = (): void => loop.runDeferred();
   loop.watch(doorbell.fd, () => {
     doorbell.take();
     stats.doorbellWakeups++;
-    stats.requests += server.serve(handle);
+    stats.requests += server.serve(handle, runDeferred);
   });
 
   bootTrace("devices", "ready");
@@ -287,7 +290,7 @@ function main(data: DeviceThreadData): void {
     for (const [k, v] of Object.entries(a.stats?.() ?? {})) deviceStats[`${a.device.name}.${k}`] = Math.round(v * 10) / 10;
   });
   port.postMessage(
-    { type: "stats", stats: { ...stats, unclaimedAccesses: bus.unclaimedAccesses, cpuMs: Math.round(Number(threadCpuTimeNs()) / 1e5) / 10, ...deviceStats } } satisfies DeviceThreadMessage,
+    { type: "stats", stats: { ...stats, postedWrites: server.postedWrites, unclaimedAccesses: bus.unclaimedAccesses, cpuMs: Math.round(Number(threadCpuTimeNs()) / 1e5) / 10, ...deviceStats } } satisfies DeviceThreadMessage,
   );
   stopProfiler?.();
 

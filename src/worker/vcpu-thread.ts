@@ -270,7 +270,7 @@ function main(data: VcpuThreadData): void {
       mark = now;
     }
   }
-  const stats: Record<string, number> = { ...exits, ioShadowed: forwarder?.shadowedReads ?? 0 };
+  const stats: Record<string, number> = { ...exits, ioShadowed: forwarder?.shadowedReads ?? 0, ioPosted: forwarder?.postedWrites ?? 0 };
   if (timing) for (const [k, v] of Object.entries(spentUs)) stats[k] = Math.round(v);
   port.postMessage({ type: "stopped", vcpuId: data.vcpuId, exits: stats } satisfies VcpuThreadMessage);
 }

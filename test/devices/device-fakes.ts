@@ -1,11 +1,12 @@
 /**
  * Fakes for device tests: a recording IRQ line, a manual clock, a collecting
  * byte sink, recorded power requests, a seeded PRNG, a fresh shared state
- * region for a layout, the device thread's deferred work, and a port read
- * shadow that keeps what a device published.
+ * region for a layout, the device thread's deferred work, a port read
+ * shadow that keeps what a device published, and the ports that take posted
+ * writes.
  */
 import type { ByteSink, Clock, IrqLine, PowerControl } from "../../src/devices/dependencies.js";
-import type { PortReadShadow } from "../../src/devices/pci/device-thread-services.js";
+import type { PortReadShadow, PostedWritePorts } from "../../src/devices/pci/device-thread-services.js";
 import { SharedStateArena, type FieldType, type StructLayout, type Bound } from "../../src/machine/shared-state.js";
 
 export class RecordingIrqLine implements IrqLine {
@@ -122,5 +123,16 @@ export class RecordingPortShadow implements PortReadShadow {
   }
   withdraw(port: number): void {
     this.values.delete(port);
+  }
+}
+
+/** The ports a device accepts posted writes on. */
+export class RecordingPostedWritePorts implements PostedWritePorts {
+  readonly ports = new Set<number>();
+  accept(port: number): void {
+    this.ports.add(port);
+  }
+  refuse(port: number): void {
+    this.ports.delete(port);
   }
 }

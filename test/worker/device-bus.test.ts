@@ -3,7 +3,7 @@ import assert from "node:assert/strict";
 import { Worker } from "node:worker_threads";
 import { PciConfig, type PciDevice } from "../../src/devices/pci/pci-config.js";
 import { DeviceBus } from "../../src/worker/device-bus.js";
-import { DeviceMailbox, MAILBOX_OP } from "../../src/worker/device-mailbox.js";
+import { DeviceMailbox, MAILBOX_OP, POSTED_WRITES } from "../../src/worker/device-mailbox.js";
 import { DeviceForwarder } from "../../src/worker/device-forwarding.js";
 import { planPci, parseMac } from "../../src/worker/device-plan.js";
 
@@ -131,6 +131,75 @@ test("port read shadow: a published 1-byte read is answered on the vCPU side; wi
   shadow.publish(0x1018, 0);
   assert.equal(box.requester(1).shadowRead(0x1018), 0, "a published zero is a value, not 'forward'");
   assert.equal(fwd.shadowedReads, 1);
+  box.ring();
+  await worker.terminate();
+  box.close();
+});
+
+test("posted writes: queued in the order made across vCPUs, applied before any later request, shadow reads wait for them, a full ring refuses", () => {
+  const box = DeviceMailbox.create(2);
+  const server = box.server();
+  const a = box.requester(0);
+  const b = box.requester(1);
+  const ports = box.postedWritePorts();
+  assert.equal(a.postsWrites(0x1f7), false, "no port takes posted writes until its device says so");
+  ports.accept(0x1f7);
+  assert.equal(b.postsWrites(0x1f7), true);
+  ports.refuse(0x1f7);
+  assert.equal(b.postsWrites(0x1f7), false);
+  box.portShadow().publish(0x3f6, 0x50);
+  assert.equal(a.shadowRead(0x3f6), 0x50);
+  assert.ok(a.postWrite(0x1f2, 1, 0x11));
+  assert.ok(b.postWrite(0x1f3, 2, 0x2233));
+  assert.ok(a.postWrite(0x1f7, 4, 0xc8c8c8c8));
+  assert.equal(b.shadowRead(0x3f6), -1, "while writes are queued, reads go to the device thread");
+  const seen: string[] = [];
+  assert.equal(
+    server.drain((r) => seen.push(`${r.op}:${r.address.toString(16)}:${r.size}:${Array.from(r.data.subarray(0, r.size), (x) => x.toString(16)).join("")}`)),
+    3,
+  );
+  assert.deepEqual(seen, [`${MAILBOX_OP.pioWrite}:1f2:1:11`, `${MAILBOX_OP.pioWrite}:1f3:2:3322`, `${MAILBOX_OP.pioWrite}:1f7:4:c8c8c8c8`], "in the order made, little-endian data");
+  assert.equal(b.shadowRead(0x3f6), 0x50, "applied: the shadow answers again");
+  assert.equal(server.postedWrites, 3);
+  for (let i = 0; i < POSTED_WRITES; i++) assert.ok(a.postWrite(0x1f0, 2, i));
+  assert.equal(b.postWrite(0x1f0, 2, 0), false, "a full ring refuses: the vCPU asks synchronously instead");
+  let applied = 0;
+  assert.equal(server.drain(() => applied++), POSTED_WRITES);
+  assert.ok(b.postWrite(0x1f0, 2, 0), "room again, and the ring wraps");
+  assert.equal(server.drain(() => applied++), 1);
+  // serve() runs the work a batch started (IDE transfers) after each batch, not only once requests stop.
+  assert.ok(a.postWrite(0x1f7, 1, 0xc8));
+  const order: string[] = [];
+  assert.equal(
+    server.serve(
+      () => order.push("write"),
+      () => order.push("after"),
+    ),
+    1,
+  );
+  assert.deepEqual(order, ["write", "after"]);
+  box.close();
+});
+
+test("posted writes through a device thread: the vCPU goes on, and its next forwarded read sees every write it posted", async () => {
+  const box = DeviceMailbox.create(2);
+  const worker = new Worker(new URL("./mailbox-echo-thread.js", import.meta.url), { workerData: box.handoff() });
+  await new Promise((r) => worker.once("message", r));
+  const ports = box.postedWritePorts();
+  for (let p = 0x1f0; p < 0x1f8; p++) ports.accept(p);
+  const fwd = new DeviceForwarder(box.requester(0), { ranges: [[0x1f0, 8], [0xfff0, 0x10]] });
+  const byte = new Uint8Array(4);
+  for (let i = 1; i <= 200; i++) {
+    byte[0] = i & 0xff;
+    fwd.portIo(true, 0x1f0 + (i % 8), 1, 1, byte);
+  }
+  assert.equal(fwd.postedWrites, 200, "none waited for the device thread");
+  fwd.portIo(false, 0xffff, 1, 1, byte);
+  assert.equal(byte[0], 200, "the read after them saw all 200 applied");
+  fwd.portIo(false, 0xfffe, 1, 1, byte);
+  assert.equal(byte[0], 200, "the last one last");
+  fwd.portIo(true, 0x1f0, 2, 2, byte);
+  assert.equal(fwd.postedWrites, 200, "string I/O is never posted");
   box.ring();
   await worker.terminate();
   box.close();

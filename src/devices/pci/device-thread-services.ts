@@ -59,6 +59,18 @@ export interface PortReadShadow {
   withdraw(port: number): void;
 }
 
+/**
+ * Ports whose writes a vCPU may post: queue for the device thread and go on
+ * without waiting for it, as a CPU goes on after a posted write. Safe for a
+ * device whose writes need no answer and whose effects the guest only learns
+ * of through later register reads or interrupts (every later read still sees
+ * every earlier write: the device thread applies queued writes first).
+ */
+export interface PostedWritePorts {
+  accept(port: number): void;
+  refuse(port: number): void;
+}
+
 export interface PciDeviceServices {
   readonly memory: GuestMemory;
   /** The function's INTx line (the thread ORs lines that share a GSI). */
@@ -68,4 +80,6 @@ export interface PciDeviceServices {
   readonly doorbells: DoorbellMap;
   /** Where the device may publish side-effect-free port reads (none: every read is forwarded). */
   readonly portShadow?: PortReadShadow;
+  /** Where the device may accept posted writes (none: every write waits for the device thread). */
+  readonly postedWrites?: PostedWritePorts;
 }

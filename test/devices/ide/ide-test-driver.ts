@@ -8,9 +8,9 @@ import assert from "node:assert/strict";
 import type { BlockDevice, AllocationExtent } from "../../../src/storage/block-device.js";
 import { DiskError } from "../../../src/storage/block-device.js";
 import { ChunkedGuestMemory, type GuestMemory } from "../../../src/machine/guest-memory.js";
-import type { PciDeviceServices, PortReadShadow } from "../../../src/devices/pci/device-thread-services.js";
+import type { PciDeviceServices, PortReadShadow, PostedWritePorts } from "../../../src/devices/pci/device-thread-services.js";
 import { PiixIde, type IdeDriveConfig } from "../../../src/devices/emulated/ide/piix-ide.js";
-import { DeferredWork, RecordingIrqLine, RecordingPortShadow } from "../device-fakes.js";
+import { DeferredWork, RecordingIrqLine, RecordingPortShadow, RecordingPostedWritePorts } from "../device-fakes.js";
 
 const PAGE = 4096;
 
@@ -114,7 +114,7 @@ export function pattern(seed: number, offset: number, length: number): Uint8Arra
   return out;
 }
 
-export function fakeServices(memory: GuestMemory, work = new DeferredWork(), portShadow?: PortReadShadow): PciDeviceServices {
+export function fakeServices(memory: GuestMemory, work = new DeferredWork(), portShadow?: PortReadShadow, postedWrites?: PostedWritePorts): PciDeviceServices {
   return {
     memory,
     intx: new RecordingIrqLine(),
@@ -122,6 +122,7 @@ export function fakeServices(memory: GuestMemory, work = new DeferredWork(), por
     loop: { watch: () => ({ close() {} }), defer: (task) => work.defer(task) },
     doorbells: { mapDoorbell() {} },
     ...(portShadow !== undefined ? { portShadow } : {}),
+    ...(postedWrites !== undefined ? { postedWrites } : {}),
   };
 }
 
@@ -133,6 +134,8 @@ export interface Rig {
   work: DeferredWork;
   /** What the controller published for the vCPUs to answer themselves (port read shadow). */
   shadow: RecordingPortShadow;
+  /** The ports it takes posted writes on. */
+  posted: RecordingPostedWritePorts;
 }
 
 /** RAM: [0, 1 MiB) by default. */
@@ -141,11 +144,12 @@ export function makeRig(drives: IdeDriveConfig[], memory?: ChunkedGuestMemory): 
   const irq: [RecordingIrqLine, RecordingIrqLine] = [new RecordingIrqLine(), new RecordingIrqLine()];
   const work = new DeferredWork();
   const shadow = new RecordingPortShadow();
-  const ide = new PiixIde("ide0", fakeServices(mem, work, shadow), { primaryIrq: irq[0], secondaryIrq: irq[1], drives });
+  const posted = new RecordingPostedWritePorts();
+  const ide = new PiixIde("ide0", fakeServices(mem, work, shadow, posted), { primaryIrq: irq[0], secondaryIrq: irq[1], drives });
   ide.pci.assignBar(4, 0xc000);
   ide.pci.enableDecoding();
   ide.afterConfigWrite(); // as the device thread's bus does after firmware set-up
-  return { ide, memory: mem, irq, work, shadow };
+  return { ide, memory: mem, irq, work, shadow, posted };
 }
 
 /**

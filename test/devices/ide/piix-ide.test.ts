@@ -546,6 +546,20 @@ test("port read shadow through a DMA read: Status withdrawn while an interrupt i
   assert.ok(checkPortShadow(rig.ide, shadow, rig.irq, "decoding off") >= 4);
 });
 
+test("posted writes: every compatibility port and the bus-master ports where BAR4 decodes now", () => {
+  const { rig } = diskRig();
+  const range = (start: number, n: number): number[] => Array.from({ length: n }, (_, i) => start + i);
+  const expected = (bm: number[]): number[] => [...range(0x170, 8), ...range(0x1f0, 8), 0x376, 0x3f6, ...bm].sort((a, b) => a - b);
+  const now = (): number[] => [...rig.posted.ports].sort((a, b) => a - b);
+  assert.deepEqual(now(), expected(range(0xc000, 16)));
+  rig.ide.pci.configWrite(0x20, 4, 0xd001);
+  rig.ide.afterConfigWrite();
+  assert.deepEqual(now(), expected(range(0xd000, 16)), "BAR4 moved: the old ports are refused, the new accepted");
+  rig.ide.pci.configWrite(0x04, 2, 0x04);
+  rig.ide.afterConfigWrite();
+  assert.deepEqual(now(), expected([]), "I/O decoding off: no bus-master ports");
+});
+
 test("deferred DMA: Stop before it runs leaves the command waiting for the engine; Start again moves it once", () => {
   const { drv, rig } = diskRig();
   rig.work.immediate = false;

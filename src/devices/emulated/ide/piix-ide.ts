@@ -28,11 +28,16 @@
  * deferred transfer, and before an interrupt is raised, so the vCPU answers
  * them without a round trip to the device thread. Status with an interrupt
  * pending is withdrawn: that read acknowledges it, so it must come here.
+ *
+ * Posted writes (`services.postedWrites`): every register write of the
+ * controller needs no answer and shows only through later reads and
+ * interrupts, so all its ports take posted writes: the vCPU queues the
+ * taskfile, command, control and bus-master writes of a command and goes on.
  */
 import { PartisError } from "../../../errors.js";
 import type { BlockDevice } from "../../../storage/block-device.js";
 import type { IrqLine, SavedDeviceState } from "../../dependencies.js";
-import type { PciDeviceServices, PortReadShadow } from "../../pci/device-thread-services.js";
+import type { PciDeviceServices, PortReadShadow, PostedWritePorts } from "../../pci/device-thread-services.js";
 import { PciConfig, type PciDevice } from "../../pci/pci-config.js";
 import { AtaDisk, type SavedAtaDisk } from "./ata-disk.js";
 import { AtapiCdrom, type SavedAtapiCdrom } from "./atapi-cdrom.js";
@@ -112,6 +117,7 @@ export class PiixIde implements PciDevice {
   readonly isaRegions: readonly IsaRegion[] = REGIONS;
   readonly channels: readonly [IdeChannel, IdeChannel];
   private readonly shadow: PortReadShadow | undefined;
+  private readonly posted: PostedWritePorts | undefined;
   /** Where the bus-master registers were last published (withdrawn when BAR4 moves or stops decoding). */
   private shadowedBarBase: number | undefined;
 
@@ -153,6 +159,8 @@ export class PiixIde implements PciDevice {
       return new AtapiCdrom(unit, host, cfg.device, identity);
     };
     this.shadow = services.portShadow;
+    this.posted = services.postedWrites;
+    if (this.posted !== undefined) for (const r of REGIONS) for (let p = r.start; p < r.start + r.length; p++) this.posted.accept(p);
     // With a shadow, what a read sees must be published before the guest can look: after a deferred
     // transfer, and before an interrupt (its handler reads the registers at once).
     const loop: DmaScheduler =
@@ -207,7 +215,10 @@ export class PiixIde implements PciDevice {
    */
   private publishShadow(): void {
     const s = this.shadow;
-    if (s === undefined) return;
+    if (s === undefined) {
+      this.followBar(this.pci.mappedAddress(BUS_MASTER_BAR));
+      return;
+    }
     for (let i = 0; i < 2; i++) {
       const ch = i as 0 | 1;
       const c = this.channels[ch];
@@ -223,8 +234,19 @@ export class PiixIde implements PciDevice {
     }
     const base = this.pci.mappedAddress(BUS_MASTER_BAR);
     if (base !== this.shadowedBarBase && this.shadowedBarBase !== undefined) for (const off of BM_SHADOWED) s.withdraw(this.shadowedBarBase + off);
-    this.shadowedBarBase = base;
+    this.followBar(base);
     if (base !== undefined) for (const off of BM_SHADOWED) s.publish(base + off, this.channels[off >> 3]!.busMaster.readByte(off & 7));
+  }
+
+  /** BAR4 decodes at `base` now: posted writes follow it. */
+  private followBar(base: number | undefined): void {
+    if (base === this.shadowedBarBase) return;
+    const p = this.posted;
+    if (p !== undefined) {
+      if (this.shadowedBarBase !== undefined) for (let i = 0; i < 16; i++) p.refuse(this.shadowedBarBase + i);
+      if (base !== undefined) for (let i = 0; i < 16; i++) p.accept(base + i);
+    }
+    this.shadowedBarBase = base;
   }
 
   /** The drive at a position (for media changes and diagnostics). */
