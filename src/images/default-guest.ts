@@ -100,6 +100,10 @@ while read -r m; do
 done < /lib/modules/load-order
 # ACPI power button -> /etc/acpi/PWRF/00000080 (busybox acpid reads /dev/input/event*).
 acpid -c /etc/acpi -l /var/log/acpid.log
+# The marker promises a live power button: acpid opens the input devices after it forks, so wait
+# (5 s at most) until it holds one; a press in between would be lost.
+i=0
+while [ $i -lt 50 ] && ! ls -l /proc/$(pidof acpid)/fd 2>/dev/null | grep -q /dev/input/event; do sleep 0.1; i=$((i+1)); done
 echo ${GUEST_READY_MARKER}
 # partis.run=b64:<base64> | partis.run=<percent-encoded>
 for arg in $(cat /proc/cmdline); do
