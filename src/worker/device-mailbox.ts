@@ -335,7 +335,7 @@ export class MailboxServer {
       r.count = 1;
       r.address = ring[at + 3]!;
       r.data = this.postedData;
-      putLe(this.postedData, 0, Math.min(4, Math.max(1, r.size)), ring[at + 4]! >>> 0);
+      putLe(this.postedData, 0, r.size, ring[at + 4]! >>> 0); // 1, 2 or 4: only postWrite fills the ring
       try {
         handle(r);
       } finally {

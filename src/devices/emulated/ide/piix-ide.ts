@@ -118,8 +118,8 @@ export class PiixIde implements PciDevice {
   readonly channels: readonly [IdeChannel, IdeChannel];
   private readonly shadow: PortReadShadow | undefined;
   private readonly posted: PostedWritePorts | undefined;
-  /** Where the bus-master registers were last published (withdrawn when BAR4 moves or stops decoding). */
-  private shadowedBarBase: number | undefined;
+  /** Where BAR4 decoded at the last publish: its shadow entries and posted-write ports follow it. */
+  private barBase: number | undefined;
 
   constructor(
     readonly name: string,
@@ -214,11 +214,9 @@ export class PiixIde implements PciDevice {
    * Cheap: a few stores; called after every access.
    */
   private publishShadow(): void {
+    this.followBar(this.pci.mappedAddress(BUS_MASTER_BAR));
     const s = this.shadow;
-    if (s === undefined) {
-      this.followBar(this.pci.mappedAddress(BUS_MASTER_BAR));
-      return;
-    }
+    if (s === undefined) return;
     for (let i = 0; i < 2; i++) {
       const ch = i as 0 | 1;
       const c = this.channels[ch];
@@ -232,21 +230,20 @@ export class PiixIde implements PciDevice {
       else s.publish(STATUS_PORT[ch], status);
       s.publish(ALT_STATUS_PORT[ch], c.readControl());
     }
-    const base = this.pci.mappedAddress(BUS_MASTER_BAR);
-    if (base !== this.shadowedBarBase && this.shadowedBarBase !== undefined) for (const off of BM_SHADOWED) s.withdraw(this.shadowedBarBase + off);
-    this.followBar(base);
+    const base = this.barBase;
     if (base !== undefined) for (const off of BM_SHADOWED) s.publish(base + off, this.channels[off >> 3]!.busMaster.readByte(off & 7));
   }
 
-  /** BAR4 decodes at `base` now: posted writes follow it. */
+  /** BAR4 decodes at `base` now: the old address's shadow entries and posted-write ports go, the new one's posted-write ports come. */
   private followBar(base: number | undefined): void {
-    if (base === this.shadowedBarBase) return;
-    const p = this.posted;
-    if (p !== undefined) {
-      if (this.shadowedBarBase !== undefined) for (let i = 0; i < 16; i++) p.refuse(this.shadowedBarBase + i);
-      if (base !== undefined) for (let i = 0; i < 16; i++) p.accept(base + i);
+    const old = this.barBase;
+    if (base === old) return;
+    if (old !== undefined) {
+      if (this.shadow !== undefined) for (const off of BM_SHADOWED) this.shadow.withdraw(old + off);
+      if (this.posted !== undefined) for (let i = 0; i < 16; i++) this.posted.refuse(old + i);
     }
-    this.shadowedBarBase = base;
+    if (base !== undefined && this.posted !== undefined) for (let i = 0; i < 16; i++) this.posted.accept(base + i);
+    this.barBase = base;
   }
 
   /** The drive at a position (for media changes and diagnostics). */
