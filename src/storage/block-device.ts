@@ -46,6 +46,19 @@ export interface HostIoQueue {
   prepareFsync(fd: number, dataOnly: boolean, token: number): boolean;
 }
 
+/** A HostIoQueue its owner drives (src/hypervisor/io-uring.ts's IoUring): what virtio-blk and the IDE's bus-master engine queue disk requests on. */
+export interface BlockRequestRing extends HostIoQueue {
+  readonly entries: number;
+  /** Hand the prepared requests to the kernel. */
+  submit(): void;
+  /** Completions that have arrived, each as (token, bytes or -errno). */
+  reap(handler: (token: number, result: number) => void): number;
+  /** Clear the completion event the integrator watches (before reap). */
+  takeEvent(): void;
+  /** Submit, then wait for every request in flight, handing each completion over. */
+  drain(handler: (token: number, result: number) => void): void;
+}
+
 export interface BlockDevice {
   /** Path of the file or device (for messages). */
   readonly path: string;

@@ -175,6 +175,7 @@ export function assembleDevice(f: PlannedFunction, devices: readonly DeviceSpec[
       };
       const opened: BlockDevice[] = [];
       const drives: IdeDriveConfig[] = [];
+      let ring: IoUring | undefined;
       try {
         // CD-ROMs first claim the secondary master; disks then fill from the primary master.
         for (const d of ide.filter((x) => x.kind === "ide-cdrom")) {
@@ -189,9 +190,25 @@ export function assembleDevice(f: PlannedFunction, devices: readonly DeviceSpec[
           opened.push(dev);
           drives.push({ channel, unit, kind: "disk", device: dev });
         }
-        const device = new PiixIde("ide0", services, { primaryIrq: ctx.isaIrq(14), secondaryIrq: ctx.isaIrq(15), drives });
-        return { device, close: () => opened.forEach((d) => d.close()) };
+        // One ring for the controller (each channel has one transfer at a time) when any disk can queue.
+        ring = drives.some((d) => d.kind === "disk" && d.device?.queueHost !== undefined) ? openRing("ide0", ctx.warn) : undefined;
+        const device = new PiixIde("ide0", services, { primaryIrq: ctx.isaIrq(14), secondaryIrq: ctx.isaIrq(15), drives, ...(ring !== undefined ? { ring } : {}) });
+        const watch = ring === undefined ? undefined : services.loop.watch(ring.eventFd, () => device.completeQueued());
+        return {
+          device,
+          close: () => {
+            if (ring !== undefined) device.quiesce();
+            watch?.close();
+            ring?.close();
+            opened.forEach((d) => d.close());
+          },
+          stats: () => {
+            const bm = device.channels.map((c) => c.busMaster);
+            return { dmaQueued: bm[0]!.queuedTransfers + bm[1]!.queuedTransfers, dmaShortCompletions: bm[0]!.shortCompletions + bm[1]!.shortCompletions, dmaHost: bm[0]!.hostTransfers + bm[1]!.hostTransfers, dmaViews: bm[0]!.viewTransfers + bm[1]!.viewTransfers };
+          },
+        };
       } catch (e) {
+        ring?.close();
         opened.forEach((d) => d.close());
         throw e;
       }

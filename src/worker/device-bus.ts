@@ -5,7 +5,8 @@
  * also decode (IDE compatibility mode), and the servicing of mailbox requests.
  *
  * Unclaimed reads return all-ones, unclaimed writes are dropped and counted,
- * as on a real bus (master abort).
+ * as on a real bus (master abort). After each request a function took, the
+ * bus calls its afterAccess once (a string access's elements are one request).
  */
 import type { PciDevice } from "../devices/pci/pci-config.js";
 import { MAILBOX_OP, getLe, putLe, type MailboxRequest } from "./device-mailbox.js";
@@ -15,6 +16,12 @@ export interface IsaPortDecoder {
   readonly isaRegions: readonly { readonly name: string; readonly start: number; readonly length: number }[];
   isaRead(region: string, offset: number, size: 1 | 2 | 4): number;
   isaWrite(region: string, offset: number, size: 1 | 2 | 4, value: number): void;
+  /**
+   * Optional: a string read of `count` elements into `into` at `at`, as many
+   * at once as the device can; returns how many (0: the bus reads the next
+   * one element by element).
+   */
+  isaReadString?(region: string, offset: number, size: 1 | 2 | 4, count: number, into: Uint8Array, at: number): number;
 }
 
 export function decodesIsaPorts(d: object): d is IsaPortDecoder {
@@ -22,7 +29,7 @@ export function decodesIsaPorts(d: object): d is IsaPortDecoder {
 }
 
 interface IsaClaim {
-  readonly device: IsaPortDecoder;
+  readonly device: IsaPortDecoder & PciDevice;
   readonly name: string;
   readonly start: number;
   readonly length: number;
@@ -90,11 +97,33 @@ export class DeviceBus {
   configWrite(bdf: number, offset: number, size: 1 | 2 | 4, value: number): void {
     const d = this.functions.get(bdf);
     if (d === undefined) return;
-    d.pci.configWrite(offset, size, value);
-    d.afterConfigWrite?.();
+    try {
+      d.pci.configWrite(offset, size, value);
+    } finally {
+      d.afterAccess?.();
+    }
   }
 
-  private findBar(address: number, size: number, io: boolean): { device: PciDevice; bar: number; offset: number } | undefined {
+  // The target `resolve` found last: fields, not an object per access.
+  private hitIsa: IsaClaim | undefined;
+  private hitDevice: PciDevice | undefined;
+  private hitBar = 0;
+  private hitOffset = 0;
+
+  /** Who decodes [address, address+size) now (ISA ports first, then BARs); false, hit fields cleared, when nobody does. */
+  private resolve(address: number, size: number, io: boolean): boolean {
+    this.hitIsa = undefined;
+    this.hitDevice = undefined;
+    if (io) {
+      for (const c of this.isa) {
+        if (address >= c.start && address < c.start + c.length) {
+          this.hitIsa = c;
+          this.hitDevice = c.device;
+          this.hitOffset = address - c.start;
+          return true;
+        }
+      }
+    }
     for (const d of this.list) {
       const pci = d.pci;
       for (let i = 0; i < 6; i++) {
@@ -102,53 +131,93 @@ export class DeviceBus {
         if (spec === undefined || spec.index !== i || (spec.kind === "io") !== io) continue;
         const base = pci.mappedAddress(i);
         if (base === undefined) continue;
-        if (address >= base && address + size <= base + spec.size) return { device: d, bar: i, offset: address - base };
+        if (address >= base && address + size <= base + spec.size) {
+          this.hitDevice = d;
+          this.hitBar = i;
+          this.hitOffset = address - base;
+          return true;
+        }
       }
     }
-    return undefined;
+    return false;
+  }
+
+  private readHit(size: 1 | 2 | 4): number {
+    const isa = this.hitIsa;
+    if (isa !== undefined) return isa.device.isaRead(isa.name, this.hitOffset, size);
+    return this.hitDevice!.barRead(this.hitBar, this.hitOffset, size);
+  }
+
+  private writeHit(size: 1 | 2 | 4, value: number): void {
+    const isa = this.hitIsa;
+    if (isa !== undefined) isa.device.isaWrite(isa.name, this.hitOffset, size, value);
+    else this.hitDevice!.barWrite(this.hitBar, this.hitOffset, size, value);
+  }
+
+  /** One access (read when `value` is undefined); the device hears afterAccess once it is done. */
+  private access(address: number, size: 1 | 2 | 4, io: boolean, value: number | undefined): number {
+    if (!this.resolve(address, size, io)) {
+      this.unclaimedAccesses++;
+      return value === undefined ? ONES[size] : 0;
+    }
+    const device = this.hitDevice!;
+    try {
+      if (value === undefined) return this.readHit(size);
+      this.writeHit(size, value);
+      return 0;
+    } finally {
+      device.afterAccess?.();
+    }
   }
 
   pioRead(port: number, size: 1 | 2 | 4): number {
-    for (const c of this.isa) if (port >= c.start && port < c.start + c.length) return c.device.isaRead(c.name, port - c.start, size);
-    const t = this.findBar(port, size, true);
-    if (t === undefined) {
-      this.unclaimedAccesses++;
-      return ONES[size];
-    }
-    return t.device.barRead(t.bar, t.offset, size);
+    return this.access(port, size, true, undefined);
   }
 
   pioWrite(port: number, size: 1 | 2 | 4, value: number): void {
-    for (const c of this.isa) {
-      if (port >= c.start && port < c.start + c.length) {
-        c.device.isaWrite(c.name, port - c.start, size, value);
-        return;
-      }
-    }
-    const t = this.findBar(port, size, true);
-    if (t === undefined) {
-      this.unclaimedAccesses++;
-      return;
-    }
-    t.device.barWrite(t.bar, t.offset, size, value);
+    this.access(port, size, true, value);
   }
 
   mmioRead(gpa: number, size: 1 | 2 | 4): number {
-    const t = this.findBar(gpa, size, false);
-    if (t === undefined) {
-      this.unclaimedAccesses++;
-      return ONES[size];
-    }
-    return t.device.barRead(t.bar, t.offset, size);
+    return this.access(gpa, size, false, undefined);
   }
 
   mmioWrite(gpa: number, size: 1 | 2 | 4, value: number): void {
-    const t = this.findBar(gpa, size, false);
-    if (t === undefined) {
-      this.unclaimedAccesses++;
+    this.access(gpa, size, false, value);
+  }
+
+  /**
+   * A port access of `count` elements (string I/O: `rep insw` reads a sector
+   * in one request): the target is looked up once, every element goes to it,
+   * and it hears afterAccess once, after the last.
+   */
+  private portString(read: boolean, port: number, size: 1 | 2 | 4, count: number, data: Uint8Array): void {
+    if (!this.resolve(port, size, true)) {
+      this.unclaimedAccesses += count;
+      if (read) data.fill(0xff, 0, count * size);
       return;
     }
-    t.device.barWrite(t.bar, t.offset, size, value);
+    const device = this.hitDevice!;
+    const isa = this.hitIsa;
+    const bulk = read && isa !== undefined && isa.device.isaReadString !== undefined;
+    try {
+      for (let i = 0, off = 0; i < count; ) {
+        if (bulk) {
+          const k = isa.device.isaReadString!(isa.name, this.hitOffset, size, count - i, data, off);
+          if (k > 0) {
+            i += k;
+            off += k * size;
+            continue;
+          }
+        }
+        if (read) putLe(data, off, size, this.readHit(size));
+        else this.writeHit(size, getLe(data, off, size));
+        i++;
+        off += size;
+      }
+    } finally {
+      device.afterAccess?.();
+    }
   }
 
   /** Service one mailbox request in place (read results go into `r.data`). */
@@ -158,11 +227,7 @@ export class DeviceBus {
       case MAILBOX_OP.pioRead:
       case MAILBOX_OP.pioWrite: {
         const size = r.size as 1 | 2 | 4;
-        const count = Math.min(r.count, Math.floor(data.length / size));
-        for (let i = 0, off = 0; i < count; i++, off += size) {
-          if (r.op === MAILBOX_OP.pioRead) putLe(data, off, size, this.pioRead(r.address, size));
-          else this.pioWrite(r.address, size, getLe(data, off, size));
-        }
+        this.portString(r.op === MAILBOX_OP.pioRead, r.address, size, Math.min(r.count, Math.floor(data.length / size)), data);
         return;
       }
       case MAILBOX_OP.mmioRead:

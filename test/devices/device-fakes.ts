@@ -7,6 +7,7 @@
  */
 import type { ByteSink, Clock, IrqLine, PowerControl } from "../../src/devices/dependencies.js";
 import type { PortReadShadow, PostedWritePorts } from "../../src/devices/pci/device-thread-services.js";
+import type { BlockRequestRing } from "../../src/storage/block-device.js";
 import { SharedStateArena, type FieldType, type StructLayout, type Bound } from "../../src/machine/shared-state.js";
 
 export class RecordingIrqLine implements IrqLine {
@@ -134,5 +135,36 @@ export class RecordingPostedWritePorts implements PostedWritePorts {
   }
   refuse(port: number): void {
     this.ports.delete(port);
+  }
+}
+
+/**
+ * A ring that takes requests and does nothing with them; they complete, with
+ * the results a test sets, only once it says so (or when drained).
+ */
+export class ScriptedRing implements BlockRequestRing {
+  readonly entries = 4;
+  readonly prepared: number[] = [];
+  results: number[] = [];
+  ready = false;
+  prepareVectored(_write: boolean, _fd: number, _offset: number, _a: Float64Array, _l: Uint32Array, _n: number, token: number): boolean {
+    if (this.prepared.length >= this.entries) return false;
+    this.prepared.push(token);
+    return true;
+  }
+  prepareFsync(_fd: number, _dataOnly: boolean, token: number): boolean {
+    return this.prepareVectored(false, 0, 0, new Float64Array(0), new Uint32Array(0), 0, token);
+  }
+  submit(): void {}
+  takeEvent(): void {}
+  reap(handler: (token: number, result: number) => void): number {
+    if (!this.ready) return 0;
+    const all = this.prepared.splice(0);
+    all.forEach((token, i) => handler(token, this.results[i] ?? 0));
+    return all.length;
+  }
+  drain(handler: (token: number, result: number) => void): void {
+    this.ready = true;
+    this.reap(handler);
   }
 }

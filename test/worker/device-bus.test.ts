@@ -205,15 +205,61 @@ test("posted writes through a device thread: the vCPU goes on, and its next forw
   box.close();
 });
 
-test("the bus tells a function after each config write it routes (a shadowing device republishes)", () => {
+test("the bus tells a function once after each request it routes: one string access, one access, one config write (a shadowing device republishes then)", () => {
   const bus = new DeviceBus();
-  let after = 0;
-  const d = Object.assign(new ScratchDevice("s"), { afterConfigWrite: () => void after++ });
+  const events: string[] = [];
+  class Watched extends ScratchDevice {
+    override barRead(bar: number, offset: number, size: 1 | 2 | 4): number {
+      events.push(`r${offset}`);
+      return super.barRead(bar, offset, size);
+    }
+    override barWrite(bar: number, offset: number, size: 1 | 2 | 4, value: number): void {
+      events.push(`w${offset}`);
+      super.barWrite(bar, offset, size, value);
+    }
+    afterAccess(): void {
+      events.push("after");
+    }
+  }
+  const d = new Watched("s");
+  const other = new ScratchDevice("t");
   bus.attach(2 << 3, d);
+  bus.attach(3 << 3, other);
+  bus.assignBars(windows);
+  const io = d.pci.mappedAddress(0)!;
+  const mem = d.pci.mappedAddress(1)!;
+  const data = new Uint8Array(64);
+
+  bus.service({ op: MAILBOX_OP.pioRead, size: 2, count: 8, address: io + 4, data });
+  assert.deepEqual(events.splice(0), [..."rrrrrrrr"].map((r) => `${r}4`).concat("after"), "8 elements, then one afterAccess");
+  data.fill(7);
+  bus.service({ op: MAILBOX_OP.pioWrite, size: 1, count: 3, address: io + 2, data });
+  assert.deepEqual(events.splice(0), ["w2", "w2", "w2", "after"]);
+  bus.service({ op: MAILBOX_OP.mmioWrite, size: 4, count: 1, address: mem + 8, data });
+  assert.deepEqual(events.splice(0), ["w8", "after"]);
+  assert.equal(bus.pioRead(io + 2, 1), 7);
+  assert.deepEqual(events.splice(0), ["r2", "after"], "a single access through the public methods too");
   bus.configWrite(2 << 3, 0x04, 2, 0x07);
-  bus.configWrite(3 << 3, 0x04, 2, 0x07);
-  assert.equal(after, 1, "once, for the function written");
+  bus.configWrite(4 << 3, 0x04, 2, 0x07);
+  assert.deepEqual(events.splice(0), ["after"], "once, for the function written");
   assert.equal(d.pci.configRead(0x04, 2) & 0x07, 0x07, "the write itself happened first");
+  bus.pioWrite(other.pci.mappedAddress(0)!, 1, 1);
+  bus.service({ op: MAILBOX_OP.pioRead, size: 4, count: 4, address: 0x80, data });
+  assert.deepEqual(events, [], "nothing for accesses that reached another function or nobody");
+  assert.deepEqual([...data.subarray(0, 16)], new Array(16).fill(0xff), "an unclaimed string read is all-ones");
+  assert.equal(bus.unclaimedAccesses, 4, "each element counted");
+
+  // A model that throws still hears afterAccess (it may have changed state before the throw).
+  const failing = new (class extends Watched {
+    override barWrite(): void {
+      throw new Error("model bug");
+    }
+  })("f");
+  const bus2 = new DeviceBus();
+  bus2.attach(2 << 3, failing);
+  bus2.assignBars(windows);
+  assert.throws(() => bus2.service({ op: MAILBOX_OP.pioWrite, size: 1, count: 2, address: failing.pci.mappedAddress(0)!, data }), /model bug/);
+  assert.deepEqual(events.splice(0), ["after"]);
 });
 
 test("PCI plan: IDE at 00:01.0, others from slot 2 in order; MAC parsing", () => {

@@ -58,8 +58,13 @@ export interface PciDevice {
   barWrite(bar: number, offset: number, size: 1 | 2 | 4, value: number): void;
   /** Power-on / board reset. */
   reset(): void;
-  /** After each config-space write the bus routed here (a device whose reads depend on its config registers follows them). */
-  afterConfigWrite?(): void;
+  /**
+   * Called by the device bus once after each request it routed here: a port or
+   * MMIO access (every element of a string access in one request) or a config
+   * write. A device that publishes state for other threads to read (the port
+   * read shadow) publishes it here: once per request, not once per element.
+   */
+  afterAccess?(): void;
   save?(): SavedDeviceState;
   /** Lines for a state report of a running VM (`kill -QUIT` on `partis run`): what a stuck guest waits for. */
   describeState?(): string[];

@@ -23,7 +23,7 @@
  *   (the back end, a VirtioBlk, is `device.backend`; `stats` counts requests)
  */
 import type { SavedDeviceState } from "../dependencies.js";
-import type { BlockDevice, HostIoQueue } from "../../storage/block-device.js";
+import type { BlockDevice, BlockRequestRing } from "../../storage/block-device.js";
 import { GuestSpan } from "../../machine/guest-memory.js";
 import type { PciDeviceServices } from "../pci/device-thread-services.js";
 import { ChainSpans, DescriptorChain, VirtioError, type VirtQueue } from "./queue.js";
@@ -99,18 +99,6 @@ export interface VirtioBlkOptions {
   readonly ring?: BlockRequestRing;
 }
 
-/** The asynchronous request queue virtio-blk uses (src/hypervisor/io-uring.ts's IoUring). */
-export interface BlockRequestRing extends HostIoQueue {
-  readonly entries: number;
-  /** Hand the prepared requests to the kernel. */
-  submit(): void;
-  /** Completions that have arrived, each as (token, bytes or -errno). */
-  reap(handler: (token: number, result: number) => void): number;
-  /** Clear the completion event the integrator watches (before reap). */
-  takeEvent(): void;
-  /** Submit, then wait for every request in flight, handing each completion over. */
-  drain(handler: (token: number, result: number) => void): void;
-}
 
 /** read()/write() result: the request went to the ring and completes later. */
 const QUEUED = -1;

@@ -5,7 +5,7 @@
  * repeated 16- or 32-bit data port accesses, BMDMA setup/start/stop).
  */
 import assert from "node:assert/strict";
-import type { BlockDevice, AllocationExtent } from "../../../src/storage/block-device.js";
+import type { BlockDevice, AllocationExtent, BlockRequestRing } from "../../../src/storage/block-device.js";
 import { DiskError } from "../../../src/storage/block-device.js";
 import { ChunkedGuestMemory, type GuestMemory } from "../../../src/machine/guest-memory.js";
 import type { PciDeviceServices, PortReadShadow, PostedWritePorts } from "../../../src/devices/pci/device-thread-services.js";
@@ -138,17 +138,17 @@ export interface Rig {
   posted: RecordingPostedWritePorts;
 }
 
-/** RAM: [0, 1 MiB) by default. */
-export function makeRig(drives: IdeDriveConfig[], memory?: ChunkedGuestMemory): Rig {
+/** RAM: [0, 1 MiB) by default. `ring`: where DMA transfers go when the disk can queue them. */
+export function makeRig(drives: IdeDriveConfig[], memory?: ChunkedGuestMemory, ring?: BlockRequestRing): Rig {
   const mem = memory ?? ChunkedGuestMemory.anonymous([{ gpa: 0, length: 1 << 20, fileOffset: 0 }]);
   const irq: [RecordingIrqLine, RecordingIrqLine] = [new RecordingIrqLine(), new RecordingIrqLine()];
   const work = new DeferredWork();
   const shadow = new RecordingPortShadow();
   const posted = new RecordingPostedWritePorts();
-  const ide = new PiixIde("ide0", fakeServices(mem, work, shadow, posted), { primaryIrq: irq[0], secondaryIrq: irq[1], drives });
+  const ide = new PiixIde("ide0", fakeServices(mem, work, shadow, posted), { primaryIrq: irq[0], secondaryIrq: irq[1], drives, ...(ring !== undefined ? { ring } : {}) });
   ide.pci.assignBar(4, 0xc000);
   ide.pci.enableDecoding();
-  ide.afterConfigWrite(); // as the device thread's bus does after firmware set-up
+  ide.afterAccess(); // as the device thread's bus does after firmware set-up
   return { ide, memory: mem, irq, work, shadow, posted };
 }
 
@@ -209,20 +209,31 @@ export class AtaDriver {
     return this.rig.irq[this.channel];
   }
 
+  // Every access ends as the device bus ends a request: with afterAccess.
+  private read(region: string, reg: number, size: 1 | 2 | 4): number {
+    const v = this.ide.isaRead(region, reg, size);
+    this.ide.afterAccess();
+    return v;
+  }
+  private write(region: string, reg: number, size: 1 | 2 | 4, v: number): void {
+    this.ide.isaWrite(region, reg, size, v);
+    this.ide.afterAccess();
+  }
+
   outb(reg: number, v: number): void {
-    this.ide.isaWrite(this.cmd, reg, 1, v);
+    this.write(this.cmd, reg, 1, v);
   }
   inb(reg: number): number {
-    return this.ide.isaRead(this.cmd, reg, 1);
+    return this.read(this.cmd, reg, 1);
   }
   status(): number {
     return this.inb(ATA.STATUS);
   }
   altStatus(): number {
-    return this.ide.isaRead(this.ctl, 0, 1);
+    return this.read(this.ctl, 0, 1);
   }
   writeCtl(v: number): void {
-    this.ide.isaWrite(this.ctl, 0, 1, v);
+    this.write(this.ctl, 0, 1, v);
   }
   select(unit: 0 | 1, extra = 0): void {
     this.outb(ATA.DEVICE, 0xa0 | (unit << 4) | extra);
@@ -282,21 +293,27 @@ export class AtaDriver {
     this.outb(ATA.CMD, command);
   }
 
-  /** Read n bytes of the current DRQ block(s) with 16-bit (or 32-bit) data port reads. */
+  /**
+   * Read n bytes of the current DRQ block(s) with 16-bit (or 32-bit) data port
+   * reads: one string access (`rep insw`, which KVM hands over whole), so one
+   * afterAccess at the end.
+   */
   readData(n: number, width: 2 | 4 = 2): Uint8Array {
     const out = new Uint8Array(n);
     for (let i = 0; i < n; i += width) {
       const v = this.ide.isaRead(this.cmd, ATA.DATA, width);
       for (let k = 0; k < width && i + k < n; k++) out[i + k] = (v >>> (8 * k)) & 0xff;
     }
+    this.ide.afterAccess();
     return out;
   }
 
+  /** Writes go one element per request (KVM exits for each element of `rep outsw`). */
   writeData(data: Uint8Array, width: 2 | 4 = 2): void {
     for (let i = 0; i < data.length; i += width) {
       let v = 0;
       for (let k = 0; k < width && i + k < data.length; k++) v |= data[i + k]! << (8 * k);
-      this.ide.isaWrite(this.cmd, ATA.DATA, width, v >>> 0);
+      this.write(this.cmd, ATA.DATA, width, v >>> 0);
     }
   }
 
@@ -313,10 +330,13 @@ export class AtaDriver {
   // Bus master (BAR4) ----------------------------------------------------------
 
   bmRead(reg: number, size: 1 | 4 = 1): number {
-    return this.ide.barRead(4, this.bmBase + reg, size);
+    const v = this.ide.barRead(4, this.bmBase + reg, size);
+    this.ide.afterAccess();
+    return v;
   }
   bmWrite(reg: number, size: 1 | 4, v: number): void {
     this.ide.barWrite(4, this.bmBase + reg, size, v);
+    this.ide.afterAccess();
   }
 
   /** ata_bmdma_setup: table address, direction, clear interrupt/error. */

@@ -7,12 +7,20 @@
  * pointers inside their buffers, errors reported through status bits, and
  * the port read shadow (what vCPUs answer without asking the device thread)
  * equal to real reads after every step, with Status never published while
- * the interrupt it would acknowledge is raised.
+ * the interrupt it would acknowledge is raised. A third seed runs with the
+ * disk on a ring (as a raw image on an io_uring): transfers are queued, done
+ * at once or refused at random, and complete at random points (during
+ * submit, on a later step, when a write or a save waits for them), whole,
+ * short or failed; the fake ring moves their data through the same checked
+ * views, so a queued span outside RAM is caught too.
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { ChunkedGuestMemory, type GuestMemory, type GuestSpan, type RamRange } from "../../../src/machine/guest-memory.js";
 import { PiixIde } from "../../../src/devices/emulated/ide/piix-ide.js";
+import { DiskError, type BlockRequestRing, type HostIoQueue } from "../../../src/storage/block-device.js";
+import { DeviceBus } from "../../../src/worker/device-bus.js";
+import { MAILBOX_OP } from "../../../src/worker/device-mailbox.js";
 import { DeferredWork, RecordingIrqLine, RecordingPortShadow, SeededRandom } from "../device-fakes.js";
 import { MemoryDisk, checkPortShadow, fakeServices, pattern } from "./ide-test-driver.js";
 
@@ -26,7 +34,17 @@ class GuardedMemory implements GuestMemory {
   forbidden = 0;
   views = 0;
   refused = 0;
+  /** Hand out fake host addresses (gpa + FAKE_HOST), as host-mapped RAM would: the ring variant. */
+  fakeHost = false;
   constructor(private readonly inner: ChunkedGuestMemory) {}
+  hostAddresses(gpas: Float64Array, count: number, out: Float64Array): boolean {
+    if (!this.fakeHost) return false;
+    for (let i = 0; i < count; i++) {
+      if (this.inner.contiguousLength(gpas[i]!, 1) === 0) return false;
+      out[i] = gpas[i]! + FAKE_HOST;
+    }
+    return true;
+  }
   get ranges(): readonly RamRange[] {
     return this.inner.ranges;
   }
@@ -71,6 +89,116 @@ class GuardedMemory implements GuestMemory {
   }
 }
 
+/** Never dereferenced: the fuzz ring turns these back into guest addresses and moves data through checked views. */
+const FAKE_HOST = 2 ** 40;
+
+interface FuzzRequest {
+  readonly write: boolean;
+  readonly offset: number;
+  readonly spans: readonly (readonly [number, number])[];
+  readonly token: number;
+  ready: boolean;
+}
+
+/** Move a queued transfer's data (guest spans from fake host addresses) through checked views; bytes moved or -errno. */
+function moveQueued(memory: GuestMemory, disk: MemoryDisk, r: { write: boolean; offset: number; spans: readonly (readonly [number, number])[] }): number {
+  let at = r.offset;
+  try {
+    for (const [gpa, length] of r.spans) {
+      const view = memory.tryBytes(gpa, length);
+      if (view === undefined) return -14;
+      if (r.write) disk.write(at, view);
+      else disk.read(at, view);
+      at += length;
+    }
+  } catch {
+    return -5;
+  }
+  return at - r.offset;
+}
+
+/** A ring that completes at random: during submit, when the test fires its event, or when drained; whole, short or failed. */
+class FuzzRing implements BlockRequestRing {
+  readonly entries = 4;
+  readonly pending: FuzzRequest[] = [];
+  completed = { whole: 0, short: 0, failed: 0, duringSubmit: 0 };
+  constructor(
+    private readonly rnd: SeededRandom,
+    private readonly memory: GuestMemory,
+    private readonly disk: MemoryDisk,
+  ) {}
+  prepareVectored(write: boolean, _fd: number, offset: number, a: Float64Array, l: Uint32Array, n: number, token: number): boolean {
+    if (this.pending.length >= this.entries) return false;
+    const spans: [number, number][] = [];
+    for (let i = 0; i < n; i++) spans.push([a[i]! - FAKE_HOST, l[i]!]);
+    this.pending.push({ write, offset, spans, token, ready: false });
+    return true;
+  }
+  prepareFsync(): boolean {
+    return false;
+  }
+  submit(): void {
+    if (this.rnd.next() < 0.3) {
+      for (const r of this.pending) r.ready = true;
+      this.completed.duringSubmit++;
+    }
+  }
+  takeEvent(): void {}
+  /** The kernel finished everything queued (the eventfd would fire). */
+  finishAll(): void {
+    for (const r of this.pending) r.ready = true;
+  }
+  reap(handler: (token: number, result: number) => void): number {
+    let n = 0;
+    for (let i = 0; i < this.pending.length; ) {
+      const r = this.pending[i]!;
+      if (!r.ready) {
+        i++;
+        continue;
+      }
+      this.pending.splice(i, 1);
+      let result = moveQueued(this.memory, this.disk, r);
+      const x = this.rnd.next();
+      if (result > 1 && x < 0.2) {
+        result = this.rnd.int(result);
+        this.completed.short++;
+      } else if (x < 0.3) {
+        result = -5;
+        this.completed.failed++;
+      } else this.completed.whole++;
+      handler(r.token, result);
+      n++;
+    }
+    return n;
+  }
+  drain(handler: (token: number, result: number) => void): void {
+    this.finishAll();
+    this.reap(handler);
+  }
+}
+
+/** The in-memory disk, able to queue as a raw image can: checks first, then queued, done at once or refused, at random. */
+class QueueingDisk extends MemoryDisk {
+  ring: FuzzRing | undefined;
+  memory: GuestMemory | undefined;
+  rnd: SeededRandom | undefined;
+  queueHost(queue: HostIoQueue, write: boolean, offset: number, a: Float64Array, l: Uint32Array, n: number, token: number): "done" | "queued" | false {
+    let total = 0;
+    for (let i = 0; i < n; i++) total += l[i]!;
+    if (offset < 0 || offset + total > this.size) throw new DiskError("DISK_RANGE", `range ${offset}+${total} is past the end`, this.path, { offset });
+    if (write && this.readOnly) throw new DiskError("DISK_READ_ONLY", "read-only", this.path);
+    const x = this.rnd!.next();
+    if (x < 0.15) return false;
+    if (x < 0.3) {
+      const spans: [number, number][] = [];
+      for (let i = 0; i < n; i++) spans.push([a[i]! - FAKE_HOST, l[i]!]);
+      if (moveQueued(this.memory!, this, { write, offset, spans }) !== total) throw new DiskError("DISK_IO", "failed at once", this.path, { offset });
+      return "done";
+    }
+    return queue.prepareVectored(write, -1, offset, a, l, n, token) ? "queued" : false;
+  }
+}
+
 const ATA_COMMANDS = [
   0x00, 0x08, 0x10, 0x20, 0x21, 0x24, 0x25, 0x29, 0x30, 0x31, 0x34, 0x35, 0x39, 0x40, 0x41, 0x42, 0x70, 0x90, 0x91, 0xa0, 0xa1,
   0xc4, 0xc5, 0xc6, 0xc8, 0xc9, 0xca, 0xcb, 0xe0, 0xe1, 0xe2, 0xe3, 0xe5, 0xe6, 0xe7, 0xea, 0xec, 0xef,
@@ -79,11 +207,22 @@ const PACKET_OPS = [0x00, 0x03, 0x12, 0x1b, 0x1e, 0x25, 0x28, 0x2b, 0x43, 0x46, 
 const TABLES = [0x1000, 0x3ff8, 0x3fff0, 0x10_fff0];
 const REGIONS = ["primary", "secondary", "primary-control", "secondary-control", "bogus"];
 
-for (const seed of [0x1de_5eed, 0x0c0ffee]) test(`fuzz (seed ${seed.toString(16)}): 100,000 random port, BAR, config and PRD steps never throw nor leave RAM`, () => {
+const SEEDS: readonly (readonly [number, boolean])[] = [
+  [0x1de_5eed, false],
+  [0x0c0ffee, false],
+  [0x51ab_ead, true],
+];
+
+for (const [seed, onRing] of SEEDS) test(`fuzz (seed ${seed.toString(16)}${onRing ? ", disk on a ring" : ""}): 100,000 random port, BAR, config and PRD steps never throw nor leave RAM`, () => {
   const rnd = new SeededRandom(seed);
   const inner = new ChunkedGuestMemory(RANGES, (_o, len) => new Uint8Array(len), 32 * 1024);
   const memory = new GuardedMemory(inner);
-  const disk = new MemoryDisk(64 * 1024);
+  const disk = new QueueingDisk(64 * 1024);
+  const ring = onRing ? new FuzzRing(rnd, memory, disk) : undefined;
+  if (ring !== undefined) {
+    memory.fakeHost = true;
+    Object.assign(disk, { ring, memory, rnd });
+  } else Object.assign(disk, { queueHost: undefined });
   disk.fill(0, pattern(5, 0, 64 * 1024));
   const roDisk = new MemoryDisk(32 * 1024, true);
   const iso = new MemoryDisk(40 * 2048, true);
@@ -118,12 +257,13 @@ for (const seed of [0x1de_5eed, 0x0c0ffee]) test(`fuzz (seed ${seed.toString(16)
       { channel: 0, unit: 1, kind: "disk", device: roDisk },
       { channel: 1, unit: 0, kind: "cdrom", device: iso },
     ],
+    ...(ring !== undefined ? { ring } : {}),
   });
   ide.pci.assignBar(4, 0xc000);
   ide.pci.enableDecoding();
-  ide.afterConfigWrite();
+  ide.afterAccess();
 
-  const seen = { ataErrors: 0, bmErrors: 0, bmInterrupts: 0, dataWords: 0, checkConditions: 0, deferredRuns: 0, shadowChecks: 0 };
+  const seen = { stringReads: 0, ataErrors: 0, bmErrors: 0, bmInterrupts: 0, dataWords: 0, checkConditions: 0, deferredRuns: 0, shadowChecks: 0 };
   const small = (): number => (rnd.next() < 0.8 ? rnd.int(8) : rnd.int(256));
   const size = (): 1 | 2 | 4 => rnd.pick([1, 2, 4] as const);
   const cmdRegion = (ch: number): string => (ch === 0 ? "primary" : "secondary");
@@ -146,11 +286,20 @@ for (const seed of [0x1de_5eed, 0x0c0ffee]) test(`fuzz (seed ${seed.toString(16)
     }
   };
 
+  // String reads go through the device bus half the time, as a `rep insw` exit does (whole DRQ blocks at once).
+  const bus = new DeviceBus();
+  bus.attach(1 << 3, ide);
   const dataBurst = (ch: 0 | 1): void => {
     const region = cmdRegion(ch);
     const width = rnd.pick([2, 2, 4] as const);
     const n = 1 + rnd.int(rnd.next() < 0.5 ? 8 : 600);
     const write = rnd.next() < 0.5;
+    if (!write && rnd.next() < 0.5) {
+      bus.service({ op: MAILBOX_OP.pioRead, size: width, count: n, address: ch === 0 ? 0x1f0 : 0x170, data: new Uint8Array(n * width) });
+      seen.dataWords += n;
+      seen.stringReads++;
+      return;
+    }
     for (let i = 0; i < n; i++) {
       if (write) ide.isaWrite(region, 0, width, rnd.int(0x1_0000_0000));
       else ide.isaRead(region, 0, width);
@@ -218,16 +367,16 @@ for (const seed of [0x1de_5eed, 0x0c0ffee]) test(`fuzz (seed ${seed.toString(16)
       const off = rnd.pick([0x04, 0x04, 0x40, 0x42, 0x44, rnd.int(256)]);
       const v = off === 0x04 ? rnd.pick([0x05, 0x05, 0x01, 0x04, 0x07, 0x00]) : off === 0x40 || off === 0x42 ? rnd.pick([0x8000, 0x0000, rnd.int(0x10000)]) : rnd.int(0x1_0000_0000);
       ide.pci.configWrite(off, off === 0x04 || off === 0x40 || off === 0x42 ? 2 : size(), v);
-      ide.afterConfigWrite(); // what the device bus does after each config write
+      ide.afterAccess(); // what the device bus does after each config write
       if (rnd.next() < 0.3) {
         ide.pci.configWrite(0x04, 2, 0x05);
-        ide.afterConfigWrite();
+        ide.afterAccess();
       }
     } else if (op < 96) {
       ide.reset();
       ide.pci.assignBar(4, 0xc000);
       ide.pci.enableDecoding();
-      ide.afterConfigWrite();
+      ide.afterAccess();
     } else if (op < 97) {
       ide.changeMedium(1, 0, rnd.next() < 0.3 ? undefined : iso);
     } else if (op < 98) {
@@ -238,9 +387,16 @@ for (const seed of [0x1de_5eed, 0x0c0ffee]) test(`fuzz (seed ${seed.toString(16)
       ide.isaRead(cmdRegion(ch), 7, 1);
     }
 
-    // What a vCPU would answer from the shadow now, between the access and the device thread's next turn.
+    // The device bus ends each request with afterAccess (a step here stands for one request: a burst is
+    // one string access). What a vCPU would answer from the shadow now, before the device thread's next turn.
+    ide.afterAccess();
     if (rnd.next() < 0.3) seen.shadowChecks += checkPortShadow(ide, shadow, irq, `seed ${seed.toString(16)} step ${step}`);
     if (rnd.next() < 0.6) seen.deferredRuns += work.run();
+    if (ring !== undefined && rnd.next() < 0.3) {
+      // The ring's eventfd fired: the device thread's loop calls completeQueued.
+      ring.finishAll();
+      ide.completeQueued();
+    }
     seen.shadowChecks += checkPortShadow(ide, shadow, irq, `seed ${seed.toString(16)} step ${step}, after deferred work`);
 
     // Every reachable state saves as plain data and restores to itself.
@@ -273,10 +429,18 @@ for (const seed of [0x1de_5eed, 0x0c0ffee]) test(`fuzz (seed ${seed.toString(16)
   assert.ok(memory.refused > 10, "bad PRDs were refused");
   assert.ok(seen.ataErrors > 1000 && seen.bmErrors > 100 && seen.checkConditions > 100, JSON.stringify(seen));
   assert.ok(seen.bmInterrupts > 100);
+  assert.ok(seen.stringReads > 1000, `string reads through the bus (${seen.stringReads})`);
   assert.ok(seen.deferredRuns > 1000, `deferred transfers ran (${seen.deferredRuns})`);
   assert.ok(seen.shadowChecks > 100_000, `shadowed reads checked (${seen.shadowChecks})`);
   assert.ok(rises > 1000, `interrupts rose (${rises})`);
   assert.deepEqual(risesWithStatusPublished, [0, 0], "an interrupt rose while its channel's Status was still answered from the shadow");
+  if (ring !== undefined) {
+    const queued = ide.channels[0].busMaster.queuedTransfers;
+    const c = ring.completed;
+    if (process.env["IDE_FUZZ_STATS"] !== undefined) console.log(JSON.stringify({ queued, ...c, host: ide.channels[0].busMaster.hostTransfers, views: ide.channels[0].busMaster.viewTransfers, errors: ide.channels[0].busMaster.hostErrors }));
+    assert.ok(queued > 80 && c.whole > 40 && c.short > 10 && c.failed > 5 && c.duringSubmit > 15, `ring paths ran: ${JSON.stringify({ queued, ...c })}`);
+    assert.equal(ide.channels[0].busMaster.shortCompletions, c.short, "every short completion redone");
+  }
   const saved = ide.save();
   assert.deepEqual(JSON.parse(JSON.stringify(saved)), saved);
 });

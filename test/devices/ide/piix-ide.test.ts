@@ -3,10 +3,15 @@ import assert from "node:assert/strict";
 import { ChunkedGuestMemory } from "../../../src/machine/guest-memory.js";
 import { PiixIde, IdeConfigError, type IdeDriveConfig } from "../../../src/devices/emulated/ide/piix-ide.js";
 import { ATA, AtaDriver, MemoryDisk, checkPortShadow, fakeServices, idString, makeRig, pattern } from "./ide-test-driver.js";
-import { RecordingIrqLine } from "../device-fakes.js";
+import { RecordingIrqLine, ScriptedRing } from "../device-fakes.js";
+import { DeviceBus } from "../../../src/worker/device-bus.js";
+import { MAILBOX_OP } from "../../../src/worker/device-mailbox.js";
 import { makeServices } from "../virtio/virtio-driver.js";
 import { openRaw } from "../../../src/storage/raw.js";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import type { BlockDevice, HostIoQueue } from "../../../src/storage/block-device.js";
+import { IoUring } from "../../../src/hypervisor/io-uring.js";
+import { poll } from "../../../src/hypervisor/libc.js";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
@@ -231,6 +236,50 @@ test("PIO READ MULTIPLE EXT with 32-bit data reads and SET MULTIPLE MODE", () =>
   drv.issue(0xc6, { nsect: 0, device: 0xa0 });
   drv.issue(0xc4, { nsect: 1, lba: 0 });
   assert.equal(drv.status() & ATA.ERR_BIT, 1, "READ MULTIPLE with multiple mode disabled aborts");
+});
+
+test("a string read of the data port through the device bus moves whole DRQ blocks at once, reading what element-by-element reads would: across blocks, past the command's end, 16 and 32 bits", () => {
+  for (const width of [2, 4] as const) {
+    const results: { data: Uint8Array; status: number; error: number; rises: number; elementReads: number }[] = [];
+    for (const how of ["bus", "elements"] as const) {
+      const { drv, rig } = diskRig();
+      const ide = rig.ide;
+      const bus = new DeviceBus();
+      bus.attach(1 << 3, ide);
+      let elementReads = 0;
+      const element = ide.isaRead.bind(ide);
+      ide.isaRead = (region, offset, size) => {
+        elementReads++;
+        return element(region, offset, size);
+      };
+      drv.issue(0xc6, { nsect: 4, device: 0xa0 });
+      drv.status();
+      drv.issue(0xc4, { nsect: 10, lba: 100 }); // READ MULTIPLE: DRQ blocks of 4, 4 and 2 sectors
+      elementReads = 0;
+      const words = (10 * 512 + 64) / width; // 64 bytes past the command's end
+      let data: Uint8Array;
+      if (how === "bus") {
+        data = new Uint8Array(words * width);
+        // As KVM hands a `rep insw` over: up to a page per exit.
+        const page = new Uint8Array(4096);
+        for (let done = 0; done < words; ) {
+          const n = Math.min(4096 / width, words - done);
+          bus.service({ op: MAILBOX_OP.pioRead, size: width, count: n, address: 0x1f0, data: page });
+          data.set(page.subarray(0, n * width), done * width);
+          done += n;
+        }
+      } else data = drv.readData(words * width, width);
+      const reads = elementReads;
+      results.push({ data, status: drv.altStatus(), error: drv.inb(ATA.ERR), rises: drv.irq.rises(), elementReads: reads });
+    }
+    const [bus, elements] = results;
+    assert.deepEqual(bus!.data, elements!.data, `${width}-byte elements: same bytes`);
+    assert.deepEqual(bus!.data.subarray(0, 5120), pattern(1, 100 * 512, 5120));
+    assert.deepEqual(bus!.data.subarray(5120), new Uint8Array(64), "past the end: zeros, as element reads give");
+    assert.deepEqual([bus!.status, bus!.error, bus!.rises], [elements!.status, elements!.error, elements!.rises], "same end state");
+    assert.equal(bus!.elementReads, 64 / width, "only the elements past the command's end went one by one");
+    assert.equal(elements!.elementReads, (10 * 512 + 64) / width);
+  }
 });
 
 test("PIO WRITE SECTORS EXT and WRITE MULTIPLE: data lands on the disk, INTRQ after each block", () => {
@@ -536,12 +585,12 @@ test("port read shadow through a DMA read: Status withdrawn while an interrupt i
   drv.select(1);
   assert.equal(at(0x1f7), 0x50);
   rig.ide.pci.configWrite(0x20, 4, 0xd001);
-  rig.ide.afterConfigWrite();
+  rig.ide.afterAccess();
   assert.deepEqual([BM, BM + 2, BM + 8, BM + 10].map((p) => shadow.values.has(p)), [false, false, false, false], "the old address is withdrawn");
   assert.equal(at(0xd000 + 2)! & 0x04, 0x04, "Interrupt still set (write one to clear) at the new address");
   // PCI I/O decoding off: every compatibility port floats.
   rig.ide.pci.configWrite(0x04, 2, 0x04);
-  rig.ide.afterConfigWrite();
+  rig.ide.afterAccess();
   assert.deepEqual([at(0x1f7), at(0x3f6), shadow.values.has(0xd000)], [0xff, 0xff, false]);
   assert.ok(checkPortShadow(rig.ide, shadow, rig.irq, "decoding off") >= 4);
 });
@@ -553,10 +602,10 @@ test("posted writes: every compatibility port and the bus-master ports where BAR
   const now = (): number[] => [...rig.posted.ports].sort((a, b) => a - b);
   assert.deepEqual(now(), expected(range(0xc000, 16)));
   rig.ide.pci.configWrite(0x20, 4, 0xd001);
-  rig.ide.afterConfigWrite();
+  rig.ide.afterAccess();
   assert.deepEqual(now(), expected(range(0xd000, 16)), "BAR4 moved: the old ports are refused, the new accepted");
   rig.ide.pci.configWrite(0x04, 2, 0x04);
-  rig.ide.afterConfigWrite();
+  rig.ide.afterAccess();
   assert.deepEqual(now(), expected([]), "I/O decoding off: no bus-master ports");
 });
 
@@ -656,6 +705,157 @@ test("DMA into host-mapped guest RAM from a raw image: one scatter/gather call f
     disk.close();
     rmSync(dir, { recursive: true, force: true });
   }
+});
+
+// DMA on the controller's io_uring: the device thread never waits for the disk --------------
+
+/** The raw image, but every transfer goes on the ring (as when the page cache cannot take it at once), on `fd`. */
+function alwaysQueued(disk: BlockDevice, fd: number): BlockDevice {
+  return Object.assign(Object.create(disk) as BlockDevice, {
+    queueHost: (queue: HostIoQueue, write: boolean, offset: number, a: Float64Array, l: Uint32Array, n: number, token: number) =>
+      queue.prepareVectored(write, fd, offset, a, l, n, token) ? ("queued" as const) : false,
+  });
+}
+
+function withRawImage(fn: (disk: BlockDevice, path: string) => void): void {
+  const dir = mkdtempSync(join(tmpdir(), "partis-ide-ring-"));
+  const path = join(dir, "disk.raw");
+  writeFileSync(path, pattern(3, 0, 2 * MiB));
+  const disk = openRaw(path);
+  try {
+    fn(disk, path);
+  } finally {
+    disk.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+/** A controller on a scripted ring (completions when the test says), its disk always queueing, RAM host-mapped; a READ DMA started. */
+function ringRig(disk: BlockDevice, read: { bytes: number; lba: number }) {
+  const ring = new ScriptedRing();
+  const memory = makeServices(MiB, 1 << 30, true).memory;
+  const rig = makeRig([{ channel: 0, unit: 0, kind: "disk", device: alwaysQueued(disk, -1) }], memory, ring);
+  const drv = new AtaDriver(rig, 0);
+  drv.writePrd(TABLE, [[0x20000, read.bytes]]);
+  drv.bmSetup(TABLE, true);
+  drv.issue(0xc8, { nsect: read.bytes / 512, lba: read.lba });
+  drv.bmStart();
+  return { ring, memory, rig, drv, bm: rig.ide.channels[0].busMaster };
+}
+
+test("DMA on the ring: the drive stays mid-transfer until the completion, which ends it as a synchronous transfer ends; a short one is redone, a failed one is UNC", () => {
+  withRawImage((disk) => {
+    const { ring, memory, rig, drv, bm } = ringRig(disk, { bytes: 0x800, lba: 10 });
+    assert.equal(bm.queuedTransfers, 1, "on the ring");
+    assert.deepEqual(ring.prepared, [0], "token: channel 0");
+    assert.equal(drv.altStatus(), 0x58, "mid-transfer: DRDY DSC DRQ");
+    assert.equal(drv.bmRead(2) & 0x07, 0x01, "Active, no Interrupt");
+    assert.equal(drv.irq.level, false);
+    assert.deepEqual(memory.read(0x20000, 0x800), new Uint8Array(0x800));
+    assert.equal(checkPortShadow(rig.ide, rig.shadow, rig.irq, "in flight"), 8);
+    assert.equal(rig.shadow.values.get(0x1f7), 0x58, "Status published as mid-transfer");
+    assert.match(rig.ide.describeState()[0]!, /ide0 channel 0: disk 0 status 0x58, control 0x0, bus master command 0x9 status 0x1 table 0x1000, a transfer on the ring/);
+
+    // The completion comes back short: redone synchronously from the same spans.
+    ring.ready = true;
+    ring.results = [512];
+    rig.ide.completeQueued();
+    assert.equal(bm.shortCompletions, 1);
+    assert.deepEqual(memory.read(0x20000, 0x800), pattern(3, 10 * 512, 0x800), "all four sectors");
+    assert.equal(drv.irq.level, true);
+    assert.equal(drv.bmRead(2) & 0x07, 0x04, "Interrupt; Active clear (the table ended with the transfer)");
+    assert.equal(rig.shadow.values.has(0x1f7), false, "Status withdrawn: it would acknowledge the interrupt");
+    assert.equal(checkPortShadow(rig.ide, rig.shadow, rig.irq, "completed"), 7);
+    drv.bmStop();
+    assert.equal(drv.status(), 0x50);
+
+    // A completion that failed: UNC, as a synchronous read failure.
+    ring.ready = false;
+    drv.issue(0xc8, { nsect: 4, lba: 20 });
+    drv.bmSetup(TABLE, true);
+    drv.bmStart();
+    assert.equal(bm.queuedTransfers, 2);
+    ring.ready = true;
+    ring.results = [-5];
+    rig.ide.completeQueued();
+    assert.equal(drv.status(), 0x51);
+    assert.equal(drv.inb(ATA.ERR), ATA.UNC);
+    const cause = (rig.ide.drive(0, 0) as { lastBackendError?: unknown }).lastBackendError;
+    assert.match(String(cause), /read of 2048 bytes at 10240 failed \(errno 5\)/);
+  });
+});
+
+test("DMA on the ring: a register write, a save or a reset first waits for the transfer in flight (a drive finishes its DMA before it takes a write); reads do not wait", () => {
+  withRawImage((disk) => {
+    for (const how of ["command-block", "device-control", "bus-master", "save", "reset"] as const) {
+      const { ring, memory, rig, drv, bm } = ringRig(disk, { bytes: 0x200, lba: 5 });
+      assert.equal(bm.inFlightNow, true, how);
+      ring.results = [512];
+      drv.altStatus();
+      drv.bmRead(2);
+      assert.equal(bm.inFlightNow, true, `${how}: reads do not wait`);
+      const rises = drv.irq.calls.filter((c) => c).length;
+      if (how === "command-block") drv.outb(ATA.NSECT, 1);
+      else if (how === "device-control") drv.writeCtl(ATA.OBS | ATA.NIEN);
+      else if (how === "bus-master") drv.bmStop();
+      else if (how === "save") {
+        const saved = rig.ide.save();
+        assert.equal(saved.channels[0]!.busMaster.status & 0x07, 0x04, "saved after the completion");
+      } else rig.ide.reset();
+      assert.equal(bm.inFlightNow, false, `${how}: the transfer ended first`);
+      assert.equal(ring.prepared.length, 0, `${how}: drained`);
+      if (how !== "reset") {
+        assert.equal(drv.irq.calls.filter((c) => c).length, rises + 1, `${how}: its interrupt rose before the write took effect`);
+        assert.deepEqual(memory.read(0x20000, 4), new Uint8Array(4), `${how}: (the scripted ring moves no data)`);
+      }
+    }
+  });
+});
+
+test("DMA on a real io_uring: reads and writes through the ring land whole, in guest RAM and in the file", () => {
+  withRawImage((disk, path) => {
+    const fd = openSync(path, "r+");
+    const ring = IoUring.open(8);
+    try {
+      const memory = makeServices(MiB, 1 << 30, true).memory;
+      const rig = makeRig([{ channel: 0, unit: 0, kind: "disk", device: alwaysQueued(disk, fd) }], memory, ring);
+      const drv = new AtaDriver(rig, 0);
+      const bm = rig.ide.channels[0].busMaster;
+      const fds = new Int32Array([ring.eventFd, 0]);
+      const finish = (): void => {
+        // As the device thread's poll loop: completeQueued only once the ring's eventfd is readable (the kernel
+        // signals only completions that came after submitting: those during it the engine reaps itself).
+        for (let i = 0; bm.inFlightNow && i < 1000; i++) {
+          fds[1] = 1; // POLLIN
+          if (poll(fds, 1, 5) > 0) rig.ide.completeQueued();
+        }
+        assert.equal(bm.inFlightNow, false, "completed");
+      };
+      drv.writePrd(TABLE, [[0x20000, 0x300], [0x30000, 0x500], [0x40000, 0x200]]);
+      drv.bmSetup(TABLE, true);
+      drv.issue(0xc8, { nsect: 5, lba: 100 });
+      drv.bmStart();
+      finish();
+      assert.equal(bm.queuedTransfers, 1);
+      assert.equal(drv.irq.level, true);
+      drv.bmStop();
+      assert.equal(drv.status(), 0x50);
+      const expect = pattern(3, 100 * 512, 0xa00);
+      assert.deepEqual(Buffer.concat([memory.read(0x20000, 0x300), memory.read(0x30000, 0x500), memory.read(0x40000, 0x200)]), Buffer.from(expect));
+      drv.bmSetup(TABLE, false);
+      drv.issue(0xca, { nsect: 5, lba: 3000 });
+      drv.bmStart();
+      finish();
+      drv.bmStop();
+      assert.equal(drv.status(), 0x50);
+      assert.equal(bm.queuedTransfers, 2);
+      assert.deepEqual(new Uint8Array(readFileSync(path).subarray(3000 * 512, 3000 * 512 + 0xa00)), expect);
+      rig.ide.quiesce();
+    } finally {
+      ring.close();
+      closeSync(fd);
+    }
+  });
 });
 
 test("bus-master registers: PRD pointer dword aligned, status bits write-one-to-clear, drive DMA bits stored", () => {

@@ -4,12 +4,13 @@ import { mkdtempSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createDisk, openDisk } from "../../../src/storage/open.js";
-import type { BlockDevice } from "../../../src/storage/block-device.js";
+import type { BlockDevice, BlockRequestRing } from "../../../src/storage/block-device.js";
 import { VIRTIO_F, VIRTIO_STATUS as S, featureBit, type VirtioPciDevice } from "../../../src/devices/virtio/pci-transport.js";
-import { VIRTIO_BLK_CONFIG as K, VIRTIO_BLK_F, VIRTIO_BLK_S, VIRTIO_BLK_T, createVirtioBlk, type BlockRequestRing, type VirtioBlk } from "../../../src/devices/virtio/virtio-blk.js";
+import { VIRTIO_BLK_CONFIG as K, VIRTIO_BLK_F, VIRTIO_BLK_S, VIRTIO_BLK_T, createVirtioBlk, type VirtioBlk } from "../../../src/devices/virtio/virtio-blk.js";
 import { IoUring } from "../../../src/hypervisor/io-uring.js";
 import { TestVirtioDriver, makeServices, placeDevice, type Buffer, type DriverQueue, type TestServices } from "./virtio-driver.js";
 import { MemDisk } from "./mem-disk.js";
+import { ScriptedRing } from "../device-fakes.js";
 
 const MiB = 1 << 20;
 const HDR = 0x200000;
@@ -451,37 +452,6 @@ function alwaysQueued(disk: BlockDevice): BlockDevice {
       queue.prepareVectored(write, -1, offset, a, l, n, token) ? ("queued" as const) : false,
     queueFlush: (queue: BlockRequestRing, token: number) => queue.prepareFsync(-1, false, token),
   });
-}
-
-/**
- * A ring that takes requests and does nothing with them; they complete, with
- * the results a test sets, only once it says so (or when drained).
- */
-class ScriptedRing implements BlockRequestRing {
-  readonly entries = 4;
-  readonly prepared: number[] = [];
-  results: number[] = [];
-  ready = false;
-  prepareVectored(_write: boolean, _fd: number, _offset: number, _a: Float64Array, _l: Uint32Array, _n: number, token: number): boolean {
-    if (this.prepared.length >= this.entries) return false;
-    this.prepared.push(token);
-    return true;
-  }
-  prepareFsync(_fd: number, _dataOnly: boolean, token: number): boolean {
-    return this.prepareVectored(false, 0, 0, new Float64Array(0), new Uint32Array(0), 0, token);
-  }
-  submit(): void {}
-  takeEvent(): void {}
-  reap(handler: (token: number, result: number) => void): number {
-    if (!this.ready) return 0;
-    const all = this.prepared.splice(0);
-    all.forEach((token, i) => handler(token, this.results[i] ?? 0));
-    return all.length;
-  }
-  drain(handler: (token: number, result: number) => void): void {
-    this.ready = true;
-    this.reap(handler);
-  }
 }
 
 test("requests in flight: answered when they complete; a device reset drops them unanswered; saving state first completes them", () => {

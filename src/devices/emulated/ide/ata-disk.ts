@@ -18,7 +18,7 @@
  * Anything else aborts (ERR, ABRT), as does DEVICE RESET (packet devices only).
  * Sectors are 512 bytes whatever the back end's logical sector size.
  */
-import type { BlockDevice } from "../../../storage/block-device.js";
+import { DiskError, type BlockDevice, type HostIoQueue } from "../../../storage/block-device.js";
 import { buildIdentifyDevice, DEFAULT_HEADS, DEFAULT_SPT, MAX_MULTIPLE, type AtaIdentity } from "./identify.js";
 import { IdeDevice, Pio, type DeviceHost, type DmaOutcome } from "./ide-device.js";
 import type { FieldReader } from "./saved-fields.js";
@@ -385,6 +385,24 @@ export class AtaDisk extends IdeDevice {
       this.lastBackendError = e;
       return "device-error";
     }
+  }
+
+  override dmaQueue(queue: HostIoQueue, addresses: Float64Array, lengths: Uint32Array, count: number, token: number): DmaOutcome | "queued" | undefined {
+    const disk = this.disk;
+    if (disk.queueHost === undefined) return undefined;
+    try {
+      const r = disk.queueHost(queue, this.dmaWrite, this.dmaLba * ATA_SECTOR, addresses, lengths, count, token);
+      return r === false ? undefined : r;
+    } catch (e) {
+      this.lastBackendError = e;
+      return "device-error";
+    }
+  }
+
+  override dmaQueueFailed(errno: number): DmaOutcome {
+    const offset = this.dmaLba * ATA_SECTOR;
+    this.lastBackendError = new DiskError("DISK_IO", `${this.dmaWrite ? "write" : "read"} of ${this.dmaLength()} bytes at ${offset} failed (errno ${errno})`, this.disk.path, { offset, errno });
+    return "device-error";
   }
 
   dmaDone(outcome: DmaOutcome): void {

@@ -28,8 +28,20 @@
  * waits; a device reset or a new command drops it. `settle()` runs an owed
  * transfer at once (before a save). Without a scheduler (tools, some tests)
  * the transfer runs inside the write.
+ *
+ * With a queue (`DmaQueue`: the controller's io_uring) and a disk that can
+ * queue (`IdeDevice.dmaQueue`: a raw image), a transfer the page cache cannot
+ * take at once goes on the ring and the device thread goes on; the drive
+ * stays mid-transfer (Active, DRQ) until the completion comes back
+ * (`complete`), which ends it as a synchronous transfer ends. A completion
+ * that came back short is redone synchronously. A drive finishes its DMA
+ * before it takes another register write: any write to the channel (command
+ * block, Device Control, bus-master registers), a reset, a save or a medium
+ * change first waits for the transfer in flight (`awaitFlight`); reads do not
+ * wait (they see the drive mid-transfer).
  */
 import type { GuestMemory } from "../../../machine/guest-memory.js";
+import type { HostIoQueue } from "../../../storage/block-device.js";
 import type { DmaOutcome, IdeDevice } from "./ide-device.js";
 import type { FieldReader } from "./saved-fields.js";
 import { BM, BMCMD, BMST } from "./spec.js";
@@ -43,6 +55,17 @@ const INITIAL_SPANS = 256;
 export interface DmaScheduler {
   /** Run `task` once, after the access being handled has been answered. */
   defer(task: () => void): void;
+}
+
+/** Where a channel's transfers go when the disk can queue them: one io_uring for the controller, a token per channel. */
+export interface DmaQueue {
+  readonly io: HostIoQueue;
+  /** This channel's completions come back with this token (the owner routes them to `complete`). */
+  readonly token: number;
+  /** Hand what was prepared to the kernel, then take the completions already there (the kernel may finish a request while taking it). */
+  submit(): void;
+  /** Wait until every queued transfer has completed, each completion handed to its channel's `complete` meanwhile. */
+  drain(): void;
 }
 
 export interface SavedBusMaster {
@@ -61,6 +84,14 @@ export class BusMasterChannel {
   /** Transfers moved with one scatter/gather call, and through views (diagnostics). */
   hostTransfers = 0;
   viewTransfers = 0;
+  /** Transfers that went on the queue (completed later), and of those, redone synchronously after a short completion. */
+  queuedTransfers = 0;
+  shortCompletions = 0;
+  /** The device whose transfer is on the queue, and how many bytes it moves. */
+  private inFlight: IdeDevice | undefined;
+  private inFlightBytes = 0;
+  /** The walked table ends with the transfer: Active clears when it is done. */
+  private tableEnds = false;
   /** The device whose transfer is owed (scheduled, not yet run). */
   private owed: IdeDevice | undefined;
   private readonly settleTask = (): void => this.settle();
@@ -75,9 +106,33 @@ export class BusMasterChannel {
     /** Whether the function may master the bus now (PCI command register bit 2). */
     private readonly canMaster: () => boolean,
     private readonly scheduler?: DmaScheduler,
+    private readonly queue?: DmaQueue,
   ) {}
 
+  /** A transfer is on the queue. */
+  get inFlightNow(): boolean {
+    return this.inFlight !== undefined;
+  }
+
+  /** For state reports: what the engine is doing. */
+  describe(): string {
+    const doing = this.inFlight !== undefined ? ", a transfer on the ring" : this.owed !== undefined ? ", a transfer owed" : "";
+    return `bus master command 0x${this.command.toString(16)} status 0x${this.status.toString(16)} table 0x${this.prd.toString(16)}${doing}`;
+  }
+
+  /**
+   * Wait for the transfer on the queue, if any: it ends (data, status,
+   * interrupt) before whatever called this goes on.
+   */
+  awaitFlight(): void {
+    if (this.inFlight === undefined) return;
+    this.queue!.drain();
+    // drain hands every completion over; one that never came is a failed transfer, not a stuck channel.
+    if (this.inFlight !== undefined) this.complete(-5);
+  }
+
   reset(): void {
+    this.awaitFlight();
     this.command = 0;
     this.status = 0;
     this.prd = 0;
@@ -111,6 +166,7 @@ export class BusMasterChannel {
 
   /** A byte write; returns true when the write set Start (the channel then offers pending DMA). */
   writeByte(offset: number, value: number): boolean {
+    this.awaitFlight();
     const v = value & 0xff;
     switch (offset) {
       case BM.command: {
@@ -161,6 +217,7 @@ export class BusMasterChannel {
    * still runs (a Stop, a reset or a new command in between drop it).
    */
   settle(): void {
+    this.awaitFlight();
     const device = this.owed;
     if (device === undefined) return;
     this.owed = undefined;
@@ -175,17 +232,53 @@ export class BusMasterChannel {
   private transfer(device: IdeDevice): void {
     device.dmaPending = false;
     let outcome = this.walk(device);
-    if (outcome === "done") outcome = this.move(device);
+    if (outcome === "done") {
+      const moved = this.move(device, true);
+      if (moved === "queued") {
+        this.inFlight = device;
+        this.inFlightBytes = device.dmaLength();
+        this.queuedTransfers++;
+        this.queue!.submit(); // a completion already there ends the transfer now
+        return;
+      }
+      outcome = moved;
+    }
+    this.end(device, outcome);
+  }
+
+  /** The transfer ended: registers as it left them, then the device's completion (and interrupt). */
+  private end(device: IdeDevice, outcome: DmaOutcome): void {
     if (outcome === "host-error") {
       this.hostErrors++;
       this.status = (this.status & ~BMST.active) | BMST.error;
-    }
+    } else if (this.tableEnds) this.status &= ~BMST.active;
     device.dmaDone(outcome);
+  }
+
+  /**
+   * The queued transfer's completion (bytes moved, or -errno), from the
+   * queue's owner. Short: redone synchronously (reads and writes are
+   * idempotent; the spans are still the walked ones).
+   */
+  complete(result: number): void {
+    const device = this.inFlight;
+    if (device === undefined) return;
+    this.inFlight = undefined;
+    let outcome: DmaOutcome;
+    if (result === this.inFlightBytes) outcome = "done";
+    else if (result < 0) outcome = device.dmaQueueFailed?.(-result) ?? "device-error";
+    else {
+      this.shortCompletions++;
+      const again = this.move(device, false);
+      outcome = again === "queued" ? "device-error" : again;
+    }
+    this.end(device, outcome);
   }
 
   /** Walk the PRD table into the span list; "done" when it covers the device's transfer. */
   private walk(device: IdeDevice): DmaOutcome {
     this.spans = 0;
+    this.tableEnds = false;
     if (!this.canMaster()) return "host-error";
     const toMemory = device.dmaToMemory();
     if (((this.command & BMCMD.toMemory) !== 0) !== toMemory) return "host-error";
@@ -204,12 +297,12 @@ export class BusMasterChannel {
       if (!this.addRegion(address, n)) return "host-error";
       done += n;
       if (done >= total) {
-        if (n === count && eot) this.status &= ~BMST.active;
+        this.tableEnds = n === count && eot;
         return "done";
       }
       if (eot) return "host-error"; // the table ends before the transfer does
     }
-    this.status &= ~BMST.active;
+    this.tableEnds = true;
     return "done";
   }
 
@@ -241,12 +334,26 @@ export class BusMasterChannel {
     this.host = new Float64Array(size);
   }
 
-  /** Move the walked spans: one scatter/gather call where possible, else a view per span. */
-  private move(device: IdeDevice): DmaOutcome {
+  /**
+   * Move the walked spans: on the queue where allowed and the disk would
+   * wait ("queued"), else one scatter/gather call where possible, else a view
+   * per span.
+   */
+  private move(device: IdeDevice, mayQueue: boolean): DmaOutcome | "queued" {
     const n = this.spans;
     if (n === 0) return "done";
-    if (device.dmaHost !== undefined && this.memory.hostAddresses?.(this.gpas, n, this.host) === true) {
-      const r = device.dmaHost(this.host, this.lengths, n);
+    const queue = mayQueue ? this.queue : undefined;
+    const hostPath = device.dmaHost !== undefined || (queue !== undefined && device.dmaQueue !== undefined);
+    if (hostPath && this.memory.hostAddresses?.(this.gpas, n, this.host) === true) {
+      if (queue !== undefined && device.dmaQueue !== undefined) {
+        const r = device.dmaQueue(queue.io, this.host, this.lengths, n, queue.token);
+        if (r === "queued") return r; // the caller submits it
+        if (r !== undefined) {
+          this.hostTransfers++;
+          return r;
+        }
+      }
+      const r = device.dmaHost?.(this.host, this.lengths, n);
       if (r !== undefined) {
         this.hostTransfers++;
         return r;
@@ -272,6 +379,7 @@ export class BusMasterChannel {
     if ((status & BMST.simplex) !== 0 || (status & 0x18) !== 0) r.fail("reserved status bits set");
     if ((prd & 3) !== 0) r.fail("descriptor table pointer not dword aligned");
     return () => {
+      this.awaitFlight();
       this.command = command;
       this.status = status;
       this.prd = prd;
@@ -279,7 +387,7 @@ export class BusMasterChannel {
     };
   }
 
-  /** The registers; an owed transfer must have been settled first (PiixIde.save does). */
+  /** The registers; an owed or queued transfer must have been settled first (PiixIde.save does). */
   save(): SavedBusMaster {
     return { command: this.command, status: this.status, prd: this.prd };
   }

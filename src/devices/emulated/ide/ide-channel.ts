@@ -57,6 +57,7 @@ export class IdeChannel implements DeviceHost {
 
   /** Power-on / board reset. */
   reset(): void {
+    this.busMaster.awaitFlight();
     this.control = 0;
     this.select = 0;
     this.busMaster.reset();
@@ -100,6 +101,12 @@ export class IdeChannel implements DeviceHost {
     return v >>> 0;
   }
 
+  /** A string read of the data port: see IdeDevice.dataReadString (0 when the channel is empty). */
+  readDataString(size: 2 | 4, count: number, into: Uint8Array, at: number): number {
+    if (this.empty) return 0;
+    return this.selected.dataReadString(size, count, into, at);
+  }
+
   private readByteRegister(offset: number): number {
     if (this.empty || offset > 7) return 0xff;
     const d = this.selected;
@@ -117,6 +124,7 @@ export class IdeChannel implements DeviceHost {
 
   /** Command block write (offset 0-7), 1, 2 or 4 bytes. */
   writeCommandBlock(offset: number, size: 1 | 2 | 4, value: number): void {
+    this.busMaster.awaitFlight(); // a drive finishes its DMA before it takes a write
     if (offset === REG.data) {
       this.selected.dataWrite(size, value);
       return;
@@ -187,6 +195,7 @@ export class IdeChannel implements DeviceHost {
 
   /** Device Control: nIEN, SRST (reset on its falling edge), HOB. */
   writeControl(value: number): void {
+    this.busMaster.awaitFlight();
     const before = this.control;
     this.control = value & (DC.hob | DC.srst | DC.nien);
     if ((value & DC.srst) !== 0 && (before & DC.srst) === 0) {

@@ -11,6 +11,7 @@
  * that starts it (or, for DMA, inside the bus-master start write), so BSY is
  * only ever seen while SRST is held.
  */
+import type { HostIoQueue } from "../../../storage/block-device.js";
 import type { FieldReader } from "./saved-fields.js";
 import { DEV, REG, ST } from "./spec.js";
 
@@ -158,6 +159,23 @@ export abstract class IdeDevice {
     return v >>> 0;
   }
 
+  /**
+   * A string read (`rep insw`/`insd`) of up to `count` elements of `size`
+   * bytes into `into` at `at`: whole elements of the current DRQ block only,
+   * ending the block as the element reads would. Returns how many it moved
+   * (0: none here; the caller then reads element by element).
+   */
+  dataReadString(size: 2 | 4, count: number, into: Uint8Array, at: number): number {
+    if (this.pio !== Pio.in) return 0;
+    const n = Math.min(count, Math.floor((this.end - this.pos) / size), Math.floor((into.length - at) / size));
+    if (n <= 0) return 0;
+    const bytes = n * size;
+    into.set(this.buffer.subarray(this.pos, this.pos + bytes), at);
+    this.pos += bytes;
+    if (this.pos >= this.end) this.finishBlock();
+    return n;
+  }
+
   /** Data port write of 1, 2 or 4 bytes; bytes past the DRQ block end are dropped. */
   dataWrite(size: 1 | 2 | 4, value: number): void {
     if (this.pio !== Pio.out) return;
@@ -230,6 +248,15 @@ export abstract class IdeDevice {
    * moves the spans with dmaChunk, which redoes the whole transfer).
    */
   dmaHost?(addresses: Float64Array, lengths: Uint32Array, count: number): DmaOutcome | undefined;
+  /**
+   * Optional: the same, without waiting for the disk: "queued" when it went
+   * on `queue` (its completion comes back to the engine with `token`), else
+   * as dmaHost ("done" or "device-error" at once; undefined when it cannot,
+   * and the engine then moves it synchronously).
+   */
+  dmaQueue?(queue: HostIoQueue, addresses: Float64Array, lengths: Uint32Array, count: number, token: number): DmaOutcome | "queued" | undefined;
+  /** Optional: a queued transfer failed with `errno` (the device keeps the cause); the outcome to report. */
+  dmaQueueFailed?(errno: number): DmaOutcome;
   /** The bus-master engine ended the transfer. */
   abstract dmaDone(outcome: DmaOutcome): void;
 

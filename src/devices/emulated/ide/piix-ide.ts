@@ -24,8 +24,9 @@
  * between the accesses that do something, which read without side effects
  * (Alternate Status, Status while no interrupt is pending, bus-master command
  * and status of both channels: 45% of the register accesses of Linux's
- * ata_piix doing DMA, measured), are published after every access and every
- * deferred transfer, and before an interrupt is raised, so the vCPU answers
+ * ata_piix doing DMA, measured), are published after every bus request
+ * (`afterAccess`: once per string access, not per word) and every deferred
+ * transfer, and before an interrupt is raised, so the vCPU answers
  * them without a round trip to the device thread. Status with an interrupt
  * pending is withdrawn: that read acknowledges it, so it must come here.
  *
@@ -35,13 +36,13 @@
  * taskfile, command, control and bus-master writes of a command and goes on.
  */
 import { PartisError } from "../../../errors.js";
-import type { BlockDevice } from "../../../storage/block-device.js";
+import type { BlockDevice, BlockRequestRing } from "../../../storage/block-device.js";
 import type { IrqLine, SavedDeviceState } from "../../dependencies.js";
 import type { PciDeviceServices, PortReadShadow, PostedWritePorts } from "../../pci/device-thread-services.js";
 import { PciConfig, type PciDevice } from "../../pci/pci-config.js";
 import { AtaDisk, type SavedAtaDisk } from "./ata-disk.js";
 import { AtapiCdrom, type SavedAtapiCdrom } from "./atapi-cdrom.js";
-import { BusMasterChannel, type DmaScheduler, type SavedBusMaster } from "./bus-master.js";
+import { BusMasterChannel, type DmaQueue, type DmaScheduler, type SavedBusMaster } from "./bus-master.js";
 import { IdeChannel, type SavedIdeChannel } from "./ide-channel.js";
 import { AbsentDevice, type DeviceHost, type IdeDevice } from "./ide-device.js";
 import { FieldReader } from "./saved-fields.js";
@@ -65,6 +66,12 @@ export interface PiixIdeOptions {
   readonly primaryIrq: IrqLine;
   readonly secondaryIrq: IrqLine;
   readonly drives: readonly IdeDriveConfig[];
+  /**
+   * Where DMA transfers go when the disk can queue them (an io_uring): the
+   * device thread then never waits for the disk. The integrator watches the
+   * ring's completions and calls `completeQueued()`.
+   */
+  readonly ring?: BlockRequestRing;
 }
 
 export interface IsaRegion {
@@ -120,6 +127,9 @@ export class PiixIde implements PciDevice {
   private readonly posted: PostedWritePorts | undefined;
   /** Where BAR4 decoded at the last publish: its shadow entries and posted-write ports follow it. */
   private barBase: number | undefined;
+  private readonly ring: BlockRequestRing | undefined;
+  /** A completion from the ring, to its channel (token = channel index). */
+  private readonly completion = (token: number, result: number): void => this.channels[token]?.busMaster.complete(result);
 
   constructor(
     readonly name: string,
@@ -185,9 +195,21 @@ export class PiixIde implements PciDevice {
               irq.setLevel(level);
             },
           };
+    this.ring = opts.ring;
+    const ring = this.ring;
+    const queue = (token: 0 | 1): DmaQueue | undefined =>
+      ring === undefined ? undefined : {
+            io: ring,
+            token,
+            submit: () => {
+              ring.submit();
+              ring.reap(this.completion);
+            },
+            drain: () => ring.drain(this.completion),
+          };
     this.channels = [
-      new IdeChannel(0, line(opts.primaryIrq), new BusMasterChannel(services.memory, canMaster, loop), make(0)),
-      new IdeChannel(1, line(opts.secondaryIrq), new BusMasterChannel(services.memory, canMaster, loop), make(1)),
+      new IdeChannel(0, line(opts.primaryIrq), new BusMasterChannel(services.memory, canMaster, loop, queue(0)), make(0)),
+      new IdeChannel(1, line(opts.secondaryIrq), new BusMasterChannel(services.memory, canMaster, loop, queue(1)), make(1)),
     ];
     this.pci.onMappingChanged = () => this.publishShadow();
     this.reset();
@@ -205,13 +227,43 @@ export class PiixIde implements PciDevice {
     this.publishShadow();
   }
 
-  afterConfigWrite(): void {
+  /**
+   * The ring's completions have come (its event fired): each ends its
+   * channel's transfer (data, status, interrupt), then what reads see is
+   * published.
+   */
+  completeQueued(): void {
+    const ring = this.ring;
+    if (ring === undefined) return;
+    ring.takeEvent();
+    if (ring.reap(this.completion) > 0) this.publishShadow();
+  }
+
+  /** Wait for every transfer on the ring (before the ring is closed). */
+  quiesce(): void {
+    for (const c of this.channels) c.busMaster.awaitFlight();
+    this.publishShadow();
+  }
+
+  /** State report lines (`kill -QUIT` on `partis run`): what each channel's selected drive and engine are doing. */
+  describeState(): string[] {
+    return this.channels.map((c) => {
+      const d = c.devices[c.select];
+      const drive = d.present ? `${d.kind} ${c.select} status 0x${d.status.toString(16)}${d.irqPending ? " interrupt pending" : ""}` : "no drive selected";
+      return `${this.name} channel ${c.index}: ${drive}, control 0x${c.control.toString(16)}, ${c.busMaster.describe()}`;
+    });
+  }
+
+  /** The bus calls this once after each request it routed here (port, config): republish. */
+  afterAccess(): void {
     this.publishShadow();
   }
 
   /**
    * Publish the side-effect-free reads as they stand (see the module comment).
-   * Cheap: a few stores; called after every access.
+   * A few stores: after each bus request (not each element of a string
+   * access), each deferred transfer, before each interrupt, after a reset,
+   * a restore, a save and a medium change.
    */
   private publishShadow(): void {
     this.followBar(this.pci.mappedAddress(BUS_MASTER_BAR));
@@ -257,6 +309,7 @@ export class PiixIde implements PciDevice {
     const d = this.drive(channel, unit);
     if (!(d instanceof AtapiCdrom))
       throw new IdeConfigError("IDE_NOT_CDROM", `${this.name}: no CD-ROM at ${channel}:${unit}`, { device: this.name });
+    this.channels[channel].busMaster.awaitFlight();
     d.changeMedium(disc);
     this.publishShadow();
   }
@@ -270,12 +323,6 @@ export class PiixIde implements PciDevice {
   // Legacy ports -----------------------------------------------------------------
 
   isaRead(region: string, offset: number, size: 1 | 2 | 4): number {
-    const v = this.isaReadNow(region, offset, size);
-    this.publishShadow();
-    return v;
-  }
-
-  private isaReadNow(region: string, offset: number, size: 1 | 2 | 4): number {
     switch (region) {
       case "primary":
         return this.decodes(0) ? this.channels[0].readCommandBlock(offset, size) : ones(size);
@@ -291,11 +338,6 @@ export class PiixIde implements PciDevice {
   }
 
   isaWrite(region: string, offset: number, size: 1 | 2 | 4, value: number): void {
-    this.isaWriteNow(region, offset, size, value);
-    this.publishShadow();
-  }
-
-  private isaWriteNow(region: string, offset: number, size: 1 | 2 | 4, value: number): void {
     switch (region) {
       case "primary":
         if (this.decodes(0)) this.channels[0].writeCommandBlock(offset, size, value);
@@ -310,6 +352,19 @@ export class PiixIde implements PciDevice {
         if (this.decodes(1) && offset === 0) this.channels[1].writeControl(value & 0xff);
         return;
     }
+  }
+
+  /**
+   * A string read of a legacy port (`rep insw` on the data port: a sector in
+   * one request): whole elements of the current DRQ block at once. Returns
+   * how many it moved; 0 for any other port (the bus then reads element by
+   * element).
+   */
+  isaReadString(region: string, offset: number, size: 1 | 2 | 4, count: number, into: Uint8Array, at: number): number {
+    if (offset !== 0 || size === 1) return 0;
+    const ch = region === "primary" ? 0 : region === "secondary" ? 1 : undefined;
+    if (ch === undefined || !this.decodes(ch)) return 0;
+    return this.channels[ch].readDataString(size, count, into, at);
   }
 
   /** A control block read: Alternate Status in the low byte; a wider access floats above it. */
@@ -327,7 +382,7 @@ export class PiixIde implements PciDevice {
       const at = offset + i;
       v |= this.channels[at >> 3]!.busMaster.readByte(at & 7) << (8 * i);
     }
-    return v >>> 0; // bus-master reads change nothing: nothing to republish
+    return v >>> 0;
   }
 
   barWrite(bar: number, offset: number, size: 1 | 2 | 4, value: number): void {
@@ -337,7 +392,6 @@ export class PiixIde implements PciDevice {
       const channel = this.channels[at >> 3]!;
       if (channel.busMaster.writeByte(at & 7, (value >>> (8 * i)) & 0xff)) channel.busMasterStarted();
     }
-    this.publishShadow();
   }
 
   /**
