@@ -518,7 +518,14 @@ function once(c: Config, run: number, kernel: string, initrd: string, dir: strin
       if (child.exitCode !== null || child.signalCode !== null) settle();
       else child.once("exit", settle);
     };
-    const timer = setTimeout(() => finish(new RunFailure(`no result after ${timeoutMs / 1000} s`, out)), timeoutMs);
+    const timer = setTimeout(() => {
+      const failure = (): void => finish(new RunFailure(`no result after ${timeoutMs / 1000} s`, out));
+      if (c.vmm !== "partis" || child.exitCode !== null || child.signalCode !== null) return failure();
+      // What the stuck VM waits for goes into its output (and PARTIS_BENCH_LOG) first: `partis run`
+      // writes every vCPU's registers and every device's state on SIGQUIT.
+      child.kill("SIGQUIT");
+      setTimeout(failure, 3000);
+    }, timeoutMs);
     const vmm = (): number | undefined => {
       // Both VMMs run the VM in the process started here (`partis run` hosts its VM itself).
       if (vmmPid === undefined) vmmPid = child.pid;
