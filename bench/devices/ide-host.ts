@@ -20,25 +20,20 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { spawnSync } from "node:child_process";
 import { join } from "node:path";
 import { cpus } from "node:os";
-import { ChunkedGuestMemory } from "../../src/machine/guest-memory.js";
 import { createDisk, openDisk } from "../../src/storage/open.js";
 import type { BlockDevice } from "../../src/storage/block-device.js";
 import { PiixIde } from "../../src/devices/emulated/ide/piix-ide.js";
 import type { PciDeviceServices } from "../../src/devices/pci/device-thread-services.js";
 import { IoUring } from "../../src/hypervisor/io-uring.js";
 import { libc } from "../../src/hypervisor/index.js";
+import { flag, memfdGuestRam, option } from "./host-bench-setup.js";
 
 const MiB = 1024 * 1024;
-const args = process.argv.slice(2);
-const arg = (name: string, dflt: string): string => {
-  const i = args.indexOf(name);
-  return i >= 0 && args[i + 1] !== undefined ? args[i + 1]! : dflt;
-};
-const DIR = arg("--dir", "/var/tmp");
-const SIZE = Number(arg("--size-mib", "512")) * MiB;
-const TRANSFERS = Number(arg("--transfers", "200"));
-const BYTES = Number(arg("--kib", "64")) * 1024;
-const COLD = !args.includes("--warm");
+const DIR = option("--dir", "/var/tmp");
+const SIZE = Number(option("--size-mib", "512")) * MiB;
+const TRANSFERS = Number(option("--transfers", "200"));
+const BYTES = Number(option("--kib", "64")) * 1024;
+const COLD = !flag("--warm");
 if (!(BYTES >= 512 && BYTES <= 128 * 1024 && BYTES % 512 === 0)) throw new Error("--kib: a multiple of 0.5 up to 128 (one READ DMA command)");
 
 const RAM = 4 * MiB;
@@ -64,16 +59,7 @@ function median(xs: number[]): number {
 }
 
 function run(disk: BlockDevice, ring: IoUring | undefined): Row {
-  const memory = new ChunkedGuestMemory(
-    [{ gpa: 0, length: RAM, fileOffset: 0 }],
-    (off, len) => {
-      const fd = libc.memfdCreate("bench-guest-ram");
-      libc.ftruncate(fd, RAM);
-      return libc.mapSharedFile(fd, off, len);
-    },
-    undefined,
-    (v) => Number(libc.addressOfView(v)),
-  );
+  const memory = memfdGuestRam(RAM);
   const tasks: (() => void)[] = [];
   let interrupted = false;
   const services: PciDeviceServices = {

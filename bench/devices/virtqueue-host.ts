@@ -40,15 +40,12 @@ import { createVirtioBlk, type VirtioBlk } from "../../src/devices/virtio/virtio
 import { IoUring } from "../../src/hypervisor/io-uring.js";
 import { VIRTIO_COMMON as C, VIRTIO_STATUS as S, type VirtioPciDevice } from "../../src/devices/virtio/pci-transport.js";
 import type { PciDeviceServices } from "../../src/devices/pci/device-thread-services.js";
-import { libc } from "../../src/hypervisor/index.js";
+import { memfdGuestRam, option } from "./host-bench-setup.js";
 
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
+const arg = option;
 const args = process.argv.slice(2);
-const arg = (name: string, dflt: string): string => {
-  const i = args.indexOf(name);
-  return i >= 0 && args[i + 1] !== undefined ? args[i + 1]! : dflt;
-};
 const DIR = arg("--dir", "/dev/shm");
 const SIZE = Number(arg("--size-mib", "256")) * MiB;
 const SECONDS = Number(arg("--seconds", "2.5"));
@@ -78,11 +75,7 @@ const DATA = 16 * MiB; // 2 MiB per slot (segments on every other page)
 class Bench {
   readonly memory = ANONYMOUS
     ? ChunkedGuestMemory.anonymous([{ gpa: 0, length: RAM, fileOffset: 0 }])
-    : new ChunkedGuestMemory([{ gpa: 0, length: RAM, fileOffset: 0 }], (off, len) => {
-        const fd = libc.memfdCreate("bench-guest-ram");
-        libc.ftruncate(fd, RAM);
-        return libc.mapSharedFile(fd, off, len);
-      }, undefined, (v) => Number(libc.addressOfView(v)));
+    : memfdGuestRam(RAM);
   readonly dev: VirtioPciDevice;
   private readonly blk: VirtioBlk;
   interrupts = 0;
