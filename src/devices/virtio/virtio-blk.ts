@@ -99,7 +99,6 @@ export interface VirtioBlkOptions {
   readonly ring?: BlockRequestRing;
 }
 
-
 /** read()/write() result: the request went to the ring and completes later. */
 const QUEUED = -1;
 
