@@ -202,10 +202,7 @@ export function assembleDevice(f: PlannedFunction, devices: readonly DeviceSpec[
             ring?.close();
             opened.forEach((d) => d.close());
           },
-          stats: () => {
-            const bm = device.channels.map((c) => c.busMaster);
-            return { dmaQueued: bm[0]!.queuedTransfers + bm[1]!.queuedTransfers, dmaShortCompletions: bm[0]!.shortCompletions + bm[1]!.shortCompletions, dmaHost: bm[0]!.hostTransfers + bm[1]!.hostTransfers, dmaViews: bm[0]!.viewTransfers + bm[1]!.viewTransfers };
-          },
+          stats: () => device.dmaStats(),
         };
       } catch (e) {
         ring?.close();

@@ -850,6 +850,7 @@ test("DMA on a real io_uring: reads and writes through the ring land whole, in g
       assert.equal(drv.status(), 0x50);
       assert.equal(bm.queuedTransfers, 2);
       assert.deepEqual(new Uint8Array(readFileSync(path).subarray(3000 * 512, 3000 * 512 + 0xa00)), expect);
+      assert.deepEqual(rig.ide.dmaStats(), { dmaQueued: 2, dmaShortCompletions: 0, dmaHost: 0, dmaViews: 0 });
       rig.ide.quiesce();
     } finally {
       ring.close();

@@ -197,16 +197,15 @@ export class PiixIde implements PciDevice {
           };
     this.ring = opts.ring;
     const ring = this.ring;
-    const queue = (token: 0 | 1): DmaQueue | undefined =>
-      ring === undefined ? undefined : {
-            io: ring,
-            token,
-            submit: () => {
-              ring.submit();
-              ring.reap(this.completion);
-            },
-            drain: () => ring.drain(this.completion),
-          };
+    const queue = (token: 0 | 1): DmaQueue | undefined => {
+      if (ring === undefined) return undefined;
+      // Completions that came while submitting are taken at once: the eventfd wakes the loop for them too, finding nothing.
+      const submit = (): void => {
+        ring.submit();
+        ring.reap(this.completion);
+      };
+      return { io: ring, token, submit, drain: () => ring.drain(this.completion) };
+    };
     this.channels = [
       new IdeChannel(0, line(opts.primaryIrq), new BusMasterChannel(services.memory, canMaster, loop, queue(0)), make(0)),
       new IdeChannel(1, line(opts.secondaryIrq), new BusMasterChannel(services.memory, canMaster, loop, queue(1)), make(1)),
@@ -243,6 +242,17 @@ export class PiixIde implements PciDevice {
   quiesce(): void {
     for (const c of this.channels) c.busMaster.awaitFlight();
     this.publishShadow();
+  }
+
+  /** Both engines' transfer counters (`PARTIS_STATS`). */
+  dmaStats(): Readonly<Record<"dmaQueued" | "dmaShortCompletions" | "dmaHost" | "dmaViews", number>> {
+    const [a, b] = [this.channels[0].busMaster, this.channels[1].busMaster];
+    return {
+      dmaQueued: a.queuedTransfers + b.queuedTransfers,
+      dmaShortCompletions: a.shortCompletions + b.shortCompletions,
+      dmaHost: a.hostTransfers + b.hostTransfers,
+      dmaViews: a.viewTransfers + b.viewTransfers,
+    };
   }
 
   /** State report lines (`kill -QUIT` on `partis run`): what each channel's selected drive and engine are doing. */
