@@ -13,9 +13,11 @@
  * updates before the next entry can become durable (the flush that precedes
  * every log write), so an older entry never needs replaying once a newer one
  * exists. When the next entry does not fit before the end of the ring the
- * disk first switches to a new LogGuid (a header update), which invalidates
- * every older entry, and the writer starts again at ring offset 0: a torn
- * entry can therefore never damage the newest complete one.
+ * disk first clears the header's LogGuid (which voids every older entry),
+ * and the writer starts again at ring offset 0 under a new LogGuid that the
+ * header names once that entry is stable: a torn entry can therefore never
+ * damage the newest complete one, and the header never names a log with no
+ * complete entry in it.
  */
 import { DiskError } from "../block-device.js";
 import { crc32cWithZeroField } from "./crc32c.js";
@@ -210,7 +212,7 @@ export class VhdxLogWriter {
     return n;
   }
 
-  /** A new LogGuid is in the header: every older entry is void; start at ring offset 0. */
+  /** Entries from now on carry `guid` (the caller names it in the header once the first is stable) and start at ring offset 0. */
   restart(guid: Guid): void {
     this.guid = guid;
     this.position = 0;
@@ -218,6 +220,11 @@ export class VhdxLogWriter {
 
   get active(): boolean {
     return this.guid !== undefined;
+  }
+
+  /** The LogGuid the entries carry now (undefined before the first restart). */
+  get currentGuid(): Guid | undefined {
+    return this.guid;
   }
 
   /** Whether an entry of n data sectors fits before the end of the ring. */

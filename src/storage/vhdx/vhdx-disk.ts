@@ -8,14 +8,23 @@
  *   1. fdatasync: payload data, newly allocated blocks and bitmap blocks and
  *      the file extension are stable, and so are the previous transaction's
  *      applied sectors (which step 2 supersedes in the log);
- *   2. write the log entry (tail = itself), fdatasync;
+ *   2. write the log entry (tail = itself), fdatasync; when the entry starts
+ *      a new log (the first of the session, or the ring is full), it carries
+ *      a new LogGuid that the header names only now, once the entry is
+ *      stable (a header update, which syncs);
  *   3. write the same sectors to their final places (made stable by the
  *      next step 1, or by close).
  * A crash after 2 replays the entry at the next open; before 2, the
  * un-flushed writes are lost but every BAT entry still points at data it
- * owned. Headers are never logged: the first change of a session updates
- * both header copies (new FileWriteGuid, new DataWriteGuid, new LogGuid);
- * a clean close commits, flushes and clears LogGuid with another update.
+ * owned. The header never names a LogGuid before an entry carrying it is
+ * stable, so no crash leaves a LogGuid with nothing to replay behind it
+ * (that state reads as a corrupt log). Before a full ring starts again at
+ * offset 0, the header's LogGuid is cleared (everything logged so far is
+ * applied and stable after step 1), so a torn new entry can never expose an
+ * older, half-overwritten sequence to replay. Headers are never logged: the
+ * first change of a session updates both header copies (new FileWriteGuid,
+ * new DataWriteGuid); a clean close commits, flushes and clears LogGuid with
+ * another update.
  * New blocks are allocated at the 1 MiB-aligned end of the file (fresh,
  * zero-filled space), never reused, so a stale BAT entry cannot expose
  * another block's data.
@@ -32,7 +41,7 @@ import {
   SB_BLOCK_PRESENT,
   SECTOR_BITMAP_BLOCK_SIZE,
 } from "./bat.js";
-import { guidEquals, guidFromString, guidToString, newGuid, ZERO_GUID, type Guid } from "./guid.js";
+import { guidEquals, guidFromString, guidIsZero, guidToString, newGuid, ZERO_GUID, type Guid } from "./guid.js";
 import { MiB } from "./host-file.js";
 import { VhdxImage, type HeaderChanges } from "./image.js";
 import { LOG_SECTOR, MAX_FILE_OFFSET, VhdxLogWriter, type SectorUpdate } from "./log.js";
@@ -43,9 +52,10 @@ const MAX_CHAIN_DEPTH = 256;
 /** Real paths of VHDX files being opened (guard against locator loops). */
 const opening: string[] = [];
 
-/** Test hook: stop a commit after the log entry is durable, as a crash would. */
+/** Test hook: stop a commit as a crash would, after the log entry is durable (and its LogGuid in the header), or before the header names a new log's LogGuid. */
 export interface CommitFault {
-  readonly afterLogWrite: boolean;
+  readonly afterLogWrite?: boolean;
+  readonly afterLogEntry?: boolean;
 }
 
 export class VhdxDisk implements BlockDevice {
@@ -436,39 +446,44 @@ export class VhdxDisk implements BlockDevice {
     for (let i = 0; i < updates.length; i += max) {
       const group = updates.slice(i, i + max);
       this.img.file.sync(); // 1
-      if (!log.fits(group.length)) this.renewLog();
+      const fresh = !log.active || !log.fits(group.length);
+      if (fresh) this.startNewLog();
       const size = this.img.file.statSize();
       log.append(group, Math.floor(size / MiB) * MiB, Math.ceil(Math.max(size, this.fileEnd) / MiB) * MiB);
       this.img.file.sync(); // 2
+      if (this.fault?.afterLogEntry) throw new DiskError("VHDX_TEST_FAULT", "commit stopped after the log entry, before the header names it (test fault)", this.path);
+      if (fresh) this.img.updateHeader({ logGuid: log.currentGuid! }); // 2: the entry is stable, now the header names its log
       if (this.fault?.afterLogWrite) throw new DiskError("VHDX_TEST_FAULT", "commit stopped after the log write (test fault)", this.path);
       for (const u of group) this.img.file.write(u.offset, u.data); // 3
     }
   }
 
-  /** New LogGuid in the header: older entries become void and the ring restarts at 0. */
-  private renewLog(): void {
-    const guid = newGuid();
-    this.img.updateHeader({ logGuid: guid });
-    this.log!.restart(guid);
+  /**
+   * A new log, at ring offset 0, under a new LogGuid the header does not name
+   * yet (step 2 names it). A header still naming the old one is cleared first:
+   * everything logged under it is applied and stable (step 1), and the new
+   * entry is about to overwrite its entries.
+   */
+  private startNewLog(): void {
+    if (!guidIsZero(this.img.header.logGuid)) this.img.updateHeader({ logGuid: ZERO_GUID });
+    this.log!.restart(newGuid());
   }
 
   /**
    * First modification of the session: both header copies get a new
-   * FileWriteGuid (and DataWriteGuid when user-visible data changes) and
-   * a new LogGuid, before anything else in the file changes.
+   * FileWriteGuid (and DataWriteGuid when user-visible data changes),
+   * before anything else in the file changes. The LogGuid comes with the
+   * session's first log entry (logAndApply).
    */
   beginChange(dataChange: boolean): void {
     const changes: HeaderChanges = {};
     if (!this.renewed.file) changes.fileWriteGuid = newGuid();
     if (dataChange && !this.renewed.data) changes.dataWriteGuid = newGuid();
-    let logGuid: Guid | undefined;
-    if (!this.log!.active) changes.logGuid = logGuid = newGuid();
     if (Object.keys(changes).length === 0) return;
     this.img.updateHeader(changes);
     this.img.updateHeader({});
     this.renewed.file = true;
     if (dataChange) this.renewed.data = true;
-    if (logGuid) this.log!.restart(logGuid);
   }
 
   // ---- helpers ----

@@ -73,6 +73,57 @@ test("Partis-made dirty log (commit stopped after the log write) replays; check 
   }
 });
 
+test("no crash leaves a LogGuid with nothing to replay: a session's first change, and its first log entry not yet named in the header, leave an image that opens clean", () => {
+  for (const when of ["after the first change", "after the log entry, before the header names it"] as const) {
+    const p = nodePath.join(dir, `partis-window-${when === "after the first change" ? "change" : "entry"}.vhdx`);
+    vhdxDriver.create(p, { type: "dynamic", size: 8 * MiB, blockSize: MiB });
+    const d = VhdxDisk.open(p);
+    d.write(3 * MiB, Buffer.alloc(4096, 0x77)); // allocates a block: FileWriteGuid/DataWriteGuid change at once, the BAT waits for the commit
+    if (when === "after the log entry, before the header names it") {
+      d.fault = { afterLogEntry: true };
+      assert.throws(() => d.flush(), /test fault/);
+    }
+    // Abandon the handle as a crash would.
+    (d.image.file as unknown as { close(): void }).close();
+    assert.equal(vhdxDriver.describe(p).logReplayNeeded, false, `${when}: the header names no log`);
+    assert.deepEqual(vhdxDriver.check(p).filter((f) => f.severity === "error"), [], when);
+    // The BAT entry never committed: the block reads as never written (its payload is unreferenced space).
+    assert.ok(readAt(p, 3 * MiB, 4096, false).equals(Buffer.alloc(4096)), when);
+    if (QEMU) run("qemu-img", ["check", "-f", "vhdx", p]);
+  }
+});
+
+test("a full log ring starts again under a new LogGuid: the header drops the old one first and names the new one once its first entry is stable; every write survives reopening", () => {
+  const p = nodePath.join(dir, "partis-ring-wrap.vhdx");
+  vhdxDriver.create(p, { type: "dynamic", size: 256 * MiB, blockSize: MiB });
+  const d = VhdxDisk.open(p);
+  const guids = new Set<string>();
+  // Each flush commits one entry; 1 MiB of log holds fewer entries than this, so the ring starts again.
+  for (let i = 0; i < 200; i++) {
+    d.write(i * MiB, Buffer.alloc(512, (i % 250) + 1));
+    d.flush();
+    guids.add(Buffer.from(d.image.header.logGuid).toString("hex"));
+  }
+  assert.ok(guids.size > 1, `the log started again (${guids.size} LogGuids)`);
+  // A crash right after a new log's entry, before the header names it: the previous log is already void.
+  d.write(201 * MiB, Buffer.alloc(512, 0x99));
+  d.fault = { afterLogEntry: true };
+  assert.throws(() => d.flush(), /test fault/);
+  (d.image.file as unknown as { close(): void }).close();
+  const r = VhdxDisk.open(p);
+  try {
+    const b = Buffer.alloc(512);
+    for (let i = 0; i < 200; i++) {
+      r.read(i * MiB, b);
+      assert.ok(b.every((x) => x === (i % 250) + 1), `block ${i}`);
+    }
+  } finally {
+    r.close();
+  }
+  assert.deepEqual(vhdxDriver.check(p).filter((f) => f.severity === "error"), []);
+  if (QEMU) run("qemu-img", ["check", "-f", "vhdx", p]);
+});
+
 test("Partis process killed with SIGKILL mid-run: flushed writes survive, image opens and checks clean", async () => {
   const p = nodePath.join(dir, "killed.vhdx");
   vhdxDriver.create(p, { type: "dynamic", size: 64 * MiB, blockSize: MiB });
