@@ -53,7 +53,8 @@ export function checkVhdx(path: string, options: { repair?: boolean } = {}): Che
     if (!guidIsZero(current.logGuid)) {
       try {
         const active = readPendingLog(path, file, current);
-        fixable.push({ kind: "log", finding: { severity: "error", offset: current.logOffset, message: `the log needs replay (${active.entries.length} entr${active.entries.length === 1 ? "y" : "ies"}, sequence ${active.head.sequence})` } });
+        if (active === undefined) fixable.push({ kind: "badlog", finding: { severity: "warning", offset: current.logOffset, message: "the header names a log (LogGuid set) that no entry was written to: nothing to replay" } });
+        else fixable.push({ kind: "log", finding: { severity: "error", offset: current.logOffset, message: `the log needs replay (${active.entries.length} entr${active.entries.length === 1 ? "y" : "ies"}, sequence ${active.head.sequence})` } });
       } catch (e) {
         if (!(e instanceof DiskError)) throw e;
         fixable.push({ kind: "badlog", finding: { severity: "error", offset: current.logOffset, message: e.message.replace(`${path}: `, "") } });

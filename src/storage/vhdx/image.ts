@@ -73,10 +73,11 @@ export class VhdxImage {
     if (header.logLength > 0 && header.logOffset + header.logLength > size) {
       throw new DiskError("VHDX_BAD_HEADER", `log (offset ${header.logOffset}, length ${header.logLength}) extends past the end of the file (${size} bytes)`, path);
     }
-    const dirty = !guidIsZero(header.logGuid);
-    const img = new VhdxImage(path, file, pair.current, header, dirty);
-    if (dirty) {
-      const active = readPendingLog(path, file, header);
+    // A LogGuid with no entry carrying it names an empty log: nothing to replay; a read-write open clears it.
+    const active = guidIsZero(header.logGuid) ? undefined : readPendingLog(path, file, header);
+    const img = new VhdxImage(path, file, pair.current, header, active !== undefined);
+    if (active === undefined && !guidIsZero(header.logGuid) && !readOnly) img.updateHeader({ fileWriteGuid: newGuid(), logGuid: ZERO_GUID });
+    if (active !== undefined) {
       if (readOnly) {
         file.overlay = new ReplayOverlay(sequenceWrites(active), active.head.lastFileOffset);
       } else {

@@ -156,15 +156,33 @@ export function findActiveSequence(log: Buffer, h: VhdxHeader): ActiveSequence |
   return candidate;
 }
 
-/** Read the log ring and find what replay must write; throws when the log is dirty but unusable. */
-export function readPendingLog(path: string, file: HostFile, h: VhdxHeader): ActiveSequence {
+/** Whether any sector of the ring starts an entry header carrying `guid` (valid or not). */
+function anyEntryCarries(ring: Buffer, guid: Guid): boolean {
+  for (let pos = 0; pos + LOG_SECTOR <= ring.length; pos += LOG_SECTOR) {
+    if (ring.readUInt32LE(pos) === ENTRY_SIGNATURE && guidEquals(ring.subarray(pos + 32, pos + 48), guid)) return true;
+  }
+  return false;
+}
+
+/**
+ * Read the log ring and find what replay must write. Undefined when no entry
+ * in the ring carries the header's LogGuid at all: a writer named the log
+ * and stopped before its first entry (QEMU's order, and Partis's before the
+ * twelfth session), so nothing was logged and nothing applied under it;
+ * there is nothing to replay. Throws when entries carry it but none forms a
+ * valid sequence (a damaged log), or the log does not fit the file.
+ */
+export function readPendingLog(path: string, file: HostFile, h: VhdxHeader): ActiveSequence | undefined {
   if (h.logLength === 0) throw new DiskError("VHDX_BAD_LOG", "LogGuid is set but the log is empty (LogLength 0)", path);
   if (h.logLength > MAX_LOG_LENGTH) throw new DiskError("VHDX_BAD_LOG", `log length ${h.logLength} exceeds the supported ${MAX_LOG_LENGTH}`, path);
   const fileSize = file.statSize();
   if (h.logOffset + h.logLength > fileSize) throw new DiskError("VHDX_BAD_LOG", `log (offset ${h.logOffset}, length ${h.logLength}) extends past the end of the file (${fileSize} bytes)`, path);
   const ring = file.readBuffer(h.logOffset, h.logLength);
   const active = findActiveSequence(ring, h);
-  if (!active) throw new DiskError("VHDX_BAD_LOG", "the log needs replay (LogGuid is set) but holds no valid log sequence; the file is corrupt", path);
+  if (!active) {
+    if (!anyEntryCarries(ring, h.logGuid)) return undefined;
+    throw new DiskError("VHDX_BAD_LOG", "the log needs replay (LogGuid is set) but holds no valid log sequence; the file is corrupt", path);
+  }
   if (fileSize < active.head.flushedFileOffset) {
     throw new DiskError("VHDX_TRUNCATED", `file is ${fileSize} bytes but the log says ${active.head.flushedFileOffset} bytes were flushed: the file has been truncated`, path);
   }

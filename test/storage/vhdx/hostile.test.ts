@@ -103,7 +103,8 @@ test("BAT entries pointing past the end, into the header section, or at each oth
   assert.ok(vhdxDriver.check(p).some((f) => f.severity === "error" && /PARTIALLY_PRESENT/.test(f.message)));
 });
 
-test("LogGuid set over a garbage log is refused (and check --repair clears it)", () => {
+/** A fresh image whose current header names `guid` as its LogGuid, over a log region of 0x61 bytes. */
+function withLogGuid(guid: string): string {
   const p = fresh();
   const h = Buffer.alloc(4096);
   const fd = fs.openSync(p, "r");
@@ -115,8 +116,34 @@ test("LogGuid set over a garbage log is refused (and check --repair clears it)",
   const b = decodeHeader(h2);
   assert.ok(typeof a !== "string" && typeof b !== "string");
   const cur = a.sequenceNumber > b.sequenceNumber ? a : b;
-  patch(p, 64 * 1024, encodeHeader({ ...cur, sequenceNumber: cur.sequenceNumber + 5n, logGuid: guidFromString("abababab-abab-abab-abab-abababababab")! }));
+  patch(p, 64 * 1024, encodeHeader({ ...cur, sequenceNumber: cur.sequenceNumber + 5n, logGuid: guidFromString(guid)! }));
   patch(p, MiB, Buffer.alloc(MiB, 0x61));
+  return p;
+}
+
+test("LogGuid set over a log no entry was written to (a writer stopped before its first entry): nothing to replay; read-only opens leave the file alone, read-write clears it", () => {
+  const p = withLogGuid("abababab-abab-abab-abab-abababababab");
+  const before = fs.readFileSync(p);
+  const findings = vhdxDriver.check(p);
+  assert.ok(findings.some((f) => f.severity === "warning" && /no entry was written to/.test(f.message)), JSON.stringify(findings));
+  assert.deepEqual(findings.filter((f) => f.severity === "error"), []);
+  assert.equal(vhdxDriver.describe(p).logReplayNeeded, false);
+  VhdxDisk.open(p, { readOnly: true }).close();
+  assert.ok(fs.readFileSync(p).equals(before), "a read-only open writes nothing");
+  VhdxDisk.open(p).close();
+  assert.deepEqual(vhdxDriver.check(p), [], "the read-write open cleared the LogGuid");
+});
+
+test("LogGuid set over a damaged entry is refused (and check --repair clears it)", () => {
+  const guid = "abababab-abab-abab-abab-abababababab";
+  const p = withLogGuid(guid);
+  // An entry header that carries the LogGuid, with a wrong checksum.
+  const e = Buffer.alloc(64);
+  e.writeUInt32LE(0x65676f6c, 0); // "loge"
+  e.writeUInt32LE(4096, 8);
+  e.writeBigUInt64LE(1n, 16);
+  guidFromString(guid)!.copy(e, 32);
+  patch(p, MiB, e);
   refuses(p, /no valid log sequence/);
   assert.ok(vhdxDriver.check(p, { repair: true }).some((f) => f.severity === "repaired"));
   const d = VhdxDisk.open(p, { readOnly: true });
