@@ -18,7 +18,8 @@
  * un-flushed writes are lost but every BAT entry still points at data it
  * owned. The header never names a LogGuid before an entry carrying it is
  * stable, so no crash leaves a LogGuid with nothing to replay behind it
- * (that state reads as a corrupt log). Before a full ring starts again at
+ * (QEMU's writer can; the reader takes that state as an empty log, and a
+ * torn entry under a named LogGuid as a damaged one). Before a full ring starts again at
  * offset 0, the header's LogGuid is cleared (everything logged so far is
  * applied and stable after step 1), so a torn new entry can never expose an
  * older, half-overwritten sequence to replay. Headers are never logged: the
