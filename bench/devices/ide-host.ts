@@ -20,13 +20,12 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { spawnSync } from "node:child_process";
 import { join } from "node:path";
 import { cpus } from "node:os";
-import { createDisk, openDisk } from "../../src/storage/open.js";
 import type { BlockDevice } from "../../src/storage/block-device.js";
 import { PiixIde } from "../../src/devices/emulated/ide/piix-ide.js";
 import type { PciDeviceServices } from "../../src/devices/pci/device-thread-services.js";
 import { IoUring } from "../../src/hypervisor/io-uring.js";
 import { libc } from "../../src/hypervisor/index.js";
-import { flag, memfdGuestRam, option } from "./host-bench-setup.js";
+import { filledRawImage, flag, memfdGuestRam, option } from "./host-bench-setup.js";
 
 const MiB = 1024 * 1024;
 const DIR = option("--dir", "/var/tmp");
@@ -150,11 +149,7 @@ function run(disk: BlockDevice, ring: IoUring | undefined): Row {
 function main(): void {
   const dir = mkdtempSync(join(DIR, "partis-ide-bench-"));
   try {
-    const path = join(dir, "disk.raw");
-    createDisk(path, "raw", { type: "fixed", size: SIZE });
-    const disk = openDisk(path);
-    const fill = new Uint8Array(MiB).fill(0x5a);
-    for (let o = 0; o < SIZE; o += MiB) disk.write(o, fill);
+    const disk = filledRawImage(dir, SIZE);
     disk.flush();
     const rows: Row[] = [];
     for (let round = 0; round < 2; round++) {

@@ -34,13 +34,12 @@ import { join } from "node:path";
 import { cpus } from "node:os";
 import { HeapMeter, type HeapUse } from "../heap-meter.js";
 import { ChunkedGuestMemory } from "../../src/machine/guest-memory.js";
-import { createDisk, openDisk } from "../../src/storage/open.js";
 import type { BlockDevice } from "../../src/storage/block-device.js";
 import { createVirtioBlk, type VirtioBlk } from "../../src/devices/virtio/virtio-blk.js";
 import { IoUring } from "../../src/hypervisor/io-uring.js";
 import { VIRTIO_COMMON as C, VIRTIO_STATUS as S, type VirtioPciDevice } from "../../src/devices/virtio/pci-transport.js";
 import type { PciDeviceServices } from "../../src/devices/pci/device-thread-services.js";
-import { memfdGuestRam, option } from "./host-bench-setup.js";
+import { filledRawImage, memfdGuestRam, option } from "./host-bench-setup.js";
 
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
@@ -288,11 +287,7 @@ function direct(disk: BlockDevice, memory: ChunkedGuestMemory, workload: string,
 function main(): void {
   const dir = mkdtempSync(join(DIR, "partis-vq-"));
   try {
-    const path = join(dir, "disk.raw");
-    createDisk(path, "raw", { type: "fixed", size: SIZE });
-    const disk = openDisk(path);
-    const fill = new Uint8Array(MiB).fill(0x5a);
-    for (let o = 0; o < SIZE; o += MiB) disk.write(o, fill);
+    const disk = filledRawImage(dir, SIZE);
     const bench = new Bench(disk);
     const rows: Row[] = [];
     const workloads = [

@@ -66,8 +66,8 @@ const SHADOW_PORTS = 0x1_0000;
 const SHADOW_VALID = 0x100;
 /** Posted writes queued at most (a power of two); a vCPU that finds the ring full asks synchronously. */
 export const POSTED_WRITES = 256;
-/** A ring entry (i32 words): round (tail + 1 once written), op, size, port, value. */
-const ENTRY_WORDS = 5;
+/** A ring entry (i32 words): round (tail + 1 once written), size, port, value. Every entry is a port write. */
+const ENTRY_WORDS = 4;
 const POSTABLE_BYTES = 0x1_0000;
 const LAYOUT = (slots: number) => {
   const control = slots * SLOT_BYTES;
@@ -236,10 +236,9 @@ export class MailboxRequester {
     }
     const at = (tail & (POSTED_WRITES - 1)) * ENTRY_WORDS;
     const r = this.ring;
-    r[at + 1] = MAILBOX_OP.pioWrite;
-    r[at + 2] = size;
-    r[at + 3] = port;
-    r[at + 4] = value | 0;
+    r[at + 1] = size;
+    r[at + 2] = port;
+    r[at + 3] = value | 0;
     Atomics.store(r, at, (tail + 1) | 0); // written: the device thread may take it
     if (Atomics.load(c, AWAKE) === 0) this.doorbell.signal();
     return true;
@@ -330,12 +329,12 @@ export class MailboxServer {
       const at = (head & (POSTED_WRITES - 1)) * ENTRY_WORDS;
       if (Atomics.load(ring, at) !== ((head + 1) | 0) && !(complete && this.awaitQueued(at, (head + 1) | 0))) break;
       const r = this.request;
-      r.op = ring[at + 1] as MailboxOp;
-      r.size = ring[at + 2]!;
+      r.op = MAILBOX_OP.pioWrite;
+      r.size = ring[at + 1]!;
       r.count = 1;
-      r.address = ring[at + 3]!;
+      r.address = ring[at + 2]!;
       r.data = this.postedData;
-      putLe(this.postedData, 0, r.size, ring[at + 4]! >>> 0); // 1, 2 or 4: only postWrite fills the ring
+      putLe(this.postedData, 0, r.size, ring[at + 3]! >>> 0); // 1, 2 or 4: only postWrite fills the ring
       try {
         handle(r);
       } finally {

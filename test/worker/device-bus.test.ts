@@ -31,6 +31,21 @@ class ScratchDevice implements PciDevice {
   reset(): void {}
 }
 
+/** A mailbox served by the test echo thread (mailbox-echo-thread.ts); `stop` ends the thread and frees the mailbox. */
+async function startEchoThread(): Promise<{ box: DeviceMailbox; stop: () => Promise<void> }> {
+  const box = DeviceMailbox.create(2);
+  const worker = new Worker(new URL("./mailbox-echo-thread.js", import.meta.url), { workerData: box.handoff() });
+  await new Promise((r) => worker.once("message", r));
+  return {
+    box,
+    stop: async () => {
+      box.ring();
+      await worker.terminate();
+      box.close();
+    },
+  };
+}
+
 const windows = { mmioStart: 0xc000_0000, mmioSize: 0x1000_0000, ioStart: 0xc000, ioEnd: 0x10000 };
 
 test("BARs get aligned addresses inside the windows and decode once enabled", () => {
@@ -92,9 +107,7 @@ test("mailbox requests: string port I/O in one request, 8-byte MMIO as two halve
 });
 
 test("a vCPU-side forwarder reaches a device thread through the mailbox and its doorbell", async () => {
-  const box = DeviceMailbox.create(2);
-  const worker = new Worker(new URL("./mailbox-echo-thread.js", import.meta.url), { workerData: box.handoff() });
-  await new Promise((r) => worker.once("message", r));
+  const { box, stop } = await startEchoThread();
   const fwd = new DeviceForwarder(box.requester(1), { ranges: [[0x1000, 0x100]] });
   assert.equal(fwd.forwardsPort(0x1010), true);
   assert.equal(fwd.forwardsPort(0x80), false);
@@ -103,15 +116,11 @@ test("a vCPU-side forwarder reaches a device thread through the mailbox and its 
   assert.deepEqual(Array.from(data), [0x10, 0x10, 0x10, 0x10], "the echo thread answers reads with the port's low byte");
   const fn = fwd.configFunction(0x10);
   assert.equal(fn.configRead(0x04, 2), 0x1004 & 0xffff);
-  box.ring();
-  await worker.terminate();
-  box.close();
+  await stop();
 });
 
 test("port read shadow: a published 1-byte read is answered on the vCPU side; wider, string and withdrawn reads go to the device thread", async () => {
-  const box = DeviceMailbox.create(2);
-  const worker = new Worker(new URL("./mailbox-echo-thread.js", import.meta.url), { workerData: box.handoff() });
-  await new Promise((r) => worker.once("message", r));
+  const { box, stop } = await startEchoThread();
   const shadow = box.portShadow();
   const fwd = new DeviceForwarder(box.requester(1), { ranges: [[0x1000, 0x100]] });
   const byte = new Uint8Array(4);
@@ -131,9 +140,7 @@ test("port read shadow: a published 1-byte read is answered on the vCPU side; wi
   shadow.publish(0x1018, 0);
   assert.equal(box.requester(1).shadowRead(0x1018), 0, "a published zero is a value, not 'forward'");
   assert.equal(fwd.shadowedReads, 1);
-  box.ring();
-  await worker.terminate();
-  box.close();
+  await stop();
 });
 
 test("posted writes: queued in the order made across vCPUs, applied before any later request, shadow reads wait for them, a full ring refuses", () => {
@@ -182,9 +189,7 @@ test("posted writes: queued in the order made across vCPUs, applied before any l
 });
 
 test("posted writes through a device thread: the vCPU goes on, and its next forwarded read sees every write it posted", async () => {
-  const box = DeviceMailbox.create(2);
-  const worker = new Worker(new URL("./mailbox-echo-thread.js", import.meta.url), { workerData: box.handoff() });
-  await new Promise((r) => worker.once("message", r));
+  const { box, stop } = await startEchoThread();
   const ports = box.postedWritePorts();
   for (let p = 0x1f0; p < 0x1f8; p++) ports.accept(p);
   const fwd = new DeviceForwarder(box.requester(0), { ranges: [[0x1f0, 8], [0xfff0, 0x10]] });
@@ -200,9 +205,7 @@ test("posted writes through a device thread: the vCPU goes on, and its next forw
   assert.equal(byte[0], 200, "the last one last");
   fwd.portIo(true, 0x1f0, 2, 2, byte);
   assert.equal(fwd.postedWrites, 200, "string I/O is never posted");
-  box.ring();
-  await worker.terminate();
-  box.close();
+  await stop();
 });
 
 test("the bus tells a function once after each request it routes: one string access, one access, one config write (a shadowing device republishes then)", () => {

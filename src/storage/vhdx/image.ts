@@ -74,9 +74,10 @@ export class VhdxImage {
       throw new DiskError("VHDX_BAD_HEADER", `log (offset ${header.logOffset}, length ${header.logLength}) extends past the end of the file (${size} bytes)`, path);
     }
     // A LogGuid with no entry carrying it names an empty log: nothing to replay; a read-write open clears it.
-    const active = guidIsZero(header.logGuid) ? undefined : readPendingLog(path, file, header);
+    const named = !guidIsZero(header.logGuid);
+    const active = named ? readPendingLog(path, file, header) : undefined;
     const img = new VhdxImage(path, file, pair.current, header, active !== undefined);
-    if (active === undefined && !guidIsZero(header.logGuid) && !readOnly) img.updateHeader({ fileWriteGuid: newGuid(), logGuid: ZERO_GUID });
+    if (named && active === undefined && !readOnly) img.updateHeader({ fileWriteGuid: newGuid(), logGuid: ZERO_GUID });
     if (active !== undefined) {
       if (readOnly) {
         file.overlay = new ReplayOverlay(sequenceWrites(active), active.head.lastFileOffset);
