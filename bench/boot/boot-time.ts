@@ -18,17 +18,29 @@
  * auto: src/images/kernel-unpack.ts); the row "partis --kernel-unpack guest"
  * boots the same bzImage the way QEMU does, the guest decompressing it, to
  * show what each part is worth.
+ *
+ * `--hugepages` adds two rows with guest RAM on the host's reserved 2 MiB
+ * pages (hugetlbfs): Partis `--hugepages` and QEMU q35 with a hugetlb memfd.
+ * The bench grows the 2 MiB pool for them (root) and puts it back at the end.
+ * hugetlb pages are not in VmRSS, so the overhead column means the same there.
+ * `--only KEY,...` runs only some rows (keys: partis, partis-unpack-guest,
+ * partis-hugepages, qemu-microvm, qemu-q35, qemu-q35-hugetlb); the first row
+ * run is the one the ratios are taken against.
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { readFileSync, existsSync } from "node:fs";
+import { readFileSync, existsSync, writeFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { prepareDefaultGuest, GUEST_READY_MARKER } from "../../src/images/default-guest.js";
+import { readHugePagePools } from "../../src/hypervisor/host.js";
 
 const CLI = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
 const args = process.argv.slice(2);
 const runs = Number(args[args.indexOf("--runs") + 1] ?? 5) || 5;
 /** Untimed rounds first (page cache, the nested host's first process starts), for every VMM alike. */
 const warmup = args.includes("--warmup") ? Number(args[args.indexOf("--warmup") + 1]) : 1;
+const hugepages = args.includes("--hugepages");
+const only = args.includes("--only") ? new Set((args[args.indexOf("--only") + 1] ?? "").split(",")) : undefined;
+const POOL_2M = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
 const memory = "256M";
 const cpus = 1;
 const append = "console=ttyS0 panic=-1 quiet";
@@ -117,12 +129,34 @@ async function main(): Promise<void> {
     "-kernel", guest.kernel, "-initrd", guest.initrd, "-append", append];
   const partis = (extra: string[]) => () =>
     once(process.execPath, [CLI, "run", "--kernel", guest.kernel, "--initrd", guest.initrd, "--memory", memory, "--cpus", String(cpus), "--append", append, ...extra], (c) => c.pid!);
-  const configs: { name: string; run: () => Promise<Sample> }[] = [
-    { name: "partis", run: partis([]) },
-    { name: "partis --kernel-unpack guest", run: partis(["--kernel-unpack", "guest"]) },
-    { name: "qemu -M microvm", run: () => once(qemu, ["-M", "microvm,memory-backend=ram0", ...memBackend, ...common], (c) => c.pid!) },
-    { name: "qemu -M q35", run: () => once(qemu, ["-M", "q35,memory-backend=ram0", ...memBackend, ...common], (c) => c.pid!) },
+  const hugeBackend = ["-object", `memory-backend-memfd,id=ram0,size=${memory},hugetlb=on,hugetlbsize=2M`];
+  const all: { key: string; name: string; huge?: true; run: () => Promise<Sample> }[] = [
+    { key: "partis", name: "partis", run: partis([]) },
+    { key: "partis-unpack-guest", name: "partis --kernel-unpack guest", run: partis(["--kernel-unpack", "guest"]) },
+    { key: "partis-hugepages", name: "partis --hugepages", huge: true, run: partis(["--hugepages", "2M"]) },
+    { key: "qemu-microvm", name: "qemu -M microvm", run: () => once(qemu, ["-M", "microvm,memory-backend=ram0", ...memBackend, ...common], (c) => c.pid!) },
+    { key: "qemu-q35", name: "qemu -M q35", run: () => once(qemu, ["-M", "q35,memory-backend=ram0", ...memBackend, ...common], (c) => c.pid!) },
+    { key: "qemu-q35-hugetlb", name: "qemu -M q35, hugetlb RAM", huge: true, run: () => once(qemu, ["-M", "q35,memory-backend=ram0", ...hugeBackend, ...common], (c) => c.pid!) },
   ];
+  const configs = all.filter((c) => (only !== undefined ? only.has(c.key) : hugepages || c.huge !== true));
+  if (configs.length === 0) throw new Error(`--only: none of ${[...(only ?? [])].join(", ")} is a row (${all.map((c) => c.key).join(", ")})`);
+  let restorePool: (() => void) | undefined;
+  if (configs.some((c) => c.huge)) {
+    // One VM at a time: the pool needs one guest's RAM in 2 MiB pages.
+    const need = parseInt(memory, 10) / 2;
+    const before = readFileSync(POOL_2M, "utf8").trim();
+    const have = readHugePagePools().find((p) => p.pageBytes === 2 << 20)?.available ?? 0;
+    if (have < need) writeFileSync(POOL_2M, String(Number(before) + need - have));
+    restorePool = () => writeFileSync(POOL_2M, before);
+  }
+  try {
+    await measure(configs);
+  } finally {
+    restorePool?.();
+  }
+}
+
+async function measure(configs: { name: string; run: () => Promise<Sample> }[]): Promise<void> {
   const results: Record<string, Sample[]> = {};
   const failures: Record<string, number[]> = {};
   for (let i = 0; i < warmup; i++)
@@ -144,9 +178,10 @@ async function main(): Promise<void> {
       }
     }
   }
-  if (results.partis === undefined) throw new Error("no Partis run succeeded");
-  const partisMs = median(results.partis.map((s) => s.ms));
-  console.log(`| VMM | median start→marker (ms) | runs (ms) | VMM overhead RSS (MiB, median) | of which private (RssAnon) | Partis ÷ this |`);
+  const first = results[configs[0]!.name];
+  if (first === undefined) throw new Error(`no ${configs[0]!.name} run succeeded`);
+  const partisMs = median(first.map((s) => s.ms));
+  console.log(`| VMM | median start→marker (ms) | runs (ms) | VMM overhead RSS (MiB, median) | of which private (RssAnon) | ${configs[0]!.name} ÷ this |`);
   console.log(`|---|---|---|---|---|---|`);
   for (const c of configs) {
     const xs = results[c.name];

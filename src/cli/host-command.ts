@@ -65,6 +65,11 @@ export function checkHost(report: HostReport = probeHost(kvmDevicePath())): Host
         ? `note huge pages for guest RAM: off (shmem THP "${thp}"); \`echo advise > ${SHMEM_THP}\` lets guests use 2 MiB pages (faster boot and memory access)`
         : `ok   huge pages for guest RAM: shmem THP "${thp}"`,
     );
+  for (const pool of report.hugePagePools)
+    if (pool.total > 0)
+      lines.push(
+        `     reserved huge pages (partis run --hugepages ${pool.pageBytes >= 2 ** 30 ? `${pool.pageBytes / 2 ** 30}G` : `${pool.pageBytes >> 20}M`}): ${pool.available} of ${pool.total} available (${formatByteSize(pool.available * pool.pageBytes)})`,
+      );
   const verdict = stockGuestVerdict(report);
   if (report.kind === "pvm") lines.push(`note ${PVM_EXPLANATION}`);
   const notHere = report.kind === "pvm" ? "not here (PVM, see above)" : "not here: " + verdict.why;

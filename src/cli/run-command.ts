@@ -1,7 +1,7 @@
 /**
  * `partis run`: boot a VM in the foreground with its console on the terminal.
  *
- *   partis run [--kernel K] [--initrd I] [--append ...] [--memory 512M] [--cpus N] [--no-reboot]
+ *   partis run [--kernel K] [--initrd I] [--append ...] [--memory 512M] [--hugepages [2M|1G]] [--cpus N] [--no-reboot]
  *
  * Without --kernel it boots the default guest (stock Debian kernel + busybox
  * initramfs, prepared on first use and cached). On a terminal the console is
@@ -42,6 +42,8 @@ export interface RunOptions extends DeviceOptions {
   initrd?: string;
   append?: string;
   memory: string;
+  /** `--hugepages [size]`: true (the flag alone: 2M) or the size given. */
+  hugepages?: string | boolean;
   cpus: string;
   reboot: boolean;
   name: string;
@@ -230,6 +232,10 @@ export function registerRunCommand(program: Command): void {
     .option("--initrd <path>", "initial ramdisk")
     .option("--append <cmdline>", `kernel command line (default: "${DEFAULT_APPEND}")`)
     .option("--memory <size>", "guest memory, e.g. 512M, 4G (a bare number is MiB)", "512M")
+    .option(
+      "--hugepages [size]",
+      "back guest RAM with the host's reserved huge pages of this size (2M or 1G; default 2M), all reserved at start; see /proc/sys/vm/nr_hugepages",
+    )
     .option("--cpus <n>", "virtual processors", "1")
     .option(
       "--kernel-unpack <auto|host|guest>",

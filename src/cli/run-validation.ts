@@ -11,6 +11,7 @@ import { probeHost, stockGuestVerdict, type HostReport } from "../hypervisor/hos
 import { resolveDevices } from "./device-options.js";
 import { DEFAULT_FRAMEBUFFER_HEIGHT, DEFAULT_FRAMEBUFFER_WIDTH, FRAMEBUFFER_MAX_BYTES } from "../devices/display/linear-framebuffer.js";
 import { planMemory, MIN_RAM_BYTES, RAM_GRANULE } from "../machine/memory-map.js";
+import { HUGE_1G, HUGE_2M } from "../hypervisor/partition.js";
 import { planLinuxLoad, KernelImageError, LinuxLoadError } from "../machine/linux-boot.js";
 import { unpackKernel } from "../images/kernel-unpack.js";
 import { readKernelHead } from "../images/kernel-file.js";
@@ -64,6 +65,7 @@ export function resolveRunConfig(opts: RunOptions, guest: { kernel: string; init
   if (memoryBytes < MIN_RAM_BYTES) throw new UsageError(`--memory: ${opts.memory} is below the minimum of ${formatByteSize(MIN_RAM_BYTES)}`);
   if (memoryBytes > host.memTotalBytes)
     throw new UsageError(`--memory: ${opts.memory} is more than this host has (${formatByteSize(host.memTotalBytes)} in all)`);
+  const hugePageBytes = resolveHugePages(opts, memoryBytes, host);
   const plan = planMemory(memoryBytes);
 
   const kernelPath = opts.kernel ?? guest?.kernel;
@@ -84,6 +86,7 @@ export function resolveRunConfig(opts: RunOptions, guest: { kernel: string; init
   return {
     name: opts.name,
     memoryBytes,
+    ...(hugePageBytes !== undefined ? { hugePageBytes } : {}),
     cpus,
     kernelPath,
     ...(initrdPath !== undefined ? { initrdPath } : {}),
@@ -92,6 +95,36 @@ export function resolveRunConfig(opts: RunOptions, guest: { kernel: string; init
     ...(framebuffer !== undefined ? { framebuffer } : {}),
     ...(opts.screenshot !== undefined ? { screenshotPath: opts.screenshot } : {}),
   };
+}
+
+/**
+ * `--hugepages [2M|1G]`: the page size, once guest RAM is a whole number of
+ * such pages and the host's pool has that many available now (the worker
+ * reserves them all when it creates the partition, so none can run out later).
+ */
+function resolveHugePages(opts: RunOptions, memoryBytes: number, host: HostReport): number | undefined {
+  if (opts.hugepages === undefined || opts.hugepages === false) return undefined;
+  const given = opts.hugepages === true ? "2M" : opts.hugepages;
+  let pageBytes: number | undefined;
+  try {
+    pageBytes = parseByteSize(given, "--hugepages", "M"); // a bare number is MiB: 2 or 1024, as Proxmox writes them
+  } catch {
+    pageBytes = undefined;
+  }
+  if (pageBytes !== HUGE_2M && pageBytes !== HUGE_1G) throw new UsageError(`--hugepages: "${given}" is not a huge-page size (2M or 1G)`);
+  const size = formatByteSize(pageBytes);
+  if (memoryBytes % pageBytes !== 0)
+    throw new UsageError(`--hugepages ${size}: --memory ${formatByteSize(memoryBytes)} is not a whole number of ${size} pages`);
+  const pool = host.hugePagePools.find((p) => p.pageBytes === pageBytes);
+  if (pool === undefined) throw new UsageError(`--hugepages ${size}: this host's kernel has no ${size} huge-page pool`);
+  const pages = memoryBytes / pageBytes;
+  if (pool.available < pages) {
+    const knob = `/sys/kernel/mm/hugepages/hugepages-${pageBytes >> 10}kB/nr_hugepages`;
+    throw new UsageError(
+      `--hugepages ${size}: the guest needs ${pages} huge pages of ${size}; the host has ${pool.available} available (of ${pool.total} in its pool; grow it with ${knob})`,
+    );
+  }
+  return pageBytes;
 }
 
 function resolveFramebuffer(opts: RunOptions): { width: number; height: number } | undefined {

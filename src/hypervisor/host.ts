@@ -36,7 +36,47 @@ export interface HostReport {
   kvmModules: string[];
   memTotalBytes: number;
   memAvailableBytes: number;
+  /** The kernel's huge-page pools (hugetlbfs), smallest page first; empty without hugetlbfs. */
+  hugePagePools: HugePagePool[];
   kvm: KvmAvailability;
+}
+
+/** One hugetlbfs pool (/sys/kernel/mm/hugepages/hugepages-<size>kB). */
+export interface HugePagePool {
+  readonly pageBytes: number;
+  /** Pages in the pool (nr_hugepages). */
+  readonly total: number;
+  /** Pages neither in use nor promised to a mapping: what a new VM can reserve (free − resv). */
+  readonly available: number;
+}
+
+/**
+ * Read the huge-page pools from a sysfs directory laid out as
+ * /sys/kernel/mm/hugepages: one `hugepages-<N>kB` directory per page size,
+ * holding nr_hugepages, free_hugepages and resv_hugepages.
+ */
+export function readHugePagePools(dir = "/sys/kernel/mm/hugepages"): HugePagePool[] {
+  let names: string[];
+  try {
+    names = fs.readdirSync(dir);
+  } catch {
+    return [];
+  }
+  const pools: HugePagePool[] = [];
+  for (const name of names) {
+    const m = /^hugepages-(\d+)kB$/.exec(name);
+    if (m === null) continue;
+    const count = (file: string): number | undefined => {
+      const t = readText(`${dir}/${name}/${file}`).trim();
+      return /^\d+$/.test(t) ? Number(t) : undefined;
+    };
+    const total = count("nr_hugepages");
+    const free = count("free_hugepages");
+    const resv = count("resv_hugepages") ?? 0;
+    if (total === undefined || free === undefined) continue;
+    pools.push({ pageBytes: Number(m[1]) * 1024, total, available: Math.max(0, free - resv) });
+  }
+  return pools.sort((a, b) => a.pageBytes - b.pageBytes);
 }
 
 export interface CpuInfo {
@@ -166,6 +206,7 @@ export function probeHost(kvmPath = "/dev/kvm"): HostReport {
     kvmModules,
     memTotalBytes: mem.memTotalBytes || os.totalmem(),
     memAvailableBytes: mem.memAvailableBytes || os.freemem(),
+    hugePagePools: readHugePagePools(),
     kvm: probeKvm(kvmPath),
   };
 }

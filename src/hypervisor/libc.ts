@@ -166,6 +166,14 @@ export const MAP_NORESERVE = 0x4000;
 
 export const MFD_CLOEXEC = 1;
 export const MFD_ALLOW_SEALING = 2;
+/** A memfd on the kernel's hugetlbfs: pages come from the host's reserved huge-page pool. */
+export const MFD_HUGETLB = 4;
+/** memfd_create flag selecting the huge-page size (log2 of it, shifted; linux/memfd.h MFD_HUGE_SHIFT). */
+export function mfdHugePageSize(pageBytes: number): number {
+  const log2 = Math.log2(pageBytes);
+  if (!Number.isInteger(log2) || log2 < 16 || log2 > 40) throw new RangeError(`mfdHugePageSize: ${pageBytes} is not a huge-page size`);
+  return log2 << 26;
+}
 
 export const EFD_SEMAPHORE = 1;
 export const EFD_NONBLOCK = 0o4000;

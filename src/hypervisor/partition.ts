@@ -6,6 +6,8 @@
  * Guest RAM is one memfd holding every RAM range back to back (each range
  * at its `fileOffset`), mapped MAP_SHARED, so any thread or process that
  * holds the fd can map the same pages for itself. Memory slot N is range N.
+ * The memfd is shmem, or hugetlbfs when `hugePageBytes` asks for the host's
+ * reserved huge pages (then all of them are reserved at creation).
  *
  * Threads: the fds are process-wide. The thread that creates the partition
  * owns it (destroy() closes the fds); another worker_thread gets its own
@@ -13,7 +15,7 @@
  * memfd again for that thread's views and never creates the VM again.
  */
 import * as libc from "./libc.js";
-import { KvmProtocolError } from "./errors.js";
+import { KvmProtocolError, SystemCallError } from "./errors.js";
 import { kvmIoctl, type KvmSystem } from "./system.js";
 import {
   KVM_CAP,
@@ -58,6 +60,20 @@ function fdOf(e: EventFdLike): number {
 
 export class PartitionConfigError extends PartisError {}
 
+/** Huge-page sizes guest RAM can be backed with (PartitionOptions.hugePageBytes). */
+export const HUGE_2M = 2 * 1024 * 1024;
+export const HUGE_1G = 1024 * 1024 * 1024;
+
+function hugePagesUnavailable(cause: unknown, pageBytes: number, ramBytes: number, why: string): PartitionConfigError {
+  const errnoName = cause instanceof SystemCallError ? cause.errnoName : String(cause);
+  return new PartitionConfigError(
+    "PARTITION_HUGEPAGES_UNAVAILABLE",
+    `guest RAM needs ${ramBytes / pageBytes} huge pages of ${pageBytes >= HUGE_1G ? `${pageBytes / HUGE_1G} GiB` : `${pageBytes >> 20} MiB`}: ${why} (${errnoName})`,
+    { pageBytes, ramBytes, errno: errnoName },
+    { cause },
+  );
+}
+
 /** Everything another thread of this process needs to attach to the partition: plain numbers. */
 export interface PartitionHandoff {
   readonly vmFd: number;
@@ -85,6 +101,15 @@ export interface IoEventFdSpec {
 
 export interface PartitionOptions {
   readonly ranges: readonly RamRange[];
+  /**
+   * Back guest RAM with the host's reserved huge pages of this size (a
+   * hugetlbfs memfd: 2 MiB or 1 GiB) instead of shmem. The pages are reserved
+   * for the whole of RAM when the partition is created, so a pool too small
+   * fails here (PARTITION_HUGEPAGES_UNAVAILABLE), never as a fault later; every
+   * range must be aligned to the page size. Absent: shmem, with transparent
+   * huge pages where the host allows them.
+   */
+  readonly hugePageBytes?: number;
 }
 
 interface Slot {
@@ -113,16 +138,16 @@ export interface DeviceMemoryOptions {
   readonly logDirty?: boolean;
 }
 
-function validateRanges(ranges: readonly RamRange[]): number {
+function validateRanges(ranges: readonly RamRange[], pageBytes: number): number {
   if (ranges.length === 0) throw new PartitionConfigError("PARTITION_NO_RAM", "a partition needs at least one RAM range");
   let fileSize = 0;
   const sorted = [...ranges].sort((a, b) => a.gpa - b.gpa);
   for (let i = 0; i < sorted.length; i++) {
     const r = sorted[i]!;
-    const ctx: ErrorContext = { gpa: BigInt(r.gpa), length: r.length, fileOffset: r.fileOffset };
+    const ctx: ErrorContext = { gpa: BigInt(r.gpa), length: r.length, fileOffset: r.fileOffset, pageBytes };
     for (const v of [r.gpa, r.length, r.fileOffset])
-      if (!Number.isSafeInteger(v) || v < 0 || v % PAGE !== 0)
-        throw new PartitionConfigError("PARTITION_RAM_ALIGNMENT", "RAM range fields must be page-aligned non-negative integers", ctx);
+      if (!Number.isSafeInteger(v) || v < 0 || v % pageBytes !== 0)
+        throw new PartitionConfigError("PARTITION_RAM_ALIGNMENT", `RAM range fields must be non-negative integers aligned to the ${pageBytes >> 10} KiB page`, ctx);
     if (r.length === 0) throw new PartitionConfigError("PARTITION_RAM_EMPTY", "empty RAM range", ctx);
     const prev = sorted[i - 1];
     if (prev !== undefined && prev.gpa + prev.length > r.gpa)
@@ -187,20 +212,39 @@ export class Partition {
    */
   static create(system: KvmSystem, opts: PartitionOptions): Partition {
     const ranges = opts.ranges.map((r) => ({ gpa: r.gpa, length: r.length, fileOffset: r.fileOffset }));
-    const fileSize = validateRanges(ranges);
+    const huge = opts.hugePageBytes;
+    if (huge !== undefined && huge !== HUGE_2M && huge !== HUGE_1G)
+      throw new PartitionConfigError("PARTITION_HUGEPAGE_SIZE", `huge pages of ${huge} bytes: only 2 MiB and 1 GiB pages back guest RAM`, { pageBytes: huge });
+    const fileSize = validateRanges(ranges, huge ?? PAGE);
     const vmFd = kvmIoctl(system.fd, "CREATE_VM", 0);
     let memfd = -1;
     const slots: Slot[] = [];
     try {
-      memfd = libc.memfdCreate("partis-guest-ram");
+      if (huge === undefined) memfd = libc.memfdCreate("partis-guest-ram");
+      else {
+        try {
+          memfd = libc.memfdCreate("partis-guest-ram", libc.MFD_CLOEXEC | libc.MFD_HUGETLB | libc.mfdHugePageSize(huge));
+        } catch (e) {
+          throw hugePagesUnavailable(e, huge, fileSize, "this kernel has no hugetlbfs pool of that page size");
+        }
+      }
       libc.ftruncate(memfd, fileSize);
       ranges.forEach((range, slot) => {
-        const pointer = libc.mmap(range.length, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_SHARED | libc.MAP_NORESERVE, memfd, range.fileOffset, {
-          slot,
-        });
-        // Huge pages for guest RAM where the host allows them: KVM then maps the
-        // guest with 2 MiB pages, far fewer faults while the guest touches RAM.
-        libc.adviseHugePages(pointer, range.length);
+        // shmem: MAP_NORESERVE, pages come as the guest touches them. hugetlb: no
+        // MAP_NORESERVE, so the mapping reserves the range's huge pages now; without
+        // a reservation a pool that runs dry would SIGBUS the guest mid-run.
+        const flags = huge === undefined ? libc.MAP_SHARED | libc.MAP_NORESERVE : libc.MAP_SHARED;
+        let pointer: libc.CPointer;
+        try {
+          pointer = libc.mmap(range.length, libc.PROT_READ | libc.PROT_WRITE, flags, memfd, range.fileOffset, { slot });
+        } catch (e) {
+          if (huge === undefined) throw e;
+          throw hugePagesUnavailable(e, huge, fileSize, "the host's pool has too few free huge pages");
+        }
+        // Transparent huge pages for shmem-backed RAM where the host allows them:
+        // KVM then maps the guest with 2 MiB pages, far fewer faults while the guest
+        // touches RAM. (hugetlb RAM is huge pages already.)
+        if (huge === undefined) libc.adviseHugePages(pointer, range.length);
         const s: Slot = { range, address: libc.addressOf(pointer), pointer, flags: 0, bitmap: undefined };
         slots.push(s);
         kvmIoctl(vmFd, "SET_USER_MEMORY_REGION", Partition.regionBytes(slot, s), { vm: vmFd, slot, gpa: BigInt(range.gpa) });

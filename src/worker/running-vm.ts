@@ -116,7 +116,10 @@ export class RunningVm {
     if (config.cpus > system.maxVcpus)
       throw new VmStartError("TOO_MANY_VCPUS", `${config.cpus} vCPUs requested; KVM allows at most ${system.maxVcpus}`, { vm: config.name });
     const plan = planMemory(config.memoryBytes);
-    const partition = Partition.create(system, { ranges: plan.ram });
+    const partition = Partition.create(system, {
+      ranges: plan.ram,
+      ...(config.hugePageBytes !== undefined ? { hugePageBytes: config.hugePageBytes } : {}),
+    });
     let vm: RunningVm | undefined;
     try {
       partition.setTssAddr(TSS_ADDR);

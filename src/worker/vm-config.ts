@@ -10,6 +10,8 @@ export interface VmConfig {
   /** Display name (messages, logs). */
   readonly name: string;
   readonly memoryBytes: number;
+  /** Guest RAM on the host's reserved huge pages of this size (2 MiB or 1 GiB); absent: shmem. */
+  readonly hugePageBytes?: number;
   readonly cpus: number;
   readonly kernelPath: string;
   /**

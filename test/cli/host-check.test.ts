@@ -20,6 +20,7 @@ function report(over: Partial<HostReport> = {}): HostReport {
     kvmModules: ["kvm", "kvm_intel"],
     memTotalBytes: 16 * GiB,
     memAvailableBytes: 12 * GiB,
+    hugePagePools: [],
     kvm: { present: true, accessible: true, apiVersion: 12, maxVcpus: 1024 },
     ...over,
   };
@@ -44,6 +45,20 @@ test("PVM host: VMs run, stock guests need the nested test host, explained once"
   assert.equal(r.stockGuests, false);
   assert.match(r.summary, /stock guests need the nested test host/);
   assert.equal(r.lines.filter((l) => /instruction emulator/.test(l)).length, 1);
+});
+
+test("reserved huge-page pools are listed with what --hugepages can still take; empty pools are not", () => {
+  const r = checkHost(
+    report({
+      hugePagePools: [
+        { pageBytes: 2 ** 21, total: 512, available: 256 },
+        { pageBytes: GiB, total: 0, available: 0 },
+      ],
+    }),
+  );
+  assert.ok(r.lines.includes("     reserved huge pages (partis run --hugepages 2M): 256 of 512 available (512 MiB)"), r.lines.join("\n"));
+  assert.equal(r.lines.filter((l) => l.includes("--hugepages 1G")).length, 0);
+  assert.equal(r.ok, true);
 });
 
 test("no /dev/kvm: not ok, the reason in one line", () => {

@@ -10,6 +10,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { makeBzImage, TRIPLE_FAULT_CODE } from "../fixtures/bzimage.js";
+import { readHugePagePools } from "../../src/hypervisor/host.js";
 
 const CLI = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
 const dir = mkdtempSync(join(tmpdir(), "partis-run-input-"));
@@ -63,6 +64,21 @@ test("malformed --memory with a bad unit", () => expectUsageError(["--kernel", k
 test("--cpus 0", () => expectUsageError(["--kernel", kernel, "--cpus", "0"], /--cpus: 0 is outside 1\.\.\d+/));
 test("--cpus above KVM's maximum", () => expectUsageError(["--kernel", kernel, "--cpus", "100000"], /--cpus: 100000 is outside/));
 test("--cpus not a number", () => expectUsageError(["--kernel", kernel, "--cpus", "two"], /--cpus: "two" is not a whole number/));
+test("--hugepages with a size that is no huge-page size", () =>
+  expectUsageError(["--kernel", kernel, "--hugepages", "3M"], /--hugepages: "3M" is not a huge-page size \(2M or 1G\)/));
+test("--hugepages 1G with --memory not a whole number of 1 GiB pages", () =>
+  expectUsageError(["--kernel", kernel, "--hugepages", "1G", "--memory", "1536M"], /--hugepages 1 GiB: --memory 1\.5 GiB is not a whole number of 1 GiB pages/));
+test("--hugepages with more memory than the host's pool has available", () => {
+  // The 1 GiB pool: no other test grows it, so one page more than it has is more than it can give.
+  const pool = readHugePagePools().find((p) => p.pageBytes === 2 ** 30);
+  const gib = (pool?.available ?? 0) + 1;
+  expectUsageError(
+    ["--kernel", kernel, "--hugepages", "1024", "--memory", `${gib}G`],
+    pool === undefined
+      ? /--hugepages 1 GiB: this host's kernel has no 1 GiB huge-page pool/
+      : new RegExp(`--hugepages 1 GiB: the guest needs ${gib} huge pages of 1 GiB; the host has ${gib - 1} available \\(of ${pool.total} in its pool; grow it with /sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages\\)`),
+  );
+});
 test("no /dev/kvm", () => expectUsageError(["--kernel", kernel], /\/dev\/kvm is missing|kvm.*missing/i, { PARTIS_KVM_DEVICE: join(dir, "no-kvm") }));
 test("a /dev/kvm that is not KVM", () => expectUsageError(["--kernel", kernel], /not usable/, { PARTIS_KVM_DEVICE: notKernel }));
 

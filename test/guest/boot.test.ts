@@ -9,6 +9,7 @@
 import { describe, test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { GuestSession, READY, runGuestCommand } from "./guest-session.js";
+import { available2M, hugePagesUnusable, reserve2M } from "../fixtures/huge-page-pool.js";
 
 function memTotalKiB(output: string, tag: string): number {
   const m = new RegExp(`${tag}=(\\d+)`).exec(output);
@@ -85,6 +86,33 @@ describe("an interactive 512 MiB guest on the console", () => {
     assert.match(s.output, /PARTIS-POWER-BUTTON/);
   });
 });
+
+test(
+  "--hugepages: a stock guest runs on RAM from the host's 2 MiB pool (all of it reserved while it runs, given back at exit)",
+  { skip: hugePagesUnusable },
+  async () => {
+    const restore = reserve2M(128);
+    try {
+      const before = available2M();
+      const s = new GuestSession(["--memory", "256M", "--hugepages", "2M"]);
+      try {
+        await s.waitFor(READY);
+        assert.equal(available2M(), before - 128, "256 MiB of guest RAM = 128 pages of 2 MiB, all reserved");
+        // Touch a good part of RAM: 80 MiB into the initramfs (its tmpfs takes at most half of RAM).
+        s.type(`dd if=/dev/zero of=/big bs=1M count=80 2>/dev/null; echo BIG=$(wc -c < /big); echo MEMTOTALHP=$(${MEMTOTAL}); rm /big; poweroff -f\n`);
+        assert.equal(await s.exited, 0, s.stderr);
+      } finally {
+        s.kill();
+      }
+      assert.match(s.output, /BIG=83886080\b/, s.output.slice(-2000));
+      const kib = memTotalKiB(s.output, "MEMTOTALHP");
+      assert.ok(kib <= 256 * 1024 && kib >= 256 * 1024 * 0.7, `MemTotal ${kib} kB for a 256 MiB guest`);
+      assert.equal(available2M(), before, "the pages are given back when the VM exits");
+    } finally {
+      restore();
+    }
+  },
+);
 
 test("a script piped in before the guest boots reaches its shell (the main job's way); --no-reboot: guest reboot ends the run with status 3", async () => {
   // `printf ... | partis run`: all input is there before the VM exists and ends at once. It must wait

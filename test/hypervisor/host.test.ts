@@ -1,6 +1,9 @@
 /** host.ts parsing with sample /proc text (no hardware needed), plus one live probe. */
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import * as fs from "node:fs";
+import * as os from "node:os";
+import * as path from "node:path";
 import {
   classifyVirtualization,
   hostCanRunStockGuests,
@@ -8,6 +11,7 @@ import {
   parseCpuinfo,
   parseMeminfo,
   probeHost,
+  readHugePagePools,
   stockGuestVerdict,
   type HostReport,
 } from "../../src/hypervisor/host.js";
@@ -62,6 +66,7 @@ function report(kind: HostReport["kind"], accessible = true): HostReport {
     kvmModules: [],
     memTotalBytes: 1,
     memAvailableBytes: 1,
+    hugePagePools: [],
     kvm: accessible ? { present: true, accessible: true, apiVersion: 12, maxVcpus: 1024 } : { present: true, accessible: false, reason: "/dev/kvm is not readable" },
   };
 }
@@ -105,6 +110,27 @@ test("stock guests: yes on vmx/svm, no on pvm (with the reason), no without acce
   assert.match(stockGuestVerdict(report("pvm")).why, /PVM/);
   assert.equal(hostCanRunStockGuests(report("unknown")), false);
   assert.equal(hostCanRunStockGuests(report("vmx", false)), false);
+});
+
+test("huge-page pools: read from a sysfs-like tree, smallest page first, available = free - reserved", () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "partis-hugepages-"));
+  try {
+    const pool = (name: string, files: Record<string, string>): void => {
+      fs.mkdirSync(path.join(dir, name));
+      for (const [f, v] of Object.entries(files)) fs.writeFileSync(path.join(dir, name, f), `${v}\n`);
+    };
+    pool("hugepages-1048576kB", { nr_hugepages: "2", free_hugepages: "2", resv_hugepages: "0" });
+    pool("hugepages-2048kB", { nr_hugepages: "300", free_hugepages: "120", resv_hugepages: "20" });
+    pool("hugepages-64kB", { nr_hugepages: "garbage", free_hugepages: "1" }); // unreadable: left out
+    fs.writeFileSync(path.join(dir, "README"), "not a pool");
+    assert.deepEqual(readHugePagePools(dir), [
+      { pageBytes: 2 << 20, total: 300, available: 100 },
+      { pageBytes: 1 << 30, total: 2, available: 2 },
+    ]);
+    assert.deepEqual(readHugePagePools(path.join(dir, "missing")), []);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 });
 
 test("probeHost on this machine returns a consistent report", () => {

@@ -12,6 +12,7 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { gzipSync } from "node:zlib";
 import { makeBzImage, makeKernelElf, TRIPLE_FAULT_CODE } from "../fixtures/bzimage.js";
+import { available2M, hugePagesUnusable, reserve2M } from "../fixtures/huge-page-pool.js";
 
 const CLI = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
 const dir = mkdtempSync(join(tmpdir(), "partis-tiny-guest-"));
@@ -94,6 +95,42 @@ test("console input sent before the VM exists (a script piped into partis run) r
   });
   assert.equal(r.stdout, "typed early!", r.stderr);
   assert.equal(r.status, 0);
+});
+
+test("--hugepages: guest RAM comes from the host's 2 MiB pool, all of it reserved while the VM runs, given back at exit", { skip: hugePagesUnusable, timeout: 120_000 }, async () => {
+  const restore = reserve2M(32);
+  try {
+    const before = available2M();
+    // Print READY, then wait for '!' on COM1 (IER, MCR as above), then power off.
+    const code = [
+      ...serialPrint("READY\n"),
+      ...outb(0x3f9, 1),
+      ...outb(0x3fc, 0x0b),
+      0x66, 0xba, 0xfd, 0x03, 0xec, 0xa8, 0x01, 0x74, 0xf7, // poll: mov dx,LSR; in al,dx; test al,1; jz poll
+      0x66, 0xba, 0xf8, 0x03, 0xec, 0x3c, 0x21, 0x75, 0xee, // mov dx,RBR; in al,dx; cmp al,'!'; jne poll
+      ...ACPI_S5, ...HALT_LOOP,
+    ];
+    const child = spawn(process.execPath, [CLI, "run", "--kernel", kernelFile("hugepages", code), "--memory", "64M", "--hugepages"], { stdio: ["pipe", "pipe", "pipe"] });
+    const timer = setTimeout(() => child.kill("SIGKILL"), 100_000);
+    let stdout = "";
+    let stderr = "";
+    let during = -1;
+    child.stderr.on("data", (d: Buffer) => (stderr += d.toString("latin1")));
+    child.stdout.on("data", (d: Buffer) => {
+      stdout += d.toString("latin1");
+      if (during < 0 && stdout.includes("READY")) {
+        during = available2M();
+        child.stdin.write("!");
+      }
+    });
+    const status = await new Promise<number | null>((resolve) => child.on("exit", resolve));
+    clearTimeout(timer);
+    assert.equal(status, 0, stderr);
+    assert.equal(during, before - 32, "64 MiB of guest RAM = 32 pages of 2 MiB, reserved while the guest runs");
+    assert.equal(available2M(), before, "given back when the VM exits");
+  } finally {
+    restore();
+  }
 });
 
 /** A worker started directly with start-up hints, given `cpus` in its configuration; resolves with its exit status and console. */
