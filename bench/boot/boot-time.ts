@@ -111,6 +111,14 @@ function once(command: string, argv: string[], vmmPid: (c: ChildProcess) => numb
         }, 1500);
       }
     });
+    let err = "";
+    child.stderr!.on("data", (d: Buffer) => (err = (err + d.toString("latin1")).slice(-2000)));
+    child.on("exit", (code, signal) => {
+      if (done) return;
+      // Ended before the marker (a refused configuration, a crash): say so now, not at the timeout.
+      clearTimeout(timer);
+      reject(new Error(`${command} ended (${signal ?? `status ${code}`}) before the marker: ${err.trim().split("\n").slice(-3).join(" | ")}`));
+    });
     child.on("error", reject);
   });
 }
@@ -145,9 +153,23 @@ async function main(): Promise<void> {
     // One VM at a time: the pool needs one guest's RAM in 2 MiB pages.
     const need = parseInt(memory, 10) / 2;
     const before = readFileSync(POOL_2M, "utf8").trim();
-    const have = readHugePagePools().find((p) => p.pageBytes === 2 << 20)?.available ?? 0;
+    const available = () => readHugePagePools().find((p) => p.pageBytes === 2 << 20)?.available ?? 0;
+    const have = available();
     if (have < need) writeFileSync(POOL_2M, String(Number(before) + need - have));
     restorePool = () => writeFileSync(POOL_2M, before);
+    if (available() < need) {
+      restorePool();
+      throw new Error(`the 2 MiB huge-page pool holds ${available()} available pages; the hugetlb rows need ${need}`);
+    }
+    for (const c of configs)
+      if (c.huge) {
+        const run = c.run;
+        c.run = () => {
+          const now = available();
+          if (now < need) return Promise.reject(new Error(`only ${now} of ${need} huge pages available before this run`));
+          return run();
+        };
+      }
   }
   try {
     await measure(configs);

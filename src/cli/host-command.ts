@@ -66,7 +66,7 @@ export function checkHost(report: HostReport = probeHost(kvmDevicePath())): Host
         : `ok   huge pages for guest RAM: shmem THP "${thp}"`,
     );
   for (const pool of report.hugePagePools)
-    if (pool.total > 0)
+    if (pool.total > 0 || pool.available > 0)
       lines.push(
         `     reserved huge pages (partis run --hugepages ${pool.pageBytes >= 2 ** 30 ? `${pool.pageBytes / 2 ** 30}G` : `${pool.pageBytes >> 20}M`}): ${pool.available} of ${pool.total} available (${formatByteSize(pool.available * pool.pageBytes)})`,
       );

@@ -234,7 +234,7 @@ export function registerRunCommand(program: Command): void {
     .option("--memory <size>", "guest memory, e.g. 512M, 4G (a bare number is MiB)", "512M")
     .option(
       "--hugepages [size]",
-      "back guest RAM with the host's reserved huge pages of this size (2M or 1G; default 2M), all reserved at start; see /proc/sys/vm/nr_hugepages",
+      "back guest RAM with the host's reserved huge pages of this size (2M or 1G; default 2M), all reserved at start; pools: /sys/kernel/mm/hugepages (partis host check lists them)",
     )
     .option("--cpus <n>", "virtual processors", "1")
     .option(

@@ -46,14 +46,20 @@ export interface HugePagePool {
   readonly pageBytes: number;
   /** Pages in the pool (nr_hugepages). */
   readonly total: number;
-  /** Pages neither in use nor promised to a mapping: what a new VM can reserve (free − resv). */
+  /**
+   * What a new VM can reserve: pages neither in use nor promised to a mapping
+   * (free − resv), plus the surplus pages the kernel may still add on demand
+   * (nr_overcommit_hugepages − surplus_hugepages; those can fail to come when
+   * memory is fragmented, and the reservation then fails).
+   */
   readonly available: number;
 }
 
 /**
  * Read the huge-page pools from a sysfs directory laid out as
  * /sys/kernel/mm/hugepages: one `hugepages-<N>kB` directory per page size,
- * holding nr_hugepages, free_hugepages and resv_hugepages.
+ * holding nr_hugepages, free_hugepages, resv_hugepages and (optionally)
+ * nr_overcommit_hugepages and surplus_hugepages.
  */
 export function readHugePagePools(dir = "/sys/kernel/mm/hugepages"): HugePagePool[] {
   let names: string[];
@@ -73,8 +79,9 @@ export function readHugePagePools(dir = "/sys/kernel/mm/hugepages"): HugePagePoo
     const total = count("nr_hugepages");
     const free = count("free_hugepages");
     const resv = count("resv_hugepages") ?? 0;
+    const overcommit = Math.max(0, (count("nr_overcommit_hugepages") ?? 0) - (count("surplus_hugepages") ?? 0));
     if (total === undefined || free === undefined) continue;
-    pools.push({ pageBytes: Number(m[1]) * 1024, total, available: Math.max(0, free - resv) });
+    pools.push({ pageBytes: Number(m[1]) * 1024, total, available: Math.max(0, free - resv) + overcommit });
   }
   return pools.sort((a, b) => a.pageBytes - b.pageBytes);
 }

@@ -171,7 +171,7 @@ export const MFD_HUGETLB = 4;
 /** memfd_create flag selecting the huge-page size (log2 of it, shifted; linux/memfd.h MFD_HUGE_SHIFT). */
 export function mfdHugePageSize(pageBytes: number): number {
   const log2 = Math.log2(pageBytes);
-  if (!Number.isInteger(log2) || log2 < 16 || log2 > 40) throw new RangeError(`mfdHugePageSize: ${pageBytes} is not a huge-page size`);
+  if (!Number.isInteger(log2) || log2 < 16 || log2 > 31) throw new RangeError(`mfdHugePageSize: ${pageBytes} is not a huge-page size`);
   return log2 << 26;
 }
 

@@ -64,11 +64,16 @@ export class PartitionConfigError extends PartisError {}
 export const HUGE_2M = 2 * 1024 * 1024;
 export const HUGE_1G = 1024 * 1024 * 1024;
 
+/** "4 KiB", "2 MiB", "1 GiB". */
+function pageLabel(pageBytes: number): string {
+  return pageBytes >= HUGE_1G ? `${pageBytes / HUGE_1G} GiB` : pageBytes >= 1 << 20 ? `${pageBytes >> 20} MiB` : `${pageBytes >> 10} KiB`;
+}
+
 function hugePagesUnavailable(cause: unknown, pageBytes: number, ramBytes: number, why: string): PartitionConfigError {
   const errnoName = cause instanceof SystemCallError ? cause.errnoName : String(cause);
   return new PartitionConfigError(
     "PARTITION_HUGEPAGES_UNAVAILABLE",
-    `guest RAM needs ${ramBytes / pageBytes} huge pages of ${pageBytes >= HUGE_1G ? `${pageBytes / HUGE_1G} GiB` : `${pageBytes >> 20} MiB`}: ${why} (${errnoName})`,
+    `guest RAM needs ${ramBytes / pageBytes} huge pages of ${pageLabel(pageBytes)}: ${why} (${errnoName})`,
     { pageBytes, ramBytes, errno: errnoName },
     { cause },
   );
@@ -147,7 +152,7 @@ function validateRanges(ranges: readonly RamRange[], pageBytes: number): number 
     const ctx: ErrorContext = { gpa: BigInt(r.gpa), length: r.length, fileOffset: r.fileOffset, pageBytes };
     for (const v of [r.gpa, r.length, r.fileOffset])
       if (!Number.isSafeInteger(v) || v < 0 || v % pageBytes !== 0)
-        throw new PartitionConfigError("PARTITION_RAM_ALIGNMENT", `RAM range fields must be non-negative integers aligned to the ${pageBytes >> 10} KiB page`, ctx);
+        throw new PartitionConfigError("PARTITION_RAM_ALIGNMENT", `RAM range fields must be non-negative integers aligned to the ${pageLabel(pageBytes)} page`, ctx);
     if (r.length === 0) throw new PartitionConfigError("PARTITION_RAM_EMPTY", "empty RAM range", ctx);
     const prev = sorted[i - 1];
     if (prev !== undefined && prev.gpa + prev.length > r.gpa)
@@ -225,6 +230,8 @@ export class Partition {
         try {
           memfd = libc.memfdCreate("partis-guest-ram", libc.MFD_CLOEXEC | libc.MFD_HUGETLB | libc.mfdHugePageSize(huge));
         } catch (e) {
+          const noPool = e instanceof SystemCallError && ["EINVAL", "ENODEV", "ENOENT"].includes(e.errnoName);
+          if (!noPool) throw e;
           throw hugePagesUnavailable(e, huge, fileSize, "this kernel has no hugetlbfs pool of that page size");
         }
       }
@@ -239,7 +246,7 @@ export class Partition {
           pointer = libc.mmap(range.length, libc.PROT_READ | libc.PROT_WRITE, flags, memfd, range.fileOffset, { slot });
         } catch (e) {
           if (huge === undefined) throw e;
-          throw hugePagesUnavailable(e, huge, fileSize, "the host's pool has too few free huge pages");
+          throw hugePagesUnavailable(e, huge, fileSize, "the host's pool has too few free huge pages (or a hugetlb cgroup limit refused them)");
         }
         // Transparent huge pages for shmem-backed RAM where the host allows them:
         // KVM then maps the guest with 2 MiB pages, far fewer faults while the guest

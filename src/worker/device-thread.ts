@@ -186,12 +186,27 @@ function startProfiler(): (() => void) | undefined {
     });
 }
 
+/**
+ * The thread's life: attach to the partition, serve the devices until told to
+ * stop, then release this thread's mappings of guest RAM. Thread-local
+ * finalizers do not run when a thread ends and mappings are process-wide:
+ * left mapped, every reboot would keep the old guest RAM alive (and, with
+ * --hugepages, its reserved pages, so the next boot could not reserve its own).
+ */
 function main(data: DeviceThreadData): void {
   setThreadName("partis-devices");
+  const partition = Partition.attach(data.handoff);
+  try {
+    serveDevices(data, partition);
+  } finally {
+    partition.destroy();
+  }
+}
+
+function serveDevices(data: DeviceThreadData, partition: Partition): void {
   const stopProfiler = startProfiler();
   const port = parentPort!;
   const stop = new Int32Array(data.stop, 0, 1);
-  const partition = Partition.attach(data.handoff);
   const mailbox = DeviceMailbox.attach(data.mailbox);
   const server = mailbox.server();
   const portShadow = mailbox.portShadow();

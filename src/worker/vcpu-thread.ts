@@ -158,13 +158,32 @@ function describeState(vp: VirtualProcessor, afterShutdown = true): string {
   }
 }
 
+/**
+ * The thread's life: attach, create the vCPU, run it, and at the end release
+ * what this thread holds (the vCPU's fd and kvm_run mapping, this thread's
+ * mappings of guest RAM). Thread-local finalizers do not run when a thread
+ * ends, and these are process-wide: left open, every reboot would keep the
+ * old VM (and its guest RAM) alive.
+ */
 function main(data: VcpuThreadData): void {
   bootTrace(`vcpu${data.vcpuId}`, "modules loaded");
   setThreadName(`partis-vcpu${data.vcpuId}`);
+  const partition = Partition.attach(data.handoff);
+  try {
+    const vp = VirtualProcessor.create(partition, data.vcpuId);
+    try {
+      runVcpu(data, partition, vp);
+    } finally {
+      vp.close();
+    }
+  } finally {
+    partition.destroy();
+  }
+}
+
+function runVcpu(data: VcpuThreadData, partition: Partition, vp: VirtualProcessor): void {
   const port = parentPort!;
   const power = new PowerState(data.powerState);
-  const partition = Partition.attach(data.handoff);
-  const vp = VirtualProcessor.create(partition, data.vcpuId);
   vp.setCpuid(data.cpuid);
 
   const arena = new SharedStateArena(data.deviceState);

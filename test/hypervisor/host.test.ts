@@ -112,7 +112,7 @@ test("stock guests: yes on vmx/svm, no on pvm (with the reason), no without acce
   assert.equal(hostCanRunStockGuests(report("vmx", false)), false);
 });
 
-test("huge-page pools: read from a sysfs-like tree, smallest page first, available = free - reserved", () => {
+test("huge-page pools: read from a sysfs-like tree, smallest page first, available = free - reserved + surplus still allowed", () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "partis-hugepages-"));
   try {
     const pool = (name: string, files: Record<string, string>): void => {
@@ -120,11 +120,11 @@ test("huge-page pools: read from a sysfs-like tree, smallest page first, availab
       for (const [f, v] of Object.entries(files)) fs.writeFileSync(path.join(dir, name, f), `${v}\n`);
     };
     pool("hugepages-1048576kB", { nr_hugepages: "2", free_hugepages: "2", resv_hugepages: "0" });
-    pool("hugepages-2048kB", { nr_hugepages: "300", free_hugepages: "120", resv_hugepages: "20" });
+    pool("hugepages-2048kB", { nr_hugepages: "300", free_hugepages: "120", resv_hugepages: "20", nr_overcommit_hugepages: "10", surplus_hugepages: "4" });
     pool("hugepages-64kB", { nr_hugepages: "garbage", free_hugepages: "1" }); // unreadable: left out
     fs.writeFileSync(path.join(dir, "README"), "not a pool");
     assert.deepEqual(readHugePagePools(dir), [
-      { pageBytes: 2 << 20, total: 300, available: 100 },
+      { pageBytes: 2 << 20, total: 300, available: 106 }, // 120 free - 20 promised + (10 - 4) surplus still allowed
       { pageBytes: 1 << 30, total: 2, available: 2 },
     ]);
     assert.deepEqual(readHugePagePools(path.join(dir, "missing")), []);
