@@ -10,7 +10,8 @@
  *
  * Exit status: 0 the guest powered off; 3 the guest rebooted under
  * --no-reboot; 4 the guest crashed (triple fault, emulation failure...);
- * 2 bad input (nothing started, nothing changed); 130 quit with Ctrl-] or
+ * 2 bad input (nothing started, nothing changed); 1 the VM could not start
+ * (a back end failed, or a reboot could not start again); 130 quit with Ctrl-] or
  * interrupted. SIGTERM is a host shutdown request: the guest sees its ACPI
  * power button pressed; a second SIGTERM pulls the plug. SIGQUIT writes a
  * state report (every vCPU's registers and LAPIC, every device's queues) to
@@ -189,7 +190,7 @@ export async function runVm(opts: RunOptions): Promise<number> {
   }
   const bridge = new ConsoleBridge();
   try {
-    for (;;) {
+    for (let boot = 0; ; boot++) {
       const r = await bootOnce(config, bridge, prestarted);
       prestarted = undefined; // a reboot starts its threads afresh
       if (bridge.quitRequested) {
@@ -197,6 +198,12 @@ export async function runVm(opts: RunOptions): Promise<number> {
         return RUN_EXIT.quit;
       }
       if ("error" in r) {
+        // A refused configuration is bad input (2) only on the first boot; a reboot that cannot
+        // start (its huge pages taken meanwhile, a disk gone) is a failure of a VM that ran.
+        if (boot > 0) {
+          process.stderr.write(`\r\npartis run: the guest rebooted but could not start again: ${r.error}\r\n`);
+          return RUN_EXIT.failed;
+        }
         process.stderr.write(`partis run: ${r.error}\n`);
         return r.usage ? RUN_EXIT.usage : RUN_EXIT.failed;
       }

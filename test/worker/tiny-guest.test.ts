@@ -191,6 +191,42 @@ test("reboots release the old VM: fds, guest RAM mappings and reserved huge page
   }
 });
 
+test("a reboot that cannot start again (its huge pages gone meanwhile): status 1 with the reason, not bad input", { skip: hugePagesUnusable, timeout: 120_000 }, async () => {
+  const restore = reserve2M(32);
+  const pool = `${POOL_2M}/nr_hugepages`;
+  try {
+    const code = [
+      ...serialPrint("BOOT\n"),
+      ...outb(0x3f9, 1),
+      ...outb(0x3fc, 0x0b),
+      0x66, 0xba, 0xfd, 0x03, 0xec, 0xa8, 0x01, 0x74, 0xf7, // poll: mov dx,LSR; in al,dx; test al,1; jz poll
+      ...outb(0xcf9, 0x06), ...HALT_LOOP,
+    ];
+    const child = spawn(process.execPath, [CLI, "run", "--kernel", kernelFile("reboot-once", code), "--memory", "64M", "--hugepages"], { stdio: ["pipe", "pipe", "pipe"] });
+    const timer = setTimeout(() => child.kill("SIGKILL"), 100_000);
+    let stdout = "";
+    let stderr = "";
+    child.stderr.on("data", (d: Buffer) => (stderr += d.toString("latin1")));
+    child.stdout.on("data", (d: Buffer) => {
+      stdout += d.toString("latin1");
+      if (stdout === "BOOT\n") {
+        // Shrink the pool by what was free plus one page: the running guest keeps its pages,
+        // and once it lets them go the pool is one page short of the next boot.
+        const total = Number(readFileSync(pool, "utf8").trim());
+        writeFileSync(pool, String(total - available2M() - 1));
+        child.stdin.write("x");
+      }
+    });
+    const status = await new Promise<number | null>((resolve) => child.on("exit", resolve));
+    clearTimeout(timer);
+    assert.equal(stdout, "BOOT\n");
+    assert.equal(status, 1, stderr);
+    assert.match(stderr, /the guest rebooted but could not start again: guest RAM needs 32 huge pages of 2 MiB/);
+  } finally {
+    restore();
+  }
+});
+
 /** A worker started directly with start-up hints, given `cpus` in its configuration; resolves with its exit status and console. */
 function workerWithHints(hints: string[], kernel: string, cpus: number): Promise<{ status: number | null; stdout: string; events: string[] }> {
   const WORKER = fileURLToPath(new URL("../../src/worker/main.js", import.meta.url));
