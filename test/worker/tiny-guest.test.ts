@@ -133,6 +133,15 @@ test("--hugepages: guest RAM comes from the host's 2 MiB pool, all of it reserve
   }
 });
 
+/** Print BOOT, wait for a byte on COM1 (IER, MCR as above), then reset through 0xCF9: partis run boots it again. */
+const BOOT_WAIT_RESET = [
+  ...serialPrint("BOOT\n"),
+  ...outb(0x3f9, 1),
+  ...outb(0x3fc, 0x0b),
+  0x66, 0xba, 0xfd, 0x03, 0xec, 0xa8, 0x01, 0x74, 0xf7, // poll: mov dx,LSR; in al,dx; test al,1; jz poll
+  ...outb(0xcf9, 0x06), ...HALT_LOOP,
+];
+
 test("reboots release the old VM: fds, guest RAM mappings and reserved huge pages stay level boot after boot (vCPU and device threads included)", { skip: hugePagesUnusable, timeout: 120_000 }, async () => {
   // A pool that holds exactly one guest: a boot that kept the last one's pages could not start.
   const restore = reserve2M(32);
@@ -141,16 +150,8 @@ test("reboots release the old VM: fds, guest RAM mappings and reserved huge page
   writeFileSync(pool, String(Number(sized) - (available2M() - 32)));
   try {
     assert.equal(available2M(), 32);
-    // Print BOOT, wait for a byte on COM1 (as above), then reset through 0xCF9: partis run boots it again.
-    const code = [
-      ...serialPrint("BOOT\n"),
-      ...outb(0x3f9, 1),
-      ...outb(0x3fc, 0x0b),
-      0x66, 0xba, 0xfd, 0x03, 0xec, 0xa8, 0x01, 0x74, 0xf7, // poll: mov dx,LSR; in al,dx; test al,1; jz poll
-      ...outb(0xcf9, 0x06), ...HALT_LOOP,
-    ];
     // --cpus 2 and --rng: vCPU threads and a device thread that maps guest RAM, made anew on every boot.
-    const child = spawn(process.execPath, [CLI, "run", "--kernel", kernelFile("reboot-loop", code), "--memory", "64M", "--hugepages", "--cpus", "2", "--rng"], {
+    const child = spawn(process.execPath, [CLI, "run", "--kernel", kernelFile("reboot-loop", BOOT_WAIT_RESET), "--memory", "64M", "--hugepages", "--cpus", "2", "--rng"], {
       stdio: ["pipe", "pipe", "pipe"],
     });
     const timer = setTimeout(() => child.kill("SIGKILL"), 100_000);
@@ -195,14 +196,7 @@ test("a reboot that cannot start again (its huge pages gone meanwhile): status 1
   const restore = reserve2M(32);
   const pool = `${POOL_2M}/nr_hugepages`;
   try {
-    const code = [
-      ...serialPrint("BOOT\n"),
-      ...outb(0x3f9, 1),
-      ...outb(0x3fc, 0x0b),
-      0x66, 0xba, 0xfd, 0x03, 0xec, 0xa8, 0x01, 0x74, 0xf7, // poll: mov dx,LSR; in al,dx; test al,1; jz poll
-      ...outb(0xcf9, 0x06), ...HALT_LOOP,
-    ];
-    const child = spawn(process.execPath, [CLI, "run", "--kernel", kernelFile("reboot-once", code), "--memory", "64M", "--hugepages"], { stdio: ["pipe", "pipe", "pipe"] });
+    const child = spawn(process.execPath, [CLI, "run", "--kernel", kernelFile("reboot-once", BOOT_WAIT_RESET), "--memory", "64M", "--hugepages"], { stdio: ["pipe", "pipe", "pipe"] });
     const timer = setTimeout(() => child.kill("SIGKILL"), 100_000);
     let stdout = "";
     let stderr = "";
