@@ -77,15 +77,27 @@ function openPort(backend: NicBackendSpec, id: string): NetworkPort | undefined 
   }
 }
 
-/** The host end of a console channel: a UNIX stream socket; the newest client wins. */
-class ChannelSocket {
+/**
+ * The host end of a console channel: a UNIX stream socket; the newest client
+ * wins. A client that hangs up is closed once the device has seen it go (a
+ * task deferred on the device thread's loop: that loop is synchronous, so a
+ * microtask would wait until the thread ends).
+ */
+export class ChannelSocket {
   private readonly listenFd: number;
   private client: number | undefined;
   private readonly listenWatch: { close(): void };
+  private readonly loop: PciDeviceServices["loop"];
 
-  constructor(private readonly path: string, private readonly device: { connect(s: HostByteStream | undefined): void }, services: PciDeviceServices) {
+  constructor(private readonly path: string, private readonly device: { connect(s: HostByteStream | undefined): void }, services: Pick<PciDeviceServices, "loop">) {
+    this.loop = services.loop;
     this.listenFd = listenStream(path);
-    this.listenWatch = services.loop.watch(this.listenFd, () => this.accept());
+    this.listenWatch = this.loop.watch(this.listenFd, () => this.accept());
+  }
+
+  /** The connected client's descriptor, if any. */
+  get clientFd(): number | undefined {
+    return this.client;
   }
 
   private accept(): void {
@@ -99,7 +111,7 @@ class ChannelSocket {
         if (n > 0) return n;
         if (n < 0) return 0;
         // Peer closed: forget it once the device has seen the -1.
-        queueMicrotask(() => {
+        this.loop.defer(() => {
           if (this.client === fd) this.dropClient();
         });
         return -1;
