@@ -150,10 +150,15 @@ test("reboots release the old VM: fds, guest RAM mappings and reserved huge page
   writeFileSync(pool, String(Number(sized) - (available2M() - 32)));
   try {
     assert.equal(available2M(), 32);
-    // --cpus 2 and --rng: vCPU threads and a device thread that maps guest RAM, made anew on every boot.
-    const child = spawn(process.execPath, [CLI, "run", "--kernel", kernelFile("reboot-loop", BOOT_WAIT_RESET), "--memory", "64M", "--hugepages", "--cpus", "2", "--rng"], {
-      stdio: ["pipe", "pipe", "pipe"],
+    // --cpus 2, --rng and two disks (virtio-blk and IDE, each with its io_uring): vCPU threads and a
+    // device thread that maps guest RAM and opens images and rings, all made anew on every boot.
+    const disks = ["virtio", "ide"].map((bus) => {
+      const path = join(dir, `reboot-${bus}.raw`);
+      writeFileSync(path, Buffer.alloc(1 << 20));
+      return ["--disk", `${path},if=${bus}`];
     });
+    const args = ["--memory", "64M", "--hugepages", "--cpus", "2", "--rng", ...disks.flat()];
+    const child = spawn(process.execPath, [CLI, "run", "--kernel", kernelFile("reboot-loop", BOOT_WAIT_RESET), ...args], { stdio: ["pipe", "pipe", "pipe"] });
     const timer = setTimeout(() => child.kill("SIGKILL"), 100_000);
     const held = (): string => {
       const fds = readdirSync(`/proc/${child.pid}/fd`).map((f) => {
@@ -165,7 +170,7 @@ test("reboots release the old VM: fds, guest RAM mappings and reserved huge page
       });
       const maps = readFileSync(`/proc/${child.pid}/maps`, "utf8").split("\n");
       const count = (xs: string[], re: RegExp) => xs.filter((x) => re.test(x)).length;
-      return `fds ${fds.length}, vcpu fds ${count(fds, /kvm-vcpu/)}, vm fds ${count(fds, /kvm-vm/)}, guest RAM mappings ${count(maps, /partis-guest-ram/)}`;
+      return `fds ${fds.length}, vcpu fds ${count(fds, /kvm-vcpu/)}, vm fds ${count(fds, /kvm-vm/)}, image fds ${count(fds, /reboot-.*\.raw/)}, io_urings ${count(fds, /io_uring/)}, guest RAM mappings ${count(maps, /partis-guest-ram/)}`;
     };
     const samples: string[] = [];
     let stdout = "";
@@ -186,7 +191,7 @@ test("reboots release the old VM: fds, guest RAM mappings and reserved huge page
     assert.equal(samples.length, 5, `five boots expected; stdout ${JSON.stringify(stdout)}\nstderr: ${stderr}`);
     // Boot 1 may differ (threads started early); from boot 2 on every boot holds what the one before held.
     assert.deepEqual(samples.slice(2), [samples[1], samples[1], samples[1]], samples.join("\n"));
-    assert.match(samples[1]!, /vcpu fds 2, vm fds 1,/, samples[1]);
+    assert.match(samples[1]!, /vcpu fds 2, vm fds 1, image fds 2, io_urings 2,/, samples[1]);
   } finally {
     restore();
   }
