@@ -64,6 +64,12 @@ export interface RunningVmOptions {
 export class RunningVm {
   private readonly threads: Worker[] = [];
   private readonly kickers: VcpuKicker[] = [];
+  /**
+   * Kickers whose thread has ended (its 'exit' came). Node joins a worker's thread
+   * before emitting 'exit', and a joined thread's pthread_t may already name
+   * another thread: such a vCPU is never signalled again.
+   */
+  private readonly endedKickers = new Set<VcpuKicker>();
   /** The board lock, taken when this thread touches devices (console input, power button). */
   private readonly lock: MachineLock;
   private readonly startGate = new Int32Array(new SharedArrayBuffer(4));
@@ -269,9 +275,17 @@ export class RunningVm {
     const prestarted = this.prestarted?.takeVcpu();
     const t = prestarted ?? vcpuThread(data);
     if (prestarted !== undefined) prestarted.postMessage(data);
+    let kicker: VcpuKicker | undefined;
+    let ended = false;
+    t.once("exit", () => {
+      ended = true;
+      if (kicker !== undefined) this.endedKickers.add(kicker);
+    });
     t.on("message", (m: VcpuThreadMessage) => {
       if (m.type === "ready") {
-        this.kickers.push(VcpuKicker.attach(m.kick));
+        kicker = VcpuKicker.attach(m.kick);
+        this.kickers.push(kicker);
+        if (ended) this.endedKickers.add(kicker);
         this.vcpusReady++;
         this.openGateWhenReady();
       }
@@ -361,8 +375,12 @@ export class RunningVm {
     const gate = Atomics.load(this.startGate, 0) === 0 ? "; the start gate is still closed (vCPUs not running yet)" : "";
     writeReport([`VM ${this.config.name}: ${this.config.cpus} vCPU(s), ${this.kickers.length} started, power ${this.power.running ? "on" : "off"}, ${this.pendingInputBytes} console input byte(s) waiting for the guest${gate}`]);
     this.report.request();
-    for (const k of this.kickers) k.kick();
+    this.kickLiveVcpus();
     this.mailbox?.ring();
+  }
+
+  private kickLiveVcpus(): void {
+    for (const k of this.kickers) if (!this.endedKickers.has(k)) k.kick();
   }
 
   /** Pull the plug. */
@@ -401,7 +419,7 @@ export class RunningVm {
       if (t.threadId < 0) resolve();
       else t.once("exit", () => resolve());
     })));
-    for (const k of this.kickers) k.kick();
+    this.kickLiveVcpus();
     // vCPUs still waiting at the start gate (the devices never came up) pass it, see the outcome and end.
     Atomics.store(this.startGate, 0, 1);
     Atomics.notify(this.startGate, 0);
