@@ -29,6 +29,16 @@ const outw = (port: number, value: number) => [0x66, 0xba, port & 0xff, port >> 
 const outb = (port: number, value: number) => [0x66, 0xba, port & 0xff, port >> 8, 0xb0, value, 0xee];
 const HALT_LOOP = [0xf4, 0xeb, 0xfd];
 const ACPI_S5 = outw(0x604, (5 << 10) | (1 << 13));
+/**
+ * IER = receive interrupts and MCR = DTR|RTS|OUT2 (Partis feeds COM1 once the guest's driver asks for
+ * data both ways, as Linux's 8250 does when its open is complete), then poll LSR until a byte is there.
+ * Ends with the 9-byte poll loop itself, so code that follows may jump back into it.
+ */
+const WAIT_FOR_COM1_BYTE = [
+  ...outb(0x3f9, 1),
+  ...outb(0x3fc, 0x0b),
+  0x66, 0xba, 0xfd, 0x03, 0xec, 0xa8, 0x01, 0x74, 0xf7, // poll: mov dx,LSR; in al,dx; test al,1; jz poll
+];
 
 function kernelFile(name: string, code: number[]): string {
   const path = join(dir, name);
@@ -77,13 +87,9 @@ test("--kernel-unpack: by default the kernel is unpacked on the host and entered
 });
 
 test("console input sent before the VM exists (a script piped into partis run) reaches the guest", () => {
-  // IER = receive interrupts and MCR = DTR|RTS|OUT2 (Partis feeds COM1 once the guest's driver asks for
-  // data both ways, as Linux's 8250 does when its open is complete), then echo every received byte
-  // until '!', then power off.
+  // Wait for input (WAIT_FOR_COM1_BYTE), then echo every received byte until '!', then power off.
   const code = [
-    ...outb(0x3f9, 1),
-    ...outb(0x3fc, 0x0b),
-    0x66, 0xba, 0xfd, 0x03, 0xec, 0xa8, 0x01, 0x74, 0xf7, // poll: mov dx,LSR; in al,dx; test al,1; jz poll
+    ...WAIT_FOR_COM1_BYTE,
     0x66, 0xba, 0xf8, 0x03, 0xec, 0xee, 0x3c, 0x21, 0x75, 0xed, // mov dx,RBR; in al,dx; out dx,al; cmp al,'!'; jne poll
     ...ACPI_S5, ...HALT_LOOP,
   ];
@@ -101,12 +107,10 @@ test("--hugepages: guest RAM comes from the host's 2 MiB pool, all of it reserve
   const restore = reserve2M(32);
   try {
     const before = available2M();
-    // Print READY, then wait for '!' on COM1 (IER, MCR as above), then power off.
+    // Print READY, then wait for '!' on COM1, then power off.
     const code = [
       ...serialPrint("READY\n"),
-      ...outb(0x3f9, 1),
-      ...outb(0x3fc, 0x0b),
-      0x66, 0xba, 0xfd, 0x03, 0xec, 0xa8, 0x01, 0x74, 0xf7, // poll: mov dx,LSR; in al,dx; test al,1; jz poll
+      ...WAIT_FOR_COM1_BYTE,
       0x66, 0xba, 0xf8, 0x03, 0xec, 0x3c, 0x21, 0x75, 0xee, // mov dx,RBR; in al,dx; cmp al,'!'; jne poll
       ...ACPI_S5, ...HALT_LOOP,
     ];
@@ -133,12 +137,10 @@ test("--hugepages: guest RAM comes from the host's 2 MiB pool, all of it reserve
   }
 });
 
-/** Print BOOT, wait for a byte on COM1 (IER, MCR as above), then reset through 0xCF9: partis run boots it again. */
+/** Print BOOT, wait for a byte on COM1, then reset through 0xCF9: partis run boots it again. */
 const BOOT_WAIT_RESET = [
   ...serialPrint("BOOT\n"),
-  ...outb(0x3f9, 1),
-  ...outb(0x3fc, 0x0b),
-  0x66, 0xba, 0xfd, 0x03, 0xec, 0xa8, 0x01, 0x74, 0xf7, // poll: mov dx,LSR; in al,dx; test al,1; jz poll
+  ...WAIT_FOR_COM1_BYTE,
   ...outb(0xcf9, 0x06), ...HALT_LOOP,
 ];
 
