@@ -20,6 +20,7 @@ import { isMainThread } from "node:worker_threads";
 import * as libc from "./libc.js";
 import { KvmError, KvmProtocolError } from "./errors.js";
 import { kvmIoctl } from "./system.js";
+import { SYS, type SyscallThread } from "./syscall-thread.js";
 import {
   KVM,
   KVM_EXIT,
@@ -120,6 +121,7 @@ const INTR: VcpuExit = Object.freeze({ reason: "intr" });
 const IRQ_WINDOW: VcpuExit = Object.freeze({ reason: "irq_window_open" });
 
 const KVM_RUN_REQUEST = KVM.RUN;
+const SIG_UNBLOCK = 1;
 const EINTR = libc.Errno.EINTR;
 const EAGAIN = libc.Errno.EAGAIN;
 
@@ -177,7 +179,7 @@ export class VcpuKicker {
 }
 
 export class VirtualProcessor {
-  /** pthread_t of the creating thread (the only one that may run this vCPU). */
+  /** pthread_t of the thread that runs this vCPU: the creating thread, or the native thread it was created on. */
   private readonly thread: bigint;
   /** struct kvm_run and the following PIO data page(s), shared with the kernel. */
   private readonly run8: Uint8Array;
@@ -197,6 +199,8 @@ export class VirtualProcessor {
     /** The vCPU file descriptor. */
     readonly fd: number,
     run: Uint8Array,
+    /** The native thread that makes this vCPU's ioctls (undefined: the creating JavaScript thread). */
+    private readonly native: SyscallThread | undefined,
   ) {
     this.run8 = run;
     this.run16 = new Uint16Array(run.buffer, run.byteOffset, run.byteLength >>> 1);
@@ -204,9 +208,23 @@ export class VirtualProcessor {
     this.mmioData = Array.from({ length: 9 }, (_, n) => run.subarray(KVM_RUN.MMIO_DATA, KVM_RUN.MMIO_DATA + n));
     this.ioExit = { reason: "io", direction: "out", port: 0, size: 1, count: 0, data: run.subarray(0, 0) };
     this.mmioExit = { reason: "mmio", gpa: 0, isWrite: false, data: this.mmioData[0]! };
-    this.thread = libc.pthreadSelf();
-    // Node may start worker threads with signals blocked; a kick must reach this thread.
-    libc.unblockSignal(KICK_SIGNAL);
+    // Node may start worker threads with signals blocked (a native thread inherits its creator's
+    // mask); a kick must reach the thread that runs the vCPU.
+    if (native === undefined) {
+      this.thread = libc.pthreadSelf();
+      libc.unblockSignal(KICK_SIGNAL);
+    } else {
+      this.thread = native.thread;
+      const set = new DataView(native.scratch.buffer, native.scratch.byteOffset, 8);
+      set.setBigUint64(0, 1n << BigInt(KICK_SIGNAL - 1), true);
+      const r = native.call(SYS.rt_sigprocmask, SIG_UNBLOCK, native.scratchAddress, 0, 8);
+      if (r < 0) throw new KvmError("rt_sigprocmask", -r, libc.errnoName(-r), libc.strerror(-r), { vcpu: id, signal: KICK_SIGNAL });
+    }
+  }
+
+  /** The native thread this vCPU runs on, if it was created on one. */
+  get syscallThread(): SyscallThread | undefined {
+    return this.native;
   }
 
   /** What another thread needs to build a VcpuKicker for this vCPU. */
@@ -214,12 +232,24 @@ export class VirtualProcessor {
     return { vcpu: this.id, fd: this.fd, mmapSize: this.run8.byteLength, thread: this.thread };
   }
 
-  /** KVM_CREATE_VCPU `id` (the APIC id) and map its kvm_run. Call on the thread that will run it. */
-  static create(partition: Partition, id: number): VirtualProcessor {
-    const fd = kvmIoctl(partition.vmFd, "CREATE_VCPU", id, { vm: partition.vmFd, vcpu: id });
+  /**
+   * KVM_CREATE_VCPU `id` (the APIC id) and map its kvm_run. Call on the
+   * thread that will run it, or pass `on`: a native thread (syscall-thread.ts)
+   * that then makes every ioctl of this vCPU, KVM_RUN included, while the
+   * caller drives it from JavaScript.
+   */
+  static create(partition: Partition, id: number, options: { on?: SyscallThread } = {}): VirtualProcessor {
+    const native = options.on;
+    const context = { vm: partition.vmFd, vcpu: id };
+    let fd: number;
+    if (native === undefined) fd = kvmIoctl(partition.vmFd, "CREATE_VCPU", id, context);
+    else {
+      fd = native.ioctl(partition.vmFd, KVM.CREATE_VCPU, id);
+      if (fd < 0) throw new KvmError("KVM_CREATE_VCPU", -fd, libc.errnoName(-fd), libc.strerror(-fd), { fd: partition.vmFd, ...context });
+    }
     try {
       const run = libc.mapSharedFile(fd, 0, partition.vcpuMmapSize);
-      return new VirtualProcessor(partition, id, fd, run);
+      return new VirtualProcessor(partition, id, fd, run, native);
     } catch (e) {
       libc.close(fd);
       throw e;
@@ -228,7 +258,10 @@ export class VirtualProcessor {
 
   private ioctl(name: keyof typeof KVM, arg: ArrayBufferView | number | bigint | null, context: ErrorContext = {}): number {
     if (this.closed) throw new KvmProtocolError("VCPU_CLOSED", "virtual processor already closed", { vm: this.partition.vmFd, vcpu: this.id });
-    return kvmIoctl(this.fd, name, arg, { vm: this.partition.vmFd, vcpu: this.id, ...context });
+    if (this.native === undefined) return kvmIoctl(this.fd, name, arg, { vm: this.partition.vmFd, vcpu: this.id, ...context });
+    const r = this.native.ioctl(this.fd, KVM[name], arg);
+    if (r < 0) throw new KvmError(`KVM_${name}`, -r, libc.errnoName(-r), libc.strerror(-r), { fd: this.fd, vm: this.partition.vmFd, vcpu: this.id, ...context });
+    return r;
   }
 
   /**
@@ -236,9 +269,32 @@ export class VirtualProcessor {
    * exit object owned by this VirtualProcessor (valid until the next run()).
    */
   run(): VcpuExit {
+    if (this.native !== undefined) {
+      this.startRun();
+      return this.finishRun(this.native.wait());
+    }
     const r = libc.raw.ioctlInt(this.fd, KVM_RUN_REQUEST, 0);
+    return this.exitOf(r, r < 0 ? libc.errno() : 0);
+  }
+
+  /**
+   * For a vCPU on a native thread: hand it KVM_RUN and return at once. The
+   * thread's `done` (or its doorbell) says when the guest exited; then
+   * `finishRun(thread.take())` decodes the exit as run() would.
+   */
+  startRun(): void {
+    if (this.native === undefined) throw new KvmProtocolError("VCPU_NOT_NATIVE", "startRun needs a vCPU created on a native thread", { vcpu: this.id });
+    if (this.closed) throw new KvmProtocolError("VCPU_CLOSED", "virtual processor already closed", { vm: this.partition.vmFd, vcpu: this.id });
+    this.native.post(SYS.ioctl, this.fd, KVM_RUN_REQUEST, 0);
+  }
+
+  /** Decode the exit of a KVM_RUN made by startRun(), from its raw result (negative: -errno). */
+  finishRun(result: number): VcpuExit {
+    return this.exitOf(result, result < 0 ? -result : 0);
+  }
+
+  private exitOf(r: number, e: number): VcpuExit {
     if (r < 0) {
-      const e = libc.errno();
       if (e === EINTR || e === EAGAIN) {
         // A kick (or the caller's own immediateExit) has been seen: re-arm for the next run().
         this.run8[KVM_RUN.IMMEDIATE_EXIT] = 0;
