@@ -19,10 +19,14 @@ const DEVICE_OPTIONS = ["--disk", "--cdrom", "--nic", "--channel", "--rng"];
 /** Above this no VM can have that many vCPUs (the xAPIC ID is 8 bits: machine/cpuid.ts MAX_VCPUS): such a --cpus is bad input, not a hint. */
 const MAX_HINTED_VCPUS = 255;
 
-/** Thread hints from `partis run`'s raw arguments: `--cpus N` (else 1) and any device option. */
+/**
+ * Thread hints from `partis run`'s raw arguments: `--cpus N` (else 1) and any
+ * device option. With `--vcpu-threads native` one thread runs every vCPU.
+ */
 export function hintsFromArgs(args: readonly string[]): { vcpus: number; devices: boolean } {
   let vcpus = 1;
   let devices = false;
+  let native = false;
   for (let i = 0; i < args.length; i++) {
     const a = args[i]!;
     if (a === "--") break;
@@ -31,9 +35,10 @@ export function hintsFromArgs(args: readonly string[]): { vcpus: number; devices
     if (name === "--cpus") {
       const n = Number(eq > 0 ? a.slice(eq + 1) : args[i + 1]);
       if (Number.isSafeInteger(n) && n >= 1 && n <= MAX_HINTED_VCPUS) vcpus = n;
-    } else if (DEVICE_OPTIONS.includes(name)) devices = true;
+    } else if (name === "--vcpu-threads") native = (eq > 0 ? a.slice(eq + 1) : args[i + 1]) === "native";
+    else if (DEVICE_OPTIONS.includes(name)) devices = true;
   }
-  return { vcpus, devices };
+  return { vcpus: native ? 1 : vcpus, devices };
 }
 
 let early: PrestartedThreads | undefined;

@@ -1,7 +1,8 @@
 /**
  * `partis run`: boot a VM in the foreground with its console on the terminal.
  *
- *   partis run [--kernel K] [--initrd I] [--append ...] [--memory 512M] [--hugepages [2M|1G]] [--cpus N] [--no-reboot]
+ *   partis run [--kernel K] [--initrd I] [--append ...] [--memory 512M] [--hugepages [2M|1G]] [--cpus N]
+ *              [--vcpu-threads worker|native] [--no-reboot]
  *
  * Without --kernel it boots the default guest (stock Debian kernel + busybox
  * initramfs, prepared on first use and cached). On a terminal the console is
@@ -46,6 +47,8 @@ export interface RunOptions extends DeviceOptions {
   /** `--hugepages [size]`: true (the flag alone: 2M) or the size given. */
   hugepages?: string | boolean;
   cpus: string;
+  /** `--vcpu-threads worker|native` (VmConfig.vcpuThreads). */
+  vcpuThreads: string;
   reboot: boolean;
   name: string;
   kernelUnpack: string;
@@ -244,6 +247,11 @@ export function registerRunCommand(program: Command): void {
       "back guest RAM with the host's reserved huge pages of this size (2M or 1G; default 2M), all reserved at start; pools: /sys/kernel/mm/hugepages (partis host check lists them)",
     )
     .option("--cpus <n>", "virtual processors", "1")
+    .option(
+      "--vcpu-threads <worker|native>",
+      "worker: each vCPU on a Node worker thread (~10 MiB each; the fastest exits); native: each vCPU on a native thread (~44 KiB each) whose exits one worker handles for all (for many vCPUs or many VMs)",
+      "worker",
+    )
     .option(
       "--kernel-unpack <auto|host|guest>",
       "host: decompress the bzImage once on the host (cached) and start the kernel proper: a faster boot, without kernel-image KASLR; guest: the kernel decompresses itself (KASLR); auto: host when this kernel can be unpacked",

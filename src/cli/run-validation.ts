@@ -59,6 +59,8 @@ export function resolveRunConfig(opts: RunOptions, guest: { kernel: string; init
   const cpus = Number(opts.cpus);
   const maxCpus = Math.min(host.kvm.maxVcpus ?? MAX_VCPUS, MAX_VCPUS);
   if (cpus < 1 || cpus > maxCpus) throw new UsageError(`--cpus: ${cpus} is outside 1..${maxCpus} (KVM's maximum here)`);
+  const vcpuThreads = opts.vcpuThreads ?? "worker";
+  if (vcpuThreads !== "worker" && vcpuThreads !== "native") throw new UsageError(`--vcpu-threads: "${vcpuThreads}" is not worker or native`);
 
   let memoryBytes = parseByteSize(opts.memory, "--memory", "M");
   memoryBytes = Math.ceil(memoryBytes / RAM_GRANULE) * RAM_GRANULE;
@@ -88,6 +90,7 @@ export function resolveRunConfig(opts: RunOptions, guest: { kernel: string; init
     memoryBytes,
     ...(hugePageBytes !== undefined ? { hugePageBytes } : {}),
     cpus,
+    ...(vcpuThreads === "native" ? { vcpuThreads } : {}),
     kernelPath,
     ...(initrdPath !== undefined ? { initrdPath } : {}),
     cmdline,

@@ -148,7 +148,17 @@ export interface VcpuKickHandle {
   readonly mmapSize: number;
   /** pthread_t of the vCPU's thread. */
   readonly thread: bigint;
+  /**
+   * One Int32 word shared by the vCPU and its kickers: 0 the thread may be
+   * signalled, 1 a kick is signalling it, 2 retired (the vCPU was closed, its
+   * thread may be gone and its pthread_t reused: never signal it again).
+   */
+  readonly guard: SharedArrayBuffer;
 }
+
+const GUARD_OPEN = 0;
+const GUARD_KICKING = 1;
+const GUARD_RETIRED = 2;
 
 /**
  * Makes a vCPU running on another thread leave KVM_RUN (its run() returns
@@ -158,19 +168,30 @@ export interface VcpuKickHandle {
  * is open.
  */
 export class VcpuKicker {
+  private readonly guard: Int32Array;
+
   private constructor(
     private readonly run: Uint8Array,
     readonly handle: VcpuKickHandle,
-  ) {}
+  ) {
+    this.guard = new Int32Array(handle.guard, 0, 1);
+  }
 
   static attach(handle: VcpuKickHandle): VcpuKicker {
     if (isMainThread) installKickHandler();
     return new VcpuKicker(libc.mapSharedFile(handle.fd, 0, handle.mmapSize), handle);
   }
 
+  /** Kick the vCPU; does nothing once it has been closed (its thread may be gone). */
   kick(): void {
     this.run[KVM_RUN.IMMEDIATE_EXIT] = 1;
-    libc.pthreadKill(this.handle.thread, KICK_SIGNAL);
+    // Another kicker signalling right now does the job for both; a retired vCPU is left alone.
+    if (Atomics.compareExchange(this.guard, 0, GUARD_OPEN, GUARD_KICKING) !== GUARD_OPEN) return;
+    try {
+      libc.pthreadKill(this.handle.thread, KICK_SIGNAL);
+    } finally {
+      Atomics.store(this.guard, 0, GUARD_OPEN);
+    }
   }
 
   close(): void {
@@ -192,6 +213,8 @@ export class VirtualProcessor {
   private ioDataOffset = -1;
   private ioDataLength = -1;
   private closed = false;
+  /** Kickers' guard (VcpuKickHandle.guard): retired when this vCPU closes. */
+  private readonly kickGuard = new Int32Array(new SharedArrayBuffer(4));
 
   private constructor(
     readonly partition: Partition,
@@ -229,7 +252,7 @@ export class VirtualProcessor {
 
   /** What another thread needs to build a VcpuKicker for this vCPU. */
   kickHandle(): VcpuKickHandle {
-    return { vcpu: this.id, fd: this.fd, mmapSize: this.run8.byteLength, thread: this.thread };
+    return { vcpu: this.id, fd: this.fd, mmapSize: this.run8.byteLength, thread: this.thread, guard: this.kickGuard.buffer as SharedArrayBuffer };
   }
 
   /**
@@ -527,10 +550,13 @@ export class VirtualProcessor {
     this.ioctl("SET_XCRS", xcrs);
   }
 
-  /** Unmap kvm_run and close the vCPU fd. Any exit object from run() is dead afterwards. */
+  /** Retire its kickers, unmap kvm_run and close the vCPU fd. Any exit object from run() is dead afterwards. */
   close(): void {
     if (this.closed) return;
     this.closed = true;
+    // From here no kicker signals this vCPU's thread (it may end, and its pthread_t be reused). A
+    // kick in flight is a pthread_kill away from done: wait for it.
+    while (Atomics.compareExchange(this.kickGuard, 0, GUARD_OPEN, GUARD_RETIRED) === GUARD_KICKING);
     libc.releaseMapping(this.run8);
     libc.close(this.fd);
   }

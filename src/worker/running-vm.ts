@@ -155,11 +155,17 @@ export class RunningVm {
       const tscDeadlineTimer = system.checkExtension(KVM_CAP.TSC_DEADLINE_TIMER) > 0;
       const handoff = partition.handoff();
       const devices = vm.startDeviceThread(handoff);
-      for (let id = 0; id < config.cpus; id++) {
-        vm.spawnVcpu({
+      const vcpus = Array.from({ length: config.cpus }, (_, id) => ({
+        vcpuId: id,
+        cpuid: cpuidForVcpu(supported, { vcpuId: id, vcpuCount: config.cpus, tscDeadlineTimer }),
+      }));
+      const kind = config.vcpuThreads ?? "worker";
+      // "worker": a thread per vCPU; "native": one thread for all, their native threads its own.
+      for (const group of kind === "worker" ? vcpus.map((v) => [v]) : [vcpus]) {
+        vm.spawnVcpus({
           handoff,
-          vcpuId: id,
-          cpuid: cpuidForVcpu(supported, { vcpuId: id, vcpuCount: config.cpus, tscDeadlineTimer }),
+          vcpus: group,
+          kind,
           deviceState: arena.buffer,
           powerState: power.buffer,
           startGate: vm.startGate.buffer as SharedArrayBuffer,
@@ -197,7 +203,8 @@ export class RunningVm {
       }
       writeBootTables(memory, plan);
       const boot = longModeBootState(plan, info);
-      vm.threads.forEach((t, id) => t.postMessage({ boot: id === 0 ? boot : null, msrs: boot.msrs } satisfies VcpuStartMessage));
+      // The first thread runs vCPU 0, the BSP.
+      vm.threads.forEach((t, i) => t.postMessage({ boot: i === 0 ? boot : null, msrs: boot.msrs } satisfies VcpuStartMessage));
       vm.bootHandedOver = true;
       vm.openGateWhenReady();
       return vm;
@@ -271,19 +278,22 @@ export class RunningVm {
 
   private prestarted: PrestartedThreads | undefined;
 
-  private spawnVcpu(data: VcpuThreadData): void {
+  /** Start the thread for `data.vcpus` (a prestarted one when there is one). */
+  private spawnVcpus(data: VcpuThreadData): void {
     const prestarted = this.prestarted?.takeVcpu();
     const t = prestarted ?? vcpuThread(data);
     if (prestarted !== undefined) prestarted.postMessage(data);
-    let kicker: VcpuKicker | undefined;
+    const kickers: VcpuKicker[] = [];
     let ended = false;
     t.once("exit", () => {
       ended = true;
-      if (kicker !== undefined) this.endedKickers.add(kicker);
+      for (const k of kickers) this.endedKickers.add(k);
     });
+    const what = data.vcpus.length === 1 ? `vCPU ${data.vcpus[0]!.vcpuId}` : `vCPUs 0-${data.vcpus.length - 1}`;
     t.on("message", (m: VcpuThreadMessage) => {
       if (m.type === "ready") {
-        kicker = VcpuKicker.attach(m.kick);
+        const kicker = VcpuKicker.attach(m.kick);
+        kickers.push(kicker);
         this.kickers.push(kicker);
         if (ended) this.endedKickers.add(kicker);
         this.vcpusReady++;
@@ -292,7 +302,7 @@ export class RunningVm {
       if (m.type === "error") this.power.record({ kind: "crash", reason: `vCPU ${m.vcpuId}: ${m.message}` });
       if (m.type === "stopped" && process.env.PARTIS_STATS === "1") process.stderr.write(`partis-vm: vCPU ${m.vcpuId} exits ${JSON.stringify(m.exits)}\n`);
     });
-    t.on("error", (e) => this.power.record({ kind: "crash", reason: `vCPU ${data.vcpuId} thread failed: ${e.message}` }));
+    t.on("error", (e) => this.power.record({ kind: "crash", reason: `${what} thread failed: ${e.message}` }));
     this.threads.push(t);
   }
 

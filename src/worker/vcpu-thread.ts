@@ -24,11 +24,30 @@ import { bootTrace } from "./boot-trace.js";
 import { DeviceMailbox, type MailboxHandoff } from "./device-mailbox.js";
 import { DeviceForwarder, type ForwardedPorts } from "./device-forwarding.js";
 import { StateReportRequest, describeVcpu, writeReport } from "./state-report.js";
+import { SyscallDoorbell, SyscallThread } from "../hypervisor/syscall-thread.js";
+import type { MachineLock } from "../machine/shared-state.js";
+
+/** One vCPU a thread runs. */
+export interface HostedVcpu {
+  readonly vcpuId: number;
+  readonly cpuid: readonly CpuidEntry[];
+}
+
+/**
+ * How vCPUs get their threads (VmConfig.vcpuThreads):
+ * - "worker": each vCPU on a thread of its own that is a Node worker (a V8
+ *   isolate, ~10 MiB each), which makes KVM_RUN itself and handles its exits;
+ * - "native": each vCPU on a native thread without an isolate
+ *   (src/hypervisor/syscall-thread.ts, ~44 KiB each) that makes its ioctls,
+ *   and one worker for all of them that handles their exits in turn.
+ */
+export type VcpuThreadKind = "worker" | "native";
 
 export interface VcpuThreadData {
   readonly handoff: PartitionHandoff;
-  readonly vcpuId: number;
-  readonly cpuid: readonly CpuidEntry[];
+  /** The vCPUs this thread runs: one ("worker"), or all of the VM's ("native"). */
+  readonly vcpus: readonly HostedVcpu[];
+  readonly kind: VcpuThreadKind;
   readonly deviceState: SharedArrayBuffer;
   readonly powerState: SharedArrayBuffer;
   /**
@@ -55,7 +74,7 @@ export interface VcpuThreadData {
  * opens (so it is waiting in the port when the thread passes the gate).
  */
 export interface VcpuStartMessage {
-  /** Boot state for the BSP; APs wait for INIT/SIPI in the in-kernel LAPIC. */
+  /** Boot state for the BSP (vCPU 0: the first thread has it); APs wait for INIT/SIPI in the in-kernel LAPIC. */
   readonly boot: BootCpuState | null;
   /** MSRs every vCPU starts with (MTRR default type, misc enable...). */
   readonly msrs: readonly { readonly index: number; readonly value: bigint }[];
@@ -158,79 +177,41 @@ function describeState(vp: VirtualProcessor, afterShutdown = true): string {
   }
 }
 
-/**
- * The thread's life: attach, create the vCPU, run it, and at the end release
- * what this thread holds (the vCPU's fd and kvm_run mapping, this thread's
- * mappings of guest RAM). Thread-local finalizers do not run when a thread
- * ends, and these are process-wide: left open, every reboot would keep the
- * old VM (and its guest RAM) alive.
- */
-function main(data: VcpuThreadData): void {
-  bootTrace(`vcpu${data.vcpuId}`, "modules loaded");
-  setThreadName(`partis-vcpu${data.vcpuId}`);
-  const partition = Partition.attach(data.handoff);
-  try {
-    const vp = VirtualProcessor.create(partition, data.vcpuId);
-    try {
-      runVcpu(data, partition, vp);
-    } finally {
-      vp.close();
-    }
-  } finally {
-    partition.destroy();
-  }
+/** What a vCPU's exits are counted as (PARTIS_STATS=1 prints them when the VM stops). */
+type ExitCounts = { io: number; ioForwarded: number; mmio: number; mmioForwarded: number; hlt: number; intr: number; other: number };
+
+/** Everything one thread's vCPUs share: the board, its lock, the device forwarder, the power state. */
+interface ThreadMachine {
+  readonly bus: IoBus;
+  readonly lock: MachineLock;
+  readonly forwarder: DeviceForwarder | undefined;
+  readonly power: PowerState;
 }
 
-function runVcpu(data: VcpuThreadData, partition: Partition, vp: VirtualProcessor): void {
-  const port = parentPort!;
-  const power = new PowerState(data.powerState);
-  vp.setCpuid(data.cpuid);
+/**
+ * One vCPU's exit handling: port I/O and MMIO to the bus under the machine
+ * lock (or forwarded to the device thread), power events and fatal exits
+ * recorded in the shared power state, state reports answered on a kick.
+ */
+class VcpuExitHandler {
+  readonly exits: ExitCounts = { io: 0, ioForwarded: 0, mmio: 0, mmioForwarded: 0, hlt: 0, intr: 0, other: 0 };
+  /** PARTIS_STATS=1: CPU time of this thread by kind of exit handled (µs), and in KVM_RUN where this thread makes it. */
+  readonly spentUs: Record<string, number> = {};
+  private readonly report: StateReportRequest;
 
-  const arena = new SharedStateArena(data.deviceState);
-  const lock = arena.lock();
-  const board = new Board(
-    arena,
-    {
-      irq: (gsi) => ({ setLevel: (level) => partition.setIrqLine(gsi, level) }),
-      console: ConsoleOutputRing.attach(data.consoleRing).writer(),
-      clock: systemClock,
-      power: power.control(() => {}),
-    },
-    data.board,
-    false,
-  );
-  const bus = board.bus;
-  let forwarder: DeviceForwarder | undefined;
-  if (data.devices !== undefined) {
-    const requester = DeviceMailbox.attach(data.devices.mailbox).requester(data.vcpuId);
-    requester.abandoned = () => !power.running;
-    forwarder = new DeviceForwarder(requester, data.devices.ports);
-    for (const bdf of data.devices.functions) board.pciHost.attach(bdf, forwarder.configFunction(bdf));
+  constructor(
+    readonly vcpuId: number,
+    readonly vp: VirtualProcessor,
+    private readonly m: ThreadMachine,
+    report: SharedArrayBuffer,
+  ) {
+    // Each vCPU answers each request once, whichever thread it runs on.
+    this.report = StateReportRequest.attach(report);
   }
-  bootTrace(`vcpu${data.vcpuId}`, "ready");
-  port.postMessage({ type: "ready", vcpuId: data.vcpuId, kick: vp.kickHandle() } satisfies VcpuThreadMessage);
-  const gate = new Int32Array(data.startGate, 0, 1);
-  while (Atomics.load(gate, 0) === 0) Atomics.wait(gate, 0, 0);
-  const start = receiveMessageOnPort(port)?.message as VcpuStartMessage | undefined;
-  if (start === undefined) throw new Error("start gate opened without a start message");
-  vp.setMsrs(start.msrs.map((m) => ({ index: m.index, data: m.value })));
-  if (start.boot !== null) applyBootState(vp, start.boot);
 
-  // Exit counts by kind (PARTIS_STATS=1 prints them when the VM stops).
-  const exits = { io: 0, ioForwarded: 0, mmio: 0, mmioForwarded: 0, hlt: 0, intr: 0, other: 0 };
-  // PARTIS_STATS=1 also splits this thread's CPU time: in KVM_RUN (guest and kernel) and handling each
-  // kind of exit in user space (µs). Two clock reads per exit, so only then.
-  const timing = process.env["PARTIS_STATS"] === "1";
-  const spentUs: Record<string, number> = { inKvmRun: 0 };
-  let mark = timing ? threadCpuTimeNs() : 0n;
-  const report = StateReportRequest.attach(data.report);
-  while (power.running) {
-    const exit = vp.run();
-    if (timing) {
-      const now = threadCpuTimeNs();
-      spentUs["inKvmRun"]! += Number(now - mark) / 1000;
-      mark = now;
-    }
+  handle(exit: VcpuExit): void {
+    const { bus, lock, forwarder, power } = this.m;
+    const exits = this.exits;
     switch (exit.reason) {
       case "io":
         if (forwarder !== undefined && !bus.claimsPort(exit.port) && forwarder.forwardsPort(exit.port)) {
@@ -267,7 +248,7 @@ function runVcpu(data: VcpuThreadData, partition: Partition, vp: VirtualProcesso
       case "intr":
         exits.intr++;
         // A state report's kick: this vCPU's line, then back into the guest.
-        if (report.take()) writeReport([describeVcpu(data.vcpuId, vp, describeState(vp, false), exits)]);
+        if (this.report.take()) writeReport([describeVcpu(this.vcpuId, this.vp, describeState(this.vp, false), exits)]);
         break;
       case "irq_window_open":
         exits.other++;
@@ -275,23 +256,197 @@ function runVcpu(data: VcpuThreadData, partition: Partition, vp: VirtualProcesso
       case "system_event":
         if (exit.type === KVM_SYSTEM_EVENT.SHUTDOWN) power.record({ kind: "poweroff", source: "kvm-system-event" });
         else if (exit.type === KVM_SYSTEM_EVENT.RESET) power.record({ kind: "reset", source: "kvm-system-event" });
-        else power.record({ kind: "crash", reason: `vCPU ${data.vcpuId}: guest crash event (KVM system event ${exit.type})` });
+        else power.record({ kind: "crash", reason: `vCPU ${this.vcpuId}: guest crash event (KVM system event ${exit.type})` });
         break;
       default: {
-        const reason = describeFatal(exit, data.vcpuId);
-        power.record({ kind: "crash", reason: `${reason ?? `vCPU ${data.vcpuId}: fatal exit ${exit.reason}`}; ${describeState(vp)}` });
+        const reason = describeFatal(exit, this.vcpuId);
+        power.record({ kind: "crash", reason: `${reason ?? `vCPU ${this.vcpuId}: fatal exit ${exit.reason}`}; ${describeState(this.vp)}` });
       }
     }
-    if (timing) {
-      const now = threadCpuTimeNs();
-      const key = `${exit.reason}Us`;
-      spentUs[key] = (spentUs[key] ?? 0) + Number(now - mark) / 1000;
-      mark = now;
-    }
   }
-  const stats: Record<string, number> = { ...exits, ioShadowed: forwarder?.shadowedReads ?? 0, ioPosted: forwarder?.postedWrites ?? 0 };
-  if (timing) for (const [k, v] of Object.entries(spentUs)) stats[k] = Math.round(v);
-  port.postMessage({ type: "stopped", vcpuId: data.vcpuId, exits: stats } satisfies VcpuThreadMessage);
+
+  /** Add `us` of this thread's CPU time to `key`. */
+  spend(key: string, us: number): void {
+    this.spentUs[key] = (this.spentUs[key] ?? 0) + us;
+  }
+
+  stats(): Record<string, number> {
+    const stats: Record<string, number> = { ...this.exits, ioShadowed: this.m.forwarder?.shadowedReads ?? 0, ioPosted: this.m.forwarder?.postedWrites ?? 0 };
+    for (const [k, v] of Object.entries(this.spentUs)) stats[k] = Math.round(v);
+    return stats;
+  }
+}
+
+/**
+ * The thread's life: attach, create its vCPUs, run them, and at the end
+ * release what this thread holds (vCPU fds and kvm_run mappings, native
+ * threads, this thread's mappings of guest RAM). Thread-local finalizers do
+ * not run when a thread ends, and these are process-wide: left open, every
+ * reboot would keep the old VM (and its guest RAM) alive.
+ */
+function main(data: VcpuThreadData): void {
+  const name = data.kind === "worker" ? `vcpu${data.vcpus[0]!.vcpuId}` : "vcpus";
+  bootTrace(name, "modules loaded");
+  setThreadName(`partis-${name}`);
+  const partition = Partition.attach(data.handoff);
+  try {
+    if (data.kind === "worker") {
+      const vp = VirtualProcessor.create(partition, data.vcpus[0]!.vcpuId);
+      try {
+        runVcpus(data, partition, [vp]);
+      } finally {
+        vp.close();
+      }
+    } else runNativeVcpus(data, partition);
+  } finally {
+    partition.destroy();
+  }
+}
+
+/** "native": one SyscallThread per vCPU, all driven from here. */
+function runNativeVcpus(data: VcpuThreadData, partition: Partition): void {
+  const doorbell = SyscallDoorbell.create();
+  const threads: SyscallThread[] = [];
+  const vps: VirtualProcessor[] = [];
+  try {
+    for (const { vcpuId } of data.vcpus) {
+      const t = SyscallThread.start({ doorbell, context: { vcpu: vcpuId } });
+      threads.push(t);
+      nameNativeThread(t, `partis-vcpu${vcpuId}`);
+      vps.push(VirtualProcessor.create(partition, vcpuId, { on: t }));
+    }
+    runVcpus(data, partition, vps, doorbell);
+  } finally {
+    // A vCPU still in KVM_RUN (the loop failed) leaves it once the main thread, which sees the
+    // recorded crash, kicks it; only then can its thread end.
+    for (const t of threads) if (t.busy && !t.done) t.wait();
+    for (const vp of vps) vp.close();
+    for (const t of threads) t.stop();
+  }
+}
+
+const PR_SET_NAME = 15;
+const SYS_prctl = 157;
+
+/** Name a native thread (as seen in ps/top) through the thread itself. */
+function nameNativeThread(t: SyscallThread, name: string): void {
+  t.scratch.fill(0, 0, 16);
+  t.scratch.set(new TextEncoder().encode(name).subarray(0, 15));
+  t.call(SYS_prctl, PR_SET_NAME, t.scratchAddress);
+}
+
+/**
+ * Polls of the doorbell before a "native" thread sleeps on it: exits come in
+ * bursts (a driver's run of register accesses), and waking a sleeping thread
+ * costs more than an exit (bench/vcpu-threads).
+ */
+const DOORBELL_POLLS = 5000;
+
+function runVcpus(data: VcpuThreadData, partition: Partition, vps: readonly VirtualProcessor[], doorbell?: SyscallDoorbell): void {
+  const port = parentPort!;
+  const power = new PowerState(data.powerState);
+  for (const [i, vp] of vps.entries()) vp.setCpuid(data.vcpus[i]!.cpuid);
+
+  const arena = new SharedStateArena(data.deviceState);
+  const lock = arena.lock();
+  const board = new Board(
+    arena,
+    {
+      irq: (gsi) => ({ setLevel: (level) => partition.setIrqLine(gsi, level) }),
+      console: ConsoleOutputRing.attach(data.consoleRing).writer(),
+      clock: systemClock,
+      power: power.control(() => {}),
+    },
+    data.board,
+    false,
+  );
+  const bus = board.bus;
+  let forwarder: DeviceForwarder | undefined;
+  if (data.devices !== undefined) {
+    // One mailbox slot per thread (that of its first vCPU): this thread's accesses stay in order.
+    const requester = DeviceMailbox.attach(data.devices.mailbox).requester(data.vcpus[0]!.vcpuId);
+    requester.abandoned = () => !power.running;
+    forwarder = new DeviceForwarder(requester, data.devices.ports);
+    for (const bdf of data.devices.functions) board.pciHost.attach(bdf, forwarder.configFunction(bdf));
+  }
+  const machine: ThreadMachine = { bus, lock, forwarder, power };
+  const handlers = vps.map((vp, i) => new VcpuExitHandler(data.vcpus[i]!.vcpuId, vp, machine, data.report));
+  const name = data.kind === "worker" ? `vcpu${data.vcpus[0]!.vcpuId}` : "vcpus";
+  bootTrace(name, "ready");
+  for (const h of handlers) port.postMessage({ type: "ready", vcpuId: h.vcpuId, kick: h.vp.kickHandle() } satisfies VcpuThreadMessage);
+  const gate = new Int32Array(data.startGate, 0, 1);
+  while (Atomics.load(gate, 0) === 0) Atomics.wait(gate, 0, 0);
+  const start = receiveMessageOnPort(port)?.message as VcpuStartMessage | undefined;
+  if (start === undefined) throw new Error("start gate opened without a start message");
+  for (const h of handlers) {
+    h.vp.setMsrs(start.msrs.map((m) => ({ index: m.index, data: m.value })));
+    if (start.boot !== null && h.vcpuId === 0) applyBootState(h.vp, start.boot);
+  }
+
+  // PARTIS_STATS=1 also splits this thread's CPU time by kind of exit handled (and, where this
+  // thread makes KVM_RUN, the time in it: guest and kernel). Two clock reads per exit, so only then.
+  const timing = process.env["PARTIS_STATS"] === "1";
+  if (doorbell === undefined) {
+    const h = handlers[0]!;
+    let mark = timing ? threadCpuTimeNs() : 0n;
+    while (power.running) {
+      const exit = h.vp.run();
+      if (timing) {
+        const now = threadCpuTimeNs();
+        h.spend("inKvmRun", Number(now - mark) / 1000);
+        mark = now;
+      }
+      h.handle(exit);
+      if (timing) {
+        const now = threadCpuTimeNs();
+        h.spend(`${exit.reason}Us`, Number(now - mark) / 1000);
+        mark = now;
+      }
+    }
+  } else serveNative(handlers, doorbell, power, timing);
+  for (const h of handlers) port.postMessage({ type: "stopped", vcpuId: h.vcpuId, exits: h.stats() } satisfies VcpuThreadMessage);
+}
+
+/**
+ * Serve vCPUs on native threads: each is in KVM_RUN on its thread while this
+ * one waits on their common doorbell; an exit is handled here and the vCPU
+ * sent back in. Once the VM stops, a vCPU whose run returns (the main thread
+ * kicks them all) is not sent back; this returns when none is left in KVM_RUN.
+ */
+function serveNative(handlers: readonly VcpuExitHandler[], doorbell: SyscallDoorbell, power: PowerState, timing: boolean): void {
+  const threads = handlers.map((h) => h.vp.syscallThread!);
+  const inRun = handlers.map(() => true);
+  let running = handlers.length;
+  try {
+    for (const h of handlers) h.vp.startRun();
+    while (running > 0) {
+      const sequence = doorbell.sequence;
+      let served = 0;
+      for (let i = 0; i < handlers.length; i++) {
+        const t = threads[i]!;
+        if (!inRun[i] || !t.done) continue;
+        served++;
+        const h = handlers[i]!;
+        const mark = timing ? threadCpuTimeNs() : 0n;
+        const exit = h.vp.finishRun(t.take());
+        h.handle(exit);
+        if (timing) h.spend(`${exit.reason}Us`, Number(threadCpuTimeNs() - mark) / 1000);
+        if (power.running) h.vp.startRun();
+        else {
+          inRun[i] = false;
+          running--;
+        }
+      }
+      if (served > 0) continue;
+      let polls = 0;
+      while (polls < DOORBELL_POLLS && doorbell.sequence === sequence) polls++;
+      if (polls === DOORBELL_POLLS) doorbell.wait(sequence, 1000);
+    }
+  } catch (e) {
+    // Stop the VM so the main thread kicks the vCPUs still in KVM_RUN (runNativeVcpus waits for them).
+    power.record({ kind: "crash", reason: `vCPUs: ${e instanceof Error ? e.message : String(e)}` });
+    throw e;
+  }
 }
 
 /** Started with its data, or prestarted (thread-prestart.ts): then the data is the first message. */
@@ -303,6 +458,7 @@ try {
 } catch (e) {
   const message = e instanceof Error ? e.message : String(e);
   const data = threadData;
-  new PowerState(data.powerState).record({ kind: "crash", reason: `vCPU ${data.vcpuId}: ${message}` });
-  parentPort?.postMessage({ type: "error", vcpuId: data.vcpuId, message } satisfies VcpuThreadMessage);
+  const vcpuId = data.vcpus[0]?.vcpuId ?? 0;
+  new PowerState(data.powerState).record({ kind: "crash", reason: `vCPU ${vcpuId}: ${message}` });
+  parentPort?.postMessage({ type: "error", vcpuId, message } satisfies VcpuThreadMessage);
 }

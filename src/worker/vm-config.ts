@@ -5,6 +5,7 @@
  */
 import type { DeviceSpec } from "./device-plan.js";
 import type { UnpackedKernel } from "../images/kernel-unpack.js";
+import type { VcpuThreadKind } from "./vcpu-thread.js";
 
 export interface VmConfig {
   /** Display name (messages, logs). */
@@ -13,6 +14,12 @@ export interface VmConfig {
   /** Guest RAM on the host's reserved huge pages of this size (2 MiB or 1 GiB); absent: shmem. */
   readonly hugePageBytes?: number;
   readonly cpus: number;
+  /**
+   * The vCPUs' threads (vcpu-thread.ts, VcpuThreadKind): "worker" (default), a
+   * Node worker per vCPU; "native", a native thread per vCPU (~44 KiB instead
+   * of ~10 MiB) whose exits one worker handles for all.
+   */
+  readonly vcpuThreads?: VcpuThreadKind;
   readonly kernelPath: string;
   /**
    * The kernel decompressed on the host (src/images/kernel-unpack.ts): loaded

@@ -16,6 +16,10 @@ test("thread hints from `partis run` arguments: --cpus N / --cpus=N, device opti
   // --append's value is not an option, even when it looks like one.
   assert.deepEqual(hintsFromArgs(["--append", "console=ttyS0", "--framebuffer"]), { vcpus: 1, devices: false });
   assert.deepEqual(hintsFromArgs(["--", "--disk"]), { vcpus: 1, devices: false });
+  // --vcpu-threads native: one thread runs every vCPU (their own threads are native ones).
+  assert.deepEqual(hintsFromArgs(["--cpus", "16", "--vcpu-threads", "native"]), { vcpus: 1, devices: false });
+  assert.deepEqual(hintsFromArgs(["--vcpu-threads=native", "--cpus=4", "--rng"]), { vcpus: 1, devices: true });
+  assert.deepEqual(hintsFromArgs(["--cpus", "4", "--vcpu-threads", "worker"]), { vcpus: 4, devices: false });
 });
 
 test("prestart arguments are bounded", () => {
