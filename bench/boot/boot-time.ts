@@ -23,9 +23,11 @@
  * pages (hugetlbfs): Partis `--hugepages` and QEMU q35 with a hugetlb memfd.
  * The bench grows the 2 MiB pool for them (root) and puts it back at the end.
  * hugetlb pages are not in VmRSS, so the overhead column means the same there.
- * `--only KEY,...` runs only some rows (keys: partis, partis-unpack-guest,
- * partis-hugepages, qemu-microvm, qemu-q35, qemu-q35-hugetlb); the first row
- * run is the one the ratios are taken against.
+ * `--only KEY,...` runs only some rows (keys: partis, partis-native,
+ * partis-unpack-guest, partis-hugepages, qemu-microvm, qemu-q35,
+ * qemu-q35-hugetlb); the first row run is the one the ratios are taken
+ * against. The row partis-native (`--vcpu-threads native`) runs only when
+ * named. `--cpus N` gives every VMM N vCPUs (default 1).
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { readFileSync, existsSync, writeFileSync } from "node:fs";
@@ -42,7 +44,9 @@ const hugepages = args.includes("--hugepages");
 const only = args.includes("--only") ? new Set((args[args.indexOf("--only") + 1] ?? "").split(",")) : undefined;
 const POOL_2M = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
 const memory = "256M";
-const cpus = 1;
+/** `--cpus N` (default 1): vCPUs of every VMM. */
+const cpus = args.includes("--cpus") ? Number(args[args.indexOf("--cpus") + 1]) : 1;
+if (!Number.isSafeInteger(cpus) || cpus < 1) throw new Error(`--cpus: ${args[args.indexOf("--cpus") + 1]} is not a vCPU count`);
 const append = "console=ttyS0 panic=-1 quiet";
 const TIMEOUT_MS = 180_000;
 
@@ -140,13 +144,14 @@ async function main(): Promise<void> {
   const hugeBackend = ["-object", `memory-backend-memfd,id=ram0,size=${memory},hugetlb=on,hugetlbsize=2M`];
   const all: { key: string; name: string; huge?: true; run: () => Promise<Sample> }[] = [
     { key: "partis", name: "partis", run: partis([]) },
+    { key: "partis-native", name: "partis --vcpu-threads native", run: partis(["--vcpu-threads", "native"]) },
     { key: "partis-unpack-guest", name: "partis --kernel-unpack guest", run: partis(["--kernel-unpack", "guest"]) },
     { key: "partis-hugepages", name: "partis --hugepages", huge: true, run: partis(["--hugepages", "2M"]) },
     { key: "qemu-microvm", name: "qemu -M microvm", run: () => once(qemu, ["-M", "microvm,memory-backend=ram0", ...memBackend, ...common], (c) => c.pid!) },
     { key: "qemu-q35", name: "qemu -M q35", run: () => once(qemu, ["-M", "q35,memory-backend=ram0", ...memBackend, ...common], (c) => c.pid!) },
     { key: "qemu-q35-hugetlb", name: "qemu -M q35, hugetlb RAM", huge: true, run: () => once(qemu, ["-M", "q35,memory-backend=ram0", ...hugeBackend, ...common], (c) => c.pid!) },
   ];
-  const configs = all.filter((c) => (only !== undefined ? only.has(c.key) : hugepages || c.huge !== true));
+  const configs = all.filter((c) => (only !== undefined ? only.has(c.key) : (hugepages || c.huge !== true) && c.key !== "partis-native"));
   if (configs.length === 0) throw new Error(`--only: none of ${[...(only ?? [])].join(", ")} is a row (${all.map((c) => c.key).join(", ")})`);
   let restorePool: (() => void) | undefined;
   if (configs.some((c) => c.huge)) {

@@ -65,8 +65,9 @@
  * dist/src/cli/main.js, interleaved: an A/B of two commits),
  * --image-mib N (256), --only NAME[,NAME] (partis-virtio, partis-ide-dma,
  * partis-ide-pio, qemu-virtio, qemu-ide-dma; only when named or with --all:
- * qemu-ide-pio, qemu-virtio-memfd (QEMU's RAM in a memfd, as Partis's is) and
- * partis-virtio-v8st (`node --single-threaded`)), --all, --dir D, --timeout S (300),
+ * qemu-ide-pio, qemu-virtio-memfd (QEMU's RAM in a memfd, as Partis's is),
+ * partis-virtio-v8st (`node --single-threaded`), partis-virtio-native and
+ * partis-ide-pio-native (`--vcpu-threads native`)), --all, --dir D, --timeout S (300),
  * --prepare (build the guest program and initramfs, then exit),
  * Environment: PARTIS_BENCH_THREADS=1 (per-thread CPU per pattern),
  * PARTIS_STATS=1 (the VMM's own counters), PARTIS_BENCH_LOG=DIR (each run's
@@ -203,11 +204,13 @@ interface RunResult {
 const EXTRA_NODE_FLAGS = (process.env.PARTIS_BENCH_NODE_FLAGS ?? "").split(" ").filter((f) => f !== "");
 
 const partisArgv =
-  (iface: "virtio" | "ide", nodeFlags: readonly string[] = [], cli = CLI) =>
+  (iface: "virtio" | "ide", nodeFlags: readonly string[] = [], cli = CLI, runFlags: readonly string[] = []) =>
   (kernel: string, initrd: string, append: string, image: string): { command: string; argv: string[] } => ({
     command: process.execPath,
-    argv: [...nodeFlags, ...EXTRA_NODE_FLAGS, cli, "run", "--kernel", kernel, "--initrd", initrd, "--append", append, "--memory", MEMORY, "--cpus", "1", "--disk", `${image},if=${iface}`],
+    argv: [...nodeFlags, ...EXTRA_NODE_FLAGS, cli, "run", "--kernel", kernel, "--initrd", initrd, "--append", append, "--memory", MEMORY, "--cpus", "1", "--disk", `${image},if=${iface}`, ...runFlags],
   });
+
+const NATIVE_VCPU = ["--vcpu-threads", "native"] as const;
 
 const qemuCommon = (kernel: string, initrd: string, append: string): string[] => [
   "-enable-kvm", "-cpu", "host", "-m", MEMORY, "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
@@ -228,6 +231,16 @@ const CONFIGS: readonly Config[] = [
       command: QEMU,
       argv: ["-M", "q35", ...qemuCommon(k, i, a), "-drive", `file=${img},if=none,format=raw,cache=writeback,id=d0`, "-device", "virtio-blk-pci,drive=d0"],
     }),
+  },
+  {
+    // The vCPU on a native thread, its exits handled by another (--vcpu-threads native): what an exit-bound path costs then.
+    name: "partis-virtio-native", label: "Partis virtio-blk, --vcpu-threads native", vmm: "partis", device: "/dev/vda", seqMiB, randomOps, queuedOps, optional: true,
+    argv: partisArgv("virtio", [], CLI, NATIVE_VCPU),
+  },
+  {
+    name: "partis-ide-pio-native", label: "Partis IDE (PIO), --vcpu-threads native", vmm: "partis", device: "/dev/sda", seqMiB: pioSeqMiB, randomOps: pioRandomOps, queuedOps: pioRandomOps, pio: true,
+    write: { totalKiB: pioWriteKiB, requestKiB: PIO_WRITE_REQUEST_KIB },
+    extraAppend: "libata.force=pio4", optional: true, argv: partisArgv("ide", [], CLI, NATIVE_VCPU),
   },
   {
     // Partis with V8's background threads idle (experiment: what does their CPU buy?).

@@ -1,7 +1,8 @@
 /**
  * The hypervisor binding: the only layer of Partis that calls libc (through
  * koffi). System (/dev/kvm), Partition (a VM), VirtualProcessor (a vCPU),
- * host capability probing, eventfds, and the raw libc entry points other
+ * host capability probing, eventfds, native threads for vCPUs
+ * (SyscallThread), and the raw libc entry points other
  * layers need (aligned buffers, shared mappings).
  */
 export { KvmSystem, kvmIoctl, type CpuidEntry } from "./system.js";
@@ -34,6 +35,7 @@ export {
   type VcpuEvents,
 } from "./virtual-processor.js";
 export { EventFd } from "./eventfd.js";
+export { SyscallThread, SyscallDoorbell } from "./syscall-thread.js";
 export { probeHost, hostCanRunStockGuests, stockGuestVerdict, PVM_EXPLANATION, type HostReport, type VirtualizationKind } from "./host.js";
 export { KvmError, KvmProtocolError, SystemCallError } from "./errors.js";
 export { KVM_CAP, KVM_EXIT, KVM_SYSTEM_EVENT, KVM_INTERNAL_ERROR, KVM_MP_STATE } from "./kvm-abi.js";

@@ -60,7 +60,9 @@ test("--cpus 4: the guest sees 4 online CPUs, and SMP poweroff ends the run with
   assert.equal(r.status, 0, r.stderr);
 });
 
-test("--vcpu-threads native: 4 vCPUs on native threads boot; disks (virtio-blk, IDE) and virtio-rng work through the one exit-handling thread", async () => {
+// Two vCPUs, not four: the nested test host's own kernel dies more often the more vCPUs its guests
+// have (docs/guests.md); the --cpus 4 test above covers that count.
+test("--vcpu-threads native: 2 vCPUs on native threads boot; disks (virtio-blk, IDE) and virtio-rng work through the one exit-handling thread", async () => {
   const dir = mkdtempSync(join(tmpdir(), "partis-native-vcpus-"));
   try {
     const disks = ["virtio", "ide"].map((bus) => {
@@ -75,8 +77,8 @@ test("--vcpu-threads native: 4 vCPUs on native threads boot; disks (virtio-blk, 
       "echo RNGBYTES=$(head -c 64 /dev/hwrng | wc -c)",
       "poweroff -f",
     ].join("; ");
-    const r = await runGuestCommand(script, ["--cpus", "4", "--memory", "512M", "--vcpu-threads", "native", "--rng", ...disks.flat()]);
-    assert.match(r.output, /CPUS=4\b/, `${r.output.slice(-2000)}\n${r.stderr}`);
+    const r = await runGuestCommand(script, ["--cpus", "2", "--memory", "512M", "--vcpu-threads", "native", "--rng", ...disks.flat()]);
+    assert.match(r.output, /CPUS=2\b/, `${r.output.slice(-2000)}\n${r.stderr}`);
     assert.match(r.output, /SAME-vda/, r.output.slice(-2000));
     assert.match(r.output, /SAME-sda/, r.output.slice(-2000));
     assert.match(r.output, /RNGBYTES=64\b/);
