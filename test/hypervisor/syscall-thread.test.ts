@@ -138,7 +138,7 @@ test("a vCPU created on a native thread runs there: port-I/O exits, registers, a
   }
 });
 
-test("a vCPU halted in the kernel on a native thread is kicked out (intr) from JavaScript", { skip: noKvm }, () => {
+test("a vCPU halted in the kernel on a native thread is kicked out (intr) from JavaScript; once closed, it is never signalled again", { skip: noKvm }, () => {
   const sys = KvmSystem.open();
   const p = Partition.create(sys, { ranges: [{ gpa: 0, length: 0x100000, fileOffset: 0 }] });
   p.setTssAddr(DEFAULT_TSS_GPA);
@@ -157,6 +157,14 @@ test("a vCPU halted in the kernel on a native thread is kicked out (intr) from J
       const exit = vp.finishRun(t.wait());
       assert.equal(exit.reason, "intr");
       assert.equal(vp.immediateExit, false, "re-armed for the next run");
+      const guard = new Int32Array(vp.kickHandle().guard);
+      assert.equal(guard[0], 0, "open again after the kick");
+      vp.close();
+      assert.equal(guard[0], 2, "closing the vCPU retires its kickers");
+      t.stop();
+      // Its thread is gone (its pthread_t may name another thread by now): the kick must not signal it.
+      kicker.kick();
+      assert.equal(guard[0], 2);
     } finally {
       kicker.close();
       vp.close();
