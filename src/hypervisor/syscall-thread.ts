@@ -153,22 +153,29 @@ export function assembleSyscallLoop(): Uint8Array {
   return Uint8Array.from(out);
 }
 
-let codeAddress: bigint | undefined;
+/** The loop's code page in this isolate (threads started from here run it), while any runs. */
+let code: { readonly pointer: unknown; readonly address: bigint } | undefined;
 
-/** The loop's code, mapped once per process, read+execute. */
+/** The loop's code, mapped read+execute while this isolate has SyscallThreads (unmapped after the last stops). */
 function loopCode(): bigint {
-  if (codeAddress !== undefined) return codeAddress;
-  const code = assembleSyscallLoop();
+  if (code !== undefined) return code.address;
+  const bytes = assembleSyscallLoop();
   const page = libc.mmap(4096, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_PRIVATE | libc.MAP_ANONYMOUS, -1, 0, { what: "syscall thread code" });
-  libc.viewOf(page, 4096).set(code);
+  libc.viewOf(page, 4096).set(bytes);
   if (mprotect(page, 4096, libc.PROT_READ | libc.PROT_EXEC) !== 0) {
     const e = libc.lastError("mprotect", { what: "syscall thread code" });
     libc.munmap(page, 4096);
     throw e;
   }
-  // Never unmapped: a thread may be running it until the process ends.
-  codeAddress = libc.addressOf(page);
-  return codeAddress;
+  code = { pointer: page, address: libc.addressOf(page) };
+  return code.address;
+}
+
+/** After the last thread of this isolate has been joined: nothing runs the code any more. */
+function releaseLoopCode(): void {
+  if (code === undefined) return;
+  libc.munmap(code.pointer, 4096);
+  code = undefined;
 }
 
 function putU64(words: Uint32Array, byteOffset: number, value: number | bigint): void {
@@ -194,13 +201,19 @@ function putU64(words: Uint32Array, byteOffset: number, value: number | bigint):
  */
 export class SyscallDoorbell {
   private readonly word: Int32Array;
+  /** struct timespec for timed waits, in the same page. */
+  private readonly timeout: BigInt64Array;
+  private readonly timeoutAddress: number;
   readonly address: bigint;
   private readonly addressNumber: number;
+  private closed = false;
 
-  private constructor(view: Uint8Array) {
+  private constructor(private readonly view: Uint8Array) {
     this.word = new Int32Array(view.buffer, view.byteOffset, 1);
+    this.timeout = new BigInt64Array(view.buffer, view.byteOffset + 16, 2);
     this.address = libc.addressOfView(view);
     this.addressNumber = Number(this.address);
+    this.timeoutAddress = this.addressNumber + 16;
   }
 
   static create(): SyscallDoorbell {
@@ -214,24 +227,27 @@ export class SyscallDoorbell {
 
   /** Sleep until the doorbell moves past `sequence` (returns at once if it already has), or `timeoutMs`. */
   wait(sequence: number, timeoutMs?: number): void {
-    futexWait(this.addressNumber, sequence, timeoutMs);
+    let ts = 0;
+    if (timeoutMs !== undefined) {
+      this.timeout[0] = BigInt(Math.floor(timeoutMs / 1000));
+      this.timeout[1] = BigInt(Math.round((timeoutMs % 1000) * 1e6));
+      ts = this.timeoutAddress;
+    }
+    futexWait(this.addressNumber, sequence, ts);
+  }
+
+  /** Release its memory. Only once every thread that rings it has stopped (they write to it). */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    libc.releaseMapping(this.view);
   }
 }
 
-const timespecAddress = (() => {
-  const v = libc.alignedBuffer(16);
-  return { view: new BigInt64Array(v.buffer, v.byteOffset, 2), address: Number(libc.addressOfView(v)) };
-})();
-
-function futexWait(address: number, expected: number, timeoutMs?: number): void {
-  let ts = 0;
-  if (timeoutMs !== undefined) {
-    timespecAddress.view[0] = BigInt(Math.floor(timeoutMs / 1000));
-    timespecAddress.view[1] = BigInt(Math.round((timeoutMs % 1000) * 1e6));
-    ts = timespecAddress.address;
-  }
+/** futex(FUTEX_WAIT_PRIVATE); `timespec`: the address of a struct timespec, 0 for none. */
+function futexWait(address: number, expected: number, timespec = 0): void {
   // EAGAIN (the word moved), EINTR, ETIMEDOUT: the caller looks at the word again either way.
-  futexCall(SYS_futex, address, FUTEX_WAIT_PRIVATE, expected | 0, ts);
+  futexCall(SYS_futex, address, FUTEX_WAIT_PRIVATE, expected | 0, timespec);
 }
 
 function futexWake(address: number): void {
@@ -249,8 +265,7 @@ export class SyscallThread {
   private readonly words: Uint32Array;
   private readonly state: Int32Array;
   private readonly controlAddress: number;
-  /** Scratch memory for call arguments (structs an ioctl reads or writes), SCRATCH_BYTES long. */
-  readonly scratch: Uint8Array;
+  private readonly scratchView: Uint8Array;
   /** The scratch area's host address (what the kernel is given). */
   readonly scratchAddress: number;
   private stopped = false;
@@ -260,11 +275,13 @@ export class SyscallThread {
     /** pthread_t of the native thread: what pthread_kill (a vCPU kick) needs. */
     readonly thread: bigint,
     private readonly context: ErrorContext,
+    /** Held so that it outlives the thread, which writes to it after every call. */
+    readonly doorbell: SyscallDoorbell | undefined,
   ) {
     this.words = new Uint32Array(block.buffer, block.byteOffset, CONTROL_BYTES >>> 2);
     this.state = new Int32Array(block.buffer, block.byteOffset, 1);
     this.controlAddress = Number(libc.addressOfView(block));
-    this.scratch = block.subarray(CONTROL_BYTES, CONTROL_BYTES + SCRATCH_BYTES);
+    this.scratchView = block.subarray(CONTROL_BYTES, CONTROL_BYTES + SCRATCH_BYTES);
     this.scratchAddress = this.controlAddress + CONTROL_BYTES;
   }
 
@@ -281,21 +298,35 @@ export class SyscallThread {
     const r = pthreadCreate(out, null, code, libc.addressOfView(block));
     if (r !== 0) {
       libc.releaseMapping(block);
+      if (running.size === 0) releaseLoopCode();
       throw new SystemCallError("pthread_create", r, libc.errnoName(r), libc.strerror(r), { what: "syscall thread", ...options.context });
     }
-    const t = new SyscallThread(block, out[0]!, options.context ?? {});
+    const t = new SyscallThread(block, out[0]!, options.context ?? {}, options.doorbell);
     running.add(t);
     return t;
   }
 
-  /** True while a posted call has not been taken (requested or done). */
+  /** Its memory is gone once it has stopped: every use after that is refused, never a stray access. */
+  private checkRunning(): void {
+    if (this.stopped) throw new KvmProtocolError("SYSCALL_THREAD_STOPPED", "the syscall thread has stopped", this.context);
+  }
+
+  /** Scratch memory for call arguments, SCRATCH_BYTES long (refused once the thread has stopped). */
+  get scratch(): Uint8Array {
+    this.checkRunning();
+    return this.scratchView;
+  }
+
+  /** True while a posted call has not been taken (requested or done); false once stopped. */
   get busy(): boolean {
+    if (this.stopped) return false;
     const s = Atomics.load(this.state, 0);
     return s === State.Requested || s === State.Done;
   }
 
   /** True when the posted call has finished and its result waits in `take()`. */
   get done(): boolean {
+    this.checkRunning();
     return Atomics.load(this.state, 0) === State.Done;
   }
 
@@ -304,7 +335,7 @@ export class SyscallThread {
    * (addresses as Numbers or BigInts; small negatives are sign-extended).
    */
   post(nr: number, a0: number | bigint = 0, a1: number | bigint = 0, a2: number | bigint = 0, a3: number | bigint = 0, a4: number | bigint = 0, a5: number | bigint = 0): void {
-    if (this.stopped) throw new KvmProtocolError("SYSCALL_THREAD_STOPPED", "the syscall thread has stopped", this.context);
+    this.checkRunning();
     if (Atomics.load(this.state, 0) !== State.Idle) throw new KvmProtocolError("SYSCALL_THREAD_BUSY", "the syscall thread has a call in flight", { nr, ...this.context });
     const w = this.words;
     w[OFF_NR >>> 2] = nr;
@@ -321,6 +352,7 @@ export class SyscallThread {
 
   /** The finished call's raw result (negative: -errno); the thread is idle again after. */
   take(): number {
+    this.checkRunning();
     if (Atomics.load(this.state, 0) !== State.Done) throw new KvmProtocolError("SYSCALL_THREAD_NOT_DONE", "no finished call to take", this.context);
     const lo = this.words[OFF_RESULT >>> 2]!;
     const hi = this.words[(OFF_RESULT >>> 2) + 1]!;
@@ -330,6 +362,7 @@ export class SyscallThread {
 
   /** Block until the posted call is done; returns its raw result. */
   wait(): number {
+    this.checkRunning();
     for (;;) {
       const s = Atomics.load(this.state, 0);
       if (s === State.Done) return this.take();
@@ -349,13 +382,14 @@ export class SyscallThread {
    * and back (the kernel may write it); an integer goes as it is. Raw result.
    */
   ioctl(fd: number, request: number, arg: ArrayBufferView | number | bigint | null): number {
+    this.checkRunning();
     if (arg === null) return this.call(SYS_ioctl, fd, request, 0);
     if (!ArrayBuffer.isView(arg)) return this.call(SYS_ioctl, fd, request, arg);
     const bytes = new Uint8Array(arg.buffer, arg.byteOffset, arg.byteLength);
     if (bytes.length > SCRATCH_BYTES) throw new KvmProtocolError("SYSCALL_THREAD_ARGUMENT", `an ioctl argument of ${bytes.length} bytes exceeds the ${SCRATCH_BYTES}-byte scratch area`, { request, ...this.context });
-    this.scratch.set(bytes);
+    this.scratchView.set(bytes);
     const r = this.call(SYS_ioctl, fd, request, this.scratchAddress);
-    bytes.set(this.scratch.subarray(0, bytes.length));
+    bytes.set(this.scratchView.subarray(0, bytes.length));
     return r;
   }
 
@@ -373,6 +407,7 @@ export class SyscallThread {
     const r = pthreadJoin(this.thread, null);
     running.delete(this);
     libc.releaseMapping(this.block);
+    if (running.size === 0) releaseLoopCode();
     if (r !== 0) throw new SystemCallError("pthread_join", r, libc.errnoName(r), libc.strerror(r), { what: "syscall thread", ...this.context });
   }
 }

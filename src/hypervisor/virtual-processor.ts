@@ -270,12 +270,31 @@ export class VirtualProcessor {
       fd = native.ioctl(partition.vmFd, KVM.CREATE_VCPU, id);
       if (fd < 0) throw new KvmError("KVM_CREATE_VCPU", -fd, libc.errnoName(-fd), libc.strerror(-fd), { fd: partition.vmFd, ...context });
     }
+    let run: Uint8Array | undefined;
     try {
-      const run = libc.mapSharedFile(fd, 0, partition.vcpuMmapSize);
+      run = libc.mapSharedFile(fd, 0, partition.vcpuMmapSize);
       return new VirtualProcessor(partition, id, fd, run, native);
     } catch (e) {
+      // Thread-local finalizers never run when a thread ends: release the mapping here, or it keeps the VM alive.
+      if (run !== undefined) libc.releaseMapping(run);
       libc.close(fd);
       throw e;
+    }
+  }
+
+  /**
+   * Make this vCPU leave KVM_RUN, from a thread other than the one running
+   * it (the thread that drives a vCPU on a native thread, say): as
+   * VcpuKicker.kick() does. Does nothing once the vCPU is closed.
+   */
+  interrupt(): void {
+    if (this.closed) return;
+    this.run8[KVM_RUN.IMMEDIATE_EXIT] = 1;
+    if (Atomics.compareExchange(this.kickGuard, 0, GUARD_OPEN, GUARD_KICKING) !== GUARD_OPEN) return;
+    try {
+      libc.pthreadKill(this.thread, KICK_SIGNAL);
+    } finally {
+      Atomics.store(this.kickGuard, 0, GUARD_OPEN);
     }
   }
 

@@ -12,7 +12,7 @@ import type { Worker } from "node:worker_threads";
 import { KvmSystem } from "../hypervisor/system.js";
 import { KVM_CAP } from "../hypervisor/kvm-abi.js";
 import { Partition } from "../hypervisor/partition.js";
-import { VcpuKicker } from "../hypervisor/virtual-processor.js";
+import { VcpuKicker, installKickHandler } from "../hypervisor/virtual-processor.js";
 import { planMemory, type MemoryPlan } from "../machine/memory-map.js";
 import { loadLinux } from "../machine/linux-boot.js";
 import { openUnpackedKernel, readKernelHead } from "../images/kernel-file.js";
@@ -118,6 +118,8 @@ export class RunningVm {
    * state has been handed over.
    */
   static start(config: VmConfig, options: RunningVmOptions): RunningVm {
+    // Before any vCPU thread exists: a kick that reaches one then never ends the process (SIGUSR2's default).
+    installKickHandler();
     const system = KvmSystem.open(kvmDevicePath());
     if (config.cpus > system.maxVcpus)
       throw new VmStartError("TOO_MANY_VCPUS", `${config.cpus} vCPUs requested; KVM allows at most ${system.maxVcpus}`, { vm: config.name });

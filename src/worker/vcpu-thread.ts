@@ -270,8 +270,16 @@ class VcpuExitHandler {
     this.spentUs[key] = (this.spentUs[key] ?? 0) + us;
   }
 
-  stats(): Record<string, number> {
-    const stats: Record<string, number> = { ...this.exits, ioShadowed: this.m.forwarder?.shadowedReads ?? 0, ioPosted: this.m.forwarder?.postedWrites ?? 0 };
+  /**
+   * Exit counts and times. The device forwarder's counts belong to the thread
+   * (one forwarder for all its vCPUs): only the thread's first vCPU carries them.
+   */
+  stats(withForwarder: boolean): Record<string, number> {
+    const stats: Record<string, number> = { ...this.exits };
+    if (withForwarder) {
+      stats["ioShadowed"] = this.m.forwarder?.shadowedReads ?? 0;
+      stats["ioPosted"] = this.m.forwarder?.postedWrites ?? 0;
+    }
     for (const [k, v] of Object.entries(this.spentUs)) stats[k] = Math.round(v);
     return stats;
   }
@@ -317,11 +325,17 @@ function runNativeVcpus(data: VcpuThreadData, partition: Partition): void {
     }
     runVcpus(data, partition, vps, doorbell);
   } finally {
-    // A vCPU still in KVM_RUN (the loop failed) leaves it once the main thread, which sees the
-    // recorded crash, kicks it; only then can its thread end.
-    for (const t of threads) if (t.busy && !t.done) t.wait();
+    // A vCPU still in KVM_RUN (the loop failed): kick it out here, without waiting for the main
+    // thread to; only then can its thread end.
+    threads.forEach((t, i) => {
+      if (t.busy && !t.done) {
+        vps[i]?.interrupt();
+        t.wait();
+      }
+    });
     for (const vp of vps) vp.close();
     for (const t of threads) t.stop();
+    doorbell.close();
   }
 }
 
@@ -404,7 +418,7 @@ function runVcpus(data: VcpuThreadData, partition: Partition, vps: readonly Virt
       }
     }
   } else serveNative(handlers, doorbell, power, timing);
-  for (const h of handlers) port.postMessage({ type: "stopped", vcpuId: h.vcpuId, exits: h.stats() } satisfies VcpuThreadMessage);
+  handlers.forEach((h, i) => port.postMessage({ type: "stopped", vcpuId: h.vcpuId, exits: h.stats(i === 0) } satisfies VcpuThreadMessage));
 }
 
 /**
@@ -415,10 +429,17 @@ function runVcpus(data: VcpuThreadData, partition: Partition, vps: readonly Virt
  */
 function serveNative(handlers: readonly VcpuExitHandler[], doorbell: SyscallDoorbell, power: PowerState, timing: boolean): void {
   const threads = handlers.map((h) => h.vp.syscallThread!);
-  const inRun = handlers.map(() => true);
-  let running = handlers.length;
+  const inRun = handlers.map(() => false);
+  let running = 0;
+  let interrupted = false;
   try {
-    for (const h of handlers) h.vp.startRun();
+    // The VM may have stopped before its start gate opened (a device that failed): then no vCPU runs.
+    for (const [i, h] of handlers.entries()) {
+      if (!power.running) break;
+      h.vp.startRun();
+      inRun[i] = true;
+      running++;
+    }
     while (running > 0) {
       const sequence = doorbell.sequence;
       let served = 0;
@@ -438,12 +459,20 @@ function serveNative(handlers: readonly VcpuExitHandler[], doorbell: SyscallDoor
         }
       }
       if (served > 0) continue;
+      if (!power.running && !interrupted) {
+        // Stopped: the main thread kicks the vCPUs it knows; this thread kicks them all itself
+        // too, so none is left waiting (an AP halted in the kernel, say) whatever the main thread saw.
+        interrupted = true;
+        handlers.forEach((h, i) => inRun[i] && h.vp.interrupt());
+        continue;
+      }
       let polls = 0;
       while (polls < DOORBELL_POLLS && doorbell.sequence === sequence) polls++;
-      if (polls === DOORBELL_POLLS) doorbell.wait(sequence, 1000);
+      // A bounded sleep: the VM stopping does not ring the doorbell.
+      if (polls === DOORBELL_POLLS) doorbell.wait(sequence, 200);
     }
   } catch (e) {
-    // Stop the VM so the main thread kicks the vCPUs still in KVM_RUN (runNativeVcpus waits for them).
+    // Stop the VM: runNativeVcpus then kicks the vCPUs still in KVM_RUN and ends their threads.
     power.record({ kind: "crash", reason: `vCPUs: ${e instanceof Error ? e.message : String(e)}` });
     throw e;
   }

@@ -452,32 +452,34 @@ for (const { kind, args: threadArgs } of THREAD_KINDS) {
   });
 }
 
-test("a device back end that cannot start (channel socket in use by another process): status 1, the reason, the other socket untouched", async () => {
-  const { createServer, connect } = await import("node:net");
-  const sock = join(dir, "busy.sock");
-  const server = createServer(() => {});
-  await new Promise<void>((r) => server.listen(sock, r));
-  try {
-    const k = kernelFile("devices-fail", [...serialPrint("SHOULD-NOT-RUN\n"), ...ACPI_S5, ...HALT_LOOP]);
-    const r = await new Promise<{ status: number | null; stdout: string; stderr: string }>((resolve) => {
-      const child = spawn(process.execPath, [CLI, "run", "--kernel", k, "--memory", "64M", "--channel", sock], { stdio: ["ignore", "pipe", "pipe"] });
-      let stdout = "";
-      let stderr = "";
-      child.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
-      child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
-      child.on("exit", (status) => resolve({ status, stdout, stderr }));
-    });
-    assert.equal(r.status, 1, r.stderr);
-    assert.match(r.stderr, /cannot start the devices: .*busy\.sock is in use/);
-    assert.doesNotMatch(r.stdout, /SHOULD-NOT-RUN/);
-    await new Promise<void>((resolve, reject) => connect(sock).once("connect", function (this: import("node:net").Socket) {
-      this.destroy();
-      resolve();
-    }).once("error", reject));
-  } finally {
-    server.close();
-  }
-});
+for (const { kind, args: threadArgs } of THREAD_KINDS) {
+  test(`a device back end that cannot start (channel socket in use by another process): status 1, the reason, the other socket untouched (2 vCPUs, --vcpu-threads ${kind})`, async () => {
+    const { createServer, connect } = await import("node:net");
+    const sock = join(dir, `busy-${kind}.sock`);
+    const server = createServer(() => {});
+    await new Promise<void>((r) => server.listen(sock, r));
+    try {
+      const k = kernelFile("devices-fail", [...serialPrint("SHOULD-NOT-RUN\n"), ...ACPI_S5, ...HALT_LOOP]);
+      const r = await new Promise<{ status: number | null; stdout: string; stderr: string }>((resolve) => {
+        const child = spawn(process.execPath, [CLI, "run", "--kernel", k, "--memory", "64M", "--cpus", "2", "--channel", sock, ...threadArgs], { stdio: ["ignore", "pipe", "pipe"] });
+        let stdout = "";
+        let stderr = "";
+        child.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
+        child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
+        child.on("exit", (status) => resolve({ status, stdout, stderr }));
+      });
+      assert.equal(r.status, 1, r.stderr);
+      assert.match(r.stderr, /cannot start the devices: .*busy-\w+\.sock is in use/);
+      assert.doesNotMatch(r.stdout, /SHOULD-NOT-RUN/);
+      await new Promise<void>((resolve, reject) => connect(sock).once("connect", function (this: import("node:net").Socket) {
+        this.destroy();
+        resolve();
+      }).once("error", reject));
+    } finally {
+      server.close();
+    }
+  });
+}
 
 for (const { kind, args: threadArgs } of THREAD_KINDS) {
   test(`SIGQUIT: a state report of every vCPU (registers, run state, LAPIC) and device (virtqueues), and the VM runs on (--vcpu-threads ${kind})`, { timeout: 120_000 }, async () => {
