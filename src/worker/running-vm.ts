@@ -1,7 +1,8 @@
 /**
  * A VM running inside a worker process: the partition (KVM VM with in-kernel
  * irqchip and PIT), guest RAM loaded with the kernel, initrd, boot tables and
- * ACPI tables, the board, and one thread per virtual processor.
+ * ACPI tables, the board, and the virtual processors' threads (one per vCPU,
+ * or with `vcpuThreads: "native"` one for all: vcpu-thread.ts).
  *
  * The worker's main thread owns lifecycle: it feeds console input into COM1,
  * presses the ACPI power button on a host shutdown request, and waits for the

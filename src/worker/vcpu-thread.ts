@@ -1,10 +1,13 @@
 /**
- * A virtual processor's thread (node:worker_threads): it attaches to the
- * worker's partition (mapping guest RAM for itself), creates its vCPU (KVM
- * requires vCPU ioctls from the creating thread), builds its own view of the
- * board over the shared device state, and runs the KVM_RUN loop. Port I/O and
- * MMIO go to the bus under the machine lock; power events and fatal exits
- * are recorded in the shared power state, which stops every thread.
+ * A thread that runs virtual processors (node:worker_threads). It attaches to
+ * the worker's partition (mapping guest RAM for itself), creates its vCPUs
+ * (KVM requires vCPU ioctls from the creating thread), builds its own view of
+ * the board over the shared device state, and runs them: "worker", one vCPU
+ * whose KVM_RUN loop is this thread's; "native", every vCPU of the VM, each
+ * on a native thread of its own (SyscallThread) that makes its ioctls, this
+ * thread handling their exits in turn. Port I/O and MMIO go to the bus under
+ * the machine lock; power events and fatal exits are recorded in the shared
+ * power state, which stops every thread.
  */
 import { awaitThreadData } from "./thread-prestart.js";
 import { parentPort, receiveMessageOnPort, workerData } from "node:worker_threads";
