@@ -70,7 +70,7 @@ const futexCall = libc.lib.func("long syscall(long nr, uint64_t uaddr, long op, 
 ) => number;
 
 /**
- * The thread's code. Labels are resolved by `assemble` (rel8 jumps only).
+ * The thread's code. Labels are resolved by `assembleSyscallLoop` (rel8 jumps only).
  * Register use: rbx holds the control block (callee-saved, restored on exit);
  * `syscall` clobbers only rcx and r11.
  */

@@ -7,25 +7,33 @@ import * as libc from "./libc.js";
 import { KvmError, KvmProtocolError, SystemCallError } from "./errors.js";
 import { KVM, KVM_API_VERSION, KVM_CAP, SIZEOF, decodeCpuid2, type CpuidEntry } from "./kvm-abi.js";
 import type { ErrorContext } from "../errors.js";
+import type { SyscallThread } from "./syscall-thread.js";
 
 export type { CpuidEntry } from "./kvm-abi.js";
 
 /**
  * Issue a KVM ioctl and turn a failure into a KvmError. `arg` is a struct
- * buffer, an integer, or null.
+ * buffer, an integer, or null. `on`: make it on that native thread
+ * (syscall-thread.ts) instead of the calling one.
  */
 export function kvmIoctl(
   fd: number,
   name: keyof typeof KVM,
   arg: ArrayBufferView | number | bigint | null,
   context: ErrorContext = {},
+  on?: SyscallThread,
 ): number {
   const request = KVM[name];
-  const r = arg === null || ArrayBuffer.isView(arg) ? libc.raw.ioctlPtr(fd, request, arg) : libc.raw.ioctlInt(fd, request, arg);
-  if (r < 0) {
-    const e = libc.errno();
-    throw new KvmError(`KVM_${name}`, e, libc.errnoName(e), libc.strerror(e), { fd, ...context });
+  let r: number;
+  let e = 0;
+  if (on !== undefined) {
+    r = on.ioctl(fd, request, arg);
+    if (r < 0) e = -r;
+  } else {
+    r = arg === null || ArrayBuffer.isView(arg) ? libc.raw.ioctlPtr(fd, request, arg) : libc.raw.ioctlInt(fd, request, arg);
+    if (r < 0) e = libc.errno();
   }
+  if (r < 0) throw new KvmError(`KVM_${name}`, e, libc.errnoName(e), libc.strerror(e), { fd, ...context });
   return r;
 }
 

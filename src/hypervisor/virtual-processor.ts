@@ -161,6 +161,21 @@ const GUARD_KICKING = 1;
 const GUARD_RETIRED = 2;
 
 /**
+ * Set immediate_exit in `run` and signal `thread`, unless the vCPU's guard is
+ * retired (closed: the thread may be gone) or another kick is signalling it
+ * right now (that signal does the job for both).
+ */
+function kickThread(run: Uint8Array, guard: Int32Array, thread: bigint): void {
+  run[KVM_RUN.IMMEDIATE_EXIT] = 1;
+  if (Atomics.compareExchange(guard, 0, GUARD_OPEN, GUARD_KICKING) !== GUARD_OPEN) return;
+  try {
+    libc.pthreadKill(thread, KICK_SIGNAL);
+  } finally {
+    Atomics.store(guard, 0, GUARD_OPEN);
+  }
+}
+
+/**
  * Makes a vCPU running on another thread leave KVM_RUN (its run() returns
  * "intr"): sets kvm_run.immediate_exit through its own mapping of the vCPU's
  * kvm_run (so a kick just before KVM_RUN is not lost) and signals the thread
@@ -184,14 +199,7 @@ export class VcpuKicker {
 
   /** Kick the vCPU; does nothing once it has been closed (its thread may be gone). */
   kick(): void {
-    this.run[KVM_RUN.IMMEDIATE_EXIT] = 1;
-    // Another kicker signalling right now does the job for both; a retired vCPU is left alone.
-    if (Atomics.compareExchange(this.guard, 0, GUARD_OPEN, GUARD_KICKING) !== GUARD_OPEN) return;
-    try {
-      libc.pthreadKill(this.handle.thread, KICK_SIGNAL);
-    } finally {
-      Atomics.store(this.guard, 0, GUARD_OPEN);
-    }
+    kickThread(this.run, this.guard, this.handle.thread);
   }
 
   close(): void {
@@ -263,13 +271,7 @@ export class VirtualProcessor {
    */
   static create(partition: Partition, id: number, options: { on?: SyscallThread } = {}): VirtualProcessor {
     const native = options.on;
-    const context = { vm: partition.vmFd, vcpu: id };
-    let fd: number;
-    if (native === undefined) fd = kvmIoctl(partition.vmFd, "CREATE_VCPU", id, context);
-    else {
-      fd = native.ioctl(partition.vmFd, KVM.CREATE_VCPU, id);
-      if (fd < 0) throw new KvmError("KVM_CREATE_VCPU", -fd, libc.errnoName(-fd), libc.strerror(-fd), { fd: partition.vmFd, ...context });
-    }
+    const fd = kvmIoctl(partition.vmFd, "CREATE_VCPU", id, { vm: partition.vmFd, vcpu: id }, native);
     let run: Uint8Array | undefined;
     try {
       run = libc.mapSharedFile(fd, 0, partition.vcpuMmapSize);
@@ -288,22 +290,12 @@ export class VirtualProcessor {
    * VcpuKicker.kick() does. Does nothing once the vCPU is closed.
    */
   interrupt(): void {
-    if (this.closed) return;
-    this.run8[KVM_RUN.IMMEDIATE_EXIT] = 1;
-    if (Atomics.compareExchange(this.kickGuard, 0, GUARD_OPEN, GUARD_KICKING) !== GUARD_OPEN) return;
-    try {
-      libc.pthreadKill(this.thread, KICK_SIGNAL);
-    } finally {
-      Atomics.store(this.kickGuard, 0, GUARD_OPEN);
-    }
+    if (!this.closed) kickThread(this.run8, this.kickGuard, this.thread);
   }
 
   private ioctl(name: keyof typeof KVM, arg: ArrayBufferView | number | bigint | null, context: ErrorContext = {}): number {
     if (this.closed) throw new KvmProtocolError("VCPU_CLOSED", "virtual processor already closed", { vm: this.partition.vmFd, vcpu: this.id });
-    if (this.native === undefined) return kvmIoctl(this.fd, name, arg, { vm: this.partition.vmFd, vcpu: this.id, ...context });
-    const r = this.native.ioctl(this.fd, KVM[name], arg);
-    if (r < 0) throw new KvmError(`KVM_${name}`, -r, libc.errnoName(-r), libc.strerror(-r), { fd: this.fd, vm: this.partition.vmFd, vcpu: this.id, ...context });
-    return r;
+    return kvmIoctl(this.fd, name, arg, { vm: this.partition.vmFd, vcpu: this.id, ...context }, this.native);
   }
 
   /**

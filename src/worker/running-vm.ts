@@ -292,7 +292,8 @@ export class RunningVm {
       ended = true;
       for (const k of kickers) this.endedKickers.add(k);
     });
-    const what = data.vcpus.length === 1 ? `vCPU ${data.vcpus[0]!.vcpuId}` : `vCPUs 0-${data.vcpus.length - 1}`;
+    const [first, last] = [data.vcpus[0]!.vcpuId, data.vcpus[data.vcpus.length - 1]!.vcpuId];
+    const what = first === last ? `vCPU ${first}` : `vCPUs ${first}-${last}`;
     t.on("message", (m: VcpuThreadMessage) => {
       if (m.type === "ready") {
         const kicker = VcpuKicker.attach(m.kick);

@@ -295,10 +295,14 @@ class VcpuExitHandler {
  * not run when a thread ends, and these are process-wide: left open, every
  * reboot would keep the old VM (and its guest RAM) alive.
  */
+/** This thread's name in traces and `partis-<name>` in ps: vcpu<N> for one vCPU, vcpus for all. */
+function threadLabel(data: VcpuThreadData): string {
+  return data.kind === "worker" ? `vcpu${data.vcpus[0]!.vcpuId}` : "vcpus";
+}
+
 function main(data: VcpuThreadData): void {
-  const name = data.kind === "worker" ? `vcpu${data.vcpus[0]!.vcpuId}` : "vcpus";
-  bootTrace(name, "modules loaded");
-  setThreadName(`partis-${name}`);
+  bootTrace(threadLabel(data), "modules loaded");
+  setThreadName(`partis-${threadLabel(data)}`);
   const partition = Partition.attach(data.handoff);
   try {
     if (data.kind === "worker") {
@@ -388,8 +392,7 @@ function runVcpus(data: VcpuThreadData, partition: Partition, vps: readonly Virt
   }
   const machine: ThreadMachine = { bus, lock, forwarder, power };
   const handlers = vps.map((vp, i) => new VcpuExitHandler(data.vcpus[i]!.vcpuId, vp, machine, data.report));
-  const name = data.kind === "worker" ? `vcpu${data.vcpus[0]!.vcpuId}` : "vcpus";
-  bootTrace(name, "ready");
+  bootTrace(threadLabel(data), "ready");
   for (const h of handlers) port.postMessage({ type: "ready", vcpuId: h.vcpuId, kick: h.vp.kickHandle() } satisfies VcpuThreadMessage);
   const gate = new Int32Array(data.startGate, 0, 1);
   while (Atomics.load(gate, 0) === 0) Atomics.wait(gate, 0, 0);

@@ -17,6 +17,19 @@ import { CODE_GPA, code, enterRealMode } from "./guests.js";
 
 const noKvm = fs.existsSync("/dev/kvm") ? undefined : "no /dev/kvm on this host";
 
+/** A 1 MiB partition (TSS set, for VT-x hosts in real mode) for `body`, destroyed after it. */
+function withPartition(body: (p: Partition) => void): void {
+  const sys = KvmSystem.open();
+  const p = Partition.create(sys, { ranges: [{ gpa: 0, length: 0x100000, fileOffset: 0 }] });
+  try {
+    p.setTssAddr(DEFAULT_TSS_GPA);
+    body(p);
+  } finally {
+    p.destroy();
+    sys.close();
+  }
+}
+
 function threadCount(): number {
   return fs.readdirSync("/proc/self/task").length;
 }
@@ -107,125 +120,117 @@ test("struct arguments go through the scratch area both ways; misuse of the requ
 });
 
 test("a vCPU created on a native thread runs there: port-I/O exits, registers, and a KVM error with errno", { skip: noKvm }, () => {
-  const sys = KvmSystem.open();
-  const p = Partition.create(sys, { ranges: [{ gpa: 0, length: 0x100000, fileOffset: 0 }] });
-  p.setTssAddr(DEFAULT_TSS_GPA);
-  const t = SyscallThread.start({ context: { vcpu: 3 } });
-  try {
-    const tid = t.call(SYS.gettid);
-    p.guestMemory.write(CODE_GPA, GUEST);
-    const vp = VirtualProcessor.create(p, 3, { on: t });
+  withPartition((p) => {
+    const t = SyscallThread.start({ context: { vcpu: 3 } });
     try {
-      assert.equal(vp.syscallThread, t);
-      enterRealMode(vp, CODE_GPA, { rbx: 3n });
-      assert.equal(vp.getRegs().rbx, 3n, "registers round-trip through the native thread");
-      const ticks = threadTicks(tid);
-      for (let i = 0; i < 20_000; i++) {
-        const exit = vp.run();
-        assert.equal(exit.reason, "io");
-        if (exit.reason === "io") {
-          assert.equal(exit.port, 0x80);
-          assert.equal(exit.data[0], 3);
+      const tid = t.call(SYS.gettid);
+      p.guestMemory.write(CODE_GPA, GUEST);
+      const vp = VirtualProcessor.create(p, 3, { on: t });
+      try {
+        assert.equal(vp.syscallThread, t);
+        enterRealMode(vp, CODE_GPA, { rbx: 3n });
+        assert.equal(vp.getRegs().rbx, 3n, "registers round-trip through the native thread");
+        const ticks = threadTicks(tid);
+        for (let i = 0; i < 20_000; i++) {
+          const exit = vp.run();
+          assert.equal(exit.reason, "io");
+          if (exit.reason === "io") {
+            assert.equal(exit.port, 0x80);
+            assert.equal(exit.data[0], 3);
+          }
         }
+        assert.equal(p.guestMemory.bytes(0x7000 + 3, 1)[0], 3, "the guest wrote its marker");
+        assert.equal(p.guestMemory.bytes(0x7100 + 3, 1)[0], (20_000 - 1) & 0xff, "one counter step per exit");
+        assert.ok(threadTicks(tid) > ticks, "the guest's time is charged to the native thread (KVM_RUN ran there)");
+        // A second vCPU with the same id: KVM refuses with EEXIST, reported as a KvmError.
+        assert.throws(
+          () => VirtualProcessor.create(p, 3, { on: t }),
+          (e: unknown) => e instanceof KvmError && e.errnoName === "EEXIST" && e.ioctl === "KVM_CREATE_VCPU",
+        );
+      } finally {
+        vp.close();
       }
-      assert.equal(p.guestMemory.bytes(0x7000 + 3, 1)[0], 3, "the guest wrote its marker");
-      assert.equal(p.guestMemory.bytes(0x7100 + 3, 1)[0], (20_000 - 1) & 0xff, "one counter step per exit");
-      assert.ok(threadTicks(tid) > ticks, "the guest's time is charged to the native thread (KVM_RUN ran there)");
-      // A second vCPU with the same id: KVM refuses with EEXIST, reported as a KvmError.
-      assert.throws(
-        () => VirtualProcessor.create(p, 3, { on: t }),
-        (e: unknown) => e instanceof KvmError && e.errnoName === "EEXIST" && e.ioctl === "KVM_CREATE_VCPU",
-      );
     } finally {
-      vp.close();
+      t.stop();
     }
-  } finally {
-    t.stop();
-    p.destroy();
-    sys.close();
-  }
+  });
 });
 
 test("a vCPU halted in the kernel on a native thread is kicked out (intr) from JavaScript; once closed, it is never signalled again", { skip: noKvm }, () => {
-  const sys = KvmSystem.open();
-  const p = Partition.create(sys, { ranges: [{ gpa: 0, length: 0x100000, fileOffset: 0 }] });
-  p.setTssAddr(DEFAULT_TSS_GPA);
-  const t = SyscallThread.start();
-  try {
-    p.createIrqchip();
-    p.guestMemory.write(CODE_GPA, code([0xfb], [0xf4], [0xeb, 0xfd])); // sti; idle: hlt; jmp idle
-    const vp = VirtualProcessor.create(p, 0, { on: t });
-    const kicker = VcpuKicker.attach(vp.kickHandle());
+  withPartition((p) => {
+    const t = SyscallThread.start();
     try {
-      enterRealMode(vp);
-      vp.startRun();
-      const until = Date.now() + 300;
-      while (Date.now() < until) assert.equal(t.done, false, "halted in the kernel: KVM_RUN does not return");
-      kicker.kick();
-      const exit = vp.finishRun(t.wait());
-      assert.equal(exit.reason, "intr");
-      assert.equal(vp.immediateExit, false, "re-armed for the next run");
-      const guard = new Int32Array(vp.kickHandle().guard);
-      assert.equal(guard[0], 0, "open again after the kick");
-      vp.close();
-      assert.equal(guard[0], 2, "closing the vCPU retires its kickers");
-      vp.interrupt(); // closed: does nothing
-      assert.equal(guard[0], 2);
+      p.createIrqchip();
+      p.guestMemory.write(CODE_GPA, code([0xfb], [0xf4], [0xeb, 0xfd])); // sti; idle: hlt; jmp idle
+      const vp = VirtualProcessor.create(p, 0, { on: t });
+      const kicker = VcpuKicker.attach(vp.kickHandle());
+      try {
+        enterRealMode(vp);
+        vp.startRun();
+        const until = Date.now() + 300;
+        while (Date.now() < until) assert.equal(t.done, false, "halted in the kernel: KVM_RUN does not return");
+        kicker.kick();
+        const exit = vp.finishRun(t.wait());
+        assert.equal(exit.reason, "intr");
+        assert.equal(vp.immediateExit, false, "re-armed for the next run");
+        const guard = new Int32Array(vp.kickHandle().guard);
+        assert.equal(guard[0], 0, "open again after the kick");
+        vp.close();
+        assert.equal(guard[0], 2, "closing the vCPU retires its kickers");
+        vp.interrupt(); // closed: does nothing
+        assert.equal(guard[0], 2);
+      } finally {
+        kicker.close();
+        vp.close();
+      }
     } finally {
-      kicker.close();
-      vp.close();
+      t.stop();
     }
-  } finally {
-    t.stop();
-    p.destroy();
-    sys.close();
-  }
+  });
 });
 
 test("one JavaScript thread drives four vCPUs on native threads through a doorbell", { skip: noKvm }, () => {
-  const sys = KvmSystem.open();
-  const p = Partition.create(sys, { ranges: [{ gpa: 0, length: 0x100000, fileOffset: 0 }] });
-  p.setTssAddr(DEFAULT_TSS_GPA);
-  const doorbell = SyscallDoorbell.create();
-  const threads = Array.from({ length: 4 }, (_, id) => SyscallThread.start({ doorbell, context: { vcpu: id } }));
-  const vcpus: VirtualProcessor[] = [];
-  try {
-    p.guestMemory.write(CODE_GPA, GUEST);
-    for (const [id, t] of threads.entries()) {
-      const vp = VirtualProcessor.create(p, id, { on: t });
-      vcpus.push(vp);
-      enterRealMode(vp, CODE_GPA, { rbx: BigInt(id) });
-    }
-    const tids = new Set(threads.map((t) => t.call(SYS.gettid)));
-    assert.equal(tids.size, 4, "four threads");
-    const target = 5000;
-    const exits = [0, 0, 0, 0];
-    for (const vp of vcpus) vp.startRun();
-    let running = 4;
-    while (running > 0) {
-      const seq = doorbell.sequence;
-      let served = 0;
-      for (const [id, vp] of vcpus.entries()) {
-        const t = threads[id]!;
-        if (!t.done) continue;
-        served++;
-        const exit = vp.finishRun(t.take());
-        assert.equal(exit.reason, "io");
-        if (exit.reason === "io") assert.equal(exit.data[0], id, "each exit comes from its own vCPU");
-        if (++exits[id]! < target) vp.startRun();
-        else running--;
+  withPartition((p) => {
+    const doorbell = SyscallDoorbell.create();
+    const threads = Array.from({ length: 4 }, (_, id) => SyscallThread.start({ doorbell, context: { vcpu: id } }));
+    const vcpus: VirtualProcessor[] = [];
+    try {
+      p.guestMemory.write(CODE_GPA, GUEST);
+      for (const [id, t] of threads.entries()) {
+        const vp = VirtualProcessor.create(p, id, { on: t });
+        vcpus.push(vp);
+        enterRealMode(vp, CODE_GPA, { rbx: BigInt(id) });
       }
-      if (served === 0) doorbell.wait(seq, 5000);
+      const tids = new Set(threads.map((t) => t.call(SYS.gettid)));
+      assert.equal(tids.size, 4, "four threads");
+      const target = 5000;
+      const exits = [0, 0, 0, 0];
+      for (const vp of vcpus) vp.startRun();
+      let running = 4;
+      while (running > 0) {
+        const seq = doorbell.sequence;
+        let served = 0;
+        for (const [id, vp] of vcpus.entries()) {
+          const t = threads[id]!;
+          if (!t.done) continue;
+          served++;
+          const exit = vp.finishRun(t.take());
+          assert.equal(exit.reason, "io");
+          if (exit.reason === "io") assert.equal(exit.data[0], id, "each exit comes from its own vCPU");
+          if (++exits[id]! < target) vp.startRun();
+          else running--;
+        }
+        if (served === 0) doorbell.wait(seq, 5000);
+      }
+      assert.deepEqual(exits, [target, target, target, target]);
+      for (let id = 0; id < 4; id++) {
+        assert.equal(p.guestMemory.bytes(0x7000 + id, 1)[0], id, `vCPU ${id} marker`);
+        assert.equal(p.guestMemory.bytes(0x7100 + id, 1)[0], (target - 1) & 0xff, `vCPU ${id} counter`);
+      }
+    } finally {
+      for (const vp of vcpus) vp.close();
+      for (const t of threads) t.stop();
+      doorbell.close();
     }
-    assert.deepEqual(exits, [target, target, target, target]);
-    for (let id = 0; id < 4; id++) {
-      assert.equal(p.guestMemory.bytes(0x7000 + id, 1)[0], id, `vCPU ${id} marker`);
-      assert.equal(p.guestMemory.bytes(0x7100 + id, 1)[0], (target - 1) & 0xff, `vCPU ${id} counter`);
-    }
-  } finally {
-    for (const vp of vcpus) vp.close();
-    for (const t of threads) t.stop();
-    p.destroy();
-    sys.close();
-  }
+  });
 });
