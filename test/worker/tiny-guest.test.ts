@@ -297,9 +297,10 @@ for (const { kind, args: threadArgs } of THREAD_KINDS) {
   });
 }
 
-test("PARTIS_STATS=1: each vCPU's exits by kind and its CPU time split between KVM_RUN and handling them", () => {
+/** PARTIS_STATS=1 on a guest that prints and powers off: vCPU 0's stats line, parsed. */
+function vcpu0Stats(args: string[]): Record<string, number> {
   const kernel = kernelFile("stats", [...serialPrint("STATS\n"), ...ACPI_S5, ...HALT_LOOP]);
-  const r = spawnSync(process.execPath, [CLI, "run", "--kernel", kernel, "--memory", "64M"], {
+  const r = spawnSync(process.execPath, [CLI, "run", "--kernel", kernel, "--memory", "64M", ...args], {
     encoding: "latin1",
     input: "",
     timeout: 120_000,
@@ -308,24 +309,18 @@ test("PARTIS_STATS=1: each vCPU's exits by kind and its CPU time split between K
   assert.equal(r.status, 0, r.stderr);
   const m = /partis-vm: vCPU 0 exits (\{.*\})/.exec(r.stderr);
   assert.ok(m, r.stderr);
-  const stats = JSON.parse(m[1]!) as Record<string, number>;
+  return JSON.parse(m[1]!) as Record<string, number>;
+}
+
+test("PARTIS_STATS=1: each vCPU's exits by kind and its CPU time split between KVM_RUN and handling them", () => {
+  const stats = vcpu0Stats([]);
   assert.equal(stats["io"], 7, "six COM1 bytes and the PM1a_CNT write");
   assert.ok(stats["inKvmRun"]! > 0 && stats["ioUs"]! > 0, JSON.stringify(stats));
   assert.equal(stats["mmioUs"], undefined, "no MMIO exit, no MMIO time");
 });
 
 test("PARTIS_STATS=1 with --vcpu-threads native: each vCPU's exits, and the handling thread's CPU time by kind", () => {
-  const kernel = kernelFile("stats", [...serialPrint("STATS\n"), ...ACPI_S5, ...HALT_LOOP]);
-  const r = spawnSync(process.execPath, [CLI, "run", "--kernel", kernel, "--memory", "64M", "--vcpu-threads", "native"], {
-    encoding: "latin1",
-    input: "",
-    timeout: 120_000,
-    env: { ...process.env, PARTIS_STATS: "1" },
-  });
-  assert.equal(r.status, 0, r.stderr);
-  const m = /partis-vm: vCPU 0 exits (\{.*\})/.exec(r.stderr);
-  assert.ok(m, r.stderr);
-  const stats = JSON.parse(m[1]!) as Record<string, number>;
+  const stats = vcpu0Stats(["--vcpu-threads", "native"]);
   assert.equal(stats["io"], 7, "six COM1 bytes and the PM1a_CNT write");
   assert.ok(stats["ioUs"]! > 0, JSON.stringify(stats));
   assert.equal(stats["inKvmRun"], undefined, "KVM_RUN is made on the vCPU's native thread, not timed by the handling thread");
