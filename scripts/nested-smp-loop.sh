@@ -3,7 +3,7 @@
 # guests inside the nested test host"): N boots of a 4-vCPU default guest by
 # Partis and, interleaved, by QEMU with memfd-backed guest RAM, counting the
 # runs that do not reach `CPUS=4`. Run it inside the nested test host:
-#   node dist/src/cli/main.js host nested -- env N=10 LOAD=1 scripts/nested-smp-loop.sh
+#   node dist/partis/partis.js host nested -- env N=10 LOAD=1 scripts/nested-smp-loop.sh
 # N boots each (default 10); LOAD=1 adds a busy loop beside them; NOQEMU=1 /
 # NOPARTIS=1 leave one VMM out; logs go to $LOGS (default .cache/smp-loop).
 cd "$(dirname "$0")/.." || exit 1
@@ -19,7 +19,7 @@ APPEND="console=ttyS0 panic=-1 loglevel=7 partis.run=b64:$B64"
 pf=0; qf=0
 for i in $(seq 1 "$N"); do
   if [ -z "$NOPARTIS" ]; then
-    timeout 200 node dist/src/cli/main.js run --cpus 4 --memory 512M --append "$APPEND" </dev/null >"$LOGS/partis-$i.log" 2>&1
+    timeout 200 node dist/partis/partis.js run --cpus 4 --memory 512M --append "$APPEND" </dev/null >"$LOGS/partis-$i.log" 2>&1
     rc=$?
     if [ $rc = 0 ] && grep -q CPUS=4 "$LOGS/partis-$i.log"; then echo "partis $i ok"; else pf=$((pf+1)); echo "partis $i FAILED (status $rc)"; tail -3 "$LOGS/partis-$i.log"; fi
   fi

@@ -4,13 +4,13 @@
 // (--rng), whose init writes 100 MiB to its tmpfs and reboots, and prints at
 // each of 4 boots the process's RSS, its fds and the host's Shmem (guest RAM
 // the process no longer maps still counts there). Run it where stock guests
-// run, e.g. `node dist/src/cli/main.js host nested -- node scripts/reboot-memory.mjs`;
-// an argument names another build's dist/src/cli/main.js.
+// run, e.g. `node dist/partis/partis.js host nested -- node scripts/reboot-memory.mjs`;
+// an argument names another build's dist/partis/partis.js.
 import { spawn } from "node:child_process";
 import { readFileSync, readdirSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 
-const cli = process.argv[2] ?? fileURLToPath(new URL("../dist/src/cli/main.js", import.meta.url));
+const cli = process.argv[2] ?? fileURLToPath(new URL("../dist/partis/partis.js", import.meta.url));
 const BOOTS = 4;
 const script = "dd if=/dev/zero of=/x bs=1M count=100 2>/dev/null; echo WROTE; reboot -f";
 const b64 = Buffer.from(script).toString("base64");

@@ -91,7 +91,7 @@ async function guestSuite() {
       return { pass: 0, fail: 1, code: 1 };
     }
     console.log(`[guest] host KVM is ${kind}: running the real-guest suite inside the nested test host (QEMU TCG, AMD-V)`);
-    const nested = () => runEchoed([join(root, "dist/src/cli/main.js"), "host", "nested", "--", process.execPath, join(root, "scripts/run-tests.mjs"), "guest", "--inside-nested"]);
+    const nested = () => runEchoed([join(root, "dist/partis/partis.js"), "host", "nested", "--", process.execPath, join(root, "scripts/run-tests.mjs"), "guest", "--inside-nested"]);
     let status = await nested();
     // The nested host's own kernel (nested SVM emulated by TCG) has been seen to
     // die, lock up or stall altogether under load (docs/guests.md). That is the test bed failing,

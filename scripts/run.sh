@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh >&2
-partis=(node "$PWD/dist/src/cli/main.js")
+partis=(node "$PWD/dist/partis/partis.js")
 "${partis[@]}" host check >&2 || true
 if node -e 'import("./dist/src/hypervisor/host.js").then(h => process.exit(h.stockGuestVerdict(h.probeHost()).ok ? 0 : 1))'; then
   exec "${partis[@]}" run "$@"

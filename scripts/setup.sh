@@ -50,6 +50,8 @@ if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.j
   npm ci --no-audit --no-fund
 fi
 
-echo "setup: npx tsc -p ."
+echo "setup: npx tsc -p . && node scripts/bundle.mjs"
 npx tsc -p .
+# The programs users run, bundled (scripts/bundle.mjs: start-up time).
+node scripts/bundle.mjs
 echo "setup: done"

@@ -6,13 +6,16 @@
  *
  * On a PVM host run it inside the nested test host (timings there are
  * TCG-scaled: compare only side by side):
- *   node dist/src/cli/main.js host nested -- node dist/bench/boot/boot-time.js --runs 5 [--warmup 1]
+ *   node dist/partis/partis.js host nested -- node dist/bench/boot/boot-time.js --runs 5 [--warmup 1]
  * On a VT-x/AMD-V host run it directly.
  *
  * Memory overhead = VmRSS − RssShmem of the VMM process once the guest is at
  * its shell: guest RAM is a memfd in both (QEMU is given a memfd backend), so
  * RssShmem is exactly the guest RAM touched and the rest is the VMM's own.
  * For Partis the figure is the `partis run` process, which is the VM's process.
+ * Partis runs as users run it: the bundled CLI (dist/partis/partis.js, from
+ * scripts/bundle.mjs); the row "partis-unbundled" runs tsc's output
+ * (dist/src/cli/main.js, ~100 module files) to show what the bundle is worth.
  *
  * Partis boots the kernel unpacked on the host by default (--kernel-unpack
  * auto: src/images/kernel-unpack.ts); the row "partis --kernel-unpack guest"
@@ -24,10 +27,11 @@
  * The bench grows the 2 MiB pool for them (root) and puts it back at the end.
  * hugetlb pages are not in VmRSS, so the overhead column means the same there.
  * `--only KEY,...` runs only some rows (keys: partis, partis-native,
- * partis-unpack-guest, partis-hugepages, qemu-microvm, qemu-q35,
- * qemu-q35-hugetlb); the first row run is the one the ratios are taken
- * against. The row partis-native (`--vcpu-threads native`) runs only when
- * named. `--cpus N` gives every VMM N vCPUs (default 1).
+ * partis-unbundled, partis-unpack-guest, partis-hugepages, qemu-microvm,
+ * qemu-q35, qemu-q35-hugetlb); the first row run is the one the ratios are
+ * taken against. The rows partis-native (`--vcpu-threads native`) and
+ * partis-unbundled run only when named. `--cpus N` gives every VMM N vCPUs
+ * (default 1).
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { readFileSync, existsSync, writeFileSync } from "node:fs";
@@ -35,7 +39,9 @@ import { fileURLToPath } from "node:url";
 import { prepareDefaultGuest, GUEST_READY_MARKER } from "../../src/images/default-guest.js";
 import { readHugePagePools } from "../../src/hypervisor/host.js";
 
-const CLI = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
+/** The bundled CLI (scripts/bundle.mjs), what users run; the row `partis-unbundled` runs tsc's output instead. */
+const CLI = fileURLToPath(new URL("../../partis/partis.js", import.meta.url));
+const UNBUNDLED_CLI = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
 const args = process.argv.slice(2);
 const runs = Number(args[args.indexOf("--runs") + 1] ?? 5) || 5;
 /** Untimed rounds first (page cache, the nested host's first process starts), for every VMM alike. */
@@ -139,19 +145,20 @@ async function main(): Promise<void> {
   const memBackend = ["-object", `memory-backend-memfd,id=ram0,size=${memory}`];
   const common = ["-enable-kvm", "-cpu", "host", "-m", memory, "-smp", String(cpus), "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
     "-kernel", guest.kernel, "-initrd", guest.initrd, "-append", append];
-  const partis = (extra: string[]) => () =>
-    once(process.execPath, [CLI, "run", "--kernel", guest.kernel, "--initrd", guest.initrd, "--memory", memory, "--cpus", String(cpus), "--append", append, ...extra], (c) => c.pid!);
+  const partis = (extra: string[], cli = CLI) => () =>
+    once(process.execPath, [cli, "run", "--kernel", guest.kernel, "--initrd", guest.initrd, "--memory", memory, "--cpus", String(cpus), "--append", append, ...extra], (c) => c.pid!);
   const hugeBackend = ["-object", `memory-backend-memfd,id=ram0,size=${memory},hugetlb=on,hugetlbsize=2M`];
   const all: { key: string; name: string; huge?: true; run: () => Promise<Sample> }[] = [
     { key: "partis", name: "partis", run: partis([]) },
     { key: "partis-native", name: "partis --vcpu-threads native", run: partis(["--vcpu-threads", "native"]) },
+    { key: "partis-unbundled", name: "partis, unbundled (tsc's output)", run: partis([], UNBUNDLED_CLI) },
     { key: "partis-unpack-guest", name: "partis --kernel-unpack guest", run: partis(["--kernel-unpack", "guest"]) },
     { key: "partis-hugepages", name: "partis --hugepages", huge: true, run: partis(["--hugepages", "2M"]) },
     { key: "qemu-microvm", name: "qemu -M microvm", run: () => once(qemu, ["-M", "microvm,memory-backend=ram0", ...memBackend, ...common], (c) => c.pid!) },
     { key: "qemu-q35", name: "qemu -M q35", run: () => once(qemu, ["-M", "q35,memory-backend=ram0", ...memBackend, ...common], (c) => c.pid!) },
     { key: "qemu-q35-hugetlb", name: "qemu -M q35, hugetlb RAM", huge: true, run: () => once(qemu, ["-M", "q35,memory-backend=ram0", ...hugeBackend, ...common], (c) => c.pid!) },
   ];
-  const configs = all.filter((c) => (only !== undefined ? only.has(c.key) : (hugepages || c.huge !== true) && c.key !== "partis-native"));
+  const configs = all.filter((c) => (only !== undefined ? only.has(c.key) : (hugepages || c.huge !== true) && c.key !== "partis-native" && c.key !== "partis-unbundled"));
   if (configs.length === 0) throw new Error(`--only: none of ${[...(only ?? [])].join(", ")} is a row (${all.map((c) => c.key).join(", ")})`);
   let restorePool: (() => void) | undefined;
   if (configs.some((c) => c.huge)) {

@@ -22,7 +22,7 @@ import { makeBzImage } from "../../test/fixtures/bzimage.js";
 
 const args = process.argv.slice(2);
 const N = Number(args[args.indexOf("--n") + 1] ?? 20000) || 20000;
-const CLI = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
+const CLI = fileURLToPath(new URL("../../partis/partis.js", import.meta.url));
 const ECHO = new URL("../../test/worker/mailbox-echo-thread.js", import.meta.url);
 
 async function mailbox(): Promise<{ us: number; cpuUs: number }> {

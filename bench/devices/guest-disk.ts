@@ -45,7 +45,7 @@
  * guest program must be prepared outside first: the nested host has no
  * network and builds under TCG are slow):
  *   npx tsc -p . && node dist/bench/devices/guest-disk.js --prepare &&
- *   node dist/src/cli/main.js host nested -- node dist/bench/devices/guest-disk.js [--quick] [--runs N]
+ *   node dist/partis/partis.js host nested -- node dist/bench/devices/guest-disk.js [--quick] [--runs N]
  * A full run (2 runs of 5 paths, each with its warm-up pass) takes about 11
  * minutes there, --quick about 3.
  *
@@ -62,7 +62,7 @@
  * --quick: 500): the unmeasured warm-up pass each run makes first (see
  * warmupMiB below; its figures go to stderr),
  * --baseline-cli PATH (also run Partis virtio-blk from another build's
- * dist/src/cli/main.js, interleaved: an A/B of two commits),
+ * dist/partis/partis.js, interleaved: an A/B of two commits),
  * --image-mib N (256), --only NAME[,NAME] (partis-virtio, partis-ide-dma,
  * partis-ide-pio, qemu-virtio, qemu-ide-dma; only when named or with --all:
  * qemu-ide-pio, qemu-virtio-memfd (QEMU's RAM in a memfd, as Partis's is),
@@ -85,7 +85,7 @@ import { gzipSync } from "node:zlib";
 import { writeNewcCpio } from "../../src/images/cpio.js";
 import { guestRunOption, prepareDefaultGuest } from "../../src/images/default-guest.js";
 
-const CLI = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
+const CLI = fileURLToPath(new URL("../../partis/partis.js", import.meta.url));
 const REPO = fileURLToPath(new URL("../../../", import.meta.url));
 const SOURCE = join(REPO, "bench/devices/guest-diskbench.c");
 const WORK = join(REPO, ".cache/guest-disk");
@@ -831,7 +831,7 @@ async function main(): Promise<void> {
   console.log("Guest block queue limits (/sys/block/DEV/queue):");
   for (const c of configs) if (sums[c.name]) console.log(`- ${c.label}: ${sums[c.name]!.queue || "n/a"}`);
   console.log("");
-  console.log(`Command: node dist/src/cli/main.js host nested -- node dist/bench/devices/guest-disk.js ${args.filter((a) => a !== "--prepare").join(" ")}`.trimEnd());
+  console.log(`Command: node dist/partis/partis.js host nested -- node dist/bench/devices/guest-disk.js ${args.filter((a) => a !== "--prepare").join(" ")}`.trimEnd());
   for (const [name, fs] of Object.entries(failures)) {
     for (const f of fs) {
       console.log("");

@@ -25,11 +25,6 @@ export interface DeviceOptions {
   rng?: boolean;
 }
 
-/** commander collector for repeatable flags. */
-export function collect(value: string, previous: string[] | undefined): string[] {
-  return [...(previous ?? []), value];
-}
-
 function splitSpec(flag: string, value: string): { head: string; opts: Map<string, string | true> } {
   const parts = value.split(",");
   const head = parts.shift() ?? "";

@@ -5,6 +5,8 @@
  * (early-threads.ts): their start-up then overlaps the CLI's own.
  */
 import { startEarlyThreads } from "./early-threads.js";
+import { bootTrace } from "../worker/boot-trace.js";
 
+bootTrace("cli", `entered (${Math.round(performance.now())} ms after the process started)`);
 startEarlyThreads(process.argv);
 await import("./cli-program.js");

@@ -28,7 +28,7 @@ import { PartisError } from "../errors.js";
 import { bootTrace } from "../worker/boot-trace.js";
 import type { RunningVm } from "../worker/running-vm.js";
 import type { PrestartedThreads } from "../worker/thread-prestart.js";
-import { collect, type DeviceOptions } from "./device-options.js";
+import type { DeviceOptions } from "./device-options.js";
 import { takeEarlyThreads } from "./early-threads.js";
 import type { VmConfig, VmOutcome } from "../worker/vm-config.js";
 
@@ -143,6 +143,11 @@ class ConsoleBridge {
   }
 }
 
+/** commander collector for repeatable flags. */
+function collect(value: string, previous: string[] | undefined): string[] {
+  return [...(previous ?? []), value];
+}
+
 /** One boot: the VM's outcome, or why it could not start (`usage`: its configuration was refused). */
 type BootResult = { readonly outcome: VmOutcome } | { readonly error: string; readonly usage: boolean };
 
@@ -184,7 +189,7 @@ export async function runVm(opts: RunOptions): Promise<number> {
     bootTrace("cli", "validation modules loaded");
     const host = validation.probeRunHost();
     const guest = opts.kernel === undefined ? await validation.defaultGuest(host) : undefined;
-    const resolved = validation.resolveRunConfig(opts, guest, host);
+    const resolved = await validation.resolveRunConfig(opts, guest, host);
     bootTrace("cli", "input checked");
     config = await validation.withUnpackedKernel(resolved, opts);
   } catch (e) {

@@ -8,7 +8,7 @@ import { accessSync, constants, existsSync, statSync } from "node:fs";
 import { dirname } from "node:path";
 import { UsageError, HostCapabilityError } from "../errors.js";
 import { probeHost, stockGuestVerdict, type HostReport } from "../hypervisor/host.js";
-import { resolveDevices } from "./device-options.js";
+import type { DeviceOptions } from "./device-options.js";
 import { DEFAULT_FRAMEBUFFER_HEIGHT, DEFAULT_FRAMEBUFFER_WIDTH, FRAMEBUFFER_MAX_BYTES } from "../devices/display/linear-framebuffer.js";
 import { planMemory, MIN_RAM_BYTES, RAM_GRANULE } from "../machine/memory-map.js";
 import { HUGE_1G, HUGE_2M } from "../hypervisor/partition.js";
@@ -16,7 +16,6 @@ import { planLinuxLoad, KernelImageError, LinuxLoadError } from "../machine/linu
 import { unpackKernel } from "../images/kernel-unpack.js";
 import { readKernelHead } from "../images/kernel-file.js";
 import { MAX_VCPUS } from "../machine/cpuid.js";
-import { prepareDefaultGuest } from "../images/default-guest.js";
 import { parseByteSize, formatByteSize } from "./byte-size.js";
 import { kvmDevicePath, type VmConfig } from "../worker/vm-config.js";
 import { DEFAULT_APPEND, type RunOptions } from "./run-command.js";
@@ -31,6 +30,7 @@ export async function defaultGuest(host: HostReport): Promise<{ kernel: string; 
   const verdict = stockGuestVerdict(host);
   if (!verdict.ok && host.kvm.accessible)
     process.stderr.write(`partis run: warning: ${verdict.why}\npartis run: hint: \`partis host nested -- partis run\` runs it in the nested test host\n`);
+  const { prepareDefaultGuest } = await import("../images/default-guest.js");
   return prepareDefaultGuest({ log: (l) => process.stderr.write(`partis run: ${l}\n`) });
 }
 
@@ -50,8 +50,19 @@ function requireFile(path: string, what: string): number {
   return st.size;
 }
 
+/** Every device flag of `partis run`: a flag added to DeviceOptions and not here fails to compile. */
+const DEVICE_FLAGS: Record<keyof DeviceOptions, true> = { disk: true, cdrom: true, nic: true, channel: true, rng: true };
+
+/** Whether any device flag was given: only then is device-options.ts loaded, and the storage layer behind it (start-up time). */
+export function requestsDevices(opts: DeviceOptions): boolean {
+  return (Object.keys(DEVICE_FLAGS) as (keyof DeviceOptions)[]).some((k) => {
+    const v = opts[k];
+    return Array.isArray(v) ? v.length > 0 : v !== undefined && v !== false;
+  });
+}
+
 /** Validate everything before anything starts: bad input exits 2 with nothing running. */
-export function resolveRunConfig(opts: RunOptions, guest: { kernel: string; initrd?: string } | undefined, host: HostReport): VmConfig {
+export async function resolveRunConfig(opts: RunOptions, guest: { kernel: string; initrd?: string } | undefined, host: HostReport): Promise<VmConfig> {
   if (!host.kvm.present) throw new HostCapabilityError("NO_KVM", `/dev/kvm is missing: ${host.kvm.reason ?? "load kvm_intel or kvm_amd"}`);
   if (!host.kvm.accessible) throw new HostCapabilityError("KVM_DENIED", `/dev/kvm is not usable: ${host.kvm.reason ?? "permission denied"}`);
 
@@ -83,7 +94,7 @@ export function resolveRunConfig(opts: RunOptions, guest: { kernel: string; init
     if (e instanceof LinuxLoadError) throw new UsageError(`${e.code === "INITRD_DOES_NOT_FIT" ? `--initrd ${initrdPath}` : `--kernel ${kernelPath}`}: ${e.message}`);
     throw e;
   }
-  const devices = resolveDevices(opts, opts.name, cpus);
+  const devices = requestsDevices(opts) ? (await import("./device-options.js")).resolveDevices(opts, opts.name, cpus) : [];
   const framebuffer = resolveFramebuffer(opts);
   return {
     name: opts.name,

@@ -55,8 +55,8 @@ type FlaggedHostFn = (write: boolean, fd: number, addresses: Float64Array, lengt
 /** preadv2/pwritev2 with RWF_NOWAIT, and errno (queueHost: try at once, queue what would wait). */
 let libcNowait: { transfer: FlaggedHostFn; flag: number; errno: () => number; EAGAIN: number } | undefined;
 try {
-  const specifier = "../hypervisor/libc.js";
-  const mod = (await import(specifier)) as {
+  // A literal specifier, so the bundle (scripts/bundle.mjs) carries the module; typed loosely: any part may be missing.
+  const mod = (await import("../hypervisor/libc.js")) as unknown as {
     alignedBuffer?: unknown;
     preadv?: unknown;
     pwritev?: unknown;

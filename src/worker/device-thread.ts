@@ -314,6 +314,7 @@ function serveDevices(data: DeviceThreadData, partition: Partition): void {
   msi.close();
 }
 
+bootTrace("devices", "modules loaded");
 /** Started with its data, or prestarted (thread-prestart.ts): then the data is the first message. */
 const threadData = await awaitThreadData<DeviceThreadData>(workerData, parentPort);
 // A prestarted thread the VM did not need: end quietly.

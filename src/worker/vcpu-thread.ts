@@ -301,7 +301,7 @@ function threadLabel(data: VcpuThreadData): string {
 }
 
 function main(data: VcpuThreadData): void {
-  bootTrace(threadLabel(data), "modules loaded");
+  bootTrace(threadLabel(data), "data received");
   setThreadName(`partis-${threadLabel(data)}`);
   const partition = Partition.attach(data.handoff);
   try {
@@ -484,6 +484,7 @@ function serveNative(handlers: readonly VcpuExitHandler[], doorbell: SyscallDoor
   }
 }
 
+bootTrace("vcpu thread", "modules loaded");
 /** Started with its data, or prestarted (thread-prestart.ts): then the data is the first message. */
 const threadData = await awaitThreadData<VcpuThreadData>(workerData, parentPort);
 // A prestarted thread the VM did not need: end quietly.

@@ -6,7 +6,7 @@ import { fileURLToPath } from "node:url";
 import { checkHost } from "../../src/cli/host-command.js";
 import type { HostReport } from "../../src/hypervisor/host.js";
 
-const CLI = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
+const CLI = fileURLToPath(new URL("../../partis/partis.js", import.meta.url));
 const GiB = 2 ** 30;
 
 function report(over: Partial<HostReport> = {}): HostReport {

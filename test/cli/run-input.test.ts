@@ -12,7 +12,7 @@ import { fileURLToPath } from "node:url";
 import { makeBzImage, TRIPLE_FAULT_CODE } from "../fixtures/bzimage.js";
 import { readHugePagePools } from "../../src/hypervisor/host.js";
 
-const CLI = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
+const CLI = fileURLToPath(new URL("../../partis/partis.js", import.meta.url));
 const dir = mkdtempSync(join(tmpdir(), "partis-run-input-"));
 const kernel = join(dir, "bzImage");
 writeFileSync(kernel, makeBzImage(TRIPLE_FAULT_CODE));
@@ -25,7 +25,7 @@ execFileSync("truncate", ["-s", "200M", bigInitrd]);
 
 function workerCount(): number {
   try {
-    return execFileSync("pgrep", ["-f", "dist/src/worker/main.js"], { encoding: "utf8" }).trim().split("\n").filter(Boolean).length;
+    return execFileSync("pgrep", ["-f", "dist/partis/partis"], { encoding: "utf8" }).trim().split("\n").filter(Boolean).length;
   } catch {
     return 0;
   }

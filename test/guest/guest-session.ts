@@ -6,7 +6,7 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import { fileURLToPath } from "node:url";
 
-export const PARTIS_CLI = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
+export const PARTIS_CLI = fileURLToPath(new URL("../../partis/partis.js", import.meta.url));
 export const READY = "PARTIS-GUEST-READY";
 
 export class GuestSession {

@@ -14,7 +14,7 @@ import { gzipSync } from "node:zlib";
 import { makeBzImage, makeKernelElf, TRIPLE_FAULT_CODE } from "../fixtures/bzimage.js";
 import { available2M, hugePagesUnusable, POOL_2M, reserve2M } from "../fixtures/huge-page-pool.js";
 
-const CLI = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
+const CLI = fileURLToPath(new URL("../../partis/partis.js", import.meta.url));
 const dir = mkdtempSync(join(tmpdir(), "partis-tiny-guest-"));
 
 /** mov dx, port; then for each byte: mov al, b; out dx, al. */
@@ -242,7 +242,7 @@ test("a reboot that cannot start again (its huge pages gone meanwhile): status 1
 
 /** A worker started directly with start-up hints, given `cpus` in its configuration; resolves with its exit status and console. */
 function workerWithHints(hints: string[], kernel: string, cpus: number): Promise<{ status: number | null; stdout: string; events: string[] }> {
-  const WORKER = fileURLToPath(new URL("../../src/worker/main.js", import.meta.url));
+  const WORKER = fileURLToPath(new URL("../../partis/partis-worker.js", import.meta.url));
   const child = spawn(process.execPath, [WORKER, ...hints], { stdio: ["pipe", "pipe", "pipe", "ipc"] });
   let stdout = "";
   const events: string[] = [];
