@@ -4,6 +4,7 @@
  * status.
  */
 import type { Command } from "commander";
+import { resolve } from "node:path";
 import { UsageError } from "../errors.js";
 import { runNested } from "./nested-host.js";
 
@@ -24,6 +25,8 @@ export function registerNestedCommand(host: Command): Command {
         memory: o.memory,
         cpus,
         stdio: "inherit",
+        // `partis` inside is this very CLI (bundled or not), as the host's own path names it.
+        ...(process.argv[1] !== undefined ? { partis: { node: process.execPath, cli: resolve(process.argv[1]) } } : {}),
         ...(o.verbose ? { log: (l: string) => process.stderr.write(`partis: ${l}\n`) } : {}),
       });
       process.exitCode = status;

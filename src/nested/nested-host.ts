@@ -54,8 +54,17 @@ export interface RunNestedOptions {
   shares?: string[];
   /** Seconds without the nested host's heartbeat before it is stopped as stalled; default NESTED_STALL_LIMIT_S. */
   stallLimitSeconds?: number;
+  /**
+   * The built project on the command's PATH: `partis` inside runs this script
+   * (absolute path of the CLI, seen at the same path inside) with this Node.
+   * `partis host nested` passes its own.
+   */
+  partis?: { readonly node: string; readonly cli: string };
   log?: (l: string) => void;
 }
+
+/** Where the `partis` launcher goes inside (the chroot's /run is a tmpfs). */
+const INNER_BIN = "/run/partis-bin";
 
 const QEMU = "qemu-system-x86_64";
 
@@ -63,11 +72,17 @@ function shellQuote(s: string): string {
   return `'${s.replace(/'/g, `'\\''`)}'`;
 }
 
-function commandScript(command: string[], cwd: string, env: Record<string, string>): string {
+function commandScript(command: string[], cwd: string, env: Record<string, string>, partis: RunNestedOptions["partis"]): string {
+  let launcher = "";
+  if (partis !== undefined) {
+    env = { ...env, PATH: `${INNER_BIN}:${env["PATH"] ?? "/usr/bin:/bin"}` };
+    const body = `#!/bin/sh\nexec ${shellQuote(partis.node)} ${shellQuote(partis.cli)} "$@"\n`;
+    launcher = `mkdir -p ${INNER_BIN} && printf '%s' ${shellQuote(body)} > ${INNER_BIN}/partis && chmod +x ${INNER_BIN}/partis || exit 126\n`;
+  }
   const vars = Object.entries(env)
     .filter(([k]) => /^[A-Za-z_][A-Za-z0-9_]*$/.test(k))
     .map(([k, v]) => shellQuote(`${k}=${v}`));
-  return `cd ${shellQuote(cwd)} || exit 126\nexec env -i ${vars.join(" ")} ${command.map(shellQuote).join(" ")}\n`;
+  return `${launcher}cd ${shellQuote(cwd)} || exit 126\nexec env -i ${vars.join(" ")} ${command.map(shellQuote).join(" ")}\n`;
 }
 
 function listenOnce(path: string): { server: Server; connection: Promise<Socket> } {
@@ -177,7 +192,7 @@ export async function runNested(opts: RunNestedOptions): Promise<number> {
   const env: Record<string, string> = {};
   for (const [k, v] of Object.entries(process.env)) if (v !== undefined) env[k] = v;
   Object.assign(env, opts.env ?? {});
-  writeFileSync(join(ctl, "command.sh"), commandScript(opts.command, cwd, env));
+  writeFileSync(join(ctl, "command.sh"), commandScript(opts.command, cwd, env, opts.partis));
   const shares = [...new Set([cwd, defaultCacheDir(), ...(opts.shares ?? [])].map((p) => resolve(p)))].filter((p) => p !== "/" && existsSync(p));
   writeFileSync(join(ctl, "shares"), shares.map((p, i) => `share${i} ${p}\n`).join(""));
   if (tty) writeFileSync(join(ctl, "tty"), `${process.stdout.rows ?? 24} ${process.stdout.columns ?? 80}\n`);

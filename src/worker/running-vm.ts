@@ -179,6 +179,7 @@ export class RunningVm {
         });
       }
       void options.prestarted?.dispose(); // prestarted threads this VM does not need (they end in the background)
+      bootTrace("worker", "partition created, threads given their data");
 
       // While the threads start: the guest.
       const memory = partition.guestMemory;
@@ -204,6 +205,7 @@ export class RunningVm {
       } finally {
         unpacked?.close();
       }
+      bootTrace("worker", "kernel and initrd loaded");
       writeBootTables(memory, plan);
       const boot = longModeBootState(plan, info);
       // The first thread runs vCPU 0, the BSP.

@@ -94,6 +94,7 @@ describe("nested test host", { skip: !existsSync(QEMU) && "qemu-system-x86_64 no
       'test -c /dev/kvm && echo "kvm=yes"',
       'grep -q "^kvm_amd " /proc/modules && echo "kvm_amd=loaded"',
       'echo "node=$(node -e "console.log(6*7)")"',
+      'echo "partis=$(partis --version)"',
       "echo written > result.txt",
       "exit 7",
     ].join("\n");
@@ -101,6 +102,7 @@ describe("nested test host", { skip: !existsSync(QEMU) && "qemu-system-x86_64 no
       command: ["/bin/sh", "-c", script],
       cwd: work,
       env: { PARTIS_TEST_VAR: "it's here" },
+      partis: { node: process.execPath, cli: fileURLToPath(new URL("../../partis/partis.js", import.meta.url)) },
       stdio: "pipe",
       stdin: "from-the-caller",
       stdout: out.stream,
@@ -118,6 +120,7 @@ describe("nested test host", { skip: !existsSync(QEMU) && "qemu-system-x86_64 no
     assert.match(o, /^kvm=yes$/m);
     assert.match(o, /^kvm_amd=loaded$/m);
     assert.match(o, /^node=42$/m);
+    assert.match(o, /^partis=0\.1\.0$/m, "the built project's CLI on the inner PATH");
     assert.doesNotMatch(o, /\r/, "clean stream, no tty line discipline");
     assert.equal(readFileSync(join(work, "result.txt"), "utf8"), "written\n");
   });
