@@ -4,7 +4,8 @@
  * status.
  */
 import type { Command } from "commander";
-import { resolve } from "node:path";
+import { existsSync, realpathSync } from "node:fs";
+import { dirname, join, resolve } from "node:path";
 import { UsageError } from "../errors.js";
 import { runNested } from "./nested-host.js";
 
@@ -20,15 +21,25 @@ export function registerNestedCommand(host: Command): Command {
       const cpus = Number(o.cpus);
       if (!Number.isInteger(cpus) || cpus < 1) throw new UsageError(`--cpus must be a positive integer, got ${o.cpus}`);
       process.stderr.write("partis: nested test host: AMD-V is emulated in software (QEMU TCG), so everything inside is slow\n");
+      // Through any symlink (an npm bin link): the script's real place is where its project is.
+      const cli = process.argv[1] !== undefined ? realpathSync(resolve(process.argv[1])) : undefined;
       const status = await runNested({
         command,
         memory: o.memory,
         cpus,
         stdio: "inherit",
         // `partis` inside is this very CLI (bundled or not), as the host's own path names it.
-        ...(process.argv[1] !== undefined ? { partis: { node: process.execPath, cli: resolve(process.argv[1]) } } : {}),
+        ...(cli !== undefined ? { partis: { node: process.execPath, cli, root: projectRoot(cli) } } : {}),
         ...(o.verbose ? { log: (l: string) => process.stderr.write(`partis: ${l}\n`) } : {}),
       });
       process.exitCode = status;
     });
+}
+
+/** The directory of the nearest package.json above the CLI's script (the project: its dist/ and node_modules/). */
+function projectRoot(cli: string): string {
+  for (let dir = dirname(cli); ; dir = dirname(dir)) {
+    if (existsSync(join(dir, "package.json"))) return dir;
+    if (dirname(dir) === dir) return dirname(cli);
+  }
 }

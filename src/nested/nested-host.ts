@@ -55,11 +55,13 @@ export interface RunNestedOptions {
   /** Seconds without the nested host's heartbeat before it is stopped as stalled; default NESTED_STALL_LIMIT_S. */
   stallLimitSeconds?: number;
   /**
-   * The built project on the command's PATH: `partis` inside runs this script
-   * (absolute path of the CLI, seen at the same path inside) with this Node.
+   * The built project on the command's PATH: `partis` inside runs `cli` (the
+   * CLI's script) with `node`. `root`, the project directory (the CLI, its
+   * package.json and node_modules), is shared at its own path, so it is
+   * there even where the host root is not (/tmp is a tmpfs inside).
    * `partis host nested` passes its own.
    */
-  partis?: { readonly node: string; readonly cli: string };
+  partis?: { readonly node: string; readonly cli: string; readonly root: string };
   log?: (l: string) => void;
 }
 
@@ -193,7 +195,10 @@ export async function runNested(opts: RunNestedOptions): Promise<number> {
   for (const [k, v] of Object.entries(process.env)) if (v !== undefined) env[k] = v;
   Object.assign(env, opts.env ?? {});
   writeFileSync(join(ctl, "command.sh"), commandScript(opts.command, cwd, env, opts.partis));
-  const shares = [...new Set([cwd, defaultCacheDir(), ...(opts.shares ?? [])].map((p) => resolve(p)))].filter((p) => p !== "/" && existsSync(p));
+  // Parents before the directories inside them: a share mounted later at a parent path would hide the child's.
+  const shares = [...new Set([cwd, defaultCacheDir(), ...(opts.partis !== undefined ? [opts.partis.root] : []), ...(opts.shares ?? [])].map((p) => resolve(p)))]
+    .filter((p) => p !== "/" && existsSync(p))
+    .sort((a, b) => a.split("/").length - b.split("/").length);
   writeFileSync(join(ctl, "shares"), shares.map((p, i) => `share${i} ${p}\n`).join(""));
   if (tty) writeFileSync(join(ctl, "tty"), `${process.stdout.rows ?? 24} ${process.stdout.columns ?? 80}\n`);
 

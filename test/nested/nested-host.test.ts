@@ -102,7 +102,7 @@ describe("nested test host", { skip: !existsSync(QEMU) && "qemu-system-x86_64 no
       command: ["/bin/sh", "-c", script],
       cwd: work,
       env: { PARTIS_TEST_VAR: "it's here" },
-      partis: { node: process.execPath, cli: fileURLToPath(new URL("../../partis/partis.js", import.meta.url)) },
+      partis: { node: process.execPath, cli: fileURLToPath(new URL("../../partis/partis.js", import.meta.url)), root: fileURLToPath(new URL("../../../", import.meta.url)) },
       stdio: "pipe",
       stdin: "from-the-caller",
       stdout: out.stream,
