@@ -8,10 +8,12 @@
  *
  * Why: a Node process or thread pays for every module file it loads (resolve,
  * stat, read, compile). tsc's output is ~100 files on `partis run`'s path,
- * loaded again by each thread; bundled, a few. Measured in the nested test
- * host, where files come over 9p and every instruction is emulated: loading
- * running-vm.js's graph took 2.7-3.0 s from tsc's output and 0.5 s bundled
- * (docs/benchmarks.md, "Boot"). On a fast host it saves tens of ms per start.
+ * loaded again by each thread; the bundle is ~30 files for every command,
+ * fewer on any one path. Measured in the nested test host, where files come
+ * over 9p and every instruction is emulated: loading running-vm.js's graph
+ * took 2.7-3.0 s from tsc's output and 0.5 s bundled; the start gate opened
+ * ~1.7 s sooner (docs/benchmarks.md, "Boot"). On a fast host it saves tens
+ * of ms per start and ~1.5 MiB of the main thread's memory.
  *
  * Input is tsc's output (dist/src), so the bundle is the type-checked code;
  * koffi stays external (a native module, loaded from node_modules). CommonJS
