@@ -8,7 +8,7 @@
  *
  * Why: a Node process or thread pays for every module file it loads (resolve,
  * stat, read, compile). tsc's output is ~100 files on `partis run`'s path,
- * loaded again by each thread; the bundle is ~30 files for every command,
+ * loaded again by each thread; the bundle is under 40 files for every command,
  * fewer on any one path. Measured in the nested test host, where files come
  * over 9p and every instruction is emulated: loading running-vm.js's graph
  * took 2.7-3.0 s from tsc's output and 0.5 s bundled; the start gate opened
