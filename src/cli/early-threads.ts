@@ -9,12 +9,22 @@
  * (thread-prestart.ts hands out what matches and ends the rest). A `partis
  * run` that ends without a VM (bad input, --help) ends them.
  *
- * Imports only Node built-ins and thread-prestart.ts (itself built-ins only).
+ * Imports only Node built-ins and thread-prestart.ts (itself built-ins only),
+ * besides a type.
  */
 import { PrestartedThreads } from "../worker/thread-prestart.js";
+import type { DeviceOptions } from "./device-options.js";
 
-/** Options of `partis run` that give the VM a PCI device (the device thread is worth starting early). */
-const DEVICE_OPTIONS = ["--disk", "--cdrom", "--nic", "--channel", "--rng"];
+/**
+ * Every device flag of `partis run` (each gives the VM a PCI device): a flag
+ * added to DeviceOptions and not here fails to compile. Here, so that reading
+ * it loads nothing (run-validation.ts decides from it whether to load the
+ * device options' module).
+ */
+export const DEVICE_FLAGS: Record<keyof DeviceOptions, true> = { disk: true, cdrom: true, nic: true, channel: true, rng: true };
+
+/** The same flags as written on the command line (the device thread is worth starting early). */
+const DEVICE_OPTIONS = Object.keys(DEVICE_FLAGS).map((k) => `--${k}`);
 
 /** Above this no VM can have that many vCPUs (the xAPIC ID is 8 bits: machine/cpuid.ts MAX_VCPUS): such a --cpus is bad input, not a hint. */
 const MAX_HINTED_VCPUS = 255;

@@ -9,6 +9,7 @@ import { dirname } from "node:path";
 import { UsageError, HostCapabilityError } from "../errors.js";
 import { probeHost, stockGuestVerdict, type HostReport } from "../hypervisor/host.js";
 import type { DeviceOptions } from "./device-options.js";
+import { DEVICE_FLAGS } from "./early-threads.js";
 import { DEFAULT_FRAMEBUFFER_HEIGHT, DEFAULT_FRAMEBUFFER_WIDTH, FRAMEBUFFER_MAX_BYTES } from "../devices/display/linear-framebuffer.js";
 import { planMemory, MIN_RAM_BYTES, RAM_GRANULE } from "../machine/memory-map.js";
 import { HUGE_1G, HUGE_2M } from "../hypervisor/partition.js";
@@ -49,9 +50,6 @@ function requireFile(path: string, what: string): number {
   }
   return st.size;
 }
-
-/** Every device flag of `partis run`: a flag added to DeviceOptions and not here fails to compile. */
-const DEVICE_FLAGS: Record<keyof DeviceOptions, true> = { disk: true, cdrom: true, nic: true, channel: true, rng: true };
 
 /** Whether any device flag was given: only then is device-options.ts loaded, and the storage layer behind it (start-up time). */
 export function requestsDevices(opts: DeviceOptions): boolean {

@@ -288,6 +288,11 @@ class VcpuExitHandler {
   }
 }
 
+/** This thread's name in traces and `partis-<name>` in ps: vcpu<N> for one vCPU, vcpus for all. */
+function threadLabel(data: VcpuThreadData): string {
+  return data.kind === "worker" ? `vcpu${data.vcpus[0]!.vcpuId}` : "vcpus";
+}
+
 /**
  * The thread's life: attach, create its vCPUs, run them, and at the end
  * release what this thread holds (vCPU fds and kvm_run mappings, native
@@ -295,11 +300,6 @@ class VcpuExitHandler {
  * not run when a thread ends, and these are process-wide: left open, every
  * reboot would keep the old VM (and its guest RAM) alive.
  */
-/** This thread's name in traces and `partis-<name>` in ps: vcpu<N> for one vCPU, vcpus for all. */
-function threadLabel(data: VcpuThreadData): string {
-  return data.kind === "worker" ? `vcpu${data.vcpus[0]!.vcpuId}` : "vcpus";
-}
-
 function main(data: VcpuThreadData): void {
   bootTrace(threadLabel(data), "data received");
   setThreadName(`partis-${threadLabel(data)}`);
