@@ -27,10 +27,13 @@
  * The bench grows the 2 MiB pool for them (root) and puts it back at the end.
  * hugetlb pages are not in VmRSS, so the overhead column means the same there.
  * `--only KEY,...` runs only some rows (keys: partis, partis-native,
- * partis-unbundled, partis-unpack-guest, partis-hugepages, qemu-microvm,
- * qemu-q35, qemu-q35-hugetlb); the first row run is the one the ratios are
- * taken against. The rows partis-native (`--vcpu-threads native`) and
- * partis-unbundled run only when named. `--cpus N` gives every VMM N vCPUs
+ * partis-native-main, partis-unbundled, partis-keep-pages, partis-unpack-guest, partis-hugepages,
+ * qemu-microvm, qemu-q35, qemu-q35-hugetlb); the first row run is the one the
+ * ratios are taken against. The rows partis-native and partis-native-main
+ * (`--vcpu-threads native|native-main`),
+ * partis-unbundled and partis-keep-pages (PARTIS_KEEP_PROGRAM_PAGES=1: the
+ * program files' start-up pages stay resident: src/hypervisor/program-pages.ts)
+ * run only when named. `--cpus N` gives every VMM N vCPUs
  * (default 1).
  */
 import { spawn, type ChildProcess } from "node:child_process";
@@ -85,10 +88,10 @@ function childPids(pid: number): number[] {
   }
 }
 
-function once(command: string, argv: string[], vmmPid: (c: ChildProcess) => number): Promise<Sample> {
+function once(command: string, argv: string[], vmmPid: (c: ChildProcess) => number, env?: NodeJS.ProcessEnv): Promise<Sample> {
   return new Promise((resolve, reject) => {
     const t0 = process.hrtime.bigint();
-    const child = spawn(command, argv, { stdio: ["pipe", "pipe", "pipe"] });
+    const child = spawn(command, argv, { stdio: ["pipe", "pipe", "pipe"], ...(env === undefined ? {} : { env: { ...process.env, ...env } }) });
     let out = "";
     let done = false;
     const timer = setTimeout(() => {
@@ -145,20 +148,22 @@ async function main(): Promise<void> {
   const memBackend = ["-object", `memory-backend-memfd,id=ram0,size=${memory}`];
   const common = ["-enable-kvm", "-cpu", "host", "-m", memory, "-smp", String(cpus), "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
     "-kernel", guest.kernel, "-initrd", guest.initrd, "-append", append];
-  const partis = (extra: string[], cli = CLI) => () =>
-    once(process.execPath, [cli, "run", "--kernel", guest.kernel, "--initrd", guest.initrd, "--memory", memory, "--cpus", String(cpus), "--append", append, ...extra], (c) => c.pid!);
+  const partis = (extra: string[], cli = CLI, env?: NodeJS.ProcessEnv) => () =>
+    once(process.execPath, [cli, "run", "--kernel", guest.kernel, "--initrd", guest.initrd, "--memory", memory, "--cpus", String(cpus), "--append", append, ...extra], (c) => c.pid!, env);
   const hugeBackend = ["-object", `memory-backend-memfd,id=ram0,size=${memory},hugetlb=on,hugetlbsize=2M`];
   const all: { key: string; name: string; huge?: true; run: () => Promise<Sample> }[] = [
     { key: "partis", name: "partis", run: partis([]) },
     { key: "partis-native", name: "partis --vcpu-threads native", run: partis(["--vcpu-threads", "native"]) },
+    { key: "partis-native-main", name: "partis --vcpu-threads native-main", run: partis(["--vcpu-threads", "native-main"]) },
     { key: "partis-unbundled", name: "partis, unbundled (tsc's output)", run: partis([], UNBUNDLED_CLI) },
+    { key: "partis-keep-pages", name: "partis, program pages kept", run: partis([], CLI, { PARTIS_KEEP_PROGRAM_PAGES: "1" }) },
     { key: "partis-unpack-guest", name: "partis --kernel-unpack guest", run: partis(["--kernel-unpack", "guest"]) },
     { key: "partis-hugepages", name: "partis --hugepages", huge: true, run: partis(["--hugepages", "2M"]) },
     { key: "qemu-microvm", name: "qemu -M microvm", run: () => once(qemu, ["-M", "microvm,memory-backend=ram0", ...memBackend, ...common], (c) => c.pid!) },
     { key: "qemu-q35", name: "qemu -M q35", run: () => once(qemu, ["-M", "q35,memory-backend=ram0", ...memBackend, ...common], (c) => c.pid!) },
     { key: "qemu-q35-hugetlb", name: "qemu -M q35, hugetlb RAM", huge: true, run: () => once(qemu, ["-M", "q35,memory-backend=ram0", ...hugeBackend, ...common], (c) => c.pid!) },
   ];
-  const configs = all.filter((c) => (only !== undefined ? only.has(c.key) : (hugepages || c.huge !== true) && c.key !== "partis-native" && c.key !== "partis-unbundled"));
+  const configs = all.filter((c) => (only !== undefined ? only.has(c.key) : (hugepages || c.huge !== true) && !["partis-native", "partis-native-main", "partis-unbundled", "partis-keep-pages"].includes(c.key)));
   if (configs.length === 0) throw new Error(`--only: none of ${[...(only ?? [])].join(", ")} is a row (${all.map((c) => c.key).join(", ")})`);
   let restorePool: (() => void) | undefined;
   if (configs.some((c) => c.huge)) {

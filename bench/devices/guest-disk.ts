@@ -67,7 +67,8 @@
  * partis-ide-pio, qemu-virtio, qemu-ide-dma; only when named or with --all:
  * qemu-ide-pio, qemu-virtio-memfd (QEMU's RAM in a memfd, as Partis's is),
  * partis-virtio-v8st (`node --single-threaded`), partis-virtio-native and
- * partis-ide-pio-native (`--vcpu-threads native`)), --all, --dir D, --timeout S (300),
+ * partis-ide-pio-native (`--vcpu-threads native`), partis-virtio-native-main and
+ * partis-ide-pio-native-main (`--vcpu-threads native-main`)), --all, --dir D, --timeout S (300),
  * --prepare (build the guest program and initramfs, then exit),
  * Environment: PARTIS_BENCH_THREADS=1 (per-thread CPU per pattern),
  * PARTIS_STATS=1 (the VMM's own counters), PARTIS_BENCH_LOG=DIR (each run's
@@ -211,6 +212,7 @@ const partisArgv =
   });
 
 const NATIVE_VCPU = ["--vcpu-threads", "native"] as const;
+const NATIVE_MAIN_VCPU = ["--vcpu-threads", "native-main"] as const;
 
 const qemuCommon = (kernel: string, initrd: string, append: string): string[] => [
   "-enable-kvm", "-cpu", "host", "-m", MEMORY, "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
@@ -241,6 +243,16 @@ const CONFIGS: readonly Config[] = [
     name: "partis-ide-pio-native", label: "Partis IDE (PIO), --vcpu-threads native", vmm: "partis", device: "/dev/sda", seqMiB: pioSeqMiB, randomOps: pioRandomOps, queuedOps: pioRandomOps, pio: true,
     write: { totalKiB: pioWriteKiB, requestKiB: PIO_WRITE_REQUEST_KIB },
     extraAppend: "libata.force=pio4", optional: true, argv: partisArgv("ide", [], CLI, NATIVE_VCPU),
+  },
+  {
+    // The same, its exits handled by the VM's main thread (--vcpu-threads native-main: no vCPU isolate).
+    name: "partis-virtio-native-main", label: "Partis virtio-blk, --vcpu-threads native-main", vmm: "partis", device: "/dev/vda", seqMiB, randomOps, queuedOps, optional: true,
+    argv: partisArgv("virtio", [], CLI, NATIVE_MAIN_VCPU),
+  },
+  {
+    name: "partis-ide-pio-native-main", label: "Partis IDE (PIO), --vcpu-threads native-main", vmm: "partis", device: "/dev/sda", seqMiB: pioSeqMiB, randomOps: pioRandomOps, queuedOps: pioRandomOps, pio: true,
+    write: { totalKiB: pioWriteKiB, requestKiB: PIO_WRITE_REQUEST_KIB },
+    extraAppend: "libata.force=pio4", optional: true, argv: partisArgv("ide", [], CLI, NATIVE_MAIN_VCPU),
   },
   {
     // Partis with V8's background threads idle (experiment: what does their CPU buy?).

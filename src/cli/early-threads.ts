@@ -31,12 +31,13 @@ const MAX_HINTED_VCPUS = 255;
 
 /**
  * Thread hints from `partis run`'s raw arguments: `--cpus N` (else 1) and any
- * device option. With `--vcpu-threads native` one thread runs every vCPU.
+ * device option. With `--vcpu-threads native` one thread runs every vCPU; with
+ * `native-main` none does (the main thread serves them).
  */
 export function hintsFromArgs(args: readonly string[]): { vcpus: number; devices: boolean } {
   let vcpus = 1;
   let devices = false;
-  let native = false;
+  let threads = "worker";
   for (let i = 0; i < args.length; i++) {
     const a = args[i]!;
     if (a === "--") break;
@@ -45,10 +46,10 @@ export function hintsFromArgs(args: readonly string[]): { vcpus: number; devices
     if (name === "--cpus") {
       const n = Number(eq > 0 ? a.slice(eq + 1) : args[i + 1]);
       if (Number.isSafeInteger(n) && n >= 1 && n <= MAX_HINTED_VCPUS) vcpus = n;
-    } else if (name === "--vcpu-threads") native = (eq > 0 ? a.slice(eq + 1) : args[i + 1]) === "native";
+    } else if (name === "--vcpu-threads") threads = (eq > 0 ? a.slice(eq + 1) : args[i + 1]) ?? "worker";
     else if (DEVICE_OPTIONS.includes(name)) devices = true;
   }
-  return { vcpus: native ? 1 : vcpus, devices };
+  return { vcpus: threads === "native" ? 1 : threads === "native-main" ? 0 : vcpus, devices };
 }
 
 let early: PrestartedThreads | undefined;

@@ -69,7 +69,8 @@ export async function resolveRunConfig(opts: RunOptions, guest: { kernel: string
   const maxCpus = Math.min(host.kvm.maxVcpus ?? MAX_VCPUS, MAX_VCPUS);
   if (cpus < 1 || cpus > maxCpus) throw new UsageError(`--cpus: ${cpus} is outside 1..${maxCpus} (KVM's maximum here)`);
   const vcpuThreads = opts.vcpuThreads ?? "worker";
-  if (vcpuThreads !== "worker" && vcpuThreads !== "native") throw new UsageError(`--vcpu-threads: "${vcpuThreads}" is not worker or native`);
+  if (vcpuThreads !== "worker" && vcpuThreads !== "native" && vcpuThreads !== "native-main")
+    throw new UsageError(`--vcpu-threads: "${vcpuThreads}" is not worker, native or native-main`);
 
   let memoryBytes = parseByteSize(opts.memory, "--memory", "M");
   memoryBytes = Math.ceil(memoryBytes / RAM_GRANULE) * RAM_GRANULE;
@@ -99,7 +100,7 @@ export async function resolveRunConfig(opts: RunOptions, guest: { kernel: string
     memoryBytes,
     ...(hugePageBytes !== undefined ? { hugePageBytes } : {}),
     cpus,
-    ...(vcpuThreads === "native" ? { vcpuThreads } : {}),
+    ...(vcpuThreads !== "worker" ? { vcpuThreads } : {}),
     kernelPath,
     ...(initrdPath !== undefined ? { initrdPath } : {}),
     cmdline,

@@ -47,6 +47,7 @@ const c = {
   ) => CPointer,
   munmap: lib.func("int munmap(void *addr, size_t length)") as IntFn<[CPointer, number]>,
   madvise: lib.func("int madvise(void *addr, size_t length, int advice)") as IntFn<[CPointer, number, number]>,
+  madviseAt: lib.func("madvise", "int", ["uint64_t", "size_t", "int"]) as IntFn<[bigint, number, number]>,
   memfdCreate: lib.func("int memfd_create(const char *name, unsigned int flags)") as IntFn<[string, number]>,
   ftruncate: lib.func("int ftruncate(int fd, int64_t length)") as IntFn<[number, number | bigint]>,
   fallocate: lib.func("int fallocate(int fd, int mode, int64_t offset, int64_t len)") as IntFn<[number, number, number, number]>,
@@ -416,6 +417,15 @@ const MADV_HUGEPAGE = 14;
  */
 export function adviseHugePages(pointer: CPointer, length: number): boolean {
   return c.madvise(pointer, length, MADV_HUGEPAGE) === 0;
+}
+
+/**
+ * madvise(2) over a range given by its address (a mapping this process did
+ * not make through this file: program-pages.ts). Returns false where the
+ * kernel refuses; the caller decides what that means.
+ */
+export function adviseRange(address: bigint, length: number, advice: number): boolean {
+  return c.madviseAt(address, length, advice) === 0;
 }
 
 export function munmap(pointer: CPointer, length: number): void {

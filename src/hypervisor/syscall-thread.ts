@@ -69,6 +69,9 @@ const futexCall = libc.lib.func("long syscall(long nr, uint64_t uaddr, long op, 
   timeout: number,
 ) => number;
 
+/** The same call on a thread of libuv's pool; the callback runs on the calling thread (koffi's asynchronous calls). */
+const futexCallAsync = (futexCall as unknown as { async: (nr: number, uaddr: number, op: number, val: number, timeout: number, cb: (err: unknown, res: number) => void) => void }).async;
+
 /**
  * The thread's code. Labels are resolved by `assembleSyscallLoop` (rel8 jumps only).
  * Register use: rbx holds the control block (callee-saved, restored on exit);
@@ -236,6 +239,19 @@ export class SyscallDoorbell {
     futexWait(this.addressNumber, sequence, ts);
   }
 
+  /**
+   * `wait` on a thread of libuv's pool, for a waiter that must not block (the
+   * event loop's thread): `woken` runs on the calling thread once the doorbell
+   * has moved past `sequence`, or after `timeoutMs`. One such wait at a time
+   * per doorbell (they share the timeout), and none beside a blocking `wait`.
+   */
+  waitAsync(sequence: number, timeoutMs: number, woken: () => void): void {
+    this.timeout[0] = BigInt(Math.floor(timeoutMs / 1000));
+    this.timeout[1] = BigInt(Math.round((timeoutMs % 1000) * 1e6));
+    // EAGAIN, EINTR, ETIMEDOUT alike: the caller looks at the word again.
+    futexCallAsync(SYS_futex, this.addressNumber, FUTEX_WAIT_PRIVATE, sequence | 0, this.timeoutAddress, () => woken());
+  }
+
   /** Release its memory. Only once every thread that rings it has stopped (they write to it). */
   close(): void {
     if (this.closed) return;
@@ -309,6 +325,14 @@ export class SyscallThread {
   /** Its memory is gone once it has stopped: every use after that is refused, never a stray access. */
   private checkRunning(): void {
     if (this.stopped) throw new KvmProtocolError("SYSCALL_THREAD_STOPPED", "the syscall thread has stopped", this.context);
+  }
+
+  /** Name the thread (as ps and top show it; 15 bytes at most), through the thread itself. */
+  setName(name: string): void {
+    const scratch = this.scratch;
+    scratch.fill(0, 0, 16);
+    scratch.set(new TextEncoder().encode(name).subarray(0, 15));
+    this.call(SYS_prctl, PR_SET_NAME, this.scratchAddress);
   }
 
   /** Scratch memory for call arguments, SCRATCH_BYTES long (refused once the thread has stopped). */
@@ -413,6 +437,8 @@ export class SyscallThread {
 }
 
 const SYS_ioctl = 16;
+const SYS_prctl = 157;
+const PR_SET_NAME = 15;
 
 /** System call numbers (x86-64) the callers of this module use. */
 export const SYS = { ioctl: SYS_ioctl, gettid: 186, rt_sigprocmask: 14, futex: SYS_futex } as const;

@@ -2,7 +2,8 @@
  * A VM running inside a worker process: the partition (KVM VM with in-kernel
  * irqchip and PIT), guest RAM loaded with the kernel, initrd, boot tables and
  * ACPI tables, the board, and the virtual processors' threads (one per vCPU,
- * or with `vcpuThreads: "native"` one for all: vcpu-thread.ts).
+ * or with `vcpuThreads: "native"` one for all: vcpu-thread.ts; with
+ * "native-main" none, this thread handling their exits: main-thread-vcpus.ts).
  *
  * The worker's main thread owns lifecycle: it feeds console input into COM1,
  * presses the ACPI power button on a host shutdown request, and waits for the
@@ -25,7 +26,7 @@ import { systemClock } from "../devices/dependencies.js";
 import { Board } from "./board.js";
 import { PowerState } from "./power-state.js";
 import { ConsoleOutputFlusher, ConsoleOutputRing, FINAL_FLUSH_MS } from "./console-output.js";
-import type { VcpuStartMessage, VcpuThreadData, VcpuThreadMessage } from "./vcpu-thread.js";
+import type { HostedVcpu, VcpuStartMessage, VcpuThreadData, VcpuThreadMessage } from "./vcpu-thread.js";
 import { kvmDevicePath, type VmConfig, type VmOutcome } from "./vm-config.js";
 import { PartisError } from "../errors.js";
 import { bootTrace } from "./boot-trace.js";
@@ -38,6 +39,9 @@ import { IDE_COMPAT_PORTS, PCI_IO_WINDOW } from "./device-forwarding.js";
 import type { DeviceThreadData, DeviceThreadMessage } from "./device-thread.js";
 import { deviceThread, vcpuThread, type PrestartedThreads } from "./thread-prestart.js";
 import { StateReportRequest, writeReport } from "./state-report.js";
+import { releaseProgramPages } from "../hypervisor/program-pages.js";
+import { MainThreadVcpus } from "./main-thread-vcpus.js";
+import { DeviceForwarder } from "./device-forwarding.js";
 
 /** Console input queued for the guest beyond which its source is paused (RunningVm.consoleInput). */
 export const MAX_PENDING_INPUT = 64 * 1024;
@@ -76,6 +80,9 @@ export class RunningVm {
   private readonly startGate = new Int32Array(new SharedArrayBuffer(4));
   private vcpusReady = 0;
   private deviceThread: Worker | undefined;
+  /** "native-main": the vCPUs this thread serves. */
+  private mainVcpus: MainThreadVcpus | undefined;
+  private mainVcpusStart: VcpuStartMessage | undefined;
   private devicesReady = true;
   private mailbox: DeviceMailbox | undefined;
   private readonly deviceStop = new Int32Array(new SharedArrayBuffer(4));
@@ -163,8 +170,9 @@ export class RunningVm {
         cpuid: cpuidForVcpu(supported, { vcpuId: id, vcpuCount: config.cpus, tscDeadlineTimer }),
       }));
       const kind = config.vcpuThreads ?? "worker";
+      if (kind === "native-main") vm.createMainThreadVcpus(vcpus, devices);
       // "worker": a thread per vCPU; "native": one thread for all, their native threads its own.
-      for (const group of kind === "worker" ? vcpus.map((v) => [v]) : [vcpus]) {
+      else for (const group of kind === "worker" ? vcpus.map((v) => [v]) : [vcpus]) {
         vm.spawnVcpus({
           handoff,
           vcpus: group,
@@ -210,12 +218,14 @@ export class RunningVm {
       const boot = longModeBootState(plan, info);
       // The first thread runs vCPU 0, the BSP.
       vm.threads.forEach((t, i) => t.postMessage({ boot: i === 0 ? boot : null, msrs: boot.msrs } satisfies VcpuStartMessage));
+      if (vm.mainVcpus !== undefined) vm.mainVcpusStart = { boot, msrs: boot.msrs };
       vm.bootHandedOver = true;
       vm.openGateWhenReady();
       return vm;
     } catch (e) {
       void options.prestarted?.dispose();
       if (vm !== undefined) for (const t of vm.threads) void t.terminate();
+      vm?.mainVcpus?.close();
       if (vm?.deviceThread !== undefined) void vm.deviceThread.terminate();
       vm?.consoleOutput.finish();
       partition.destroy();
@@ -278,10 +288,39 @@ export class RunningVm {
       bootTrace("worker", "start gate open");
       Atomics.store(this.startGate, 0, 1);
       Atomics.notify(this.startGate, 0);
+      if (this.mainVcpus !== undefined && this.mainVcpusStart !== undefined) this.mainVcpus.start(this.mainVcpusStart);
+      // Start-up is over for this process: every thread has loaded its modules. What of the
+      // program files only start-up used (linker tables, snapshot, compilers) leaves the RSS.
+      if (process.env.PARTIS_KEEP_PROGRAM_PAGES !== "1") setImmediate(() => this.releaseStartupPages());
+    }
+  }
+
+  /** program-pages.ts: a hint to the kernel; a failure to read smaps changes nothing for the guest. */
+  private releaseStartupPages(): void {
+    try {
+      const r = releaseProgramPages();
+      bootTrace("worker", `program pages released (${r.mappings} mappings, ${r.residentKiB} KiB resident)`);
+    } catch (e) {
+      bootTrace("worker", `program pages kept: ${e instanceof Error ? e.message : String(e)}`);
     }
   }
 
   private prestarted: PrestartedThreads | undefined;
+
+  /** "native-main": every vCPU on a native thread, served by this thread (main-thread-vcpus.ts). */
+  private createMainThreadVcpus(vcpus: readonly HostedVcpu[], devices: VcpuThreadData["devices"]): void {
+    let forwarder: DeviceForwarder | undefined;
+    if (devices !== undefined && this.mailbox !== undefined) {
+      // The mailbox slot of vCPU 0, as a "native" thread uses its first vCPU's: this thread's accesses stay in order.
+      const requester = this.mailbox.requester(0);
+      requester.abandoned = () => !this.power.running;
+      forwarder = new DeviceForwarder(requester, devices.ports);
+      for (const bdf of devices.functions) this.board.pciHost.attach(bdf, forwarder.configFunction(bdf));
+    }
+    this.mainVcpus = MainThreadVcpus.create(this.partition, vcpus, { bus: this.board.bus, lock: this.lock, power: this.power, forwarder, report: this.report.buffer });
+    this.vcpusReady = vcpus.length;
+    bootTrace("worker", `${vcpus.length} vCPU(s) on native threads, served by this thread`);
+  }
 
   /** Start the thread for `data.vcpus` (a prestarted one when there is one). */
   private spawnVcpus(data: VcpuThreadData): void {
@@ -389,7 +428,7 @@ export class RunningVm {
    */
   reportState(): void {
     const gate = Atomics.load(this.startGate, 0) === 0 ? "; the start gate is still closed (vCPUs not running yet)" : "";
-    writeReport([`VM ${this.config.name}: ${this.config.cpus} vCPU(s), ${this.kickers.length} started, power ${this.power.running ? "on" : "off"}, ${this.pendingInputBytes} console input byte(s) waiting for the guest${gate}`]);
+    writeReport([`VM ${this.config.name}: ${this.config.cpus} vCPU(s), ${this.kickers.length + (this.mainVcpus?.hasStarted === true ? this.mainVcpus.count : 0)} started, power ${this.power.running ? "on" : "off"}, ${this.pendingInputBytes} console input byte(s) waiting for the guest${gate}`]);
     this.report.request();
     this.kickLiveVcpus();
     this.mailbox?.ring();
@@ -397,6 +436,7 @@ export class RunningVm {
 
   private kickLiveVcpus(): void {
     for (const k of this.kickers) if (!this.endedKickers.has(k)) k.kick();
+    this.mainVcpus?.interruptAll();
   }
 
   /** Pull the plug. */
@@ -431,10 +471,14 @@ export class RunningVm {
     if (this.inputTimer !== undefined) clearTimeout(this.inputTimer);
     this.resumeSources();
     if (this.power.running) this.power.record({ kind: "poweroff", source: "teardown" });
-    const exited = Promise.all(this.threads.map((t) => new Promise<void>((resolve) => {
-      if (t.threadId < 0) resolve();
-      else t.once("exit", () => resolve());
-    })));
+    const exited = Promise.all([
+      ...this.threads.map((t) => new Promise<void>((resolve) => {
+        if (t.threadId < 0) resolve();
+        else t.once("exit", () => resolve());
+      })),
+      // Never started (the gate stayed shut): nothing runs.
+      ...(this.mainVcpus?.hasStarted === true ? [this.mainVcpus.stopped] : []),
+    ]);
     this.kickLiveVcpus();
     // vCPUs still waiting at the start gate (the devices never came up) pass it, see the outcome and end.
     Atomics.store(this.startGate, 0, 1);
@@ -451,6 +495,10 @@ export class RunningVm {
     if (this.consoleOutput.failure !== undefined) process.stderr.write(`partis-vm: ${this.config.name}: ${this.consoleOutput.failure}\n`);
     if (!ok) throw new VmStartError("VCPU_STUCK", `vCPU threads did not stop within ${timeoutMs} ms`, { vm: this.config.name });
     for (const k of this.kickers) k.close();
+    if (this.mainVcpus !== undefined) {
+      if (process.env.PARTIS_STATS === "1") for (const v of this.mainVcpus.stats()) process.stderr.write(`partis-vm: vCPU ${v.vcpuId} exits ${JSON.stringify(v.exits)}\n`);
+      this.mainVcpus.close();
+    }
     await devicesExited;
     this.mailbox?.close();
     if (this.framebuffer !== undefined && this.config.screenshotPath !== undefined) {

@@ -17,7 +17,8 @@ export interface VmConfig {
   /**
    * The vCPUs' threads (vcpu-thread.ts, VcpuThreadKind): "worker" (default), a
    * Node worker per vCPU; "native", a native thread per vCPU (~44 KiB instead
-   * of ~10 MiB) whose exits one worker handles for all.
+   * of ~10 MiB) whose exits one worker handles for all; "native-main", native
+   * threads whose exits the VM's main thread handles (no vCPU isolate).
    */
   readonly vcpuThreads?: VcpuThreadKind;
   readonly kernelPath: string;

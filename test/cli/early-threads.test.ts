@@ -19,6 +19,9 @@ test("thread hints from `partis run` arguments: --cpus N / --cpus=N, device opti
   // --vcpu-threads native: one thread runs every vCPU (their own threads are native ones).
   assert.deepEqual(hintsFromArgs(["--cpus", "16", "--vcpu-threads", "native"]), { vcpus: 1, devices: false });
   assert.deepEqual(hintsFromArgs(["--vcpu-threads=native", "--cpus=4", "--rng"]), { vcpus: 1, devices: true });
+  // --vcpu-threads native-main: no vCPU thread at all (the main thread serves the native ones).
+  assert.deepEqual(hintsFromArgs(["--cpus", "8", "--vcpu-threads", "native-main"]), { vcpus: 0, devices: false });
+  assert.deepEqual(hintsFromArgs(["--vcpu-threads=native-main", "--rng"]), { vcpus: 0, devices: true });
   assert.deepEqual(hintsFromArgs(["--cpus", "4", "--vcpu-threads", "worker"]), { vcpus: 4, devices: false });
 });
 

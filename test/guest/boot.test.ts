@@ -62,33 +62,35 @@ test("--cpus 4: the guest sees 4 online CPUs, and SMP poweroff ends the run with
 
 // Two vCPUs, not four: the nested test host's own kernel dies more often the more vCPUs its guests
 // have (docs/guests.md); the --cpus 4 test above covers that count.
-test("--vcpu-threads native: 2 vCPUs on native threads boot; disks (virtio-blk, IDE) and virtio-rng work through the one exit-handling thread", async () => {
-  const dir = mkdtempSync(join(tmpdir(), "partis-native-vcpus-"));
-  try {
-    const disks = ["virtio", "ide"].map((bus) => {
-      const path = join(dir, `${bus}.raw`);
-      writeFileSync(path, Buffer.alloc(8 << 20));
-      return ["--disk", `${path},if=${bus}`];
-    });
-    const script = [
-      "echo CPUS=$(nproc)",
-      // A pattern through each disk's own driver, read back past the page cache.
-      "for d in vda sda; do dd if=/dev/urandom of=/tmp/$d.in bs=64k count=32 2>/dev/null; dd if=/tmp/$d.in of=/dev/$d bs=64k oflag=direct 2>/dev/null; dd if=/dev/$d of=/tmp/$d.out bs=64k count=32 iflag=direct 2>/dev/null; cmp -s /tmp/$d.in /tmp/$d.out && echo SAME-$d; done",
-      "echo RNGBYTES=$(head -c 64 /dev/hwrng | wc -c)",
-      "poweroff -f",
-    ].join("; ");
-    const r = await runGuestCommand(script, ["--cpus", "2", "--memory", "512M", "--vcpu-threads", "native", "--rng", ...disks.flat()]);
-    assert.match(r.output, /CPUS=2\b/, `${r.output.slice(-2000)}\n${r.stderr}`);
-    assert.match(r.output, /SAME-vda/, r.output.slice(-2000));
-    assert.match(r.output, /SAME-sda/, r.output.slice(-2000));
-    assert.match(r.output, /RNGBYTES=64\b/);
-    assert.equal(r.status, 0, r.stderr);
-    // The host file holds what the guest wrote (not zeros any more).
-    assert.ok(readFileSync(join(dir, "virtio.raw")).subarray(0, 1 << 21).some((b) => b !== 0));
-  } finally {
-    rmSync(dir, { recursive: true, force: true });
-  }
-});
+for (const [kind, handler] of [["native", "the one exit-handling thread"], ["native-main", "the VM's main thread"]] as const) {
+  test(`--vcpu-threads ${kind}: 2 vCPUs on native threads boot; disks (virtio-blk, IDE) and virtio-rng work through ${handler}`, async () => {
+    const dir = mkdtempSync(join(tmpdir(), "partis-native-vcpus-"));
+    try {
+      const disks = ["virtio", "ide"].map((bus) => {
+        const path = join(dir, `${bus}.raw`);
+        writeFileSync(path, Buffer.alloc(8 << 20));
+        return ["--disk", `${path},if=${bus}`];
+      });
+      const script = [
+        "echo CPUS=$(nproc)",
+        // A pattern through each disk's own driver, read back past the page cache.
+        "for d in vda sda; do dd if=/dev/urandom of=/tmp/$d.in bs=64k count=32 2>/dev/null; dd if=/tmp/$d.in of=/dev/$d bs=64k oflag=direct 2>/dev/null; dd if=/dev/$d of=/tmp/$d.out bs=64k count=32 iflag=direct 2>/dev/null; cmp -s /tmp/$d.in /tmp/$d.out && echo SAME-$d; done",
+        "echo RNGBYTES=$(head -c 64 /dev/hwrng | wc -c)",
+        "poweroff -f",
+      ].join("; ");
+      const r = await runGuestCommand(script, ["--cpus", "2", "--memory", "512M", "--vcpu-threads", kind, "--rng", ...disks.flat()]);
+      assert.match(r.output, /CPUS=2\b/, `${r.output.slice(-2000)}\n${r.stderr}`);
+      assert.match(r.output, /SAME-vda/, r.output.slice(-2000));
+      assert.match(r.output, /SAME-sda/, r.output.slice(-2000));
+      assert.match(r.output, /RNGBYTES=64\b/);
+      assert.equal(r.status, 0, r.stderr);
+      // The host file holds what the guest wrote (not zeros any more).
+      assert.ok(readFileSync(join(dir, "virtio.raw")).subarray(0, 1 << 21).some((b) => b !== 0));
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+}
 
 describe("an interactive 512 MiB guest on the console", () => {
   let s: GuestSession;

@@ -50,10 +50,11 @@ function run(kernel: string, extra: string[] = []) {
   return spawnSync(process.execPath, [CLI, "run", "--kernel", kernel, "--memory", "64M", ...extra], { encoding: "latin1", input: "", timeout: 120_000 });
 }
 
-/** The two ways of giving vCPUs threads (--vcpu-threads): tests of threads and teardown run under both. */
+/** The three ways of giving vCPUs threads (--vcpu-threads): tests of threads and teardown run under each. */
 const THREAD_KINDS: readonly { readonly kind: string; readonly args: string[] }[] = [
   { kind: "worker", args: [] },
   { kind: "native", args: ["--vcpu-threads", "native"] },
+  { kind: "native-main", args: ["--vcpu-threads", "native-main"] },
 ];
 
 for (const { kind, args } of THREAD_KINDS) {
@@ -326,6 +327,13 @@ test("PARTIS_STATS=1 with --vcpu-threads native: each vCPU's exits, and the hand
   assert.equal(stats["inKvmRun"], undefined, "KVM_RUN is made on the vCPU's native thread, not timed by the handling thread");
 });
 
+test("PARTIS_STATS=1 with --vcpu-threads native-main: each vCPU's exits, handled and timed on the main thread", () => {
+  const stats = vcpu0Stats(["--vcpu-threads", "native-main"]);
+  assert.equal(stats["io"], 7, "six COM1 bytes and the PM1a_CNT write");
+  assert.ok(stats["ioUs"]! > 0, JSON.stringify(stats));
+  assert.equal(stats["inKvmRun"], undefined, "KVM_RUN is made on the vCPU's native thread");
+});
+
 for (const { kind, args: threadArgs } of THREAD_KINDS) {
   test(`SMP: powering off while an AP is still parked in KVM_RUN ends cleanly with status 0 (--vcpu-threads ${kind})`, () => {
     // The APs never get INIT/SIPI, so their threads stay blocked in KVM_RUN; the
@@ -464,7 +472,7 @@ for (const { kind, args: threadArgs } of THREAD_KINDS) {
         child.on("exit", (status) => resolve({ status, stdout, stderr }));
       });
       assert.equal(r.status, 1, r.stderr);
-      assert.match(r.stderr, /cannot start the devices: .*busy-\w+\.sock is in use/);
+      assert.match(r.stderr, /cannot start the devices: .*busy-[\w-]+\.sock is in use/);
       assert.doesNotMatch(r.stdout, /SHOULD-NOT-RUN/);
       await new Promise<void>((resolve, reject) => connect(sock).once("connect", function (this: import("node:net").Socket) {
         this.destroy();
@@ -571,4 +579,44 @@ test("console input the guest never reads is not buffered without bound: partis 
   assert.ok(accepted < 32 * 1024 * 1024, "every byte was taken in");
   assert.ok(waiting > 0 && waiting <= 256 * 1024, `${waiting} bytes queued for a guest that does not read`);
   assert.ok(rssAnonKb < 200 * 1024, `partis run grew to ${rssAnonKb} KiB of private memory`);
+});
+
+/**
+ * A running guest that waits for a console byte; `partis run`'s RssFile (the program files' resident
+ * pages) once its start-up is over, then the byte, the guest's answer and poweroff.
+ */
+async function programPagesWhileRunning(env: NodeJS.ProcessEnv, after: RegExp): Promise<{ rssFileKiB: number; out: string; status: number | null; err: string }> {
+  const kernel = kernelFile("wait-byte", [...WAIT_FOR_COM1_BYTE, ...serialPrint("GOT\n"), ...ACPI_S5, ...HALT_LOOP]);
+  const child = spawn(process.execPath, [CLI, "run", "--kernel", kernel, "--memory", "64M"], { stdio: ["pipe", "pipe", "pipe"], env: { ...process.env, ...env, PARTIS_TRACE_BOOT: "1" } });
+  let err = "";
+  let out = "";
+  child.stdout.on("data", (d: Buffer) => (out += d.toString("latin1")));
+  const exited = new Promise<number | null>((resolve) => child.on("exit", (code) => resolve(code)));
+  await new Promise<void>((resolve) =>
+    child.stderr.on("data", (d: Buffer) => {
+      err += d.toString();
+      if (after.test(err)) resolve();
+    }),
+  );
+  // The guest sits in its poll loop meanwhile (port I/O exits, handled by the vCPU thread).
+  await new Promise((r) => setTimeout(r, 500));
+  const m = /^RssFile:\s+(\d+) kB/m.exec(readFileSync(`/proc/${child.pid}/status`, "utf8"));
+  assert.ok(m);
+  child.stdin.write("x");
+  const status = await exited;
+  return { rssFileKiB: Number(m[1]), out, status, err };
+}
+
+test("once the guest runs, the program pages only start-up used leave partis run's RSS; the VM goes on working", { timeout: 120_000 }, async (t) => {
+  const kept = await programPagesWhileRunning({ PARTIS_KEEP_PROGRAM_PAGES: "1" }, /start gate open/);
+  assert.equal(kept.status, 0, kept.err);
+  assert.equal(kept.out, "GOT\n");
+  assert.doesNotMatch(kept.err, /program pages released/);
+  const released = await programPagesWhileRunning({}, /program pages released/);
+  assert.equal(released.status, 0, released.err);
+  assert.equal(released.out, "GOT\n");
+  const m = /program pages released \((\d+) mappings, (\d+) KiB resident\)/.exec(released.err);
+  assert.ok(m && Number(m[1]) > 0, released.err);
+  t.diagnostic(`RssFile: ${kept.rssFileKiB} KiB kept, ${released.rssFileKiB} KiB released`);
+  assert.ok(released.rssFileKiB < kept.rssFileKiB * 0.75, `RssFile ${released.rssFileKiB} KiB released, ${kept.rssFileKiB} KiB kept`);
 });
