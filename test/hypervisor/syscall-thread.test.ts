@@ -234,3 +234,31 @@ test("one JavaScript thread drives four vCPUs on native threads through a doorbe
     }
   });
 });
+
+test("waitAsync: the event loop stays free while libuv's pool waits on the doorbell; a call rings it, a quiet doorbell times out", async () => {
+  const doorbell = SyscallDoorbell.create();
+  const t = SyscallThread.start({ doorbell });
+  try {
+    t.setName("partis-test");
+    assert.equal(fs.readFileSync(`/proc/self/task/${t.call(SYS.gettid)}/comm`, "utf8").trim(), "partis-test");
+    // Rung: a call posted while the wait is on wakes it (the event loop turned meanwhile: the timer ran).
+    let sequence = doorbell.sequence;
+    let loopTurned = false;
+    const rung = new Promise<void>((resolve) => doorbell.waitAsync(sequence, 30_000, resolve));
+    setTimeout(() => {
+      loopTurned = true;
+      t.post(SYS.gettid);
+    }, 20);
+    await rung;
+    assert.ok(loopTurned);
+    assert.notEqual(doorbell.sequence, sequence);
+    assert.ok(t.take() > 0);
+    // Quiet: it ends at its timeout, the doorbell where it was.
+    sequence = doorbell.sequence;
+    await new Promise<void>((resolve) => doorbell.waitAsync(sequence, 50, resolve));
+    assert.equal(doorbell.sequence, sequence);
+  } finally {
+    t.stop();
+    doorbell.close();
+  }
+});
