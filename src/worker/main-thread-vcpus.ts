@@ -18,11 +18,8 @@
 import type { Partition } from "../hypervisor/partition.js";
 import { VirtualProcessor } from "../hypervisor/virtual-processor.js";
 import { SyscallDoorbell, SyscallThread } from "../hypervisor/syscall-thread.js";
-import type { IoBus } from "../machine/bus.js";
-import type { MachineLock } from "../machine/shared-state.js";
 import type { PowerState } from "./power-state.js";
-import type { DeviceForwarder } from "./device-forwarding.js";
-import { applyBootState, NativeVcpuRuns, VcpuExitHandler } from "./vcpu-exits.js";
+import { applyBootState, NativeVcpuRuns, VcpuExitHandler, type ThreadMachine } from "./vcpu-exits.js";
 import type { HostedVcpu, VcpuStartMessage } from "./vcpu-thread.js";
 
 /** Polls of the doorbell before waiting on it (as vcpu-thread.ts's DOORBELL_POLLS). */
@@ -32,11 +29,8 @@ const YIELD_EVERY = 512;
 /** A bounded wait: the VM stopping does not ring the doorbell. */
 const WAIT_MS = 200;
 
-export interface MainThreadMachine {
-  readonly bus: IoBus;
-  readonly lock: MachineLock;
-  readonly power: PowerState;
-  readonly forwarder: DeviceForwarder | undefined;
+/** The board's bus and lock, the device forwarder and the power state, as a vCPU thread has them; and the state report requests. */
+export interface MainThreadMachine extends ThreadMachine {
   /** State report requests (state-report.ts). */
   readonly report: SharedArrayBuffer;
 }
