@@ -228,6 +228,12 @@ export class SyscallDoorbell {
     return Atomics.load(this.word, 0);
   }
 
+  /** Spin up to `times` reads for the doorbell to move past `sequence`; true if it did (then no sleep is needed). */
+  poll(sequence: number, times: number): boolean {
+    for (let i = 0; i < times; i++) if (Atomics.load(this.word, 0) !== sequence) return true;
+    return false;
+  }
+
   /** Sleep until the doorbell moves past `sequence` (returns at once if it already has), or `timeoutMs`. */
   wait(sequence: number, timeoutMs?: number): void {
     let ts = 0;
@@ -249,7 +255,7 @@ export class SyscallDoorbell {
     this.timeout[0] = BigInt(Math.floor(timeoutMs / 1000));
     this.timeout[1] = BigInt(Math.round((timeoutMs % 1000) * 1e6));
     // EAGAIN, EINTR, ETIMEDOUT alike: the caller looks at the word again.
-    futexCallAsync(SYS_futex, this.addressNumber, FUTEX_WAIT_PRIVATE, sequence | 0, this.timeoutAddress, () => woken());
+    futexCallAsync(SYS_futex, this.addressNumber, FUTEX_WAIT_PRIVATE, sequence | 0, this.timeoutAddress, woken);
   }
 
   /** Release its memory. Only once every thread that rings it has stopped (they write to it). */

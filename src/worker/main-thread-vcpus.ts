@@ -16,14 +16,11 @@
  * kinds of thread.
  */
 import type { Partition } from "../hypervisor/partition.js";
-import { VirtualProcessor } from "../hypervisor/virtual-processor.js";
-import { SyscallDoorbell, SyscallThread } from "../hypervisor/syscall-thread.js";
+import type { SyscallDoorbell } from "../hypervisor/syscall-thread.js";
 import type { PowerState } from "./power-state.js";
-import { applyBootState, NativeVcpuRuns, VcpuExitHandler, type ThreadMachine } from "./vcpu-exits.js";
+import { applyBootState, createNativeVcpus, DOORBELL_POLLS, NativeVcpuRuns, releaseNativeVcpus, VcpuExitHandler, type ThreadMachine } from "./vcpu-exits.js";
 import type { HostedVcpu, VcpuStartMessage } from "./vcpu-thread.js";
 
-/** Polls of the doorbell before waiting on it (as vcpu-thread.ts's DOORBELL_POLLS). */
-const DOORBELL_POLLS = 5000;
 /** Exits served in one turn before the event loop gets its turn. */
 const YIELD_EVERY = 512;
 /** A bounded wait: the VM stopping does not ring the doorbell. */
@@ -53,22 +50,11 @@ export class MainThreadVcpus {
 
   /** Create every vCPU on a native thread of its own, with its CPUID; none runs before `start`. */
   static create(partition: Partition, vcpus: readonly HostedVcpu[], machine: MainThreadMachine): MainThreadVcpus {
-    const doorbell = SyscallDoorbell.create();
-    const threads: SyscallThread[] = [];
-    const vps: VirtualProcessor[] = [];
+    const { doorbell, vps } = createNativeVcpus(partition, vcpus.map((v) => v.vcpuId));
     try {
-      for (const { vcpuId, cpuid } of vcpus) {
-        const t = SyscallThread.start({ doorbell, context: { vcpu: vcpuId } });
-        threads.push(t);
-        t.setName(`partis-vcpu${vcpuId}`);
-        const vp = VirtualProcessor.create(partition, vcpuId, { on: t });
-        vps.push(vp);
-        vp.setCpuid(cpuid);
-      }
+      vps.forEach((vp, i) => vp.setCpuid(vcpus[i]!.cpuid));
     } catch (e) {
-      for (const vp of vps) vp.close();
-      for (const t of threads) t.stop();
-      doorbell.close();
+      releaseNativeVcpus(vps, doorbell);
       throw e;
     }
     const handlers = vps.map((vp, i) => new VcpuExitHandler(vcpus[i]!.vcpuId, vp, machine, machine.report));
@@ -119,9 +105,7 @@ export class MainThreadVcpus {
           return;
         }
         if (now > 0) continue;
-        let polls = 0;
-        while (polls < DOORBELL_POLLS && doorbell.sequence === sequence) polls++;
-        if (polls < DOORBELL_POLLS) continue;
+        if (doorbell.poll(sequence, DOORBELL_POLLS)) continue;
         doorbell.waitAsync(sequence, WAIT_MS, this.serve);
         return;
       }
@@ -139,22 +123,10 @@ export class MainThreadVcpus {
    */
   close(): void {
     if (this.closed) return;
-    for (const h of this.handlers) {
-      const t = h.vp.syscallThread!;
-      if (t.busy && !t.done) {
-        h.vp.interrupt();
-        t.wait();
-      }
-    }
     this.closed = true;
-    for (const h of this.handlers) {
-      const t = h.vp.syscallThread!;
-      h.vp.close();
-      t.stop();
-    }
     // A wait on libuv's pool may still be on the doorbell: a futex wait keys on the address, not
     // the memory, so it ends at its timeout (or at once with EFAULT) and finds this closed.
-    this.doorbell.close();
+    releaseNativeVcpus(this.handlers.map((h) => h.vp), this.doorbell);
     this.resolveStopped();
   }
 

@@ -6,7 +6,9 @@
  * power state, state reports answered on a kick; the BSP's boot state; and
  * the bookkeeping of vCPUs on native threads served by one thread.
  */
-import { type Sregs, type Segment, type VcpuExit, type VirtualProcessor } from "../hypervisor/virtual-processor.js";
+import { VirtualProcessor, type Sregs, type Segment, type VcpuExit } from "../hypervisor/virtual-processor.js";
+import type { Partition } from "../hypervisor/partition.js";
+import { SyscallDoorbell, SyscallThread } from "../hypervisor/syscall-thread.js";
 import { KVM_SYSTEM_EVENT, KVM_INTERNAL_ERROR } from "../hypervisor/kvm-abi.js";
 import type { BootCpuState, SegmentState } from "../machine/boot-cpu.js";
 import type { IoBus } from "../machine/bus.js";
@@ -216,12 +218,63 @@ export class VcpuExitHandler {
 }
 
 /**
+ * Polls of the doorbell before the thread serving native vCPUs waits on it:
+ * exits come in bursts (a driver's run of register accesses), and waking a
+ * sleeping thread costs more than an exit (bench/vcpu-threads).
+ */
+export const DOORBELL_POLLS = 5000;
+
+/**
+ * Create each vCPU on a native thread of its own (SyscallThread, named
+ * partis-vcpu<N>), every thread ringing one doorbell. On failure what was
+ * made is released.
+ */
+export function createNativeVcpus(partition: Partition, vcpuIds: readonly number[]): { doorbell: SyscallDoorbell; vps: VirtualProcessor[] } {
+  const doorbell = SyscallDoorbell.create();
+  const threads: SyscallThread[] = [];
+  const vps: VirtualProcessor[] = [];
+  try {
+    for (const vcpuId of vcpuIds) {
+      const t = SyscallThread.start({ doorbell, context: { vcpu: vcpuId } });
+      threads.push(t);
+      t.setName(`partis-vcpu${vcpuId}`);
+      vps.push(VirtualProcessor.create(partition, vcpuId, { on: t }));
+    }
+  } catch (e) {
+    for (const vp of vps) vp.close();
+    for (const t of threads) t.stop();
+    doorbell.close();
+    throw e;
+  }
+  return { doorbell, vps };
+}
+
+/**
+ * Release vCPUs made by createNativeVcpus: a run still in flight is kicked
+ * and waited for first (only then can its thread end), then the vCPUs, their
+ * threads and the doorbell go.
+ */
+export function releaseNativeVcpus(vps: readonly VirtualProcessor[], doorbell: SyscallDoorbell): void {
+  const threads = vps.map((vp) => vp.syscallThread!);
+  threads.forEach((t, i) => {
+    if (t.busy && !t.done) {
+      vps[i]!.interrupt();
+      t.wait();
+    }
+  });
+  for (const vp of vps) vp.close();
+  for (const t of threads) t.stop();
+  doorbell.close();
+}
+
+/**
  * vCPUs on native threads (SyscallThread), each in KVM_RUN on its own while
  * one JavaScript thread serves them all ("native": a worker; "native-main":
  * the VM's main thread). Keeps which are in KVM_RUN; the serving thread
  * calls `serveFinished` whenever the doorbell their threads ring has moved.
  */
 export class NativeVcpuRuns {
+  private readonly threads: readonly SyscallThread[];
   private readonly inRun: boolean[];
   /** vCPUs in KVM_RUN now. */
   running = 0;
@@ -233,6 +286,7 @@ export class NativeVcpuRuns {
     /** PARTIS_STATS=1: time each exit's handling (two clock reads per exit). */
     private readonly timing: boolean,
   ) {
+    this.threads = handlers.map((h) => h.vp.syscallThread!);
     this.inRun = handlers.map(() => false);
   }
 
@@ -254,13 +308,13 @@ export class NativeVcpuRuns {
    * caller looks again before it sleeps.
    */
   serveFinished(): number {
-    const { handlers, inRun, power, timing } = this;
+    const { handlers, threads, inRun, power, timing } = this;
     let served = 0;
     for (let i = 0; i < handlers.length; i++) {
-      const h = handlers[i]!;
       if (!inRun[i]) continue;
-      const t = h.vp.syscallThread!;
+      const t = threads[i]!;
       if (!t.done) continue;
+      const h = handlers[i]!;
       served++;
       inRun[i] = false;
       this.running--;

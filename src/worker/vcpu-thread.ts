@@ -24,8 +24,8 @@ import { systemClock } from "../devices/dependencies.js";
 import { bootTrace } from "./boot-trace.js";
 import { DeviceMailbox, type MailboxHandoff } from "./device-mailbox.js";
 import { DeviceForwarder, type ForwardedPorts } from "./device-forwarding.js";
-import { applyBootState, NativeVcpuRuns, VcpuExitHandler, type ThreadMachine } from "./vcpu-exits.js";
-import { SyscallDoorbell, SyscallThread } from "../hypervisor/syscall-thread.js";
+import { applyBootState, createNativeVcpus, DOORBELL_POLLS, NativeVcpuRuns, releaseNativeVcpus, VcpuExitHandler, type ThreadMachine } from "./vcpu-exits.js";
+import type { SyscallDoorbell } from "../hypervisor/syscall-thread.js";
 
 /** One vCPU a thread runs. */
 export interface HostedVcpu {
@@ -121,38 +121,14 @@ function main(data: VcpuThreadData): void {
 
 /** "native": one SyscallThread per vCPU, all driven from here. */
 function runNativeVcpus(data: VcpuThreadData, partition: Partition): void {
-  const doorbell = SyscallDoorbell.create();
-  const threads: SyscallThread[] = [];
-  const vps: VirtualProcessor[] = [];
+  const { doorbell, vps } = createNativeVcpus(partition, data.vcpus.map((v) => v.vcpuId));
   try {
-    for (const { vcpuId } of data.vcpus) {
-      const t = SyscallThread.start({ doorbell, context: { vcpu: vcpuId } });
-      threads.push(t);
-      t.setName(`partis-vcpu${vcpuId}`);
-      vps.push(VirtualProcessor.create(partition, vcpuId, { on: t }));
-    }
     runVcpus(data, partition, vps, doorbell);
   } finally {
-    // A vCPU still in KVM_RUN (the loop failed): kick it out here, without waiting for the main
-    // thread to; only then can its thread end.
-    threads.forEach((t, i) => {
-      if (t.busy && !t.done) {
-        vps[i]?.interrupt();
-        t.wait();
-      }
-    });
-    for (const vp of vps) vp.close();
-    for (const t of threads) t.stop();
-    doorbell.close();
+    // A vCPU still in KVM_RUN (the loop failed) is kicked out here, without waiting for the main thread to.
+    releaseNativeVcpus(vps, doorbell);
   }
 }
-
-/**
- * Polls of the doorbell before a "native" thread sleeps on it: exits come in
- * bursts (a driver's run of register accesses), and waking a sleeping thread
- * costs more than an exit (bench/vcpu-threads).
- */
-const DOORBELL_POLLS = 5000;
 
 function runVcpus(data: VcpuThreadData, partition: Partition, vps: readonly VirtualProcessor[], doorbell?: SyscallDoorbell): void {
   const port = parentPort!;
@@ -231,10 +207,8 @@ function serveNative(handlers: readonly VcpuExitHandler[], doorbell: SyscallDoor
     while (runs.running > 0) {
       const sequence = doorbell.sequence;
       if (runs.serveFinished() > 0) continue;
-      let polls = 0;
-      while (polls < DOORBELL_POLLS && doorbell.sequence === sequence) polls++;
       // A bounded sleep: the VM stopping does not ring the doorbell.
-      if (polls === DOORBELL_POLLS) doorbell.wait(sequence, 200);
+      if (!doorbell.poll(sequence, DOORBELL_POLLS)) doorbell.wait(sequence, 200);
     }
   } catch (e) {
     // Stop the VM: runNativeVcpus then kicks the vCPUs still in KVM_RUN and ends their threads.
