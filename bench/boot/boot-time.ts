@@ -34,7 +34,10 @@
  * partis-unbundled and partis-keep-pages (PARTIS_KEEP_PROGRAM_PAGES=1: the
  * program files' start-up pages stay resident: src/hypervisor/program-pages.ts)
  * run only when named. `--cpus N` gives every VMM N vCPUs
- * (default 1).
+ * (default 1). `--settle MS` (default 1500) is how long after the marker
+ * memory is read. `--isolates` asks each Partis VM for its state report
+ * right after (SIGQUIT: src/worker/state-report.ts) and prints, per run,
+ * what each thread's V8 isolate holds: where the private memory went.
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { readFileSync, existsSync, writeFileSync } from "node:fs";
@@ -54,6 +57,11 @@ const only = args.includes("--only") ? new Set((args[args.indexOf("--only") + 1]
 const POOL_2M = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
 const memory = "256M";
 /** `--cpus N` (default 1): vCPUs of every VMM. */
+/** `--settle MS`: from the marker to reading memory (the guest sits at its shell meanwhile). */
+const settleMs = args.includes("--settle") ? Number(args[args.indexOf("--settle") + 1]) : 1500;
+if (!Number.isSafeInteger(settleMs) || settleMs < 0) throw new Error(`--settle: ${args[args.indexOf("--settle") + 1]} is not a number of milliseconds`);
+/** `--isolates`: each Partis run's state report lines about memory (the process, each V8 isolate). */
+const isolates = args.includes("--isolates");
 const cpus = args.includes("--cpus") ? Number(args[args.indexOf("--cpus") + 1]) : 1;
 if (!Number.isSafeInteger(cpus) || cpus < 1) throw new Error(`--cpus: ${args[args.indexOf("--cpus") + 1]} is not a vCPU count`);
 const append = "console=ttyS0 panic=-1 quiet";
@@ -64,6 +72,10 @@ interface Sample {
   readonly overheadKiB: number;
   /** The private part of it (RssAnon): what each further VM costs; the rest is program text shared by every process of the VMM. */
   readonly privateKiB: number;
+  /** Of the private memory, what transparent huge pages hold (AnonHugePages): 2 MiB each, however little of one is in use. */
+  readonly hugeKiB: number;
+  /** `--isolates`: the VM's state report lines about memory (Partis only). */
+  readonly memoryReport?: readonly string[];
 }
 
 function status(pid: number): Record<string, number> {
@@ -73,6 +85,11 @@ function status(pid: number): Record<string, number> {
     if (m) out[m[1]!] = Number(m[2]);
   }
   return out;
+}
+
+/** AnonHugePages of the whole process (smaps_rollup). */
+function hugeKiB(pid: number): number {
+  return Number(/^AnonHugePages:\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/smaps_rollup`, "utf8"))?.[1] ?? 0);
 }
 
 function overheadKiB(pid: number): number {
@@ -88,7 +105,10 @@ function childPids(pid: number): number[] {
   }
 }
 
-function once(command: string, argv: string[], vmmPid: (c: ChildProcess) => number, env?: NodeJS.ProcessEnv): Promise<Sample> {
+/** The memory lines of a state report: the process's, and one per V8 isolate (main, vCPU threads, device thread). */
+const MEMORY_REPORT = /partis-vm: report: ((?:process: |[\w ]+: V8 heap ).*)/g;
+
+function once(command: string, argv: string[], vmmPid: (c: ChildProcess) => number, env?: NodeJS.ProcessEnv, askReport = false): Promise<Sample> {
   return new Promise((resolve, reject) => {
     const t0 = process.hrtime.bigint();
     const child = spawn(command, argv, { stdio: ["pipe", "pipe", "pipe"], ...(env === undefined ? {} : { env: { ...process.env, ...env } }) });
@@ -109,10 +129,11 @@ function once(command: string, argv: string[], vmmPid: (c: ChildProcess) => numb
       if (out.includes(GUEST_READY_MARKER)) {
         done = true;
         const ms = Number(process.hrtime.bigint() - t0) / 1e6;
-        // Let the guest settle at its shell, then read memory.
-        setTimeout(() => {
+        // Let the guest settle at its shell, then read memory (and, asked for, the VM's own account of it).
+        setTimeout(async () => {
           const pid = vmmPid(child);
-          const sample: Sample = { ms, overheadKiB: overheadKiB(pid), privateKiB: status(pid).RssAnon ?? 0 };
+          let sample: Sample = { ms, overheadKiB: overheadKiB(pid), privateKiB: status(pid).RssAnon ?? 0, hugeKiB: hugeKiB(pid) };
+          if (askReport) sample = { ...sample, memoryReport: await memoryReport(child, () => reportText) };
           clearTimeout(timer);
           child.kill("SIGKILL");
           for (const p of childPids(child.pid!)) {
@@ -121,11 +142,16 @@ function once(command: string, argv: string[], vmmPid: (c: ChildProcess) => numb
             } catch {}
           }
           child.on("exit", () => resolve(sample));
-        }, 1500);
+        }, settleMs);
       }
     });
     let err = "";
-    child.stderr!.on("data", (d: Buffer) => (err = (err + d.toString("latin1")).slice(-2000)));
+    let reportText = "";
+    child.stderr!.on("data", (d: Buffer) => {
+      const text = d.toString("latin1");
+      err = (err + text).slice(-2000);
+      if (done && askReport) reportText += text;
+    });
     child.on("exit", (code, signal) => {
       if (done) return;
       // Ended before the marker (a refused configuration, a crash): say so now, not at the timeout.
@@ -134,6 +160,22 @@ function once(command: string, argv: string[], vmmPid: (c: ChildProcess) => numb
     });
     child.on("error", reject);
   });
+}
+
+/** SIGQUIT (the VM keeps running), then the report's memory lines once every isolate has answered (at most 5 s). */
+async function memoryReport(child: ChildProcess, text: () => string): Promise<string[]> {
+  child.kill("SIGQUIT");
+  const lines = (): string[] => [...text().matchAll(MEMORY_REPORT)].map((m) => m[1]!);
+  const started = Date.now();
+  // The main thread writes the process line and its own; each vCPU thread or device thread answers after its kick.
+  let seen = -1;
+  while (Date.now() - started < 5000) {
+    await new Promise((r) => setTimeout(r, 250));
+    const n = lines().length;
+    if (n >= 2 && n === seen) break;
+    seen = n;
+  }
+  return lines();
 }
 
 const median = (xs: number[]) => {
@@ -149,7 +191,7 @@ async function main(): Promise<void> {
   const common = ["-enable-kvm", "-cpu", "host", "-m", memory, "-smp", String(cpus), "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
     "-kernel", guest.kernel, "-initrd", guest.initrd, "-append", append];
   const partis = (extra: string[], cli = CLI, env?: NodeJS.ProcessEnv) => () =>
-    once(process.execPath, [cli, "run", "--kernel", guest.kernel, "--initrd", guest.initrd, "--memory", memory, "--cpus", String(cpus), "--append", append, ...extra], (c) => c.pid!, env);
+    once(process.execPath, [cli, "run", "--kernel", guest.kernel, "--initrd", guest.initrd, "--memory", memory, "--cpus", String(cpus), "--append", append, ...extra], (c) => c.pid!, env, isolates);
   const hugeBackend = ["-object", `memory-backend-memfd,id=ram0,size=${memory},hugetlb=on,hugetlbsize=2M`];
   const all: { key: string; name: string; huge?: true; run: () => Promise<Sample> }[] = [
     { key: "partis", name: "partis", run: partis([]) },
@@ -209,7 +251,8 @@ async function measure(configs: { name: string; run: () => Promise<Sample> }[]):
       try {
         const s = await c.run();
         (results[c.name] ??= []).push(s);
-        process.stderr.write(`${c.name} run ${i + 1}: ${s.ms.toFixed(0)} ms, overhead ${(s.overheadKiB / 1024).toFixed(1)} MiB (private ${(s.privateKiB / 1024).toFixed(1)})\n`);
+        process.stderr.write(`${c.name} run ${i + 1}: ${s.ms.toFixed(0)} ms, overhead ${(s.overheadKiB / 1024).toFixed(1)} MiB (private ${(s.privateKiB / 1024).toFixed(1)}, huge pages ${(s.hugeKiB / 1024).toFixed(0)})\n`);
+        for (const line of s.memoryReport ?? []) process.stderr.write(`  ${line}\n`);
       } catch (e) {
         // A stalled boot is reported and left out of the median, not fatal to the whole run.
         (failures[c.name] ??= []).push(i + 1);
@@ -220,19 +263,20 @@ async function measure(configs: { name: string; run: () => Promise<Sample> }[]):
   const first = results[configs[0]!.name];
   if (first === undefined) throw new Error(`no ${configs[0]!.name} run succeeded`);
   const partisMs = median(first.map((s) => s.ms));
-  console.log(`| VMM | median start→marker (ms) | runs (ms) | VMM overhead RSS (MiB, median) | of which private (RssAnon) | ${configs[0]!.name} ÷ this |`);
-  console.log(`|---|---|---|---|---|---|`);
+  console.log(`| VMM | median start→marker (ms) | runs (ms) | VMM overhead RSS (MiB, median) | of which private (RssAnon) | of which huge pages (MiB, median) | ${configs[0]!.name} ÷ this |`);
+  console.log(`|---|---|---|---|---|---|---|`);
   for (const c of configs) {
     const xs = results[c.name];
     if (xs === undefined) {
-      console.log(`| ${c.name} | all runs failed | | | | |`);
+      console.log(`| ${c.name} | all runs failed | | | | | |`);
       continue;
     }
     const ms = median(xs.map((s) => s.ms));
     const ov = median(xs.map((s) => s.overheadKiB)) / 1024;
     const priv = median(xs.map((s) => s.privateKiB)) / 1024;
+    const huge = median(xs.map((s) => s.hugeKiB)) / 1024;
     const failed = failures[c.name] ? ` (failed: run ${failures[c.name]!.join(", ")})` : "";
-    console.log(`| ${c.name} | ${ms.toFixed(0)} | ${xs.map((s) => s.ms.toFixed(0)).join(", ")}${failed} | ${ov.toFixed(1)} | ${priv.toFixed(1)} | ${(partisMs / ms).toFixed(2)} |`);
+    console.log(`| ${c.name} | ${ms.toFixed(0)} | ${xs.map((s) => s.ms.toFixed(0)).join(", ")}${failed} | ${ov.toFixed(1)} | ${priv.toFixed(1)} | ${huge.toFixed(0)} | ${(partisMs / ms).toFixed(2)} |`);
   }
 }
 

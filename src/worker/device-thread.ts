@@ -30,7 +30,7 @@ import { IntxRouter, MsiRouter } from "./interrupt-routing.js";
 import { planPci, type DeviceSpec } from "./device-plan.js";
 import { assembleDevice, type AssembledDevice } from "./device-assembly.js";
 import { bootTrace } from "./boot-trace.js";
-import { StateReportRequest, writeReport } from "./state-report.js";
+import { StateReportRequest, describeIsolateMemory, writeReport } from "./state-report.js";
 
 export interface DeviceThreadData {
   readonly vmName: string;
@@ -297,6 +297,7 @@ function serveDevices(data: DeviceThreadData, partition: Partition): void {
     if (report.take()) {
       const lines = [`devices: ${stats.requests} register requests served, ${stats.doorbellWakeups} doorbell wake-ups`];
       for (const a of assembled) lines.push(...(a.device.describeState?.() ?? [`${a.device.name}: (no state report)`]));
+      lines.push(describeIsolateMemory("device thread"));
       writeReport(lines);
     }
   }

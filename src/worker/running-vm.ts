@@ -38,7 +38,7 @@ import { planPci } from "./device-plan.js";
 import { IDE_COMPAT_PORTS, PCI_IO_WINDOW } from "./device-forwarding.js";
 import type { DeviceThreadData, DeviceThreadMessage } from "./device-thread.js";
 import { deviceThread, vcpuThread, type PrestartedThreads } from "./thread-prestart.js";
-import { StateReportRequest, writeReport } from "./state-report.js";
+import { StateReportRequest, describeIsolateMemory, describeProcessMemory, writeReport } from "./state-report.js";
 import { releaseProgramPages } from "../hypervisor/program-pages.js";
 import { MainThreadVcpus } from "./main-thread-vcpus.js";
 import { DeviceForwarder } from "./device-forwarding.js";
@@ -428,7 +428,7 @@ export class RunningVm {
    */
   reportState(): void {
     const gate = Atomics.load(this.startGate, 0) === 0 ? "; the start gate is still closed (vCPUs not running yet)" : "";
-    writeReport([`VM ${this.config.name}: ${this.config.cpus} vCPU(s), ${this.kickers.length + (this.mainVcpus?.hasStarted === true ? this.mainVcpus.count : 0)} started, power ${this.power.running ? "on" : "off"}, ${this.pendingInputBytes} console input byte(s) waiting for the guest${gate}`]);
+    writeReport([`VM ${this.config.name}: ${this.config.cpus} vCPU(s), ${this.kickers.length + (this.mainVcpus?.hasStarted === true ? this.mainVcpus.count : 0)} started, power ${this.power.running ? "on" : "off"}, ${this.pendingInputBytes} console input byte(s) waiting for the guest${gate}`, describeProcessMemory(), describeIsolateMemory("main thread")]);
     this.report.request();
     this.kickLiveVcpus();
     this.mailbox?.ring();

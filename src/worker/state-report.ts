@@ -12,7 +12,8 @@
  * device thread; each thread writes its lines when it sees a count it has not
  * answered yet, then carries on.
  */
-import { writeSync } from "node:fs";
+import { readFileSync, writeSync } from "node:fs";
+import { getHeapSpaceStatistics, getHeapStatistics } from "node:v8";
 import type { VirtualProcessor } from "../hypervisor/virtual-processor.js";
 import { KVM_MP_STATE } from "../hypervisor/kvm-abi.js";
 
@@ -55,6 +56,52 @@ export function writeReport(lines: readonly string[]): void {
   } catch {
     /* standard error closed: nobody to tell */
   }
+}
+
+const KIB = 1024;
+const mib = (bytes: number): string => (bytes / (KIB * KIB)).toFixed(1);
+
+/**
+ * The line of one thread's V8 isolate: the memory its heap holds (committed
+ * pages, by space: new, old, code, large objects) and how much of it is in
+ * use, plus what the isolate allocated with malloc. Every thread that runs
+ * JavaScript is an isolate of its own, and in a VM's process they are most
+ * of its private memory (docs/benchmarks.md, "Boot"), so this says where it
+ * went.
+ */
+export function describeIsolateMemory(thread: string): string {
+  const spaces = new Map<string, number>();
+  for (const space of getHeapSpaceStatistics()) {
+    const name = space.space_name.replace(/_space$/, "").replace(/_object$/, "");
+    if (space.physical_space_size > 0) spaces.set(name, space.physical_space_size);
+  }
+  const h = getHeapStatistics();
+  const bySpace = [...spaces].map(([name, bytes]) => `${name} ${mib(bytes)}`).join(", ");
+  return `${thread}: V8 heap ${mib(h.total_physical_size)} MiB committed (${bySpace}), ${mib(h.used_heap_size)} MiB in use, ${mib(h.malloced_memory)} MiB malloc`;
+}
+
+/**
+ * The line of the VM's process: its resident memory split as the kernel
+ * counts it (/proc/self/status): private (RssAnon), program files (RssFile)
+ * and shared memory (RssShmem: guest RAM, the kvm_run areas).
+ */
+export function describeProcessMemory(): string {
+  let status: string;
+  try {
+    status = readFileSync("/proc/self/status", "utf8");
+  } catch (e) {
+    return `process memory unavailable (${e instanceof Error ? e.message : String(e)})`;
+  }
+  const field = (text: string, key: string): number => Number(new RegExp(`^${key}:\\s+(\\d+)`, "m").exec(text)?.[1] ?? NaN);
+  const m = (key: string): string => (field(status, key) / KIB).toFixed(1);
+  let huge = "";
+  try {
+    // Transparent huge pages in private memory (docs/architecture.md, "Transparent huge pages and the VM's own memory").
+    huge = `, ${(field(readFileSync("/proc/self/smaps_rollup", "utf8"), "AnonHugePages") / KIB).toFixed(1)} MiB of the private in huge pages`;
+  } catch {
+    /* no smaps_rollup (kernels before 4.14) */
+  }
+  return `process: ${m("VmRSS")} MiB resident: ${m("RssAnon")} private, ${m("RssFile")} program files, ${m("RssShmem")} shared (guest RAM and kvm_run areas)${huge}; ${field(status, "Threads")} threads`;
 }
 
 const MP_STATE_NAMES = new Map<number, string>(Object.entries(KVM_MP_STATE).map(([k, v]) => [v, k.toLowerCase()]));

@@ -29,8 +29,18 @@ import { Worker, type MessagePort, type ResourceLimits } from "node:worker_threa
 
 export const VCPU_THREAD_URL = new URL("./vcpu-thread.js", import.meta.url);
 export const DEVICE_THREAD_URL = new URL("./device-thread.js", import.meta.url);
+/**
+ * A thread's stack: 1.5 MiB (Node's default for a worker is 4), deep enough
+ * for ~30,000 plain JavaScript frames, and too small to hold a 2 MiB-aligned
+ * range, so a host whose transparent huge pages are "always" (Debian's and
+ * RHEL's kernels) can never back it with one 2 MiB page for the few KiB in
+ * use (docs/architecture.md, "Transparent huge pages and the VM's own memory").
+ */
+const THREAD_STACK_MB = 1.5;
 /** A vCPU thread allocates next to nothing after start-up: a small heap keeps its isolate small. */
-export const VCPU_THREAD_LIMITS: ResourceLimits = { maxYoungGenerationSizeMb: 1, maxOldGenerationSizeMb: 24 };
+export const VCPU_THREAD_LIMITS: ResourceLimits = { maxYoungGenerationSizeMb: 1, maxOldGenerationSizeMb: 24, stackSizeMb: THREAD_STACK_MB };
+/** The device thread's heap grows with its devices and back ends: V8's own heap sizing, the small stack. */
+export const DEVICE_THREAD_LIMITS: ResourceLimits = { stackSizeMb: THREAD_STACK_MB };
 /** At most this many vCPU threads are started on a hint (the rest start once the configuration says so). */
 export const MAX_PRESTART_VCPUS = 64;
 
@@ -45,7 +55,7 @@ export function vcpuThread(workerData: unknown): Worker {
 }
 
 export function deviceThread(workerData: unknown): Worker {
-  return new Worker(DEVICE_THREAD_URL, { workerData, stdout: false, stderr: false });
+  return new Worker(DEVICE_THREAD_URL, { workerData, stdout: false, stderr: false, resourceLimits: DEVICE_THREAD_LIMITS });
 }
 
 /** The workerData of a prestarted thread: word 0 of `loaded` turns 1 once its modules are loaded. */

@@ -15,7 +15,7 @@ import type { IoBus } from "../machine/bus.js";
 import type { MachineLock } from "../machine/shared-state.js";
 import type { PowerState } from "./power-state.js";
 import type { DeviceForwarder } from "./device-forwarding.js";
-import { StateReportRequest, describeVcpu, writeReport } from "./state-report.js";
+import { StateReportRequest, describeIsolateMemory, describeVcpu, writeReport } from "./state-report.js";
 import { threadCpuTimeNs } from "../hypervisor/libc.js";
 
 function toSegment(s: SegmentState): Segment {
@@ -136,6 +136,8 @@ export class VcpuExitHandler {
     readonly vp: VirtualProcessor,
     private readonly m: ThreadMachine,
     report: SharedArrayBuffer,
+    /** The name of this thread's isolate, for the first handler of a thread that has one of its own (its report says what the isolate holds). */
+    private readonly isolate?: string,
   ) {
     // Each vCPU answers each request once, whichever thread it runs on.
     this.report = StateReportRequest.attach(report);
@@ -180,7 +182,11 @@ export class VcpuExitHandler {
       case "intr":
         exits.intr++;
         // A state report's kick: this vCPU's line, then back into the guest.
-        if (this.report.take()) writeReport([describeVcpu(this.vcpuId, this.vp, describeState(this.vp, false), exits)]);
+        if (this.report.take()) {
+          const lines = [describeVcpu(this.vcpuId, this.vp, describeState(this.vp, false), exits)];
+          if (this.isolate !== undefined) lines.push(describeIsolateMemory(this.isolate));
+          writeReport(lines);
+        }
         break;
       case "irq_window_open":
         exits.other++;

@@ -158,7 +158,7 @@ function runVcpus(data: VcpuThreadData, partition: Partition, vps: readonly Virt
     for (const bdf of data.devices.functions) board.pciHost.attach(bdf, forwarder.configFunction(bdf));
   }
   const machine: ThreadMachine = { bus, lock, forwarder, power };
-  const handlers = vps.map((vp, i) => new VcpuExitHandler(data.vcpus[i]!.vcpuId, vp, machine, data.report));
+  const handlers = vps.map((vp, i) => new VcpuExitHandler(data.vcpus[i]!.vcpuId, vp, machine, data.report, i === 0 ? `${threadLabel(data)} thread` : undefined));
   bootTrace(threadLabel(data), "ready");
   for (const h of handlers) port.postMessage({ type: "ready", vcpuId: h.vcpuId, kick: h.vp.kickHandle() } satisfies VcpuThreadMessage);
   const gate = new Int32Array(data.startGate, 0, 1);

@@ -523,6 +523,18 @@ for (const { kind, args: threadArgs } of THREAD_KINDS) {
     assert.match(line(/report: VM /), /^partis-vm: report: VM \S+: 2 vCPU\(s\), 2 started, power on/, err);
     assert.match(line(/report: rng0/), /^partis-vm: report: rng0: status 0x0, features 0x0, INTx, isr 0$/, err);
     assert.match(line(/report: {3}queue 0:/), /queue 0: not ready; vector none/, err);
+    // Where the process's memory is: the kernel's split, then what each thread's V8 isolate holds.
+    const proc = /report: process: ([\d.]+) MiB resident: ([\d.]+) private, ([\d.]+) program files, ([\d.]+) shared .*; (\d+) threads$/.exec(line(/report: process:/));
+    assert.ok(proc, err);
+    assert.ok(Number(proc[2]) > 0 && Number(proc[2]) < Number(proc[1]), `private ${proc[2]} of ${proc[1]} MiB`);
+    const isolates = [...err.matchAll(/report: ([\w ]+): V8 heap ([\d.]+) MiB committed \((.*)\), ([\d.]+) MiB in use/g)];
+    for (const [, , committed, spaces, used] of isolates) {
+      assert.match(spaces!, /old [\d.]+/);
+      assert.ok(Number(used) > 0 && Number(used) <= Number(committed), `${used} of ${committed} MiB`);
+    }
+    // One line per isolate: the main thread, the device thread, and the vCPUs' own (one per vCPU; one for all; none).
+    const vcpuIsolates = kind === "worker" ? ["vcpu0 thread", "vcpu1 thread"] : kind === "native" ? ["vcpus thread"] : [];
+    assert.deepEqual(isolates.map((m) => m[1]).sort(), ["device thread", "main thread", ...vcpuIsolates].sort(), err);
   });
 }
 
