@@ -30,20 +30,19 @@ const memory = "256M";
 
 async function main(): Promise<void> {
   const guest = await prepareDefaultGuest();
-  const partis = (extra: string[], env: NodeJS.ProcessEnv = {}) => ({ command: process.execPath, argv: [CLI, "run", "--kernel", guest.kernel, "--initrd", guest.initrd, "--memory", memory, "--append", append, ...extra], env });
-  const vmms: Record<string, { command: string; argv: string[]; env: NodeJS.ProcessEnv }> = {
+  const partis = (extra: string[]) => ({ command: process.execPath, argv: [CLI, "run", "--kernel", guest.kernel, "--initrd", guest.initrd, "--memory", memory, "--append", append, ...extra] });
+  const vmms: Record<string, { command: string; argv: string[] }> = {
     partis: partis([]),
     "partis-native-main": partis(["--vcpu-threads", "native-main"]),
     "qemu-q35": {
       command: "/usr/bin/qemu-system-x86_64",
       argv: ["-M", "q35,memory-backend=ram0", "-object", `memory-backend-memfd,id=ram0,size=${memory}`, "-enable-kvm", "-cpu", "host", "-m", memory, "-smp", "1",
         "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio", "-kernel", guest.kernel, "-initrd", guest.initrd, "-append", append],
-      env: {},
     },
   };
   const run = vmms[vmm];
   if (run === undefined) throw new Error(`--vmm: ${vmm} is not one of ${Object.keys(vmms).join(", ")}`);
-  const child = spawn(run.command, run.argv, { stdio: ["pipe", "pipe", "inherit"], env: { ...process.env, ...run.env } });
+  const child = spawn(run.command, run.argv, { stdio: ["pipe", "pipe", "inherit"] });
   try {
     let out = "";
     await new Promise<void>((resolve, reject) => {

@@ -247,9 +247,9 @@ export function createNativeVcpus(partition: Partition, vcpuIds: readonly number
       vps.push(VirtualProcessor.create(partition, vcpuId, { on: t }));
     }
   } catch (e) {
-    for (const vp of vps) vp.close();
-    for (const t of threads) t.stop();
-    doorbell.close();
+    // A thread whose vCPU could not be made has no vCPU to be released with.
+    for (const t of threads.slice(vps.length)) t.stop();
+    releaseNativeVcpus(vps, doorbell);
     throw e;
   }
   return { doorbell, vps };
