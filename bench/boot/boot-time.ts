@@ -26,11 +26,13 @@
  * pages (hugetlbfs): Partis `--hugepages` and QEMU q35 with a hugetlb memfd.
  * The bench grows the 2 MiB pool for them (root) and puts it back at the end.
  * hugetlb pages are not in VmRSS, so the overhead column means the same there.
- * `--only KEY,...` runs only some rows (keys: partis, partis-native,
+ * `--only KEY,...` runs only some rows (keys: partis, partis-worker, partis-native,
  * partis-native-main, partis-unbundled, partis-keep-pages, partis-unpack-guest, partis-hugepages,
  * qemu-microvm, qemu-q35, qemu-q35-hugetlb); the first row run is the one the
- * ratios are taken against. The rows partis-native and partis-native-main
- * (`--vcpu-threads native|native-main`),
+ * ratios are taken against. The row partis is the default (`--vcpu-threads
+ * auto`, which is native-main for this guest: it has no IDE drive or NE2000);
+ * the rows partis-worker, partis-native and partis-native-main
+ * (`--vcpu-threads worker|native|native-main`),
  * partis-unbundled and partis-keep-pages (PARTIS_KEEP_PROGRAM_PAGES=1: the
  * program files' start-up pages stay resident: src/hypervisor/program-pages.ts)
  * run only when named. `--cpus N` gives every VMM N vCPUs
@@ -195,6 +197,7 @@ async function main(): Promise<void> {
   const hugeBackend = ["-object", `memory-backend-memfd,id=ram0,size=${memory},hugetlb=on,hugetlbsize=2M`];
   const all: { key: string; name: string; huge?: true; run: () => Promise<Sample> }[] = [
     { key: "partis", name: "partis", run: partis([]) },
+    { key: "partis-worker", name: "partis --vcpu-threads worker", run: partis(["--vcpu-threads", "worker"]) },
     { key: "partis-native", name: "partis --vcpu-threads native", run: partis(["--vcpu-threads", "native"]) },
     { key: "partis-native-main", name: "partis --vcpu-threads native-main", run: partis(["--vcpu-threads", "native-main"]) },
     { key: "partis-unbundled", name: "partis, unbundled (tsc's output)", run: partis([], UNBUNDLED_CLI) },
@@ -205,7 +208,7 @@ async function main(): Promise<void> {
     { key: "qemu-q35", name: "qemu -M q35", run: () => once(qemu, ["-M", "q35,memory-backend=ram0", ...memBackend, ...common], (c) => c.pid!) },
     { key: "qemu-q35-hugetlb", name: "qemu -M q35, hugetlb RAM", huge: true, run: () => once(qemu, ["-M", "q35,memory-backend=ram0", ...hugeBackend, ...common], (c) => c.pid!) },
   ];
-  const configs = all.filter((c) => (only !== undefined ? only.has(c.key) : (hugepages || c.huge !== true) && !["partis-native", "partis-native-main", "partis-unbundled", "partis-keep-pages"].includes(c.key)));
+  const configs = all.filter((c) => (only !== undefined ? only.has(c.key) : (hugepages || c.huge !== true) && !["partis-worker", "partis-native", "partis-native-main", "partis-unbundled", "partis-keep-pages"].includes(c.key)));
   if (configs.length === 0) throw new Error(`--only: none of ${[...(only ?? [])].join(", ")} is a row (${all.map((c) => c.key).join(", ")})`);
   let restorePool: (() => void) | undefined;
   if (configs.some((c) => c.huge)) {

@@ -68,7 +68,10 @@
  * qemu-ide-pio, qemu-virtio-memfd (QEMU's RAM in a memfd, as Partis's is),
  * partis-virtio-v8st (`node --single-threaded`), partis-virtio-native and
  * partis-ide-pio-native (`--vcpu-threads native`), partis-virtio-native-main and
- * partis-ide-pio-native-main (`--vcpu-threads native-main`)), --all, --dir D, --timeout S (300),
+ * partis-ide-pio-native-main (`--vcpu-threads native-main`), partis-virtio-worker
+ * (`--vcpu-threads worker`)), --all, --dir D, --timeout S (300),
+ * Partis's default rows run `--vcpu-threads auto`: native-main for the
+ * virtio-blk guest, a worker per vCPU for the IDE guests (vcpuThreadsFor),
  * --prepare (build the guest program and initramfs, then exit),
  * Environment: PARTIS_BENCH_THREADS=1 (per-thread CPU per pattern),
  * PARTIS_STATS=1 (the VMM's own counters), PARTIS_BENCH_LOG=DIR (each run's
@@ -213,6 +216,7 @@ const partisArgv =
 
 const NATIVE_VCPU = ["--vcpu-threads", "native"] as const;
 const NATIVE_MAIN_VCPU = ["--vcpu-threads", "native-main"] as const;
+const WORKER_VCPU = ["--vcpu-threads", "worker"] as const;
 
 const qemuCommon = (kernel: string, initrd: string, append: string): string[] => [
   "-enable-kvm", "-cpu", "host", "-m", MEMORY, "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
@@ -253,6 +257,11 @@ const CONFIGS: readonly Config[] = [
     name: "partis-ide-pio-native-main", label: "Partis IDE (PIO), --vcpu-threads native-main", vmm: "partis", device: "/dev/sda", seqMiB: pioSeqMiB, randomOps: pioRandomOps, queuedOps: pioRandomOps, pio: true,
     write: { totalKiB: pioWriteKiB, requestKiB: PIO_WRITE_REQUEST_KIB },
     extraAppend: "libata.force=pio4", optional: true, argv: partisArgv("ide", [], CLI, NATIVE_MAIN_VCPU),
+  },
+  {
+    // A Node worker per vCPU (--vcpu-threads worker; auto picks native-main for this guest).
+    name: "partis-virtio-worker", label: "Partis virtio-blk, --vcpu-threads worker", vmm: "partis", device: "/dev/vda", seqMiB, randomOps, queuedOps, optional: true,
+    argv: partisArgv("virtio", [], CLI, WORKER_VCPU),
   },
   {
     // Partis with V8's background threads idle (experiment: what does their CPU buy?).

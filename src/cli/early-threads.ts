@@ -29,15 +29,25 @@ const DEVICE_OPTIONS = Object.keys(DEVICE_FLAGS).map((k) => `--${k}`);
 /** Above this no VM can have that many vCPUs (the xAPIC ID is 8 bits: machine/cpuid.ts MAX_VCPUS): such a --cpus is bad input, not a hint. */
 const MAX_HINTED_VCPUS = 255;
 
+/** `--disk …,if=ide`, `--cdrom` and `--nic …,model=ne2k`: the exit-bound devices of vm-config.ts's EXIT_BOUND_DEVICE_KINDS, as flags. */
+function exitBoundFlag(name: string, value: string | undefined): boolean {
+  if (name === "--cdrom") return true;
+  const options = (value ?? "").split(",").slice(1);
+  return (name === "--disk" && options.includes("if=ide")) || (name === "--nic" && options.includes("model=ne2k"));
+}
+
 /**
  * Thread hints from `partis run`'s raw arguments: `--cpus N` (else 1) and any
  * device option. With `--vcpu-threads native` one thread runs every vCPU; with
- * `native-main` none does (the main thread serves them).
+ * `native-main` none does (the main thread serves them); with `auto` (the
+ * default) that is decided as vcpuThreadsFor (src/worker/vm-config.ts) will:
+ * a worker per vCPU when an exit-bound device is attached, else none.
  */
 export function hintsFromArgs(args: readonly string[]): { vcpus: number; devices: boolean } {
   let vcpus = 1;
   let devices = false;
-  let threads = "worker";
+  let exitBound = false;
+  let threads = "auto";
   for (let i = 0; i < args.length; i++) {
     const a = args[i]!;
     if (a === "--") break;
@@ -46,9 +56,13 @@ export function hintsFromArgs(args: readonly string[]): { vcpus: number; devices
     if (name === "--cpus") {
       const n = Number(eq > 0 ? a.slice(eq + 1) : args[i + 1]);
       if (Number.isSafeInteger(n) && n >= 1 && n <= MAX_HINTED_VCPUS) vcpus = n;
-    } else if (name === "--vcpu-threads") threads = (eq > 0 ? a.slice(eq + 1) : args[i + 1]) ?? "worker";
-    else if (DEVICE_OPTIONS.includes(name)) devices = true;
+    } else if (name === "--vcpu-threads") threads = (eq > 0 ? a.slice(eq + 1) : args[i + 1]) ?? "auto";
+    else if (DEVICE_OPTIONS.includes(name)) {
+      devices = true;
+      if (exitBoundFlag(name, eq > 0 ? a.slice(eq + 1) : args[i + 1])) exitBound = true;
+    }
   }
+  if (threads === "auto") threads = exitBound ? "worker" : "native-main";
   return { vcpus: threads === "native" ? 1 : threads === "native-main" ? 0 : vcpus, devices };
 }
 

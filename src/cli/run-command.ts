@@ -2,7 +2,7 @@
  * `partis run`: boot a VM in the foreground with its console on the terminal.
  *
  *   partis run [--kernel K] [--initrd I] [--append ...] [--memory 512M] [--hugepages [2M|1G]] [--cpus N]
- *              [--vcpu-threads worker|native|native-main] [--no-reboot]
+ *              [--vcpu-threads auto|worker|native|native-main] [--no-reboot]
  *
  * Without --kernel it boots the default guest (stock Debian kernel + busybox
  * initramfs, prepared on first use and cached). On a terminal the console is
@@ -47,7 +47,7 @@ export interface RunOptions extends DeviceOptions {
   /** `--hugepages [size]`: true (the flag alone: 2M) or the size given. */
   hugepages?: string | boolean;
   cpus: string;
-  /** `--vcpu-threads worker|native|native-main` (VmConfig.vcpuThreads). */
+  /** `--vcpu-threads auto|worker|native|native-main` (VmConfig.vcpuThreads; auto leaves it to vcpuThreadsFor). */
   vcpuThreads: string;
   reboot: boolean;
   name: string;
@@ -253,9 +253,9 @@ export function registerRunCommand(program: Command): void {
     )
     .option("--cpus <n>", "virtual processors", "1")
     .option(
-      "--vcpu-threads <worker|native|native-main>",
-      "worker: each vCPU on a Node worker thread (~10 MiB each; the fastest exits); native: each vCPU on a native thread (~44 KiB each) whose exits one worker handles for all (for many vCPUs or many VMs); native-main: native threads whose exits the VM's main thread handles (no worker thread: the least memory)",
-      "worker",
+      "--vcpu-threads <auto|worker|native|native-main>",
+      "worker: each vCPU on a Node worker thread (~10 MiB each; the fastest exits); native: each vCPU on a native thread (~44 KiB each) whose exits one worker handles for all; native-main: native threads whose exits the VM's main thread handles (no worker thread: the least memory); auto: worker when an IDE drive or NE2000 NIC is attached (an exit per register access), else native-main",
+      "auto",
     )
     .option(
       "--kernel-unpack <auto|host|guest>",

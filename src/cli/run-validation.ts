@@ -68,9 +68,9 @@ export async function resolveRunConfig(opts: RunOptions, guest: { kernel: string
   const cpus = Number(opts.cpus);
   const maxCpus = Math.min(host.kvm.maxVcpus ?? MAX_VCPUS, MAX_VCPUS);
   if (cpus < 1 || cpus > maxCpus) throw new UsageError(`--cpus: ${cpus} is outside 1..${maxCpus} (KVM's maximum here)`);
-  const vcpuThreads = opts.vcpuThreads ?? "worker";
-  if (vcpuThreads !== "worker" && vcpuThreads !== "native" && vcpuThreads !== "native-main")
-    throw new UsageError(`--vcpu-threads: "${vcpuThreads}" is not worker, native or native-main`);
+  const vcpuThreads = opts.vcpuThreads ?? "auto";
+  if (vcpuThreads !== "auto" && vcpuThreads !== "worker" && vcpuThreads !== "native" && vcpuThreads !== "native-main")
+    throw new UsageError(`--vcpu-threads: "${vcpuThreads}" is not auto, worker, native or native-main`);
 
   let memoryBytes = parseByteSize(opts.memory, "--memory", "M");
   memoryBytes = Math.ceil(memoryBytes / RAM_GRANULE) * RAM_GRANULE;
@@ -100,7 +100,7 @@ export async function resolveRunConfig(opts: RunOptions, guest: { kernel: string
     memoryBytes,
     ...(hugePageBytes !== undefined ? { hugePageBytes } : {}),
     cpus,
-    ...(vcpuThreads !== "worker" ? { vcpuThreads } : {}),
+    ...(vcpuThreads !== "auto" ? { vcpuThreads } : {}),
     kernelPath,
     ...(initrdPath !== undefined ? { initrdPath } : {}),
     cmdline,

@@ -27,7 +27,7 @@ import { Board } from "./board.js";
 import { PowerState } from "./power-state.js";
 import { ConsoleOutputFlusher, ConsoleOutputRing, FINAL_FLUSH_MS } from "./console-output.js";
 import type { HostedVcpu, VcpuStartMessage, VcpuThreadData, VcpuThreadMessage } from "./vcpu-thread.js";
-import { kvmDevicePath, type VmConfig, type VmOutcome } from "./vm-config.js";
+import { kvmDevicePath, vcpuThreadsFor, type VmConfig, type VmOutcome } from "./vm-config.js";
 import { PartisError } from "../errors.js";
 import { bootTrace } from "./boot-trace.js";
 import { DeviceMailbox } from "./device-mailbox.js";
@@ -169,7 +169,7 @@ export class RunningVm {
         vcpuId: id,
         cpuid: cpuidForVcpu(supported, { vcpuId: id, vcpuCount: config.cpus, tscDeadlineTimer }),
       }));
-      const kind = config.vcpuThreads ?? "worker";
+      const kind = vcpuThreadsFor(config);
       if (kind === "native-main") vm.createMainThreadVcpus(vcpus, devices);
       // "worker": a thread per vCPU; "native": one thread for all, their native threads its own.
       else for (const group of kind === "worker" ? vcpus.map((v) => [v]) : [vcpus]) {

@@ -15,10 +15,11 @@ export interface VmConfig {
   readonly hugePageBytes?: number;
   readonly cpus: number;
   /**
-   * The vCPUs' threads (vcpu-thread.ts, VcpuThreadKind): "worker" (default), a
-   * Node worker per vCPU; "native", a native thread per vCPU (~44 KiB instead
-   * of ~10 MiB) whose exits one worker handles for all; "native-main", native
+   * The vCPUs' threads (vcpu-thread.ts, VcpuThreadKind): "worker", a Node
+   * worker per vCPU; "native", a native thread per vCPU (~44 KiB instead of
+   * ~10 MiB) whose exits one worker handles for all; "native-main", native
    * threads whose exits the VM's main thread handles (no vCPU isolate).
+   * Absent: chosen from the devices (vcpuThreadsFor).
    */
   readonly vcpuThreads?: VcpuThreadKind;
   readonly kernelPath: string;
@@ -35,6 +36,27 @@ export interface VmConfig {
   readonly framebuffer?: { readonly width: number; readonly height: number };
   /** Write the framebuffer as a PPM image here when the VM stops. */
   readonly screenshotPath?: string;
+}
+
+/**
+ * Device kinds whose guest drivers exit to user space at every register
+ * access (port I/O): the PIIX IDE controller (PIO transfers, and the register
+ * protocol around each DMA command) and the NE2000. Their exits are what a
+ * vCPU's own worker serves fastest (docs/architecture.md, "vCPU threads").
+ */
+export const EXIT_BOUND_DEVICE_KINDS: ReadonlySet<DeviceSpec["kind"]> = new Set<DeviceSpec["kind"]>(["ide-disk", "ide-cdrom", "ne2k"]);
+
+/**
+ * The vCPU threads a VM runs on: the configuration's choice, else "worker"
+ * when a device is exit-bound (EXIT_BOUND_DEVICE_KINDS) and "native-main"
+ * otherwise: a guest on virtio devices (ioeventfd and irqfd, no exit per
+ * request) and the in-kernel LAPIC exits to user space rarely, so it keeps
+ * no V8 isolate per vCPU (~10 MiB each) for them. `partis run`'s early
+ * threads (src/cli/early-threads.ts) apply the same rule to the raw flags.
+ */
+export function vcpuThreadsFor(config: Pick<VmConfig, "vcpuThreads" | "devices">): VcpuThreadKind {
+  if (config.vcpuThreads !== undefined) return config.vcpuThreads;
+  return (config.devices ?? []).some((d) => EXIT_BOUND_DEVICE_KINDS.has(d.kind)) ? "worker" : "native-main";
 }
 
 /** How a worker's VM ended. */

@@ -64,7 +64,7 @@ test("malformed --memory with a bad unit", () => expectUsageError(["--kernel", k
 test("--cpus 0", () => expectUsageError(["--kernel", kernel, "--cpus", "0"], /--cpus: 0 is outside 1\.\.\d+/));
 test("--cpus above KVM's maximum", () => expectUsageError(["--kernel", kernel, "--cpus", "100000"], /--cpus: 100000 is outside/));
 test("--cpus not a number", () => expectUsageError(["--kernel", kernel, "--cpus", "two"], /--cpus: "two" is not a whole number/));
-test("--vcpu-threads neither worker, native nor native-main", () => expectUsageError(["--kernel", kernel, "--vcpu-threads", "green"], /--vcpu-threads: "green" is not worker, native or native-main/));
+test("--vcpu-threads neither auto, worker, native nor native-main", () => expectUsageError(["--kernel", kernel, "--vcpu-threads", "green"], /--vcpu-threads: "green" is not auto, worker, native or native-main/));
 test("--hugepages with a size that is no huge-page size", () =>
   expectUsageError(["--kernel", kernel, "--hugepages", "3M"], /--hugepages: "3M" is not a huge-page size \(2M or 1G\)/));
 test("--hugepages 1G with --memory not a whole number of 1 GiB pages", () =>

@@ -46,13 +46,21 @@ function kernelFile(name: string, code: number[]): string {
   return path;
 }
 
+let disks = 0;
+/** A fresh 1 MiB raw disk image (zeros) in this file's temporary folder. */
+function emptyDisk(): string {
+  const path = join(dir, `disk${disks++}.raw`);
+  writeFileSync(path, Buffer.alloc(1 << 20));
+  return path;
+}
+
 function run(kernel: string, extra: string[] = []) {
   return spawnSync(process.execPath, [CLI, "run", "--kernel", kernel, "--memory", "64M", ...extra], { encoding: "latin1", input: "", timeout: 120_000 });
 }
 
 /** The three ways of giving vCPUs threads (--vcpu-threads): tests of threads and teardown run under each. */
 const THREAD_KINDS: readonly { readonly kind: string; readonly args: string[] }[] = [
-  { kind: "worker", args: [] },
+  { kind: "worker", args: ["--vcpu-threads", "worker"] },
   { kind: "native", args: ["--vcpu-threads", "native"] },
   { kind: "native-main", args: ["--vcpu-threads", "native-main"] },
 ];
@@ -313,8 +321,8 @@ function vcpu0Stats(args: string[]): Record<string, number> {
   return JSON.parse(m[1]!) as Record<string, number>;
 }
 
-test("PARTIS_STATS=1: each vCPU's exits by kind and its CPU time split between KVM_RUN and handling them", () => {
-  const stats = vcpu0Stats([]);
+test("PARTIS_STATS=1 with --vcpu-threads worker: each vCPU's exits by kind and its CPU time split between KVM_RUN and handling them", () => {
+  const stats = vcpu0Stats(["--vcpu-threads", "worker"]);
   assert.equal(stats["io"], 7, "six COM1 bytes and the PM1a_CNT write");
   assert.ok(stats["inKvmRun"]! > 0 && stats["ioUs"]! > 0, JSON.stringify(stats));
   assert.equal(stats["mmioUs"], undefined, "no MMIO exit, no MMIO time");
@@ -332,6 +340,23 @@ test("PARTIS_STATS=1 with --vcpu-threads native-main: each vCPU's exits, handled
   assert.equal(stats["io"], 7, "six COM1 bytes and the PM1a_CNT write");
   assert.ok(stats["ioUs"]! > 0, JSON.stringify(stats));
   assert.equal(stats["inKvmRun"], undefined, "KVM_RUN is made on the vCPU's native thread");
+});
+
+test("--vcpu-threads auto (the default): native-main without exit-bound devices, a worker per vCPU with an IDE drive or an NE2000", () => {
+  // Only a vCPU's own worker makes KVM_RUN on the thread that handles its exits, so only it times KVM_RUN (inKvmRun).
+  for (const [args, worker, what] of [
+    [[], false, "no device"],
+    [["--rng"], false, "virtio-rng only"],
+    [["--vcpu-threads", "auto", "--rng", "--disk", `${emptyDisk()},if=virtio`], false, "virtio devices, auto named"],
+    [["--cdrom", ""], true, "an empty IDE CD-ROM drive"],
+    [["--disk", `${emptyDisk()},if=ide`], true, "an IDE disk"],
+    [["--nic", "none,model=ne2k"], true, "an NE2000"],
+  ] as const) {
+    const stats = vcpu0Stats([...args]);
+    assert.equal(stats["io"], 7, what);
+    if (worker) assert.ok(stats["inKvmRun"]! > 0, `${what}: a worker per vCPU: ${JSON.stringify(stats)}`);
+    else assert.equal(stats["inKvmRun"], undefined, `${what}: native-main: ${JSON.stringify(stats)}`);
+  }
 });
 
 for (const { kind, args: threadArgs } of THREAD_KINDS) {
