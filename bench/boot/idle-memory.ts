@@ -11,7 +11,8 @@
  * Inside the nested test host (this machine's KVM is PVM), several VMMs side
  * by side in one run:
  *   node dist/partis/partis.js host nested -- sh -c 'node dist/bench/boot/idle-memory.js --vmm partis & node dist/bench/boot/idle-memory.js --vmm qemu-q35; wait'
- * `--vmm partis|partis-native-main|qemu-q35`; `--at S,S,...` seconds after
+ * `--vmm partis|partis-worker|partis-native-main|qemu-q35` (partis: the default,
+ * `--vcpu-threads auto`, native-main for this guest); `--at S,S,...` seconds after
  * the marker (default 1.5,60,120,180,240,300).
  */
 import { spawn } from "node:child_process";
@@ -33,6 +34,7 @@ async function main(): Promise<void> {
   const partis = (extra: string[]) => ({ command: process.execPath, argv: [CLI, "run", "--kernel", guest.kernel, "--initrd", guest.initrd, "--memory", memory, "--append", append, ...extra] });
   const vmms: Record<string, { command: string; argv: string[] }> = {
     partis: partis([]),
+    "partis-worker": partis(["--vcpu-threads", "worker"]),
     "partis-native-main": partis(["--vcpu-threads", "native-main"]),
     "qemu-q35": {
       command: "/usr/bin/qemu-system-x86_64",
