@@ -46,6 +46,7 @@ import { readFileSync, existsSync, writeFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { prepareDefaultGuest, GUEST_READY_MARKER } from "../../src/images/default-guest.js";
 import { readHugePagePools } from "../../src/hypervisor/host.js";
+import { readVmmMemory } from "./vmm-memory.js";
 
 /** The bundled CLI (scripts/bundle.mjs), what users run; the row `partis-unbundled` runs tsc's output instead. */
 const CLI = fileURLToPath(new URL("../../partis/partis.js", import.meta.url));
@@ -58,12 +59,12 @@ const hugepages = args.includes("--hugepages");
 const only = args.includes("--only") ? new Set((args[args.indexOf("--only") + 1] ?? "").split(",")) : undefined;
 const POOL_2M = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
 const memory = "256M";
-/** `--cpus N` (default 1): vCPUs of every VMM. */
 /** `--settle MS`: from the marker to reading memory (the guest sits at its shell meanwhile). */
 const settleMs = args.includes("--settle") ? Number(args[args.indexOf("--settle") + 1]) : 1500;
 if (!Number.isSafeInteger(settleMs) || settleMs < 0) throw new Error(`--settle: ${args[args.indexOf("--settle") + 1]} is not a number of milliseconds`);
 /** `--isolates`: each Partis run's state report lines about memory (the process, each V8 isolate). */
 const isolates = args.includes("--isolates");
+/** `--cpus N` (default 1): vCPUs of every VMM. */
 const cpus = args.includes("--cpus") ? Number(args[args.indexOf("--cpus") + 1]) : 1;
 if (!Number.isSafeInteger(cpus) || cpus < 1) throw new Error(`--cpus: ${args[args.indexOf("--cpus") + 1]} is not a vCPU count`);
 const append = "console=ttyS0 panic=-1 quiet";
@@ -78,25 +79,6 @@ interface Sample {
   readonly hugeKiB: number;
   /** `--isolates`: the VM's state report lines about memory (Partis only). */
   readonly memoryReport?: readonly string[];
-}
-
-function status(pid: number): Record<string, number> {
-  const out: Record<string, number> = {};
-  for (const line of readFileSync(`/proc/${pid}/status`, "utf8").split("\n")) {
-    const m = /^(\w+):\s+(\d+) kB/.exec(line);
-    if (m) out[m[1]!] = Number(m[2]);
-  }
-  return out;
-}
-
-/** AnonHugePages of the whole process (smaps_rollup). */
-function hugeKiB(pid: number): number {
-  return Number(/^AnonHugePages:\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/smaps_rollup`, "utf8"))?.[1] ?? 0);
-}
-
-function overheadKiB(pid: number): number {
-  const s = status(pid);
-  return (s.VmRSS ?? 0) - (s.RssShmem ?? 0);
 }
 
 function childPids(pid: number): number[] {
@@ -134,7 +116,8 @@ function once(command: string, argv: string[], vmmPid: (c: ChildProcess) => numb
         // Let the guest settle at its shell, then read memory (and, asked for, the VM's own account of it).
         setTimeout(async () => {
           const pid = vmmPid(child);
-          let sample: Sample = { ms, overheadKiB: overheadKiB(pid), privateKiB: status(pid).RssAnon ?? 0, hugeKiB: hugeKiB(pid) };
+          const { overheadKiB, privateKiB, hugeKiB } = readVmmMemory(pid);
+          let sample: Sample = { ms, overheadKiB, privateKiB, hugeKiB };
           if (askReport) sample = { ...sample, memoryReport: await memoryReport(child, () => reportText) };
           clearTimeout(timer);
           child.kill("SIGKILL");
@@ -195,20 +178,21 @@ async function main(): Promise<void> {
   const partis = (extra: string[], cli = CLI, env?: NodeJS.ProcessEnv) => () =>
     once(process.execPath, [cli, "run", "--kernel", guest.kernel, "--initrd", guest.initrd, "--memory", memory, "--cpus", String(cpus), "--append", append, ...extra], (c) => c.pid!, env, isolates);
   const hugeBackend = ["-object", `memory-backend-memfd,id=ram0,size=${memory},hugetlb=on,hugetlbsize=2M`];
-  const all: { key: string; name: string; huge?: true; run: () => Promise<Sample> }[] = [
+  /** optional: run only when named in --only; huge: only with --hugepages (or named). */
+  const all: { key: string; name: string; huge?: true; optional?: true; run: () => Promise<Sample> }[] = [
     { key: "partis", name: "partis", run: partis([]) },
-    { key: "partis-worker", name: "partis --vcpu-threads worker", run: partis(["--vcpu-threads", "worker"]) },
-    { key: "partis-native", name: "partis --vcpu-threads native", run: partis(["--vcpu-threads", "native"]) },
-    { key: "partis-native-main", name: "partis --vcpu-threads native-main", run: partis(["--vcpu-threads", "native-main"]) },
-    { key: "partis-unbundled", name: "partis, unbundled (tsc's output)", run: partis([], UNBUNDLED_CLI) },
-    { key: "partis-keep-pages", name: "partis, program pages kept", run: partis([], CLI, { PARTIS_KEEP_PROGRAM_PAGES: "1" }) },
+    { key: "partis-worker", optional: true, name: "partis --vcpu-threads worker", run: partis(["--vcpu-threads", "worker"]) },
+    { key: "partis-native", optional: true, name: "partis --vcpu-threads native", run: partis(["--vcpu-threads", "native"]) },
+    { key: "partis-native-main", optional: true, name: "partis --vcpu-threads native-main", run: partis(["--vcpu-threads", "native-main"]) },
+    { key: "partis-unbundled", optional: true, name: "partis, unbundled (tsc's output)", run: partis([], UNBUNDLED_CLI) },
+    { key: "partis-keep-pages", optional: true, name: "partis, program pages kept", run: partis([], CLI, { PARTIS_KEEP_PROGRAM_PAGES: "1" }) },
     { key: "partis-unpack-guest", name: "partis --kernel-unpack guest", run: partis(["--kernel-unpack", "guest"]) },
     { key: "partis-hugepages", name: "partis --hugepages", huge: true, run: partis(["--hugepages", "2M"]) },
     { key: "qemu-microvm", name: "qemu -M microvm", run: () => once(qemu, ["-M", "microvm,memory-backend=ram0", ...memBackend, ...common], (c) => c.pid!) },
     { key: "qemu-q35", name: "qemu -M q35", run: () => once(qemu, ["-M", "q35,memory-backend=ram0", ...memBackend, ...common], (c) => c.pid!) },
     { key: "qemu-q35-hugetlb", name: "qemu -M q35, hugetlb RAM", huge: true, run: () => once(qemu, ["-M", "q35,memory-backend=ram0", ...hugeBackend, ...common], (c) => c.pid!) },
   ];
-  const configs = all.filter((c) => (only !== undefined ? only.has(c.key) : (hugepages || c.huge !== true) && !["partis-worker", "partis-native", "partis-native-main", "partis-unbundled", "partis-keep-pages"].includes(c.key)));
+  const configs = all.filter((c) => (only !== undefined ? only.has(c.key) : (hugepages || c.huge !== true) && c.optional !== true));
   if (configs.length === 0) throw new Error(`--only: none of ${[...(only ?? [])].join(", ")} is a row (${all.map((c) => c.key).join(", ")})`);
   let restorePool: (() => void) | undefined;
   if (configs.some((c) => c.huge)) {

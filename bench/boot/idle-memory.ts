@@ -16,9 +16,9 @@
  * the marker (default 1.5,60,120,180,240,300).
  */
 import { spawn } from "node:child_process";
-import { readFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { prepareDefaultGuest, GUEST_READY_MARKER } from "../../src/images/default-guest.js";
+import { readVmmMemory } from "./vmm-memory.js";
 
 const CLI = fileURLToPath(new URL("../../partis/partis.js", import.meta.url));
 const args = process.argv.slice(2);
@@ -57,11 +57,9 @@ async function main(): Promise<void> {
     const t0 = Date.now();
     for (const s of at) {
       await new Promise((r) => setTimeout(r, Math.max(0, s * 1000 - (Date.now() - t0))));
-      const status = readFileSync(`/proc/${child.pid}/status`, "utf8");
-      const kib = (text: string, key: string): number => Number(new RegExp(`^${key}:\\s+(\\d+)`, "m").exec(text)?.[1] ?? NaN);
-      const huge = kib(readFileSync(`/proc/${child.pid}/smaps_rollup`, "utf8"), "AnonHugePages");
+      const m = readVmmMemory(child.pid!);
       const mib = (k: number) => (k / 1024).toFixed(1);
-      console.log(`${vmm} +${s}s: overhead ${mib(kib(status, "VmRSS") - kib(status, "RssShmem"))} MiB, private ${mib(kib(status, "RssAnon"))}, program files ${mib(kib(status, "RssFile"))}, huge pages ${mib(huge)}`);
+      console.log(`${vmm} +${s}s: overhead ${mib(m.overheadKiB)} MiB, private ${mib(m.privateKiB)}, program files ${mib(m.fileKiB)}, huge pages ${mib(m.hugeKiB)}`);
     }
   } finally {
     child.kill("SIGKILL");

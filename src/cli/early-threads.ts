@@ -53,13 +53,15 @@ export function hintsFromArgs(args: readonly string[]): { vcpus: number; devices
     if (a === "--") break;
     const eq = a.indexOf("=");
     const name = eq > 0 ? a.slice(0, eq) : a;
+    // The option's value, written either way (for a flag that takes none, whatever follows: unused).
+    const value = eq > 0 ? a.slice(eq + 1) : args[i + 1];
     if (name === "--cpus") {
-      const n = Number(eq > 0 ? a.slice(eq + 1) : args[i + 1]);
+      const n = Number(value);
       if (Number.isSafeInteger(n) && n >= 1 && n <= MAX_HINTED_VCPUS) vcpus = n;
-    } else if (name === "--vcpu-threads") threads = (eq > 0 ? a.slice(eq + 1) : args[i + 1]) ?? "auto";
+    } else if (name === "--vcpu-threads") threads = value ?? "auto";
     else if (DEVICE_OPTIONS.includes(name)) {
       devices = true;
-      if (exitBoundFlag(name, eq > 0 ? a.slice(eq + 1) : args[i + 1])) exitBound = true;
+      if (exitBoundFlag(name, value)) exitBound = true;
     }
   }
   if (threads === "auto") threads = exitBound ? "worker" : "native-main";
