@@ -1,9 +1,10 @@
 #!/usr/bin/env node
 // Runs Partis's test suites from the compiled tree (dist/).
-//   unit   every test that needs no real guest (runs on any host with /dev/kvm, PVM included)
+//   unit   every test that needs no real guest (any host; without /dev/kvm the tests that start a VM are skipped)
 //   guest  real Linux guests: directly on a VT-x/AMD-V host, else inside the nested test host
+//          (there with the hypervisor layer's tests first, on AMD-V)
 //   all    unit, then guest
-// Prints a closing line "N passed, N failed" over everything it ran.
+// Prints a closing line "N passed, N failed" over everything it ran (", N skipped" when some were).
 // PARTIS_LONG_TESTS=1 turns on the long crash/fuzz trials.
 import { spawn } from "node:child_process";
 import { readdirSync, statSync, existsSync, readFileSync } from "node:fs";
@@ -59,7 +60,7 @@ function runNodeTest(files, label) {
         const m = tail.match(new RegExp(`^\\S*\\s*${key} (\\d+)\\s*$`, "m"));
         return m ? Number(m[1]) : 0;
       };
-      resolve({ pass: num("pass"), fail: num("fail") + (code !== 0 && num("fail") === 0 ? 1 : 0), code });
+      resolve({ pass: num("pass"), fail: num("fail") + (code !== 0 && num("fail") === 0 ? 1 : 0), skipped: num("skipped"), code });
     });
   });
 }
@@ -76,7 +77,12 @@ function hostKind() {
 }
 
 async function guestSuite() {
-  const files = testFiles(join(dist, "guest"));
+  // Inside the nested test host the hypervisor layer's own tests run first, on its AMD-V KVM: a
+  // PVM host runs them natively in the unit suite, a host without /dev/kvm skips them there, and
+  // KVM differs between the two (docs/guests.md, "A machine with no /dev/kvm at all"). Not
+  // huge-pages: the nested host has stalled right after growing its 2 MiB pool.
+  const hypervisor = inside ? testFiles(join(dist, "hypervisor")).filter((f) => !f.endsWith("huge-pages.test.js")) : [];
+  const files = [...hypervisor, ...testFiles(join(dist, "guest"))];
   const kind = hostKind();
   if (inside || kind === "vmx" || kind === "svm") {
     if (!existsSync("/dev/kvm")) {
@@ -109,8 +115,8 @@ async function guestSuite() {
       );
       status = await nested();
     }
-    const m = status.tail.match(/^(\d+) passed, (\d+) failed/m);
-    if (m) return { pass: Number(m[1]), fail: Number(m[2]) + (status.code !== 0 && Number(m[2]) === 0 ? 1 : 0), code: status.code };
+    const m = status.tail.match(/^(\d+) passed, (\d+) failed(?:, (\d+) skipped)?/m);
+    if (m) return { pass: Number(m[1]), fail: Number(m[2]) + (status.code !== 0 && Number(m[2]) === 0 ? 1 : 0), skipped: Number(m[3] ?? 0), code: status.code };
     console.log(`[guest] FAIL: nested test host ended with status ${status.code} and no test summary`);
     return { pass: 0, fail: 1, code: 1 };
   }
@@ -125,5 +131,7 @@ if (mode === "unit" || mode === "all") {
 if (mode === "guest" || mode === "all") results.push(await guestSuite());
 const pass = results.reduce((a, r) => a + r.pass, 0);
 const fail = results.reduce((a, r) => a + r.fail, 0);
-console.log(`${pass} passed, ${fail} failed`);
+const skipped = results.reduce((a, r) => a + (r.skipped ?? 0), 0);
+// Skipped tests name their reason in the output above (no /dev/kvm, no huge-page pool, not root, ...).
+console.log(`${pass} passed, ${fail} failed${skipped > 0 ? `, ${skipped} skipped` : ""}`);
 process.exit(fail === 0 && results.every((r) => r.code === 0) ? 0 : 1);

@@ -48,10 +48,10 @@ export function checkHost(report: HostReport = probeHost(kvmDevicePath())): Host
   const kindText = {
     vmx: "hardware-assisted: Intel VT-x (kvm_intel)",
     svm: "hardware-assisted: AMD-V (kvm_amd)",
-    pvm: "PVM (kvm_pvm): no VT-x/AMD-V; guest kernel code is emulated",
+    pvm: report.kvm.present ? "PVM (kvm_pvm): no VT-x/AMD-V; guest kernel code is emulated" : "PVM module (kvm_pvm) loaded, without a KVM device",
     unknown: "unknown (no vmx/svm flag and no kvm_pvm module)",
   }[report.kind];
-  lines.push(`${mark(report.kind !== "unknown")} virtualization: ${kindText}`);
+  lines.push(`${mark(report.kind !== "unknown" && report.kvm.present)} virtualization: ${kindText}`);
   lines.push(`${mark(report.nx)} NX/DEP (no-execute) ${report.nx ? "available" : "missing"}`);
   if (!report.nx) problems.push("the CPU has no NX (no-execute / DEP) support");
   const memOk = report.memTotalBytes >= MIN_HOST_MEMORY;
@@ -71,9 +71,12 @@ export function checkHost(report: HostReport = probeHost(kvmDevicePath())): Host
         `     reserved huge pages (partis run --hugepages ${pool.pageBytes >= 2 ** 30 ? `${pool.pageBytes / 2 ** 30}G` : `${pool.pageBytes >> 20}M`}): ${pool.available} of ${pool.total} available (${formatByteSize(pool.available * pool.pageBytes)})`,
       );
   const verdict = stockGuestVerdict(report);
-  if (report.kind === "pvm") lines.push(`note ${PVM_EXPLANATION}`);
-  const notHere = report.kind === "pvm" ? "not here (PVM, see above)" : "not here: " + verdict.why;
+  const pvm = report.kind === "pvm" && report.kvm.present;
+  if (pvm) lines.push(`note ${PVM_EXPLANATION}`);
+  const notHere = pvm ? "not here (PVM, see above)" : "not here: " + verdict.why;
   lines.push(`${verdict.ok ? "ok  " : "note"} stock guests (unmodified Linux): ${verdict.ok ? "yes" : notHere}`);
+  if (!report.kvm.present)
+    lines.push("note the nested test host (`partis host nested -- partis run`) needs no /dev/kvm here: QEMU emulates an AMD-V machine in software, slowly");
   const ok = problems.length === 0;
   const summary = ok
     ? verdict.ok

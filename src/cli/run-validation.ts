@@ -28,11 +28,17 @@ export function probeRunHost(): HostReport {
 
 /** The default guest's kernel and initrd, prepared on first use; warns when this host cannot run it directly. */
 export async function defaultGuest(host: HostReport): Promise<{ kernel: string; initrd?: string }> {
+  requireKvm(host); // before fetching and building a guest that could not run here
   const verdict = stockGuestVerdict(host);
-  if (!verdict.ok && host.kvm.accessible)
+  if (!verdict.ok)
     process.stderr.write(`partis run: warning: ${verdict.why}\npartis run: hint: \`partis host nested -- partis run\` runs it in the nested test host\n`);
   const { prepareDefaultGuest } = await import("../images/default-guest.js");
   return prepareDefaultGuest({ log: (l) => process.stderr.write(`partis run: ${l}\n`) });
+}
+
+function requireKvm(host: HostReport): void {
+  if (!host.kvm.present) throw new HostCapabilityError("NO_KVM", `/dev/kvm is missing: ${host.kvm.reason ?? "load kvm_intel or kvm_amd"}`);
+  if (!host.kvm.accessible) throw new HostCapabilityError("KVM_DENIED", `/dev/kvm is not usable: ${host.kvm.reason ?? "permission denied"}`);
 }
 
 function requireFile(path: string, what: string): number {
@@ -61,9 +67,6 @@ export function requestsDevices(opts: DeviceOptions): boolean {
 
 /** Validate everything before anything starts: bad input exits 2 with nothing running. */
 export async function resolveRunConfig(opts: RunOptions, guest: { kernel: string; initrd?: string } | undefined, host: HostReport): Promise<VmConfig> {
-  if (!host.kvm.present) throw new HostCapabilityError("NO_KVM", `/dev/kvm is missing: ${host.kvm.reason ?? "load kvm_intel or kvm_amd"}`);
-  if (!host.kvm.accessible) throw new HostCapabilityError("KVM_DENIED", `/dev/kvm is not usable: ${host.kvm.reason ?? "permission denied"}`);
-
   if (!/^\d+$/.test(opts.cpus.trim())) throw new UsageError(`--cpus: "${opts.cpus}" is not a whole number`);
   const cpus = Number(opts.cpus);
   const maxCpus = Math.min(host.kvm.maxVcpus ?? MAX_VCPUS, MAX_VCPUS);
@@ -95,6 +98,8 @@ export async function resolveRunConfig(opts: RunOptions, guest: { kernel: string
   }
   const devices = requestsDevices(opts) ? (await import("./device-options.js")).resolveDevices(opts, opts.name, cpus) : [];
   const framebuffer = resolveFramebuffer(opts);
+  // The host comes last: a mistyped flag is told as such on any host, KVM or not.
+  requireKvm(host);
   return {
     name: opts.name,
     memoryBytes,

@@ -69,6 +69,8 @@ const MSG_NOSIGNAL = 0x4000;
 const SOL_SOCKET = 1;
 const SO_SNDBUF = 7;
 const SO_RCVBUF = 8;
+const SO_SNDBUFFORCE = 32;
+const SO_RCVBUFFORCE = 33;
 
 const TUNSETIFF = 0x400454ca;
 const TUNSETVNETHDRSZ = 0x400454d8;
@@ -375,10 +377,21 @@ export function openDatagramSender(opts: { readonly bufferBytes?: number; readon
   return fd;
 }
 
+/**
+ * SO_SNDBUF/SO_RCVBUF. With CAP_NET_ADMIN the FORCE options set the size asked
+ * for; without it (EPERM) the plain ones do, which the kernel caps at
+ * net.core.wmem_max / rmem_max (212992 bytes by default: 1 MiB asked comes back as ~416 KiB).
+ */
 function setBufferBytes(fd: number, bytes: number, path: string): void {
   const v = new Int32Array([bytes]);
-  if (c.setsockopt(fd, SOL_SOCKET, SO_SNDBUF, v, 4) < 0 || c.setsockopt(fd, SOL_SOCKET, SO_RCVBUF, v, 4) < 0)
-    throw wrap("UNIX_SOCKOPT_FAILED", `cannot set socket buffer size on ${path}`, "setsockopt", { path, bytes });
+  for (const [force, plain] of [
+    [SO_SNDBUFFORCE, SO_SNDBUF],
+    [SO_RCVBUFFORCE, SO_RCVBUF],
+  ] as const) {
+    if (c.setsockopt(fd, SOL_SOCKET, force, v, 4) === 0) continue;
+    if (c.setsockopt(fd, SOL_SOCKET, plain, v, 4) < 0)
+      throw wrap("UNIX_SOCKOPT_FAILED", `cannot set socket buffer size on ${path}`, "setsockopt", { path, bytes });
+  }
 }
 
 /**

@@ -178,8 +178,25 @@ function readText(path: string): string {
   }
 }
 
-function probeKvm(path: string): KvmAvailability {
-  if (!fs.existsSync(path)) return { present: false, accessible: false, reason: `${path} does not exist (no KVM module loaded?)` };
+/**
+ * Why the KVM device node is absent, from what the kernel shows: no KVM
+ * module; a module loaded that registered no device (kvm_pvm declines to bind
+ * on a kernel that is itself a PVM guest: PVM does not nest); or a device the
+ * kernel registered (misc "kvm") without its node under /dev.
+ */
+export function missingKvmReason(path: string, kvmModules: readonly string[], miscRegistered: boolean): string {
+  if (path !== "/dev/kvm") return `${path} does not exist`; // a device path of the caller's choosing: the kernel's state says nothing of it
+  if (miscRegistered) return `${path} does not exist, though the kernel registered KVM (misc device "kvm"): create it with \`mknod ${path} c 10 232\``;
+  if (kvmModules.length === 0) return `${path} does not exist: no KVM module is loaded (load kvm_intel or kvm_amd)`;
+  const why = kvmModules.includes("kvm_pvm")
+    ? " (kvm_pvm declines on a kernel that is itself a PVM guest: PVM does not nest; `dmesg | grep kvm` tells)"
+    : " (`dmesg | grep kvm` tells why: virtualization disabled in the firmware, say)";
+  return `${path} does not exist: ${kvmModules.join(", ")} is loaded but registered no KVM device${why}`;
+}
+
+function probeKvm(path: string, kvmModules: readonly string[]): KvmAvailability {
+  if (!fs.existsSync(path))
+    return { present: false, accessible: false, reason: missingKvmReason(path, kvmModules, fs.existsSync("/sys/class/misc/kvm")) };
   try {
     fs.accessSync(path, fs.constants.R_OK | fs.constants.W_OK);
   } catch {
@@ -214,6 +231,6 @@ export function probeHost(kvmPath = "/dev/kvm"): HostReport {
     memTotalBytes: mem.memTotalBytes || os.totalmem(),
     memAvailableBytes: mem.memAvailableBytes || os.freemem(),
     hugePagePools: readHugePagePools(),
-    kvm: probeKvm(kvmPath),
+    kvm: probeKvm(kvmPath, kvmModules),
   };
 }

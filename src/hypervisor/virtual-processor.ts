@@ -49,6 +49,9 @@ import {
 import type { Partition } from "./partition.js";
 import type { ErrorContext } from "../errors.js";
 
+/** getCpuid's marker for a leaf KVM did not write (no CPUID leaf is numbered so). */
+const UNWRITTEN_LEAF = 0xffffffff;
+
 export type { Regs, Sregs, Segment, DescriptorTable, Fpu, MsrEntry, CpuidEntry, VcpuEvents } from "./kvm-abi.js";
 
 /** Port I/O. `data` holds size*count bytes: OUT data to read, or room for IN data to write. */
@@ -521,11 +524,30 @@ export class VirtualProcessor {
     this.ioctl("SET_CPUID2", encodeCpuid2(entries), { count: entries.length });
   }
 
-  /** KVM_GET_CPUID2: the leaves set by setCpuid. */
-  getCpuid(capacity = 256): CpuidEntry[] {
-    const buf = encodeCpuid2([], capacity);
-    this.ioctl("GET_CPUID2", buf, { capacity });
-    return decodeCpuid2(buf);
+  /**
+   * KVM_GET_CPUID2: the leaves set by setCpuid. Linux 6.1 (the nested test
+   * host's, and Debian 12's) leaves `nent` as the caller gave it, after a
+   * successful call and after E2BIG alike, where 6.18 writes the vCPU's count
+   * back: so the buffer is filled with a marker leaf first, and the leaves are
+   * those KVM wrote over it (it copies exactly its own), E2BIG asking for room.
+   */
+  getCpuid(): CpuidEntry[] {
+    for (let capacity = 128; capacity <= 4096; capacity *= 2) {
+      const buf = encodeCpuid2([], capacity);
+      const v = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+      for (let i = 0; i < capacity; i++) v.setUint32(8 + i * 40, UNWRITTEN_LEAF, true);
+      try {
+        this.ioctl("GET_CPUID2", buf, { capacity });
+      } catch (e) {
+        if (e instanceof KvmError && e.errno === libc.Errno.E2BIG) continue;
+        throw e;
+      }
+      let written = 0;
+      while (written < Math.min(capacity, v.getUint32(0, true)) && v.getUint32(8 + written * 40, true) !== UNWRITTEN_LEAF) written++;
+      v.setUint32(0, written, true);
+      return decodeCpuid2(buf);
+    }
+    throw new KvmProtocolError("KVM_CPUID_TOO_LARGE", "KVM_GET_CPUID2 wants more than 4096 entries", { vcpu: this.id });
   }
 
   /** KVM_MP_STATE_*: 0 runnable, 1 uninitialized (AP waiting for INIT/SIPI), 3 halted, ... */

@@ -2,6 +2,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
+import { existsSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { checkHost } from "../../src/cli/host-command.js";
 import type { HostReport } from "../../src/hypervisor/host.js";
@@ -79,9 +80,22 @@ test("no NX, 32-bit, too little memory: each is a failure", () => {
   assert.match(checkHost(report({ memTotalBytes: 128 * 2 ** 20 })).summary, /below/);
 });
 
-test("the command exits 0 here when KVM works, 1 with one summary line when it is missing", () => {
+test("no /dev/kvm: the nested test host is named as the way to stock guests; no PVM explanation for a device that is not there", () => {
+  const r = checkHost(
+    report({ kind: "pvm", kvmModules: ["kvm_pvm"], kvm: { present: false, accessible: false, reason: "/dev/kvm does not exist: kvm_pvm is loaded but registered no KVM device" } }),
+  );
+  assert.equal(r.ok, false);
+  assert.equal(r.lines.filter((l) => /instruction emulator/.test(l)).length, 0);
+  assert.ok(r.lines.some((l) => l.startsWith("FAIL virtualization: PVM module (kvm_pvm) loaded, without a KVM device")), r.lines.join("\n"));
+  assert.ok(r.lines.some((l) => /^note the nested test host .*needs no \/dev\/kvm/.test(l)), r.lines.join("\n"));
+});
+
+test("the command exits 0 here when KVM works", { skip: existsSync("/dev/kvm") ? undefined : "no /dev/kvm on this host" }, () => {
   const ok = spawnSync(process.execPath, [CLI, "host", "check"], { encoding: "utf8" });
   assert.equal(ok.status, 0, ok.stdout + ok.stderr);
+});
+
+test("the command exits 1 with one summary line when KVM is missing", () => {
   const missing = spawnSync(process.execPath, [CLI, "host", "check"], { encoding: "utf8", env: { ...process.env, PARTIS_KVM_DEVICE: "/nonexistent-kvm" } });
   assert.equal(missing.status, 1);
   assert.match(missing.stdout.trim().split("\n").at(-1)!, /^this host cannot run Partis VMs: .*nonexistent-kvm/);

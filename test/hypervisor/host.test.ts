@@ -8,6 +8,7 @@ import {
   classifyVirtualization,
   hostCanRunStockGuests,
   is64bitHost,
+  missingKvmReason,
   parseCpuinfo,
   parseMeminfo,
   probeHost,
@@ -139,4 +140,21 @@ test("probeHost on this machine returns a consistent report", () => {
   assert.ok(r.memTotalBytes > 0 && r.memAvailableBytes > 0);
   assert.equal(typeof r.nx, "boolean");
   if (r.kvm.accessible) assert.equal(r.kvm.apiVersion, 12);
+});
+
+test("no KVM device: the reason tells a missing module, a module that registered no device (PVM inside PVM), and a missing node", () => {
+  assert.equal(missingKvmReason("/dev/kvm", [], false), "/dev/kvm does not exist: no KVM module is loaded (load kvm_intel or kvm_amd)");
+  const pvm = missingKvmReason("/dev/kvm", ["kvm_pvm"], false);
+  assert.match(pvm, /^\/dev\/kvm does not exist: kvm_pvm is loaded but registered no KVM device/);
+  assert.match(pvm, /itself a PVM guest/);
+  assert.match(missingKvmReason("/dev/kvm", ["kvm_intel"], false), /kvm_intel is loaded but registered no KVM device .*firmware/);
+  assert.match(missingKvmReason("/dev/kvm", ["kvm_amd"], true), /mknod \/dev\/kvm c 10 232/);
+  assert.equal(missingKvmReason("/srv/kvm", ["kvm_amd"], true), "/srv/kvm does not exist");
+});
+
+test("probeHost with a device path that does not exist: not present, with a reason naming the path", () => {
+  const r = probeHost("/nonexistent-kvm");
+  assert.equal(r.kvm.present, false);
+  assert.equal(r.kvm.accessible, false);
+  assert.equal(r.kvm.reason, "/nonexistent-kvm does not exist");
 });

@@ -120,7 +120,7 @@ test("two memory slots: code in slot 0, data in slot 1 above 4 GiB", { skip: noK
   });
 });
 
-test("dirty log: the bitmap shows exactly the pages the guest wrote", { skip: noKvm }, () => {
+test("dirty log: the bitmap shows every page the guest wrote, and no page it did not touch", { skip: noKvm }, () => {
   const guest = code(
     [0x48, 0xbb, ...imm64(BigInt(FOUR_GIB))], //     mov rbx, 0x1_0000_0000
     [0xc6, 0x03, 0x01], //                          mov byte [rbx], 1            page 0
@@ -145,7 +145,14 @@ test("dirty log: the bitmap shows exactly the pages the guest wrote", { skip: no
     const expected = new Uint8Array(32);
     expected[0] = 0b0000_1001; // pages 0 and 3
     expected[2] = 0b0000_0010; // page 17
-    assert.deepEqual(Array.from(bitmap), Array.from(expected));
+    // Page 5, only read, may be there too: with two-dimensional paging (AMD-V NPT) KVM maps a
+    // page writable at a read fault and logs it then; PVM's shadow paging maps it read-only.
+    const mayBe = expected.slice();
+    mayBe[0]! |= 0b0010_0000;
+    for (let i = 0; i < 32; i++) {
+      assert.equal(bitmap[i]! & expected[i]!, expected[i], `byte ${i}: a written page is missing (${bitmap[i]!.toString(2)})`);
+      assert.equal(bitmap[i]! & ~mayBe[i]!, 0, `byte ${i}: a page the guest never touched is logged (${bitmap[i]!.toString(2)})`);
+    }
     assert.equal(vp.run().reason, "hlt");
     const second = p.dirtyLog(1);
     const expected2 = new Uint8Array(32);

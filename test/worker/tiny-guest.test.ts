@@ -13,6 +13,7 @@ import { fileURLToPath } from "node:url";
 import { gzipSync } from "node:zlib";
 import { makeBzImage, makeKernelElf, TRIPLE_FAULT_CODE } from "../fixtures/bzimage.js";
 import { available2M, hugePagesUnusable, POOL_2M, reserve2M } from "../fixtures/huge-page-pool.js";
+import { noKvm } from "../fixtures/kvm.js";
 
 const CLI = fileURLToPath(new URL("../../partis/partis.js", import.meta.url));
 const dir = mkdtempSync(join(tmpdir(), "partis-tiny-guest-"));
@@ -66,7 +67,7 @@ const THREAD_KINDS: readonly { readonly kind: string; readonly args: string[] }[
 ];
 
 for (const { kind, args } of THREAD_KINDS) {
-  test(`guest prints on COM1 and powers off through ACPI S5: status 0 (--vcpu-threads ${kind})`, () => {
+  test(`guest prints on COM1 and powers off through ACPI S5: status 0 (--vcpu-threads ${kind})`, { skip: noKvm }, () => {
     const r = run(kernelFile("hello", [...serialPrint("HELLO-FROM-GUEST\n"), ...ACPI_S5, ...HALT_LOOP]), args);
     assert.equal(r.stdout, "HELLO-FROM-GUEST\n");
     assert.equal(r.status, 0, r.stderr);
@@ -74,7 +75,7 @@ for (const { kind, args } of THREAD_KINDS) {
 }
 
 
-test("--kernel-unpack: by default the kernel is unpacked on the host and entered at startup_64; guest keeps the decompressor path", () => {
+test("--kernel-unpack: by default the kernel is unpacked on the host and entered at startup_64; guest keeps the decompressor path", { skip: noKvm }, () => {
   // The bzImage's own 64-bit entry (the decompressor's) and the unpacked kernel print different words.
   const unpackedCode = Uint8Array.from([...serialPrint("UNPACKED\n"), ...ACPI_S5, ...HALT_LOOP]);
   const path = join(dir, "two-entries");
@@ -104,7 +105,7 @@ test("--kernel-unpack: by default the kernel is unpacked on the host and entered
   assert.match(bogus.stderr, /--kernel-unpack: "sideways" is not auto, host or guest/);
 });
 
-test("console input sent before the VM exists (a script piped into partis run) reaches the guest", () => {
+test("console input sent before the VM exists (a script piped into partis run) reaches the guest", { skip: noKvm }, () => {
   // Wait for input (WAIT_FOR_COM1_BYTE), then echo every received byte until '!', then power off.
   const code = [
     ...WAIT_FOR_COM1_BYTE,
@@ -267,7 +268,7 @@ function workerWithHints(hints: string[], kernel: string, cpus: number): Promise
   );
 }
 
-test("prestarted threads: more or fewer than the VM needs, or a device thread it does not need, still boot and exit cleanly", async () => {
+test("prestarted threads: more or fewer than the VM needs, or a device thread it does not need, still boot and exit cleanly", { skip: noKvm }, async () => {
   const kernel = kernelFile("hello-hints", [...serialPrint("HINTS\n"), ...ACPI_S5, ...HALT_LOOP]);
   // Three vCPU threads and a device thread prestarted for a 1-vCPU VM without devices: the spares are ended (else the worker never exits).
   const extra = await workerWithHints(["--prestart-vcpus", "3", "--prestart-devices"], kernel, 1);
@@ -284,7 +285,7 @@ test("prestarted threads: more or fewer than the VM needs, or a device thread it
 });
 
 for (const { kind, args: threadArgs } of THREAD_KINDS) {
-  test(`the VM's threads are named: partis-vcpu0, partis-vcpu1 (ps -T, top -H; --vcpu-threads ${kind})`, async () => {
+  test(`the VM's threads are named: partis-vcpu0, partis-vcpu1 (ps -T, top -H; --vcpu-threads ${kind})`, { skip: noKvm }, async () => {
     const kernel = kernelFile("named-threads", [...serialPrint("UP\n"), ...HALT_LOOP]);
     const child = spawn(process.execPath, [CLI, "run", "--kernel", kernel, "--memory", "64M", "--cpus", "2", ...threadArgs], { stdio: ["pipe", "pipe", "pipe"] });
     try {
@@ -321,28 +322,28 @@ function vcpu0Stats(args: string[]): Record<string, number> {
   return JSON.parse(m[1]!) as Record<string, number>;
 }
 
-test("PARTIS_STATS=1 with --vcpu-threads worker: each vCPU's exits by kind and its CPU time split between KVM_RUN and handling them", () => {
+test("PARTIS_STATS=1 with --vcpu-threads worker: each vCPU's exits by kind and its CPU time split between KVM_RUN and handling them", { skip: noKvm }, () => {
   const stats = vcpu0Stats(["--vcpu-threads", "worker"]);
   assert.equal(stats["io"], 7, "six COM1 bytes and the PM1a_CNT write");
   assert.ok(stats["inKvmRun"]! > 0 && stats["ioUs"]! > 0, JSON.stringify(stats));
   assert.equal(stats["mmioUs"], undefined, "no MMIO exit, no MMIO time");
 });
 
-test("PARTIS_STATS=1 with --vcpu-threads native: each vCPU's exits, and the handling thread's CPU time by kind", () => {
+test("PARTIS_STATS=1 with --vcpu-threads native: each vCPU's exits, and the handling thread's CPU time by kind", { skip: noKvm }, () => {
   const stats = vcpu0Stats(["--vcpu-threads", "native"]);
   assert.equal(stats["io"], 7, "six COM1 bytes and the PM1a_CNT write");
   assert.ok(stats["ioUs"]! > 0, JSON.stringify(stats));
   assert.equal(stats["inKvmRun"], undefined, "KVM_RUN is made on the vCPU's native thread, not timed by the handling thread");
 });
 
-test("PARTIS_STATS=1 with --vcpu-threads native-main: each vCPU's exits, handled and timed on the main thread", () => {
+test("PARTIS_STATS=1 with --vcpu-threads native-main: each vCPU's exits, handled and timed on the main thread", { skip: noKvm }, () => {
   const stats = vcpu0Stats(["--vcpu-threads", "native-main"]);
   assert.equal(stats["io"], 7, "six COM1 bytes and the PM1a_CNT write");
   assert.ok(stats["ioUs"]! > 0, JSON.stringify(stats));
   assert.equal(stats["inKvmRun"], undefined, "KVM_RUN is made on the vCPU's native thread");
 });
 
-test("--vcpu-threads auto (the default): native-main without exit-bound devices, a worker per vCPU with an IDE drive or an NE2000", () => {
+test("--vcpu-threads auto (the default): native-main without exit-bound devices, a worker per vCPU with an IDE drive or an NE2000", { skip: noKvm }, () => {
   // Only a vCPU's own worker makes KVM_RUN on the thread that handles its exits, so only it times KVM_RUN (inKvmRun).
   for (const [args, worker, what] of [
     [[], false, "no device"],
@@ -360,7 +361,7 @@ test("--vcpu-threads auto (the default): native-main without exit-bound devices,
 });
 
 for (const { kind, args: threadArgs } of THREAD_KINDS) {
-  test(`SMP: powering off while an AP is still parked in KVM_RUN ends cleanly with status 0 (--vcpu-threads ${kind})`, () => {
+  test(`SMP: powering off while an AP is still parked in KVM_RUN ends cleanly with status 0 (--vcpu-threads ${kind})`, { skip: noKvm }, () => {
     // The APs never get INIT/SIPI, so their threads stay blocked in KVM_RUN; the
     // worker must kick them out before it can exit.
     const r = run(kernelFile("hello-smp", [...serialPrint("SMP\n"), ...ACPI_S5, ...HALT_LOOP]), ["--cpus", "3", ...threadArgs]);
@@ -369,21 +370,21 @@ for (const { kind, args: threadArgs } of THREAD_KINDS) {
   });
 }
 
-test("guest resets through 0xCF9 with --no-reboot: status 3", () => {
+test("guest resets through 0xCF9 with --no-reboot: status 3", { skip: noKvm }, () => {
   const r = run(kernelFile("reset", [...serialPrint("R"), ...outb(0xcf9, 0x06), ...HALT_LOOP]), ["--no-reboot"]);
   assert.equal(r.stdout, "R");
   assert.equal(r.status, 3, r.stderr);
   assert.match(r.stderr, /rebooted \(cf9\)/);
 });
 
-test("guest reset through the i8042 reset line with --no-reboot: status 3", () => {
+test("guest reset through the i8042 reset line with --no-reboot: status 3", { skip: noKvm }, () => {
   const r = run(kernelFile("kbd-reset", [...outb(0x64, 0xfe), ...HALT_LOOP]), ["--no-reboot"]);
   assert.equal(r.status, 3, r.stderr);
   assert.match(r.stderr, /rebooted \(i8042\)/);
 });
 
 for (const { kind, args: threadArgs } of THREAD_KINDS) {
-  test(`guest reboot without --no-reboot restarts the guest (--vcpu-threads ${kind})`, async () => {
+  test(`guest reboot without --no-reboot restarts the guest (--vcpu-threads ${kind})`, { skip: noKvm }, async () => {
     const kernel = kernelFile("reboot-loop", [...serialPrint("B"), ...outb(0xcf9, 0x06), ...HALT_LOOP]);
     const child = spawn(process.execPath, [CLI, "run", "--kernel", kernel, "--memory", "64M", ...threadArgs], { stdio: ["pipe", "pipe", "pipe"] });
     let out = "";
@@ -401,7 +402,7 @@ for (const { kind, args: threadArgs } of THREAD_KINDS) {
   });
 }
 
-test("triple fault: non-zero status with the reason", () => {
+test("triple fault: non-zero status with the reason", { skip: noKvm }, () => {
   const r = run(kernelFile("triple-fault", [...TRIPLE_FAULT_CODE]));
   assert.equal(r.status, 4, r.stderr);
   assert.match(r.stderr, /guest crashed: .*(triple fault|internal error)/);
@@ -422,7 +423,7 @@ const store32 = (gpa: number, value: number) => {
   return [0x48, 0xbf, ...a, 0xc7, 0x07, ...v];
 };
 
-test("--screenshot: pixels the guest stores into the framebuffer come back as a PPM", () => {
+test("--screenshot: pixels the guest stores into the framebuffer come back as a PPM", { skip: noKvm }, () => {
   const FB = 0xfc00_0000;
   const shot = join(dir, "screen.ppm");
   const code = [...store32(FB, 0x00ff0000), ...store32(FB + 4, 0x0000ff00), ...store32(FB + 640 * 4, 0x000000ff), ...serialPrint("FB\n"), ...ACPI_S5, ...HALT_LOOP];
@@ -463,7 +464,7 @@ const ifInlEquals = (port: number, value: number, then: number[]) => {
 };
 
 for (const { kind, args: threadArgs } of THREAD_KINDS) {
-  test(`a PCI device on the device thread answers config reads through 0xCF8/0xCFC (virtio-rng at 00:02.0; --vcpu-threads ${kind})`, () => {
+  test(`a PCI device on the device thread answers config reads through 0xCF8/0xCFC (virtio-rng at 00:02.0; --vcpu-threads ${kind})`, { skip: noKvm }, () => {
     const code = [
       ...outl(0xcf8, 0x8000_1000), // bus 0, device 2, function 0, register 0
       ...ifInlEquals(0xcfc, 0x1044_1af4, serialPrint("ID-OK\n")),
@@ -481,7 +482,7 @@ for (const { kind, args: threadArgs } of THREAD_KINDS) {
 }
 
 for (const { kind, args: threadArgs } of THREAD_KINDS) {
-  test(`a device back end that cannot start (channel socket in use by another process): status 1, the reason, the other socket untouched (2 vCPUs, --vcpu-threads ${kind})`, async () => {
+  test(`a device back end that cannot start (channel socket in use by another process): status 1, the reason, the other socket untouched (2 vCPUs, --vcpu-threads ${kind})`, { skip: noKvm }, async () => {
     const { createServer, connect } = await import("node:net");
     const sock = join(dir, `busy-${kind}.sock`);
     const server = createServer(() => {});
@@ -510,7 +511,7 @@ for (const { kind, args: threadArgs } of THREAD_KINDS) {
 }
 
 for (const { kind, args: threadArgs } of THREAD_KINDS) {
-  test(`SIGQUIT: a state report of every vCPU (registers, run state, LAPIC) and device (virtqueues), and the VM runs on (--vcpu-threads ${kind})`, { timeout: 120_000 }, async () => {
+  test(`SIGQUIT: a state report of every vCPU (registers, run state, LAPIC) and device (virtqueues), and the VM runs on (--vcpu-threads ${kind})`, { skip: noKvm, timeout: 120_000 }, async () => {
     // vCPU 0 prints, then halts with interrupts off; vCPU 1 is never started by this guest; virtio-rng has no driver.
     const kernel = kernelFile("report", [...serialPrint("UP\n"), ...HALT_LOOP]);
     const child = spawn(process.execPath, [CLI, "run", "--kernel", kernel, "--memory", "64M", "--cpus", "2", "--rng", ...threadArgs], { stdio: ["pipe", "pipe", "pipe"] });
@@ -563,7 +564,7 @@ for (const { kind, args: threadArgs } of THREAD_KINDS) {
   });
 }
 
-test("console input the guest never reads is not buffered without bound: partis run stops reading its input", { timeout: 120_000 }, async () => {
+test("console input the guest never reads is not buffered without bound: partis run stops reading its input", { skip: noKvm, timeout: 120_000 }, async () => {
   // This guest never enables COM1's receiver; 32 MiB are offered on standard input.
   const kernel = kernelFile("deaf", [...serialPrint("UP\n"), ...HALT_LOOP]);
   const child = spawn(process.execPath, [CLI, "run", "--kernel", kernel, "--memory", "64M"], { stdio: ["pipe", "pipe", "pipe"] });
@@ -644,7 +645,7 @@ async function programPagesWhileRunning(env: NodeJS.ProcessEnv, after: RegExp): 
   return { rssFileKiB: Number(m[1]), out, status, err };
 }
 
-test("once the guest runs, the program pages only start-up used leave partis run's RSS; the VM goes on working", { timeout: 120_000 }, async (t) => {
+test("once the guest runs, the program pages only start-up used leave partis run's RSS; the VM goes on working", { skip: noKvm, timeout: 120_000 }, async (t) => {
   const kept = await programPagesWhileRunning({ PARTIS_KEEP_PROGRAM_PAGES: "1" }, /start gate open/);
   assert.equal(kept.status, 0, kept.err);
   assert.equal(kept.out, "GOT\n");
