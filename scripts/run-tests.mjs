@@ -2,7 +2,6 @@
 // Runs Partis's test suites from the compiled tree (dist/).
 //   unit   every test that needs no real guest (any host; without /dev/kvm the tests that start a VM are skipped)
 //   guest  real Linux guests: directly on a VT-x/AMD-V host, else inside the nested test host
-//          (there with the hypervisor layer's tests first, on AMD-V)
 //   all    unit, then guest
 // Prints a closing line "N passed, N failed" over everything it ran (", N skipped" when some were).
 // PARTIS_LONG_TESTS=1 turns on the long crash/fuzz trials.
@@ -77,12 +76,7 @@ function hostKind() {
 }
 
 async function guestSuite() {
-  // Inside the nested test host the hypervisor layer's own tests run first, on its AMD-V KVM: a
-  // PVM host runs them natively in the unit suite, a host without /dev/kvm skips them there, and
-  // KVM differs between the two (docs/guests.md, "A machine with no /dev/kvm at all"). Not
-  // huge-pages: the nested host has stalled right after growing its 2 MiB pool.
-  const hypervisor = inside ? testFiles(join(dist, "hypervisor")).filter((f) => !f.endsWith("huge-pages.test.js")) : [];
-  const files = [...hypervisor, ...testFiles(join(dist, "guest"))];
+  const files = testFiles(join(dist, "guest"));
   const kind = hostKind();
   if (inside || kind === "vmx" || kind === "svm") {
     if (!existsSync("/dev/kvm")) {
