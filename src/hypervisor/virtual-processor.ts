@@ -535,7 +535,8 @@ export class VirtualProcessor {
     for (let capacity = 128; capacity <= 4096; capacity *= 2) {
       const buf = encodeCpuid2([], capacity);
       const v = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
-      for (let i = 0; i < capacity; i++) v.setUint32(8 + i * 40, UNWRITTEN_LEAF, true);
+      const leaf = (i: number) => SIZEOF.kvm_cpuid2 + i * SIZEOF.kvm_cpuid_entry2; // its `function` field
+      for (let i = 0; i < capacity; i++) v.setUint32(leaf(i), UNWRITTEN_LEAF, true);
       try {
         this.ioctl("GET_CPUID2", buf, { capacity });
       } catch (e) {
@@ -543,7 +544,7 @@ export class VirtualProcessor {
         throw e;
       }
       let written = 0;
-      while (written < Math.min(capacity, v.getUint32(0, true)) && v.getUint32(8 + written * 40, true) !== UNWRITTEN_LEAF) written++;
+      while (written < Math.min(capacity, v.getUint32(0, true)) && v.getUint32(leaf(written), true) !== UNWRITTEN_LEAF) written++;
       v.setUint32(0, written, true);
       return decodeCpuid2(buf);
     }

@@ -90,6 +90,13 @@ test("no /dev/kvm: the nested test host is named as the way to stock guests; no 
   assert.ok(r.lines.some((l) => /^note the nested test host .*needs no \/dev\/kvm/.test(l)), r.lines.join("\n"));
 });
 
+test("VT-x CPU without /dev/kvm: the device line fails, the CPU's virtualization line does not", () => {
+  const r = checkHost(report({ kvm: { present: false, accessible: false, reason: "/dev/kvm does not exist: no KVM module is loaded (load kvm_intel or kvm_amd)" } }));
+  assert.equal(r.ok, false);
+  assert.ok(r.lines.some((l) => l.startsWith("FAIL /dev/kvm present: /dev/kvm does not exist: no KVM module is loaded")), r.lines.join("\n"));
+  assert.ok(r.lines.includes("ok   virtualization: hardware-assisted: Intel VT-x (kvm_intel)"), r.lines.join("\n"));
+});
+
 test("the command exits 0 here when KVM works", { skip: existsSync("/dev/kvm") ? undefined : "no /dev/kvm on this host" }, () => {
   const ok = spawnSync(process.execPath, [CLI, "host", "check"], { encoding: "utf8" });
   assert.equal(ok.status, 0, ok.stdout + ok.stderr);
