@@ -544,7 +544,7 @@ export class VirtualProcessor {
         throw e;
       }
       let written = 0;
-      while (written < Math.min(capacity, v.getUint32(0, true)) && v.getUint32(leaf(written), true) !== UNWRITTEN_LEAF) written++;
+      while (written < capacity && v.getUint32(leaf(written), true) !== UNWRITTEN_LEAF) written++;
       v.setUint32(0, written, true);
       return decodeCpuid2(buf);
     }

@@ -10,8 +10,8 @@ import { KvmSystem } from "../../src/hypervisor/system.js";
 import { DEFAULT_TSS_GPA, Partition } from "../../src/hypervisor/partition.js";
 import { VirtualProcessor, type VcpuExit } from "../../src/hypervisor/virtual-processor.js";
 import { CODE_GPA, code, enterLongMode, writeLongModeTables } from "./guests.js";
+import { noKvm } from "../fixtures/kvm.js";
 
-const noKvm = fs.existsSync("/dev/kvm") ? undefined : "no /dev/kvm on this host";
 const isPvm = fs.existsSync("/sys/module/kvm_pvm");
 
 function describe(exit: VcpuExit): string {

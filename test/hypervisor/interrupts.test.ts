@@ -6,14 +6,13 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import * as fs from "node:fs";
 import { KvmSystem } from "../../src/hypervisor/system.js";
 import { DEFAULT_TSS_GPA, Partition } from "../../src/hypervisor/partition.js";
 import { VirtualProcessor, type VcpuExit } from "../../src/hypervisor/virtual-processor.js";
 import { EventFd } from "../../src/hypervisor/eventfd.js";
 import { CODE_GPA, code, enterLongMode, enterRealMode, withWatchdog, writeLongModeTables } from "./guests.js";
+import { noKvm } from "../fixtures/kvm.js";
 
-const noKvm = fs.existsSync("/dev/kvm") ? undefined : "no /dev/kvm on this host";
 
 function describe(exit: VcpuExit): string {
   return JSON.stringify(exit, (_k, v: unknown) => (typeof v === "bigint" ? `0x${v.toString(16)}` : v instanceof Uint8Array ? Array.from(v) : v));

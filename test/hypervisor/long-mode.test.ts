@@ -5,14 +5,13 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import * as fs from "node:fs";
 import { KvmSystem } from "../../src/hypervisor/system.js";
 import { DEFAULT_TSS_GPA, Partition } from "../../src/hypervisor/partition.js";
 import { VirtualProcessor, type VcpuExit } from "../../src/hypervisor/virtual-processor.js";
 import type { RamRange } from "../../src/machine/guest-memory.js";
 import { CODE_GPA, code, enterLongMode, imm32, imm64, writeLongModeTables } from "./guests.js";
+import { noKvm } from "../fixtures/kvm.js";
 
-const noKvm = fs.existsSync("/dev/kvm") ? undefined : "no /dev/kvm on this host";
 const GiB = 2 ** 30;
 const FOUR_GIB = 4 * GiB;
 

@@ -5,7 +5,6 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import * as fs from "node:fs";
 import { Worker } from "node:worker_threads";
 import { KvmSystem } from "../../src/hypervisor/system.js";
 import { DEFAULT_TSS_GPA, Partition } from "../../src/hypervisor/partition.js";
@@ -14,8 +13,8 @@ import { CODE_GPA, code } from "./guests.js";
 import type { VcpuWorkerInput, VcpuWorkerReport } from "./vcpu-worker.js";
 import type { KickWorkerReport } from "./kick-worker.js";
 import { VcpuKicker, type VcpuKickHandle } from "../../src/hypervisor/virtual-processor.js";
+import { noKvm } from "../fixtures/kvm.js";
 
-const noKvm = fs.existsSync("/dev/kvm") ? undefined : "no /dev/kvm on this host";
 
 const GUEST = code(
   [0x88, 0x9f, 0x00, 0x70], // mov [bx+0x7000], bl     marker = vCPU id

@@ -1,13 +1,12 @@
 /** Partition-level ioctls and validation that need no running guest. */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import * as fs from "node:fs";
 import { KvmSystem } from "../../src/hypervisor/system.js";
 import { Partition, PartitionConfigError } from "../../src/hypervisor/partition.js";
 import { KvmError } from "../../src/hypervisor/errors.js";
 import { KVM_CAP } from "../../src/hypervisor/kvm-abi.js";
+import { noKvm } from "../fixtures/kvm.js";
 
-const noKvm = fs.existsSync("/dev/kvm") ? undefined : "no /dev/kvm on this host";
 
 test("bad RAM layouts are refused before KVM is asked", { skip: noKvm }, () => {
   const sys = KvmSystem.open();

@@ -4,14 +4,13 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import * as fs from "node:fs";
 import { KvmSystem } from "../../src/hypervisor/system.js";
 import { DEFAULT_TSS_GPA, Partition } from "../../src/hypervisor/partition.js";
 import { VirtualProcessor, type VcpuExit } from "../../src/hypervisor/virtual-processor.js";
 import { EventFd } from "../../src/hypervisor/eventfd.js";
 import { CODE_GPA, code, enterRealMode } from "./guests.js";
+import { noKvm } from "../fixtures/kvm.js";
 
-const noKvm = fs.existsSync("/dev/kvm") ? undefined : "no /dev/kvm on this host";
 
 function withGuest(bytes: Uint8Array, body: (vp: VirtualProcessor, p: Partition) => void): void {
   const sys = KvmSystem.open();

@@ -12,8 +12,8 @@ import { VirtualProcessor } from "../../src/hypervisor/virtual-processor.js";
 import { KvmError } from "../../src/hypervisor/errors.js";
 import { KVM_CAP, KVM_MP_STATE, REGS_ORDER, type CpuidEntry } from "../../src/hypervisor/kvm-abi.js";
 import { enterLongMode, writeLongModeTables } from "./guests.js";
+import { noKvm } from "../fixtures/kvm.js";
 
-const noKvm = fs.existsSync("/dev/kvm") ? undefined : "no /dev/kvm on this host";
 
 function withVcpu(opts: { irqchip: boolean }, body: (vp: VirtualProcessor, p: Partition, sys: KvmSystem) => void): void {
   const sys = KvmSystem.open();

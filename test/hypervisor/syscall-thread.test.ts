@@ -14,8 +14,8 @@ import { SyscallDoorbell, SyscallThread, SYS, assembleSyscallLoop } from "../../
 import { KvmError, KvmProtocolError } from "../../src/hypervisor/errors.js";
 import { gettid, ioctl, open, close, O_RDWR } from "../../src/hypervisor/libc.js";
 import { CODE_GPA, code, enterRealMode } from "./guests.js";
+import { noKvm } from "../fixtures/kvm.js";
 
-const noKvm = fs.existsSync("/dev/kvm") ? undefined : "no /dev/kvm on this host";
 
 /** A 1 MiB partition (TSS set, for VT-x hosts in real mode) for `body`, destroyed after it. */
 function withPartition(body: (p: Partition) => void): void {

@@ -6,7 +6,6 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import * as fs from "node:fs";
 import { KvmSystem } from "../../../src/hypervisor/system.js";
 import { DEFAULT_TSS_GPA, Partition, PartitionConfigError } from "../../../src/hypervisor/partition.js";
 import { DeviceMemory, DeviceMemoryError } from "../../../src/hypervisor/device-memory.js";
@@ -14,8 +13,8 @@ import * as libc from "../../../src/hypervisor/libc.js";
 import { VirtualProcessor, type VcpuExit } from "../../../src/hypervisor/virtual-processor.js";
 import { FRAMEBUFFER_GPA, LinearFramebuffer } from "../../../src/devices/display/linear-framebuffer.js";
 import { CODE_GPA, code, enterLongMode, imm32, writeLongModeTables } from "../../hypervisor/guests.js";
+import { noKvm } from "../../fixtures/kvm.js";
 
-const noKvm = fs.existsSync("/dev/kvm") ? undefined : "no /dev/kvm on this host";
 const RAM = [{ gpa: 0, length: 2 << 20, fileOffset: 0 }];
 
 function describe(exit: VcpuExit): string {
