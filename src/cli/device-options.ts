@@ -1,9 +1,10 @@
 /**
  * `partis run` device flags, parsed and checked before anything starts:
  *
- *   --disk PATH[,if=virtio|ide][,ro]   a disk image (raw, VHD, VHDX) or host block device
+ *   --disk PATH[,if=virtio|ide][,ro][,packed]   a disk image (raw, VHD, VHDX) or host block device
  *   --cdrom ISO                        an ATAPI CD-ROM on the IDE controller
- *   --nic BACKEND[,model=virtio|ne2k][,mac=52:54:00:..]
+ *   --nic BACKEND[,model=virtio|ne2k][,mac=52:54:00:..][,packed]
+ *        packed: the virtio device also offers packed virtqueues (VIRTIO_F_RING_PACKED)
  *        BACKEND: tap:IFNAME | dgram:LOCAL.sock:PEER.sock | none
  *   --channel SOCKET                   a virtio-console byte channel on a UNIX socket the VM listens on
  *   --rng                              a virtio entropy source
@@ -63,6 +64,15 @@ function checkDisk(flag: string, path: string, readOnly: boolean): DiskSpec {
   return { path, readOnly };
 }
 
+/** The `packed` option: no value, and only on a virtio device (an emulated one has no virtqueues). */
+function packedOption(flag: string, value: string, opts: Map<string, string | true>, virtio: boolean): boolean {
+  const p = opts.get("packed");
+  if (p === undefined) return false;
+  if (p !== true) throw new UsageError(`${flag} ${value}: packed takes no value`);
+  if (!virtio) throw new UsageError(`${flag} ${value}: packed is for virtio devices (an emulated device has no virtqueues)`);
+  return true;
+}
+
 function defaultMac(vmName: string, index: number): string {
   // 52:54:00 (locally administered, the prefix KVM tools use) + 3 bytes of a hash of the VM name and NIC index.
   const h = createHash("sha256").update(`${vmName}/${index}`).digest();
@@ -93,15 +103,16 @@ export function resolveDevices(opts: DeviceOptions, vmName: string, cpus: number
   let ide = 0;
   (opts.disk ?? []).forEach((value, i) => {
     const { head, opts: o } = splitSpec("--disk", value);
-    rejectUnknown("--disk", value, o, ["if", "ro"]);
+    rejectUnknown("--disk", value, o, ["if", "ro", "packed"]);
     const iface = o.get("if") ?? "virtio";
     if (iface !== "virtio" && iface !== "ide") throw new UsageError(`--disk ${value}: if=${String(iface)} is not virtio or ide`);
     if (o.get("ro") !== undefined && o.get("ro") !== true) throw new UsageError(`--disk ${value}: ro takes no value`);
+    const packed = packedOption("--disk", value, o, iface === "virtio");
     const disk = checkDisk("--disk", head, o.get("ro") === true);
     if (iface === "ide") {
       ide++;
       out.push({ kind: "ide-disk", id: `ide-disk${i}`, disk });
-    } else out.push({ kind: "virtio-blk", id: `virtio-blk${i}`, disk, queues: cpus });
+    } else out.push({ kind: "virtio-blk", id: `virtio-blk${i}`, disk, queues: cpus, ...(packed ? { ringPacked: true } : {}) });
   });
   (opts.cdrom ?? []).forEach((value, i) => {
     ide++;
@@ -110,9 +121,10 @@ export function resolveDevices(opts: DeviceOptions, vmName: string, cpus: number
   if (ide > MAX_IDE_DRIVES) throw new UsageError(`--disk/--cdrom: ${ide} IDE drives; the IDE controller takes at most ${MAX_IDE_DRIVES}`);
   (opts.nic ?? []).forEach((value, i) => {
     const { head, opts: o } = splitSpec("--nic", value);
-    rejectUnknown("--nic", value, o, ["model", "mac"]);
+    rejectUnknown("--nic", value, o, ["model", "mac", "packed"]);
     const model = o.get("model") ?? "virtio";
     if (model !== "virtio" && model !== "ne2k") throw new UsageError(`--nic ${value}: model=${String(model)} is not virtio or ne2k`);
+    const packed = packedOption("--nic", value, o, model === "virtio");
     const macText = o.get("mac");
     const mac = typeof macText === "string" ? macText : defaultMac(vmName, i);
     try {
@@ -121,7 +133,7 @@ export function resolveDevices(opts: DeviceOptions, vmName: string, cpus: number
       if (e instanceof DevicePlanError) throw new UsageError(`--nic ${value}: ${e.message}`);
       throw e;
     }
-    out.push({ kind: model === "virtio" ? "virtio-net" : "ne2k", id: `nic${i}`, mac: mac.toLowerCase(), backend: parseNicBackend(value, head) });
+    out.push({ kind: model === "virtio" ? "virtio-net" : "ne2k", id: `nic${i}`, mac: mac.toLowerCase(), backend: parseNicBackend(value, head), ...(packed ? { ringPacked: true } : {}) });
   });
   (opts.channel ?? []).forEach((value, i) => {
     if (value === "") throw new UsageError("--channel: empty socket path");

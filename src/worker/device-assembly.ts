@@ -227,7 +227,7 @@ export function assembleDevice(f: PlannedFunction, devices: readonly DeviceSpec[
       let ring: IoUring | undefined;
       try {
         ring = disk.queueHost !== undefined ? openRing(spec.id, ctx.warn) : undefined;
-        const device = createVirtioBlk(spec.id, disk, services, { queues: Math.max(1, Math.min(spec.queues, 16)), serial: spec.id, ...(ring !== undefined ? { ring } : {}) });
+        const device = createVirtioBlk(spec.id, disk, services, { queues: Math.max(1, Math.min(spec.queues, 16)), serial: spec.id, ringPacked: spec.ringPacked === true, ...(ring !== undefined ? { ring } : {}) });
         const blk = device.backend as VirtioBlk;
         const watch = ring === undefined ? undefined : services.loop.watch(ring.eventFd, () => blk.completeQueued());
         return {
@@ -260,7 +260,7 @@ export function assembleDevice(f: PlannedFunction, devices: readonly DeviceSpec[
       const mac = parseMac(spec.mac);
       try {
         if (spec.kind === "virtio-net") {
-          const device = createVirtioNet(spec.id, port, services, { mac });
+          const device = createVirtioNet(spec.id, port, services, { mac, ringPacked: spec.ringPacked === true });
           return { device, close: () => port?.close() };
         }
         const device = new Ne2kPci(spec.id, services, port, { mac });

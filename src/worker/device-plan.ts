@@ -26,10 +26,11 @@ export type NicBackendSpec =
   | { readonly kind: "none" };
 
 export type DeviceSpec =
-  | { readonly kind: "virtio-blk"; readonly id: string; readonly disk: DiskSpec; readonly queues: number }
+  /** ringPacked: offer packed virtqueues (the guest's driver chooses). */
+  | { readonly kind: "virtio-blk"; readonly id: string; readonly disk: DiskSpec; readonly queues: number; readonly ringPacked?: boolean }
   | { readonly kind: "ide-disk"; readonly id: string; readonly disk: DiskSpec }
   | { readonly kind: "ide-cdrom"; readonly id: string; readonly disk: DiskSpec | undefined }
-  | { readonly kind: "virtio-net" | "ne2k"; readonly id: string; readonly mac: string; readonly backend: NicBackendSpec }
+  | { readonly kind: "virtio-net" | "ne2k"; readonly id: string; readonly mac: string; readonly backend: NicBackendSpec; readonly ringPacked?: boolean }
   /** A host<->guest byte channel: a UNIX stream socket the worker listens on. */
   | { readonly kind: "virtio-console"; readonly id: string; readonly socketPath: string }
   | { readonly kind: "virtio-rng"; readonly id: string };

@@ -39,7 +39,7 @@ function value(output: string, key: string): string | undefined {
   return new RegExp(`^${key}=(.*?)\\r?$`, "m").exec(output)?.[1];
 }
 
-describe("disks and a CD-ROM: virtio-blk (raw, VHDX), IDE (VHD), ATAPI (ISO); data survives a restart", () => {
+describe("disks and a CD-ROM: virtio-blk (raw on packed virtqueues, VHDX on split ones), IDE (VHD), ATAPI (ISO); data survives a restart", () => {
   const raw = join(dir, "virtio.raw");
   const vhdx = join(dir, "virtio.vhdx");
   const vhd = join(dir, "ide.vhd");
@@ -59,10 +59,12 @@ describe("disks and a CD-ROM: virtio-blk (raw, VHDX), IDE (VHD), ATAPI (ISO); da
     mkdirSync(isoDir);
     writeFileSync(join(isoDir, "hello.txt"), "PARTIS-ISO-CONTENT\n");
     execFileSync("genisoimage", ["-quiet", "-V", "PARTISCD", "-o", iso, isoDir]);
-    const disks = ["--disk", raw, "--disk", vhdx, "--disk", `${vhd},if=ide`, "--cdrom", iso];
+    // The raw disk offers packed virtqueues (the guest's virtio_ring takes them), the VHDX one split only.
+    const disks = ["--disk", `${raw},packed`, "--disk", vhdx, "--disk", `${vhd},if=ide`, "--cdrom", iso];
 
     const script1 = [
       "for b in vda vdb sda sr0; do echo DRIVER-$b=$(basename $(readlink /sys/block/$b/device/driver) 2>/dev/null); done",
+      "for b in vda vdb; do echo FEATURES-$b=$(cat /sys/block/$b/device/features); done",
       "echo PIIX=$(ls /sys/bus/pci/drivers/ata_piix | grep -c 0000:)",
       "for d in vda vdb sda; do mkdir -p /mnt/$d; mke2fs -q /dev/$d && mount /dev/$d /mnt/$d && echo PARTIS-FILE-$d > /mnt/$d/file && dd if=/dev/urandom of=/mnt/$d/big bs=64k count=48 2>/dev/null && echo SUM1-$d=$(md5sum /mnt/$d/big | cut -d' ' -f1); umount /mnt/$d; done",
       "mkdir -p /mnt/cd; mount -t iso9660 -o ro /dev/sr0 /mnt/cd && echo ISO=$(cat /mnt/cd/hello.txt); umount /mnt/cd",
@@ -114,6 +116,12 @@ describe("disks and a CD-ROM: virtio-blk (raw, VHDX), IDE (VHD), ATAPI (ISO); da
     assert.equal(value(o, "DRIVER-sda"), "sd");
     assert.equal(value(o, "DRIVER-sr0"), "sr");
     assert.equal(value(o, "PIIX"), "1");
+  });
+
+  test("the guest chose packed virtqueues where offered (VIRTIO_F_RING_PACKED, bit 34): the raw disk, not the VHDX one", () => {
+    const bit = (d: string): string | undefined => value(first.output, `FEATURES-${d}`)?.charAt(34);
+    assert.equal(bit("vda"), "1", first.output.slice(-3000));
+    assert.equal(bit("vdb"), "0");
   });
 
   test("files written through virtio-blk (raw and VHDX) and IDE (VHD) are read back after a restart", () => {
@@ -176,7 +184,7 @@ describe("networks: two VMs back to back over virtio-net and NE2000, and a VM to
     // Interfaces are found by MAC: the guest names them in driver load order, not slot order.
     const ifmac = 'ifmac() { for i in /sys/class/net/*; do [ "$(cat $i/address)" = "$1" ] && basename $i; done; }';
     const nic = (mac: string, ip: string, key: string) =>
-      `i=$(ifmac ${mac}); echo DRIVER-${key}=$(basename $(readlink /sys/class/net/$i/device/driver)); ip addr add ${ip}/24 dev $i; ip link set $i up`;
+      `i=$(ifmac ${mac}); echo DRIVER-${key}=$(basename $(readlink /sys/class/net/$i/device/driver)); echo FEATURES-${key}=$(cat /sys/class/net/$i/device/features 2>/dev/null); ip addr add ${ip}/24 dev $i; ip link set $i up`;
     const scriptA = [
       ifmac,
       nic("52:54:00:00:00:a0", "10.0.0.1", "virtio"),
@@ -201,7 +209,8 @@ describe("networks: two VMs back to back over virtio-net and NE2000, and a VM to
       "--nic", `tap:${tap},model=virtio,mac=52:54:00:00:00:a2`,
     ];
     const nicsB = [
-      "--nic", `dgram:${sock("b0")}:${sock("a0")},model=virtio,mac=52:54:00:00:00:b0`,
+      // B's virtio NIC offers packed virtqueues: a packed ring talks to a split one.
+      "--nic", `dgram:${sock("b0")}:${sock("a0")},model=virtio,mac=52:54:00:00:00:b0,packed`,
       "--nic", `dgram:${sock("b1")}:${sock("a1")},model=ne2k,mac=52:54:00:00:00:b1`,
     ];
     const sa = new GuestSession(runArgs(scriptA, [...nicsA, "--name", "vm-a"]));
@@ -231,6 +240,8 @@ describe("networks: two VMs back to back over virtio-net and NE2000, and a VM to
       assert.equal(value(r.output, "DRIVER-ne2k"), "ne2k-pci");
     }
     assert.equal(value(a.output, "DRIVER-tap"), "virtio_net");
+    assert.equal(value(b.output, "FEATURES-virtio")?.charAt(34), "1", "VM B's virtio NIC runs on packed virtqueues");
+    assert.equal(value(a.output, "FEATURES-virtio")?.charAt(34), "0", "VM A's on split ones");
   });
 
   test("ping between the two VMs over virtio-net", () => {

@@ -80,6 +80,8 @@ export interface VirtioNetOptions {
   readonly mac: Uint8Array;
   /** Size of each queue (default 256). */
   readonly queueSize?: number;
+  /** Offer packed virtqueues (VIRTIO_F_RING_PACKED). */
+  readonly ringPacked?: boolean;
 }
 
 export interface VirtioNetCounters {
@@ -328,7 +330,8 @@ export class VirtioNet implements VirtioBackend {
     this.hdr[NUM_BUFFERS_OFFSET + 1] = chains >> 8;
     first.writeTo(0, this.hdr);
     first.writeTo(VIRTIO_NET_HDR_BYTES, this.rxFrame.view(Math.min(len, first.writableBytes - VIRTIO_NET_HDR_BYTES)));
-    for (let k = 0; k < chains; k++) q.pushUsed(this.spreadHeads[k]!, this.spreadLengths[k]!);
+    // All the frame's chains at once: the driver must not see the first (whose header counts them) before the rest.
+    q.pushUsedBatch(this.spreadHeads, this.spreadLengths, chains);
     this.counted(len);
     return "ok";
   }
@@ -408,7 +411,7 @@ export class VirtioNetDevice extends VirtioPciDevice {
   readonly net: VirtioNet;
   constructor(name: string, port: NetworkPort | undefined, services: PciDeviceServices, opts: VirtioNetOptions) {
     const backend = new VirtioNet(port, opts);
-    super(name, backend, services);
+    super(name, backend, services, { ringPacked: opts.ringPacked === true });
     this.net = backend;
   }
 }

@@ -157,6 +157,8 @@ export interface VirtioPciOptions {
   /** Largest total length of one descriptor chain (default 2^32-1). */
   readonly maxChainBytes?: number;
   readonly interruptPin?: number;
+  /** Offer VIRTIO_F_RING_PACKED: the driver may choose packed virtqueues (default: split only, as QEMU's packed=off). */
+  readonly ringPacked?: boolean;
 }
 
 export interface VirtioPciSavedState extends SavedDeviceState {
@@ -263,7 +265,8 @@ export class VirtioPciDevice implements PciDevice, VirtioTransport {
     this.numQueues = n;
     this.memory = services.memory;
     this.loop = services.loop;
-    const offered = backend.features | featureBit(VIRTIO_F.version1) | featureBit(VIRTIO_F.indirectDesc) | featureBit(VIRTIO_F.eventIdx);
+    const offered =
+      backend.features | featureBit(VIRTIO_F.version1) | featureBit(VIRTIO_F.indirectDesc) | featureBit(VIRTIO_F.eventIdx) | (opts.ringPacked === true ? featureBit(VIRTIO_F.ringPacked) : 0n);
     this.offeredLo = Number(offered & 0xffff_ffffn);
     this.offeredHi = Number((offered >> 32n) & 0xffff_ffffn);
 
@@ -608,6 +611,7 @@ export class VirtioPciDevice implements PciDevice, VirtioTransport {
     q.setFeatures({
       eventIdx: (this.features & featureBit(VIRTIO_F.eventIdx)) !== 0n,
       indirect: (this.features & featureBit(VIRTIO_F.indirectDesc)) !== 0n,
+      packed: (this.features & featureBit(VIRTIO_F.ringPacked)) !== 0n,
     });
     // Errors (bad size, alignment, rings outside RAM) come back through the queue's error hook.
     if (q.configure(this.qSize[i]!, this.qDesc[i]!, this.qDriver[i]!, this.qDevice[i]!) && this.active) this.notifyQueue(i);

@@ -1,13 +1,18 @@
 /**
- * The device side of a virtio 1.x split virtqueue (virtio 1.1 spec 2.6:
- * descriptor table 2.6.5, indirect descriptors 2.6.5.3, available ring 2.6.6,
- * used ring 2.6.8, notification suppression 2.6.7 / 2.6.10, event index
- * VIRTIO_F_EVENT_IDX) over guest RAM.
+ * The device side of a virtio 1.x virtqueue over guest RAM, in either layout:
+ * split (virtio 1.1 spec 2.6: descriptor table 2.6.5, indirect descriptors
+ * 2.6.5.3, available ring 2.6.6, used ring 2.6.8, notification suppression
+ * 2.6.7 / 2.6.10, event index VIRTIO_F_EVENT_IDX) or packed (2.7, negotiated
+ * with VIRTIO_F_RING_PACKED: one descriptor ring that the driver makes
+ * descriptors available in and the device writes used descriptors back into,
+ * each side with its wrap counter; lists linked by NEXT, indirect tables read
+ * in sequence; event suppression structures in the driver and device areas).
+ * Devices see one API whichever layout the driver chose.
  *
  * API (stable; virtio-net and the other virtio devices build on it):
  *
  *   const q = new VirtQueue(memory, index, maxSize, (q, code, message) => ...);
- *   q.setFeatures({ eventIdx, indirect })     // negotiated ring features, before configure
+ *   q.setFeatures({ eventIdx, indirect, packed })  // negotiated ring features, before configure
  *   q.configure(size, desc, driver, device)   // -> boolean; false = error reported
  *   const chain = new DescriptorChain();      // once per device: REUSED for every request
  *   // process a batch, with notifications suppressed while working:
@@ -17,16 +22,26 @@
  *       ... chain.readableGpa/Len[0..readableCount), chain.writableGpa/Len[0..writableCount)
  *       are checked guest spans; chain.readableSegment(i) / writableSegment(i) make live views,
  *       chain.readFrom / writeTo copy
- *       q.pushUsed(chain.head, bytesWrittenToWritableSegments);
+ *       q.pushUsed(chain.head, bytesWrittenToWritableSegments);   // chain.head: the chain's token
+ *       (q.pushUsedBatch(heads, lengths, n): several chains of one request, the first published last)
  *     }
  *   } while (!q.enableNotifications());      // false: buffers arrived meanwhile, go on
  *   if (q.needsInterrupt()) raise the queue's interrupt   (the transport's signalUsed does this)
  *   q.unpop()                                // give back the chain just popped (e.g. nothing to put in it)
  *   q.reset(); q.save(); q.restore(saved)
  *
+ * Packed rings: a chain's token (chain.head) is its buffer id plus, above bit
+ * 16, the number of ring descriptors it took less one: pushUsed writes the
+ * used descriptor with that id and skips the device's position past them
+ * (2.7.6), with no table per id to keep or save. A used descriptor may land
+ * on descriptors of a chain still in flight (completions out of order), so a
+ * popped chain cannot be walked again from the ring: devices keep what they
+ * need of it. Queue sizes need not be powers of two (2.7.10.1).
+ *
  * A malformed ring (bad head index, next index, a chain longer than the queue
- * (cycle guard), nested or un-negotiated indirect descriptors, a readable
- * descriptor after a writable one, a total length over `maxChainBytes`, a
+ * (cycle guard), nested or un-negotiated indirect descriptors, a packed
+ * indirect descriptor in a list linked by NEXT, a readable descriptor after a
+ * writable one, a total length over `maxChainBytes`, a
  * buffer outside RAM, avail.idx more than `size` ahead of the device) does not
  * throw: the queue records `error`, stops (pop returns false, nothing more is
  * written) and calls `onError` once; the transport then sets DEVICE_NEEDS_RESET
@@ -55,8 +70,13 @@ export const VIRTQ_AVAIL_F_NO_INTERRUPT = 1;
 export const VIRTQ_USED_F_NO_NOTIFY = 1;
 /** Largest indirect table accepted, in descriptors (same bound Linux and QEMU use for a chain). */
 export const MAX_INDIRECT_DESCRIPTORS = 1024;
-/** Largest split queue size (2.6: Queue Size is at most 32768). */
+/** Largest queue size (2.6: a split queue has at most 32768 entries; 2.7: a packed one 2^15). */
 export const MAX_QUEUE_SIZE = 32768;
+/** Packed descriptor flags (2.7.1): available and used, each compared with a wrap counter. */
+export const VIRTQ_DESC_F_AVAIL = 1 << 7;
+export const VIRTQ_DESC_F_USED = 1 << 15;
+/** Packed event suppression flags (2.7.14): desc_event_flags. */
+export const RING_EVENT_FLAGS = { enable: 0, disable: 1, desc: 2 } as const;
 
 /** Negotiated ring features that change the queue's behaviour. */
 export interface RingFeatures {
@@ -64,6 +84,8 @@ export interface RingFeatures {
   readonly eventIdx: boolean;
   /** VIRTIO_F_INDIRECT_DESC (bit 28). */
   readonly indirect: boolean;
+  /** VIRTIO_F_RING_PACKED (bit 34): the packed layout (default: split). */
+  readonly packed?: boolean;
 }
 
 export type QueueErrorHandler = (queue: VirtQueue, code: string, message: string) => void;
@@ -83,6 +105,8 @@ export interface VirtQueueState {
   readonly signalledValid: boolean;
   readonly notificationsEnabled: boolean;
   readonly error: string | undefined;
+  /** Packed layout: lastAvail and usedIdx are ring positions, these their wrap counters (absent: split). */
+  readonly packed?: { readonly availWrap: number; readonly usedWrap: number; readonly descriptorsSinceSignal: number; readonly recentPops: readonly number[] };
 }
 
 /**
@@ -95,7 +119,7 @@ export interface VirtQueueState {
  * from the spans to the host (GuestMemory.hostAddresses).
  */
 export class DescriptorChain {
-  /** Head descriptor index (the id to hand back in pushUsed). */
+  /** The chain's token, to hand back in pushUsed (split: its head descriptor's index; packed: see the file's head). */
   head = 0;
   /** Guest-physical address and length of each readable segment. */
   readonly readableGpa: Float64Array;
@@ -253,6 +277,16 @@ export class ChainSpans {
     return true;
   }
 
+  /** Take `other`'s selection (spans only: host addresses are translated again on request); `other.count` must fit. */
+  copyFrom(other: ChainSpans): void {
+    const n = other.count;
+    if (n > this.capacity) throw new RangeError(`${n} spans do not fit in ${this.capacity}`);
+    this.gpa.set(other.gpa.subarray(0, n));
+    this.len.set(other.len.subarray(0, n));
+    this.count = n;
+    this.translated = false;
+  }
+
   /** Translate the selected spans into `host` (once per select()): false when guest RAM is not host-mapped memory. */
   toHost(memory: GuestMemory | undefined): boolean {
     if (this.translated) return true;
@@ -264,7 +298,7 @@ export class ChainSpans {
 const EMPTY16 = new Uint16Array(0);
 const EMPTY32 = new Uint32Array(0);
 
-/** A split virtqueue, device side. */
+/** A virtqueue, device side (split or packed layout, as negotiated). */
 export class VirtQueue {
   /** Queue size as configured (0 = not configured). */
   size = 0;
@@ -280,8 +314,19 @@ export class VirtQueue {
 
   private eventIdx = false;
   private indirect = false;
+  private packed = false;
+  /** Split: the device's shadow of avail.idx. Packed: the ring position the device reads next. */
   private lastAvail = 0;
+  /** Split: used.idx. Packed: the ring position of the next used descriptor. */
   private usedIdx = 0;
+  // Packed only: the wrap counters (2.7.1), descriptors used since the last interrupt, and where
+  // the last chains popped started (position | wrap << 15), so that unpop can give them back.
+  private availWrap = 1;
+  private usedWrap = 1;
+  private descriptorsSinceSignal = 0;
+  private popStarts: Uint32Array = EMPTY32;
+  private popTop = 0;
+  private popDepth = 0;
   private signalledUsed = 0;
   private signalledValid = false;
   private pushedSinceSignal = false;
@@ -294,10 +339,15 @@ export class VirtQueue {
   private avail: Uint16Array = EMPTY16;
   private usedWords: Uint32Array = EMPTY32;
   private usedHalves: Uint16Array = EMPTY16;
+  /** Packed: the driver's event suppression structure (off_wrap | flags << 16), read in one load. */
+  private driverEvent: Uint32Array = EMPTY32;
+  /** Packed: the device's, written in one store. */
+  private deviceEvent: Uint32Array = EMPTY32;
 
   // The descriptor being walked (no object per descriptor).
   private dAddr = 0;
   private dLen = 0;
+  // Split layout: flags, next. Packed layout: the same two halves are id, flags.
   private dFlags = 0;
   private dNext = 0;
 
@@ -315,10 +365,11 @@ export class VirtQueue {
   setFeatures(f: RingFeatures): void {
     this.eventIdx = f.eventIdx;
     this.indirect = f.indirect;
+    this.packed = f.packed === true;
   }
 
   get features(): RingFeatures {
-    return { eventIdx: this.eventIdx, indirect: this.indirect };
+    return { eventIdx: this.eventIdx, indirect: this.indirect, packed: this.packed };
   }
 
   /**
@@ -332,6 +383,7 @@ export class VirtQueue {
     this.desc = desc;
     this.driver = driver;
     this.device = device;
+    if (this.packed) return this.configurePacked(size, desc, driver, device);
     if (!Number.isInteger(size) || size < 1 || size > this.maxSize || (size & (size - 1)) !== 0)
       return this.fail("VIRTQ_BAD_SIZE", `queue size ${size} is not a power of two in 1..${this.maxSize}`);
     if (desc % 16 !== 0 || driver % 2 !== 0 || device % 4 !== 0)
@@ -360,14 +412,48 @@ export class VirtQueue {
     return true;
   }
 
+  /** configure() for the packed layout (2.7.10: ring 16-byte aligned, event structures 4-byte; any size up to the maximum). */
+  private configurePacked(size: number, desc: number, driver: number, device: number): boolean {
+    if (!Number.isInteger(size) || size < 1 || size > this.maxSize)
+      return this.fail("VIRTQ_BAD_SIZE", `packed queue size ${size} is not in 1..${this.maxSize}`);
+    if (desc % 16 !== 0 || driver % 4 !== 0 || device % 4 !== 0)
+      return this.fail("VIRTQ_BAD_ALIGNMENT", `packed ring addresses desc 0x${desc.toString(16)} driver 0x${driver.toString(16)} device 0x${device.toString(16)} are misaligned`);
+    const d = this.memory.tryBytes(desc, 16 * size);
+    const a = this.memory.tryBytes(driver, 4);
+    const u = this.memory.tryBytes(device, 4);
+    if (d === undefined || a === undefined || u === undefined)
+      return this.fail("VIRTQ_RING_NOT_RAM", "a ring of the queue is not inside guest RAM");
+    if (d.byteOffset % 4 !== 0 || a.byteOffset % 4 !== 0 || u.byteOffset % 4 !== 0)
+      return this.fail("VIRTQ_BAD_ALIGNMENT", "ring host mapping is misaligned");
+    this.descWords = new Uint32Array(d.buffer, d.byteOffset, 4 * size);
+    this.descHalves = new Uint16Array(d.buffer, d.byteOffset, 8 * size);
+    this.driverEvent = new Uint32Array(a.buffer, a.byteOffset, 1);
+    this.deviceEvent = new Uint32Array(u.buffer, u.byteOffset, 1);
+    if (this.popStarts.length !== size) this.popStarts = new Uint32Array(size);
+    this.lastAvail = this.usedIdx = 0;
+    this.availWrap = this.usedWrap = 1;
+    this.descriptorsSinceSignal = 0;
+    this.popTop = this.popDepth = 0;
+    this.signalledUsed = 0;
+    this.signalledValid = false;
+    this.pushedSinceSignal = false;
+    this.notificationsEnabled = true;
+    this.ready = true;
+    return true;
+  }
+
   /** Forget the rings (device reset); errors clear. */
   reset(): void {
     this.ready = false;
     this.error = undefined;
     this.size = 0;
     this.desc = this.driver = this.device = 0;
-    this.eventIdx = this.indirect = false;
+    this.eventIdx = this.indirect = this.packed = false;
     this.lastAvail = this.usedIdx = this.signalledUsed = 0;
+    this.availWrap = this.usedWrap = 1;
+    this.descriptorsSinceSignal = 0;
+    this.popTop = this.popDepth = 0;
+    this.driverEvent = this.deviceEvent = EMPTY32;
     this.signalledValid = false;
     this.pushedSinceSignal = false;
     this.notificationsEnabled = true;
@@ -386,7 +472,7 @@ export class VirtQueue {
     return false;
   }
 
-  /** The index the device will read next (its shadow of avail.idx). */
+  /** Split: the index the device will read next (its shadow of avail.idx). Packed: its ring position. */
   get nextAvail(): number {
     return this.lastAvail;
   }
@@ -394,9 +480,14 @@ export class VirtQueue {
     return this.usedIdx;
   }
 
-  /** Chains the driver has made available and the device has not popped (0 when broken; a bad index breaks the queue). */
+  /**
+   * Chains the driver has made available and the device has not popped (0
+   * when broken; a bad index breaks the queue). Packed: 1 when a chain is
+   * waiting, else 0 (the ring says no more without walking it).
+   */
   available(): number {
     if (!this.ready) return 0;
+    if (this.packed) return this.packedAvailable() ? 1 : 0;
     const n = (Atomics.load(this.avail, 1) - this.lastAvail) & 0xffff;
     if (n > this.size) {
       this.fail("VIRTQ_BAD_AVAIL_IDX", `avail.idx is ${n} entries ahead of the device (queue size ${this.size})`);
@@ -412,6 +503,7 @@ export class VirtQueue {
   pop(chain: DescriptorChain): boolean {
     chain.clear();
     chain.memory = this.memory;
+    if (this.packed) return this.popPacked(chain);
     if (this.available() === 0) return false;
     const head = this.avail[2 + (this.lastAvail & this.mask)]!;
     this.lastAvail = (this.lastAvail + 1) & 0xffff;
@@ -421,23 +513,19 @@ export class VirtQueue {
     return this.walk(chain, head);
   }
 
-  /**
-   * Walk the chain at `head` again (popped earlier and not yet returned: a
-   * device redoing a request). False when the queue is broken or the chain
-   * no longer checks out (the queue then reports the error as pop would).
-   */
-  redo(chain: DescriptorChain, head: number): boolean {
-    chain.clear();
-    chain.memory = this.memory;
-    if (!this.ready) return false;
-    if (head >= this.size) return this.fail("VIRTQ_BAD_HEAD", `descriptor ${head} to redo is outside the queue (size ${this.size})`);
-    chain.head = head;
-    return this.walk(chain, head);
-  }
-
   /** Give back the chain returned by the last pop() (it will be popped again). */
   unpop(): void {
     if (!this.ready) return;
+    if (this.packed) {
+      if (this.popDepth === 0) return;
+      this.popDepth--;
+      this.popTop = (this.popTop + this.size - 1) % this.size;
+      const start = this.popStarts[this.popTop]!;
+      this.lastAvail = start & 0x7fff;
+      this.availWrap = start >>> 15;
+      if (this.eventIdx && this.notificationsEnabled) this.publishAvailEvent();
+      return;
+    }
     this.lastAvail = (this.lastAvail - 1) & 0xffff;
     if (this.eventIdx && this.notificationsEnabled) Atomics.store(this.usedHalves, 2 + 4 * this.size, this.lastAvail);
   }
@@ -478,6 +566,23 @@ export class VirtQueue {
     this.dNext = t[o + 14]! | (t[o + 15]! << 8);
   }
 
+  /**
+   * The indirect descriptor just read (dAddr, dLen) names a table: check its
+   * length (16..16*MAX_INDIRECT_DESCRIPTORS in steps of 16) and that it lies
+   * in RAM, and make it the one readIndirect reads. `where` names the chain
+   * for the error.
+   */
+  private openIndirectTable(where: string): boolean {
+    const len = this.dLen;
+    if (len === 0 || len % 16 !== 0 || len / 16 > MAX_INDIRECT_DESCRIPTORS)
+      return this.fail("VIRTQ_BAD_INDIRECT", `${where}: indirect table length ${len} is not 16..${16 * MAX_INDIRECT_DESCRIPTORS} in steps of 16`);
+    const table = this.table;
+    if (!this.memory.locate(this.dAddr, len, table)) return this.fail("VIRTQ_BAD_INDIRECT", `${where}: indirect table 0x${this.dAddr.toString(16)}+${len} is not in RAM`);
+    this.tableWords = table.words !== undefined && table.offset % 4 === 0 ? table.words : undefined;
+    this.tableWord = table.offset >>> 2;
+    return true;
+  }
+
   private walk(chain: DescriptorChain, head: number): boolean {
     let i = head;
     let indirect = false;
@@ -494,15 +599,9 @@ export class VirtQueue {
         if (indirect) return this.fail("VIRTQ_NESTED_INDIRECT", `chain at ${head}: indirect descriptor inside an indirect table`);
         if (!this.indirect) return this.fail("VIRTQ_INDIRECT_NOT_NEGOTIATED", `chain at ${head}: indirect descriptor without VIRTIO_F_INDIRECT_DESC`);
         if ((flags & VIRTQ_DESC_F.next) !== 0) return this.fail("VIRTQ_BAD_INDIRECT", `chain at ${head}: indirect descriptor with NEXT set`);
-        const len = this.dLen;
-        if (len === 0 || len % 16 !== 0 || len / 16 > MAX_INDIRECT_DESCRIPTORS)
-          return this.fail("VIRTQ_BAD_INDIRECT", `chain at ${head}: indirect table length ${len} is not 16..${16 * MAX_INDIRECT_DESCRIPTORS} in steps of 16`);
-        const table = this.table;
-        if (!this.memory.locate(this.dAddr, len, table)) return this.fail("VIRTQ_BAD_INDIRECT", `chain at ${head}: indirect table 0x${this.dAddr.toString(16)}+${len} is not in RAM`);
-        this.tableWords = table.words !== undefined && table.offset % 4 === 0 ? table.words : undefined;
-        this.tableWord = table.offset >>> 2;
+        if (!this.openIndirectTable(`chain at ${head}`)) return false;
         indirect = true;
-        limit = len / 16;
+        limit = this.dLen / 16;
         count = 0;
         i = 0;
         continue;
@@ -543,9 +642,99 @@ export class VirtQueue {
     return true;
   }
 
+  /** Packed: is the descriptor at the device's position available (AVAIL matches its wrap counter, USED does not)? */
+  private packedAvailable(): boolean {
+    const f = Atomics.load(this.descHalves, this.lastAvail * 8 + 7);
+    const w = this.availWrap;
+    return ((f >>> 7) & 1) === w && ((f >>> 15) & 1) !== w;
+  }
+
+  /** Packed, with EVENT_IDX: ask to be notified when the descriptor at the device's position is made available. */
+  private publishAvailEvent(): void {
+    Atomics.store(this.deviceEvent, 0, (RING_EVENT_FLAGS.desc << 16) | (this.availWrap << 15) | this.lastAvail);
+  }
+
+  /**
+   * pop() for the packed layout (2.7.6, 2.7.7): the list starts at the
+   * device's position once its first descriptor is available (the driver
+   * makes it available last); NEXT links the following ring descriptors, and
+   * the buffer id is in the last one. An indirect descriptor stands alone
+   * and its table is read in sequence (only WRITE counts there).
+   */
+  private popPacked(chain: DescriptorChain): boolean {
+    if (!this.ready || !this.packedAvailable()) return false;
+    const size = this.size;
+    const start = this.lastAvail;
+    let pos = start;
+    let wrap = this.availWrap;
+    let count = 0;
+    let total = 0;
+    let id = 0;
+    for (;;) {
+      this.readDirect(pos);
+      chain.descriptors++;
+      if (++count > size) return this.fail("VIRTQ_CHAIN_LOOP", `packed list at ${start} is longer than the queue (${size})`);
+      const here = wrap;
+      if (++pos === size) {
+        pos = 0;
+        wrap ^= 1;
+      }
+      const flags = this.dNext;
+      id = this.dFlags;
+      // Every descriptor of a list is made available in its own lap (2.7.6); one that is not (a used
+      // descriptor, one left from an older lap) ends nothing: the list is malformed.
+      if (count > 1 && (((flags >>> 7) & 1) !== here || ((flags >>> 15) & 1) === here))
+        return this.fail("VIRTQ_BAD_NEXT", `list at ${start} continues into descriptor ${(start + count - 1) % size}, which is not available`);
+      if ((flags & VIRTQ_DESC_F.indirect) !== 0) {
+        if (!this.indirect) return this.fail("VIRTQ_INDIRECT_NOT_NEGOTIATED", `list at ${start}: indirect descriptor without VIRTIO_F_INDIRECT_DESC`);
+        if (count > 1 || (flags & VIRTQ_DESC_F.next) !== 0) return this.fail("VIRTQ_BAD_INDIRECT", `list at ${start}: indirect descriptor in a list linked by NEXT`);
+        if (!this.openIndirectTable(`list at ${start}`)) return false;
+        chain.head = id; // for error messages until the token is set
+        for (let k = 0, n = this.dLen / 16; k < n; k++) {
+          this.readIndirect(k);
+          chain.descriptors++;
+          if (!this.packedSegment(chain, start, this.dNext, total)) return false;
+          total += this.dLen;
+        }
+        break;
+      }
+      chain.head = id;
+      if (!this.packedSegment(chain, start, flags, total)) return false;
+      total += this.dLen;
+      if ((flags & VIRTQ_DESC_F.next) === 0) break;
+    }
+    this.popStarts[this.popTop] = (this.availWrap << 15) | start;
+    this.popTop = this.popTop + 1 === size ? 0 : this.popTop + 1;
+    if (this.popDepth < size) this.popDepth++;
+    this.lastAvail = pos;
+    this.availWrap = wrap;
+    chain.head = (count - 1) * 65536 + id;
+    if (this.eventIdx && this.notificationsEnabled) this.publishAvailEvent();
+    return true;
+  }
+
+  /** One packed element (the descriptor just read: dAddr, dLen; `flags`): length, order and RAM checks, then its spans. */
+  private packedSegment(chain: DescriptorChain, start: number, flags: number, total: number): boolean {
+    const len = this.dLen;
+    if (len === 0) return true;
+    if (total + len > this.maxChainBytes) return this.fail("VIRTQ_CHAIN_TOO_LONG", `list at ${start} is over ${this.maxChainBytes} bytes`);
+    const write = (flags & VIRTQ_DESC_F.write) !== 0;
+    if (!write && chain.writableCount > 0) return this.fail("VIRTQ_BAD_ORDER", `list at ${start}: readable descriptor after a writable one`);
+    return this.addSegment(chain, this.dAddr, len, write);
+  }
+
   /** Return a chain to the driver: `len` = bytes written into its writable segments. */
   pushUsed(head: number, len: number): void {
     if (!this.ready) return;
+    if (this.packed) {
+      const at = this.usedIdx;
+      const flags = this.usedFlags(len); // before placeUsed: it may turn the wrap counter
+      if (!this.placeUsed(head, len)) return;
+      // Publish the descriptor: its flags last (a full fence: id and length are visible first).
+      Atomics.store(this.descHalves, at * 8 + 7, flags);
+      this.pushedSinceSignal = true;
+      return;
+    }
     const i = this.usedIdx & this.mask;
     this.usedWords[1 + 2 * i] = head;
     this.usedWords[2 + 2 * i] = len >>> 0;
@@ -556,6 +745,60 @@ export class VirtQueue {
   }
 
   /**
+   * Return the chains of one request together (a frame spread over several
+   * receive buffers): the driver sees all of them or none. Split: one
+   * used.idx update after every entry; packed: the first chain's used
+   * descriptor is made visible last (2.7.9).
+   */
+  pushUsedBatch(heads: Uint32Array, lens: Uint32Array, count: number): void {
+    if (!this.ready || count === 0) return;
+    if (!this.packed) {
+      for (let k = 0; k < count; k++) {
+        const i = this.usedIdx & this.mask;
+        this.usedWords[1 + 2 * i] = heads[k]!;
+        this.usedWords[2 + 2 * i] = lens[k]!;
+        this.usedIdx = (this.usedIdx + 1) & 0xffff;
+      }
+      Atomics.store(this.usedHalves, 1, this.usedIdx);
+      this.pushedSinceSignal = true;
+      return;
+    }
+    const first = this.usedIdx;
+    const firstFlags = this.usedFlags(lens[0]!);
+    if (!this.placeUsed(heads[0]!, lens[0]!)) return;
+    for (let k = 1; k < count; k++) {
+      const at = this.usedIdx;
+      const flags = this.usedFlags(lens[k]!);
+      if (!this.placeUsed(heads[k]!, lens[k]!)) return;
+      Atomics.store(this.descHalves, at * 8 + 7, flags);
+    }
+    Atomics.store(this.descHalves, first * 8 + 7, firstFlags);
+    this.pushedSinceSignal = true;
+  }
+
+  /** Packed: a used descriptor's flags at the device's position now (AVAIL and USED = its wrap counter; WRITE when data was written). */
+  private usedFlags(len: number): number {
+    return (this.usedWrap === 1 ? VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED : 0) | (len > 0 ? VIRTQ_DESC_F.write : 0);
+  }
+
+  /** Packed: write id and length of the chain `head` at the device's position (not its flags) and skip past the chain's descriptors. */
+  private placeUsed(head: number, len: number): boolean {
+    const skip = Math.floor(head / 65536) + 1;
+    if (head < 0 || skip > this.size) return this.fail("VIRTQ_BAD_TOKEN", `chain token ${head} does not come from this queue`);
+    const at = this.usedIdx;
+    this.descWords[at * 4 + 2] = len >>> 0;
+    this.descHalves[at * 8 + 6] = head & 0xffff;
+    let next = at + skip;
+    if (next >= this.size) {
+      next -= this.size;
+      this.usedWrap ^= 1;
+    }
+    this.usedIdx = next;
+    this.descriptorsSinceSignal += skip;
+    return true;
+  }
+
+  /**
    * After a batch of pushUsed(): does the driver want an interrupt now?
    * (2.6.7.2: VRING_AVAIL_F_NO_INTERRUPT, or with EVENT_IDX whether used.idx
    * passed used_event since the last interrupt.) Resets the batch.
@@ -563,6 +806,7 @@ export class VirtQueue {
   needsInterrupt(): boolean {
     if (!this.ready || !this.pushedSinceSignal) return false;
     this.pushedSinceSignal = false;
+    if (this.packed) return this.packedNeedsInterrupt();
     const now = this.usedIdx;
     if (!this.eventIdx) return (Atomics.load(this.avail, 0) & VIRTQ_AVAIL_F_NO_INTERRUPT) === 0;
     const old = this.signalledUsed;
@@ -575,9 +819,35 @@ export class VirtQueue {
     return ((now - event - 1) & 0xffff) < ((now - old) & 0xffff);
   }
 
+  /**
+   * Packed (2.7.14): the driver's event suppression structure says: never
+   * (DISABLE), always (ENABLE; also the reserved value, and DESC without
+   * EVENT_IDX), or when the used descriptor at (offset, wrap) was written:
+   * did the descriptors used since the last interrupt cover it?
+   */
+  private packedNeedsInterrupt(): boolean {
+    const pushed = this.descriptorsSinceSignal;
+    this.descriptorsSinceSignal = 0;
+    const valid = this.signalledValid;
+    this.signalledValid = true;
+    const e = Atomics.load(this.driverEvent, 0);
+    const flags = (e >>> 16) & 3;
+    if (flags === RING_EVENT_FLAGS.disable) return false;
+    if (flags !== RING_EVENT_FLAGS.desc || !this.eventIdx || !valid || pushed >= this.size) return true;
+    // An event in the lap before the device's current one is `size` positions further back.
+    let event = e & 0x7fff;
+    if (((e >>> 15) & 1) !== this.usedWrap) event -= this.size;
+    const now = this.usedIdx;
+    return ((now - event - 1) & 0xffff) < pushed;
+  }
+
   /** Ask the driver not to notify (while the device is processing anyway). */
   disableNotifications(): void {
     this.notificationsEnabled = false;
+    if (this.packed) {
+      if (this.ready) Atomics.store(this.deviceEvent, 0, RING_EVENT_FLAGS.disable << 16);
+      return;
+    }
     if (!this.ready || this.eventIdx) return; // with EVENT_IDX a stale avail_event already suppresses
     Atomics.store(this.usedHalves, 0, VIRTQ_USED_F_NO_NOTIFY);
   }
@@ -589,6 +859,12 @@ export class VirtQueue {
   enableNotifications(): boolean {
     this.notificationsEnabled = true;
     if (!this.ready) return true;
+    if (this.packed) {
+      // A full fence (the store), then look again: a chain made available meanwhile is popped, not missed.
+      if (this.eventIdx) this.publishAvailEvent();
+      else Atomics.store(this.deviceEvent, 0, RING_EVENT_FLAGS.enable << 16);
+      return !this.packedAvailable();
+    }
     if (this.eventIdx) Atomics.store(this.usedHalves, 2 + 4 * this.size, this.lastAvail);
     else Atomics.store(this.usedHalves, 0, 0);
     return this.available() === 0;
@@ -601,6 +877,20 @@ export class VirtQueue {
    */
   describe(): string {
     if (!this.ready) return `queue ${this.index}: ${this.error !== undefined ? `broken (${this.error})` : "not ready"}`;
+    if (this.packed) {
+      const drv = Atomics.load(this.driverEvent, 0);
+      const dev = Atomics.load(this.deviceEvent, 0);
+      const ev = (v: number): string => `flags ${(v >>> 16) & 3} off ${v & 0x7fff} wrap ${(v >>> 15) & 1}`;
+      return [
+        `queue ${this.index}: packed, size ${this.size}`,
+        `device at ${this.lastAvail} wrap ${this.availWrap} (${this.packedAvailable() ? "a chain waiting" : "nothing waiting"})`,
+        `used at ${this.usedIdx} wrap ${this.usedWrap}`,
+        `driver event ${ev(drv)}`,
+        `device event ${ev(dev)}`,
+        `last signalled ${this.signalledValid ? "yes" : "never"}`,
+        `notifications ${this.notificationsEnabled ? "on" : "off"}`,
+      ].join(", ");
+    }
     const availIdx = Atomics.load(this.avail, 1);
     const parts = [
       `queue ${this.index}: size ${this.size}`,
@@ -629,13 +919,21 @@ export class VirtQueue {
       signalledValid: this.signalledValid,
       notificationsEnabled: this.notificationsEnabled,
       error: this.error,
+      ...(this.packed ? { packed: { availWrap: this.availWrap, usedWrap: this.usedWrap, descriptorsSinceSignal: this.descriptorsSinceSignal, recentPops: this.recentPops() } } : {}),
     };
+  }
+
+  /** Packed: where the chains unpop may still give back started, oldest first. */
+  private recentPops(): number[] {
+    const out: number[] = [];
+    for (let k = this.popDepth; k > 0; k--) out.push(this.popStarts[(this.popTop + this.size - k) % this.size]!);
+    return out;
   }
 
   /** Re-establish a saved queue (rings re-validated against this memory). */
   restore(s: VirtQueueState): boolean {
     this.reset();
-    this.setFeatures({ eventIdx: s.eventIdx, indirect: s.indirect });
+    this.setFeatures({ eventIdx: s.eventIdx, indirect: s.indirect, packed: s.packed !== undefined });
     this.size = s.size;
     this.desc = s.desc;
     this.driver = s.driver;
@@ -646,6 +944,22 @@ export class VirtQueue {
     }
     if (!s.ready) return true;
     if (!this.configure(s.size, s.desc, s.driver, s.device)) return false;
+    if (s.packed !== undefined) {
+      const p = s.packed;
+      if (s.lastAvail >= s.size || s.usedIdx >= s.size || p.recentPops.length > s.size || p.recentPops.some((v) => (v & 0x7fff) >= s.size))
+        return this.fail("VIRTQ_BAD_STATE", `saved packed queue positions ${s.lastAvail}/${s.usedIdx} are outside the ring (size ${s.size})`);
+      this.lastAvail = s.lastAvail;
+      this.usedIdx = s.usedIdx;
+      this.availWrap = p.availWrap & 1;
+      this.usedWrap = p.usedWrap & 1;
+      this.descriptorsSinceSignal = p.descriptorsSinceSignal;
+      p.recentPops.forEach((v, k) => (this.popStarts[k] = v & 0xffff));
+      this.popDepth = p.recentPops.length;
+      this.popTop = this.popDepth % this.size;
+      this.signalledValid = s.signalledValid;
+      this.notificationsEnabled = s.notificationsEnabled;
+      return true;
+    }
     this.lastAvail = s.lastAvail & 0xffff;
     this.usedIdx = s.usedIdx & 0xffff;
     this.signalledUsed = s.signalledUsed & 0xffff;

@@ -24,7 +24,7 @@
  */
 import type { SavedDeviceState } from "../dependencies.js";
 import type { BlockDevice, BlockRequestRing } from "../../storage/block-device.js";
-import { GuestSpan } from "../../machine/guest-memory.js";
+import { GuestSpan, type GuestMemory } from "../../machine/guest-memory.js";
 import type { PciDeviceServices } from "../pci/device-thread-services.js";
 import { ChainSpans, DescriptorChain, VirtioError, type VirtQueue } from "./queue.js";
 import { VirtioPciDevice, featureBit, type VirtioBackend, type VirtioTransport } from "./pci-transport.js";
@@ -90,6 +90,8 @@ export interface VirtioBlkOptions {
   readonly serial?: string;
   /** Maximum queue size (power of two, default 256). */
   readonly queueSize?: number;
+  /** Offer packed virtqueues (VIRTIO_F_RING_PACKED). */
+  readonly ringPacked?: boolean;
   /**
    * Where reads, writes and flushes go asynchronously (an io_uring), when the
    * disk can queue them: the device thread then never waits for the disk, and
@@ -158,6 +160,14 @@ export class VirtioBlk implements VirtioBackend {
   private readonly slotBytes: Float64Array;
   /** Guest address of the request's status byte. */
   private readonly slotStatus: Float64Array;
+  /**
+   * The request's data spans and disk offset, to redo it from if it comes
+   * back short: its descriptors cannot be walked again (on a packed ring a
+   * used descriptor may already lie over them). Made when a slot first needs
+   * them, grown when a request needs more room, reused after that.
+   */
+  private readonly slotSpans: (ChainSpans | undefined)[];
+  private readonly slotPos: Float64Array;
   private queuedSinceSubmit = false;
   /** Completions are being dropped (device reset). */
   private dropping = false;
@@ -185,6 +195,8 @@ export class VirtioBlk implements VirtioBackend {
     this.slotKind = new Uint8Array(slots);
     this.slotBytes = new Float64Array(slots);
     this.slotStatus = new Float64Array(slots);
+    this.slotSpans = new Array<ChainSpans | undefined>(slots).fill(undefined);
+    this.slotPos = new Float64Array(slots);
     this.sectorSize = Math.max(SECTOR, disk.logicalSectorSize);
     let f = featureBit(VIRTIO_BLK_F.segMax) | featureBit(VIRTIO_BLK_F.blkSize) | featureBit(VIRTIO_BLK_F.flush) | featureBit(VIRTIO_BLK_F.topology);
     if (n > 1) f |= featureBit(VIRTIO_BLK_F.mq);
@@ -301,6 +313,7 @@ export class VirtioBlk implements VirtioBackend {
   }
 
   private completed(slot: number, result: number): void {
+    // (result: bytes moved, or a negative errno)
     this.freeSlots[this.freeCount++] = slot;
     if (this.dropping) return;
     const qi = this.slotQueue[slot]!;
@@ -311,9 +324,13 @@ export class VirtioBlk implements VirtioBackend {
     this.signalQueue[qi] = 1;
     if (result >= 0 && kind !== QUEUED_FLUSH && result !== bytes) {
       // Short (the file shrank under us, say): do the whole request again, synchronously, from its
-      // descriptors (still the guest's to keep: it has not had the request back).
-      if (q.redo(this.chain, head)) this.handle(q, this.chain, false);
-      return;
+      // spans (its buffers are still the guest's to keep: it has not had the request back).
+      this.spans.copyFrom(this.slotSpans[slot]!);
+      try {
+        this.transfer(this.transport!.memory, this.slotPos[slot]!, kind === QUEUED_WRITE);
+      } catch {
+        result = -1;
+      }
     }
     let status: number = VIRTIO_BLK_S.ok;
     if (result < 0) {
@@ -360,6 +377,13 @@ export class VirtioBlk implements VirtioBackend {
     this.slotBytes[slot] = bytes;
     const last = chain.writableCount - 1;
     this.slotStatus[slot] = chain.writableGpa[last]! + chain.writableLen[last]! - 1;
+    if (kind !== QUEUED_FLUSH) {
+      const spans = this.spans;
+      let kept = this.slotSpans[slot];
+      if (kept === undefined || kept.capacity < spans.count) kept = this.slotSpans[slot] = new ChainSpans(Math.max(64, 2 ** Math.ceil(Math.log2(spans.count))));
+      kept.copyFrom(spans);
+      this.slotPos[slot] = pos;
+    }
     this.queuedSinceSubmit = true;
     return "queued";
   }
@@ -436,7 +460,7 @@ export class VirtioBlk implements VirtioBackend {
     this.spans.select(chain, true, 0, bytes);
     const r = mayQueue && bytes > 0 ? this.enqueue(q, chain, QUEUED_READ, sector * SECTOR, bytes) : false;
     if (r === "queued") return QUEUED;
-    if (r === false) this.transfer(chain, sector * SECTOR, false);
+    if (r === false) this.transfer(chain.memory!, sector * SECTOR, false);
     this.stats.readBytes += bytes;
     return VIRTIO_BLK_S.ok;
   }
@@ -449,7 +473,7 @@ export class VirtioBlk implements VirtioBackend {
     this.spans.select(chain, false, 16, bytes);
     const r = mayQueue && bytes > 0 ? this.enqueue(q, chain, QUEUED_WRITE, sector * SECTOR, bytes) : false;
     if (r === "queued") return QUEUED;
-    if (r === false) this.transfer(chain, sector * SECTOR, true);
+    if (r === false) this.transfer(chain.memory!, sector * SECTOR, true);
     this.stats.writtenBytes += bytes;
     return VIRTIO_BLK_S.ok;
   }
@@ -460,8 +484,7 @@ export class VirtioBlk implements VirtioBackend {
    * RAM, raw file: preadv/pwritev on host addresses); else one vectored call
    * over views; else segment by segment.
    */
-  private transfer(chain: DescriptorChain, pos: number, write: boolean): void {
-    const memory = chain.memory!;
+  private transfer(memory: GuestMemory, pos: number, write: boolean): void {
     const disk = this.disk;
     const spans = this.spans;
     const count = spans.count;
@@ -529,5 +552,5 @@ export class VirtioBlk implements VirtioBackend {
 
 /** A virtio-blk PCI function over `disk`. */
 export function createVirtioBlk(name: string, disk: BlockDevice, services: PciDeviceServices, opts: VirtioBlkOptions): VirtioPciDevice {
-  return new VirtioPciDevice(name, new VirtioBlk(disk, opts), services);
+  return new VirtioPciDevice(name, new VirtioBlk(disk, opts), services, { ringPacked: opts.ringPacked === true });
 }

@@ -19,11 +19,20 @@
  * with one definite protocol violation (the device must end up in
  * DEVICE_NEEDS_RESET), random (sanitised) descriptor / ring garbage, a random
  * register access, a random config-space access, or a fresh probe.
+ *
+ * A device that offers VIRTIO_F_RING_PACKED gets packed rings at about two
+ * probes in three (desc at +0, driver event structure at +0x400, device event
+ * structure at +0x600; the descriptor ring is then device-writable too, any
+ * queue size up to 64). Before each packed step the test driver takes the
+ * device's positions as its own (garbage may have moved them), and after each
+ * device call it clears the address of every device-writable ring descriptor
+ * that points outside the data zone: a used descriptor keeps the address of
+ * the driver's descriptor it overwrote, and a NEXT list may run over it.
  */
 import assert from "node:assert/strict";
 import { VIRTIO_BAR0, VIRTIO_COMMON as C, VIRTIO_F, VIRTIO_STATUS as S, featureBit, type VirtioPciDevice } from "../../../src/devices/virtio/pci-transport.js";
 import { SeededRandom } from "../device-fakes.js";
-import { TestVirtioDriver, makeServices, placeDevice, type Buffer, type DriverQueue, type TestServices } from "./virtio-driver.js";
+import { PackedDriverQueue, TestVirtioDriver, makeServices, placeDevice, type Buffer, type TestServices } from "./virtio-driver.js";
 
 export const FUZZ_RAM = 0x40000;
 export const QUEUE_BLOCK = (q: number): number => 0x1000 + 0x1000 * q;
@@ -33,18 +42,21 @@ export const DATA_ZONE = 0xb000;
 export const DATA_END = 0x3f000;
 export const MAX_FUZZ_QUEUE = 64;
 
-/** Ranges the device may write (used rings of the first 4 blocks, the data zone). */
-function writableRanges(): [number, number][] {
+/** Ranges the device may write (used rings of the first 4 blocks, and with packed rings their descriptor rings; the data zone). */
+function writableRanges(packed: boolean): [number, number][] {
   const r: [number, number][] = [];
-  for (let q = 0; q < 4; q++) r.push([QUEUE_BLOCK(q) + 0x600, QUEUE_BLOCK(q) + 0x806]);
+  for (let q = 0; q < 4; q++) {
+    if (packed) r.push([QUEUE_BLOCK(q), QUEUE_BLOCK(q) + 0x400]);
+    r.push([QUEUE_BLOCK(q) + 0x600, QUEUE_BLOCK(q) + 0x806]);
+  }
   r.push([DATA_ZONE, DATA_END]);
   return r;
 }
 
-function protectedRanges(): [number, number][] {
+function protectedRanges(packed: boolean): [number, number][] {
   const out: [number, number][] = [];
   let at = 0;
-  for (const [a, b] of writableRanges()) {
+  for (const [a, b] of writableRanges(packed)) {
     if (a > at) out.push([at, a]);
     at = b;
   }
@@ -98,6 +110,25 @@ export function writableBuffer(rng: SeededRandom, maxLen = 4096): { addr: number
   return { addr, len };
 }
 
+/**
+ * Address and length of a random descriptor with `flags` (bit 2 INDIRECT, bit
+ * 1 WRITE): a table from `tableAt`, a writable buffer in the data zone or out
+ * of RAM, a readable one anywhere.
+ */
+function sanitisedElement(r: SeededRandom, flags: number, tableAt: () => number): { addr: number; len: number } {
+  if ((flags & 4) !== 0) {
+    const addr = tableAt();
+    let len = r.int(4) === 0 ? r.int(0x10000) : 16 * r.int(70);
+    if (addr >= INDIRECT_ZONE && addr < INDIRECT_ZONE + 0x2000) len = Math.min(len, INDIRECT_ZONE + 0x2000 - addr + (r.int(8) === 0 ? 16 : 0));
+    return { addr, len };
+  }
+  if ((flags & 2) !== 0) return writableBuffer(r);
+  return {
+    addr: r.int(8) === 0 ? pick(r, [2 ** 32, 2 ** 53 + 2, 2 ** 64 - 4096]) : r.int(FUZZ_RAM + 0x1000),
+    len: r.int(6) === 0 ? 0xffff_ffff : r.int(0x2000),
+  };
+}
+
 export function dataBuffer(rng: SeededRandom, len: number): number {
   return DATA_ZONE + rng.int(DATA_END - DATA_ZONE - len);
 }
@@ -107,7 +138,11 @@ export class VirtioFuzzer {
   readonly stats: FuzzStats = { steps: 0, requestsCompleted: 0, malformedDetected: 0, needsReset: 0, probes: 0, registerOps: 0, garbage: 0 };
   private readonly shadow: Uint8Array;
   private readonly ram: Uint8Array;
-  private readonly prot = protectedRanges();
+  private prot = protectedRanges(false);
+  /** Packed rings were negotiated at the last probe. */
+  private packed = false;
+  /** Probes that negotiated packed rings. */
+  packedProbes = 0;
   private readonly pristine: Uint8Array;
   private indirectNext = 0;
   private headerNext = 0;
@@ -146,6 +181,7 @@ export class VirtioFuzzer {
     this.snapshot();
     fn();
     this.verify(what);
+    if (this.packed) this.scrubRings();
   }
 
   probe(): void {
@@ -155,13 +191,42 @@ export class VirtioFuzzer {
     const offered = this.drv.offeredFeatures();
     let want = featureBit(VIRTIO_F.version1);
     for (let b = 0; b < 64; b++) if (b !== 32 && this.rng.int(3) !== 0) want |= 1n << BigInt(b);
-    const sizes = [1, 2, 4, 8, 16, 32, 64];
+    this.packed = (want & offered & featureBit(VIRTIO_F.ringPacked)) !== 0n;
+    this.prot = protectedRanges(this.packed);
+    if (this.packed) this.packedProbes++;
+    const sizes = this.packed ? [1, 2, 3, 4, 5, 8, 13, 16, 32, 64] : [1, 2, 4, 8, 16, 32, 64];
     this.drv.init({
       want: want & offered,
       msix: this.rng.int(4) !== 0,
       queueSize: pick(this.rng, sizes),
       ringAt: (q) => ({ desc: QUEUE_BLOCK(q), avail: QUEUE_BLOCK(q) + 0x400, used: QUEUE_BLOCK(q) + 0x600 }),
     });
+  }
+
+  /** Packed: the test driver takes the device's ring positions as its own. */
+  private resync(q: number): PackedDriverQueue | undefined {
+    const pq = this.drv.packed[q];
+    if (pq === undefined) return undefined;
+    const st = this.t.dev.queues[q]!.save();
+    pq.resync({ availPos: st.packed !== undefined ? st.lastAvail : 0, availWrap: st.packed?.availWrap ?? 1, usedPos: st.packed !== undefined ? st.usedIdx : 0, usedWrap: st.packed?.usedWrap ?? 1 });
+    return pq;
+  }
+
+  /** Packed: no device-writable ring descriptor may keep an address outside the data zone (see the file's head). */
+  private scrubRings(): void {
+    for (const pq of this.drv.packed) {
+      if (pq.desc !== QUEUE_BLOCK(pq.index)) continue;
+      for (let i = 0; i < Math.min(pq.size, 64); i++) {
+        const at = pq.desc + 16 * i;
+        const flags = this.ram[at + 14]! | (this.ram[at + 15]! << 8);
+        if ((flags & 2) === 0 || (flags & 4) !== 0) continue;
+        const lo = this.ram[at]! | (this.ram[at + 1]! << 8) | (this.ram[at + 2]! << 16) | (this.ram[at + 3]! << 24);
+        const hi = this.ram[at + 4]! | (this.ram[at + 5]! << 8) | (this.ram[at + 6]! << 16) | (this.ram[at + 7]! << 24);
+        const addr = (hi >>> 0) * 2 ** 32 + (lo >>> 0);
+        if (addr >= FUZZ_RAM || (addr >= DATA_ZONE && addr < DATA_END)) continue;
+        this.ram.set([0, 0xb0, 0, 0, 0, 0, 0, 0], at); // DATA_ZONE
+      }
+    }
   }
 
   private queueReady(q: number): boolean {
@@ -176,7 +241,7 @@ export class VirtioFuzzer {
     return at;
   }
 
-  /** Driver-owned scratch (headers, outgoing data). */
+  /** Driver-owned scratch (headers, outgoing data); each request starts at its beginning, so none wraps over itself. */
   header(bytes: Uint8Array): number {
     if (this.headerNext + bytes.length > 0x2000) this.headerNext = 0;
     const at = HEADER_ZONE + this.headerNext;
@@ -185,7 +250,7 @@ export class VirtioFuzzer {
     return at;
   }
 
-  private kick(dq: DriverQueue): void {
+  private kick(dq: { kick(viaBar: boolean): void }): void {
     this.device("kick", () => {
       dq.kick(this.rng.int(3) === 0);
       this.t.afterKick?.();
@@ -193,8 +258,13 @@ export class VirtioFuzzer {
   }
 
   private wellFormed(q: number): void {
+    if (this.packed) {
+      this.wellFormedPacked(q);
+      return;
+    }
     const dq = this.drv.queues[q];
     if (dq === undefined) return;
+    this.headerNext = 0;
     const spec = this.t.request(this.rng, q);
     if (spec === undefined || spec.bufs.length === 0) return;
     const useIndirect = (this.drv.features & featureBit(VIRTIO_F.indirectDesc)) !== 0n && this.rng.int(3) === 0;
@@ -205,7 +275,8 @@ export class VirtioFuzzer {
     this.kick(dq);
     const used = dq.takeUsed();
     if (!ready || !this.t.consuming.includes(q) || (this.status() & S.needsReset) !== 0) return;
-    const mine = used.find((u) => u.id === head);
+    // The last entry with that id: an older chain made available with the same head (garbage) may come first.
+    const mine = used.findLast((u) => u.id === head);
     assert.ok(mine !== undefined, `step ${this.stats.steps}: well-formed chain ${head} on queue ${q} was not used`);
     const writable = spec.bufs.filter((b) => b.write).reduce((n, b) => n + b.len, 0);
     assert.ok(mine.len <= writable, `used length ${mine.len} > writable ${writable}`);
@@ -213,8 +284,112 @@ export class VirtioFuzzer {
     this.stats.requestsCompleted++;
   }
 
+  private wellFormedPacked(q: number): void {
+    this.headerNext = 0;
+    const spec = this.t.request(this.rng, q);
+    const pq = this.resync(q);
+    if (pq === undefined || spec === undefined || spec.bufs.length === 0) return;
+    const useIndirect = (this.drv.features & featureBit(VIRTIO_F.indirectDesc)) !== 0n && this.rng.int(3) === 0;
+    if (!useIndirect && spec.bufs.length > pq.size) return;
+    const ready = this.queueReady(q) && (this.status() & S.needsReset) === 0;
+    pq.setDriverEvent(this.rng.int(4) === 0 ? 1 : 0);
+    const id = pq.add(spec.bufs, useIndirect ? { indirectAt: this.indirectSlot(spec.bufs.length) } : {});
+    this.kick(pq);
+    const used = pq.takeUsed();
+    if (!ready || !this.t.consuming.includes(q) || (this.status() & S.needsReset) !== 0) return;
+    // The first: the list is at the device's position, and stale descriptors after it may look available too.
+    const mine = used.find((u) => u.id === id);
+    assert.ok(mine !== undefined, `step ${this.stats.steps}: well-formed packed list ${id} on queue ${q} was not used`);
+    const writable = spec.bufs.filter((b) => b.write).reduce((n, b) => n + b.len, 0);
+    assert.ok(mine.len <= writable, `used length ${mine.len} > writable ${writable}`);
+    spec.check?.(mine);
+    this.stats.requestsCompleted++;
+  }
+
+  /** One definite protocol violation on a consuming packed queue. */
+  private malformedPacked(q: number): void {
+    const pq = this.resync(q);
+    if (pq === undefined) return;
+    const ready = this.queueReady(q);
+    const n = pq.size;
+    const r = this.rng;
+    const kind = r.int(7);
+    const NEXT = 1;
+    const INDIRECT = 4;
+    switch (kind) {
+      case 0: // a list longer than the queue: NEXT on every descriptor of the ring
+        pq.add(Array.from({ length: n }, () => ({ addr: HEADER_ZONE, len: 16, write: false })), { extraFlags: () => NEXT });
+        break;
+      case 1: // an indirect descriptor with NEXT (or any indirect one when not negotiated)
+        pq.add([{ addr: this.indirectSlot(2), len: 32, write: false }], { extraFlags: () => INDIRECT | NEXT });
+        break;
+      case 2: // writable buffer straddling the end of RAM
+        pq.add([{ addr: FUZZ_RAM - 1 - r.int(16), len: 64, write: true }]);
+        break;
+      case 3: // readable after writable inside an indirect table
+        pq.add([{ addr: DATA_ZONE, len: 8, write: true }, { addr: HEADER_ZONE, len: 8, write: false }], { indirectAt: this.indirectSlot(2) });
+        break;
+      case 4: // readable after writable in a list
+        if (n < 2) return;
+        pq.add([{ addr: DATA_ZONE, len: 8, write: true }, { addr: HEADER_ZONE, len: 8, write: false }]);
+        break;
+      case 5: // indirect table length not a multiple of 16
+        pq.add([{ addr: this.indirectSlot(2), len: 24, write: false }], { extraFlags: () => INDIRECT });
+        break;
+      default: // an indirect descriptor inside a list linked by NEXT
+        if (n < 2) return;
+        pq.add([{ addr: HEADER_ZONE, len: 8, write: false }, { addr: this.indirectSlot(1), len: 16, write: false }], { extraFlags: (k) => (k === 1 ? INDIRECT : 0) });
+    }
+    this.kick(pq);
+    pq.takeUsed();
+    if (ready && this.t.consuming.includes(q)) {
+      assert.equal(this.status() & S.needsReset, S.needsReset, `step ${this.stats.steps}: malformed packed kind ${kind} on queue ${q} not detected`);
+      assert.ok(this.t.dev.queues[q]!.error !== undefined || this.t.dev.lastError !== undefined);
+      this.stats.malformedDetected++;
+    }
+  }
+
+  /** Packed ring garbage: random (sanitised) descriptors in the ring and the indirect zone, random event structures. */
+  private garbagePacked(q: number): void {
+    const pq = this.resync(q);
+    if (pq === undefined) return;
+    this.stats.garbage++;
+    const r = this.rng;
+    const descriptor = (table: number, i: number): void => {
+      let flags = r.int(8) | (r.int(2) << 7) | (r.int(2) << 15);
+      if (r.int(3) === 0) flags |= PackedDriverQueue.availBits(pq.availWrap);
+      if (r.int(10) === 0) flags |= r.int(0x10000);
+      // An indirect table only in the indirect zone or out of RAM: never over the ring, whose used descriptors say WRITE.
+      const { addr, len } = sanitisedElement(r, table === pq.desc ? flags : flags & ~4, () => pick(r, [INDIRECT_ZONE + 16 * r.int(0x1f0), INDIRECT_ZONE + r.int(0x1f00), FUZZ_RAM - 16 * r.int(4), 2 ** 40]));
+      pq.writeDesc(table, i, addr, len, flags, r.int(0x10000));
+    };
+    const writes = 1 + r.int(4);
+    for (let k = 0; k < writes; k++) {
+      switch (r.int(5)) {
+        case 0:
+        case 1:
+          descriptor(pq.desc, r.int(k === 0 ? Math.min(pq.size, 2) : pq.size));
+          break;
+        case 2:
+          descriptor(INDIRECT_ZONE, r.int(0x1f0));
+          break;
+        case 3:
+          pq.setDriverEvent(r.int(4), r.int(0x8000), r.int(2));
+          break;
+        default:
+          this.ram.set([r.int(256), r.int(256), r.int(256), r.int(256)], pq.driver);
+      }
+    }
+    this.kick(pq);
+    pq.takeUsed();
+  }
+
   /** One definite protocol violation on a consuming queue. */
   private malformed(q: number): void {
+    if (this.packed) {
+      this.malformedPacked(q);
+      return;
+    }
     const dq = this.drv.queues[q];
     if (dq === undefined) return;
     const ready = this.queueReady(q);
@@ -271,30 +446,23 @@ export class VirtioFuzzer {
   }
 
   /** A random descriptor, sanitised so that device-writable memory stays in the data zone. */
-  private randomDescriptor(dq: DriverQueue, table: number, i: number): void {
+  private randomDescriptor(dq: { readonly size: number; writeDesc(table: number, i: number, addr: number, len: number, flags: number, next: number): void }, table: number, i: number): void {
     const r = this.rng;
     let flags = r.int(8);
     if (r.int(10) === 0) flags |= r.int(0x10000) & ~7;
-    let addr: number;
-    let len: number;
-    if ((flags & 4) !== 0) {
+    const { addr, len } = sanitisedElement(r, flags, () => {
       const k = r.int(5);
-      addr = k === 0 ? INDIRECT_ZONE + 16 * r.int(0x200) : k === 1 ? INDIRECT_ZONE + r.int(0x2000) : k === 2 ? QUEUE_BLOCK(r.int(4)) : k === 3 ? FUZZ_RAM - 16 * r.int(4) : 2 ** 40;
-      len = r.int(4) === 0 ? r.int(0x10000) : 16 * r.int(70);
-      if (addr >= INDIRECT_ZONE && addr < INDIRECT_ZONE + 0x2000) len = Math.min(len, INDIRECT_ZONE + 0x2000 - addr + (r.int(8) === 0 ? 16 : 0));
-    } else if ((flags & 2) !== 0) {
-      const w = writableBuffer(r);
-      addr = w.addr;
-      len = w.len;
-    } else {
-      addr = r.int(8) === 0 ? pick(r, [2 ** 32, 2 ** 53 + 2, 2 ** 64 - 4096]) : r.int(FUZZ_RAM + 0x1000);
-      len = r.int(6) === 0 ? 0xffff_ffff : r.int(0x2000);
-    }
+      return k === 0 ? INDIRECT_ZONE + 16 * r.int(0x200) : k === 1 ? INDIRECT_ZONE + r.int(0x2000) : k === 2 ? QUEUE_BLOCK(r.int(4)) : k === 3 ? FUZZ_RAM - 16 * r.int(4) : 2 ** 40;
+    });
     const next = r.int(6) === 0 ? r.int(0x10000) : r.int(Math.max(1, dq.size));
     dq.writeDesc(table, i, addr, len, flags, next);
   }
 
   private garbage(q: number): void {
+    if (this.packed) {
+      this.garbagePacked(q);
+      return;
+    }
     const dq = this.drv.queues[q];
     if (dq === undefined) return;
     this.stats.garbage++;
@@ -468,12 +636,14 @@ export class VirtioFuzzer {
   step(): void {
     this.stats.steps++;
     const r = this.rng;
-    const nq = this.drv.queues.length;
+    const nq = this.packed ? this.drv.packed.length : this.drv.queues.length;
     const st = this.status();
     if ((st & S.needsReset) !== 0) this.stats.needsReset++;
     const q = nq === 0 ? 0 : r.int(nq);
     const k = r.int(100);
-    if (((st & S.needsReset) !== 0 && r.int(4) === 0) || (st & S.driverOk) === 0 && r.int(3) === 0 || k < 1) {
+    // Random register writes may have renegotiated the other ring layout: the driver's rings no longer match.
+    const layoutChanged = (st & S.featuresOk) !== 0 && ((this.t.dev.negotiatedFeatures & featureBit(VIRTIO_F.ringPacked)) !== 0n) !== this.packed;
+    if (((st & S.needsReset) !== 0 && r.int(4) === 0) || (st & S.driverOk) === 0 && r.int(3) === 0 || k < 1 || layoutChanged) {
       this.probe();
       return;
     }

@@ -237,7 +237,7 @@ test("save / restore", () => {
   assert.equal(q2.usedIndex, 1);
   assert.equal(q2.available(), 1);
   assert.equal(q2.pop(s.chain), true);
-  assert.deepEqual(q2.features, { eventIdx: true, indirect: true });
+  assert.deepEqual(q2.features, { eventIdx: true, indirect: true, packed: false });
 });
 
 test("describe: the state report's line says where driver and device are, without changing the queue", () => {

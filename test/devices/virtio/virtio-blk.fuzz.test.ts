@@ -16,10 +16,10 @@ const DISK = 256 * 1024;
 const SECTORS = DISK / 512;
 
 /** `onRing`: a raw file on an io_uring over host-mapped RAM, every request drained after its notification. */
-function blkTarget(readOnly: boolean, fz: () => VirtioFuzzer, onRing?: { disk: BlockDevice; ring: IoUring }): FuzzTarget {
+function blkTarget(readOnly: boolean, fz: () => VirtioFuzzer, onRing?: { disk: BlockDevice; ring: IoUring }, ringPacked = false): FuzzTarget {
   const services = fuzzServices(onRing !== undefined);
   const disk = onRing?.disk ?? new MemDisk(DISK, readOnly);
-  const dev = createVirtioBlk("vblk-fuzz", disk, services, { queues: 2, queueSize: 64, serial: "FUZZ", ...(onRing !== undefined ? { ring: onRing.ring } : {}) });
+  const dev = createVirtioBlk("vblk-fuzz", disk, services, { queues: 2, queueSize: 64, serial: "FUZZ", ringPacked, ...(onRing !== undefined ? { ring: onRing.ring } : {}) });
   const blk = dev.backend as VirtioBlk;
   const mem = services.memory;
   return {
@@ -88,17 +88,19 @@ function blkTarget(readOnly: boolean, fz: () => VirtioFuzzer, onRing?: { disk: B
   };
 }
 
-for (const [readOnly, steps, seed] of [[false, 100_000, 0xb10c], [true, 20_000, 0xb10d]] as const) {
-  test(`virtio-blk fuzz (${readOnly ? "read-only" : "writable"} disk, ${steps} steps, seed ${seed})`, { timeout: 60_000 }, () => {
+for (const [readOnly, steps, seed, packed] of [[false, 100_000, 0xb10c, false], [true, 20_000, 0xb10d, false], [false, 100_000, 0xb10f, true]] as const) {
+  const rings = packed ? ", packed rings offered" : "";
+  test(`virtio-blk fuzz (${readOnly ? "read-only" : "writable"} disk${rings}, ${steps} steps, seed ${seed})`, { timeout: 60_000 }, () => {
     const rng = new SeededRandom(seed);
     let fuzzer: VirtioFuzzer | undefined;
-    const target = blkTarget(readOnly, () => fuzzer!);
+    const target = blkTarget(readOnly, () => fuzzer!, undefined, packed);
     fuzzer = new VirtioFuzzer(target, rng);
     const stats = fuzzer.run(steps);
     assert.equal(stats.steps, steps);
     assert.ok(stats.requestsCompleted > steps / 20, `completed ${stats.requestsCompleted}`);
     assert.ok(stats.malformedDetected > steps / 100, `malformed ${stats.malformedDetected}`);
-    console.log(`virtio-blk fuzz: ${JSON.stringify(stats)}`);
+    if (packed) assert.ok(fuzzer.packedProbes > stats.probes / 3, `packed rings at ${fuzzer.packedProbes} of ${stats.probes} probes`);
+    console.log(`virtio-blk fuzz${rings}: ${JSON.stringify(stats)}`);
   });
 }
 

@@ -1,5 +1,6 @@
 /**
- * A test-side virtio-pci driver: lays out split rings in a small anonymous
+ * A test-side virtio-pci driver: lays out split rings (or packed ones, when
+ * VIRTIO_F_RING_PACKED is negotiated) in a small anonymous
  * guest RAM and talks to a VirtioPciDevice only through its PCI config space
  * and BARs, in the order Linux's virtio_pci_modern + virtio_ring do (reset,
  * ACKNOWLEDGE, DRIVER, features, FEATURES_OK, queue setup, MSI-X vectors,
@@ -216,6 +217,155 @@ export class DriverQueue {
   }
 }
 
+/** Packed descriptor flags (2.7). */
+const NEXT = 1;
+const WRITE = 2;
+const INDIRECT = 4;
+const AVAIL = 1 << 7;
+const USED = 1 << 15;
+
+/**
+ * Driver side of one packed queue, as Linux's virtio_ring does it: buffer ids
+ * from a free list, the id in every descriptor of a list, the first
+ * descriptor's flags written last; used descriptors found at the driver's
+ * used position by their USED bit, skipping as many descriptors as the id's
+ * list took.
+ */
+export class PackedDriverQueue {
+  nextAvail = 0;
+  availWrap = 1;
+  nextUsed = 0;
+  usedWrap = 1;
+  numFree: number;
+  private freeIds: number[] = [];
+  private readonly listLength = new Map<number, number>();
+  constructor(
+    readonly memory: ChunkedGuestMemory,
+    readonly index: number,
+    readonly size: number,
+    readonly desc: number,
+    readonly driver: number,
+    readonly device: number,
+    private readonly notify: (viaBar: boolean) => void = () => {},
+  ) {
+    this.numFree = size;
+    this.freeIds = Array.from({ length: size }, (_v, i) => size - 1 - i);
+  }
+
+  private dv(addr: number, len: number): DataView {
+    const b = this.memory.bytes(addr, len);
+    return new DataView(b.buffer, b.byteOffset, len);
+  }
+
+  /** A packed descriptor at index i of `table` (the ring, or an indirect table). */
+  writeDesc(table: number, i: number, addr: number, len: number, flags: number, id: number): void {
+    const d = this.dv(table + i * 16, 16);
+    d.setUint32(0, addr % 2 ** 32, true);
+    d.setUint32(4, Math.floor(addr / 2 ** 32), true);
+    d.setUint32(8, len, true);
+    d.setUint16(12, id, true);
+    d.setUint16(14, flags, true);
+  }
+
+  readFlags(i: number): number {
+    return this.dv(this.desc + i * 16 + 14, 2).getUint16(0, true);
+  }
+
+  /** AVAIL/USED bits that make a descriptor available in lap `wrap`. */
+  static availBits(wrap: number): number {
+    return wrap === 1 ? AVAIL : USED;
+  }
+
+  /**
+   * Make `bufs` available as one list (or one indirect table at `indirectAt`);
+   * `flagsFor(k)` may add flags to ring descriptor k (malformed lists).
+   * Returns the buffer id.
+   */
+  add(bufs: readonly Buffer[], opts: { indirectAt?: number; extraFlags?: (k: number) => number } = {}): number {
+    const id = this.freeIds.pop() ?? 0;
+    const first = this.nextAvail;
+    let firstFlags = 0;
+    const place = (addr: number, len: number, flags: number, k: number): void => {
+      const f = flags | PackedDriverQueue.availBits(this.availWrap) | (opts.extraFlags?.(k) ?? 0);
+      if (k === 0) {
+        firstFlags = f;
+        this.writeDesc(this.desc, this.nextAvail, addr, len, this.readFlags(this.nextAvail), id);
+      } else this.writeDesc(this.desc, this.nextAvail, addr, len, f, id);
+      if (++this.nextAvail === this.size) {
+        this.nextAvail = 0;
+        this.availWrap ^= 1;
+      }
+    };
+    let count: number;
+    if (opts.indirectAt !== undefined) {
+      bufs.forEach((b, i) => this.writeDesc(opts.indirectAt!, i, b.addr, b.len, b.write ? WRITE : 0, 0));
+      place(opts.indirectAt, bufs.length * 16, INDIRECT, 0);
+      count = 1;
+    } else {
+      bufs.forEach((b, k) => place(b.addr, b.len, (b.write ? WRITE : 0) | (k + 1 < bufs.length ? NEXT : 0), k));
+      count = bufs.length;
+    }
+    this.listLength.set(id, count);
+    this.numFree -= count;
+    // The first descriptor's flags last: the device never sees half a list.
+    this.dv(this.desc + first * 16 + 14, 2).setUint16(0, firstFlags, true);
+    return id;
+  }
+
+  /** Used descriptors since the last call (by their USED bit at the driver's used position). */
+  takeUsed(): { id: number; len: number }[] {
+    const out: { id: number; len: number }[] = [];
+    for (let guard = 0; guard < this.size; guard++) {
+      const d = this.dv(this.desc + this.nextUsed * 16, 16);
+      const flags = d.getUint16(14, true);
+      const used = (flags >> 15) & 1;
+      const avail = (flags >> 7) & 1;
+      if (used !== this.usedWrap || avail !== this.usedWrap) break;
+      const id = d.getUint16(12, true);
+      out.push({ id, len: d.getUint32(8, true) });
+      const count = this.listLength.get(id) ?? 1;
+      this.listLength.delete(id);
+      this.freeIds.push(id);
+      this.numFree += count;
+      this.nextUsed += count;
+      if (this.nextUsed >= this.size) {
+        this.nextUsed -= this.size;
+        this.usedWrap ^= 1;
+      }
+    }
+    return out;
+  }
+
+  /** The driver event suppression structure (flags: 0 enable, 1 disable, 2 desc). */
+  setDriverEvent(flags: number, offset = 0, wrap = 0): void {
+    const d = this.dv(this.driver, 4);
+    d.setUint16(0, (offset & 0x7fff) | (wrap << 15), true);
+    d.setUint16(2, flags, true);
+  }
+
+  /** The device event suppression structure. */
+  deviceEvent(): { flags: number; offset: number; wrap: number } {
+    const d = this.dv(this.device, 4);
+    const ow = d.getUint16(0, true);
+    return { flags: d.getUint16(2, true) & 3, offset: ow & 0x7fff, wrap: ow >> 15 };
+  }
+
+  /** Take the device's positions as the driver's (after garbage the two may disagree); every id free again. */
+  resync(device: { availPos: number; availWrap: number; usedPos: number; usedWrap: number }): void {
+    this.nextAvail = device.availPos;
+    this.availWrap = device.availWrap;
+    this.nextUsed = device.usedPos;
+    this.usedWrap = device.usedWrap;
+    this.listLength.clear();
+    this.freeIds = Array.from({ length: this.size }, (_v, i) => this.size - 1 - i);
+    this.numFree = this.size;
+  }
+
+  kick(viaBar = false): void {
+    this.notify(viaBar);
+  }
+}
+
 export interface InitOptions {
   /** Feature bits the driver wants (intersected with the offer). */
   readonly want?: bigint;
@@ -230,7 +380,10 @@ export interface InitOptions {
 
 export class TestVirtioDriver {
   readonly memory: ChunkedGuestMemory;
+  /** Split queues (empty when packed ones were negotiated). */
   queues: DriverQueue[] = [];
+  /** Packed queues (VIRTIO_F_RING_PACKED negotiated). */
+  packed: PackedDriverQueue[] = [];
   features = 0n;
   private next: number;
   msixCap = 0;
@@ -338,12 +491,31 @@ export class TestVirtioDriver {
     if (msix) this.w16(C.msixConfig, 0);
     const n = Math.min(opts.queues ?? this.r16(C.numQueues), this.r16(C.numQueues));
     this.queues = [];
+    this.packed = [];
+    const packed = (features & featureBit(VIRTIO_F.ringPacked)) !== 0n;
     for (let i = 0; i < n; i++) {
       this.w16(C.queueSelect, i);
       const max = this.r16(C.queueSize);
       const size = Math.min(opts.queueSize ?? max, max);
       this.w16(C.queueSize, size);
       const at = opts.ringAt?.(i, size);
+      const kick = (viaBar: boolean): void => {
+        if (viaBar || !this.services.doorbells.ring(i)) this.w16(VIRTIO_BAR0.notify + 4 * i, i);
+      };
+      if (packed) {
+        const desc = at?.desc ?? this.alloc(16 * size, 16);
+        const driver = at?.avail ?? this.alloc(4, 4);
+        const device = at?.used ?? this.alloc(4, 4);
+        this.memory.bytes(desc, 16 * size).fill(0);
+        this.memory.bytes(driver, 4).fill(0);
+        this.memory.bytes(device, 4).fill(0);
+        this.w64(C.queueDesc, desc);
+        this.w64(C.queueDriver, driver);
+        this.w64(C.queueDevice, device);
+        if (msix) this.w16(C.queueMsixVector, i + 1);
+        this.packed.push(new PackedDriverQueue(this.memory, i, size, desc, driver, device, kick));
+        continue;
+      }
       const desc = at?.desc ?? this.alloc(16 * size, 16);
       const avail = at?.avail ?? this.alloc(6 + 2 * size, 2);
       const used = at?.used ?? this.alloc(6 + 8 * size, 4);
@@ -355,9 +527,6 @@ export class TestVirtioDriver {
       this.w64(C.queueDriver, avail);
       this.w64(C.queueDevice, used);
       if (msix) this.w16(C.queueMsixVector, i + 1);
-      const kick = (viaBar: boolean): void => {
-        if (viaBar || !this.services.doorbells.ring(i)) this.w16(VIRTIO_BAR0.notify + 4 * i, i);
-      };
       this.queues.push(new DriverQueue(this.memory, i, size, desc, avail, used, kick));
     }
     for (let i = 0; i < n; i++) {
