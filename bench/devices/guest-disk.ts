@@ -67,7 +67,8 @@
  * partis-ide-pio, qemu-virtio, qemu-ide-dma; only when named or with --all:
  * qemu-ide-pio, qemu-virtio-memfd (QEMU's RAM in a memfd, as Partis's is),
  * partis-virtio-v8st (`node --single-threaded`), partis-virtio-native and
- * partis-ide-pio-native (`--vcpu-threads native`), partis-virtio-native-main and
+ * partis-ide-pio-native (`--vcpu-threads native`), partis-virtio-packed and
+ * qemu-virtio-packed (packed virtqueues: `--disk IMG,packed`, `packed=on`), partis-virtio-native-main and
  * partis-ide-pio-native-main (`--vcpu-threads native-main`), partis-virtio-worker
  * (`--vcpu-threads worker`)), --all, --dir D, --timeout S (300),
  * Partis's default rows run `--vcpu-threads auto`: native-main for the
@@ -208,7 +209,7 @@ interface RunResult {
 const EXTRA_NODE_FLAGS = (process.env.PARTIS_BENCH_NODE_FLAGS ?? "").split(" ").filter((f) => f !== "");
 
 const partisArgv =
-  (iface: "virtio" | "ide", nodeFlags: readonly string[] = [], cli = CLI, runFlags: readonly string[] = []) =>
+  (iface: "virtio" | "virtio,packed" | "ide", nodeFlags: readonly string[] = [], cli = CLI, runFlags: readonly string[] = []) =>
   (kernel: string, initrd: string, append: string, image: string): { command: string; argv: string[] } => ({
     command: process.execPath,
     argv: [...nodeFlags, ...EXTRA_NODE_FLAGS, cli, "run", "--kernel", kernel, "--initrd", initrd, "--append", append, "--memory", MEMORY, "--cpus", "1", "--disk", `${image},if=${iface}`, ...runFlags],
@@ -236,6 +237,18 @@ const CONFIGS: readonly Config[] = [
     argv: (k, i, a, img) => ({
       command: QEMU,
       argv: ["-M", "q35", ...qemuCommon(k, i, a), "-drive", `file=${img},if=none,format=raw,cache=writeback,id=d0`, "-device", "virtio-blk-pci,drive=d0"],
+    }),
+  },
+  {
+    // Packed virtqueues offered (the guest's virtio_ring takes them), against QEMU's packed=on below.
+    name: "partis-virtio-packed", label: "Partis virtio-blk, packed virtqueues", vmm: "partis", device: "/dev/vda", seqMiB, randomOps, queuedOps, optional: true,
+    argv: partisArgv("virtio,packed"),
+  },
+  {
+    name: "qemu-virtio-packed", label: "QEMU virtio-blk (q35), packed=on", vmm: "qemu", device: "/dev/vda", seqMiB, randomOps, queuedOps, optional: true,
+    argv: (k, i, a, img) => ({
+      command: QEMU,
+      argv: ["-M", "q35", ...qemuCommon(k, i, a), "-drive", `file=${img},if=none,format=raw,cache=writeback,id=d0`, "-device", "virtio-blk-pci,drive=d0,packed=on"],
     }),
   },
   {
@@ -803,6 +816,9 @@ async function main(): Promise<void> {
     ["partis-ide-dma", "qemu-ide-dma", "Partis IDE DMA ÷ QEMU IDE DMA", ""],
     ["partis-ide-pio", "qemu-ide-pio", "Partis IDE PIO ÷ QEMU IDE PIO", ""],
     ["qemu-virtio", "qemu-ide-dma", "QEMU virtio-blk ÷ QEMU IDE DMA", "for scale"],
+    ["partis-virtio-packed", "partis-virtio", "Partis virtio-blk packed ÷ split", ""],
+    ["partis-virtio-packed", "qemu-virtio-packed", "Partis ÷ QEMU virtio-blk, both packed", ""],
+    ["qemu-virtio-packed", "qemu-virtio", "QEMU virtio-blk packed ÷ split", ""],
   ];
   console.log("");
   console.log(`| ratio | seq write | seq read | 4K rand read | 4K rand read QD${queueDepth} | CPU per GiB read (lower is better) | CPU per rand read | note |`);

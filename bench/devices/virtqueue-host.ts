@@ -26,7 +26,13 @@
  * reads wait for the disk: with --ring they are then queued, up to a batch
  * in flight at once; without, one at a time.
  *
- * usage: node dist/bench/devices/virtqueue-host.js [--dir /dev/shm] [--size-mib 256] [--seconds 3] [--segment-kib 4] [--anonymous] [--ring] [--cold] [--only <workload name part>]
+ * --packed negotiates packed virtqueues (VIRTIO_F_RING_PACKED) and lays the
+ * same requests out as Linux does there: a list of three ring descriptors
+ * (4 KiB) or one indirect descriptor (1 MiB), the first made available last;
+ * completions found by their USED bit; EVENT_IDX through the driver's event
+ * structure.
+ *
+ * usage: node dist/bench/devices/virtqueue-host.js [--dir /dev/shm] [--size-mib 256] [--seconds 3] [--segment-kib 4] [--anonymous] [--ring] [--cold] [--packed] [--only <workload name part>]
  */
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { spawnSync } from "node:child_process";
@@ -53,6 +59,8 @@ const ANONYMOUS = args.includes("--anonymous");
 const RING = args.includes("--ring");
 /** --cold: drop the host's page cache before each timed loop (root; the image on a real disk, e.g. --dir /var/tmp): reads then wait for the disk. */
 const COLD = args.includes("--cold");
+/** --packed: packed virtqueues instead of split ones. */
+const PACKED = args.includes("--packed");
 /** Only the workloads whose name contains this text (e.g. "1 MiB sequential read"). */
 const ONLY = arg("--only", "");
 if (!(SEGMENT >= 512 && MiB % SEGMENT === 0 && MiB / SEGMENT <= 1024)) throw new Error("--segment-kib must divide 1024 into at most 1024 segments");
@@ -80,6 +88,7 @@ class Bench {
   interrupts = 0;
   private ring: (() => void) | undefined;
   private readonly desc: DataView;
+  private readonly descHalves: Uint16Array;
   private readonly avail: Uint16Array;
   private readonly used: Uint16Array;
   private readonly usedWords: Uint32Array;
@@ -88,6 +97,13 @@ class Bench {
   private readonly ram: Uint8Array;
   private availIdx = 0;
   private lastUsed = 0;
+  // Packed: the driver's positions and wrap counters, and whether slots are 1 MiB (one indirect descriptor each).
+  private nextAvail = 0;
+  private availWrap = 1;
+  private nextUsed = 0;
+  private usedWrap = 1;
+  private big = false;
+  private write = false;
 
   constructor(disk: BlockDevice) {
     const services: PciDeviceServices = {
@@ -97,7 +113,7 @@ class Bench {
       loop: { watch: () => ({ close: () => {} }), defer: (task) => task() },
       doorbells: { mapDoorbell: (key, gpa, _len, onRing) => void (key === 0 && gpa !== undefined ? (this.ring = onRing) : undefined) },
     };
-    this.dev = createVirtioBlk("bench", disk, services, { queues: 1, queueSize: QSIZE, ...(RING ? { ring: IoUring.open(64) } : {}) });
+    this.dev = createVirtioBlk("bench", disk, services, { queues: 1, queueSize: QSIZE, ringPacked: PACKED, ...(RING ? { ring: IoUring.open(64) } : {}) });
     this.blk = this.dev.backend as VirtioBlk;
     this.dev.pci.assignBar(0, 0xe000_0000);
     this.dev.pci.assignBar(1, 0xe001_0000);
@@ -106,6 +122,7 @@ class Bench {
     const b = this.memory.bytes(0, RAM);
     this.ram = b;
     this.desc = new DataView(b.buffer, DESC, 16 * QSIZE);
+    this.descHalves = new Uint16Array(b.buffer, DESC, 8 * QSIZE);
     this.avail = new Uint16Array(b.buffer, AVAIL, 3 + QSIZE);
     this.used = new Uint16Array(b.buffer, USED, 3 + 4 * QSIZE);
     this.usedWords = new Uint32Array(b.buffer, USED, 1 + 2 * QSIZE + 1);
@@ -127,7 +144,7 @@ class Bench {
     this.w(C.driverFeatureSelect, 4, 0);
     this.w(C.driverFeature, 4, lo & ((1 << 28) | (1 << 29) | (1 << 9) | (1 << 6) | (1 << 2)));
     this.w(C.driverFeatureSelect, 4, 1);
-    this.w(C.driverFeature, 4, 1);
+    this.w(C.driverFeature, 4, PACKED ? 1 | 4 : 1); // VERSION_1 (bit 32), RING_PACKED (bit 34)
     this.w(C.deviceStatus, 1, S.acknowledge | S.driver | S.featuresOk);
     // MSI-X: vector 1 for the queue.
     let cap = d.pci.configRead(0x34, 1);
@@ -156,9 +173,25 @@ class Bench {
     base.setUint16(o + 14, next, true);
   }
 
-  /** Lay out `batch` request slots once: 4 KiB direct chains, or 1 MiB indirect tables. */
+  /** Lay out `batch` request slots once: 4 KiB direct chains, or 1 MiB indirect tables (packed: the tables; lists go in at submit). */
   layout(batch: number, big: boolean, write: boolean): void {
     const b = this.memory.bytes(0, RAM);
+    this.big = big;
+    this.write = write;
+    if (PACKED) {
+      for (let s = 0; s < batch; s++) {
+        const data = DATA + s * 2 * MiB;
+        if (big) {
+          const t = new DataView(b.buffer, b.byteOffset + INDIRECT + INDIRECT_SLOT * s, 16 * (SEGMENTS + 2));
+          // Packed table entries: id (ignored) where a split one has flags, flags where it has next.
+          this.setDesc(t, 0, HEADERS + 16 * s, 16, 0, 0);
+          for (let k = 0; k < SEGMENTS; k++) this.setDesc(t, 1 + k, data + k * 2 * SEGMENT, SEGMENT, 0, write ? 0 : 2);
+          this.setDesc(t, SEGMENTS + 1, STATUS + s, 1, 0, 2);
+        }
+        this.headers.setUint32(16 * s, write ? 1 : 0, true);
+      }
+      return;
+    }
     for (let s = 0; s < batch; s++) {
       const head = s * 3;
       const data = DATA + s * 2 * MiB;
@@ -177,8 +210,70 @@ class Bench {
     }
   }
 
+  /** Packed: one ring descriptor at the driver's position (id in the high half of the last word, flags in the top half). */
+  private putPacked(addr: number, len: number, flags: number, id: number, first: boolean): number {
+    const at = this.nextAvail;
+    const f = flags | (this.availWrap === 1 ? 1 << 7 : 1 << 15);
+    const o = at * 16;
+    this.desc.setUint32(o, addr, true);
+    this.desc.setUint32(o + 4, 0, true);
+    this.desc.setUint32(o + 8, len, true);
+    this.desc.setUint16(o + 12, id, true);
+    if (!first) this.desc.setUint16(o + 14, f, true);
+    if (++this.nextAvail === QSIZE) {
+      this.nextAvail = 0;
+      this.availWrap ^= 1;
+    }
+    return f;
+  }
+
+  private submitPacked(batch: number, sectors: Float64Array): number {
+    const flags16 = this.descHalves;
+    for (let s = 0; s < batch; s++) {
+      const sec = sectors[s]!;
+      this.headers.setUint32(16 * s + 8, sec % 2 ** 32, true);
+      this.headers.setUint32(16 * s + 12, Math.floor(sec / 2 ** 32), true);
+      const head = this.nextAvail;
+      let headFlags: number;
+      if (this.big) headFlags = this.putPacked(INDIRECT + INDIRECT_SLOT * s, 16 * (SEGMENTS + 2), 4, s, true);
+      else {
+        headFlags = this.putPacked(HEADERS + 16 * s, 16, 1, s, true);
+        this.putPacked(DATA + s * 2 * MiB, 4096, (this.write ? 0 : 2) | 1, s, false);
+        this.putPacked(STATUS + s, 1, 2, s, false);
+      }
+      Atomics.store(flags16, head * 8 + 7, headFlags); // the list's first descriptor last
+    }
+    this.ring!();
+    if (this.blk.queued > 0) this.blk.quiesce();
+    let n = 0;
+    const per = this.big ? 1 : 3;
+    for (;;) {
+      const f = Atomics.load(flags16, this.nextUsed * 8 + 7);
+      if (((f >> 15) & 1) !== this.usedWrap || ((f >> 7) & 1) !== this.usedWrap) break;
+      const id = flags16[this.nextUsed * 8 + 6]!;
+      const status = this.ram[STATUS + id];
+      if (status !== 0) throw new Error(`request failed with status ${status}`);
+      this.nextUsed += per;
+      if (this.nextUsed >= QSIZE) {
+        this.nextUsed -= QSIZE;
+        this.usedWrap ^= 1;
+      }
+      n++;
+    }
+    // Callbacks on: interrupt me at the next completion (driver event structure: DESC at the next used position).
+    this.usedEvent[0] = this.nextUsed | (this.usedWrap << 15);
+    this.usedEvent[1] = 2;
+    return n;
+  }
+
+  /** Packed: the driver event suppression structure (at AVAIL). */
+  private get usedEvent(): Uint16Array {
+    return this.avail;
+  }
+
   /** Submit `batch` requests at the given sectors, kick once, reap. Returns the completions. */
   submit(batch: number, sectors: Float64Array): number {
+    if (PACKED) return this.submitPacked(batch, sectors);
     for (let s = 0; s < batch; s++) {
       const sec = sectors[s]!;
       this.headers.setUint32(16 * s + 8, sec % 2 ** 32, true);
@@ -301,7 +396,7 @@ function main(): void {
       for (const batch of [1, 32]) rows.push(run(bench, name, batch, bytes, write, random));
     }
     disk.close();
-    console.log(`virtio-blk through VirtioPciDevice + VirtQueue, raw image in ${DIR} (${SIZE / MiB} MiB), node ${process.version}, ${cpus()[0]?.model ?? "cpu"}\n`);
+    console.log(`virtio-blk through VirtioPciDevice + VirtQueue (${PACKED ? "packed" : "split"} virtqueue${RING ? ", io_uring" : ""}), raw image in ${DIR} (${SIZE / MiB} MiB), node ${process.version}, ${cpus()[0]?.model ?? "cpu"}\n`);
     console.log("| workload | batch | requests/s | MiB/s | host CPU s/GiB | interrupts/request | heap bytes/request | GCs |");
     console.log("|---|---:|---:|---:|---:|---:|---:|---:|");
     for (const r of rows)

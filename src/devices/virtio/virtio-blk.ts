@@ -312,8 +312,8 @@ export class VirtioBlk implements VirtioBackend {
     }
   }
 
+  /** A queued request's completion: `result` is the bytes moved, or a negative errno. */
   private completed(slot: number, result: number): void {
-    // (result: bytes moved, or a negative errno)
     this.freeSlots[this.freeCount++] = slot;
     if (this.dropping) return;
     const qi = this.slotQueue[slot]!;

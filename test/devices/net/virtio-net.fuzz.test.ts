@@ -4,14 +4,16 @@
  * RAM), well-formed traffic in between, random frames from the port, kicks,
  * common-configuration writes and driver resets, with every feature mix. The
  * device must never throw or spin, and must report broken rings as
- * DEVICE_NEEDS_RESET.
+ * DEVICE_NEEDS_RESET. A second run offers packed virtqueues and drives them
+ * the same way (random descriptors made available in the driver's lap, random
+ * indirect tables, random event structures, traffic, resets).
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { VIRTIO_COMMON as C, VIRTIO_F, VIRTIO_STATUS as S, featureBit } from "../../../src/devices/virtio/pci-transport.js";
 import { MAX_PORT_FRAME_BYTES, MemoryPortPair } from "../../../src/devices/net/network-port.js";
 import { VIRTIO_NET_F, VIRTIO_NET_HDR_BYTES as HDR, createVirtioNet } from "../../../src/devices/net/virtio-net.js";
-import { TestVirtioDriver, makeServices, placeDevice } from "../virtio/virtio-driver.js";
+import { PackedDriverQueue, TestVirtioDriver, makeServices, placeDevice } from "../virtio/virtio-driver.js";
 import { SeededRandom } from "../device-fakes.js";
 
 const RAM = 256 * 1024;
@@ -119,6 +121,96 @@ test("fuzz: 100,000 malformed ring states, frames and resets", () => {
   }
   const c = dev.net.counters;
   if (process.env["VNET_FUZZ_VERBOSE"] !== undefined) console.log(JSON.stringify({ ...c, needsReset, inits }));
+  assert.ok(needsReset > 0, "broken rings were reported");
+  assert.ok(c.rxFrames > 100 && c.txFrames > 100, `traffic flowed: ${JSON.stringify(c)}`);
+  pair.close();
+});
+
+test("fuzz: 100,000 steps on packed virtqueues (offered; taken at about two inits in three), frames and resets", () => {
+  const rnd = new SeededRandom(0x7e7_0002);
+  const services = makeServices(RAM);
+  const pair = new MemoryPortPair("fuzz-packed", 64);
+  const dev = createVirtioNet("vnet-fuzz-packed", pair.a, services, { mac: MAC, queueSize: 16, ringPacked: true });
+  placeDevice(dev);
+  let drv = new TestVirtioDriver(dev, services);
+  const sink = new Uint8Array(MAX_PORT_FRAME_BYTES);
+  const frame = new Uint8Array(10_000);
+  let needsReset = 0;
+  let packedInits = 0;
+  let inits = 0;
+
+  const init = (): void => {
+    drv = new TestVirtioDriver(dev, services);
+    let want = featureBit(VIRTIO_F.version1) | featureBit(VIRTIO_NET_F.mac) | featureBit(VIRTIO_NET_F.status);
+    if (rnd.next() < 0.67) want |= featureBit(VIRTIO_F.ringPacked);
+    if (rnd.next() < 0.6) want |= featureBit(VIRTIO_NET_F.mrgRxbuf);
+    if (rnd.next() < 0.5) want |= featureBit(VIRTIO_F.eventIdx);
+    if (rnd.next() < 0.5) want |= featureBit(VIRTIO_F.indirectDesc);
+    drv.init({ want, msix: rnd.next() < 0.7, queueSize: rnd.pick([1, 2, 3, 4, 5, 8, 13, 16]) });
+    inits++;
+    if (drv.packed.length > 0) packedInits++;
+  };
+  init();
+  const randAddr = (): number => (rnd.next() < 0.7 ? BUF + rnd.int(0x1f000) : rnd.next() < 0.5 ? rnd.int(RAM + 0x1000) : rnd.next() < 0.7 ? RAM - rnd.int(64) : rnd.int(2 ** 40));
+  const randLen = (): number => (rnd.next() < 0.6 ? rnd.int(2048) : rnd.next() < 0.5 ? rnd.int(16) : rnd.next() < 0.9 ? rnd.int(70_000) : 0xffff_ffff - rnd.int(4));
+  /** The device's positions as the driver's (garbage moves them apart). */
+  const resync = (pq: PackedDriverQueue): void => {
+    const st = dev.queues[pq.index]!.save();
+    if (st.packed === undefined) return;
+    pq.resync({ availPos: st.lastAvail, availWrap: st.packed.availWrap, usedPos: st.usedIdx, usedWrap: st.packed.usedWrap });
+  };
+
+  for (let step = 0; step < STEPS; step++) {
+    const q = drv.packed[rnd.int(2)];
+    const r = rnd.next();
+    if (drv.packed.length === 0 || q === undefined || r < 0.01) {
+      init();
+    } else if (r < 0.2) {
+      // A random descriptor at the driver's position (often made available in its lap) or anywhere in the ring.
+      const at = rnd.next() < 0.7 ? q.nextAvail : rnd.int(q.size);
+      const flags = rnd.int(8) | (rnd.next() < 0.6 ? PackedDriverQueue.availBits(q.availWrap) : rnd.int(2) << 7 | rnd.int(2) << 15);
+      q.writeDesc(q.desc, at, randAddr(), randLen(), flags, rnd.int(0x10000));
+    } else if (r < 0.3) {
+      // Indirect table with random contents, made available at the driver's position.
+      const table = BUF + 0x1e000 + rnd.int(16) * 64;
+      const n = 1 + rnd.int(4);
+      for (let i = 0; i < n; i++) q.writeDesc(table, i, randAddr(), randLen(), rnd.int(8), rnd.int(6));
+      q.writeDesc(q.desc, q.nextAvail, table, rnd.next() < 0.8 ? n * 16 : rnd.int(100), 4 | (rnd.next() < 0.1 ? 1 : 0) | PackedDriverQueue.availBits(q.availWrap), rnd.int(q.size));
+    } else if (r < 0.5) {
+      // Well-formed traffic: receive buffers on queue 0, frames to send on queue 1.
+      resync(q);
+      if (q.index === 0) q.add([{ addr: BUF + rnd.int(0x1c) * 0x800, len: rnd.pick([64, 256, 1526, 2048]), write: true }]);
+      else q.add([{ addr: BUF + rnd.int(0x1c) * 0x800, len: HDR + rnd.int(1500), write: false }]);
+    } else if (r < 0.62) {
+      q.kick(rnd.next() < 0.3);
+      q.takeUsed();
+    } else if (r < 0.75) {
+      const len = rnd.next() < 0.05 ? rnd.int(10_000) : 14 + rnd.int(1600);
+      if (len > 0) {
+        for (let i = 0; i < Math.min(len, 32); i++) frame[i] = rnd.int(256);
+        pair.b.send(frame.subarray(0, len));
+      }
+    } else if (r < 0.87) {
+      services.loop.fire(pair.a.fd);
+    } else if (r < 0.9) {
+      while (pair.b.receive(sink) > 0);
+    } else if (r < 0.95) {
+      q.setDriverEvent(rnd.int(4), rnd.int(0x8000), rnd.int(2));
+    } else if (r < 0.98) {
+      const reg = rnd.pick([C.queueSelect, C.queueSize, C.queueEnable, C.deviceStatus, C.queueMsixVector, C.msixConfig]);
+      if (reg === C.deviceStatus) drv.w8(reg, rnd.int(256));
+      else drv.w16(reg, rnd.int(0x10000));
+    } else {
+      dev.pci.configWrite(0x04, 2, rnd.int(8));
+    }
+    if ((drv.status() & S.needsReset) !== 0) {
+      needsReset++;
+      if (rnd.next() < 0.2) init();
+    }
+  }
+  const c = dev.net.counters;
+  if (process.env["VNET_FUZZ_VERBOSE"] !== undefined) console.log(JSON.stringify({ ...c, needsReset, inits, packedInits }));
+  assert.ok(packedInits > inits / 2, `packed rings at ${packedInits} of ${inits} inits`);
   assert.ok(needsReset > 0, "broken rings were reported");
   assert.ok(c.rxFrames > 100 && c.txFrames > 100, `traffic flowed: ${JSON.stringify(c)}`);
   pair.close();

@@ -503,7 +503,7 @@ test("requests in flight: answered when they complete; a device reset drops them
   });
 });
 
-test("a short completion is redone synchronously from the request's descriptors; a failed one is IOERR", () => {
+test("a short completion is redone synchronously from the request's kept spans; a failed one is IOERR", () => {
   withRawDisk((disk) => {
     const data = pattern(8192, 4);
     disk.write(512 * 40, data);
