@@ -21,27 +21,53 @@ const BUF = 0x20000;
 const STEPS = 100_000;
 const MAC = Uint8Array.from([0x52, 0x54, 0, 0, 0, 1]);
 
-test("fuzz: 100,000 malformed ring states, frames and resets", () => {
-  const rnd = new SeededRandom(0x7e7_0001);
+/** A virtio-net on a memory port pair, its test driver, and the host side's events. */
+function fuzzBed(seed: number, name: string, ringPacked: boolean) {
+  const rnd = new SeededRandom(seed);
   const services = makeServices(RAM);
-  const pair = new MemoryPortPair("fuzz", 64);
-  const dev = createVirtioNet("vnet-fuzz", pair.a, services, { mac: MAC, queueSize: 16 });
+  const pair = new MemoryPortPair(name, 64);
+  const dev = createVirtioNet(name, pair.a, services, { mac: MAC, queueSize: 16, ringPacked });
   placeDevice(dev);
-  let drv = new TestVirtioDriver(dev, services);
   const sink = new Uint8Array(MAX_PORT_FRAME_BYTES);
   const frame = new Uint8Array(10_000);
-  let needsReset = 0;
-  let inits = 0;
-
-  const init = (): void => {
-    drv = new TestVirtioDriver(dev, services);
-    let want = featureBit(VIRTIO_F.version1) | featureBit(VIRTIO_NET_F.mac) | featureBit(VIRTIO_NET_F.status);
-    if (rnd.next() < 0.6) want |= featureBit(VIRTIO_NET_F.mrgRxbuf);
-    if (rnd.next() < 0.5) want |= featureBit(VIRTIO_F.eventIdx);
-    if (rnd.next() < 0.5) want |= featureBit(VIRTIO_F.indirectDesc);
-    drv.init({ want, msix: rnd.next() < 0.7, queueSize: rnd.pick([1, 2, 4, 8, 16]) });
-    inits++;
+  const bed = {
+    rnd,
+    services,
+    pair,
+    dev,
+    drv: new TestVirtioDriver(dev, services),
+    inits: 0,
+    /** A fresh driver with a random feature mix (packed rings asked for at `packedChance`). */
+    init(sizes: readonly number[], packedChance = 0): void {
+      bed.drv = new TestVirtioDriver(dev, services);
+      let want = featureBit(VIRTIO_F.version1) | featureBit(VIRTIO_NET_F.mac) | featureBit(VIRTIO_NET_F.status);
+      if (packedChance > 0 && rnd.next() < packedChance) want |= featureBit(VIRTIO_F.ringPacked);
+      if (rnd.next() < 0.6) want |= featureBit(VIRTIO_NET_F.mrgRxbuf);
+      if (rnd.next() < 0.5) want |= featureBit(VIRTIO_F.eventIdx);
+      if (rnd.next() < 0.5) want |= featureBit(VIRTIO_F.indirectDesc);
+      bed.drv.init({ want, msix: rnd.next() < 0.7, queueSize: rnd.pick(sizes) });
+      bed.inits++;
+    },
+    /** The host side: a random frame from the peer, the device's port readable, or the peer draining what it was sent. */
+    hostEvent(kind: "frame" | "readable" | "drain"): void {
+      if (kind === "frame") {
+        const len = rnd.next() < 0.05 ? rnd.int(10_000) : 14 + rnd.int(1600);
+        if (len > 0) {
+          for (let i = 0; i < Math.min(len, 32); i++) frame[i] = rnd.int(256);
+          pair.b.send(frame.subarray(0, len));
+        }
+      } else if (kind === "readable") services.loop.fire(pair.a.fd);
+      else while (pair.b.receive(sink) > 0);
+    },
   };
+  return bed;
+}
+
+test("fuzz: 100,000 malformed ring states, frames and resets", () => {
+  const bed = fuzzBed(0x7e7_0001, "vnet-fuzz", false);
+  const { rnd, dev, pair } = bed;
+  let needsReset = 0;
+  const init = (): void => bed.init([1, 2, 4, 8, 16]);
   init();
 
   const randAddr = (): number => {
@@ -60,6 +86,7 @@ test("fuzz: 100,000 malformed ring states, frames and resets", () => {
   };
 
   for (let step = 0; step < STEPS; step++) {
+    const drv = bed.drv;
     const q = drv.queues[rnd.int(2)];
     const r = rnd.next();
     if (q === undefined || r < 0.01) {
@@ -91,16 +118,8 @@ test("fuzz: 100,000 malformed ring states, frames and resets", () => {
       }
     } else if (r < 0.62) {
       q.kick(rnd.next() < 0.3);
-    } else if (r < 0.75) {
-      const len = rnd.next() < 0.05 ? rnd.int(10_000) : 14 + rnd.int(1600);
-      if (len > 0) {
-        for (let i = 0; i < Math.min(len, 32); i++) frame[i] = rnd.int(256);
-        pair.b.send(frame.subarray(0, len));
-      }
-    } else if (r < 0.87) {
-      services.loop.fire(pair.a.fd);
     } else if (r < 0.9) {
-      while (pair.b.receive(sink) > 0);
+      bed.hostEvent(r < 0.75 ? "frame" : r < 0.87 ? "readable" : "drain");
     } else if (r < 0.93) {
       if (rnd.next() < 0.5) q.setUsedEvent(rnd.int(0x10000));
       else q.setAvailFlags(rnd.int(2));
@@ -120,35 +139,20 @@ test("fuzz: 100,000 malformed ring states, frames and resets", () => {
     }
   }
   const c = dev.net.counters;
-  if (process.env["VNET_FUZZ_VERBOSE"] !== undefined) console.log(JSON.stringify({ ...c, needsReset, inits }));
+  if (process.env["VNET_FUZZ_VERBOSE"] !== undefined) console.log(JSON.stringify({ ...c, needsReset, inits: bed.inits }));
   assert.ok(needsReset > 0, "broken rings were reported");
   assert.ok(c.rxFrames > 100 && c.txFrames > 100, `traffic flowed: ${JSON.stringify(c)}`);
   pair.close();
 });
 
 test("fuzz: 100,000 steps on packed virtqueues (offered; taken at about two inits in three), frames and resets", () => {
-  const rnd = new SeededRandom(0x7e7_0002);
-  const services = makeServices(RAM);
-  const pair = new MemoryPortPair("fuzz-packed", 64);
-  const dev = createVirtioNet("vnet-fuzz-packed", pair.a, services, { mac: MAC, queueSize: 16, ringPacked: true });
-  placeDevice(dev);
-  let drv = new TestVirtioDriver(dev, services);
-  const sink = new Uint8Array(MAX_PORT_FRAME_BYTES);
-  const frame = new Uint8Array(10_000);
+  const bed = fuzzBed(0x7e7_0002, "vnet-fuzz-packed", true);
+  const { rnd, dev, pair } = bed;
   let needsReset = 0;
   let packedInits = 0;
-  let inits = 0;
-
   const init = (): void => {
-    drv = new TestVirtioDriver(dev, services);
-    let want = featureBit(VIRTIO_F.version1) | featureBit(VIRTIO_NET_F.mac) | featureBit(VIRTIO_NET_F.status);
-    if (rnd.next() < 0.67) want |= featureBit(VIRTIO_F.ringPacked);
-    if (rnd.next() < 0.6) want |= featureBit(VIRTIO_NET_F.mrgRxbuf);
-    if (rnd.next() < 0.5) want |= featureBit(VIRTIO_F.eventIdx);
-    if (rnd.next() < 0.5) want |= featureBit(VIRTIO_F.indirectDesc);
-    drv.init({ want, msix: rnd.next() < 0.7, queueSize: rnd.pick([1, 2, 3, 4, 5, 8, 13, 16]) });
-    inits++;
-    if (drv.packed.length > 0) packedInits++;
+    bed.init([1, 2, 3, 4, 5, 8, 13, 16], 0.67);
+    if (bed.drv.packed.length > 0) packedInits++;
   };
   init();
   const randAddr = (): number => (rnd.next() < 0.7 ? BUF + rnd.int(0x1f000) : rnd.next() < 0.5 ? rnd.int(RAM + 0x1000) : rnd.next() < 0.7 ? RAM - rnd.int(64) : rnd.int(2 ** 40));
@@ -161,6 +165,7 @@ test("fuzz: 100,000 steps on packed virtqueues (offered; taken at about two init
   };
 
   for (let step = 0; step < STEPS; step++) {
+    const drv = bed.drv;
     const q = drv.packed[rnd.int(2)];
     const r = rnd.next();
     if (drv.packed.length === 0 || q === undefined || r < 0.01) {
@@ -184,16 +189,8 @@ test("fuzz: 100,000 steps on packed virtqueues (offered; taken at about two init
     } else if (r < 0.62) {
       q.kick(rnd.next() < 0.3);
       q.takeUsed();
-    } else if (r < 0.75) {
-      const len = rnd.next() < 0.05 ? rnd.int(10_000) : 14 + rnd.int(1600);
-      if (len > 0) {
-        for (let i = 0; i < Math.min(len, 32); i++) frame[i] = rnd.int(256);
-        pair.b.send(frame.subarray(0, len));
-      }
-    } else if (r < 0.87) {
-      services.loop.fire(pair.a.fd);
     } else if (r < 0.9) {
-      while (pair.b.receive(sink) > 0);
+      bed.hostEvent(r < 0.75 ? "frame" : r < 0.87 ? "readable" : "drain");
     } else if (r < 0.95) {
       q.setDriverEvent(rnd.int(4), rnd.int(0x8000), rnd.int(2));
     } else if (r < 0.98) {
@@ -209,8 +206,8 @@ test("fuzz: 100,000 steps on packed virtqueues (offered; taken at about two init
     }
   }
   const c = dev.net.counters;
-  if (process.env["VNET_FUZZ_VERBOSE"] !== undefined) console.log(JSON.stringify({ ...c, needsReset, inits, packedInits }));
-  assert.ok(packedInits > inits / 2, `packed rings at ${packedInits} of ${inits} inits`);
+  if (process.env["VNET_FUZZ_VERBOSE"] !== undefined) console.log(JSON.stringify({ ...c, needsReset, inits: bed.inits, packedInits }));
+  assert.ok(packedInits > bed.inits / 2, `packed rings at ${packedInits} of ${bed.inits} inits`);
   assert.ok(needsReset > 0, "broken rings were reported");
   assert.ok(c.rxFrames > 100 && c.txFrames > 100, `traffic flowed: ${JSON.stringify(c)}`);
   pair.close();
