@@ -92,6 +92,9 @@ test("--disk that does not exist", () => expectUsageError(["--kernel", kernel, "
 test("--disk that is a directory", () => expectUsageError(["--kernel", kernel, "--disk", dir], /--disk .*: is a directory/));
 test("--disk with an unknown interface", () => expectUsageError(["--kernel", kernel, "--disk", `${disk},if=scsi`], /--disk .*if=scsi is not virtio or ide/));
 test("--disk with an unknown option", () => expectUsageError(["--kernel", kernel, "--disk", `${disk},cache=none`], /unknown option "cache"/));
+test("--disk packed with a value", () => expectUsageError(["--kernel", kernel, "--disk", `${disk},packed=on`], /--disk .*: packed takes no value/));
+test("--disk packed on an IDE disk", () => expectUsageError(["--kernel", kernel, "--disk", `${disk},if=ide,packed`], /--disk .*: packed is for virtio devices/));
+test("--nic packed on the emulated NE2000", () => expectUsageError(["--kernel", kernel, "--nic", "none,model=ne2k,packed"], /--nic none,model=ne2k,packed: packed is for virtio devices/));
 test("--disk with a corrupt VHDX", () => expectUsageError(["--kernel", kernel, "--disk", badVhdx], /--disk .*broken\.vhdx: /));
 test("five IDE drives", () =>
   expectUsageError(["--kernel", kernel, ...[1, 2, 3, 4].flatMap(() => ["--disk", `${disk},if=ide`]), "--cdrom", disk], /IDE drives; the IDE controller takes at most 4/));
