@@ -131,9 +131,10 @@ export class VirtioNet implements VirtioBackend {
   /** Heads and lengths of the chains one frame is spread over (in order). */
   private readonly spreadHeads: Uint32Array;
   private readonly spreadLengths: Uint32Array;
-  /** Chains popped so far for the frame being placed (mergeable; 0 = none) and their writable bytes. */
+  /** Chains popped so far for the frame being placed (mergeable; 0 = none), their writable bytes and the ring descriptors they take. */
   private spreadChains = 0;
   private spreadRoom = 0;
+  private spreadSlots = 0;
 
   // Transmit.
   private readonly txChain = new DescriptorChain();
@@ -299,12 +300,15 @@ export class VirtioNet implements VirtioBackend {
       this.spreadHeads[0] = first.head;
       this.spreadLengths[0] = Math.min(first.writableBytes, total);
       this.spreadRoom = first.writableBytes;
+      this.spreadSlots = first.ringDescriptors;
       this.spreadChains = 1;
     }
     // Mergeable: spread over as many chains as needed (5.1.6.4.2).
     const c = this.rxChain;
     while (this.spreadRoom < total) {
-      if (this.spreadChains >= q.size) {
+      // The chains held take every descriptor of the queue: no more can come. (Counting descriptors, not
+      // chains: chains of several descriptors fill the queue sooner.)
+      if (this.spreadSlots >= q.size) {
         // Even the whole queue is too small: give the chains back, drop the frame.
         for (let k = 0; k < this.spreadChains; k++) q.unpop();
         this.spreadChains = 0;
@@ -323,6 +327,7 @@ export class VirtioNet implements VirtioBackend {
       this.spreadLengths[this.spreadChains] = take;
       this.spreadChains++;
       this.spreadRoom = room + c.writableBytes;
+      this.spreadSlots += c.ringDescriptors;
     }
     const chains = this.spreadChains;
     this.spreadChains = 0;
@@ -399,6 +404,20 @@ export class VirtioNet implements VirtioBackend {
       this.counters.txZeroCopy++;
     } else this.counters.txDropped++;
     return true;
+  }
+
+  /**
+   * Before the queues are saved: give back the receive chains a frame still
+   * waiting for buffers holds (the saved queue would otherwise be past
+   * chains no saved state remembers: lost to the driver for good). The frame
+   * stays held and is placed again from its first chain.
+   */
+  quiesce(): void {
+    const q = this.transport?.queues[RX];
+    if (q !== undefined) for (let k = 0; k < this.spreadChains; k++) q.unpop();
+    this.spreadChains = 0;
+    this.spreadRoom = 0;
+    this.spreadSlots = 0;
   }
 
   save(): VirtioNetSaved {

@@ -135,6 +135,8 @@ export class DescriptorChain {
   writableBytes = 0;
   /** Descriptors walked (direct + indirect). */
   descriptors = 0;
+  /** Descriptors the chain takes in the queue's own descriptor table or ring (an indirect table's entries not counted). */
+  ringDescriptors = 0;
   /** The guest memory the spans are in (set by the queue that fills the chain). */
   memory: GuestMemory | undefined;
 
@@ -153,6 +155,7 @@ export class DescriptorChain {
     this.writableCount = 0;
     this.writableBytes = 0;
     this.descriptors = 0;
+    this.ringDescriptors = 0;
   }
 
   /** A live view of readable segment `i` (0 <= i < readableCount). */
@@ -590,8 +593,10 @@ export class VirtQueue {
     let count = 0;
     let total = 0;
     for (;;) {
-      if (!indirect) this.readDirect(i);
-      else this.readIndirect(i);
+      if (!indirect) {
+        this.readDirect(i);
+        chain.ringDescriptors++;
+      } else this.readIndirect(i);
       chain.descriptors++;
       if (++count > limit) return this.fail("VIRTQ_CHAIN_LOOP", `descriptor chain at ${head} is longer than its table (${limit}): a loop`);
       const flags = this.dFlags;
@@ -709,6 +714,7 @@ export class VirtQueue {
     this.lastAvail = pos;
     this.availWrap = wrap;
     chain.head = (count - 1) * 65536 + id;
+    chain.ringDescriptors = count;
     if (this.eventIdx && this.notificationsEnabled) this.publishAvailEvent();
     return true;
   }

@@ -228,14 +228,20 @@ test("no receive buffers: the frame is held, the port is not read, nothing is lo
   assert.equal(r.services.loop.active(r.port.fd), 1, "polling again");
 });
 
+/** Two 256-byte receive buffers posted, then a 1514-byte frame from the wire: it waits (mergeable) holding both. */
+function frameWaitingForBuffers(r: Rig, seed: number): Uint8Array {
+  postRx(r, 2, 256);
+  r.rx.kick();
+  const f = frame(1514, seed, MAC, PEER);
+  r.wire.send(f);
+  r.pump();
+  return f;
+}
+
 test("mergeable frame with too few buffers waits with the chains it has, completes when more arrive", () => {
   const r = make();
   const size = 256;
-  postRx(r, 2, size);
-  r.rx.kick();
-  const f = frame(1514, 5, MAC, PEER);
-  r.wire.send(f);
-  r.pump();
+  const f = frameWaitingForBuffers(r, 5);
   assert.equal(r.rx.usedIdx(), 0, "nothing used yet");
   assert.equal(r.services.loop.active(r.port.fd), 0);
   assert.equal(r.rx.availEvent(), r.rx.availIdx, "notification requested at the driver's current index");
@@ -248,6 +254,34 @@ test("mergeable frame with too few buffers waits with the chains it has, complet
   assert.equal(got.length, 1);
   assert.equal(got[0]!.buffers, Math.ceil((1514 + HDR) / size));
   assert.deepEqual([...got[0]!.data], [...f]);
+});
+
+test("a frame waiting for buffers when the device is saved: its chains are given back, and it lands from its first chain later", () => {
+  const r = make();
+  const size = 256;
+  const f = frameWaitingForBuffers(r, 6);
+  assert.equal(r.dev.queues[RXQ]!.nextAvail, 2, "two chains held for the waiting frame");
+  r.dev.save();
+  assert.equal(r.dev.queues[RXQ]!.nextAvail, 0, "given back before the queue's state was taken");
+  postRx(r, 5, size, 2);
+  r.rx.kick();
+  const got = takeFrames(r, size, (h) => h);
+  assert.equal(got.length, 1);
+  assert.equal(got[0]!.buffers, Math.ceil((1514 + HDR) / size));
+  assert.deepEqual([...got[0]!.data], [...f]);
+  assert.equal(r.dev.net.counters.rxDropped, 0);
+});
+
+test("receive chains of two descriptors fill the queue at half as many chains: a frame bigger than all of them is dropped, not waited for", () => {
+  const r = make({ queueSize: 8 });
+  for (let i = 0; i < 4; i++) r.rx.add([{ addr: bufAddr(256, 2 * i), len: 64, write: true }, { addr: bufAddr(256, 2 * i + 1), len: 64, write: true }]);
+  r.rx.kick();
+  r.wire.send(frame(1514, 7, MAC, PEER)); // 1526 bytes with the header: the 4 chains hold 512
+  r.wire.send(frame(100, 8, MAC, PEER));
+  r.pump();
+  assert.equal(r.dev.net.counters.rxDropped, 1, "the big frame is dropped");
+  const got = takeFrames(r, 256, (h) => h); // chain i starts at descriptor 2i, in slot 2i
+  assert.deepEqual(got.map((g) => g.data.length), [100], "the next frame is delivered in the chains given back");
 });
 
 test("two devices back to back over an in-memory pair", () => {
