@@ -410,14 +410,20 @@ export class VirtioNet implements VirtioBackend {
    * Before the queues are saved: give back the receive chains a frame still
    * waiting for buffers holds (the saved queue would otherwise be past
    * chains no saved state remembers: lost to the driver for good). The frame
-   * stays held and is placed again from its first chain.
+   * stays held here and is placed again from its first chain once the save
+   * is over (deferred: that takes the chains again and, still short, asks
+   * for a notification at the driver's current index; until then the queue
+   * would not hear of new buffers).
    */
   quiesce(): void {
-    const q = this.transport?.queues[RX];
-    if (q !== undefined) for (let k = 0; k < this.spreadChains; k++) q.unpop();
+    const t = this.transport;
+    if (t === undefined || this.spreadChains === 0) return;
+    const q = t.queues[RX]!;
+    for (let k = 0; k < this.spreadChains; k++) q.unpop();
     this.spreadChains = 0;
     this.spreadRoom = 0;
     this.spreadSlots = 0;
+    t.loop.defer(() => this.receive());
   }
 
   save(): VirtioNetSaved {

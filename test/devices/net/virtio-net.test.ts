@@ -261,8 +261,12 @@ test("a frame waiting for buffers when the device is saved: its chains are given
   const size = 256;
   const f = frameWaitingForBuffers(r, 6);
   assert.equal(r.dev.queues[RXQ]!.nextAvail, 2, "two chains held for the waiting frame");
-  r.dev.save();
-  assert.equal(r.dev.queues[RXQ]!.nextAvail, 0, "given back before the queue's state was taken");
+  r.services.loop.work.immediate = false; // the device thread runs deferred work after the current request
+  const saved = r.dev.save();
+  assert.equal(saved.queues[RXQ]!.queue.lastAvail, 0, "given back before the queue's state was taken");
+  assert.equal(r.services.loop.work.run(), 1, "placing the frame again was deferred past the save");
+  assert.equal(r.dev.queues[RXQ]!.nextAvail, 2, "the frame took its chains again");
+  assert.equal(r.rx.availEvent(), r.rx.availIdx, "and asked to hear of the driver's next buffer");
   postRx(r, 5, size, 2);
   r.rx.kick();
   const got = takeFrames(r, size, (h) => h);
