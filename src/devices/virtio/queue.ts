@@ -284,8 +284,13 @@ export class ChainSpans {
   copyFrom(other: ChainSpans): void {
     const n = other.count;
     if (n > this.capacity) throw new RangeError(`${n} spans do not fit in ${this.capacity}`);
-    this.gpa.set(other.gpa.subarray(0, n));
-    this.len.set(other.len.subarray(0, n));
+    // Element by element: subarray() would make two objects per request (the copy is on the queued hot path).
+    const gpa = this.gpa;
+    const len = this.len;
+    for (let i = 0; i < n; i++) {
+      gpa[i] = other.gpa[i]!;
+      len[i] = other.len[i]!;
+    }
     this.count = n;
     this.translated = false;
   }
