@@ -260,15 +260,10 @@ class Bench {
       }
       n++;
     }
-    // Callbacks on: interrupt me at the next completion (driver event structure: DESC at the next used position).
-    this.usedEvent[0] = this.nextUsed | (this.usedWrap << 15);
-    this.usedEvent[1] = 2;
+    // Callbacks on: interrupt me at the next completion (the driver event structure, at AVAIL: DESC at the next used position).
+    this.avail[0] = this.nextUsed | (this.usedWrap << 15);
+    this.avail[1] = 2;
     return n;
-  }
-
-  /** Packed: the driver event suppression structure (at AVAIL). */
-  private get usedEvent(): Uint16Array {
-    return this.avail;
   }
 
   /** Submit `batch` requests at the given sectors, kick once, reap. Returns the completions. */

@@ -381,9 +381,11 @@ export class VirtQueue {
   }
 
   /**
-   * Validate and map the rings (2.6: size a power of two <= maxSize; desc
-   * 16-byte, driver 2-byte, device 4-byte aligned; every ring inside RAM).
-   * Returns false (after reporting the error) when something is wrong.
+   * Validate and map the rings. Split (2.6): size a power of two <= maxSize;
+   * desc 16-byte, driver 2-byte, device 4-byte aligned. Packed (2.7.10): any
+   * size up to maxSize; desc 16-byte, both event structures 4-byte aligned.
+   * Every ring inside RAM. Returns false (after reporting the error) when
+   * something is wrong.
    */
   configure(size: number, desc: number, driver: number, device: number): boolean {
     this.ready = false;
@@ -391,57 +393,37 @@ export class VirtQueue {
     this.desc = desc;
     this.driver = driver;
     this.device = device;
-    if (this.packed) return this.configurePacked(size, desc, driver, device);
-    if (!Number.isInteger(size) || size < 1 || size > this.maxSize || (size & (size - 1)) !== 0)
-      return this.fail("VIRTQ_BAD_SIZE", `queue size ${size} is not a power of two in 1..${this.maxSize}`);
-    if (desc % 16 !== 0 || driver % 2 !== 0 || device % 4 !== 0)
-      return this.fail("VIRTQ_BAD_ALIGNMENT", `ring addresses desc 0x${desc.toString(16)} driver 0x${driver.toString(16)} device 0x${device.toString(16)} are misaligned`);
+    const packed = this.packed;
+    if (!Number.isInteger(size) || size < 1 || size > this.maxSize || (!packed && (size & (size - 1)) !== 0))
+      return this.fail("VIRTQ_BAD_SIZE", packed ? `packed queue size ${size} is not in 1..${this.maxSize}` : `queue size ${size} is not a power of two in 1..${this.maxSize}`);
+    const driverAlign = packed ? 4 : 2;
+    if (desc % 16 !== 0 || driver % driverAlign !== 0 || device % 4 !== 0)
+      return this.fail("VIRTQ_BAD_ALIGNMENT", `${packed ? "packed " : ""}ring addresses desc 0x${desc.toString(16)} driver 0x${driver.toString(16)} device 0x${device.toString(16)} are misaligned`);
     const ev = this.eventIdx ? 2 : 0;
     const d = this.memory.tryBytes(desc, 16 * size);
-    const a = this.memory.tryBytes(driver, 4 + 2 * size + ev);
-    const u = this.memory.tryBytes(device, 4 + 8 * size + ev);
+    const a = this.memory.tryBytes(driver, packed ? 4 : 4 + 2 * size + ev);
+    const u = this.memory.tryBytes(device, packed ? 4 : 4 + 8 * size + ev);
     if (d === undefined || a === undefined || u === undefined)
       return this.fail("VIRTQ_RING_NOT_RAM", "a ring of the queue is not inside guest RAM");
-    if (d.byteOffset % 4 !== 0 || a.byteOffset % 2 !== 0 || u.byteOffset % 4 !== 0)
+    if (d.byteOffset % 4 !== 0 || a.byteOffset % driverAlign !== 0 || u.byteOffset % 4 !== 0)
       return this.fail("VIRTQ_BAD_ALIGNMENT", "ring host mapping is misaligned");
     this.descWords = new Uint32Array(d.buffer, d.byteOffset, 4 * size);
     this.descHalves = new Uint16Array(d.buffer, d.byteOffset, 8 * size);
-    this.avail = new Uint16Array(a.buffer, a.byteOffset, a.length >> 1);
-    this.usedWords = new Uint32Array(u.buffer, u.byteOffset, u.length >> 2);
-    this.usedHalves = new Uint16Array(u.buffer, u.byteOffset, u.length >> 1);
-    this.mask = size - 1;
+    if (packed) {
+      this.driverEvent = new Uint32Array(a.buffer, a.byteOffset, 1);
+      this.deviceEvent = new Uint32Array(u.buffer, u.byteOffset, 1);
+      if (this.popStarts.length !== size) this.popStarts = new Uint32Array(size);
+      this.availWrap = this.usedWrap = 1;
+      this.descriptorsSinceSignal = 0;
+      this.popTop = this.popDepth = 0;
+    } else {
+      this.avail = new Uint16Array(a.buffer, a.byteOffset, a.length >> 1);
+      this.usedWords = new Uint32Array(u.buffer, u.byteOffset, u.length >> 2);
+      this.usedHalves = new Uint16Array(u.buffer, u.byteOffset, u.length >> 1);
+      this.mask = size - 1;
+    }
     this.lastAvail = 0;
     this.usedIdx = 0;
-    this.signalledUsed = 0;
-    this.signalledValid = false;
-    this.pushedSinceSignal = false;
-    this.notificationsEnabled = true;
-    this.ready = true;
-    return true;
-  }
-
-  /** configure() for the packed layout (2.7.10: ring 16-byte aligned, event structures 4-byte; any size up to the maximum). */
-  private configurePacked(size: number, desc: number, driver: number, device: number): boolean {
-    if (!Number.isInteger(size) || size < 1 || size > this.maxSize)
-      return this.fail("VIRTQ_BAD_SIZE", `packed queue size ${size} is not in 1..${this.maxSize}`);
-    if (desc % 16 !== 0 || driver % 4 !== 0 || device % 4 !== 0)
-      return this.fail("VIRTQ_BAD_ALIGNMENT", `packed ring addresses desc 0x${desc.toString(16)} driver 0x${driver.toString(16)} device 0x${device.toString(16)} are misaligned`);
-    const d = this.memory.tryBytes(desc, 16 * size);
-    const a = this.memory.tryBytes(driver, 4);
-    const u = this.memory.tryBytes(device, 4);
-    if (d === undefined || a === undefined || u === undefined)
-      return this.fail("VIRTQ_RING_NOT_RAM", "a ring of the queue is not inside guest RAM");
-    if (d.byteOffset % 4 !== 0 || a.byteOffset % 4 !== 0 || u.byteOffset % 4 !== 0)
-      return this.fail("VIRTQ_BAD_ALIGNMENT", "ring host mapping is misaligned");
-    this.descWords = new Uint32Array(d.buffer, d.byteOffset, 4 * size);
-    this.descHalves = new Uint16Array(d.buffer, d.byteOffset, 8 * size);
-    this.driverEvent = new Uint32Array(a.buffer, a.byteOffset, 1);
-    this.deviceEvent = new Uint32Array(u.buffer, u.byteOffset, 1);
-    if (this.popStarts.length !== size) this.popStarts = new Uint32Array(size);
-    this.lastAvail = this.usedIdx = 0;
-    this.availWrap = this.usedWrap = 1;
-    this.descriptorsSinceSignal = 0;
-    this.popTop = this.popDepth = 0;
     this.signalledUsed = 0;
     this.signalledValid = false;
     this.pushedSinceSignal = false;
@@ -746,10 +728,7 @@ export class VirtQueue {
       this.pushedSinceSignal = true;
       return;
     }
-    const i = this.usedIdx & this.mask;
-    this.usedWords[1 + 2 * i] = head;
-    this.usedWords[2 + 2 * i] = len >>> 0;
-    this.usedIdx = (this.usedIdx + 1) & 0xffff;
+    this.writeUsedEntry(head, len);
     // Publish the entry (a full fence: the entry is visible before the index, and the index before later loads).
     Atomics.store(this.usedHalves, 1, this.usedIdx);
     this.pushedSinceSignal = true;
@@ -764,12 +743,7 @@ export class VirtQueue {
   pushUsedBatch(heads: Uint32Array, lens: Uint32Array, count: number): void {
     if (!this.ready || count === 0) return;
     if (!this.packed) {
-      for (let k = 0; k < count; k++) {
-        const i = this.usedIdx & this.mask;
-        this.usedWords[1 + 2 * i] = heads[k]!;
-        this.usedWords[2 + 2 * i] = lens[k]!;
-        this.usedIdx = (this.usedIdx + 1) & 0xffff;
-      }
+      for (let k = 0; k < count; k++) this.writeUsedEntry(heads[k]!, lens[k]!);
       Atomics.store(this.usedHalves, 1, this.usedIdx);
       this.pushedSinceSignal = true;
       return;
@@ -785,6 +759,14 @@ export class VirtQueue {
     }
     Atomics.store(this.descHalves, first * 8 + 7, firstFlags);
     this.pushedSinceSignal = true;
+  }
+
+  /** Split: the next used-ring entry (not yet published: used.idx is stored by the caller). */
+  private writeUsedEntry(head: number, len: number): void {
+    const i = this.usedIdx & this.mask;
+    this.usedWords[1 + 2 * i] = head;
+    this.usedWords[2 + 2 * i] = len >>> 0;
+    this.usedIdx = (this.usedIdx + 1) & 0xffff;
   }
 
   /** Packed: a used descriptor's flags at the device's position now (AVAIL and USED = its wrap counter; WRITE when data was written). */
@@ -955,22 +937,18 @@ export class VirtQueue {
     }
     if (!s.ready) return true;
     if (!this.configure(s.size, s.desc, s.driver, s.device)) return false;
-    if (s.packed !== undefined) {
-      const p = s.packed;
+    const p = s.packed;
+    if (p !== undefined) {
       if (s.lastAvail >= s.size || s.usedIdx >= s.size || p.recentPops.length > s.size || p.recentPops.some((v) => (v & 0x7fff) >= s.size))
         return this.fail("VIRTQ_BAD_STATE", `saved packed queue positions ${s.lastAvail}/${s.usedIdx} are outside the ring (size ${s.size})`);
-      this.lastAvail = s.lastAvail;
-      this.usedIdx = s.usedIdx;
       this.availWrap = p.availWrap & 1;
       this.usedWrap = p.usedWrap & 1;
       this.descriptorsSinceSignal = p.descriptorsSinceSignal;
       p.recentPops.forEach((v, k) => (this.popStarts[k] = v & 0xffff));
       this.popDepth = p.recentPops.length;
       this.popTop = this.popDepth % this.size;
-      this.signalledValid = s.signalledValid;
-      this.notificationsEnabled = s.notificationsEnabled;
-      return true;
     }
+    // Positions (split: free-running 16-bit indexes; packed: ring positions, checked above).
     this.lastAvail = s.lastAvail & 0xffff;
     this.usedIdx = s.usedIdx & 0xffff;
     this.signalledUsed = s.signalledUsed & 0xffff;

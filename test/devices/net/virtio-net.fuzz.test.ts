@@ -37,6 +37,7 @@ function fuzzBed(seed: number, name: string, ringPacked: boolean) {
     dev,
     drv: new TestVirtioDriver(dev, services),
     inits: 0,
+    needsReset: 0,
     /** A fresh driver with a random feature mix (packed rings asked for at `packedChance`). */
     init(sizes: readonly number[], packedChance = 0): void {
       bed.drv = new TestVirtioDriver(dev, services);
@@ -59,14 +60,33 @@ function fuzzBed(seed: number, name: string, ringPacked: boolean) {
       } else if (kind === "readable") services.loop.fire(pair.a.fd);
       else while (pair.b.receive(sink) > 0);
     },
+    /** A stray common-configuration write (queue registers, status bits) from the current driver. */
+    strayRegisterWrite(): void {
+      const reg = rnd.pick([C.queueSelect, C.queueSize, C.queueEnable, C.deviceStatus, C.queueMsixVector, C.msixConfig]);
+      if (reg === C.deviceStatus) bed.drv.w8(reg, rnd.int(256));
+      else bed.drv.w16(reg, rnd.int(0x10000));
+    },
+    /** After a step: count a device that needs a reset, and sometimes give it a fresh driver. */
+    afterStep(init: () => void): void {
+      if ((bed.drv.status() & S.needsReset) === 0) return;
+      bed.needsReset++;
+      if (rnd.next() < 0.2) init();
+    },
+    /** What every run must show: broken rings reported, traffic in both directions. */
+    assertOutcome(extra: Record<string, number> = {}): void {
+      const c = dev.net.counters;
+      if (process.env["VNET_FUZZ_VERBOSE"] !== undefined) console.log(JSON.stringify({ ...c, needsReset: bed.needsReset, inits: bed.inits, ...extra }));
+      assert.ok(bed.needsReset > 0, "broken rings were reported");
+      assert.ok(c.rxFrames > 100 && c.txFrames > 100, `traffic flowed: ${JSON.stringify(c)}`);
+      pair.close();
+    },
   };
   return bed;
 }
 
 test("fuzz: 100,000 malformed ring states, frames and resets", () => {
   const bed = fuzzBed(0x7e7_0001, "vnet-fuzz", false);
-  const { rnd, dev, pair } = bed;
-  let needsReset = 0;
+  const { rnd, dev } = bed;
   const init = (): void => bed.init([1, 2, 4, 8, 16]);
   init();
 
@@ -124,31 +144,20 @@ test("fuzz: 100,000 malformed ring states, frames and resets", () => {
       if (rnd.next() < 0.5) q.setUsedEvent(rnd.int(0x10000));
       else q.setAvailFlags(rnd.int(2));
     } else if (r < 0.96) {
-      // Stray common-configuration writes (queue registers, status bits).
-      const reg = rnd.pick([C.queueSelect, C.queueSize, C.queueEnable, C.deviceStatus, C.queueMsixVector, C.msixConfig]);
-      if (reg === C.deviceStatus) drv.w8(reg, rnd.int(256));
-      else drv.w16(reg, rnd.int(0x10000));
+      bed.strayRegisterWrite();
     } else if (r < 0.98) {
       drv.deviceConfig(rnd.int(12), rnd.pick([1, 2, 4] as const));
     } else {
       dev.pci.configWrite(0x04, 2, rnd.int(8));
     }
-    if ((drv.status() & S.needsReset) !== 0) {
-      needsReset++;
-      if (rnd.next() < 0.2) init();
-    }
+    bed.afterStep(init);
   }
-  const c = dev.net.counters;
-  if (process.env["VNET_FUZZ_VERBOSE"] !== undefined) console.log(JSON.stringify({ ...c, needsReset, inits: bed.inits }));
-  assert.ok(needsReset > 0, "broken rings were reported");
-  assert.ok(c.rxFrames > 100 && c.txFrames > 100, `traffic flowed: ${JSON.stringify(c)}`);
-  pair.close();
+  bed.assertOutcome();
 });
 
 test("fuzz: 100,000 steps on packed virtqueues (offered; taken at about two inits in three), frames and resets", () => {
   const bed = fuzzBed(0x7e7_0002, "vnet-fuzz-packed", true);
-  const { rnd, dev, pair } = bed;
-  let needsReset = 0;
+  const { rnd, dev } = bed;
   let packedInits = 0;
   const init = (): void => {
     bed.init([1, 2, 3, 4, 5, 8, 13, 16], 0.67);
@@ -194,21 +203,12 @@ test("fuzz: 100,000 steps on packed virtqueues (offered; taken at about two init
     } else if (r < 0.95) {
       q.setDriverEvent(rnd.int(4), rnd.int(0x8000), rnd.int(2));
     } else if (r < 0.98) {
-      const reg = rnd.pick([C.queueSelect, C.queueSize, C.queueEnable, C.deviceStatus, C.queueMsixVector, C.msixConfig]);
-      if (reg === C.deviceStatus) drv.w8(reg, rnd.int(256));
-      else drv.w16(reg, rnd.int(0x10000));
+      bed.strayRegisterWrite();
     } else {
       dev.pci.configWrite(0x04, 2, rnd.int(8));
     }
-    if ((drv.status() & S.needsReset) !== 0) {
-      needsReset++;
-      if (rnd.next() < 0.2) init();
-    }
+    bed.afterStep(init);
   }
-  const c = dev.net.counters;
-  if (process.env["VNET_FUZZ_VERBOSE"] !== undefined) console.log(JSON.stringify({ ...c, needsReset, inits: bed.inits, packedInits }));
   assert.ok(packedInits > bed.inits / 2, `packed rings at ${packedInits} of ${bed.inits} inits`);
-  assert.ok(needsReset > 0, "broken rings were reported");
-  assert.ok(c.rxFrames > 100 && c.txFrames > 100, `traffic flowed: ${JSON.stringify(c)}`);
-  pair.close();
+  bed.assertOutcome({ packedInits });
 });
