@@ -68,7 +68,10 @@
  * qemu-ide-pio, qemu-virtio-memfd (QEMU's RAM in a memfd, as Partis's is),
  * partis-virtio-v8st (`node --single-threaded`), partis-virtio-native and
  * partis-ide-pio-native (`--vcpu-threads native`), partis-virtio-packed and
- * qemu-virtio-packed (packed virtqueues: `--disk IMG,packed`, `packed=on`), partis-virtio-native-main and
+ * qemu-virtio-packed (packed virtqueues: `--disk IMG,packed`, `packed=on`),
+ * partis-virtio-vhdx and qemu-virtio-vhdx (the stamped image converted to a
+ * dynamic VHDX by qemu-img; with --baseline-cli also the baseline build on
+ * it), partis-virtio-native-main and
  * partis-ide-pio-native-main (`--vcpu-threads native-main`), partis-virtio-worker
  * (`--vcpu-threads worker`)), --all, --dir D, --timeout S (300),
  * Partis's default rows run `--vcpu-threads auto`: native-main for the
@@ -170,6 +173,8 @@ interface Config {
   readonly extraAppend?: string;
   /** Left out unless named by --only or --all. */
   readonly optional?: boolean;
+  /** The image is a dynamic VHDX (qemu-img convert of the stamped raw image) instead of the raw file. */
+  readonly vhdx?: boolean;
   readonly argv: (kernel: string, initrd: string, append: string, image: string) => { command: string; argv: string[] };
 }
 
@@ -249,6 +254,18 @@ const CONFIGS: readonly Config[] = [
     argv: (k, i, a, img) => ({
       command: QEMU,
       argv: ["-M", "q35", ...qemuCommon(k, i, a), "-drive", `file=${img},if=none,format=raw,cache=writeback,id=d0`, "-device", "virtio-blk-pci,drive=d0,packed=on"],
+    }),
+  },
+  {
+    // The same guest on a dynamic VHDX (the stamped range allocated, the rest not): the image format Hyper-V users bring.
+    name: "partis-virtio-vhdx", label: "Partis virtio-blk, dynamic VHDX", vmm: "partis", device: "/dev/vda", seqMiB, randomOps, queuedOps, optional: true, vhdx: true,
+    argv: partisArgv("virtio"),
+  },
+  {
+    name: "qemu-virtio-vhdx", label: "QEMU virtio-blk (q35), dynamic VHDX", vmm: "qemu", device: "/dev/vda", seqMiB, randomOps, queuedOps, optional: true, vhdx: true,
+    argv: (k, i, a, img) => ({
+      command: QEMU,
+      argv: ["-M", "q35", ...qemuCommon(k, i, a), "-drive", `file=${img},if=none,format=vhdx,cache=writeback,id=d0`, "-device", "virtio-blk-pci,drive=d0"],
     }),
   },
   {
@@ -517,9 +534,15 @@ class RunFailure extends Error {
 }
 
 function once(c: Config, run: number, kernel: string, initrd: string, dir: string): Promise<RunResult> {
-  const image = join(dir, `${c.name}.img`);
   const nonce = randomInt(1, 2 ** 47);
-  createImage(image, c.seqMiB, nonce);
+  const image = c.vhdx === true ? join(dir, `${c.name}.vhdx`) : join(dir, `${c.name}.img`);
+  if (c.vhdx === true) {
+    const raw = join(dir, `${c.name}.raw`);
+    createImage(raw, c.seqMiB, nonce);
+    const conv = spawnSync("qemu-img", ["convert", "-f", "raw", "-O", "vhdx", "-o", "subformat=dynamic", raw, image], { encoding: "utf8" });
+    rmSync(raw, { force: true });
+    if (conv.status !== 0) throw new Error(`qemu-img convert to VHDX failed: ${conv.stderr ?? conv.error?.message}`);
+  } else createImage(image, c.seqMiB, nonce);
   const append = [BASE_APPEND, c.extraAppend, guestRunOption(guestCommand(c, nonce))].filter(Boolean).join(" ");
   const { command, argv } = c.argv(kernel, initrd, append, image);
   return new Promise<RunResult>((resolve, reject) => {
@@ -740,7 +763,13 @@ async function main(): Promise<void> {
   const configs: Config[] =
     baseline === undefined
       ? selected
-      : [...selected, { name: "partis-virtio-baseline", label: `Partis virtio-blk, baseline build (${baseline})`, vmm: "partis", device: "/dev/vda", seqMiB, randomOps, queuedOps, argv: partisArgv("virtio", [], baseline) }];
+      : [
+          ...selected,
+          { name: "partis-virtio-baseline", label: `Partis virtio-blk, baseline build (${baseline})`, vmm: "partis", device: "/dev/vda", seqMiB, randomOps, queuedOps, argv: partisArgv("virtio", [], baseline) },
+          ...(selected.some((c) => c.name === "partis-virtio-vhdx")
+            ? [{ name: "partis-virtio-vhdx-baseline", label: `Partis virtio-blk, dynamic VHDX, baseline build (${baseline})`, vmm: "partis", device: "/dev/vda", seqMiB, randomOps, queuedOps, vhdx: true, argv: partisArgv("virtio", [], baseline) } satisfies Config]
+            : []),
+        ];
   if (configs.length === 0) throw new Error(`--only ${value("--only")}: none of ${CONFIGS.map((c) => c.name).join(", ")}`);
   const baseDir = value("--dir") ?? tmpdir();
   mkdirSync(baseDir, { recursive: true });
@@ -819,6 +848,11 @@ async function main(): Promise<void> {
     ["partis-virtio-packed", "partis-virtio", "Partis virtio-blk packed ÷ split", ""],
     ["partis-virtio-packed", "qemu-virtio-packed", "Partis ÷ QEMU virtio-blk, both packed", ""],
     ["qemu-virtio-packed", "qemu-virtio", "QEMU virtio-blk packed ÷ split", ""],
+    ["partis-virtio-vhdx", "qemu-virtio-vhdx", "Partis ÷ QEMU virtio-blk, both on dynamic VHDX", ""],
+    ["partis-virtio-vhdx", "partis-virtio", "Partis virtio-blk VHDX ÷ raw", ""],
+    ["qemu-virtio-vhdx", "qemu-virtio", "QEMU virtio-blk VHDX ÷ raw", ""],
+    ["partis-virtio", "partis-virtio-baseline", "Partis virtio-blk, this build ÷ baseline", ""],
+    ["partis-virtio-vhdx", "partis-virtio-vhdx-baseline", "Partis virtio-blk VHDX, this build ÷ baseline", ""],
   ];
   console.log("");
   console.log(`| ratio | seq write | seq read | 4K rand read | 4K rand read QD${queueDepth} | CPU per GiB read (lower is better) | CPU per rand read | note |`);

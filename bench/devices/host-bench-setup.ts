@@ -21,14 +21,36 @@ export function flag(name: string): boolean {
   return process.argv.slice(2).includes(name);
 }
 
-/** A fixed raw image `disk.raw` of `bytes` in `dir`, every byte written (0x5a), so reads find data, not holes. */
-export function filledRawImage(dir: string, bytes: number): BlockDevice {
-  const path = join(dir, "disk.raw");
-  createDisk(path, "raw", { type: "fixed", size: bytes });
+/** Image kinds the host-side benchmarks serve from (--format). */
+export const BENCH_IMAGE_FORMATS = ["raw", "vhd", "vhdx", "vhdx-child"] as const;
+export type BenchImageFormat = (typeof BENCH_IMAGE_FORMATS)[number];
+
+/** --format, checked. */
+export function imageFormatOption(): BenchImageFormat {
+  const f = option("--format", "raw");
+  if (!(BENCH_IMAGE_FORMATS as readonly string[]).includes(f)) throw new Error(`--format must be one of ${BENCH_IMAGE_FORMATS.join(", ")}`);
+  return f as BenchImageFormat;
+}
+
+/**
+ * An image of `bytes` in `dir` whose every byte has been written (0x5a), so
+ * reads find data, not holes: a fixed raw file, a dynamic VHD or VHDX (every
+ * block allocated, in order), or "vhdx-child": an empty differencing VHDX
+ * over such a VHDX (a fresh checkpoint: reads fall through to the parent,
+ * writes allocate in the child).
+ */
+export function filledImage(dir: string, bytes: number, format: BenchImageFormat = "raw"): BlockDevice {
+  const base = format === "vhdx-child" ? "vhdx" : format;
+  const path = join(dir, `disk.${base}`);
+  createDisk(path, base, { type: base === "raw" ? "fixed" : "dynamic", size: bytes });
   const disk = openDisk(path);
   const fill = new Uint8Array(1024 * 1024).fill(0x5a);
   for (let o = 0; o < bytes; o += fill.length) disk.write(o, fill.subarray(0, Math.min(fill.length, bytes - o)));
-  return disk;
+  if (format !== "vhdx-child") return disk;
+  disk.close();
+  const child = join(dir, "child.vhdx");
+  createDisk(child, "vhdx", { type: "differencing", parentPath: path });
+  return openDisk(child);
 }
 
 /** `bytes` of guest RAM at guest-physical 0, one memfd mapping (host-mapped: hostAddresses works). */

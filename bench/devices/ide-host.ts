@@ -14,7 +14,7 @@
  * read, and every other device of the VM waits; on the ring it holds it only
  * to submit and to complete.
  *
- * usage: node dist/bench/devices/ide-host.js [--dir /var/tmp] [--size-mib 512] [--transfers 200] [--kib 64] [--warm]
+ * usage: node dist/bench/devices/ide-host.js [--dir /var/tmp] [--size-mib 512] [--transfers 200] [--kib 64] [--warm] [--format raw|vhd|vhdx|vhdx-child]
  */
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { spawnSync } from "node:child_process";
@@ -25,11 +25,13 @@ import { PiixIde } from "../../src/devices/emulated/ide/piix-ide.js";
 import type { PciDeviceServices } from "../../src/devices/pci/device-thread-services.js";
 import { IoUring } from "../../src/hypervisor/io-uring.js";
 import { libc } from "../../src/hypervisor/index.js";
-import { filledRawImage, flag, memfdGuestRam, option } from "./host-bench-setup.js";
+import { filledImage, imageFormatOption, flag, memfdGuestRam, option } from "./host-bench-setup.js";
 
 const MiB = 1024 * 1024;
 const DIR = option("--dir", "/var/tmp");
 const SIZE = Number(option("--size-mib", "512")) * MiB;
+/** --format raw|vhd|vhdx|vhdx-child: the image the disk is served from (host-bench-setup.ts). */
+const FORMAT = imageFormatOption();
 const TRANSFERS = Number(option("--transfers", "200"));
 const BYTES = Number(option("--kib", "64")) * 1024;
 const COLD = !flag("--warm");
@@ -149,7 +151,7 @@ function run(disk: BlockDevice, ring: IoUring | undefined): Row {
 function main(): void {
   const dir = mkdtempSync(join(DIR, "partis-ide-bench-"));
   try {
-    const disk = filledRawImage(dir, SIZE);
+    const disk = filledImage(dir, SIZE, FORMAT);
     disk.flush();
     const rows: Row[] = [];
     for (let round = 0; round < 2; round++) {
@@ -162,7 +164,7 @@ function main(): void {
       }
     }
     disk.close();
-    console.log(`PIIX IDE READ DMA of ${BYTES / 1024} KiB at random offsets, raw image in ${DIR} (${SIZE / MiB} MiB), page cache ${COLD ? "dropped before each loop" : "warm"}, node ${process.version}, ${cpus()[0]?.model ?? "cpu"}\n`);
+    console.log(`PIIX IDE READ DMA of ${BYTES / 1024} KiB at random offsets, ${FORMAT} image in ${DIR} (${SIZE / MiB} MiB), page cache ${COLD ? "dropped before each loop" : "warm"}, node ${process.version}, ${cpus()[0]?.model ?? "cpu"}\n`);
     console.log("| mode | transfers | of which completed later | MiB/s | device-thread µs per transfer (median / mean) | wall µs per transfer (median) |");
     console.log("|---|---:|---:|---:|---:|---:|");
     for (const r of rows) {

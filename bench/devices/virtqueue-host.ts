@@ -2,7 +2,8 @@
  * virtio-blk request path on this host, no guest: a lean driver lays out a
  * split queue in anonymous "guest RAM", posts virtio-blk requests and rings
  * the queue's doorbell; the real VirtioPciDevice + VirtQueue + VirtioBlk code
- * serves them from a raw image (in /dev/shm by default, so the numbers are
+ * serves them from a raw image (--format: VHD, VHDX or a fresh VHDX checkpoint
+ * over one instead; in /dev/shm by default, so the numbers are
  * the device model's CPU cost, not the disk's).
  *
  * Workloads: 4 KiB random reads; 1 MiB sequential reads and writes (each
@@ -32,7 +33,7 @@
  * completions found by their USED bit; EVENT_IDX through the driver's event
  * structure.
  *
- * usage: node dist/bench/devices/virtqueue-host.js [--dir /dev/shm] [--size-mib 256] [--seconds 3] [--segment-kib 4] [--anonymous] [--ring] [--cold] [--packed] [--only <workload name part>]
+ * usage: node dist/bench/devices/virtqueue-host.js [--dir /dev/shm] [--size-mib 256] [--seconds 3] [--segment-kib 4] [--anonymous] [--ring] [--cold] [--packed] [--format raw|vhd|vhdx|vhdx-child] [--only <workload name part>]
  */
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { spawnSync } from "node:child_process";
@@ -45,7 +46,7 @@ import { createVirtioBlk, type VirtioBlk } from "../../src/devices/virtio/virtio
 import { IoUring } from "../../src/hypervisor/io-uring.js";
 import { VIRTIO_COMMON as C, VIRTIO_STATUS as S, type VirtioPciDevice } from "../../src/devices/virtio/pci-transport.js";
 import type { PciDeviceServices } from "../../src/devices/pci/device-thread-services.js";
-import { filledRawImage, memfdGuestRam, option } from "./host-bench-setup.js";
+import { filledImage, imageFormatOption, memfdGuestRam, option } from "./host-bench-setup.js";
 
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
@@ -53,6 +54,8 @@ const arg = option;
 const args = process.argv.slice(2);
 const DIR = arg("--dir", "/dev/shm");
 const SIZE = Number(arg("--size-mib", "256")) * MiB;
+/** --format raw|vhd|vhdx|vhdx-child: the image the disk is served from (host-bench-setup.ts). */
+const FORMAT = imageFormatOption();
 const SECONDS = Number(arg("--seconds", "2.5"));
 const SEGMENT = Number(arg("--segment-kib", "4")) * 1024;
 const ANONYMOUS = args.includes("--anonymous");
@@ -377,7 +380,7 @@ function direct(disk: BlockDevice, memory: ChunkedGuestMemory, workload: string,
 function main(): void {
   const dir = mkdtempSync(join(DIR, "partis-vq-"));
   try {
-    const disk = filledRawImage(dir, SIZE);
+    const disk = filledImage(dir, SIZE, FORMAT);
     const bench = new Bench(disk);
     const rows: Row[] = [];
     const workloads = [
@@ -391,7 +394,7 @@ function main(): void {
       for (const batch of [1, 32]) rows.push(run(bench, name, batch, bytes, write, random));
     }
     disk.close();
-    console.log(`virtio-blk through VirtioPciDevice + VirtQueue (${PACKED ? "packed" : "split"} virtqueue${RING ? ", io_uring" : ""}), raw image in ${DIR} (${SIZE / MiB} MiB), node ${process.version}, ${cpus()[0]?.model ?? "cpu"}\n`);
+    console.log(`virtio-blk through VirtioPciDevice + VirtQueue (${PACKED ? "packed" : "split"} virtqueue${RING ? ", io_uring" : ""}), ${FORMAT} image in ${DIR} (${SIZE / MiB} MiB), node ${process.version}, ${cpus()[0]?.model ?? "cpu"}\n`);
     console.log("| workload | batch | requests/s | MiB/s | host CPU s/GiB | interrupts/request | heap bytes/request | GCs |");
     console.log("|---|---:|---:|---:|---:|---:|---:|---:|");
     for (const r of rows)

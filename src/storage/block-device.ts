@@ -59,6 +59,13 @@ export interface BlockRequestRing extends HostIoQueue {
   drain(handler: (token: number, result: number) => void): void;
 }
 
+/** Bytes in the first `count` host spans (readHost/writeHost/queueHost's lengths). */
+export function spanTotal(lengths: Uint32Array, count: number): number {
+  let total = 0;
+  for (let i = 0; i < count; i++) total += lengths[i]!;
+  return total;
+}
+
 export interface BlockDevice {
   /** Path of the file or device (for messages). */
   readonly path: string;

@@ -207,6 +207,8 @@ export interface RawDiskConfig {
   /** How to reopen without O_DIRECT if direct I/O fails at run time. */
   readonly reopenBuffered: (() => number) | undefined;
   readonly notes: string[];
+  /** The descriptor belongs to someone else (an image format's file, see payloadOf): close() neither flushes nor closes it. */
+  readonly borrowed?: boolean;
 }
 
 export class RawDisk implements BlockDevice {
@@ -223,6 +225,7 @@ export class RawDisk implements BlockDevice {
   private fd: number;
   private direct: DirectIo | undefined;
   private readonly reopenBuffered: (() => number) | undefined;
+  private readonly borrowed: boolean;
   private closed = false;
 
   constructor(config: RawDiskConfig) {
@@ -236,6 +239,19 @@ export class RawDisk implements BlockDevice {
     this.direct = config.direct;
     this.reopenBuffered = config.reopenBuffered;
     this.notes = config.notes;
+    this.borrowed = config.borrowed === true;
+  }
+
+  /**
+   * The file of an image format (VHD, VHDX) seen as raw bytes, for the
+   * payload ranges the format has mapped to one contiguous file extent: its
+   * readHost/writeHost/queueHost/queueFlush move guest data with no copy and
+   * without waiting for the disk, exactly as for a raw image. Offsets are file
+   * offsets; the format checks ranges against the virtual disk first. The
+   * descriptor stays the format's: close() only stops further use.
+   */
+  static payloadOf(path: string, fd: number, readOnly: boolean): RawDisk {
+    return new RawDisk({ path, fd, size: Number.MAX_SAFE_INTEGER, type: "raw", readOnly, logicalSectorSize: SECTOR, physicalSectorSize: 4096, direct: undefined, reopenBuffered: undefined, notes: [], borrowed: true });
   }
 
   /** Whether I/O currently bypasses the page cache. */
@@ -507,6 +523,10 @@ export class RawDisk implements BlockDevice {
 
   close(): void {
     if (this.closed) return;
+    if (this.borrowed) {
+      this.closed = true;
+      return;
+    }
     try {
       this.flush();
     } finally {

@@ -16,24 +16,12 @@ import { DiskError, type BlockDevice, type DiskFormat } from "../../src/storage/
 import { describeChain } from "../../src/storage/chain.js";
 import { createDisk, openDisk } from "../../src/storage/open.js";
 import { convertDisk } from "../../src/storage/tools/index.js";
-import { qemuCompare, scratchDir, sha256File } from "./tools/oracle.js";
+import { qemuCompare, rng, scratchDir, sha256File } from "./tools/oracle.js";
 
 const MiB = 1024 * 1024;
 /** Not a multiple of any block size, so the last block is partial in every layer. */
 const SIZE = 6 * MiB + 3 * 512;
 const BLOCK = MiB;
-
-/** Deterministic PRNG (mulberry32). */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 function bytes(r: () => number, len: number): Uint8Array {
   const b = new Uint8Array(len);

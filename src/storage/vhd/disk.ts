@@ -34,10 +34,10 @@
  */
 import * as fs from "node:fs";
 import * as nodePath from "node:path";
-import { DiskError, type AllocationExtent, type AllocationState, type BlockDevice, type DiskType, type OpenOptions } from "../block-device.js";
+import { DiskError, spanTotal, type AllocationExtent, type AllocationState, type BlockDevice, type DiskType, type HostIoQueue, type OpenOptions } from "../block-device.js";
 import { MAX_CHAIN_DEPTH, resolveParentPath, verifyParent } from "../chain.js";
 import { describeDisk, openDisk } from "../open.js";
-import { preadFully, pwriteFully } from "../raw.js";
+import { preadFully, pwriteFully, RawDisk } from "../raw.js";
 import { loadLayout, readAt, type VhdLayout } from "./layout.js";
 import {
   BAT_UNALLOCATED,
@@ -86,6 +86,8 @@ export class VhdDisk implements BlockDevice {
   readonly blockSize: number;
 
   private readonly fd: number;
+  /** This file's bytes for data moved straight between guest RAM and a block's data area. */
+  private readonly payload: RawDisk;
   private readonly bat: Uint32Array;
   private readonly batOffset: number;
   private readonly bitmapSize: number;
@@ -101,6 +103,7 @@ export class VhdDisk implements BlockDevice {
   private constructor(path: string, fd: number, layout: VhdLayout, readOnly: boolean, parent: BlockDevice | undefined, warnings: string[]) {
     this.path = path;
     this.fd = fd;
+    this.payload = RawDisk.payloadOf(path, fd, readOnly);
     this.footer = layout.footer;
     this.type = layout.footer.diskType === DISK_TYPE_FIXED ? "fixed" : layout.footer.diskType === DISK_TYPE_DYNAMIC ? "dynamic" : "differencing";
     this.size = layout.footer.currentSize;
@@ -239,15 +242,19 @@ export class VhdDisk implements BlockDevice {
 
   // --- writing --------------------------------------------------------------------------------
 
-  write(offset: number, buf: Uint8Array): void {
-    this.checkRange(offset, buf.length, "write");
+  private checkWrite(offset: number, length: number): void {
+    this.checkRange(offset, length, "write");
     if (this.readOnly) throw new DiskError("DISK_READ_ONLY", "write to a read-only disk", this.path, { offset });
+    if (this.type === "differencing" && this.parent === undefined) {
+      throw new DiskError("VHD_NO_PARENT", "cannot write a differencing disk opened without its parent", this.path);
+    }
+  }
+
+  write(offset: number, buf: Uint8Array): void {
+    this.checkWrite(offset, buf.length);
     if (this.type === "fixed") {
       pwriteFully(this.fd, buf, offset);
       return;
-    }
-    if (this.type === "differencing" && this.parent === undefined) {
-      throw new DiskError("VHD_NO_PARENT", "cannot write a differencing disk opened without its parent", this.path);
     }
     const bs = this.blockSize;
     let done = 0;
@@ -313,6 +320,86 @@ export class VhdDisk implements BlockDevice {
       pwriteFully(this.fd, data, dataAt + inBlock);
     }
     if (setBits(bm, s0, s1)) this.dirtyBitmaps.add(block);
+  }
+
+  // --- guest RAM in place (virtio-blk, IDE bus-master DMA) ------------------------------------
+  //
+  // The common cases go straight between guest RAM and the file, as for a raw
+  // image (one preadv/pwritev, or queued on the device's io_uring): a fixed
+  // disk's data, a range of one allocated block whose sectors are all present,
+  // and, for reads, a range the parent holds entirely. Everything else
+  // answers false, having done nothing, and the caller takes the synchronous
+  // path above (allocation, bitmap bits to set, partial sectors, zeros).
+  // A write that goes straight to the file changes no metadata.
+
+  readHost(offset: number, addresses: Float64Array, lengths: Uint32Array, count: number): boolean {
+    const length = spanTotal(lengths, count);
+    this.checkRange(offset, length, "read");
+    if (length === 0) return true;
+    const at = this.payloadAt(offset, length);
+    if (at >= 0) return this.payload.readHost(at, addresses, lengths, count);
+    const below = this.parentHolding(offset, length);
+    return below?.readHost !== undefined && below.readHost(offset, addresses, lengths, count);
+  }
+
+  writeHost(offset: number, addresses: Float64Array, lengths: Uint32Array, count: number): boolean {
+    const length = spanTotal(lengths, count);
+    this.checkWrite(offset, length);
+    if (length === 0) return true;
+    const at = this.payloadAt(offset, length);
+    return at >= 0 && this.payload.writeHost(at, addresses, lengths, count);
+  }
+
+  queueHost(queue: HostIoQueue, write: boolean, offset: number, addresses: Float64Array, lengths: Uint32Array, count: number, token: number): "done" | "queued" | false {
+    const length = spanTotal(lengths, count);
+    if (write) this.checkWrite(offset, length);
+    else this.checkRange(offset, length, "read");
+    if (length === 0) return false;
+    const at = this.payloadAt(offset, length);
+    if (at >= 0) return this.payload.queueHost(queue, write, at, addresses, lengths, count, token);
+    if (write) return false;
+    const below = this.parentHolding(offset, length);
+    return below?.queueHost !== undefined ? below.queueHost(queue, false, offset, addresses, lengths, count, token) : false;
+  }
+
+  /** An fsync on the queue when no metadata is waiting to be published (else flush() does it, synchronously). */
+  queueFlush(queue: HostIoQueue, token: number): boolean {
+    if (this.closed || this.readOnly || this.dirtyBitmaps.size !== 0 || this.dirtyBat.size !== 0 || !this.endFooterValid) return false;
+    return this.payload.queueFlush(queue, token);
+  }
+
+  /** The file offset of `offset` when [offset, offset+length) is in one allocated block with every sector present (fixed: all of it); -1 otherwise. */
+  private payloadAt(offset: number, length: number): number {
+    if (this.type === "fixed") return offset;
+    const bs = this.blockSize;
+    const block = Math.floor(offset / bs);
+    const inBlock = offset - block * bs;
+    if (inBlock + length > bs || this.bat[block] === BAT_UNALLOCATED) return -1;
+    const bm = this.bitmap(block);
+    const s0 = Math.floor(inBlock / SECTOR);
+    const s1 = Math.ceil((inBlock + length) / SECTOR);
+    if (!bitIsSet(bm, s0) || runEnd(bm, s0, s1) !== s1) return -1;
+    return this.blockDataOffset(block) + inBlock;
+  }
+
+  /** The parent, when this layer holds no sector of [offset, offset+length) and the parent holds all of it. */
+  private parentHolding(offset: number, length: number): BlockDevice | undefined {
+    const p = this.parent;
+    if (p === undefined || this.type === "fixed" || offset + length > p.size) return undefined;
+    const bs = this.blockSize;
+    const end = offset + length;
+    for (let pos = offset; pos < end; ) {
+      const block = Math.floor(pos / bs);
+      const blockEnd = Math.min(end, (block + 1) * bs);
+      if (this.bat[block] !== BAT_UNALLOCATED) {
+        const bm = this.bitmap(block);
+        const s0 = Math.floor((pos - block * bs) / SECTOR);
+        const s1 = Math.ceil((blockEnd - block * bs) / SECTOR);
+        if (bitIsSet(bm, s0) || runEnd(bm, s0, s1) !== s1) return undefined;
+      }
+      pos = blockEnd;
+    }
+    return p;
   }
 
   // --- durability -----------------------------------------------------------------------------
@@ -403,6 +490,7 @@ export class VhdDisk implements BlockDevice {
       this.flush();
     } finally {
       this.closed = true;
+      this.payload.close();
       fs.closeSync(this.fd);
       this.parent?.close();
     }

@@ -44,6 +44,15 @@ export class HostFile {
     this.fd = fd;
   }
 
+  /**
+   * The descriptor, for transfers that bypass this class (payload data
+   * through RawDisk.payloadOf); undefined while an in-memory replay overlay
+   * must patch what is read.
+   */
+  get directDescriptor(): number | undefined {
+    return this.overlay === undefined && this.fd >= 0 ? this.fd : undefined;
+  }
+
   static open(path: string, readOnly: boolean): HostFile {
     try {
       return new HostFile(path, fs.openSync(path, readOnly ? "r" : "r+"), readOnly);

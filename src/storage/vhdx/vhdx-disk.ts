@@ -31,12 +31,14 @@
  * another block's data.
  */
 import * as nodePath from "node:path";
-import { DiskError, type AllocationExtent, type AllocationState, type BlockDevice, type DiskType, type OpenOptions } from "../block-device.js";
+import { DiskError, type AllocationExtent, type AllocationState, type BlockDevice, type DiskType, type HostIoQueue, type OpenOptions, spanTotal } from "../block-device.js";
 import { resolveParentPath, verifyParent } from "../chain.js";
 import { describeDisk, openDisk } from "../open.js";
+import { RawDisk } from "../raw.js";
 import {
   PAYLOAD_BLOCK_FULLY_PRESENT,
   PAYLOAD_BLOCK_PARTIALLY_PRESENT,
+  PAYLOAD_BLOCK_UNDEFINED,
   PAYLOAD_BLOCK_UNMAPPED,
   PAYLOAD_BLOCK_ZERO,
   SB_BLOCK_PRESENT,
@@ -71,6 +73,8 @@ export class VhdxDisk implements BlockDevice {
   readonly parentPath: string | undefined;
 
   private readonly img: VhdxImage;
+  /** This file's bytes for payload extents moved straight from and to guest RAM (undefined while a replay overlay patches reads). */
+  private readonly payload: RawDisk | undefined;
   private readonly log: VhdxLogWriter | undefined;
   private fileEnd: number;
   private closed = false;
@@ -95,6 +99,8 @@ export class VhdxDisk implements BlockDevice {
     this.fileEnd = Math.ceil(img.file.size() / MiB) * MiB;
     const h = img.header;
     this.log = readOnly || h.logLength === 0 ? undefined : new VhdxLogWriter(img.file, h.logOffset, h.logLength);
+    const fd = img.file.directDescriptor;
+    this.payload = fd === undefined ? undefined : RawDisk.payloadOf(img.path, fd, readOnly);
     // A replay at open already took the session's new FileWriteGuid.
     this.renewed.file = img.logReplayNeeded && !readOnly;
   }
@@ -244,9 +250,130 @@ export class VhdxDisk implements BlockDevice {
       }
     } finally {
       this.closed = true;
+      this.payload?.close();
       this.img.close();
       this.parent?.close();
     }
+  }
+
+  // ---- guest RAM in place (virtio-blk, IDE bus-master DMA) ----
+  //
+  // The common cases go straight between guest RAM and the file, as for a raw
+  // image (one preadv/pwritev, or queued on the device's io_uring): a range
+  // whose every sector is this layer's (fully present blocks, or partially
+  // present ones with the range's bits set) in blocks that follow each other
+  // in the file, and, for reads, a range a differencing disk's parent holds
+  // entirely. Everything else answers false, having done nothing, and the
+  // caller takes the block-by-block path above: allocation, bits to set,
+  // ranges mixing this layer's sectors and the parent's, zero and unmapped
+  // blocks. A write that goes straight to the file changes no metadata (its
+  // block is already allocated and its BAT entry already written or pending
+  // in the same transaction), so flush() and the log's ordering cover it as
+  // they cover the synchronous path.
+
+  readHost(offset: number, addresses: Float64Array, lengths: Uint32Array, count: number): boolean {
+    const length = spanTotal(lengths, count);
+    this.checkRange("read", offset, length);
+    if (length === 0) return true;
+    const at = this.payloadAt(offset, length);
+    if (at >= 0) return this.payload!.readHost(at, addresses, lengths, count);
+    const below = this.parentHolding(offset, length);
+    return below?.readHost !== undefined && below.readHost(offset, addresses, lengths, count);
+  }
+
+  writeHost(offset: number, addresses: Float64Array, lengths: Uint32Array, count: number): boolean {
+    this.checkWritable();
+    const length = spanTotal(lengths, count);
+    this.checkRange("write", offset, length);
+    if (length === 0) return true;
+    const at = this.payloadAt(offset, length);
+    if (at < 0) return false;
+    this.beginChange(true);
+    return this.payload!.writeHost(at, addresses, lengths, count);
+  }
+
+  queueHost(queue: HostIoQueue, write: boolean, offset: number, addresses: Float64Array, lengths: Uint32Array, count: number, token: number): "done" | "queued" | false {
+    if (write) this.checkWritable();
+    const length = spanTotal(lengths, count);
+    this.checkRange(write ? "write" : "read", offset, length);
+    if (length === 0) return false;
+    const at = this.payloadAt(offset, length);
+    if (at >= 0) {
+      if (write) this.beginChange(true);
+      return this.payload!.queueHost(queue, write, at, addresses, lengths, count, token);
+    }
+    if (write) return false;
+    const below = this.parentHolding(offset, length);
+    return below?.queueHost !== undefined ? below.queueHost(queue, false, offset, addresses, lengths, count, token) : false;
+  }
+
+  /** An fsync on the queue when no metadata is pending (else flush() commits it, synchronously). */
+  queueFlush(queue: HostIoQueue, token: number): boolean {
+    if (this.closed || this.readOnly || this.payload === undefined) return false;
+    if (this.pendingBat.size !== 0 || this.pendingBitmap.size !== 0 || this.freshBitmaps.size !== 0) return false;
+    return this.payload.queueFlush(queue, token);
+  }
+
+  /**
+   * The file offset of `offset` when every sector of [offset, offset+length)
+   * is this layer's (fully present blocks, or partially present ones whose
+   * sector bitmap has the range's bits set) and the blocks follow each other
+   * in the file; -1 otherwise.
+   */
+  private payloadAt(offset: number, length: number): number {
+    if (this.payload === undefined) return -1;
+    const { geometry: geo, bat } = this.img;
+    const bs = geo.blockSize;
+    const first = Math.floor(offset / bs);
+    const last = Math.floor((offset + length - 1) / bs);
+    let base = -1;
+    for (let b = first; b <= last; b++) {
+      const i = geo.payloadIndex(b);
+      const st = bat.state(i);
+      if (st !== PAYLOAD_BLOCK_FULLY_PRESENT && (st !== PAYLOAD_BLOCK_PARTIALLY_PRESENT || !this.sectorsAre(true, b, offset, length))) return -1;
+      if (b === first) base = bat.offset(i);
+      else if (bat.offset(i) !== base + (b - first) * bs) return -1;
+    }
+    return base + (offset - first * bs);
+  }
+
+  /**
+   * The parent, when this layer holds none of [offset, offset+length)
+   * (NOT_PRESENT or UNDEFINED blocks, or partially present ones whose bitmap
+   * has the range's bits clear) and the parent holds all of it.
+   */
+  private parentHolding(offset: number, length: number): BlockDevice | undefined {
+    const p = this.parent;
+    if (p === undefined || offset + length > p.size) return undefined;
+    const { geometry: geo, bat } = this.img;
+    const last = Math.floor((offset + length - 1) / geo.blockSize);
+    for (let b = Math.floor(offset / geo.blockSize); b <= last; b++) {
+      const st = bat.state(geo.payloadIndex(b));
+      if (st > PAYLOAD_BLOCK_UNDEFINED && (st !== PAYLOAD_BLOCK_PARTIALLY_PRESENT || !this.sectorsAre(false, b, offset, length))) return undefined;
+    }
+    return p;
+  }
+
+  /** Whether every sector bit of block `block` within [offset, offset+length) is `present`. */
+  private sectorsAre(present: boolean, block: number, offset: number, length: number): boolean {
+    const geo = this.img.geometry;
+    const ls = this.logicalSectorSize;
+    const start = Math.max(offset, block * geo.blockSize);
+    const end = Math.min(offset + length, (block + 1) * geo.blockSize);
+    const bitmap = this.bitmap(Math.floor(block / geo.chunkRatio));
+    const base = ((block % geo.chunkRatio) * geo.blockSize) / ls - block * (geo.blockSize / ls);
+    const to = base + Math.ceil(end / ls);
+    const whole = present ? 0xff : 0;
+    for (let bit = base + Math.floor(start / ls); bit < to; ) {
+      if ((bit & 7) === 0 && bit + 8 <= to) {
+        if (bitmap[bit >>> 3] !== whole) return false;
+        bit += 8;
+      } else {
+        if (((bitmap[bit >>> 3]! & (1 << (bit & 7))) !== 0) !== present) return false;
+        bit++;
+      }
+    }
+    return true;
   }
 
   // ---- reads ----
@@ -477,6 +604,7 @@ export class VhdxDisk implements BlockDevice {
    * session's first log entry (logAndApply).
    */
   beginChange(dataChange: boolean): void {
+    if (this.renewed.file && (this.renewed.data || !dataChange)) return;
     const changes: HeaderChanges = {};
     if (!this.renewed.file) changes.fileWriteGuid = newGuid();
     if (dataChange && !this.renewed.data) changes.dataWriteGuid = newGuid();

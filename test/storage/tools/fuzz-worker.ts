@@ -16,6 +16,17 @@ import { checkDisk, infoDisk } from "../../../src/storage/tools/index.js";
 import { vhdTargets, vhdxTargets, type Target } from "./fuzz-targets.js";
 import { seededBytes } from "./oracle.js";
 
+/** Host-mapped memory for readHost (the path virtio-blk and IDE DMA take), where libc loads. */
+const hostMemory = await (async () => {
+  try {
+    const libc = await import("../../../src/hypervisor/libc.js");
+    const view = libc.alignedBuffer(64 * 1024);
+    return { view, address: Number(libc.addressOfView(view)) };
+  } catch {
+    return undefined;
+  }
+})();
+
 export interface FuzzWorkerInput {
   readonly dir: string;
   readonly seed: number;
@@ -265,6 +276,13 @@ function run(input: FuzzWorkerInput): FuzzWorkerReport {
         dev.read(Math.max(0, dev.size - 4096), buf.subarray(0, 4096));
         const off = rng.below(Math.max(1, dev.size - 9000));
         dev.read(off, buf.subarray(0, 9000));
+        if (hostMemory !== undefined && dev.readHost !== undefined) {
+          // Straight into host memory: where it is taken, it must read what the block-by-block path read.
+          const n = Math.min(9000, dev.size - off);
+          hostMemory.view.fill(0xc3);
+          if (dev.readHost(off, Float64Array.of(hostMemory.address), Uint32Array.of(n), 1) && Buffer.compare(hostMemory.view.subarray(0, n), buf.subarray(0, n)) !== 0 && failures.length < 25)
+            failures.push(`${where}: readHost at ${off} read other bytes than read()`);
+        }
         dev.allocation(0, dev.size);
       } finally {
         dev.close();

@@ -77,6 +77,18 @@ export function leftoverTemporaries(dir: string): string[] {
 }
 
 /** Deterministic bytes from a seed (xorshift32), for patterns and the crash workload. */
+/** Deterministic PRNG (mulberry32): numbers in [0, 1). */
+export function rng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
 export function seededBytes(seed: number, length: number): Uint8Array {
   const out = new Uint8Array(length);
   let x = (seed ^ 0x9e3779b9) >>> 0 || 1;

@@ -13,23 +13,12 @@ import { DiskError } from "../../../src/storage/block-device.js";
 import { createDisk, describeDisk, openDisk } from "../../../src/storage/open.js";
 import { VhdDisk, vhdDriver, MAX_VHD_SIZE } from "../../../src/storage/vhd/index.js";
 import { chsGeometry, decodeFooter } from "../../../src/storage/vhd/spec.js";
+import { rng } from "../tools/oracle.js";
 
 const MiB = 1024 * 1024;
 
 function tmpDir(): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), "partis-vhd-"));
-}
-
-/** Deterministic PRNG (mulberry32). */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 function sha(file: string): string {
