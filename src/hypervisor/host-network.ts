@@ -74,6 +74,11 @@ const SO_RCVBUFFORCE = 33;
 
 const TUNSETIFF = 0x400454ca;
 const TUNSETVNETHDRSZ = 0x400454d8;
+const TUNSETOFFLOAD = 0x400454d0;
+const TUN_F_CSUM = 0x01;
+const TUN_F_TSO4 = 0x02;
+const TUN_F_TSO6 = 0x04;
+const TUN_F_TSO_ECN = 0x08;
 const IFF_TAP = 0x0002;
 const IFF_NO_PI = 0x1000;
 const IFF_VNET_HDR = 0x4000;
@@ -164,6 +169,29 @@ export function openTap(opts: TapOptions = {}): TapDevice {
   const end = ifr.indexOf(0);
   const name = Buffer.from(ifr.subarray(0, end < 0 || end > IFNAMSIZ ? IFNAMSIZ : end)).toString("utf8");
   return { fd, name, vnetHeader: vnet };
+}
+
+/** What the reader of a TAP with a vnet header accepts in received frames (TUNSETOFFLOAD). */
+export interface TapOffloads {
+  /** Partial checksums (VIRTIO_NET_HDR_F_NEEDS_CSUM) instead of complete ones. */
+  readonly csum: boolean;
+  /** TCP segmentation offload: frames up to 64 KiB with a GSO type, IPv4 and IPv6 (each needs csum). */
+  readonly tso4: boolean;
+  readonly tso6: boolean;
+  /** GSO frames with the ECN bit (needs tso4 or tso6). */
+  readonly ecn: boolean;
+}
+
+/**
+ * Tell the kernel which offloads the TAP's reader takes in received frames
+ * (TUNSETOFFLOAD): with none, it completes checksums and segments everything
+ * before handing frames over; with them, frames may come with a partial
+ * checksum or as one 64 KiB GSO frame. Only for a TAP opened with a vnet
+ * header. The kernel refuses TSO without csum (EINVAL).
+ */
+export function setTapOffloads(fd: number, offloads: TapOffloads, name: string): void {
+  const flags = (offloads.csum ? TUN_F_CSUM : 0) | (offloads.csum && offloads.tso4 ? TUN_F_TSO4 : 0) | (offloads.csum && offloads.tso6 ? TUN_F_TSO6 : 0) | (offloads.csum && (offloads.tso4 || offloads.tso6) && offloads.ecn ? TUN_F_TSO_ECN : 0);
+  ioctl(fd, TUNSETOFFLOAD, flags, "TUNSETOFFLOAD", { interface: name, flags });
 }
 
 /** Bring a host interface up or down (SIOCSIFFLAGS IFF_UP), as `ip link set <name> up` does. */

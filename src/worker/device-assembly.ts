@@ -67,9 +67,10 @@ function open(spec: DiskSpec, id: string): BlockDevice {
   }
 }
 
-function openPort(backend: NicBackendSpec, id: string): NetworkPort | undefined {
+/** A NIC's port; `vnetHeader`: the NIC is virtio-net, so a TAP carries the virtio-net header (checksum and segmentation offloads). */
+function openPort(backend: NicBackendSpec, id: string, vnetHeader: boolean): NetworkPort | undefined {
   try {
-    if (backend.kind === "tap") return TapPort.open(backend.ifname);
+    if (backend.kind === "tap") return TapPort.open(backend.ifname, { vnetHeader });
     if (backend.kind === "dgram") return DatagramPairPort.open(backend.local, backend.peer);
     return undefined;
   } catch (e) {
@@ -256,7 +257,7 @@ export function assembleDevice(f: PlannedFunction, devices: readonly DeviceSpec[
     }
     case "virtio-net":
     case "ne2k": {
-      const port = openPort(spec.backend, spec.id);
+      const port = openPort(spec.backend, spec.id, spec.kind === "virtio-net");
       const mac = parseMac(spec.mac);
       try {
         if (spec.kind === "virtio-net") {

@@ -9,13 +9,17 @@
  *  - the virtio-console byte channel carries bytes both ways over its socket;
  *  - the entropy source feeds the guest's hwrng;
  *  - two VMs wired back to back (AF_UNIX datagram pairs) ping each other over
- *    virtio-net and over the NE2000, and a VM pings the host through a TAP.
+ *    virtio-net and over the NE2000, and a VM pings the host through a TAP;
+ *    over that TAP (checksum and segmentation offloads negotiated) 4 MiB go
+ *    each way by TCP, checked by SHA-256, the host seeing frames larger than
+ *    the MTU (TSO).
  */
 import { describe, test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
+import { createHash } from "node:crypto";
 import { mkdtempSync, mkdirSync, readFileSync, writeFileSync, existsSync, rmSync } from "node:fs";
-import { connect, type Socket } from "node:net";
+import { connect, createServer, type Server, type Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -172,19 +176,64 @@ describe("disks and a CD-ROM: virtio-blk (raw on packed virtqueues, VHDX on spli
   });
 });
 
+/** Deterministic bytes the host sends the guest over TCP (the guest prints their SHA-256). */
+function downloadBytes(n: number): Buffer {
+  const b = Buffer.alloc(n);
+  let x = 0x2545f491;
+  for (let i = 0; i < n; i += 4) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    b.writeUInt32LE(x >>> 0, i);
+  }
+  return b;
+}
+
 describe("networks: two VMs back to back over virtio-net and NE2000, and a VM to the host over TAP", () => {
   let a: { status: number; output: string; stderr: string };
   let b: { status: number; output: string; stderr: string };
   const tap = "ptap-test0";
+  const TRANSFER = 4 << 20;
+  const download = downloadBytes(TRANSFER);
+  /** What the host's upload server saw: the bytes' SHA-256, and the TAP's frames up to then. */
+  const upload = { sha: "", bytes: 0, rxPackets: 0, rxBytes: 0 };
+  const servers: Server[] = [];
 
   before(async () => {
+    // The host's end of the TCP transfers (the test runs where the TAP is): 5000 takes the guest's upload and
+    // closes after TRANSFER bytes; 5001 sends `download` and closes.
+    const up = createServer((sock) => {
+      const h = createHash("sha256");
+      sock.on("data", (d: Buffer) => {
+        h.update(d);
+        upload.bytes += d.length;
+        if (upload.bytes >= TRANSFER && upload.sha === "") {
+          upload.sha = h.digest("hex");
+          const stat = (name: string) => Number(readFileSync(`/sys/class/net/${tap}/statistics/${name}`, "utf8"));
+          upload.rxPackets = stat("rx_packets");
+          upload.rxBytes = stat("rx_bytes");
+          sock.end();
+        }
+      });
+      sock.on("error", () => undefined);
+    });
+    const down = createServer((sock) => {
+      sock.on("error", () => undefined);
+      sock.end(download);
+    });
+    servers.push(up, down);
+    await Promise.all([new Promise<void>((r) => up.listen(5000, "0.0.0.0", r)), new Promise<void>((r) => down.listen(5001, "0.0.0.0", r))]);
     const sock = (n: string) => join(dir, n);
-    const pingLoop = (ip: string, key: string) =>
-      `ok=0; for i in $(seq 1 60); do if ping -c 1 -W 1 ${ip} >/dev/null 2>&1; then ok=1; break; fi; done; echo ${key}=$ok; ping -c 3 -W 10 ${ip} | grep -o '[0-9]* packets received' | sed 's/^/${key}-RECEIVED=/'`;
+    // Shell functions (the script travels on the kernel command line, at most 2047 bytes there): pl IP KEY pings
+    // until it answers, then 3 more; nic MAC IP KEY reports the driver and negotiated features and brings it up.
     // Interfaces are found by MAC: the guest names them in driver load order, not slot order.
-    const ifmac = 'ifmac() { for i in /sys/class/net/*; do [ "$(cat $i/address)" = "$1" ] && basename $i; done; }';
-    const nic = (mac: string, ip: string, key: string) =>
-      `i=$(ifmac ${mac}); echo DRIVER-${key}=$(basename $(readlink /sys/class/net/$i/device/driver)); echo FEATURES-${key}=$(cat /sys/class/net/$i/device/features 2>/dev/null); ip addr add ${ip}/24 dev $i; ip link set $i up`;
+    const ifmac = [
+      'ifmac() { for i in /sys/class/net/*; do [ "$(cat $i/address)" = "$1" ] && basename $i; done; }',
+      "pl() { ok=0; for i in $(seq 1 60); do if ping -c 1 -W 1 $1 >/dev/null 2>&1; then ok=1; break; fi; done; echo $2=$ok; ping -c 3 -W 10 $1 | grep -o '[0-9]* packets received' | sed \"s/^/$2-RECEIVED=/\"; }",
+      "nic() { i=$(ifmac $1); echo DRIVER-$3=$(basename $(readlink /sys/class/net/$i/device/driver)); echo FEATURES-$3=$(cat /sys/class/net/$i/device/features 2>/dev/null); ip addr add $2/24 dev $i; ip link set $i up; }",
+    ].join("\n");
+    const pingLoop = (ip: string, key: string) => `pl ${ip} ${key}`;
+    const nic = (mac: string, ip: string, key: string) => `nic ${mac} ${ip} ${key}`;
     const scriptA = [
       ifmac,
       nic("52:54:00:00:00:a0", "10.0.0.1", "virtio"),
@@ -193,6 +242,9 @@ describe("networks: two VMs back to back over virtio-net and NE2000, and a VM to
       pingLoop("10.0.0.2", "VIRTIO-PING"),
       pingLoop("10.0.1.2", "NE2K-PING"),
       pingLoop("10.0.2.1", "TAP-PING"),
+      `dd if=/dev/urandom of=/tmp/up bs=4096 count=${TRANSFER / 4096} 2>/dev/null; echo UP-SHA=$(sha256sum < /tmp/up | cut -d' ' -f1)`,
+      "timeout 120 nc 10.0.2.1 5000 < /tmp/up > /dev/null; echo UP-DONE=$?",
+      "timeout 120 nc 10.0.2.1 5001 < /dev/null > /tmp/down; echo DOWN-SHA=$(sha256sum < /tmp/down | cut -d' ' -f1); echo DOWN-BYTES=$(wc -c < /tmp/down)",
       "sleep 5; poweroff -f",
     ].join("\n");
     const scriptB = [
@@ -232,7 +284,10 @@ describe("networks: two VMs back to back over virtio-net and NE2000, and a VM to
     sa.onEachLaunch(configureTap);
     [a, b] = await Promise.all([runToEnd(sa), runToEnd(sb)]);
   });
-  after(() => rmSync(dir, { recursive: true, force: true }));
+  after(() => {
+    for (const s of servers) s.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
 
   test("the guest's virtio_net and ne2k-pci drivers bind", () => {
     for (const r of [a, b]) {
@@ -260,6 +315,16 @@ describe("networks: two VMs back to back over virtio-net and NE2000, and a VM to
 
   test("ping from a VM to the host through a TAP device", () => {
     assert.equal(value(a.output, "TAP-PING"), "1", `${a.output.slice(-3000)}\n${a.stderr}`);
+  });
+
+  test("over the TAP, offloads are negotiated and TCP carries 4 MiB each way intact, the guest sending segmentation-offload frames", () => {
+    const features = value(a.output, "FEATURES-tap") ?? "";
+    for (const [bit, name] of [[0, "CSUM"], [1, "GUEST_CSUM"], [7, "GUEST_TSO4"], [11, "HOST_TSO4"]] as const) assert.equal(features.charAt(bit), "1", `${name} negotiated on the TAP NIC (${features})`);
+    assert.equal(value(a.output, "FEATURES-virtio")?.charAt(0), "0", "no offloads on a datagram-pair NIC");
+    assert.equal(upload.sha, value(a.output, "UP-SHA"), `the host received what the guest sent (${upload.bytes} bytes)\n${a.output.slice(-3000)}`);
+    assert.ok(upload.rxBytes / upload.rxPackets > 1514, `frames from the guest average ${Math.round(upload.rxBytes / upload.rxPackets)} bytes: larger than the MTU, so TSO frames went through whole`);
+    assert.equal(value(a.output, "DOWN-BYTES"), String(TRANSFER));
+    assert.equal(value(a.output, "DOWN-SHA"), createHash("sha256").update(download).digest("hex"), "the guest received what the host sent");
   });
 
   test("both VMs power off cleanly", () => {

@@ -10,16 +10,23 @@
  * A port may also offer `sendHost`: the frame given as spans of host memory
  * (guest RAM), sent with one writev(2), so a NIC need not copy it first.
  *
+ * A port may carry a virtio-net header (`vnetHeader`): every frame sent and
+ * received starts with a struct virtio_net_hdr_v1 (12 bytes), so partial
+ * checksums and 64 KiB segmentation-offload frames pass through as the
+ * guest's virtio-net driver and the host kernel hand them over;
+ * `setReceiveOffloads` says which ones the receiving guest takes.
+ *
  * Implementations:
- *  - `TapPort`: a host TAP interface (IFF_TAP|IFF_NO_PI, no vnet header);
- *    sendHost always.
+ *  - `TapPort`: a host TAP interface (IFF_TAP|IFF_NO_PI; with
+ *    `{ vnetHeader: true }` also IFF_VNET_HDR, the kernel validating every
+ *    header it is given); sendHost always.
  *  - `DatagramPairPort`: two VMs wired back to back through AF_UNIX datagram
  *    sockets: each binds its own path and sends to the peer's path. Frames to a
  *    peer that is not there (not started yet, exited) are dropped and counted;
  *    the peer may come and go, and is reached as soon as it is back. sendHost
  *    always.
  *  - `MemoryPortPair`: two ports joined in memory (tests, benchmarks), with an
- *    eventfd as the pollable descriptor.
+ *    eventfd as the pollable descriptor; optionally carrying headers.
  *
  * DEVNOTE: a DatagramPairPort has two sockets. It receives on one bound to
  * its path and never connected, and sends on another, unbound, that it
@@ -41,6 +48,7 @@ import { EventFd } from "../../hypervisor/eventfd.js";
 import {
   closeDescriptor,
   openDatagramSocket,
+  setTapOffloads,
   openTap,
   readFrame,
   receiveDatagram,
@@ -54,18 +62,29 @@ import {
   writeFrame,
   writeFrameHost,
   type SendRefusal,
+  type TapOffloads,
   type UnixSocketAddress,
 } from "../../hypervisor/host-network.js";
 
+export type { TapOffloads as ReceiveOffloads } from "../../hypervisor/host-network.js";
+
 export class NetworkPortError extends PartisError {}
 
-/** Largest frame a port carries (a 64 KiB jumbo frame with header room). */
-export const MAX_PORT_FRAME_BYTES = 65_550;
+/**
+ * Largest frame a port carries: a 64 KiB IP packet (a jumbo frame, or a TSO
+ * frame before segmentation) with its Ethernet and VLAN headers and a
+ * virtio-net header, rounded up.
+ */
+export const MAX_PORT_FRAME_BYTES = 65_600;
 
 export interface NetworkPort {
   readonly name: string;
   /** Polls readable while received frames are pending. */
   readonly fd: number;
+  /** Frames sent and received start with a 12-byte struct virtio_net_hdr_v1 (checksum and segmentation offloads pass through). */
+  readonly vnetHeader?: boolean;
+  /** With vnetHeader: the offloads the receiver takes; frames it receives then use no others. */
+  setReceiveOffloads?(offloads: TapOffloads): void;
   /** Queue one frame for the wire. False when it was dropped. */
   send(frame: Uint8Array): boolean;
   /**
@@ -104,12 +123,36 @@ export class TapPort implements NetworkPort {
   readonly counters = new PortCounters();
   private closed = false;
 
-  private constructor(readonly name: string, readonly fd: number, readonly interfaceName: string) {}
+  private constructor(
+    readonly name: string,
+    readonly fd: number,
+    readonly interfaceName: string,
+    readonly vnetHeader: boolean,
+  ) {}
 
-  /** Open `/dev/net/tun` as interface `ifname` ("tap%d" or omitted: the kernel picks). */
-  static open(ifname?: string): TapPort {
-    const tap = openTap(ifname === undefined ? {} : { name: ifname });
-    return new TapPort(`tap:${tap.name}`, tap.fd, tap.name);
+  /**
+   * Open `/dev/net/tun` as interface `ifname` ("tap%d" or omitted: the kernel
+   * picks). With `vnetHeader`, frames carry a virtio-net header and the
+   * receiver takes no offloads until setReceiveOffloads says otherwise.
+   */
+  static open(ifname?: string, opts: { vnetHeader?: boolean } = {}): TapPort {
+    const vnet = opts.vnetHeader === true;
+    const tap = openTap({ ...(ifname === undefined ? {} : { name: ifname }), vnetHeader: vnet });
+    const port = new TapPort(`tap:${tap.name}`, tap.fd, tap.name, vnet);
+    if (vnet) {
+      try {
+        setTapOffloads(tap.fd, { csum: false, tso4: false, tso6: false, ecn: false }, tap.name);
+      } catch (e) {
+        port.close();
+        throw e;
+      }
+    }
+    return port;
+  }
+
+  setReceiveOffloads(offloads: TapOffloads): void {
+    if (!this.vnetHeader || this.closed) return;
+    setTapOffloads(this.fd, offloads, this.interfaceName);
   }
 
   send(frame: Uint8Array): boolean {
@@ -279,8 +322,14 @@ export class MemoryPort implements NetworkPort {
   /** Set by the pair. */
   peer: MemoryPort | undefined;
   private closed = false;
+  /** What the last setReceiveOffloads said (vnetHeader pairs; tests read it). */
+  receiveOffloads: TapOffloads | undefined;
 
-  constructor(readonly name: string, readonly capacity = MEMORY_QUEUE_FRAMES) {
+  constructor(
+    readonly name: string,
+    readonly capacity = MEMORY_QUEUE_FRAMES,
+    readonly vnetHeader = false,
+  ) {
     this.lengths = new Int32Array(capacity);
     for (let i = 0; i < capacity; i++) this.slots.push(new Uint8Array(0));
     this.event = EventFd.create({ nonBlocking: true });
@@ -288,6 +337,10 @@ export class MemoryPort implements NetworkPort {
 
   get fd(): number {
     return this.event.fd;
+  }
+
+  setReceiveOffloads(offloads: TapOffloads): void {
+    this.receiveOffloads = offloads;
   }
 
   /** Frames waiting to be received at this end. */
@@ -361,9 +414,10 @@ export class MemoryPort implements NetworkPort {
 export class MemoryPortPair {
   readonly a: MemoryPort;
   readonly b: MemoryPort;
-  constructor(name = "mem", capacity = MEMORY_QUEUE_FRAMES) {
-    this.a = new MemoryPort(`${name}:a`, capacity);
-    this.b = new MemoryPort(`${name}:b`, capacity);
+  /** `vnetHeader`: both ends carry virtio-net headers, passed through untouched (tests of offloads). */
+  constructor(name = "mem", capacity = MEMORY_QUEUE_FRAMES, opts: { vnetHeader?: boolean } = {}) {
+    this.a = new MemoryPort(`${name}:a`, capacity, opts.vnetHeader === true);
+    this.b = new MemoryPort(`${name}:b`, capacity, opts.vnetHeader === true);
     this.a.peer = this.b;
     this.b.peer = this.a;
   }

@@ -1,7 +1,7 @@
 /**
  * virtio-net (virtio 1.1 spec 5.1), device id 1, on the virtio-pci transport:
  * one receive/transmit queue pair (receiveq1 = 0, transmitq1 = 1), no control
- * queue, no offloads. Frames go to and come from a `NetworkPort`.
+ * queue. Frames go to and come from a `NetworkPort`.
  *
  * Features offered: VIRTIO_NET_F_MAC (5.1.4: the MAC in the configuration),
  * VIRTIO_NET_F_STATUS (link up while a port is attached; `setLinkUp` changes
@@ -11,6 +11,18 @@
  * num_buffers field is always present with VIRTIO_F_VERSION_1); the device
  * writes flags 0, gso_type NONE and num_buffers (1 without MRG_RXBUF), and
  * ignores the driver's transmit header (no CSUM/GSO negotiated).
+ *
+ * Offloads (5.1.6.2, 5.1.6.4), on a port that carries the header itself
+ * (`vnetHeader`: a TAP with IFF_VNET_HDR): VIRTIO_NET_F_CSUM, HOST_TSO4,
+ * HOST_TSO6, HOST_ECN (the guest sends partial checksums and 64 KiB TCP
+ * frames; the header goes to the port as the guest wrote it, the kernel
+ * validating it) and GUEST_CSUM, GUEST_TSO4, GUEST_TSO6, GUEST_ECN (the
+ * port's header comes to the guest with num_buffers filled in). What the
+ * guest accepted is handed to the port (`setReceiveOffloads`), so the host
+ * completes checksums and segments what the guest does not take. A transmit
+ * header asking for an offload the guest did not negotiate drops the frame;
+ * a received one the guest cannot take (left from before a reset) is
+ * dropped, and DATA_VALID is cleared for a guest without GUEST_CSUM.
  *
  * Receive: the port's fd is watched; each frame is read into one reusable
  * frame buffer and copied from there into the guest's receive chain(s) (one
@@ -54,7 +66,11 @@ export const VIRTIO_NET_F = {
   mtu: 3,
   mac: 5,
   guestTso4: 7,
+  guestTso6: 8,
+  guestEcn: 9,
   hostTso4: 11,
+  hostTso6: 12,
+  hostEcn: 13,
   mrgRxbuf: 15,
   status: 16,
   ctrlVq: 17,
@@ -68,6 +84,14 @@ export const VIRTIO_NET_S_LINK_UP = 1;
 /** struct virtio_net_hdr_v1. */
 export const VIRTIO_NET_HDR_BYTES = 12;
 const NUM_BUFFERS_OFFSET = 10;
+/** virtio_net_hdr flags and gso_type values (5.1.6). */
+export const VIRTIO_NET_HDR_F = { needsCsum: 1, dataValid: 2 } as const;
+export const VIRTIO_NET_HDR_GSO = { none: 0, tcpv4: 1, udp: 3, tcpv6: 4, ecn: 0x80 } as const;
+/** The offload features offered on a port that carries the header. */
+const OFFLOAD_FEATURES = [
+  VIRTIO_NET_F.csum, VIRTIO_NET_F.guestCsum, VIRTIO_NET_F.guestTso4, VIRTIO_NET_F.guestTso6, VIRTIO_NET_F.guestEcn,
+  VIRTIO_NET_F.hostTso4, VIRTIO_NET_F.hostTso6, VIRTIO_NET_F.hostEcn,
+].reduce((f, bit) => f | featureBit(bit), 0n);
 
 const RX = 0;
 const TX = 1;
@@ -97,6 +121,10 @@ export interface VirtioNetCounters {
   txDropped: number;
   /** Of txFrames: sent straight from guest RAM (port.sendHost), not copied first. */
   txZeroCopy: number;
+  /** Of txFrames: with a partial checksum or as a segmentation-offload frame. */
+  txOffloaded: number;
+  /** Of rxFrames: with a partial checksum or as a segmentation-offload frame. */
+  rxOffloaded: number;
 }
 
 export interface VirtioNetSaved extends SavedDeviceState {
@@ -109,15 +137,19 @@ export interface VirtioNetSaved extends SavedDeviceState {
 export class VirtioNet implements VirtioBackend {
   readonly deviceId = VIRTIO_ID_NET;
   readonly classCode = 0x020000; // Ethernet controller
-  readonly features = featureBit(VIRTIO_NET_F.mac) | featureBit(VIRTIO_NET_F.status) | featureBit(VIRTIO_NET_F.mrgRxbuf);
+  readonly features: bigint;
   readonly queueMaxSizes: readonly number[];
   readonly configSize = VIRTIO_NET_CONFIG.size;
-  readonly counters: VirtioNetCounters = { rxFrames: 0, rxBytes: 0, rxDropped: 0, rxWaits: 0, txFrames: 0, txBytes: 0, txDropped: 0, txZeroCopy: 0 };
+  readonly counters: VirtioNetCounters = { rxFrames: 0, rxBytes: 0, rxDropped: 0, rxWaits: 0, txFrames: 0, txBytes: 0, txDropped: 0, txZeroCopy: 0, txOffloaded: 0, rxOffloaded: 0 };
 
   private transport: VirtioTransport | undefined;
   private readonly config = new Uint8Array(VIRTIO_NET_CONFIG.size);
   private linkUp: boolean;
   private mergeable = false;
+  /** Header bytes the device writes in front of a received frame: 12, or 0 when the port's frames carry their own. */
+  private readonly lead: number;
+  /** The negotiated offloads, as bits of VIRTIO_NET_F (all below 32: a number, so the per-frame checks allocate nothing; 0 until the driver is running). */
+  private offloads = 0;
   private watch: FdWatch | undefined;
   private readonly onReadable = (): void => this.receive();
 
@@ -144,6 +176,8 @@ export class VirtioNet implements VirtioBackend {
   private gather = true;
   /** A frame's spans in guest RAM (after the header) and their host addresses, for ports that gather (sendHost). */
   private readonly txSpans = new ChainSpans(TX_GATHER_SPANS);
+  /** A transmit chain's header, read to check its offloads against the negotiated ones. */
+  private readonly txHdr = new Uint8Array(VIRTIO_NET_HDR_BYTES);
 
   constructor(
     private readonly port: NetworkPort | undefined,
@@ -156,6 +190,9 @@ export class VirtioNet implements VirtioBackend {
     this.spreadLengths = new Uint32Array(qs);
     this.config.set(opts.mac, VIRTIO_NET_CONFIG.mac);
     this.config[VIRTIO_NET_CONFIG.maxVirtqueuePairs] = 1;
+    const vnet = port?.vnetHeader === true;
+    this.lead = vnet ? 0 : VIRTIO_NET_HDR_BYTES;
+    this.features = featureBit(VIRTIO_NET_F.mac) | featureBit(VIRTIO_NET_F.status) | featureBit(VIRTIO_NET_F.mrgRxbuf) | (vnet ? OFFLOAD_FEATURES : 0n);
     this.linkUp = port !== undefined;
     this.writeStatus();
   }
@@ -194,7 +231,26 @@ export class VirtioNet implements VirtioBackend {
 
   activate(_queues: readonly VirtQueue[], features: bigint): void {
     this.mergeable = (features & featureBit(VIRTIO_NET_F.mrgRxbuf)) !== 0n;
+    this.offloads = Number(features & OFFLOAD_FEATURES);
+    this.tellPortOffloads();
     this.receive();
+  }
+
+  private has(bit: number): boolean {
+    return (this.offloads & (1 << bit)) !== 0;
+  }
+
+  /** The receive offloads the guest took, to the port (none while the driver is not running). */
+  private tellPortOffloads(): void {
+    const port = this.port;
+    if (port?.setReceiveOffloads === undefined) return;
+    const F = VIRTIO_NET_F;
+    try {
+      port.setReceiveOffloads({ csum: this.has(F.guestCsum), tso4: this.has(F.guestTso4), tso6: this.has(F.guestTso6), ecn: this.has(F.guestEcn) });
+    } catch (e) {
+      // The port keeps what it had; frames the guest cannot take are dropped on receive (place()).
+      this.notes.push(`receive offloads not set on ${port.name}: ${(e as Error).message}`);
+    }
   }
 
   reset(): void {
@@ -203,6 +259,10 @@ export class VirtioNet implements VirtioBackend {
     this.heldLength = 0;
     this.spreadChains = 0;
     this.mergeable = false;
+    if (this.offloads !== 0) {
+      this.offloads = 0;
+      this.tellPortOffloads();
+    }
   }
 
   queueNotified(index: number): void {
@@ -241,8 +301,12 @@ export class VirtioNet implements VirtioBackend {
         if (received === RX_BATCH) break;
         const n = port.receive(this.rxFrame.bytes);
         if (n === 0) break;
-        this.heldLength = n;
         received++;
+        if (this.lead === 0 && !this.receivable(n)) {
+          this.counters.rxDropped++;
+          continue;
+        }
+        this.heldLength = n;
       }
       const r = this.place(q, this.heldLength);
       if (r === "wait") {
@@ -274,7 +338,8 @@ export class VirtioNet implements VirtioBackend {
    */
   private place(q: VirtQueue, len: number): "ok" | "wait" | "dropped" | "error" {
     const first = this.firstChain;
-    const total = VIRTIO_NET_HDR_BYTES + len;
+    const lead = this.lead;
+    const total = lead + len;
     if (this.spreadChains === 0) {
       if (!q.pop(first)) return q.error !== undefined ? "error" : "wait";
       if (first.writableBytes < VIRTIO_NET_HDR_BYTES) {
@@ -288,11 +353,7 @@ export class VirtioNet implements VirtioBackend {
           this.counters.rxDropped++;
           return "dropped";
         }
-        this.hdr[NUM_BUFFERS_OFFSET] = 1;
-        this.hdr[NUM_BUFFERS_OFFSET + 1] = 0;
-        first.writeTo(0, this.hdr);
-        // The frame's own length view (cached): a whole-buffer copy into guest RAM makes no view.
-        first.writeTo(VIRTIO_NET_HDR_BYTES, this.rxFrame.view(len));
+        this.writeFirst(first, len, 1);
         q.pushUsed(first.head, total);
         this.counted(len);
         return "ok";
@@ -322,7 +383,7 @@ export class VirtioNet implements VirtioBackend {
       }
       const room = this.spreadRoom;
       const take = Math.min(c.writableBytes, total - room);
-      c.writeTo(0, this.rxFrame.bytes, room - VIRTIO_NET_HDR_BYTES, take);
+      c.writeTo(0, this.rxFrame.bytes, room - lead, take);
       this.spreadHeads[this.spreadChains] = c.head;
       this.spreadLengths[this.spreadChains] = take;
       this.spreadChains++;
@@ -331,19 +392,59 @@ export class VirtioNet implements VirtioBackend {
     }
     const chains = this.spreadChains;
     this.spreadChains = 0;
-    this.hdr[NUM_BUFFERS_OFFSET] = chains & 0xff;
-    this.hdr[NUM_BUFFERS_OFFSET + 1] = chains >> 8;
-    first.writeTo(0, this.hdr);
-    first.writeTo(VIRTIO_NET_HDR_BYTES, this.rxFrame.view(Math.min(len, first.writableBytes - VIRTIO_NET_HDR_BYTES)));
+    this.writeFirst(first, Math.min(len, first.writableBytes - lead), chains);
     // All the frame's chains at once: the driver must not see the first (whose header counts them) before the rest.
     q.pushUsedBatch(this.spreadHeads, this.spreadLengths, chains);
     this.counted(len);
     return "ok";
   }
 
+  /**
+   * The header (num_buffers = `chains`) and the frame's first `bytes` into the
+   * first chain: the device's own header in front of the port's frame, or the
+   * port's header (already in the frame buffer) patched in place.
+   */
+  private writeFirst(first: DescriptorChain, bytes: number, chains: number): void {
+    const frame = this.rxFrame;
+    if (this.lead === 0) {
+      frame.bytes[NUM_BUFFERS_OFFSET] = chains & 0xff;
+      frame.bytes[NUM_BUFFERS_OFFSET + 1] = chains >> 8;
+      // The frame's own length view (cached): a whole-buffer copy into guest RAM makes no view.
+      first.writeTo(0, frame.view(bytes));
+      return;
+    }
+    this.hdr[NUM_BUFFERS_OFFSET] = chains & 0xff;
+    this.hdr[NUM_BUFFERS_OFFSET + 1] = chains >> 8;
+    first.writeTo(0, this.hdr);
+    first.writeTo(VIRTIO_NET_HDR_BYTES, frame.view(bytes));
+  }
+
+  /**
+   * A frame from a port that carries the header: whether the guest can take
+   * it (its checksum and GSO within what it negotiated), DATA_VALID cleared
+   * for a guest without GUEST_CSUM.
+   */
+  private receivable(len: number): boolean {
+    const b = this.rxFrame.bytes;
+    if (len < VIRTIO_NET_HDR_BYTES + 14) return false;
+    const F = VIRTIO_NET_F;
+    const csum = this.has(F.guestCsum);
+    if (!csum) b[0] = b[0]! & ~VIRTIO_NET_HDR_F.dataValid;
+    const flags = b[0]!;
+    const gso = b[1]!;
+    const kind = gso & ~VIRTIO_NET_HDR_GSO.ecn;
+    if ((flags & VIRTIO_NET_HDR_F.needsCsum) !== 0 && !csum) return false;
+    if (kind !== VIRTIO_NET_HDR_GSO.none) {
+      if (!(kind === VIRTIO_NET_HDR_GSO.tcpv4 ? this.has(F.guestTso4) : kind === VIRTIO_NET_HDR_GSO.tcpv6 && this.has(F.guestTso6))) return false;
+      if ((gso & VIRTIO_NET_HDR_GSO.ecn) !== 0 && !this.has(F.guestEcn)) return false;
+    }
+    return true;
+  }
+
   private counted(len: number): void {
     this.counters.rxFrames++;
-    this.counters.rxBytes += len;
+    this.counters.rxBytes += len - VIRTIO_NET_HDR_BYTES + this.lead;
+    if (this.lead === 0 && ((this.rxFrame.bytes[0]! & VIRTIO_NET_HDR_F.needsCsum) !== 0 || (this.rxFrame.bytes[1]! & ~VIRTIO_NET_HDR_GSO.ecn) !== VIRTIO_NET_HDR_GSO.none)) this.counters.rxOffloaded++;
   }
 
   // --- transmit ---------------------------------------------------------------------------------
@@ -361,13 +462,16 @@ export class VirtioNet implements VirtioBackend {
           t.signalUsed(TX);
           return;
         }
-        const len = c.readableBytes - VIRTIO_NET_HDR_BYTES;
-        if (len === 0 || len > buf.capacity || this.port === undefined) this.counters.txDropped++;
-        else if (!this.sendGathered(c, len)) {
-          c.readFrom(VIRTIO_NET_HDR_BYTES, buf.bytes, 0, len);
+        // What goes to the port: the frame after the header, or header and frame for a port that carries it.
+        const from = this.lead;
+        const len = c.readableBytes - from;
+        const frameBytes = c.readableBytes - VIRTIO_NET_HDR_BYTES;
+        if (frameBytes === 0 || len > buf.capacity || this.port === undefined || (from === 0 && !this.sendable(c))) this.counters.txDropped++;
+        else if (!this.sendGathered(c, from, len, frameBytes)) {
+          c.readFrom(from, buf.bytes, 0, len);
           if (this.port.send(buf.view(len))) {
             this.counters.txFrames++;
-            this.counters.txBytes += len;
+            this.counters.txBytes += frameBytes;
           } else this.counters.txDropped++;
         }
         q.pushUsed(c.head, 0);
@@ -382,11 +486,11 @@ export class VirtioNet implements VirtioBackend {
    * possible (the port or memory cannot, too many spans, the port says not now):
    * the caller copies the frame instead. True once the frame was sent or dropped.
    */
-  private sendGathered(c: DescriptorChain, len: number): boolean {
+  private sendGathered(c: DescriptorChain, from: number, len: number, frameBytes: number): boolean {
     const port = this.port!;
     const spans = this.txSpans;
     if (!this.gather || port.sendHost === undefined) return false;
-    if (!spans.select(c, false, VIRTIO_NET_HDR_BYTES, len) || !spans.toHost(c.memory)) return false;
+    if (!spans.select(c, false, from, len) || !spans.toHost(c.memory)) return false;
     let sent: boolean | undefined;
     try {
       sent = port.sendHost(spans.host, spans.len, spans.count, len);
@@ -400,9 +504,30 @@ export class VirtioNet implements VirtioBackend {
     if (sent === undefined) return false;
     if (sent) {
       this.counters.txFrames++;
-      this.counters.txBytes += len;
+      this.counters.txBytes += frameBytes;
       this.counters.txZeroCopy++;
     } else this.counters.txDropped++;
+    return true;
+  }
+
+  /**
+   * A transmit header for a port that carries it: only the offloads the guest
+   * negotiated (5.1.6.2.1: the driver MUST NOT ask for others). Counts offloaded frames.
+   */
+  private sendable(c: DescriptorChain): boolean {
+    const h = this.txHdr;
+    c.readFrom(0, h);
+    const F = VIRTIO_NET_F;
+    const flags = h[0]!;
+    const gso = h[1]!;
+    const kind = gso & ~VIRTIO_NET_HDR_GSO.ecn;
+    if ((flags & ~VIRTIO_NET_HDR_F.needsCsum) !== 0) return false;
+    if ((flags & VIRTIO_NET_HDR_F.needsCsum) !== 0 && !this.has(F.csum)) return false;
+    if (kind !== VIRTIO_NET_HDR_GSO.none) {
+      if (!(kind === VIRTIO_NET_HDR_GSO.tcpv4 ? this.has(F.hostTso4) : kind === VIRTIO_NET_HDR_GSO.tcpv6 && this.has(F.hostTso6))) return false;
+      if ((gso & VIRTIO_NET_HDR_GSO.ecn) !== 0 && !this.has(F.hostEcn)) return false;
+    }
+    if (flags !== 0 || kind !== VIRTIO_NET_HDR_GSO.none) this.counters.txOffloaded++;
     return true;
   }
 

@@ -152,3 +152,51 @@ test("TapPort.sendHost: a frame gathered from host spans reaches the interface w
     releaseMapping(ram);
   }
 });
+
+test("TapPort with a virtio-net header: frames go out and come in behind a 12-byte header; the kernel refuses a bad one; receive offloads set", async () => {
+  const { execFileSync } = await import("node:child_process");
+  const dgram = await import("node:dgram");
+  const port = TapPort.open("pport%d", { vnetHeader: true });
+  const plain = TapPort.open("pport%d");
+  try {
+    assert.equal(port.vnetHeader, true);
+    assert.equal(plain.vnetHeader, false);
+    const stat = (name: string) => Number(fs.readFileSync(`/sys/class/net/${port.interfaceName}/statistics/${name}`, "utf8"));
+    setInterfaceUp(port.interfaceName, true);
+    const f = frame(300, 0x5a);
+    f.fill(0xff, 0, 6);
+    f.set([0x52, 0x54, 0, 0, 0, 1], 6);
+    f.set([0x88, 0xb5], 12);
+    const packets = stat("rx_packets");
+    const bytes = stat("rx_bytes");
+    const withHeader = new Uint8Array(12 + 300);
+    withHeader.set(f, 12);
+    assert.equal(port.send(withHeader), true);
+    assert.equal(stat("rx_packets"), packets + 1);
+    assert.equal(stat("rx_bytes"), bytes + 300, "the header is not part of the frame");
+    withHeader[1] = 0x42; // no such GSO type: the kernel refuses the header
+    assert.equal(port.send(withHeader), false);
+    assert.equal(stat("rx_packets"), packets + 1);
+    assert.equal(port.counters.txDropped, 1);
+    port.setReceiveOffloads({ csum: true, tso4: true, tso6: true, ecn: true });
+    port.setReceiveOffloads({ csum: false, tso4: true, tso6: true, ecn: true }); // TSO without csum: asked for as none, not refused
+    port.setReceiveOffloads({ csum: false, tso4: false, tso6: false, ecn: false });
+    // A frame from the host: an ARP request for a neighbour on the interface's subnet.
+    execFileSync("ip", ["addr", "add", "10.254.77.1/24", "dev", port.interfaceName]);
+    const sock = dgram.createSocket("udp4");
+    await new Promise<void>((resolve) => sock.send(Buffer.from("x"), 9, "10.254.77.2", () => resolve()));
+    sock.close();
+    const buf = new Uint8Array(MAX_PORT_FRAME_BYTES);
+    let n = 0;
+    for (let i = 0; i < 100 && n === 0; i++) {
+      await new Promise((r) => setTimeout(r, 20));
+      for (let m; (m = port.receive(buf)) > 0; ) if (buf[12 + 12] === 0x08 && buf[12 + 13] === 0x06) n = m;
+    }
+    assert.ok(n >= 12 + 42, `an ARP request arrived behind its header (${n} bytes)`);
+    assert.deepEqual([...buf.subarray(12, 18)], [0xff, 0xff, 0xff, 0xff, 0xff, 0xff], "broadcast, right after the header");
+    assert.equal(buf[1], 0, "no GSO type on a small frame");
+  } finally {
+    port.close();
+    plain.close();
+  }
+});

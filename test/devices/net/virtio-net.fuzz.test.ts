@@ -22,16 +22,31 @@ const STEPS = 100_000;
 const MAC = Uint8Array.from([0x52, 0x54, 0, 0, 0, 1]);
 
 /** A virtio-net on a memory port pair, its test driver, and the host side's events. */
-function fuzzBed(seed: number, name: string, ringPacked: boolean) {
+/** Offload features a driver may ask for on a port that carries the header. */
+const OFFLOAD_BITS = [VIRTIO_NET_F.csum, VIRTIO_NET_F.guestCsum, VIRTIO_NET_F.guestTso4, VIRTIO_NET_F.guestTso6, VIRTIO_NET_F.guestEcn, VIRTIO_NET_F.hostTso4, VIRTIO_NET_F.hostTso6, VIRTIO_NET_F.hostEcn];
+
+function fuzzBed(seed: number, name: string, ringPacked: boolean, vnetHeader = false) {
   const rnd = new SeededRandom(seed);
   const services = makeServices(RAM);
-  const pair = new MemoryPortPair(name, 64);
+  const pair = new MemoryPortPair(name, 64, { vnetHeader });
   const dev = createVirtioNet(name, pair.a, services, { mac: MAC, queueSize: 16, ringPacked });
   placeDevice(dev);
   const sink = new Uint8Array(MAX_PORT_FRAME_BYTES);
   const frame = new Uint8Array(10_000);
+  /** A header's flags and gso_type: mostly ones a driver or a TAP would write, sometimes garbage. */
+  const headerStart = (into: Uint8Array, at: number): void => {
+    into[at] = rnd.next() < 0.9 ? rnd.pick([0, 1, 2]) : rnd.int(256);
+    into[at + 1] = rnd.next() < 0.9 ? rnd.pick([0, 1, 4, 0x81, 0x84]) : rnd.int(256);
+  };
   const bed = {
     rnd,
+    vnetHeader,
+    /** Write a plausible-or-not transmit header at `gpa` (ports that carry the header). */
+    txHeader(gpa: number): void {
+      const h = new Uint8Array(2);
+      headerStart(h, 0);
+      services.memory.write(gpa, h);
+    },
     services,
     pair,
     dev,
@@ -46,6 +61,7 @@ function fuzzBed(seed: number, name: string, ringPacked: boolean) {
       if (rnd.next() < 0.6) want |= featureBit(VIRTIO_NET_F.mrgRxbuf);
       if (rnd.next() < 0.5) want |= featureBit(VIRTIO_F.eventIdx);
       if (rnd.next() < 0.5) want |= featureBit(VIRTIO_F.indirectDesc);
+      if (vnetHeader) for (const f of OFFLOAD_BITS) if (rnd.next() < 0.6) want |= featureBit(f);
       bed.drv.init({ want, msix: rnd.next() < 0.7, queueSize: rnd.pick(sizes) });
       bed.inits++;
     },
@@ -55,6 +71,7 @@ function fuzzBed(seed: number, name: string, ringPacked: boolean) {
         const len = rnd.next() < 0.05 ? rnd.int(10_000) : 14 + rnd.int(1600);
         if (len > 0) {
           for (let i = 0; i < Math.min(len, 32); i++) frame[i] = rnd.int(256);
+          if (vnetHeader && len >= 2) headerStart(frame, 0);
           pair.b.send(frame.subarray(0, len));
         }
       } else if (kind === "readable") services.loop.fire(pair.a.fd);
@@ -84,8 +101,8 @@ function fuzzBed(seed: number, name: string, ringPacked: boolean) {
   return bed;
 }
 
-test("fuzz: 100,000 malformed ring states, frames and resets", () => {
-  const bed = fuzzBed(0x7e7_0001, "vnet-fuzz", false);
+/** 100,000 steps on split virtqueues: random and malformed descriptors, tables and indices, traffic, host frames, stray register writes. */
+function splitRun(bed: ReturnType<typeof fuzzBed>): void {
   const { rnd, dev } = bed;
   const init = (): void => bed.init([1, 2, 4, 8, 16]);
   init();
@@ -134,6 +151,7 @@ test("fuzz: 100,000 malformed ring states, frames and resets", () => {
       else {
         const at = BUF + rnd.int(0x1c) * 0x800;
         const len = HDR + rnd.int(1500);
+        if (bed.vnetHeader) bed.txHeader(at);
         q.add([{ addr: at, len, write: false }]);
       }
     } else if (r < 0.62) {
@@ -152,6 +170,20 @@ test("fuzz: 100,000 malformed ring states, frames and resets", () => {
     }
     bed.afterStep(init);
   }
+}
+
+test("fuzz: 100,000 malformed ring states, frames and resets", () => {
+  const bed = fuzzBed(0x7e7_0001, "vnet-fuzz", false);
+  splitRun(bed);
+  bed.assertOutcome();
+});
+
+test("fuzz: 100,000 steps with offloads (a port that carries the header; random offload features; random headers both ways)", () => {
+  const bed = fuzzBed(0x7e7_0003, "vnet-fuzz-offload", false, true);
+  splitRun(bed);
+  const c = bed.dev.net.counters;
+  assert.ok(c.txOffloaded > 0 && c.rxOffloaded > 0, `offloaded frames went both ways: ${JSON.stringify(c)}`);
+  assert.ok(c.txDropped > 0 && c.rxDropped > 0, "headers asking for offloads not negotiated were dropped");
   bed.assertOutcome();
 });
 

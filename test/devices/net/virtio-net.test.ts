@@ -5,7 +5,7 @@ import * as os from "node:os";
 import * as path from "node:path";
 import { VIRTIO_F, VIRTIO_STATUS as S, featureBit } from "../../../src/devices/virtio/pci-transport.js";
 import { DatagramPairPort, MAX_PORT_FRAME_BYTES, MemoryPortPair, type NetworkPort } from "../../../src/devices/net/network-port.js";
-import { VIRTIO_NET_CONFIG as K, VIRTIO_NET_F, VIRTIO_NET_HDR_BYTES as HDR, createVirtioNet, type VirtioNetDevice } from "../../../src/devices/net/virtio-net.js";
+import { VIRTIO_NET_CONFIG as K, VIRTIO_NET_F, VIRTIO_NET_HDR_BYTES as HDR, VIRTIO_NET_HDR_F, VIRTIO_NET_HDR_GSO, createVirtioNet, type VirtioNetDevice } from "../../../src/devices/net/virtio-net.js";
 import { TestVirtioDriver, makeServices, placeDevice, type DriverQueue, type TestServices } from "../virtio/virtio-driver.js";
 
 const MAC = Uint8Array.from([0x52, 0x54, 0x00, 0x00, 0x00, 0xa0]);
@@ -41,9 +41,9 @@ interface Rig {
   pump(): void;
 }
 
-function make(opts: { want?: bigint; queueSize?: number; port?: "memory" | "none" } = {}): Rig {
+function make(opts: { want?: bigint; queueSize?: number; port?: "memory" | "none" | "vnet-header" } = {}): Rig {
   const services = makeServices(1 << 20);
-  const pair = new MemoryPortPair("vnet", 256);
+  const pair = new MemoryPortPair("vnet", 256, { vnetHeader: opts.port === "vnet-header" });
   const port = opts.port === "none" ? undefined : pair.a;
   const dev = createVirtioNet("vnet0", port, services, { mac: MAC, ...(opts.queueSize !== undefined ? { queueSize: opts.queueSize } : {}) });
   placeDevice(dev);
@@ -129,9 +129,7 @@ test("transmit: header skipped, frame gathered from any layout (one descriptor, 
   const mem = r.services.memory;
   const frames = [frame(60, 1), frame(1514, 2), frame(342, 3)];
   // 1: header and frame in one descriptor.
-  mem.write(BUF, new Uint8Array(HDR));
-  mem.write(BUF + HDR, frames[0]!);
-  r.tx.add([{ addr: BUF, len: HDR + 60, write: false }]);
+  queueTx(r, BUF, new Uint8Array(HDR), frames[0]!);
   // 2: header alone, then the frame in three pieces.
   mem.write(BUF + 0x1000, new Uint8Array(HDR));
   const f1 = frames[1]!;
@@ -467,6 +465,102 @@ test("device reset while a frame is held: the watch goes, the next driver sees f
   assert.equal(used[0]!.len, HDR + 120);
   const saved = r.dev.save();
   assert.equal(saved.backend?.kind, "virtio-net");
+});
+
+/** A virtio_net_hdr_v1: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers. */
+function vnetHeader(flags: number, gso: number, gsoSize = 0, numBuffers = 0): Uint8Array {
+  const h = new Uint8Array(HDR);
+  const v = new DataView(h.buffer);
+  h[0] = flags;
+  h[1] = gso;
+  v.setUint16(2, gso !== 0 ? 54 : 0, true);
+  v.setUint16(4, gsoSize, true);
+  v.setUint16(6, flags & VIRTIO_NET_HDR_F.needsCsum ? 34 : 0, true);
+  v.setUint16(8, flags & VIRTIO_NET_HDR_F.needsCsum ? 16 : 0, true);
+  v.setUint16(10, numBuffers, true);
+  return h;
+}
+
+/** Put header + frame for transmit at `at` (one descriptor) on the transmit queue. */
+function queueTx(r: Rig, at: number, header: Uint8Array, f: Uint8Array): void {
+  r.services.memory.write(at, header);
+  r.services.memory.write(at + HDR, f);
+  r.tx.add([{ addr: at, len: HDR + f.length, write: false }]);
+}
+
+const OFFLOADS = [VIRTIO_NET_F.csum, VIRTIO_NET_F.guestCsum, VIRTIO_NET_F.guestTso4, VIRTIO_NET_F.guestTso6, VIRTIO_NET_F.guestEcn, VIRTIO_NET_F.hostTso4, VIRTIO_NET_F.hostTso6, VIRTIO_NET_F.hostEcn];
+const bits = (...fs: number[]): bigint => fs.reduce((a, f) => a | featureBit(f), 0n);
+
+test("offloads on a port that carries the header: offered, the guest's choice handed to the port, headers passed through both ways, what was not negotiated dropped", () => {
+  const r = make({ port: "vnet-header", want: BASE | NET | MRG | bits(VIRTIO_NET_F.csum, VIRTIO_NET_F.hostTso4, VIRTIO_NET_F.guestCsum, VIRTIO_NET_F.guestTso4) });
+  const offered = r.drv.offeredFeatures();
+  for (const f of OFFLOADS) assert.notEqual(offered & featureBit(f), 0n, `offload feature ${f} offered`);
+  assert.deepEqual((r.port as MemoryPortPair["a"]).receiveOffloads, { csum: true, tso4: true, tso6: false, ecn: false }, "what the guest takes, told to the port");
+  // Transmit: a TSO frame with a partial checksum goes out with its header, byte for byte.
+  const big = frame(20_000, 1);
+  const tso = vnetHeader(VIRTIO_NET_HDR_F.needsCsum, VIRTIO_NET_HDR_GSO.tcpv4, 1448);
+  queueTx(r, BUF, tso, big);
+  // One asking for TSO over IPv6, which the guest did not negotiate: dropped.
+  queueTx(r, BUF + 0x8000, vnetHeader(VIRTIO_NET_HDR_F.needsCsum, VIRTIO_NET_HDR_GSO.tcpv6, 1428), frame(3000, 2));
+  // A plain frame (flags 0, GSO none).
+  queueTx(r, BUF + 0x9000, vnetHeader(0, 0), frame(60, 3));
+  r.tx.kick();
+  const out = wireFrames(r.wire);
+  assert.equal(out.length, 2);
+  assert.deepEqual([...out[0]!.subarray(0, HDR)], [...tso], "the guest's header, as written");
+  assert.deepEqual([...out[0]!.subarray(HDR)], [...big]);
+  assert.equal(out[1]!.length, HDR + 60);
+  const c = r.dev.net.counters;
+  assert.equal(c.txFrames, 2);
+  assert.equal(c.txBytes, 20_060, "frame bytes, headers not counted");
+  assert.equal(c.txOffloaded, 1);
+  assert.equal(c.txDropped, 1);
+  // Receive: the port's header reaches the guest with num_buffers filled in, the frame spread over 4 KiB buffers.
+  const size = 4096;
+  postRx(r, 16, size);
+  r.rx.kick();
+  const gro = frame(30_000, 4, MAC, PEER);
+  const inHdr = vnetHeader(VIRTIO_NET_HDR_F.needsCsum, VIRTIO_NET_HDR_GSO.tcpv4, 1448, 0xbeef);
+  r.wire.send(Uint8Array.from([...inHdr, ...gro]));
+  r.wire.send(Uint8Array.from([...vnetHeader(VIRTIO_NET_HDR_F.needsCsum, VIRTIO_NET_HDR_GSO.tcpv6, 1428), ...frame(2000, 5, MAC, PEER)])); // not negotiated
+  r.wire.send(Uint8Array.from([...vnetHeader(VIRTIO_NET_HDR_F.dataValid, 0), ...frame(100, 6, MAC, PEER)]));
+  r.wire.send(new Uint8Array(HDR + 3)); // shorter than a header and an Ethernet header
+  r.pump();
+  const got = takeFrames(r, size, (h) => h);
+  assert.equal(got.length, 2);
+  assert.equal(got[0]!.buffers, Math.ceil((HDR + gro.length) / size));
+  assert.deepEqual([...got[0]!.header.subarray(0, 10)], [...inHdr.subarray(0, 10)], "flags, GSO type and sizes as the port gave them");
+  assert.deepEqual([...got[0]!.data], [...gro]);
+  assert.equal(got[1]!.header[0], VIRTIO_NET_HDR_F.dataValid, "DATA_VALID kept: the guest has GUEST_CSUM");
+  assert.equal(got[1]!.buffers, 1);
+  assert.equal(c.rxOffloaded, 1);
+  assert.equal(c.rxDropped, 2);
+  assert.equal(c.rxBytes, 30_100);
+  // A reset takes the offloads back from the port.
+  r.drv.reset();
+  assert.deepEqual((r.port as MemoryPortPair["a"]).receiveOffloads, { csum: false, tso4: false, tso6: false, ecn: false });
+});
+
+test("offloads not negotiated on a port that carries the header: partial checksums and GSO refused both ways, DATA_VALID cleared", () => {
+  const r = make({ port: "vnet-header", want: BASE | NET });
+  assert.deepEqual((r.port as MemoryPortPair["a"]).receiveOffloads, { csum: false, tso4: false, tso6: false, ecn: false });
+  queueTx(r, BUF, vnetHeader(VIRTIO_NET_HDR_F.needsCsum, 0), frame(100, 1));
+  queueTx(r, BUF + 0x1000, Uint8Array.of(0x80, 0, ...new Array(HDR - 2).fill(0)), frame(100, 2)); // an unknown flag
+  queueTx(r, BUF + 0x2000, vnetHeader(0, 0), frame(100, 3));
+  r.tx.kick();
+  assert.equal(wireFrames(r.wire).length, 1, "only the frame without offloads");
+  assert.equal(r.dev.net.counters.txDropped, 2);
+  postRx(r, 4, 1526);
+  r.rx.kick();
+  r.wire.send(Uint8Array.from([...vnetHeader(VIRTIO_NET_HDR_F.needsCsum, 0), ...frame(100, 4, MAC, PEER)]));
+  r.wire.send(Uint8Array.from([...vnetHeader(VIRTIO_NET_HDR_F.dataValid, 0), ...frame(100, 5, MAC, PEER)]));
+  r.pump();
+  const got = takeFrames(r, 1526, (h) => h);
+  assert.equal(got.length, 1);
+  assert.equal(got[0]!.header[0], 0, "DATA_VALID cleared for a guest without GUEST_CSUM");
+  assert.equal(got[0]!.buffers, 1);
+  assert.deepEqual([...got[0]!.data], [...frame(100, 5, MAC, PEER)]);
+  assert.equal(r.dev.net.counters.rxDropped, 1);
 });
 
 test("interrupts through INTx when MSI-X is off", () => {
