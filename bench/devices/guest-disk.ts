@@ -92,6 +92,7 @@ import { fileURLToPath } from "node:url";
 import { gzipSync } from "node:zlib";
 import { writeNewcCpio } from "../../src/images/cpio.js";
 import { guestRunOption, prepareDefaultGuest } from "../../src/images/default-guest.js";
+import { CLK_TCK, cpuOf } from "./process-cpu.js";
 
 const CLI = fileURLToPath(new URL("../../partis/partis.js", import.meta.url));
 const REPO = fileURLToPath(new URL("../../../", import.meta.url));
@@ -102,7 +103,6 @@ const MEMORY = "512M";
 const BASE_APPEND = "console=ttyS0 panic=-1 quiet";
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
-const CLK_TCK = 100; // USER_HZ on Linux/x86-64
 
 const args = process.argv.slice(2);
 const flag = (name: string): boolean => args.includes(name);
@@ -417,13 +417,6 @@ function descendants(pid: number): number[] {
 }
 
 /** utime+stime and guest_time of a process, in seconds. */
-function cpuOf(pid: number): { total: number; guest: number } {
-  const s = readFileSync(`/proc/${pid}/stat`, "utf8");
-  const f = s.slice(s.lastIndexOf(")") + 2).split(" "); // f[0] is field 3 (state)
-  const field = (n: number): number => Number(f[n - 3]);
-  return { total: (field(14) + field(15)) / CLK_TCK, guest: field(43) / CLK_TCK };
-}
-
 /**
  * Per-thread CPU of the VMM (PARTIS_BENCH_THREADS=1): tid -> {comm, user+system s, guest s}.
  * Says which thread (vCPU: the one with guest time; device thread; main) a

@@ -17,7 +17,10 @@
  * steps) around `nc`; the source writes and closes. Both directions use
  * busybox `nc`, so the guest's per-byte work is the same for every VMM.
  * Also printed: the virtio feature bits the guest negotiated (0 CSUM,
- * 11 HOST_TSO4) and the TAP's frames per MiB seen by the host on upload.
+ * 11 HOST_TSO4), the TAP's frames per MiB seen by the host on upload, and
+ * the VMM process's CPU per MiB uploaded (utime+stime between the first
+ * byte and the end of stream; in parentheses without its guest time: the
+ * VMM's own work).
  *
  * Needs root and /dev/net/tun. On a PVM host run it inside the nested test
  * host (timings there are TCG-scaled: compare only side by side):
@@ -31,6 +34,7 @@ import { cpus } from "node:os";
 import { fileURLToPath } from "node:url";
 import { guestRunOption, prepareDefaultGuest } from "../../src/images/default-guest.js";
 import { option } from "./host-bench-setup.js";
+import { cpuOf } from "./process-cpu.js";
 
 const CLI = fileURLToPath(new URL("../../partis/partis.js", import.meta.url));
 const QEMU = "/usr/bin/qemu-system-x86_64";
@@ -92,6 +96,9 @@ interface RunResult {
   features: string;
   /** TAP frames (host rx) per MiB during the upload. */
   framesPerMiB: number;
+  /** VMM CPU seconds per MiB uploaded, and the same without guest time. */
+  cpuPerMiB: number;
+  vmmCpuPerMiB: number;
 }
 
 function tapStat(name: string): number {
@@ -99,24 +106,39 @@ function tapStat(name: string): number {
 }
 
 /** The host's end: 5000 counts the upload (timed here), 5001 sends TRANSFER_MIB and closes. */
-function hostServers(): { servers: Server[]; upload: Promise<{ seconds: number; bytes: number; frames: number }> } {
+interface Upload {
+  seconds: number;
+  bytes: number;
+  frames: number;
+  cpu: number;
+  guest: number;
+}
+
+function hostServers(vmm: () => number | undefined): { servers: Server[]; upload: Promise<Upload> } {
   const payload = Buffer.alloc(TRANSFER_MIB * MiB, 0x5a);
-  let resolveUpload: (v: { seconds: number; bytes: number; frames: number }) => void = () => undefined;
-  const upload = new Promise<{ seconds: number; bytes: number; frames: number }>((r) => (resolveUpload = r));
+  let resolveUpload: (v: Upload) => void = () => undefined;
+  const upload = new Promise<Upload>((r) => (resolveUpload = r));
+  const cpu = (): { total: number; guest: number } => {
+    const pid = vmm();
+    return pid === undefined ? { total: 0, guest: 0 } : cpuOf(pid);
+  };
   const up = createServer((sock) => {
     let t0: bigint | undefined;
     let frames0 = 0;
+    let cpu0 = { total: 0, guest: 0 };
     let bytes = 0;
     sock.on("data", (d: Buffer) => {
       if (t0 === undefined) {
         t0 = process.hrtime.bigint();
         frames0 = tapStat("rx_packets");
+        cpu0 = cpu();
       }
       bytes += d.length;
     });
     sock.on("end", () => {
       const seconds = t0 === undefined ? 0 : Number(process.hrtime.bigint() - t0) / 1e9;
-      resolveUpload({ seconds, bytes, frames: tapStat("rx_packets") - frames0 });
+      const c1 = cpu();
+      resolveUpload({ seconds, bytes, frames: tapStat("rx_packets") - frames0, cpu: c1.total - cpu0.total, guest: c1.guest - cpu0.guest });
       sock.end();
     });
     sock.on("error", () => undefined);
@@ -146,10 +168,13 @@ function configureTap(child: ChildProcess): void {
 }
 
 async function once(c: Config, kernel: string, initrd: string): Promise<RunResult> {
-  const { servers, upload } = hostServers();
+  let pid: number | undefined;
+  const { servers, upload } = hostServers(() => pid);
   const append = `console=ttyS0 panic=-1 quiet ${guestRunOption(guestScript())}`;
   const { command, argv } = c.argv(kernel, initrd, append);
+  // Both VMMs run the VM in the process started here.
   const child = spawn(command, argv, { stdio: ["pipe", "pipe", "pipe"] });
+  pid = child.pid;
   child.stdin!.end();
   let out = "";
   child.stdout!.on("data", (d: Buffer) => (out += d.toString("utf8")));
@@ -169,7 +194,14 @@ async function once(c: Config, kernel: string, initrd: string): Promise<RunResul
     throw new Error(`${c.name}: no complete transfer (upload ${up?.bytes ?? 0} bytes, download ${down?.[1] ?? 0}); output tail:\n${out.slice(-2000)}`);
   }
   const downSeconds = Math.max(0.01, Number(down[3]) - Number(down[2]));
-  return { upMiBs: TRANSFER_MIB / up.seconds, downMiBs: TRANSFER_MIB / downSeconds, features, framesPerMiB: up.frames / TRANSFER_MIB };
+  return {
+    upMiBs: TRANSFER_MIB / up.seconds,
+    downMiBs: TRANSFER_MIB / downSeconds,
+    features,
+    framesPerMiB: up.frames / TRANSFER_MIB,
+    cpuPerMiB: up.cpu / TRANSFER_MIB,
+    vmmCpuPerMiB: (up.cpu - up.guest) / TRANSFER_MIB,
+  };
 }
 
 function median(xs: number[]): number {
@@ -187,7 +219,7 @@ async function main(): Promise<void> {
       try {
         const r = await once(c, guest.kernel, guest.initrd);
         (results[c.name] ??= []).push(r);
-        process.stderr.write(`${c.name} run ${run}: upload ${r.upMiBs.toFixed(1)} MiB/s, download ${r.downMiBs.toFixed(1)} MiB/s, ${r.framesPerMiB.toFixed(0)} frames/MiB up, features ${r.features.slice(0, 16)}\n`);
+        process.stderr.write(`${c.name} run ${run}: upload ${r.upMiBs.toFixed(1)} MiB/s, download ${r.downMiBs.toFixed(1)} MiB/s, ${r.framesPerMiB.toFixed(0)} frames/MiB up, CPU ${(r.cpuPerMiB * 1000).toFixed(0)} (${(r.vmmCpuPerMiB * 1000).toFixed(0)}) ms/MiB up, features ${r.features.slice(0, 16)}\n`);
       } catch (e) {
         process.stderr.write(`${c.name} run ${run} failed: ${(e as Error).message}\n`);
       }
@@ -195,17 +227,17 @@ async function main(): Promise<void> {
   }
   console.log(`In-guest TCP through a TAP (${TRANSFER_MIB} MiB each way, busybox nc, ${RUNS} interleaved runs, medians); host: ${cpus().length} CPUs (${cpus()[0]?.model ?? "cpu"}), Node ${process.version}.`);
   console.log("");
-  console.log("| path | upload MiB/s | download MiB/s | host frames per MiB uploaded | CSUM / HOST_TSO4 / GUEST_TSO4 negotiated |");
-  console.log("|---|---|---|---|---|");
+  console.log("| path | upload MiB/s | download MiB/s | host frames per MiB uploaded | VMM CPU ms per MiB uploaded (without guest time) | CSUM / HOST_TSO4 / GUEST_TSO4 negotiated |");
+  console.log("|---|---|---|---|---|---|");
   for (const c of CONFIGS) {
     const rs = results[c.name];
     if (rs === undefined || rs.length === 0) {
-      console.log(`| ${c.name} | failed | failed | | |`);
+      console.log(`| ${c.name} | failed | failed | | | |`);
       continue;
     }
     const f = rs[0]!.features;
     console.log(
-      `| ${c.name} | ${median(rs.map((r) => r.upMiBs)).toFixed(1)} | ${median(rs.map((r) => r.downMiBs)).toFixed(1)} | ${median(rs.map((r) => r.framesPerMiB)).toFixed(0)} | ${f.charAt(0)} / ${f.charAt(11)} / ${f.charAt(7)} |`,
+      `| ${c.name} | ${median(rs.map((r) => r.upMiBs)).toFixed(1)} | ${median(rs.map((r) => r.downMiBs)).toFixed(1)} | ${median(rs.map((r) => r.framesPerMiB)).toFixed(0)} | ${(median(rs.map((r) => r.cpuPerMiB)) * 1000).toFixed(0)} (${(median(rs.map((r) => r.vmmCpuPerMiB)) * 1000).toFixed(0)}) | ${f.charAt(0)} / ${f.charAt(11)} / ${f.charAt(7)} |`,
     );
   }
   console.log("");
