@@ -231,6 +231,9 @@ describe("networks: two VMs back to back over virtio-net and NE2000, and a VM to
       'ifmac() { for i in /sys/class/net/*; do [ "$(cat $i/address)" = "$1" ] && basename $i; done; }',
       "pl() { ok=0; for i in $(seq 1 60); do if ping -c 1 -W 1 $1 >/dev/null 2>&1; then ok=1; break; fi; done; echo $2=$ok; ping -c 3 -W 10 $1 | grep -o '[0-9]* packets received' | sed \"s/^/$2-RECEIVED=/\"; }",
       "nic() { i=$(ifmac $1); echo DRIVER-$3=$(basename $(readlink /sys/class/net/$i/device/driver)); echo FEATURES-$3=$(cat /sys/class/net/$i/device/features 2>/dev/null); ip addr add $2/24 dev $i; ip link set $i up; }",
+      // meet PEER: the VMs wait for each other's pings to end before either goes on (and powers off): each
+      // listens once its own pings are over and connects to the other's listener (over virtio-net) until it answers.
+      "meet() { nc -l -p 7000 </dev/null >/dev/null 2>&1 & for k in $(seq 1 120); do nc -w 1 $1 7000 </dev/null >/dev/null 2>&1 && break; sleep 1; done; }",
     ].join("\n");
     const pingLoop = (ip: string, key: string) => `pl ${ip} ${key}`;
     const nic = (mac: string, ip: string, key: string) => `nic ${mac} ${ip} ${key}`;
@@ -241,6 +244,7 @@ describe("networks: two VMs back to back over virtio-net and NE2000, and a VM to
       nic("52:54:00:00:00:a2", "10.0.2.2", "tap"),
       pingLoop("10.0.0.2", "VIRTIO-PING"),
       pingLoop("10.0.1.2", "NE2K-PING"),
+      "meet 10.0.0.2",
       pingLoop("10.0.2.1", "TAP-PING"),
       `dd if=/dev/urandom of=/tmp/up bs=4096 count=${TRANSFER / 4096} 2>/dev/null; echo UP-SHA=$(sha256sum < /tmp/up | cut -d' ' -f1)`,
       "timeout 120 nc 10.0.2.1 5000 < /tmp/up > /dev/null; echo UP-DONE=$?",
@@ -253,6 +257,7 @@ describe("networks: two VMs back to back over virtio-net and NE2000, and a VM to
       nic("52:54:00:00:00:b1", "10.0.1.2", "ne2k"),
       pingLoop("10.0.0.1", "VIRTIO-PING"),
       pingLoop("10.0.1.1", "NE2K-PING"),
+      "meet 10.0.0.1",
       "sleep 5; poweroff -f",
     ].join("\n");
     const nicsA = [
