@@ -1,6 +1,7 @@
 /**
  * Host-side network plumbing for the NIC back ends: TAP interfaces
- * (/dev/net/tun, `TUNSETIFF` with IFF_TAP|IFF_NO_PI, Documentation/networking/
+ * (/dev/net/tun, `TUNSETIFF` with IFF_TAP|IFF_NO_PI, optionally IFF_VNET_HDR
+ * with its offloads set by `TUNSETOFFLOAD`, Documentation/networking/
  * tuntap.rst) and AF_UNIX sockets (unix(7)): a datagram socket bound to a path
  * that sends to a peer path (the "loopback pair between two VMs"), a stream
  * listener/client pair, and socketpair(2) for tests. Every descriptor is
@@ -191,7 +192,12 @@ export interface TapOffloads {
  */
 export function setTapOffloads(fd: number, offloads: TapOffloads, name: string): void {
   const flags = (offloads.csum ? TUN_F_CSUM : 0) | (offloads.csum && offloads.tso4 ? TUN_F_TSO4 : 0) | (offloads.csum && offloads.tso6 ? TUN_F_TSO6 : 0) | (offloads.csum && (offloads.tso4 || offloads.tso6) && offloads.ecn ? TUN_F_TSO_ECN : 0);
-  ioctl(fd, TUNSETOFFLOAD, flags, "TUNSETOFFLOAD", { interface: name, flags });
+  try {
+    ioctl(fd, TUNSETOFFLOAD, flags, "TUNSETOFFLOAD", { interface: name, flags });
+  } catch (e) {
+    const err = e as SystemCallError;
+    throw new HostNetworkError("TAP_OFFLOAD_FAILED", `cannot set offloads 0x${flags.toString(16)} on TAP interface "${name}": ${err.message}`, { interface: name, errno: err.errnoName }, { cause: e });
+  }
 }
 
 /** Bring a host interface up or down (SIOCSIFFLAGS IFF_UP), as `ip link set <name> up` does. */
