@@ -3,8 +3,9 @@
  *
  *   --disk PATH[,if=virtio|ide][,ro][,packed]   a disk image (raw, VHD, VHDX) or host block device
  *   --cdrom ISO                        an ATAPI CD-ROM on the IDE controller
- *   --nic BACKEND[,model=virtio|ne2k][,mac=52:54:00:..][,packed]
+ *   --nic BACKEND[,model=virtio|ne2k][,mac=52:54:00:..][,packed][,offload=on|off]
  *        packed: the virtio device also offers packed virtqueues (VIRTIO_F_RING_PACKED)
+ *        offload: checksum and TCP segmentation offloads of a virtio NIC on a TAP (default on there; off: none offered)
  *        BACKEND: tap:IFNAME | dgram:LOCAL.sock:PEER.sock | none
  *   --channel SOCKET                   a virtio-console byte channel on a UNIX socket the VM listens on
  *   --rng                              a virtio entropy source
@@ -121,10 +122,16 @@ export function resolveDevices(opts: DeviceOptions, vmName: string, cpus: number
   if (ide > MAX_IDE_DRIVES) throw new UsageError(`--disk/--cdrom: ${ide} IDE drives; the IDE controller takes at most ${MAX_IDE_DRIVES}`);
   (opts.nic ?? []).forEach((value, i) => {
     const { head, opts: o } = splitSpec("--nic", value);
-    rejectUnknown("--nic", value, o, ["model", "mac", "packed"]);
+    rejectUnknown("--nic", value, o, ["model", "mac", "packed", "offload"]);
     const model = o.get("model") ?? "virtio";
     if (model !== "virtio" && model !== "ne2k") throw new UsageError(`--nic ${value}: model=${String(model)} is not virtio or ne2k`);
     const packed = packedOption("--nic", value, o, model === "virtio");
+    const offload = o.get("offload");
+    if (offload !== undefined) {
+      if (offload !== "on" && offload !== "off") throw new UsageError(`--nic ${value}: offload=${String(offload === true ? "" : offload)} is not on or off`);
+      if (model !== "virtio") throw new UsageError(`--nic ${value}: offload is for virtio NICs (the NE2000 has no offloads)`);
+      if (offload === "on" && !head.startsWith("tap:")) throw new UsageError(`--nic ${value}: offloads need a TAP back end (a datagram pair carries no virtio-net header)`);
+    }
     const macText = o.get("mac");
     const mac = typeof macText === "string" ? macText : defaultMac(vmName, i);
     try {
@@ -133,7 +140,14 @@ export function resolveDevices(opts: DeviceOptions, vmName: string, cpus: number
       if (e instanceof DevicePlanError) throw new UsageError(`--nic ${value}: ${e.message}`);
       throw e;
     }
-    out.push({ kind: model === "virtio" ? "virtio-net" : "ne2k", id: `nic${i}`, mac: mac.toLowerCase(), backend: parseNicBackend(value, head), ...(packed ? { ringPacked: true } : {}) });
+    out.push({
+      kind: model === "virtio" ? "virtio-net" : "ne2k",
+      id: `nic${i}`,
+      mac: mac.toLowerCase(),
+      backend: parseNicBackend(value, head),
+      ...(packed ? { ringPacked: true } : {}),
+      ...(offload === "off" ? { offloads: false } : {}),
+    });
   });
   (opts.channel ?? []).forEach((value, i) => {
     if (value === "") throw new UsageError("--channel: empty socket path");

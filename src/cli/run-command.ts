@@ -266,7 +266,7 @@ export function registerRunCommand(program: Command): void {
     .option("--name <name>", "VM name for messages", "partis-vm")
     .option("--disk <path[,if=virtio|ide][,ro][,packed]>", "attach a disk image (raw, VHD, VHDX) or host block device (packed: also offer packed virtqueues); repeatable", collect)
     .option("--cdrom <iso>", "attach an ISO image as an IDE/ATAPI CD-ROM; repeatable", collect)
-    .option("--nic <tap:IF|dgram:LOCAL:PEER|none[,model=virtio|ne2k][,mac=M][,packed]>", "attach a network adapter (packed: also offer packed virtqueues); repeatable", collect)
+    .option("--nic <tap:IF|dgram:LOCAL:PEER|none[,model=virtio|ne2k][,mac=M][,packed][,offload=on|off]>", "attach a network adapter (packed: also offer packed virtqueues; offload: checksum/TSO offloads of a virtio NIC on a TAP, on by default); repeatable", collect)
     .option("--channel <socket>", "a host<->guest byte channel (virtio-console) on a UNIX socket; repeatable", collect)
     .option("--rng", "attach a virtio entropy source")
     .option("--framebuffer [WxH]", "a linear framebuffer the guest console can draw on (default 1024x768)")

@@ -257,7 +257,7 @@ export function assembleDevice(f: PlannedFunction, devices: readonly DeviceSpec[
     }
     case "virtio-net":
     case "ne2k": {
-      const port = openPort(spec.backend, spec.id, spec.kind === "virtio-net");
+      const port = openPort(spec.backend, spec.id, spec.kind === "virtio-net" && spec.offloads !== false);
       const mac = parseMac(spec.mac);
       try {
         if (spec.kind === "virtio-net") {

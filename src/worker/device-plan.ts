@@ -30,7 +30,8 @@ export type DeviceSpec =
   | { readonly kind: "virtio-blk"; readonly id: string; readonly disk: DiskSpec; readonly queues: number; readonly ringPacked?: boolean }
   | { readonly kind: "ide-disk"; readonly id: string; readonly disk: DiskSpec }
   | { readonly kind: "ide-cdrom"; readonly id: string; readonly disk: DiskSpec | undefined }
-  | { readonly kind: "virtio-net" | "ne2k"; readonly id: string; readonly mac: string; readonly backend: NicBackendSpec; readonly ringPacked?: boolean }
+  /** offloads: false turns off a virtio NIC's checksum and segmentation offloads on a TAP (on by default there). */
+  | { readonly kind: "virtio-net" | "ne2k"; readonly id: string; readonly mac: string; readonly backend: NicBackendSpec; readonly ringPacked?: boolean; readonly offloads?: boolean }
   /** A host<->guest byte channel: a UNIX stream socket the worker listens on. */
   | { readonly kind: "virtio-console"; readonly id: string; readonly socketPath: string }
   | { readonly kind: "virtio-rng"; readonly id: string };

@@ -95,6 +95,9 @@ test("--disk with an unknown option", () => expectUsageError(["--kernel", kernel
 test("--disk packed with a value", () => expectUsageError(["--kernel", kernel, "--disk", `${disk},packed=on`], /--disk .*: packed takes no value/));
 test("--disk packed on an IDE disk", () => expectUsageError(["--kernel", kernel, "--disk", `${disk},if=ide,packed`], /--disk .*: packed is for virtio devices/));
 test("--nic packed on the emulated NE2000", () => expectUsageError(["--kernel", kernel, "--nic", "none,model=ne2k,packed"], /--nic none,model=ne2k,packed: packed is for virtio devices/));
+test("--nic offload with a value that is not on or off", () => expectUsageError(["--kernel", kernel, "--nic", "none,offload=maybe"], /--nic none,offload=maybe: offload=maybe is not on or off/));
+test("--nic offload on the emulated NE2000", () => expectUsageError(["--kernel", kernel, "--nic", "none,model=ne2k,offload=off"], /offload is for virtio NICs/));
+test("--nic offload=on without a TAP", () => expectUsageError(["--kernel", kernel, "--nic", "none,offload=on"], /offloads need a TAP back end/));
 test("--disk with a corrupt VHDX", () => expectUsageError(["--kernel", kernel, "--disk", badVhdx], /--disk .*broken\.vhdx: /));
 test("five IDE drives", () =>
   expectUsageError(["--kernel", kernel, ...[1, 2, 3, 4].flatMap(() => ["--disk", `${disk},if=ide`]), "--cdrom", disk], /IDE drives; the IDE controller takes at most 4/));
