@@ -85,6 +85,12 @@ function exercise(disk: BlockDevice, files: readonly string[], model: Uint8Array
     const offset = Math.floor((r() * (SIZE - length)) / SECTOR) * SECTOR;
     return { offset, length };
   };
+  /** A write the disk declined: it must have changed nothing; the caller then writes synchronously. */
+  const declinedWrite = (what: string, offset: number, v: Uint8Array): void => {
+    out.declined++;
+    assert.deepEqual(readBack(disk, offset, v.length), model.subarray(offset, offset + v.length), `a declined ${what} at ${offset} changed nothing`);
+    disk.write(offset, v);
+  };
   try {
     for (let step = 0; step < steps; step++) {
       const kind = r();
@@ -98,11 +104,7 @@ function exercise(disk: BlockDevice, files: readonly string[], model: Uint8Array
         const v = fill(0, length);
         const s = spansOver(mem, 0, length, r);
         if (disk.writeHost!(offset, s.addresses, s.lengths, s.count)) out.straight++;
-        else {
-          out.declined++;
-          assert.deepEqual(readBack(disk, offset, length), model.subarray(offset, offset + length), `a declined writeHost at ${offset} changed nothing`);
-          disk.write(offset, v);
-        }
+        else declinedWrite("writeHost", offset, v);
         model.set(v, offset);
       } else if (kind < 0.45) {
         const { offset, length } = pick();
@@ -114,11 +116,7 @@ function exercise(disk: BlockDevice, files: readonly string[], model: Uint8Array
           ring.submit();
           ring.drain((token, res) => assert.equal(res, length, `queued write at ${offset} (token ${token})`));
         } else if (q === "done") out.straight++;
-        else {
-          out.declined++;
-          assert.deepEqual(readBack(disk, offset, length), model.subarray(offset, offset + length), `a declined queued write at ${offset} changed nothing`);
-          disk.write(offset, v);
-        }
+        else declinedWrite("queued write", offset, v);
         model.set(v, offset);
       } else if (kind < 0.6) {
         const { offset, length } = pick();

@@ -93,6 +93,21 @@ const OFFLOAD_FEATURES = [
   VIRTIO_NET_F.hostTso4, VIRTIO_NET_F.hostTso6, VIRTIO_NET_F.hostEcn,
 ].reduce((f, bit) => f | featureBit(bit), 0n);
 
+/** One direction's offload feature bits: what the guest sends (host_*) or takes (guest_*). */
+interface OffloadBits {
+  readonly csum: number;
+  readonly tso4: number;
+  readonly tso6: number;
+  readonly ecn: number;
+}
+const TX_OFFLOADS: OffloadBits = { csum: VIRTIO_NET_F.csum, tso4: VIRTIO_NET_F.hostTso4, tso6: VIRTIO_NET_F.hostTso6, ecn: VIRTIO_NET_F.hostEcn };
+const RX_OFFLOADS: OffloadBits = { csum: VIRTIO_NET_F.guestCsum, tso4: VIRTIO_NET_F.guestTso4, tso6: VIRTIO_NET_F.guestTso6, ecn: VIRTIO_NET_F.guestEcn };
+
+/** Whether a header (its flags and gso_type) asks for a partial checksum or segmentation. */
+function offloaded(flags: number, gso: number): boolean {
+  return (flags & VIRTIO_NET_HDR_F.needsCsum) !== 0 || (gso & ~VIRTIO_NET_HDR_GSO.ecn) !== VIRTIO_NET_HDR_GSO.none;
+}
+
 const RX = 0;
 const TX = 1;
 /** Frames moved per readable event before yielding to the loop (the fd stays readable). */
@@ -176,8 +191,8 @@ export class VirtioNet implements VirtioBackend {
   private gather = true;
   /** A frame's spans in guest RAM (after the header) and their host addresses, for ports that gather (sendHost). */
   private readonly txSpans = new ChainSpans(TX_GATHER_SPANS);
-  /** A transmit chain's header, read to check its offloads against the negotiated ones. */
-  private readonly txHdr = new Uint8Array(VIRTIO_NET_HDR_BYTES);
+  /** A transmit header's flags and gso_type, read to check its offloads against the negotiated ones. */
+  private readonly txHdr = new Uint8Array(2);
 
   constructor(
     private readonly port: NetworkPort | undefined,
@@ -238,6 +253,15 @@ export class VirtioNet implements VirtioBackend {
 
   private has(bit: number): boolean {
     return (this.offloads & (1 << bit)) !== 0;
+  }
+
+  /** Whether a header's checksum request and GSO type are within the offloads negotiated for direction `d`. */
+  private allows(flags: number, gso: number, d: OffloadBits): boolean {
+    if ((flags & VIRTIO_NET_HDR_F.needsCsum) !== 0 && !this.has(d.csum)) return false;
+    const kind = gso & ~VIRTIO_NET_HDR_GSO.ecn;
+    if (kind === VIRTIO_NET_HDR_GSO.none) return true;
+    if (!(kind === VIRTIO_NET_HDR_GSO.tcpv4 ? this.has(d.tso4) : kind === VIRTIO_NET_HDR_GSO.tcpv6 && this.has(d.tso6))) return false;
+    return (gso & VIRTIO_NET_HDR_GSO.ecn) === 0 || this.has(d.ecn);
   }
 
   /** The receive offloads the guest took, to the port (none while the driver is not running). */
@@ -427,24 +451,14 @@ export class VirtioNet implements VirtioBackend {
   private receivable(len: number): boolean {
     const b = this.rxFrame.bytes;
     if (len < VIRTIO_NET_HDR_BYTES + 14) return false;
-    const F = VIRTIO_NET_F;
-    const csum = this.has(F.guestCsum);
-    if (!csum) b[0] = b[0]! & ~VIRTIO_NET_HDR_F.dataValid;
-    const flags = b[0]!;
-    const gso = b[1]!;
-    const kind = gso & ~VIRTIO_NET_HDR_GSO.ecn;
-    if ((flags & VIRTIO_NET_HDR_F.needsCsum) !== 0 && !csum) return false;
-    if (kind !== VIRTIO_NET_HDR_GSO.none) {
-      if (!(kind === VIRTIO_NET_HDR_GSO.tcpv4 ? this.has(F.guestTso4) : kind === VIRTIO_NET_HDR_GSO.tcpv6 && this.has(F.guestTso6))) return false;
-      if ((gso & VIRTIO_NET_HDR_GSO.ecn) !== 0 && !this.has(F.guestEcn)) return false;
-    }
-    return true;
+    if (!this.has(VIRTIO_NET_F.guestCsum)) b[0] = b[0]! & ~VIRTIO_NET_HDR_F.dataValid;
+    return this.allows(b[0]!, b[1]!, RX_OFFLOADS);
   }
 
   private counted(len: number): void {
     this.counters.rxFrames++;
     this.counters.rxBytes += len - VIRTIO_NET_HDR_BYTES + this.lead;
-    if (this.lead === 0 && ((this.rxFrame.bytes[0]! & VIRTIO_NET_HDR_F.needsCsum) !== 0 || (this.rxFrame.bytes[1]! & ~VIRTIO_NET_HDR_GSO.ecn) !== VIRTIO_NET_HDR_GSO.none)) this.counters.rxOffloaded++;
+    if (this.lead === 0 && offloaded(this.rxFrame.bytes[0]!, this.rxFrame.bytes[1]!)) this.counters.rxOffloaded++;
   }
 
   // --- transmit ---------------------------------------------------------------------------------
@@ -517,17 +531,10 @@ export class VirtioNet implements VirtioBackend {
   private sendable(c: DescriptorChain): boolean {
     const h = this.txHdr;
     c.readFrom(0, h);
-    const F = VIRTIO_NET_F;
     const flags = h[0]!;
     const gso = h[1]!;
-    const kind = gso & ~VIRTIO_NET_HDR_GSO.ecn;
-    if ((flags & ~VIRTIO_NET_HDR_F.needsCsum) !== 0) return false;
-    if ((flags & VIRTIO_NET_HDR_F.needsCsum) !== 0 && !this.has(F.csum)) return false;
-    if (kind !== VIRTIO_NET_HDR_GSO.none) {
-      if (!(kind === VIRTIO_NET_HDR_GSO.tcpv4 ? this.has(F.hostTso4) : kind === VIRTIO_NET_HDR_GSO.tcpv6 && this.has(F.hostTso6))) return false;
-      if ((gso & VIRTIO_NET_HDR_GSO.ecn) !== 0 && !this.has(F.hostEcn)) return false;
-    }
-    if (flags !== 0 || kind !== VIRTIO_NET_HDR_GSO.none) this.counters.txOffloaded++;
+    if ((flags & ~VIRTIO_NET_HDR_F.needsCsum) !== 0 || !this.allows(flags, gso, TX_OFFLOADS)) return false;
+    if (offloaded(flags, gso)) this.counters.txOffloaded++;
     return true;
   }
 

@@ -37,6 +37,7 @@ import * as nodePath from "node:path";
 import { DiskError, spanTotal, type AllocationExtent, type AllocationState, type BlockDevice, type DiskType, type HostIoQueue, type OpenOptions } from "../block-device.js";
 import { MAX_CHAIN_DEPTH, resolveParentPath, verifyParent } from "../chain.js";
 import { describeDisk, openDisk } from "../open.js";
+import { LayerRouting } from "../layer-routing.js";
 import { preadFully, pwriteFully, RawDisk } from "../raw.js";
 import { loadLayout, readAt, type VhdLayout } from "./layout.js";
 import {
@@ -86,8 +87,8 @@ export class VhdDisk implements BlockDevice {
   readonly blockSize: number;
 
   private readonly fd: number;
-  /** This file's bytes for data moved straight between guest RAM and a block's data area. */
-  private readonly payload: RawDisk;
+  /** Guest-RAM transfers straight to a block's data area in this file, or to the parent. */
+  private readonly routing: LayerRouting;
   private readonly bat: Uint32Array;
   private readonly batOffset: number;
   private readonly bitmapSize: number;
@@ -103,7 +104,11 @@ export class VhdDisk implements BlockDevice {
   private constructor(path: string, fd: number, layout: VhdLayout, readOnly: boolean, parent: BlockDevice | undefined, warnings: string[]) {
     this.path = path;
     this.fd = fd;
-    this.payload = RawDisk.payloadOf(path, fd, readOnly);
+    this.routing = new LayerRouting(
+      RawDisk.payloadOf(path, fd, readOnly),
+      (offset, length) => this.payloadAt(offset, length),
+      (offset, length) => this.parentHolding(offset, length),
+    );
     this.footer = layout.footer;
     this.type = layout.footer.diskType === DISK_TYPE_FIXED ? "fixed" : layout.footer.diskType === DISK_TYPE_DYNAMIC ? "dynamic" : "differencing";
     this.size = layout.footer.currentSize;
@@ -335,37 +340,31 @@ export class VhdDisk implements BlockDevice {
   readHost(offset: number, addresses: Float64Array, lengths: Uint32Array, count: number): boolean {
     const length = spanTotal(lengths, count);
     this.checkRange(offset, length, "read");
-    if (length === 0) return true;
-    const at = this.payloadAt(offset, length);
-    if (at >= 0) return this.payload.readHost(at, addresses, lengths, count);
-    const below = this.parentHolding(offset, length);
-    return below?.readHost !== undefined && below.readHost(offset, addresses, lengths, count);
+    return this.routing.readHost(offset, length, addresses, lengths, count);
   }
 
   writeHost(offset: number, addresses: Float64Array, lengths: Uint32Array, count: number): boolean {
     const length = spanTotal(lengths, count);
     this.checkWrite(offset, length);
-    if (length === 0) return true;
-    const at = this.payloadAt(offset, length);
-    return at >= 0 && this.payload.writeHost(at, addresses, lengths, count);
+    return this.routing.writeHost(offset, length, addresses, lengths, count);
   }
 
   queueHost(queue: HostIoQueue, write: boolean, offset: number, addresses: Float64Array, lengths: Uint32Array, count: number, token: number): "done" | "queued" | false {
     const length = spanTotal(lengths, count);
     if (write) this.checkWrite(offset, length);
     else this.checkRange(offset, length, "read");
-    if (length === 0) return false;
-    const at = this.payloadAt(offset, length);
-    if (at >= 0) return this.payload.queueHost(queue, write, at, addresses, lengths, count, token);
-    if (write) return false;
-    const below = this.parentHolding(offset, length);
-    return below?.queueHost !== undefined ? below.queueHost(queue, false, offset, addresses, lengths, count, token) : false;
+    return this.routing.queueHost(queue, write, offset, length, addresses, lengths, count, token);
   }
 
   /** An fsync on the queue when no metadata is waiting to be published (else flush() does it, synchronously). */
   queueFlush(queue: HostIoQueue, token: number): boolean {
-    if (this.closed || this.readOnly || this.dirtyBitmaps.size !== 0 || this.dirtyBat.size !== 0 || !this.endFooterValid) return false;
-    return this.payload.queueFlush(queue, token);
+    if (this.closed || this.readOnly || this.metadataPending()) return false;
+    return this.routing.queueFlush(queue, token);
+  }
+
+  /** Bitmaps, BAT entries or the end footer not yet written by flush(). */
+  private metadataPending(): boolean {
+    return this.dirtyBitmaps.size !== 0 || this.dirtyBat.size !== 0 || !this.endFooterValid;
   }
 
   /** The file offset of `offset` when [offset, offset+length) is in one allocated block with every sector present (fixed: all of it); -1 otherwise. */
@@ -407,7 +406,7 @@ export class VhdDisk implements BlockDevice {
   /** Publish pending metadata in the order documented at the top of this file. */
   flush(): void {
     if (this.closed || this.readOnly) return;
-    if (this.dirtyBitmaps.size === 0 && this.dirtyBat.size === 0 && this.endFooterValid) {
+    if (!this.metadataPending()) {
       fs.fdatasyncSync(this.fd);
       return;
     }
@@ -490,7 +489,7 @@ export class VhdDisk implements BlockDevice {
       this.flush();
     } finally {
       this.closed = true;
-      this.payload.close();
+      this.routing.close();
       fs.closeSync(this.fd);
       this.parent?.close();
     }

@@ -34,6 +34,7 @@ import * as nodePath from "node:path";
 import { DiskError, type AllocationExtent, type AllocationState, type BlockDevice, type DiskType, type HostIoQueue, type OpenOptions, spanTotal } from "../block-device.js";
 import { resolveParentPath, verifyParent } from "../chain.js";
 import { describeDisk, openDisk } from "../open.js";
+import { LayerRouting } from "../layer-routing.js";
 import { RawDisk } from "../raw.js";
 import {
   PAYLOAD_BLOCK_FULLY_PRESENT,
@@ -73,8 +74,8 @@ export class VhdxDisk implements BlockDevice {
   readonly parentPath: string | undefined;
 
   private readonly img: VhdxImage;
-  /** This file's bytes for payload extents moved straight from and to guest RAM (undefined while a replay overlay patches reads). */
-  private readonly payload: RawDisk | undefined;
+  /** Guest-RAM transfers straight to this file's payload extents or to the parent (none while a replay overlay patches reads). */
+  private readonly routing: LayerRouting;
   private readonly log: VhdxLogWriter | undefined;
   private fileEnd: number;
   private closed = false;
@@ -100,7 +101,12 @@ export class VhdxDisk implements BlockDevice {
     const h = img.header;
     this.log = readOnly || h.logLength === 0 ? undefined : new VhdxLogWriter(img.file, h.logOffset, h.logLength);
     const fd = img.file.directDescriptor;
-    this.payload = fd === undefined ? undefined : RawDisk.payloadOf(img.path, fd, readOnly);
+    this.routing = new LayerRouting(
+      fd === undefined ? undefined : RawDisk.payloadOf(img.path, fd, readOnly),
+      (offset, length) => this.payloadAt(offset, length),
+      (offset, length) => this.parentHolding(offset, length),
+      () => this.beginChange(true),
+    );
     // A replay at open already took the session's new FileWriteGuid.
     this.renewed.file = img.logReplayNeeded && !readOnly;
   }
@@ -250,7 +256,7 @@ export class VhdxDisk implements BlockDevice {
       }
     } finally {
       this.closed = true;
-      this.payload?.close();
+      this.routing.close();
       this.img.close();
       this.parent?.close();
     }
@@ -274,44 +280,32 @@ export class VhdxDisk implements BlockDevice {
   readHost(offset: number, addresses: Float64Array, lengths: Uint32Array, count: number): boolean {
     const length = spanTotal(lengths, count);
     this.checkRange("read", offset, length);
-    if (length === 0) return true;
-    const at = this.payloadAt(offset, length);
-    if (at >= 0) return this.payload!.readHost(at, addresses, lengths, count);
-    const below = this.parentHolding(offset, length);
-    return below?.readHost !== undefined && below.readHost(offset, addresses, lengths, count);
+    return this.routing.readHost(offset, length, addresses, lengths, count);
   }
 
   writeHost(offset: number, addresses: Float64Array, lengths: Uint32Array, count: number): boolean {
     this.checkWritable();
     const length = spanTotal(lengths, count);
     this.checkRange("write", offset, length);
-    if (length === 0) return true;
-    const at = this.payloadAt(offset, length);
-    if (at < 0) return false;
-    this.beginChange(true);
-    return this.payload!.writeHost(at, addresses, lengths, count);
+    return this.routing.writeHost(offset, length, addresses, lengths, count);
   }
 
   queueHost(queue: HostIoQueue, write: boolean, offset: number, addresses: Float64Array, lengths: Uint32Array, count: number, token: number): "done" | "queued" | false {
     if (write) this.checkWritable();
     const length = spanTotal(lengths, count);
     this.checkRange(write ? "write" : "read", offset, length);
-    if (length === 0) return false;
-    const at = this.payloadAt(offset, length);
-    if (at >= 0) {
-      if (write) this.beginChange(true);
-      return this.payload!.queueHost(queue, write, at, addresses, lengths, count, token);
-    }
-    if (write) return false;
-    const below = this.parentHolding(offset, length);
-    return below?.queueHost !== undefined ? below.queueHost(queue, false, offset, addresses, lengths, count, token) : false;
+    return this.routing.queueHost(queue, write, offset, length, addresses, lengths, count, token);
   }
 
   /** An fsync on the queue when no metadata is pending (else flush() commits it, synchronously). */
   queueFlush(queue: HostIoQueue, token: number): boolean {
-    if (this.closed || this.readOnly || this.payload === undefined) return false;
-    if (this.pendingBat.size !== 0 || this.pendingBitmap.size !== 0 || this.freshBitmaps.size !== 0) return false;
-    return this.payload.queueFlush(queue, token);
+    if (this.closed || this.readOnly || this.metadataPending()) return false;
+    return this.routing.queueFlush(queue, token);
+  }
+
+  /** BAT or sector-bitmap changes not yet committed through the log. */
+  private metadataPending(): boolean {
+    return this.pendingBat.size !== 0 || this.pendingBitmap.size !== 0 || this.freshBitmaps.size !== 0;
   }
 
   /**
@@ -321,7 +315,6 @@ export class VhdxDisk implements BlockDevice {
    * in the file; -1 otherwise.
    */
   private payloadAt(offset: number, length: number): number {
-    if (this.payload === undefined) return -1;
     const { geometry: geo, bat } = this.img;
     const bs = geo.blockSize;
     const first = Math.floor(offset / bs);
@@ -540,7 +533,7 @@ export class VhdxDisk implements BlockDevice {
    * comment). Returns false when nothing was pending.
    */
   commit(): boolean {
-    if (this.readOnly || (this.pendingBat.size === 0 && this.pendingBitmap.size === 0 && this.freshBitmaps.size === 0)) return false;
+    if (this.readOnly || !this.metadataPending()) return false;
     const img = this.img;
     const updates: SectorUpdate[] = [];
     for (const chunk of this.freshBitmaps) {

@@ -98,6 +98,14 @@ function takeFrames(r: Rig, size: number, slotOf: (head: number) => number): { h
   return out;
 }
 
+/** The used ring holds exactly frame `f`, spread over buffers of `size` bytes. */
+function expectOneFrame(r: Rig, size: number, f: Uint8Array): void {
+  const got = takeFrames(r, size, (h) => h);
+  assert.equal(got.length, 1);
+  assert.equal(got[0]!.buffers, Math.ceil((f.length + HDR) / size));
+  assert.deepEqual([...got[0]!.data], [...f]);
+}
+
 function wireFrames(port: NetworkPort): Uint8Array[] {
   const out: Uint8Array[] = [];
   const buf = new Uint8Array(MAX_PORT_FRAME_BYTES);
@@ -248,10 +256,7 @@ test("mergeable frame with too few buffers waits with the chains it has, complet
   assert.equal(r.rx.usedIdx(), 0, "still short");
   postRx(r, 4, size, 5);
   r.rx.kick();
-  const got = takeFrames(r, size, (h) => h);
-  assert.equal(got.length, 1);
-  assert.equal(got[0]!.buffers, Math.ceil((1514 + HDR) / size));
-  assert.deepEqual([...got[0]!.data], [...f]);
+  expectOneFrame(r, size, f);
 });
 
 test("a frame waiting for buffers when the device is saved: its chains are given back, and it lands from its first chain later", () => {
@@ -267,10 +272,7 @@ test("a frame waiting for buffers when the device is saved: its chains are given
   assert.equal(r.rx.availEvent(), r.rx.availIdx, "and asked to hear of the driver's next buffer");
   postRx(r, 5, size, 2);
   r.rx.kick();
-  const got = takeFrames(r, size, (h) => h);
-  assert.equal(got.length, 1);
-  assert.equal(got[0]!.buffers, Math.ceil((1514 + HDR) / size));
-  assert.deepEqual([...got[0]!.data], [...f]);
+  expectOneFrame(r, size, f);
   assert.equal(r.dev.net.counters.rxDropped, 0);
 });
 
