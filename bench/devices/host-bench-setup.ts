@@ -32,6 +32,28 @@ export function imageFormatOption(): BenchImageFormat {
   return f as BenchImageFormat;
 }
 
+/** Cache modes a raw bench image can be opened with (--cache). */
+export const BENCH_CACHE_MODES = ["writeback", "none", "writethrough", "directsync", "unsafe"] as const;
+export type BenchCacheMode = (typeof BENCH_CACHE_MODES)[number];
+
+/** --cache, checked (raw images only). */
+export function cacheModeOption(format: BenchImageFormat): BenchCacheMode {
+  const c = option("--cache", "writeback");
+  if (!(BENCH_CACHE_MODES as readonly string[]).includes(c)) throw new Error(`--cache must be one of ${BENCH_CACHE_MODES.join(", ")}`);
+  if (c !== "writeback" && format !== "raw") throw new Error("--cache other than writeback needs --format raw");
+  return c as BenchCacheMode;
+}
+
+/**
+ * The open options of a cache mode, spelled out (not cacheOpenOptions) so
+ * that this file also builds against a baseline tree from before cache
+ * modes: there `direct` is all that is understood (O_DIRECT through its
+ * bounce buffer).
+ */
+function cacheOptions(mode: BenchCacheMode): { direct: boolean; writeThrough: boolean; ignoreFlush: boolean } {
+  return { direct: mode === "none" || mode === "directsync", writeThrough: mode === "writethrough" || mode === "directsync", ignoreFlush: mode === "unsafe" };
+}
+
 /**
  * An image of `bytes` in `dir` whose every byte has been written (0x5a), so
  * reads find data, not holes: a fixed raw file, a dynamic VHD or VHDX (every
@@ -39,13 +61,17 @@ export function imageFormatOption(): BenchImageFormat {
  * over such a VHDX (a fresh checkpoint: reads fall through to the parent,
  * writes allocate in the child).
  */
-export function filledImage(dir: string, bytes: number, format: BenchImageFormat = "raw"): BlockDevice {
+export function filledImage(dir: string, bytes: number, format: BenchImageFormat = "raw", cache: BenchCacheMode = "writeback"): BlockDevice {
   const base = format === "vhdx-child" ? "vhdx" : format;
   const path = join(dir, `disk.${base}`);
   createDisk(path, base, { type: base === "raw" ? "fixed" : "dynamic", size: bytes });
   const disk = openDisk(path);
   const fill = new Uint8Array(1024 * 1024).fill(0x5a);
   for (let o = 0; o < bytes; o += fill.length) disk.write(o, fill.subarray(0, Math.min(fill.length, bytes - o)));
+  if (cache !== "writeback") {
+    disk.close();
+    return openDisk(path, cacheOptions(cache));
+  }
   if (format !== "vhdx-child") return disk;
   disk.close();
   const child = join(dir, "child.vhdx");

@@ -33,7 +33,7 @@
  * completions found by their USED bit; EVENT_IDX through the driver's event
  * structure.
  *
- * usage: node dist/bench/devices/virtqueue-host.js [--dir /dev/shm] [--size-mib 256] [--seconds 3] [--segment-kib 4] [--anonymous] [--ring] [--cold] [--packed] [--format raw|vhd|vhdx|vhdx-child] [--only <workload name part>]
+ * usage: node dist/bench/devices/virtqueue-host.js [--dir /dev/shm] [--size-mib 256] [--seconds 3] [--segment-kib 4] [--anonymous] [--ring] [--cold] [--packed] [--format raw|vhd|vhdx|vhdx-child] [--cache writeback|none|writethrough|directsync|unsafe] [--only <workload name part>]
  */
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { spawnSync } from "node:child_process";
@@ -46,7 +46,7 @@ import { createVirtioBlk, type VirtioBlk } from "../../src/devices/virtio/virtio
 import { IoUring } from "../../src/hypervisor/io-uring.js";
 import { VIRTIO_COMMON as C, VIRTIO_STATUS as S, type VirtioPciDevice } from "../../src/devices/virtio/pci-transport.js";
 import type { PciDeviceServices } from "../../src/devices/pci/device-thread-services.js";
-import { filledImage, imageFormatOption, memfdGuestRam, option } from "./host-bench-setup.js";
+import { cacheModeOption, filledImage, imageFormatOption, memfdGuestRam, option } from "./host-bench-setup.js";
 
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
@@ -56,6 +56,8 @@ const DIR = arg("--dir", "/dev/shm");
 const SIZE = Number(arg("--size-mib", "256")) * MiB;
 /** --format raw|vhd|vhdx|vhdx-child: the image the disk is served from (host-bench-setup.ts). */
 const FORMAT = imageFormatOption();
+/** --cache MODE: open the raw image as `--disk PATH,cache=MODE` does (none: O_DIRECT; the image must then be on a file system that takes it, e.g. --dir /var/tmp). */
+const CACHE = cacheModeOption(FORMAT);
 const SECONDS = Number(arg("--seconds", "2.5"));
 const SEGMENT = Number(arg("--segment-kib", "4")) * 1024;
 const ANONYMOUS = args.includes("--anonymous");
@@ -380,7 +382,7 @@ function direct(disk: BlockDevice, memory: ChunkedGuestMemory, workload: string,
 function main(): void {
   const dir = mkdtempSync(join(DIR, "partis-vq-"));
   try {
-    const disk = filledImage(dir, SIZE, FORMAT);
+    const disk = filledImage(dir, SIZE, FORMAT, CACHE);
     const bench = new Bench(disk);
     const rows: Row[] = [];
     const workloads = [
@@ -394,7 +396,7 @@ function main(): void {
       for (const batch of [1, 32]) rows.push(run(bench, name, batch, bytes, write, random));
     }
     disk.close();
-    console.log(`virtio-blk through VirtioPciDevice + VirtQueue (${PACKED ? "packed" : "split"} virtqueue${RING ? ", io_uring" : ""}), ${FORMAT} image in ${DIR} (${SIZE / MiB} MiB), node ${process.version}, ${cpus()[0]?.model ?? "cpu"}\n`);
+    console.log(`virtio-blk through VirtioPciDevice + VirtQueue (${PACKED ? "packed" : "split"} virtqueue${RING ? ", io_uring" : ""}), ${FORMAT} image${CACHE !== "writeback" ? `, cache=${CACHE}` : ""} in ${DIR} (${SIZE / MiB} MiB), node ${process.version}, ${cpus()[0]?.model ?? "cpu"}\n`);
     console.log("| workload | batch | requests/s | MiB/s | host CPU s/GiB | interrupts/request | heap bytes/request | GCs |");
     console.log("|---|---:|---:|---:|---:|---:|---:|---:|");
     for (const r of rows)

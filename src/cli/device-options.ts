@@ -1,7 +1,9 @@
 /**
  * `partis run` device flags, parsed and checked before anything starts:
  *
- *   --disk PATH[,if=virtio|ide][,ro][,packed]   a disk image (raw, VHD, VHDX) or host block device
+ *   --disk PATH[,if=virtio|ide][,ro][,packed][,cache=MODE]   a disk image (raw, VHD, VHDX) or host block device
+ *        cache: writeback (default) | none (O_DIRECT) | writethrough (O_DSYNC) | directsync | unsafe
+ *               (flushes ignored); raw images and host block devices only, others are always writeback
  *   --cdrom ISO                        an ATAPI CD-ROM on the IDE controller
  *   --nic BACKEND[,model=virtio|ne2k][,mac=52:54:00:..][,packed][,offload=on|off]
  *        packed: the virtio device also offers packed virtqueues (VIRTIO_F_RING_PACKED)
@@ -16,6 +18,7 @@ import { accessSync, constants, existsSync, statSync } from "node:fs";
 import { createHash } from "node:crypto";
 import { dirname } from "node:path";
 import { PartisError, UsageError } from "../errors.js";
+import { CACHE_MODES, type CacheMode } from "../storage/block-device.js";
 import { openDisk } from "../storage/open.js";
 import { DevicePlanError, MAX_IDE_DRIVES, parseMac, planPci, type DeviceSpec, type DiskSpec, type NicBackendSpec } from "../worker/device-plan.js";
 
@@ -45,8 +48,16 @@ function rejectUnknown(flag: string, value: string, opts: Map<string, string | t
   for (const k of opts.keys()) if (!known.includes(k)) throw new UsageError(`${flag}: "${value}": unknown option "${k}" (known: ${known.join(", ")})`);
 }
 
-/** Check the image opens (format, parents) without changing it. */
-function checkDisk(flag: string, path: string, readOnly: boolean): DiskSpec {
+/** The `cache` option: one of CACHE_MODES; anything but writeback only for raw images and host block devices. */
+function cacheOption(value: string, opts: Map<string, string | true>): CacheMode | undefined {
+  const c = opts.get("cache");
+  if (c === undefined) return undefined;
+  if (c === true || !(CACHE_MODES as readonly string[]).includes(c)) throw new UsageError(`--disk ${value}: cache takes one of ${CACHE_MODES.join(", ")}`);
+  return c as CacheMode;
+}
+
+/** Check the image opens (format, parents) without changing it; a cache mode other than writeback needs a raw image or host block device. */
+function checkDisk(flag: string, path: string, readOnly: boolean, cache?: CacheMode): DiskSpec {
   if (!existsSync(path)) throw new UsageError(`${flag} ${path}: no such file`);
   const st = statSync(path);
   if (st.isDirectory()) throw new UsageError(`${flag} ${path}: is a directory`);
@@ -55,14 +66,18 @@ function checkDisk(flag: string, path: string, readOnly: boolean): DiskSpec {
   } catch {
     throw new UsageError(`${flag} ${path}: not ${readOnly ? "readable" : "readable and writable (add ,ro for read-only)"}`);
   }
+  let format: string;
   try {
     const d = openDisk(path, { readOnly: true });
+    format = d.format;
     d.close();
   } catch (e) {
     if (e instanceof PartisError) throw new UsageError(`${flag} ${path}: ${e.message.startsWith(path) ? e.message.slice(path.length).replace(/^:\s*/, "") : e.message}`);
     throw e;
   }
-  return { path, readOnly };
+  if (cache !== undefined && cache !== "writeback" && format !== "raw")
+    throw new UsageError(`${flag} ${path}: cache=${cache} is for raw images and host block devices; a ${format.toUpperCase()} file is always written back through the host's page cache`);
+  return { path, readOnly, ...(cache !== undefined ? { cache } : {}) };
 }
 
 /** The `packed` option: no value, and only on a virtio device (an emulated one has no virtqueues). */
@@ -104,12 +119,12 @@ export function resolveDevices(opts: DeviceOptions, vmName: string, cpus: number
   let ide = 0;
   (opts.disk ?? []).forEach((value, i) => {
     const { head, opts: o } = splitSpec("--disk", value);
-    rejectUnknown("--disk", value, o, ["if", "ro", "packed"]);
+    rejectUnknown("--disk", value, o, ["if", "ro", "packed", "cache"]);
     const iface = o.get("if") ?? "virtio";
     if (iface !== "virtio" && iface !== "ide") throw new UsageError(`--disk ${value}: if=${String(iface)} is not virtio or ide`);
     if (o.get("ro") !== undefined && o.get("ro") !== true) throw new UsageError(`--disk ${value}: ro takes no value`);
     const packed = packedOption("--disk", value, o, iface === "virtio");
-    const disk = checkDisk("--disk", head, o.get("ro") === true);
+    const disk = checkDisk("--disk", head, o.get("ro") === true, cacheOption(value, o));
     if (iface === "ide") {
       ide++;
       out.push({ kind: "ide-disk", id: `ide-disk${i}`, disk });

@@ -52,6 +52,7 @@ const c = {
   ftruncate: lib.func("int ftruncate(int fd, int64_t length)") as IntFn<[number, number | bigint]>,
   fallocate: lib.func("int fallocate(int fd, int mode, int64_t offset, int64_t len)") as IntFn<[number, number, number, number]>,
   lseek: lib.func("int64_t lseek(int fd, int64_t offset, int whence)") as IntFn<[number, number, number]>,
+  statx: lib.func("int statx(int dirfd, const char *path, int flags, unsigned int mask, void *buf)") as IntFn<[number, string, number, number, ArrayBufferView]>,
   eventfd: lib.func("int eventfd(unsigned int initval, int flags)") as IntFn<[number, number]>,
   read: lib.func("int64_t read(int fd, void *buf, size_t count)") as IntFn<[number, ArrayBufferView, number]>,
   write: lib.func("int64_t write(int fd, const void *buf, size_t count)") as IntFn<[number, ArrayBufferView, number]>,
@@ -220,6 +221,30 @@ export const FALLOC_FL = { keepSize: 0x01, punchHole: 0x02, zeroRange: 0x10 } as
  */
 export function fallocate(fd: number, mode: number, offset: number, length: number): void {
   check(c.fallocate(fd, mode, offset, length), "fallocate", { fd, mode, offset: BigInt(offset), length: BigInt(length) });
+}
+
+/** statx(2): AT_EMPTY_PATH (the descriptor itself), STATX_DIOALIGN (Linux 6.1). */
+const AT_EMPTY_PATH = 0x1000;
+const STATX_DIOALIGN = 0x2000;
+/** struct statx: stx_mask at 0, stx_dio_mem_align at 152, stx_dio_offset_align at 156; 256 bytes in all. */
+const STATX_BYTES = 256;
+const STX_DIO_MEM_ALIGN = 152;
+const STX_DIO_OFFSET_ALIGN = 156;
+
+/**
+ * What O_DIRECT needs of an open file (statx STATX_DIOALIGN): the alignment
+ * of buffer addresses (`memory`) and of file offsets and lengths (`offset`).
+ * Undefined where the kernel or the file system does not say (before Linux
+ * 6.1, tmpfs, 9p), or says direct I/O is not supported there (zeros).
+ */
+export function directIoAlignment(fd: number): { memory: number; offset: number } | undefined {
+  const buf = new Uint8Array(STATX_BYTES);
+  if (c.statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, buf) !== 0) return undefined;
+  const v = new DataView(buf.buffer);
+  if ((v.getUint32(0, true) & STATX_DIOALIGN) === 0) return undefined;
+  const memory = v.getUint32(STX_DIO_MEM_ALIGN, true);
+  const offset = v.getUint32(STX_DIO_OFFSET_ALIGN, true);
+  return memory === 0 || offset === 0 ? undefined : { memory, offset };
 }
 
 const SEEK_DATA = 3;

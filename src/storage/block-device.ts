@@ -76,6 +76,8 @@ export interface BlockDevice {
   readonly logicalSectorSize: number;
   readonly physicalSectorSize: number;
   readonly readOnly: boolean;
+  /** Remarks on how the disk runs, e.g. why O_DIRECT was asked for and is not in use (raw, pass-through). */
+  readonly notes?: readonly string[];
   /** Parent in a differencing chain, if any (opened read-only). */
   readonly parent: BlockDevice | undefined;
 
@@ -130,10 +132,39 @@ export interface BlockDevice {
   queueFlush?(queue: HostIoQueue, token: number): boolean;
 }
 
+/**
+ * How a disk uses the host's page cache, named as QEMU and Proxmox name it:
+ * - writeback (default): through the page cache; a guest flush is an fsync;
+ * - none: O_DIRECT, bypassing the page cache (Hyper-V's unbuffered I/O); a
+ *   guest flush still reaches the device's write cache with an fsync;
+ * - writethrough: through the page cache, every write synchronous (O_DSYNC);
+ * - directsync: O_DIRECT and O_DSYNC;
+ * - unsafe: through the page cache, guest flushes ignored (scratch VMs: a
+ *   host crash can lose what the guest believed stable).
+ * Raw images and host block devices take every mode; VHD and VHDX files
+ * are always written back through the page cache (their metadata I/O is not
+ * O_DIRECT-aligned).
+ */
+export type CacheMode = "writeback" | "none" | "writethrough" | "directsync" | "unsafe";
+export const CACHE_MODES: readonly CacheMode[] = ["writeback", "none", "writethrough", "directsync", "unsafe"];
+
+/** The open options a cache mode stands for. */
+export function cacheOpenOptions(mode: CacheMode): Pick<OpenOptions, "direct" | "writeThrough" | "ignoreFlush"> {
+  return {
+    direct: mode === "none" || mode === "directsync",
+    writeThrough: mode === "writethrough" || mode === "directsync",
+    ignoreFlush: mode === "unsafe",
+  };
+}
+
 export interface OpenOptions {
   readOnly?: boolean;
   /** Use O_DIRECT where the host allows it (pass-through, raw). */
   direct?: boolean;
+  /** Open with O_DSYNC: every write is stable when it completes (pass-through, raw). */
+  writeThrough?: boolean;
+  /** flush() does nothing (cache=unsafe; pass-through, raw). */
+  ignoreFlush?: boolean;
   /** Do not open parents (inspection tools). */
   noParent?: boolean;
 }

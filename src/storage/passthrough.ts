@@ -70,7 +70,7 @@ export function openPassthrough(path: string, options: OpenOptions = {}): RawDis
   const info = block ? hostBlockDeviceInfo(path) : undefined;
   const readOnly = options.readOnly === true || info?.readOnly === true;
   const logical = info?.logicalSectorSize ?? 512;
-  const { fd, direct, reopenBuffered, notes } = openFileForDisk(path, readOnly, options.direct === true, logical);
+  const { fd, direct, reopenBuffered, notes } = openFileForDisk(path, readOnly, options.direct === true, logical, options.writeThrough === true);
   if (info?.readOnly === true && options.readOnly !== true) notes.push("the host marks this device read-only; opened read-only");
   let size: number;
   if (info !== undefined) {
@@ -94,6 +94,7 @@ export function openPassthrough(path: string, options: OpenOptions = {}): RawDis
     direct,
     reopenBuffered,
     notes,
+    ignoreFlush: options.ignoreFlush === true,
   });
 }
 

@@ -22,12 +22,22 @@
  *   describe() reports the space actually used (st_blocks) as allocatedBytes.
  * Without libc (koffi missing), discard is a no-op and everything is
  * "allocated", as before these existed.
- * - O_DIRECT: requested with `direct`. Buffers must be aligned, which plain
- *   JS buffers are not: I/O goes through an aligned bounce buffer, taken from
+ * - O_DIRECT: requested with `direct` (cache=none, directsync). The file
+ *   system says what it needs (statx STATX_DIOALIGN: buffer address
+ *   alignment, offset and length alignment; 4096 and the sector size where
+ *   it does not say). Transfers between guest RAM and the file whose spans
+ *   meet it (readHost/writeHost/queueHost: every page-aligned guest I/O)
+ *   go straight to the device, no copy, and once one such transfer has
+ *   worked, on the io_uring without trying first: a direct read or write
+ *   always waits for the device. Everything else (JS buffers, spans not
+ *   aligned) goes through an aligned bounce buffer, taken from
  *   `alignedBuffer` (src/hypervisor/libc.ts) when that module loads, else
  *   found by probing offsets of an over-allocated ArrayBuffer with a direct
  *   read. When the file system refuses O_DIRECT (EINVAL on open or on I/O),
  *   the disk falls back to buffered I/O and records why in `notes`.
+ *   `directIoCounts` says which way transfers went.
+ * - O_DSYNC with `writeThrough` (cache=writethrough, directsync); flush()
+ *   does nothing with `ignoreFlush` (cache=unsafe).
  * - A file whose length is not a multiple of 512 is seen rounded down.
  */
 import * as fs from "node:fs";
@@ -40,6 +50,9 @@ const MAX_RAW_SIZE = 64 * 1024 ** 4;
 const BOUNCE_BYTES = 1024 * 1024;
 
 type AlignedBufferFn = (bytes: number, alignment?: number) => Uint8Array;
+type DirectAlignmentFn = (fd: number) => { memory: number; offset: number } | undefined;
+/** `directIoAlignment` (statx STATX_DIOALIGN) from src/hypervisor/libc.ts. */
+let libcDirectAlignment: DirectAlignmentFn | undefined;
 type VectoredFn = (fd: number, views: readonly Uint8Array[], count: number, offset: number) => number;
 type HostVectoredFn = (fd: number, addresses: Float64Array, lengths: Uint32Array, count: number, offset: number) => number;
 
@@ -58,6 +71,7 @@ try {
   // A literal specifier, so the bundle (scripts/bundle.mjs) carries the module; typed loosely: any part may be missing.
   const mod = (await import("../hypervisor/libc.js")) as unknown as {
     alignedBuffer?: unknown;
+    directIoAlignment?: unknown;
     preadv?: unknown;
     pwritev?: unknown;
     preadvHost?: unknown;
@@ -79,6 +93,7 @@ try {
       zeroRange: mod.FALLOC_FL.zeroRange | mod.FALLOC_FL.keepSize,
     };
   if (typeof mod.alignedBuffer === "function") libcAlignedBuffer = mod.alignedBuffer as AlignedBufferFn;
+  if (typeof mod.directIoAlignment === "function") libcDirectAlignment = mod.directIoAlignment as DirectAlignmentFn;
   if (typeof mod.transferHostWithFlags === "function" && typeof mod.errno === "function" && typeof mod.RWF_NOWAIT === "number" && mod.Errno !== undefined)
     libcNowait = { transfer: mod.transferHostWithFlags as FlaggedHostFn, flag: mod.RWF_NOWAIT, errno: mod.errno as () => number, EAGAIN: mod.Errno.EAGAIN };
   if (typeof mod.preadv === "function" && typeof mod.pwritev === "function" && typeof mod.preadvHost === "function" && typeof mod.pwritevHost === "function")
@@ -91,6 +106,7 @@ try {
     };
 } catch {
   libcAlignedBuffer = undefined;
+  libcDirectAlignment = undefined;
   libcVectored = undefined;
   libcSpace = undefined;
   libcNowait = undefined;
@@ -121,18 +137,33 @@ export function pwriteFully(fd: number, buf: Uint8Array, position: number): void
 }
 
 /**
- * Aligned bounce I/O for a file opened with O_DIRECT: every request is
- * widened to `alignment`-aligned offsets and lengths (read-modify-write for
+ * A file opened with O_DIRECT: what its transfers must be aligned to, and
+ * aligned bounce I/O for those that are not: every such request is widened
+ * to `alignment`-aligned offsets and lengths (read-modify-write for
  * unaligned writes).
  */
 export class DirectIo {
   private bounce: Uint8Array;
+  /**
+   * @param alignment file offsets and lengths
+   * @param memoryAlignment buffer addresses (every span of a vectored transfer)
+   */
   constructor(
     private readonly fd: number,
     readonly alignment: number,
+    readonly memoryAlignment: number,
     bounce: Uint8Array,
   ) {
     this.bounce = bounce;
+  }
+
+  /** Whether a vectored transfer of host spans at `offset` meets O_DIRECT's alignment (then it needs no bounce). */
+  fits(offset: number, addresses: Float64Array, lengths: Uint32Array, count: number): boolean {
+    if (offset % this.alignment !== 0) return false;
+    const a = this.alignment;
+    const m = this.memoryAlignment;
+    for (let i = 0; i < count; i++) if (lengths[i]! % a !== 0 || addresses[i]! % m !== 0) return false;
+    return true;
   }
 
   /** Aligned bounce memory, or undefined when none can be found (then use buffered I/O). */
@@ -207,6 +238,8 @@ export interface RawDiskConfig {
   /** How to reopen without O_DIRECT if direct I/O fails at run time. */
   readonly reopenBuffered: (() => number) | undefined;
   readonly notes: string[];
+  /** flush() does nothing (cache=unsafe). */
+  readonly ignoreFlush?: boolean;
   /** The descriptor belongs to someone else (an image format's file, see payloadOf): close() neither flushes nor closes it. */
   readonly borrowed?: boolean;
 }
@@ -226,7 +259,18 @@ export class RawDisk implements BlockDevice {
   private direct: DirectIo | undefined;
   private readonly reopenBuffered: (() => number) | undefined;
   private readonly borrowed: boolean;
+  private readonly ignoreFlush: boolean;
   private closed = false;
+  /** A straight (unbounced) O_DIRECT transfer has worked: aligned ones may now be queued without a try. */
+  private directProven = false;
+  /** The O_DIRECT descriptor replaced after an EINVAL: kept open until close(), as queued requests may still name it. */
+  private retiredFd: number | undefined;
+  /**
+   * Transfers under O_DIRECT: `straight` between the caller's memory (guest
+   * RAM) and the device, queued ones included; `bounced` through the
+   * aligned bounce buffer.
+   */
+  readonly directIoCounts = { straight: 0, bounced: 0 };
 
   constructor(config: RawDiskConfig) {
     this.path = config.path;
@@ -240,6 +284,7 @@ export class RawDisk implements BlockDevice {
     this.reopenBuffered = config.reopenBuffered;
     this.notes = config.notes;
     this.borrowed = config.borrowed === true;
+    this.ignoreFlush = config.ignoreFlush === true;
   }
 
   /**
@@ -270,15 +315,27 @@ export class RawDisk implements BlockDevice {
     if (this.direct === undefined) return buffered();
     try {
       op();
+      this.directIoCounts.bounced++;
     } catch (e) {
-      if (errnoOf(e) !== "EINVAL" || this.reopenBuffered === undefined) throw e;
-      const old = this.fd;
-      this.fd = this.reopenBuffered();
-      fs.closeSync(old);
-      this.direct = undefined;
-      this.notes.push("O_DIRECT I/O failed with EINVAL; using buffered I/O");
+      if (!this.dropDirect(e)) throw e;
       buffered();
     }
+  }
+
+  /**
+   * After a failed O_DIRECT call: when it failed with EINVAL (the file system
+   * refused after all), go on with buffered I/O and say so; true then.
+   */
+  private dropDirect(e: unknown): boolean {
+    // Node's fs errors carry the errno name as `code`, libc's SystemCallError as `errnoName`.
+    const named = typeof e === "object" && e !== null && "errnoName" in e ? String((e as { errnoName: unknown }).errnoName) : undefined;
+    const code = named ?? errnoOf(e);
+    if (code !== "EINVAL" || this.reopenBuffered === undefined || this.direct === undefined) return false;
+    this.retiredFd = this.fd;
+    this.fd = this.reopenBuffered();
+    this.direct = undefined;
+    this.notes.push("O_DIRECT I/O failed with EINVAL; using buffered I/O");
+    return true;
   }
 
   read(offset: number, buf: Uint8Array): void {
@@ -323,9 +380,15 @@ export class RawDisk implements BlockDevice {
     return total;
   }
 
-  /** One preadv/pwritev over host spans; false (the caller redoes it another way) when not possible or short. */
+  /**
+   * One preadv/pwritev over host spans; false (the caller redoes it another
+   * way) when not possible or short. Under O_DIRECT only spans that meet its
+   * alignment (the others take the bounce buffer).
+   */
   private host(offset: number, addresses: Float64Array, lengths: Uint32Array, count: number, write: boolean): boolean {
-    if (libcVectored === undefined || this.direct !== undefined || count > libcVectored.iovMax) return false;
+    if (libcVectored === undefined || count > libcVectored.iovMax) return false;
+    const direct = this.direct;
+    if (direct !== undefined && !direct.fits(offset, addresses, lengths, count)) return false;
     // The checks stay written out here and in queueHost: moved into a shared helper, they cost 16 bytes
     // of garbage per request (V8 boxed the sum), measured with bench/devices/virtqueue-host.js.
     let total = 0;
@@ -338,7 +401,12 @@ export class RawDisk implements BlockDevice {
       n = (write ? libcVectored.pwritevHost : libcVectored.preadvHost)(this.fd, addresses, lengths, count, offset);
     } catch (e) {
       if (e instanceof RangeError) return false;
+      if (direct !== undefined && this.dropDirect(e)) return this.host(offset, addresses, lengths, count, write);
       throw e;
+    }
+    if (direct !== undefined) {
+      this.directProven = true;
+      this.directIoCounts.straight++;
     }
     return n === total;
   }
@@ -366,9 +434,10 @@ export class RawDisk implements BlockDevice {
    * false, and the caller does it synchronously, as before.
    */
   queueHost(queue: HostIoQueue, write: boolean, offset: number, addresses: Float64Array, lengths: Uint32Array, count: number, token: number): "done" | "queued" | false {
+    if (this.direct !== undefined) return this.queueDirect(queue, write, offset, addresses, lengths, count, token);
     const nw = libcNowait;
     const which = write ? 1 : 0;
-    if (nw === undefined || this.direct !== undefined || this.closed || this.nowait[which] === false || count > (libcVectored?.iovMax ?? 1024)) return false;
+    if (nw === undefined || this.closed || this.nowait[which] === false || count > (libcVectored?.iovMax ?? 1024)) return false;
     let total = 0;
     for (let i = 0; i < count; i++) total += lengths[i]!;
     this.checkRange(offset, total, write ? "write" : "read");
@@ -396,9 +465,38 @@ export class RawDisk implements BlockDevice {
     return queue.prepareVectored(write, this.fd, offset, addresses, lengths, count, token) ? "queued" : false;
   }
 
-  /** fsync on the ring, for files whose reads or writes can wait for a disk (not for tmpfs, whose fsync does nothing). */
+  /**
+   * queueHost under O_DIRECT: aligned spans straight onto the queue (a direct
+   * transfer always waits for the device, so there is nothing to try at
+   * once), after a first synchronous one has shown the file system takes
+   * them; false otherwise (the caller's synchronous path bounces or proves).
+   */
+  private queueDirect(queue: HostIoQueue, write: boolean, offset: number, addresses: Float64Array, lengths: Uint32Array, count: number, token: number): "queued" | false {
+    if (this.closed || !this.directProven || count > (libcVectored?.iovMax ?? 1024) || !this.direct!.fits(offset, addresses, lengths, count)) return false;
+    let total = 0;
+    for (let i = 0; i < count; i++) total += lengths[i]!;
+    this.checkRange(offset, total, write ? "write" : "read");
+    if (write && this.readOnly) throw new DiskError("DISK_READ_ONLY", "write to a read-only disk", this.path, { offset });
+    if (total === 0) return false;
+    let queued: boolean;
+    try {
+      queued = queue.prepareVectored(write, this.fd, offset, addresses, lengths, count, token);
+    } catch (e) {
+      if (e instanceof RangeError) return false; // a span not mapped by the FFI layer
+      throw e;
+    }
+    if (!queued) return false;
+    this.directIoCounts.straight++;
+    return "queued";
+  }
+
+  /**
+   * fsync on the ring, for files whose reads or writes can wait for a disk
+   * (O_DIRECT ones, and those where RWF_NOWAIT has said so: not tmpfs, whose
+   * fsync does nothing). Not with `ignoreFlush`: flush() returns at once.
+   */
   queueFlush(queue: HostIoQueue, token: number): boolean {
-    if (this.closed || this.readOnly || (this.nowait[0] !== true && this.nowait[1] !== true)) return false;
+    if (this.closed || this.readOnly || this.ignoreFlush || (!this.directProven && this.nowait[0] !== true && this.nowait[1] !== true)) return false;
     return queue.prepareFsync(this.fd, false, token);
   }
 
@@ -426,8 +524,9 @@ export class RawDisk implements BlockDevice {
     }
   }
 
+  /** fsync (nothing with `ignoreFlush`, cache=unsafe). */
   flush(): void {
-    if (this.closed || this.readOnly) return;
+    if (this.closed || this.readOnly || this.ignoreFlush) return;
     fs.fsyncSync(this.fd);
   }
 
@@ -532,21 +631,27 @@ export class RawDisk implements BlockDevice {
     } finally {
       this.closed = true;
       fs.closeSync(this.fd);
+      if (this.retiredFd !== undefined) fs.closeSync(this.retiredFd);
     }
   }
 }
 
 /**
- * Open `path` with O_DIRECT when asked and possible. Returns the descriptor,
- * the direct I/O helper (undefined when buffered), and notes on any fallback.
+ * Open `path` with O_DIRECT when asked and possible, O_DSYNC with
+ * `writeThrough`. Returns the descriptor, the direct I/O helper (undefined
+ * when buffered), and notes on any fallback. `alignment` (the disk's
+ * logical sector size) is raised to what the file system says O_DIRECT
+ * needs, where it says (statx); buffer addresses are then held to its
+ * memory alignment, else to 4096.
  */
 export function openFileForDisk(
   path: string,
   readOnly: boolean,
   wantDirect: boolean,
   alignment: number,
+  writeThrough = false,
 ): { fd: number; direct: DirectIo | undefined; reopenBuffered: () => number; notes: string[] } {
-  const base = readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR;
+  const base = (readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR) | (writeThrough && !readOnly ? fs.constants.O_DSYNC : 0);
   const reopenBuffered = (): number => fs.openSync(path, base);
   const notes: string[] = [];
   const openErr = (e: unknown): never => {
@@ -565,8 +670,11 @@ export function openFileForDisk(
         notes.push("the file system refused O_DIRECT; using buffered I/O");
       }
       if (fd !== undefined) {
-        const bounce = DirectIo.findBounce(fd, alignment);
-        if (bounce !== undefined) return { fd, direct: new DirectIo(fd, alignment, bounce), reopenBuffered, notes };
+        const said = libcDirectAlignment?.(fd);
+        const offsetAlignment = Math.max(alignment, said?.offset ?? 0);
+        const memoryAlignment = said?.memory ?? 4096;
+        const bounce = DirectIo.findBounce(fd, offsetAlignment);
+        if (bounce !== undefined) return { fd, direct: new DirectIo(fd, offsetAlignment, memoryAlignment, bounce), reopenBuffered, notes };
         fs.closeSync(fd);
         notes.push("no aligned buffer could be found for O_DIRECT; using buffered I/O");
       }
@@ -595,11 +703,11 @@ function isZero(buf: Uint8Array): boolean {
 
 export function openRaw(path: string, options: OpenOptions = {}): RawDisk {
   const readOnly = options.readOnly === true;
-  const { fd, direct, reopenBuffered, notes } = openFileForDisk(path, readOnly, options.direct === true, SECTOR);
+  const { fd, direct, reopenBuffered, notes } = openFileForDisk(path, readOnly, options.direct === true, SECTOR, options.writeThrough === true);
   const st = fs.fstatSync(fd);
   const size = Math.floor(st.size / SECTOR) * SECTOR;
   if (size !== st.size) notes.push(`file length ${st.size} is not a multiple of ${SECTOR}; the last ${st.size - size} bytes are not part of the disk`);
-  return new RawDisk({ path, fd, size, type: "raw", readOnly, logicalSectorSize: SECTOR, physicalSectorSize: 4096, direct, reopenBuffered, notes });
+  return new RawDisk({ path, fd, size, type: "raw", readOnly, logicalSectorSize: SECTOR, physicalSectorSize: 4096, direct, reopenBuffered, notes, ignoreFlush: options.ignoreFlush === true });
 }
 
 export const rawDriver: DiskFormatDriver = {

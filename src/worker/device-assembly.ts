@@ -11,7 +11,7 @@ import type { IrqLine } from "../devices/dependencies.js";
 import type { PciDevice } from "../devices/pci/pci-config.js";
 import type { PciDeviceServices } from "../devices/pci/device-thread-services.js";
 import { openDisk } from "../storage/open.js";
-import type { BlockDevice } from "../storage/block-device.js";
+import { cacheOpenOptions, type BlockDevice } from "../storage/block-device.js";
 import { createVirtioBlk, type VirtioBlk } from "../devices/virtio/virtio-blk.js";
 import { createVirtioRng } from "../devices/virtio/virtio-rng.js";
 import { HostEntropy } from "../hypervisor/host-entropy.js";
@@ -59,9 +59,12 @@ function openRing(id: string, warn: ((message: string) => void) | undefined): Io
   }
 }
 
-function open(spec: DiskSpec, id: string): BlockDevice {
+/** A drive's disk, opened with its cache mode; what runs other than asked (O_DIRECT refused, say) is told once. */
+function open(spec: DiskSpec, id: string, warn: ((message: string) => void) | undefined): BlockDevice {
   try {
-    return openDisk(spec.path, { readOnly: spec.readOnly });
+    const disk = openDisk(spec.path, { readOnly: spec.readOnly, ...cacheOpenOptions(spec.cache ?? "writeback") });
+    for (const note of disk.notes ?? []) warn?.(`${id} (${spec.path}): ${note}`);
+    return disk;
   } catch (e) {
     throw new DevicePlanError("DISK_OPEN_FAILED", `${id}: ${(e as Error).message}`, { device: id, path: spec.path });
   }
@@ -193,13 +196,13 @@ export function assembleDevice(f: PlannedFunction, devices: readonly DeviceSpec[
         // CD-ROMs first claim the secondary master; disks then fill from the primary master.
         for (const d of ide.filter((x) => x.kind === "ide-cdrom")) {
           const [channel, unit] = take([1, 0]);
-          const dev = d.disk === undefined ? undefined : open(d.disk, d.id);
+          const dev = d.disk === undefined ? undefined : open(d.disk, d.id, ctx.warn);
           if (dev !== undefined) opened.push(dev);
           drives.push({ channel, unit, kind: "cdrom", device: dev });
         }
         for (const d of ide.filter((x) => x.kind === "ide-disk")) {
           const [channel, unit] = take(free[0]!);
-          const dev = open(d.disk, d.id);
+          const dev = open(d.disk, d.id, ctx.warn);
           opened.push(dev);
           drives.push({ channel, unit, kind: "disk", device: dev });
         }
@@ -224,7 +227,7 @@ export function assembleDevice(f: PlannedFunction, devices: readonly DeviceSpec[
       }
     }
     case "virtio-blk": {
-      const disk = open(spec.disk, spec.id);
+      const disk = open(spec.disk, spec.id, ctx.warn);
       let ring: IoUring | undefined;
       try {
         ring = disk.queueHost !== undefined ? openRing(spec.id, ctx.warn) : undefined;

@@ -9,12 +9,15 @@
  *   00:02.0… the other devices, in the order given
  */
 import { PartisError } from "../errors.js";
+import type { CacheMode } from "../storage/block-device.js";
 
 export class DevicePlanError extends PartisError {}
 
 export interface DiskSpec {
   readonly path: string;
   readonly readOnly: boolean;
+  /** How the disk uses the host's page cache (absent: writeback). */
+  readonly cache?: CacheMode;
 }
 
 /** Where a NIC's frames go on the host. */

@@ -1,13 +1,17 @@
 /**
  * `partis run` device flags resolved into device specs (src/cli/device-options.ts):
- * what reaches the worker for the NIC options (bad input is covered by
- * run-input.test.ts, through the real CLI).
+ * what reaches the worker for the NIC options and disk cache modes (bad
+ * input is covered by run-input.test.ts, through the real CLI, and here for
+ * cache modes).
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
+import { join } from "node:path";
 import { resolveDevices } from "../../src/cli/device-options.js";
 import { UsageError } from "../../src/errors.js";
+import { createDisk } from "../../src/storage/open.js";
+import { scratchDir } from "../storage/tools/oracle.js";
 
 const tun = existsSync("/dev/net/tun");
 
@@ -25,4 +29,24 @@ test("--nic offload=off is accepted on a datagram pair or none (nothing to turn 
   assert.ok(n !== undefined && "offloads" in n && n.offloads === false);
   assert.throws(() => resolveDevices({ nic: ["none,offload=on"] }, "vm", 1), UsageError);
   assert.throws(() => resolveDevices({ nic: ["none,model=ne2k,offload=off"] }, "vm", 1), UsageError);
+});
+
+test("--disk cache=MODE: carried to the drive for raw images (virtio and IDE); refused for VHDX and for a bad or missing value", () => {
+  const { dir, cleanup } = scratchDir("cli-cache");
+  try {
+    const raw = join(dir, "a.raw");
+    const vhdx = join(dir, "b.vhdx");
+    createDisk(raw, "raw", { type: "dynamic", size: 1024 * 1024 });
+    createDisk(vhdx, "vhdx", { type: "dynamic", size: 8 * 1024 * 1024 });
+    const specs = resolveDevices({ disk: [`${raw},cache=none`, `${raw},if=ide,cache=unsafe`, raw, `${vhdx},cache=writeback`] }, "vm", 2);
+    const caches = specs.map((s) => ("disk" in s && s.disk !== undefined ? s.disk.cache : "?"));
+    assert.deepEqual(caches, ["none", "unsafe", undefined, "writeback"]);
+    assert.deepEqual(specs.map((s) => s.kind), ["virtio-blk", "ide-disk", "virtio-blk", "virtio-blk"]);
+    for (const mode of ["none", "writethrough", "directsync", "unsafe"])
+      assert.throws(() => resolveDevices({ disk: [`${vhdx},cache=${mode}`] }, "vm", 1), (e: unknown) => e instanceof UsageError && /for raw images and host block devices; a VHDX file/.test(e.message), mode);
+    for (const bad of ["cache", "cache=", "cache=writeback2", "cache=NONE"])
+      assert.throws(() => resolveDevices({ disk: [`${raw},${bad}`] }, "vm", 1), (e: unknown) => e instanceof UsageError && /cache takes one of writeback, none, writethrough, directsync, unsafe/.test(e.message), bad);
+  } finally {
+    cleanup();
+  }
 });

@@ -91,7 +91,8 @@ writeFileSync(badVhdx, Buffer.concat([Buffer.from("vhdxfile"), Buffer.alloc(1024
 test("--disk that does not exist", () => expectUsageError(["--kernel", kernel, "--disk", join(dir, "nope.raw")], /--disk .*nope\.raw: no such file/));
 test("--disk that is a directory", () => expectUsageError(["--kernel", kernel, "--disk", dir], /--disk .*: is a directory/));
 test("--disk with an unknown interface", () => expectUsageError(["--kernel", kernel, "--disk", `${disk},if=scsi`], /--disk .*if=scsi is not virtio or ide/));
-test("--disk with an unknown option", () => expectUsageError(["--kernel", kernel, "--disk", `${disk},cache=none`], /unknown option "cache"/));
+test("--disk with an unknown option", () => expectUsageError(["--kernel", kernel, "--disk", `${disk},iothread=1`], /unknown option "iothread"/));
+test("--disk with a cache mode that is not one", () => expectUsageError(["--kernel", kernel, "--disk", `${disk},cache=fast`], /--disk .*cache=fast: cache takes one of writeback, none, writethrough, directsync, unsafe/));
 test("--disk packed with a value", () => expectUsageError(["--kernel", kernel, "--disk", `${disk},packed=on`], /--disk .*: packed takes no value/));
 test("--disk packed on an IDE disk", () => expectUsageError(["--kernel", kernel, "--disk", `${disk},if=ide,packed`], /--disk .*: packed is for virtio devices/));
 test("--nic packed on the emulated NE2000", () => expectUsageError(["--kernel", kernel, "--nic", "none,model=ne2k,packed"], /--nic none,model=ne2k,packed: packed is for virtio devices/));

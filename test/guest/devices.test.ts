@@ -3,9 +3,10 @@
  * own virtio_pci/virtio_blk/virtio_net/virtio_console/virtio-rng, ata_piix,
  * sr_mod and ne2k-pci drivers), in the nested test host on a PVM machine.
  *
- *  - storage: a raw disk and a VHDX disk on virtio-blk, a VHD disk on the IDE
- *    controller and an ISO on the ATAPI CD-ROM; files written in one boot are
- *    read back (contents and checksums) after a restart of the VM;
+ *  - storage: a raw disk (cache=none: O_DIRECT) and a VHDX disk on
+ *    virtio-blk, a VHD disk on the IDE controller and an ISO on the ATAPI
+ *    CD-ROM; files written in one boot are read back (contents and
+ *    checksums) after a restart of the VM;
  *  - the virtio-console byte channel carries bytes both ways over its socket;
  *  - the entropy source feeds the guest's hwrng;
  *  - two VMs wired back to back (AF_UNIX datagram pairs) ping each other over
@@ -18,15 +19,36 @@ import { describe, test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import { createHash } from "node:crypto";
-import { mkdtempSync, mkdirSync, readFileSync, writeFileSync, existsSync, rmSync } from "node:fs";
+import { closeSync, constants, mkdtempSync, mkdirSync, openSync, readFileSync, writeFileSync, existsSync, rmSync } from "node:fs";
 import { connect, createServer, type Server, type Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { GuestSession, READY } from "./guest-session.js";
+import { openFlagsOn } from "../storage/tools/oracle.js";
 
 const CLI = fileURLToPath(new URL("../../partis/partis.js", import.meta.url));
 const dir = mkdtempSync(join(tmpdir(), "partis-devices-"));
+/**
+ * The cache=none disk's directory: under the working directory, a file
+ * system that takes O_DIRECT where the test tmpfs may not (in the nested
+ * test host: the 9p share of this checkout; its /tmp is a tmpfs).
+ */
+mkdirSync(join(process.cwd(), ".cache"), { recursive: true });
+const directDir = mkdtempSync(join(process.cwd(), ".cache", "guest-direct-"));
+/** Whether that file system takes O_DIRECT (else Partis must say it fell back). */
+const directHere = ((): boolean => {
+  const probe = join(directDir, "probe");
+  writeFileSync(probe, Buffer.alloc(4096));
+  try {
+    closeSync(openSync(probe, constants.O_RDONLY | constants.O_DIRECT));
+    return true;
+  } catch {
+    return false;
+  } finally {
+    rmSync(probe);
+  }
+})();
 
 function runArgs(script: string, extra: readonly string[]): string[] {
   const b64 = Buffer.from(script, "utf8").toString("base64");
@@ -43,8 +65,8 @@ function value(output: string, key: string): string | undefined {
   return new RegExp(`^${key}=(.*?)\\r?$`, "m").exec(output)?.[1];
 }
 
-describe("disks and a CD-ROM: virtio-blk (raw on packed virtqueues, VHDX on split ones), IDE (VHD), ATAPI (ISO); data survives a restart", () => {
-  const raw = join(dir, "virtio.raw");
+describe("disks and a CD-ROM: virtio-blk (raw with cache=none on packed virtqueues, VHDX on split ones), IDE (VHD), ATAPI (ISO); data survives a restart", () => {
+  const raw = join(directDir, "virtio.raw");
   const vhdx = join(dir, "virtio.vhdx");
   const vhd = join(dir, "ide.vhd");
   const iso = join(dir, "cd.iso");
@@ -53,6 +75,8 @@ describe("disks and a CD-ROM: virtio-blk (raw on packed virtqueues, VHDX on spli
   let first: { status: number; output: string; stderr: string };
   let second: { status: number; output: string; stderr: string };
   let channelReceived = "";
+  /** Open flags seen on the raw image's descriptors in the running VMM, polled through both boots. */
+  const rawFlags: number[] = [];
 
   before(async () => {
     writeFileSync(raw, Buffer.alloc(0));
@@ -63,8 +87,13 @@ describe("disks and a CD-ROM: virtio-blk (raw on packed virtqueues, VHDX on spli
     mkdirSync(isoDir);
     writeFileSync(join(isoDir, "hello.txt"), "PARTIS-ISO-CONTENT\n");
     execFileSync("genisoimage", ["-quiet", "-V", "PARTISCD", "-o", iso, isoDir]);
-    // The raw disk offers packed virtqueues (the guest's virtio_ring takes them), the VHDX one split only.
-    const disks = ["--disk", `${raw},packed`, "--disk", vhdx, "--disk", `${vhd},if=ide`, "--cdrom", iso];
+    // The raw disk offers packed virtqueues (the guest's virtio_ring takes them), the VHDX one split only;
+    // the raw one bypasses the host's page cache (O_DIRECT).
+    const disks = ["--disk", `${raw},packed,cache=none`, "--disk", vhdx, "--disk", `${vhd},if=ide`, "--cdrom", iso];
+    const watchFlags = (s: GuestSession): NodeJS.Timeout =>
+      setInterval(() => {
+        if (s.child.pid !== undefined) rawFlags.push(...openFlagsOn(s.child.pid, raw));
+      }, 250);
 
     const script1 = [
       "for b in vda vdb sda sr0; do echo DRIVER-$b=$(basename $(readlink /sys/block/$b/device/driver) 2>/dev/null); done",
@@ -103,14 +132,32 @@ describe("disks and a CD-ROM: virtio-blk (raw on packed virtqueues, VHDX on spli
       });
     };
     s1.onEachLaunch(tryConnect);
+    const poll1 = watchFlags(s1);
     first = await runToEnd(s1);
+    clearInterval(poll1);
     sock?.destroy();
 
     const script2 = [
       "for d in vda vdb sda; do mkdir -p /mnt/$d; mount /dev/$d /mnt/$d && echo READ-$d=$(cat /mnt/$d/file) && echo SUM2-$d=$(md5sum /mnt/$d/big | cut -d' ' -f1); umount /mnt/$d; done",
       "poweroff -f",
     ].join("\n");
-    second = await runToEnd(new GuestSession(runArgs(script2, disks)));
+    const s2 = new GuestSession(runArgs(script2, disks));
+    const poll2 = watchFlags(s2);
+    second = await runToEnd(s2);
+    clearInterval(poll2);
+  });
+
+  after(() => rmSync(directDir, { recursive: true, force: true }));
+
+  test("cache=none: the VMM holds the raw image with O_DIRECT where the file system takes it, and says so where it does not", () => {
+    const told = /virtio-blk0 \(.*virtio\.raw\): the file system refused O_DIRECT; using buffered I\/O/;
+    if (directHere) {
+      assert.ok(rawFlags.some((f) => (f & constants.O_DIRECT) !== 0), `no O_DIRECT descriptor seen on ${raw} (flags seen: ${rawFlags.map((f) => f.toString(8)).join(", ")})`);
+      assert.doesNotMatch(first.stderr + second.stderr, /O_DIRECT/, "nothing fell back");
+    } else {
+      assert.match(first.stderr, told);
+      assert.ok(!rawFlags.some((f) => (f & constants.O_DIRECT) !== 0));
+    }
   });
 
   test("the guest's own drivers bind: virtio_blk for both virtio disks, ata_piix + sd for IDE, sr for the CD-ROM", () => {

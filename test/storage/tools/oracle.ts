@@ -4,7 +4,7 @@
  */
 import { spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
-import { closeSync, mkdtempSync, openSync, readSync, readdirSync, rmSync, writeFileSync } from "node:fs";
+import { closeSync, mkdtempSync, openSync, readFileSync, readlinkSync, readSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
@@ -152,4 +152,29 @@ export function plannedWrite(seed: number, index: number, size: number): Planned
   let offset = base + (kind === 0 ? r3 % span : (kind < 3 ? 512 : 4096) * ((r3 >>> 4) % Math.floor(span / (kind < 3 ? 512 : 4096))));
   offset = Math.min(offset, size - length);
   return { index, offset, length, dataSeed: mix(seed, index) };
+}
+
+/**
+ * The open flags (O_DIRECT, O_DSYNC, ...) of every descriptor process `pid`
+ * ("self": this one) holds on `file`, from /proc/PID/fd and fdinfo.
+ * Descriptors that close while being read are left out.
+ */
+export function openFlagsOn(pid: number | "self", file: string): number[] {
+  const out: number[] = [];
+  let fds: string[];
+  try {
+    fds = readdirSync(`/proc/${pid}/fd`);
+  } catch {
+    return out;
+  }
+  for (const fd of fds) {
+    try {
+      if (readlinkSync(`/proc/${pid}/fd/${fd}`) !== file) continue;
+      const m = /^flags:\s+([0-7]+)$/m.exec(readFileSync(`/proc/${pid}/fdinfo/${fd}`, "utf8"));
+      if (m !== null) out.push(parseInt(m[1]!, 8));
+    } catch {
+      // closed meanwhile
+    }
+  }
+  return out;
 }
