@@ -36,11 +36,10 @@ export function imageFormatOption(): BenchImageFormat {
 export const BENCH_CACHE_MODES = ["writeback", "none", "writethrough", "directsync", "unsafe"] as const;
 export type BenchCacheMode = (typeof BENCH_CACHE_MODES)[number];
 
-/** --cache, checked (raw images only). */
-export function cacheModeOption(format: BenchImageFormat): BenchCacheMode {
+/** --cache, checked. */
+export function cacheModeOption(): BenchCacheMode {
   const c = option("--cache", "writeback");
   if (!(BENCH_CACHE_MODES as readonly string[]).includes(c)) throw new Error(`--cache must be one of ${BENCH_CACHE_MODES.join(", ")}`);
-  if (c !== "writeback" && format !== "raw") throw new Error("--cache other than writeback needs --format raw");
   return c as BenchCacheMode;
 }
 
@@ -68,15 +67,15 @@ export function filledImage(dir: string, bytes: number, format: BenchImageFormat
   const disk = openDisk(path);
   const fill = new Uint8Array(1024 * 1024).fill(0x5a);
   for (let o = 0; o < bytes; o += fill.length) disk.write(o, fill.subarray(0, Math.min(fill.length, bytes - o)));
-  if (cache !== "writeback") {
+  if (format !== "vhdx-child") {
+    if (cache === "writeback") return disk;
     disk.close();
     return openDisk(path, cacheOptions(cache));
   }
-  if (format !== "vhdx-child") return disk;
   disk.close();
   const child = join(dir, "child.vhdx");
   createDisk(child, "vhdx", { type: "differencing", parentPath: path });
-  return openDisk(child);
+  return openDisk(child, cacheOptions(cache));
 }
 
 /** `bytes` of guest RAM at guest-physical 0, one memfd mapping (host-mapped: hostAddresses works). */

@@ -56,8 +56,8 @@ const DIR = arg("--dir", "/dev/shm");
 const SIZE = Number(arg("--size-mib", "256")) * MiB;
 /** --format raw|vhd|vhdx|vhdx-child: the image the disk is served from (host-bench-setup.ts). */
 const FORMAT = imageFormatOption();
-/** --cache MODE: open the raw image as `--disk PATH,cache=MODE` does (none: O_DIRECT; the image must then be on a file system that takes it, e.g. --dir /var/tmp). */
-const CACHE = cacheModeOption(FORMAT);
+/** --cache MODE: open the image as `--disk PATH,cache=MODE` does (none: O_DIRECT; the image must then be on a file system that takes it, e.g. --dir /var/tmp). */
+const CACHE = cacheModeOption();
 const SECONDS = Number(arg("--seconds", "2.5"));
 const SEGMENT = Number(arg("--segment-kib", "4")) * 1024;
 const ANONYMOUS = args.includes("--anonymous");

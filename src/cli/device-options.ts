@@ -3,7 +3,7 @@
  *
  *   --disk PATH[,if=virtio|ide][,ro][,packed][,cache=MODE]   a disk image (raw, VHD, VHDX) or host block device
  *        cache: writeback (default) | none (O_DIRECT) | writethrough (O_DSYNC) | directsync | unsafe
- *               (flushes ignored); raw images and host block devices only, others are always writeback
+ *               (flushes ignored), for every format (a differencing disk's parents too)
  *   --cdrom ISO                        an ATAPI CD-ROM on the IDE controller
  *   --nic BACKEND[,model=virtio|ne2k][,mac=52:54:00:..][,packed][,offload=on|off]
  *        packed: the virtio device also offers packed virtqueues (VIRTIO_F_RING_PACKED)
@@ -48,7 +48,7 @@ function rejectUnknown(flag: string, value: string, opts: Map<string, string | t
   for (const k of opts.keys()) if (!known.includes(k)) throw new UsageError(`${flag}: "${value}": unknown option "${k}" (known: ${known.join(", ")})`);
 }
 
-/** The `cache` option: one of CACHE_MODES; anything but writeback only for raw images and host block devices. */
+/** The `cache` option: one of CACHE_MODES. */
 function cacheOption(value: string, opts: Map<string, string | true>): CacheMode | undefined {
   const c = opts.get("cache");
   if (c === undefined) return undefined;
@@ -56,7 +56,7 @@ function cacheOption(value: string, opts: Map<string, string | true>): CacheMode
   return c as CacheMode;
 }
 
-/** Check the image opens (format, parents) without changing it; a cache mode other than writeback needs a raw image or host block device. */
+/** Check the image opens (format, parents) without changing it. */
 function checkDisk(flag: string, path: string, readOnly: boolean, cache?: CacheMode): DiskSpec {
   if (!existsSync(path)) throw new UsageError(`${flag} ${path}: no such file`);
   const st = statSync(path);
@@ -66,17 +66,13 @@ function checkDisk(flag: string, path: string, readOnly: boolean, cache?: CacheM
   } catch {
     throw new UsageError(`${flag} ${path}: not ${readOnly ? "readable" : "readable and writable (add ,ro for read-only)"}`);
   }
-  let format: string;
   try {
     const d = openDisk(path, { readOnly: true });
-    format = d.format;
     d.close();
   } catch (e) {
     if (e instanceof PartisError) throw new UsageError(`${flag} ${path}: ${e.message.startsWith(path) ? e.message.slice(path.length).replace(/^:\s*/, "") : e.message}`);
     throw e;
   }
-  if (cache !== undefined && cache !== "writeback" && format !== "raw")
-    throw new UsageError(`${flag} ${path}: cache=${cache} is for raw images and host block devices; a ${format.toUpperCase()} file is always written back through the host's page cache`);
   return { path, readOnly, ...(cache !== undefined ? { cache } : {}) };
 }
 

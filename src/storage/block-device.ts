@@ -141,9 +141,9 @@ export interface BlockDevice {
  * - directsync: O_DIRECT and O_DSYNC;
  * - unsafe: through the page cache, guest flushes ignored (scratch VMs: a
  *   host crash can lose what the guest believed stable).
- * Raw images and host block devices take every mode; VHD and VHDX files
- * are always written back through the page cache (their metadata I/O is not
- * O_DIRECT-aligned).
+ * Every format takes every mode; a differencing disk's parents are opened
+ * with O_DIRECT when it is. A VHD's or VHDX's own metadata I/O goes through
+ * an aligned bounce buffer under O_DIRECT, its payload straight.
  */
 export type CacheMode = "writeback" | "none" | "writethrough" | "directsync" | "unsafe";
 export const CACHE_MODES: readonly CacheMode[] = ["writeback", "none", "writethrough", "directsync", "unsafe"];
@@ -159,11 +159,11 @@ export function cacheOpenOptions(mode: CacheMode): Pick<OpenOptions, "direct" | 
 
 export interface OpenOptions {
   readOnly?: boolean;
-  /** Use O_DIRECT where the host allows it (pass-through, raw). */
+  /** Use O_DIRECT where the host allows it (every format; a differencing disk's parents too). */
   direct?: boolean;
-  /** Open with O_DSYNC: every write is stable when it completes (pass-through, raw). */
+  /** Open with O_DSYNC: every write is stable when it completes. */
   writeThrough?: boolean;
-  /** flush() does nothing (cache=unsafe; pass-through, raw). */
+  /** Guest flushes do nothing (cache=unsafe): no fsync; VHD and VHDX still publish metadata in order. */
   ignoreFlush?: boolean;
   /** Do not open parents (inspection tools). */
   noParent?: boolean;

@@ -293,10 +293,13 @@ export class RawDisk implements BlockDevice {
    * readHost/writeHost/queueHost/queueFlush move guest data with no copy and
    * without waiting for the disk, exactly as for a raw image. Offsets are file
    * offsets; the format checks ranges against the virtual disk first. The
-   * descriptor stays the format's: close() only stops further use.
+   * descriptor stays the format's: close() only stops further use. `direct`:
+   * the file is open with O_DIRECT (the format's own DirectIo), so only
+   * aligned spans go straight (no EINVAL fallback here: the format opened
+   * and probed the file).
    */
-  static payloadOf(path: string, fd: number, readOnly: boolean): RawDisk {
-    return new RawDisk({ path, fd, size: Number.MAX_SAFE_INTEGER, type: "raw", readOnly, logicalSectorSize: SECTOR, physicalSectorSize: 4096, direct: undefined, reopenBuffered: undefined, notes: [], borrowed: true });
+  static payloadOf(path: string, fd: number, readOnly: boolean, direct?: DirectIo): RawDisk {
+    return new RawDisk({ path, fd, size: Number.MAX_SAFE_INTEGER, type: "raw", readOnly, logicalSectorSize: SECTOR, physicalSectorSize: 4096, direct, reopenBuffered: undefined, notes: [], borrowed: true });
   }
 
   /** Whether I/O currently bypasses the page cache. */
@@ -469,10 +472,16 @@ export class RawDisk implements BlockDevice {
    * queueHost under O_DIRECT: aligned spans straight onto the queue (a direct
    * transfer always waits for the device, so there is nothing to try at
    * once), after a first synchronous one has shown the file system takes
-   * them; false otherwise (the caller's synchronous path bounces or proves).
+   * them, and only where no guest write can need a read-modify-write;
+   * false otherwise (the caller's synchronous path bounces or proves).
    */
   private queueDirect(queue: HostIoQueue, write: boolean, offset: number, addresses: Float64Array, lengths: Uint32Array, count: number, token: number): "queued" | false {
-    if (this.closed || !this.directProven || count > (libcVectored?.iovMax ?? 1024) || !this.direct!.fits(offset, addresses, lengths, count)) return false;
+    const direct = this.direct!;
+    // Where the file system's alignment is coarser than the disk's sectors, a guest write of a few sectors
+    // bounces as read-modify-write of the aligned block around it; a neighbouring write still in flight
+    // on the queue could be undone by it. Such disks keep every direct transfer synchronous.
+    if (direct.alignment > this.logicalSectorSize) return false;
+    if (this.closed || !this.directProven || count > (libcVectored?.iovMax ?? 1024) || !direct.fits(offset, addresses, lengths, count)) return false;
     let total = 0;
     for (let i = 0; i < count; i++) total += lengths[i]!;
     this.checkRange(offset, total, write ? "write" : "read");

@@ -3,10 +3,10 @@
  * own virtio_pci/virtio_blk/virtio_net/virtio_console/virtio-rng, ata_piix,
  * sr_mod and ne2k-pci drivers), in the nested test host on a PVM machine.
  *
- *  - storage: a raw disk (cache=none: O_DIRECT) and a VHDX disk on
- *    virtio-blk, a VHD disk on the IDE controller and an ISO on the ATAPI
- *    CD-ROM; files written in one boot are read back (contents and
- *    checksums) after a restart of the VM;
+ *  - storage: a raw disk and a VHDX disk on virtio-blk (both cache=none:
+ *    O_DIRECT), a VHD disk on the IDE controller (cache=directsync) and an
+ *    ISO on the ATAPI CD-ROM; files written in one boot are read back
+ *    (contents and checksums) after a restart of the VM;
  *  - the virtio-console byte channel carries bytes both ways over its socket;
  *  - the entropy source feeds the guest's hwrng;
  *  - two VMs wired back to back (AF_UNIX datagram pairs) ping each other over
@@ -65,18 +65,20 @@ function value(output: string, key: string): string | undefined {
   return new RegExp(`^${key}=(.*?)\\r?$`, "m").exec(output)?.[1];
 }
 
-describe("disks and a CD-ROM: virtio-blk (raw with cache=none on packed virtqueues, VHDX on split ones), IDE (VHD), ATAPI (ISO); data survives a restart", () => {
+describe("disks and a CD-ROM: virtio-blk (raw on packed virtqueues, VHDX on split ones, both cache=none), IDE (VHD, cache=directsync), ATAPI (ISO); data survives a restart", () => {
   const raw = join(directDir, "virtio.raw");
-  const vhdx = join(dir, "virtio.vhdx");
-  const vhd = join(dir, "ide.vhd");
+  const vhdx = join(directDir, "virtio.vhdx");
+  const vhd = join(directDir, "ide.vhd");
   const iso = join(dir, "cd.iso");
   const channel = join(dir, "channel.sock");
   const screenshot = join(dir, "screen.ppm");
   let first: { status: number; output: string; stderr: string };
   let second: { status: number; output: string; stderr: string };
   let channelReceived = "";
-  /** Open flags seen on the raw image's descriptors in the running VMM, polled through both boots. */
+  /** Open flags seen on the raw and VHDX images' descriptors in the running VMM, polled through both boots. */
   const rawFlags: number[] = [];
+  const vhdxFlags: number[] = [];
+  const vhdFlags: number[] = [];
 
   before(async () => {
     writeFileSync(raw, Buffer.alloc(0));
@@ -88,11 +90,14 @@ describe("disks and a CD-ROM: virtio-blk (raw with cache=none on packed virtqueu
     writeFileSync(join(isoDir, "hello.txt"), "PARTIS-ISO-CONTENT\n");
     execFileSync("genisoimage", ["-quiet", "-V", "PARTISCD", "-o", iso, isoDir]);
     // The raw disk offers packed virtqueues (the guest's virtio_ring takes them), the VHDX one split only;
-    // the raw one bypasses the host's page cache (O_DIRECT).
-    const disks = ["--disk", `${raw},packed,cache=none`, "--disk", vhdx, "--disk", `${vhd},if=ide`, "--cdrom", iso];
+    // both bypass the host's page cache (O_DIRECT); the IDE disk too, every write synchronous (O_DSYNC).
+    const disks = ["--disk", `${raw},packed,cache=none`, "--disk", `${vhdx},cache=none`, "--disk", `${vhd},if=ide,cache=directsync`, "--cdrom", iso];
     const watchFlags = (s: GuestSession): NodeJS.Timeout =>
       setInterval(() => {
-        if (s.child.pid !== undefined) rawFlags.push(...openFlagsOn(s.child.pid, raw));
+        if (s.child.pid === undefined) return;
+        rawFlags.push(...openFlagsOn(s.child.pid, raw));
+        vhdxFlags.push(...openFlagsOn(s.child.pid, vhdx));
+        vhdFlags.push(...openFlagsOn(s.child.pid, vhd));
       }, 250);
 
     const script1 = [
@@ -149,14 +154,20 @@ describe("disks and a CD-ROM: virtio-blk (raw with cache=none on packed virtqueu
 
   after(() => rmSync(directDir, { recursive: true, force: true }));
 
-  test("cache=none: the VMM holds the raw image with O_DIRECT where the file system takes it, and says so where it does not", () => {
-    const told = /virtio-blk0 \(.*virtio\.raw\): the file system refused O_DIRECT; using buffered I\/O/;
+  test("cache modes: the VMM holds the raw and VHDX images with O_DIRECT (cache=none), the VHD with O_DIRECT|O_DSYNC (directsync) where the file system takes O_DIRECT, and says so where it does not", () => {
+    const seen = (flags: number[]): string => flags.map((f) => f.toString(8)).join(", ");
+    const direct = (flags: number[]): boolean => flags.some((f) => (f & constants.O_DIRECT) !== 0);
     if (directHere) {
-      assert.ok(rawFlags.some((f) => (f & constants.O_DIRECT) !== 0), `no O_DIRECT descriptor seen on ${raw} (flags seen: ${rawFlags.map((f) => f.toString(8)).join(", ")})`);
+      assert.ok(direct(rawFlags), `no O_DIRECT descriptor seen on ${raw} (flags seen: ${seen(rawFlags)})`);
+      assert.ok(direct(vhdxFlags), `no O_DIRECT descriptor seen on ${vhdx} (flags seen: ${seen(vhdxFlags)})`);
+      assert.ok(vhdFlags.some((f) => (f & constants.O_DIRECT) !== 0 && (f & constants.O_DSYNC) !== 0), `no O_DIRECT|O_DSYNC descriptor seen on ${vhd} (flags seen: ${seen(vhdFlags)})`);
       assert.doesNotMatch(first.stderr + second.stderr, /O_DIRECT/, "nothing fell back");
     } else {
-      assert.match(first.stderr, told);
-      assert.ok(!rawFlags.some((f) => (f & constants.O_DIRECT) !== 0));
+      assert.match(first.stderr, /virtio-blk0 \(.*virtio\.raw\): the file system refused O_DIRECT; using buffered I\/O/);
+      assert.match(first.stderr, /virtio-blk1 \(.*virtio\.vhdx\): the file system refused O_DIRECT; using buffered I\/O/);
+      assert.match(first.stderr, /ide-disk2 \(.*ide\.vhd\): the file system refused O_DIRECT; using buffered I\/O/);
+      assert.ok(!direct(rawFlags) && !direct(vhdxFlags) && !direct(vhdFlags));
+      assert.ok(vhdFlags.some((f) => (f & constants.O_DSYNC) !== 0), "directsync keeps O_DSYNC without O_DIRECT");
     }
   });
 

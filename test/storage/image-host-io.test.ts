@@ -10,6 +10,9 @@
  * qemu-img opens neither VHDX nor VHD differencing disks (VHDX: "Operation
  * not supported"; vpc ignores the parent), so those are reopened and read by
  * the synchronous path instead.
+ * Six cases run the same with cache=none or directsync (VHD and VHDX,
+ * differencing ones over either): the image and its parent held with
+ * O_DIRECT, metadata through the bounce buffer, payload straight.
  * Explicit cases pin where each path must and must not be taken: allocated
  * ranges go straight to the file, allocation and blocks that are not one
  * file extent decline, and a differencing disk hands reads of ranges it does
@@ -19,9 +22,9 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import * as fs from "node:fs";
 import * as path from "node:path";
-import { DiskError, type BlockDevice, type DiskFormat } from "../../src/storage/block-device.js";
+import { cacheOpenOptions, DiskError, type BlockDevice, type CacheMode, type DiskFormat } from "../../src/storage/block-device.js";
 import { createDisk, openDisk } from "../../src/storage/open.js";
-import { qemuFormat, rng, run, scratchDir } from "./tools/oracle.js";
+import { openFlagsOn, qemuFormat, rng, run, scratchDir } from "./tools/oracle.js";
 
 const MiB = 1024 * 1024;
 const SECTOR = 512;
@@ -184,7 +187,7 @@ function qemuRead(file: string, format: DiskFormat, dir: string): Buffer {
   return b;
 }
 
-const cases: { name: string; format: DiskFormat; type: "fixed" | "dynamic" | "differencing"; parent?: DiskFormat; blockSize?: number }[] = [
+const cases: { name: string; format: DiskFormat; type: "fixed" | "dynamic" | "differencing"; parent?: DiskFormat; blockSize?: number; cache?: CacheMode }[] = [
   { name: "VHD fixed", format: "vhd", type: "fixed" },
   { name: "VHD dynamic", format: "vhd", type: "dynamic" },
   { name: "VHD differencing over a dynamic VHD", format: "vhd", type: "differencing", parent: "vhd" },
@@ -192,12 +195,37 @@ const cases: { name: string; format: DiskFormat; type: "fixed" | "dynamic" | "di
   { name: "VHDX fixed", format: "vhdx", type: "fixed", blockSize: MiB },
   { name: "VHDX differencing over a dynamic VHD", format: "vhdx", type: "differencing", parent: "vhd", blockSize: MiB },
   { name: "VHDX differencing over a dynamic VHDX", format: "vhdx", type: "differencing", parent: "vhdx", blockSize: 2 * MiB },
+  // cache=none: the image (and its parent) open with O_DIRECT; metadata through the bounce buffer, payload straight.
+  { name: "VHD dynamic, cache=none", format: "vhd", type: "dynamic", cache: "none" },
+  { name: "VHD differencing over a dynamic VHD, cache=directsync", format: "vhd", type: "differencing", parent: "vhd", cache: "directsync" },
+  { name: "VHDX differencing over a dynamic VHD, cache=none", format: "vhdx", type: "differencing", parent: "vhd", blockSize: MiB, cache: "none" },
+  { name: "VHDX dynamic, cache=none", format: "vhdx", type: "dynamic", blockSize: MiB, cache: "none" },
+  { name: "VHDX fixed, cache=directsync", format: "vhdx", type: "fixed", blockSize: MiB, cache: "directsync" },
+  { name: "VHDX differencing over a dynamic VHDX, cache=none", format: "vhdx", type: "differencing", parent: "vhdx", blockSize: 2 * MiB, cache: "none" },
 ];
 
+/** Whether `dir` takes O_DIRECT (cache=none cases need it; a tmpfs before Linux 6.6 does not). */
+function takesDirect(dir: string): boolean {
+  const probe = path.join(dir, "direct-probe");
+  fs.writeFileSync(probe, new Uint8Array(4096));
+  try {
+    fs.closeSync(fs.openSync(probe, fs.constants.O_RDONLY | fs.constants.O_DIRECT));
+    return true;
+  } catch {
+    return false;
+  } finally {
+    fs.rmSync(probe);
+  }
+}
+
 for (const [i, c] of cases.entries()) {
-  test(`${c.name}: host-span and queued transfers agree with the synchronous path and with qemu-img`, () => {
+  test(`${c.name}: host-span and queued transfers agree with the synchronous path and with qemu-img`, (t) => {
     const { dir, cleanup } = imageDir("image-host-io");
     try {
+      if (c.cache !== undefined && !takesDirect(dir)) {
+        t.skip(`${dir} does not take O_DIRECT`);
+        return;
+      }
       const file = path.join(dir, `disk.${c.format}`);
       const model = new Uint8Array(SIZE);
       if (c.parent !== undefined) {
@@ -216,9 +244,19 @@ for (const [i, c] of cases.entries()) {
         p.close();
         createDisk(file, c.format, { type: "differencing", parentPath: parentFile, ...(c.blockSize !== undefined ? { blockSize: c.blockSize } : {}) });
       } else createDisk(file, c.format, { type: c.type, size: SIZE, ...(c.blockSize !== undefined ? { blockSize: c.blockSize } : {}) });
-      const disk = openDisk(file);
+      const disk = openDisk(file, cacheOpenOptions(c.cache ?? "writeback"));
       let outcomes: Outcomes;
       try {
+        if (c.cache !== undefined) {
+          const direct = c.cache === "none" || c.cache === "directsync";
+          for (const f of c.parent !== undefined ? [file, path.join(dir, `parent.${c.parent}`)] : [file]) {
+            const flags = openFlagsOn("self", f);
+            assert.equal(flags.length, 1, `one descriptor on ${f}`);
+            assert.equal((flags[0]! & fs.constants.O_DIRECT) !== 0, direct, `${f}: O_DIRECT`);
+            if (f === file) assert.equal((flags[0]! & fs.constants.O_DSYNC) !== 0, c.cache === "directsync", `${f}: O_DSYNC`);
+          }
+          assert.deepEqual(disk.notes, [], "nothing fell back to buffered I/O");
+        }
         assert.deepEqual(readBack(disk, 0, SIZE), model, "initial contents");
         outcomes = exercise(disk, c.parent !== undefined ? [file, path.join(dir, `parent.${c.parent}`)] : [file], model, 7 + i, 400);
         assert.deepEqual(readBack(disk, 0, SIZE), model, "contents after the run, through the synchronous path");

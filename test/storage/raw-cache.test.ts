@@ -1,12 +1,13 @@
 /**
- * Cache modes of raw images (`--disk PATH,cache=MODE`): the open flags each
+ * Cache modes of disks (`--disk PATH,cache=MODE`): the open flags each
  * mode gives the file (read back from /proc/self/fdinfo), and cache=none's
  * O_DIRECT data path: guest-RAM spans that meet the file system's alignment
  * (statx STATX_DIOALIGN) go straight between memory and the device, also on
  * a real io_uring once one has worked, while misaligned spans and plain
  * buffers go through the bounce buffer; a random mix of every path against
  * an in-memory model, checked through a second, buffered descriptor (the
- * page cache and the device must agree).
+ * page cache and the device must agree); what cache=unsafe does to a VHD's
+ * and a VHDX's flushes. (VHD and VHDX under O_DIRECT: image-host-io.test.ts.)
  *
  * O_DIRECT needs a file system that takes it: the images live in /var/tmp
  * (disk-backed), not in a tmpfs. Where O_DIRECT is refused there, the direct
@@ -17,8 +18,9 @@ import assert from "node:assert/strict";
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { CACHE_MODES, cacheOpenOptions, DiskError } from "../../src/storage/block-device.js";
-import { openRaw, type RawDisk } from "../../src/storage/raw.js";
+import { DirectIo, openRaw, RawDisk } from "../../src/storage/raw.js";
 import { openPassthrough } from "../../src/storage/passthrough.js";
+import { createDisk, openDisk } from "../../src/storage/open.js";
 import { openFlagsOn, rng, scratchDir } from "./tools/oracle.js";
 
 const { IoUring } = await import("../../src/hypervisor/io-uring.js");
@@ -278,3 +280,68 @@ for (const mode of ["none", "directsync"] as const) {
     assert.equal(disk.notes.length, 0, `no fallback: ${disk.notes.join("; ")}`);
   });
 }
+
+test("cache=none where the file system's alignment is coarser than the disk's sectors: sector writes read-modify-write correctly, and nothing is queued (a queued neighbour could be undone)", { skip: noDirect }, () => {
+  const { file, model } = freshImage((b) => b.fill(0x21));
+  const fd = fs.openSync(file, fs.constants.O_RDWR | O_DIRECT);
+  // As openFileForDisk builds it for a file system that asks for 4096-byte offsets and lengths.
+  const disk = new RawDisk({ path: file, fd, size: SIZE, type: "raw", readOnly: false, logicalSectorSize: SECTOR, physicalSectorSize: 4096, direct: new DirectIo(fd, 4096, 512, alignedBuffer(MiB)), reopenBuffered: undefined, notes: [] });
+  const ring = IoUring.open(4);
+  const mem = alignedBuffer(MiB);
+  try {
+    mem.fill(0x42, 0, 8192);
+    const whole = spans(mem, 0, [8192]);
+    assert.equal(disk.writeHost(4096, whole.addresses, whole.lengths, whole.count), true, "4 KiB-aligned: straight");
+    model.fill(0x42, 4096, 4096 + 8192);
+    assert.equal(disk.queueHost(ring, true, 4096, whole.addresses, whole.lengths, whole.count, 1), false, "not queued, although aligned and proven");
+    assert.equal(disk.queueHost(ring, false, 4096, whole.addresses, whole.lengths, whole.count, 2), false);
+    const sector = spans(mem, 0, [SECTOR]);
+    assert.equal(disk.writeHost(4096 + SECTOR, sector.addresses, sector.lengths, sector.count), false, "one sector is not a 4 KiB unit: declined");
+    mem.fill(0x43, 0, SECTOR);
+    disk.write(4096 + SECTOR, mem.subarray(0, SECTOR));
+    model.fill(0x43, 4096 + SECTOR, 4096 + 2 * SECTOR);
+    assert.deepEqual(disk.directIoCounts, { straight: 1, bounced: 1 });
+    assert.deepEqual(buffered(file, 0, SIZE), model, "the read-modify-write kept the sectors around it");
+  } finally {
+    ring.close();
+    disk.close();
+  }
+});
+
+test("cache=unsafe on VHDX and VHD: no flush is queued; a VHDX's guest flush commits nothing (close does), a VHD's publishes its metadata unsynced", () => {
+  const ring = IoUring.open(4);
+  try {
+    for (const format of ["vhdx", "vhd"] as const) {
+      const file = path.join(dir, `unsafe${serial++}.${format}`);
+      createDisk(file, format, { type: "dynamic", size: 8 * MiB });
+      const disk = openDisk(file, cacheOpenOptions("unsafe"));
+      const data = new Uint8Array(64 * 1024).fill(0x7c);
+      try {
+        disk.write(MiB, data);
+        assert.equal(disk.queueFlush!(ring, 1), false, `${format}: no fsync queued`);
+        disk.flush();
+        const other = openDisk(file, { readOnly: true });
+        try {
+          const seen = new Uint8Array(data.length);
+          other.read(MiB, seen);
+          if (format === "vhdx") assert.ok(seen.every((b) => b === 0), "VHDX: the new block's BAT entry is not committed by a guest flush");
+          else assert.deepEqual(seen, data, "VHD: the flush published the block (without fdatasync)");
+        } finally {
+          other.close();
+        }
+      } finally {
+        disk.close();
+      }
+      const again = openDisk(file, { readOnly: true });
+      try {
+        const seen = new Uint8Array(data.length);
+        again.read(MiB, seen);
+        assert.deepEqual(seen, data, `${format}: close committed everything`);
+      } finally {
+        again.close();
+      }
+    }
+  } finally {
+    ring.close();
+  }
+});

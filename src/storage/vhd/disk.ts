@@ -38,8 +38,8 @@ import { DiskError, spanTotal, type AllocationExtent, type AllocationState, type
 import { MAX_CHAIN_DEPTH, resolveParentPath, verifyParent } from "../chain.js";
 import { describeDisk, openDisk } from "../open.js";
 import { LayerRouting } from "../layer-routing.js";
-import { preadFully, pwriteFully, RawDisk } from "../raw.js";
-import { loadLayout, readAt, type VhdLayout } from "./layout.js";
+import { DirectIo, openFileForDisk, preadFully, pwriteFully, RawDisk } from "../raw.js";
+import { loadLayout, type VhdLayout } from "./layout.js";
 import {
   BAT_UNALLOCATED,
   DISK_TYPE_DIFFERENCING,
@@ -100,12 +100,21 @@ export class VhdDisk implements BlockDevice {
   private endFooterValid: boolean;
   private readonly footerBytes: Uint8Array;
   private closed = false;
+  /** O_DIRECT (cache=none, directsync): every read and write of this class through its bounce buffer; payload straight (routing). */
+  private readonly directIo: DirectIo | undefined;
+  /** cache=unsafe: flushes (the guest's, close's) publish metadata in order but never fdatasync. */
+  private readonly ignoreFlush: boolean;
+  /** Why O_DIRECT was asked for and is not in use, and similar remarks. */
+  readonly notes: readonly string[];
 
-  private constructor(path: string, fd: number, layout: VhdLayout, readOnly: boolean, parent: BlockDevice | undefined, warnings: string[]) {
+  private constructor(path: string, fd: number, layout: VhdLayout, readOnly: boolean, parent: BlockDevice | undefined, warnings: string[], cache: OpenedCache = { direct: undefined, ignoreFlush: false, notes: [] }) {
     this.path = path;
     this.fd = fd;
+    this.directIo = cache.direct;
+    this.ignoreFlush = cache.ignoreFlush;
+    this.notes = cache.notes;
     this.routing = new LayerRouting(
-      RawDisk.payloadOf(path, fd, readOnly),
+      RawDisk.payloadOf(path, fd, readOnly, cache.direct),
       (offset, length) => this.payloadAt(offset, length),
       (offset, length) => this.parentHolding(offset, length),
     );
@@ -137,6 +146,13 @@ export class VhdDisk implements BlockDevice {
     try {
       const layout = loadLayout(path, fd);
       const warnings = [...layout.notes];
+      let cache: (OpenedCache & { readonly fd: number }) | undefined;
+      if (options.direct === true || options.writeThrough === true || options.ignoreFlush === true) {
+        // The layout is read buffered (its footer may sit at an unaligned end); the disk then runs on a descriptor with the cache mode's flags.
+        cache = openCached(path, readOnly, options);
+        fs.closeSync(fd);
+        fd = cache.fd;
+      }
       if (layout.footer.diskType === DISK_TYPE_DIFFERENCING && options.noParent !== true) {
         const ancestry = [...(options.ancestry ?? []), nodePath.resolve(path)];
         const parentPath = resolveParentPath(path, layout.locators);
@@ -157,7 +173,7 @@ export class VhdDisk implements BlockDevice {
           }),
         );
       }
-      return new VhdDisk(path, fd, layout, readOnly, parent, warnings);
+      return new VhdDisk(path, fd, layout, readOnly, parent, warnings, cache);
     } catch (e) {
       parent?.close();
       fs.closeSync(fd);
@@ -195,7 +211,8 @@ export class VhdDisk implements BlockDevice {
         if (this.bitmaps.size < MAX_CACHED_BITMAPS / 2) break;
       }
     }
-    b = readAt(this.fd, this.bat[block]! * SECTOR, this.bitmapSize);
+    b = new Uint8Array(this.bitmapSize);
+    this.readFileAt(b, this.bat[block]! * SECTOR);
     this.bitmaps.set(block, b);
     return b;
   }
@@ -207,7 +224,7 @@ export class VhdDisk implements BlockDevice {
   read(offset: number, buf: Uint8Array): void {
     this.checkRange(offset, buf.length, "read");
     if (this.type === "fixed") {
-      preadFully(this.fd, buf, offset);
+      this.readFileAt(buf, offset);
       return;
     }
     const bs = this.blockSize;
@@ -239,7 +256,7 @@ export class VhdDisk implements BlockDevice {
       const from = Math.max(inBlock, s * SECTOR);
       const to = Math.min(end, e * SECTOR);
       const part = out.subarray(from - inBlock, to - inBlock);
-      if (bitIsSet(bm, s)) preadFully(this.fd, part, dataAt + from);
+      if (bitIsSet(bm, s)) this.readFileAt(part, dataAt + from);
       else this.readBelow(base + from, part);
       s = e;
     }
@@ -258,7 +275,7 @@ export class VhdDisk implements BlockDevice {
   write(offset: number, buf: Uint8Array): void {
     this.checkWrite(offset, buf.length);
     if (this.type === "fixed") {
-      pwriteFully(this.fd, buf, offset);
+      this.writeFileAt(buf, offset);
       return;
     }
     const bs = this.blockSize;
@@ -284,7 +301,7 @@ export class VhdDisk implements BlockDevice {
       fs.ftruncateSync(this.fd, this.endOffset + SECTOR);
     }
     // Step 1 of the crash ordering: the footer moves first (the file grows).
-    pwriteFully(this.fd, this.footerBytes, newEnd);
+    this.writeFileAt(this.footerBytes, newEnd);
     this.endOffset = newEnd;
     this.endFooterValid = true;
     this.bat[block] = bitmapAt / SECTOR;
@@ -314,15 +331,15 @@ export class VhdDisk implements BlockDevice {
       const whole = new Uint8Array((s1 - s0) * SECTOR);
       const base = block * this.blockSize;
       const fillSector = (s: number, into: Uint8Array): void => {
-        if (bitIsSet(bm, s)) preadFully(this.fd, into, dataAt + s * SECTOR);
+        if (bitIsSet(bm, s)) this.readFileAt(into, dataAt + s * SECTOR);
         else this.readBelow(base + s * SECTOR, into);
       };
       if (headPartial) fillSector(s0, whole.subarray(0, SECTOR));
       if (tailPartial && (s1 - 1 !== s0 || !headPartial)) fillSector(s1 - 1, whole.subarray(whole.length - SECTOR));
       whole.set(data, inBlock - s0 * SECTOR);
-      pwriteFully(this.fd, whole, dataAt + s0 * SECTOR);
+      this.writeFileAt(whole, dataAt + s0 * SECTOR);
     } else {
-      pwriteFully(this.fd, data, dataAt + inBlock);
+      this.writeFileAt(data, dataAt + inBlock);
     }
     if (setBits(bm, s0, s1)) this.dirtyBitmaps.add(block);
   }
@@ -358,7 +375,7 @@ export class VhdDisk implements BlockDevice {
 
   /** An fsync on the queue when no metadata is waiting to be published (else flush() does it, synchronously). */
   queueFlush(queue: HostIoQueue, token: number): boolean {
-    if (this.closed || this.readOnly || this.metadataPending()) return false;
+    if (this.closed || this.readOnly || this.ignoreFlush || this.metadataPending()) return false;
     return this.routing.queueFlush(queue, token);
   }
 
@@ -407,15 +424,15 @@ export class VhdDisk implements BlockDevice {
   flush(): void {
     if (this.closed || this.readOnly) return;
     if (!this.metadataPending()) {
-      fs.fdatasyncSync(this.fd);
+      this.sync();
       return;
     }
     // Phase 1: bitmaps of blocks nothing references yet, with the data.
-    for (const b of this.newBlocks) pwriteFully(this.fd, this.bitmaps.get(b)!, this.bat[b]! * SECTOR);
-    fs.fdatasyncSync(this.fd);
+    for (const b of this.newBlocks) this.writeFileAt(this.bitmaps.get(b)!, this.bat[b]! * SECTOR);
+    this.sync();
     // Phase 2: the metadata that publishes it.
     for (const b of this.dirtyBitmaps) {
-      if (!this.newBlocks.has(b)) pwriteFully(this.fd, this.bitmaps.get(b)!, this.bat[b]! * SECTOR);
+      if (!this.newBlocks.has(b)) this.writeFileAt(this.bitmaps.get(b)!, this.bat[b]! * SECTOR);
     }
     const batSectors = new Set<number>();
     for (const b of this.dirtyBat) batSectors.add(Math.floor((b * 4) / SECTOR));
@@ -425,14 +442,14 @@ export class VhdDisk implements BlockDevice {
       const out = new Uint8Array(count * 4);
       const view = new DataView(out.buffer);
       for (let i = 0; i < count; i++) view.setUint32(i * 4, this.bat[first + i]!, false);
-      pwriteFully(this.fd, out, this.batOffset + s * SECTOR);
+      this.writeFileAt(out, this.batOffset + s * SECTOR);
     }
     if (!this.endFooterValid) {
-      pwriteFully(this.fd, this.footerBytes, this.endOffset);
+      this.writeFileAt(this.footerBytes, this.endOffset);
       if (fs.fstatSync(this.fd).size > this.endOffset + SECTOR) fs.ftruncateSync(this.fd, this.endOffset + SECTOR);
       this.endFooterValid = true;
     }
-    fs.fdatasyncSync(this.fd);
+    this.sync();
     this.newBlocks.clear();
     this.dirtyBitmaps.clear();
     this.dirtyBat.clear();
@@ -483,6 +500,23 @@ export class VhdDisk implements BlockDevice {
     return out;
   }
 
+  /** pread of `buf` at `offset` (bytes past the end read as zeros), through the bounce buffer under O_DIRECT. */
+  private readFileAt(buf: Uint8Array, offset: number): void {
+    if (this.directIo !== undefined) this.directIo.read(offset, buf);
+    else preadFully(this.fd, buf, offset);
+  }
+
+  /** pwrite of `buf` at `offset`, through the bounce buffer under O_DIRECT. */
+  private writeFileAt(buf: Uint8Array, offset: number): void {
+    if (this.directIo !== undefined) this.directIo.write(offset, buf);
+    else pwriteFully(this.fd, buf, offset);
+  }
+
+  /** fdatasync, except with cache=unsafe. */
+  private sync(): void {
+    if (!this.ignoreFlush) fs.fdatasyncSync(this.fd);
+  }
+
   close(): void {
     if (this.closed) return;
     try {
@@ -494,4 +528,34 @@ export class VhdDisk implements BlockDevice {
       this.parent?.close();
     }
   }
+}
+
+/** What a VHD runs on under a cache mode other than writeback. */
+interface OpenedCache {
+  readonly direct: DirectIo | undefined;
+  readonly ignoreFlush: boolean;
+  readonly notes: string[];
+}
+
+/**
+ * The VHD file with the cache mode's flags (O_DIRECT, O_DSYNC). A direct
+ * open reads one aligned block through the bounce buffer first: a file
+ * system that takes the flag and then refuses the I/O (EINVAL) is reopened
+ * buffered here, with a note, rather than failing a guest request later.
+ */
+function openCached(path: string, readOnly: boolean, options: OpenOptions): OpenedCache & { readonly fd: number } {
+  const opened = openFileForDisk(path, readOnly, options.direct === true, SECTOR, options.writeThrough === true);
+  let { fd, direct } = opened;
+  if (direct !== undefined) {
+    try {
+      direct.read(0, new Uint8Array(direct.alignment));
+    } catch (e) {
+      fs.closeSync(fd);
+      if ((e as NodeJS.ErrnoException).code !== "EINVAL") throw new DiskError("DISK_IO", `read failed: ${(e as Error).message}`, path, { offset: 0 });
+      fd = opened.reopenBuffered();
+      direct = undefined;
+      opened.notes.push("O_DIRECT I/O failed with EINVAL; using buffered I/O");
+    }
+  }
+  return { fd, direct, ignoreFlush: options.ignoreFlush === true, notes: opened.notes };
 }

@@ -4,9 +4,18 @@
  * naming the file. A read-only open of an image whose log needs replay gets
  * a ReplayOverlay: the replayed sectors live in memory and reads see them,
  * while the file itself is never written (see log.ts).
+ *
+ * Opened for `cache=none` or `directsync` (O_DIRECT), every read and write
+ * of this class goes through the aligned bounce buffer of a DirectIo
+ * (src/storage/raw.ts: widened to the file system's alignment,
+ * read-modify-write at unaligned edges), while payload transfers between
+ * guest RAM and the file go straight through RawDisk.payloadOf with the
+ * same DirectIo. A file system that refuses O_DIRECT leaves the file
+ * buffered, with a note.
  */
 import * as fs from "node:fs";
 import { DiskError } from "../block-device.js";
+import { DirectIo, openFileForDisk } from "../raw.js";
 
 export const KiB = 1024;
 export const MiB = 1024 * 1024;
@@ -36,12 +45,24 @@ export class ReplayOverlay {
   }
 }
 
+/** How HostFile.open opens the file: O_DIRECT (`direct`), O_DSYNC (`writeThrough`). */
+export interface HostFileCache {
+  readonly direct?: boolean;
+  readonly writeThrough?: boolean;
+}
+
 export class HostFile {
   private fd: number;
   overlay: ReplayOverlay | undefined;
+  /** Set when the file is open with O_DIRECT: alignment, and the bounce buffer every read and write here goes through. */
+  readonly directIo: DirectIo | undefined;
+  /** Why O_DIRECT was asked for and is not in use, and similar remarks. */
+  readonly notes: string[];
 
-  private constructor(readonly path: string, fd: number, readonly readOnly: boolean) {
+  private constructor(readonly path: string, fd: number, readonly readOnly: boolean, directIo?: DirectIo, notes: string[] = []) {
     this.fd = fd;
+    this.directIo = directIo;
+    this.notes = notes;
   }
 
   /**
@@ -53,12 +74,45 @@ export class HostFile {
     return this.overlay === undefined && this.fd >= 0 ? this.fd : undefined;
   }
 
-  static open(path: string, readOnly: boolean): HostFile {
+  static open(path: string, readOnly: boolean, cache: HostFileCache = {}): HostFile {
+    if (cache.direct === true || cache.writeThrough === true) return HostFile.openCached(path, readOnly, cache);
     try {
       return new HostFile(path, fs.openSync(path, readOnly ? "r" : "r+"), readOnly);
     } catch (e) {
       throw ioError(path, "cannot open", e);
     }
+  }
+
+  /**
+   * Opened with O_DIRECT and/or O_DSYNC. A direct open first reads one
+   * aligned block through the bounce buffer: a file system that takes the
+   * flag and then refuses the I/O (EINVAL) is reopened buffered here, once,
+   * rather than failing a guest request later.
+   */
+  private static openCached(path: string, readOnly: boolean, cache: HostFileCache): HostFile {
+    let opened: ReturnType<typeof openFileForDisk>;
+    try {
+      opened = openFileForDisk(path, readOnly, cache.direct === true, 512, cache.writeThrough === true);
+    } catch (e) {
+      if (e instanceof DiskError) throw e;
+      throw ioError(path, "cannot open", e);
+    }
+    let { fd, direct } = opened;
+    if (direct !== undefined) {
+      try {
+        direct.read(direct.alignment, new Uint8Array(direct.alignment));
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== "EINVAL") {
+          fs.closeSync(fd);
+          throw ioError(path, "read failed", e, direct.alignment);
+        }
+        fs.closeSync(fd);
+        fd = opened.reopenBuffered();
+        direct = undefined;
+        opened.notes.push("O_DIRECT I/O failed with EINVAL; using buffered I/O");
+      }
+    }
+    return new HostFile(path, fd, readOnly, direct, opened.notes);
   }
 
   static create(path: string): HostFile {
@@ -97,6 +151,10 @@ export class HostFile {
   read(pos: number, buf: Uint8Array): void {
     let done = 0;
     try {
+      if (this.directIo !== undefined) {
+        this.directIo.read(pos, buf);
+        done = buf.length;
+      }
       while (done < buf.length) {
         const n = fs.readSync(this.fd, buf, done, buf.length - done, pos + done);
         if (n === 0) break;
@@ -119,6 +177,10 @@ export class HostFile {
     if (this.readOnly) throw new DiskError("DISK_READ_ONLY", "write to a read-only VHDX", this.path, { offset: pos });
     let done = 0;
     try {
+      if (this.directIo !== undefined) {
+        this.directIo.write(pos, buf);
+        return;
+      }
       while (done < buf.length) done += fs.writeSync(this.fd, buf, done, buf.length - done, pos + done);
     } catch (e) {
       throw ioError(this.path, "write failed", e, pos);

@@ -16,7 +16,7 @@ import { DiskError } from "../block-device.js";
 import { BatGeometry, BatTable, batProblems, type FileSpan } from "./bat.js";
 import { guidIsZero, newGuid, ZERO_GUID, type Guid } from "./guid.js";
 import { chooseCurrentHeader, encodeHeader, HEADER_OFFSETS, HEADER_SIZE, isFileIdentifier, validateLogFields, type VhdxHeader } from "./header.js";
-import { HostFile, MiB, ReplayOverlay } from "./host-file.js";
+import { HostFile, MiB, ReplayOverlay, type HostFileCache } from "./host-file.js";
 import { readPendingLog, replayOntoFile, sequenceWrites } from "./log.js";
 import { decodeMetadata, type VhdxMetadata } from "./metadata.js";
 import { decodeRegionTable, REGION_TABLE_OFFSETS, REGION_TABLE_SIZE, type RegionTable } from "./region-table.js";
@@ -53,8 +53,8 @@ export class VhdxImage {
   /** BAT problems found by a lenient open (check); a normal open refuses the first. */
   batIssues: { index: number; message: string }[] = [];
 
-  static open(path: string, readOnly: boolean, lenient = false): VhdxImage {
-    const file = HostFile.open(path, readOnly);
+  static open(path: string, readOnly: boolean, lenient = false, cache: HostFileCache = {}): VhdxImage {
+    const file = HostFile.open(path, readOnly, cache);
     try {
       return VhdxImage.load(path, file, readOnly, lenient);
     } catch (e) {

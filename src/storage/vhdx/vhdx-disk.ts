@@ -86,9 +86,12 @@ export class VhdxDisk implements BlockDevice {
   private readonly pendingBitmap = new Map<number, Set<number>>();
   /** Test hook (see CommitFault). */
   fault: CommitFault | undefined;
+  /** cache=unsafe: guest flushes neither commit nor sync (metadata still commits through the log when enough is pending, and at close). */
+  private readonly ignoreFlush: boolean;
 
-  private constructor(img: VhdxImage, readOnly: boolean, parent: BlockDevice | undefined, parentPath: string | undefined) {
+  private constructor(img: VhdxImage, readOnly: boolean, parent: BlockDevice | undefined, parentPath: string | undefined, ignoreFlush = false) {
     this.img = img;
+    this.ignoreFlush = ignoreFlush;
     const m = img.metadata;
     this.type = m.hasParent ? "differencing" : m.leaveBlocksAllocated ? "fixed" : "dynamic";
     this.size = m.virtualSize;
@@ -102,7 +105,7 @@ export class VhdxDisk implements BlockDevice {
     this.log = readOnly || h.logLength === 0 ? undefined : new VhdxLogWriter(img.file, h.logOffset, h.logLength);
     const fd = img.file.directDescriptor;
     this.routing = new LayerRouting(
-      fd === undefined ? undefined : RawDisk.payloadOf(img.path, fd, readOnly),
+      fd === undefined ? undefined : RawDisk.payloadOf(img.path, fd, readOnly, img.file.directIo),
       (offset, length) => this.payloadAt(offset, length),
       (offset, length) => this.parentHolding(offset, length),
       () => this.beginChange(true),
@@ -135,7 +138,7 @@ export class VhdxDisk implements BlockDevice {
     if (opening.includes(real) || opening.length >= MAX_CHAIN_DEPTH) {
       throw new DiskError("CHAIN_LOOP", `differencing chain loops back to ${real} or is deeper than ${MAX_CHAIN_DEPTH}`, path);
     }
-    const img = VhdxImage.open(path, readOnly, options.lenient === true);
+    const img = VhdxImage.open(path, readOnly, options.lenient === true, { direct: options.direct === true, writeThrough: options.writeThrough === true });
     let parent: BlockDevice | undefined;
     let parentPath: string | undefined;
     try {
@@ -144,7 +147,7 @@ export class VhdxDisk implements BlockDevice {
         opening.push(real);
         try {
           parentPath = resolveParentPath(path, chainLocators(img.metadata.parentLocator));
-          parent = openDisk(parentPath, { readOnly: true });
+          parent = openDisk(parentPath, { readOnly: true, direct: options.direct === true });
         } finally {
           opening.pop();
         }
@@ -163,7 +166,12 @@ export class VhdxDisk implements BlockDevice {
       img.close();
       throw e;
     }
-    return new VhdxDisk(img, readOnly, parent, parentPath);
+    return new VhdxDisk(img, readOnly, parent, parentPath, options.ignoreFlush === true);
+  }
+
+  /** Remarks on how the file runs (O_DIRECT asked for and refused). */
+  get notes(): readonly string[] {
+    return this.img.file.notes;
   }
 
   /** The parent's identity must be parent_linkage (or parent_linkage2). */
@@ -199,7 +207,7 @@ export class VhdxDisk implements BlockDevice {
 
   flush(): void {
     this.checkOpen();
-    if (this.readOnly) return;
+    if (this.readOnly || this.ignoreFlush) return;
     if (!this.commit()) this.img.file.sync();
   }
 
@@ -299,7 +307,7 @@ export class VhdxDisk implements BlockDevice {
 
   /** An fsync on the queue when no metadata is pending (else flush() commits it, synchronously). */
   queueFlush(queue: HostIoQueue, token: number): boolean {
-    if (this.closed || this.readOnly || this.metadataPending()) return false;
+    if (this.closed || this.readOnly || this.ignoreFlush || this.metadataPending()) return false;
     return this.routing.queueFlush(queue, token);
   }
 
