@@ -3,10 +3,11 @@
  * own virtio_pci/virtio_blk/virtio_net/virtio_console/virtio-rng, ata_piix,
  * sr_mod and ne2k-pci drivers), in the nested test host on a PVM machine.
  *
- *  - storage: a raw disk and a VHDX disk on virtio-blk (both cache=none:
- *    O_DIRECT), a VHD disk on the IDE controller (cache=directsync) and an
- *    ISO on the ATAPI CD-ROM; files written in one boot are read back
- *    (contents and checksums) after a restart of the VM;
+ *  - storage: a raw disk (cache=none: O_DIRECT) and a VHDX disk
+ *    (directsync: O_DIRECT and O_DSYNC) on virtio-blk, a VHD disk on the IDE
+ *    controller (cache=none) and an ISO on the ATAPI CD-ROM; the guest sees
+ *    the write cache modes and turns the raw disk's off; files written in one
+ *    boot are read back (contents and checksums) after a restart of the VM;
  *  - the virtio-console byte channel carries bytes both ways over its socket;
  *  - the entropy source feeds the guest's hwrng;
  *  - two VMs wired back to back (AF_UNIX datagram pairs) ping each other over
@@ -65,7 +66,7 @@ function value(output: string, key: string): string | undefined {
   return new RegExp(`^${key}=(.*?)\\r?$`, "m").exec(output)?.[1];
 }
 
-describe("disks and a CD-ROM: virtio-blk (raw on packed virtqueues, VHDX on split ones, both cache=none), IDE (VHD, cache=directsync), ATAPI (ISO); data survives a restart", () => {
+describe("disks and a CD-ROM: virtio-blk (raw on packed virtqueues, cache=none; VHDX on split ones, directsync), IDE (VHD, cache=none), ATAPI (ISO); data survives a restart", () => {
   const raw = join(directDir, "virtio.raw");
   const vhdx = join(directDir, "virtio.vhdx");
   const vhd = join(directDir, "ide.vhd");
@@ -90,8 +91,8 @@ describe("disks and a CD-ROM: virtio-blk (raw on packed virtqueues, VHDX on spli
     writeFileSync(join(isoDir, "hello.txt"), "PARTIS-ISO-CONTENT\n");
     execFileSync("genisoimage", ["-quiet", "-V", "PARTISCD", "-o", iso, isoDir]);
     // The raw disk offers packed virtqueues (the guest's virtio_ring takes them), the VHDX one split only;
-    // both bypass the host's page cache (O_DIRECT); the IDE disk too, every write synchronous (O_DSYNC).
-    const disks = ["--disk", `${raw},packed,cache=none`, "--disk", `${vhdx},cache=none`, "--disk", `${vhd},if=ide,cache=directsync`, "--cdrom", iso];
+    // all three disks bypass the host's page cache (O_DIRECT), the VHDX's writes each synchronous too (O_DSYNC).
+    const disks = ["--disk", `${raw},packed,cache=none`, "--disk", `${vhdx},cache=directsync`, "--disk", `${vhd},if=ide,cache=none`, "--cdrom", iso];
     const watchFlags = (s: GuestSession): NodeJS.Timeout =>
       setInterval(() => {
         if (s.child.pid === undefined) return;
@@ -102,7 +103,9 @@ describe("disks and a CD-ROM: virtio-blk (raw on packed virtqueues, VHDX on spli
 
     const script1 = [
       "for b in vda vdb sda sr0; do echo DRIVER-$b=$(basename $(readlink /sys/block/$b/device/driver) 2>/dev/null); done",
-      "for b in vda vdb; do echo FEATURES-$b=$(cat /sys/block/$b/device/features); done",
+      "for b in vda vdb; do echo FEATURES-$b=$(cat /sys/block/$b/device/features); echo WC-$b=$(cat /sys/block/$b/cache_type); done",
+      // The guest turns vda's write cache off (CONFIG_WCE): its files below are then written with a flush after every write.
+      "echo 'write through' > /sys/block/vda/cache_type; echo WC2-vda=$(cat /sys/block/vda/cache_type)",
       "echo PIIX=$(ls /sys/bus/pci/drivers/ata_piix | grep -c 0000:)",
       "for d in vda vdb sda; do mkdir -p /mnt/$d; mke2fs -q /dev/$d && mount /dev/$d /mnt/$d && echo PARTIS-FILE-$d > /mnt/$d/file && dd if=/dev/urandom of=/mnt/$d/big bs=64k count=48 2>/dev/null && echo SUM1-$d=$(md5sum /mnt/$d/big | cut -d' ' -f1); umount /mnt/$d; done",
       "mkdir -p /mnt/cd; mount -t iso9660 -o ro /dev/sr0 /mnt/cd && echo ISO=$(cat /mnt/cd/hello.txt); umount /mnt/cd",
@@ -154,20 +157,20 @@ describe("disks and a CD-ROM: virtio-blk (raw on packed virtqueues, VHDX on spli
 
   after(() => rmSync(directDir, { recursive: true, force: true }));
 
-  test("cache modes: the VMM holds the raw and VHDX images with O_DIRECT (cache=none), the VHD with O_DIRECT|O_DSYNC (directsync) where the file system takes O_DIRECT, and says so where it does not", () => {
+  test("cache modes: the VMM holds the raw and VHD images with O_DIRECT (cache=none), the VHDX with O_DIRECT|O_DSYNC (directsync) where the file system takes O_DIRECT, and says so where it does not", () => {
     const seen = (flags: number[]): string => flags.map((f) => f.toString(8)).join(", ");
     const direct = (flags: number[]): boolean => flags.some((f) => (f & constants.O_DIRECT) !== 0);
     if (directHere) {
       assert.ok(direct(rawFlags), `no O_DIRECT descriptor seen on ${raw} (flags seen: ${seen(rawFlags)})`);
-      assert.ok(direct(vhdxFlags), `no O_DIRECT descriptor seen on ${vhdx} (flags seen: ${seen(vhdxFlags)})`);
-      assert.ok(vhdFlags.some((f) => (f & constants.O_DIRECT) !== 0 && (f & constants.O_DSYNC) !== 0), `no O_DIRECT|O_DSYNC descriptor seen on ${vhd} (flags seen: ${seen(vhdFlags)})`);
+      assert.ok(vhdxFlags.some((f) => (f & constants.O_DIRECT) !== 0 && (f & constants.O_DSYNC) !== 0), `no O_DIRECT|O_DSYNC descriptor seen on ${vhdx} (flags seen: ${seen(vhdxFlags)})`);
+      assert.ok(direct(vhdFlags), `no O_DIRECT descriptor seen on ${vhd} (flags seen: ${seen(vhdFlags)})`);
       assert.doesNotMatch(first.stderr + second.stderr, /O_DIRECT/, "nothing fell back");
     } else {
       assert.match(first.stderr, /virtio-blk0 \(.*virtio\.raw\): the file system refused O_DIRECT; using buffered I\/O/);
       assert.match(first.stderr, /virtio-blk1 \(.*virtio\.vhdx\): the file system refused O_DIRECT; using buffered I\/O/);
       assert.match(first.stderr, /ide-disk2 \(.*ide\.vhd\): the file system refused O_DIRECT; using buffered I\/O/);
       assert.ok(!direct(rawFlags) && !direct(vhdxFlags) && !direct(vhdFlags));
-      assert.ok(vhdFlags.some((f) => (f & constants.O_DSYNC) !== 0), "directsync keeps O_DSYNC without O_DIRECT");
+      assert.ok(vhdxFlags.some((f) => (f & constants.O_DSYNC) !== 0), "directsync keeps O_DSYNC without O_DIRECT");
     }
   });
 
@@ -178,6 +181,12 @@ describe("disks and a CD-ROM: virtio-blk (raw on packed virtqueues, VHDX on spli
     assert.equal(value(o, "DRIVER-sda"), "sd");
     assert.equal(value(o, "DRIVER-sr0"), "sr");
     assert.equal(value(o, "PIIX"), "1");
+  });
+
+  test("the guest sees each virtio disk's write cache as its cache mode has it (CONFIG_WCE: cache=none write back, directsync write through) and can turn it off", () => {
+    assert.equal(value(first.output, "WC-vda"), "write back", first.output.slice(-3000));
+    assert.equal(value(first.output, "WC-vdb"), "write through");
+    assert.equal(value(first.output, "WC2-vda"), "write through", "the device took the guest's write to its writeback field");
   });
 
   test("the guest chose packed virtqueues where offered (VIRTIO_F_RING_PACKED, bit 34): the raw disk, not the VHDX one", () => {

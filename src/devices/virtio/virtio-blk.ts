@@ -99,6 +99,14 @@ export interface VirtioBlkOptions {
    * ring's completions and calls `completeQueued()`.
    */
   readonly ring?: BlockRequestRing;
+  /**
+   * Writes are stable when they complete (the disk is open with O_DSYNC:
+   * cache=writethrough, directsync): the guest is told the disk has no
+   * volatile write cache (writeback 0 under VIRTIO_BLK_F_CONFIG_WCE). Else
+   * it starts as a write-back cache, which the guest may turn off: writes
+   * are then each followed by a flush before they complete.
+   */
+  readonly writeThrough?: boolean;
 }
 
 /** read()/write() result: the request went to the ring and completes later. */
@@ -122,9 +130,11 @@ export interface VirtioBlkStats {
 
 export interface VirtioBlkSavedState extends SavedDeviceState {
   readonly kind: "virtio-blk";
-  readonly version: 1;
+  readonly version: 2;
   readonly capacitySectors: number;
   readonly queues: number;
+  /** The config space's writeback byte (CONFIG_WCE: the guest may have changed it). */
+  readonly writeback: number;
 }
 
 export class VirtioBlk implements VirtioBackend {
@@ -148,6 +158,8 @@ export class VirtioBlk implements VirtioBackend {
   private readonly headerView = new DataView(this.header.buffer);
   private readonly zeros = new Uint8Array(ZERO_CHUNK);
   private readonly sectorSize: number;
+  /** Writes are stable when they complete (O_DSYNC disk): no volatile write cache to report or flush. */
+  private readonly stableWrites: boolean;
 
   // Requests in flight on the ring, by slot (the token): no object per request.
   private readonly ring: BlockRequestRing | undefined;
@@ -201,7 +213,8 @@ export class VirtioBlk implements VirtioBackend {
     let f = featureBit(VIRTIO_BLK_F.segMax) | featureBit(VIRTIO_BLK_F.blkSize) | featureBit(VIRTIO_BLK_F.flush) | featureBit(VIRTIO_BLK_F.topology);
     if (n > 1) f |= featureBit(VIRTIO_BLK_F.mq);
     if (disk.readOnly) f |= featureBit(VIRTIO_BLK_F.ro);
-    else f |= featureBit(VIRTIO_BLK_F.discard) | featureBit(VIRTIO_BLK_F.writeZeroes);
+    else f |= featureBit(VIRTIO_BLK_F.discard) | featureBit(VIRTIO_BLK_F.writeZeroes) | featureBit(VIRTIO_BLK_F.configWce);
+    this.stableWrites = opts.writeThrough === true;
     this.features = f;
 
     const c = new DataView(this.config.buffer);
@@ -214,7 +227,7 @@ export class VirtioBlk implements VirtioBackend {
     const ratio = Math.max(1, Math.floor(disk.physicalSectorSize / this.sectorSize));
     c.setUint8(C.physicalBlockExp, Math.round(Math.log2(ratio)));
     c.setUint16(C.minIoSize, 1, true);
-    c.setUint8(C.writeback, 1);
+    c.setUint8(C.writeback, this.stableWrites ? 0 : 1);
     c.setUint16(C.numQueues, n, true);
     c.setUint32(C.maxDiscardSectors, MAX_DISCARD_SECTORS, true);
     c.setUint32(C.maxDiscardSeg, MAX_DISCARD_SEG, true);
@@ -237,15 +250,27 @@ export class VirtioBlk implements VirtioBackend {
     return v;
   }
 
-  writeConfig(): void {
-    // writeback (CONFIG_WCE) is not offered: the configuration is read-only.
+  /**
+   * The one writable field: writeback (VIRTIO_BLK_F_CONFIG_WCE negotiated),
+   * 1 write-back, 0 write-through. Everything else is read-only.
+   */
+  writeConfig(offset: number, size: 1 | 2 | 4, value: number): void {
+    if (offset !== VIRTIO_BLK_CONFIG.writeback || size !== 1 || this.disk.readOnly) return;
+    if (this.transport === undefined || (this.transport.negotiatedFeatures & featureBit(VIRTIO_BLK_F.configWce)) === 0n) return;
+    this.config[VIRTIO_BLK_CONFIG.writeback] = value === 0 ? 0 : 1;
   }
 
   activate(): void {}
 
-  /** Device reset: requests still in flight finish on the host, but the guest hears of none of them. */
+  /** Device reset: requests still in flight finish on the host, but the guest hears of none of them; the write cache mode is the configured one again. */
   reset(): void {
     this.dropInFlight();
+    this.config[VIRTIO_BLK_CONFIG.writeback] = this.stableWrites ? 0 : 1;
+  }
+
+  /** The guest turned the write cache off on a disk whose writes are not stable by themselves: each write is flushed before it completes. */
+  private get flushEachWrite(): boolean {
+    return this.config[VIRTIO_BLK_CONFIG.writeback] === 0 && !this.stableWrites;
   }
 
   /** Wait for the requests in flight and drop their answers (reset, teardown). */
@@ -471,9 +496,14 @@ export class VirtioBlk implements VirtioBackend {
     if (!this.inRange(sector, bytes)) return VIRTIO_BLK_S.ioerr;
     // The data segments: the readable ones after the 16-byte request header.
     this.spans.select(chain, false, 16, bytes);
-    const r = mayQueue && bytes > 0 ? this.enqueue(q, chain, QUEUED_WRITE, sector * SECTOR, bytes) : false;
+    const flushAfter = this.flushEachWrite;
+    const r = mayQueue && bytes > 0 && !flushAfter ? this.enqueue(q, chain, QUEUED_WRITE, sector * SECTOR, bytes) : false;
     if (r === "queued") return QUEUED;
     if (r === false) this.transfer(chain.memory!, sector * SECTOR, true);
+    if (flushAfter) {
+      this.disk.flush();
+      this.stats.flushes++;
+    }
     this.stats.writtenBytes += bytes;
     return VIRTIO_BLK_S.ok;
   }
@@ -546,7 +576,7 @@ export class VirtioBlk implements VirtioBackend {
   }
 
   save(): VirtioBlkSavedState {
-    return { kind: "virtio-blk", version: 1, capacitySectors: Math.floor(this.disk.size / SECTOR), queues: this.queueMaxSizes.length };
+    return { kind: "virtio-blk", version: 2, capacitySectors: Math.floor(this.disk.size / SECTOR), queues: this.queueMaxSizes.length, writeback: this.config[VIRTIO_BLK_CONFIG.writeback]! };
   }
 }
 

@@ -320,6 +320,20 @@ test("write cache off: every write command flushes; FLUSH CACHE (EXT) flushes", 
   assert.equal(disk.flushes, before + 1, "flush after the write");
 });
 
+test("a disk whose writes are stable by themselves (cache=writethrough, directsync): write cache off at power-on, no flush added after writes; the guest may still turn the cache on", () => {
+  const disk = new MemoryDisk(MiB);
+  const drv = new AtaDriver(makeRig([{ channel: 0, unit: 0, kind: "disk", device: disk, writeThrough: true }]), 0);
+  assert.equal(drv.identify(0)[85]! & 0x20, 0, "IDENTIFY: write cache disabled");
+  assert.equal(drv.identify(0)[82]! & 0x20, 0x20, "write cache still supported");
+  drv.issue(0x30, { nsect: 1, lba: 9 });
+  drv.writeData(new Uint8Array(512).fill(9));
+  assert.equal(drv.status() & ATA.ERR_BIT, 0);
+  assert.equal(disk.flushes, 0, "an O_DSYNC write needs no flush");
+  assert.deepEqual(disk.bytes(9 * 512, 512), new Uint8Array(512).fill(9));
+  drv.issue(0xef, { feature: 0x02, device: 0xa0 });
+  assert.equal(drv.identify(0)[85]! & 0x20, 0x20, "SET FEATURES: write cache enabled");
+});
+
 test("LBA48 addresses above 2^28 and the HOB registers", () => {
   const big = new MemoryDisk(2 ** 40);
   const rig = makeRig([{ channel: 0, unit: 0, kind: "disk", device: big }]);

@@ -563,9 +563,10 @@ export class VirtioFuzzer {
       size = pick(r, [1, 2, 4] as const);
     } else if (k === 7) {
       read = r.int(2) === 0;
-      offset = VIRTIO_BAR0.device + r.int(0x80);
+      // Now and then byte 0x20 exactly: virtio-blk's writeback (CONFIG_WCE), the one field a driver may write there.
+      offset = VIRTIO_BAR0.device + (r.int(4) === 0 ? 0x20 : r.int(0x80));
       size = pick(r, [1, 2, 4] as const);
-      value = r.int(2 ** 32);
+      value = pick(r, [0, 1, r.int(2 ** 32)]);
     } else if (k === 8) {
       offset = VIRTIO_BAR0.notify + (r.int(2) === 0 ? 4 * r.int(8) : r.int(0x1000));
       size = pick(r, [1, 2, 4] as const);

@@ -125,6 +125,47 @@ test("configuration space and features", () => {
   assert.equal(f2 & featureBit(VIRTIO_BLK_F.mq), 0n);
 });
 
+test("write cache (CONFIG_WCE): write-back by default, write-through for an O_DSYNC disk; the guest turning it off makes each write flushed before it completes; reset restores it", () => {
+  const t = make(new MemDisk(MiB));
+  const disk = t.disk as MemDisk;
+  assert.ok((t.drv.offeredFeatures() & featureBit(VIRTIO_BLK_F.configWce)) !== 0n, "CONFIG_WCE offered");
+  assert.equal(t.drv.deviceConfig(K.writeback, 1), 1, "write-back");
+  assert.equal(submit(t, { type: VIRTIO_BLK_T.out, sector: 2, out: pattern(4096, 1) }).status, 0);
+  assert.equal(disk.flushes, 0, "write-back: a write is not flushed");
+  t.drv.setDeviceConfig(K.writeback, 1, 0);
+  assert.equal(t.drv.deviceConfig(K.writeback, 1), 0, "the guest turned the write cache off");
+  assert.equal(submit(t, { type: VIRTIO_BLK_T.out, sector: 2, out: pattern(4096, 2) }).status, 0);
+  assert.equal(disk.flushes, 1, "write-through: the write was flushed before it completed");
+  assert.equal(submit(t, { type: VIRTIO_BLK_T.in, sector: 2, inLen: 4096 }).status, 0);
+  assert.equal(disk.flushes, 1, "reads are not flushed");
+  t.drv.setDeviceConfig(K.capacity, 4, 7);
+  t.drv.setDeviceConfig(K.writeback - 1, 2, 0x0101);
+  assert.equal(t.drv.deviceConfig(K.capacity, 4), MiB / 512, "every other field is read-only");
+  assert.equal(t.drv.deviceConfig(K.writeback, 1), 0, "writeback only through a 1-byte write");
+  t.drv.reset();
+  assert.equal(t.drv.deviceConfig(K.writeback, 1), 1, "reset: write-back again");
+  assert.equal(t.blk.save().writeback, 1);
+
+  // Without CONFIG_WCE negotiated the field cannot be written.
+  const plain = make(new MemDisk(MiB), { want: ALL & ~featureBit(VIRTIO_BLK_F.configWce) });
+  plain.drv.setDeviceConfig(K.writeback, 1, 0);
+  assert.equal(plain.drv.deviceConfig(K.writeback, 1), 1);
+
+  // A disk whose writes are stable by themselves (cache=writethrough, directsync) says so and never adds flushes.
+  const services = makeServices(4 * MiB, 1 << 30, false);
+  const stableDisk = new MemDisk(MiB);
+  const dev = createVirtioBlk("vblk1", stableDisk, services, { queues: 1, writeThrough: true });
+  placeDevice(dev);
+  const drv = new TestVirtioDriver(dev, services);
+  assert.equal(drv.init({ want: ALL, msix: true }), true);
+  assert.equal(drv.deviceConfig(K.writeback, 1), 0, "write-through");
+  const w = { services, dev, drv, disk: stableDisk as BlockDevice, blk: dev.backend as VirtioBlk };
+  assert.equal(submit(w, { type: VIRTIO_BLK_T.out, sector: 4, out: pattern(512, 3) }).status, 0);
+  assert.equal(stableDisk.flushes, 0, "O_DSYNC writes need no flush");
+  // Read-only disks offer no write cache to change.
+  assert.equal(make(new MemDisk(MiB, true)).drv.offeredFeatures() & featureBit(VIRTIO_BLK_F.configWce), 0n);
+});
+
 test("write, read back, flush, get-id", () => {
   const t = make(new MemDisk(MiB), { serial: "PARTIS-DISK-0123456789" });
   const disk = t.disk as MemDisk;

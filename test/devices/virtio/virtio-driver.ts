@@ -431,6 +431,9 @@ export class TestVirtioDriver {
   deviceConfig(offset: number, size: 1 | 2 | 4): number {
     return this.dev.barRead(0, VIRTIO_BAR0.device + offset, size);
   }
+  setDeviceConfig(offset: number, size: 1 | 2 | 4, value: number): void {
+    this.dev.barWrite(0, VIRTIO_BAR0.device + offset, size, value);
+  }
 
   findMsixCap(): number {
     let p = this.dev.pci.configRead(0x34, 1);

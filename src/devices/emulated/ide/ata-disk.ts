@@ -81,14 +81,25 @@ export class AtaDisk extends IdeDevice {
   private dmaSectors = 0;
   private dmaWrite = false;
 
+  /**
+   * @param stableWrites the disk's writes are stable when they complete (O_DSYNC: cache=writethrough,
+   *   directsync): the drive powers on with its write cache off (IDENTIFY word 85) and adds no flushes.
+   */
   constructor(
     unit: 0 | 1,
     host: DeviceHost,
     private readonly disk: BlockDevice,
     private readonly identity: AtaIdentity,
+    private readonly stableWrites = false,
   ) {
     super(unit, host, MAX_MULTIPLE * ATA_SECTOR);
     this.sectors = Math.floor(disk.size / ATA_SECTOR);
+    this.writeCache = !stableWrites;
+  }
+
+  /** The guest turned the write cache off (SET FEATURES 0x82) on a disk whose writes are not stable by themselves. */
+  private get flushEachWrite(): boolean {
+    return !this.writeCache && !this.stableWrites;
   }
 
   get physicalSectorSize(): number {
@@ -97,7 +108,7 @@ export class AtaDisk extends IdeDevice {
 
   powerOn(): void {
     this.multiCount = MAX_MULTIPLE;
-    this.writeCache = true;
+    this.writeCache = !this.stableWrites;
     this.lookAhead = true;
     this.heads = DEFAULT_HEADS;
     this.sectorsPerTrack = DEFAULT_SPT;
@@ -331,7 +342,7 @@ export class AtaDisk extends IdeDevice {
           return this.raise();
         }
         this.job = Job.none;
-        if (!this.writeCache && !this.flush()) return this.abort(ER.abrt);
+        if (this.flushEachWrite && !this.flush()) return this.abort(ER.abrt);
         this.finish(this.lba - 1, this.lba48);
         return;
       }
@@ -407,7 +418,7 @@ export class AtaDisk extends IdeDevice {
 
   dmaDone(outcome: DmaOutcome): void {
     if (outcome === "done") {
-      if (this.dmaWrite && !this.writeCache && !this.flush()) return this.abort(ER.abrt);
+      if (this.dmaWrite && this.flushEachWrite && !this.flush()) return this.abort(ER.abrt);
       return this.finish(this.dmaLba + this.dmaSectors - 1, this.lba48);
     }
     this.abort(outcome === "device-error" && !this.dmaWrite ? ER.unc : ER.abrt);

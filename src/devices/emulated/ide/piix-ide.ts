@@ -60,6 +60,8 @@ export interface IdeDriveConfig {
   readonly model?: string;
   /** IDENTIFY serial number (20 characters at most). */
   readonly serial?: string;
+  /** A disk whose writes are stable when they complete (cache=writethrough, directsync): its write cache starts off. */
+  readonly writeThrough?: boolean;
 }
 
 export interface PiixIdeOptions {
@@ -163,7 +165,7 @@ export class PiixIde implements PciDevice {
       const serial = cfg.serial ?? `PARTIS-IDE-${channel}${unit}`;
       if (cfg.kind === "disk") {
         const identity = { model: cfg.model ?? "PARTIS HARDDISK", serial, firmware: "1.0", unit };
-        return new AtaDisk(unit, host, cfg.device!, identity);
+        return new AtaDisk(unit, host, cfg.device!, identity, cfg.writeThrough === true);
       }
       const identity = { model: cfg.model ?? "PARTIS DVD-ROM", serial, firmware: "1.0", unit };
       return new AtapiCdrom(unit, host, cfg.device, identity);
