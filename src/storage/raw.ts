@@ -651,7 +651,8 @@ export class RawDisk implements BlockDevice {
  * when buffered), and notes on any fallback. `alignment` (the disk's
  * logical sector size) is raised to what the file system says O_DIRECT
  * needs, where it says (statx); buffer addresses are then held to its
- * memory alignment, else to 4096.
+ * memory alignment, else to 4096. A direct descriptor has read one aligned
+ * block already: one the file system refuses with EINVAL is given up here.
  */
 export function openFileForDisk(
   path: string,
@@ -683,9 +684,22 @@ export function openFileForDisk(
         const offsetAlignment = Math.max(alignment, said?.offset ?? 0);
         const memoryAlignment = said?.memory ?? 4096;
         const bounce = DirectIo.findBounce(fd, offsetAlignment);
-        if (bounce !== undefined) return { fd, direct: new DirectIo(fd, offsetAlignment, memoryAlignment, bounce), reopenBuffered, notes };
-        fs.closeSync(fd);
-        notes.push("no aligned buffer could be found for O_DIRECT; using buffered I/O");
+        if (bounce !== undefined) {
+          // One aligned read through the bounce buffer: a file system that takes the flag and then refuses
+          // the I/O (EINVAL) is caught here, rather than in a guest request.
+          const direct = new DirectIo(fd, offsetAlignment, memoryAlignment, bounce);
+          try {
+            direct.read(0, new Uint8Array(offsetAlignment));
+            return { fd, direct, reopenBuffered, notes };
+          } catch (e) {
+            fs.closeSync(fd);
+            if (errnoOf(e) !== "EINVAL") openErr(e);
+            notes.push("O_DIRECT I/O failed with EINVAL; using buffered I/O");
+          }
+        } else {
+          fs.closeSync(fd);
+          notes.push("no aligned buffer could be found for O_DIRECT; using buffered I/O");
+        }
       }
     }
   }

@@ -537,25 +537,8 @@ interface OpenedCache {
   readonly notes: string[];
 }
 
-/**
- * The VHD file with the cache mode's flags (O_DIRECT, O_DSYNC). A direct
- * open reads one aligned block through the bounce buffer first: a file
- * system that takes the flag and then refuses the I/O (EINVAL) is reopened
- * buffered here, with a note, rather than failing a guest request later.
- */
+/** The VHD file with the cache mode's flags (O_DIRECT, O_DSYNC; openFileForDisk gives up a direct descriptor the file system refuses, with a note). */
 function openCached(path: string, readOnly: boolean, options: OpenOptions): OpenedCache & { readonly fd: number } {
-  const opened = openFileForDisk(path, readOnly, options.direct === true, SECTOR, options.writeThrough === true);
-  let { fd, direct } = opened;
-  if (direct !== undefined) {
-    try {
-      direct.read(0, new Uint8Array(direct.alignment));
-    } catch (e) {
-      fs.closeSync(fd);
-      if ((e as NodeJS.ErrnoException).code !== "EINVAL") throw new DiskError("DISK_IO", `read failed: ${(e as Error).message}`, path, { offset: 0 });
-      fd = opened.reopenBuffered();
-      direct = undefined;
-      opened.notes.push("O_DIRECT I/O failed with EINVAL; using buffered I/O");
-    }
-  }
-  return { fd, direct, ignoreFlush: options.ignoreFlush === true, notes: opened.notes };
+  const { fd, direct, notes } = openFileForDisk(path, readOnly, options.direct === true, SECTOR, options.writeThrough === true);
+  return { fd, direct, ignoreFlush: options.ignoreFlush === true, notes };
 }

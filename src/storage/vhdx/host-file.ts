@@ -83,36 +83,10 @@ export class HostFile {
     }
   }
 
-  /**
-   * Opened with O_DIRECT and/or O_DSYNC. A direct open first reads one
-   * aligned block through the bounce buffer: a file system that takes the
-   * flag and then refuses the I/O (EINVAL) is reopened buffered here, once,
-   * rather than failing a guest request later.
-   */
+  /** Opened with O_DIRECT and/or O_DSYNC (openFileForDisk: a direct descriptor the file system refuses is given up, with a note). */
   private static openCached(path: string, readOnly: boolean, cache: HostFileCache): HostFile {
-    let opened: ReturnType<typeof openFileForDisk>;
-    try {
-      opened = openFileForDisk(path, readOnly, cache.direct === true, 512, cache.writeThrough === true);
-    } catch (e) {
-      if (e instanceof DiskError) throw e;
-      throw ioError(path, "cannot open", e);
-    }
-    let { fd, direct } = opened;
-    if (direct !== undefined) {
-      try {
-        direct.read(direct.alignment, new Uint8Array(direct.alignment));
-      } catch (e) {
-        if ((e as NodeJS.ErrnoException).code !== "EINVAL") {
-          fs.closeSync(fd);
-          throw ioError(path, "read failed", e, direct.alignment);
-        }
-        fs.closeSync(fd);
-        fd = opened.reopenBuffered();
-        direct = undefined;
-        opened.notes.push("O_DIRECT I/O failed with EINVAL; using buffered I/O");
-      }
-    }
-    return new HostFile(path, fd, readOnly, direct, opened.notes);
+    const { fd, direct, notes } = openFileForDisk(path, readOnly, cache.direct === true, 512, cache.writeThrough === true);
+    return new HostFile(path, fd, readOnly, direct, notes);
   }
 
   static create(path: string): HostFile {
