@@ -4,6 +4,7 @@
  *   --disk PATH[,if=virtio|ide][,ro][,packed][,cache=MODE]   a disk image (raw, VHD, VHDX) or host block device
  *        cache: writeback (default) | none (O_DIRECT) | writethrough (O_DSYNC) | directsync | unsafe
  *               (flushes ignored), for every format (a differencing disk's parents too)
+ *        serial: what the guest reads as the disk's serial number (1-20 printable ASCII characters)
  *   --cdrom ISO                        an ATAPI CD-ROM on the IDE controller
  *   --nic BACKEND[,model=virtio|ne2k][,mac=52:54:00:..][,packed][,offload=on|off]
  *        packed: the virtio device also offers packed virtqueues (VIRTIO_F_RING_PACKED)
@@ -54,6 +55,14 @@ function cacheOption(value: string, opts: Map<string, string | true>): CacheMode
   if (c === undefined) return undefined;
   if (c === true || !(CACHE_MODES as readonly string[]).includes(c)) throw new UsageError(`--disk ${value}: cache takes one of ${CACHE_MODES.join(", ")}`);
   return c as CacheMode;
+}
+
+/** The `serial` option: 1-20 printable ASCII characters, no spaces (virtio-blk GET_ID and ATA IDENTIFY hold 20). */
+function serialOption(value: string, opts: Map<string, string | true>): string | undefined {
+  const s = opts.get("serial");
+  if (s === undefined) return undefined;
+  if (s === true || !/^[\x21-\x7e]{1,20}$/.test(s)) throw new UsageError(`--disk ${value}: serial takes 1 to 20 printable ASCII characters without spaces`);
+  return s;
 }
 
 /** Check the image opens (format, parents) without changing it. */
@@ -115,12 +124,14 @@ export function resolveDevices(opts: DeviceOptions, vmName: string, cpus: number
   let ide = 0;
   (opts.disk ?? []).forEach((value, i) => {
     const { head, opts: o } = splitSpec("--disk", value);
-    rejectUnknown("--disk", value, o, ["if", "ro", "packed", "cache"]);
+    rejectUnknown("--disk", value, o, ["if", "ro", "packed", "cache", "serial"]);
     const iface = o.get("if") ?? "virtio";
     if (iface !== "virtio" && iface !== "ide") throw new UsageError(`--disk ${value}: if=${String(iface)} is not virtio or ide`);
     if (o.get("ro") !== undefined && o.get("ro") !== true) throw new UsageError(`--disk ${value}: ro takes no value`);
     const packed = packedOption("--disk", value, o, iface === "virtio");
-    const disk = checkDisk("--disk", head, o.get("ro") === true, cacheOption(value, o));
+    const serial = serialOption(value, o);
+    const checked = checkDisk("--disk", head, o.get("ro") === true, cacheOption(value, o));
+    const disk: DiskSpec = serial !== undefined ? { ...checked, serial } : checked;
     if (iface === "ide") {
       ide++;
       out.push({ kind: "ide-disk", id: `ide-disk${i}`, disk });

@@ -18,6 +18,8 @@ export interface DiskSpec {
   readonly readOnly: boolean;
   /** How the disk uses the host's page cache (absent: writeback). */
   readonly cache?: CacheMode;
+  /** The serial number the guest reads (virtio-blk GET_ID, ATA IDENTIFY): 1-20 printable ASCII characters; absent: derived from the drive. */
+  readonly serial?: string;
 }
 
 /** Where a NIC's frames go on the host. */

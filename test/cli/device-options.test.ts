@@ -50,3 +50,20 @@ test("--disk cache=MODE: carried to the drive for raw, VHDX and VHD images (virt
     cleanup();
   }
 });
+
+test("--disk serial=S: the guest's serial number for virtio and IDE disks; refused empty, over 20 characters or with spaces", () => {
+  const { dir, cleanup } = scratchDir("cli-serial");
+  try {
+    const raw = join(dir, "a.raw");
+    createDisk(raw, "raw", { type: "dynamic", size: 1024 * 1024 });
+    const specs = resolveDevices({ disk: [`${raw},serial=PVE-0001`, `${raw},if=ide,serial=ABCDEFGHIJ0123456789,cache=none`, raw] }, "vm", 1);
+    assert.deepEqual(
+      specs.map((s) => ("disk" in s && s.disk !== undefined ? [s.disk.serial, s.disk.cache] : [])),
+      [["PVE-0001", undefined], ["ABCDEFGHIJ0123456789", "none"], [undefined, undefined]],
+    );
+    for (const bad of ["serial", "serial=", "serial=ABCDEFGHIJ01234567890", "serial=a b", "serial=é"])
+      assert.throws(() => resolveDevices({ disk: [`${raw},${bad}`] }, "vm", 1), (e: unknown) => e instanceof UsageError && /serial takes 1 to 20 printable ASCII characters without spaces/.test(e.message), bad);
+  } finally {
+    cleanup();
+  }
+});

@@ -92,7 +92,7 @@ describe("disks and a CD-ROM: virtio-blk (raw on packed virtqueues, cache=none; 
     execFileSync("genisoimage", ["-quiet", "-V", "PARTISCD", "-o", iso, isoDir]);
     // The raw disk offers packed virtqueues (the guest's virtio_ring takes them), the VHDX one split only;
     // all three disks bypass the host's page cache (O_DIRECT), the VHDX's writes each synchronous too (O_DSYNC).
-    const disks = ["--disk", `${raw},packed,cache=none`, "--disk", `${vhdx},cache=directsync`, "--disk", `${vhd},if=ide,cache=none`, "--cdrom", iso];
+    const disks = ["--disk", `${raw},packed,cache=none,serial=PARTIS-RAW-7`, "--disk", `${vhdx},cache=directsync`, "--disk", `${vhd},if=ide,cache=none`, "--cdrom", iso];
     const watchFlags = (s: GuestSession): NodeJS.Timeout =>
       setInterval(() => {
         if (s.child.pid === undefined) return;
@@ -103,7 +103,7 @@ describe("disks and a CD-ROM: virtio-blk (raw on packed virtqueues, cache=none; 
 
     const script1 = [
       "for b in vda vdb sda sr0; do echo DRIVER-$b=$(basename $(readlink /sys/block/$b/device/driver) 2>/dev/null); done",
-      "for b in vda vdb; do echo FEATURES-$b=$(cat /sys/block/$b/device/features); echo WC-$b=$(cat /sys/block/$b/cache_type); done",
+      "for b in vda vdb; do echo FEATURES-$b=$(cat /sys/block/$b/device/features); echo WC-$b=$(cat /sys/block/$b/cache_type); echo SERIAL-$b=$(cat /sys/block/$b/serial); done",
       // The guest turns vda's write cache off (CONFIG_WCE): its files below are then written with a flush after every write.
       "echo 'write through' > /sys/block/vda/cache_type; echo WC2-vda=$(cat /sys/block/vda/cache_type)",
       "echo PIIX=$(ls /sys/bus/pci/drivers/ata_piix | grep -c 0000:)",
@@ -187,6 +187,11 @@ describe("disks and a CD-ROM: virtio-blk (raw on packed virtqueues, cache=none; 
     assert.equal(value(first.output, "WC-vda"), "write back", first.output.slice(-3000));
     assert.equal(value(first.output, "WC-vdb"), "write through");
     assert.equal(value(first.output, "WC2-vda"), "write through", "the device took the guest's write to its writeback field");
+  });
+
+  test("the guest reads each virtio disk's serial number: the one given (serial=), else the drive's id", () => {
+    assert.equal(value(first.output, "SERIAL-vda"), "PARTIS-RAW-7", first.output.slice(-3000));
+    assert.equal(value(first.output, "SERIAL-vdb"), "virtio-blk1");
   });
 
   test("the guest chose packed virtqueues where offered (VIRTIO_F_RING_PACKED, bit 34): the raw disk, not the VHDX one", () => {
