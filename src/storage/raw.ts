@@ -434,59 +434,48 @@ export class RawDisk implements BlockDevice {
    * preadv2/pwritev2 with RWF_NOWAIT: as cheap as the synchronous path), else
    * queued on `queue` (the disk would have made the device thread wait).
    * Files whose file system cannot try without waiting are not queued at all:
-   * false, and the caller does it synchronously, as before.
+   * false, and the caller does it synchronously, as before. Under O_DIRECT,
+   * aligned spans are queued without a try (below).
    */
   queueHost(queue: HostIoQueue, write: boolean, offset: number, addresses: Float64Array, lengths: Uint32Array, count: number, token: number): "done" | "queued" | false {
-    if (this.direct !== undefined) return this.queueDirect(queue, write, offset, addresses, lengths, count, token);
+    const direct = this.direct;
     const nw = libcNowait;
     const which = write ? 1 : 0;
-    if (nw === undefined || this.closed || this.nowait[which] === false || count > (libcVectored?.iovMax ?? 1024)) return false;
+    if (this.closed || count > (libcVectored?.iovMax ?? 1024)) return false;
+    if (direct !== undefined) {
+      // O_DIRECT: aligned spans straight onto the queue (a direct transfer always waits for the device, so
+      // there is nothing to try at once), once a synchronous one has shown the file system takes them. Where
+      // its alignment is coarser than the disk's sectors, a guest write of a few sectors bounces as a
+      // read-modify-write of the aligned block around it, which could undo a neighbouring write still in
+      // flight on the queue: such disks keep every direct transfer synchronous.
+      if (direct.alignment > this.logicalSectorSize || !this.directProven || !direct.fits(offset, addresses, lengths, count)) return false;
+    } else if (nw === undefined || this.nowait[which] === false) return false;
     let total = 0;
     for (let i = 0; i < count; i++) total += lengths[i]!;
     this.checkRange(offset, total, write ? "write" : "read");
     if (write && this.readOnly) throw new DiskError("DISK_READ_ONLY", "write to a read-only disk", this.path, { offset });
     if (total === 0) return false;
-    let n: number;
-    try {
-      n = nw.transfer(write, this.fd, addresses, lengths, count, offset, nw.flag);
-    } catch (e) {
-      if (e instanceof RangeError) return false; // a span not mapped by the FFI layer: the views path takes it
-      throw e;
-    }
-    if (n === total) {
+    if (direct === undefined) {
+      let n: number;
+      try {
+        n = nw!.transfer(write, this.fd, addresses, lengths, count, offset, nw!.flag);
+      } catch (e) {
+        if (e instanceof RangeError) return false; // a span not mapped by the FFI layer: the views path takes it
+        throw e;
+      }
+      if (n === total) {
+        this.nowait[which] = true;
+        return "done";
+      }
+      if (n >= 0) return false; // partly done: the caller redoes the whole request synchronously
+      const e = nw!.errno();
+      if (e !== nw!.EAGAIN) {
+        // EOPNOTSUPP (the file system cannot try without waiting) or a real error the synchronous path will report.
+        if (this.nowait[which] === undefined) this.nowait[which] = false;
+        return false;
+      }
       this.nowait[which] = true;
-      return "done";
     }
-    if (n >= 0) return false; // partly done: the caller redoes the whole request synchronously
-    const e = nw.errno();
-    if (e !== nw.EAGAIN) {
-      // EOPNOTSUPP (the file system cannot try without waiting) or a real error the synchronous path will report.
-      if (this.nowait[which] === undefined) this.nowait[which] = false;
-      return false;
-    }
-    this.nowait[which] = true;
-    return queue.prepareVectored(write, this.fd, offset, addresses, lengths, count, token) ? "queued" : false;
-  }
-
-  /**
-   * queueHost under O_DIRECT: aligned spans straight onto the queue (a direct
-   * transfer always waits for the device, so there is nothing to try at
-   * once), after a first synchronous one has shown the file system takes
-   * them, and only where no guest write can need a read-modify-write;
-   * false otherwise (the caller's synchronous path bounces or proves).
-   */
-  private queueDirect(queue: HostIoQueue, write: boolean, offset: number, addresses: Float64Array, lengths: Uint32Array, count: number, token: number): "queued" | false {
-    const direct = this.direct!;
-    // Where the file system's alignment is coarser than the disk's sectors, a guest write of a few sectors
-    // bounces as read-modify-write of the aligned block around it; a neighbouring write still in flight
-    // on the queue could be undone by it. Such disks keep every direct transfer synchronous.
-    if (direct.alignment > this.logicalSectorSize) return false;
-    if (this.closed || !this.directProven || count > (libcVectored?.iovMax ?? 1024) || !direct.fits(offset, addresses, lengths, count)) return false;
-    let total = 0;
-    for (let i = 0; i < count; i++) total += lengths[i]!;
-    this.checkRange(offset, total, write ? "write" : "read");
-    if (write && this.readOnly) throw new DiskError("DISK_READ_ONLY", "write to a read-only disk", this.path, { offset });
-    if (total === 0) return false;
     let queued: boolean;
     try {
       queued = queue.prepareVectored(write, this.fd, offset, addresses, lengths, count, token);
@@ -495,7 +484,7 @@ export class RawDisk implements BlockDevice {
       throw e;
     }
     if (!queued) return false;
-    this.directIoCounts.straight++;
+    if (direct !== undefined) this.directIoCounts.straight++;
     return "queued";
   }
 

@@ -59,6 +59,11 @@ function openRing(id: string, warn: ((message: string) => void) | undefined): Io
   }
 }
 
+/** Whether a drive's writes are stable when they complete (its cache mode opens it O_DSYNC): no volatile write cache to show the guest. */
+function writesStable(spec: DiskSpec): boolean {
+  return cacheOpenOptions(spec.cache ?? "writeback").writeThrough === true;
+}
+
 /** A drive's disk, opened with its cache mode; what runs other than asked (O_DIRECT refused, say) is told once. */
 function open(spec: DiskSpec, id: string, warn: ((message: string) => void) | undefined): BlockDevice {
   try {
@@ -204,7 +209,7 @@ export function assembleDevice(f: PlannedFunction, devices: readonly DeviceSpec[
           const [channel, unit] = take(free[0]!);
           const dev = open(d.disk, d.id, ctx.warn);
           opened.push(dev);
-          drives.push({ channel, unit, kind: "disk", device: dev, writeThrough: d.disk.cache === "writethrough" || d.disk.cache === "directsync", ...(d.disk.serial !== undefined ? { serial: d.disk.serial } : {}) });
+          drives.push({ channel, unit, kind: "disk", device: dev, writeThrough: writesStable(d.disk), ...(d.disk.serial !== undefined ? { serial: d.disk.serial } : {}) });
         }
         // One ring for the controller (each channel has one transfer at a time) when any disk can queue.
         ring = drives.some((d) => d.kind === "disk" && d.device?.queueHost !== undefined) ? openRing("ide0", ctx.warn) : undefined;
@@ -231,8 +236,7 @@ export function assembleDevice(f: PlannedFunction, devices: readonly DeviceSpec[
       let ring: IoUring | undefined;
       try {
         ring = disk.queueHost !== undefined ? openRing(spec.id, ctx.warn) : undefined;
-        const writeThrough = spec.disk.cache === "writethrough" || spec.disk.cache === "directsync";
-        const device = createVirtioBlk(spec.id, disk, services, { queues: Math.max(1, Math.min(spec.queues, 16)), serial: spec.disk.serial ?? spec.id, ringPacked: spec.ringPacked === true, writeThrough, ...(ring !== undefined ? { ring } : {}) });
+        const device = createVirtioBlk(spec.id, disk, services, { queues: Math.max(1, Math.min(spec.queues, 16)), serial: spec.disk.serial ?? spec.id, ringPacked: spec.ringPacked === true, writeThrough: writesStable(spec.disk), ...(ring !== undefined ? { ring } : {}) });
         const blk = device.backend as VirtioBlk;
         const watch = ring === undefined ? undefined : services.loop.watch(ring.eventFd, () => blk.completeQueued());
         return {

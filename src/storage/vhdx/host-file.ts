@@ -15,7 +15,7 @@
  */
 import * as fs from "node:fs";
 import { DiskError } from "../block-device.js";
-import { DirectIo, openFileForDisk } from "../raw.js";
+import { DirectIo, openFileForDisk, preadFully, pwriteFully } from "../raw.js";
 
 export const KiB = 1024;
 export const MiB = 1024 * 1024;
@@ -123,21 +123,12 @@ export class HostFile {
 
   /** Fill buf from pos; bytes past end of file read as zeros. */
   read(pos: number, buf: Uint8Array): void {
-    let done = 0;
     try {
-      if (this.directIo !== undefined) {
-        this.directIo.read(pos, buf);
-        done = buf.length;
-      }
-      while (done < buf.length) {
-        const n = fs.readSync(this.fd, buf, done, buf.length - done, pos + done);
-        if (n === 0) break;
-        done += n;
-      }
+      if (this.directIo !== undefined) this.directIo.read(pos, buf);
+      else preadFully(this.fd, buf, pos);
     } catch (e) {
       throw ioError(this.path, "read failed", e, pos);
     }
-    if (done < buf.length) buf.fill(0, done);
     if (this.overlay) this.overlay.apply(pos, buf);
   }
 
@@ -149,13 +140,9 @@ export class HostFile {
 
   write(pos: number, buf: Uint8Array): void {
     if (this.readOnly) throw new DiskError("DISK_READ_ONLY", "write to a read-only VHDX", this.path, { offset: pos });
-    let done = 0;
     try {
-      if (this.directIo !== undefined) {
-        this.directIo.write(pos, buf);
-        return;
-      }
-      while (done < buf.length) done += fs.writeSync(this.fd, buf, done, buf.length - done, pos + done);
+      if (this.directIo !== undefined) this.directIo.write(pos, buf);
+      else pwriteFully(this.fd, buf, pos);
     } catch (e) {
       throw ioError(this.path, "write failed", e, pos);
     }
