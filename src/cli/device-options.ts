@@ -6,9 +6,11 @@
  *               (flushes ignored), for every format (a differencing disk's parents too)
  *        serial: what the guest reads as the disk's serial number (1-20 printable ASCII characters)
  *   --cdrom ISO                        an ATAPI CD-ROM on the IDE controller
- *   --nic BACKEND[,model=virtio|ne2k][,mac=52:54:00:..][,packed][,offload=on|off]
+ *   --nic BACKEND[,model=virtio|ne2k][,mac=52:54:00:..][,packed][,offload=on|off][,queues=N][,mtu=N]
  *        packed: the virtio device also offers packed virtqueues (VIRTIO_F_RING_PACKED)
  *        offload: checksum and TCP segmentation offloads of a virtio NIC on a TAP (default on there; off: none offered)
+ *        queues: receive/transmit queue pairs of a virtio NIC on a TAP (1-64, default 1; the TAP is then multi-queue)
+ *        mtu: the MTU a virtio NIC reports to the guest (68-65535; longer received frames are dropped)
  *        BACKEND: tap:IFNAME | dgram:LOCAL.sock:PEER.sock | none
  *   --channel SOCKET                   a virtio-console byte channel on a UNIX socket the VM listens on
  *   --rng                              a virtio entropy source
@@ -21,6 +23,7 @@ import { dirname } from "node:path";
 import { PartisError, UsageError } from "../errors.js";
 import { CACHE_MODES, type CacheMode } from "../storage/block-device.js";
 import { openDisk } from "../storage/open.js";
+import { VIRTIO_NET_MAX_QUEUE_PAIRS } from "../devices/net/virtio-net.js";
 import { DevicePlanError, MAX_IDE_DRIVES, parseMac, planPci, type DeviceSpec, type DiskSpec, type NicBackendSpec } from "../worker/device-plan.js";
 
 export interface DeviceOptions {
@@ -119,6 +122,15 @@ function parseNicBackend(value: string, head: string): NicBackendSpec {
   throw new UsageError(`--nic ${value}: unknown backend "${head}" (tap:IFNAME, dgram:LOCAL:PEER or none)`);
 }
 
+/** A whole-number NIC option within [min, max], for virtio NICs only (`virtio`); undefined when not given. */
+function nicNumberOption(value: string, o: Map<string, string | true>, key: string, min: number, max: number, virtio: boolean): number | undefined {
+  const v = o.get(key);
+  if (v === undefined) return undefined;
+  if (!virtio) throw new UsageError(`--nic ${value}: ${key} is for virtio NICs (the NE2000 has one queue and a fixed 1500-byte MTU)`);
+  if (v === true || !/^[0-9]{1,6}$/.test(v) || Number(v) < min || Number(v) > max) throw new UsageError(`--nic ${value}: ${key}=${v === true ? "" : v} is not a whole number from ${min} to ${max}`);
+  return Number(v);
+}
+
 export function resolveDevices(opts: DeviceOptions, vmName: string, cpus: number): DeviceSpec[] {
   const out: DeviceSpec[] = [];
   let ide = 0;
@@ -144,7 +156,7 @@ export function resolveDevices(opts: DeviceOptions, vmName: string, cpus: number
   if (ide > MAX_IDE_DRIVES) throw new UsageError(`--disk/--cdrom: ${ide} IDE drives; the IDE controller takes at most ${MAX_IDE_DRIVES}`);
   (opts.nic ?? []).forEach((value, i) => {
     const { head, opts: o } = splitSpec("--nic", value);
-    rejectUnknown("--nic", value, o, ["model", "mac", "packed", "offload"]);
+    rejectUnknown("--nic", value, o, ["model", "mac", "packed", "offload", "queues", "mtu"]);
     const model = o.get("model") ?? "virtio";
     if (model !== "virtio" && model !== "ne2k") throw new UsageError(`--nic ${value}: model=${String(model)} is not virtio or ne2k`);
     const packed = packedOption("--nic", value, o, model === "virtio");
@@ -154,6 +166,9 @@ export function resolveDevices(opts: DeviceOptions, vmName: string, cpus: number
       if (model !== "virtio") throw new UsageError(`--nic ${value}: offload is for virtio NICs (the NE2000 has no offloads)`);
       if (offload === "on" && !head.startsWith("tap:")) throw new UsageError(`--nic ${value}: offloads need a TAP back end (a datagram pair carries no virtio-net header)`);
     }
+    const queues = nicNumberOption(value, o, "queues", 1, VIRTIO_NET_MAX_QUEUE_PAIRS, model === "virtio");
+    if (queues !== undefined && queues > 1 && !head.startsWith("tap:")) throw new UsageError(`--nic ${value}: queues=${queues} needs a TAP back end (its queues are the TAP's; a datagram pair has one)`);
+    const mtu = nicNumberOption(value, o, "mtu", 68, 65535, model === "virtio");
     const macText = o.get("mac");
     const mac = typeof macText === "string" ? macText : defaultMac(vmName, i);
     try {
@@ -169,6 +184,8 @@ export function resolveDevices(opts: DeviceOptions, vmName: string, cpus: number
       backend: parseNicBackend(value, head),
       ...(packed ? { ringPacked: true } : {}),
       ...(offload === "off" ? { offloads: false } : {}),
+      ...(queues !== undefined && queues > 1 ? { queues } : {}),
+      ...(mtu !== undefined ? { mtu } : {}),
     });
   });
   (opts.channel ?? []).forEach((value, i) => {

@@ -266,7 +266,11 @@ export function registerRunCommand(program: Command): void {
     .option("--name <name>", "VM name for messages", "partis-vm")
     .option("--disk <path[,if=virtio|ide][,ro][,packed][,cache=MODE][,serial=S]>", "attach a disk image (raw, VHD, VHDX) or host block device (packed: also offer packed virtqueues; cache: writeback (default), none (O_DIRECT), writethrough, directsync or unsafe; serial: the serial number the guest reads, up to 20 characters); repeatable", collect)
     .option("--cdrom <iso>", "attach an ISO image as an IDE/ATAPI CD-ROM; repeatable", collect)
-    .option("--nic <tap:IF|dgram:LOCAL:PEER|none[,model=virtio|ne2k][,mac=M][,packed][,offload=on|off]>", "attach a network adapter (packed: also offer packed virtqueues; offload: checksum/TSO offloads of a virtio NIC on a TAP, on by default); repeatable", collect)
+    .option(
+      "--nic <tap:IF|dgram:LOCAL:PEER|none[,model=virtio|ne2k][,mac=M][,packed][,offload=on|off][,queues=N][,mtu=N]>",
+      "attach a network adapter (packed: also offer packed virtqueues; offload: checksum/TSO offloads of a virtio NIC on a TAP, on by default; queues: queue pairs of a virtio NIC on a multi-queue TAP; mtu: the MTU a virtio NIC reports); repeatable",
+      collect,
+    )
     .option("--channel <socket>", "a host<->guest byte channel (virtio-console) on a UNIX socket; repeatable", collect)
     .option("--rng", "attach a virtio entropy source")
     .option("--framebuffer [WxH]", "a linear framebuffer the guest console can draw on (default 1024x768)")

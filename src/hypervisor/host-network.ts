@@ -83,6 +83,10 @@ const TUN_F_TSO_ECN = 0x08;
 const IFF_TAP = 0x0002;
 const IFF_NO_PI = 0x1000;
 const IFF_VNET_HDR = 0x4000;
+const IFF_MULTI_QUEUE = 0x0100;
+const IFF_ATTACH_QUEUE = 0x0200;
+const IFF_DETACH_QUEUE = 0x0400;
+const TUNSETQUEUE = 0x400454d9;
 const IFNAMSIZ = 16;
 const IFREQ_SIZE = 40;
 const SIOCGIFFLAGS = 0x8913;
@@ -114,6 +118,14 @@ export interface TapOptions {
   readonly name?: string;
   /** Ask for a virtio_net_hdr (12 bytes) before each frame (IFF_VNET_HDR). Default off. */
   readonly vnetHeader?: boolean;
+  /**
+   * Open one queue of a multi-queue interface (IFF_MULTI_QUEUE): opening the
+   * same name again adds a queue, each with its own descriptor, and the
+   * kernel steers a flow's received frames to the queue that last sent on it.
+   * A multi-queue interface cannot be attached to as a single-queue one, nor
+   * the reverse (EINVAL).
+   */
+  readonly multiQueue?: boolean;
 }
 
 /** An open TAP interface: frames are read and written whole on `fd` (non-blocking). */
@@ -149,7 +161,7 @@ export function openTap(opts: TapOptions = {}): TapDevice {
   const ifr = new Uint8Array(IFREQ_SIZE);
   ifr.set(nameBytes, 0);
   const vnet = opts.vnetHeader === true;
-  const flags = IFF_TAP | IFF_NO_PI | (vnet ? IFF_VNET_HDR : 0);
+  const flags = IFF_TAP | IFF_NO_PI | (vnet ? IFF_VNET_HDR : 0) | (opts.multiQueue === true ? IFF_MULTI_QUEUE : 0);
   new DataView(ifr.buffer).setUint16(IFNAMSIZ, flags, true);
   try {
     ioctl(fd, TUNSETIFF, ifr, "TUNSETIFF", { interface: requested });
@@ -197,6 +209,22 @@ export function setTapOffloads(fd: number, offloads: TapOffloads, name: string):
   } catch (e) {
     const err = e as SystemCallError;
     throw new HostNetworkError("TAP_OFFLOAD_FAILED", `cannot set offloads 0x${flags.toString(16)} on TAP interface "${name}": ${err.message}`, { interface: name, errno: err.errnoName }, { cause: e });
+  }
+}
+
+/**
+ * Attach or detach one queue of a multi-queue TAP (TUNSETQUEUE with
+ * IFF_ATTACH_QUEUE / IFF_DETACH_QUEUE): a detached queue's descriptor stays
+ * open but the kernel steers no frames to it and drops what it held.
+ */
+export function setTapQueueAttached(fd: number, attached: boolean, name: string): void {
+  const ifr = new Uint8Array(IFREQ_SIZE);
+  new DataView(ifr.buffer).setUint16(IFNAMSIZ, attached ? IFF_ATTACH_QUEUE : IFF_DETACH_QUEUE, true);
+  try {
+    ioctl(fd, TUNSETQUEUE, ifr, "TUNSETQUEUE", { interface: name, attached });
+  } catch (e) {
+    const err = e as SystemCallError;
+    throw new HostNetworkError("TAP_QUEUE_FAILED", `cannot ${attached ? "attach" : "detach"} a queue of TAP interface "${name}": ${err.message}`, { interface: name, errno: err.errnoName }, { cause: e });
   }
 }
 

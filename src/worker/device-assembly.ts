@@ -75,12 +75,16 @@ function open(spec: DiskSpec, id: string, warn: ((message: string) => void) | un
   }
 }
 
-/** A NIC's port; `vnetHeader`: the NIC is virtio-net, so a TAP carries the virtio-net header (checksum and segmentation offloads). */
-function openPort(backend: NicBackendSpec, id: string, vnetHeader: boolean): NetworkPort | undefined {
+/**
+ * A NIC's ports: one, or one per queue of a multi-queue TAP (`queues` > 1),
+ * or none. `vnetHeader`: the NIC is virtio-net, so a TAP carries the
+ * virtio-net header (checksum and segmentation offloads).
+ */
+function openPorts(backend: NicBackendSpec, id: string, vnetHeader: boolean, queues: number): NetworkPort[] {
   try {
-    if (backend.kind === "tap") return TapPort.open(backend.ifname, { vnetHeader });
-    if (backend.kind === "dgram") return DatagramPairPort.open(backend.local, backend.peer);
-    return undefined;
+    if (backend.kind === "tap") return TapPort.openQueues(backend.ifname, queues, { vnetHeader });
+    if (backend.kind === "dgram") return [DatagramPairPort.open(backend.local, backend.peer)];
+    return [];
   } catch (e) {
     throw new DevicePlanError("NIC_OPEN_FAILED", `${id}: ${(e as Error).message}`, { device: id });
   }
@@ -265,23 +269,26 @@ export function assembleDevice(f: PlannedFunction, devices: readonly DeviceSpec[
     }
     case "virtio-net":
     case "ne2k": {
-      const port = openPort(spec.backend, spec.id, spec.kind === "virtio-net" && spec.offloads !== false);
+      const ports = openPorts(spec.backend, spec.id, spec.kind === "virtio-net" && spec.offloads !== false, spec.queues ?? 1);
+      const closePorts = (): void => {
+        for (const p of ports) p.close();
+      };
       const mac = parseMac(spec.mac);
       try {
         if (spec.kind === "virtio-net") {
-          const device = createVirtioNet(spec.id, port, services, { mac, ringPacked: spec.ringPacked === true });
-          return { device, close: () => port?.close() };
+          const device = createVirtioNet(spec.id, ports, services, { mac, ringPacked: spec.ringPacked === true, ...(spec.mtu !== undefined ? { mtu: spec.mtu } : {}) });
+          return { device, close: closePorts };
         }
-        const device = new Ne2kPci(spec.id, services, port, { mac });
+        const device = new Ne2kPci(spec.id, services, ports[0], { mac });
         return {
           device,
           close: () => {
             device.close();
-            port?.close();
+            closePorts();
           },
         };
       } catch (e) {
-        port?.close();
+        closePorts();
         throw e;
       }
     }

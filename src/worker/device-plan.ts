@@ -35,8 +35,20 @@ export type DeviceSpec =
   | { readonly kind: "virtio-blk"; readonly id: string; readonly disk: DiskSpec; readonly queues: number; readonly ringPacked?: boolean }
   | { readonly kind: "ide-disk"; readonly id: string; readonly disk: DiskSpec }
   | { readonly kind: "ide-cdrom"; readonly id: string; readonly disk: DiskSpec | undefined }
-  /** offloads: false turns off a virtio NIC's checksum and segmentation offloads on a TAP (on by default there). */
-  | { readonly kind: "virtio-net" | "ne2k"; readonly id: string; readonly mac: string; readonly backend: NicBackendSpec; readonly ringPacked?: boolean; readonly offloads?: boolean }
+  /**
+   * offloads: false turns off a virtio NIC's checksum and segmentation offloads on a TAP (on by default there);
+   * queues: receive/transmit queue pairs of a virtio NIC on a multi-queue TAP (default 1); mtu: the MTU a virtio NIC reports.
+   */
+  | {
+      readonly kind: "virtio-net" | "ne2k";
+      readonly id: string;
+      readonly mac: string;
+      readonly backend: NicBackendSpec;
+      readonly ringPacked?: boolean;
+      readonly offloads?: boolean;
+      readonly queues?: number;
+      readonly mtu?: number;
+    }
   /** A host<->guest byte channel: a UNIX stream socket the worker listens on. */
   | { readonly kind: "virtio-console"; readonly id: string; readonly socketPath: string }
   | { readonly kind: "virtio-rng"; readonly id: string };

@@ -31,6 +31,15 @@ test("--nic offload=off is accepted on a datagram pair or none (nothing to turn 
   assert.throws(() => resolveDevices({ nic: ["none,model=ne2k,offload=off"] }, "vm", 1), UsageError);
 });
 
+test("--nic queues=N and mtu=N: carried to a virtio NIC (queues on a TAP only); out of range, on an NE2000 or a single-queue back end refused", { skip: tun ? false : "no /dev/net/tun" }, () => {
+  const [mq, one, mtu] = resolveDevices({ nic: ["tap:pt0,queues=4", "tap:pt1,queues=1", "dgram:/tmp/a.sock:/tmp/b.sock,mtu=9000"] }, "vm", 2);
+  assert.ok(mq !== undefined && "queues" in mq && mq.queues === 4);
+  assert.equal(one !== undefined && "queues" in one, false, "one queue: the default, a plain TAP");
+  assert.ok(mtu !== undefined && "mtu" in mtu && mtu.mtu === 9000);
+  for (const bad of ["tap:pt0,queues=0", "tap:pt0,queues=65", "tap:pt0,queues", "tap:pt0,queues=2x", "dgram:/tmp/a.sock:/tmp/b.sock,queues=2", "none,queues=2", "tap:pt0,model=ne2k,queues=2", "tap:pt0,mtu=67", "tap:pt0,mtu=65536", "tap:pt0,model=ne2k,mtu=1500"])
+    assert.throws(() => resolveDevices({ nic: [bad] }, "vm", 1), UsageError, bad);
+});
+
 test("--disk cache=MODE: carried to the drive for raw, VHDX and VHD images (virtio and IDE); refused for a bad or missing value", () => {
   const { dir, cleanup } = scratchDir("cli-cache");
   try {

@@ -268,7 +268,7 @@ describe("networks: two VMs back to back over virtio-net and NE2000, and a VM to
   const TRANSFER = 4 << 20;
   const download = downloadBytes(TRANSFER);
   /** What the host's upload server saw: the bytes' SHA-256, and the TAP's frames up to then. */
-  const upload = { sha: "", bytes: 0, rxPackets: 0, rxBytes: 0 };
+  const upload = { sha: "", bytes: 0, rxPackets: 0, rxBytes: 0, neighbour: "" };
   const servers: Server[] = [];
 
   before(async () => {
@@ -284,6 +284,8 @@ describe("networks: two VMs back to back over virtio-net and NE2000, and a VM to
           const stat = (name: string) => Number(readFileSync(`/sys/class/net/${tap}/statistics/${name}`, "utf8"));
           upload.rxPackets = stat("rx_packets");
           upload.rxBytes = stat("rx_bytes");
+          // The address the host learnt for the guest (from its ARP replies): the one the guest set.
+          upload.neighbour = execFileSync("ip", ["neigh", "show", "10.0.2.2", "dev", tap], { encoding: "utf8" }).trim();
           sock.end();
         }
       });
@@ -314,13 +316,19 @@ describe("networks: two VMs back to back over virtio-net and NE2000, and a VM to
       nic("52:54:00:00:00:a0", "10.0.0.1", "virtio"),
       nic("52:54:00:00:00:a1", "10.0.1.1", "ne2k"),
       nic("52:54:00:00:00:a2", "10.0.2.2", "tap"),
+      // The TAP NIC's queue pairs in use and MTU, and a new MAC address (the device must take it: its filter now
+      // passes unicast frames to the new address only, so the pings and transfers below go through it).
+      "i=$(ifmac 52:54:00:00:00:a2); n=/sys/class/net/$i; ip link set $i address 52:54:00:00:00:a9; echo TAPQ=$(ls -d $n/queues/rx-*|wc -l) TAPMTU=$(cat $n/mtu) TAPMAC=$(cat $n/address)",
       pingLoop("10.0.0.2", "VIRTIO-PING"),
       pingLoop("10.0.1.2", "NE2K-PING"),
       "meet 10.0.0.2",
       pingLoop("10.0.2.1", "TAP-PING"),
       `dd if=/dev/urandom of=/tmp/up bs=4096 count=${TRANSFER / 4096} 2>/dev/null; echo UP-SHA=$(sha256sum < /tmp/up | cut -d' ' -f1)`,
-      "timeout 120 nc 10.0.2.1 5000 < /tmp/up > /dev/null; echo UP-DONE=$?",
+      // The upload from the second vCPU: it transmits on the second queue pair, and the TAP steers the flow's
+      // frames back to that pair; Q1 counts the pair's receive and transmit interrupts.
+      "timeout 120 taskset 2 nc 10.0.2.1 5000 < /tmp/up > /dev/null; echo UP-DONE=$?",
       "timeout 120 nc 10.0.2.1 5001 < /dev/null > /tmp/down; echo DOWN-SHA=$(sha256sum < /tmp/down | cut -d' ' -f1); echo DOWN-BYTES=$(wc -c < /tmp/down)",
+      "awk '/input\\.1/{i+=$2+$3}/output\\.1/{o+=$2+$3}END{print \"Q1=\"i\",\"o}' /proc/interrupts",
       "sleep 5; poweroff -f",
     ].join("\n");
     const scriptB = [
@@ -335,14 +343,15 @@ describe("networks: two VMs back to back over virtio-net and NE2000, and a VM to
     const nicsA = [
       "--nic", `dgram:${sock("a0")}:${sock("b0")},model=virtio,mac=52:54:00:00:00:a0`,
       "--nic", `dgram:${sock("a1")}:${sock("b1")},model=ne2k,mac=52:54:00:00:00:a1`,
-      "--nic", `tap:${tap},model=virtio,mac=52:54:00:00:00:a2`,
+      // Two queue pairs on a multi-queue TAP (VM A has two vCPUs, so its driver uses both) and a 1400-byte MTU.
+      "--nic", `tap:${tap},model=virtio,mac=52:54:00:00:00:a2,queues=2,mtu=1400`,
     ];
     const nicsB = [
       // B's virtio NIC offers packed virtqueues: a packed ring talks to a split one.
       "--nic", `dgram:${sock("b0")}:${sock("a0")},model=virtio,mac=52:54:00:00:00:b0,packed`,
       "--nic", `dgram:${sock("b1")}:${sock("a1")},model=ne2k,mac=52:54:00:00:00:b1`,
     ];
-    const sa = new GuestSession(runArgs(scriptA, [...nicsA, "--name", "vm-a"]));
+    const sa = new GuestSession(runArgs(scriptA, [...nicsA, "--name", "vm-a", "--cpus", "2"]));
     const sb = new GuestSession(runArgs(scriptB, [...nicsB, "--name", "vm-b"]));
     // The host side of the TAP: address it once the VM has created it (again for a rebooted VM: a new TAP).
     const configureTap = (generation: number): void => {
@@ -392,6 +401,17 @@ describe("networks: two VMs back to back over virtio-net and NE2000, and a VM to
 
   test("ping from a VM to the host through a TAP device", () => {
     assert.equal(value(a.output, "TAP-PING"), "1", `${a.output.slice(-3000)}\n${a.stderr}`);
+  });
+
+  test("over the multi-queue TAP the guest runs two queue pairs, takes the MTU, and changes its MAC address through the control queue", (t) => {
+    const features = value(a.output, "FEATURES-tap") ?? "";
+    for (const [bit, name] of [[3, "MTU"], [17, "CTRL_VQ"], [18, "CTRL_RX"], [22, "MQ"], [23, "CTRL_MAC_ADDR"]] as const) assert.equal(features.charAt(bit), "1", `${name} negotiated on the TAP NIC (${features})`);
+    const line = /^TAPQ=(\d+) TAPMTU=(\d+) TAPMAC=(\S+)\r?$/m.exec(a.output);
+    assert.deepEqual(line?.slice(1), ["2", "1400", "52:54:00:00:00:a9"], a.output.slice(-3000));
+    assert.match(upload.neighbour, /lladdr 52:54:00:00:00:a9/, "the host reached the guest at its new address");
+    const [rx1, tx1] = (value(a.output, "Q1") ?? "").split(",").map(Number);
+    t.diagnostic(`second queue pair's interrupts in the guest: input.1 ${rx1}, output.1 ${tx1}`);
+    assert.ok(rx1! > 0, `the second pair received (interrupts: input.1 ${rx1}, output.1 ${tx1})`);
   });
 
   test("over the TAP, offloads are negotiated and TCP carries 4 MiB each way intact, the guest sending segmentation-offload frames", () => {

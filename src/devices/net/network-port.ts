@@ -19,7 +19,9 @@
  * Implementations:
  *  - `TapPort`: a host TAP interface (IFF_TAP|IFF_NO_PI; with
  *    `{ vnetHeader: true }` also IFF_VNET_HDR, the kernel validating every
- *    header it is given); sendHost always.
+ *    header it is given); sendHost always. `TapPort.openQueues` opens the
+ *    queues of a multi-queue interface (IFF_MULTI_QUEUE), a port each, for a
+ *    multi-queue virtio-net.
  *  - `DatagramPairPort`: two VMs wired back to back through AF_UNIX datagram
  *    sockets: each binds its own path and sends to the peer's path. Frames to a
  *    peer that is not there (not started yet, exited) are dropped and counted;
@@ -49,6 +51,7 @@ import {
   closeDescriptor,
   openDatagramSocket,
   setTapOffloads,
+  setTapQueueAttached,
   openTap,
   readFrame,
   receiveDatagram,
@@ -85,6 +88,12 @@ export interface NetworkPort {
   readonly vnetHeader?: boolean;
   /** With vnetHeader: the offloads the receiver takes; frames it receives then use no others. */
   setReceiveOffloads?(offloads: TapOffloads): void;
+  /**
+   * One queue of a multi-queue port (a multi-queue TAP): whether the host
+   * steers frames to it. A NIC turns off the queues its driver does not use,
+   * so no flow's frames wait where nobody reads them.
+   */
+  setQueueEnabled?(enabled: boolean): void;
   /** Queue one frame for the wire. False when it was dropped. */
   send(frame: Uint8Array): boolean;
   /**
@@ -123,12 +132,42 @@ export class TapPort implements NetworkPort {
   readonly counters = new PortCounters();
   private closed = false;
 
+  /** Of a multi-queue interface: whether the kernel steers frames to this queue. */
+  private attached = true;
+
   private constructor(
     readonly name: string,
     readonly fd: number,
     readonly interfaceName: string,
     readonly vnetHeader: boolean,
+    /** One queue of a multi-queue interface (IFF_MULTI_QUEUE). */
+    readonly multiQueue = false,
   ) {}
+
+  /**
+   * `count` queues of one multi-queue TAP interface (`ifname` as for open;
+   * the kernel's pick when omitted), one port each, all attached. With a
+   * count of 1 this is `open`: a single-queue interface.
+   */
+  static openQueues(ifname: string | undefined, count: number, opts: { vnetHeader?: boolean } = {}): TapPort[] {
+    if (!Number.isInteger(count) || count < 1) throw new NetworkPortError("NET_PORT_BAD_QUEUES", `a TAP interface has 1 or more queues, not ${count}`, { interface: ifname ?? "" });
+    if (count === 1) return [TapPort.open(ifname, opts)];
+    const vnet = opts.vnetHeader === true;
+    const ports: TapPort[] = [];
+    try {
+      for (let i = 0; i < count; i++) {
+        const name = i === 0 ? ifname : ports[0]!.interfaceName;
+        const tap = openTap({ ...(name === undefined ? {} : { name }), vnetHeader: vnet, multiQueue: true });
+        ports.push(new TapPort(`tap:${tap.name}#${i}`, tap.fd, tap.name, vnet, true));
+      }
+      // The offload flags belong to the interface: one call covers every queue.
+      if (vnet) setTapOffloads(ports[0]!.fd, { csum: false, tso4: false, tso6: false, ecn: false }, ports[0]!.interfaceName);
+    } catch (e) {
+      for (const p of ports) p.close();
+      throw e;
+    }
+    return ports;
+  }
 
   /**
    * Open `/dev/net/tun` as interface `ifname` ("tap%d" or omitted: the kernel
@@ -153,6 +192,12 @@ export class TapPort implements NetworkPort {
   setReceiveOffloads(offloads: TapOffloads): void {
     if (!this.vnetHeader || this.closed) return;
     setTapOffloads(this.fd, offloads, this.interfaceName);
+  }
+
+  setQueueEnabled(enabled: boolean): void {
+    if (!this.multiQueue || this.closed || enabled === this.attached) return;
+    setTapQueueAttached(this.fd, enabled, this.interfaceName);
+    this.attached = enabled;
   }
 
   send(frame: Uint8Array): boolean {

@@ -131,6 +131,11 @@ export interface VirtioBackend {
   /** The driver notified queue `index` (only while active). */
   queueNotified(index: number): void;
   save?(): SavedDeviceState;
+  /**
+   * After the transport restored its own state and the queues (and activated
+   * the back end if the driver was running): the back end's saved state.
+   */
+  restore?(s: SavedDeviceState): void;
   /** Before the transport saves the queues: finish requests still in flight (they complete into the used rings). */
   quiesce?(): void;
 }
@@ -782,6 +787,7 @@ export class VirtioPciDevice implements PciDevice, VirtioTransport {
     this.services.intx.setLevel(this.intxLevel);
     this.syncDoorbells(true);
     if (this.active) this.backend.activate(this.queues, this.features);
+    if (s.backend !== undefined) this.backend.restore?.(s.backend);
   }
 }
 

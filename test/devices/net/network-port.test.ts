@@ -200,3 +200,48 @@ test("TapPort with a virtio-net header: frames go out and come in behind a 12-by
     plain.close();
   }
 });
+
+test("TapPort.openQueues: one multi-queue interface, a port per queue, each sending; a detached queue gets no frames; single- and multi-queue opens do not mix", async () => {
+  const { execFileSync } = await import("node:child_process");
+  const dgram = await import("node:dgram");
+  assert.throws(() => TapPort.openQueues("pport%d", 0), NetworkPortError);
+  const [single] = TapPort.openQueues("pport%d", 1);
+  const ports = TapPort.openQueues("pport%d", 2, { vnetHeader: true });
+  try {
+    assert.equal(single!.multiQueue, false, "one queue: a plain TAP");
+    const name = ports[0]!.interfaceName;
+    assert.equal(ports[1]!.interfaceName, name, "both queues belong to one interface");
+    assert.notEqual(Number(fs.readFileSync(`/sys/class/net/${name}/tun_flags`, "utf8")) & 0x100, 0, "IFF_MULTI_QUEUE");
+    assert.throws(() => TapPort.open(name), /TAP_CREATE_FAILED|cannot create/, "a single-queue open of a multi-queue interface");
+    const stat = (s: string) => Number(fs.readFileSync(`/sys/class/net/${name}/statistics/${s}`, "utf8"));
+    setInterfaceUp(name, true);
+    const f = new Uint8Array(12 + 120);
+    f.fill(0xff, 12, 18);
+    f.set([0x52, 0x54, 0, 0, 0, 1, 0x88, 0xb5], 18);
+    const before = stat("rx_packets");
+    assert.equal(ports[0]!.send(f), true);
+    assert.equal(ports[1]!.send(f), true);
+    assert.equal(stat("rx_packets"), before + 2, "a frame from each queue");
+    // Queue 1 detached: every frame from the host comes to queue 0.
+    ports[1]!.setQueueEnabled(false);
+    execFileSync("ip", ["addr", "add", "10.254.78.1/24", "dev", name]);
+    const sock = dgram.createSocket("udp4");
+    for (let host = 2; host < 10; host++) await new Promise<void>((resolve) => sock.send(Buffer.from("x"), 9, `10.254.78.${host}`, () => resolve()));
+    sock.close();
+    const buf = new Uint8Array(MAX_PORT_FRAME_BYTES);
+    const arps = [0, 0];
+    for (let i = 0; i < 50 && arps[0]! < 8; i++) {
+      await new Promise((r) => setTimeout(r, 20));
+      ports.forEach((p, q) => {
+        while (p.receive(buf) > 0) if (buf[12 + 12] === 0x08 && buf[12 + 13] === 0x06) arps[q]!++;
+      });
+    }
+    assert.ok(arps[0]! >= 8, `ARP requests for 8 neighbours on queue 0 (${arps[0]})`);
+    assert.equal(arps[1], 0, "none on the detached queue");
+    ports[1]!.setQueueEnabled(true);
+    ports[1]!.setQueueEnabled(true); // already attached: nothing to do
+  } finally {
+    for (const p of ports) p.close();
+    single!.close();
+  }
+});

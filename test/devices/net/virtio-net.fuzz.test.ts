@@ -13,7 +13,7 @@ import assert from "node:assert/strict";
 import { VIRTIO_COMMON as C, VIRTIO_F, VIRTIO_STATUS as S, featureBit } from "../../../src/devices/virtio/pci-transport.js";
 import { MAX_PORT_FRAME_BYTES, MemoryPortPair } from "../../../src/devices/net/network-port.js";
 import { VIRTIO_NET_F, VIRTIO_NET_HDR_BYTES as HDR, createVirtioNet } from "../../../src/devices/net/virtio-net.js";
-import { PackedDriverQueue, TestVirtioDriver, makeServices, placeDevice } from "../virtio/virtio-driver.js";
+import { PackedDriverQueue, TestVirtioDriver, makeServices, placeDevice, type DriverQueue } from "../virtio/virtio-driver.js";
 import { SeededRandom } from "../device-fakes.js";
 
 const RAM = 256 * 1024;
@@ -25,11 +25,15 @@ const MAC = Uint8Array.from([0x52, 0x54, 0, 0, 0, 1]);
 /** Offload features a driver may ask for on a port that carries the header. */
 const OFFLOAD_BITS = [VIRTIO_NET_F.csum, VIRTIO_NET_F.guestCsum, VIRTIO_NET_F.guestTso4, VIRTIO_NET_F.guestTso6, VIRTIO_NET_F.guestEcn, VIRTIO_NET_F.hostTso4, VIRTIO_NET_F.hostTso6, VIRTIO_NET_F.hostEcn];
 
-function fuzzBed(seed: number, name: string, ringPacked: boolean, vnetHeader = false) {
+/** Control-queue features a driver may ask for (MQ only with several pairs). */
+const CONTROL_BITS = [VIRTIO_NET_F.ctrlRx, VIRTIO_NET_F.ctrlRxExtra, VIRTIO_NET_F.ctrlVlan, VIRTIO_NET_F.guestAnnounce, VIRTIO_NET_F.ctrlMacAddr, VIRTIO_NET_F.mq];
+
+function fuzzBed(seed: number, name: string, ringPacked: boolean, vnetHeader = false, pairCount = 1) {
   const rnd = new SeededRandom(seed);
   const services = makeServices(RAM);
-  const pair = new MemoryPortPair(name, 64, { vnetHeader });
-  const dev = createVirtioNet(name, pair.a, services, { mac: MAC, queueSize: 16, ringPacked });
+  const pairs = Array.from({ length: pairCount }, (_, i) => new MemoryPortPair(`${name}${i}`, 64, { vnetHeader }));
+  const pair = pairs[0]!;
+  const dev = createVirtioNet(name, pairCount === 1 ? pair.a : pairs.map((p) => p.a), services, { mac: MAC, queueSize: 16, ringPacked });
   placeDevice(dev);
   const sink = new Uint8Array(MAX_PORT_FRAME_BYTES);
   const frame = new Uint8Array(10_000);
@@ -62,20 +66,76 @@ function fuzzBed(seed: number, name: string, ringPacked: boolean, vnetHeader = f
       if (rnd.next() < 0.5) want |= featureBit(VIRTIO_F.eventIdx);
       if (rnd.next() < 0.5) want |= featureBit(VIRTIO_F.indirectDesc);
       if (vnetHeader) for (const f of OFFLOAD_BITS) if (rnd.next() < 0.6) want |= featureBit(f);
+      // The control queue (and what needs it, mostly with it: sometimes without, which FEATURES_OK refuses).
+      if (pairCount > 1 && rnd.next() < 0.9) {
+        want |= featureBit(VIRTIO_NET_F.ctrlVq);
+        for (const f of CONTROL_BITS) if (rnd.next() < 0.7) want |= featureBit(f);
+      } else if (pairCount > 1 && rnd.next() < 0.5) want |= featureBit(rnd.pick(CONTROL_BITS));
       bed.drv.init({ want, msix: rnd.next() < 0.7, queueSize: rnd.pick(sizes) });
       bed.inits++;
     },
     /** The host side: a random frame from the peer, the device's port readable, or the peer draining what it was sent. */
     hostEvent(kind: "frame" | "readable" | "drain"): void {
+      const p = pairs[rnd.int(pairCount)]!;
       if (kind === "frame") {
         const len = rnd.next() < 0.05 ? rnd.int(10_000) : 14 + rnd.int(1600);
         if (len > 0) {
           for (let i = 0; i < Math.min(len, 32); i++) frame[i] = rnd.int(256);
           if (vnetHeader && len >= 2) headerStart(frame, 0);
-          pair.b.send(frame.subarray(0, len));
+          // Some frames to the device's own address, broadcast or 802.1Q tagged (what the filter looks at).
+          const at = vnetHeader ? HDR : 0;
+          const shape = rnd.next();
+          if (len >= at + 18 && shape < 0.3) frame.set(MAC, at);
+          else if (len >= at + 18 && shape < 0.4) frame.fill(0xff, at, at + 6);
+          if (len >= at + 18 && rnd.next() < 0.2) frame.set([0x81, 0x00, rnd.int(16), rnd.int(256)], at + 12);
+          p.b.send(frame.subarray(0, len));
         }
-      } else if (kind === "readable") services.loop.fire(pair.a.fd);
-      else while (pair.b.receive(sink) > 0);
+      } else if (kind === "readable") services.loop.fire(p.a.fd);
+      else while (p.b.receive(sink) > 0);
+    },
+    /** Queues the fuzz drives: the first pair, or every queue of a multi-queue device. */
+    queuesInPlay: pairCount === 1 ? 2 : 2 * pairCount + 1,
+    /** The control queue's index for the current driver's features (-1: none). */
+    controlQueue(): number {
+      const f = bed.drv.features;
+      if ((f & featureBit(VIRTIO_NET_F.ctrlVq)) === 0n) return -1;
+      return (f & featureBit(VIRTIO_NET_F.mq)) !== 0n ? 2 * pairCount : 2;
+    },
+    /** A control command: mostly a real class and command with data of about the right size, its ack byte, sometimes garbage. */
+    controlCommand(q: DriverQueue): void {
+      const at = BUF + 0x1d000 + rnd.int(16) * 0x80;
+      // Most commands as a driver sends them; the rest of random class, command and size.
+      const sent = rnd.pick([
+        [0, rnd.int(6), rnd.int(2)],
+        [0, 0, 0],
+        [1, 1, 0x52, 0x54, 0, 0, 0, rnd.next() < 0.5 ? 1 : rnd.int(256)],
+        [2, rnd.int(2), rnd.int(256), rnd.int(16)],
+        [3, 0],
+        [4, 0, 1 + rnd.int(3), 0],
+      ]);
+      const wellFormed = rnd.next() < 0.6;
+      const cls = wellFormed ? sent[0]! : rnd.next() < 0.9 ? rnd.int(6) : rnd.int(256);
+      const cmd = wellFormed ? sent[1]! : rnd.next() < 0.9 ? rnd.int(3) : rnd.int(256);
+      const size = wellFormed ? sent.length - 2 : rnd.pick([0, 1, 2, 6, 8, 8 + 6 * rnd.int(4), rnd.int(0x70)]);
+      const data = new Uint8Array(2 + size);
+      if (wellFormed) data.set(sent);
+      else for (let i = 2; i < data.length; i++) data[i] = rnd.next() < 0.5 ? rnd.int(4) : rnd.int(256);
+      data[0] = cls;
+      data[1] = cmd;
+      if (!wellFormed && cls === 1 && cmd === 0 && size >= 8) {
+        // A MAC table with counts that add up (most of the time).
+        const uni = rnd.int(Math.floor((size - 8) / 6) + 1);
+        const multi = (size - 8) / 6 - uni;
+        data.set([uni, 0, 0, 0], 2);
+        if (Number.isInteger(multi) && multi >= 0) data.set([multi, 0, 0, 0], 2 + 4 + 6 * uni);
+      }
+      services.memory.write(at, data);
+      const r = rnd.next();
+      if (r < 0.9) q.add([{ addr: at, len: data.length, write: false }, { addr: at + 0x78, len: 1, write: true }]);
+      else if (r < 0.95) q.add([{ addr: at, len: data.length, write: false }]);
+      else q.add([{ addr: at + 0x78, len: 1 + rnd.int(8), write: true }]);
+      // Linux kicks at once and waits for the answer.
+      if (rnd.next() < 0.7) q.kick();
     },
     /** A stray common-configuration write (queue registers, status bits) from the current driver. */
     strayRegisterWrite(): void {
@@ -95,7 +155,7 @@ function fuzzBed(seed: number, name: string, ringPacked: boolean, vnetHeader = f
       if (process.env["VNET_FUZZ_VERBOSE"] !== undefined) console.log(JSON.stringify({ ...c, needsReset: bed.needsReset, inits: bed.inits, ...extra }));
       assert.ok(bed.needsReset > 0, "broken rings were reported");
       assert.ok(c.rxFrames > 100 && c.txFrames > 100, `traffic flowed: ${JSON.stringify(c)}`);
-      pair.close();
+      for (const p of pairs) p.close();
     },
   };
   return bed;
@@ -124,7 +184,7 @@ function splitRun(bed: ReturnType<typeof fuzzBed>): void {
 
   for (let step = 0; step < STEPS; step++) {
     const drv = bed.drv;
-    const q = drv.queues[rnd.int(2)];
+    const q = drv.queues[rnd.int(Math.min(drv.queues.length, bed.queuesInPlay))];
     const r = rnd.next();
     if (q === undefined || r < 0.01) {
       init();
@@ -146,8 +206,9 @@ function splitRun(bed: ReturnType<typeof fuzzBed>): void {
       q.writeDesc(q.desc, rnd.int(q.size), table, rnd.next() < 0.8 ? n * 16 : rnd.int(100), 4 | (rnd.next() < 0.1 ? 1 : 0), 0);
       q.publish(rnd.int(q.size));
     } else if (r < 0.5) {
-      // Well-formed traffic: receive buffers on queue 0, frames to send on queue 1.
-      if (q.index === 0) q.add([{ addr: BUF + rnd.int(0x1c) * 0x800, len: rnd.pick([64, 256, 1526, 2048]), write: true }]);
+      // Well-formed traffic: receive buffers on receive queues, frames to send on transmit queues, commands on the control queue.
+      if (q.index === bed.controlQueue()) bed.controlCommand(q);
+      else if (q.index % 2 === 0) q.add([{ addr: BUF + rnd.int(0x1c) * 0x800, len: rnd.pick([64, 256, 1526, 2048]), write: true }]);
       else {
         const at = BUF + rnd.int(0x1c) * 0x800;
         const len = HDR + rnd.int(1500);
@@ -184,6 +245,16 @@ test("fuzz: 100,000 steps with offloads (a port that carries the header; random 
   const c = bed.dev.net.counters;
   assert.ok(c.txOffloaded > 0 && c.rxOffloaded > 0, `offloaded frames went both ways: ${JSON.stringify(c)}`);
   assert.ok(c.txDropped > 0 && c.rxDropped > 0, "headers asking for offloads not negotiated were dropped");
+  bed.assertOutcome();
+});
+
+test("fuzz: 100,000 steps with the control queue and three queue pairs (random commands, well-formed and not; pairs switched on and off; frames the filter looks at)", () => {
+  const bed = fuzzBed(0x7e7_0004, "vnet-fuzz-mq", false, false, 3);
+  splitRun(bed);
+  const c = bed.dev.net.counters;
+  assert.ok(c.controlOk > 100 && c.controlErr > 100, `commands answered both ways: ${JSON.stringify(c)}`);
+  assert.ok(c.rxFiltered > 0, "the filter kept frames from the guest");
+  assert.ok(bed.dev.net.queuePairs.frames.every((f) => f.rx > 0 && f.tx > 0), `every pair carried traffic: ${JSON.stringify(bed.dev.net.queuePairs.frames)}`);
   bed.assertOutcome();
 });
 
