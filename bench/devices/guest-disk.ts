@@ -73,7 +73,9 @@
  * dynamic VHDX by qemu-img; with --baseline-cli also the baseline build on
  * it), partis-virtio-native-main and
  * partis-ide-pio-native-main (`--vcpu-threads native-main`), partis-virtio-worker
- * (`--vcpu-threads worker`)), --all, --dir D, --timeout S (300),
+ * (`--vcpu-threads worker`), partis-virtio-limited and qemu-virtio-limited
+ * (rate limits: `--disk IMG,iops=300,mbps=40`, QEMU's `iops=300,bps=40 MiB`)),
+ * --all, --dir D, --timeout S (300),
  * Partis's default rows run `--vcpu-threads auto`: native-main for the
  * virtio-blk guest, a worker per vCPU for the IDE guests (vcpuThreadsFor),
  * --prepare (build the guest program and initramfs, then exit),
@@ -214,11 +216,15 @@ interface RunResult {
 const EXTRA_NODE_FLAGS = (process.env.PARTIS_BENCH_NODE_FLAGS ?? "").split(" ").filter((f) => f !== "");
 
 const partisArgv =
-  (iface: "virtio" | "virtio,packed" | "ide", nodeFlags: readonly string[] = [], cli = CLI, runFlags: readonly string[] = []) =>
+  (iface: "virtio" | "virtio,packed" | "ide" | `virtio,${string}`, nodeFlags: readonly string[] = [], cli = CLI, runFlags: readonly string[] = []) =>
   (kernel: string, initrd: string, append: string, image: string): { command: string; argv: string[] } => ({
     command: process.execPath,
     argv: [...nodeFlags, ...EXTRA_NODE_FLAGS, cli, "run", "--kernel", kernel, "--initrd", initrd, "--append", append, "--memory", MEMORY, "--cpus", "1", "--disk", `${image},if=${iface}`, ...runFlags],
   });
+
+/** The limits of the -limited rows. */
+const LIMIT_IOPS = 300;
+const LIMIT_MIBPS = 40;
 
 const NATIVE_VCPU = ["--vcpu-threads", "native"] as const;
 const NATIVE_MAIN_VCPU = ["--vcpu-threads", "native-main"] as const;
@@ -266,6 +272,18 @@ const CONFIGS: readonly Config[] = [
     argv: (k, i, a, img) => ({
       command: QEMU,
       argv: ["-M", "q35", ...qemuCommon(k, i, a), "-drive", `file=${img},if=none,format=vhdx,cache=writeback,id=d0`, "-device", "virtio-blk-pci,drive=d0"],
+    }),
+  },
+  {
+    // Rate limits (Hyper-V Storage QoS, Proxmox's iops/mbps): 300 operations and 40 MiB per second, against QEMU's own throttling.
+    name: "partis-virtio-limited", label: `Partis virtio-blk, iops=${LIMIT_IOPS},mbps=${LIMIT_MIBPS}`, vmm: "partis", device: "/dev/vda", seqMiB, randomOps, queuedOps, optional: true,
+    argv: partisArgv(`virtio,iops=${LIMIT_IOPS},mbps=${LIMIT_MIBPS}`),
+  },
+  {
+    name: "qemu-virtio-limited", label: `QEMU virtio-blk (q35), iops=${LIMIT_IOPS},bps=${LIMIT_MIBPS} MiB`, vmm: "qemu", device: "/dev/vda", seqMiB, randomOps, queuedOps, optional: true,
+    argv: (k, i, a, img) => ({
+      command: QEMU,
+      argv: ["-M", "q35", ...qemuCommon(k, i, a), "-drive", `file=${img},if=none,format=raw,cache=writeback,id=d0,iops=${LIMIT_IOPS},bps=${LIMIT_MIBPS * 1024 * 1024}`, "-device", "virtio-blk-pci,drive=d0"],
     }),
   },
   {
@@ -843,6 +861,7 @@ async function main(): Promise<void> {
     ["qemu-virtio-packed", "qemu-virtio", "QEMU virtio-blk packed ÷ split", ""],
     ["partis-virtio-vhdx", "qemu-virtio-vhdx", "Partis ÷ QEMU virtio-blk, both on dynamic VHDX", ""],
     ["partis-virtio-vhdx", "partis-virtio", "Partis virtio-blk VHDX ÷ raw", ""],
+    ["partis-virtio-limited", "qemu-virtio-limited", "Partis ÷ QEMU virtio-blk, both limited", ""],
     ["qemu-virtio-vhdx", "qemu-virtio", "QEMU virtio-blk VHDX ÷ raw", ""],
     ["partis-virtio", "partis-virtio-baseline", "Partis virtio-blk, this build ÷ baseline", ""],
     ["partis-virtio-vhdx", "partis-virtio-vhdx-baseline", "Partis virtio-blk VHDX, this build ÷ baseline", ""],

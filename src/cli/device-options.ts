@@ -5,12 +5,15 @@
  *        cache: writeback (default) | none (O_DIRECT) | writethrough (O_DSYNC) | directsync | unsafe
  *               (flushes ignored), for every format (a differencing disk's parents too)
  *        serial: what the guest reads as the disk's serial number (1-20 printable ASCII characters)
+ *        iops, iops_rd, iops_wr: most reads+writes / reads / writes per second (virtio disks)
+ *        mbps, mbps_rd, mbps_wr: most MiB per second read+written / read / written (virtio disks; decimals allowed)
  *   --cdrom ISO                        an ATAPI CD-ROM on the IDE controller
  *   --nic BACKEND[,model=virtio|ne2k][,mac=52:54:00:..][,packed][,offload=on|off][,queues=N][,mtu=N]
  *        packed: the virtio device also offers packed virtqueues (VIRTIO_F_RING_PACKED)
  *        offload: checksum and TCP segmentation offloads of a virtio NIC on a TAP (default on there; off: none offered)
  *        queues: receive/transmit queue pairs of a virtio NIC on a TAP (1-64, default 1; the TAP is then multi-queue)
  *        mtu: the MTU a virtio NIC reports to the guest (68-65535; longer received frames are dropped)
+ *        rate: most MiB per second a virtio NIC moves each way (decimals allowed)
  *        BACKEND: tap:IFNAME | dgram:LOCAL.sock:PEER.sock | none
  *   --channel SOCKET                   a virtio-console byte channel on a UNIX socket the VM listens on
  *   --rng                              a virtio entropy source
@@ -24,6 +27,7 @@ import { PartisError, UsageError } from "../errors.js";
 import { CACHE_MODES, type CacheMode } from "../storage/block-device.js";
 import { openDisk } from "../storage/open.js";
 import { VIRTIO_NET_MAX_QUEUE_PAIRS } from "../devices/net/virtio-net.js";
+import type { DiskIoLimits } from "../devices/io-limits.js";
 import { DevicePlanError, MAX_IDE_DRIVES, parseMac, planPci, type DeviceSpec, type DiskSpec, type NicBackendSpec } from "../worker/device-plan.js";
 
 export interface DeviceOptions {
@@ -66,6 +70,34 @@ function serialOption(value: string, opts: Map<string, string | true>): string |
   if (s === undefined) return undefined;
   if (s === true || !/^[\x21-\x7e]{1,20}$/.test(s)) throw new UsageError(`--disk ${value}: serial takes 1 to 20 printable ASCII characters without spaces`);
   return s;
+}
+
+const MIB = 1024 * 1024;
+/** The disk limit options (Proxmox's names): what each sets, and whether it counts MiB/s (else operations/s). */
+const DISK_LIMIT_OPTIONS: Record<string, readonly [keyof DiskIoLimits, boolean]> = {
+  iops: ["iops", false],
+  iops_rd: ["readIops", false],
+  iops_wr: ["writeIops", false],
+  mbps: ["bytesPerSecond", true],
+  mbps_rd: ["readBytesPerSecond", true],
+  mbps_wr: ["writeBytesPerSecond", true],
+};
+
+/** A positive rate: a whole number of operations, or a decimal number of MiB (at most 1,000,000 either way). */
+function rateOption(what: string, key: string, v: string | true, whole = false): number {
+  const ok = v !== true && (whole ? /^[0-9]{1,7}$/ : /^[0-9]{1,7}(\.[0-9]{1,6})?$/).test(v) && Number(v) > 0 && Number(v) <= 1_000_000;
+  if (!ok) throw new UsageError(`${what}: ${key}=${v === true ? "" : v} is not a ${whole ? "whole " : ""}number above 0 (at most 1000000)`);
+  return Number(v);
+}
+
+/** The disk's IOPS and bandwidth limits, when any is given. */
+function diskLimitsOption(value: string, o: Map<string, string | true>): DiskIoLimits | undefined {
+  const limits: Record<string, number> = {};
+  for (const [key, [field, mib]] of Object.entries(DISK_LIMIT_OPTIONS)) {
+    const v = o.get(key);
+    if (v !== undefined) limits[field] = mib ? rateOption(`--disk ${value}`, key, v) * MIB : rateOption(`--disk ${value}`, key, v, true);
+  }
+  return Object.keys(limits).length === 0 ? undefined : (limits as DiskIoLimits);
 }
 
 /** Check the image opens (format, parents) without changing it. */
@@ -136,7 +168,7 @@ export function resolveDevices(opts: DeviceOptions, vmName: string, cpus: number
   let ide = 0;
   (opts.disk ?? []).forEach((value, i) => {
     const { head, opts: o } = splitSpec("--disk", value);
-    rejectUnknown("--disk", value, o, ["if", "ro", "packed", "cache", "serial"]);
+    rejectUnknown("--disk", value, o, ["if", "ro", "packed", "cache", "serial", ...Object.keys(DISK_LIMIT_OPTIONS)]);
     const iface = o.get("if") ?? "virtio";
     if (iface !== "virtio" && iface !== "ide") throw new UsageError(`--disk ${value}: if=${String(iface)} is not virtio or ide`);
     if (o.get("ro") !== undefined && o.get("ro") !== true) throw new UsageError(`--disk ${value}: ro takes no value`);
@@ -144,10 +176,12 @@ export function resolveDevices(opts: DeviceOptions, vmName: string, cpus: number
     const serial = serialOption(value, o);
     const checked = checkDisk("--disk", head, o.get("ro") === true, cacheOption(value, o));
     const disk: DiskSpec = serial !== undefined ? { ...checked, serial } : checked;
+    const limits = diskLimitsOption(value, o);
     if (iface === "ide") {
+      if (limits !== undefined) throw new UsageError(`--disk ${value}: iops and mbps limits are for virtio disks (the IDE controller has none)`);
       ide++;
       out.push({ kind: "ide-disk", id: `ide-disk${i}`, disk });
-    } else out.push({ kind: "virtio-blk", id: `virtio-blk${i}`, disk, queues: cpus, ...(packed ? { ringPacked: true } : {}) });
+    } else out.push({ kind: "virtio-blk", id: `virtio-blk${i}`, disk, queues: cpus, ...(packed ? { ringPacked: true } : {}), ...(limits !== undefined ? { limits } : {}) });
   });
   (opts.cdrom ?? []).forEach((value, i) => {
     ide++;
@@ -156,7 +190,7 @@ export function resolveDevices(opts: DeviceOptions, vmName: string, cpus: number
   if (ide > MAX_IDE_DRIVES) throw new UsageError(`--disk/--cdrom: ${ide} IDE drives; the IDE controller takes at most ${MAX_IDE_DRIVES}`);
   (opts.nic ?? []).forEach((value, i) => {
     const { head, opts: o } = splitSpec("--nic", value);
-    rejectUnknown("--nic", value, o, ["model", "mac", "packed", "offload", "queues", "mtu"]);
+    rejectUnknown("--nic", value, o, ["model", "mac", "packed", "offload", "queues", "mtu", "rate"]);
     const model = o.get("model") ?? "virtio";
     if (model !== "virtio" && model !== "ne2k") throw new UsageError(`--nic ${value}: model=${String(model)} is not virtio or ne2k`);
     const packed = packedOption("--nic", value, o, model === "virtio");
@@ -169,6 +203,9 @@ export function resolveDevices(opts: DeviceOptions, vmName: string, cpus: number
     const queues = nicNumberOption(value, o, "queues", 1, VIRTIO_NET_MAX_QUEUE_PAIRS, model === "virtio");
     if (queues !== undefined && queues > 1 && !head.startsWith("tap:")) throw new UsageError(`--nic ${value}: queues=${queues} needs a TAP back end (its queues are the TAP's; a datagram pair has one)`);
     const mtu = nicNumberOption(value, o, "mtu", 68, 65535, model === "virtio");
+    const rate = o.get("rate");
+    if (rate !== undefined && model !== "virtio") throw new UsageError(`--nic ${value}: rate is for virtio NICs`);
+    const rateMiB = rate === undefined ? undefined : rateOption(`--nic ${value}`, "rate", rate);
     const macText = o.get("mac");
     const mac = typeof macText === "string" ? macText : defaultMac(vmName, i);
     try {
@@ -186,6 +223,7 @@ export function resolveDevices(opts: DeviceOptions, vmName: string, cpus: number
       ...(offload === "off" ? { offloads: false } : {}),
       ...(queues !== undefined && queues > 1 ? { queues } : {}),
       ...(mtu !== undefined ? { mtu } : {}),
+      ...(rateMiB !== undefined ? { rateBytesPerSecond: rateMiB * MIB } : {}),
     });
   });
   (opts.channel ?? []).forEach((value, i) => {

@@ -264,11 +264,15 @@ export function registerRunCommand(program: Command): void {
     )
     .option("--no-reboot", "exit (status 3) when the guest reboots instead of restarting it")
     .option("--name <name>", "VM name for messages", "partis-vm")
-    .option("--disk <path[,if=virtio|ide][,ro][,packed][,cache=MODE][,serial=S]>", "attach a disk image (raw, VHD, VHDX) or host block device (packed: also offer packed virtqueues; cache: writeback (default), none (O_DIRECT), writethrough, directsync or unsafe; serial: the serial number the guest reads, up to 20 characters); repeatable", collect)
+    .option(
+      "--disk <path[,if=virtio|ide][,ro][,packed][,cache=MODE][,serial=S][,iops=N][,mbps=N]...>",
+      "attach a disk image (raw, VHD, VHDX) or host block device (packed: also offer packed virtqueues; cache: writeback (default), none (O_DIRECT), writethrough, directsync or unsafe; serial: the serial number the guest reads, up to 20 characters; iops, iops_rd, iops_wr, mbps, mbps_rd, mbps_wr: most operations or MiB per second, virtio disks); repeatable",
+      collect,
+    )
     .option("--cdrom <iso>", "attach an ISO image as an IDE/ATAPI CD-ROM; repeatable", collect)
     .option(
-      "--nic <tap:IF|dgram:LOCAL:PEER|none[,model=virtio|ne2k][,mac=M][,packed][,offload=on|off][,queues=N][,mtu=N]>",
-      "attach a network adapter (packed: also offer packed virtqueues; offload: checksum/TSO offloads of a virtio NIC on a TAP, on by default; queues: queue pairs of a virtio NIC on a multi-queue TAP; mtu: the MTU a virtio NIC reports); repeatable",
+      "--nic <tap:IF|dgram:LOCAL:PEER|none[,model=virtio|ne2k][,mac=M][,packed][,offload=on|off][,queues=N][,mtu=N][,rate=MiBps]>",
+      "attach a network adapter (packed: also offer packed virtqueues; offload: checksum/TSO offloads of a virtio NIC on a TAP, on by default; queues: queue pairs of a virtio NIC on a multi-queue TAP; mtu: the MTU a virtio NIC reports; rate: most MiB per second a virtio NIC moves each way); repeatable",
       collect,
     )
     .option("--channel <socket>", "a host<->guest byte channel (virtio-console) on a UNIX socket; repeatable", collect)

@@ -240,7 +240,7 @@ export function assembleDevice(f: PlannedFunction, devices: readonly DeviceSpec[
       let ring: IoUring | undefined;
       try {
         ring = disk.queueHost !== undefined ? openRing(spec.id, ctx.warn) : undefined;
-        const device = createVirtioBlk(spec.id, disk, services, { queues: Math.max(1, Math.min(spec.queues, 16)), serial: spec.disk.serial ?? spec.id, ringPacked: spec.ringPacked === true, writeThrough: writesStable(spec.disk), ...(ring !== undefined ? { ring } : {}) });
+        const device = createVirtioBlk(spec.id, disk, services, { queues: Math.max(1, Math.min(spec.queues, 16)), serial: spec.disk.serial ?? spec.id, ringPacked: spec.ringPacked === true, writeThrough: writesStable(spec.disk), ...(ring !== undefined ? { ring } : {}), ...(spec.limits !== undefined ? { limits: spec.limits } : {}) });
         const blk = device.backend as VirtioBlk;
         const watch = ring === undefined ? undefined : services.loop.watch(ring.eventFd, () => blk.completeQueued());
         return {
@@ -276,8 +276,19 @@ export function assembleDevice(f: PlannedFunction, devices: readonly DeviceSpec[
       const mac = parseMac(spec.mac);
       try {
         if (spec.kind === "virtio-net") {
-          const device = createVirtioNet(spec.id, ports, services, { mac, ringPacked: spec.ringPacked === true, ...(spec.mtu !== undefined ? { mtu: spec.mtu } : {}) });
-          return { device, close: closePorts };
+          const device = createVirtioNet(spec.id, ports, services, {
+            mac,
+            ringPacked: spec.ringPacked === true,
+            ...(spec.mtu !== undefined ? { mtu: spec.mtu } : {}),
+            ...(spec.rateBytesPerSecond !== undefined ? { rateBytesPerSecond: spec.rateBytesPerSecond } : {}),
+          });
+          return {
+            device,
+            close: () => {
+              device.net.close();
+              closePorts();
+            },
+          };
         }
         const device = new Ne2kPci(spec.id, services, ports[0], { mac });
         return {

@@ -10,6 +10,7 @@
  */
 import { PartisError } from "../errors.js";
 import type { CacheMode } from "../storage/block-device.js";
+import type { DiskIoLimits } from "../devices/io-limits.js";
 
 export class DevicePlanError extends PartisError {}
 
@@ -31,8 +32,8 @@ export type NicBackendSpec =
   | { readonly kind: "none" };
 
 export type DeviceSpec =
-  /** ringPacked: offer packed virtqueues (the guest's driver chooses). */
-  | { readonly kind: "virtio-blk"; readonly id: string; readonly disk: DiskSpec; readonly queues: number; readonly ringPacked?: boolean }
+  /** ringPacked: offer packed virtqueues (the guest's driver chooses); limits: the disk's IOPS and bandwidth limits. */
+  | { readonly kind: "virtio-blk"; readonly id: string; readonly disk: DiskSpec; readonly queues: number; readonly ringPacked?: boolean; readonly limits?: DiskIoLimits }
   | { readonly kind: "ide-disk"; readonly id: string; readonly disk: DiskSpec }
   | { readonly kind: "ide-cdrom"; readonly id: string; readonly disk: DiskSpec | undefined }
   /**
@@ -48,6 +49,8 @@ export type DeviceSpec =
       readonly offloads?: boolean;
       readonly queues?: number;
       readonly mtu?: number;
+      /** Most bytes per second a virtio NIC moves each way. */
+      readonly rateBytesPerSecond?: number;
     }
   /** A host<->guest byte channel: a UNIX stream socket the worker listens on. */
   | { readonly kind: "virtio-console"; readonly id: string; readonly socketPath: string }

@@ -40,6 +40,25 @@ test("--nic queues=N and mtu=N: carried to a virtio NIC (queues on a TAP only); 
     assert.throws(() => resolveDevices({ nic: [bad] }, "vm", 1), UsageError, bad);
 });
 
+test("--disk iops/mbps limits and --nic rate: carried to virtio devices in operations and bytes per second; bad values, IDE disks and NE2000s refused", () => {
+  const { dir, cleanup } = scratchDir("cli-limits");
+  try {
+    const raw = join(dir, "a.raw");
+    createDisk(raw, "raw", { type: "dynamic", size: 1024 * 1024 });
+    const [d, n] = resolveDevices({ disk: [`${raw},iops=500,iops_wr=100,mbps=12.5,mbps_rd=4`], nic: ["none,rate=0.5"] }, "vm", 1);
+    assert.ok(d?.kind === "virtio-blk");
+    assert.deepEqual(d.limits, { iops: 500, writeIops: 100, bytesPerSecond: 12.5 * 1024 * 1024, readBytesPerSecond: 4 * 1024 * 1024 });
+    assert.ok(n?.kind === "virtio-net" && n.rateBytesPerSecond === 512 * 1024);
+    const [plain] = resolveDevices({ disk: [raw] }, "vm", 1);
+    assert.ok(plain?.kind === "virtio-blk" && plain.limits === undefined);
+    for (const bad of ["iops=0", "iops=1.5", "iops", "iops=-3", "mbps=0", "mbps=abc", "mbps_wr=2000000", "iops_rd=1e3", "if=ide,iops=100", "if=ide,mbps=1"])
+      assert.throws(() => resolveDevices({ disk: [`${raw},${bad}`] }, "vm", 1), UsageError, bad);
+    for (const bad of ["none,rate=0", "none,rate", "none,rate=fast", "none,model=ne2k,rate=1"]) assert.throws(() => resolveDevices({ nic: [bad] }, "vm", 1), UsageError, bad);
+  } finally {
+    cleanup();
+  }
+});
+
 test("--disk cache=MODE: carried to the drive for raw, VHDX and VHD images (virtio and IDE); refused for a bad or missing value", () => {
   const { dir, cleanup } = scratchDir("cli-cache");
   try {

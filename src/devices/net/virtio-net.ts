@@ -83,6 +83,7 @@ import { ChainSpans, DescriptorChain, type VirtQueue } from "../virtio/queue.js"
 import { VirtioPciDevice, featureBit, type VirtioBackend, type VirtioTransport } from "../virtio/pci-transport.js";
 import { FrameBuffer, MAX_PORT_FRAME_BYTES, type NetworkPort } from "./network-port.js";
 import { MAC_TABLE_ENTRIES, RECEIVE_MODES, ReceiveFilter, type ReceiveFilterState } from "./receive-filter.js";
+import { DeviceAlarm, TokenBucket, monotonicClock, type Clock } from "../io-limits.js";
 
 export const VIRTIO_ID_NET = 1;
 
@@ -186,6 +187,15 @@ export interface VirtioNetOptions {
   readonly ringPacked?: boolean;
   /** The link's MTU, offered as VIRTIO_NET_F_MTU (68-65535): the guest uses it, longer received frames are dropped. */
   readonly mtu?: number;
+  /**
+   * Most bytes per second the NIC moves each way (frames without their
+   * virtio-net header): past it, transmit chains wait in the guest's ring and
+   * the port is not read (the host queue buffers, then drops) until the
+   * device's alarm (io-limits.ts).
+   */
+  readonly rateBytesPerSecond?: number;
+  /** The rate limit's millisecond clock (tests give their own). */
+  readonly clock?: Clock;
 }
 
 export interface VirtioNetCounters {
@@ -210,6 +220,8 @@ export interface VirtioNetCounters {
   /** Control commands answered OK and answered ERR. */
   controlOk: number;
   controlErr: number;
+  /** Times transmitting or receiving stopped for the rate limit. */
+  throttled: number;
 }
 
 export interface VirtioNetSaved extends SavedDeviceState {
@@ -278,8 +290,12 @@ export class VirtioNet implements VirtioBackend {
   readonly queueMaxSizes: readonly number[];
   readonly configSize: number;
   readonly counters: VirtioNetCounters = {
-    rxFrames: 0, rxBytes: 0, rxDropped: 0, rxFiltered: 0, rxWaits: 0, txFrames: 0, txBytes: 0, txDropped: 0, txZeroCopy: 0, txOffloaded: 0, rxOffloaded: 0, controlOk: 0, controlErr: 0,
+    rxFrames: 0, rxBytes: 0, rxDropped: 0, rxFiltered: 0, rxWaits: 0, txFrames: 0, txBytes: 0, txDropped: 0, txZeroCopy: 0, txOffloaded: 0, rxOffloaded: 0, controlOk: 0, controlErr: 0, throttled: 0,
   };
+  /** The rate limit each way (undefined: none), and the alarm that resumes what it stopped (made at attach). */
+  readonly txLimit: TokenBucket | undefined;
+  readonly rxLimit: TokenBucket | undefined;
+  alarm: DeviceAlarm | undefined;
   /** Why zero-copy transmit was given up, or a port setting failed, if it did. */
   readonly notes: string[] = [];
   /** The address filter the driver programs through the control queue. */
@@ -304,6 +320,10 @@ export class VirtioNet implements VirtioBackend {
   /** The receive filter applies (CTRL_RX or CTRL_VLAN negotiated). */
   private filtering = false;
   private readonly receive = (p: QueuePair): void => this.receiveOn(p);
+  private readonly clock: Clock;
+  /** The rate limit stopped transmitting / receiving (until the alarm). */
+  private txHeld = false;
+  private rxHeld = false;
 
   private readonly hdr = new Uint8Array(VIRTIO_NET_HDR_BYTES);
   private gather = true;
@@ -353,6 +373,12 @@ export class VirtioNet implements VirtioBackend {
     this.linkUp = list.length > 0;
     this.writeStatus(false);
     this.enablePorts(1);
+    this.clock = opts.clock ?? monotonicClock;
+    if (opts.rateBytesPerSecond !== undefined) {
+      // At least one full-size frame's worth in the bucket.
+      this.txLimit = new TokenBucket(opts.rateBytesPerSecond, 65_550, this.clock());
+      this.rxLimit = new TokenBucket(opts.rateBytesPerSecond, 65_550, this.clock());
+    }
   }
 
   /** Queue pairs the device has, and those the driver uses now. */
@@ -392,13 +418,40 @@ export class VirtioNet implements VirtioBackend {
     return true;
   }
 
-  /** Stop watching the ports (the owner closes the ports themselves). */
+  /** Stop watching the ports (the owner closes the ports themselves) and close the alarm. */
   close(): void {
     for (const p of this.pairs) this.disarm(p);
+    this.alarm?.close();
+    this.alarm = undefined;
   }
 
   attach(transport: VirtioTransport): void {
     this.transport = transport;
+    if (this.txLimit !== undefined) this.alarm = new DeviceAlarm(transport.loop, () => this.resumeLimited(), this.clock);
+  }
+
+  /** Whether the rate limit `b` lets a frame go now; if not, the alarm is set for when it will. */
+  private limited(b: TokenBucket | undefined): boolean {
+    if (b === undefined) return false;
+    const now = this.clock();
+    if (b.ready(now)) return false;
+    this.counters.throttled++;
+    this.alarm!.set(b.wait(now));
+    return true;
+  }
+
+  /** The alarm: transmit and receive go on where the rate limit stopped them. */
+  private resumeLimited(): void {
+    const t = this.transport;
+    if (t === undefined || !t.active) return;
+    if (this.txHeld) {
+      this.txHeld = false;
+      for (let i = 0; i < this.usablePairs; i++) if (t.queues[this.pairs[i]!.txQueue]!.ready) this.transmit(this.pairs[i]!);
+    }
+    if (this.rxHeld) {
+      this.rxHeld = false;
+      for (let i = 0; i < this.activePairs; i++) this.receiveOn(this.pairs[i]!);
+    }
   }
 
   readConfig(offset: number, size: 1 | 2 | 4): number {
@@ -496,6 +549,8 @@ export class VirtioNet implements VirtioBackend {
       p.spreadChains = 0;
     }
     this.enablePorts(1);
+    this.txHeld = this.rxHeld = false;
+    this.alarm?.cancel();
     this.usablePairs = 1;
     this.controlQueue = -1;
     this.filtering = false;
@@ -548,6 +603,13 @@ export class VirtioNet implements VirtioBackend {
       if (p.heldLength === 0) {
         // The batch ends between frames, never with one held.
         if (received === RX_BATCH) break;
+        if (this.rxLimit !== undefined && this.limited(this.rxLimit)) {
+          // Over the rate: stop reading the port (the host queue buffers, then drops) until the alarm.
+          this.rxHeld = true;
+          this.disarm(p);
+          if (pushed) t.signalUsed(p.rxQueue);
+          return;
+        }
         const n = port.receive(frame);
         if (n === 0) break;
         received++;
@@ -698,6 +760,7 @@ export class VirtioNet implements VirtioBackend {
     p.rxFrames++;
     this.counters.rxFrames++;
     this.counters.rxBytes += len - VIRTIO_NET_HDR_BYTES + this.lead;
+    this.rxLimit?.charge(len - VIRTIO_NET_HDR_BYTES + this.lead);
     if (this.lead === 0 && offloaded(p.rxFrame.bytes[0]!, p.rxFrame.bytes[1]!)) this.counters.rxOffloaded++;
   }
 
@@ -711,7 +774,14 @@ export class VirtioNet implements VirtioBackend {
     const port = p.port;
     do {
       q.disableNotifications();
-      while (q.pop(c)) {
+      for (;;) {
+        if (this.txLimit !== undefined && this.limited(this.txLimit)) {
+          // Over the rate: the chains wait in the ring (notifications stay off) until the alarm.
+          this.txHeld = true;
+          t.signalUsed(p.txQueue);
+          return;
+        }
+        if (!q.pop(c)) break;
         if (c.readableBytes < VIRTIO_NET_HDR_BYTES) {
           q.fail("VIRTIO_NET_BAD_TX_BUFFER", `transmit chain ${c.head} has ${c.readableBytes} bytes, less than the ${VIRTIO_NET_HDR_BYTES}-byte header`);
           t.signalUsed(p.txQueue);
@@ -737,6 +807,7 @@ export class VirtioNet implements VirtioBackend {
     p.txFrames++;
     this.counters.txFrames++;
     this.counters.txBytes += frameBytes;
+    this.txLimit?.charge(frameBytes);
   }
 
   /**

@@ -27,6 +27,7 @@ import type { BlockDevice, BlockRequestRing } from "../../storage/block-device.j
 import { GuestSpan, type GuestMemory } from "../../machine/guest-memory.js";
 import type { PciDeviceServices } from "../pci/device-thread-services.js";
 import { ChainSpans, DescriptorChain, VirtioError, type VirtQueue } from "./queue.js";
+import { DeviceAlarm, DiskThrottle, hasDiskIoLimits, type Clock, type DiskIoLimits } from "../io-limits.js";
 import { VirtioPciDevice, featureBit, type VirtioBackend, type VirtioTransport } from "./pci-transport.js";
 
 export const VIRTIO_ID_BLOCK = 2;
@@ -107,6 +108,14 @@ export interface VirtioBlkOptions {
    * are then each followed by a flush before they complete.
    */
   readonly writeThrough?: boolean;
+  /**
+   * Most reads and writes per second and bytes per second (together and per
+   * direction): a request starts only while its limits are not in debt; the
+   * others wait in the ring until the device's alarm (io-limits.ts).
+   */
+  readonly limits?: DiskIoLimits;
+  /** The limits' millisecond clock (tests give their own). */
+  readonly clock?: Clock;
 }
 
 /** read()/write() result: the request went to the ring and completes later. */
@@ -126,6 +135,8 @@ export interface VirtioBlkStats {
   unsupported: number;
   /** Requests that went through the ring (asynchronous) rather than synchronously. */
   queued: number;
+  /** Times a queue stopped for a rate limit in debt (its requests waited for the alarm). */
+  throttled: number;
 }
 
 export interface VirtioBlkSavedState extends SavedDeviceState {
@@ -143,7 +154,11 @@ export class VirtioBlk implements VirtioBackend {
   readonly features: bigint;
   readonly queueMaxSizes: readonly number[];
   readonly configSize = VIRTIO_BLK_CONFIG.size;
-  readonly stats: VirtioBlkStats = { requests: 0, readBytes: 0, writtenBytes: 0, flushes: 0, errors: 0, unsupported: 0, queued: 0 };
+  readonly stats: VirtioBlkStats = { requests: 0, readBytes: 0, writtenBytes: 0, flushes: 0, errors: 0, unsupported: 0, queued: 0, throttled: 0 };
+  /** The disk's rate limits (undefined: none). */
+  readonly throttle: DiskThrottle | undefined;
+  /** Wakes the queues a rate limit stopped (made at attach, with the transport's loop). */
+  alarm: DeviceAlarm | undefined;
 
   private readonly config = new Uint8Array(VIRTIO_BLK_CONFIG.size);
   private readonly serial = new Uint8Array(VIRTIO_BLK_ID_BYTES);
@@ -186,6 +201,8 @@ export class VirtioBlk implements VirtioBackend {
   private readonly signalQueue: Uint8Array;
   private readonly statusSpan = new GuestSpan();
   private readonly onCompletion = (slot: number, result: number): void => this.completed(slot, result);
+  /** Queues stopped by a rate limit in debt (1), until the alarm. */
+  private readonly throttledQueues: Uint8Array;
 
   constructor(
     readonly disk: BlockDevice,
@@ -216,6 +233,8 @@ export class VirtioBlk implements VirtioBackend {
     else f |= featureBit(VIRTIO_BLK_F.discard) | featureBit(VIRTIO_BLK_F.writeZeroes) | featureBit(VIRTIO_BLK_F.configWce);
     this.stableWrites = opts.writeThrough === true;
     this.features = f;
+    this.throttle = hasDiskIoLimits(opts.limits) ? new DiskThrottle(opts.limits, opts.clock) : undefined;
+    this.throttledQueues = new Uint8Array(n);
 
     const c = new DataView(this.config.buffer);
     const C = VIRTIO_BLK_CONFIG;
@@ -242,6 +261,7 @@ export class VirtioBlk implements VirtioBackend {
 
   attach(transport: VirtioTransport): void {
     this.transport = transport;
+    if (this.throttle !== undefined) this.alarm = new DeviceAlarm(transport.loop, () => this.resumeThrottled(), this.throttle.clock);
   }
 
   readConfig(offset: number, size: 1 | 2 | 4): number {
@@ -266,6 +286,8 @@ export class VirtioBlk implements VirtioBackend {
   reset(): void {
     this.dropInFlight();
     this.config[VIRTIO_BLK_CONFIG.writeback] = this.stableWrites ? 0 : 1;
+    this.throttledQueues.fill(0);
+    this.alarm?.cancel();
   }
 
   /** The guest turned the write cache off on a disk whose writes are not stable by themselves: each write is flushed before it completes. */
@@ -303,8 +325,12 @@ export class VirtioBlk implements VirtioBackend {
     const chain = this.chain;
     do {
       q.disableNotifications();
-      while (q.pop(chain)) this.handle(q, chain, true);
-    } while (!q.enableNotifications());
+      while (q.pop(chain)) {
+        if (this.throttle !== undefined && this.held(q, chain)) break;
+        this.handle(q, chain, true);
+      }
+      // Stopped by a rate limit: notifications stay off (the guest need not kick); the alarm resumes the queue.
+    } while (this.throttledQueues[index] === 0 && !q.enableNotifications());
     const ring = this.ring;
     if (ring !== undefined) {
       if (this.queuedSinceSubmit) {
@@ -318,6 +344,41 @@ export class VirtioBlk implements VirtioBackend {
     }
     t.signalUsed(index);
     this.signalCompleted();
+  }
+
+  /**
+   * With rate limits: whether the popped request must wait (a read or write
+   * whose limits are in debt: given back to the ring, its queue stopped, the
+   * alarm set); else its cost is charged and it goes. Other requests are not
+   * limited.
+   */
+  private held(q: VirtQueue, chain: DescriptorChain): boolean {
+    if (chain.readFrom(0, this.header) < 16) return false;
+    const type = this.headerView.getUint32(0, true);
+    if (type !== VIRTIO_BLK_T.in && type !== VIRTIO_BLK_T.out) return false;
+    const write = type === VIRTIO_BLK_T.out;
+    const throttle = this.throttle!;
+    const wait = throttle.delay(write);
+    if (wait > 0) {
+      q.unpop();
+      this.throttledQueues[q.index] = 1;
+      this.stats.throttled++;
+      throttle.waits++;
+      this.alarm!.set(wait);
+      return true;
+    }
+    throttle.charge(write, write ? chain.readableBytes - 16 : Math.max(0, chain.writableBytes - 1));
+    return false;
+  }
+
+  /** The alarm: the queues a rate limit stopped go on (and stop again if still in debt). */
+  private resumeThrottled(): void {
+    const t = this.transport;
+    for (let i = 0; i < this.throttledQueues.length; i++) {
+      if (this.throttledQueues[i] === 0) continue;
+      this.throttledQueues[i] = 0;
+      if (t?.active === true && t.queues[i]!.ready) this.queueNotified(i);
+    }
   }
 
   /** The ring's completions have arrived (its eventfd is readable): finish those requests. */
@@ -413,9 +474,10 @@ export class VirtioBlk implements VirtioBackend {
     return "queued";
   }
 
-  /** Release the ring's requests (device teardown): waits for what is in flight. */
+  /** Release the ring's requests (device teardown): waits for what is in flight; the alarm's timer is closed. */
   closeQueue(): void {
     this.dropInFlight();
+    this.alarm?.close();
   }
 
   private handle(q: VirtQueue, chain: DescriptorChain, mayQueue: boolean): void {
