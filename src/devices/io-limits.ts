@@ -9,10 +9,13 @@
  * of a second's worth (at least one operation), and a request may start
  * while the bucket is not in debt; its cost is then taken, possibly into
  * debt. A request larger than the bucket therefore still goes (never stuck),
- * and the long-run rate is the configured one. A device that finds a bucket
- * in debt stops taking requests from that queue (they wait in the guest's
- * ring, as on a saturated disk or link) and sets its `DeviceAlarm` for when
- * the bucket will be out of debt.
+ * the long-run rate is the configured one, and a burst from idle is the
+ * bucket's capacity plus one request. A device that finds a bucket in debt
+ * holds the request (virtio-blk: taken from the ring and kept, in order;
+ * virtio-net: left in the guest's ring or the port, as on a saturated
+ * link) and sets its `DeviceAlarm` for when the bucket will be out of debt,
+ * at least MIN_ALARM_MS ahead so that a fast limit wakes the device for a
+ * batch, not for each request.
  *
  * Time is a millisecond clock (`performance.now()` unless a test gives its
  * own); nothing here allocates per request.
@@ -27,6 +30,8 @@ export const monotonicClock: Clock = () => performance.now();
 
 /** How much of a second's rate a bucket holds when full. */
 const BURST_SECONDS = 0.1;
+/** The shortest alarm a device sets (ms): at 100 MiB/s, about 100 KiB per wakeup. */
+export const MIN_ALARM_MS = 1;
 
 export class TokenBucket {
   /** Tokens available; negative: in debt. Starts full. */
@@ -160,12 +165,13 @@ export class DeviceAlarm {
     return this.dueAt !== Infinity;
   }
 
-  /** Call onAlarm in `ms` milliseconds (or at the time already set, when earlier). */
+  /** Call onAlarm in `ms` milliseconds, at least MIN_ALARM_MS (or at the time already set, when earlier). */
   set(ms: number): void {
-    const at = this.clock() + ms;
+    const wait = Math.max(ms, MIN_ALARM_MS);
+    const at = this.clock() + wait;
     if (at >= this.dueAt) return;
     this.dueAt = at;
-    this.timer.arm(ms);
+    this.timer.arm(wait);
   }
 
   cancel(): void {

@@ -238,22 +238,24 @@ export function assembleDevice(f: PlannedFunction, devices: readonly DeviceSpec[
     case "virtio-blk": {
       const disk = open(spec.disk, spec.id, ctx.warn);
       let ring: IoUring | undefined;
+      let blk: VirtioBlk | undefined;
       try {
         ring = disk.queueHost !== undefined ? openRing(spec.id, ctx.warn) : undefined;
         const device = createVirtioBlk(spec.id, disk, services, { queues: Math.max(1, Math.min(spec.queues, 16)), serial: spec.disk.serial ?? spec.id, ringPacked: spec.ringPacked === true, writeThrough: writesStable(spec.disk), ...(ring !== undefined ? { ring } : {}), ...(spec.limits !== undefined ? { limits: spec.limits } : {}) });
-        const blk = device.backend as VirtioBlk;
-        const watch = ring === undefined ? undefined : services.loop.watch(ring.eventFd, () => blk.completeQueued());
+        const backend = (blk = device.backend as VirtioBlk);
+        const watch = ring === undefined ? undefined : services.loop.watch(ring.eventFd, () => backend.completeQueued());
         return {
           device,
           close: () => {
-            blk.closeQueue();
+            backend.closeQueue();
             watch?.close();
             ring?.close();
             disk.close();
           },
-          stats: () => ({ ...blk.stats, queuedNow: blk.queued }),
+          stats: () => ({ ...backend.stats, queuedNow: backend.queued, heldNow: backend.heldRequests }),
         };
       } catch (e) {
+        blk?.closeQueue(); // its rate-limit alarm's timer
         ring?.close();
         disk.close();
         throw e;

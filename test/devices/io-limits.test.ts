@@ -12,10 +12,10 @@ import assert from "node:assert/strict";
 import { DeviceAlarm, DiskThrottle, TokenBucket } from "../../src/devices/io-limits.js";
 import { HostTimer } from "../../src/hypervisor/host-timer.js";
 import { VIRTIO_F, featureBit } from "../../src/devices/virtio/pci-transport.js";
-import { VIRTIO_BLK_T, createVirtioBlk, type VirtioBlk } from "../../src/devices/virtio/virtio-blk.js";
+import { VIRTIO_BLK_F, VIRTIO_BLK_T, createVirtioBlk, type VirtioBlk } from "../../src/devices/virtio/virtio-blk.js";
 import { MAX_PORT_FRAME_BYTES, MemoryPortPair } from "../../src/devices/net/network-port.js";
 import { VIRTIO_NET_F, VIRTIO_NET_HDR_BYTES as HDR, createVirtioNet } from "../../src/devices/net/virtio-net.js";
-import { TestVirtioDriver, makeServices, placeDevice, type DriverQueue, type TestServices } from "./virtio/virtio-driver.js";
+import { TestVirtioDriver, makeServices, placeDevice, type TestServices } from "./virtio/virtio-driver.js";
 import { MemDisk } from "./virtio/mem-disk.js";
 
 class TestClock {
@@ -113,96 +113,239 @@ test("device alarm: watched on the device loop; set keeps the earlier time; a wa
 const MiB = 1 << 20;
 const BLK_WANT = featureBit(VIRTIO_F.version1) | featureBit(VIRTIO_F.eventIdx);
 
-function blkRig(limits: ConstructorParameters<typeof DiskThrottle>[0], queues = 1) {
+function blkRig(limits: ConstructorParameters<typeof DiskThrottle>[0], queues = 1, want = BLK_WANT) {
   const clock = new TestClock();
   const services = makeServices(4 * MiB);
   const dev = createVirtioBlk("vblk0", new MemDisk(MiB), services, { queues, limits, clock: clock.now });
   placeDevice(dev);
   const drv = new TestVirtioDriver(dev, services);
-  assert.equal(drv.init({ want: BLK_WANT }), true);
+  assert.equal(drv.init({ want }), true);
   return { clock, services, dev, drv, blk: dev.backend as VirtioBlk };
 }
 
-/** Queue `count` requests (reads of `bytes`, or writes) on `q` and kick once. */
-function requests(services: TestServices, q: DriverQueue, count: number, type: number, bytes: number, base = 0): void {
-  for (let i = 0; i < count; i++) {
-    const at = 0x200000 + (base + i) * 0x10000;
-    const h = new Uint8Array(16);
-    new DataView(h.buffer).setUint32(0, type, true);
-    new DataView(h.buffer).setUint32(8, i * 8, true);
-    services.memory.write(at, h);
-    const data = { addr: at + 0x100, len: bytes, write: type === VIRTIO_BLK_T.in };
-    q.add([{ addr: at, len: 16, write: false }, data, { addr: at + 0xff00, len: 1, write: true }]);
-  }
+interface TestQueue {
+  add(bufs: readonly { addr: number; len: number; write: boolean }[]): number;
+  kick(): void;
+  takeUsed(): { id: number; len: number }[];
+}
+
+/** Fill the disk with a pattern a read can be checked against: byte i is (i >> 9) & 0xff ^ i & 0xff. */
+function patterned(disk: MemDisk): MemDisk {
+  for (let i = 0; i < disk.size; i++) disk.data[i] = ((i >>> 9) ^ i) & 0xff;
+  return disk;
+}
+
+/** Request `n` at sector `sector`: its header at 0x200000 + n * 64 KiB, data 0x100 further on, status at 0xff00. */
+function request(services: TestServices, q: TestQueue, n: number, type: number, bytes: number, sector: number): { data: number; status: number } {
+  const at = 0x200000 + n * 0x10000;
+  const h = new Uint8Array(16);
+  new DataView(h.buffer).setUint32(0, type, true);
+  new DataView(h.buffer).setUint32(8, sector, true);
+  services.memory.write(at, h);
+  const bufs = [{ addr: at, len: 16, write: false }];
+  if (bytes > 0) bufs.push({ addr: at + 0x100, len: bytes, write: type !== VIRTIO_BLK_T.out && type !== VIRTIO_BLK_T.writeZeroes });
+  bufs.push({ addr: at + 0xff00, len: 1, write: true });
+  q.add(bufs);
+  return { data: at + 0x100, status: at + 0xff00 };
+}
+
+/** Queue `count` requests (reads of `bytes`, or writes) on `q`, numbered from `base`, and kick once. */
+function requests(services: TestServices, q: TestQueue, count: number, type: number, bytes: number, base = 0): void {
+  for (let i = 0; i < count; i++) request(services, q, base + i, type, bytes, (base + i) * 8);
   q.kick();
 }
 
-test("virtio-blk over an IOPS limit: requests wait in the ring (notifications off) until the alarm, then go at the rate", () => {
+/** The read's data is the disk's at `sector`. */
+function readBack(services: TestServices, r: { data: number }, sector: number, bytes: number): boolean {
+  const got = services.memory.bytes(r.data, bytes);
+  for (let i = 0; i < bytes; i++) if (got[i] !== (((sector * 512 + i) >>> 9) ^ (sector * 512 + i)) % 256) return false;
+  return true;
+}
+
+test("virtio-blk over an IOPS limit: the device holds requests (the ring stays live) until the alarm, then they go at the rate; flushes and GET_ID do not wait", () => {
   const r = blkRig({ iops: 10 });
+  patterned(r.blk.disk as MemDisk);
   const q = r.drv.queues[0]!;
-  requests(r.services, q, 6, VIRTIO_BLK_T.in, 4096);
-  assert.equal(q.takeUsed().length, 2, "the bucket's one and one into debt");
-  assert.equal(r.blk.stats.throttled, 1);
+  const reads = Array.from({ length: 6 }, (_, i) => request(r.services, q, i, VIRTIO_BLK_T.in, 4096, i * 8));
+  q.kick();
+  assert.deepEqual(q.takeUsed().map((u) => u.id), [0, 3], "the bucket's one and one into debt (three descriptors each)");
+  assert.equal(r.blk.heldRequests, 4);
+  assert.equal(r.blk.stats.throttled, 4);
   assert.equal(r.blk.alarm?.pending, true);
-  assert.equal(r.dev.queues[0]!.save().notificationsEnabled, false, "the guest need not kick a queue that waits");
-  // The alarm before the time: nothing more (and the alarm is set again).
+  assert.equal(r.dev.queues[0]!.save().notificationsEnabled, true, "the ring is still served (other requests go)");
+  // A flush and a GET_ID while reads are held: answered at once.
+  request(r.services, q, 10, VIRTIO_BLK_T.flush, 0, 0);
+  const id = request(r.services, q, 11, VIRTIO_BLK_T.getId, 20, 0);
+  q.kick();
+  assert.equal(q.takeUsed().length, 2, "flush and GET_ID are not limited");
+  assert.equal(r.services.memory.bytes(id.status, 1)[0], 0);
+  // The alarm before the time: nothing more, and the alarm is set again.
   r.services.loop.fire(r.blk.alarm!.fd);
   assert.equal(q.takeUsed().length, 0);
+  assert.equal(r.blk.alarm?.pending, true, "still waiting");
   r.clock.ms += 100;
   r.services.loop.fire(r.blk.alarm!.fd);
-  assert.equal(q.takeUsed().length, 1, "100 ms at 10/s: one more");
+  assert.deepEqual(q.takeUsed().map((u) => u.len), [4097], "100 ms at 10/s: one more, with its data");
   r.clock.ms += 300;
   r.services.loop.fire(r.blk.alarm!.fd);
   assert.equal(q.takeUsed().length, 2, "a full bucket (one) and one into debt");
   r.clock.ms += 200;
   r.services.loop.fire(r.blk.alarm!.fd);
   assert.equal(q.takeUsed().length, 1, "the last");
+  assert.equal(r.blk.heldRequests, 0);
+  assert.equal(r.blk.alarm?.pending, false, "nothing held: no alarm");
   assert.equal(r.blk.stats.readBytes, 6 * 4096);
-  assert.equal(r.dev.queues[0]!.save().notificationsEnabled, true, "an empty ring: notifications back on");
-  // Flushes and GET_ID are not limited.
-  requests(r.services, q, 3, VIRTIO_BLK_T.flush, 0, 10);
-  assert.equal(q.takeUsed().length, 3);
+  reads.forEach((rd, i) => {
+    assert.equal(r.services.memory.bytes(rd.status, 1)[0], 0, `read ${i} status`);
+    assert.ok(readBack(r.services, rd, i * 8, 4096), `read ${i} data`);
+  });
 });
 
-test("virtio-blk: a write bandwidth limit holds writes, not reads on another queue; a reset drops the wait", () => {
-  const r = blkRig({ writeBytesPerSecond: 64 * 1024 }, 2);
-  const w = r.drv.queues[0]!;
-  const rd = r.drv.queues[1]!;
-  requests(r.services, w, 4, VIRTIO_BLK_T.out, 16 * 1024);
-  assert.equal(w.takeUsed().length, 1, "a 6.4 KiB bucket: the first 16 KiB write goes into debt, the rest wait");
-  requests(r.services, rd, 4, VIRTIO_BLK_T.in, 16 * 1024, 8);
-  assert.equal(rd.takeUsed().length, 4, "reads are not limited");
-  r.clock.ms += 250; // 16 KiB at 64 KiB/s: the debt of ~9.6 KiB is paid in 150 ms
+test("virtio-blk: a write bandwidth limit holds writes, not the reads behind them in the same queue; held writes land in order; a reset drops them", () => {
+  const r = blkRig({ writeBytesPerSecond: 64 * 1024 });
+  const q = r.drv.queues[0]!;
+  // Four writes of 16 KiB to the same place, each a different byte: the last must win.
+  for (let i = 0; i < 4; i++) {
+    const w = request(r.services, q, i, VIRTIO_BLK_T.out, 16 * 1024, 64);
+    r.services.memory.bytes(w.data, 16 * 1024).fill(0x10 + i);
+  }
+  q.kick();
+  assert.equal(q.takeUsed().length, 1, "a 6.4 KiB bucket: the first 16 KiB write goes into debt, the rest are held");
+  requests(r.services, q, 4, VIRTIO_BLK_T.in, 16 * 1024, 8);
+  assert.equal(q.takeUsed().length, 4, "reads behind the held writes, in the same queue, go");
+  r.clock.ms += 150; // the debt of 9.6 KiB paid: one more write
   r.services.loop.fire(r.blk.alarm!.fd);
-  assert.equal(w.takeUsed().length, 1);
-  assert.equal(r.blk.alarm?.pending, true);
+  assert.equal(q.takeUsed().length, 1);
+  r.clock.ms += 1000;
+  r.services.loop.fire(r.blk.alarm!.fd);
+  assert.equal(q.takeUsed().length, 1, "one write per refill: each goes into debt");
+  r.clock.ms += 1000;
+  r.services.loop.fire(r.blk.alarm!.fd);
+  assert.equal(q.takeUsed().length, 1);
+  assert.equal((r.blk.disk as MemDisk).data[64 * 512 + 100], 0x13, "the held writes went in the order they were made");
+  // Held writes and a reset.
+  for (let i = 0; i < 3; i++) request(r.services, q, 20 + i, VIRTIO_BLK_T.out, 16 * 1024, 64);
+  q.kick();
+  assert.equal(r.blk.heldRequests, 3, "the bucket is in debt from the last write");
+  const writesBefore = (r.blk.disk as MemDisk).writes;
   r.drv.reset();
-  assert.equal(r.blk.alarm?.pending, false, "a reset cancels the alarm");
-  assert.equal(r.drv.init({ want: BLK_WANT, queues: 2 }), true);
+  assert.equal(r.blk.heldRequests, 0, "a reset drops what was held");
+  assert.equal(r.blk.alarm?.pending, false, "and cancels the alarm");
   r.clock.ms += 10_000;
+  r.services.loop.fire(r.blk.alarm!.fd);
+  assert.equal((r.blk.disk as MemDisk).writes, writesBefore, "dropped writes are never made");
+  assert.equal(r.drv.init({ want: BLK_WANT }), true);
   requests(r.services, r.drv.queues[0]!, 1, VIRTIO_BLK_T.out, 4096);
   assert.equal(r.drv.queues[0]!.takeUsed().length, 1, "the new driver's write goes");
 });
 
+test("virtio-blk with several queues: held requests go in the order they came, so a queue kept full cannot starve another", () => {
+  const r = blkRig({ iops: 10 }, 2);
+  const busy = r.drv.queues[0]!;
+  const other = r.drv.queues[1]!;
+  requests(r.services, busy, 6, VIRTIO_BLK_T.in, 4096);
+  assert.equal(busy.takeUsed().length, 2);
+  requests(r.services, other, 1, VIRTIO_BLK_T.in, 4096, 30);
+  assert.equal(other.takeUsed().length, 0, "held behind the four of the busy queue");
+  let next = 6;
+  let otherDoneAt = 0;
+  for (let step = 1; step <= 6 && otherDoneAt === 0; step++) {
+    r.clock.ms += 100;
+    r.services.loop.fire(r.blk.alarm!.fd);
+    // The busy queue refills what completed at once (fio at a fixed depth).
+    const done = busy.takeUsed().length;
+    if (done > 0) requests(r.services, busy, done, VIRTIO_BLK_T.in, 4096, (next += done) - done);
+    if (other.takeUsed().length > 0) otherDoneAt = step;
+  }
+  assert.equal(otherDoneAt, 5, "served after the four held before it, ahead of the busy queue's later ones");
+});
+
+test("virtio-blk: a write-zeroes counts as a write of its range, and waits as writes do", () => {
+  const r = blkRig({ writeBytesPerSecond: MiB }, 1, BLK_WANT | featureBit(VIRTIO_BLK_F.writeZeroes));
+  const disk = r.blk.disk as MemDisk;
+  disk.data.fill(0xaa);
+  const q = r.drv.queues[0]!;
+  const zeroes = (n: number, sector: number, sectors: number): { status: number } => {
+    const seg = new Uint8Array(16);
+    new DataView(seg.buffer).setUint32(0, sector, true);
+    new DataView(seg.buffer).setUint32(8, sectors, true);
+    const rq = request(r.services, q, n, VIRTIO_BLK_T.writeZeroes, 16, 0);
+    r.services.memory.write(rq.data, seg);
+    return rq;
+  };
+  zeroes(0, 0, 1024); // 512 KiB: goes (the bucket holds 0.1 MiB), about 0.4 MiB into debt
+  q.kick();
+  assert.equal(q.takeUsed().length, 1);
+  assert.equal(disk.data[1000], 0);
+  request(r.services, q, 1, VIRTIO_BLK_T.out, 4096, 1200);
+  const second = zeroes(2, 1024, 8);
+  q.kick();
+  assert.equal(q.takeUsed().length, 0, "the write and the second write-zeroes wait for the debt");
+  assert.equal(r.blk.heldRequests, 2);
+  assert.equal(disk.data[1024 * 512], 0xaa);
+  r.clock.ms += 500;
+  r.services.loop.fire(r.blk.alarm!.fd);
+  assert.equal(q.takeUsed().length, 2);
+  assert.equal(r.services.memory.bytes(second.status, 1)[0], 0);
+  assert.equal(disk.data[1024 * 512 + 100], 0, "the held write-zeroes zeroed its range");
+  assert.equal(disk.data[1032 * 512], 0xaa, "and no more");
+  assert.equal(r.blk.stats.writtenBytes, 512 * 1024 + 4096 + 4096);
+});
+
+test("virtio-blk on packed rings: held requests complete later, out of order, with their data (their descriptors are not walked again); quiesce runs what is held", () => {
+  const clock = new TestClock();
+  const services = makeServices(4 * MiB);
+  const disk = patterned(new MemDisk(MiB));
+  const dev = createVirtioBlk("vblk0", disk, services, { queues: 1, limits: { iops: 10 }, clock: clock.now, ringPacked: true });
+  placeDevice(dev);
+  const drv = new TestVirtioDriver(dev, services);
+  assert.equal(drv.init({ want: BLK_WANT | featureBit(VIRTIO_F.ringPacked) }), true);
+  const blk = dev.backend as VirtioBlk;
+  const q = drv.packed[0]!;
+  const reads = Array.from({ length: 5 }, (_, i) => request(services, q, i, VIRTIO_BLK_T.in, 4096, 16 + i * 8));
+  q.kick();
+  assert.equal(q.takeUsed().length, 2);
+  // Requests that go now: their used descriptors are written over the held ones' ring slots.
+  for (let i = 0; i < 3; i++) request(services, q, 10 + i, VIRTIO_BLK_T.flush, 0, 0);
+  q.kick();
+  assert.equal(q.takeUsed().length, 3);
+  clock.ms += 100;
+  services.loop.fire(blk.alarm!.fd);
+  assert.equal(q.takeUsed().length, 1);
+  blk.quiesce();
+  assert.equal(q.takeUsed().length, 2, "quiesce: everything held is done (before a save)");
+  assert.equal(blk.heldRequests, 0);
+  assert.equal(blk.alarm?.pending, false);
+  reads.forEach((rd, i) => assert.ok(readBack(services, rd, 16 + i * 8, 4096), `read ${i} data`));
+  blk.closeQueue();
+});
+
 // --- virtio-net ---------------------------------------------------------------------------------
 
-test("virtio-net over its rate: transmit chains wait in the ring and the port is left unread until the alarm", () => {
+/** A virtio-net at 200 KB/s on a memory port pair (the bucket holds 65,550 bytes: one full-size frame at least), its driver up. */
+function netRig(want: bigint) {
   const clock = new TestClock();
   const services = makeServices(1 << 20);
   const pair = new MemoryPortPair("rate", 256);
-  // 200 KB/s: the bucket holds 65,550 bytes (one full-size frame at least).
-  const dev = createVirtioNet("vnet0", pair.a, services, { mac: Uint8Array.from([0x52, 0x54, 0, 0, 0, 1]), rateBytesPerSecond: 200_000, clock: clock.now, queueSize: 128 });
+  const opts = { mac: Uint8Array.from([0x52, 0x54, 0, 0, 0, 1]), rateBytesPerSecond: 200_000, clock: clock.now, queueSize: 128 };
+  const dev = createVirtioNet("vnet0", pair.a, services, opts);
   placeDevice(dev);
   const drv = new TestVirtioDriver(dev, services);
-  assert.equal(drv.init({ want: featureBit(VIRTIO_F.version1) | featureBit(VIRTIO_NET_F.mac) | featureBit(VIRTIO_NET_F.mrgRxbuf) }), true);
-  const tx = drv.queues[1]!;
-  const rx = drv.queues[0]!;
+  assert.equal(drv.init({ want }), true);
   const sink = new Uint8Array(MAX_PORT_FRAME_BYTES);
+  /** Frames that reached the wire since the last call. */
   const wireFrames = (): number => {
     let n = 0;
     while (pair.b.receive(sink) > 0) n++;
     return n;
   };
+  return { clock, services, pair, opts, dev, drv, wireFrames };
+}
+
+test("virtio-net over its rate: transmit chains wait in the ring and the port is left unread until the alarm", () => {
+  const { clock, services, pair, dev, drv, wireFrames } = netRig(featureBit(VIRTIO_F.version1) | featureBit(VIRTIO_NET_F.mac) | featureBit(VIRTIO_NET_F.mrgRxbuf));
+  const tx = drv.queues[1]!;
+  const rx = drv.queues[0]!;
   for (let i = 0; i < 100; i++) tx.add([{ addr: 0x40000 + (i % 32) * 0x1000, len: HDR + 1000, write: false }]);
   tx.kick();
   assert.equal(wireFrames(), 66, "65,550 bytes: 65 frames of 1,000 and one into debt");
@@ -229,5 +372,23 @@ test("virtio-net over its rate: transmit chains wait in the ring and the port is
   services.loop.fire(dev.net.alarm!.fd);
   assert.equal(rx.takeUsed().length, 60 - first);
   dev.net.close();
+  pair.close();
+});
+
+test("virtio-net saved while its rate limit held transmit chains: the restored device sends them without a kick", () => {
+  const { services, pair, opts, dev, drv, wireFrames } = netRig(featureBit(VIRTIO_F.version1) | featureBit(VIRTIO_F.eventIdx) | featureBit(VIRTIO_NET_F.mac));
+  const tx = drv.queues[1]!;
+  for (let i = 0; i < 80; i++) tx.add([{ addr: 0x40000 + (i % 32) * 0x1000, len: HDR + 1000, write: false }]);
+  tx.kick();
+  assert.equal(wireFrames(), 66);
+  const saved = dev.save();
+  dev.net.close();
+  // The restored device (a new process: a full bucket, no alarm pending); the guest does not kick again.
+  const dev2 = createVirtioNet("vnet0", pair.a, services, opts);
+  placeDevice(dev2);
+  dev2.restore(saved);
+  assert.equal(wireFrames(), 14, "the chains left in the ring went");
+  assert.equal(tx.takeUsed().length, 80);
+  dev2.net.close();
   pair.close();
 });

@@ -66,7 +66,7 @@ function value(output: string, key: string): string | undefined {
   return new RegExp(`^${key}=(.*?)\\r?$`, "m").exec(output)?.[1];
 }
 
-describe("disks and a CD-ROM: virtio-blk (raw on packed virtqueues, cache=none; VHDX on split ones, directsync), IDE (VHD, cache=none), ATAPI (ISO); data survives a restart", () => {
+describe("disks and a CD-ROM: virtio-blk (raw on packed virtqueues, cache=none, rate-limited; VHDX on split ones, directsync), IDE (VHD, cache=none), ATAPI (ISO); data survives a restart", () => {
   const raw = join(directDir, "virtio.raw");
   const vhdx = join(directDir, "virtio.vhdx");
   const vhd = join(directDir, "ide.vhd");
@@ -92,7 +92,8 @@ describe("disks and a CD-ROM: virtio-blk (raw on packed virtqueues, cache=none; 
     execFileSync("genisoimage", ["-quiet", "-V", "PARTISCD", "-o", iso, isoDir]);
     // The raw disk offers packed virtqueues (the guest's virtio_ring takes them), the VHDX one split only;
     // all three disks bypass the host's page cache (O_DIRECT), the VHDX's writes each synchronous too (O_DSYNC).
-    const disks = ["--disk", `${raw},packed,cache=none,serial=PARTIS-RAW-7`, "--disk", `${vhdx},cache=directsync`, "--disk", `${vhd},if=ide,cache=none`, "--cdrom", iso];
+    // The raw disk is rate-limited too: the guest's requests are held by the device and done later, out of order.
+    const disks = ["--disk", `${raw},packed,cache=none,serial=PARTIS-RAW-7,iops=100,mbps_wr=4`, "--disk", `${vhdx},cache=directsync`, "--disk", `${vhd},if=ide,cache=none`, "--cdrom", iso];
     const watchFlags = (s: GuestSession): NodeJS.Timeout =>
       setInterval(() => {
         if (s.child.pid === undefined) return;
@@ -115,7 +116,7 @@ describe("disks and a CD-ROM: virtio-blk (raw on packed virtqueues, cache=none; 
       "exec 3<>/dev/hvc0; stty -F /dev/hvc0 raw -echo; echo GUEST-TO-HOST >&3; read -r line <&3; echo CHANNEL-GOT=$line; exec 3>&-",
       "sync; poweroff -f",
     ].join("\n");
-    const s1 = new GuestSession(runArgs(script1, [...disks, "--channel", channel, "--rng", "--cpus", "2", "--screenshot", screenshot]));
+    const s1 = new GuestSession(runArgs(script1, [...disks, "--channel", channel, "--rng", "--cpus", "2", "--screenshot", screenshot]), { ...process.env, PARTIS_STATS: "1" });
     // The host end of the channel: connect once the VM listens, answer the guest's line (again for a rebooted VM).
     let sock: Socket | undefined;
     const tryConnect = (generation: number): void => {
@@ -198,6 +199,16 @@ describe("disks and a CD-ROM: virtio-blk (raw on packed virtqueues, cache=none; 
     const bit = (d: string): string | undefined => value(first.output, `FEATURES-${d}`)?.charAt(34);
     assert.equal(bit("vda"), "1", first.output.slice(-3000));
     assert.equal(bit("vdb"), "0");
+  });
+
+  test("the rate-limited disk held some of the guest's requests (its data is checked below), the other virtio disk none; none is left held", () => {
+    const stat = (key: string): number | undefined => {
+      const m = new RegExp(`"${key.replace(/\./g, "\\.")}":(\\d+)`).exec(first.stderr);
+      return m === null ? undefined : Number(m[1]);
+    };
+    assert.ok((stat("virtio-blk0.throttled") ?? 0) > 0, `virtio-blk0.throttled: ${String(stat("virtio-blk0.throttled"))}\n${first.stderr.slice(-2000)}`);
+    assert.equal(stat("virtio-blk1.throttled"), 0);
+    assert.equal(stat("virtio-blk0.heldNow"), 0);
   });
 
   test("files written through virtio-blk (raw and VHDX) and IDE (VHD) are read back after a restart", () => {

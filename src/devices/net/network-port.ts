@@ -475,11 +475,16 @@ export class MemoryPortPair {
 /**
  * A reusable frame buffer that hands out `subarray` views by length, cached,
  * so a NIC can pass `port.send(buffer.view(n))` without allocating a view per
- * frame (each distinct length allocates its view once).
+ * frame. The cache is direct-mapped (VIEW_SLOTS entries by length): each
+ * length allocates its view once while no other length takes its slot, and
+ * a guest sending every length from 0 to 64 KiB holds at most VIEW_SLOTS
+ * views per buffer (two per queue pair), not one per length.
  */
 export class FrameBuffer {
+  static readonly VIEW_SLOTS = 1024;
   readonly bytes: Uint8Array;
-  private readonly views: (Uint8Array | undefined)[] = [];
+  private readonly views: (Uint8Array | undefined)[] = new Array<Uint8Array | undefined>(FrameBuffer.VIEW_SLOTS).fill(undefined);
+  private readonly viewLengths = new Int32Array(FrameBuffer.VIEW_SLOTS).fill(-1);
 
   constructor(readonly capacity: number) {
     this.bytes = new Uint8Array(capacity);
@@ -487,12 +492,19 @@ export class FrameBuffer {
 
   /** The first `length` bytes (0 <= length <= capacity). */
   view(length: number): Uint8Array {
-    let v = this.views[length];
-    if (v === undefined) {
-      if (!Number.isInteger(length) || length < 0 || length > this.capacity) throw new RangeError(`FrameBuffer.view: ${length} is outside 0..${this.capacity}`);
-      v = this.bytes.subarray(0, length);
-      this.views[length] = v;
-    }
+    const slot = length & (FrameBuffer.VIEW_SLOTS - 1);
+    if (this.viewLengths[slot] === length) return this.views[slot]!;
+    if (!Number.isInteger(length) || length < 0 || length > this.capacity) throw new RangeError(`FrameBuffer.view: ${length} is outside 0..${this.capacity}`);
+    const v = this.bytes.subarray(0, length);
+    this.views[slot] = v;
+    this.viewLengths[slot] = length;
     return v;
+  }
+
+  /** Views held now (at most VIEW_SLOTS). */
+  get cachedViews(): number {
+    let n = 0;
+    for (const l of this.viewLengths) if (l >= 0) n++;
+    return n;
   }
 }

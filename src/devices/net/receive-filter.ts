@@ -153,11 +153,9 @@ export class ReceiveFilter {
     };
   }
 
-  /** Re-establish a saved filter (a table of the wrong shape: PciDeviceError, nothing changed). */
+  /** Re-establish a saved filter (one of the wrong shape: PciDeviceError, nothing changed). */
   restore(s: ReceiveFilterState): void {
-    for (const t of [s.unicast, s.multicast])
-      if (t !== undefined && (t.length % 6 !== 0 || t.length > 6 * MAC_TABLE_ENTRIES)) throw new PciDeviceError("NET_FILTER_RESTORE", `a saved address table of ${t.length} bytes is not whole addresses within ${MAC_TABLE_ENTRIES}`);
-    if (s.mac.length !== 6) throw new PciDeviceError("NET_FILTER_RESTORE", `a saved MAC address has ${s.mac.length} bytes`);
+    checkReceiveFilterState(s);
     this.reset(Uint8Array.from(s.mac));
     for (const m of RECEIVE_MODES) this[m] = s[m] === true;
     this.vlanFiltering = s.vlanFiltering === true;
@@ -166,6 +164,26 @@ export class ReceiveFilter {
     this.setTable("multicast", ...table(s.multicast));
     for (const v of s.vlans) this.setVlan(v, true);
   }
+}
+
+/** Whether `v` is an array of `min`..`max` whole numbers 0-255. */
+export function isByteArray(v: unknown, min: number, max: number): v is number[] {
+  return Array.isArray(v) && v.length >= min && v.length <= max && v.every((b) => Number.isInteger(b) && b >= 0 && b <= 255);
+}
+
+/** A saved filter as restore() takes it: PciDeviceError for anything else (a corrupt or hostile saved state). */
+export function checkReceiveFilterState(s: unknown): asserts s is ReceiveFilterState {
+  const bad = (why: string): PciDeviceError => new PciDeviceError("NET_FILTER_RESTORE", `saved receive filter: ${why}`);
+  if (typeof s !== "object" || s === null) throw bad("not an object");
+  const f = s as Partial<Record<keyof ReceiveFilterState, unknown>>;
+  if (!isByteArray(f.mac, 6, 6)) throw bad("the MAC address is not 6 bytes");
+  for (const key of ["unicast", "multicast"] as const) {
+    const t = f[key];
+    if (t !== undefined && (!isByteArray(t, 0, 6 * MAC_TABLE_ENTRIES) || t.length % 6 !== 0)) throw bad(`the ${key} table is not whole addresses, at most ${MAC_TABLE_ENTRIES}`);
+  }
+  for (const key of [...RECEIVE_MODES, "vlanFiltering"] as const) if (f[key] !== undefined && typeof f[key] !== "boolean") throw bad(`${key} is not a boolean`);
+  const vlans = f.vlans;
+  if (!Array.isArray(vlans) || vlans.length > VLAN_IDS || !vlans.every((v) => Number.isInteger(v) && v >= 0 && v < VLAN_IDS)) throw bad("the VLAN ids are not a list of ids 0-4095");
 }
 
 function sameAddress(a: Uint8Array, ai: number, b: Uint8Array, bi: number): boolean {

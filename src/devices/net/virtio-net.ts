@@ -82,7 +82,7 @@ import { PciDeviceError } from "../pci/pci-config.js";
 import { ChainSpans, DescriptorChain, type VirtQueue } from "../virtio/queue.js";
 import { VirtioPciDevice, featureBit, type VirtioBackend, type VirtioTransport } from "../virtio/pci-transport.js";
 import { FrameBuffer, MAX_PORT_FRAME_BYTES, type NetworkPort } from "./network-port.js";
-import { MAC_TABLE_ENTRIES, RECEIVE_MODES, ReceiveFilter, type ReceiveFilterState } from "./receive-filter.js";
+import { MAC_TABLE_ENTRIES, RECEIVE_MODES, ReceiveFilter, checkReceiveFilterState, isByteArray, type ReceiveFilterState } from "./receive-filter.js";
 import { DeviceAlarm, TokenBucket, monotonicClock, type Clock } from "../io-limits.js";
 
 export const VIRTIO_ID_NET = 1;
@@ -321,9 +321,13 @@ export class VirtioNet implements VirtioBackend {
   private filtering = false;
   private readonly receive = (p: QueuePair): void => this.receiveOn(p);
   private readonly clock: Clock;
-  /** The rate limit stopped transmitting / receiving (until the alarm). */
+  /** The rate limit stopped transmitting / receiving (until the alarm), and the pair it stopped at: the alarm starts at the next one, so that every pair gets its turn. */
   private txHeld = false;
   private rxHeld = false;
+  private txStoppedAt = 0;
+  private rxStoppedAt = 0;
+  /** A restored driver's pairs, receive offloads and announcement, applied when the transport activates the device (before it receives a frame). */
+  private restored: { readonly pairs: number; readonly guestOffloads: number; readonly announcing: boolean } | undefined;
 
   private readonly hdr = new Uint8Array(VIRTIO_NET_HDR_BYTES);
   private gather = true;
@@ -440,17 +444,28 @@ export class VirtioNet implements VirtioBackend {
     return true;
   }
 
-  /** The alarm: transmit and receive go on where the rate limit stopped them. */
+  /**
+   * The alarm: transmit and receive go on where the rate limit stopped
+   * them, each from the pair after the one it stopped at (round robin: a
+   * busy pair cannot keep the others waiting), until the limit stops it again.
+   */
   private resumeLimited(): void {
     const t = this.transport;
     if (t === undefined || !t.active) return;
     if (this.txHeld) {
       this.txHeld = false;
-      for (let i = 0; i < this.usablePairs; i++) if (t.queues[this.pairs[i]!.txQueue]!.ready) this.transmit(this.pairs[i]!);
+      const n = this.usablePairs;
+      const start = this.txStoppedAt + 1;
+      for (let k = 0; k < n && !this.txHeld; k++) {
+        const p = this.pairs[(start + k) % n]!;
+        if (t.queues[p.txQueue]!.ready) this.transmit(p);
+      }
     }
     if (this.rxHeld) {
       this.rxHeld = false;
-      for (let i = 0; i < this.activePairs; i++) this.receiveOn(this.pairs[i]!);
+      const n = this.activePairs;
+      const start = this.rxStoppedAt + 1;
+      for (let k = 0; k < n && !this.rxHeld; k++) this.receiveOn(this.pairs[(start + k) % n]!);
     }
   }
 
@@ -477,8 +492,15 @@ export class VirtioNet implements VirtioBackend {
     this.controlQueue = has(VIRTIO_NET_F.ctrlVq) ? 2 * this.usablePairs : -1;
     this.filtering = has(VIRTIO_NET_F.ctrlRx) || has(VIRTIO_NET_F.ctrlVlan);
     this.filter.vlanFiltering = has(VIRTIO_NET_F.ctrlVlan);
+    const r = this.restored;
+    this.restored = undefined;
+    if (r !== undefined) {
+      this.offloads = (this.offloads & ~GUEST_OFFLOAD_BITS) | (r.guestOffloads & this.offloads & GUEST_OFFLOAD_BITS);
+      if (this.usablePairs >= r.pairs) this.enablePorts(r.pairs);
+    }
     this.tellPortOffloads();
     for (let i = 0; i < this.activePairs; i++) this.receiveOn(this.pairs[i]!);
+    if (r !== undefined && !this.announce() && r.announcing) this.writeStatus(true);
   }
 
   private has(bit: number): boolean {
@@ -606,6 +628,7 @@ export class VirtioNet implements VirtioBackend {
         if (this.rxLimit !== undefined && this.limited(this.rxLimit)) {
           // Over the rate: stop reading the port (the host queue buffers, then drops) until the alarm.
           this.rxHeld = true;
+          this.rxStoppedAt = p.index;
           this.disarm(p);
           if (pushed) t.signalUsed(p.rxQueue);
           return;
@@ -778,6 +801,7 @@ export class VirtioNet implements VirtioBackend {
         if (this.txLimit !== undefined && this.limited(this.txLimit)) {
           // Over the rate: the chains wait in the ring (notifications stay off) until the alarm.
           this.txHeld = true;
+          this.txStoppedAt = p.index;
           t.signalUsed(p.txQueue);
           return;
         }
@@ -922,8 +946,10 @@ export class VirtioNet implements VirtioBackend {
         if (n < 1 || n > this.pairs.length) return false;
         const before = this.activePairs;
         const ok = this.enablePorts(n);
+        // A port refused: back to the pairs the driver still has (it is told VIRTIO_NET_ERR and keeps them).
+        if (!ok) this.enablePorts(before);
         // Pairs turned on start reading their ports (and, with buffers posted, receiving).
-        for (let i = before; i < n; i++) this.receiveOn(this.pairs[i]!);
+        for (let i = 0; i < this.activePairs; i++) this.receiveOn(this.pairs[i]!);
         return ok;
       }
       case K.guestOffloads: {
@@ -1004,33 +1030,28 @@ export class VirtioNet implements VirtioBackend {
   }
 
   /**
-   * After the transport restored the queues (and activated the device if the
-   * driver was running): the driver's queue pairs, receive filter, address and
-   * receive offloads. The guest is then asked to announce itself (it may now
-   * be on another host, behind other switch ports). A state of another shape
-   * (another version, more pairs than this device has): PciDeviceError,
-   * before anything changed.
+   * After the transport restored the queues, before it activates the device
+   * (when the driver was running): the receive filter and address now; the
+   * driver's queue pairs and receive offloads at activation, before any
+   * frame is received; the guest is then asked to announce itself (it may
+   * now be on another host, behind other switch ports). A state of another
+   * shape (another version, more pairs than this device has, fields of the
+   * wrong type): PciDeviceError, before anything changed.
    */
   restore(s: SavedDeviceState): void {
     const v = s as Partial<VirtioNetSaved>;
-    if (v.kind !== "virtio-net" || v.version !== 2 || v.filter === undefined || v.mac?.length !== 6)
-      throw new PciDeviceError("VIRTIO_NET_RESTORE", `saved state ${String(v.kind)} v${String(v.version)} is not virtio-net v2`);
+    const bad = (why: string): PciDeviceError => new PciDeviceError("VIRTIO_NET_RESTORE", `saved virtio-net state: ${why}`);
+    if (v.kind !== "virtio-net" || v.version !== 2) throw bad(`${String(v.kind)} v${String(v.version)} is not virtio-net v2`);
+    if (!isByteArray(v.mac, 6, 6)) throw bad("the MAC address is not 6 bytes");
     const pairs = v.queuePairs ?? 1;
-    if (!Number.isInteger(pairs) || pairs < 1 || pairs > this.pairs.length) throw new PciDeviceError("VIRTIO_NET_RESTORE", `saved state uses ${pairs} queue pairs, this device has ${this.pairs.length}`);
-    const t = this.transport;
-    const running = t?.active === true;
+    if (!Number.isInteger(pairs) || pairs < 1 || pairs > this.pairs.length) throw bad(`it uses ${String(pairs)} queue pairs, this device has ${this.pairs.length}`);
+    const offloads = v.guestOffloads ?? 0;
+    if (!Number.isInteger(offloads) || offloads < 0) throw bad(`receive offloads ${String(offloads)}`);
+    if (v.announcing !== undefined && typeof v.announcing !== "boolean") throw bad("announcing is not a boolean");
+    checkReceiveFilterState(v.filter);
     this.filter.restore(v.filter);
-    this.filter.vlanFiltering = running && (t.negotiatedFeatures & featureBit(VIRTIO_NET_F.ctrlVlan)) !== 0n;
     this.config.set(v.mac, VIRTIO_NET_CONFIG.mac);
-    if (running) {
-      this.offloads = (this.offloads & ~GUEST_OFFLOAD_BITS) | ((v.guestOffloads ?? 0) & this.offloads & GUEST_OFFLOAD_BITS);
-      this.tellPortOffloads();
-      if (this.usablePairs >= pairs) {
-        this.enablePorts(pairs);
-        for (let i = 0; i < pairs; i++) this.receiveOn(this.pairs[i]!);
-      }
-      if (!this.announce() && v.announcing === true) this.writeStatus(true);
-    }
+    this.restored = this.transport?.active === true ? { pairs, guestOffloads: offloads, announcing: v.announcing === true } : undefined;
   }
 }
 

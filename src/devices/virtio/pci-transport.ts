@@ -132,8 +132,9 @@ export interface VirtioBackend {
   queueNotified(index: number): void;
   save?(): SavedDeviceState;
   /**
-   * After the transport restored its own state and the queues (and activated
-   * the back end if the driver was running): the back end's saved state.
+   * After the transport restored its own state and the queues, before it
+   * activates the back end (when the driver was running; every queue is then
+   * notified once): the back end's saved state.
    */
   restore?(s: SavedDeviceState): void;
   /** Before the transport saves the queues: finish requests still in flight (they complete into the used rings). */
@@ -786,8 +787,13 @@ export class VirtioPciDevice implements PciDevice, VirtioTransport {
     this.intxLevel = this.isr !== 0 && !this.pci.intxDisabled;
     this.services.intx.setLevel(this.intxLevel);
     this.syncDoorbells(true);
-    if (this.active) this.backend.activate(this.queues, this.features);
+    // The back end's own state first, so that it is in force when the device starts (a NIC's filter before its first frame).
     if (s.backend !== undefined) this.backend.restore?.(s.backend);
+    if (this.active) {
+      this.backend.activate(this.queues, this.features);
+      // What the driver made available while the device was saved, or left waiting with notifications off, is looked at now.
+      for (let i = 0; i < this.numQueues; i++) this.notifyQueue(i);
+    }
   }
 }
 

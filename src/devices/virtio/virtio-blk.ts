@@ -110,8 +110,11 @@ export interface VirtioBlkOptions {
   readonly writeThrough?: boolean;
   /**
    * Most reads and writes per second and bytes per second (together and per
-   * direction): a request starts only while its limits are not in debt; the
-   * others wait in the ring until the device's alarm (io-limits.ts).
+   * direction; a write-zeroes counts as a write of its range): a request
+   * starts only while its limits are not in debt. The others are held by the
+   * device, in order per direction and across queues, until its alarm
+   * (io-limits.ts); requests of a direction not in debt, flushes and the
+   * rest go on meanwhile.
    */
   readonly limits?: DiskIoLimits;
   /** The limits' millisecond clock (tests give their own). */
@@ -125,6 +128,39 @@ const QUEUED = -1;
 const QUEUED_READ = 0;
 const QUEUED_WRITE = 1;
 const QUEUED_FLUSH = 2;
+/** A held write-zeroes (HeldRequest.kind; never on the ring). */
+const HELD_WRITE_ZEROES = 3;
+
+/**
+ * A read, write or write-zeroes a rate limit holds: taken from its queue
+ * and not yet done (its buffers are still the guest's). Everything needed to
+ * do it later is kept here, since its descriptors cannot be walked again (on
+ * a packed ring a used descriptor may already lie over them). Pooled: no
+ * object per request once the pool has grown to the most ever held.
+ */
+class HeldRequest {
+  queue = 0;
+  head = 0;
+  kind = QUEUED_READ;
+  pos = 0;
+  bytes = 0;
+  statusGpa = 0;
+  unmap = false;
+  spans: ChainSpans | undefined;
+}
+
+/** Guest address of a request's status byte (its last writable byte). */
+function statusAddress(chain: DescriptorChain): number {
+  const last = chain.writableCount - 1;
+  return chain.writableGpa[last]! + chain.writableLen[last]! - 1;
+}
+
+/** A 64-bit little-endian sector number at `at` (beyond 2^53 bytes: one that fails every range check). */
+function sectorAt(view: DataView, at: number): number {
+  const lo = view.getUint32(at, true);
+  const hi = view.getUint32(at + 4, true);
+  return hi >= 2 ** 21 ? Number.MAX_SAFE_INTEGER : hi * 2 ** 32 + lo;
+}
 
 export interface VirtioBlkStats {
   requests: number;
@@ -135,7 +171,7 @@ export interface VirtioBlkStats {
   unsupported: number;
   /** Requests that went through the ring (asynchronous) rather than synchronously. */
   queued: number;
-  /** Times a queue stopped for a rate limit in debt (its requests waited for the alarm). */
+  /** Requests a rate limit in debt held until the alarm. */
   throttled: number;
 }
 
@@ -157,7 +193,7 @@ export class VirtioBlk implements VirtioBackend {
   readonly stats: VirtioBlkStats = { requests: 0, readBytes: 0, writtenBytes: 0, flushes: 0, errors: 0, unsupported: 0, queued: 0, throttled: 0 };
   /** The disk's rate limits (undefined: none). */
   readonly throttle: DiskThrottle | undefined;
-  /** Wakes the queues a rate limit stopped (made at attach, with the transport's loop). */
+  /** Runs the requests a rate limit held (made at attach, with the transport's loop). */
   alarm: DeviceAlarm | undefined;
 
   private readonly config = new Uint8Array(VIRTIO_BLK_CONFIG.size);
@@ -201,8 +237,12 @@ export class VirtioBlk implements VirtioBackend {
   private readonly signalQueue: Uint8Array;
   private readonly statusSpan = new GuestSpan();
   private readonly onCompletion = (slot: number, result: number): void => this.completed(slot, result);
-  /** Queues stopped by a rate limit in debt (1), until the alarm. */
-  private readonly throttledQueues: Uint8Array;
+  /** Requests held by a rate limit, oldest first (the first heldCount entries), and their pool. */
+  private readonly held: HeldRequest[] = [];
+  private heldCount = 0;
+  private readonly heldPool: HeldRequest[] = [];
+  /** Held requests per direction: [read, write]. A direction with any held holds the next one too (in order). */
+  private readonly heldByDirection = new Int32Array(2);
 
   constructor(
     readonly disk: BlockDevice,
@@ -234,7 +274,6 @@ export class VirtioBlk implements VirtioBackend {
     this.stableWrites = opts.writeThrough === true;
     this.features = f;
     this.throttle = hasDiskIoLimits(opts.limits) ? new DiskThrottle(opts.limits, opts.clock) : undefined;
-    this.throttledQueues = new Uint8Array(n);
 
     const c = new DataView(this.config.buffer);
     const C = VIRTIO_BLK_CONFIG;
@@ -261,7 +300,7 @@ export class VirtioBlk implements VirtioBackend {
 
   attach(transport: VirtioTransport): void {
     this.transport = transport;
-    if (this.throttle !== undefined) this.alarm = new DeviceAlarm(transport.loop, () => this.resumeThrottled(), this.throttle.clock);
+    if (this.throttle !== undefined) this.alarm = new DeviceAlarm(transport.loop, () => this.runHeldRequests(), this.throttle.clock);
   }
 
   readConfig(offset: number, size: 1 | 2 | 4): number {
@@ -284,10 +323,9 @@ export class VirtioBlk implements VirtioBackend {
 
   /** Device reset: requests still in flight finish on the host, but the guest hears of none of them; the write cache mode is the configured one again. */
   reset(): void {
+    this.dropHeld();
     this.dropInFlight();
     this.config[VIRTIO_BLK_CONFIG.writeback] = this.stableWrites ? 0 : 1;
-    this.throttledQueues.fill(0);
-    this.alarm?.cancel();
   }
 
   /** The guest turned the write cache off on a disk whose writes are not stable by themselves: each write is flushed before it completes. */
@@ -307,11 +345,17 @@ export class VirtioBlk implements VirtioBackend {
     }
   }
 
-  /** Before the device's state is saved: every request in flight completes into its used ring. */
+  /** Before the device's state is saved: every request held or in flight completes into its used ring (held ones regardless of their limits). */
   quiesce(): void {
+    if (this.heldCount > 0) this.runHeldRequests(true);
     if (this.ring === undefined || this.freeCount === this.freeSlots.length) return;
     this.ring.drain(this.onCompletion);
     this.signalCompleted();
+  }
+
+  /** Requests a rate limit holds now. */
+  get heldRequests(): number {
+    return this.heldCount;
   }
 
   /** Requests in flight on the ring (0 without one). */
@@ -326,11 +370,18 @@ export class VirtioBlk implements VirtioBackend {
     do {
       q.disableNotifications();
       while (q.pop(chain)) {
-        if (this.throttle !== undefined && this.held(q, chain)) break;
+        if (this.throttle !== undefined && this.hold(q, chain)) continue;
         this.handle(q, chain, true);
       }
-      // Stopped by a rate limit: notifications stay off (the guest need not kick); the alarm resumes the queue.
-    } while (this.throttledQueues[index] === 0 && !q.enableNotifications());
+    } while (!q.enableNotifications());
+    this.submitAndReap();
+    this.signalQueue[index] = 0;
+    t.signalUsed(index);
+    this.signalCompleted();
+  }
+
+  /** Hand this batch's queued requests to the kernel, and answer what it has already done. */
+  private submitAndReap(): void {
     const ring = this.ring;
     if (ring !== undefined) {
       if (this.queuedSinceSubmit) {
@@ -340,45 +391,151 @@ export class VirtioBlk implements VirtioBackend {
       // What the kernel did while submitting (here, or earlier in this batch when its iovec area
       // filled) raises no event: answer it now, in this batch's interrupt. Reaping is memory reads.
       if (this.freeCount < this.freeSlots.length) ring.reap(this.onCompletion);
-      this.signalQueue[index] = 0;
     }
-    t.signalUsed(index);
-    this.signalCompleted();
   }
 
   /**
-   * With rate limits: whether the popped request must wait (a read or write
-   * whose limits are in debt: given back to the ring, its queue stopped, the
-   * alarm set); else its cost is charged and it goes. Other requests are not
-   * limited.
+   * With rate limits: whether the popped request is held (a read, write or
+   * write-zeroes whose limits are in debt, or whose direction already has
+   * requests held: those go first). Else its cost is charged and the caller
+   * does it now. A request that will fail (out of range, malformed) is not
+   * held or charged: it is answered at once. Flushes, GET_ID and discards
+   * are not limited.
    */
-  private held(q: VirtQueue, chain: DescriptorChain): boolean {
-    if (chain.readFrom(0, this.header) < 16) return false;
-    const type = this.headerView.getUint32(0, true);
-    if (type !== VIRTIO_BLK_T.in && type !== VIRTIO_BLK_T.out) return false;
-    const write = type === VIRTIO_BLK_T.out;
+  private hold(q: VirtQueue, chain: DescriptorChain): boolean {
+    if (chain.writableBytes < 1 || chain.readFrom(0, this.header) < 16) return false;
+    const h = this.headerView;
+    const type = h.getUint32(0, true);
+    let kind: number;
+    let bytes: number;
+    let sector: number;
+    let unmap = false;
+    if (type === VIRTIO_BLK_T.in || type === VIRTIO_BLK_T.out) {
+      kind = type === VIRTIO_BLK_T.in ? QUEUED_READ : QUEUED_WRITE;
+      if (kind === QUEUED_WRITE && this.disk.readOnly) return false;
+      bytes = kind === QUEUED_WRITE ? chain.readableBytes - 16 : chain.writableBytes - 1;
+      sector = sectorAt(h, 8);
+    } else if (type === VIRTIO_BLK_T.writeZeroes) {
+      // One segment (max_write_zeroes_seg is 1), checked as discardOrZero checks it.
+      if (this.disk.readOnly || chain.readableBytes !== 32) return false;
+      if ((this.transport!.negotiatedFeatures & featureBit(VIRTIO_BLK_F.writeZeroes)) === 0n) return false;
+      chain.readFrom(16, this.header);
+      const count = h.getUint32(8, true);
+      const flags = h.getUint32(12, true);
+      if ((flags & ~VIRTIO_BLK_WRITE_ZEROES_UNMAP) !== 0 || count > MAX_WRITE_ZEROES_SECTORS) return false;
+      kind = HELD_WRITE_ZEROES;
+      bytes = count * SECTOR;
+      sector = sectorAt(h, 0);
+      unmap = (flags & VIRTIO_BLK_WRITE_ZEROES_UNMAP) !== 0;
+    } else return false;
+    if (!this.inRange(sector, bytes)) return false;
+    const write = kind !== QUEUED_READ;
+    const d = write ? 1 : 0;
     const throttle = this.throttle!;
-    const wait = throttle.delay(write);
-    if (wait > 0) {
-      q.unpop();
-      this.throttledQueues[q.index] = 1;
-      this.stats.throttled++;
-      throttle.waits++;
+    if (this.heldByDirection[d] === 0) {
+      const wait = throttle.delay(write);
+      if (wait === 0) {
+        throttle.charge(write, bytes);
+        return false;
+      }
       this.alarm!.set(wait);
-      return true;
     }
-    throttle.charge(write, write ? chain.readableBytes - 16 : Math.max(0, chain.writableBytes - 1));
-    return false;
+    const r = this.heldPool.pop() ?? new HeldRequest();
+    r.queue = q.index;
+    r.head = chain.head;
+    r.kind = kind;
+    r.pos = sector * SECTOR;
+    r.bytes = bytes;
+    r.unmap = unmap;
+    r.statusGpa = statusAddress(chain);
+    if (kind !== HELD_WRITE_ZEROES) {
+      const spans = this.spans;
+      spans.select(chain, !write, write ? 16 : 0, bytes);
+      let kept = r.spans;
+      if (kept === undefined || kept.capacity < spans.count) kept = r.spans = new ChainSpans(Math.max(64, 2 ** Math.ceil(Math.log2(spans.count))));
+      kept.copyFrom(spans);
+    }
+    this.held[this.heldCount++] = r;
+    this.heldByDirection[d]++;
+    this.stats.requests++;
+    this.stats.throttled++;
+    throttle.waits++;
+    return true;
   }
 
-  /** The alarm: the queues a rate limit stopped go on (and stop again if still in debt). */
-  private resumeThrottled(): void {
-    const t = this.transport;
-    for (let i = 0; i < this.throttledQueues.length; i++) {
-      if (this.throttledQueues[i] === 0) continue;
-      this.throttledQueues[i] = 0;
-      if (t?.active === true && t.queues[i]!.ready) this.queueNotified(i);
+  /**
+   * The alarm: held requests go, oldest first, each while its limits are not
+   * in debt; a direction stops at its first request still in debt (its
+   * later ones stay behind it), and the alarm is set for the earliest wait
+   * left. `all` (quiesce): every held request goes, charged but not waited
+   * for.
+   */
+  private runHeldRequests(all = false): void {
+    const throttle = this.throttle!;
+    let blocked = 0; // bit d: direction d is still in debt
+    let next = Infinity;
+    let kept = 0;
+    for (let i = 0; i < this.heldCount; i++) {
+      const r = this.held[i]!;
+      const write = r.kind !== QUEUED_READ;
+      const d = write ? 1 : 0;
+      if ((blocked & (1 << d)) === 0) {
+        const wait = all ? 0 : throttle.delay(write);
+        if (wait === 0) {
+          throttle.charge(write, r.bytes);
+          this.heldByDirection[d]--;
+          this.runHeld(r);
+          this.heldPool.push(r);
+          continue;
+        }
+        blocked |= 1 << d;
+        next = Math.min(next, wait);
+      }
+      this.held[kept++] = r;
     }
+    this.heldCount = kept;
+    this.submitAndReap();
+    this.signalCompleted();
+    if (kept > 0) this.alarm!.set(next);
+    else this.alarm!.cancel();
+  }
+
+  /** Do a held request now (queued on the ring where it can be), or answer it with the error it met. */
+  private runHeld(r: HeldRequest): void {
+    const memory = this.transport!.memory;
+    this.signalQueue[r.queue] = 1;
+    let status: number = VIRTIO_BLK_S.ok;
+    try {
+      if (r.kind === HELD_WRITE_ZEROES) this.zeroRange(r.pos, r.bytes, r.unmap);
+      else {
+        const write = r.kind === QUEUED_WRITE;
+        this.spans.copyFrom(r.spans!);
+        const flushAfter = write && this.flushEachWrite;
+        const queued = !flushAfter && r.bytes > 0 ? this.enqueue(r.queue, r.head, r.statusGpa, memory, r.kind, r.pos, r.bytes) : false;
+        if (queued === "queued") return;
+        if (queued === false) this.transfer(memory, r.pos, write);
+        if (flushAfter) {
+          this.disk.flush();
+          this.stats.flushes++;
+        }
+        if (write) this.stats.writtenBytes += r.bytes;
+        else this.stats.readBytes += r.bytes;
+      }
+    } catch {
+      status = VIRTIO_BLK_S.ioerr;
+      this.stats.errors++;
+    }
+    const span = this.statusSpan;
+    if (memory.locate(r.statusGpa, 1, span)) span.view[span.offset] = status;
+    this.transport!.queues[r.queue]!.pushUsed(r.head, (status === VIRTIO_BLK_S.ok && r.kind === QUEUED_READ ? r.bytes : 0) + 1);
+  }
+
+  /** Drop the held requests unanswered (device reset, teardown) and the alarm with them. */
+  private dropHeld(): void {
+    for (let i = 0; i < this.heldCount; i++) this.heldPool.push(this.held[i]!);
+    this.heldCount = 0;
+    this.heldByDirection.fill(0);
+    this.alarm?.cancel();
   }
 
   /** The ring's completions have arrived (its eventfd is readable): finish those requests. */
@@ -435,7 +592,7 @@ export class VirtioBlk implements VirtioBackend {
    * once (the page cache took it), "queued" on the ring, or false: do it
    * synchronously.
    */
-  private enqueue(q: VirtQueue, chain: DescriptorChain, kind: number, pos: number, bytes: number): "done" | "queued" | false {
+  private enqueue(queue: number, head: number, statusGpa: number, memory: GuestMemory, kind: number, pos: number, bytes: number): "done" | "queued" | false {
     const ring = this.ring;
     if (ring === undefined || this.freeCount === 0) return false;
     const slot = this.freeSlots[this.freeCount - 1]!;
@@ -444,7 +601,7 @@ export class VirtioBlk implements VirtioBackend {
       if (disk.queueFlush?.(ring, slot) !== true) return false;
     } else {
       const spans = this.spans;
-      if (!spans.toHost(chain.memory)) return false;
+      if (!spans.toHost(memory)) return false;
       const write = kind === QUEUED_WRITE;
       let r = disk.queueHost!(ring, write, pos, spans.host, spans.len, spans.count, slot);
       if (r === false && this.queuedSinceSubmit) {
@@ -457,12 +614,11 @@ export class VirtioBlk implements VirtioBackend {
     }
     this.freeCount--;
     this.stats.queued++;
-    this.slotQueue[slot] = q.index;
-    this.slotHead[slot] = chain.head;
+    this.slotQueue[slot] = queue;
+    this.slotHead[slot] = head;
     this.slotKind[slot] = kind;
     this.slotBytes[slot] = bytes;
-    const last = chain.writableCount - 1;
-    this.slotStatus[slot] = chain.writableGpa[last]! + chain.writableLen[last]! - 1;
+    this.slotStatus[slot] = statusGpa;
     if (kind !== QUEUED_FLUSH) {
       const spans = this.spans;
       let kept = this.slotSpans[slot];
@@ -474,8 +630,9 @@ export class VirtioBlk implements VirtioBackend {
     return "queued";
   }
 
-  /** Release the ring's requests (device teardown): waits for what is in flight; the alarm's timer is closed. */
+  /** Release the ring's requests (device teardown): waits for what is in flight, drops what a limit holds; the alarm's timer is closed. */
   closeQueue(): void {
+    this.dropHeld();
     this.dropInFlight();
     this.alarm?.close();
   }
@@ -493,10 +650,7 @@ export class VirtioBlk implements VirtioBackend {
     else {
       const h = this.headerView;
       const type = h.getUint32(0, true);
-      const sectorLo = h.getUint32(8, true);
-      const sectorHi = h.getUint32(12, true);
-      // Sectors beyond 2^53 bytes cannot be in range: make them fail the range check.
-      const sector = sectorHi >= 2 ** 21 ? Number.MAX_SAFE_INTEGER : sectorHi * 2 ** 32 + sectorLo;
+      const sector = sectorAt(h, 8);
       try {
         switch (type) {
           case VIRTIO_BLK_T.in:
@@ -509,7 +663,7 @@ export class VirtioBlk implements VirtioBackend {
             if (status === QUEUED) return;
             break;
           case VIRTIO_BLK_T.flush:
-            if (mayQueue && this.enqueue(q, chain, QUEUED_FLUSH, 0, 0) === "queued") return;
+            if (mayQueue && this.enqueue(q.index, chain.head, statusAddress(chain), chain.memory!, QUEUED_FLUSH, 0, 0) === "queued") return;
             this.disk.flush();
             this.stats.flushes++;
             break;
@@ -545,7 +699,7 @@ export class VirtioBlk implements VirtioBackend {
     if (!this.inRange(sector, bytes)) return VIRTIO_BLK_S.ioerr;
     // The data segments: the writable ones, cut to the request's length (the status byte follows).
     this.spans.select(chain, true, 0, bytes);
-    const r = mayQueue && bytes > 0 ? this.enqueue(q, chain, QUEUED_READ, sector * SECTOR, bytes) : false;
+    const r = mayQueue && bytes > 0 ? this.enqueue(q.index, chain.head, statusAddress(chain), chain.memory!, QUEUED_READ, sector * SECTOR, bytes) : false;
     if (r === "queued") return QUEUED;
     if (r === false) this.transfer(chain.memory!, sector * SECTOR, false);
     this.stats.readBytes += bytes;
@@ -559,7 +713,7 @@ export class VirtioBlk implements VirtioBackend {
     // The data segments: the readable ones after the 16-byte request header.
     this.spans.select(chain, false, 16, bytes);
     const flushAfter = this.flushEachWrite;
-    const r = mayQueue && bytes > 0 && !flushAfter ? this.enqueue(q, chain, QUEUED_WRITE, sector * SECTOR, bytes) : false;
+    const r = mayQueue && bytes > 0 && !flushAfter ? this.enqueue(q.index, chain.head, statusAddress(chain), chain.memory!, QUEUED_WRITE, sector * SECTOR, bytes) : false;
     if (r === "queued") return QUEUED;
     if (r === false) this.transfer(chain.memory!, sector * SECTOR, true);
     if (flushAfter) {
@@ -608,11 +762,9 @@ export class VirtioBlk implements VirtioBackend {
     for (let pass = 0; pass < 2; pass++) {
       for (let k = 0; k < segments; k++) {
         chain.readFrom(16 + 16 * k, this.header);
-        const lo = h.getUint32(0, true);
-        const hi = h.getUint32(4, true);
         const count = h.getUint32(8, true);
         const flags = h.getUint32(12, true);
-        const sector = hi >= 2 ** 21 ? Number.MAX_SAFE_INTEGER : hi * 2 ** 32 + lo;
+        const sector = sectorAt(h, 0);
         if (pass === 0) {
           if (discard ? flags !== 0 : (flags & ~1) !== 0) return VIRTIO_BLK_S.unsupp;
           if (count > (discard ? MAX_DISCARD_SECTORS : MAX_WRITE_ZEROES_SECTORS)) return VIRTIO_BLK_S.ioerr;
@@ -620,21 +772,25 @@ export class VirtioBlk implements VirtioBackend {
           continue;
         }
         if (discard) this.disk.discard(sector * SECTOR, count * SECTOR);
-        else if (this.disk.writeZeroes?.(sector * SECTOR, count * SECTOR, (flags & VIRTIO_BLK_WRITE_ZEROES_UNMAP) !== 0) === true) this.stats.writtenBytes += count * SECTOR;
-        else {
-          let pos = sector * SECTOR;
-          let left = count * SECTOR;
-          while (left > 0) {
-            const n = Math.min(left, ZERO_CHUNK);
-            this.disk.write(pos, n === ZERO_CHUNK ? this.zeros : this.zeros.subarray(0, n));
-            pos += n;
-            left -= n;
-          }
-          this.stats.writtenBytes += count * SECTOR;
-        }
+        else this.zeroRange(sector * SECTOR, count * SECTOR, (flags & VIRTIO_BLK_WRITE_ZEROES_UNMAP) !== 0);
       }
     }
     return VIRTIO_BLK_S.ok;
+  }
+
+  /** Make [pos, pos+length) read as zeros: without writing them where the disk can, else by writing them. */
+  private zeroRange(pos: number, length: number, unmap: boolean): void {
+    if (this.disk.writeZeroes?.(pos, length, unmap) !== true) {
+      let at = pos;
+      let left = length;
+      while (left > 0) {
+        const n = Math.min(left, ZERO_CHUNK);
+        this.disk.write(at, n === ZERO_CHUNK ? this.zeros : this.zeros.subarray(0, n));
+        at += n;
+        left -= n;
+      }
+    }
+    this.stats.writtenBytes += length;
   }
 
   save(): VirtioBlkSavedState {

@@ -5,7 +5,7 @@ import * as os from "node:os";
 import * as path from "node:path";
 import { POLLIN, addressOfView, alignedBuffer, poll, releaseMapping } from "../../../src/hypervisor/libc.js";
 import { setInterfaceUp } from "../../../src/hypervisor/host-network.js";
-import { DatagramPairPort, MAX_PORT_FRAME_BYTES, MemoryPortPair, NetworkPortError, TapPort } from "../../../src/devices/net/network-port.js";
+import { DatagramPairPort, FrameBuffer, MAX_PORT_FRAME_BYTES, MemoryPortPair, NetworkPortError, TapPort } from "../../../src/devices/net/network-port.js";
 
 function readable(fd: number): boolean {
   const fds = new Int32Array([fd, POLLIN]);
@@ -15,6 +15,21 @@ function readable(fd: number): boolean {
 function frame(len: number, fill: number): Uint8Array {
   return new Uint8Array(len).fill(fill);
 }
+
+test("FrameBuffer: a view per length, reused while its slot holds that length; every length a hostile guest can send leaves a bounded cache", () => {
+  const buf = new FrameBuffer(MAX_PORT_FRAME_BYTES);
+  buf.bytes.set([1, 2, 3, 4]);
+  const v = buf.view(3);
+  assert.deepEqual([...v], [1, 2, 3]);
+  assert.equal(buf.view(3), v, "the same length: the same view, nothing allocated");
+  assert.equal(buf.view(0).length, 0);
+  for (let n = 0; n <= MAX_PORT_FRAME_BYTES; n++) assert.equal(buf.view(n).length, n);
+  assert.ok(buf.cachedViews <= FrameBuffer.VIEW_SLOTS, `${buf.cachedViews} views cached`);
+  const w = buf.view(3 + FrameBuffer.VIEW_SLOTS);
+  assert.equal(w.length, 3 + FrameBuffer.VIEW_SLOTS, "a length sharing a slot gets its own view");
+  assert.equal(buf.view(3).length, 3);
+  for (const bad of [-1, MAX_PORT_FRAME_BYTES + 1, 1.5, Number.NaN]) assert.throws(() => buf.view(bad), RangeError);
+});
 
 test("MemoryPortPair: frames cross in order; fd readable exactly while frames are pending", () => {
   const pair = new MemoryPortPair("t", 4);

@@ -48,7 +48,7 @@ interface Rig {
   pairs: MemoryPortPair[];
 }
 
-function make(opts: { pairs?: number; want?: bigint; vnet?: boolean; mtu?: number; init?: boolean } = {}): Rig {
+function make(opts: { pairs?: number; want?: bigint; vnet?: boolean; mtu?: number; init?: boolean; rate?: { bytesPerSecond: number; clock: () => number } } = {}): Rig {
   const services = makeServices(1 << 20);
   const pairs = Array.from({ length: opts.pairs ?? 1 }, (_, i) => new MemoryPortPair(`q${i}`, 256, { vnetHeader: opts.vnet === true }));
   const ports = pairs.map((p) =>
@@ -59,7 +59,7 @@ function make(opts: { pairs?: number; want?: bigint; vnet?: boolean; mtu?: numbe
       },
     }),
   );
-  const o: VirtioNetOptions = { mac: MAC, queueSize: 64, ...(opts.mtu !== undefined ? { mtu: opts.mtu } : {}) };
+  const o: VirtioNetOptions = { mac: MAC, queueSize: 64, ...(opts.mtu !== undefined ? { mtu: opts.mtu } : {}), ...(opts.rate !== undefined ? { rateBytesPerSecond: opts.rate.bytesPerSecond, clock: opts.rate.clock } : {}) };
   const dev = createVirtioNet("vnet0", ports.length === 1 ? ports[0] : ports, services, o);
   placeDevice(dev);
   const drv = new TestVirtioDriver(dev, services);
@@ -325,6 +325,58 @@ test("multiqueue: the control queue at 2N, one pair until VQ_PAIRS_SET, each pai
   assert.equal(r.dev.net.queuePairs.active, 1);
 });
 
+test("VQ_PAIRS_SET that a port refuses: ERR, and the driver keeps the pairs it had, each still receiving", () => {
+  const r = make({ pairs: 3, want: BASE | CONTROL | bits(F.mq) });
+  assert.equal(command(r, CTRL.mq, CTRL.mqVqPairsSet, le16(2)), CTRL.ok);
+  const third = r.ports[2]!;
+  third.setQueueEnabled = (on: boolean): void => {
+    if (on) throw new Error("EBUSY");
+    third.enabled = false;
+  };
+  assert.equal(command(r, CTRL.mq, CTRL.mqVqPairsSet, le16(3)), CTRL.err);
+  assert.equal(r.dev.net.queuePairs.active, 2, "the device stays at the pairs the driver still believes in");
+  assert.deepEqual(r.ports.map((p) => p.enabled), [true, true, false]);
+  for (let k = 0; k < 2; k++) {
+    postRx(r, k, 2);
+    assert.equal(deliver(r, k, [ethernet(MAC, { seed: k })]).length, 1, `pair ${k} still receives`);
+  }
+  assert.ok(r.dev.net.notes.some((n) => /EBUSY/.test(n)), "the refusal is noted");
+});
+
+test("rate limit over several pairs: the alarm starts at the pair after the one the limit stopped, so a busy pair cannot starve another", () => {
+  let now = 1000;
+  const r = make({ pairs: 2, want: BASE | CONTROL | bits(F.mq), rate: { bytesPerSecond: 200_000, clock: () => now } });
+  assert.equal(command(r, CTRL.mq, CTRL.mqVqPairsSet, le16(2)), CTRL.ok);
+  const sink = new Uint8Array(MAX_PORT_FRAME_BYTES);
+  const onWire = (k: number): number => {
+    let n = 0;
+    while (r.wires[k]!.receive(sink) > 0) n++;
+    return n;
+  };
+  const queueFrames = (k: number, n: number): void => {
+    const q = r.drv.queues[2 * k + 1]!;
+    for (let i = 0; i < n; i++) q.add([{ addr: 0x80000 + k * 0x8000 + (i % 8) * 0x1000, len: HDR + 1000, write: false }]);
+    q.kick();
+  };
+  queueFrames(0, 60);
+  assert.equal(onWire(0), 60, "65,550 bytes in the bucket: all 60 go");
+  queueFrames(0, 60);
+  assert.equal(onWire(0), 6, "then the bucket is in debt");
+  queueFrames(1, 3);
+  assert.equal(onWire(1), 0, "pair 1 waits for the alarm too");
+  let pair1At = 0;
+  for (let alarm = 1; alarm <= 3 && pair1At === 0; alarm++) {
+    now += 100; // 20,000 bytes: about 20 frames
+    r.services.loop.fire(r.dev.net.alarm!.fd);
+    // Pair 0 is kept busy: what it sent is queued again at once.
+    const sent0 = onWire(0);
+    r.drv.queues[1]!.takeUsed();
+    queueFrames(0, sent0);
+    if (onWire(1) > 0) pair1At = alarm;
+  }
+  assert.ok(pair1At >= 1 && pair1At <= 2, `pair 1 got its turn at alarm ${pair1At}`);
+});
+
 test("multiqueue offered but not negotiated: the control queue is queue 2 and only the first pair works", () => {
   const r = make({ pairs: 2, want: BASE | CONTROL });
   assert.equal(controlQueue(r).index, 2);
@@ -410,4 +462,41 @@ test("saved state: a restored device keeps the filter, address, queue pairs and 
   placeDevice(small);
   assert.throws(() => small.net.restore({ ...(saved.backend as object), kind: "virtio-net", version: 2, queuePairs: 2 } as SavedDeviceState), /queue pairs/);
   assert.throws(() => small.net.restore({ kind: "virtio-net", version: 1 }), /virtio-net v2/);
+});
+
+test("saved state: the restored filter is in force before the first frame the restored device receives; corrupt states are refused and change nothing", () => {
+  const r = make();
+  assert.equal(command(r, CTRL.rx, 0, [0]), CTRL.ok, "promiscuous off: the device's own address and broadcast only");
+  postRx(r, 0, 4);
+  const saved = r.dev.save();
+  // Frames arrive on the port while the VM is being restored.
+  assert.equal(r.wires[0]!.send(ethernet(OTHER, { seed: 1 })), true);
+  assert.equal(r.wires[0]!.send(ethernet(MAC, { seed: 2 })), true);
+  const dev2 = createVirtioNet("vnet0", r.ports[0], r.services, { mac: MAC, queueSize: 64 });
+  placeDevice(dev2);
+  dev2.restore(saved);
+  const got = received(r, 0);
+  assert.equal(got.length, 1, "the frame to another address was filtered, not delivered");
+  assert.deepEqual([...got[0]!.subarray(0, 6)], [...MAC]);
+  assert.equal(dev2.net.counters.rxFiltered, 1);
+  // Corrupt or hostile saved states.
+  const before = JSON.stringify(dev2.net.filter.save());
+  const b = saved.backend as unknown as Record<string, unknown>;
+  const f = b.filter as Record<string, unknown>;
+  const corrupt: Record<string, unknown>[] = [
+    { ...b, mac: undefined },
+    { ...b, mac: [1, 2, 3, 4, 5, 256] },
+    { ...b, filter: null },
+    { ...b, filter: { ...f, vlans: undefined } },
+    { ...b, filter: { ...f, vlans: [4096] } },
+    { ...b, filter: { ...f, unicast: [1, 2, 3, 4, 5, "6"] } },
+    { ...b, filter: { ...f, multicast: Array(6 * (MAC_TABLE_ENTRIES + 1)).fill(1) } },
+    { ...b, filter: { ...f, promiscuous: "yes" } },
+    { ...b, guestOffloads: "all" },
+    { ...b, announcing: 1 },
+  ];
+  for (const c of corrupt) {
+    assert.throws(() => dev2.net.restore(c as unknown as SavedDeviceState), (e: Error) => e.name === "PciDeviceError" && /saved/.test(e.message), JSON.stringify(c).slice(0, 80));
+    assert.equal(JSON.stringify(dev2.net.filter.save()), before, "nothing changed");
+  }
 });

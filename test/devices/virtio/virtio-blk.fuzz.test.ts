@@ -15,18 +15,30 @@ import type { Buffer as Buf } from "./virtio-driver.js";
 const DISK = 256 * 1024;
 const SECTORS = DISK / 512;
 
-/** `onRing`: a raw file on an io_uring over host-mapped RAM, every request drained after its notification. */
-function blkTarget(readOnly: boolean, fz: () => VirtioFuzzer, onRing?: { disk: BlockDevice; ring: IoUring }, ringPacked = false): FuzzTarget {
+/**
+ * `onRing`: a raw file on an io_uring over host-mapped RAM, every request drained after its notification.
+ * `limited`: rate limits on a test clock that moves on at each notification; the alarm fires (early or
+ * due) half the time, then whatever is still held is done (quiesce), so that every well-formed request
+ * is answered and checked after its notification.
+ */
+function blkTarget(readOnly: boolean, fz: () => VirtioFuzzer, onRing?: { disk: BlockDevice; ring: IoUring }, ringPacked = false, limited?: { rng: SeededRandom }): FuzzTarget {
   const services = fuzzServices(onRing !== undefined);
   const disk = onRing?.disk ?? new MemDisk(DISK, readOnly);
-  const dev = createVirtioBlk("vblk-fuzz", disk, services, { queues: 2, queueSize: 64, serial: "FUZZ", ringPacked, ...(onRing !== undefined ? { ring: onRing.ring } : {}) });
+  let now = 0;
+  const limits = limited !== undefined ? { limits: { iops: 40, readBytesPerSecond: 60_000, writeBytesPerSecond: 30_000 }, clock: () => now } : {};
+  const dev = createVirtioBlk("vblk-fuzz", disk, services, { queues: 2, queueSize: 64, serial: "FUZZ", ringPacked, ...limits, ...(onRing !== undefined ? { ring: onRing.ring } : {}) });
   const blk = dev.backend as VirtioBlk;
   const mem = services.memory;
+  const afterLimited = (): void => {
+    now += limited!.rng.int(20);
+    if (blk.alarm?.pending === true && limited!.rng.int(2) === 0) services.loop.fire(blk.alarm.fd);
+    blk.quiesce();
+  };
   return {
     dev,
     services,
     consuming: [0, 1],
-    ...(onRing !== undefined ? { afterKick: () => blk.quiesce() } : {}),
+    ...(onRing !== undefined ? { afterKick: () => blk.quiesce() } : limited !== undefined ? { afterKick: afterLimited } : {}),
     request(rng: SeededRandom): ChainSpec {
       const f = fz();
       const type = rng.pick([0, 0, 0, 1, 1, 1, 4, 8, 11, 13, 10, rng.int(2 ** 32)]);
@@ -103,6 +115,23 @@ for (const [readOnly, steps, seed, packed] of [[false, 100_000, 0xb10c, false], 
     console.log(`virtio-blk fuzz${rings}: ${JSON.stringify(stats)}`);
   });
 }
+
+test("virtio-blk fuzz with rate limits (requests held, then done by the alarm or quiesce; packed rings offered; 50000 steps, seed 0xb110)", { timeout: 60_000 }, () => {
+  const rng = new SeededRandom(0xb110);
+  let fuzzer: VirtioFuzzer | undefined;
+  const target = blkTarget(false, () => fuzzer!, undefined, true, { rng: new SeededRandom(0xb111) });
+  const blk = target.dev.backend as VirtioBlk;
+  fuzzer = new VirtioFuzzer(target, rng);
+  const stats = fuzzer.run(50_000);
+  assert.equal(stats.steps, 50_000);
+  assert.ok(blk.stats.throttled > 1000, `held ${blk.stats.throttled}`);
+  assert.ok(blk.stats.readBytes > 0 && blk.stats.writtenBytes > 0);
+  assert.ok(stats.requestsCompleted > 50_000 / 20, `completed ${stats.requestsCompleted}`);
+  assert.ok(stats.malformedDetected > 50_000 / 100, `malformed ${stats.malformedDetected}`);
+  assert.equal(blk.heldRequests, 0);
+  blk.closeQueue();
+  console.log(`virtio-blk fuzz with limits: ${JSON.stringify(stats)} held ${blk.stats.throttled}`);
+});
 
 test("virtio-blk fuzz on an io_uring (raw file, host-mapped RAM, 30000 steps, seed 0xb10e)", { timeout: 120_000 }, () => {
   const dir = mkdtempSync(join(tmpdir(), "partis-vblk-fuzz-"));
