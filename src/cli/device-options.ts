@@ -5,8 +5,8 @@
  *        cache: writeback (default) | none (O_DIRECT) | writethrough (O_DSYNC) | directsync | unsafe
  *               (flushes ignored), for every format (a differencing disk's parents too)
  *        serial: what the guest reads as the disk's serial number (1-20 printable ASCII characters)
- *        iops, iops_rd, iops_wr: most reads+writes / reads / writes per second (virtio disks)
- *        mbps, mbps_rd, mbps_wr: most MiB per second read+written / read / written (virtio disks; decimals allowed)
+ *        iops, iops_rd, iops_wr: most reads+writes / reads / writes per second (virtio and IDE disks)
+ *        mbps, mbps_rd, mbps_wr: most MiB per second read+written / read / written (virtio and IDE disks; decimals allowed)
  *   --cdrom ISO                        an ATAPI CD-ROM on the IDE controller
  *   --nic BACKEND[,model=virtio|ne2k][,mac=52:54:00:..][,packed][,offload=on|off][,queues=N][,mtu=N]
  *        packed: the virtio device also offers packed virtqueues (VIRTIO_F_RING_PACKED)
@@ -178,9 +178,8 @@ export function resolveDevices(opts: DeviceOptions, vmName: string, cpus: number
     const disk: DiskSpec = serial !== undefined ? { ...checked, serial } : checked;
     const limits = diskLimitsOption(value, o);
     if (iface === "ide") {
-      if (limits !== undefined) throw new UsageError(`--disk ${value}: iops and mbps limits are for virtio disks (the IDE controller has none)`);
       ide++;
-      out.push({ kind: "ide-disk", id: `ide-disk${i}`, disk });
+      out.push({ kind: "ide-disk", id: `ide-disk${i}`, disk, ...(limits !== undefined ? { limits } : {}) });
     } else out.push({ kind: "virtio-blk", id: `virtio-blk${i}`, disk, queues: cpus, ...(packed ? { ringPacked: true } : {}), ...(limits !== undefined ? { limits } : {}) });
   });
   (opts.cdrom ?? []).forEach((value, i) => {

@@ -266,7 +266,7 @@ export function registerRunCommand(program: Command): void {
     .option("--name <name>", "VM name for messages", "partis-vm")
     .option(
       "--disk <path[,if=virtio|ide][,ro][,packed][,cache=MODE][,serial=S][,iops=N][,mbps=N]...>",
-      "attach a disk image (raw, VHD, VHDX) or host block device (packed: also offer packed virtqueues; cache: writeback (default), none (O_DIRECT), writethrough, directsync or unsafe; serial: the serial number the guest reads, up to 20 characters; iops, iops_rd, iops_wr, mbps, mbps_rd, mbps_wr: most operations or MiB per second, virtio disks); repeatable",
+      "attach a disk image (raw, VHD, VHDX) or host block device (packed: also offer packed virtqueues; cache: writeback (default), none (O_DIRECT), writethrough, directsync or unsafe; serial: the serial number the guest reads, up to 20 characters; iops, iops_rd, iops_wr, mbps, mbps_rd, mbps_wr: most operations or MiB per second, virtio and IDE disks); repeatable",
       collect,
     )
     .option("--cdrom <iso>", "attach an ISO image as an IDE/ATAPI CD-ROM; repeatable", collect)

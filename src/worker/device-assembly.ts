@@ -201,6 +201,7 @@ export function assembleDevice(f: PlannedFunction, devices: readonly DeviceSpec[
       const opened: BlockDevice[] = [];
       const drives: IdeDriveConfig[] = [];
       let ring: IoUring | undefined;
+      let controller: PiixIde | undefined;
       try {
         // CD-ROMs first claim the secondary master; disks then fill from the primary master.
         for (const d of ide.filter((x) => x.kind === "ide-cdrom")) {
@@ -213,23 +214,25 @@ export function assembleDevice(f: PlannedFunction, devices: readonly DeviceSpec[
           const [channel, unit] = take(free[0]!);
           const dev = open(d.disk, d.id, ctx.warn);
           opened.push(dev);
-          drives.push({ channel, unit, kind: "disk", device: dev, writeThrough: writesStable(d.disk), ...(d.disk.serial !== undefined ? { serial: d.disk.serial } : {}) });
+          drives.push({ channel, unit, kind: "disk", device: dev, writeThrough: writesStable(d.disk), ...(d.disk.serial !== undefined ? { serial: d.disk.serial } : {}), ...(d.limits !== undefined ? { limits: d.limits } : {}) });
         }
         // One ring for the controller (each channel has one transfer at a time) when any disk can queue.
         ring = drives.some((d) => d.kind === "disk" && d.device?.queueHost !== undefined) ? openRing("ide0", ctx.warn) : undefined;
-        const device = new PiixIde("ide0", services, { primaryIrq: ctx.isaIrq(14), secondaryIrq: ctx.isaIrq(15), drives, ...(ring !== undefined ? { ring } : {}) });
+        const device = (controller = new PiixIde("ide0", services, { primaryIrq: ctx.isaIrq(14), secondaryIrq: ctx.isaIrq(15), drives, ...(ring !== undefined ? { ring } : {}) }));
         const watch = ring === undefined ? undefined : services.loop.watch(ring.eventFd, () => device.completeQueued());
         return {
           device,
           close: () => {
             if (ring !== undefined) device.quiesce();
+            device.close();
             watch?.close();
             ring?.close();
             opened.forEach((d) => d.close());
           },
-          stats: () => device.dmaStats(),
+          stats: () => ({ ...device.dmaStats(), throttled: device.throttled }),
         };
       } catch (e) {
+        controller?.close(); // its rate-limit alarms' timers
         ring?.close();
         opened.forEach((d) => d.close());
         throw e;

@@ -34,7 +34,7 @@ export type NicBackendSpec =
 export type DeviceSpec =
   /** ringPacked: offer packed virtqueues (the guest's driver chooses); limits: the disk's IOPS and bandwidth limits. */
   | { readonly kind: "virtio-blk"; readonly id: string; readonly disk: DiskSpec; readonly queues: number; readonly ringPacked?: boolean; readonly limits?: DiskIoLimits }
-  | { readonly kind: "ide-disk"; readonly id: string; readonly disk: DiskSpec }
+  | { readonly kind: "ide-disk"; readonly id: string; readonly disk: DiskSpec; readonly limits?: DiskIoLimits }
   | { readonly kind: "ide-cdrom"; readonly id: string; readonly disk: DiskSpec | undefined }
   /**
    * offloads: false turns off a virtio NIC's checksum and segmentation offloads on a TAP (on by default there);

@@ -40,7 +40,7 @@ test("--nic queues=N and mtu=N: carried to a virtio NIC (queues on a TAP only); 
     assert.throws(() => resolveDevices({ nic: [bad] }, "vm", 1), UsageError, bad);
 });
 
-test("--disk iops/mbps limits and --nic rate: carried to virtio devices in operations and bytes per second; bad values, IDE disks and NE2000s refused", () => {
+test("--disk iops/mbps limits and --nic rate: carried to virtio and IDE disks and virtio NICs in operations and bytes per second; bad values and NE2000s refused", () => {
   const { dir, cleanup } = scratchDir("cli-limits");
   try {
     const raw = join(dir, "a.raw");
@@ -51,7 +51,10 @@ test("--disk iops/mbps limits and --nic rate: carried to virtio devices in opera
     assert.ok(n?.kind === "virtio-net" && n.rateBytesPerSecond === 512 * 1024);
     const [plain] = resolveDevices({ disk: [raw] }, "vm", 1);
     assert.ok(plain?.kind === "virtio-blk" && plain.limits === undefined);
-    for (const bad of ["iops=0", "iops=1.5", "iops", "iops=-3", "mbps=0", "mbps=abc", "mbps_wr=2000000", "iops_rd=1e3", "if=ide,iops=100", "if=ide,mbps=1"])
+    const [ide] = resolveDevices({ disk: [`${raw},if=ide,iops_rd=50,mbps_wr=2`] }, "vm", 1);
+    assert.ok(ide?.kind === "ide-disk");
+    assert.deepEqual(ide.limits, { readIops: 50, writeBytesPerSecond: 2 * 1024 * 1024 });
+    for (const bad of ["iops=0", "iops=1.5", "iops", "iops=-3", "mbps=0", "mbps=abc", "mbps_wr=2000000", "iops_rd=1e3", "if=ide,iops=0", "if=ide,mbps=x"])
       assert.throws(() => resolveDevices({ disk: [`${raw},${bad}`] }, "vm", 1), UsageError, bad);
     for (const bad of ["none,rate=0", "none,rate", "none,rate=fast", "none,model=ne2k,rate=1"]) assert.throws(() => resolveDevices({ nic: [bad] }, "vm", 1), UsageError, bad);
   } finally {

@@ -207,14 +207,17 @@ const PACKET_OPS = [0x00, 0x03, 0x12, 0x1b, 0x1e, 0x25, 0x28, 0x2b, 0x43, 0x46, 
 const TABLES = [0x1000, 0x3ff8, 0x3fff0, 0x10_fff0];
 const REGIONS = ["primary", "secondary", "primary-control", "secondary-control", "bogus"];
 
-const SEEDS: readonly (readonly [number, boolean])[] = [
-  [0x1de_5eed, false],
-  [0x0c0ffee, false],
-  [0x51ab_ead, true],
+/** [seed, disk on a ring, the disk rate-limited (commands held, woken at random steps on a test clock)] */
+const SEEDS: readonly (readonly [number, boolean, boolean])[] = [
+  [0x1de_5eed, false, false],
+  [0x0c0ffee, false, false],
+  [0x51ab_ead, true, false],
+  [0x11_3175, false, true],
 ];
 
-for (const [seed, onRing] of SEEDS) test(`fuzz (seed ${seed.toString(16)}${onRing ? ", disk on a ring" : ""}): 100,000 random port, BAR, config and PRD steps never throw nor leave RAM`, () => {
+for (const [seed, onRing, limited] of SEEDS) test(`fuzz (seed ${seed.toString(16)}${onRing ? ", disk on a ring" : ""}${limited ? ", disk rate-limited" : ""}): 100,000 random port, BAR, config and PRD steps never throw nor leave RAM`, () => {
   const rnd = new SeededRandom(seed);
+  let now = 0;
   const inner = new ChunkedGuestMemory(RANGES, (_o, len) => new Uint8Array(len), 32 * 1024);
   const memory = new GuardedMemory(inner);
   const disk = new QueueingDisk(64 * 1024);
@@ -253,11 +256,12 @@ for (const [seed, onRing] of SEEDS) test(`fuzz (seed ${seed.toString(16)}${onRin
     primaryIrq: irq[0],
     secondaryIrq: irq[1],
     drives: [
-      { channel: 0, unit: 0, kind: "disk", device: disk },
+      { channel: 0, unit: 0, kind: "disk", device: disk, ...(limited ? { limits: { iops: 5, bytesPerSecond: 4096 } } : {}) },
       { channel: 0, unit: 1, kind: "disk", device: roDisk },
       { channel: 1, unit: 0, kind: "cdrom", device: iso },
     ],
     ...(ring !== undefined ? { ring } : {}),
+    clock: () => now,
   });
   ide.pci.assignBar(4, 0xc000);
   ide.pci.enableDecoding();
@@ -391,6 +395,14 @@ for (const [seed, onRing] of SEEDS) test(`fuzz (seed ${seed.toString(16)}${onRin
     // one string access). What a vCPU would answer from the shadow now, before the device thread's next turn.
     ide.afterAccess();
     if (rnd.next() < 0.3) seen.shadowChecks += checkPortShadow(ide, shadow, irq, `seed ${seed.toString(16)} step ${step}`);
+    if (limited) {
+      // Time passes; now and then a channel's alarm expires (early ones included).
+      now += rnd.int(4);
+      if (rnd.next() < 0.3) {
+        ide.channels[rnd.int(2)]!.resumeHeld();
+        ide.afterAccess(); // the alarm's wrapper publishes what reads see
+      }
+    }
     if (rnd.next() < 0.6) seen.deferredRuns += work.run();
     if (ring !== undefined && rnd.next() < 0.3) {
       // The ring's eventfd fired: the device thread's loop calls completeQueued.
@@ -430,8 +442,9 @@ for (const [seed, onRing] of SEEDS) test(`fuzz (seed ${seed.toString(16)}${onRin
   assert.ok(seen.ataErrors > 1000 && seen.bmErrors > 100 && seen.checkConditions > 100, JSON.stringify(seen));
   assert.ok(seen.bmInterrupts > 100);
   assert.ok(seen.stringReads > 1000, `string reads through the bus (${seen.stringReads})`);
-  assert.ok(seen.deferredRuns > 1000, `deferred transfers ran (${seen.deferredRuns})`);
+  assert.ok(seen.deferredRuns > (limited ? 300 : 1000), `deferred transfers ran (${seen.deferredRuns})`);
   assert.ok(seen.shadowChecks > 100_000, `shadowed reads checked (${seen.shadowChecks})`);
+  if (limited) assert.ok(ide.throttled > 200, `commands held by the rate limit (${ide.throttled})`);
   assert.ok(rises > 1000, `interrupts rose (${rises})`);
   assert.deepEqual(risesWithStatusPublished, [0, 0], "an interrupt rose while its channel's Status was still answered from the shadow");
   if (ring !== undefined) {

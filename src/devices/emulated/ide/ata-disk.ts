@@ -17,18 +17,29 @@
  * to a read-only back end abort (ABRT); a back-end read failure reports UNC.
  * Anything else aborts (ERR, ABRT), as does DEVICE RESET (packet devices only).
  * Sectors are 512 bytes whatever the back end's logical sector size.
+ *
+ * Rate limits (a DiskThrottle: IOPS and bandwidth, io-limits.ts): a read or
+ * write command whose limits are in debt is held with BSY set, before any
+ * data moves, until the channel wakes the disk (`resumeHeld`); its cost (one
+ * operation, all its sectors) is charged when it starts. A command that will
+ * fail (out of range, read-only) is not held or charged.
  */
 import { DiskError, type BlockDevice, type HostIoQueue } from "../../../storage/block-device.js";
 import { buildIdentifyDevice, DEFAULT_HEADS, DEFAULT_SPT, MAX_MULTIPLE, type AtaIdentity } from "./identify.js";
 import { IdeDevice, Pio, type DeviceHost, type DmaOutcome } from "./ide-device.js";
 import type { FieldReader } from "./saved-fields.js";
 import { ATA_SECTOR, CMD, DEV, ER, SETF, ST } from "./spec.js";
+import type { DiskThrottle } from "../../io-limits.js";
 
 /** What the current PIO DRQ blocks are for. */
 const Job = { none: 0, identify: 1, read: 2, write: 3 } as const;
 type Job = (typeof Job)[keyof typeof Job];
 
 const READY = ST.drdy | ST.dsc;
+
+/** What a rate limit holds: nothing, a PIO read or write command, a DMA command. */
+const Held = { none: 0, pioRead: 1, pioWrite: 2, dma: 3 } as const;
+type Held = (typeof Held)[keyof typeof Held];
 
 export interface SavedAtaDisk {
   readonly multiCount: number;
@@ -55,6 +66,10 @@ export class AtaDisk extends IdeDevice {
   readonly sectors: number;
   /** The most recent back-end failure (reported to the guest as a command error). */
   lastBackendError: unknown;
+  /** Read and write commands a rate limit held (PARTIS_STATS). */
+  throttled = 0;
+  /** The command a rate limit holds now (BSY set until it starts). */
+  private held: Held = Held.none;
 
   // Settings (power-on defaults; kept across SRST).
   multiCount = MAX_MULTIPLE;
@@ -91,6 +106,8 @@ export class AtaDisk extends IdeDevice {
     private readonly disk: BlockDevice,
     private readonly identity: AtaIdentity,
     private readonly stableWrites = false,
+    /** The disk's rate limits (none: every command starts at once). */
+    private readonly throttle: DiskThrottle | undefined = undefined,
   ) {
     super(unit, host, MAX_MULTIPLE * ATA_SECTOR);
     this.sectors = Math.floor(disk.size / ATA_SECTOR);
@@ -127,6 +144,42 @@ export class AtaDisk extends IdeDevice {
   protected override cancelTransfer(): void {
     super.cancelTransfer();
     this.job = Job.none;
+    this.held = Held.none;
+  }
+
+  /** Whether a read or write of `sectors` must wait for its limits: then it is held (BSY) and the channel asked to wake the disk; else its cost is charged. */
+  private mustWait(write: boolean, sectors: number, what: Held): boolean {
+    const t = this.throttle;
+    if (t === undefined) return false;
+    const wait = t.delay(write);
+    if (wait === 0) {
+      t.charge(write, sectors * ATA_SECTOR);
+      return false;
+    }
+    this.held = what;
+    this.status = ST.bsy;
+    this.throttled++;
+    t.waits++;
+    this.host.wakeAfter(wait);
+    return true;
+  }
+
+  override resumeHeld(force = false): number {
+    const held = this.held;
+    if (held === Held.none) return 0;
+    const write = held === Held.pioWrite || (held === Held.dma && this.dmaWrite);
+    const t = this.throttle!;
+    if (!force) {
+      const wait = t.delay(write);
+      if (wait > 0) return wait;
+    }
+    this.held = Held.none;
+    t.charge(write, (held === Held.dma ? this.dmaSectors : this.left) * ATA_SECTOR);
+    this.status = READY;
+    if (held === Held.dma) this.requestDma();
+    else if (held === Held.pioRead) this.loadReadBlock();
+    else this.startPio(Pio.out, Math.min(this.blockSectors, this.left) * ATA_SECTOR);
+    return 0;
   }
 
   command(cmd: number): void {
@@ -292,6 +345,7 @@ export class AtaDisk extends IdeDevice {
     this.blockSectors = blockSectors;
     this.job = write ? Job.write : Job.read;
     this.standby = false;
+    if (this.mustWait(write, r.count, write ? Held.pioWrite : Held.pioRead)) return;
     if (write) this.startPio(Pio.out, Math.min(blockSectors, this.left) * ATA_SECTOR);
     else this.loadReadBlock();
   }
@@ -362,6 +416,11 @@ export class AtaDisk extends IdeDevice {
     this.dmaWrite = write;
     this.lba48 = ext;
     this.standby = false;
+    if (this.mustWait(write, r.count, Held.dma)) return;
+    this.requestDma();
+  }
+
+  private requestDma(): void {
     this.dmaPending = true;
     this.status = READY | ST.drq;
     this.host.dmaRequest(this);

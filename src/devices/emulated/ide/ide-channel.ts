@@ -43,6 +43,8 @@ export class IdeChannel implements DeviceHost {
     private readonly irq: IrqLine,
     readonly busMaster: BusMasterChannel,
     makeDevice: (unit: 0 | 1, host: DeviceHost) => IdeDevice,
+    /** Wakes the channel after a delay (rate-limited disks only): `set(ms)` keeps the earlier time. */
+    private readonly timer?: { set(ms: number): void },
   ) {
     this.devices = [makeDevice(0, this), makeDevice(1, this)];
   }
@@ -77,6 +79,20 @@ export class IdeChannel implements DeviceHost {
 
   dmaRequest(device: IdeDevice): void {
     if (device === this.selected && this.busMaster.ready) this.busMaster.run(device);
+  }
+
+  wakeAfter(ms: number): void {
+    this.timer?.set(ms);
+  }
+
+  /** The timer fired (or a save is coming: `force`): held commands start where their limits allow; the timer is set again for the rest. */
+  resumeHeld(force = false): void {
+    let wait = Infinity;
+    for (const d of this.devices) {
+      const w = d.resumeHeld(force);
+      if (w > 0) wait = Math.min(wait, w);
+    }
+    if (wait !== Infinity) this.timer?.set(wait);
   }
 
   private updateIrq(): void {

@@ -9,7 +9,8 @@
  *
  * DEVNOTE: every command completes synchronously inside the register access
  * that starts it (or, for DMA, inside the bus-master start write), so BSY is
- * only ever seen while SRST is held.
+ * only ever seen while SRST is held, or while a disk's rate limit holds a
+ * read or write until the channel wakes it (`wakeAfter`, `resumeHeld`).
  */
 import type { HostIoQueue } from "../../../storage/block-device.js";
 import type { FieldReader } from "./saved-fields.js";
@@ -21,6 +22,8 @@ export interface DeviceHost {
   raiseIrq(device: IdeDevice): void;
   /** This device is ready to move data by bus-master DMA. */
   dmaRequest(device: IdeDevice): void;
+  /** Call this channel's devices' resumeHeld() in `ms` milliseconds (a rate limit holds a command). */
+  wakeAfter(ms: number): void;
 }
 
 /** The outcome of a bus-master transfer, as the device sees it. */
@@ -223,6 +226,15 @@ export abstract class IdeDevice {
     this.cancelTransfer();
     this.irqPending = false;
     this.status = ST.bsy;
+  }
+
+  /**
+   * The channel's wake-up: a command a rate limit held starts if its limits
+   * allow it now. Returns the milliseconds it still has to wait (0: nothing
+   * held, or it started). `force`: start it regardless (before a save).
+   */
+  resumeHeld(_force = false): number {
+    return 0;
   }
 
   /** SRST released (or power-on, or EXECUTE DEVICE DIAGNOSTIC): signature, diagnostic code 01h, ready status. */

@@ -34,6 +34,11 @@
  * controller needs no answer and shows only through later reads and
  * interrupts, so all its ports take posted writes: the vCPU queues the
  * taskfile, command, control and bus-master writes of a command and goes on.
+ *
+ * Rate limits (`IdeDriveConfig.limits`): a disk with limits holds a read or
+ * write command whose limits are in debt (BSY) until its channel's alarm, a
+ * timerfd on the device loop (io-limits.ts's DeviceAlarm, made only when a
+ * drive has limits); what reads see is published after it fires.
  */
 import { PartisError } from "../../../errors.js";
 import type { BlockDevice, BlockRequestRing } from "../../../storage/block-device.js";
@@ -44,6 +49,7 @@ import { AtaDisk, type SavedAtaDisk } from "./ata-disk.js";
 import { AtapiCdrom, type SavedAtapiCdrom } from "./atapi-cdrom.js";
 import { BusMasterChannel, type DmaQueue, type DmaScheduler, type SavedBusMaster } from "./bus-master.js";
 import { IdeChannel, type SavedIdeChannel } from "./ide-channel.js";
+import { DeviceAlarm, DiskThrottle, hasDiskIoLimits, type Clock, type DiskIoLimits } from "../../io-limits.js";
 import { AbsentDevice, type DeviceHost, type IdeDevice } from "./ide-device.js";
 import { FieldReader } from "./saved-fields.js";
 
@@ -62,6 +68,8 @@ export interface IdeDriveConfig {
   readonly serial?: string;
   /** A disk whose writes are stable when they complete (cache=writethrough, directsync): its write cache starts off. */
   readonly writeThrough?: boolean;
+  /** A disk's IOPS and bandwidth limits (Hyper-V's Storage QoS on an IDE disk; Proxmox's iops/mbps). */
+  readonly limits?: DiskIoLimits;
 }
 
 export interface PiixIdeOptions {
@@ -74,6 +82,8 @@ export interface PiixIdeOptions {
    * ring's completions and calls `completeQueued()`.
    */
   readonly ring?: BlockRequestRing;
+  /** The rate limits' millisecond clock (tests give their own). */
+  readonly clock?: Clock;
 }
 
 export interface IsaRegion {
@@ -130,6 +140,8 @@ export class PiixIde implements PciDevice {
   /** Where BAR4 decoded at the last publish: its shadow entries and posted-write ports follow it. */
   private barBase: number | undefined;
   private readonly ring: BlockRequestRing | undefined;
+  /** Each channel's wake-up for commands a rate limit holds (none when no drive has limits). */
+  private readonly alarms: readonly DeviceAlarm[];
   /** A completion from the ring, to its channel (token = channel index). */
   private readonly completion = (token: number, result: number): void => this.channels[token]?.busMaster.complete(result);
 
@@ -165,7 +177,7 @@ export class PiixIde implements PciDevice {
       const serial = cfg.serial ?? `PARTIS-IDE-${channel}${unit}`;
       if (cfg.kind === "disk") {
         const identity = { model: cfg.model ?? "PARTIS HARDDISK", serial, firmware: "1.0", unit };
-        return new AtaDisk(unit, host, cfg.device!, identity, cfg.writeThrough === true);
+        return new AtaDisk(unit, host, cfg.device!, identity, cfg.writeThrough === true, hasDiskIoLimits(cfg.limits) ? new DiskThrottle(cfg.limits, opts.clock) : undefined);
       }
       const identity = { model: cfg.model ?? "PARTIS DVD-ROM", serial, firmware: "1.0", unit };
       return new AtapiCdrom(unit, host, cfg.device, identity);
@@ -208,9 +220,15 @@ export class PiixIde implements PciDevice {
       };
       return { io: ring, token, submit, drain: () => ring.drain(this.completion) };
     };
+    const limited = opts.drives.some((d) => d.kind === "disk" && hasDiskIoLimits(d.limits));
+    const wake = (channel: 0 | 1) => (): void => {
+      this.channels[channel].resumeHeld();
+      this.publishShadow();
+    };
+    this.alarms = limited ? [new DeviceAlarm(services.loop, wake(0), opts.clock), new DeviceAlarm(services.loop, wake(1), opts.clock)] : [];
     this.channels = [
-      new IdeChannel(0, line(opts.primaryIrq), new BusMasterChannel(services.memory, canMaster, loop, queue(0)), make(0)),
-      new IdeChannel(1, line(opts.secondaryIrq), new BusMasterChannel(services.memory, canMaster, loop, queue(1)), make(1)),
+      new IdeChannel(0, line(opts.primaryIrq), new BusMasterChannel(services.memory, canMaster, loop, queue(0)), make(0), this.alarms[0]),
+      new IdeChannel(1, line(opts.secondaryIrq), new BusMasterChannel(services.memory, canMaster, loop, queue(1)), make(1), this.alarms[1]),
     ];
     this.pci.onMappingChanged = () => this.publishShadow();
     this.reset();
@@ -244,6 +262,18 @@ export class PiixIde implements PciDevice {
   quiesce(): void {
     for (const c of this.channels) c.busMaster.awaitFlight();
     this.publishShadow();
+  }
+
+  /** Teardown: the rate limits' timers are closed (after quiesce). */
+  close(): void {
+    for (const a of this.alarms) a.close();
+  }
+
+  /** Commands a rate limit held, both channels (`PARTIS_STATS`). */
+  get throttled(): number {
+    let n = 0;
+    for (const c of this.channels) for (const d of c.devices) if (d instanceof AtaDisk) n += d.throttled;
+    return n;
   }
 
   /** Both engines' transfer counters (`PARTIS_STATS`). */
@@ -426,9 +456,12 @@ export class PiixIde implements PciDevice {
     this.publishShadow();
   }
 
-  /** Runs any owed DMA transfer first (its data and completion belong in the state). */
+  /** Starts any command a rate limit holds and runs any owed DMA transfer first (its data and completion belong in the state). */
   save(): SavedPiixIde {
-    for (const c of this.channels) c.busMaster.settle();
+    for (const c of this.channels) {
+      c.resumeHeld(true);
+      c.busMaster.settle();
+    }
     this.publishShadow();
     return {
       kind: "piix-ide",
