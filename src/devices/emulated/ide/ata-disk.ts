@@ -578,6 +578,7 @@ export class AtaDisk extends IdeDevice {
     if (base.dmaPending && (dmaSectors === 0 || dmaLba + dmaSectors > this.sectors)) d.fail("a DMA transfer outside the disk");
     return () => {
       base.apply();
+      this.held = Held.none; // a saved disk holds nothing (save() starts a held command first)
       this.multiCount = multiCount;
       this.writeCache = writeCache;
       this.lookAhead = lookAhead;
