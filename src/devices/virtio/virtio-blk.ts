@@ -149,6 +149,13 @@ class HeldRequest {
   spans: ChainSpans | undefined;
 }
 
+/** `spans` copied into `kept`, or into a new selection when `kept` is missing or too small (made once, reused after). */
+function keptCopy(kept: ChainSpans | undefined, spans: ChainSpans): ChainSpans {
+  const into = kept !== undefined && kept.capacity >= spans.count ? kept : new ChainSpans(Math.max(64, 2 ** Math.ceil(Math.log2(spans.count))));
+  into.copyFrom(spans);
+  return into;
+}
+
 /** Guest address of a request's status byte (its last writable byte). */
 function statusAddress(chain: DescriptorChain): number {
   const last = chain.writableCount - 1;
@@ -451,9 +458,7 @@ export class VirtioBlk implements VirtioBackend {
     if (kind !== HELD_WRITE_ZEROES) {
       const spans = this.spans;
       spans.select(chain, !write, write ? 16 : 0, bytes);
-      let kept = r.spans;
-      if (kept === undefined || kept.capacity < spans.count) kept = r.spans = new ChainSpans(Math.max(64, 2 ** Math.ceil(Math.log2(spans.count))));
-      kept.copyFrom(spans);
+      r.spans = keptCopy(r.spans, spans);
     }
     this.held[this.heldCount++] = r;
     this.heldByDirection[d]++;
@@ -621,9 +626,7 @@ export class VirtioBlk implements VirtioBackend {
     this.slotStatus[slot] = statusGpa;
     if (kind !== QUEUED_FLUSH) {
       const spans = this.spans;
-      let kept = this.slotSpans[slot];
-      if (kept === undefined || kept.capacity < spans.count) kept = this.slotSpans[slot] = new ChainSpans(Math.max(64, 2 ** Math.ceil(Math.log2(spans.count))));
-      kept.copyFrom(spans);
+      this.slotSpans[slot] = keptCopy(this.slotSpans[slot], spans);
       this.slotPos[slot] = pos;
     }
     this.queuedSinceSubmit = true;
