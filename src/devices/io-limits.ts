@@ -116,6 +116,11 @@ export class DiskThrottle {
     this.dirBytes = [bytes(limits.readBytesPerSecond), bytes(limits.writeBytesPerSecond)];
   }
 
+  /** Whether a limit covers reads and writes together (iops or bytes per second): then a new request of either direction waits behind any held one. */
+  get combined(): boolean {
+    return this.iops !== undefined || this.bytes !== undefined;
+  }
+
   /** Milliseconds until a read (`write` false) or write may start; 0: now. */
   delay(write: boolean): number {
     const now = this.clock();
@@ -152,7 +157,12 @@ export class DeviceAlarm {
     private readonly clock: Clock = monotonicClock,
   ) {
     this.timer = HostTimer.create();
-    this.watch = loop.watch(this.timer.fd, () => this.fired());
+    try {
+      this.watch = loop.watch(this.timer.fd, () => this.fired());
+    } catch (e) {
+      this.timer.close();
+      throw e;
+    }
   }
 
   /** The descriptor the loop watches (tests fire it). */

@@ -302,6 +302,7 @@ export function assembleDevice(f: PlannedFunction, devices: readonly DeviceSpec[
             device.close();
             closePorts();
           },
+          stats: () => ({ ...device.stats }),
         };
       } catch (e) {
         closePorts();

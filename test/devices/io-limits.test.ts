@@ -9,6 +9,7 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import { readdirSync } from "node:fs";
 import { DeviceAlarm, DiskThrottle, TokenBucket } from "../../src/devices/io-limits.js";
 import { HostTimer } from "../../src/hypervisor/host-timer.js";
 import { VIRTIO_F, featureBit } from "../../src/devices/virtio/pci-transport.js";
@@ -106,6 +107,18 @@ test("device alarm: watched on the device loop; set keeps the earlier time; a wa
     alarm.close();
   }
   assert.equal(services.loop.active(alarm.fd), 0, "closed: no longer watched");
+});
+
+test("device alarm: a loop that cannot watch its timer leaves no timerfd open", () => {
+  const fds = readdirSync("/proc/self/fd").length;
+  const loop = {
+    watch: (): never => {
+      throw new Error("epoll_ctl: no space");
+    },
+    defer: (task: () => void) => task(),
+  };
+  assert.throws(() => new DeviceAlarm(loop, () => undefined), /no space/);
+  assert.equal(readdirSync("/proc/self/fd").length, fds);
 });
 
 // --- virtio-blk ---------------------------------------------------------------------------------
@@ -290,6 +303,76 @@ test("virtio-blk: a write-zeroes counts as a write of its range, and waits as wr
   assert.equal(disk.data[1024 * 512 + 100], 0, "the held write-zeroes zeroed its range");
   assert.equal(disk.data[1032 * 512], 0xaa, "and no more");
   assert.equal(r.blk.stats.writtenBytes, 512 * 1024 + 4096 + 4096);
+});
+
+test("virtio-blk with bus mastering off: held requests stay held (no DMA, no alarm, not even for a save) until it is on again, then go", () => {
+  const r = blkRig({ iops: 10 });
+  patterned(r.blk.disk as MemDisk);
+  const q = r.drv.queues[0]!;
+  const reads = Array.from({ length: 4 }, (_, i) => request(r.services, q, i, VIRTIO_BLK_T.in, 4096, i * 8));
+  q.kick();
+  assert.equal(q.takeUsed().length, 2);
+  assert.equal(r.blk.heldRequests, 2);
+  const statusOf = (i: number): number => r.services.memory.bytes(reads[i]!.status, 1)[0]!;
+  r.services.memory.bytes(reads[2]!.status, 1)[0] = 0xee;
+  r.dev.pci.configWrite(0x04, 2, r.dev.pci.command & ~4); // kexec's first step: the device may no longer touch RAM
+  r.clock.ms += 1000;
+  r.services.loop.fire(r.blk.alarm!.fd);
+  assert.equal(q.takeUsed().length, 0, "nothing completes while bus mastering is off");
+  assert.equal(statusOf(2), 0xee, "and nothing is written to guest memory");
+  assert.equal(r.blk.alarm?.pending, false, "no alarm while inactive");
+  r.blk.quiesce();
+  assert.equal(r.blk.heldRequests, 2, "a save while inactive leaves them held");
+  assert.equal(statusOf(2), 0xee);
+  r.dev.pci.configWrite(0x04, 2, r.dev.pci.command | 4);
+  assert.equal(q.takeUsed().length, 2, "bus mastering on again: the held reads go (the bucket refilled meanwhile)");
+  assert.equal(r.blk.heldRequests, 0);
+  assert.equal(statusOf(2), 0);
+  assert.ok(readBack(r.services, reads[3]!, 24, 4096));
+});
+
+test("virtio-blk with a limit on reads and writes together: a read waits behind an older held write, so reads cannot keep the write from the shared tokens", () => {
+  const r = blkRig({ iops: 10, writeBytesPerSecond: 64 * 1024 });
+  const q = r.drv.queues[0]!;
+  requests(r.services, q, 1, VIRTIO_BLK_T.out, 16 * 1024, 0);
+  assert.equal(q.takeUsed().length, 1, "the first write goes, its bandwidth bucket into debt");
+  requests(r.services, q, 1, VIRTIO_BLK_T.out, 16 * 1024, 1);
+  assert.equal(r.blk.heldRequests, 1, "the second write waits for its bandwidth");
+  requests(r.services, q, 1, VIRTIO_BLK_T.in, 4096, 2);
+  assert.equal(q.takeUsed().length, 0, "a read now, with IOPS to spare, waits behind it");
+  assert.equal(r.blk.heldRequests, 2);
+  r.clock.ms += 150;
+  r.services.loop.fire(r.blk.alarm!.fd);
+  assert.equal(q.takeUsed().length, 2, "both go when the write's bandwidth is paid");
+  // Without a shared limit, directions stay independent: a read goes past a held write.
+  const s = blkRig({ writeBytesPerSecond: 64 * 1024 });
+  const sq = s.drv.queues[0]!;
+  requests(s.services, sq, 2, VIRTIO_BLK_T.out, 16 * 1024, 0);
+  assert.equal(sq.takeUsed().length, 1);
+  requests(s.services, sq, 1, VIRTIO_BLK_T.in, 4096, 2);
+  assert.equal(sq.takeUsed().length, 1, "the read goes at once");
+});
+
+test("virtio-blk: with both directions in debt the alarm stops at once, and the held requests keep their order", () => {
+  const r = blkRig({ readIops: 10, writeIops: 10 });
+  const q = r.drv.queues[0]!;
+  for (let i = 0; i < 8; i++) request(r.services, q, i, i % 2 === 0 ? VIRTIO_BLK_T.in : VIRTIO_BLK_T.out, 4096, i * 8);
+  q.kick();
+  assert.equal(q.takeUsed().length, 4, "one and one into debt in each direction");
+  const disk = r.blk.disk as MemDisk;
+  const before = disk.reads + disk.writes;
+  r.clock.ms += 50;
+  r.services.loop.fire(r.blk.alarm!.fd);
+  assert.equal(q.takeUsed().length, 0);
+  assert.equal(disk.reads + disk.writes, before);
+  r.clock.ms += 100;
+  r.services.loop.fire(r.blk.alarm!.fd);
+  const done = q.takeUsed().map((u) => u.id);
+  assert.equal(done.length, 2, "one more each way");
+  r.clock.ms += 100;
+  r.services.loop.fire(r.blk.alarm!.fd);
+  done.push(...q.takeUsed().map((u) => u.id));
+  assert.deepEqual(done, [12, 15, 18, 21], "requests 4-7 (three descriptors each) in the order they came");
 });
 
 test("virtio-blk on packed rings: held requests complete later, out of order, with their data (their descriptors are not walked again); quiesce runs what is held", () => {

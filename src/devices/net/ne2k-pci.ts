@@ -113,6 +113,8 @@ export class Ne2kStats {
   rxDropped = 0;
   /** Times the receive path paused because the ring was full ("hold"). */
   rxHeld = 0;
+  /** Acknowledgements of PRX that left it set: a frame came after the driver last read ISR and CURR. */
+  rxAckRaces = 0;
 }
 
 export interface Ne2kPciSaved extends SavedDeviceState {
@@ -182,6 +184,18 @@ export class Ne2kPci implements PciDevice {
   private watch: FdWatch | undefined;
   /** Length of a frame held in `rxFrame` waiting for ring space (0: none). */
   private heldLength = 0;
+  /**
+   * A frame reached the ring after the guest last read ISR or CURR: it does
+   * not know of it yet. lib8390's ei_receive reads CURR, takes the frames up
+   * to it, and only then acknowledges PRX; a frame arriving between the two
+   * (the vCPU exits and the port's fd are served in turn) would lose its
+   * interrupt to that acknowledgement and sit in the ring until the next
+   * frame came (the last reply of a ping never did). While this is set, an
+   * acknowledgement leaves PRX standing, so the guest looks again. A driver
+   * that acknowledges first (FreeBSD's ed) has read ISR since the frame came,
+   * and gets no extra interrupt.
+   */
+  private rxUnseen = false;
   private irqLevel = false;
   private readonly onReadable = (): void => this.pumpReceive();
 
@@ -229,6 +243,7 @@ export class Ne2kPci implements PciDevice {
   private resetChip(): void {
     this.cr = CR_STP | 0x20;
     this.isr = ISR_RST;
+    this.rxUnseen = false;
     this.imr = 0;
     this.dcr = 0;
     this.tsr = 0;
@@ -282,6 +297,7 @@ export class Ne2kPci implements PciDevice {
         case 0x01:
           return 0; // CLDA0: local DMA low byte (receives start on a page boundary)
         case 0x02:
+          this.rxUnseen = false;
           return this.curr; // CLDA1
         case 0x03:
           return this.bnry;
@@ -292,6 +308,7 @@ export class Ne2kPci implements PciDevice {
         case 0x06:
           return 0; // FIFO
         case 0x07:
+          this.rxUnseen = false;
           return this.isr;
         case 0x08:
           return this.rsar & 0xff;
@@ -316,7 +333,10 @@ export class Ne2kPci implements PciDevice {
     }
     if (page === 1) {
       if (reg <= 6) return this.par[reg - 1]!;
-      if (reg === 7) return this.curr;
+      if (reg === 7) {
+        this.rxUnseen = false;
+        return this.curr;
+      }
       return this.mar[reg - 8]!;
     }
     if (page === 2) {
@@ -330,6 +350,7 @@ export class Ne2kPci implements PciDevice {
         case 0x04:
           return this.tpsr;
         case 0x05:
+          this.rxUnseen = false;
           return this.curr; // local next packet pointer
         case 0x06:
           return this.rsar >> 8; // address counter (upper)
@@ -380,7 +401,11 @@ export class Ne2kPci implements PciDevice {
           this.tbcr = (this.tbcr & 0x00ff) | (v << 8);
           return;
         case 0x07:
-          // Write one to clear; RST is status only.
+          // Write one to clear; RST is status only. PRX stays for a frame the guest has not seen (rxUnseen).
+          if ((v & ISR_PRX) !== 0 && this.rxUnseen) {
+            v &= ~ISR_PRX;
+            this.stats.rxAckRaces++;
+          }
           this.isr &= ~(v & 0x7f);
           this.updateIrq();
           return;
@@ -635,6 +660,7 @@ export class Ne2kPci implements PciDevice {
     this.curr = next;
     this.rsr = status;
     this.isr |= ISR_PRX;
+    this.rxUnseen = true;
     this.stats.rxFrames++;
     this.updateIrq();
     return "ok";
@@ -741,6 +767,8 @@ export class Ne2kPci implements PciDevice {
     this.tpsr = tpsr;
     this.tbcr = tbcr;
     this.isr = isr;
+    // Not in the state: a pending PRX may be one the guest has not seen (one extra interrupt at worst).
+    this.rxUnseen = (isr & ISR_PRX) !== 0;
     this.rsar = rsar;
     this.rbcr = rbcr;
     this.rcr = rcr;

@@ -475,16 +475,21 @@ export class MemoryPortPair {
 /**
  * A reusable frame buffer that hands out `subarray` views by length, cached,
  * so a NIC can pass `port.send(buffer.view(n))` without allocating a view per
- * frame. The cache is direct-mapped (VIEW_SLOTS entries by length): each
- * length allocates its view once while no other length takes its slot, and
- * a guest sending every length from 0 to 64 KiB holds at most VIEW_SLOTS
- * views per buffer (two per queue pair), not one per length.
+ * frame. The cache is two-way set-associative (VIEW_SLOTS views in sets of
+ * two, chosen by length, the less recently used one replaced): a length
+ * allocates its view once while at most one other length of its set is in
+ * use (1514 and 490 share a set and keep their views), and a guest sending
+ * every length from 0 to 64 KiB holds at most VIEW_SLOTS views per buffer
+ * (two per queue pair), not one per length.
  */
 export class FrameBuffer {
   static readonly VIEW_SLOTS = 1024;
+  private static readonly SETS = FrameBuffer.VIEW_SLOTS / 2;
   readonly bytes: Uint8Array;
+  /** Set i holds ways 2i and 2i+1; a view's own length says which length it is. */
   private readonly views: (Uint8Array | undefined)[] = new Array<Uint8Array | undefined>(FrameBuffer.VIEW_SLOTS).fill(undefined);
-  private readonly viewLengths = new Int32Array(FrameBuffer.VIEW_SLOTS).fill(-1);
+  /** Per set: the way used last (the other is replaced on a miss). */
+  private readonly lastWay = new Uint8Array(FrameBuffer.SETS);
 
   constructor(readonly capacity: number) {
     this.bytes = new Uint8Array(capacity);
@@ -492,19 +497,32 @@ export class FrameBuffer {
 
   /** The first `length` bytes (0 <= length <= capacity). */
   view(length: number): Uint8Array {
-    const slot = length & (FrameBuffer.VIEW_SLOTS - 1);
-    if (this.viewLengths[slot] === length) return this.views[slot]!;
+    const set = length & (FrameBuffer.SETS - 1);
+    const first = set << 1;
+    const views = this.views;
+    let v = views[first];
+    if (v !== undefined && v.length === length) {
+      this.lastWay[set] = 0;
+      return v;
+    }
+    v = views[first + 1];
+    if (v !== undefined && v.length === length) {
+      this.lastWay[set] = 1;
+      return v;
+    }
+    // A miss; a length no view can have (negative, fractional, too long) always is one.
     if (!Number.isInteger(length) || length < 0 || length > this.capacity) throw new RangeError(`FrameBuffer.view: ${length} is outside 0..${this.capacity}`);
-    const v = this.bytes.subarray(0, length);
-    this.views[slot] = v;
-    this.viewLengths[slot] = length;
+    const way = this.lastWay[set]! ^ 1;
+    v = this.bytes.subarray(0, length);
+    views[first + way] = v;
+    this.lastWay[set] = way;
     return v;
   }
 
   /** Views held now (at most VIEW_SLOTS). */
   get cachedViews(): number {
     let n = 0;
-    for (const l of this.viewLengths) if (l >= 0) n++;
+    for (const v of this.views) if (v !== undefined) n++;
     return n;
   }
 }

@@ -352,7 +352,11 @@ export class VirtioBlk implements VirtioBackend {
     }
   }
 
-  /** Before the device's state is saved: every request held or in flight completes into its used ring (held ones regardless of their limits). */
+  /**
+   * Before the device's state is saved: every request held or in flight
+   * completes into its used ring (held ones regardless of their limits, if
+   * the device is active: else they stay held, for a driver that must reset it).
+   */
   quiesce(): void {
     if (this.heldCount > 0) this.runHeldRequests(true);
     if (this.ring === undefined || this.freeCount === this.freeSlots.length) return;
@@ -374,6 +378,8 @@ export class VirtioBlk implements VirtioBackend {
     const t = this.transport!;
     const q = t.queues[index]!;
     const chain = this.chain;
+    // Held requests that waited out an inactive spell (bus mastering off) go before what is new.
+    if (this.heldCount > 0 && !this.alarm!.pending) this.runHeldRequests();
     do {
       q.disableNotifications();
       while (q.pop(chain)) {
@@ -439,7 +445,9 @@ export class VirtioBlk implements VirtioBackend {
     const write = kind !== QUEUED_READ;
     const d = write ? 1 : 0;
     const throttle = this.throttle!;
-    if (this.heldByDirection[d] === 0) {
+    // Requests held ahead go first: those of its direction, or any when a limit covers both (else a stream of
+    // reads could keep taking the shared tokens from an older write).
+    if ((throttle.combined ? this.heldCount : this.heldByDirection[d]) === 0) {
       const wait = throttle.delay(write);
       if (wait === 0) {
         throttle.charge(write, bytes);
@@ -476,14 +484,28 @@ export class VirtioBlk implements VirtioBackend {
    * for.
    */
   private runHeldRequests(all = false): void {
+    const t = this.transport!;
+    // Inactive (bus mastering off, NEEDS_RESET): no DMA. They stay held, also through a save, until the device is
+    // active again (its queues are notified then) or reset (which drops them).
+    if (!t.active) {
+      this.alarm!.cancel();
+      return;
+    }
     const throttle = this.throttle!;
     let blocked = 0; // bit d: direction d is still in debt
     let next = Infinity;
     let kept = 0;
-    for (let i = 0; i < this.heldCount; i++) {
+    let i = 0;
+    for (; i < this.heldCount && blocked !== 3; i++) {
       const r = this.held[i]!;
       const write = r.kind !== QUEUED_READ;
       const d = write ? 1 : 0;
+      if (!t.queues[r.queue]!.ready) {
+        // Its queue is no longer usable (only a device reset, which drops held requests, takes a queue away: a guard).
+        this.heldByDirection[d]--;
+        this.heldPool.push(r);
+        continue;
+      }
       if ((blocked & (1 << d)) === 0) {
         const wait = all ? 0 : throttle.delay(write);
         if (wait === 0) {
@@ -498,6 +520,8 @@ export class VirtioBlk implements VirtioBackend {
       }
       this.held[kept++] = r;
     }
+    // Both directions in debt: the rest stay as they are, in order.
+    for (; i < this.heldCount; i++) this.held[kept++] = this.held[i]!;
     this.heldCount = kept;
     this.submitAndReap();
     this.signalCompleted();
@@ -803,5 +827,11 @@ export class VirtioBlk implements VirtioBackend {
 
 /** A virtio-blk PCI function over `disk`. */
 export function createVirtioBlk(name: string, disk: BlockDevice, services: PciDeviceServices, opts: VirtioBlkOptions): VirtioPciDevice {
-  return new VirtioPciDevice(name, new VirtioBlk(disk, opts), services, { ringPacked: opts.ringPacked === true });
+  const blk = new VirtioBlk(disk, opts);
+  try {
+    return new VirtioPciDevice(name, blk, services, { ringPacked: opts.ringPacked === true });
+  } catch (e) {
+    blk.closeQueue(); // attach() may have made its rate-limit alarm before the transport failed
+    throw e;
+  }
 }

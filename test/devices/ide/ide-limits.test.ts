@@ -7,6 +7,7 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import { readdirSync } from "node:fs";
 import { ChunkedGuestMemory } from "../../../src/machine/guest-memory.js";
 import { PiixIde, type IdeDriveConfig } from "../../../src/devices/emulated/ide/piix-ide.js";
 import type { DiskIoLimits } from "../../../src/devices/io-limits.js";
@@ -64,6 +65,29 @@ test("IDE disk without limits: no alarm timers at all", () => {
   r.ide.close();
 });
 
+test("IDE: a controller that cannot be made (a drive's limit is not a rate) leaves no alarm timer open or watched", () => {
+  const memory = ChunkedGuestMemory.anonymous([{ gpa: 0, length: MiB, fileOffset: 0 }]);
+  const watchers = new Map<number, () => void>();
+  const services = {
+    ...fakeServices(memory, new DeferredWork(), new RecordingPortShadow(), new RecordingPostedWritePorts()),
+    loop: {
+      watch: (fd: number, onReadable: () => void) => {
+        watchers.set(fd, onReadable);
+        return { close: () => void watchers.delete(fd) };
+      },
+      defer: (task: () => void) => task(),
+    },
+  };
+  const drives: IdeDriveConfig[] = [
+    { channel: 0, unit: 0, kind: "disk", device: new MemoryDisk(MiB), limits: { iops: 10 } },
+    { channel: 1, unit: 0, kind: "disk", device: new MemoryDisk(MiB), limits: { iops: 0 } },
+  ];
+  const fds = readdirSync("/proc/self/fd").length;
+  assert.throws(() => new PiixIde("ide0", services, { primaryIrq: new RecordingIrqLine(), secondaryIrq: new RecordingIrqLine(), drives }), /positive number/);
+  assert.equal(watchers.size, 0, "the alarms made before the failure are no longer watched");
+  assert.equal(readdirSync("/proc/self/fd").length, fds, "and their timerfds are closed");
+});
+
 test("IDE READ DMA over an IOPS limit: held with BSY (no DMA request, no data, no interrupt) until the alarm; then it runs as usual", () => {
   const r = limitedRig({ iops: 10 });
   const { drv, rig } = r;
@@ -101,6 +125,34 @@ test("IDE READ DMA over an IOPS limit: held with BSY (no DMA request, no data, n
   assert.equal(r.ide.throttled, 1);
   r.ide.close();
   assert.equal(r.watchers.size, 0, "close: the timers are no longer watched");
+});
+
+test("IDE: while a held command keeps the drive busy, writes to the command block (a reselect, new LBA) are ignored; the held DMA runs as issued", () => {
+  const r = limitedRig({ iops: 10 });
+  const { drv, rig } = r;
+  for (let i = 0; i < 2; i++) {
+    drv.issue(READ_SECTORS, { nsect: 1, lba: i });
+    drv.readData(512);
+  }
+  drv.writePrd(TABLE, [[0x10000, 0x400]]);
+  drv.bmSetup(TABLE, true);
+  drv.issue(READ_DMA, { nsect: 2, lba: 40 });
+  drv.bmStart();
+  assert.equal(drv.altStatus(), ATA.BSY, "held");
+  // A driver that gave up waiting probes the other device and loads a new task file.
+  drv.outb(ATA.DEVICE, 0xf0);
+  drv.outb(ATA.LBAL, 0);
+  drv.outb(ATA.NSECT, 7);
+  assert.equal(drv.altStatus(), ATA.BSY, "still device 0, still busy");
+  r.advance(100);
+  r.fireAlarms();
+  assert.equal(drv.irq.level, true, "the held transfer ran and interrupted");
+  assert.deepEqual(rig.memory.bytes(0x10000, 0x400), pattern(1, 40 * 512, 0x400), "from the LBA it was issued with");
+  drv.bmStop();
+  assert.equal(drv.status(), 0x50);
+  drv.outb(ATA.DEVICE, 0xf0);
+  assert.equal(drv.altStatus(), 0, "not busy: the reselect takes (no device 1)");
+  r.ide.close();
 });
 
 test("IDE PIO under a bandwidth limit: a held READ SECTORS interrupts with its data at the alarm; a held WRITE SECTORS asks for its data then", () => {

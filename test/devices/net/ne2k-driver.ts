@@ -72,6 +72,8 @@ export class Ne2kDriver {
   rxConfig = 0x04;
   /** Frames handed to the "stack". */
   readonly received: Uint8Array[] = [];
+  /** Called in ei_receive after its last read of CURR, before it acknowledges PRX (a test's frame can arrive there). */
+  beforeReceiveAck: (() => void) | undefined;
   readonly stats: DriverStats = { rxPackets: 0, rxErrors: 0, rxLengthErrors: 0, rxOverErrors: 0, rxMissed: 0, txPackets: 0, txErrors: 0, mismatches: 0 };
   private tx1 = 0;
   private tx2 = 0;
@@ -340,6 +342,7 @@ export class Ne2kDriver {
       this.currentPage = next;
       this.outb(next - 1, BNRY);
     }
+    this.beforeReceiveAck?.();
     this.outb(ISR_RX + ISR_RX_ERR, ISR);
   }
 

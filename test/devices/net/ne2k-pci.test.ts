@@ -292,6 +292,53 @@ test("lengths at page boundaries agree with lib8390's next-page check", () => {
   assert.equal(drv.interrupt(), 0);
 });
 
+test("a frame that arrives after ei_receive last read CURR, before it acknowledges PRX, is not left in the ring without an interrupt", () => {
+  const { drv, wire, deliver, nic, services } = make();
+  drv.probe();
+  drv.open();
+  const a = ethFrame(MAC, OTHER, 98, 1);
+  const b = ethFrame(MAC, OTHER, 98, 2);
+  wire.send(a);
+  deliver();
+  let injected = false;
+  drv.beforeReceiveAck = () => {
+    if (injected) return;
+    injected = true;
+    wire.send(b); // the reply that came while the guest was finishing the previous frame
+    deliver();
+  };
+  drv.interrupt();
+  // PRX stayed up through the acknowledgement, so ei_interrupt's loop went round again and took the frame.
+  assert.equal(drv.received.length, 2);
+  assert.deepEqual([...drv.received[1]!], [...b]);
+  assert.equal(nic.stats.rxAckRaces, 1);
+  assert.equal(services.intx.level, false);
+  assert.equal(drv.inb(D.ISR) & D.ISR_RX, 0);
+
+  // A driver that reads ISR and acknowledges before it reads the ring (FreeBSD's ed): no extra interrupt.
+  drv.beforeReceiveAck = undefined;
+  wire.send(ethFrame(MAC, OTHER, 98, 3));
+  deliver();
+  assert.equal(services.intx.level, true);
+  assert.equal(drv.inb(D.ISR) & D.ISR_RX, D.ISR_RX);
+  drv.outb(D.ISR_RX, D.ISR);
+  assert.equal(drv.inb(D.ISR) & D.ISR_RX, 0);
+  assert.equal(services.intx.level, false);
+  assert.equal(nic.stats.rxAckRaces, 1);
+  drv.receive();
+  assert.equal(drv.received.length, 3);
+
+  // An acknowledgement from a driver that has not looked since the frame came leaves PRX up.
+  wire.send(ethFrame(MAC, OTHER, 98, 4));
+  deliver();
+  drv.outb(D.ISR_RX, D.ISR);
+  assert.equal(services.intx.level, true);
+  assert.equal(nic.stats.rxAckRaces, 2);
+  drv.interrupt();
+  assert.equal(drv.received.length, 4);
+  assert.equal(services.intx.level, false);
+});
+
 test("ring full, policy hold: the receive path pauses, nothing is lost, delivery resumes when BNRY moves", () => {
   const { drv, wire, deliver, nic, pair, services } = make({ policy: "hold" });
   drv.probe();

@@ -16,7 +16,8 @@ function frame(len: number, fill: number): Uint8Array {
   return new Uint8Array(len).fill(fill);
 }
 
-test("FrameBuffer: a view per length, reused while its slot holds that length; every length a hostile guest can send leaves a bounded cache", () => {
+test("FrameBuffer: a view per length, reused while its set holds that length; every length a hostile guest can send leaves a bounded cache", () => {
+  for (const bad of [-1, -1025, MAX_PORT_FRAME_BYTES + 1, 0.5, Number.NaN]) assert.throws(() => new FrameBuffer(MAX_PORT_FRAME_BYTES).view(bad), RangeError, `a fresh buffer: view(${bad})`);
   const buf = new FrameBuffer(MAX_PORT_FRAME_BYTES);
   buf.bytes.set([1, 2, 3, 4]);
   const v = buf.view(3);
@@ -29,6 +30,19 @@ test("FrameBuffer: a view per length, reused while its slot holds that length; e
   assert.equal(w.length, 3 + FrameBuffer.VIEW_SLOTS, "a length sharing a slot gets its own view");
   assert.equal(buf.view(3).length, 3);
   for (const bad of [-1, MAX_PORT_FRAME_BYTES + 1, 1.5, Number.NaN]) assert.throws(() => buf.view(bad), RangeError);
+  // Full-size frames and 490-byte ones share a set (1514 = 490 + 1024): both keep their views, alternating.
+  const mixed = new FrameBuffer(MAX_PORT_FRAME_BYTES);
+  const big = mixed.view(1514);
+  const small = mixed.view(490);
+  for (let i = 0; i < 4; i++) {
+    assert.equal(mixed.view(1514), big);
+    assert.equal(mixed.view(490), small);
+  }
+  // A third length of the set replaces the one used less recently (1514), not the last (490).
+  assert.equal(mixed.view(490 + 2048).length, 490 + 2048);
+  assert.equal(mixed.view(490), small);
+  assert.notEqual(mixed.view(1514), big);
+  assert.equal(mixed.cachedViews, 2);
 });
 
 test("MemoryPortPair: frames cross in order; fd readable exactly while frames are pending", () => {

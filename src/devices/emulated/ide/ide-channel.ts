@@ -150,6 +150,10 @@ export class IdeChannel implements DeviceHost {
 
   private writeByteRegister(offset: number, value: number): void {
     if (offset > 7) return;
+    // While the selected device is busy (a command held by its rate limit, SRST asserted) the command block registers ignore
+    // writes, a device reselect included, as QEMU's do: of commands only EXECUTE DEVICE DIAGNOSTIC gets through
+    // (command()), and SRST through Device Control.
+    if (offset !== REG.statusCommand && !this.empty && (this.selected.status & ST.bsy) !== 0) return;
     this.control &= ~DC.hob;
     if (offset === REG.statusCommand) {
       this.command(value);

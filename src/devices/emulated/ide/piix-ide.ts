@@ -225,13 +225,20 @@ export class PiixIde implements PciDevice {
       this.channels[channel].resumeHeld();
       this.publishShadow();
     };
-    this.alarms = limited ? [new DeviceAlarm(services.loop, wake(0), opts.clock), new DeviceAlarm(services.loop, wake(1), opts.clock)] : [];
-    this.channels = [
-      new IdeChannel(0, line(opts.primaryIrq), new BusMasterChannel(services.memory, canMaster, loop, queue(0)), make(0), this.alarms[0]),
-      new IdeChannel(1, line(opts.secondaryIrq), new BusMasterChannel(services.memory, canMaster, loop, queue(1)), make(1), this.alarms[1]),
-    ];
-    this.pci.onMappingChanged = () => this.publishShadow();
-    this.reset();
+    const alarms: DeviceAlarm[] = [];
+    try {
+      if (limited) for (const c of [0, 1] as const) alarms.push(new DeviceAlarm(services.loop, wake(c), opts.clock));
+      this.alarms = alarms;
+      this.channels = [
+        new IdeChannel(0, line(opts.primaryIrq), new BusMasterChannel(services.memory, canMaster, loop, queue(0)), make(0), alarms[0]),
+        new IdeChannel(1, line(opts.secondaryIrq), new BusMasterChannel(services.memory, canMaster, loop, queue(1)), make(1), alarms[1]),
+      ];
+      this.pci.onMappingChanged = () => this.publishShadow();
+      this.reset();
+    } catch (e) {
+      for (const a of alarms) a.close(); // nobody else will: the caller gets no controller to close
+      throw e;
+    }
   }
 
   reset(): void {
