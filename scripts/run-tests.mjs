@@ -29,18 +29,25 @@ function testFiles(dir) {
   return out;
 }
 
-/** Runs a command with stdout echoed; resolves with its status and the last 4 KB of its output. */
+/**
+ * The output kept for the summary and the test bed's signatures: the nested host's console tail comes whole
+ * (a panic's stack dumps ran past 4 KB in a twenty-fourth-session CI run, hiding the line above them, and the
+ * run was not retried).
+ */
+const TAIL_CHARS = 64 * 1024;
+
+/** Runs a command with stdout echoed; resolves with its status and the last TAIL_CHARS of its output. */
 function runEchoed(args) {
   return new Promise((resolve) => {
     const child = spawn(process.execPath, args, { cwd: root, stdio: ["ignore", "pipe", "pipe"], env: process.env });
     let tail = "";
     child.stdout.on("data", (d) => {
       process.stdout.write(d);
-      tail = (tail + d.toString()).slice(-4000);
+      tail = (tail + d.toString()).slice(-TAIL_CHARS);
     });
     child.stderr.on("data", (d) => {
       process.stderr.write(d);
-      tail = (tail + d.toString()).slice(-4000);
+      tail = (tail + d.toString()).slice(-TAIL_CHARS);
     });
     child.on("close", (code) => resolve({ code: code ?? 1, tail }));
   });

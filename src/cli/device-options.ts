@@ -13,7 +13,7 @@
  *        offload: checksum and TCP segmentation offloads of a virtio NIC on a TAP (default on there; off: none offered)
  *        queues: receive/transmit queue pairs of a virtio NIC on a TAP (1-64, default 1; the TAP is then multi-queue)
  *        mtu: the MTU a virtio NIC reports to the guest (68-65535; longer received frames are dropped)
- *        rate: most MiB per second a virtio NIC moves each way (decimals allowed)
+ *        rate: most MiB per second the NIC moves each way (decimals allowed; a NE2000 at least 0.1)
  *        BACKEND: tap:IFNAME | dgram:LOCAL.sock:PEER.sock | none
  *   --channel SOCKET                   a virtio-console byte channel on a UNIX socket the VM listens on
  *   --rng                              a virtio entropy source
@@ -27,6 +27,7 @@ import { PartisError, UsageError } from "../errors.js";
 import { CACHE_MODES, type CacheMode } from "../storage/block-device.js";
 import { openDisk } from "../storage/open.js";
 import { VIRTIO_NET_MAX_QUEUE_PAIRS } from "../devices/net/virtio-net.js";
+import { NE2K_MIN_RATE_BYTES_PER_SECOND } from "../devices/net/ne2k-pci.js";
 import type { DiskIoLimits } from "../devices/io-limits.js";
 import { DevicePlanError, MAX_IDE_DRIVES, parseMac, planPci, type DeviceSpec, type DiskSpec, type NicBackendSpec } from "../worker/device-plan.js";
 
@@ -203,8 +204,9 @@ export function resolveDevices(opts: DeviceOptions, vmName: string, cpus: number
     if (queues !== undefined && queues > 1 && !head.startsWith("tap:")) throw new UsageError(`--nic ${value}: queues=${queues} needs a TAP back end (its queues are the TAP's; a datagram pair has one)`);
     const mtu = nicNumberOption(value, o, "mtu", 68, 65535, model === "virtio");
     const rate = o.get("rate");
-    if (rate !== undefined && model !== "virtio") throw new UsageError(`--nic ${value}: rate is for virtio NICs`);
     const rateMiB = rate === undefined ? undefined : rateOption(`--nic ${value}`, "rate", rate);
+    if (rateMiB !== undefined && model === "ne2k" && rateMiB * MIB < NE2K_MIN_RATE_BYTES_PER_SECOND)
+      throw new UsageError(`--nic ${value}: rate=${String(rate)} is below the NE2000's least, 0.1 (MiB/s): a frame held longer than its driver's 200 ms transmit watchdog makes it reset the card`);
     const macText = o.get("mac");
     const mac = typeof macText === "string" ? macText : defaultMac(vmName, i);
     try {

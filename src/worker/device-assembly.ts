@@ -295,7 +295,7 @@ export function assembleDevice(f: PlannedFunction, devices: readonly DeviceSpec[
             },
           };
         }
-        const device = new Ne2kPci(spec.id, services, ports[0], { mac });
+        const device = new Ne2kPci(spec.id, services, ports[0], { mac, ...(spec.rateBytesPerSecond !== undefined ? { rateBytesPerSecond: spec.rateBytesPerSecond } : {}) });
         return {
           device,
           close: () => {

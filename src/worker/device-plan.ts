@@ -49,7 +49,7 @@ export type DeviceSpec =
       readonly offloads?: boolean;
       readonly queues?: number;
       readonly mtu?: number;
-      /** Most bytes per second a virtio NIC moves each way. */
+      /** Most bytes per second the NIC moves each way (a NE2000: NE2K_MIN_RATE_BYTES_PER_SECOND at least). */
       readonly rateBytesPerSecond?: number;
     }
   /** A host<->guest byte channel: a UNIX stream socket the worker listens on. */

@@ -40,7 +40,7 @@ test("--nic queues=N and mtu=N: carried to a virtio NIC (queues on a TAP only); 
     assert.throws(() => resolveDevices({ nic: [bad] }, "vm", 1), UsageError, bad);
 });
 
-test("--disk iops/mbps limits and --nic rate: carried to virtio and IDE disks and virtio NICs in operations and bytes per second; bad values and NE2000s refused", () => {
+test("--disk iops/mbps limits and --nic rate: carried to virtio and IDE disks and to NICs in operations and bytes per second; bad values and a NE2000 below 0.1 MiB/s refused", () => {
   const { dir, cleanup } = scratchDir("cli-limits");
   try {
     const raw = join(dir, "a.raw");
@@ -56,7 +56,10 @@ test("--disk iops/mbps limits and --nic rate: carried to virtio and IDE disks an
     assert.deepEqual(ide.limits, { readIops: 50, writeBytesPerSecond: 2 * 1024 * 1024 });
     for (const bad of ["iops=0", "iops=1.5", "iops", "iops=-3", "mbps=0", "mbps=abc", "mbps_wr=2000000", "iops_rd=1e3", "if=ide,iops=0", "if=ide,mbps=x"])
       assert.throws(() => resolveDevices({ disk: [`${raw},${bad}`] }, "vm", 1), UsageError, bad);
-    for (const bad of ["none,rate=0", "none,rate", "none,rate=fast", "none,model=ne2k,rate=1"]) assert.throws(() => resolveDevices({ nic: [bad] }, "vm", 1), UsageError, bad);
+    for (const bad of ["none,rate=0", "none,rate", "none,rate=fast", "none,model=ne2k,rate=0.09", "none,model=ne2k,rate=0"]) assert.throws(() => resolveDevices({ nic: [bad] }, "vm", 1), UsageError, bad);
+    assert.throws(() => resolveDevices({ nic: ["none,model=ne2k,rate=0.05"] }, "vm", 1), /watchdog/);
+    const [ne2k] = resolveDevices({ nic: ["none,model=ne2k,rate=0.1"] }, "vm", 1);
+    assert.ok(ne2k?.kind === "ne2k" && ne2k.rateBytesPerSecond === 0.1 * 1024 * 1024);
   } finally {
     cleanup();
   }

@@ -277,7 +277,7 @@ function downloadBytes(n: number): Buffer {
   return b;
 }
 
-describe("networks: two VMs back to back over virtio-net and NE2000, and a VM to the host over TAP", () => {
+describe("networks: two VMs back to back over virtio-net and a rate-limited NE2000, and a VM to the host over TAP", () => {
   let a: { status: number; output: string; stderr: string };
   let b: { status: number; output: string; stderr: string };
   const tap = "ptap-test0";
@@ -355,19 +355,24 @@ describe("networks: two VMs back to back over virtio-net and NE2000, and a VM to
       nic("52:54:00:00:00:b1", "10.0.1.2", "ne2k"),
       pingLoop("10.0.0.1", "VIRTIO-PING"),
       pingLoop("10.0.1.1", "NE2K-PING"),
+      // 60 more echoes, one page each way: both receive rings go round past their end (52 pages).
+      "n=0; for i in $(seq 60); do ping -c1 -W10 10.0.1.1 >/dev/null 2>&1 && n=$((n+1)); done; echo NE2K-60=$n",
+      // A 30 KB echo: 21 fragments back to back each way, more than the rate-limited NE2000s' buckets hold.
+      "ping -c1 -W20 -s 30000 10.0.1.1 >/dev/null 2>&1; echo NE2K-BIG=$?",
       "meet 10.0.0.1",
       "sleep 5; poweroff -f",
     ].join("\n");
     const nicsA = [
       "--nic", `dgram:${sock("a0")}:${sock("b0")},model=virtio,mac=52:54:00:00:00:a0`,
-      "--nic", `dgram:${sock("a1")}:${sock("b1")},model=ne2k,mac=52:54:00:00:00:a1`,
+      // Both NE2000s at their least rate (0.1 MiB/s each way: buckets of 10 KiB).
+      "--nic", `dgram:${sock("a1")}:${sock("b1")},model=ne2k,mac=52:54:00:00:00:a1,rate=0.1`,
       // Two queue pairs on a multi-queue TAP (VM A has two vCPUs, so its driver uses both) and a 1400-byte MTU.
       "--nic", `tap:${tap},model=virtio,mac=52:54:00:00:00:a2,queues=2,mtu=1400`,
     ];
     const nicsB = [
       // B's virtio NIC offers packed virtqueues: a packed ring talks to a split one.
       "--nic", `dgram:${sock("b0")}:${sock("a0")},model=virtio,mac=52:54:00:00:00:b0,packed`,
-      "--nic", `dgram:${sock("b1")}:${sock("a1")},model=ne2k,mac=52:54:00:00:00:b1`,
+      "--nic", `dgram:${sock("b1")}:${sock("a1")},model=ne2k,mac=52:54:00:00:00:b1,rate=0.1`,
     ];
     // PARTIS_STATS: the NE2000s' counters reach stderr at exit (read by the NE2000 ping test).
     const sa = new GuestSession(runArgs(scriptA, [...nicsA, "--name", "vm-a", "--cpus", "2"]), { ...process.env, PARTIS_STATS: "1" });
@@ -411,15 +416,22 @@ describe("networks: two VMs back to back over virtio-net and NE2000, and a VM to
     }
   });
 
-  test("ping between the two VMs over the emulated NE2000", (t) => {
+  test("ping between the two VMs over the emulated NE2000 (rate-limited: 0.1 MiB/s): small echoes past the rings' end, and a 30 KB one", (t) => {
+    // The NE2000s' host-side counters (PARTIS_STATS): frames, drops, holds for the rate limit, and acknowledgements
+    // of PRX that came after a frame the driver had not yet seen (lib8390 acknowledges after reading the ring).
+    const counters = (r: { stderr: string }): string =>
+      [...r.stderr.matchAll(/"nic\d+\.(rxFrames|rxDropped|rxFiltered|rxHeld|rxAckRaces|throttled|stops|txFrames|txDroppedByPort|txErrors)":(\d+)/g)].map((m) => `${m[1]} ${m[2]}`).join(", ");
+    const both = `VM A's NE2000: ${counters(a)}\nVM B's NE2000: ${counters(b)}`;
+    t.diagnostic(`VM A's NE2000: ${counters(a)}`);
+    t.diagnostic(`VM B's NE2000: ${counters(b)}`);
+    const detail = `${both}\n--- VM A ---\n${a.output.slice(-2500)}\n--- VM B ---\n${b.output.slice(-2500)}`;
     for (const [name, r] of [["A", a], ["B", b]] as const) {
-      // The NE2000's host-side counters (PARTIS_STATS): frames, drops, and acknowledgements of PRX that came after a
-      // frame the driver had not yet seen (lib8390 acknowledges after reading the ring: the device keeps PRX up).
-      const counters = [...r.stderr.matchAll(/"nic\d+\.(rxFrames|rxDropped|rxFiltered|rxHeld|rxAckRaces|txFrames|txDroppedByPort)":(\d+)/g)].map((m) => `${m[1]} ${m[2]}`).join(", ");
-      t.diagnostic(`VM ${name}'s NE2000: ${counters}`);
-      assert.equal(value(r.output, "NE2K-PING"), "1", `${r.output.slice(-3000)}\n${r.stderr}`);
-      assert.equal(value(r.output, "NE2K-PING-RECEIVED"), "3", `three more pings, each answered: VM ${name}; NE2000: ${counters}\n${r.output.slice(-3000)}`);
+      assert.equal(value(r.output, "NE2K-PING"), "1", `VM ${name}\n${detail}`);
+      assert.equal(value(r.output, "NE2K-PING-RECEIVED"), "3", `three more pings, each answered: VM ${name}\n${detail}`);
     }
+    // Until the twenty-fifth session, a receive ring that went round exactly at its end dropped every frame after.
+    assert.equal(value(b.output, "NE2K-60"), "60", `60 echoes in a row, each answered (both rings go round)\n${detail}`);
+    assert.equal(value(b.output, "NE2K-BIG"), "0", `a 30 KB echo through both rate-limited NE2000s, and its reply\n${detail}`);
   });
 
   test("ping from a VM to the host through a TAP device", () => {

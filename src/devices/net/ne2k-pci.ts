@@ -16,7 +16,9 @@
  * packet RAM at 0x4000-0x7fff (pages 0x40-0x7f). Other addresses read 0xff.
  *
  * Transmit: the command register's TXP sends TBCR bytes from page TPSR to the
- * port; completion is immediate (TSR.PTX, ISR.PTX). Receive: frames the port
+ * port; completion is immediate (TSR.PTX, ISR.PTX), unless a rate limit
+ * (`rateBytesPerSecond`) holds it: then TXP reads back set, as while a frame
+ * is on the wire, until the limit's alarm sends it. Receive: frames the port
  * delivers are filtered (physical address, broadcast, multicast hash,
  * promiscuous), padded to 60 bytes and written to the ring between PSTART and
  * PSTOP at CURR with the 4-byte header (status, next page, length), then
@@ -31,12 +33,16 @@
  * retries when the guest moves BNRY. A real 8390 would instead drop it and
  * raise ISR.OVW, after which Linux spends ~10 ms in ei_rx_overrun: "drop"
  * selects that behaviour (missed-packet tally CNTR2, OVW).
+ *
+ * DEVNOTE: PRX is left set through an acknowledgement while a frame came
+ * after the driver last read ISR or CURR (see `rxUnseen`).
  */
 import type { SavedDeviceState } from "../dependencies.js";
 import type { FdWatch, PciDeviceServices } from "../pci/device-thread-services.js";
 import { PciConfig, PciDeviceError, type PciDevice } from "../pci/pci-config.js";
 import { SavedStateReader } from "../emulated/saved-state.js";
 import { FrameBuffer, MAX_PORT_FRAME_BYTES, type NetworkPort } from "./network-port.js";
+import { DeviceAlarm, TokenBucket, monotonicClock, type Clock } from "../io-limits.js";
 
 // Command register bits.
 const CR_STP = 0x01;
@@ -98,7 +104,23 @@ export interface Ne2kPciOptions {
   readonly mac: Uint8Array;
   /** What to do with a frame when the ring is full: "hold" (default, no loss) or "drop" (ISR.OVW, as the chip does). */
   readonly rxFullPolicy?: "hold" | "drop";
+  /**
+   * Most bytes per second each way (undefined: no limit). A transmit over it
+   * keeps TXP set until the alarm (the driver sees a busy wire); receiving
+   * stops reading the port (the host's queue buffers, then drops, as a
+   * saturated link would) until the alarm.
+   */
+  readonly rateBytesPerSecond?: number;
+  /** The rate limit's millisecond clock (tests give their own). */
+  readonly clock?: Clock;
 }
+
+/**
+ * The least rate a NE2000 takes: a held transmit must end well inside
+ * lib8390's transmit watchdog (TX_TIMEOUT, 200 ms), or the driver resets the
+ * chip: 0.1 MiB/s, at which a full-size frame waits about 14 ms.
+ */
+export const NE2K_MIN_RATE_BYTES_PER_SECOND = 0.1 * 1024 * 1024;
 
 /** Host-side counters (not guest-visible). */
 export class Ne2kStats {
@@ -113,6 +135,10 @@ export class Ne2kStats {
   rxDropped = 0;
   /** Times the receive path paused because the ring was full ("hold"). */
   rxHeld = 0;
+  /** Times the rate limit held a transmit or stopped receiving. */
+  throttled = 0;
+  /** Times the driver stopped a running NIC (STP): lib8390 does at open, on a transmit timeout and on an overrun. */
+  stops = 0;
   /** Acknowledgements of PRX that left it set: a frame came after the driver last read ISR and CURR. */
   rxAckRaces = 0;
 }
@@ -199,6 +225,16 @@ export class Ne2kPci implements PciDevice {
   private irqLevel = false;
   private readonly onReadable = (): void => this.pumpReceive();
 
+  // --- rate limit ---
+  private readonly clock: Clock;
+  private readonly txLimit: TokenBucket | undefined;
+  private readonly rxLimit: TokenBucket | undefined;
+  private readonly alarm: DeviceAlarm | undefined;
+  /** A transmit the rate limit holds: TXP stays set until the alarm sends it. */
+  private txPending = false;
+  /** The rate limit stopped reading the port (until the alarm). */
+  private rxLimited = false;
+
   constructor(
     readonly name: string,
     private readonly services: PciDeviceServices,
@@ -210,9 +246,22 @@ export class Ne2kPci implements PciDevice {
     this.rxFullPolicy = opts.rxFullPolicy ?? "hold";
     this.pci = new PciConfig(NE2K_PCI_IDENTITY, [{ index: 0, kind: "io", size: 32 }]);
     this.pci.onCommandWrite = () => this.updateIrq();
+    this.clock = opts.clock ?? monotonicClock;
+    const rate = opts.rateBytesPerSecond;
+    if (rate !== undefined && !(rate >= NE2K_MIN_RATE_BYTES_PER_SECOND))
+      throw new PciDeviceError("NE2K_BAD_RATE", `${name}: a NE2000's rate limit is at least ${NE2K_MIN_RATE_BYTES_PER_SECOND} bytes per second (a held transmit must end inside the driver's 200 ms watchdog), not ${rate}`, { device: name });
+    // A full-size frame's worth at least.
+    this.txLimit = rate === undefined ? undefined : new TokenBucket(rate, MAX_RX_FRAME + 4, this.clock());
+    this.rxLimit = rate === undefined ? undefined : new TokenBucket(rate, MAX_RX_FRAME + 4, this.clock());
     this.buildProm();
     this.resetChip();
-    if (port !== undefined) this.watch = services.loop.watch(port.fd, this.onReadable);
+    this.alarm = rate === undefined ? undefined : new DeviceAlarm(services.loop, () => this.resumeLimited(), this.clock);
+    try {
+      if (port !== undefined) this.watch = services.loop.watch(port.fd, this.onReadable);
+    } catch (e) {
+      this.alarm?.close();
+      throw e;
+    }
   }
 
   private buildProm(): void {
@@ -241,6 +290,7 @@ export class Ne2kPci implements PciDevice {
 
   /** What the reset port does: the NIC stops, ISR shows RST, interrupts are masked. */
   private resetChip(): void {
+    this.txPending = false; // a held transmit is abandoned, as a stop abandons one on the wire
     this.cr = CR_STP | 0x20;
     this.isr = ISR_RST;
     this.rxUnseen = false;
@@ -255,6 +305,7 @@ export class Ne2kPci implements PciDevice {
   close(): void {
     this.watch?.close();
     this.watch = undefined;
+    this.alarm?.close();
   }
 
   // --- BAR access -------------------------------------------------------------------------------
@@ -401,10 +452,12 @@ export class Ne2kPci implements PciDevice {
           this.tbcr = (this.tbcr & 0x00ff) | (v << 8);
           return;
         case 0x07:
-          // Write one to clear; RST is status only. PRX stays for a frame the guest has not seen (rxUnseen).
-          if ((v & ISR_PRX) !== 0 && this.rxUnseen) {
+          // Write one to clear; RST is status only. PRX stays for a frame the guest has not seen (rxUnseen), and
+          // while a frame waits for ring space: the ring is full of frames the guest has yet to take (lib8390 takes
+          // nine per call), and with the port unread no new frame would raise PRX again.
+          if ((v & ISR_PRX) !== 0 && (this.rxUnseen || this.heldLength > 0)) {
             v &= ~ISR_PRX;
-            this.stats.rxAckRaces++;
+            if (this.rxUnseen) this.stats.rxAckRaces++;
           }
           this.isr &= ~(v & 0x7f);
           this.updateIrq();
@@ -456,14 +509,20 @@ export class Ne2kPci implements PciDevice {
     if ((v & CR_STP) !== 0) run = CR_STP;
     else if ((v & CR_STA) !== 0) run = CR_STA;
     const wasStopped = (this.cr & CR_STP) !== 0;
-    this.cr = (v & ~(CR_STP | CR_STA | CR_TXP)) | run;
+    // A stop abandons a transmit the rate limit holds (lib8390's overrun recovery sees TXP gone without PTX and
+    // sends it again); else TXP reads back set until it goes.
+    if (run === CR_STP) this.txPending = false;
+    this.cr = (v & ~(CR_STP | CR_STA | CR_TXP)) | run | (this.txPending ? CR_TXP : 0);
     if (run === CR_STP) {
       this.isr |= ISR_RST;
-      if (!wasStopped) this.releaseHeld();
+      if (!wasStopped) {
+        this.stats.stops++;
+        this.releaseHeld();
+      }
     } else if (run === CR_STA) this.isr &= ~ISR_RST;
     const rd = v & CR_RD_MASK;
     if ((rd === CR_RD_READ || rd === CR_RD_WRITE) && this.rbcr === 0) this.isr |= ISR_RDC;
-    if ((v & CR_TXP) !== 0 && run === CR_STA) this.transmit();
+    if ((v & CR_TXP) !== 0 && run === CR_STA && !this.txPending) this.startTransmit();
     this.updateIrq();
     if (wasStopped && run === CR_STA) this.retryHeld();
   }
@@ -545,6 +604,49 @@ export class Ne2kPci implements PciDevice {
 
   // --- transmit ---------------------------------------------------------------------------------
 
+  /** TXP: the frame goes now, or, over the rate limit, stays with TXP set until the alarm. */
+  private startTransmit(): void {
+    const limit = this.txLimit;
+    if (limit !== undefined && (this.tcr & TCR_LB) === 0 && this.tbcr !== 0 && this.tbcr <= MAX_TX_FRAME) {
+      const now = this.clock();
+      if (!limit.ready(now)) {
+        this.txPending = true;
+        this.cr |= CR_TXP;
+        this.stats.throttled++;
+        this.alarm!.set(limit.wait(now));
+        return;
+      }
+      limit.charge(this.tbcr);
+    }
+    this.transmit();
+  }
+
+  /**
+   * The alarm: a held transmit goes if the limit allows it now (else the
+   * alarm is set again), and receiving resumes.
+   */
+  private resumeLimited(): void {
+    if (this.txPending) {
+      const limit = this.txLimit!;
+      const now = this.clock();
+      if (limit.ready(now)) this.sendPending();
+      else this.alarm!.set(limit.wait(now));
+    }
+    if (this.rxLimited) {
+      this.rxLimited = false;
+      this.resumeWatch();
+    }
+  }
+
+  /** Send the held transmit (charged; the alarm or a save). */
+  private sendPending(): void {
+    this.txPending = false;
+    this.cr &= ~CR_TXP;
+    this.txLimit!.charge(this.tbcr);
+    this.transmit();
+    this.updateIrq();
+  }
+
   private transmit(): void {
     const len = this.tbcr;
     if (len === 0 || len > MAX_TX_FRAME) {
@@ -574,10 +676,24 @@ export class Ne2kPci implements PciDevice {
   private pumpReceive(): void {
     const port = this.port;
     if (port === undefined) return;
+    const limit = this.rxLimit;
     for (let i = 0; i < RX_BATCH; i++) {
       if (this.heldLength > 0) return; // paused (should not be watching)
+      if (limit !== undefined) {
+        const now = this.clock();
+        if (!limit.ready(now)) {
+          // Over the rate: stop reading the port until the alarm.
+          this.rxLimited = true;
+          this.stats.throttled++;
+          this.watch?.close();
+          this.watch = undefined;
+          this.alarm!.set(limit.wait(now));
+          return;
+        }
+      }
       const n = port.receive(this.rxFrame);
       if (n === 0) return;
+      limit?.charge(n);
       if (this.deliver(n) === "full") {
         this.heldLength = n;
         this.stats.rxHeld++;
@@ -605,7 +721,7 @@ export class Ne2kPci implements PciDevice {
   }
 
   private resumeWatch(): void {
-    if (this.watch === undefined && this.port !== undefined) this.watch = this.services.loop.watch(this.port.fd, this.onReadable);
+    if (this.watch === undefined && this.port !== undefined && !this.rxLimited) this.watch = this.services.loop.watch(this.port.fd, this.onReadable);
   }
 
   /** Put `rxFrame[0..len)` into the ring. */
@@ -621,17 +737,21 @@ export class Ne2kPci implements PciDevice {
       return "dropped";
     }
     const ring = this.pstop - this.pstart;
-    if (ring <= 0 || this.curr < this.pstart || this.curr >= this.pstop || this.bnry < this.pstart || this.bnry >= this.pstop) {
+    if (ring <= 0 || this.curr < this.pstart || this.curr >= this.pstop) {
       this.stats.rxDropped++;
       this.missed();
       return "dropped";
     }
+    // BNRY may lie outside the ring: lib8390 writes next_frame - 1, which is PSTART - 1 when the next frame starts
+    // at PSTART; the chip only compares it with the page it is about to write, so that means PSTOP - 1. (Until the
+    // twenty-fifth session such a BNRY dropped every frame, with an overrun each, once 52 pages had come in.)
+    const bnry = this.pstart + ((((this.bnry - this.pstart) % ring) + ring) % ring);
     if (len < MIN_FRAME) {
       f.fill(0, len, MIN_FRAME);
       len = MIN_FRAME;
     }
     const pages = (len + 4 + 4 + 255) >> 8;
-    let distance = (this.bnry - this.curr + ring) % ring;
+    let distance = (bnry - this.curr + ring) % ring;
     if (distance === 0) distance = ring;
     if (pages > distance - 1) {
       if (this.rxFullPolicy === "hold" && pages <= ring - 2) return "full";
@@ -700,7 +820,9 @@ export class Ne2kPci implements PciDevice {
 
   // --- saved state ------------------------------------------------------------------------------
 
+  /** The state; a transmit the rate limit holds is sent first (charged, not waited for): a saved state has no TXP. */
   save(): Ne2kPciSaved {
+    if (this.txPending) this.sendPending();
     return {
       kind: "ne2k-pci",
       version: 1,
@@ -760,6 +882,8 @@ export class Ne2kPci implements PciDevice {
     const page3 = r.bytes("page3", 16, 16);
     const ram = r.bytes("ram", RAM_BYTES, RAM_BYTES);
     this.heldLength = 0;
+    this.txPending = false;
+    this.rxLimited = false;
     this.cr = cr;
     this.pstart = pstart;
     this.pstop = pstop;

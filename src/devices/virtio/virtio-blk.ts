@@ -355,7 +355,12 @@ export class VirtioBlk implements VirtioBackend {
   /**
    * Before the device's state is saved: every request held or in flight
    * completes into its used ring (held ones regardless of their limits, if
-   * the device is active: else they stay held, for a driver that must reset it).
+   * the device is active). An inactive device does no DMA: its held
+   * requests stay held, and the saved state does not record them, so a VM
+   * restored from it never answers them. Only a reset makes such a device
+   * work again without re-enabling bus mastering (NEEDS_RESET), and a
+   * driver that turned bus mastering off (kexec, shutdown) resets the
+   * device before using it; either drops held requests anyway.
    */
   quiesce(): void {
     if (this.heldCount > 0) this.runHeldRequests(true);

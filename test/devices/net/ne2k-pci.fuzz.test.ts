@@ -16,7 +16,8 @@ import { Ne2kDriver } from "./ne2k-driver.js";
 const MAC = Uint8Array.from([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
 const STEPS = 100_000;
 
-function check(nic: Ne2kPci, irqLevel: boolean, step: number): Ne2kPciSaved {
+/** `irqLevel` is read after the save (which sends a transmit a rate limit holds, and may raise PTX). */
+function check(nic: Ne2kPci, irqLevel: () => boolean, step: number): Ne2kPciSaved {
   const s = nic.save();
   const ctx = `step ${step}`;
   for (const k of ["cr", "pstart", "pstop", "bnry", "tpsr", "isr", "tsr", "rsr", "curr"] as const) assert.ok(s[k] >= 0 && s[k] <= 255, `${ctx}: ${k}=${s[k]}`);
@@ -27,15 +28,18 @@ function check(nic: Ne2kPci, irqLevel: boolean, step: number): Ne2kPciSaved {
   assert.ok((s.cr & 0x03) === 0x01 || (s.cr & 0x03) === 0x02, `${ctx}: run state ${s.cr}`);
   assert.equal((s.cr & 0x04) === 0, true, `${ctx}: TXP stays clear`);
   const pending = (s.isr & s.imr & 0x7f) !== 0;
-  assert.equal(irqLevel, pending && !nic.pci.intxDisabled, `${ctx}: INTx level`);
+  assert.equal(irqLevel(), pending && !nic.pci.intxDisabled, `${ctx}: INTx level`);
   return s;
 }
 
-function fuzz(seed: number, policy: "hold" | "drop"): void {
+/** With `rate`, the NIC has a rate limit on a test clock that moves 0-3 ms a step, and its alarm is fired at random. */
+function fuzz(seed: number, policy: "hold" | "drop", rate?: number): void {
   const rnd = new SeededRandom(seed);
   const services = fakeServices(64 * 1024);
   const pair = new MemoryPortPair("fuzz", 64);
-  const nic = new Ne2kPci("ne2k-fuzz", services, pair.a, { mac: MAC, rxFullPolicy: policy });
+  let now = 0;
+  const nic = new Ne2kPci("ne2k-fuzz", services, pair.a, { mac: MAC, rxFullPolicy: policy, ...(rate !== undefined ? { rateBytesPerSecond: rate, clock: () => now } : {}) });
+  const alarmFds = services.loop.watches.filter((w) => w.fd !== pair.a.fd).map((w) => w.fd);
   nic.pci.assignBar(0, 0xc000);
   nic.pci.enableDecoding();
   const drv = new Ne2kDriver(nic);
@@ -52,6 +56,10 @@ function fuzz(seed: number, policy: "hold" | "drop"): void {
   // driver at work with frames, and a rare stray access), so deep ring states are reached too.
   let traffic = false;
   for (let step = 0; step < STEPS; step++) {
+    if (rate !== undefined) {
+      now += rnd.int(4);
+      if (rnd.next() < 0.05) for (const fd of alarmFds) services.loop.fire(fd);
+    }
     if (step % 1000 === 0) {
       traffic = rnd.next() < 0.5;
       if (traffic && rnd.next() < 0.7) {
@@ -76,7 +84,7 @@ function fuzz(seed: number, policy: "hold" | "drop"): void {
         }
       } else if (t < 0.97) while (pair.b.receive(sink) > 0);
       else nic.barWrite(0, rnd.int(0x20), rnd.pick(sizes), rnd.int(256));
-      if (step % 2000 === 0) check(nic, services.intx.level, step);
+      if (step % 2000 === 0) check(nic, () => services.intx.level, step);
       continue;
     }
     const r = rnd.next();
@@ -123,12 +131,14 @@ function fuzz(seed: number, policy: "hold" | "drop"): void {
       // Drain the wire side so the peer queue never blocks the model.
       while (pair.b.receive(sink) > 0);
     }
-    if (step % 2000 === 0) check(nic, services.intx.level, step);
+    if (step % 2000 === 0) check(nic, () => services.intx.level, step);
   }
-  check(nic, services.intx.level, STEPS);
+  check(nic, () => services.intx.level, STEPS);
   assert.ok(services.memory.read(0, 64 * 1024).every((b) => b === 0), "guest RAM untouched");
   assert.ok(nic.stats.rxFrames + nic.stats.rxDropped + nic.stats.rxFiltered > 0, "frames reached the model");
+  if (rate !== undefined) assert.ok(nic.stats.throttled > 0, "the rate limit held something");
   if (process.env["NE2K_FUZZ_VERBOSE"] !== undefined) console.log(policy, JSON.stringify(nic.stats), JSON.stringify(drv.stats));
+  nic.close();
   pair.close();
 }
 
@@ -138,4 +148,8 @@ test("fuzz: 100,000 random accesses and frames (policy hold)", () => {
 
 test("fuzz: 100,000 random accesses and frames from reset (policy drop)", () => {
   fuzz(0x5eed_0003, "drop");
+});
+
+test("fuzz: 100,000 random accesses and frames with a rate limit (0.1 MiB/s, policy hold)", () => {
+  fuzz(0x5eed_0005 & ~1, "hold", 0.1 * 1024 * 1024);
 });

@@ -10,10 +10,11 @@ const MAC = Uint8Array.from([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
 const OTHER = Uint8Array.from([0x52, 0x54, 0x00, 0xaa, 0xbb, 0xcc]);
 const BROADCAST = Uint8Array.from([0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
 
-function make(opts: { policy?: "hold" | "drop"; capacity?: number } = {}) {
+function make(opts: { policy?: "hold" | "drop"; capacity?: number; rate?: number; clock?: () => number } = {}) {
   const services = fakeServices();
   const pair = new MemoryPortPair("ne2k", opts.capacity ?? 256);
-  const nic = new Ne2kPci("ne2k0", services, pair.a, { mac: MAC, rxFullPolicy: opts.policy ?? "hold" });
+  const limit = opts.rate === undefined ? {} : { rateBytesPerSecond: opts.rate, ...(opts.clock !== undefined ? { clock: opts.clock } : {}) };
+  const nic = new Ne2kPci("ne2k0", services, pair.a, { mac: MAC, rxFullPolicy: opts.policy ?? "hold", ...limit });
   nic.pci.assignBar(0, 0xc000);
   nic.pci.enableDecoding();
   const drv = new D.Ne2kDriver(nic);
@@ -274,6 +275,34 @@ test("ring wrap: frames of many sizes go round the ring several times and arrive
   assert.equal(drv.stats.mismatches, 0);
 });
 
+test("frames taken one per interrupt go round the ring and on: lib8390's BNRY of PSTART - 1, after a frame that ends at PSTOP, is one page behind PSTART", () => {
+  const { drv, wire, deliver, nic } = make();
+  drv.probe();
+  drv.open();
+  // 98-byte frames take one page each: frame 52 ends at PSTOP, and the driver then writes BNRY = PSTART - 1.
+  const sent: Uint8Array[] = [];
+  for (let i = 0; i < 130; i++) {
+    const f = ethFrame(MAC, OTHER, 98, i);
+    sent.push(f);
+    wire.send(f);
+    deliver();
+    drv.interrupt();
+  }
+  assert.equal(drv.received.length, sent.length, JSON.stringify(nic.stats));
+  drv.received.forEach((f, i) => assert.deepEqual([...f], [...sent[i]!], `frame ${i}`));
+  assert.equal(nic.stats.rxDropped, 0);
+  assert.equal(nic.stats.stops, 1, "stopped once, by open()");
+  assert.equal(drv.stats.rxOverErrors, 0);
+  // Full-size frames too (six pages: the ring of 52 ends on a frame boundary every 26 frames).
+  for (let i = 0; i < 60; i++) {
+    wire.send(ethFrame(MAC, OTHER, 1514, i));
+    deliver();
+    drv.interrupt();
+  }
+  assert.equal(drv.received.length, sent.length + 60);
+  assert.equal(nic.stats.rxDropped, 0);
+});
+
 test("lengths at page boundaries agree with lib8390's next-page check", () => {
   const { drv, wire, deliver } = make();
   drv.probe();
@@ -354,7 +383,13 @@ test("ring full, policy hold: the receive path pauses, nothing is lost, delivery
   assert.ok(pair.a.pending > 0, "frames wait in the port");
   assert.equal(services.loop.watching(pair.a.fd), 0, "not watching while held");
   assert.equal(drv.inb(D.ISR) & D.ISR_OVER, 0, "no overrun reported");
-  for (let round = 0; round < 100 && drv.received.length < sent.length; round++) {
+  // A driver that has looked (ISR read) and acknowledges PRX while a frame waits for room: PRX stays, for the
+  // ring is still full of frames it has to take.
+  assert.equal(drv.inb(D.ISR) & D.ISR_RX, D.ISR_RX);
+  drv.outb(D.ISR_RX, D.ISR);
+  assert.equal(services.intx.level, true, "PRX stays while a frame is held for room");
+  // The driver runs only when the line is up (as the guest's interrupt handler does).
+  for (let round = 0; round < 100 && services.intx.level; round++) {
     drv.interrupt();
     deliver();
   }
@@ -477,6 +512,120 @@ test("save/restore: a second NIC continues where the first stopped; bad states a
   assert.throws(() => other.nic.restore({ ...saved, rsar: 0x10000 }), DeviceRestoreError);
   assert.throws(() => other.nic.restore({ ...saved, ram: [1, 2, 3] }), DeviceRestoreError);
   assert.throws(() => other.nic.restore({ ...saved, cr: 0x24 }), DeviceRestoreError);
+});
+
+const RATE = 0.1 * 1024 * 1024; // a bucket of a tenth of a second: 10,485 bytes
+
+function limitedNic() {
+  const clock = { ms: 1000 };
+  const r = make({ rate: RATE, clock: () => clock.ms });
+  const alarmFd = r.services.loop.watches.find((w) => w.fd !== r.pair.a.fd)!.fd;
+  r.drv.probe();
+  r.drv.open();
+  return { ...r, clock, fireAlarm: () => r.services.loop.fire(alarmFd) };
+}
+
+test("rate limit: a transmit over it keeps TXP set (no frame, no PTX) until the alarm; receiving leaves frames in the port until then", () => {
+  const { drv, wire, deliver, nic, pair, services, clock, fireAlarm } = limitedNic();
+  // Seven full frames fit the bucket's 10,485 bytes (the seventh goes into debt); the eighth waits.
+  for (let i = 0; i < 7; i++) {
+    assert.equal(drv.transmit(ethFrame(OTHER, MAC, 1514, i)), true);
+    drv.interrupt();
+  }
+  assert.equal(wireFrames(wire).length, 7);
+  drv.transmit(ethFrame(OTHER, MAC, 1514, 7));
+  assert.equal(drv.inb(D.CMD) & D.TRANS, D.TRANS, "TXP reads back set: the wire is busy");
+  assert.equal(drv.inb(D.ISR) & D.ISR_TX, 0, "no PTX");
+  assert.equal(wireFrames(wire).length, 0);
+  assert.equal(nic.stats.throttled, 1);
+  drv.outb(D.NODMA + D.START, D.CMD); // a page select or restart keeps TXP
+  assert.equal(drv.inb(D.CMD) & D.TRANS, D.TRANS);
+  fireAlarm(); // early: the debt is not paid
+  assert.equal(wireFrames(wire).length, 0);
+  clock.ms += 2; // 113 bytes of debt at 0.1 MiB/s: about 1.1 ms
+  fireAlarm();
+  assert.deepEqual([...wireFrames(wire)[0]!], [...ethFrame(OTHER, MAC, 1514, 7)], "the held frame goes at the alarm");
+  assert.equal(drv.inb(D.CMD) & D.TRANS, 0);
+  assert.equal(services.intx.level, true, "with PTX");
+  drv.interrupt();
+  assert.equal(drv.stats.txPackets, 8);
+
+  // Receive: the bucket (full again after 100 ms) takes seven frames, the rest wait in the port, not dropped.
+  clock.ms += 100;
+  const sent = Array.from({ length: 10 }, (_, i) => ethFrame(MAC, OTHER, 1514, 20 + i));
+  for (const f of sent) wire.send(f);
+  deliver();
+  assert.equal(nic.stats.rxFrames, 7);
+  assert.equal(pair.a.pending, 3, "the rest wait in the port");
+  assert.equal(services.loop.watching(pair.a.fd), 0, "which is not read until the alarm");
+  drv.interrupt();
+  clock.ms += 50;
+  fireAlarm();
+  assert.equal(services.loop.watching(pair.a.fd), 1);
+  deliver();
+  drv.interrupt();
+  assert.equal(drv.received.length, 10);
+  drv.received.forEach((f, i) => assert.deepEqual([...f], [...sent[i]!], `frame ${i}`));
+  assert.equal(nic.stats.rxDropped, 0);
+  nic.close();
+});
+
+test("rate limit: a stop abandons a held transmit (lib8390's overrun recovery sends it again); a save sends it first; a reset drops it", () => {
+  const { drv, wire, nic, services, clock, fireAlarm } = limitedNic();
+  const fill = (): void => {
+    for (let i = 0; i < 7; i++) {
+      drv.transmit(ethFrame(OTHER, MAC, 1514, i));
+      drv.interrupt();
+    }
+    wireFrames(wire);
+  };
+  fill();
+  drv.transmit(ethFrame(OTHER, MAC, 1514, 50));
+  assert.equal(drv.inb(D.CMD) & D.TRANS, D.TRANS);
+  drv.rxOverrun(); // stops the NIC: TXP gone without PTX, so it sends again (held again: still in debt)
+  assert.equal(drv.inb(D.CMD) & D.TRANS, D.TRANS);
+  clock.ms += 2;
+  fireAlarm();
+  assert.equal(wireFrames(wire).length, 1, "sent once");
+  drv.interrupt();
+  // A stop that is not followed by a new TXP: nothing goes at the alarm.
+  clock.ms += 100;
+  fill();
+  drv.transmit(ethFrame(OTHER, MAC, 1514, 53));
+  drv.outb(D.NODMA + D.STOP, D.CMD);
+  assert.equal(drv.inb(D.CMD) & D.TRANS, 0, "stopped: TXP gone");
+  clock.ms += 100;
+  fireAlarm();
+  assert.equal(wireFrames(wire).length, 0, "the abandoned frame stays off the wire");
+  drv.probe(); // what the driver's transmit watchdog would do: start the card afresh
+  drv.open();
+
+  clock.ms += 100;
+  fill();
+  drv.transmit(ethFrame(OTHER, MAC, 1514, 51));
+  const saved = nic.save();
+  assert.equal(saved.cr & D.TRANS, 0, "a saved state has no TXP");
+  assert.equal(wireFrames(wire).length, 1, "the save sent the held frame");
+  const second = make({ rate: RATE, clock: () => clock.ms });
+  second.nic.restore(saved);
+  assert.equal(second.nic.save().tsr & 0x01, 0x01, "the restored NIC shows the transmit done (PTX)");
+  second.nic.close();
+
+  clock.ms += 100;
+  fill();
+  drv.transmit(ethFrame(OTHER, MAC, 1514, 52));
+  drv.resetCard(); // the reset port: the chip stops, TPSR and TBCR as they were
+  clock.ms += 100;
+  fireAlarm();
+  assert.equal(wireFrames(wire).length, 0, "a reset dropped it");
+  assert.equal(services.intx.level, false);
+  nic.close();
+});
+
+test("rate limit: below 0.1 MiB/s a NE2000 is refused (a held frame would outlast lib8390's 200 ms transmit watchdog)", () => {
+  const services = fakeServices();
+  assert.throws(() => new Ne2kPci("ne2k0", services, undefined, { mac: MAC, rateBytesPerSecond: 50_000 }), /at least/);
+  assert.equal(services.loop.watches.length, 0);
 });
 
 test("board reset: registers and packet RAM cleared, stopped, line low", () => {
