@@ -604,10 +604,15 @@ export class Ne2kPci implements PciDevice {
 
   // --- transmit ---------------------------------------------------------------------------------
 
+  /** Whether a transmit now would put TBCR bytes on the wire (what the rate limit counts). */
+  private get transmitGoesOut(): boolean {
+    return (this.tcr & TCR_LB) === 0 && this.tbcr !== 0 && this.tbcr <= MAX_TX_FRAME;
+  }
+
   /** TXP: the frame goes now, or, over the rate limit, stays with TXP set until the alarm. */
   private startTransmit(): void {
     const limit = this.txLimit;
-    if (limit !== undefined && (this.tcr & TCR_LB) === 0 && this.tbcr !== 0 && this.tbcr <= MAX_TX_FRAME) {
+    if (limit !== undefined && this.transmitGoesOut) {
       const now = this.clock();
       if (!limit.ready(now)) {
         this.txPending = true;
@@ -638,11 +643,11 @@ export class Ne2kPci implements PciDevice {
     }
   }
 
-  /** Send the held transmit (charged; the alarm or a save). */
+  /** Send the held transmit (charged if it still goes out: the guest may have changed TBCR or TCR meanwhile). */
   private sendPending(): void {
     this.txPending = false;
     this.cr &= ~CR_TXP;
-    this.txLimit!.charge(this.tbcr);
+    if (this.transmitGoesOut) this.txLimit!.charge(this.tbcr);
     this.transmit();
     this.updateIrq();
   }

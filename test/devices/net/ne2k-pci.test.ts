@@ -599,6 +599,23 @@ test("rate limit: a stop abandons a held transmit (lib8390's overrun recovery se
   assert.equal(wireFrames(wire).length, 0, "the abandoned frame stays off the wire");
   drv.probe(); // what the driver's transmit watchdog would do: start the card afresh
   drv.open();
+  // A held transmit whose count the guest then breaks (TBCR 0xffff): it aborts at the alarm, and charges nothing.
+  clock.ms += 100;
+  fill();
+  drv.transmit(ethFrame(OTHER, MAC, 1514, 54));
+  drv.outb(0xff, D.TBCR0);
+  drv.outb(0xff, D.TBCR1);
+  clock.ms += 2;
+  fireAlarm();
+  assert.equal(drv.inb(D.ISR) & D.ISR_TX_ERR, D.ISR_TX_ERR, "aborted (TXE)");
+  assert.equal(wireFrames(wire).length, 0);
+  drv.probe();
+  drv.open();
+  const throttledBefore = nic.stats.throttled;
+  drv.transmit(ethFrame(OTHER, MAC, 1514, 55));
+  assert.equal(nic.stats.throttled, throttledBefore, "the next frame goes at once: the aborted one took no tokens");
+  assert.equal(wireFrames(wire).length, 1);
+  drv.interrupt();
 
   clock.ms += 100;
   fill();
