@@ -184,6 +184,14 @@ export class DeviceAlarm {
     this.timer.arm(wait);
   }
 
+  /** Whether `bucket` is in debt now; if so, the alarm is set for when it no longer is. */
+  waitFor(bucket: TokenBucket): boolean {
+    const now = this.clock();
+    if (bucket.ready(now)) return false;
+    this.set(bucket.wait(now));
+    return true;
+  }
+
   cancel(): void {
     if (this.dueAt === Infinity) return;
     this.dueAt = Infinity;

@@ -226,7 +226,6 @@ export class Ne2kPci implements PciDevice {
   private readonly onReadable = (): void => this.pumpReceive();
 
   // --- rate limit ---
-  private readonly clock: Clock;
   private readonly txLimit: TokenBucket | undefined;
   private readonly rxLimit: TokenBucket | undefined;
   private readonly alarm: DeviceAlarm | undefined;
@@ -246,16 +245,16 @@ export class Ne2kPci implements PciDevice {
     this.rxFullPolicy = opts.rxFullPolicy ?? "hold";
     this.pci = new PciConfig(NE2K_PCI_IDENTITY, [{ index: 0, kind: "io", size: 32 }]);
     this.pci.onCommandWrite = () => this.updateIrq();
-    this.clock = opts.clock ?? monotonicClock;
+    const clock = opts.clock ?? monotonicClock;
     const rate = opts.rateBytesPerSecond;
     if (rate !== undefined && !(rate >= NE2K_MIN_RATE_BYTES_PER_SECOND))
       throw new PciDeviceError("NE2K_BAD_RATE", `${name}: a NE2000's rate limit is at least ${NE2K_MIN_RATE_BYTES_PER_SECOND} bytes per second (a held transmit must end inside the driver's 200 ms watchdog), not ${rate}`, { device: name });
     // A full-size frame's worth at least.
-    this.txLimit = rate === undefined ? undefined : new TokenBucket(rate, MAX_RX_FRAME + 4, this.clock());
-    this.rxLimit = rate === undefined ? undefined : new TokenBucket(rate, MAX_RX_FRAME + 4, this.clock());
+    this.txLimit = rate === undefined ? undefined : new TokenBucket(rate, MAX_RX_FRAME + 4, clock());
+    this.rxLimit = rate === undefined ? undefined : new TokenBucket(rate, MAX_RX_FRAME + 4, clock());
     this.buildProm();
     this.resetChip();
-    this.alarm = rate === undefined ? undefined : new DeviceAlarm(services.loop, () => this.resumeLimited(), this.clock);
+    this.alarm = rate === undefined ? undefined : new DeviceAlarm(services.loop, () => this.resumeLimited(), clock);
     try {
       if (port !== undefined) this.watch = services.loop.watch(port.fd, this.onReadable);
     } catch (e) {
@@ -613,12 +612,10 @@ export class Ne2kPci implements PciDevice {
   private startTransmit(): void {
     const limit = this.txLimit;
     if (limit !== undefined && this.transmitGoesOut) {
-      const now = this.clock();
-      if (!limit.ready(now)) {
+      if (this.alarm!.waitFor(limit)) {
         this.txPending = true;
         this.cr |= CR_TXP;
         this.stats.throttled++;
-        this.alarm!.set(limit.wait(now));
         return;
       }
       limit.charge(this.tbcr);
@@ -631,12 +628,7 @@ export class Ne2kPci implements PciDevice {
    * alarm is set again), and receiving resumes.
    */
   private resumeLimited(): void {
-    if (this.txPending) {
-      const limit = this.txLimit!;
-      const now = this.clock();
-      if (limit.ready(now)) this.sendPending();
-      else this.alarm!.set(limit.wait(now));
-    }
+    if (this.txPending && !this.alarm!.waitFor(this.txLimit!)) this.sendPending();
     if (this.rxLimited) {
       this.rxLimited = false;
       this.resumeWatch();
@@ -684,17 +676,13 @@ export class Ne2kPci implements PciDevice {
     const limit = this.rxLimit;
     for (let i = 0; i < RX_BATCH; i++) {
       if (this.heldLength > 0) return; // paused (should not be watching)
-      if (limit !== undefined) {
-        const now = this.clock();
-        if (!limit.ready(now)) {
-          // Over the rate: stop reading the port until the alarm.
-          this.rxLimited = true;
-          this.stats.throttled++;
-          this.watch?.close();
-          this.watch = undefined;
-          this.alarm!.set(limit.wait(now));
-          return;
-        }
+      if (limit !== undefined && this.alarm!.waitFor(limit)) {
+        // Over the rate: stop reading the port until the alarm.
+        this.rxLimited = true;
+        this.stats.throttled++;
+        this.watch?.close();
+        this.watch = undefined;
+        return;
       }
       const n = port.receive(this.rxFrame);
       if (n === 0) return;

@@ -436,11 +436,8 @@ export class VirtioNet implements VirtioBackend {
 
   /** Whether the rate limit `b` lets a frame go now; if not, the alarm is set for when it will. */
   private limited(b: TokenBucket | undefined): boolean {
-    if (b === undefined) return false;
-    const now = this.clock();
-    if (b.ready(now)) return false;
+    if (b === undefined || !this.alarm!.waitFor(b)) return false;
     this.counters.throttled++;
-    this.alarm!.set(b.wait(now));
     return true;
   }
 

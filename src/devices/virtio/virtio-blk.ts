@@ -505,12 +505,6 @@ export class VirtioBlk implements VirtioBackend {
       const r = this.held[i]!;
       const write = r.kind !== QUEUED_READ;
       const d = write ? 1 : 0;
-      if (!t.queues[r.queue]!.ready) {
-        // Its queue is no longer usable (only a device reset, which drops held requests, takes a queue away: a guard).
-        this.heldByDirection[d]--;
-        this.heldPool.push(r);
-        continue;
-      }
       if ((blocked & (1 << d)) === 0) {
         const wait = all ? 0 : throttle.delay(write);
         if (wait === 0) {
