@@ -15,19 +15,22 @@
  *        mtu: the MTU a virtio NIC reports to the guest (68-65535; longer received frames are dropped)
  *        rate: most MiB per second the NIC moves each way (decimals allowed; a NE2000 at least 0.1)
  *        BACKEND: tap:IFNAME | dgram:LOCAL.sock:PEER.sock | none
- *   --channel SOCKET                   a virtio-console byte channel on a UNIX socket the VM listens on
+ *   --channel SOCKET[,name=NAME]       a host<->guest byte channel on a UNIX socket the VM listens on:
+ *        without a name a virtio console of its own (/dev/hvcN in the guest); named channels are the ports
+ *        of one virtio-serial device (/dev/vportNpM, /dev/virtio-ports/NAME with udev; at most 31)
  *   --rng                              a virtio entropy source
  *
  * Every problem is a UsageError naming the flag and the value.
  */
 import { accessSync, constants, existsSync, statSync } from "node:fs";
 import { createHash } from "node:crypto";
-import { dirname } from "node:path";
+import { dirname, resolve } from "node:path";
 import { PartisError, UsageError } from "../errors.js";
 import { CACHE_MODES, type CacheMode } from "../storage/block-device.js";
 import { openDisk } from "../storage/open.js";
 import { VIRTIO_NET_MAX_QUEUE_PAIRS } from "../devices/net/virtio-net.js";
 import { NE2K_MIN_RATE_BYTES_PER_SECOND } from "../devices/net/ne2k-pci.js";
+import { VIRTIO_CONSOLE_MAX_NAMED_PORTS, VIRTIO_CONSOLE_PORT_NAME } from "../devices/virtio/virtio-console.js";
 import type { DiskIoLimits } from "../devices/io-limits.js";
 import { DevicePlanError, MAX_IDE_DRIVES, parseMac, planPci, type DeviceSpec, type DiskSpec, type NicBackendSpec } from "../worker/device-plan.js";
 
@@ -227,13 +230,30 @@ export function resolveDevices(opts: DeviceOptions, vmName: string, cpus: number
       ...(rateMiB !== undefined ? { rateBytesPerSecond: rateMiB * MIB } : {}),
     });
   });
+  const named: { name: string; socketPath: string }[] = [];
+  const socketPaths = new Set<string>();
   (opts.channel ?? []).forEach((value, i) => {
     if (value === "") throw new UsageError("--channel: empty socket path");
-    if (!existsSync(dirname(value))) throw new UsageError(`--channel ${value}: directory ${dirname(value)} does not exist`);
-    if (Buffer.byteLength(value) > 107) throw new UsageError(`--channel ${value}: socket paths are limited to 107 bytes`);
-    if (existsSync(value) && !statSync(value).isSocket()) throw new UsageError(`--channel ${value}: exists and is not a socket (refusing to replace it)`);
-    out.push({ kind: "virtio-console", id: `channel${i}`, socketPath: value });
+    const { head: path, opts: o } = splitSpec("--channel", value);
+    rejectUnknown("--channel", value, o, ["name"]);
+    if (!existsSync(dirname(path))) throw new UsageError(`--channel ${value}: directory ${dirname(path)} does not exist`);
+    if (Buffer.byteLength(path) > 107) throw new UsageError(`--channel ${value}: socket paths are limited to 107 bytes`);
+    if (existsSync(path) && !statSync(path).isSocket()) throw new UsageError(`--channel ${value}: ${path} exists and is not a socket (refusing to replace it)`);
+    const key = resolve(path);
+    if (socketPaths.has(key)) throw new UsageError(`--channel ${value}: socket ${path} is given to another channel already`);
+    socketPaths.add(key);
+    const name = o.get("name");
+    if (name === undefined) {
+      out.push({ kind: "virtio-console", id: `channel${i}`, socketPath: path });
+      return;
+    }
+    if (typeof name !== "string" || !VIRTIO_CONSOLE_PORT_NAME.test(name))
+      throw new UsageError(`--channel ${value}: name must be 1-127 letters, digits, '.', '_' or '-', starting with a letter or digit (e.g. org.qemu.guest_agent.0)`);
+    if (named.some((p) => p.name === name)) throw new UsageError(`--channel ${value}: another channel is named ${name} already`);
+    if (named.length === VIRTIO_CONSOLE_MAX_NAMED_PORTS) throw new UsageError(`--channel ${value}: at most ${VIRTIO_CONSOLE_MAX_NAMED_PORTS} named channels (the ports of one virtio-serial device)`);
+    named.push({ name, socketPath: path });
   });
+  if (named.length > 0) out.push({ kind: "virtio-serial", id: "serial0", ports: named });
   if (opts.rng === true) out.push({ kind: "virtio-rng", id: "rng0" });
   try {
     planPci(out);

@@ -275,7 +275,7 @@ export function registerRunCommand(program: Command): void {
       "attach a network adapter (packed: also offer packed virtqueues; offload: checksum/TSO offloads of a virtio NIC on a TAP, on by default; queues: queue pairs of a virtio NIC on a multi-queue TAP; mtu: the MTU a virtio NIC reports; rate: most MiB per second a virtio NIC moves each way); repeatable",
       collect,
     )
-    .option("--channel <socket>", "a host<->guest byte channel (virtio-console) on a UNIX socket; repeatable", collect)
+    .option("--channel <socket[,name=NAME]>", "a host<->guest byte channel on a UNIX socket: unnamed, a virtio console (hvcN); named, a port of the virtio-serial device (/dev/virtio-ports/NAME); repeatable", collect)
     .option("--rng", "attach a virtio entropy source")
     .option("--framebuffer [WxH]", "a linear framebuffer the guest console can draw on (default 1024x768)")
     .option("--screenshot <file.ppm>", "write the framebuffer as a PPM image when the VM stops (implies --framebuffer)")

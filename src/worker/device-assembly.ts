@@ -270,7 +270,25 @@ export function assembleDevice(f: PlannedFunction, devices: readonly DeviceSpec[
     case "virtio-console": {
       const device = createVirtioConsole(spec.id, services);
       const channel = new ChannelSocket(spec.socketPath, device, services);
-      return { device, close: () => channel.close() };
+      return { device, close: () => channel.close(), stats: () => ({ ...device.console.counters }) };
+    }
+    case "virtio-serial": {
+      const device = createVirtioConsole(spec.id, services, { ports: spec.ports.map((p) => p.name) });
+      const sockets: ChannelSocket[] = [];
+      const close = (): void => {
+        for (const s of sockets) s.close();
+      };
+      try {
+        spec.ports.forEach((p, i) => sockets.push(new ChannelSocket(p.socketPath, { connect: (s) => device.connectPort(i + 1, s) }, services)));
+      } catch (e) {
+        close();
+        throw e;
+      }
+      return {
+        device,
+        close,
+        stats: () => ({ ...device.console.counters, guestOpen: spec.ports.filter((_, i) => device.console.guestOpen(i + 1)).length }),
+      };
     }
     case "virtio-net":
     case "ne2k": {

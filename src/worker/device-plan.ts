@@ -54,6 +54,12 @@ export type DeviceSpec =
     }
   /** A host<->guest byte channel: a UNIX stream socket the worker listens on. */
   | { readonly kind: "virtio-console"; readonly id: string; readonly socketPath: string }
+  /**
+   * Named host<->guest byte channels on one virtio-console function with
+   * MULTIPORT (QEMU's virtio-serial): port n is ports[n-1], each on its own
+   * UNIX stream socket.
+   */
+  | { readonly kind: "virtio-serial"; readonly id: string; readonly ports: readonly { readonly name: string; readonly socketPath: string }[] }
   | { readonly kind: "virtio-rng"; readonly id: string };
 
 export interface PlannedFunction {

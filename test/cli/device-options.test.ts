@@ -101,3 +101,34 @@ test("--disk serial=S: the guest's serial number for virtio and IDE disks; refus
     cleanup();
   }
 });
+
+test("--channel SOCK[,name=NAME]: unnamed channels are consoles of their own, named ones the ports of one virtio-serial device in the order given; bad names, repeats and unknown options refused", (t) => {
+  const { dir, cleanup } = scratchDir("channels");
+  t.after(cleanup);
+  const [con0, con2, serial] = resolveDevices({ channel: [join(dir, "con.sock"), join(dir, "qga.sock") + ",name=org.qemu.guest_agent.0", join(dir, "con2.sock"), join(dir, "kvp.sock") + ",name=partis.kvp"] }, "vm", 1);
+  assert.deepEqual(con0, { kind: "virtio-console", id: "channel0", socketPath: join(dir, "con.sock") });
+  assert.deepEqual(con2, { kind: "virtio-console", id: "channel2", socketPath: join(dir, "con2.sock") }, "consoles first, in order");
+  assert.deepEqual(serial, {
+    kind: "virtio-serial",
+    id: "serial0",
+    ports: [
+      { name: "org.qemu.guest_agent.0", socketPath: join(dir, "qga.sock") },
+      { name: "partis.kvp", socketPath: join(dir, "kvp.sock") },
+    ],
+  });
+  const bad: string[][] = [
+    [join(dir, "a.sock") + ",name="],
+    [join(dir, "a.sock") + ",name=has space"],
+    [join(dir, "a.sock") + ",name=-dash"],
+    [join(dir, "a.sock") + ",name=a/b"],
+    [join(dir, "a.sock") + ",name=" + "x".repeat(128)],
+    [join(dir, "a.sock") + ",name"],
+    [join(dir, "a.sock") + ",nmae=x"],
+    [join(dir, "a.sock") + ",name=x", join(dir, "b.sock") + ",name=x"],
+    [join(dir, "a.sock"), join(dir, "a.sock") + ",name=x"],
+    [join(dir, "a.sock"), join(dir, ".", "a.sock")],
+    Array.from({ length: 32 }, (_, i) => `${join(dir, `p${i}.sock`)},name=p${i}`),
+  ];
+  for (const b of bad) assert.throws(() => resolveDevices({ channel: b }, "vm", 1), UsageError, b.join(" ").slice(0, 200));
+  assert.equal(resolveDevices({ channel: Array.from({ length: 31 }, (_, i) => `${join(dir, `p${i}.sock`)},name=p${i}`) }, "vm", 1).length, 1, "31 named channels: one device");
+});

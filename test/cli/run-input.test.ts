@@ -111,4 +111,5 @@ test("--nic tap with an invalid interface name", () => expectUsageError(["--kern
 test("--nic dgram without a peer", () => expectUsageError(["--kernel", kernel, "--nic", `dgram:${join(dir, "a.sock")}`], /expected dgram:LOCAL\.sock:PEER\.sock/));
 test("--channel in a missing directory", () => expectUsageError(["--kernel", kernel, "--channel", join(dir, "no-dir", "c.sock")], /--channel .*does not exist/));
 test("--channel on an existing regular file", () => expectUsageError(["--kernel", kernel, "--channel", disk], /exists and is not a socket/));
+test("--channel with a name that is no port name", () => expectUsageError(["--kernel", kernel, "--channel", `${join(dir, "c.sock")},name=no spaces`], /--channel .*name must be 1-127 letters/));
 test("--nic dgram whose local path is a regular file", () => expectUsageError(["--kernel", kernel, "--nic", `dgram:${disk}:${join(dir, "peer.sock")}`], /exists and is not a socket/));

@@ -8,7 +8,9 @@
  *    controller (cache=none) and an ISO on the ATAPI CD-ROM; the guest sees
  *    the write cache modes and turns the raw disk's off; files written in one
  *    boot are read back (contents and checksums) after a restart of the VM;
- *  - the virtio-console byte channel carries bytes both ways over its socket;
+ *  - the virtio-console byte channel carries bytes both ways over its socket,
+ *    and so does a named port of the virtio-serial device (MULTIPORT): the
+ *    guest finds it by its name in sysfs;
  *  - the entropy source feeds the guest's hwrng;
  *  - two VMs wired back to back (AF_UNIX datagram pairs) ping each other over
  *    virtio-net and over the NE2000, and a VM pings the host through a TAP;
@@ -75,10 +77,12 @@ describe("disks and a CD-ROM: virtio-blk (raw on packed virtqueues, cache=none, 
   const vhd = join(directDir, "ide.vhd");
   const iso = join(dir, "cd.iso");
   const channel = join(dir, "channel.sock");
+  const namedChannel = join(dir, "named.sock");
   const screenshot = join(dir, "screen.ppm");
   let first: { status: number; output: string; stderr: string };
   let second: { status: number; output: string; stderr: string };
   let channelReceived = "";
+  let namedReceived = "";
   /** Open flags seen on the raw and VHDX images' descriptors in the running VMM, polled through both boots. */
   const rawFlags: number[] = [];
   const vhdxFlags: number[] = [];
@@ -118,37 +122,44 @@ describe("disks and a CD-ROM: virtio-blk (raw on packed virtqueues, cache=none, 
       "echo FB=$(cat /proc/fb); echo PARTIS-ON-SCREEN > /dev/tty1",
       // One open file for both directions: bytes that arrive while no one has the tty open are lost in the guest.
       "exec 3<>/dev/hvc0; stty -F /dev/hvc0 raw -echo; echo GUEST-TO-HOST >&3; read -r line <&3; echo CHANNEL-GOT=$line; exec 3>&-",
+      // The named port: found by its name; writes wait until the host side is open (PORT_OPEN from the device).
+      "for p in /sys/class/virtio-ports/*; do [ \"$(cat $p/name)\" = org.partis.test ] && v=/dev/${p##*/}; done; echo VPORT=$v",
+      "exec 4<>$v; echo PORT-G2H >&4; read -r l <&4; echo PORT-GOT=$l; exec 4>&-",
       "sync; poweroff -f",
     ].join("\n");
-    const s1 = new GuestSession(runArgs(script1, [...disks, "--channel", channel, "--rng", "--cpus", "2", "--screenshot", screenshot]), { ...process.env, PARTIS_STATS: "1" });
-    // The host end of the channel: connect once the VM listens, answer the guest's line (again for a rebooted VM).
-    let sock: Socket | undefined;
-    const tryConnect = (generation: number): void => {
-      if (s1.child.exitCode !== null || generation !== s1.generation) return;
-      if (!existsSync(channel)) {
-        setTimeout(() => tryConnect(generation), 200);
-        return;
-      }
-      const c = connect(channel);
-      sock = c;
-      let got = "";
-      let replied = false;
-      c.on("error", () => setTimeout(() => tryConnect(generation), 200));
-      c.on("data", (d) => {
-        const text = d.toString("latin1");
-        channelReceived += text;
-        got += text;
-        if (!replied && got.includes("GUEST-TO-HOST")) {
-          replied = true;
-          c.write("HOST-TO-GUEST\n");
+    const s1 = new GuestSession(runArgs(script1, [...disks, "--channel", channel, "--channel", `${namedChannel},name=org.partis.test`, "--rng", "--cpus", "2", "--screenshot", screenshot]), { ...process.env, PARTIS_STATS: "1" });
+    // The host end of each channel: connect once the VM listens, answer the guest's line (again for a rebooted VM).
+    const sockets: Socket[] = [];
+    const answer = (path: string, expect: string, reply: string, seen: (text: string) => void): void => {
+      const tryConnect = (generation: number): void => {
+        if (s1.child.exitCode !== null || generation !== s1.generation) return;
+        if (!existsSync(path)) {
+          setTimeout(() => tryConnect(generation), 200);
+          return;
         }
-      });
+        const c = connect(path);
+        sockets.push(c);
+        let got = "";
+        let replied = false;
+        c.on("error", () => setTimeout(() => tryConnect(generation), 200));
+        c.on("data", (d) => {
+          const text = d.toString("latin1");
+          seen(text);
+          got += text;
+          if (!replied && got.includes(expect)) {
+            replied = true;
+            c.write(reply);
+          }
+        });
+      };
+      s1.onEachLaunch(tryConnect);
     };
-    s1.onEachLaunch(tryConnect);
+    answer(channel, "GUEST-TO-HOST", "HOST-TO-GUEST\n", (t) => (channelReceived += t));
+    answer(namedChannel, "PORT-G2H", "PORT-H2G\n", (t) => (namedReceived += t));
     const poll1 = watchFlags(s1);
     first = await runToEnd(s1);
     clearInterval(poll1);
-    sock?.destroy();
+    for (const c of sockets) c.destroy();
 
     const script2 = [
       "for d in vda vdb sda; do mkdir -p /mnt/$d; mount /dev/$d /mnt/$d && echo READ-$d=$(cat /mnt/$d/file) && echo SUM2-$d=$(md5sum /mnt/$d/big | cut -d' ' -f1); umount /mnt/$d; done",
@@ -246,6 +257,12 @@ describe("disks and a CD-ROM: virtio-blk (raw on packed virtqueues, cache=none, 
   test("the console channel carries bytes guest -> host and host -> guest", () => {
     assert.match(channelReceived, /GUEST-TO-HOST/);
     assert.equal(value(first.output, "CHANNEL-GOT"), "HOST-TO-GUEST");
+  });
+
+  test("a named channel is a port of the guest's virtio-serial device under its name, and carries bytes both ways", () => {
+    assert.match(value(first.output, "VPORT") ?? "", /^\/dev\/vport\d+p1$/, first.output.slice(-3000));
+    assert.match(namedReceived, /PORT-G2H/);
+    assert.equal(value(first.output, "PORT-GOT"), "PORT-H2G");
   });
 
   test("the framebuffer: the guest's vesafb binds and its console draws text the host sees", () => {

@@ -3,7 +3,9 @@
  * rings. RAM (256 KiB) is laid out in zones:
  *
  *   0x00000 guard
- *   0x01000 + 0x1000*q  queue block q: desc [+0,+0x400) avail [+0x400,+0x486) used [+0x600,+0x806)
+ *   0x01000 + 0x1000*q  queue block q (0-3): queue q's desc [+0,+0x400) avail [+0x400,+0x486)
+ *                       used [+0x600,+0x806); queue q+4's (4-7, for devices with more queues)
+ *                       desc [+0x880,+0xc80) avail [+0xc80,+0xd06) used [+0xd80,+0xf86)
  *   0x05000 guard
  *   0x06000 indirect tables (driver-owned)
  *   0x08000 request headers / outgoing data (driver-owned)
@@ -41,22 +43,32 @@ export const HEADER_ZONE = 0x8000;
 export const DATA_ZONE = 0xb000;
 export const DATA_END = 0x3f000;
 export const MAX_FUZZ_QUEUE = 64;
+/** Queues the harness sets up (a device with more has the rest left off). */
+export const FUZZ_QUEUES = 8;
 
-/** Ranges the device may write (used rings of the first 4 blocks, and with packed rings their descriptor rings; the data zone). */
-function writableRanges(packed: boolean): [number, number][] {
-  const r: [number, number][] = [];
-  for (let q = 0; q < 4; q++) {
-    if (packed) r.push([QUEUE_BLOCK(q), QUEUE_BLOCK(q) + 0x400]);
-    r.push([QUEUE_BLOCK(q) + 0x600, QUEUE_BLOCK(q) + 0x806]);
-  }
-  r.push([DATA_ZONE, DATA_END]);
-  return r;
+/** Where queue q's rings are (see the file's head). */
+export function queueRings(q: number): { desc: number; avail: number; used: number } {
+  if (q < 4) return { desc: QUEUE_BLOCK(q), avail: QUEUE_BLOCK(q) + 0x400, used: QUEUE_BLOCK(q) + 0x600 };
+  const base = QUEUE_BLOCK(q - 4) + 0x880;
+  return { desc: base, avail: base + 0x400, used: base + 0x500 };
 }
 
-function protectedRanges(packed: boolean): [number, number][] {
+/** Ranges the device may write (used rings of the queues set up, and with packed rings their descriptor rings; the data zone), in order. */
+function writableRanges(packed: boolean, queues: number): [number, number][] {
+  const r: [number, number][] = [];
+  for (let q = 0; q < Math.max(4, Math.min(queues, FUZZ_QUEUES)); q++) {
+    const at = queueRings(q);
+    if (packed) r.push([at.desc, at.desc + 0x400]);
+    r.push([at.used, at.used + 0x206]);
+  }
+  r.push([DATA_ZONE, DATA_END]);
+  return r.sort((x, y) => x[0] - y[0]);
+}
+
+function protectedRanges(packed: boolean, queues: number): [number, number][] {
   const out: [number, number][] = [];
   let at = 0;
-  for (const [a, b] of writableRanges(packed)) {
+  for (const [a, b] of writableRanges(packed, queues)) {
     if (a > at) out.push([at, a]);
     at = b;
   }
@@ -138,7 +150,7 @@ export class VirtioFuzzer {
   readonly stats: FuzzStats = { steps: 0, requestsCompleted: 0, malformedDetected: 0, needsReset: 0, probes: 0, registerOps: 0, garbage: 0 };
   private readonly shadow: Uint8Array;
   private readonly ram: Uint8Array;
-  private prot = protectedRanges(false);
+  private prot = protectedRanges(false, 4);
   /** Packed rings were negotiated at the last probe. */
   private packed = false;
   /** Probes that negotiated packed rings. */
@@ -192,14 +204,15 @@ export class VirtioFuzzer {
     let want = featureBit(VIRTIO_F.version1);
     for (let b = 0; b < 64; b++) if (b !== 32 && this.rng.int(3) !== 0) want |= 1n << BigInt(b);
     this.packed = (want & offered & featureBit(VIRTIO_F.ringPacked)) !== 0n;
-    this.prot = protectedRanges(this.packed);
+    this.prot = protectedRanges(this.packed, this.t.dev.queues.length);
     if (this.packed) this.packedProbes++;
     const sizes = this.packed ? [1, 2, 3, 4, 5, 8, 13, 16, 32, 64] : [1, 2, 4, 8, 16, 32, 64];
     this.drv.init({
       want: want & offered,
       msix: this.rng.int(4) !== 0,
       queueSize: pick(this.rng, sizes),
-      ringAt: (q) => ({ desc: QUEUE_BLOCK(q), avail: QUEUE_BLOCK(q) + 0x400, used: QUEUE_BLOCK(q) + 0x600 }),
+      queues: FUZZ_QUEUES,
+      ringAt: queueRings,
     });
   }
 
@@ -215,7 +228,7 @@ export class VirtioFuzzer {
   /** Packed: no device-writable ring descriptor may keep an address outside the data zone (see the file's head). */
   private scrubRings(): void {
     for (const pq of this.drv.packed) {
-      if (pq.desc !== QUEUE_BLOCK(pq.index)) continue;
+      if (pq.desc !== queueRings(pq.index).desc) continue;
       for (let i = 0; i < Math.min(pq.size, 64); i++) {
         const at = pq.desc + 16 * i;
         const flags = this.ram[at + 14]! | (this.ram[at + 15]! << 8);
@@ -501,8 +514,8 @@ export class VirtioFuzzer {
   /** A queue-address register value for the selected queue: its own ring, misaligned, or out of RAM. */
   private ringAddress(field: number): number {
     const sel = this.drv.r16(C.queueSelect);
-    const block = QUEUE_BLOCK(Math.min(sel, 3));
-    const own = field === C.queueDesc ? block : field === C.queueDriver ? block + 0x400 : block + 0x600;
+    const rings = queueRings(Math.min(sel, FUZZ_QUEUES - 1));
+    const own = field === C.queueDesc ? rings.desc : field === C.queueDriver ? rings.avail : rings.used;
     return pick(this.rng, [own, own + 1, own + 2, FUZZ_RAM - 2, 2 ** 33, 0xffff_fff0]);
   }
 

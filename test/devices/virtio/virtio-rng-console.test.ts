@@ -4,6 +4,7 @@ import { VIRTIO_STATUS as S, featureBit } from "../../../src/devices/virtio/pci-
 import { createVirtioRng, type VirtioRng } from "../../../src/devices/virtio/virtio-rng.js";
 import { VIRTIO_CONSOLE_CONFIG as K, VIRTIO_CONSOLE_F, createVirtioConsole, type HostByteStream } from "../../../src/devices/virtio/virtio-console.js";
 import { TestVirtioDriver, makeServices, placeDevice } from "./virtio-driver.js";
+import { FakeByteStream } from "./fake-byte-stream.js";
 import { closeDescriptor, readFrame, receiveStreamHost, sendStream, sendStreamHost, socketPair } from "../../../src/hypervisor/host-network.js";
 import { HostEntropy } from "../../../src/hypervisor/host-entropy.js";
 
@@ -97,31 +98,6 @@ test("virtio-rng: an entropy source that fails does not leave the request pendin
   assert.match(rng.notes[0]!, /EIO/);
 });
 
-class FakeStream implements HostByteStream {
-  readonly fd = 42;
-  input: number[] = [];
-  output: number[] = [];
-  closed = false;
-  writeLimit = Infinity;
-  reads = 0;
-  read(buf: Uint8Array): number {
-    this.reads++;
-    if (this.input.length === 0) return this.closed ? -1 : 0;
-    const n = Math.min(buf.length, this.input.length);
-    buf.set(this.input.splice(0, n));
-    return n;
-  }
-  write(bytes: Uint8Array): number {
-    if (this.closed) return -1;
-    const n = Math.min(bytes.length, this.writeLimit);
-    for (let i = 0; i < n; i++) this.output.push(bytes[i]!);
-    return n;
-  }
-  text(): string {
-    return String.fromCharCode(...this.output);
-  }
-}
-
 function makeConsole(opts: { size?: { cols: number; rows: number }; pendingBytes?: number } = {}) {
   const services = makeServices(MiB);
   const dev = createVirtioConsole("con0", services, opts);
@@ -143,7 +119,7 @@ test("virtio-console: identity and guest -> host output", () => {
   const t = makeConsole();
   assert.equal(t.dev.pci.configRead(2, 2), 0x1043);
   assert.equal(t.drv.r16(0x12), 2);
-  const s = new FakeStream();
+  const s = new FakeByteStream();
   t.dev.connect(s);
   send(t, "hello, host\n");
   assert.equal(s.text(), "hello, host\n");
@@ -161,7 +137,7 @@ test("virtio-console: output without a stream is dropped and counted", () => {
 
 test("virtio-console: short writes keep the rest; the pending buffer is bounded", () => {
   const t = makeConsole({ pendingBytes: 8 });
-  const s = new FakeStream();
+  const s = new FakeByteStream();
   s.writeLimit = 3;
   t.dev.connect(s);
   send(t, "abcdefgh");
@@ -179,7 +155,7 @@ test("virtio-console: short writes keep the rest; the pending buffer is bounded"
 
 test("virtio-console: host -> guest into receive buffers; stalls without buffers and resumes", () => {
   const t = makeConsole();
-  const s = new FakeStream();
+  const s = new FakeByteStream();
   const mem = t.services.memory;
   // No receive buffers yet: connecting polls the fd; a readable fd with no buffers stops polling.
   t.dev.connect(s);
@@ -217,7 +193,7 @@ test("virtio-console: host -> guest into receive buffers; stalls without buffers
 
 test("virtio-console: peer close disconnects; reconnect works; reset stops polling", () => {
   const t = makeConsole();
-  const s = new FakeStream();
+  const s = new FakeByteStream();
   t.dev.connect(s);
   t.rx.add([{ addr: 0x90000, len: 8, write: true }]);
   t.rx.kick();
@@ -228,7 +204,7 @@ test("virtio-console: peer close disconnects; reconnect works; reset stops polli
   assert.equal(t.dev.console.counters.peerClosed, 1);
   assert.equal(t.services.loop.active(42), 0);
   assert.equal(t.rx.takeUsed().length, 0, "the buffer stays with the device");
-  const s2 = new FakeStream();
+  const s2 = new FakeByteStream();
   s2.input.push(65, 66);
   t.dev.connect(s2);
   assert.deepEqual(t.rx.takeUsed(), [{ id: 0, len: 2 }]);
@@ -248,7 +224,7 @@ test("virtio-console: size feature and emergency write", () => {
   assert.equal(t.drv.deviceConfig(K.cols, 2), 100);
   assert.equal(t.drv.r8(0x15), (gen + 1) & 0xff);
   assert.equal(t.services.msi.count(0), 1);
-  const s = new FakeStream();
+  const s = new FakeByteStream();
   t.dev.connect(s);
   t.dev.barWrite(0, 0x2000 + K.emergWr, 4, 0x21);
   assert.equal(s.text(), "!");
