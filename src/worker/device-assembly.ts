@@ -92,9 +92,10 @@ function openPorts(backend: NicBackendSpec, id: string, vnetHeader: boolean, que
 
 /**
  * The host end of a console channel: a UNIX stream socket; the newest client
- * wins. A client that hangs up is closed once the device has seen it go (a
- * task deferred on the device thread's loop: that loop is synchronous, so a
- * microtask would wait until the thread ends).
+ * wins. A client that hangs up is closed once the device has seen it go, on
+ * a read (end of stream) or on a write (EPIPE: the device does not read a
+ * port the guest has closed), by a task deferred on the device thread's loop
+ * (that loop is synchronous, so a microtask would wait until the thread ends).
  */
 export class ChannelSocket {
   private readonly listenFd: number;
@@ -119,16 +120,15 @@ export class ChannelSocket {
       if (fd === undefined) return;
       this.dropClient();
       this.client = fd;
-      // read() results: > 0 bytes, -1 nothing pending (0 for the device), 0 the peer closed (-1 for the device).
-      const received = (n: number): number => {
-        if (n > 0) return n;
-        if (n < 0) return 0;
-        // Peer closed: forget it once the device has seen the -1.
+      // Peer closed: forget it once the device has seen the -1.
+      const gone = (): number => {
         this.loop.defer(() => {
           if (this.client === fd) this.dropClient();
         });
         return -1;
       };
+      // read() results: > 0 bytes, -1 nothing pending (0 for the device), 0 the peer closed (-1 for the device).
+      const received = (n: number): number => (n > 0 ? n : n < 0 ? 0 : gone());
       const stream: HostByteStream = {
         fd,
         read: (buf) => {
@@ -151,7 +151,7 @@ export class ChannelSocket {
             const n = sendStream(fd, bytes, bytes.length);
             return n < 0 ? 0 : n;
           } catch {
-            return 0;
+            return gone(); // EPIPE, ECONNRESET: a client that hung up while the device was not reading
           }
         },
         writeHost: (addresses, lengths, count) => {
@@ -160,7 +160,7 @@ export class ChannelSocket {
             return n < 0 ? 0 : n;
           } catch (e) {
             if (e instanceof RangeError) throw e;
-            return 0;
+            return gone();
           }
         },
       };

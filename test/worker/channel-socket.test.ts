@@ -48,13 +48,24 @@ function connected(path: string): Promise<Socket> {
 
 const fdOpen = (fd: number): boolean => existsSync(`/proc/self/fd/${fd}`);
 
-test("a client that hangs up is closed by a task on the device loop once the device has seen it go; the newest client wins", async () => {
+/** A channel on a fresh socket path with a scripted loop and a recording device; closed and removed after `body`. */
+async function withChannel(body: (c: { path: string; loop: ScriptedLoop; device: RecordingDevice; channel: ChannelSocket }) => Promise<void>): Promise<string> {
   const dir = mkdtempSync(join(tmpdir(), "partis-channel-"));
   const path = join(dir, "c.sock");
   const loop = new ScriptedLoop();
   const device = new RecordingDevice();
   const channel = new ChannelSocket(path, device, { loop });
   try {
+    await body({ path, loop, device, channel });
+  } finally {
+    channel.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+  return path;
+}
+
+test("a client that hangs up is closed by a task on the device loop once the device has seen it go; the newest client wins", async () => {
+  const path = await withChannel(async ({ path, loop, device, channel }) => {
     const listen = loop.watches[0]!;
     const first = await connected(path);
     listen.handler(); // the listening socket polled readable
@@ -80,9 +91,25 @@ test("a client that hangs up is closed by a task on the device loop once the dev
     assert.equal(channel.clientFd, undefined, "the loop's deferred task dropped the client");
     assert.equal(device.stream, undefined);
     assert.equal(device.connects.at(-1), "none");
-  } finally {
-    channel.close();
-    rmSync(dir, { recursive: true, force: true });
-  }
+  });
   assert.ok(!existsSync(path), "close removes the socket path");
+});
+
+test("a client that hangs up while the device is not reading is seen gone on the device's next write, and dropped by a loop task", async () => {
+  await withChannel(async ({ path, loop, device, channel }) => {
+    const client = await connected(path);
+    loop.watches[0]!.handler();
+    const fd = channel.clientFd!;
+    client.destroy();
+    await new Promise((r) => client.once("close", r));
+    const bytes = new Uint8Array(4096).fill(0x41);
+    // The first send may still land in the socket buffer before the kernel notices the reset; the next cannot.
+    let n = 0;
+    for (let i = 0; i < 4 && n >= 0; i++) n = device.stream!.write(bytes);
+    assert.equal(n, -1, "a write to a client that is gone says so (-1), it does not look like a full socket (0)");
+    assert.ok(fdOpen(fd));
+    loop.runDeferred();
+    assert.equal(channel.clientFd, undefined);
+    assert.equal(device.connects.at(-1), "none");
+  });
 });

@@ -55,6 +55,8 @@ export interface VirtioConsoleCounters {
 export interface ConsolePortOwner {
   /** The device's transport (set before any port does I/O). */
   readonly transport: VirtioTransport;
+  /** The transport is attached and active (the device may do DMA). */
+  readonly active: boolean;
   /** The device's totals, shared by its ports. */
   readonly counters: VirtioConsoleCounters;
   /** Whether guest RAM may still be handed to readHost/writeHost (false once the hypervisor layer refused it). */
@@ -116,7 +118,7 @@ export class ConsolePort {
     this.pendingStart = this.pendingEnd = 0;
     const was = this.stream !== undefined;
     this.stream = stream;
-    if (stream !== undefined && this.owner.transport.active) this.serviceStream();
+    if (stream !== undefined && this.owner.active) this.serviceStream();
     if (was || stream !== undefined) this.owner.connectionChanged(this);
   }
 

@@ -26,8 +26,8 @@
  * or posts no control buffers never makes it grow. A driver's control
  * message that is short, names no port of this device, or is not one a
  * driver sends is counted (`controlBad`) and ignored; a control buffer too
- * small for the message it should carry is returned empty and the message
- * dropped (`controlDropped`).
+ * small for the message it should carry is returned empty (used length 0)
+ * and the message dropped (`controlDropped`): Linux posts page-sized ones.
  *
  * Port I/O (polling, zero-copy readv/writev, the bounded pending output) is
  * console-port.ts.
@@ -168,6 +168,10 @@ export class VirtioConsole implements VirtioBackend, ConsolePortOwner {
 
   get transport(): VirtioTransport {
     return this.attached!;
+  }
+
+  get active(): boolean {
+    return this.attached?.active === true;
   }
 
   private setSize(cols: number, rows: number): void {
@@ -320,6 +324,7 @@ export class VirtioConsole implements VirtioBackend, ConsolePortOwner {
       if (value !== 1) {
         this.counters.portsFailed++;
         this.ready[id] = false;
+        this.say[id] = 0; // nothing more about a port the driver could not add
         return;
       }
       this.ready[id] = true;
@@ -393,12 +398,15 @@ export class VirtioConsole implements VirtioBackend, ConsolePortOwner {
    * (when the driver was running): which named ports the guest knows, has
    * open, and what it has still to be told. Each known port is told again
    * whether its host side is connected (a restored VM's streams are new).
-   * A state of another shape (another version, other port names, fields of
+   * Counters start again from zero. A v1 state (a console of one port,
+   * before named ports) restores nothing. A state of another shape (another version, other port names, fields of
    * the wrong type): PciDeviceError, before anything changed.
    */
   restore(s: SavedDeviceState): void {
     const v = s as Partial<VirtioConsoleSaved>;
     const bad = (why: string): PciDeviceError => new PciDeviceError("VIRTIO_CONSOLE_RESTORE", `saved virtio-console state: ${why}`);
+    // v1 (before named ports) held counters only: nothing to restore for a console without named ports.
+    if (v.kind === "virtio-console" && (v.version as number) === 1 && this.namedPorts === 0) return;
     if (v.kind !== "virtio-console" || v.version !== 2) throw bad(`${String(v.kind)} v${String(v.version)} is not virtio-console v2`);
     if (typeof v.multiport !== "boolean" || !Array.isArray(v.ports)) throw bad("no multiport flag or port list");
     const names = this.ports.slice(1).map((p) => p.name);

@@ -244,7 +244,7 @@ test("virtio-serial: with no control buffers the device keeps what it has to say
   assert.deepEqual(heard(r).map((h) => h.event), [E.portName, E.portOpen]);
 });
 
-test("virtio-serial: hostile control messages are counted and change nothing; a control buffer too small for its message comes back empty", () => {
+test("virtio-serial: hostile control messages are counted and change nothing; a port that failed is told nothing; a control buffer too small for its message comes back empty", () => {
   const r = make();
   postControl(r, 2); // both taken by DEVICE_ADD
   tell(r, BAD_ID, E.deviceReady, 1);
@@ -260,12 +260,17 @@ test("virtio-serial: hostile control messages are counted and change nothing; a 
   assert.equal(c.controlBad, 7);
   assert.equal(r.dev.console.guestOpen(1), false);
   assert.equal(r.drv.status() & S.needsReset, 0);
+  // Port 1 gets ready with no control buffer left (its name waits), then the driver says it failed after all.
+  tell(r, 1, E.portReady, 1);
   tell(r, 1, E.portReady, 0);
   assert.equal(c.portsFailed, 1);
-  assert.deepEqual(heard(r), [], "a port that failed is told nothing");
-  // A buffer too small for PORT_NAME (8 + 10 bytes).
-  r.drv.queues[2]!.add([{ addr: buffer(r, 12), len: 12, write: true }]);
+  postControl(r, 1);
+  assert.deepEqual(heard(r), [], "a port that failed is told nothing, not even what was waiting for it");
+  // Port 2's name goes into the spare buffer; then a buffer too small for a message (4 bytes for PORT_OPEN's 8).
   tell(r, 2, E.portReady, 1);
+  assert.deepEqual(heard(r), [{ id: 2, event: E.portName, value: 1, name: "partis.kvp" }]);
+  r.drv.queues[2]!.add([{ addr: buffer(r, 4), len: 4, write: true }]);
+  r.dev.connectPort(2, new FakeByteStream(42));
   assert.deepEqual(heard(r), [{ id: -1, event: -1, value: -1 }]);
   assert.equal(c.controlDropped, 1);
 });
@@ -344,4 +349,8 @@ test("virtio-serial: saved state keeps which ports the guest has open and what i
     { ...backend, ports: [null, (backend.ports as object[])[1]] },
   ];
   for (const b of bads) assert.throws(() => dev2.console.restore(b as unknown as SavedDeviceState), /saved virtio-console state/, JSON.stringify(b).slice(0, 120));
+  // A v1 state (counters only, before named ports) restores a one-port console, not a device with named ports.
+  const v1 = { kind: "virtio-console", version: 1, rxBytes: 1, txBytes: 2, txDropped: 0, peerClosed: 0 };
+  createVirtioConsole("con0", makeServices(MiB)).console.restore(v1);
+  assert.throws(() => dev2.console.restore(v1), /is not virtio-console v2/);
 });
