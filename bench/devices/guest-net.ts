@@ -9,7 +9,12 @@
  * offloads on a TAP), `partis-baseline` (--baseline-cli PATH: another build's
  * dist/partis/partis.js, e.g. one from before the offloads), `qemu`
  * (virtio-net-pci on `-netdev tap,vhost=off`: QEMU's own userspace
- * virtio-net, with the TAP's vnet-header offloads, its default). Runs are
+ * virtio-net, with the TAP's vnet-header offloads, its default), and the
+ * emulated NIC of both, the seed's gap for networking: `partis-ne2k`
+ * (`model=ne2k`, the RTL8029 NE2000 PCI) and `qemu-ne2k` (`ne2k_pci`), which
+ * move --ne2k-mib MiB (default 2: a register access per 2 bytes of a frame
+ * makes them slow; with --baseline-cli also `partis-ne2k-baseline`).
+ * --only NAME,NAME picks configurations. Runs are
  * interleaved, --runs of them (2); medians.
  *
  * Upload MiB/s: measured here, from the first byte received to the guest's
@@ -40,6 +45,8 @@ const CLI = fileURLToPath(new URL("../../partis/partis.js", import.meta.url));
 const QEMU = "/usr/bin/qemu-system-x86_64";
 const MiB = 1024 * 1024;
 const TRANSFER_MIB = Number(option("--mib", "32"));
+const NE2K_MIB = Number(option("--ne2k-mib", "2"));
+const ONLY = option("--only", "");
 const RUNS = Number(option("--runs", "2"));
 const BASELINE = option("--baseline-cli", "");
 const TAP = "pnbench0";
@@ -50,37 +57,41 @@ const MAC = "52:54:00:77:00:02";
 
 interface Config {
   readonly name: string;
+  /** MiB moved each way. */
+  readonly mib: number;
   readonly argv: (kernel: string, initrd: string, append: string) => { command: string; argv: string[] };
 }
 
-const partis = (cli: string) => (kernel: string, initrd: string, append: string) => ({
+const partis = (cli: string, model: "virtio" | "ne2k") => (kernel: string, initrd: string, append: string) => ({
   command: process.execPath,
-  argv: [cli, "run", "--kernel", kernel, "--initrd", initrd, "--append", append, "--memory", "512M", "--cpus", "1", "--nic", `tap:${TAP},model=virtio,mac=${MAC}`],
+  argv: [cli, "run", "--kernel", kernel, "--initrd", initrd, "--append", append, "--memory", "512M", "--cpus", "1", "--nic", `tap:${TAP},model=${model},mac=${MAC}`],
+});
+
+const qemu = (device: string) => (kernel: string, initrd: string, append: string) => ({
+  command: QEMU,
+  argv: [
+    "-enable-kvm", "-cpu", "host", "-m", "512M", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio", "-M", "q35",
+    "-kernel", kernel, "-initrd", initrd, "-append", append,
+    "-netdev", `tap,id=n0,ifname=${TAP},script=no,downscript=no,vhost=off`, "-device", `${device},netdev=n0,mac=${MAC}`,
+  ],
 });
 
 const CONFIGS: Config[] = [
-  { name: "partis", argv: partis(CLI) },
-  ...(BASELINE !== "" ? [{ name: "partis-baseline", argv: partis(BASELINE) }] : []),
-  {
-    name: "qemu",
-    argv: (kernel, initrd, append) => ({
-      command: QEMU,
-      argv: [
-        "-enable-kvm", "-cpu", "host", "-m", "512M", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio", "-M", "q35",
-        "-kernel", kernel, "-initrd", initrd, "-append", append,
-        "-netdev", `tap,id=n0,ifname=${TAP},script=no,downscript=no,vhost=off`, "-device", `virtio-net-pci,netdev=n0,mac=${MAC}`,
-      ],
-    }),
-  },
-];
+  { name: "partis", mib: TRANSFER_MIB, argv: partis(CLI, "virtio") },
+  ...(BASELINE !== "" ? [{ name: "partis-baseline", mib: TRANSFER_MIB, argv: partis(BASELINE, "virtio") }] : []),
+  { name: "qemu", mib: TRANSFER_MIB, argv: qemu("virtio-net-pci") },
+  { name: "partis-ne2k", mib: NE2K_MIB, argv: partis(CLI, "ne2k") },
+  ...(BASELINE !== "" ? [{ name: "partis-ne2k-baseline", mib: NE2K_MIB, argv: partis(BASELINE, "ne2k") }] : []),
+  { name: "qemu-ne2k", mib: NE2K_MIB, argv: qemu("ne2k_pci") },
+].filter((c) => ONLY === "" || ONLY.split(",").includes(c.name));
 
-function guestScript(): string {
-  const blocks = (TRANSFER_MIB * MiB) / 65536;
+function guestScript(mib: number): string {
+  const blocks = (mib * MiB) / 65536;
   return [
     "i=$(for d in /sys/class/net/*; do [ \"$(cat $d/address)\" = \"" + MAC + "\" ] && basename $d; done)",
     `ip addr add ${GUEST_IP}/24 dev $i; ip link set $i up`,
     `for k in $(seq 1 120); do ping -c 1 -W 1 ${HOST_IP} >/dev/null 2>&1 && break; done`,
-    "echo NETBENCH-FEATURES=$(cat /sys/class/net/$i/device/features)",
+    "echo NETBENCH-FEATURES=$(cat /sys/class/net/$i/device/features 2>/dev/null)",
     `dd if=/dev/zero bs=65536 count=${blocks} 2>/dev/null | nc ${HOST_IP} 5000 >/dev/null`,
     "t0=$(cut -d' ' -f1 /proc/uptime)",
     `n=$(nc ${HOST_IP} 5001 </dev/null | wc -c)`,
@@ -105,7 +116,7 @@ function tapStat(name: string): number {
   return Number(readFileSync(`/sys/class/net/${TAP}/statistics/${name}`, "utf8"));
 }
 
-/** The host's end: 5000 counts the upload (timed here), 5001 sends TRANSFER_MIB and closes. */
+/** The host's end: 5000 counts the upload (timed here), 5001 sends the configuration's MiB and closes. */
 interface Upload {
   seconds: number;
   bytes: number;
@@ -114,8 +125,8 @@ interface Upload {
   guest: number;
 }
 
-function hostServers(vmm: () => number | undefined): { servers: Server[]; upload: Promise<Upload> } {
-  const payload = Buffer.alloc(TRANSFER_MIB * MiB, 0x5a);
+function hostServers(mib: number, vmm: () => number | undefined): { servers: Server[]; upload: Promise<Upload> } {
+  const payload = Buffer.alloc(mib * MiB, 0x5a);
   let resolveUpload: (v: Upload) => void = () => undefined;
   const upload = new Promise<Upload>((r) => (resolveUpload = r));
   const cpu = (): { total: number; guest: number } => {
@@ -169,8 +180,8 @@ function configureTap(child: ChildProcess): void {
 
 async function once(c: Config, kernel: string, initrd: string): Promise<RunResult> {
   let pid: number | undefined;
-  const { servers, upload } = hostServers(() => pid);
-  const append = `console=ttyS0 panic=-1 quiet ${guestRunOption(guestScript())}`;
+  const { servers, upload } = hostServers(c.mib, () => pid);
+  const append = `console=ttyS0 panic=-1 quiet ${guestRunOption(guestScript(c.mib))}`;
   const { command, argv } = c.argv(kernel, initrd, append);
   // Both VMMs run the VM in the process started here.
   const child = spawn(command, argv, { stdio: ["pipe", "pipe", "pipe"] });
@@ -188,19 +199,19 @@ async function once(c: Config, kernel: string, initrd: string): Promise<RunResul
     for (const s of servers) s.close();
   }
   const down = /NETBENCH-DOWN bytes=(\d+) t0=([\d.]+) t1=([\d.]+)/.exec(out);
-  const features = /NETBENCH-FEATURES=([01]+)/.exec(out)?.[1] ?? "";
+  const features = /NETBENCH-FEATURES=([01]*)/.exec(out)?.[1] ?? "";
   const up = await Promise.race([upload, new Promise<undefined>((r) => setTimeout(() => r(undefined), 10))]);
-  if (down === null || up === undefined || Number(down[1]) !== TRANSFER_MIB * MiB || up.bytes !== TRANSFER_MIB * MiB) {
+  if (down === null || up === undefined || Number(down[1]) !== c.mib * MiB || up.bytes !== c.mib * MiB) {
     throw new Error(`${c.name}: no complete transfer (upload ${up?.bytes ?? 0} bytes, download ${down?.[1] ?? 0}); output tail:\n${out.slice(-2000)}`);
   }
   const downSeconds = Math.max(0.01, Number(down[3]) - Number(down[2]));
   return {
-    upMiBs: TRANSFER_MIB / up.seconds,
-    downMiBs: TRANSFER_MIB / downSeconds,
+    upMiBs: c.mib / up.seconds,
+    downMiBs: c.mib / downSeconds,
     features,
-    framesPerMiB: up.frames / TRANSFER_MIB,
-    cpuPerMiB: up.cpu / TRANSFER_MIB,
-    vmmCpuPerMiB: (up.cpu - up.guest) / TRANSFER_MIB,
+    framesPerMiB: up.frames / c.mib,
+    cpuPerMiB: up.cpu / c.mib,
+    vmmCpuPerMiB: (up.cpu - up.guest) / c.mib,
   };
 }
 
@@ -225,7 +236,7 @@ async function main(): Promise<void> {
       }
     }
   }
-  console.log(`In-guest TCP through a TAP (${TRANSFER_MIB} MiB each way, busybox nc, ${RUNS} interleaved runs, medians); host: ${cpus().length} CPUs (${cpus()[0]?.model ?? "cpu"}), Node ${process.version}.`);
+  console.log(`In-guest TCP through a TAP (${TRANSFER_MIB} MiB each way over virtio-net, ${NE2K_MIB} MiB over the NE2000, busybox nc, ${RUNS} interleaved runs, medians); host: ${cpus().length} CPUs (${cpus()[0]?.model ?? "cpu"}), Node ${process.version}.`);
   console.log("");
   console.log("| path | upload MiB/s | download MiB/s | host frames per MiB uploaded | VMM CPU ms per MiB uploaded (without guest time) | CSUM / HOST_TSO4 / GUEST_TSO4 negotiated |");
   console.log("|---|---|---|---|---|---|");
@@ -236,8 +247,9 @@ async function main(): Promise<void> {
       continue;
     }
     const f = rs[0]!.features;
+    const digits = c.mib < 8 ? 3 : 1;
     console.log(
-      `| ${c.name} | ${median(rs.map((r) => r.upMiBs)).toFixed(1)} | ${median(rs.map((r) => r.downMiBs)).toFixed(1)} | ${median(rs.map((r) => r.framesPerMiB)).toFixed(0)} | ${(median(rs.map((r) => r.cpuPerMiB)) * 1000).toFixed(0)} (${(median(rs.map((r) => r.vmmCpuPerMiB)) * 1000).toFixed(0)}) | ${f.charAt(0)} / ${f.charAt(11)} / ${f.charAt(7)} |`,
+      `| ${c.name} | ${median(rs.map((r) => r.upMiBs)).toFixed(digits)} | ${median(rs.map((r) => r.downMiBs)).toFixed(digits)} | ${median(rs.map((r) => r.framesPerMiB)).toFixed(0)} | ${(median(rs.map((r) => r.cpuPerMiB)) * 1000).toFixed(0)} (${(median(rs.map((r) => r.vmmCpuPerMiB)) * 1000).toFixed(0)}) | ${f === "" ? "(no virtio)" : `${f.charAt(0)} / ${f.charAt(11)} / ${f.charAt(7)}`} |`,
     );
   }
   console.log("");

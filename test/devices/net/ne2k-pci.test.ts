@@ -4,6 +4,7 @@ import { Ne2kPci, ethernetCrc } from "../../../src/devices/net/ne2k-pci.js";
 import { MAX_PORT_FRAME_BYTES, MemoryPortPair } from "../../../src/devices/net/network-port.js";
 import { DeviceRestoreError } from "../../../src/devices/emulated/saved-state.js";
 import { fakeServices } from "./net-fakes.js";
+import { RecordingPostedWritePorts } from "../device-fakes.js";
 import * as D from "./ne2k-driver.js";
 
 const MAC = Uint8Array.from([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
@@ -664,4 +665,28 @@ test("board reset: registers and packet RAM cleared, stopped, line low", () => {
   deliver();
   drv.interrupt();
   assert.equal(drv.received.at(-1)!.length, 64);
+});
+
+test("posted writes: the remote-DMA data port (BAR0 + 0x10-0x17) where BAR0 decodes now, not the registers; it follows a move of the BAR, goes with I/O decoding off and with a board reset", () => {
+  const posted = new RecordingPostedWritePorts();
+  const nic = new Ne2kPci("ne2k0", { ...fakeServices(), postedWrites: posted }, undefined, { mac: MAC });
+  const ports = (): number[] => [...posted.ports].sort((a, b) => a - b);
+  const range = (base: number): number[] => Array.from({ length: 8 }, (_, i) => base + 0x10 + i);
+  nic.afterAccess();
+  assert.deepEqual(ports(), [], "BAR0 not assigned: nothing posts");
+  nic.pci.assignBar(0, 0xc000);
+  nic.pci.enableDecoding();
+  nic.afterAccess();
+  assert.deepEqual(ports(), range(0xc000));
+  nic.pci.configWrite(0x10, 4, 0xc101);
+  nic.afterAccess();
+  assert.deepEqual(ports(), range(0xc100), "the old ports are refused, the new accepted");
+  nic.pci.configWrite(0x04, 2, 0);
+  nic.afterAccess();
+  assert.deepEqual(ports(), [], "I/O decoding off");
+  nic.pci.configWrite(0x04, 2, 1);
+  nic.afterAccess();
+  assert.deepEqual(ports(), range(0xc100));
+  nic.reset();
+  assert.deepEqual(ports(), [], "a board reset unmaps BAR0");
 });
