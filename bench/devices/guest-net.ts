@@ -84,6 +84,12 @@ const CONFIGS: Config[] = [
   ...(BASELINE !== "" ? [{ name: "partis-ne2k-baseline", mib: NE2K_MIB, argv: partis(BASELINE, "ne2k") }] : []),
   { name: "qemu-ne2k", mib: NE2K_MIB, argv: qemu("ne2k_pci") },
 ].filter((c) => ONLY === "" || ONLY.split(",").includes(c.name));
+for (const name of ONLY === "" ? [] : ONLY.split(",")) {
+  if (!CONFIGS.some((c) => c.name === name)) {
+    console.error(`--only ${name}: no such configuration here (partis, qemu, partis-ne2k, qemu-ne2k; partis-baseline and partis-ne2k-baseline need --baseline-cli)`);
+    process.exit(2);
+  }
+}
 
 function guestScript(mib: number): string {
   const blocks = (mib * MiB) / 65536;
@@ -230,7 +236,8 @@ async function main(): Promise<void> {
       try {
         const r = await once(c, guest.kernel, guest.initrd);
         (results[c.name] ??= []).push(r);
-        process.stderr.write(`${c.name} run ${run}: upload ${r.upMiBs.toFixed(1)} MiB/s, download ${r.downMiBs.toFixed(1)} MiB/s, ${r.framesPerMiB.toFixed(0)} frames/MiB up, CPU ${(r.cpuPerMiB * 1000).toFixed(0)} (${(r.vmmCpuPerMiB * 1000).toFixed(0)}) ms/MiB up, features ${r.features.slice(0, 16)}\n`);
+        const digits = c.mib < 8 ? 3 : 1;
+        process.stderr.write(`${c.name} run ${run}: upload ${r.upMiBs.toFixed(digits)} MiB/s, download ${r.downMiBs.toFixed(digits)} MiB/s, ${r.framesPerMiB.toFixed(0)} frames/MiB up, CPU ${(r.cpuPerMiB * 1000).toFixed(0)} (${(r.vmmCpuPerMiB * 1000).toFixed(0)}) ms/MiB up, features ${r.features.slice(0, 16)}\n`);
       } catch (e) {
         process.stderr.write(`${c.name} run ${run} failed: ${(e as Error).message}\n`);
       }
