@@ -52,7 +52,7 @@
  * was not pinned down).
  */
 import type { SavedDeviceState } from "../dependencies.js";
-import type { FdWatch, PciDeviceServices, PostedWritePorts } from "../pci/device-thread-services.js";
+import { PostedPortWindow, type FdWatch, type PciDeviceServices } from "../pci/device-thread-services.js";
 import { PciConfig, PciDeviceError, type PciDevice } from "../pci/pci-config.js";
 import { SavedStateReader } from "../emulated/saved-state.js";
 import { FrameBuffer, MAX_PORT_FRAME_BYTES, type NetworkPort } from "./network-port.js";
@@ -92,9 +92,9 @@ const TSR_PTX = 0x01;
 const TSR_ABT = 0x08;
 
 const PROM_BYTES = 32;
-/** BAR0 offsets of the remote-DMA data port (the only ports that take posted writes). */
+/** BAR0 offset and size of the remote-DMA data port (the only ports that take posted writes). */
 const DATA_PORT = 0x10;
-const DATA_PORT_END = 0x18;
+const DATA_PORT_BYTES = 8;
 const RAM_START = 0x4000;
 const RAM_BYTES = 0x4000;
 const RAM_END = RAM_START + RAM_BYTES;
@@ -241,8 +241,8 @@ export class Ne2kPci implements PciDevice {
   private rxUnseen = false;
   private irqLevel = false;
   private readonly onReadable = (): void => this.pumpReceive();
-  /** Where BAR0 decoded when last looked at: its ports take posted writes. */
-  private barBase: number | undefined;
+  /** The data port, posted wherever BAR0 decodes. */
+  private readonly postedDataPort: PostedPortWindow;
 
   // --- rate limit ---
   private readonly txLimit: TokenBucket | undefined;
@@ -264,6 +264,7 @@ export class Ne2kPci implements PciDevice {
     this.rxFullPolicy = opts.rxFullPolicy ?? "hold";
     this.pci = new PciConfig(NE2K_PCI_IDENTITY, [{ index: 0, kind: "io", size: 32 }]);
     this.pci.onCommandWrite = () => this.updateIrq();
+    this.postedDataPort = new PostedPortWindow(services.postedWrites, DATA_PORT, DATA_PORT_BYTES);
     const clock = opts.clock ?? monotonicClock;
     const rate = opts.rateBytesPerSecond;
     if (rate !== undefined && !(rate >= NE2K_MIN_RATE_BYTES_PER_SECOND))
@@ -295,23 +296,13 @@ export class Ne2kPci implements PciDevice {
 
   /** The bus calls this after each request it routed here (a config write may have moved or disabled BAR0). */
   afterAccess(): void {
-    this.followBar(this.pci.mappedAddress(0));
-  }
-
-  /** BAR0 decodes at `base` now: the old address's data port goes back to waiting for the device thread, the new one's posts. */
-  private followBar(base: number | undefined): void {
-    const posted: PostedWritePorts | undefined = this.services.postedWrites;
-    const old = this.barBase;
-    if (base === old || posted === undefined) return;
-    if (old !== undefined) for (let i = DATA_PORT; i < DATA_PORT_END; i++) posted.refuse(old + i);
-    if (base !== undefined) for (let i = DATA_PORT; i < DATA_PORT_END; i++) posted.accept(base + i);
-    this.barBase = base;
+    this.postedDataPort.moveTo(this.pci.mappedAddress(0));
   }
 
   /** Board / power-on reset. */
   reset(): void {
     this.pci.resetRegisters();
-    this.followBar(undefined);
+    this.postedDataPort.moveTo(undefined);
     this.ram.fill(0);
     this.par.fill(0);
     this.mar.fill(0);
@@ -337,9 +328,14 @@ export class Ne2kPci implements PciDevice {
   }
 
   close(): void {
+    this.stopWatch();
+    this.alarm?.close();
+  }
+
+  /** Stop reading the port (closed, a frame held for ring space, over the rate limit). */
+  private stopWatch(): void {
     this.watch?.close();
     this.watch = undefined;
-    this.alarm?.close();
   }
 
   // --- BAR access -------------------------------------------------------------------------------
@@ -715,8 +711,7 @@ export class Ne2kPci implements PciDevice {
         // Over the rate: stop reading the port until the alarm.
         this.rxLimited = true;
         this.stats.throttled++;
-        this.watch?.close();
-        this.watch = undefined;
+        this.stopWatch();
         return;
       }
       const n = port.receive(this.rxFrame);
@@ -725,8 +720,7 @@ export class Ne2kPci implements PciDevice {
       if (this.deliver(n) === "full") {
         this.heldLength = n;
         this.stats.rxHeld++;
-        this.watch?.close();
-        this.watch = undefined;
+        this.stopWatch();
         return;
       }
     }

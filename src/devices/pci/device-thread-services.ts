@@ -71,6 +71,30 @@ export interface PostedWritePorts {
   refuse(port: number): void;
 }
 
+/**
+ * A block of a BAR's ports (`count` from offset `first`) that takes posted
+ * writes wherever the BAR decodes: moveTo() refuses the old address's ports
+ * and accepts the new one's. Nothing when the device was given no
+ * PostedWritePorts.
+ */
+export class PostedPortWindow {
+  private base: number | undefined;
+  constructor(
+    private readonly posted: PostedWritePorts | undefined,
+    private readonly first: number,
+    private readonly count: number,
+  ) {}
+
+  /** The BAR decodes at `base` now (undefined: nowhere). */
+  moveTo(base: number | undefined): void {
+    const posted = this.posted;
+    if (base === this.base || posted === undefined) return;
+    if (this.base !== undefined) for (let i = 0; i < this.count; i++) posted.refuse(this.base + this.first + i);
+    if (base !== undefined) for (let i = 0; i < this.count; i++) posted.accept(base + this.first + i);
+    this.base = base;
+  }
+}
+
 export interface PciDeviceServices {
   readonly memory: GuestMemory;
   /** The function's INTx line (the thread ORs lines that share a GSI). */

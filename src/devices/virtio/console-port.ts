@@ -114,8 +114,7 @@ export class ConsolePort {
   /** Attach a host stream (or detach with undefined). Pending output of the old stream is dropped. */
   connect(stream: HostByteStream | undefined): void {
     this.stop();
-    this.owner.counters.txDropped += this.pendingEnd - this.pendingStart;
-    this.pendingStart = this.pendingEnd = 0;
+    this.dropPending();
     const was = this.stream !== undefined;
     this.stream = stream;
     if (stream !== undefined && this.owner.active) this.serviceStream();
@@ -142,6 +141,12 @@ export class ConsolePort {
     this.watch = undefined;
   }
 
+  /** Output kept for a stream that is gone or replaced: counted as dropped. */
+  private dropPending(): void {
+    this.owner.counters.txDropped += this.pendingEnd - this.pendingStart;
+    this.pendingStart = this.pendingEnd = 0;
+  }
+
   private arm(): void {
     if (this.watch === undefined && this.stream !== undefined) this.watch = this.owner.transport.loop.watch(this.stream.fd, this.onReadable);
   }
@@ -149,8 +154,7 @@ export class ConsolePort {
   private peerClosed(): void {
     this.owner.counters.peerClosed++;
     this.stop();
-    this.owner.counters.txDropped += this.pendingEnd - this.pendingStart;
-    this.pendingStart = this.pendingEnd = 0;
+    this.dropPending();
     this.stream = undefined;
     this.owner.connectionChanged(this);
   }

@@ -43,7 +43,7 @@
 import { PartisError } from "../../../errors.js";
 import type { BlockDevice, BlockRequestRing } from "../../../storage/block-device.js";
 import type { IrqLine, SavedDeviceState } from "../../dependencies.js";
-import type { PciDeviceServices, PortReadShadow, PostedWritePorts } from "../../pci/device-thread-services.js";
+import { PostedPortWindow, type PciDeviceServices, type PortReadShadow } from "../../pci/device-thread-services.js";
 import { PciConfig, type PciDevice } from "../../pci/pci-config.js";
 import { AtaDisk, type SavedAtaDisk } from "./ata-disk.js";
 import { AtapiCdrom, type SavedAtapiCdrom } from "./atapi-cdrom.js";
@@ -136,7 +136,8 @@ export class PiixIde implements PciDevice {
   readonly isaRegions: readonly IsaRegion[] = REGIONS;
   readonly channels: readonly [IdeChannel, IdeChannel];
   private readonly shadow: PortReadShadow | undefined;
-  private readonly posted: PostedWritePorts | undefined;
+  /** BAR4's 16 bus-master ports, posted wherever it decodes. */
+  private readonly postedBusMaster: PostedPortWindow;
   /** Where BAR4 decoded at the last publish: its shadow entries and posted-write ports follow it. */
   private barBase: number | undefined;
   private readonly ring: BlockRequestRing | undefined;
@@ -183,8 +184,9 @@ export class PiixIde implements PciDevice {
       return new AtapiCdrom(unit, host, cfg.device, identity);
     };
     this.shadow = services.portShadow;
-    this.posted = services.postedWrites;
-    if (this.posted !== undefined) for (const r of REGIONS) for (let p = r.start; p < r.start + r.length; p++) this.posted.accept(p);
+    const posted = services.postedWrites;
+    if (posted !== undefined) for (const r of REGIONS) for (let p = r.start; p < r.start + r.length; p++) posted.accept(p);
+    this.postedBusMaster = new PostedPortWindow(posted, 0, 16);
     // With a shadow, what a read sees must be published before the guest can look: after a deferred
     // transfer, and before an interrupt (its handler reads the registers at once).
     const loop: DmaScheduler =
@@ -339,11 +341,8 @@ export class PiixIde implements PciDevice {
   private followBar(base: number | undefined): void {
     const old = this.barBase;
     if (base === old) return;
-    if (old !== undefined) {
-      if (this.shadow !== undefined) for (const off of BM_SHADOWED) this.shadow.withdraw(old + off);
-      if (this.posted !== undefined) for (let i = 0; i < 16; i++) this.posted.refuse(old + i);
-    }
-    if (base !== undefined && this.posted !== undefined) for (let i = 0; i < 16; i++) this.posted.accept(base + i);
+    if (old !== undefined && this.shadow !== undefined) for (const off of BM_SHADOWED) this.shadow.withdraw(old + off);
+    this.postedBusMaster.moveTo(base);
     this.barBase = base;
   }
 
