@@ -133,7 +133,7 @@ test("virtio-serial fuzz: named ports and the control queues (100000 steps, seed
         v.setUint16(4, r.pick([E.deviceReady, E.portReady, E.portOpen, E.portOpen, r.int(9), r.int(0x10000)]), true);
         v.setUint16(6, r.pick([0, 1, 1, r.int(0x10000)]), true);
         controlSent++;
-        return { bufs: [{ addr: this.header(m), len: r.int(6) === 0 ? r.int(8) : 8, write: false }] };
+        return { bufs: [{ addr: fuzzer.header(m), len: r.int(6) === 0 ? r.int(8) : 8, write: false }] };
       }
       const bufs: Buf[] = [];
       const n = q === 2 ? 1 : 1 + r.int(3);
@@ -157,8 +157,7 @@ test("virtio-serial fuzz: named ports and the control queues (100000 steps, seed
         else dev.connectPort(port, undefined);
       } else dev.console.resize(r.int(300), r.int(100));
     },
-    header: (b: Uint8Array) => fuzzer.header(b),
-  } as FuzzTarget & { header(b: Uint8Array): number };
+  };
   const fuzzer = new VirtioFuzzer(target, rng);
   const stats = fuzzer.run(100_000);
   const c = dev.console.counters;
