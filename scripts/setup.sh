@@ -23,6 +23,9 @@ declare -A need=(
   [genisoimage]=/usr/bin/genisoimage
   [e2fsprogs]=/sbin/mkfs.ext4
   [iproute2]=/sbin/ip
+  # static guest tools busybox lacks (test/guest/tools: the AF_VSOCK client/server), and bench programs
+  [gcc]=/usr/bin/gcc
+  [libc6-dev]=/usr/lib/x86_64-linux-gnu/libc.a
 )
 missing=()
 for pkg in "${!need[@]}"; do

@@ -67,7 +67,7 @@ function run(disk: BlockDevice, ring: IoUring | undefined): Row {
     memory,
     intx: { setLevel: () => {} },
     msi: { signal: () => {} },
-    loop: { watch: () => ({ close: () => {} }), defer: (task) => void tasks.push(task) },
+    loop: { watch: () => ({ close: () => {} }), watchWritable: () => ({ close: () => {} }), defer: (task) => void tasks.push(task) },
     doorbells: { mapDoorbell: () => {} },
   };
   const ide = new PiixIde("bench-ide", services, {

@@ -115,7 +115,7 @@ class Bench {
       memory: this.memory,
       intx: { setLevel: () => {} },
       msi: { signal: () => void this.interrupts++ },
-      loop: { watch: () => ({ close: () => {} }), defer: (task) => task() },
+      loop: { watch: () => ({ close: () => {} }), watchWritable: () => ({ close: () => {} }), defer: (task) => task() },
       doorbells: { mapDoorbell: (key, gpa, _len, onRing) => void (key === 0 && gpa !== undefined ? (this.ring = onRing) : undefined) },
     };
     this.dev = createVirtioBlk("bench", disk, services, { queues: 1, queueSize: QSIZE, ringPacked: PACKED, ...(RING ? { ring: IoUring.open(64) } : {}) });

@@ -19,6 +19,9 @@
  *        without a name a virtio console of its own (/dev/hvcN in the guest); named channels are the ports
  *        of one virtio-serial device (/dev/vportNpM, /dev/virtio-ports/NAME with udev; at most 31)
  *   --rng                              a virtio entropy source
+ *   --vsock SOCKET[,cid=N]             AF_VSOCK stream sockets (virtio-vsock; one per VM; guest CID N, default 3):
+ *        the guest's connections to port P go to the UNIX socket SOCKET_P; host programs connect to SOCKET
+ *        and write "CONNECT P\n" (Firecracker's convention)
  *
  * Every problem is a UsageError naming the flag and the value.
  */
@@ -31,6 +34,7 @@ import { openDisk } from "../storage/open.js";
 import { VIRTIO_NET_MAX_QUEUE_PAIRS } from "../devices/net/virtio-net.js";
 import { NE2K_MIN_RATE_BYTES_PER_SECOND } from "../devices/net/ne2k-pci.js";
 import { VIRTIO_CONSOLE_MAX_NAMED_PORTS, VIRTIO_CONSOLE_PORT_NAME } from "../devices/virtio/virtio-console.js";
+import { VSOCK_MAX_GUEST_CID, VSOCK_MIN_GUEST_CID } from "../devices/virtio/virtio-vsock.js";
 import type { DiskIoLimits } from "../devices/io-limits.js";
 import { DevicePlanError, MAX_IDE_DRIVES, parseMac, planPci, type DeviceSpec, type DiskSpec, type NicBackendSpec } from "../worker/device-plan.js";
 
@@ -40,6 +44,7 @@ export interface DeviceOptions {
   nic?: string[];
   channel?: string[];
   rng?: boolean;
+  vsock?: string[];
 }
 
 function splitSpec(flag: string, value: string): { head: string; opts: Map<string, string | true> } {
@@ -255,6 +260,22 @@ export function resolveDevices(opts: DeviceOptions, vmName: string, cpus: number
   });
   if (named.length > 0) out.push({ kind: "virtio-serial", id: "serial0", ports: named });
   if (opts.rng === true) out.push({ kind: "virtio-rng", id: "rng0" });
+  const vsock = opts.vsock ?? [];
+  if (vsock.length > 1) throw new UsageError(`--vsock is given ${vsock.length} times; a VM has one vsock device (the guest's AF_VSOCK takes one virtio transport)`);
+  for (const value of vsock) {
+    const { head: path, opts: o } = splitSpec("--vsock", value);
+    rejectUnknown("--vsock", value, o, ["cid"]);
+    if (!existsSync(dirname(path))) throw new UsageError(`--vsock ${value}: directory ${dirname(path)} does not exist`);
+    // The guest's connections go to PATH_<port>: room for "_4294967295" in a 107-byte UNIX socket path.
+    if (Buffer.byteLength(path) > 96) throw new UsageError(`--vsock ${value}: the socket path may be at most 96 bytes (the service sockets PATH_<port> must fit in 107)`);
+    if (existsSync(path) && !statSync(path).isSocket()) throw new UsageError(`--vsock ${value}: ${path} exists and is not a socket (refusing to replace it)`);
+    if (socketPaths.has(resolve(path))) throw new UsageError(`--vsock ${value}: socket ${path} is given to a channel already`);
+    const cidText = o.get("cid") ?? "3";
+    const cid = typeof cidText === "string" && /^\d{1,10}$/.test(cidText) ? Number(cidText) : NaN;
+    if (!(cid >= VSOCK_MIN_GUEST_CID && cid <= VSOCK_MAX_GUEST_CID))
+      throw new UsageError(`--vsock ${value}: cid must be a whole number from ${VSOCK_MIN_GUEST_CID} to ${VSOCK_MAX_GUEST_CID} (0-2 are the hypervisor, loopback and host)`);
+    out.push({ kind: "virtio-vsock", id: "vsock0", socketPath: path, cid });
+  }
   try {
     planPci(out);
   } catch (e) {

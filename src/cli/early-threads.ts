@@ -21,7 +21,7 @@ import type { DeviceOptions } from "./device-options.js";
  * it loads nothing (run-validation.ts decides from it whether to load the
  * device options' module).
  */
-export const DEVICE_FLAGS: Record<keyof DeviceOptions, true> = { disk: true, cdrom: true, nic: true, channel: true, rng: true };
+export const DEVICE_FLAGS: Record<keyof DeviceOptions, true> = { disk: true, cdrom: true, nic: true, channel: true, rng: true, vsock: true };
 
 /** The same flags as written on the command line (the device thread is worth starting early). */
 const DEVICE_OPTIONS = Object.keys(DEVICE_FLAGS).map((k) => `--${k}`);

@@ -277,6 +277,7 @@ export function registerRunCommand(program: Command): void {
     )
     .option("--channel <socket[,name=NAME]>", "a host<->guest byte channel on a UNIX socket: unnamed, a virtio console (hvcN); named, a port of the virtio-serial device (/dev/virtio-ports/NAME); repeatable", collect)
     .option("--rng", "attach a virtio entropy source")
+    .option("--vsock <socket[,cid=N]>", "AF_VSOCK stream sockets (virtio-vsock, guest CID N, default 3): the guest's connections to port P go to the UNIX socket SOCKET_P; host programs connect to SOCKET and write \"CONNECT P\\n\"", collect)
     .option("--framebuffer [WxH]", "a linear framebuffer the guest console can draw on (default 1024x768)")
     .option("--screenshot <file.ppm>", "write the framebuffer as a PPM image when the VM stops (implies --framebuffer)")
     .action(async (opts: RunOptions) => {

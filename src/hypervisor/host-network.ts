@@ -46,6 +46,7 @@ const c = {
   read: lib.func("int64_t read(int fd, void *buf, size_t count)") as IntFn<[number, ArrayBufferView, number]>,
   write: lib.func("int64_t write(int fd, const void *buf, size_t count)") as IntFn<[number, ArrayBufferView, number]>,
   close: lib.func("int close(int fd)") as IntFn<[number]>,
+  shutdown: lib.func("int shutdown(int fd, int how)") as IntFn<[number, number]>,
   unlink: lib.func("int unlink(const char *path)") as IntFn<[string]>,
   setsockopt: lib.func("int setsockopt(int fd, int level, int name, const void *value, uint32_t len)") as IntFn<
     [number, number, number, Int32Array, number]
@@ -587,6 +588,26 @@ export function sendStreamHost(fd: number, addresses: Float64Array, lengths: Uin
  */
 export function receiveStreamHost(fd: number, addresses: Float64Array, lengths: Uint32Array, count: number): number {
   return transferred(readvHost(fd, addresses, lengths, count), "readv", fd);
+}
+
+/**
+ * recv(2) at most `length` bytes of a stream socket into `buf` without
+ * blocking: the bytes read, 0 at the end of the stream, -1 when nothing is
+ * pending. Throws `SystemCallError` on other failures (ECONNRESET).
+ */
+export function receiveStream(fd: number, buf: Uint8Array, length: number): number {
+  return transferred(c.recv(fd, buf, Math.min(length, buf.byteLength), MSG_DONTWAIT), "recv", fd);
+}
+
+/**
+ * shutdown(2) one or both directions of a connected stream socket. A socket
+ * whose peer is already gone (ENOTCONN) is not an error.
+ */
+export function shutdownStream(fd: number, how: "read" | "write" | "both"): void {
+  if (c.shutdown(fd, how === "read" ? 0 : how === "write" ? 1 : 2) === 0) return;
+  const e = errno();
+  if (e === ENOTCONN) return;
+  throw new SystemCallError("shutdown", e, errnoName(e), strerror(e), { fd });
 }
 
 /** A connected pair of non-blocking AF_UNIX sockets (tests, in-process plumbing). */

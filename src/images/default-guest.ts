@@ -31,6 +31,7 @@ export const DEFAULT_GUEST_MODULES: readonly string[] = [
   "virtio_net",
   "virtio_console",
   "virtio-rng",
+  "vmw_vsock_virtio_transport",
   "ata_piix",
   "sd_mod",
   "sr_mod",

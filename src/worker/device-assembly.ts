@@ -17,6 +17,8 @@ import { createVirtioRng } from "../devices/virtio/virtio-rng.js";
 import { HostEntropy } from "../hypervisor/host-entropy.js";
 import { IoUring } from "../hypervisor/io-uring.js";
 import { createVirtioConsole, type HostByteStream } from "../devices/virtio/virtio-console.js";
+import { createVirtioVsock, type VirtioVsockDevice } from "../devices/virtio/virtio-vsock.js";
+import { VsockHostSockets } from "./vsock-host.js";
 import { createVirtioNet } from "../devices/net/virtio-net.js";
 import { Ne2kPci } from "../devices/net/ne2k-pci.js";
 import { DatagramPairPort, TapPort, type NetworkPort } from "../devices/net/network-port.js";
@@ -288,6 +290,25 @@ export function assembleDevice(f: PlannedFunction, devices: readonly DeviceSpec[
         device,
         close,
         stats: () => ({ ...device.console.counters, guestOpen: spec.ports.filter((_, i) => device.console.guestOpen(i + 1)).length }),
+      };
+    }
+    case "virtio-vsock": {
+      const host = new VsockHostSockets(spec.socketPath, services);
+      let device: VirtioVsockDevice;
+      try {
+        device = createVirtioVsock(spec.id, host, services, { guestCid: spec.cid });
+      } catch (e) {
+        host.close();
+        throw e;
+      }
+      host.attach(device.vsock);
+      return {
+        device,
+        close: () => {
+          device.vsock.close();
+          host.close();
+        },
+        stats: () => ({ ...device.vsock.counters, open: device.vsock.connections, badHostRequests: host.badRequests }),
       };
     }
     case "virtio-net":

@@ -60,7 +60,13 @@ export type DeviceSpec =
    * UNIX stream socket.
    */
   | { readonly kind: "virtio-serial"; readonly id: string; readonly ports: readonly { readonly name: string; readonly socketPath: string }[] }
-  | { readonly kind: "virtio-rng"; readonly id: string };
+  | { readonly kind: "virtio-rng"; readonly id: string }
+  /**
+   * Stream sockets between the guest (AF_VSOCK, CID `cid`) and host programs:
+   * the guest's connections to port P go to the UNIX socket `<socketPath>_P`;
+   * host programs connect to `socketPath` and ask with `CONNECT P`.
+   */
+  | { readonly kind: "virtio-vsock"; readonly id: string; readonly socketPath: string; readonly cid: number };
 
 export interface PlannedFunction {
   /** bus << 8 | device << 3 | function */

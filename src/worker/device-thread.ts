@@ -19,7 +19,7 @@ import { Session } from "node:inspector";
 import { writeFileSync } from "node:fs";
 import { Partition, type PartitionHandoff } from "../hypervisor/partition.js";
 import { EventFd } from "../hypervisor/eventfd.js";
-import { poll, POLLIN, setThreadName, threadCpuTimeNs } from "../hypervisor/libc.js";
+import { poll, POLLIN, POLLOUT, setThreadName, threadCpuTimeNs } from "../hypervisor/libc.js";
 import type { PciDeviceServices, FdWatch, IoEventLoop, DoorbellMap } from "../devices/pci/device-thread-services.js";
 import { pciIntxGsi } from "../machine/acpi/dsdt.js";
 import type { PciConfig } from "../devices/pci/pci-config.js";
@@ -53,6 +53,8 @@ export type DeviceThreadMessage =
 
 interface Watch {
   readonly fd: number;
+  /** POLLIN or POLLOUT. */
+  readonly events: number;
   readonly handler: () => void;
   closed: boolean;
 }
@@ -85,7 +87,15 @@ class PollLoop implements IoEventLoop {
   }
 
   watch(fd: number, onReadable: () => void): FdWatch {
-    const w: Watch = { fd, handler: onReadable, closed: false };
+    return this.add(fd, POLLIN, onReadable);
+  }
+
+  watchWritable(fd: number, onWritable: () => void): FdWatch {
+    return this.add(fd, POLLOUT, onWritable);
+  }
+
+  private add(fd: number, events: number, handler: () => void): FdWatch {
+    const w: Watch = { fd, events, handler, closed: false };
     this.watches.push(w);
     this.dirty = true;
     return {
@@ -101,7 +111,7 @@ class PollLoop implements IoEventLoop {
     if (this.fds.length < this.watches.length * 2) this.fds = new Int32Array(this.watches.length * 4);
     this.watches.forEach((w, i) => {
       this.fds[i * 2] = w.fd;
-      this.fds[i * 2 + 1] = POLLIN; // events (low 16 bits), revents cleared
+      this.fds[i * 2 + 1] = w.events; // events (low 16 bits), revents cleared
     });
     this.dirty = false;
   }
@@ -110,10 +120,10 @@ class PollLoop implements IoEventLoop {
   runOnce(timeoutMs: number): void {
     if (this.dirty) this.rebuild();
     const n = this.watches.length;
-    for (let i = 0; i < n; i++) this.fds[i * 2 + 1] = POLLIN;
+    const watches = this.watches;
+    for (let i = 0; i < n; i++) this.fds[i * 2 + 1] = watches[i]!.events;
     const ready = poll(this.fds, n, this.deferred.length > 0 ? 0 : timeoutMs);
     if (ready <= 0) return;
-    const watches = this.watches;
     for (let i = 0; i < n; i++) {
       const revents = this.fds[i * 2 + 1]! >>> 16;
       if (revents === 0) continue;

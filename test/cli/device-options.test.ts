@@ -132,3 +132,25 @@ test("--channel SOCK[,name=NAME]: unnamed channels are consoles of their own, na
   for (const b of bad) assert.throws(() => resolveDevices({ channel: b }, "vm", 1), UsageError, b.join(" ").slice(0, 200));
   assert.equal(resolveDevices({ channel: Array.from({ length: 31 }, (_, i) => `${join(dir, `p${i}.sock`)},name=p${i}`) }, "vm", 1).length, 1, "31 named channels: one device");
 });
+
+test("--vsock SOCK[,cid=N]: one virtio-vsock device, CID 3 unless given; reserved CIDs, a second --vsock, long paths and unknown options refused", (t) => {
+  const { dir, cleanup } = scratchDir("vsock");
+  t.after(cleanup);
+  assert.deepEqual(resolveDevices({ vsock: [join(dir, "v.sock")] }, "vm", 1), [{ kind: "virtio-vsock", id: "vsock0", socketPath: join(dir, "v.sock"), cid: 3 }]);
+  assert.deepEqual(resolveDevices({ vsock: [join(dir, "v.sock") + ",cid=4294967294"] }, "vm", 1)[0], { kind: "virtio-vsock", id: "vsock0", socketPath: join(dir, "v.sock"), cid: 4294967294 });
+  const bad: { vsock: string[]; channel?: string[] }[] = [
+    { vsock: [join(dir, "v.sock") + ",cid=2"] }, // the host
+    { vsock: [join(dir, "v.sock") + ",cid=0"] },
+    { vsock: [join(dir, "v.sock") + ",cid=4294967295"] }, // VMADDR_CID_ANY
+    { vsock: [join(dir, "v.sock") + ",cid=-3"] },
+    { vsock: [join(dir, "v.sock") + ",cid=3.5"] },
+    { vsock: [join(dir, "v.sock") + ",cid"] },
+    { vsock: [join(dir, "v.sock") + ",port=3"] },
+    { vsock: [join(dir, "v.sock"), join(dir, "w.sock")] },
+    { vsock: [join(dir, "x".repeat(Math.max(1, 97 - dir.length - 1)))] }, // PATH_<port> would not fit a UNIX socket address
+    { vsock: [join(dir, "no-such-dir", "v.sock")] },
+    { vsock: [join(dir, "c.sock")], channel: [join(dir, "c.sock")] },
+    { vsock: [""] },
+  ];
+  for (const b of bad) assert.throws(() => resolveDevices(b, "vm", 1), UsageError, JSON.stringify(b).slice(0, 200));
+});

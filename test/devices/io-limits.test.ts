@@ -115,6 +115,9 @@ test("device alarm: a loop that cannot watch its timer leaves no timerfd open", 
     watch: (): never => {
       throw new Error("epoll_ctl: no space");
     },
+    watchWritable: (): never => {
+      throw new Error("epoll_ctl: no space");
+    },
     defer: (task: () => void) => task(),
   };
   assert.throws(() => new DeviceAlarm(loop, () => undefined), /no space/);

@@ -12,6 +12,10 @@
  *    and so does a named port of the virtio-serial device (MULTIPORT): the
  *    guest finds it by its name in sysfs;
  *  - the entropy source feeds the guest's hwrng;
+ *  - virtio-vsock: the guest's AF_VSOCK connects to host services (UNIX
+ *    sockets <path>_<port>) and moves 1 MiB each way intact; a host program
+ *    connects to a guest listener (CONNECT port); a port with no service is
+ *    refused;
  *  - two VMs wired back to back (AF_UNIX datagram pairs) ping each other over
  *    virtio-net and over the NE2000, and a VM pings the host through a TAP;
  *    over that TAP (checksum and segmentation offloads negotiated) 4 MiB go
@@ -29,6 +33,7 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { GuestSession, READY } from "./guest-session.js";
 import { openFlagsOn } from "../storage/tools/oracle.js";
+import { initrdWithTools } from "./guest-tools.js";
 
 const CLI = fileURLToPath(new URL("../../partis/partis.js", import.meta.url));
 const dir = mkdtempSync(join(tmpdir(), "partis-devices-"));
@@ -479,6 +484,123 @@ describe("networks: two VMs back to back over virtio-net and a rate-limited NE20
   test("both VMs power off cleanly", () => {
     assert.equal(a.status, 0, a.stderr);
     assert.equal(b.status, 0, b.stderr);
+  });
+});
+
+describe("vsock: AF_VSOCK stream sockets between the guest and host programs, both ways (Firecracker's UNIX-socket convention)", () => {
+  const vdir = mkdtempSync(join(tmpdir(), "partis-vsock-"));
+  const sock = join(vdir, "v.sock");
+  const BULK = 1 << 20;
+  const down = downloadBytes(BULK);
+  /** What the host's services and the host program saw. */
+  const seen = { hello: "", upMd5: "", upBytes: 0, ok: "", fromGuestServer: "", hostConnectError: "" };
+  const servers: Server[] = [];
+  let r: { status: number; output: string; stderr: string };
+
+  before(async () => {
+    const initrd = await initrdWithTools(["vsock"]);
+    const serve = (port: number, onConnection: (s: Socket) => void): Promise<void> => {
+      const srv = createServer(onConnection);
+      servers.push(srv);
+      return new Promise((res) => srv.listen(`${sock}_${port}`, res));
+    };
+    await Promise.all([
+      // 1234 answers after the guest's end of stream; 1235 hashes an upload; 1236 sends BULK bytes. Nothing listens on 4444.
+      serve(1234, (s) => {
+        let got = "";
+        s.on("data", (d: Buffer) => (got += d.toString("latin1")));
+        s.on("end", () => {
+          seen.hello = got;
+          s.end("HOST-REPLY\n");
+        });
+        s.on("error", () => undefined);
+      }),
+      serve(1235, (s) => {
+        const h = createHash("md5");
+        s.on("data", (d: Buffer) => {
+          h.update(d);
+          seen.upBytes += d.length;
+        });
+        s.on("end", () => {
+          seen.upMd5 = h.digest("hex");
+          s.end(`${seen.upMd5}\n`);
+        });
+        s.on("error", () => undefined);
+      }),
+      serve(1236, (s) => {
+        s.on("error", () => undefined);
+        s.end(down);
+      }),
+    ]);
+    const script = [
+      'for d in /sys/bus/virtio/devices/*; do [ "$(cat $d/device)" = 0x0013 ] && echo VSOCK-DRIVER=$(basename $(readlink $d/driver)); done',
+      "echo VS-HELLO=$(echo GUEST-HELLO | vsock connect 2 1234)",
+      `dd if=/dev/urandom of=/tmp/up bs=64k count=${BULK / 65536} 2>/dev/null; echo UP-MD5=$(md5sum < /tmp/up | cut -d' ' -f1); echo VS-UP=$(vsock connect 2 1235 < /tmp/up)`,
+      "echo DOWN-MD5=$(vsock connect 2 1236 < /dev/null | md5sum | cut -d' ' -f1)",
+      "echo VS-REFUSED=$(vsock connect 2 4444 < /dev/null 2>&1)",
+      "echo GUEST-SERVER | vsock listen 5555 > /tmp/got; echo VS-LISTEN=$? $(cat /tmp/got)",
+      "poweroff -f",
+    ].join("\n");
+    const s = new GuestSession(runArgs(script, ["--initrd", initrd, "--vsock", `${sock},cid=42`]), { ...process.env, PARTIS_STATS: "1" });
+    // The host program: once the guest listens, CONNECT 5555; after OK, send a line and end; read the guest's line.
+    void s.waitFor("VSOCK-LISTENING 5555").then(() => {
+      const c = connect(sock);
+      let buf = "";
+      c.on("connect", () => c.write("CONNECT 5555\n"));
+      c.on("data", (d: Buffer) => {
+        buf += d.toString("latin1");
+        if (seen.ok === "" && buf.includes("\n")) {
+          seen.ok = buf.slice(0, buf.indexOf("\n"));
+          buf = buf.slice(buf.indexOf("\n") + 1);
+          c.end("HOST-TO-GUEST\n");
+        }
+      });
+      c.on("end", () => (seen.fromGuestServer = buf));
+      c.on("error", (e) => (seen.hostConnectError = e.message));
+    });
+    r = await runToEnd(s);
+  });
+  after(() => {
+    for (const srv of servers) srv.close();
+    rmSync(vdir, { recursive: true, force: true });
+  });
+
+  const detail = (): string => `${r.output.slice(-3000)}\n${r.stderr.slice(-2000)}`;
+
+  test("the guest's vmw_vsock_virtio_transport binds the device", () => {
+    assert.equal(value(r.output, "VSOCK-DRIVER"), "vmw_vsock_virtio_transport", detail());
+  });
+
+  test("the guest connects to host services (<socket>_<port>): a line each way, 1 MiB each way intact", () => {
+    assert.equal(seen.hello, "GUEST-HELLO\n", detail());
+    assert.equal(value(r.output, "VS-HELLO"), "HOST-REPLY", detail());
+    assert.equal(seen.upBytes, BULK, detail());
+    assert.equal(value(r.output, "VS-UP"), value(r.output, "UP-MD5"), `the host hashed what the guest sent\n${detail()}`);
+    assert.equal(value(r.output, "DOWN-MD5"), createHash("md5").update(down).digest("hex"), `the guest received what the host sent\n${detail()}`);
+  });
+
+  test("a port no host service listens on is refused", () => {
+    assert.match(value(r.output, "VS-REFUSED") ?? "", /connect: Connection (reset by peer|refused)/, detail());
+  });
+
+  test("a host program connects to the guest's listener (CONNECT port, OK <host port>): a line each way", () => {
+    assert.equal(seen.hostConnectError, "", detail());
+    assert.equal(seen.ok, "OK 1073741824", detail());
+    assert.equal(seen.fromGuestServer, "GUEST-SERVER\n", detail());
+    assert.equal(value(r.output, "VS-LISTEN"), "0 HOST-TO-GUEST", detail());
+  });
+
+  test("the device's counters agree, no connection is left open, and the VM powers off cleanly", () => {
+    const stat = (key: string): number | undefined => {
+      const m = new RegExp(`"vsock0\\.${key}":(\\d+)`).exec(r.stderr);
+      return m === null ? undefined : Number(m[1]);
+    };
+    assert.equal(stat("fromGuest"), 3, detail());
+    assert.equal(stat("fromHost"), 1, detail());
+    assert.equal(stat("refused"), 1, detail());
+    assert.equal(stat("badPackets"), 0, detail());
+    assert.equal(stat("open"), 0, detail());
+    assert.equal(r.status, 0, detail());
   });
 });
 

@@ -22,6 +22,12 @@ class ScriptedLoop {
     this.watches.push(w);
     return { close: () => void (w.closed = true) };
   }
+  /** A channel socket never waits for room (its device keeps or drops output): recorded to be asserted empty. */
+  readonly writableWatches: number[] = [];
+  watchWritable(fd: number) {
+    this.writableWatches.push(fd);
+    return { close: () => undefined };
+  }
   defer(task: () => void): void {
     this.deferred.push(task);
   }

@@ -21,6 +21,12 @@ export interface IoEventLoop {
   /** Call `onReadable` (on the device thread) whenever `fd` polls readable (POLLIN/POLLHUP/POLLERR). */
   watch(fd: number, onReadable: () => void): FdWatch;
   /**
+   * Call `onWritable` (on the device thread) whenever `fd` polls writable
+   * (POLLOUT/POLLHUP/POLLERR): how a device waits for room in a host socket it
+   * filled. Level-triggered, as watch(): close it once nothing waits.
+   */
+  watchWritable(fd: number, onWritable: () => void): FdWatch;
+  /**
    * Run `task` once on the device thread after the access being handled has
    * been answered (the vCPU that made it goes on), before the thread next
    * waits: how an emulated device starts work that must not hold up the vCPU

@@ -31,6 +31,7 @@ function limitedRig(limits: DiskIoLimits | undefined) {
   const services = {
     ...fakeServices(memory, work, shadow, posted),
     loop: {
+      watchWritable: () => ({ close: () => undefined }),
       watch: (fd: number, onReadable: () => void) => {
         watchers.set(fd, onReadable);
         return { close: () => void watchers.delete(fd) };
@@ -71,6 +72,7 @@ test("IDE: a controller that cannot be made (a drive's limit is not a rate) leav
   const services = {
     ...fakeServices(memory, new DeferredWork(), new RecordingPortShadow(), new RecordingPostedWritePorts()),
     loop: {
+      watchWritable: () => ({ close: () => undefined }),
       watch: (fd: number, onReadable: () => void) => {
         watchers.set(fd, onReadable);
         return { close: () => void watchers.delete(fd) };

@@ -119,7 +119,7 @@ export function fakeServices(memory: GuestMemory, work = new DeferredWork(), por
     memory,
     intx: new RecordingIrqLine(),
     msi: { signal() {} },
-    loop: { watch: () => ({ close() {} }), defer: (task) => work.defer(task) },
+    loop: { watch: () => ({ close() {} }), watchWritable: () => ({ close() {} }), defer: (task) => work.defer(task) },
     doorbells: { mapDoorbell() {} },
     ...(portShadow !== undefined ? { portShadow } : {}),
     ...(postedWrites !== undefined ? { postedWrites } : {}),

@@ -30,6 +30,12 @@ export class ManualLoop implements IoEventLoop {
       },
     };
   }
+  /** Writability watches: NICs have none (frames that do not fit are dropped); kept for the interface. */
+  watchWritable(fd: number, onWritable: () => void): FdWatch {
+    const w: Watch = { fd: -1 - fd, onReadable: onWritable, open: true };
+    this.watches.push(w);
+    return { close: () => void (w.open = false) };
+  }
   /** Open watches on `fd`. */
   watching(fd: number): number {
     return this.watches.filter((w) => w.open && w.fd === fd).length;

@@ -62,6 +62,22 @@ export class FakeLoop implements IoEventLoop {
     this.watches.set(fd, list);
     return { close: () => void (w.closed = true) };
   }
+  readonly writableWatches = new Map<number, { handler: () => void; closed: boolean }[]>();
+  watchWritable(fd: number, onWritable: () => void): FdWatch {
+    const w = { handler: onWritable, closed: false };
+    const list = this.writableWatches.get(fd) ?? [];
+    list.push(w);
+    this.writableWatches.set(fd, list);
+    return { close: () => void (w.closed = true) };
+  }
+  /** Live writability watches on fd. */
+  activeWritable(fd: number): number {
+    return (this.writableWatches.get(fd) ?? []).filter((w) => !w.closed).length;
+  }
+  /** Poll says fd is writable: run its writability handlers. */
+  fireWritable(fd: number): void {
+    for (const w of [...(this.writableWatches.get(fd) ?? [])]) if (!w.closed) w.handler();
+  }
   /** Live watches on fd. */
   active(fd: number): number {
     return (this.watches.get(fd) ?? []).filter((w) => !w.closed).length;

@@ -1,0 +1,149 @@
+/**
+ * The host side of a VM's virtio-vsock device: UNIX sockets named after one
+ * path, as Firecracker and Cloud Hypervisor name them, so their host tools
+ * work unchanged.
+ *
+ *  - The guest connects to CID 2 port P: the device connects to `<path>_P`
+ *    (a host service listens there).
+ *  - A host program connects to `<path>` (this listens) and writes
+ *    `CONNECT P\n`; it reads `OK <host port>\n` once the guest accepted, and
+ *    the socket is then the connection. A line that is not `CONNECT <port>`
+ *    (decimal, at most 2^32-1), or longer than 32 bytes, closes the socket.
+ */
+import type { FdWatch, PciDeviceServices } from "../devices/pci/device-thread-services.js";
+import type { VsockHost, VsockHostStream, VirtioVsock } from "../devices/virtio/virtio-vsock.js";
+import {
+  acceptStream,
+  closeDescriptor,
+  connectStream,
+  listenStream,
+  receiveStream,
+  receiveStreamHost,
+  removeSocketPath,
+  sendStream,
+  sendStreamHost,
+  shutdownStream,
+} from "../hypervisor/host-network.js";
+
+/** Longest first line a host program may send (`CONNECT 4294967295` is 18 bytes). */
+const MAX_LINE = 32;
+/** Host programs that connected and have not finished their CONNECT line: more are closed at once. */
+const MAX_WAITING = 32;
+
+/** A connected, non-blocking stream socket as the device's host stream (read: > 0 bytes, 0 nothing now, -1 end). */
+export function socketStream(fd: number): VsockHostStream {
+  let closed = false;
+  const received = (n: number): number => (n > 0 ? n : n === 0 ? -1 : 0);
+  return {
+    fd,
+    read: (buf, length) => received(receiveStream(fd, buf, length)),
+    readHost: (addresses, lengths, count) => received(receiveStreamHost(fd, addresses, lengths, count)),
+    write: (buf, length) => Math.max(0, sendStream(fd, buf, length)),
+    writeHost: (addresses, lengths, count) => Math.max(0, sendStreamHost(fd, addresses, lengths, count)),
+    shutdownWrite: () => shutdownStream(fd, "write"),
+    close: () => {
+      if (closed) return;
+      closed = true;
+      closeDescriptor(fd);
+    },
+  };
+}
+
+interface Waiting {
+  readonly fd: number;
+  readonly watch: FdWatch;
+  line: string;
+}
+
+export class VsockHostSockets implements VsockHost {
+  private readonly listenFd: number;
+  private readonly listenWatch: FdWatch;
+  private readonly waiting = new Set<Waiting>();
+  private device: Pick<VirtioVsock, "connectFromHost"> | undefined;
+  private readonly byte = new Uint8Array(1);
+  /** Host programs whose first line was not `CONNECT <port>`. */
+  badRequests = 0;
+
+  constructor(
+    readonly path: string,
+    private readonly services: Pick<PciDeviceServices, "loop">,
+  ) {
+    this.listenFd = listenStream(path);
+    this.listenWatch = services.loop.watch(this.listenFd, () => this.accept());
+  }
+
+  /** The device host programs' connections go to. */
+  attach(device: Pick<VirtioVsock, "connectFromHost">): void {
+    this.device = device;
+  }
+
+  connect(port: number): VsockHostStream | undefined {
+    try {
+      return socketStream(connectStream(`${this.path}_${port}`));
+    } catch {
+      return undefined; // no such service (ENOENT, ECONNREFUSED), or its backlog is full
+    }
+  }
+
+  private accept(): void {
+    for (;;) {
+      const fd = acceptStream(this.listenFd);
+      if (fd === undefined) return;
+      if (this.waiting.size >= MAX_WAITING) {
+        closeDescriptor(fd);
+        continue;
+      }
+      const w: Waiting = { fd, line: "", watch: this.services.loop.watch(fd, () => this.readLine(w)) };
+      this.waiting.add(w);
+    }
+  }
+
+  /** Read the CONNECT line byte by byte (nothing after it is taken: that is the connection's data). */
+  private readLine(w: Waiting): void {
+    for (;;) {
+      let n: number;
+      try {
+        n = receiveStream(w.fd, this.byte, 1);
+      } catch {
+        n = 0;
+      }
+      if (n < 0) return; // nothing more now
+      if (n === 0) return this.drop(w, false); // hung up
+      const ch = String.fromCharCode(this.byte[0]!);
+      if (ch !== "\n") {
+        w.line += ch;
+        if (w.line.length > MAX_LINE) return this.drop(w, true);
+        continue;
+      }
+      const m = /^CONNECT (\d{1,10})$/.exec(w.line.replace(/\r$/, ""));
+      const port = m === null ? NaN : Number(m[1]);
+      if (!(port <= 0xffffffff) || this.device === undefined) return this.drop(w, true);
+      w.watch.close();
+      this.waiting.delete(w);
+      this.device.connectFromHost(port, socketStream(w.fd)); // the device owns the socket now
+      return;
+    }
+  }
+
+  private drop(w: Waiting, bad: boolean): void {
+    if (bad) this.badRequests++;
+    w.watch.close();
+    this.waiting.delete(w);
+    closeDescriptor(w.fd);
+  }
+
+  private closed = false;
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    for (const w of [...this.waiting]) this.drop(w, false);
+    this.listenWatch.close();
+    closeDescriptor(this.listenFd);
+    try {
+      removeSocketPath(this.path);
+    } catch {
+      /* already gone */
+    }
+  }
+}
