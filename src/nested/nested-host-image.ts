@@ -14,8 +14,11 @@ import { defaultCacheDir, ensureCacheEntry } from "../images/image-cache.js";
 import { buildInitramfs } from "../images/initramfs.js";
 import { loadModuleIndex, planModuleLoad } from "../images/kernel-modules.js";
 
-/** Modules of the nested host (dependencies such as ccp, irqbypass, virtio_ring, netfs, fscache are added). */
-export const NESTED_HOST_MODULES: readonly string[] = ["kvm_amd", "virtio_pci", "virtio_console", "9pnet_virtio", "9p", "tun"];
+/**
+ * Modules of the nested host (dependencies such as ccp, irqbypass, virtio_ring, netfs, fscache are added);
+ * vhost_vsock: QEMU's vhost-vsock-pci, the other side of bench/devices/guest-vsock.ts.
+ */
+export const NESTED_HOST_MODULES: readonly string[] = ["kvm_amd", "virtio_pci", "virtio_console", "9pnet_virtio", "9p", "tun", "vhost_vsock"];
 
 const LAYOUT_VERSION = 2;
 

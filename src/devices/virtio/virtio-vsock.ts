@@ -180,6 +180,8 @@ export class VirtioVsock implements VirtioBackend {
   /** Connections by guest port, then host port. */
   private readonly table = new Map<number, Map<number, VsockConnection>>();
   private open = 0;
+  /** Connections the guest closed whose last output still waits for the host stream (closed when it drains, or at reset). */
+  private readonly draining = new Set<VsockConnection>();
   private readonly sendQueue = new SendQueue();
   /** RSTs to send: guest port, host port pairs. */
   private readonly rsts = new Uint32Array(2 * RST_RING);
@@ -252,7 +254,9 @@ export class VirtioVsock implements VirtioBackend {
 
   private dropAll(): void {
     for (const byHost of this.table.values()) for (const c of byHost.values()) this.closeStream(c);
+    for (const c of this.draining) this.closeStream(c);
     this.table.clear();
+    this.draining.clear();
     this.open = 0;
     this.sendQueue.clear();
     this.rstHead = this.rstCount = 0;
@@ -288,6 +292,7 @@ export class VirtioVsock implements VirtioBackend {
   private closeStream(c: VsockConnection): void {
     c.stopWatches();
     c.draining = true;
+    this.draining.delete(c);
     try {
       c.stream.close();
     } catch {
@@ -610,6 +615,7 @@ export class VirtioVsock implements VirtioBackend {
       this.remove(c);
       c.say = 0;
       c.draining = true;
+      this.draining.add(c);
       this.queueRst(c.guestPort, c.hostPort);
       c.readWatch?.close();
       c.readWatch = undefined;

@@ -436,3 +436,36 @@ test("vsock: restored, the device tells the guest TRANSPORT_RESET on the event q
   assert.equal(dev2.vsock.connections, 0);
   closeDescriptor(fd);
 });
+
+test("vsock: a guest that closes while its output waits for the host: RST at once, the stream closed once drained, or at a device reset", () => {
+  for (const end of ["drain", "reset"] as const) {
+    const r = make({ rxBuffers: 16 });
+    const fd = connectFromGuest(r);
+    const chunk = Buffer.alloc(60000, 0x44);
+    let sent = 0;
+    while (r.services.loop.writableWatches.size === 0 && sent < 240000) {
+      send(r, { op: OP.rw }, chunk);
+      sent += chunk.length;
+    }
+    const streamFd = [...r.services.loop.writableWatches.keys()][0]!;
+    received(r);
+    send(r, { op: OP.shutdown, flags: VSOCK_SHUTDOWN.rcv | VSOCK_SHUTDOWN.send });
+    assert.deepEqual(received(r).map((p) => p.op), [OP.rst], "the guest gets its RST at once");
+    assert.equal(r.dev.vsock.connections, 0);
+    assert.equal(r.services.loop.activeWritable(streamFd), 1, "the held output still waits for the host");
+    let got = hostRead(fd, 4 * MiB);
+    assert.equal(got.eof, false, "not closed before its output is out");
+    if (end === "drain") {
+      r.services.loop.fireWritable(streamFd);
+      const rest = hostRead(fd, 4 * MiB);
+      assert.equal(got.bytes.length + rest.bytes.length, sent, "every byte, then the end");
+      got = rest;
+    } else {
+      r.drv.reset();
+      got = hostRead(fd, 4 * MiB);
+    }
+    assert.equal(got.eof, true, `${end}: the host stream is closed`);
+    assert.equal(r.services.loop.activeWritable(streamFd), 0);
+    closeDescriptor(fd);
+  }
+});

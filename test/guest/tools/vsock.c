@@ -3,7 +3,8 @@
  * built with `gcc -static` and appended to the default guest's initramfs.
  *
  *   vsock connect CID PORT   connect; stdin -> socket (then shutdown(SHUT_WR)),
- *                            socket -> stdout, until both ends are done
+ *                            socket -> stdout, until both directions are done
+ *                            (the peer ending its side does not stop stdin going out)
  *   vsock listen PORT        accept one connection on PORT (any CID), then the same;
  *                            prints "VSOCK-LISTENING PORT" on stderr once listening
  *
@@ -26,8 +27,8 @@ static int fail(const char *what) {
 static int relay(int s) {
   char buf[65536];
   int inOpen = 1, sockOpen = 1;
-  while (sockOpen) {
-    struct pollfd p[2] = {{.fd = s, .events = POLLIN}, {.fd = inOpen ? 0 : -1, .events = POLLIN}};
+  while (sockOpen || inOpen) {
+    struct pollfd p[2] = {{.fd = sockOpen ? s : -1, .events = POLLIN}, {.fd = inOpen ? 0 : -1, .events = POLLIN}};
     if (poll(p, 2, -1) < 0) {
       if (errno == EINTR) continue;
       return fail("poll");

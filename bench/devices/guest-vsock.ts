@@ -1,0 +1,223 @@
+/**
+ * In-guest AF_VSOCK stream throughput: the default guest (Debian 6.1 kernel,
+ * its vmw_vsock_virtio_transport) with the static `vsock` tool
+ * (test/guest/tools/vsock.c) sends --mib MiB to a host sink (upload), then
+ * receives --mib MiB from a host source (download), side by side with QEMU
+ * on the same kernel, initramfs and guest command.
+ *
+ * Configurations:
+ *  - `partis`: `--vsock SOCK` (Partis's userspace device; the host services
+ *    are UNIX sockets SOCK_5000 and SOCK_5001 served by this process);
+ *  - `qemu`: `-device vhost-vsock-pci` (the host kernel's vhost_vsock: the
+ *    packets never leave the kernel; the host services are AF_VSOCK listeners,
+ *    the same static tool run on the host). QEMU has no userspace vsock
+ *    device, so this compares Partis's userspace path with the kernel's.
+ *
+ * Both directions are timed by the guest (/proc/uptime, 10 ms steps) around
+ * the tool, so the guest's per-byte work is the same for both VMMs; the VMM
+ * process's CPU per MiB (utime+stime over the whole VM run, which is mostly
+ * the transfers) is printed too: for QEMU it leaves out vhost's kernel
+ * thread, which does the copying there.
+ *
+ * Needs /dev/vhost-vsock for the qemu row (the nested test host loads
+ * vhost_vsock). On a PVM host run it inside the nested test host (timings
+ * there are TCG-scaled: compare only side by side):
+ *   npx tsc -p . && node scripts/bundle.mjs &&
+ *   node dist/partis/partis.js host nested -- node dist/bench/devices/guest-vsock.js [--mib 16] [--runs 2] [--only partis,qemu]
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { createServer, type Server } from "node:net";
+import { cpus, tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { guestRunOption, prepareDefaultGuest } from "../../src/images/default-guest.js";
+import { buildGuestTool, initrdWithTools } from "../../test/guest/guest-tools.js";
+import { option } from "./host-bench-setup.js";
+import { cpuOf } from "./process-cpu.js";
+
+const CLI = fileURLToPath(new URL("../../partis/partis.js", import.meta.url));
+const QEMU = "/usr/bin/qemu-system-x86_64";
+const MiB = 1024 * 1024;
+const TRANSFER_MIB = Number(option("--mib", "16"));
+const ONLY = option("--only", "");
+const RUNS = Number(option("--runs", "2"));
+const TIMEOUT_MS = Number(option("--timeout", "300")) * 1000;
+const CID = 3;
+
+interface HostSide {
+  /** VMM arguments for the device. */
+  readonly args: string[];
+  /** Stop the host services. */
+  close(): void;
+}
+
+interface Config {
+  readonly name: string;
+  readonly host: (work: string, payload: string) => Promise<HostSide>;
+  readonly argv: (kernel: string, initrd: string, append: string, device: string[]) => { command: string; argv: string[] };
+}
+
+/** Partis: UNIX-socket services in this process. */
+async function partisHost(work: string): Promise<HostSide> {
+  const sock = join(work, "v.sock");
+  const payload = Buffer.alloc(TRANSFER_MIB * MiB, 0x5a);
+  const up = createServer((s) => {
+    s.on("data", () => undefined);
+    s.on("end", () => s.end());
+    s.on("error", () => undefined);
+  });
+  const down = createServer((s) => {
+    s.on("error", () => undefined);
+    s.end(payload);
+  });
+  const servers: Server[] = [up, down];
+  await Promise.all([new Promise<void>((r) => up.listen(`${sock}_5000`, r)), new Promise<void>((r) => down.listen(`${sock}_5001`, r))]);
+  return { args: ["--vsock", `${sock},cid=${CID}`], close: () => servers.forEach((s) => s.close()) };
+}
+
+/** QEMU: AF_VSOCK listeners on the host (the static tool: a sink on 5000, a source of the payload file on 5001). */
+async function qemuHost(_work: string, payload: string): Promise<HostSide> {
+  if (!existsSync("/dev/vhost-vsock")) throw new Error("/dev/vhost-vsock is missing (modprobe vhost_vsock; the nested test host loads it)");
+  const tool = buildGuestTool("vsock");
+  const children: ChildProcess[] = [
+    spawn("sh", ["-c", `exec ${tool} listen 5000 < /dev/null > /dev/null`], { stdio: ["ignore", "ignore", "pipe"] }),
+    spawn("sh", ["-c", `exec ${tool} listen 5001 < ${payload} > /dev/null`], { stdio: ["ignore", "ignore", "pipe"] }),
+  ];
+  // Listening once each has said so.
+  await Promise.all(
+    children.map(
+      (c) =>
+        new Promise<void>((resolve, reject) => {
+          let err = "";
+          c.stderr!.on("data", (d: Buffer) => {
+            err += d.toString();
+            if (err.includes("VSOCK-LISTENING")) resolve();
+          });
+          c.once("exit", () => reject(new Error(`host vsock listener ended: ${err}`)));
+        }),
+    ),
+  );
+  return { args: ["-device", `vhost-vsock-pci,guest-cid=${CID}`], close: () => children.forEach((c) => c.kill()) };
+}
+
+const ALL_CONFIGS: Config[] = [
+  {
+    name: "partis",
+    host: partisHost,
+    argv: (kernel, initrd, append, device) => ({ command: process.execPath, argv: [CLI, "run", "--kernel", kernel, "--initrd", initrd, "--append", append, "--memory", "512M", "--cpus", "1", ...device] }),
+  },
+  {
+    name: "qemu",
+    host: qemuHost,
+    argv: (kernel, initrd, append, device) => ({
+      command: QEMU,
+      argv: ["-enable-kvm", "-cpu", "host", "-m", "512M", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio", "-M", "q35", "-kernel", kernel, "-initrd", initrd, "-append", append, ...device],
+    }),
+  },
+];
+const CONFIGS = ALL_CONFIGS.filter((c) => ONLY === "" || ONLY.split(",").includes(c.name));
+for (const name of ONLY === "" ? [] : ONLY.split(",")) {
+  if (!CONFIGS.some((c) => c.name === name)) {
+    console.error(`--only ${name}: no such configuration (partis, qemu)`);
+    process.exit(2);
+  }
+}
+
+function guestScript(): string {
+  const blocks = (TRANSFER_MIB * MiB) / 65536;
+  return [
+    `for d in /sys/bus/virtio/devices/*; do [ "$(cat $d/device)" = 0x0013 ] && echo VSOCKBENCH-DRIVER=$(basename $(readlink $d/driver)); done`,
+    "t0=$(cut -d' ' -f1 /proc/uptime)",
+    `dd if=/dev/zero bs=65536 count=${blocks} 2>/dev/null | vsock connect 2 5000 > /dev/null`,
+    "t1=$(cut -d' ' -f1 /proc/uptime)",
+    "n=$(vsock connect 2 5001 < /dev/null | wc -c)",
+    "t2=$(cut -d' ' -f1 /proc/uptime)",
+    "echo VSOCKBENCH bytes=$n t0=$t0 t1=$t1 t2=$t2",
+    "poweroff -f",
+  ].join("\n");
+}
+
+interface RunResult {
+  upMiBs: number;
+  downMiBs: number;
+  cpuPerMiB: number;
+  vmmCpuPerMiB: number;
+}
+
+async function once(c: Config, kernel: string, initrd: string, work: string, payloadFile: string): Promise<RunResult> {
+  const host = await c.host(work, payloadFile);
+  const append = `console=ttyS0 panic=-1 quiet ${guestRunOption(guestScript())}`;
+  const { command, argv } = c.argv(kernel, initrd, append, host.args);
+  const child = spawn(command, argv, { stdio: ["pipe", "pipe", "pipe"] });
+  child.stdin!.end();
+  let out = "";
+  let cpu = { total: 0, guest: 0 };
+  child.stdout!.on("data", (d: Buffer) => {
+    out += d.toString("utf8");
+    // Sample the VMM's CPU just before it powers off (the transfers are done then).
+    if (out.includes("VSOCKBENCH bytes=") && cpu.total === 0 && child.pid !== undefined) cpu = cpuOf(child.pid);
+  });
+  child.stderr!.on("data", (d: Buffer) => (out += d.toString("utf8")));
+  const timer = setTimeout(() => child.kill("SIGKILL"), TIMEOUT_MS);
+  try {
+    await new Promise<void>((resolve) => child.once("exit", () => resolve()));
+  } finally {
+    clearTimeout(timer);
+    host.close();
+  }
+  const m = /VSOCKBENCH bytes=(\d+) t0=([\d.]+) t1=([\d.]+) t2=([\d.]+)/.exec(out);
+  if (m === null || Number(m[1]) !== TRANSFER_MIB * MiB) throw new Error(`${c.name}: no complete transfer (download ${m?.[1] ?? 0} bytes); output tail:\n${out.slice(-2000)}`);
+  const up = Math.max(0.01, Number(m[3]) - Number(m[2]));
+  const down = Math.max(0.01, Number(m[4]) - Number(m[3]));
+  return { upMiBs: TRANSFER_MIB / up, downMiBs: TRANSFER_MIB / down, cpuPerMiB: cpu.total / (2 * TRANSFER_MIB), vmmCpuPerMiB: (cpu.total - cpu.guest) / (2 * TRANSFER_MIB) };
+}
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 === 1 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+}
+
+async function main(): Promise<void> {
+  const guest = await prepareDefaultGuest({ log: (l) => process.stderr.write(`guest-vsock: ${l}\n`) });
+  const initrd = await initrdWithTools(["vsock"]);
+  const work = mkdtempSync(join(tmpdir(), "partis-vsock-bench-"));
+  const payloadFile = join(work, "payload");
+  writeFileSync(payloadFile, Buffer.alloc(TRANSFER_MIB * MiB, 0x5a));
+  const results: Record<string, RunResult[]> = {};
+  try {
+    for (let run = 1; run <= RUNS; run++) {
+      for (const c of CONFIGS) {
+        try {
+          const r = await once(c, guest.kernel, initrd, work, payloadFile);
+          (results[c.name] ??= []).push(r);
+          process.stderr.write(`${c.name} run ${run}: upload ${r.upMiBs.toFixed(1)} MiB/s, download ${r.downMiBs.toFixed(1)} MiB/s, CPU ${(r.cpuPerMiB * 1000).toFixed(0)} (${(r.vmmCpuPerMiB * 1000).toFixed(0)}) ms/MiB\n`);
+        } catch (e) {
+          process.stderr.write(`${c.name} run ${run} failed: ${(e as Error).message}\n`);
+        }
+      }
+    }
+  } finally {
+    rmSync(work, { recursive: true, force: true });
+  }
+  console.log(`In-guest AF_VSOCK streams (${TRANSFER_MIB} MiB each way, the static vsock tool, ${RUNS} interleaved runs, medians); host: ${cpus().length} CPUs (${cpus()[0]?.model ?? "cpu"}), Node ${process.version}.`);
+  console.log("");
+  console.log("| path | upload MiB/s | download MiB/s | VMM CPU ms per MiB moved (without guest time) |");
+  console.log("|---|---|---|---|");
+  for (const c of CONFIGS) {
+    const rs = results[c.name];
+    if (rs === undefined || rs.length === 0) {
+      console.log(`| ${c.name} | failed | failed | |`);
+      continue;
+    }
+    console.log(`| ${c.name} | ${median(rs.map((r) => r.upMiBs)).toFixed(1)} | ${median(rs.map((r) => r.downMiBs)).toFixed(1)} | ${(median(rs.map((r) => r.cpuPerMiB)) * 1000).toFixed(0)} (${(median(rs.map((r) => r.vmmCpuPerMiB)) * 1000).toFixed(0)}) |`);
+  }
+  console.log("");
+  console.log(`Command: node dist/partis/partis.js host nested -- node dist/bench/devices/guest-vsock.js ${process.argv.slice(2).join(" ")}`.trimEnd());
+}
+
+main().catch((e: unknown) => {
+  console.error(e instanceof Error ? e.message : e);
+  process.exit(1);
+});
