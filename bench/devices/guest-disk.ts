@@ -94,7 +94,7 @@ import { fileURLToPath } from "node:url";
 import { gzipSync } from "node:zlib";
 import { writeNewcCpio } from "../../src/images/cpio.js";
 import { guestRunOption, prepareDefaultGuest } from "../../src/images/default-guest.js";
-import { CLK_TCK, cpuOf } from "./process-cpu.js";
+import { cpuOf, threadCpuOf } from "./process-cpu.js";
 
 const CLI = fileURLToPath(new URL("../../partis/partis.js", import.meta.url));
 const REPO = fileURLToPath(new URL("../../../", import.meta.url));
@@ -430,32 +430,6 @@ function descendants(pid: number): number[] {
       out.push(c);
       stack.push(c);
     }
-  }
-  return out;
-}
-
-/** utime+stime and guest_time of a process, in seconds. */
-/**
- * Per-thread CPU of the VMM (PARTIS_BENCH_THREADS=1): tid -> {comm, user+system s, guest s}.
- * Says which thread (vCPU: the one with guest time; device thread; main) a
- * pattern's CPU went to.
- */
-function threadCpuOf(pid: number): Map<number, { comm: string; total: number; guest: number }> {
-  const out = new Map<number, { comm: string; total: number; guest: number }>();
-  let tids: string[] = [];
-  try {
-    tids = readdirSync(`/proc/${pid}/task`);
-  } catch {
-    return out;
-  }
-  for (const t of tids) {
-    try {
-      const s = readFileSync(`/proc/${pid}/task/${t}/stat`, "utf8");
-      const comm = s.slice(s.indexOf("(") + 1, s.lastIndexOf(")"));
-      const f = s.slice(s.lastIndexOf(")") + 2).split(" ");
-      const field = (n: number): number => Number(f[n - 3]);
-      out.set(Number(t), { comm, total: (field(14) + field(15)) / CLK_TCK, guest: field(43) / CLK_TCK });
-    } catch {}
   }
   return out;
 }

@@ -19,6 +19,9 @@
  * the transfers) is printed too: for QEMU it leaves out vhost's kernel
  * thread, which does the copying there.
  *
+ * PARTIS_BENCH_THREADS=1: the VMM's CPU over the transfers by thread name, and
+ * (Partis) PARTIS_STATS=1's exit and device counters, printed on stderr.
+ *
  * Needs /dev/vhost-vsock for the qemu row (the nested test host loads
  * vhost_vsock). On a PVM host run it inside the nested test host (timings
  * there are TCG-scaled: compare only side by side):
@@ -34,7 +37,7 @@ import { fileURLToPath } from "node:url";
 import { guestRunOption, prepareDefaultGuest } from "../../src/images/default-guest.js";
 import { buildGuestTool, initrdWithTools } from "../../test/guest/guest-tools.js";
 import { option } from "./host-bench-setup.js";
-import { cpuOf } from "./process-cpu.js";
+import { cpuOf, threadCpuOf } from "./process-cpu.js";
 
 const CLI = fileURLToPath(new URL("../../partis/partis.js", import.meta.url));
 const QEMU = "/usr/bin/qemu-system-x86_64";
@@ -128,6 +131,7 @@ function guestScript(): string {
   const blocks = (TRANSFER_MIB * MiB) / 65536;
   return [
     `for d in /sys/bus/virtio/devices/*; do [ "$(cat $d/device)" = 0x0013 ] && echo VSOCKBENCH-DRIVER=$(basename $(readlink $d/driver)); done`,
+    "echo VSOCKBENCH-START; sleep 1",
     "t0=$(cut -d' ' -f1 /proc/uptime)",
     `dd if=/dev/zero bs=65536 count=${blocks} 2>/dev/null | vsock connect 2 5000 > /dev/null`,
     "t1=$(cut -d' ' -f1 /proc/uptime)",
@@ -149,14 +153,30 @@ async function once(c: Config, kernel: string, initrd: string, work: string, pay
   const host = await c.host(work, payloadFile);
   const append = `console=ttyS0 panic=-1 quiet ${guestRunOption(guestScript())}`;
   const { command, argv } = c.argv(kernel, initrd, append, host.args);
-  const child = spawn(command, argv, { stdio: ["pipe", "pipe", "pipe"] });
+  const threads = process.env.PARTIS_BENCH_THREADS === "1";
+  const child = spawn(command, argv, { stdio: ["pipe", "pipe", "pipe"], env: { ...process.env, ...(threads ? { PARTIS_STATS: "1" } : {}) } });
   child.stdin!.end();
   let out = "";
+  let cpu0: { total: number; guest: number } | undefined;
   let cpu = { total: 0, guest: 0 };
+  let threads0 = new Map<number, { comm: string; total: number }>();
   child.stdout!.on("data", (d: Buffer) => {
     out += d.toString("utf8");
-    // Sample the VMM's CPU just before it powers off (the transfers are done then).
-    if (out.includes("VSOCKBENCH bytes=") && cpu.total === 0 && child.pid !== undefined) cpu = cpuOf(child.pid);
+    // The VMM's CPU around the transfers: from the guest's start line to its result line.
+    if (cpu0 === undefined && out.includes("VSOCKBENCH-START") && child.pid !== undefined) {
+      cpu0 = cpuOf(child.pid);
+      if (threads) threads0 = threadCpuOf(child.pid);
+    }
+    if (out.includes("VSOCKBENCH bytes=") && cpu.total === 0 && cpu0 !== undefined && child.pid !== undefined) {
+      const c1 = cpuOf(child.pid);
+      cpu = { total: c1.total - cpu0.total, guest: c1.guest - cpu0.guest };
+      if (process.env.PARTIS_BENCH_THREADS === "1") {
+        // Which threads the VM's CPU went to (summed by name): vCPU, device thread, main, vhost...
+        const byName = new Map<string, number>();
+        for (const [tid, t] of threadCpuOf(child.pid)) byName.set(t.comm, (byName.get(t.comm) ?? 0) + t.total - (threads0.get(tid)?.total ?? 0));
+        process.stderr.write(`${c.name} threads: ${[...byName].map(([n, s]) => `${n} ${s.toFixed(2)} s`).join(", ")}\n`);
+      }
+    }
   });
   child.stderr!.on("data", (d: Buffer) => (out += d.toString("utf8")));
   const timer = setTimeout(() => child.kill("SIGKILL"), TIMEOUT_MS);
@@ -166,6 +186,7 @@ async function once(c: Config, kernel: string, initrd: string, work: string, pay
     clearTimeout(timer);
     host.close();
   }
+  if (threads) for (const line of out.split("\n").filter((l) => l.startsWith("partis-vm:"))) process.stderr.write(`${c.name}: ${line.slice(0, 1500)}\n`);
   const m = /VSOCKBENCH bytes=(\d+) t0=([\d.]+) t1=([\d.]+) t2=([\d.]+)/.exec(out);
   if (m === null || Number(m[1]) !== TRANSFER_MIB * MiB) throw new Error(`${c.name}: no complete transfer (download ${m?.[1] ?? 0} bytes); output tail:\n${out.slice(-2000)}`);
   const up = Math.max(0.01, Number(m[3]) - Number(m[2]));
