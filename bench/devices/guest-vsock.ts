@@ -11,7 +11,8 @@
  *  - `qemu`: `-device vhost-vsock-pci` (the host kernel's vhost_vsock: the
  *    packets never leave the kernel; the host services are AF_VSOCK listeners,
  *    the same static tool run on the host). QEMU has no userspace vsock
- *    device, so this compares Partis's userspace path with the kernel's.
+ *    device, so this compares Partis's userspace path with the kernel's;
+ *  - `partis-baseline` (--baseline-cli PATH: another build's dist/partis/partis.js).
  *
  * Both directions are timed by the guest (/proc/uptime, 10 ms steps) around
  * the tool, so the guest's per-byte work is the same for both VMMs; the VMM
@@ -26,7 +27,7 @@
  * vhost_vsock). On a PVM host run it inside the nested test host (timings
  * there are TCG-scaled: compare only side by side):
  *   npx tsc -p . && node scripts/bundle.mjs &&
- *   node dist/partis/partis.js host nested -- node dist/bench/devices/guest-vsock.js [--mib 16] [--runs 2] [--only partis,qemu]
+ *   node dist/partis/partis.js host nested -- node dist/bench/devices/guest-vsock.js [--mib 16] [--runs 2] [--only partis,qemu] [--baseline-cli PATH]
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
@@ -47,6 +48,7 @@ const ONLY = option("--only", "");
 const RUNS = Number(option("--runs", "2"));
 const TIMEOUT_MS = Number(option("--timeout", "300")) * 1000;
 const CID = 3;
+const BASELINE = option("--baseline-cli", "");
 
 interface HostSide {
   /** VMM arguments for the device. */
@@ -104,12 +106,14 @@ async function qemuHost(_work: string, payload: string): Promise<HostSide> {
   return { args: ["-device", `vhost-vsock-pci,guest-cid=${CID}`], close: () => children.forEach((c) => c.kill()) };
 }
 
+const partisRun = (cli: string) => (kernel: string, initrd: string, append: string, device: string[]) => ({
+  command: process.execPath,
+  argv: [cli, "run", "--kernel", kernel, "--initrd", initrd, "--append", append, "--memory", "512M", "--cpus", "1", ...device],
+});
+
 const ALL_CONFIGS: Config[] = [
-  {
-    name: "partis",
-    host: partisHost,
-    argv: (kernel, initrd, append, device) => ({ command: process.execPath, argv: [CLI, "run", "--kernel", kernel, "--initrd", initrd, "--append", append, "--memory", "512M", "--cpus", "1", ...device] }),
-  },
+  { name: "partis", host: partisHost, argv: partisRun(CLI) },
+  ...(BASELINE !== "" ? [{ name: "partis-baseline", host: partisHost, argv: partisRun(BASELINE) }] : []),
   {
     name: "qemu",
     host: qemuHost,
@@ -122,7 +126,7 @@ const ALL_CONFIGS: Config[] = [
 const CONFIGS = ALL_CONFIGS.filter((c) => ONLY === "" || ONLY.split(",").includes(c.name));
 for (const name of ONLY === "" ? [] : ONLY.split(",")) {
   if (!CONFIGS.some((c) => c.name === name)) {
-    console.error(`--only ${name}: no such configuration (partis, qemu)`);
+    console.error(`--only ${name}: no such configuration (partis, qemu; partis-baseline needs --baseline-cli)`);
     process.exit(2);
   }
 }

@@ -19,8 +19,9 @@ import { Session } from "node:inspector";
 import { writeFileSync } from "node:fs";
 import { Partition, type PartitionHandoff } from "../hypervisor/partition.js";
 import { EventFd } from "../hypervisor/eventfd.js";
-import { poll, POLLIN, POLLOUT, setThreadName, threadCpuTimeNs } from "../hypervisor/libc.js";
-import type { PciDeviceServices, FdWatch, IoEventLoop, DoorbellMap } from "../devices/pci/device-thread-services.js";
+import { setThreadName, threadCpuTimeNs } from "../hypervisor/libc.js";
+import { PollLoop } from "./poll-loop.js";
+import type { PciDeviceServices, FdWatch, DoorbellMap } from "../devices/pci/device-thread-services.js";
 import { pciIntxGsi } from "../machine/acpi/dsdt.js";
 import type { PciConfig } from "../devices/pci/pci-config.js";
 import type { IrqLine } from "../devices/dependencies.js";
@@ -50,88 +51,6 @@ export type DeviceThreadMessage =
   | { readonly type: "error"; readonly message: string }
   | { readonly type: "warning"; readonly message: string }
   | { readonly type: "stats"; readonly stats: Readonly<Record<string, number>> };
-
-interface Watch {
-  readonly fd: number;
-  /** POLLIN or POLLOUT. */
-  readonly events: number;
-  readonly handler: () => void;
-  closed: boolean;
-}
-
-/** poll(2) loop over a changing set of fds, with no allocation per wake-up. */
-class PollLoop implements IoEventLoop {
-  private watches: Watch[] = [];
-  private fds = new Int32Array(16);
-  private dirty = true;
-  /** Deferred tasks, run in order by runDeferred(); a task may defer more (run in the same pass). */
-  private readonly deferred: (() => void)[] = [];
-
-  constructor(private readonly onTaskError: (e: unknown) => void) {}
-
-  defer(task: () => void): void {
-    this.deferred.push(task);
-  }
-
-  /** Run every deferred task, those they defer included (each fails alone). */
-  runDeferred(): void {
-    const tasks = this.deferred;
-    for (let i = 0; i < tasks.length; i++) {
-      try {
-        tasks[i]!();
-      } catch (e) {
-        this.onTaskError(e);
-      }
-    }
-    tasks.length = 0;
-  }
-
-  watch(fd: number, onReadable: () => void): FdWatch {
-    return this.add(fd, POLLIN, onReadable);
-  }
-
-  watchWritable(fd: number, onWritable: () => void): FdWatch {
-    return this.add(fd, POLLOUT, onWritable);
-  }
-
-  private add(fd: number, events: number, handler: () => void): FdWatch {
-    const w: Watch = { fd, events, handler, closed: false };
-    this.watches.push(w);
-    this.dirty = true;
-    return {
-      close: () => {
-        w.closed = true;
-        this.dirty = true;
-      },
-    };
-  }
-
-  private rebuild(): void {
-    this.watches = this.watches.filter((w) => !w.closed);
-    if (this.fds.length < this.watches.length * 2) this.fds = new Int32Array(this.watches.length * 4);
-    this.watches.forEach((w, i) => {
-      this.fds[i * 2] = w.fd;
-      this.fds[i * 2 + 1] = w.events; // events (low 16 bits), revents cleared
-    });
-    this.dirty = false;
-  }
-
-  /** Wait up to `timeoutMs` (not at all while tasks are deferred) and run the handlers of ready fds. */
-  runOnce(timeoutMs: number): void {
-    if (this.dirty) this.rebuild();
-    const n = this.watches.length;
-    const watches = this.watches;
-    for (let i = 0; i < n; i++) this.fds[i * 2 + 1] = watches[i]!.events;
-    const ready = poll(this.fds, n, this.deferred.length > 0 ? 0 : timeoutMs);
-    if (ready <= 0) return;
-    for (let i = 0; i < n; i++) {
-      const revents = this.fds[i * 2 + 1]! >>> 16;
-      if (revents === 0) continue;
-      const w = watches[i]!;
-      if (!w.closed) w.handler();
-    }
-  }
-}
 
 /** ioeventfd doorbells for one device. */
 class Doorbells implements DoorbellMap {
@@ -221,7 +140,7 @@ function serveDevices(data: DeviceThreadData, partition: Partition): void {
   const server = mailbox.server();
   const portShadow = mailbox.portShadow();
   const postedWrites = mailbox.postedWritePorts();
-  const loop = new PollLoop((e) => warn(`deferred device work failed: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`));
+  const loop = new PollLoop((e) => warn(`device work failed: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`));
   const bus = new DeviceBus();
   const intx = new IntxRouter(partition);
   const msi = new MsiRouter(partition);

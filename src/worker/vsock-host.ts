@@ -11,6 +11,7 @@
  *    (decimal, at most 2^32-1), or longer than 32 bytes, closes the socket.
  */
 import type { FdWatch, PciDeviceServices } from "../devices/pci/device-thread-services.js";
+import { DeviceAlarm } from "../devices/io-limits.js";
 import type { VsockHost, VsockHostStream, VirtioVsock } from "../devices/virtio/virtio-vsock.js";
 import {
   acceptStream,
@@ -57,19 +58,33 @@ interface Waiting {
 
 export class VsockHostSockets implements VsockHost {
   private readonly listenFd: number;
-  private readonly listenWatch: FdWatch;
+  private listenWatch: FdWatch | undefined;
+  /** Listening again a while after accept(2) failed (out of descriptors: the listener stays readable, so it is not polled meanwhile). */
+  private readonly retry: DeviceAlarm;
   private readonly waiting = new Set<Waiting>();
   private device: Pick<VirtioVsock, "connectFromHost"> | undefined;
   private readonly byte = new Uint8Array(1);
   /** Host programs whose first line was not `CONNECT <port>`. */
   badRequests = 0;
+  /** Host programs closed at once: accept(2) failed (EMFILE...), or too many were still to send their line. */
+  refusedPrograms = 0;
 
   constructor(
     readonly path: string,
     private readonly services: Pick<PciDeviceServices, "loop">,
   ) {
     this.listenFd = listenStream(path);
-    this.listenWatch = services.loop.watch(this.listenFd, () => this.accept());
+    try {
+      this.retry = new DeviceAlarm(services.loop, () => this.listen());
+    } catch (e) {
+      closeDescriptor(this.listenFd);
+      throw e;
+    }
+    this.listen();
+  }
+
+  private listen(): void {
+    if (this.listenWatch === undefined && !this.closed) this.listenWatch = this.services.loop.watch(this.listenFd, () => this.accept());
   }
 
   /** The device host programs' connections go to. */
@@ -87,9 +102,20 @@ export class VsockHostSockets implements VsockHost {
 
   private accept(): void {
     for (;;) {
-      const fd = acceptStream(this.listenFd);
+      let fd: number | undefined;
+      try {
+        fd = acceptStream(this.listenFd);
+      } catch {
+        // Out of descriptors or memory: stop polling the (still readable) listener for a second.
+        this.refusedPrograms++;
+        this.listenWatch?.close();
+        this.listenWatch = undefined;
+        this.retry.set(1000);
+        return;
+      }
       if (fd === undefined) return;
       if (this.waiting.size >= MAX_WAITING) {
+        this.refusedPrograms++;
         closeDescriptor(fd);
         continue;
       }
@@ -138,7 +164,9 @@ export class VsockHostSockets implements VsockHost {
     if (this.closed) return;
     this.closed = true;
     for (const w of [...this.waiting]) this.drop(w, false);
-    this.listenWatch.close();
+    this.listenWatch?.close();
+    this.listenWatch = undefined;
+    this.retry.close();
     closeDescriptor(this.listenFd);
     try {
       removeSocketPath(this.path);

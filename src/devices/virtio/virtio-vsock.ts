@@ -219,6 +219,16 @@ export class VirtioVsock implements VirtioBackend {
     return this.open;
   }
 
+  /** Connections the guest closed whose output still drains to the host (each holds a socket and up to bufAlloc bytes). */
+  get drainingConnections(): number {
+    return this.draining.size;
+  }
+
+  /** No more connections now: the open ones and those still draining hold the host's sockets and memory. */
+  private get atLimit(): boolean {
+    return this.open + this.draining.size >= this.maxConnections;
+  }
+
   attach(transport: VirtioTransport): void {
     this.attached = transport;
   }
@@ -327,7 +337,7 @@ export class VirtioVsock implements VirtioBackend {
    * when the driver is not running or the connection limit is reached.
    */
   connectFromHost(port: number, stream: VsockHostStream): boolean {
-    if (this.attached?.active !== true || this.open >= this.maxConnections || !Number.isInteger(port) || port < 0 || port > 0xffffffff) {
+    if (this.attached?.active !== true || this.atLimit || !Number.isInteger(port) || port < 0 || port > 0xffffffff) {
       this.counters.refused++;
       stream.close();
       return false;
@@ -413,7 +423,10 @@ export class VirtioVsock implements VirtioBackend {
         this.guestShutdown(conn, h.getUint32(VSOCK_HDR.flags, true));
         break;
       case VSOCK_OP.rst:
-        this.resetConnection(conn, false);
+        // A guest that had ended its output cleanly (SHUTDOWN(SEND)) still has it delivered: Linux answers the device's
+        // SHUTDOWN(SEND|RCV) with RST at once, while the last of that output may still wait for the host to read.
+        if ((conn.guestShut & VSOCK_SHUTDOWN.send) !== 0 && conn.pendingLength > 0) this.drain(conn);
+        else this.resetConnection(conn, false);
         return;
       case VSOCK_OP.response:
         if (conn.state !== "connecting") {
@@ -434,7 +447,7 @@ export class VirtioVsock implements VirtioBackend {
   /** The guest's REQUEST to host port `hostPort`: connect `<path>_<hostPort>`, or refuse. */
   private openFromGuest(guestPort: number, hostPort: number): void {
     let stream: VsockHostStream | undefined;
-    if (this.open < this.maxConnections) {
+    if (!this.atLimit) {
       try {
         stream = this.host.connect(hostPort);
       } catch {
@@ -568,11 +581,13 @@ export class VirtioVsock implements VirtioBackend {
         c.pendingLength -= n;
       }
     }
-    if (c.pendingLength > 0) return;
-    c.writeWatch?.close();
-    c.writeWatch = undefined;
-    this.drained(c);
+    if (c.pendingLength === 0) {
+      c.writeWatch?.close();
+      c.writeWatch = undefined;
+      this.drained(c);
+    }
     if (c.draining) return;
+    // Room made, even in part: a guest waiting for credit hears of it (at half its credit, as always).
     this.creditCheck(c);
     if (c.wantsToSend) {
       this.sendQueue.push(c);
@@ -612,14 +627,21 @@ export class VirtioVsock implements VirtioBackend {
     }
     if (c.guestShut === (VSOCK_SHUTDOWN.rcv | VSOCK_SHUTDOWN.send)) {
       // Closed on the guest's side: RST (what it waits for); the stream closes once its output is out.
-      this.remove(c);
-      c.say = 0;
-      c.draining = true;
-      this.draining.add(c);
       this.queueRst(c.guestPort, c.hostPort);
-      c.readWatch?.close();
-      c.readWatch = undefined;
+      this.drain(c);
+      return;
     }
+    this.drained(c);
+  }
+
+  /** The connection is over for the guest: out of the table; its host stream closes once the held output is written. */
+  private drain(c: VsockConnection): void {
+    this.remove(c);
+    c.say = 0;
+    c.draining = true;
+    this.draining.add(c);
+    c.readWatch?.close();
+    c.readWatch = undefined;
     this.drained(c);
   }
 

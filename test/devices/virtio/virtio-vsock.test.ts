@@ -7,7 +7,7 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { closeDescriptor, receiveStream, sendStream, socketPair } from "../../../src/hypervisor/host-network.js";
+import { closeDescriptor, receiveStream, sendStream, shutdownStream, socketPair } from "../../../src/hypervisor/host-network.js";
 import {
   VSOCK_FIRST_HOST_PORT,
   VSOCK_HDR as H,
@@ -332,7 +332,8 @@ test("vsock: guest -> host output a full host stream does not take is held, flus
   assert.equal(total, sent, "every byte reached the host, once");
   assert.equal(r.services.loop.activeWritable(streamFd), 0, "nothing held: no longer waiting for room");
   const after = hear();
-  assert.ok(after.some((p) => p.op === OP.creditUpdate && p.fwdCnt === sent), `a credit update with fwd_cnt ${sent}: ${JSON.stringify(after.map((p) => [p.op, p.fwdCnt]))}`);
+  assert.ok(after.some((p) => p.op === OP.creditUpdate), `a credit update: ${JSON.stringify(after.map((p) => [p.op, p.fwdCnt]))}`);
+  assert.ok(sent - told <= bufferBytes / 2, `the blocked guest was told of at least half its buffer again (sent ${sent}, told ${told})`);
   // Overrun: the host stops reading again and the guest ignores its credit.
   for (let i = 0; i < 20 && r.dev.vsock.connections > 0; i++) send(r, { op: OP.rw }, chunk);
   assert.equal(r.dev.vsock.counters.creditOverruns, 1);
@@ -468,4 +469,157 @@ test("vsock: a guest that closes while its output waits for the host: RST at onc
     assert.equal(r.services.loop.activeWritable(streamFd), 0);
     closeDescriptor(fd);
   }
+});
+
+test("vsock: a batch's RW packets go out in order, before the SHUTDOWN that follows them; a short write keeps the rest in order", () => {
+  for (const full of [false, true]) {
+    const r = make({ hostMapped: true, rxBuffers: 16 });
+    const fd = connectFromGuest(r);
+    let filler = 0;
+    if (full) {
+      // Fill the host socket almost to the top (the host does not read yet), so the batch's write is short.
+      const junk = Buffer.alloc(4096, 0x2e);
+      while (r.services.loop.writableWatches.size === 0) {
+        send(r, { op: OP.rw }, junk);
+        filler += junk.length;
+      }
+      r.services.loop.fireWritable([...r.services.loop.writableWatches.keys()][0]!); // still full: stays held
+    }
+    const q = r.drv.queues[1]!;
+    const parts = Array.from({ length: 6 }, (_, i) => Buffer.alloc(3000 + i * 100, 0x41 + i));
+    const hdrs: number[] = [];
+    for (const p of parts) {
+      const hdr = alloc(r, VSOCK_HEADER);
+      hdrs.push(hdr);
+      r.services.memory.write(hdr, header({ op: OP.rw }, p.length));
+      const at = alloc(r, p.length);
+      r.services.memory.write(at, p);
+      q.add([
+        { addr: hdr, len: VSOCK_HEADER, write: false },
+        { addr: at, len: p.length, write: false },
+      ]);
+    }
+    const sh = alloc(r, VSOCK_HEADER);
+    r.services.memory.write(sh, header({ op: OP.shutdown, flags: VSOCK_SHUTDOWN.send }, 0));
+    q.add([{ addr: sh, len: VSOCK_HEADER, write: false }]);
+    q.kick();
+    assert.equal(q.takeUsed().length, 7, "every packet used once the batch is done");
+    // The guest may reuse its buffers now: scribble over the payloads (kept bytes must have been copied).
+    for (const hdr of hdrs) r.services.memory.write(hdr, new Uint8Array(VSOCK_HEADER));
+    let got = Buffer.alloc(0);
+    for (let i = 0; i < 20; i++) {
+      const { bytes, eof } = hostRead(fd, 4 * MiB);
+      got = Buffer.concat([got, bytes]);
+      if (eof) break;
+      const w = [...r.services.loop.writableWatches.keys()][0];
+      if (w !== undefined) r.services.loop.fireWritable(w);
+    }
+    assert.equal(got.length, filler + parts.reduce((n, p) => n + p.length, 0), `${full ? "short write" : "one write"}: every byte`);
+    assert.ok(got.subarray(filler).equals(Buffer.concat(parts)), "in order, after the filler");
+    closeDescriptor(fd);
+  }
+});
+
+test("vsock: a payload in more pieces than one writev takes (copied, not written from guest RAM) keeps its place after the one before", () => {
+  const r = make({ hostMapped: true });
+  const fd = connectFromGuest(r);
+  const q = r.drv.queues[1]!;
+  const first = Buffer.alloc(1000, 0x31);
+  const h1 = alloc(r, VSOCK_HEADER);
+  r.services.memory.write(h1, header({ op: OP.rw }, first.length));
+  const a1 = alloc(r, first.length);
+  r.services.memory.write(a1, first);
+  q.add([
+    { addr: h1, len: VSOCK_HEADER, write: false },
+    { addr: a1, len: first.length, write: false },
+  ]);
+  // 40 descriptors of 10 bytes (an indirect table: more than the ring's free descriptors).
+  const pieces = Array.from({ length: 40 }, (_, i) => Buffer.alloc(10, 0x61 + (i % 26)));
+  const h2 = alloc(r, VSOCK_HEADER);
+  r.services.memory.write(h2, header({ op: OP.rw }, 400));
+  const bufs = [{ addr: h2, len: VSOCK_HEADER, write: false }];
+  for (const p of pieces) {
+    const at = alloc(r, 16);
+    r.services.memory.write(at, p);
+    bufs.push({ addr: at, len: 10, write: false });
+  }
+  q.add(bufs, { indirectAt: alloc(r, 41 * 16) });
+  q.kick();
+  assert.equal(q.takeUsed().length, 2);
+  assert.ok(hostRead(fd).bytes.equals(Buffer.concat([first, ...pieces])), "in the order sent");
+  closeDescriptor(fd);
+});
+
+/** Send guest data until the host stream (not read) is full and the device holds the rest: the bytes sent. */
+function fillHostStream(r: Rig, srcPort = 5000): number {
+  const chunk = Buffer.alloc(60000, 0x55);
+  let sent = 0;
+  const before = r.services.loop.writableWatches.size;
+  while (r.services.loop.writableWatches.size === before) {
+    send(r, { op: OP.rw, srcPort }, chunk);
+    sent += chunk.length;
+  }
+  return sent;
+}
+
+test("vsock: connections the guest closed that still drain to the host count against the limit", () => {
+  const services = makeServices(8 * MiB);
+  const host = new TestHost();
+  host.services.add(1234);
+  const dev = createVirtioVsock("vsock0", host, services, { guestCid: GUEST, queueSize: 64, maxConnections: 2 });
+  placeDevice(dev);
+  const drv = new TestVirtioDriver(dev, services);
+  assert.equal(drv.init({}), true);
+  const r: Rig = { services, host, dev, drv, next: 0x100000, rxBufs: new Map() };
+  postRx(r, 16);
+  for (const port of [5000, 5001]) {
+    send(r, { op: OP.request, srcPort: port });
+    fillHostStream(r, port);
+    send(r, { op: OP.shutdown, srcPort: port, flags: VSOCK_SHUTDOWN.rcv | VSOCK_SHUTDOWN.send });
+  }
+  assert.equal(dev.vsock.connections, 0);
+  assert.equal(dev.vsock.drainingConnections, 2, "both still hold output for their host programs");
+  received(r);
+  send(r, { op: OP.request, srcPort: 5002 });
+  assert.deepEqual(received(r).map((p) => p.op), [OP.rst], "at the limit: refused");
+  // One host program reads everything: that connection closes, and there is room again.
+  const first = host.ends[0]!.fd;
+  const w = [...services.loop.writableWatches.keys()][0]!;
+  for (let i = 0; i < 20 && dev.vsock.drainingConnections === 2; i++) {
+    hostRead(first, 4 * MiB);
+    services.loop.fireWritable(w);
+  }
+  assert.equal(dev.vsock.drainingConnections, 1);
+  postRx(r, 4);
+  send(r, { op: OP.request, srcPort: 5003 });
+  assert.deepEqual(received(r).map((p) => p.op), [OP.response]);
+  for (const e of host.ends) closeDescriptor(e.fd);
+});
+
+test("vsock: the guest's last bytes reach the host even when it answers the device's SHUTDOWN(SEND|RCV) with RST while they wait", () => {
+  const r = make();
+  const fd = connectFromGuest(r);
+  const sent = fillHostStream(r);
+  send(r, { op: OP.shutdown, flags: VSOCK_SHUTDOWN.send });
+  // The host program ends its side too (and keeps reading): the device reads the end of its stream.
+  shutdownStream(fd, "write");
+  for (const k of [...r.services.loop.watches.keys()]) r.services.loop.fire(k);
+  const got = received(r);
+  assert.equal(got.at(-1)?.op, OP.shutdown);
+  assert.equal(got.at(-1)!.flags, VSOCK_SHUTDOWN.send | VSOCK_SHUTDOWN.rcv);
+  // Linux: both sides shut and nothing to read: RST at once.
+  send(r, { op: OP.rst });
+  assert.equal(r.dev.vsock.connections, 0);
+  const w = [...r.services.loop.writableWatches.keys()][0]!;
+  let total = 0;
+  let eof = false;
+  for (let i = 0; i < 20 && !eof; i++) {
+    const h = hostRead(fd, 4 * MiB);
+    total += h.bytes.length;
+    eof = h.eof;
+    r.services.loop.fireWritable(w);
+  }
+  assert.equal(total, sent, "every byte the guest sent");
+  assert.equal(eof, true, "then the end of the stream");
+  closeDescriptor(fd);
 });
