@@ -308,7 +308,7 @@ export function assembleDevice(f: PlannedFunction, devices: readonly DeviceSpec[
           device.vsock.close();
           host.close();
         },
-        stats: () => ({ ...device.vsock.counters, open: device.vsock.connections, badHostRequests: host.badRequests, refusedHostPrograms: host.refusedPrograms, draining: device.vsock.drainingConnections }),
+        stats: () => ({ ...device.vsock.counters, open: device.vsock.connections, badHostRequests: host.badRequests, refusedHostPrograms: host.refusedPrograms, hostLineTimeouts: host.lineTimeouts, draining: device.vsock.drainingConnections }),
       };
     }
     case "virtio-net":

@@ -8,10 +8,11 @@
  *  - A host program connects to `<path>` (this listens) and writes
  *    `CONNECT P\n`; it reads `OK <host port>\n` once the guest accepted, and
  *    the socket is then the connection. A line that is not `CONNECT <port>`
- *    (decimal, at most 2^32-1), or longer than 32 bytes, closes the socket.
+ *    (decimal, at most 2^32-1), or longer than 32 bytes, or not complete
+ *    within 2 s, closes the socket.
  */
 import type { FdWatch, PciDeviceServices } from "../devices/pci/device-thread-services.js";
-import { DeviceAlarm } from "../devices/io-limits.js";
+import { DeviceAlarm, monotonicClock, type Clock } from "../devices/io-limits.js";
 import type { VsockHost, VsockHostStream, VirtioVsock } from "../devices/virtio/virtio-vsock.js";
 import {
   acceptStream,
@@ -30,6 +31,8 @@ import {
 const MAX_LINE = 32;
 /** Host programs that connected and have not finished their CONNECT line: more are closed at once. */
 const MAX_WAITING = 32;
+/** How long a host program has for its CONNECT line. */
+export const CONNECT_LINE_TIMEOUT_MS = 2000;
 
 /** A connected, non-blocking stream socket as the device's host stream (read: > 0 bytes, 0 nothing now, -1 end). */
 export function socketStream(fd: number): VsockHostStream {
@@ -53,14 +56,19 @@ export function socketStream(fd: number): VsockHostStream {
 interface Waiting {
   readonly fd: number;
   readonly watch: FdWatch;
+  readonly deadline: number;
   line: string;
 }
 
 export class VsockHostSockets implements VsockHost {
   private readonly listenFd: number;
   private listenWatch: FdWatch | undefined;
-  /** Listening again a while after accept(2) failed (out of descriptors: the listener stays readable, so it is not polled meanwhile). */
-  private readonly retry: DeviceAlarm;
+  /**
+   * Listening again a while after accept(2) failed (out of descriptors: the
+   * listener stays readable, so it is not polled meanwhile), and closing
+   * programs that did not send their line in time.
+   */
+  private readonly alarm: DeviceAlarm;
   private readonly waiting = new Set<Waiting>();
   private device: Pick<VirtioVsock, "connectFromHost"> | undefined;
   private readonly byte = new Uint8Array(1);
@@ -68,14 +76,17 @@ export class VsockHostSockets implements VsockHost {
   badRequests = 0;
   /** Host programs closed at once: accept(2) failed (EMFILE...), or too many were still to send their line. */
   refusedPrograms = 0;
+  /** Host programs closed because their line did not come in time. */
+  lineTimeouts = 0;
 
   constructor(
     readonly path: string,
     private readonly services: Pick<PciDeviceServices, "loop">,
+    private readonly clock: Clock = monotonicClock,
   ) {
     this.listenFd = listenStream(path);
     try {
-      this.retry = new DeviceAlarm(services.loop, () => this.listen());
+      this.alarm = new DeviceAlarm(services.loop, () => this.tick(), clock);
     } catch (e) {
       closeDescriptor(this.listenFd);
       throw e;
@@ -85,6 +96,26 @@ export class VsockHostSockets implements VsockHost {
 
   private listen(): void {
     if (this.listenWatch === undefined && !this.closed) this.listenWatch = this.services.loop.watch(this.listenFd, () => this.accept());
+  }
+
+  /** The alarm: listen again (after a failed accept), close programs past their deadline, wait for the next one. */
+  private tick(): void {
+    this.listen();
+    const now = this.clock();
+    let next = Infinity;
+    for (const w of [...this.waiting]) {
+      if (w.deadline > now) next = Math.min(next, w.deadline);
+      else {
+        this.lineTimeouts++;
+        this.drop(w, false);
+      }
+    }
+    if (next !== Infinity) this.alarm.set(next - now);
+  }
+
+  /** The alarm's descriptor (tests fire it through their loop). */
+  get alarmFd(): number {
+    return this.alarm.fd;
   }
 
   /** The device host programs' connections go to. */
@@ -110,7 +141,7 @@ export class VsockHostSockets implements VsockHost {
         this.refusedPrograms++;
         this.listenWatch?.close();
         this.listenWatch = undefined;
-        this.retry.set(1000);
+        this.alarm.set(1000);
         return;
       }
       if (fd === undefined) return;
@@ -119,8 +150,9 @@ export class VsockHostSockets implements VsockHost {
         closeDescriptor(fd);
         continue;
       }
-      const w: Waiting = { fd, line: "", watch: this.services.loop.watch(fd, () => this.readLine(w)) };
+      const w: Waiting = { fd, line: "", deadline: this.clock() + CONNECT_LINE_TIMEOUT_MS, watch: this.services.loop.watch(fd, () => this.readLine(w)) };
       this.waiting.add(w);
+      this.alarm.set(CONNECT_LINE_TIMEOUT_MS);
     }
   }
 
@@ -166,7 +198,7 @@ export class VsockHostSockets implements VsockHost {
     for (const w of [...this.waiting]) this.drop(w, false);
     this.listenWatch?.close();
     this.listenWatch = undefined;
-    this.retry.close();
+    this.alarm.close();
     closeDescriptor(this.listenFd);
     try {
       removeSocketPath(this.path);

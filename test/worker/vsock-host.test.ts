@@ -10,7 +10,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { acceptStream, closeDescriptor, connectStream, listenStream, receiveStream, sendStream } from "../../src/hypervisor/host-network.js";
 import type { VsockHostStream } from "../../src/devices/virtio/virtio-vsock.js";
-import { VsockHostSockets } from "../../src/worker/vsock-host.js";
+import { CONNECT_LINE_TIMEOUT_MS, VsockHostSockets } from "../../src/worker/vsock-host.js";
 
 class Loop {
   readonly watches: { fd: number; handler: () => void; closed: boolean }[] = [];
@@ -135,4 +135,33 @@ test("vsock host: the device's connection for guest port P goes to <path>_P; non
   s.close(); // twice is harmless
   host.close();
   assert.equal(existsSync(path), false, "the listening socket's path is removed");
+});
+
+test("vsock host: a program that does not finish its CONNECT line within 2 s is closed", (t) => {
+  const dir = mkdtempSync(join(tmpdir(), "partis-vsock-host-"));
+  let now = 0;
+  const loop = new Loop();
+  const host = new VsockHostSockets(join(dir, "v.sock"), { loop }, () => now);
+  const handed: number[] = [];
+  host.attach({ connectFromHost: (port, stream) => (handed.push(port), stream.close(), true) });
+  t.after(() => {
+    host.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+  const idle = connectStream(join(dir, "v.sock"));
+  loop.run();
+  send(idle, "CONNECT 1");
+  now += CONNECT_LINE_TIMEOUT_MS - 1;
+  loop.run();
+  assert.equal(text(idle).eof, false, "still in time");
+  const late = connectStream(join(dir, "v.sock"));
+  loop.run();
+  now += 2;
+  loop.run(); // the loop reports the alarm's timer (the test's loop runs every handler)
+  assert.equal(text(idle).eof, true, "past its deadline: closed");
+  assert.equal(host.lineTimeouts, 1);
+  send(late, "CONNECT 9\n");
+  loop.run();
+  assert.deepEqual(handed, [9], "the later program still has its time");
+  for (const fd of [idle, late]) closeDescriptor(fd);
 });

@@ -46,6 +46,7 @@
  */
 import type { SavedDeviceState } from "../dependencies.js";
 import { PciDeviceError } from "../pci/pci-config.js";
+import { DeviceAlarm, monotonicClock, type Clock } from "../io-limits.js";
 import type { PciDeviceServices } from "../pci/device-thread-services.js";
 import { ChainSpans, DescriptorChain } from "./queue.js";
 import { VirtioPciDevice, type VirtioBackend, type VirtioTransport } from "./pci-transport.js";
@@ -68,6 +69,8 @@ export const VSOCK_EVENT_TRANSPORT_RESET = 0;
 export const VSOCK_MAX_PAYLOAD = 64 * 1024;
 /** The first port the device gives a host-initiated connection (Firecracker's choice). */
 export const VSOCK_FIRST_HOST_PORT = 1 << 30;
+/** How long a host program's connection waits for the guest's RESPONSE before it is closed (Firecracker's figure). */
+export const VSOCK_CONNECT_TIMEOUT_MS = 2000;
 /** Guest CIDs a VM may have: 0-2 are the hypervisor, local and host; 2^32-1 is VMADDR_CID_ANY. */
 export const VSOCK_MIN_GUEST_CID = 3;
 export const VSOCK_MAX_GUEST_CID = 0xfffffffe;
@@ -87,6 +90,8 @@ export interface VirtioVsockOptions {
   readonly bufferBytes?: number;
   /** Queue size (default 128). */
   readonly queueSize?: number;
+  /** The clock connection timeouts are measured on (tests); default the monotonic clock. */
+  readonly clock?: Clock;
 }
 
 export interface VirtioVsockCounters {
@@ -102,6 +107,8 @@ export interface VirtioVsockCounters {
   badPackets: number;
   /** Connections dropped because the guest sent beyond its credit. */
   creditOverruns: number;
+  /** Host programs' connections the guest did not answer in time (closed, RST to the guest). */
+  connectTimeouts: number;
   /** Receive buffers with no room for payload after the header (returned unused). */
   badRxBuffers: number;
   /** Payload bytes host -> guest and guest -> host. */
@@ -170,7 +177,7 @@ export class VirtioVsock implements VirtioBackend {
   readonly queueMaxSizes: readonly number[];
   readonly configSize = 8;
   readonly guestCid: number;
-  readonly counters: VirtioVsockCounters = { fromGuest: 0, fromHost: 0, refused: 0, resets: 0, resetsDropped: 0, badPackets: 0, creditOverruns: 0, badRxBuffers: 0, rxBytes: 0, txBytes: 0 };
+  readonly counters: VirtioVsockCounters = { fromGuest: 0, fromHost: 0, refused: 0, resets: 0, resetsDropped: 0, badPackets: 0, creditOverruns: 0, connectTimeouts: 0, badRxBuffers: 0, rxBytes: 0, txBytes: 0 };
   /** Why the readv/writev path was given up, if it was. */
   readonly notes: string[] = [];
 
@@ -189,6 +196,11 @@ export class VirtioVsock implements VirtioBackend {
   private rstCount = 0;
   private nextHostPort = VSOCK_FIRST_HOST_PORT;
   private resetPending = false;
+  private readonly clock: Clock;
+  /** When the oldest unanswered host connection times out (set in attach: it needs the device thread's loop). */
+  private alarm: DeviceAlarm | undefined;
+  /** Host connections waiting for the guest's RESPONSE, with their deadlines. */
+  private readonly connecting = new Map<VsockConnection, number>();
   private hostPath = true;
   private readonly rxChain = new DescriptorChain();
   private readonly txChain = new DescriptorChain();
@@ -208,6 +220,7 @@ export class VirtioVsock implements VirtioBackend {
     this.bufferBytes = opts.bufferBytes ?? 256 * 1024;
     const qs = opts.queueSize ?? 128;
     this.queueMaxSizes = [qs, qs, 16];
+    this.clock = opts.clock ?? monotonicClock;
   }
 
   get transport(): VirtioTransport {
@@ -231,6 +244,27 @@ export class VirtioVsock implements VirtioBackend {
 
   attach(transport: VirtioTransport): void {
     this.attached = transport;
+    this.alarm = new DeviceAlarm(transport.loop, () => this.expire(), this.clock);
+  }
+
+  /** The connection timer's descriptor (tests fire it through their loop). */
+  get alarmFd(): number | undefined {
+    return this.alarm?.fd;
+  }
+
+  /** Close host connections the guest has not answered by their deadline; wait for the next one. */
+  private expire(): void {
+    const now = this.clock();
+    let next = Infinity;
+    for (const [c, deadline] of this.connecting) {
+      if (deadline > now) next = Math.min(next, deadline);
+      else {
+        this.counters.connectTimeouts++;
+        this.resetConnection(c, true);
+      }
+    }
+    if (next !== Infinity) this.alarm?.set(next - now);
+    this.sendToGuest();
   }
 
   readConfig(offset: number, size: 1 | 2 | 4): number {
@@ -257,9 +291,11 @@ export class VirtioVsock implements VirtioBackend {
     this.resetPending = false;
   }
 
-  /** The VM stops: close every host stream. */
+  /** The VM stops: close every host stream, and the timer. */
   close(): void {
     this.dropAll();
+    this.alarm?.close();
+    this.alarm = undefined;
   }
 
   private dropAll(): void {
@@ -267,6 +303,8 @@ export class VirtioVsock implements VirtioBackend {
     for (const c of this.draining) this.closeStream(c);
     this.table.clear();
     this.draining.clear();
+    this.connecting.clear();
+    this.alarm?.cancel();
     this.open = 0;
     this.sendQueue.clear();
     this.rstHead = this.rstCount = 0;
@@ -292,6 +330,7 @@ export class VirtioVsock implements VirtioBackend {
   }
 
   private remove(c: VsockConnection): void {
+    this.connecting.delete(c);
     const byHost = this.table.get(c.guestPort);
     if (byHost?.get(c.hostPort) !== c) return;
     byHost.delete(c.hostPort);
@@ -348,6 +387,8 @@ export class VirtioVsock implements VirtioBackend {
     const c = new VsockConnection(port, hostPort, stream, "connecting", this.bufferBytes);
     this.add(c);
     this.counters.fromHost++;
+    this.connecting.set(c, this.clock() + VSOCK_CONNECT_TIMEOUT_MS);
+    this.alarm?.set(VSOCK_CONNECT_TIMEOUT_MS);
     c.say |= SAY.request;
     this.sendQueue.push(c);
     this.sendToGuest();
@@ -473,6 +514,7 @@ export class VirtioVsock implements VirtioBackend {
   /** Both sides know the connection: a host-initiated one tells its program `OK <port>`; the host stream is read. */
   private opened(c: VsockConnection, fromHost: boolean): void {
     c.state = "open";
+    this.connecting.delete(c);
     if (fromHost) {
       const line = `OK ${c.hostPort}\n`;
       for (let i = 0; i < line.length; i++) this.scratch[i] = line.charCodeAt(i);

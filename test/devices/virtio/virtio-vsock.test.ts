@@ -42,11 +42,12 @@ interface Packet {
 /** Host services: port -> the test's end of a socket pair per connection the device made. */
 class TestHost implements VsockHost {
   readonly services = new Set<number>();
-  readonly ends: { port: number; fd: number }[] = [];
+  /** Per connection the device made: the service's end, and the device's (what the loop watches). */
+  readonly ends: { port: number; fd: number; deviceFd: number }[] = [];
   connect(port: number): VsockHostStream | undefined {
     if (!this.services.has(port)) return undefined;
     const [a, b] = socketPair("stream");
-    this.ends.push({ port, fd: b });
+    this.ends.push({ port, fd: b, deviceFd: a });
     return socketStream(a);
   }
 }
@@ -210,8 +211,7 @@ for (const hostMapped of [false, true]) {
     const big = Buffer.alloc(10000, 0x5a);
     big.write("host says hi");
     assert.equal(hostWrite(fd, big), big.length);
-    const streamFd = (r.services.loop.watches.entries().next().value as [number, unknown])[0];
-    r.services.loop.fire(streamFd);
+    r.services.loop.fire(r.host.ends[0]!.deviceFd);
     const rw = received(r);
     assert.deepEqual(rw.map((p) => p.op), [OP.rw, OP.rw, OP.rw], "10000 bytes in page-sized packets");
     assert.deepEqual(rw.map((p) => p.payload.length), [4096, 4096, 1808]);
@@ -281,7 +281,7 @@ test("vsock: host -> guest keeps to the guest's credit; CREDIT_UPDATE lets more 
   const data = Buffer.alloc(20000);
   for (let i = 0; i < data.length; i++) data[i] = (i * 7) & 0xff;
   hostWrite(fd, data);
-  const streamFd = [...r.services.loop.watches.keys()].find((k) => r.services.loop.active(k) > 0)!;
+  const streamFd = r.host.ends.at(-1)!.deviceFd;
   r.services.loop.fire(streamFd);
   let got = received(r);
   assert.equal(Buffer.concat(got.map((p) => p.payload)).length, 8192, "no more than buf_alloc in flight");
@@ -622,4 +622,40 @@ test("vsock: the guest's last bytes reach the host even when it answers the devi
   assert.equal(total, sent, "every byte the guest sent");
   assert.equal(eof, true, "then the end of the stream");
   closeDescriptor(fd);
+});
+
+test("vsock: a host program's connection the guest does not answer within 2 s is closed (RST to the guest); one answered in time is not", () => {
+  let now = 1000;
+  const services = makeServices(8 * MiB);
+  const dev = createVirtioVsock("vsock0", new TestHost(), services, { guestCid: GUEST, queueSize: 64, clock: () => now });
+  placeDevice(dev);
+  const drv = new TestVirtioDriver(dev, services);
+  assert.equal(drv.init({}), true);
+  const r: Rig = { services, host: new TestHost(), dev, drv, next: 0x100000, rxBufs: new Map() };
+  postRx(r, 8);
+  const [slow, slowTheirs] = socketPair("stream");
+  const [quick, quickTheirs] = socketPair("stream");
+  dev.vsock.connectFromHost(70, socketStream(slowTheirs));
+  now += 1500;
+  dev.vsock.connectFromHost(71, socketStream(quickTheirs));
+  const reqs = received(r);
+  assert.deepEqual(reqs.map((p) => [p.op, p.dstPort]), [
+    [OP.request, 70],
+    [OP.request, 71],
+  ]);
+  send(r, { op: OP.response, srcPort: 71, dstPort: reqs[1]!.srcPort });
+  now += 600; // the first is 2100 ms old, the second answered
+  services.loop.fire(dev.vsock.alarmFd!);
+  assert.equal(dev.vsock.counters.connectTimeouts, 1);
+  assert.deepEqual(hostRead(slow), { bytes: Buffer.alloc(0), eof: true }, "the unanswered program's socket is closed, no OK");
+  assert.equal(hostRead(quick).bytes.toString(), `OK ${reqs[1]!.srcPort}\n`);
+  assert.deepEqual(received(r).map((p) => [p.op, p.dstPort]), [[OP.rst, 70]], "the guest is told, should it answer late");
+  assert.equal(dev.vsock.connections, 1);
+  now += 5000; // long past the second one's deadline: answered, it stays
+  services.loop.fire(dev.vsock.alarmFd!);
+  assert.equal(dev.vsock.counters.connectTimeouts, 1);
+  assert.equal(dev.vsock.connections, 1);
+  closeDescriptor(slow);
+  closeDescriptor(quick);
+  dev.vsock.close();
 });
