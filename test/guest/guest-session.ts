@@ -29,6 +29,10 @@ export class GuestSession {
 
   /** The current VM made no progress until its deadline and was killed to be booted again (see shouldRelaunch). */
   private hung = false;
+  /** The current VM is being killed to be booted again with a VM it works with (relaunchWithPeer). */
+  private peerRestart = false;
+  /** Why the current VM is a relaunch: a test-bed crash of its own, or a restart with its peer; undefined for the first boot. */
+  relaunchReason: "crash" | "peer" | undefined;
 
   /** Longest one boot may live: a hung guest fails its test (or is retried) instead of hanging the suite. */
   static readonly TIMEOUT_MS = Number(process.env.PARTIS_GUEST_TIMEOUT_MS ?? 300_000);
@@ -81,8 +85,11 @@ export class GuestSession {
       const status = code ?? (signal ? 128 : -1);
       if (this.shouldRelaunch(status)) {
         this.relaunches++;
+        this.relaunchReason = this.peerRestart ? "peer" : "crash";
         process.stderr.write(
-          this.hung
+          this.peerRestart
+            ? `[test] WARNING: a VM this one works with was booted once more after a test-bed crash; this one is restarted with it (what it measured meanwhile is void).\n`
+            : this.hung
             ? `[test] WARNING: the guest made no progress for ${GuestSession.TIMEOUT_MS} ms inside the nested test host (docs/guests.md); killed, booting it once more. Its console and Partis's state report:\n${this.stderr.trim()}\n`
             : this.lockedUp
               ? `[test] WARNING: the guest soft-locked inside the nested test host (docs/guests.md); killed, booting it once more. Its console:\n${this.output.slice(-600).trim()}\n`
@@ -90,6 +97,7 @@ export class GuestSession {
         );
         this.lockedUp = false;
         this.hung = false;
+        this.peerRestart = false;
         this.output = "";
         this.stderr = "";
         this.generation++;
@@ -118,7 +126,20 @@ export class GuestSession {
    */
   private shouldRelaunch(status: number): boolean {
     const crashed = status === 4 && /guest crashed: vCPU \d+: triple fault/.test(this.stderr);
-    return (crashed || this.lockedUp || this.hung) && this.mayRelaunch();
+    return (crashed || this.lockedUp || this.hung || this.peerRestart) && this.mayRelaunch();
+  }
+
+  /**
+   * Boot this VM once more because a VM it works with was (two VMs wired
+   * together: what this one measured while the other rebooted is void), on
+   * the same terms and budget as a crash of its own. False, with nothing
+   * done, where that is not allowed or this VM has already ended.
+   */
+  relaunchWithPeer(): boolean {
+    if (this.child.exitCode !== null || this.child.signalCode !== null || !this.mayRelaunch()) return false;
+    this.peerRestart = true;
+    this.child.kill("SIGKILL");
+    return true;
   }
 
   private mayRelaunch(): boolean {
