@@ -4,9 +4,10 @@
  * Partis's IDE in PIO mode, QEMU's virtio-blk and QEMU's IDE (DMA), side by
  * side in one run, with the same kernel, initramfs and guest command.
  *
- * The guest program (bench/devices/guest-diskbench.c, built here with
+ * The guest program (bench/devices/guest-diskbench.c, built with
  * `gcc -static -O2` and appended to a copy of the default guest's initramfs
- * as a second gzip'ed newc cpio member) opens the disk with O_DIRECT and runs,
+ * as a second gzip'ed newc cpio member by test/guest/guest-tools.ts, cached
+ * in .cache/guest-tools) opens the disk with O_DIRECT and runs,
  * at queue depth 1: 1 MiB sequential writes, 1 MiB sequential reads of the
  * same range, 4 KiB random reads inside it; then 4 KiB random reads with
  * --queue-depth (32) in flight through Linux AIO, fio's usual random-read
@@ -86,20 +87,18 @@
  * --guest-command NAME (print that configuration's guest shell command).
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { createHash, randomInt } from "node:crypto";
+import { randomInt } from "node:crypto";
 import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, readdirSync, rmSync, ftruncateSync, writeFileSync, writeSync } from "node:fs";
 import { cpus as hostCpus, loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { gzipSync } from "node:zlib";
-import { writeNewcCpio } from "../../src/images/cpio.js";
 import { guestRunOption, prepareDefaultGuest } from "../../src/images/default-guest.js";
 import { cpuOf, threadCpuOf } from "./process-cpu.js";
+import { buildStaticTool, initrdWith } from "../../test/guest/guest-tools.js";
 
 const CLI = fileURLToPath(new URL("../../partis/partis.js", import.meta.url));
 const REPO = fileURLToPath(new URL("../../../", import.meta.url));
 const SOURCE = join(REPO, "bench/devices/guest-diskbench.c");
-const WORK = join(REPO, ".cache/guest-disk");
 const QEMU = "/usr/bin/qemu-system-x86_64";
 const MEMORY = "512M";
 const BASE_APPEND = "console=ttyS0 panic=-1 quiet";
@@ -337,37 +336,6 @@ const CONFIGS: readonly Config[] = [
 ];
 
 // ---------------------------------------------------------------- preparation
-
-function sha(data: Buffer | string): string {
-  return createHash("sha256").update(data).digest("hex").slice(0, 16);
-}
-
-/** gcc -static -O2 the guest program into the cache (once per source). */
-function buildGuestTool(): string {
-  const source = readFileSync(SOURCE);
-  const out = join(WORK, `diskbench-${sha(source)}`);
-  if (existsSync(out)) return out;
-  mkdirSync(WORK, { recursive: true });
-  const tmp = `${out}.tmp${process.pid}`;
-  const r = spawnSync("gcc", ["-static", "-O2", "-Wall", "-o", tmp, SOURCE], { encoding: "utf8" });
-  if (r.error !== undefined) throw new Error(`gcc could not run (${r.error.message}): apt-get install gcc libc6-dev`);
-  if (r.status !== 0) throw new Error(`gcc -static failed (is libc6-dev installed? it has libc.a):\n${r.stderr}`);
-  spawnSync("mv", [tmp, out]);
-  return out;
-}
-
-/** A copy of the default initramfs with /bin/diskbench appended as a second gzip'ed cpio member. */
-function buildInitrd(baseInitrd: string, tool: string): string {
-  const base = readFileSync(baseInitrd);
-  const bin = readFileSync(tool);
-  const out = join(WORK, `initrd-${sha(Buffer.concat([Buffer.from(sha(base)), bin]))}.cpio.gz`);
-  if (existsSync(out)) return out;
-  const extra = gzipSync(writeNewcCpio([{ kind: "file", path: "bin/diskbench", data: bin, mode: 0o755 }]));
-  // Linux unpacks concatenated (compressed) cpio archives in order; the base ends with its own trailer.
-  writeFileSync(`${out}.tmp${process.pid}`, Buffer.concat([base, extra]));
-  spawnSync("mv", [`${out}.tmp${process.pid}`, out]);
-  return out;
-}
 
 /** The warm-up pass: the same patterns, smaller (PIO: 1 MiB read, 16 KiB written), reported as WARMUP lines. */
 function warmupCommand(c: Config, nonce: number): string {
@@ -734,8 +702,7 @@ async function main(): Promise<void> {
     return;
   }
   const guest = await prepareDefaultGuest({ log: (l) => process.stderr.write(`guest-disk: ${l}\n`) });
-  const tool = buildGuestTool();
-  const initrd = buildInitrd(guest.initrd, tool);
+  const initrd = initrdWith(guest.initrd, [{ name: "diskbench", path: buildStaticTool(SOURCE, "diskbench") }]);
   if (flag("--prepare")) {
     process.stderr.write(`guest-disk: prepared ${initrd}\n`);
     return;

@@ -38,7 +38,7 @@ import { createServer, type Server } from "node:net";
 import { cpus } from "node:os";
 import { fileURLToPath } from "node:url";
 import { guestRunOption, prepareDefaultGuest } from "../../src/images/default-guest.js";
-import { option } from "./host-bench-setup.js";
+import { median, option } from "./host-bench-setup.js";
 import { cpuOf } from "./process-cpu.js";
 
 const CLI = fileURLToPath(new URL("../../partis/partis.js", import.meta.url));
@@ -221,11 +221,6 @@ async function once(c: Config, kernel: string, initrd: string): Promise<RunResul
   };
 }
 
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 === 1 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-}
 
 async function main(): Promise<void> {
   if (!existsSync("/dev/net/tun")) throw new Error("/dev/net/tun is missing (modprobe tun)");

@@ -37,7 +37,7 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { guestRunOption, prepareDefaultGuest } from "../../src/images/default-guest.js";
 import { buildGuestTool, initrdWithTools } from "../../test/guest/guest-tools.js";
-import { option } from "./host-bench-setup.js";
+import { median, option } from "./host-bench-setup.js";
 import { cpuOf, threadCpuOf } from "./process-cpu.js";
 
 const CLI = fileURLToPath(new URL("../../partis/partis.js", import.meta.url));
@@ -198,11 +198,6 @@ async function once(c: Config, kernel: string, initrd: string, work: string, pay
   return { upMiBs: TRANSFER_MIB / up, downMiBs: TRANSFER_MIB / down, cpuPerMiB: cpu.total / (2 * TRANSFER_MIB), vmmCpuPerMiB: (cpu.total - cpu.guest) / (2 * TRANSFER_MIB) };
 }
 
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 === 1 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-}
 
 async function main(): Promise<void> {
   const guest = await prepareDefaultGuest({ log: (l) => process.stderr.write(`guest-vsock: ${l}\n`) });

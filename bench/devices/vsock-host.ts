@@ -118,6 +118,17 @@ function rig() {
   return { services, loop, dev, drv, rx, tx, post, packet, slotOf, hdrAt, dataAt, hostEnd: () => hostEnd, deviceEnd: () => deviceEnd, rxAt };
 }
 
+/** Start measuring: call the result when done with the bytes and packets moved. */
+function measure(direction: string): (bytes: number, packets: number) => Row {
+  const start = process.hrtime.bigint();
+  const cpu0 = process.cpuUsage();
+  return (bytes, packets) => {
+    const wall = Number(process.hrtime.bigint() - start) / 1e9;
+    const c = process.cpuUsage(cpu0);
+    return { direction, mibPerSecond: bytes / wall / 2 ** 20, cpuPerGiB: (c.user + c.system) / 1e6 / (bytes / 2 ** 30), packetsPerSecond: packets / wall };
+  };
+}
+
 function guestToHost(): Row {
   const r = rig();
   const fd = r.hostEnd();
@@ -127,8 +138,7 @@ function guestToHost(): Row {
   let told = 0;
   let sent = 0;
   let packets = 0;
-  const start = process.hrtime.bigint();
-  const cpu0 = process.cpuUsage();
+  const done = measure("guest -> host");
   const until = Date.now() + SECONDS * 1000;
   while (Date.now() < until) {
     let n = 0;
@@ -154,10 +164,7 @@ function guestToHost(): Row {
     r.rx.kick();
     if (n === 0) throw new Error(`stalled: sent ${sent}, credit told for ${told}`);
   }
-  const wall = Number(process.hrtime.bigint() - start) / 1e9;
-  const c = process.cpuUsage(cpu0);
-  const bytes = packets * PAYLOAD;
-  return { direction: "guest -> host", mibPerSecond: bytes / wall / 2 ** 20, cpuPerGiB: (c.user + c.system) / 1e6 / (bytes / 2 ** 30), packetsPerSecond: packets / wall };
+  return done(packets * PAYLOAD, packets);
 }
 
 function hostToGuest(): Row {
@@ -167,8 +174,7 @@ function hostToGuest(): Row {
   let fwd = 0;
   let received = 0;
   let packets = 0;
-  const start = process.hrtime.bigint();
-  const cpu0 = process.cpuUsage();
+  const done = measure("host -> guest");
   const until = Date.now() + SECONDS * 1000;
   let hdrSlot = 0;
   while (Date.now() < until) {
@@ -193,9 +199,7 @@ function hostToGuest(): Row {
       }
     }
   }
-  const wall = Number(process.hrtime.bigint() - start) / 1e9;
-  const c = process.cpuUsage(cpu0);
-  return { direction: "host -> guest", mibPerSecond: received / wall / 2 ** 20, cpuPerGiB: (c.user + c.system) / 1e6 / (received / 2 ** 30), packetsPerSecond: packets / wall };
+  return done(received, packets);
 }
 
 const rows = [guestToHost(), hostToGuest()];

@@ -210,6 +210,7 @@ export class VirtioVsock implements VirtioBackend {
   private readonly headerView = new DataView(this.header.buffer);
   /** Payload copies where guest RAM is not host memory (and a host stream's first line). */
   private readonly scratch = new Uint8Array(VSOCK_MAX_PAYLOAD);
+  /** The only event there is: le32 id VSOCK_EVENT_TRANSPORT_RESET (0). */
   private readonly event = new Uint8Array(4);
 
   constructor(private readonly host: VsockHost, opts: VirtioVsockOptions) {
@@ -340,7 +341,7 @@ export class VirtioVsock implements VirtioBackend {
 
   private closeStream(c: VsockConnection): void {
     c.stopWatches();
-    c.draining = true;
+    c.gone = true;
     this.draining.delete(c);
     try {
       c.stream.close();
@@ -474,7 +475,7 @@ export class VirtioVsock implements VirtioBackend {
           refuse();
           return;
         }
-        this.opened(conn, true);
+        this.acceptedByGuest(conn);
         break;
       default:
         // A second REQUEST on a live connection, INVALID, an op this spec does not have.
@@ -501,34 +502,32 @@ export class VirtioVsock implements VirtioBackend {
       return;
     }
     const h = this.headerView;
-    const c = new VsockConnection(guestPort, hostPort, stream, "connecting", this.bufferBytes);
+    const c = new VsockConnection(guestPort, hostPort, stream, "open", this.bufferBytes);
     c.peerBufAlloc = h.getUint32(VSOCK_HDR.bufAlloc, true);
     c.peerFwdCnt = h.getUint32(VSOCK_HDR.fwdCnt, true);
     this.add(c);
     this.counters.fromGuest++;
     c.say |= SAY.response;
-    this.opened(c, false);
+    this.watchHost(c);
     this.sendQueue.push(c);
   }
 
-  /** Both sides know the connection: a host-initiated one tells its program `OK <port>`; the host stream is read. */
-  private opened(c: VsockConnection, fromHost: boolean): void {
+  /** The guest accepted a host program's connection: the program reads `OK <port>`, and its stream is read. */
+  private acceptedByGuest(c: VsockConnection): void {
     c.state = "open";
     this.connecting.delete(c);
-    if (fromHost) {
-      const line = `OK ${c.hostPort}\n`;
-      for (let i = 0; i < line.length; i++) this.scratch[i] = line.charCodeAt(i);
-      let n: number;
-      try {
-        n = c.stream.write(this.scratch, line.length);
-      } catch {
-        n = -1;
-      }
-      if (n !== line.length) {
-        // The program hung up while the guest answered (a fresh socket takes a short line whole).
-        this.resetConnection(c, true);
-        return;
-      }
+    const line = `OK ${c.hostPort}\n`;
+    for (let i = 0; i < line.length; i++) this.scratch[i] = line.charCodeAt(i);
+    let n: number;
+    try {
+      n = c.stream.write(this.scratch, line.length);
+    } catch {
+      n = -1;
+    }
+    if (n !== line.length) {
+      // The program hung up while the guest answered (a fresh socket takes a short line whole).
+      this.resetConnection(c, true);
+      return;
     }
     this.watchHost(c);
   }
@@ -537,8 +536,7 @@ export class VirtioVsock implements VirtioBackend {
   private watchHost(c: VsockConnection): void {
     if (c.readWatch !== undefined || c.hostReadable || !c.mayReceive) return;
     c.readWatch = this.transport.loop.watch(c.stream.fd, () => {
-      c.readWatch?.close();
-      c.readWatch = undefined;
+      c.stopReading();
       c.hostReadable = true;
       if (c.wantsToSend) this.sendQueue.push(c);
       this.sendToGuest();
@@ -613,7 +611,7 @@ export class VirtioVsock implements VirtioBackend {
       try {
         n = c.stream.write(buf, c.pendingLength);
       } catch {
-        if (c.draining) this.closeStream(c);
+        if (c.gone) this.closeStream(c);
         else this.resetConnection(c, true);
         this.sendToGuest();
         return;
@@ -624,11 +622,10 @@ export class VirtioVsock implements VirtioBackend {
       }
     }
     if (c.pendingLength === 0) {
-      c.writeWatch?.close();
-      c.writeWatch = undefined;
+      c.stopWaitingForRoom();
       this.drained(c);
     }
-    if (c.draining) return;
+    if (c.gone) return;
     // Room made, even in part: a guest waiting for credit hears of it (at half its credit, as always).
     this.creditCheck(c);
     if (c.wantsToSend) {
@@ -640,7 +637,7 @@ export class VirtioVsock implements VirtioBackend {
   /** Nothing of the guest's output is held: carry out a shutdown or close that waited for that. */
   private drained(c: VsockConnection): void {
     if (c.pendingLength > 0) return;
-    if (c.draining) {
+    if (c.gone) {
       this.closeStream(c);
       return;
     }
@@ -663,8 +660,7 @@ export class VirtioVsock implements VirtioBackend {
   private guestShutdown(c: VsockConnection, flags: number): void {
     c.guestShut |= flags & (VSOCK_SHUTDOWN.rcv | VSOCK_SHUTDOWN.send);
     if ((c.guestShut & VSOCK_SHUTDOWN.rcv) !== 0) {
-      c.readWatch?.close();
-      c.readWatch = undefined;
+      c.stopReading();
       c.hostReadable = false;
     }
     if (c.guestShut === (VSOCK_SHUTDOWN.rcv | VSOCK_SHUTDOWN.send)) {
@@ -680,10 +676,9 @@ export class VirtioVsock implements VirtioBackend {
   private drain(c: VsockConnection): void {
     this.remove(c);
     c.say = 0;
-    c.draining = true;
+    c.gone = true;
     this.draining.add(c);
-    c.readWatch?.close();
-    c.readWatch = undefined;
+    c.stopReading();
     this.drained(c);
   }
 
@@ -711,24 +706,23 @@ export class VirtioVsock implements VirtioBackend {
       }
       if (this.rstCount > 0) {
         const at = this.rstHead * 2;
-        this.headerFor(this.rsts[at]!, this.rsts[at + 1]!, VSOCK_OP.rst, 0, 0, 0, 0);
+        this.writeHeader(chain, this.rsts[at]!, this.rsts[at + 1]!, VSOCK_OP.rst, 0, 0, 0, 0);
         this.rstHead = (this.rstHead + 1) % RST_RING;
         this.rstCount--;
         this.counters.resets++;
-        chain.writeTo(0, this.header, 0, VSOCK_HEADER);
         q.pushUsed(chain.head, VSOCK_HEADER);
         used = true;
         continue;
       }
       const c = this.sendQueue.peek();
-      const n = c.draining ? 0 : this.fill(c, chain);
+      const n = c.gone ? 0 : this.fill(c, chain);
       if (n === 0) q.unpop();
       else {
         q.pushUsed(chain.head, n);
         used = true;
       }
       this.sendQueue.shift();
-      if (!c.draining && c.wantsToSend) this.sendQueue.push(c);
+      if (!c.gone && c.wantsToSend) this.sendQueue.push(c);
     }
     if (used) t.signalUsed(0);
   }
@@ -746,10 +740,7 @@ export class VirtioVsock implements VirtioBackend {
         op = VSOCK_OP.shutdown;
         flags = VSOCK_SHUTDOWN.send | ((c.guestShut & VSOCK_SHUTDOWN.send) !== 0 ? VSOCK_SHUTDOWN.rcv : 0);
       }
-      this.headerFor(c.guestPort, c.hostPort, op, flags, 0, c.bufAlloc, c.fwdCnt);
-      c.fwdCntSent = c.fwdCnt;
-      chain.writeTo(0, this.header, 0, VSOCK_HEADER);
-      return VSOCK_HEADER;
+      return this.writeConnectionHeader(chain, c, op, flags, 0);
     }
     if (!c.hostReadable || !c.mayReceive) return 0;
     const room = Math.min(chain.writableBytes - VSOCK_HEADER, c.guestCredit, VSOCK_MAX_PAYLOAD);
@@ -775,10 +766,15 @@ export class VirtioVsock implements VirtioBackend {
     }
     c.txCnt = (c.txCnt + n) >>> 0;
     this.counters.rxBytes += n;
-    this.headerFor(c.guestPort, c.hostPort, VSOCK_OP.rw, 0, n, c.bufAlloc, c.fwdCnt);
-    c.fwdCntSent = c.fwdCnt;
-    chain.writeTo(0, this.header, 0, VSOCK_HEADER);
-    return VSOCK_HEADER + n;
+    return this.writeConnectionHeader(chain, c, VSOCK_OP.rw, 0, n);
+  }
+
+  /** A packet's header for connection `c` (with this side's credit, now told) into `chain`: the packet's length. */
+  private writeConnectionHeader(chain: DescriptorChain, c: VsockConnection, op: number, flags: number, len: number): number {
+    const fwdCnt = c.fwdCnt;
+    this.writeHeader(chain, c.guestPort, c.hostPort, op, flags, len, c.bufAlloc, fwdCnt);
+    c.fwdCntSent = fwdCnt;
+    return VSOCK_HEADER + len;
   }
 
   /** Read at most `room` host bytes into the chain after the header (one readv into guest RAM, else a copy). */
@@ -801,8 +797,8 @@ export class VirtioVsock implements VirtioBackend {
     return n;
   }
 
-  /** A header from the host to the guest's `guestPort`. */
-  private headerFor(guestPort: number, hostPort: number, op: number, flags: number, len: number, bufAlloc: number, fwdCnt: number): void {
+  /** A header from the host's `hostPort` to the guest's `guestPort`, into the start of `chain`. */
+  private writeHeader(chain: DescriptorChain, guestPort: number, hostPort: number, op: number, flags: number, len: number, bufAlloc: number, fwdCnt: number): void {
     const h = this.headerView;
     h.setUint32(VSOCK_HDR.srcCid, VSOCK_HOST_CID, true);
     h.setUint32(VSOCK_HDR.srcCid + 4, 0, true);
@@ -816,6 +812,7 @@ export class VirtioVsock implements VirtioBackend {
     h.setUint32(VSOCK_HDR.flags, flags, true);
     h.setUint32(VSOCK_HDR.bufAlloc, bufAlloc, true);
     h.setUint32(VSOCK_HDR.fwdCnt, fwdCnt, true);
+    chain.writeTo(0, this.header, 0, VSOCK_HEADER);
   }
 
   // --- event queue -----------------------------------------------------------------------------
@@ -830,7 +827,6 @@ export class VirtioVsock implements VirtioBackend {
       q.enableNotifications();
       return;
     }
-    this.event.fill(0); // le32 id: VSOCK_EVENT_TRANSPORT_RESET
     if (c.writableBytes >= 4) {
       c.writeTo(0, this.event, 0, 4);
       q.pushUsed(c.head, 4);

@@ -62,8 +62,8 @@ export class VsockConnection {
   hostReadable = false;
   /** In the device's send queue. */
   queued = false;
-  /** Gone from the device's table: its output drains, then the stream closes. */
-  draining = false;
+  /** Over for the guest (out of the device's table): any output still held drains, then the stream closes. */
+  gone = false;
 
   /** The guest's receive buffer and what it forwarded of it, from its last packet. */
   peerBufAlloc = 0;
@@ -106,7 +106,7 @@ export class VsockConnection {
 
   /** Whether host bytes may go to the guest now (open, neither side shut that direction, credit left). */
   get mayReceive(): boolean {
-    return this.state === "open" && !this.hostEof && (this.guestShut & 1) === 0 && !this.draining;
+    return this.state === "open" && !this.hostEof && (this.guestShut & 1) === 0 && !this.gone;
   }
 
   /** Whether the device has something to send the guest for this connection. */
@@ -114,10 +114,20 @@ export class VsockConnection {
     return this.say !== 0 || (this.hostReadable && this.mayReceive && this.guestCredit > 0);
   }
 
-  stopWatches(): void {
+  /** Stop polling the host stream for bytes. */
+  stopReading(): void {
     this.readWatch?.close();
     this.readWatch = undefined;
+  }
+
+  /** Stop waiting for room in the host stream. */
+  stopWaitingForRoom(): void {
     this.writeWatch?.close();
     this.writeWatch = undefined;
+  }
+
+  stopWatches(): void {
+    this.stopReading();
+    this.stopWaitingForRoom();
   }
 }

@@ -112,17 +112,29 @@ function header(p: Partial<Packet> & { op: number }, len: number): Uint8Array {
 }
 
 /** The guest sends a packet (header and payload in two descriptors, as Linux does). */
-function send(r: Rig, p: Partial<Packet> & { op: number }, payload: Uint8Array = new Uint8Array(0), lenField = payload.length): void {
+/**
+ * Make a packet available on the transmit queue without notifying: the
+ * header, then the payload (one descriptor, or `pieces` of `pieceBytes` each
+ * in an indirect table). Returns the header's address.
+ */
+function queuePacket(r: Rig, p: Partial<Packet> & { op: number }, payload: Uint8Array = new Uint8Array(0), lenField = payload.length, pieceBytes = payload.length): number {
   const hdr = alloc(r, VSOCK_HEADER);
   r.services.memory.write(hdr, header(p, lenField));
   const bufs = [{ addr: hdr, len: VSOCK_HEADER, write: false }];
-  if (payload.length > 0) {
-    const at = alloc(r, payload.length);
-    r.services.memory.write(at, payload);
-    bufs.push({ addr: at, len: payload.length, write: false });
+  for (let off = 0; off < payload.length; off += pieceBytes) {
+    const piece = payload.subarray(off, off + pieceBytes);
+    const at = alloc(r, piece.length);
+    r.services.memory.write(at, piece);
+    bufs.push({ addr: at, len: piece.length, write: false });
   }
+  r.drv.queues[1]!.add(bufs, bufs.length > 2 ? { indirectAt: alloc(r, bufs.length * 16) } : {});
+  return hdr;
+}
+
+/** The guest sends a packet (header and payload in two descriptors, as Linux does). */
+function send(r: Rig, p: Partial<Packet> & { op: number }, payload: Uint8Array = new Uint8Array(0), lenField = payload.length): void {
+  queuePacket(r, p, payload, lenField);
   const q = r.drv.queues[1]!;
-  q.add(bufs);
   q.kick();
   assert.deepEqual(q.takeUsed().map((u) => u.len), [0], "every transmitted packet is used");
 }
@@ -487,21 +499,8 @@ test("vsock: a batch's RW packets go out in order, before the SHUTDOWN that foll
     }
     const q = r.drv.queues[1]!;
     const parts = Array.from({ length: 6 }, (_, i) => Buffer.alloc(3000 + i * 100, 0x41 + i));
-    const hdrs: number[] = [];
-    for (const p of parts) {
-      const hdr = alloc(r, VSOCK_HEADER);
-      hdrs.push(hdr);
-      r.services.memory.write(hdr, header({ op: OP.rw }, p.length));
-      const at = alloc(r, p.length);
-      r.services.memory.write(at, p);
-      q.add([
-        { addr: hdr, len: VSOCK_HEADER, write: false },
-        { addr: at, len: p.length, write: false },
-      ]);
-    }
-    const sh = alloc(r, VSOCK_HEADER);
-    r.services.memory.write(sh, header({ op: OP.shutdown, flags: VSOCK_SHUTDOWN.send }, 0));
-    q.add([{ addr: sh, len: VSOCK_HEADER, write: false }]);
+    const hdrs = parts.map((p) => queuePacket(r, { op: OP.rw }, p));
+    queuePacket(r, { op: OP.shutdown, flags: VSOCK_SHUTDOWN.send });
     q.kick();
     assert.equal(q.takeUsed().length, 7, "every packet used once the batch is done");
     // The guest may reuse its buffers now: scribble over the payloads (kept bytes must have been copied).
@@ -525,25 +524,10 @@ test("vsock: a payload in more pieces than one writev takes (copied, not written
   const fd = connectFromGuest(r);
   const q = r.drv.queues[1]!;
   const first = Buffer.alloc(1000, 0x31);
-  const h1 = alloc(r, VSOCK_HEADER);
-  r.services.memory.write(h1, header({ op: OP.rw }, first.length));
-  const a1 = alloc(r, first.length);
-  r.services.memory.write(a1, first);
-  q.add([
-    { addr: h1, len: VSOCK_HEADER, write: false },
-    { addr: a1, len: first.length, write: false },
-  ]);
+  queuePacket(r, { op: OP.rw }, first);
   // 40 descriptors of 10 bytes (an indirect table: more than the ring's free descriptors).
   const pieces = Array.from({ length: 40 }, (_, i) => Buffer.alloc(10, 0x61 + (i % 26)));
-  const h2 = alloc(r, VSOCK_HEADER);
-  r.services.memory.write(h2, header({ op: OP.rw }, 400));
-  const bufs = [{ addr: h2, len: VSOCK_HEADER, write: false }];
-  for (const p of pieces) {
-    const at = alloc(r, 16);
-    r.services.memory.write(at, p);
-    bufs.push({ addr: at, len: 10, write: false });
-  }
-  q.add(bufs, { indirectAt: alloc(r, 41 * 16) });
+  queuePacket(r, { op: OP.rw }, Buffer.concat(pieces), 400, 10);
   q.kick();
   assert.equal(q.takeUsed().length, 2);
   assert.ok(hostRead(fd).bytes.equals(Buffer.concat([first, ...pieces])), "in the order sent");
