@@ -7,11 +7,13 @@
  *
  * Configurations:
  *  - `partis`: `--vsock SOCK` (Partis's userspace device; the host services
- *    are UNIX sockets SOCK_5000 and SOCK_5001 served by this process);
+ *    listen on the UNIX sockets SOCK_5000 and SOCK_5001);
  *  - `qemu`: `-device vhost-vsock-pci` (the host kernel's vhost_vsock: the
- *    packets never leave the kernel; the host services are AF_VSOCK listeners,
- *    the same static tool run on the host). QEMU has no userspace vsock
- *    device, so this compares Partis's userspace path with the kernel's;
+ *    packets never leave the kernel; the host services listen on AF_VSOCK).
+ *    QEMU has no userspace vsock device, so this compares Partis's userspace
+ *    path with the kernel's.
+ * The host services are the static tool for both (`vsock listen-unix PATH`
+ * and `vsock listen PORT`): a sink, and a source of the payload file.
  *  - `partis-baseline` (--baseline-cli PATH: another build's dist/partis/partis.js).
  *
  * Both directions are timed by the guest (/proc/uptime, 10 ms steps) around
@@ -31,7 +33,6 @@
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { createServer, type Server } from "node:net";
 import { cpus, tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -63,31 +64,16 @@ interface Config {
   readonly argv: (kernel: string, initrd: string, append: string, device: string[]) => { command: string; argv: string[] };
 }
 
-/** Partis: UNIX-socket services in this process. */
-async function partisHost(work: string): Promise<HostSide> {
-  const sock = join(work, "v.sock");
-  const payload = Buffer.alloc(TRANSFER_MIB * MiB, 0x5a);
-  const up = createServer((s) => {
-    s.on("data", () => undefined);
-    s.on("end", () => s.end());
-    s.on("error", () => undefined);
-  });
-  const down = createServer((s) => {
-    s.on("error", () => undefined);
-    s.end(payload);
-  });
-  const servers: Server[] = [up, down];
-  await Promise.all([new Promise<void>((r) => up.listen(`${sock}_5000`, r)), new Promise<void>((r) => down.listen(`${sock}_5001`, r))]);
-  return { args: ["--vsock", `${sock},cid=${CID}`], close: () => servers.forEach((s) => s.close()) };
-}
-
-/** QEMU: AF_VSOCK listeners on the host (the static tool: a sink on 5000, a source of the payload file on 5001). */
-async function qemuHost(_work: string, payload: string): Promise<HostSide> {
-  if (!existsSync("/dev/vhost-vsock")) throw new Error("/dev/vhost-vsock is missing (modprobe vhost_vsock; the nested test host loads it)");
+/**
+ * The host's services, the static tool for both VMMs: a sink on port 5000
+ * and a source of the payload file on port 5001, listening as `how(port)`
+ * says (AF_VSOCK, or the UNIX socket Partis's device connects to).
+ */
+async function toolServices(payload: string, how: (port: number) => string): Promise<ChildProcess[]> {
   const tool = buildGuestTool("vsock");
   const children: ChildProcess[] = [
-    spawn("sh", ["-c", `exec ${tool} listen 5000 < /dev/null > /dev/null`], { stdio: ["ignore", "ignore", "pipe"] }),
-    spawn("sh", ["-c", `exec ${tool} listen 5001 < ${payload} > /dev/null`], { stdio: ["ignore", "ignore", "pipe"] }),
+    spawn("sh", ["-c", `exec ${tool} ${how(5000)} < /dev/null > /dev/null`], { stdio: ["ignore", "ignore", "pipe"] }),
+    spawn("sh", ["-c", `exec ${tool} ${how(5001)} < ${payload} > /dev/null`], { stdio: ["ignore", "ignore", "pipe"] }),
   ];
   // Listening once each has said so.
   await Promise.all(
@@ -103,6 +89,20 @@ async function qemuHost(_work: string, payload: string): Promise<HostSide> {
         }),
     ),
   );
+  return children;
+}
+
+/** Partis: `--vsock SOCK`; the services listen on SOCK_5000 and SOCK_5001. */
+async function partisHost(work: string, payload: string): Promise<HostSide> {
+  const sock = join(work, "v.sock");
+  const children = await toolServices(payload, (port) => `listen-unix ${sock}_${port}`);
+  return { args: ["--vsock", `${sock},cid=${CID}`], close: () => children.forEach((c) => c.kill()) };
+}
+
+/** QEMU: vhost-vsock; the services are AF_VSOCK listeners. */
+async function qemuHost(_work: string, payload: string): Promise<HostSide> {
+  if (!existsSync("/dev/vhost-vsock")) throw new Error("/dev/vhost-vsock is missing (modprobe vhost_vsock; the nested test host loads it)");
+  const children = await toolServices(payload, (port) => `listen ${port}`);
   return { args: ["-device", `vhost-vsock-pci,guest-cid=${CID}`], close: () => children.forEach((c) => c.kill()) };
 }
 

@@ -236,8 +236,10 @@ export class ChainSpans {
   readonly len: Uint32Array;
   /** Host addresses of the spans, after toHost(). */
   readonly host: Float64Array;
-  /** Spans selected by the last select(). */
+  /** Spans selected by the last select() and the append()s after it. */
   count = 0;
+  /** The last select() or append() ran out of spans before it had its bytes. */
+  full = false;
   /** `host` holds the addresses of the spans selected last (toHost() already ran for them). */
   private translated = false;
 
@@ -254,12 +256,33 @@ export class ChainSpans {
    * spans are selected.
    */
   select(chain: DescriptorChain, writable: boolean, skip: number, maxBytes: number): boolean {
+    this.clear();
+    this.append(chain, writable, skip, maxBytes);
+    return !this.full;
+  }
+
+  /** No spans selected (append() then starts a new selection). */
+  clear(): void {
+    this.count = 0;
+    this.full = false;
+    this.translated = false;
+  }
+
+  /**
+   * Add at most `maxBytes` of another chain's writable (or readable) bytes,
+   * from byte `skip` of them, after the spans selected so far (one readv over
+   * several receive buffers): the bytes added, fewer than asked when the
+   * chain has fewer or the spans ran out (then `full`).
+   */
+  append(chain: DescriptorChain, writable: boolean, skip: number, maxBytes: number): number {
     const gpas = writable ? chain.writableGpa : chain.readableGpa;
     const lens = writable ? chain.writableLen : chain.readableLen;
     const n = writable ? chain.writableCount : chain.readableCount;
-    let count = 0;
+    let count = this.count;
     let left = maxBytes;
+    let taken = 0;
     this.translated = false;
+    this.full = false;
     for (let i = 0; i < n && left > 0; i++) {
       const segLen = lens[i]!;
       if (skip >= segLen) {
@@ -267,17 +290,18 @@ export class ChainSpans {
         continue;
       }
       if (count === this.capacity) {
-        this.count = count;
-        return false;
+        this.full = true;
+        break;
       }
       const take = Math.min(segLen - skip, left);
       this.gpa[count] = gpas[i]! + skip;
       this.len[count++] = take;
       left -= take;
+      taken += take;
       skip = 0;
     }
     this.count = count;
-    return true;
+    return taken;
   }
 
   /** Take `other`'s selection (spans only: host addresses are translated again on request); `other.count` must fit. */

@@ -48,7 +48,7 @@ import type { SavedDeviceState } from "../dependencies.js";
 import { PciDeviceError } from "../pci/pci-config.js";
 import { DeviceAlarm, monotonicClock, type Clock } from "../io-limits.js";
 import type { PciDeviceServices } from "../pci/device-thread-services.js";
-import { ChainSpans, DescriptorChain } from "./queue.js";
+import { ChainSpans, DescriptorChain, type VirtQueue } from "./queue.js";
 import { VirtioPciDevice, type VirtioBackend, type VirtioTransport } from "./pci-transport.js";
 import { SAY, VsockConnection, type VsockHostStream } from "./vsock-connection.js";
 
@@ -128,6 +128,8 @@ export interface VirtioVsockSaved extends SavedDeviceState, VirtioVsockCounters 
 const RST_RING = 512;
 /** Guest-RAM spans one readv/writev takes. */
 const HOST_SPANS = 32;
+/** Receive buffers one host read may fill (Linux posts 4 KiB ones: up to 64 KiB a read). */
+const RX_BATCH = 16;
 
 /** A FIFO of connections with something to send (each at most once: `queued`). */
 class SendQueue {
@@ -202,7 +204,12 @@ export class VirtioVsock implements VirtioBackend {
   /** Host connections waiting for the guest's RESPONSE, with their deadlines. */
   private readonly connecting = new Map<VsockConnection, number>();
   private hostPath = true;
-  private readonly rxChain = new DescriptorChain();
+  /** The guest's receive buffers one host read fills; the first is the one sendToGuest pops. */
+  private readonly rxBatch = Array.from({ length: RX_BATCH }, () => new DescriptorChain());
+  private readonly rxChain = this.rxBatch[0]!;
+  private readonly rxRoom = new Uint32Array(RX_BATCH);
+  private readonly rxHeads = new Uint32Array(RX_BATCH);
+  private readonly rxLens = new Uint32Array(RX_BATCH);
   private readonly txChain = new DescriptorChain();
   private readonly eventChain = new DescriptorChain();
   private readonly spans = new ChainSpans(HOST_SPANS);
@@ -684,7 +691,7 @@ export class VirtioVsock implements VirtioBackend {
 
   // --- device -> driver (rx queue) -------------------------------------------------------------
 
-  /** Fill the guest's receive buffers: RSTs first, then connections in turn (one packet each per turn). */
+  /** Fill the guest's receive buffers: RSTs first, then connections in turn (a packet, or one read's packets, each per turn). */
   private sendToGuest(): void {
     const t = this.attached;
     if (t === undefined || !t.active) return;
@@ -715,20 +722,20 @@ export class VirtioVsock implements VirtioBackend {
         continue;
       }
       const c = this.sendQueue.peek();
-      const n = c.gone ? 0 : this.fill(c, chain);
-      if (n === 0) q.unpop();
-      else {
-        q.pushUsed(chain.head, n);
-        used = true;
-      }
+      if (c.gone || !this.fill(c, q, chain)) q.unpop();
+      else used = true;
       this.sendQueue.shift();
       if (!c.gone && c.wantsToSend) this.sendQueue.push(c);
     }
     if (used) t.signalUsed(0);
   }
 
-  /** One packet for connection `c` into `chain`: its length with the header, or 0 (nothing to send now). */
-  private fill(c: VsockConnection, chain: DescriptorChain): number {
+  /**
+   * Connection `c`'s next packets, the first into `chain` (popped from `q`),
+   * pushed used: true when any went, false when `c` has nothing to send now
+   * (`chain` is still the caller's).
+   */
+  private fill(c: VsockConnection, q: VirtQueue, chain: DescriptorChain): boolean {
     if (c.say !== 0) {
       const bit = c.say & -c.say;
       c.say &= ~bit;
@@ -740,33 +747,30 @@ export class VirtioVsock implements VirtioBackend {
         op = VSOCK_OP.shutdown;
         flags = VSOCK_SHUTDOWN.send | ((c.guestShut & VSOCK_SHUTDOWN.send) !== 0 ? VSOCK_SHUTDOWN.rcv : 0);
       }
-      return this.writeConnectionHeader(chain, c, op, flags, 0);
+      q.pushUsed(chain.head, this.writeConnectionHeader(chain, c, op, flags, 0));
+      return true;
     }
-    if (!c.hostReadable || !c.mayReceive) return 0;
-    const room = Math.min(chain.writableBytes - VSOCK_HEADER, c.guestCredit, VSOCK_MAX_PAYLOAD);
-    if (room <= 0) return 0; // no credit: the guest's next packet (CREDIT_UPDATE) brings it back
+    if (!c.hostReadable || !c.mayReceive) return false;
+    const credit = c.guestCredit;
+    if (credit <= 0) return false; // no credit: the guest's next packet (CREDIT_UPDATE) brings it back
     let n: number;
     try {
-      n = this.readToGuest(c, chain, room);
+      n = this.readToGuest(c, q, chain, credit);
     } catch {
       this.resetConnection(c, true);
-      return 0;
+      return false;
     }
+    if (n > 0) return true;
     if (n === 0) {
       c.hostReadable = false;
       this.watchHost(c);
-      return 0;
+      return false;
     }
-    if (n < 0) {
-      // The host program ended its stream: the guest reads the end of it.
-      c.hostReadable = false;
-      c.hostEof = true;
-      c.say |= SAY.shutdown;
-      return this.fill(c, chain);
-    }
-    c.txCnt = (c.txCnt + n) >>> 0;
-    this.counters.rxBytes += n;
-    return this.writeConnectionHeader(chain, c, VSOCK_OP.rw, 0, n);
+    // The host program ended its stream: the guest reads the end of it.
+    c.hostReadable = false;
+    c.hostEof = true;
+    c.say |= SAY.shutdown;
+    return this.fill(c, q, chain);
   }
 
   /** A packet's header for connection `c` (with this side's credit, now told) into `chain`: the packet's length. */
@@ -777,24 +781,84 @@ export class VirtioVsock implements VirtioBackend {
     return VSOCK_HEADER + len;
   }
 
-  /** Read at most `room` host bytes into the chain after the header (one readv into guest RAM, else a copy). */
-  private readToGuest(c: VsockConnection, chain: DescriptorChain, room: number): number {
+  /**
+   * At most `credit` host bytes of `c` to the guest as RW packets, the first
+   * into `chain`: with guest RAM host-mapped, one readv fills `chain` and as
+   * many more of the guest's receive buffers as the credit and RX_BATCH
+   * allow (a buffer the read did not reach is given back); else one packet
+   * through a copy. The packets are pushed used in order. Returns the bytes
+   * sent; 0: none waiting, -1: the stream ended (`chain` is still the
+   * caller's either way).
+   */
+  private readToGuest(c: VsockConnection, q: VirtQueue, chain: DescriptorChain, credit: number): number {
     const s = c.stream;
-    const spans = this.spans;
     if (s.readHost !== undefined && this.hostPath) {
-      spans.select(chain, true, VSOCK_HEADER, room); // a chain of more than HOST_SPANS buffers: the first ones
-      if (spans.count > 0 && spans.toHost(chain.memory)) {
+      const spans = this.spans;
+      const batch = this.rxBatch; // batch[0] is `chain` (rxChain)
+      const room = this.rxRoom;
+      spans.clear();
+      let chains = 0;
+      let total = 0;
+      for (;;) {
+        // A chain of more than HOST_SPANS buffers: its first ones.
+        const took = spans.append(batch[chains]!, true, VSOCK_HEADER, Math.min(credit - total, VSOCK_MAX_PAYLOAD));
+        if (took === 0) {
+          if (chains > 0) q.unpop(); // no room after its header, or no spans left: served on its own later
+          break;
+        }
+        room[chains++] = took;
+        total += took;
+        if (chains === RX_BATCH || total >= credit || spans.full) break;
+        if (!q.pop(batch[chains]!)) break;
+      }
+      if (chains > 0 && spans.toHost(chain.memory)) {
+        let n: number;
         try {
-          return s.readHost(spans.host, spans.len, spans.count);
+          n = s.readHost(spans.host, spans.len, spans.count);
         } catch (e) {
+          for (let k = 1; k < chains; k++) q.unpop();
           if (!(e instanceof RangeError)) throw e;
           this.hostUnusable(e);
+          return this.copyToGuest(c, q, chain, credit);
         }
+        let sent = 0;
+        let packets = 0;
+        const heads = this.rxHeads;
+        const lens = this.rxLens;
+        while (packets < chains && sent < n) {
+          const len = Math.min(n - sent, room[packets]!);
+          heads[packets] = batch[packets]!.head;
+          lens[packets] = this.writeConnectionHeader(batch[packets]!, c, VSOCK_OP.rw, 0, len);
+          sent += len;
+          packets++;
+        }
+        if (packets > 0) {
+          q.pushUsedBatch(heads, lens, packets);
+          this.sent(c, sent);
+        }
+        for (let k = Math.max(packets, 1); k < chains; k++) q.unpop(); // the buffers it did not reach, the last popped first
+        return n;
       }
+      for (let k = 1; k < chains; k++) q.unpop();
     }
-    const n = s.read(this.scratch, room);
-    if (n > 0) chain.writeTo(VSOCK_HEADER, this.scratch, 0, n);
+    return this.copyToGuest(c, q, chain, credit);
+  }
+
+  /** One RW packet into `chain` through a copy (guest RAM not host memory): as readToGuest. */
+  private copyToGuest(c: VsockConnection, q: VirtQueue, chain: DescriptorChain, credit: number): number {
+    const n = c.stream.read(this.scratch, Math.min(chain.writableBytes - VSOCK_HEADER, credit, VSOCK_MAX_PAYLOAD));
+    if (n > 0) {
+      chain.writeTo(VSOCK_HEADER, this.scratch, 0, n);
+      q.pushUsed(chain.head, this.writeConnectionHeader(chain, c, VSOCK_OP.rw, 0, n));
+      this.sent(c, n);
+    }
     return n;
+  }
+
+  /** `n` bytes went to the guest on `c`. */
+  private sent(c: VsockConnection, n: number): void {
+    c.txCnt = (c.txCnt + n) >>> 0;
+    this.counters.rxBytes += n;
   }
 
   /** A header from the host's `hostPort` to the guest's `guestPort`, into the start of `chain`. */

@@ -44,11 +44,22 @@ class TestHost implements VsockHost {
   readonly services = new Set<number>();
   /** Per connection the device made: the service's end, and the device's (what the loop watches). */
   readonly ends: { port: number; fd: number; deviceFd: number }[] = [];
+  /** readv calls the device made into guest RAM (bytes each; 0: nothing waiting). */
+  readonly hostReads: number[] = [];
   connect(port: number): VsockHostStream | undefined {
     if (!this.services.has(port)) return undefined;
     const [a, b] = socketPair("stream");
     this.ends.push({ port, fd: b, deviceFd: a });
-    return socketStream(a);
+    const stream = socketStream(a);
+    const readHost = stream.readHost!;
+    return {
+      ...stream,
+      readHost: (addresses, lengths, count) => {
+        const n = readHost(addresses, lengths, count);
+        this.hostReads.push(n);
+        return n;
+      },
+    };
   }
 }
 
@@ -287,8 +298,9 @@ test("vsock: a host program connects (CONNECT port): REQUEST to the guest, OK <p
   closeDescriptor(mine2);
 });
 
-test("vsock: host -> guest keeps to the guest's credit; CREDIT_UPDATE lets more through", () => {
-  const r = make({ rxBuffers: 32 });
+for (const hostMapped of [false, true])
+test(`vsock: host -> guest keeps to the guest's credit; CREDIT_UPDATE lets more through (${hostMapped ? "readv into guest RAM" : "copies"})`, () => {
+  const r = make({ rxBuffers: 32, hostMapped });
   const fd = connectFromGuest(r, 8192);
   const data = Buffer.alloc(20000);
   for (let i = 0; i < data.length; i++) data[i] = (i * 7) & 0xff;
@@ -307,6 +319,35 @@ test("vsock: host -> guest keeps to the guest's credit; CREDIT_UPDATE lets more 
   assert.equal(all.length, 20000);
   assert.ok(all.equals(data));
   assert.equal(r.services.loop.active(streamFd), 1, "read dry: polled again");
+  closeDescriptor(fd);
+});
+
+test("vsock: one readv fills up to 16 receive buffers; buffers it did not reach are given back and used next, in order", () => {
+  const r = make({ hostMapped: true, rxBuffers: 20 });
+  const fd = connectFromGuest(r); // the RESPONSE took one, posted again: 20
+  const data = Buffer.alloc(100_000);
+  for (let i = 0; i < data.length; i++) data[i] = (i * 13 + (i >> 8)) & 0xff;
+  assert.equal(hostWrite(fd, data), data.length);
+  const streamFd = r.host.ends.at(-1)!.deviceFd;
+  const reads = r.host.hostReads;
+  r.services.loop.fire(streamFd);
+  let got = received(r);
+  assert.deepEqual(reads, [16 * PAGE, 4 * PAGE], "16 buffers in the first read, the 4 left in the next");
+  assert.equal(got.length, 20);
+  // More buffers than the bytes left need: one read, the buffers it did not reach given back.
+  postRx(r, 8);
+  got = got.concat(received(r));
+  assert.deepEqual(reads.slice(2), [data.length - 20 * PAGE, 0], "one read for the rest, then one that finds nothing");
+  assert.deepEqual(got.slice(20).map((p) => p.payload.length), [PAGE, PAGE, PAGE, PAGE, data.length - 24 * PAGE]);
+  assert.equal(r.services.loop.active(streamFd), 1, "read dry: polled again");
+  const tail = Buffer.from("the end");
+  hostWrite(fd, tail);
+  r.services.loop.fire(streamFd);
+  got = got.concat(received(r));
+  assert.deepEqual(got.map((p) => p.op), new Array<number>(26).fill(OP.rw));
+  assert.ok(Buffer.concat(got.map((p) => p.payload)).equals(Buffer.concat([data, tail])), "every byte, in order, across batches");
+  assert.equal(r.drv.queues[0]!.takeUsed().length, 0, "the 2 buffers never filled are still the guest's");
+  assert.equal(r.dev.vsock.counters.rxBytes, data.length + tail.length);
   closeDescriptor(fd);
 });
 

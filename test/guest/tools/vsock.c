@@ -7,6 +7,9 @@
  *                            (the peer ending its side does not stop stdin going out)
  *   vsock listen PORT        accept one connection on PORT (any CID), then the same;
  *                            prints "VSOCK-LISTENING PORT" on stderr once listening
+ *   vsock listen-unix PATH   the same on a UNIX stream socket at PATH (a host service
+ *                            for Partis's device, which connects to <socket>_<port>;
+ *                            benches use it so both VMMs' host ends are this program)
  *
  * Exit status 0 when both directions ended cleanly; 1 with a message otherwise.
  */
@@ -16,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 #include <linux/vm_sockets.h>
 
@@ -61,7 +65,32 @@ static int relay(int s) {
   return 0;
 }
 
+/* Accept one connection on a listening socket, then relay. */
+static int serve(int s, const char *name) {
+  if (listen(s, 1) < 0) return fail("listen");
+  fprintf(stderr, "VSOCK-LISTENING %s\n", name);
+  int c = accept(s, 0, 0);
+  if (c < 0) return fail("accept");
+  close(s);
+  return relay(c);
+}
+
 int main(int argc, char **argv) {
+  if (argc == 3 && strcmp(argv[1], "listen-unix") == 0) {
+    struct sockaddr_un u;
+    memset(&u, 0, sizeof u);
+    u.sun_family = AF_UNIX;
+    if (strlen(argv[2]) >= sizeof u.sun_path) {
+      fprintf(stderr, "vsock: %s: path too long\n", argv[2]);
+      return 2;
+    }
+    strcpy(u.sun_path, argv[2]);
+    unlink(argv[2]); /* a socket file an earlier run left */
+    int s = socket(AF_UNIX, SOCK_STREAM, 0);
+    if (s < 0) return fail("socket");
+    if (bind(s, (struct sockaddr *)&u, sizeof u) < 0) return fail("bind");
+    return serve(s, argv[2]);
+  }
   struct sockaddr_vm a;
   memset(&a, 0, sizeof a);
   a.svm_family = AF_VSOCK;
@@ -77,13 +106,8 @@ int main(int argc, char **argv) {
     a.svm_cid = VMADDR_CID_ANY;
     a.svm_port = (unsigned)strtoul(argv[2], 0, 10);
     if (bind(s, (struct sockaddr *)&a, sizeof a) < 0) return fail("bind");
-    if (listen(s, 1) < 0) return fail("listen");
-    fprintf(stderr, "VSOCK-LISTENING %s\n", argv[2]);
-    int c = accept(s, 0, 0);
-    if (c < 0) return fail("accept");
-    close(s);
-    return relay(c);
+    return serve(s, argv[2]);
   }
-  fprintf(stderr, "usage: vsock connect CID PORT | vsock listen PORT\n");
+  fprintf(stderr, "usage: vsock connect CID PORT | vsock listen PORT | vsock listen-unix PATH\n");
   return 2;
 }
