@@ -261,6 +261,13 @@ export class ChainSpans {
     return !this.full;
   }
 
+  /** Keep only the first `count` spans selected (an append() that did not fit, taken back). */
+  truncate(count: number): void {
+    this.count = Math.min(count, this.count);
+    this.full = false;
+    this.translated = false;
+  }
+
   /** No spans selected (append() then starts a new selection). */
   clear(): void {
     this.count = 0;

@@ -25,6 +25,12 @@
  * is kept (at most bufAlloc) and written when the stream polls writable.
  * Credit updates go to the guest when half its credit was used.
  *
+ * Host I/O goes straight between guest RAM and the socket, many packets a
+ * system call: one readv fills up to RX_BATCH receive buffers (a packet per
+ * buffer), and a notification's run of RW packets of one connection goes out
+ * with one writev (their chains held until it is done; whatever the guest
+ * sent after them waits for it, so order is kept).
+ *
  * Closing, as Linux does it: a guest that closes sends SHUTDOWN(RCV|SEND) and
  * waits for RST: the device answers RST and closes the host stream once the
  * guest's last bytes went out. SHUTDOWN(SEND) alone shuts the stream's write
@@ -130,6 +136,10 @@ const RST_RING = 512;
 const HOST_SPANS = 32;
 /** Receive buffers one host read may fill (Linux posts 4 KiB ones: up to 64 KiB a read). */
 const RX_BATCH = 16;
+/** RW packets of one connection one host write may take (Linux sends 4 KiB ones: up to 128 KiB a write). */
+const TX_BATCH = 32;
+/** Guest-RAM spans of those packets' payloads. */
+const TX_SPANS = 64;
 
 /** A FIFO of connections with something to send (each at most once: `queued`). */
 class SendQueue {
@@ -210,7 +220,23 @@ export class VirtioVsock implements VirtioBackend {
   private readonly rxRoom = new Uint32Array(RX_BATCH);
   private readonly rxHeads = new Uint32Array(RX_BATCH);
   private readonly rxLens = new Uint32Array(RX_BATCH);
-  private readonly txChain = new DescriptorChain();
+  /** The chain hearGuest pops into next (a chain held for a batch trades places with a free one). */
+  private txChain = new DescriptorChain();
+  /**
+   * RW packets of one connection (`heldFor`) taken from the transmit queue
+   * and not yet written to its host stream: their payloads go out with one
+   * writev (`writeHeld`), and only then are the chains used (the guest may
+   * reuse them).
+   */
+  private readonly txHeld = Array.from({ length: TX_BATCH }, () => new DescriptorChain());
+  private held = 0;
+  private heldFor: VsockConnection | undefined;
+  private heldBytes = 0;
+  private readonly heldLens = new Uint32Array(TX_BATCH);
+  private readonly heldHeads = new Uint32Array(TX_BATCH);
+  /** Used lengths of transmitted chains: always 0 (the device writes nothing into them). */
+  private readonly zeroLens = new Uint32Array(TX_BATCH);
+  private readonly txSpans = new ChainSpans(TX_SPANS);
   private readonly eventChain = new DescriptorChain();
   private readonly spans = new ChainSpans(HOST_SPANS);
   private readonly header = new Uint8Array(VSOCK_HEADER);
@@ -359,6 +385,10 @@ export class VirtioVsock implements VirtioBackend {
 
   /** Drop a connection: RST to the guest (unless it sent one), the host stream closed at once. */
   private resetConnection(c: VsockConnection, tellGuest: boolean): void {
+    if (c === this.heldFor) {
+      this.writeHeld(); // what the guest sent before what resets it goes out first, as ever
+      if (c.gone) return; // that write found the host program gone: reset already
+    }
     this.remove(c);
     c.say = 0;
     this.closeStream(c);
@@ -409,30 +439,34 @@ export class VirtioVsock implements VirtioBackend {
     const t = this.transport;
     const q = t.queues[1];
     if (q === undefined || !q.ready) return;
-    const c = this.txChain;
     do {
       q.disableNotifications();
-      while (q.pop(c)) {
+      for (;;) {
+        const c = this.txChain;
+        if (!q.pop(c)) break;
         if (c.readableBytes < VSOCK_HEADER) this.counters.badPackets++;
         else {
           c.readFrom(0, this.header, 0, VSOCK_HEADER);
-          this.packet(c);
+          if (this.packet(c)) continue; // held: used once its payload is written
         }
         q.pushUsed(c.head, 0);
       }
     } while (!q.enableNotifications());
+    this.writeHeld();
     t.signalUsed(1);
     this.sendToGuest();
   }
 
-  /** One packet from the guest; its header is in `header`. */
-  private packet(chain: DescriptorChain): void {
+  /** One packet from the guest; its header is in `header`. True: the chain is held (an RW packet's payload waits for the batch's write). */
+  private packet(chain: DescriptorChain): boolean {
     const h = this.headerView;
     const srcPort = h.getUint32(VSOCK_HDR.srcPort, true);
     const dstPort = h.getUint32(VSOCK_HDR.dstPort, true);
     const len = h.getUint32(VSOCK_HDR.len, true);
     const op = h.getUint16(VSOCK_HDR.op, true);
     const conn = this.lookup(srcPort, dstPort);
+    // The held RW packets go out before anything the guest sent after them but more of their connection's bytes.
+    if (this.held > 0 && (op !== VSOCK_OP.rw || conn !== this.heldFor)) this.writeHeld();
     const refuse = (): void => {
       if (conn !== undefined) this.resetConnection(conn, op !== VSOCK_OP.rst);
       else if (op !== VSOCK_OP.rst) this.queueRst(srcPort, dstPort);
@@ -440,28 +474,29 @@ export class VirtioVsock implements VirtioBackend {
     // A packet claiming another source is not the guest's to answer for: dropped.
     if (h.getUint32(VSOCK_HDR.srcCid, true) !== this.guestCid || h.getUint32(VSOCK_HDR.srcCid + 4, true) !== 0) {
       this.counters.badPackets++;
-      return;
+      return false;
     }
     if (len > chain.readableBytes - VSOCK_HEADER || len > VSOCK_MAX_PAYLOAD) {
       this.counters.badPackets++;
       refuse();
-      return;
+      return false;
     }
     // Another VM, the hypervisor, another socket type: not reachable here (5.10.6.6: RST).
     if (h.getUint32(VSOCK_HDR.dstCid, true) !== VSOCK_HOST_CID || h.getUint32(VSOCK_HDR.dstCid + 4, true) !== 0 || h.getUint16(VSOCK_HDR.type, true) !== VSOCK_TYPE_STREAM) {
       refuse();
-      return;
+      return false;
     }
     if (conn === undefined) {
       if (op === VSOCK_OP.request) this.openFromGuest(srcPort, dstPort);
       else if (op !== VSOCK_OP.rst) this.queueRst(srcPort, dstPort);
-      return;
+      return false;
     }
     conn.peerBufAlloc = h.getUint32(VSOCK_HDR.bufAlloc, true);
     conn.peerFwdCnt = h.getUint32(VSOCK_HDR.fwdCnt, true);
+    let held = false;
     switch (op) {
       case VSOCK_OP.rw:
-        this.fromGuest(conn, chain, len);
+        held = this.fromGuest(conn, chain, len);
         break;
       case VSOCK_OP.creditUpdate:
         break;
@@ -476,11 +511,11 @@ export class VirtioVsock implements VirtioBackend {
         // SHUTDOWN(SEND|RCV) with RST at once, while the last of that output may still wait for the host to read.
         if ((conn.guestShut & VSOCK_SHUTDOWN.send) !== 0 && conn.pendingLength > 0) this.drain(conn);
         else this.resetConnection(conn, false);
-        return;
+        return false;
       case VSOCK_OP.response:
         if (conn.state !== "connecting") {
           refuse();
-          return;
+          return false;
         }
         this.acceptedByGuest(conn);
         break;
@@ -488,9 +523,10 @@ export class VirtioVsock implements VirtioBackend {
         // A second REQUEST on a live connection, INVALID, an op this spec does not have.
         if (op !== VSOCK_OP.request) this.counters.badPackets++;
         refuse();
-        return;
+        return false;
     }
     if (conn.wantsToSend) this.sendQueue.push(conn);
+    return held;
   }
 
   /** The guest's REQUEST to host port `hostPort`: connect `<path>_<hostPort>`, or refuse. */
@@ -550,38 +586,135 @@ export class VirtioVsock implements VirtioBackend {
     });
   }
 
-  /** An RW packet's payload (`len` bytes after the header) to the host stream. */
-  private fromGuest(c: VsockConnection, chain: DescriptorChain, len: number): void {
+  /** An RW packet's payload (`len` bytes after the header) to the host stream: true when its chain is held for the batch's write. */
+  private fromGuest(c: VsockConnection, chain: DescriptorChain, len: number): boolean {
     if (c.state !== "open" || (c.guestShut & VSOCK_SHUTDOWN.send) !== 0) {
       this.counters.badPackets++;
       this.resetConnection(c, true);
-      return;
+      return false;
     }
-    if (len === 0) return;
-    if (c.pendingLength + len > c.bufAlloc) {
+    if (len === 0) return false;
+    if (c.pendingLength + (c === this.heldFor ? this.heldBytes : 0) + len > c.bufAlloc) {
       // More than the credit this side gave: the guest broke the protocol.
       this.counters.creditOverruns++;
       this.resetConnection(c, true);
-      return;
+      return false;
     }
     c.rxCnt = (c.rxCnt + len) >>> 0;
     this.counters.txBytes += len;
+    if (c.pendingLength === 0 && this.hold(c, chain, len)) return true;
+    this.writeHeld(); // this connection's held packets, when this one could not join them
+    if (c.gone) return false; // that write found the host program gone
     let done = 0;
     if (c.pendingLength === 0) {
       try {
         done = this.writeFromGuest(c, chain, len);
       } catch {
         this.resetConnection(c, true); // EPIPE, ECONNRESET: the host program is gone
-        return;
+        return false;
       }
     }
-    if (done < len) {
-      if (c.pending === undefined) c.pending = new Uint8Array(c.bufAlloc);
-      chain.readFrom(VSOCK_HEADER + done, c.pending, c.pendingLength, len - done);
-      c.pendingLength += len - done;
-      this.watchWritable(c);
-    }
+    if (done < len) this.keep(c, chain, VSOCK_HEADER + done, len - done);
     this.creditCheck(c);
+    return false;
+  }
+
+  /** Guest output the host stream did not take: `len` bytes of `chain` from byte `from`, kept until it polls writable. */
+  private keep(c: VsockConnection, chain: DescriptorChain, from: number, len: number): void {
+    if (c.pending === undefined) c.pending = new Uint8Array(c.bufAlloc);
+    chain.readFrom(from, c.pending, c.pendingLength, len);
+    c.pendingLength += len;
+    this.watchWritable(c);
+  }
+
+  /**
+   * Hold an RW packet's chain for a batch write with the ones held before it
+   * (the same connection's: packet() wrote any other's first). False when
+   * its payload cannot be written from guest RAM (then it goes on its own).
+   */
+  private hold(c: VsockConnection, chain: DescriptorChain, len: number): boolean {
+    if (!this.hostPath || c.stream.writeHost === undefined) return false;
+    if (this.held === TX_BATCH) this.writeHeld();
+    if (c.gone || c.pendingLength > 0) return false; // that write left output (or no connection) behind
+    const spans = this.txSpans;
+    const before = spans.count;
+    if (spans.append(chain, false, VSOCK_HEADER, len) < len) {
+      spans.truncate(before);
+      if (this.held === 0) return false; // more pieces than a write takes: copied, on its own
+      this.writeHeld();
+      return this.hold(c, chain, len);
+    }
+    const k = this.held++;
+    this.heldHeads[k] = chain.head;
+    this.heldLens[k] = len;
+    this.heldBytes += len;
+    this.heldFor = c;
+    // The chain stays as it is until the write; hearGuest pops into a free one.
+    this.txChain = this.txHeld[k]!;
+    this.txHeld[k] = chain;
+    return true;
+  }
+
+  /** The `n` held payloads to `c`'s stream: one writev from guest RAM, else a write per packet through a copy; the bytes taken. */
+  private writeHeldOut(c: VsockConnection, n: number): number {
+    const spans = this.txSpans;
+    if (this.hostPath && spans.toHost(this.txHeld[0]!.memory)) {
+      try {
+        return c.stream.writeHost!(spans.host, spans.len, spans.count);
+      } catch (e) {
+        if (!(e instanceof RangeError)) throw e;
+        this.hostUnusable(e);
+      }
+    }
+    let done = 0;
+    for (let k = 0; k < n; k++) {
+      const len = this.heldLens[k]!;
+      this.txHeld[k]!.readFrom(VSOCK_HEADER, this.scratch, 0, len);
+      const took = c.stream.write(this.scratch, len);
+      done += took;
+      if (took < len) break;
+    }
+    return done;
+  }
+
+  /**
+   * Write the held packets' payloads with one writev, keep what the stream
+   * did not take, and give their chains back to the guest (in the order it
+   * sent them, before any chain after them).
+   */
+  private writeHeld(): void {
+    const n = this.held;
+    if (n === 0) return;
+    const c = this.heldFor!;
+    const spans = this.txSpans;
+    this.held = 0;
+    this.heldFor = undefined;
+    const total = this.heldBytes;
+    this.heldBytes = 0;
+    let done = 0;
+    let broken = false;
+    try {
+      done = this.writeHeldOut(c, n);
+    } catch {
+      broken = true; // EPIPE, ECONNRESET: the host program is gone
+    }
+    spans.clear();
+    if (broken) this.resetConnection(c, true);
+    else if (done < total) {
+      let skip = done;
+      for (let k = 0; k < n; k++) {
+        const len = this.heldLens[k]!;
+        if (skip >= len) skip -= len;
+        else {
+          this.keep(c, this.txHeld[k]!, VSOCK_HEADER + skip, len - skip);
+          skip = 0;
+        }
+      }
+    }
+    this.transport.queues[1]!.pushUsedBatch(this.heldHeads, this.zeroLens, n);
+    if (broken) return;
+    this.creditCheck(c);
+    if (c.wantsToSend) this.sendQueue.push(c);
   }
 
   /** Write the payload straight from guest RAM (one writev), else through a copy: the bytes the stream took. */

@@ -46,17 +46,25 @@ class TestHost implements VsockHost {
   readonly ends: { port: number; fd: number; deviceFd: number }[] = [];
   /** readv calls the device made into guest RAM (bytes each; 0: nothing waiting). */
   readonly hostReads: number[] = [];
+  /** writev calls the device made from guest RAM (bytes the stream took each). */
+  readonly hostWrites: number[] = [];
   connect(port: number): VsockHostStream | undefined {
     if (!this.services.has(port)) return undefined;
     const [a, b] = socketPair("stream");
     this.ends.push({ port, fd: b, deviceFd: a });
     const stream = socketStream(a);
     const readHost = stream.readHost!;
+    const writeHost = stream.writeHost!;
     return {
       ...stream,
       readHost: (addresses, lengths, count) => {
         const n = readHost(addresses, lengths, count);
         this.hostReads.push(n);
+        return n;
+      },
+      writeHost: (addresses, lengths, count) => {
+        const n = writeHost(addresses, lengths, count);
+        this.hostWrites.push(n);
         return n;
       },
     };
@@ -524,7 +532,7 @@ test("vsock: a guest that closes while its output waits for the host: RST at onc
   }
 });
 
-test("vsock: a batch's RW packets go out in order, before the SHUTDOWN that follows them; a short write keeps the rest in order", () => {
+test("vsock: a batch's RW packets go out with one writev, in order, before the SHUTDOWN that follows them; a short write keeps the rest in order", () => {
   for (const full of [false, true]) {
     const r = make({ hostMapped: true, rxBuffers: 16 });
     const fd = connectFromGuest(r);
@@ -542,8 +550,10 @@ test("vsock: a batch's RW packets go out in order, before the SHUTDOWN that foll
     const parts = Array.from({ length: 6 }, (_, i) => Buffer.alloc(3000 + i * 100, 0x41 + i));
     const hdrs = parts.map((p) => queuePacket(r, { op: OP.rw }, p));
     queuePacket(r, { op: OP.shutdown, flags: VSOCK_SHUTDOWN.send });
+    const writes = r.host.hostWrites.length;
     q.kick();
     assert.equal(q.takeUsed().length, 7, "every packet used once the batch is done");
+    if (!full) assert.deepEqual(r.host.hostWrites.slice(writes), [parts.reduce((n, p) => n + p.length, 0)], "the 6 payloads in one writev");
     // The guest may reuse its buffers now: scribble over the payloads (kept bytes must have been copied).
     for (const hdr of hdrs) r.services.memory.write(hdr, new Uint8Array(VSOCK_HEADER));
     let got = Buffer.alloc(0);
@@ -558,6 +568,51 @@ test("vsock: a batch's RW packets go out in order, before the SHUTDOWN that foll
     assert.ok(got.subarray(filler).equals(Buffer.concat(parts)), "in order, after the filler");
     closeDescriptor(fd);
   }
+});
+
+test("vsock: a batch switching between connections writes each run of one connection's packets in one writev, each stream in order", () => {
+  const r = make({ hostMapped: true, rxBuffers: 16 });
+  const a = connectFromGuest(r);
+  send(r, { op: OP.request, srcPort: 5001 });
+  assert.deepEqual(received(r).map((p) => p.op), [OP.response]);
+  postRx(r, 1);
+  const b = r.host.ends.at(-1)!.fd;
+  const q = r.drv.queues[1]!;
+  const piece = (c: number, n: number): Buffer => Buffer.alloc(n, c);
+  const sent = [
+    [5000, piece(0x61, 1000)],
+    [5000, piece(0x62, 2000)],
+    [5001, piece(0x63, 1500)],
+    [5000, piece(0x64, 500)],
+    [5001, piece(0x65, 700)],
+    [5001, piece(0x66, 800)],
+  ] as const;
+  for (const [port, data] of sent) queuePacket(r, { op: OP.rw, srcPort: port }, data);
+  const writes = r.host.hostWrites.length;
+  q.kick();
+  assert.equal(q.takeUsed().length, sent.length);
+  assert.deepEqual(r.host.hostWrites.slice(writes), [3000, 1500, 500, 1500], "a writev per run of one connection's packets");
+  assert.ok(hostRead(a).bytes.equals(Buffer.concat([sent[0][1], sent[1][1], sent[3][1]])));
+  assert.ok(hostRead(b).bytes.equals(Buffer.concat([sent[2][1], sent[4][1], sent[5][1]])));
+  closeDescriptor(a);
+  closeDescriptor(b);
+});
+
+test("vsock: a guest that overruns its credit within a batch: what it sent before goes out, then the connection resets", () => {
+  const r = make({ hostMapped: true, bufferBytes: 8192 });
+  const fd = connectFromGuest(r);
+  const q = r.drv.queues[1]!;
+  const parts = [Buffer.alloc(4000, 0x31), Buffer.alloc(4000, 0x32), Buffer.alloc(4000, 0x33)];
+  for (const p of parts) queuePacket(r, { op: OP.rw }, p);
+  q.kick();
+  assert.equal(q.takeUsed().length, 3, "every chain used");
+  assert.equal(r.dev.vsock.counters.creditOverruns, 1);
+  assert.deepEqual(received(r).map((p) => p.op), [OP.rst]);
+  const got = hostRead(fd);
+  assert.ok(got.bytes.equals(Buffer.concat([parts[0]!, parts[1]!])), "the 8000 bytes within its credit, then the end");
+  assert.equal(got.eof, true);
+  assert.equal(r.dev.vsock.connections, 0);
+  closeDescriptor(fd);
 });
 
 test("vsock: a payload in more pieces than one writev takes (copied, not written from guest RAM) keeps its place after the one before", () => {
