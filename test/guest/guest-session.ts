@@ -21,6 +21,8 @@ export class GuestSession {
   /** Which boot this is: 0, then 1, 2... after retries. */
   generation = 0;
   private typed = false;
+  /** Everything typed so far: a VM booted once more gets it again (it is only booted again if its guest ran none of it). */
+  private typedText = "";
   /** The current VM showed the test bed's SMP hang (a soft lockup) and was killed to be booted again. */
   private lockedUp = false;
   private relaunches = 0;
@@ -80,6 +82,8 @@ export class GuestSession {
       this.stderr += d.toString("latin1");
     });
     child.stdin!.on("error", () => {});
+    // A script piped in before the guest booted (the main job's way): the VM that crashed before its shell never ran it.
+    if (this.typedText !== "") child.stdin!.write(this.typedText);
     if (this.inputEnded) child.stdin!.end();
     child.on("exit", (code, signal) => {
       const status = code ?? (signal ? 128 : -1);
@@ -202,6 +206,7 @@ export class GuestSession {
 
   type(text: string): void {
     this.typed = true;
+    this.typedText += text;
     this.child.stdin!.write(text);
   }
 

@@ -220,6 +220,8 @@ export class VirtioVsock implements VirtioBackend {
   private readonly rxRoom = new Uint32Array(RX_BATCH);
   private readonly rxHeads = new Uint32Array(RX_BATCH);
   private readonly rxLens = new Uint32Array(RX_BATCH);
+  /** The last readToGuest read fewer bytes than the buffers and credit had room for. */
+  private readShort = false;
   /** The chain hearGuest pops into next (a chain held for a batch trades places with a free one). */
   private txChain = new DescriptorChain();
   /**
@@ -464,9 +466,12 @@ export class VirtioVsock implements VirtioBackend {
     const dstPort = h.getUint32(VSOCK_HDR.dstPort, true);
     const len = h.getUint32(VSOCK_HDR.len, true);
     const op = h.getUint16(VSOCK_HDR.op, true);
-    const conn = this.lookup(srcPort, dstPort);
+    let conn = this.lookup(srcPort, dstPort);
     // The held RW packets go out before anything the guest sent after them but more of their connection's bytes.
-    if (this.held > 0 && (op !== VSOCK_OP.rw || conn !== this.heldFor)) this.writeHeld();
+    if (this.held > 0 && (op !== VSOCK_OP.rw || conn !== this.heldFor)) {
+      this.writeHeld();
+      if (conn?.gone === true) conn = undefined; // that write found its host program gone: reset, out of the table
+    }
     const refuse = (): void => {
       if (conn !== undefined) this.resetConnection(conn, op !== VSOCK_OP.rst);
       else if (op !== VSOCK_OP.rst) this.queueRst(srcPort, dstPort);
@@ -893,7 +898,14 @@ export class VirtioVsock implements VirtioBackend {
       this.resetConnection(c, true);
       return false;
     }
-    if (n > 0) return true;
+    if (n > 0) {
+      if (this.readShort) {
+        // The socket had no more (a stream socket's read stops short only then): poll it rather than read it dry.
+        c.hostReadable = false;
+        this.watchHost(c);
+      }
+      return true;
+    }
     if (n === 0) {
       c.hostReadable = false;
       this.watchHost(c);
@@ -954,6 +966,7 @@ export class VirtioVsock implements VirtioBackend {
           this.hostUnusable(e);
           return this.copyToGuest(c, q, chain, credit);
         }
+        this.readShort = n < total;
         let sent = 0;
         let packets = 0;
         const heads = this.rxHeads;
@@ -979,7 +992,9 @@ export class VirtioVsock implements VirtioBackend {
 
   /** One RW packet into `chain` through a copy (guest RAM not host memory): as readToGuest. */
   private copyToGuest(c: VsockConnection, q: VirtQueue, chain: DescriptorChain, credit: number): number {
-    const n = c.stream.read(this.scratch, Math.min(chain.writableBytes - VSOCK_HEADER, credit, VSOCK_MAX_PAYLOAD));
+    const want = Math.min(chain.writableBytes - VSOCK_HEADER, credit, VSOCK_MAX_PAYLOAD);
+    const n = c.stream.read(this.scratch, want);
+    this.readShort = n < want;
     if (n > 0) {
       chain.writeTo(VSOCK_HEADER, this.scratch, 0, n);
       q.pushUsed(chain.head, this.writeConnectionHeader(chain, c, VSOCK_OP.rw, 0, n));
