@@ -328,7 +328,8 @@ export async function runNested(opts: RunNestedOptions): Promise<number> {
     await Promise.race([Promise.all(drains), new Promise((r) => setTimeout(r, 2000))]);
     log(`nested host: exited after ${((performance.now() - t0) / 1000).toFixed(2)} s`);
     if (lockup !== undefined) {
-      throw new NestedHostError("NESTED_KERNEL_LOCKUP", `the nested test host's kernel locked up (${lockup}); the nested host was stopped`, { limitSeconds: NESTED_LOCKUP_LIMIT_S });
+      // The console's tail holds the lockup's trace (where the CPU was stuck): what the next reader needs.
+      throw new NestedHostError("NESTED_KERNEL_LOCKUP", `the nested test host's kernel locked up (${lockup}); the nested host was stopped; its console's last lines:\n${consoleTail()}`, { limitSeconds: NESTED_LOCKUP_LIMIT_S });
     }
     if (stalled !== undefined) {
       throw new NestedHostError("NESTED_HOST_STALLED", `the nested test host stalled (no heartbeat for ${stalled} s; its console's last lines below); the nested host was stopped\n${consoleTail()}`, {
