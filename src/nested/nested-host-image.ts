@@ -44,6 +44,10 @@ done < /lib/modules/load-order
 # Guest RAM of the VMMs inside is a memfd: let it use transparent huge pages
 # when they ask (madvise), as anonymous memory does.
 echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled 2>/dev/null
+# No proactive compaction: under TCG kcompactd has spun for minutes from the
+# first seconds of uptime (soft lockups, docs/guests.md); compaction still
+# runs when an allocation needs it.
+echo 0 > /proc/sys/vm/compaction_proactiveness 2>/dev/null
 mkdir -p /ctl /host
 mount -t 9p -o ${NINEP_OPTS} partisctl /ctl || fail "cannot mount the control share"
 # Heartbeat for the outer watchdog (nested-host.ts): a nested host whose
