@@ -220,8 +220,6 @@ export class VirtioVsock implements VirtioBackend {
   private readonly rxRoom = new Uint32Array(RX_BATCH);
   private readonly rxHeads = new Uint32Array(RX_BATCH);
   private readonly rxLens = new Uint32Array(RX_BATCH);
-  /** The last readToGuest read fewer bytes than the buffers and credit had room for. */
-  private readShort = false;
   /** The chain hearGuest pops into next (a chain held for a batch trades places with a free one). */
   private txChain = new DescriptorChain();
   /**
@@ -898,14 +896,7 @@ export class VirtioVsock implements VirtioBackend {
       this.resetConnection(c, true);
       return false;
     }
-    if (n > 0) {
-      if (this.readShort) {
-        // The socket had no more (a stream socket's read stops short only then): poll it rather than read it dry.
-        c.hostReadable = false;
-        this.watchHost(c);
-      }
-      return true;
-    }
+    if (n > 0) return true;
     if (n === 0) {
       c.hostReadable = false;
       this.watchHost(c);
@@ -966,7 +957,7 @@ export class VirtioVsock implements VirtioBackend {
           this.hostUnusable(e);
           return this.copyToGuest(c, q, chain, credit);
         }
-        this.readShort = n < total;
+        if (n < total) this.readDry(c);
         let sent = 0;
         let packets = 0;
         const heads = this.rxHeads;
@@ -994,13 +985,19 @@ export class VirtioVsock implements VirtioBackend {
   private copyToGuest(c: VsockConnection, q: VirtQueue, chain: DescriptorChain, credit: number): number {
     const want = Math.min(chain.writableBytes - VSOCK_HEADER, credit, VSOCK_MAX_PAYLOAD);
     const n = c.stream.read(this.scratch, want);
-    this.readShort = n < want;
+    if (n > 0 && n < want) this.readDry(c);
     if (n > 0) {
       chain.writeTo(VSOCK_HEADER, this.scratch, 0, n);
       q.pushUsed(chain.head, this.writeConnectionHeader(chain, c, VSOCK_OP.rw, 0, n));
       this.sent(c, n);
     }
     return n;
+  }
+
+  /** A read came back short: the socket had no more (a stream socket's read stops short only then), so poll it rather than read it dry. */
+  private readDry(c: VsockConnection): void {
+    c.hostReadable = false;
+    this.watchHost(c);
   }
 
   /** `n` bytes went to the guest on `c`. */
