@@ -8,8 +8,6 @@ cd "$(dirname "$0")/.."
 
 # Debian packages: binary/command each needs, so we only touch apt when something is missing.
 declare -A need=(
-  [qemu-system-x86]=/usr/bin/qemu-system-x86_64
-  [qemu-utils]=/usr/bin/qemu-img
   [busybox-static]=/bin/busybox
   [cpio]=/usr/bin/cpio
   [kmod]=/usr/sbin/depmod
@@ -41,6 +39,46 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get update -q
   apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
+# QEMU: the nested test host's emulator (software AMD-V where the host's KVM cannot run stock guests;
+# also the baseline VMM of the benchmarks) and qemu-img (the storage tests' oracle), at least 10. On
+# Debian 12 that is bookworm-backports (Debian 13 has it): with bookworm's 7.2 the nested host's own
+# kernel died in a fifth to a third of a session's nested runs, in most of them in the worst session
+# (docs/guests.md, "QEMU 10 for the nested test host").
+QEMU_MIN_MAJOR=10
+qemu_major() { # $1: a QEMU program; prints its major version, or nothing
+  "$1" --version 2>/dev/null | sed -n 's/^.*version \([0-9]*\)\..*/\1/p' | head -1
+}
+qemu_new_enough() {
+  local p v
+  for p in /usr/bin/qemu-system-x86_64 /usr/bin/qemu-img; do
+    v=$(qemu_major "$p")
+    [ -n "$v" ] && [ "$v" -ge "$QEMU_MIN_MAJOR" ] || return 1
+  done
+}
+if ! qemu_new_enough; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: QEMU ${QEMU_MIN_MAJOR} or newer (qemu-system-x86, qemu-utils) is missing; run as root" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  codename=$(. /etc/os-release 2>/dev/null && echo "${VERSION_CODENAME:-}")
+  target=()
+  if [ "$codename" = bookworm ]; then
+    if ! grep -rqsE '^[^#]*bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+      echo "setup: adding bookworm-backports to apt's sources (QEMU ${QEMU_MIN_MAJOR})"
+      echo "deb http://deb.debian.org/debian bookworm-backports main" > /etc/apt/sources.list.d/partis-bookworm-backports.list
+    fi
+    target=(-t bookworm-backports)
+  fi
+  apt-get update -q
+  echo "setup: installing qemu-system-x86 and qemu-utils ${target[*]}"
+  apt-get install -y -q --no-install-recommends "${target[@]}" qemu-system-x86 qemu-utils
+  if ! qemu_new_enough; then
+    echo "setup: QEMU is still older than ${QEMU_MIN_MAJOR}: $(/usr/bin/qemu-system-x86_64 --version 2>/dev/null | head -1)" >&2
+    exit 1
+  fi
+fi
+
 # Partis downloads kernel/busybox .debs with `apt-get download`: it needs package lists.
 if ! ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1; then
   echo "setup: apt package lists are empty; running apt-get update"

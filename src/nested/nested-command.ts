@@ -7,7 +7,7 @@ import type { Command } from "commander";
 import { existsSync, realpathSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { UsageError } from "../errors.js";
-import { runNested } from "./nested-host.js";
+import { NESTED_QEMU_MIN_MAJOR, nestedHostQemu, qemuTooOldForNestedHost, runNested } from "./nested-host.js";
 
 export function registerNestedCommand(host: Command): Command {
   return host
@@ -20,7 +20,14 @@ export function registerNestedCommand(host: Command): Command {
     .action(async (command: string[], o: { memory: string; cpus: string; verbose?: boolean }) => {
       const cpus = Number(o.cpus);
       if (!Number.isInteger(cpus) || cpus < 1) throw new UsageError(`--cpus must be a positive integer, got ${o.cpus}`);
-      process.stderr.write("partis: nested test host: AMD-V is emulated in software (QEMU TCG), so everything inside is slow\n");
+      const qemu = nestedHostQemu();
+      const version = qemu?.version !== undefined ? `QEMU ${qemu.version} TCG` : "QEMU TCG";
+      process.stderr.write(`partis: nested test host: AMD-V is emulated in software (${version}), so everything inside is slow\n`);
+      if (qemuTooOldForNestedHost(qemu?.version)) {
+        process.stderr.write(
+          `partis: warning: QEMU ${qemu?.version} is older than ${NESTED_QEMU_MIN_MAJOR}: the nested host's own kernel died more often on 7.2 (docs/guests.md); scripts/setup.sh installs a newer one\n`,
+        );
+      }
       // Through any symlink (an npm bin link): the script's real place is where its project is.
       const cli = process.argv[1] !== undefined ? realpathSync(resolve(process.argv[1])) : undefined;
       const status = await runNested({

@@ -52,7 +52,19 @@ mkdir -p /ctl /host
 mount -t 9p -o ${NINEP_OPTS} partisctl /ctl || fail "cannot mount the control share"
 # Heartbeat for the outer watchdog (nested-host.ts): a nested host whose
 # user space stops altogether is stopped, not waited for.
-( while :; do : > /ctl/heartbeat; sleep 10; done ) &
+# It also watches for the kernel's hung-task report (a task blocked for 120 s): at the first one it
+# dumps every blocked task's stack on the console (sysrq w; the console level raised so that the
+# dump, printed at KERN_INFO, gets there), for the outer watchdog's report.
+( dumped=
+  while :; do
+    : > /ctl/heartbeat
+    if [ -z "$dumped" ] && dmesg | grep -q "blocked for more than"; then
+      dumped=1
+      echo 7 > /proc/sys/kernel/printk
+      echo w > /proc/sysrq-trigger
+    fi
+    sleep 10
+  done ) &
 mount -t 9p -o ${NINEP_OPTS},cache=loose,ro hostroot /host || fail "cannot mount the host root (virtfs hostroot)"
 mount -t tmpfs -o mode=1777 tmpfs /host/tmp || fail "tmpfs /tmp"
 mount -t tmpfs -o mode=755 tmpfs /host/run || fail "tmpfs /run"

@@ -13,7 +13,19 @@ import { PassThrough } from "node:stream";
 import { after, describe, it } from "node:test";
 import { fileURLToPath } from "node:url";
 import { UsageError } from "../../src/errors.js";
-import { consoleExcerpt, heartbeatAge, longestSoftLockup, NESTED_LOCKUP_LIMIT_S, NestedHostError, runNested } from "../../src/nested/nested-host.js";
+import {
+  consoleExcerpt,
+  heartbeatAge,
+  longestHungTask,
+  longestSoftLockup,
+  NESTED_HUNG_TASK_LIMIT_S,
+  NESTED_LOCKUP_LIMIT_S,
+  NESTED_QEMU_MIN_MAJOR,
+  NestedHostError,
+  nestedHostQemu,
+  qemuTooOldForNestedHost,
+  runNested,
+} from "../../src/nested/nested-host.js";
 
 const QEMU = "/usr/bin/qemu-system-x86_64";
 
@@ -38,6 +50,40 @@ it("the nested host's watchdog finds the longest soft lockup its kernel reports,
   assert.ok(worst!.seconds >= NESTED_LOCKUP_LIMIT_S);
   assert.equal(longestSoftLockup(console.split("\n").slice(0, 2).join("\n"))?.seconds, 26);
   assert.equal(longestSoftLockup("[    1.0] Linux version 6.1\n[    2.0] kvm_amd: Nested Virtualization enabled\n"), undefined);
+});
+
+it("the nested host's watchdog finds the longest a task is reported blocked (the twenty-ninth session's khugepaged), and the excerpt starts at the first report", () => {
+  const boot = Array.from({ length: 30 }, (_, i) => `[ ${i}.000] boot line ${i}`);
+  const reports = [120, 241, 362].flatMap((n) => [
+    `[  ${n + 123}.561444] INFO: task khugepaged:36 blocked for more than ${n} seconds.`,
+    "[  243.561797]       Not tainted 6.1.0-57-amd64 #1 Debian 6.1.192-3",
+    '[  243.561797] "echo 0 > /proc/sys/kernel/hung_task_timeout_secs" disables this message.',
+  ]);
+  const dump = Array.from({ length: 120 }, (_, i) => `[ 250.0]  ? frame_${i}+0x5/0x10`);
+  const text = [...boot, ...reports.slice(0, 3), "[ 250.0] sysrq: Show Blocked State", ...dump, ...reports.slice(3)].join("\n");
+  const worst = longestHungTask(text);
+  assert.equal(worst?.seconds, 362);
+  assert.match(worst!.line, /task khugepaged:36 blocked for more than 362 seconds\.$/);
+  assert.ok(worst!.seconds >= NESTED_HUNG_TASK_LIMIT_S);
+  assert.equal(longestHungTask(reports.slice(0, 3).join("\n"))?.seconds, 120);
+  assert.ok(longestHungTask(reports.slice(0, 3).join("\n"))!.seconds < NESTED_HUNG_TASK_LIMIT_S, "one report is not enough");
+  assert.equal(longestHungTask(boot.join("\n")), undefined);
+  assert.equal(longestSoftLockup(text), undefined, "a blocked task is not a soft lockup");
+  const short = consoleExcerpt(text).split("\n");
+  assert.equal(short[3], reports[0], "the excerpt starts at the first report");
+  const long = consoleExcerpt(text, 200).split("\n");
+  assert.ok(long.includes("[ 250.0] sysrq: Show Blocked State") && long.includes(dump[dump.length - 1]!), "a longer head keeps the whole dump");
+  assert.ok(!long.some((l) => l.startsWith("[...")));
+});
+
+it("an older QEMU than the nested host needs is told apart by its major version; an unknown one is not judged", () => {
+  assert.equal(NESTED_QEMU_MIN_MAJOR, 10);
+  assert.equal(qemuTooOldForNestedHost("7.2.22"), true);
+  assert.equal(qemuTooOldForNestedHost("9.2"), true);
+  assert.equal(qemuTooOldForNestedHost("10.0.2"), false);
+  assert.equal(qemuTooOldForNestedHost("11.1.0"), false);
+  assert.equal(qemuTooOldForNestedHost(undefined), false);
+  assert.equal(qemuTooOldForNestedHost("unknown"), false);
 });
 
 it("the stall watchdog reads the heartbeat's age from its file, and nothing before the first beat", () => {
@@ -78,6 +124,13 @@ it("consoleExcerpt: a kernel crash report is shown from its first line, not just
 describe("nested test host", { skip: !existsSync(QEMU) && "qemu-system-x86_64 not installed" }, () => {
   const dirs: string[] = [];
   after(() => dirs.forEach((d) => rmSync(d, { recursive: true, force: true })));
+
+  it("runs on the QEMU scripts/setup.sh installs: it says its version, and that is new enough", () => {
+    const qemu = nestedHostQemu();
+    assert.ok(qemu !== undefined);
+    assert.match(qemu.version ?? "", /^\d+\.\d+/);
+    assert.equal(qemuTooOldForNestedHost(qemu.version), false, `QEMU ${qemu.version} (run scripts/setup.sh)`);
+  });
 
   it("runs a command with KVM (kvm_amd, svm) inside; stdout, stderr, stdin and the exit status come back", async () => {
     const work = mkdtempSync(join(tmpdir(), "partis-nested-test-"));
