@@ -40,10 +40,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 # QEMU: the nested test host's emulator (software AMD-V where the host's KVM cannot run stock guests;
-# also the baseline VMM of the benchmarks) and qemu-img (the storage tests' oracle), at least 10. On
-# Debian 12 that is bookworm-backports (Debian 13 has it): with bookworm's 7.2 the nested host's own
-# kernel died in a fifth to a third of a session's nested runs, in most of them in the worst session
-# (docs/guests.md, "QEMU 10 for the nested test host").
+# also the baseline VMM of the benchmarks) and qemu-img (the storage tests' oracle), at least 10: a
+# current QEMU (Proxmox VE 9 ships 10.0) rather than Debian 12's 7.2, with three years of TCG fixes.
+# On Debian 12 that is bookworm-backports (Debian 13 has it). docs/guests.md, "QEMU 10 for the nested
+# test host": it did not end the nested host's stack-guard panics.
 QEMU_MIN_MAJOR=10
 qemu_major() { # $1: a QEMU program; prints its major version, or nothing
   "$1" --version 2>/dev/null | sed -n 's/^.*version \([0-9]*\)\..*/\1/p' | head -1

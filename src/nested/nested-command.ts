@@ -25,7 +25,7 @@ export function registerNestedCommand(host: Command): Command {
       process.stderr.write(`partis: nested test host: AMD-V is emulated in software (${version}), so everything inside is slow\n`);
       if (qemuTooOldForNestedHost(qemu?.version)) {
         process.stderr.write(
-          `partis: warning: QEMU ${qemu?.version} is older than ${NESTED_QEMU_MIN_MAJOR}: the nested host's own kernel died more often on 7.2 (docs/guests.md); scripts/setup.sh installs a newer one\n`,
+          `partis: warning: QEMU ${qemu?.version} is older than ${NESTED_QEMU_MIN_MAJOR}: the test bed and the benchmarks' QEMU baseline are measured on 10 (docs/guests.md); scripts/setup.sh installs it\n`,
         );
       }
       // Through any symlink (an npm bin link): the script's real place is where its project is.
