@@ -175,7 +175,8 @@ const KERNEL_CRASH_LINE = /BUG: |Oops: |Kernel panic|general protection fault|ke
 /**
  * The part of the nested host's console worth showing when it died: from just
  * before the first kernel crash report (where it says what went wrong, which
- * a plain tail of a long oops misses) for up to 40 lines, then the last 10;
+ * a plain tail of a long oops misses) for up to `headLines` lines (40; 200 for
+ * a blocked task, whose report is followed by every blocked task's stack), then the last 10;
  * with no crash report, the last 25 lines.
  */
 export function consoleExcerpt(console: string, headLines = 40): string {
@@ -293,7 +294,7 @@ export async function runNested(opts: RunNestedOptions): Promise<number> {
   );
   const spawnError = new Promise<Error>((res) => child.on("error", res));
 
-  // Watchdogs over the nested host itself (see NESTED_LOCKUP_LIMIT_S and NESTED_STALL_LIMIT_S).
+  // Watchdogs over the nested host itself (see NESTED_LOCKUP_LIMIT_S, NESTED_HUNG_TASK_LIMIT_S and NESTED_STALL_LIMIT_S).
   // What the lockup watchdog saw: the console line, the limit it passed, how much console to show.
   let lockup: { line: string; limitSeconds: number; excerptLines: number } | undefined;
   let stalled: number | undefined;
