@@ -192,19 +192,25 @@ export function consoleExcerpt(console: string, headLines = 40): string {
 }
 
 /** The longest soft lockup the nested host's console reports, and its line (undefined: none). */
-export function longestSoftLockup(console: string): { seconds: number; line: string } | undefined {
-  let worst: { seconds: number; line: string } | undefined;
-  for (const m of console.matchAll(/^.*soft lockup - CPU#\d+ stuck for (\d+)s!.*$/gm)) {
-    const seconds = Number(m[1]);
-    if (worst === undefined || seconds > worst.seconds) worst = { seconds, line: m[0].trim() };
-  }
-  return worst;
+export function longestSoftLockup(console: string): ReportedDuration | undefined {
+  return longestReported(console, /^.*soft lockup - CPU#\d+ stuck for (\d+)s!.*$/gm);
 }
 
 /** The longest a task of the nested host's kernel is reported blocked, and its line (undefined: none). */
-export function longestHungTask(console: string): { seconds: number; line: string } | undefined {
-  let worst: { seconds: number; line: string } | undefined;
-  for (const m of console.matchAll(/^.*INFO: task \S+ blocked for more than (\d+) seconds\..*$/gm)) {
+export function longestHungTask(console: string): ReportedDuration | undefined {
+  return longestReported(console, /^.*INFO: task \S+ blocked for more than (\d+) seconds\..*$/gm);
+}
+
+/** A duration the nested host's kernel reports on its console (a CPU stuck, a task blocked), and the line. */
+export interface ReportedDuration {
+  seconds: number;
+  line: string;
+}
+
+/** The longest of the durations `report` (global, multiline; group 1 the seconds) finds on the console. */
+function longestReported(console: string, report: RegExp): ReportedDuration | undefined {
+  let worst: ReportedDuration | undefined;
+  for (const m of console.matchAll(report)) {
     const seconds = Number(m[1]);
     if (worst === undefined || seconds > worst.seconds) worst = { seconds, line: m[0].trim() };
   }
